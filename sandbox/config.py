@@ -1,0 +1,271 @@
+"""Typed configuration: the provider's run config and each node operator's node config.
+
+Both are validated on load; every error names the source, the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import ConfigError
+
+TASK_CLASSIFICATION = "sequence-classification"
+TASK_CAUSAL_LM = "causal-lm"
+TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
+MODE_FEDAVG = "fedavg"
+MODE_FFA = "ffa"
+MODES = (MODE_FEDAVG, MODE_FFA)
+MIN_FEDERATED_NODES = 2
+
+
+class _Reader:
+    """Typed access to a flat mapping, raising ConfigError that names source and key."""
+
+    def __init__(self, values: Mapping[str, Any], source: str | Path):
+        self.values = values
+        self.source = source
+
+    def _get(self, key: str, default: Any) -> Any:
+        return self.values.get(key, default)
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, path=self.source, key=key)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int | None = None, *, minimum: int = 0) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value!r}")
+        return value
+
+    def number(
+        self, key: str, default: float | None = None, *, low: float, high: float | None = None
+    ) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise self.fail(key, f"must be in {bound}, got {value!r}")
+        return float(value)
+
+    def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
+        value = self.string(key, default)
+        if value not in options:
+            raise self.fail(key, f"must be one of {', '.join(options)}; got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters shared by every node of a run."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.r}", key="lora-r")
+        if self.alpha < 1:
+            raise ConfigError(f"LoRA alpha must be >= 1, got {self.alpha}", key="lora-alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.dropout}", key="lora-dropout")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The provider's run configuration, as the ServerApp and every ClientApp read it."""
+
+    job_id: str
+    task: str
+    model_path: Path
+    labels: tuple[str, ...]
+    num_rounds: int = 3
+    mode: str = MODE_FEDAVG
+    min_nodes: int = MIN_FEDERATED_NODES
+    round_timeout: float = 180.0
+    local_steps: int = 20
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    max_length: int = 64
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    seed: int = 42
+    output_dir: Path | None = None
+
+    @classmethod
+    def from_run_config(
+        cls, values: Mapping[str, Any], source: str | Path = "run config"
+    ) -> RunSpec:
+        """Validate a Flower run config (``[tool.flwr.app.config]`` plus overrides)."""
+        read = _Reader(values, source)
+        task = read.choice("task", TASKS, TASK_CLASSIFICATION)
+        model_path = read.string("model-path", "")
+        if not model_path:
+            raise read.fail("model-path", "is empty; set it to a local model directory")
+        labels = _parse_labels(read.string("labels", "[]"), read)
+        if task == TASK_CLASSIFICATION and len(labels) < 2:
+            raise read.fail("labels", f"classification needs at least 2 labels, got {labels!r}")
+        targets = tuple(
+            t.strip() for t in read.string("lora-target-modules", "").split(",") if t.strip()
+        )
+        output_dir = read.string("output-dir", "")
+        job_id = read.string("job-id", "ark-job")
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            raise read.fail("job-id", f"must be a plain name, got {job_id!r}")
+        lora = LoraSpec(
+            r=read.integer("lora-r", 8, minimum=1),
+            alpha=read.integer("lora-alpha", 16, minimum=1),
+            dropout=read.number("lora-dropout", 0.0, low=0.0, high=0.99),
+            target_modules=targets,
+        )
+        return cls(
+            job_id=job_id,
+            task=task,
+            model_path=Path(model_path),
+            labels=labels,
+            num_rounds=read.integer("num-rounds", 3, minimum=1),
+            mode=read.choice("mode", MODES, MODE_FEDAVG),
+            min_nodes=read.integer("min-nodes", MIN_FEDERATED_NODES, minimum=1),
+            round_timeout=read.number("round-timeout", 180.0, low=1.0),
+            local_steps=read.integer("local-steps", 20, minimum=1),
+            batch_size=read.integer("batch-size", 16, minimum=1),
+            learning_rate=read.number("learning-rate", 1e-3, low=1e-8, high=1.0),
+            max_length=read.integer("max-length", 64, minimum=8),
+            lora=lora,
+            seed=read.integer("seed", 42, minimum=0),
+            output_dir=Path(output_dir) if output_dir else None,
+        )
+
+    def to_run_config(self) -> dict[str, str | int | float]:
+        """The inverse of :meth:`from_run_config`, for writing a run-config TOML."""
+        return {
+            "job-id": self.job_id,
+            "task": self.task,
+            "model-path": str(self.model_path),
+            "labels": json.dumps(list(self.labels)),
+            "num-rounds": self.num_rounds,
+            "mode": self.mode,
+            "min-nodes": self.min_nodes,
+            "round-timeout": self.round_timeout,
+            "local-steps": self.local_steps,
+            "batch-size": self.batch_size,
+            "learning-rate": self.learning_rate,
+            "max-length": self.max_length,
+            "lora-r": self.lora.r,
+            "lora-alpha": self.lora.alpha,
+            "lora-dropout": self.lora.dropout,
+            "lora-target-modules": ",".join(self.lora.target_modules),
+            "seed": self.seed,
+            "output-dir": "" if self.output_dir is None else str(self.output_dir),
+        }
+
+    def fingerprint(self) -> str:
+        """Digest of everything that must match for a checkpoint to be resumed.
+
+        The round count is left out on purpose: a finished job may be extended.
+        """
+        identity = asdict(self)
+        for volatile in ("num_rounds", "round_timeout", "min_nodes", "output_dir"):
+            identity.pop(volatile)
+        identity["model_path"] = str(self.model_path)
+        canonical = json.dumps(identity, sort_keys=True, default=list).encode()
+        return hashlib.sha256(canonical).hexdigest()
+
+
+def _parse_labels(raw: str, read: _Reader) -> tuple[str, ...]:
+    try:
+        labels = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise read.fail("labels", f"must be a JSON list of strings, got {raw!r}") from exc
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise read.fail("labels", f"must be a JSON list of non-empty strings, got {raw!r}")
+    if len(set(labels)) != len(labels):
+        raise read.fail("labels", f"has duplicates: {raw!r}")
+    return tuple(labels)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node operator's own settings; provider-shipped code cannot change them."""
+
+    name: str
+    data_path: Path
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
+    max_row_bytes: int = 16 * 1024
+    threads: int = 0
+    journal_path: Path | None = None
+    source: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> NodeConfig:
+        """Read and validate ``[node]`` from a node TOML file."""
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError("node config file does not exist", path=path) from exc
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read node config: {exc}", path=path) from exc
+        section = raw.get("node")
+        if not isinstance(section, dict):
+            raise ConfigError("missing [node] table", path=path, key="node")
+        read = _Reader(section, path)
+        known = {
+            "name",
+            "data-path",
+            "heldout-fraction",
+            "split-seed",
+            "max-row-bytes",
+            "threads",
+            "journal",
+        }
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise read.fail(f"node.{unknown[0]}", f"unknown key; allowed: {sorted(known)}")
+        name = read.string("name")
+        if not name:
+            raise read.fail("node.name", "must not be empty")
+        data_path = Path(read.string("data-path"))
+        if not data_path.is_absolute():
+            data_path = (path.parent / data_path).resolve()
+        journal = read.string("journal", "")
+        return cls(
+            name=name,
+            data_path=data_path,
+            heldout_fraction=read.number("heldout-fraction", 0.2, low=0.01, high=0.9),
+            split_seed=read.integer("split-seed", 0),
+            max_row_bytes=read.integer("max-row-bytes", 16 * 1024, minimum=64),
+            threads=read.integer("threads", 0),
+            journal_path=Path(journal) if journal else None,
+            source=path,
+        )
+
+    def to_toml(self) -> str:
+        """Render as the node TOML format that :meth:`load` reads."""
+        lines = [
+            "[node]",
+            f"name = {json.dumps(self.name)}",
+            f"data-path = {json.dumps(str(self.data_path))}",
+            f"heldout-fraction = {self.heldout_fraction}",
+            f"split-seed = {self.split_seed}",
+            f"max-row-bytes = {self.max_row_bytes}",
+            f"threads = {self.threads}",
+        ]
+        if self.journal_path is not None:
+            lines.append(f"journal = {json.dumps(str(self.journal_path))}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Error roots for Ark Sandbox, one per domain, split by cause.
+
+Untrusted or user-supplied input raises a subclass of :class:`ArkError`;
+calling things in the wrong order raises :class:`RuntimeError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ArkError(Exception):
+    """Root of every error Ark Sandbox raises on bad input or a failed check."""
+
+
+class ConfigError(ArkError):
+    """A configuration file or value is invalid.
+
+    The message names the file (when there is one), the key and the bad value.
+    """
+
+    def __init__(self, message: str, *, path: Path | str | None = None, key: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if key is not None:
+            where.append(f"key {key!r}")
+        prefix = f"{': '.join(where)}: " if where else ""
+        super().__init__(f"{prefix}{message}")
+        self.path = None if path is None else Path(path)
+        self.key = key
+
+
+class DataError(ArkError):
+    """A private data file is missing or malformed; names the file and the row."""
+
+    def __init__(self, path: Path | str, message: str, *, row: int | None = None):
+        location = f"{path}" if row is None else f"{path}, row {row}"
+        super().__init__(f"{location}: {message}")
+        self.path = Path(path)
+        self.row = row
+
+
+class ModelError(ArkError):
+    """A base model directory is missing, has no weights, or is unsupported."""
+
+    def __init__(self, path: Path | str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+
+
+class CheckpointError(ArkError):
+    """A round checkpoint is missing, corrupt, or belongs to a different job."""
+
+
+class UpdateRejected(ArkError):
+    """A node's update failed validation and is left out of the aggregate."""
+
+
+class FederationError(ArkError):
+    """The federation could not be started or a run could not finish.
+
+    Raised for a busy port, a process that exits early, too few nodes, or a
+    run that Flower reports as failed.
+    """

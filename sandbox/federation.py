@@ -1,0 +1,311 @@
+"""A loopback federation of real Flower processes: one SuperLink, one SuperNode per node.
+
+Used by ``ark demo`` and the end-to-end tests. Each party gets its own HOME and
+FLWR_HOME under the workspace, so runs never touch the user's own Flower config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from sandbox.errors import FederationError
+from sandbox.processes import (
+    ManagedProcess,
+    kill_tree,
+    start_process,
+    stop_processes,
+    wait_for_port,
+)
+from sandbox.tls import TlsFiles, issue_loopback_tls
+
+HOST = "127.0.0.1"
+FEDERATION_NAME = "ark"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_port_free(port: int) -> None:
+    """Raise FederationError naming the port if something already listens on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            raise FederationError(
+                f"port {port} on {HOST} is already in use ({exc.strerror})"
+            ) from exc
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        FLWR_HOME=str(home / ".flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+    )
+    return env
+
+
+def _exe(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a Flower run ended, as ``flwr list`` reports it."""
+
+    run_id: int
+    status: str
+    sub_status: str
+    details: str
+
+    @property
+    def ok(self) -> bool:
+        return self.sub_status == "completed"
+
+
+@dataclass
+class Federation:
+    """Start, run and stop a TLS-secured loopback federation under ``workdir``."""
+
+    workdir: Path
+    port: int | None = None
+    database: bool = True
+    superlink: ManagedProcess | None = None
+    supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
+    tls: TlsFiles | None = None
+
+    def __post_init__(self) -> None:
+        self.provider_home = self.workdir / "provider"
+        self.logs = self.workdir / "logs"
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Issue TLS material and start ``flower-superlink`` on a free (or given) port."""
+        if self.superlink is not None:
+            raise RuntimeError("the SuperLink is already running")
+        port = self.port if self.port is not None else free_port()
+        check_port_free(port)
+        self.port = port
+        self.provider_home.mkdir(parents=True, exist_ok=True)
+        self.tls = issue_loopback_tls(self.provider_home / "tls")
+        argv = [
+            _exe("flower-superlink"),
+            "--ssl-ca-certfile",
+            str(self.tls.ca_cert),
+            "--ssl-certfile",
+            str(self.tls.server_cert),
+            "--ssl-keyfile",
+            str(self.tls.server_key),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.database:
+            argv += ["--database", str(self.provider_home / "superlink.db")]
+        self.superlink = start_process(
+            "flower-superlink",
+            argv,
+            env=_flower_env(self.provider_home),
+            log_path=self.logs / "superlink.log",
+        )
+        try:
+            wait_for_port(HOST, port, self.superlink, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise FederationError(
+                f"SuperLink failed to start: {exc}\n{self.superlink.log_tail()}"
+            ) from exc
+        self._write_cli_config()
+
+    def _write_cli_config(self) -> None:
+        assert self.tls is not None  # set by start_superlink just before
+        config = self.provider_home / ".flwr" / "config.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            "[superlink]\n"
+            f'default = "{FEDERATION_NAME}"\n\n'
+            f"[superlink.{FEDERATION_NAME}]\n"
+            f'address = "{HOST}:{self.port}"\n'
+            f"root-certificates = {json.dumps(str(self.tls.ca_cert))}\n",
+            encoding="utf-8",
+        )
+
+    def start_supernode(
+        self, name: str, node_config: Path, *, home: Path | None = None
+    ) -> ManagedProcess:
+        """Start one ``flower-supernode`` whose ClientApps read ``node_config``."""
+        if self.superlink is None or self.tls is None:
+            raise RuntimeError("start the SuperLink before any SuperNode")
+        if name in self.supernodes:
+            raise RuntimeError(f"SuperNode {name!r} is already running")
+        home = home or self.workdir / "nodes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [
+            _exe("flower-supernode"),
+            "--root-certificates",
+            str(self.tls.ca_cert),
+            "--superlink",
+            f"{HOST}:{self.port}",
+            "--host",
+            HOST,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"node-config={json.dumps(str(node_config))}",
+            "--max-retries",
+            "10",
+        ]
+        proc = start_process(
+            f"flower-supernode[{name}]",
+            argv,
+            env=_flower_env(home),
+            log_path=self.logs / f"supernode-{name}.log",
+        )
+        self.supernodes[name] = proc
+        return proc
+
+    def kill_supernode(self, name: str) -> None:
+        """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""
+        kill_tree(self.supernodes[name])
+
+    def stop(self) -> list[int]:
+        """Stop SuperNodes, then the SuperLink; return any PID that survived."""
+        groups = [list(self.supernodes.values())]
+        if self.superlink is not None:
+            groups.append([self.superlink])
+        leftovers = stop_processes(groups)
+        return leftovers
+
+    def all_processes(self) -> list[ManagedProcess]:
+        procs = list(self.supernodes.values())
+        if self.superlink is not None:
+            procs.append(self.superlink)
+        return procs
+
+    # -- runs ----------------------------------------------------------------------
+    def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_exe("flwr"), *args],
+            env=_flower_env(self.provider_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=self.provider_home,
+        )
+
+    def submit(self, app_dir: Path, run_config: Path) -> int:
+        """Submit the app with a run-config TOML; return the run id."""
+        result = self._flwr(
+            "run",
+            str(app_dir),
+            FEDERATION_NAME,
+            "--run-config",
+            str(run_config),
+            "--format",
+            "json",
+        )
+        try:
+            payload = json.loads(result.stdout)
+            return int(payload["run-id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FederationError(
+                f"flwr run failed (exit {result.returncode}): {result.stdout}{result.stderr}"
+            ) from exc
+
+    def outcome(self, run_id: int) -> RunOutcome | None:
+        """The run's status, or None while it is still pending or running."""
+        result = self._flwr("list", "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(result.stdout)["runs"]
+            run = next(r for r in runs if int(r["run-id"]) == run_id)
+        except (json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError) as exc:
+            raise FederationError(f"flwr list failed: {result.stdout}{result.stderr}") from exc
+        status = str(run.get("status", ""))
+        if not status.startswith("finished"):
+            return None
+        sub = status.split(":", 1)[1] if ":" in status else ""
+        return RunOutcome(run_id, status, sub, json.dumps(run))
+
+    def wait(
+        self,
+        run_id: int,
+        *,
+        timeout: float,
+        poll: float = 2.0,
+        on_tick: Callable[[], None] | None = None,
+    ) -> RunOutcome:
+        """Wait for a run to finish, checking that our processes stay up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.all_processes():
+                proc.remember_descendants()
+            if self.superlink is not None and not self.superlink.alive():
+                raise FederationError(f"the SuperLink exited:\n{self.superlink.log_tail()}")
+            outcome = self.outcome(run_id)
+            if outcome is not None:
+                return outcome
+            if on_tick is not None:
+                on_tick()
+            time.sleep(poll)
+        raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+
+
+def server_app_pids(superlink: ManagedProcess) -> list[int]:
+    """PIDs of ``flwr-serverapp`` processes below our SuperLink."""
+    import psutil
+
+    pids = []
+    try:
+        for child in psutil.Process(superlink.pid).children(recursive=True):
+            try:
+                if any("flwr-serverapp" in part for part in child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+    except psutil.NoSuchProcess:
+        return []
+    return pids
+
+
+def write_run_config(path: Path, values: Mapping[str, str | int | float]) -> Path:
+    """Write run-config overrides as TOML (values are strings, ints or floats)."""
+    lines = []
+    for key, value in values.items():
+        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        lines.append(f'"{key}" = {rendered}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,154 @@
+"""Processes we start, and only those: launch, watch, and stop them with their children.
+
+Every process starts in its own session so a Ctrl-C in the terminal does not race our
+orderly shutdown. Stopping walks the process tree captured from our own PIDs, never
+by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+
+@dataclass
+class ManagedProcess:
+    """One process we launched, with its log file and the descendants seen so far."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes]
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def remember_descendants(self) -> None:
+        """Record children (Flower's launchers and app processes) while they exist."""
+        try:
+            for child in psutil.Process(self.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_process(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path,
+    cwd: Path | None = None,
+) -> ManagedProcess:
+    """Start ``argv`` in a new session, with stdout and stderr going to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    popen = subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(list(procs), timeout=timeout)
+    return list(alive)
+
+
+def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float = 10.0) -> list[int]:
+    """Stop groups in order (SIGTERM, wait, SIGKILL); return PIDs that would not die.
+
+    The order matters for Flower: SuperNodes first, then the SuperLink, whose launcher
+    exits by watching its parent.
+    """
+    leftovers: list[int] = []
+    everything: dict[int, psutil.Process] = {}
+    for group in groups:
+        targets: dict[int, psutil.Process] = {}
+        for proc in group:
+            proc.remember_descendants()
+            targets.update(proc.seen)
+            if proc.alive():
+                try:
+                    targets[proc.pid] = psutil.Process(proc.pid)
+                    os.kill(proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+        everything.update(targets)
+        alive = _wait_gone(targets.values(), grace)
+        for survivor in alive:
+            try:
+                survivor.kill()
+            except psutil.NoSuchProcess:
+                continue
+        _wait_gone(alive, 5.0)
+        for proc in group:
+            try:
+                proc.popen.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                leftovers.append(proc.pid)
+            proc._log.close()
+    leftovers += [p.pid for p in everything.values() if _still_running(p)]
+    return sorted(set(leftovers))
+
+
+def _still_running(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_tree(proc: ManagedProcess) -> None:
+    """SIGKILL a process and every descendant at once, as a crash would."""
+    proc.remember_descendants()
+    victims = [psutil.Process(proc.pid)] if proc.alive() else []
+    victims += list(proc.seen.values())
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            continue
+    _wait_gone(victims, 5.0)
+    proc.popen.wait(timeout=5.0)
+
+
+def wait_for_port(host: str, port: int, proc: ManagedProcess, timeout: float) -> None:
+    """Block until ``host:port`` accepts connections or ``proc`` exits (RuntimeError)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.name} did not open {host}:{port} within {timeout:.0f}s")

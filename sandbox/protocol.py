@@ -1,0 +1,43 @@
+"""The message contract between the ServerApp and ClientApps (content keys and codecs).
+
+Both sides import it, so the names cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
+
+GLOBAL_KEY = "global"
+UPDATE_KEY = "update"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+ROUND_KEY = "server-round"
+NUM_EXAMPLES = "num-examples"
+NODE_CONFIG_KEY = "node-config"
+
+
+def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack named arrays into a Flower ArrayRecord (numpy serialization, no pickle)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an ArrayRecord into named numpy arrays."""
+    return {name: record[name].numpy() for name in record}
+
+
+def round_of(content: RecordDict) -> int:
+    """The server round an instruction message is for."""
+    value = content.config_records[CONFIG_KEY][ROUND_KEY]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{CONFIG_KEY}.{ROUND_KEY} must be an integer, got {value!r}")
+    return value
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """Scalar metrics as a Flower MetricRecord."""
+    record: dict[str, MetricRecordValues] = dict(values)
+    return MetricRecord(record)

@@ -1,0 +1,226 @@
+"""The provider's ServerApp: federated LoRA rounds over the Flower Message API.
+
+Each round sends the global adapter to every eligible node, folds replies into one
+running weighted sum as they arrive, checkpoints the new global adapter, and moves on
+once enough nodes answered before the round deadline. After the last round every node
+evaluates the final adapter; results, a plot and a stock PEFT adapter are written.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from sandbox.config import RunSpec
+from sandbox.errors import CheckpointError, ConfigError, FederationError, UpdateRejected
+from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
+from sandbox.models import inspect_model_dir, load_pretrained
+from sandbox.protocol import (
+    CONFIG_KEY,
+    GLOBAL_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    ROUND_KEY,
+    UPDATE_KEY,
+    from_record,
+    to_record,
+)
+from server.aggregation import StreamingAggregator, spec_of
+from server.checkpoint import CheckpointStore, JobState
+from server.results import build_results, write_outputs
+from server.rounds import RoundCall, wait_for_nodes
+
+app = ServerApp()
+
+
+def _provider_model(spec: RunSpec) -> Any:
+    """The provider's PEFT model, seeded so the initial adapter is reproducible."""
+    import torch
+
+    info = inspect_model_dir(spec.model_path, spec.task)
+    torch.manual_seed(spec.seed)
+    base, _ = load_pretrained(info, num_labels=len(spec.labels))
+    return build_peft_model(
+        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+    )
+
+
+def _message(
+    grid: Grid, node_id: int, kind: str, adapter: dict[str, np.ndarray], rnd: int
+) -> Message:
+    content = RecordDict(
+        {GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd})}
+    )
+    return Message(content, node_id, kind, group_id=str(rnd))
+
+
+def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, float], float]:
+    raw = {k: float(v) for k, v in reply.content.metric_records[METRICS_KEY].items()}  # type: ignore[arg-type]
+    before = {k.removeprefix("before-"): v for k, v in raw.items() if k.startswith("before-")}
+    after = {k.removeprefix("after-"): v for k, v in raw.items() if k.startswith("after-")}
+    return raw[NUM_EXAMPLES], before, after, raw.get("train-loss", float("nan"))
+
+
+class FederatedJob:
+    """State machine of one job: init or resume, rounds, final evaluation, outputs."""
+
+    def __init__(self, grid: Grid, spec: RunSpec):
+        if spec.output_dir is None:
+            raise ConfigError(
+                "is empty; the ServerApp needs a directory for results", key="output-dir"
+            )
+        self.grid = grid
+        self.spec = spec
+        self.out = spec.output_dir
+        self.store = CheckpointStore(self.out / "checkpoints")
+        self._model: Any = None
+
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = _provider_model(self.spec)
+        return self._model
+
+    def start(self) -> tuple[JobState, dict[str, np.ndarray]]:
+        loaded = self.store.load(self.spec.fingerprint())
+        if loaded is not None:
+            state, adapter = loaded
+            log(
+                INFO, "[ark] resuming job %s after finished round %d", self.spec.job_id, state.round
+            )
+            return state, adapter
+        adapter = adapter_state(self.model())
+        state = JobState(fingerprint=self.spec.fingerprint(), round=0, history={"rounds": {}})
+        self.store.save(state, adapter)
+        log(
+            INFO,
+            "[ark] job %s: initial adapter with %d tensors checkpointed as round 0",
+            self.spec.job_id,
+            len(adapter),
+        )
+        return state, adapter
+
+    def _nodes(self, state: JobState, rnd: int) -> list[int]:
+        nodes = wait_for_nodes(
+            self.grid,
+            minimum=self.spec.min_nodes,
+            exclude=set(state.dropped),
+            timeout=self.spec.round_timeout,
+        )
+        if not nodes:
+            raise FederationError(
+                f"round {rnd}: fewer than min-nodes={self.spec.min_nodes} nodes connected "
+                f"within {self.spec.round_timeout:.0f}s"
+            )
+        return nodes
+
+    def train_round(self, state: JobState, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rnd = state.round + 1
+        nodes = self._nodes(state, rnd)
+        log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
+        trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
+        aggregator = StreamingAggregator(spec_of(trained))
+        rounds = state.history.setdefault("rounds", {})
+        previous = rounds.setdefault(str(rnd - 1), {})
+        current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
+        call = RoundCall(self.grid, self.spec.round_timeout)
+        messages = [_message(self.grid, n, MessageType.TRAIN, adapter, rnd) for n in nodes]
+        for node_id, reply in call.replies(messages):
+            key = str(node_id)
+            if reply.has_error():
+                current["rejected"][key] = f"node error: {reply.error.reason}"
+                log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reply.error.reason)
+                continue
+            try:
+                weight, before, after, loss = _split_metrics(reply)
+                aggregator.add(from_record(reply.content.array_records[UPDATE_KEY]), weight)
+            except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
+                current["rejected"][key] = f"update rejected: {exc}"
+                log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
+                continue
+            finally:
+                del reply
+            previous.setdefault("global", {})[key] = before
+            current["local"][key] = after
+            current["train_loss"][key] = loss
+            current["examples"][key] = weight
+            log(
+                INFO,
+                "[ark] round %d: update %d/%d from node %s (%d examples)",
+                rnd,
+                aggregator.count,
+                len(nodes),
+                node_id,
+                int(weight),
+            )
+        if call.missing:
+            state.dropped = sorted(set(state.dropped) | call.missing)
+            log(
+                WARNING,
+                "[ark] round %d: no reply from nodes %s before the deadline; "
+                "they are left out of later rounds",
+                rnd,
+                sorted(call.missing),
+            )
+        current["missing"] = sorted(call.missing)
+        if aggregator.count < self.spec.min_nodes:
+            raise FederationError(
+                f"round {rnd}: only {aggregator.count} accepted updates, "
+                f"min-nodes is {self.spec.min_nodes}"
+            )
+        merged = {**adapter, **aggregator.result()}
+        rounds[str(rnd)] = current
+        state.round = rnd
+        self.store.save(state, merged)
+        log(
+            INFO,
+            "[ark] round %d: aggregated %d updates (%d examples), checkpointed",
+            rnd,
+            aggregator.count,
+            int(aggregator.total_weight),
+        )
+        return merged
+
+    def final_evaluation(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
+        rnd = state.round
+        nodes = self._nodes(state, rnd)
+        log(INFO, "[ark] final evaluation of round-%d adapter on %d nodes", rnd, len(nodes))
+        entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
+        call = RoundCall(self.grid, self.spec.round_timeout)
+        messages = [_message(self.grid, n, MessageType.EVALUATE, adapter, rnd) for n in nodes]
+        for node_id, reply in call.replies(messages):
+            if reply.has_error():
+                log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)
+                continue
+            _, before, _, _ = _split_metrics(reply)
+            entry.setdefault("global", {})[str(node_id)] = before
+        state.finished = True
+        self.store.save(state, adapter)
+
+    def run(self) -> None:
+        state, adapter = self.start()
+        if state.round > self.spec.num_rounds:
+            raise CheckpointError(
+                f"checkpoint is at round {state.round}, beyond num-rounds={self.spec.num_rounds}"
+            )
+        if state.finished and state.round < self.spec.num_rounds:
+            state.finished = False
+        while state.round < self.spec.num_rounds:
+            adapter = self.train_round(state, adapter)
+        if not state.finished:
+            self.final_evaluation(state, adapter)
+        results = build_results(self.spec, state.history)
+        export_peft_adapter(self.model(), adapter, self.out / "adapter")
+        write_outputs(results, self.out)
+        log(INFO, "[ark] job %s finished: results in %s", self.spec.job_id, self.out)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federated job described by the run config."""
+    spec = RunSpec.from_run_config(context.run_config)
+    FederatedJob(grid, spec).run()

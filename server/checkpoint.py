@@ -1,0 +1,105 @@
+"""Round checkpoints: the global adapter as safetensors plus a JSON state, written atomically.
+
+After a restart the job resumes from the last finished round; a checkpoint written for
+another job (different model, labels, LoRA shape or mode) is refused, not reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from sandbox.errors import CheckpointError
+
+STATE_FORMAT = "ark-checkpoint/1"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class JobState:
+    """Progress of a federated job, saved after every round."""
+
+    fingerprint: str
+    round: int
+    history: dict[str, Any] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class CheckpointStore:
+    """Reads and writes the checkpoints of one job under ``directory``."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def adapter_path(self, server_round: int) -> Path:
+        return self.directory / f"round-{server_round:04d}.safetensors"
+
+    def save(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
+        """Write the round's adapter, then the state that points at it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.adapter_path(state.round)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
+        os.replace(tmp, path)
+        document = {
+            "format": STATE_FORMAT,
+            "fingerprint": state.fingerprint,
+            "round": state.round,
+            "adapter": path.name,
+            "adapter_sha256": _sha256(path),
+            "history": state.history,
+            "dropped": state.dropped,
+            "finished": state.finished,
+        }
+        _atomic_write(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
+
+    def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
+        """The last saved state and adapter, or None for a fresh job."""
+        state_file = self.directory / STATE_FILE
+        if not state_file.exists():
+            return None
+        try:
+            document = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{state_file}: unreadable checkpoint state: {exc}") from exc
+        if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{state_file}: not an {STATE_FORMAT} state")
+        if document.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"{state_file}: checkpoint belongs to a different job configuration "
+                "(model, labels, LoRA or mode changed); use a new job id or output dir"
+            )
+        adapter_file = self.directory / str(document.get("adapter", ""))
+        if adapter_file.parent != self.directory or not adapter_file.is_file():
+            raise CheckpointError(f"{state_file}: adapter file {adapter_file.name!r} is missing")
+        if _sha256(adapter_file) != document.get("adapter_sha256"):
+            raise CheckpointError(f"{adapter_file}: digest does not match {state_file}")
+        state = JobState(
+            fingerprint=fingerprint,
+            round=int(document["round"]),
+            history=dict(document.get("history", {})),
+            dropped=[int(n) for n in document.get("dropped", [])],
+            finished=bool(document.get("finished", False)),
+        )
+        return state, load_file(str(adapter_file))

@@ -1,0 +1,137 @@
+"""Run results: ``results.json``, a rich before/after table and a PNG plot per round."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sandbox.config import TASK_CLASSIFICATION, RunSpec
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "metrics.png"
+
+
+def metric_names(task: str) -> tuple[str, str]:
+    """The two held-out metrics reported for a task, headline first."""
+    return ("accuracy", "macro_f1") if task == TASK_CLASSIFICATION else ("perplexity", "loss")
+
+
+def build_results(spec: RunSpec, history: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-node held-out metrics of the global adapter for round 0 and every round."""
+    rounds = history.get("rounds", {})
+    table = []
+    for rnd in range(spec.num_rounds + 1):
+        entry = rounds.get(str(rnd), {})
+        nodes = entry.get("global", {})
+        names = metric_names(spec.task)
+        mean = {
+            name: sum(m[name] for m in nodes.values()) / len(nodes)
+            for name in names
+            if nodes and all(name in m for m in nodes.values())
+        }
+        table.append(
+            {
+                "round": rnd,
+                "nodes": nodes,
+                "mean": mean,
+                "local_after_training": entry.get("local", {}),
+                "train_loss": entry.get("train_loss", {}),
+                "examples": entry.get("examples", {}),
+                "rejected": entry.get("rejected", {}),
+                "missing": entry.get("missing", []),
+            }
+        )
+    return {
+        "format": "ark-results/1",
+        "job_id": spec.job_id,
+        "task": spec.task,
+        "mode": spec.mode,
+        "labels": list(spec.labels),
+        "num_rounds": spec.num_rounds,
+        "metrics": list(metric_names(spec.task)),
+        "rounds": table,
+    }
+
+
+def node_ids(results: Mapping[str, Any]) -> list[str]:
+    """Every node that reported a held-out metric in any round."""
+    seen: dict[str, None] = {}
+    for entry in results["rounds"]:
+        for node in entry["nodes"]:
+            seen[node] = None
+    return list(seen)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Table:
+    """Before (round 0) and after (last round) held-out metrics per node."""
+    names = names or {}
+    first, last = results["rounds"][0], results["rounds"][-1]
+    table = Table(
+        title=f"{results['job_id']}: held-out metrics, round 0 → round {last['round']}"
+        f" ({results['mode']})"
+    )
+    table.add_column("node")
+    for metric in results["metrics"]:
+        table.add_column(f"{metric} r0", justify="right")
+        table.add_column(f"{metric} r{last['round']}", justify="right")
+        table.add_column("Δ", justify="right")
+    for node in node_ids(results):
+        row = [names.get(node, f"node {node}")]
+        for metric in results["metrics"]:
+            before = first["nodes"].get(node, {}).get(metric)
+            after = last["nodes"].get(node, {}).get(metric)
+            delta = None if before is None or after is None else after - before
+            row += [_fmt(before), _fmt(after), "-" if delta is None else f"{delta:+.3f}"]
+        table.add_row(*row)
+    return table
+
+
+def plot_metrics(
+    results: Mapping[str, Any], path: Path, names: Mapping[str, str] | None = None
+) -> Path:
+    """A PNG with one panel per metric: held-out value per node per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = names or {}
+    metrics = results["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for node in node_ids(results):
+            xs = [e["round"] for e in results["rounds"] if metric in e["nodes"].get(node, {})]
+            ys = [
+                e["nodes"][node][metric]
+                for e in results["rounds"]
+                if metric in e["nodes"].get(node, {})
+            ]
+            ax.plot(xs, ys, marker="o", label=names.get(node, f"node {node}"))
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.set_title(f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{results['job_id']} ({results['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: Mapping[str, Any], out_dir: Path) -> None:
+    """Write ``results.json`` and the plot, and print the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    plot_metrics(results, out_dir / PLOT_FILE)
+    Console(width=120).print(render_table(results))

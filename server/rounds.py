@@ -1,0 +1,67 @@
+"""One round of messages over the Flower Grid: push, then stream replies until a deadline.
+
+Replies are handed out as they arrive, so the caller can fold each update into the
+running sum and drop it. Nodes that have not answered by the deadline are reported
+as missing; they do not fail the round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class RoundCall:
+    """Messages of one round, tracked from push to the last reply or the deadline."""
+
+    grid: Grid
+    timeout: float
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    missing: set[int] = field(default_factory=set)
+
+    def replies(self, messages: list[Message]) -> Iterator[tuple[int, Message]]:
+        """Push ``messages`` and yield ``(node_id, reply)`` as replies come in."""
+        node_of: dict[str, int] = {}
+        pushed = list(self.grid.push_messages(messages))
+        for message, message_id in zip(messages, pushed, strict=True):
+            if message_id:
+                node_of[message_id] = message.metadata.dst_node_id
+            else:
+                self.missing.add(message.metadata.dst_node_id)
+        pending = set(node_of)
+        deadline = self.clock() + self.timeout
+        while pending and self.clock() < deadline:
+            for reply in self.grid.pull_messages(sorted(pending)):
+                message_id = reply.metadata.reply_to_message_id
+                if message_id in pending:
+                    pending.discard(message_id)
+                    yield node_of[message_id], reply
+            if pending:
+                self.sleep(POLL_SECONDS)
+        self.missing.update(node_of[m] for m in pending)
+
+
+def wait_for_nodes(
+    grid: Grid,
+    *,
+    minimum: int,
+    exclude: set[int],
+    timeout: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """Online node ids not in ``exclude``, once at least ``minimum`` are there (else [])."""
+    deadline = clock() + timeout
+    while True:
+        nodes = sorted(set(grid.get_node_ids()) - exclude)
+        if len(nodes) >= minimum or clock() >= deadline:
+            return nodes if len(nodes) >= minimum else []
+        sleep(1.0)
