@@ -104,6 +104,7 @@ def plot_metrics(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = names or {}
     metrics = results["metrics"]
@@ -118,6 +119,7 @@ def plot_metrics(
             ]
             ax.plot(xs, ys, marker="o", label=names.get(node, f"node {node}"))
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.set_title(f"held-out {metric}")
         ax.grid(alpha=0.3)

@@ -1,0 +1,217 @@
+"""``make bench``: quality of federated vs centralized vs local-only LoRA, and aggregation scale.
+
+Quality runs in one process with the same training, evaluation and aggregation code the
+Flower apps use (``clients.training``, ``server.aggregation``), on the synthetic demo
+data, so every variant sees the same data, step budget and seed. Aggregation scale is
+measured side by side against a collect-then-average baseline. Medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from clients.data import Example, Split, derive_labels, load_examples, split_examples
+from clients.model import load_node_model
+from clients.training import evaluate, train_local
+from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
+from sandbox.demo_data import write_demo_data
+from sandbox.lora import adapter_state, is_trained, load_adapter_state
+from sandbox.models import default_model_dir
+from server.aggregation import StreamingAggregator, spec_of
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+console = Console(width=110)
+
+
+def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> Any:
+    torch.manual_seed(spec.seed)
+    loaded = load_node_model(spec)
+    if initial is not None:
+        load_adapter_state(loaded.model, initial)
+    return loaded
+
+
+def _federated(spec: RunSpec, splits: dict[str, Split], union: Sequence[Example],
+               initial: dict[str, np.ndarray]) -> dict[str, float]:
+    adapter = dict(initial)
+    trained = {k: v for k, v in adapter.items() if is_trained(k, spec.mode)}
+    for rnd in range(1, spec.num_rounds + 1):
+        aggregator = StreamingAggregator(spec_of(trained))
+        for split in splits.values():
+            node = _fresh_model(spec, adapter)
+            train_local(node.model, node.tokenizer, split.train, spec, seed=spec.seed * 1000 + rnd)
+            update = {k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.mode)}
+            aggregator.add(update, float(len(split.train)))
+        adapter = {**adapter, **aggregator.result()}
+    final = _fresh_model(spec, adapter)
+    return evaluate(final.model, final.tokenizer, union, spec)
+
+
+def _single(spec: RunSpec, train: Sequence[Example], union: Sequence[Example],
+            initial: dict[str, np.ndarray]) -> dict[str, float]:
+    node = _fresh_model(spec, initial)
+    train_local(node.model, node.tokenizer, train, spec, seed=spec.seed,
+                steps=spec.local_steps * spec.num_rounds)
+    return evaluate(node.model, node.tokenizer, union, spec)
+
+
+def quality(rounds: int, local_steps: int) -> dict[str, Any]:
+    """Held-out accuracy on the union of node held-out sets for each training regime."""
+    torch.set_num_threads(2)
+    data = write_demo_data(RESULTS_DIR / ".data", 3)
+    labels = tuple(derive_labels(list(data.values())))
+    base = RunSpec(job_id="bench", task="sequence-classification", model_path=default_model_dir(),
+                   labels=labels, num_rounds=rounds, local_steps=local_steps, learning_rate=3e-3)
+    splits = {name: split_examples(load_examples(path, base.task, labels=labels), source=path)
+              for name, path in data.items()}
+    union = [e for s in splits.values() for e in s.heldout]
+    pooled = [e for s in splits.values() for e in s.train]
+    rows: dict[str, dict[str, float]] = {}
+    for mode in (MODE_FEDAVG, MODE_FFA):
+        spec = RunSpec(**{**base.__dict__, "mode": mode})
+        initial = adapter_state(_fresh_model(spec, None).model)
+        started = time.perf_counter()
+        rows[f"federated {mode}"] = _federated(spec, splits, union, initial)
+        console.log(f"federated {mode}: {rows[f'federated {mode}']} "
+                    f"({time.perf_counter() - started:.0f}s)")
+    initial = adapter_state(_fresh_model(base, None).model)
+    rows["centralized (pooled)"] = _single(base, pooled, union, initial)
+    console.log(f"centralized: {rows['centralized (pooled)']}")
+    for name, split in splits.items():
+        rows[f"local-only {name}"] = _single(base, split.train, union, initial)
+        console.log(f"local-only {name}: {rows[f'local-only {name}']}")
+    central = rows["centralized (pooled)"]["accuracy"]
+    best_local = max(v["accuracy"] for k, v in rows.items() if k.startswith("local-only"))
+    return {
+        "setup": {"rounds": rounds, "local_steps": local_steps, "batch_size": base.batch_size,
+                  "learning_rate": base.learning_rate, "nodes": list(splits),
+                  "heldout_union": len(union), "pooled_train": len(pooled),
+                  "step_budget": "federated: rounds x local_steps per node; centralized and "
+                                 "local-only: rounds x local_steps in one sequence"},
+        "rows": rows,
+        "federated_vs_centralized": {
+            mode: rows[f"federated {mode}"]["accuracy"] / central for mode in (MODE_FEDAVG, MODE_FFA)
+        },
+        "federated_beats_every_local": {
+            mode: rows[f"federated {mode}"]["accuracy"] > best_local
+            for mode in (MODE_FEDAVG, MODE_FFA)
+        },
+    }
+
+
+def _updates(shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> Any:
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+
+
+def _streaming(shapes: dict[str, tuple[int, ...]], count: int) -> None:
+    template = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+    aggregator = StreamingAggregator(spec_of(template))
+    for update in _updates(shapes, count, seed=count):
+        aggregator.add(update, 100.0)
+        del update
+    aggregator.result()
+
+
+def _collect_then_average(shapes: dict[str, tuple[int, ...]], count: int) -> None:
+    received = list(_updates(shapes, count, seed=count))
+    {k: np.mean([u[k] for u in received], axis=0) for k in shapes}
+
+
+def _measure(fn: Callable[[], None]) -> tuple[float, int]:
+    tracemalloc.start()
+    started = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return elapsed, peak
+
+
+def aggregation_scale(counts: Sequence[int], repeats: int) -> dict[str, Any]:
+    """Time and peak traced memory of aggregating N updates of the default adapter size."""
+    spec = RunSpec(job_id="bench", task="sequence-classification", model_path=default_model_dir(),
+                   labels=("a", "b", "c", "d", "e"))
+    shapes = {k: tuple(v.shape) for k, v in adapter_state(_fresh_model(spec, None).model).items()}
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    rows = []
+    for count in counts:
+        stream = [_measure(lambda c=count: _streaming(shapes, c)) for _ in range(repeats)]
+        naive = [_measure(lambda c=count: _collect_then_average(shapes, c)) for _ in range(repeats)]
+        row = {
+            "updates": count,
+            "streaming_seconds": statistics.median(t for t, _ in stream),
+            "streaming_peak_mib": statistics.median(m for _, m in stream) / 2**20,
+            "collect_seconds": statistics.median(t for t, _ in naive),
+            "collect_peak_mib": statistics.median(m for _, m in naive) / 2**20,
+        }
+        row["peak_ratio_collect_over_streaming"] = row["collect_peak_mib"] / row["streaming_peak_mib"]
+        rows.append(row)
+        console.log(row)
+    return {"adapter_parameters": params, "adapter_tensors": len(shapes), "repeats": repeats,
+            "rows": rows}
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "processor": platform.processor()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args(argv)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    report["aggregation"] = aggregation_scale((10, 50, 100), args.repeats)
+    if not args.skip_quality:
+        report["quality"] = quality(args.rounds, args.local_steps)
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _print(report)
+
+
+def _print(report: dict[str, Any]) -> None:
+    agg = Table(title=f"Aggregation of N updates ({report['aggregation']['adapter_parameters']:,} "
+                      "parameters each), medians")
+    for col in ("updates", "streaming s", "streaming peak MiB", "collect s", "collect peak MiB",
+                "peak ratio"):
+        agg.add_column(col, justify="right")
+    for r in report["aggregation"]["rows"]:
+        agg.add_row(str(r["updates"]), f"{r['streaming_seconds']:.3f}",
+                    f"{r['streaming_peak_mib']:.2f}", f"{r['collect_seconds']:.3f}",
+                    f"{r['collect_peak_mib']:.2f}", f"{r['peak_ratio_collect_over_streaming']:.1f}x")
+    console.print(agg)
+    if "quality" in report:
+        q = Table(title="Held-out quality on the union of node held-out sets")
+        q.add_column("regime")
+        q.add_column("accuracy", justify="right")
+        q.add_column("macro-F1", justify="right")
+        for name, m in report["quality"]["rows"].items():
+            q.add_row(name, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}")
+        console.print(q)
+        console.print(f"federated / centralized accuracy: {report['quality']['federated_vs_centralized']}")
+        console.print(f"federated beats every local-only: "
+                      f"{report['quality']['federated_beats_every_local']}")
+
+
+if __name__ == "__main__":
+    main()

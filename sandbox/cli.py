@@ -1,0 +1,336 @@
+"""``ark``: the command line over all three sides (provider, node, auditor) and the demo.
+
+Commands import ``server`` and ``clients`` inside their bodies: the CLI is the one
+place allowed to reach across trust boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from sandbox.config import (
+    MIN_FEDERATED_NODES,
+    MODES,
+    TASK_CLASSIFICATION,
+    TASKS,
+    NodeConfig,
+    RunSpec,
+)
+from sandbox.errors import ArkError, FederationError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    help="Ark Sandbox: privacy-preserving federated LoRA fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+provider_app = typer.Typer(
+    help="Model provider: base models and run results.", no_args_is_help=True
+)
+node_app = typer.Typer(help="Enterprise node operator: private data checks.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Auditor: offline checks of a job's checkpoints.", no_args_is_help=True
+)
+app.add_typer(provider_app, name="provider")
+app.add_typer(node_app, name="node")
+app.add_typer(audit_app, name="audit")
+
+DEMO_TIMEOUT = 1200.0
+
+
+def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code)
+
+
+def _raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs the same way as for Ctrl-C."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _project_root() -> Path:
+    """The Flower app directory (holding pyproject.toml) that ``flwr run`` builds."""
+    import server
+
+    root = Path(server.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FederationError(
+            f"cannot find the app's pyproject.toml next to {root}; install ark-sandbox "
+            "from a source checkout (pip install -e .)"
+        )
+    return root
+
+
+def _collect_data(data_dir: Path | None, nodes: int, scratch: Path) -> dict[str, Path]:
+    from sandbox.demo_data import write_demo_data
+
+    if data_dir is None:
+        return write_demo_data(scratch, nodes)
+    if not data_dir.is_dir():
+        raise ArkError(f"{data_dir}: --data-dir is not a directory")
+    files = sorted(p for p in data_dir.iterdir() if p.suffix in (".jsonl", ".csv"))
+    if len(files) < nodes:
+        raise ArkError(
+            f"{data_dir}: needs one <node>.jsonl per node; found {len(files)} for --nodes {nodes}"
+        )
+    return {p.stem: p for p in files[:nodes]}
+
+
+def _node_names(journals: list[Path]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for journal in journals:
+        if not journal.exists():
+            continue
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            names[str(entry["node_id"])] = str(entry["node"])
+    return names
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Workspace to keep (default: a temp dir).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of <node>.jsonl files.")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
+    nodes: Annotated[int, typer.Option(help="Number of enterprise nodes.")] = 3,
+    model: Annotated[Path | None, typer.Option(help="Base model dir (default: MiniLM).")] = None,
+    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
+    mode: Annotated[str, typer.Option(help=f"Aggregation: {', '.join(MODES)}.")] = "fedavg",
+    local_steps: Annotated[int, typer.Option(min=1, help="Local steps per round.")] = 12,
+    port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for nodes.")] = 300.0,
+) -> None:
+    """Run the whole federated LoRA job on real Flower processes on loopback."""
+    from clients.data import derive_labels, load_examples
+    from sandbox.federation import Federation, check_port_free, write_run_config
+    from sandbox.models import default_model_dir, inspect_model_dir
+    from server.results import RESULTS_FILE, plot_metrics, render_table
+
+    _raise_on_sigterm()
+    started = time.monotonic()
+    temp: Path | None = None
+    try:
+        if nodes < MIN_FEDERATED_NODES:
+            raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
+        if task not in TASKS or mode not in MODES:
+            raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
+        if port is not None:
+            check_port_free(port)
+        model_dir = (model or default_model_dir()).resolve()
+        info = inspect_model_dir(model_dir, task)
+        if workdir is None:
+            temp = Path(tempfile.mkdtemp(prefix="ark-demo-"))
+        root = (workdir or temp or Path()).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        job_id = time.strftime("demo-%Y%m%d-%H%M%S")
+        sources = _collect_data(data_dir, nodes, root / "generated-data")
+        node_files: dict[str, Path] = {}
+        for name, source in sources.items():
+            node_dir = root / "nodes" / name
+            node_dir.mkdir(parents=True, exist_ok=True)
+            private = node_dir / f"private{source.suffix}"
+            shutil.copyfile(source, private)
+            config = NodeConfig(
+                name=name,
+                data_path=private,
+                threads=1,
+                journal_path=node_dir / "journal.jsonl",
+            )
+            (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
+            node_files[name] = node_dir / "node.toml"
+        labels: tuple[str, ...] = ()
+        if task == TASK_CLASSIFICATION:
+            labels = tuple(
+                derive_labels([NodeConfig.load(f).data_path for f in node_files.values()])
+            )
+        for f in node_files.values():
+            load_examples(NodeConfig.load(f).data_path, task, labels=labels or None)
+        out_dir = root / "provider" / "jobs" / job_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spec = RunSpec(
+            job_id=job_id,
+            task=task,
+            model_path=info.path,
+            labels=labels,
+            num_rounds=rounds,
+            mode=mode,
+            min_nodes=MIN_FEDERATED_NODES,
+            round_timeout=round_timeout,
+            local_steps=local_steps,
+            learning_rate=3e-3,
+            output_dir=out_dir,
+        )
+        run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
+        console.print(
+            f"[bold]Ark Sandbox demo[/] · {len(node_files)} nodes · {rounds} rounds · "
+            f"{mode} · model {info.model_type} at {info.path}"
+        )
+        console.print(f"workspace: {root}")
+        with Federation(root, port=port) as fed:
+            fed.start_superlink()
+            console.print(
+                f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database "
+                f"{fed.provider_home / 'superlink.db'})"
+            )
+            for name, config_file in node_files.items():
+                fed.start_supernode(name, config_file)
+            console.print(f"SuperNodes up: {', '.join(node_files)}")
+            run_id = fed.submit(_project_root(), run_config)
+            console.print(f"run {run_id} submitted")
+            with console.status("waiting for round 1") as status:
+
+                def tick() -> None:
+                    state = out_dir / "checkpoints" / "state.json"
+                    if state.exists():
+                        done = json.loads(state.read_text(encoding="utf-8"))["round"]
+                        phase = "final evaluation" if done >= rounds else f"round {done + 1}"
+                        status.update(
+                            f"{done}/{rounds} rounds done · {phase} running · "
+                            f"{time.monotonic() - started:.0f}s"
+                        )
+
+                outcome = fed.wait(run_id, timeout=DEMO_TIMEOUT, on_tick=tick)
+            if not outcome.ok:
+                raise FederationError(f"run {run_id} ended {outcome.status}: {outcome.details}")
+            leftovers = fed.stop()
+        if leftovers:
+            err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
+        results: dict[str, Any] = json.loads((out_dir / RESULTS_FILE).read_text(encoding="utf-8"))
+        names = _node_names([f.parent / "journal.jsonl" for f in node_files.values()])
+        results["node_names"] = names
+        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        plot_metrics(results, out_dir / "metrics.png", names)
+        console.print(render_table(results, names))
+        _print_verdict(results, names, time.monotonic() - started)
+        console.print(
+            f"results: {out_dir / RESULTS_FILE}\nplot:    {out_dir / 'metrics.png'}\n"
+            f"adapter: {out_dir / 'adapter'} (stock PEFT format)"
+        )
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted:[/] every process the demo started was stopped")
+        raise typer.Exit(130) from None
+    except ArkError as exc:
+        raise _fail(exc) from exc
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _print_verdict(results: dict[str, Any], names: dict[str, str], elapsed: float) -> None:
+    headline = results["metrics"][0]
+    first, last = results["rounds"][0]["nodes"], results["rounds"][-1]["nodes"]
+    better_is_lower = headline in ("perplexity", "loss")
+    improved = [
+        n
+        for n in first
+        if n in last
+        and (
+            last[n][headline] < first[n][headline]
+            if better_is_lower
+            else last[n][headline] > first[n][headline]
+        )
+    ]
+    ok = len(improved) == len(first) and len(first) > 0
+    verdict = "[green]every node improved[/]" if ok else "[red]not every node improved[/]"
+    console.print(
+        f"{verdict} on held-out {headline} ({len(improved)}/{len(first)}) · "
+        f"{elapsed:.0f}s wall time"
+    )
+    if not ok:
+        raise typer.Exit(1)
+
+
+@provider_app.command("check-model")
+def check_model(
+    model_dir: Path,
+    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
+) -> None:
+    """Check that a local model directory can serve as a base model for TASK."""
+    from sandbox.models import inspect_model_dir
+
+    try:
+        info = inspect_model_dir(model_dir, task)
+    except ArkError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"ok: {info.model_type} for {task}; weights: {', '.join(p.name for p in info.weight_files)}"
+    )
+
+
+@provider_app.command("results")
+def show_results(job_dir: Path) -> None:
+    """Print the before/after table of a finished job directory."""
+    from server.results import RESULTS_FILE, render_table
+
+    path = job_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _fail(ArkError(f"{path}: {exc}")) from exc
+    console.print(render_table(results, results.get("node_names")))
+
+
+@node_app.command("check-data")
+def check_data(
+    data_file: Path,
+    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated allowed labels.")] = None,
+) -> None:
+    """Validate a private data file locally; nothing leaves this machine."""
+    from clients.data import load_examples, split_examples
+
+    try:
+        allowed = [x.strip() for x in labels.split(",")] if labels else None
+        examples = load_examples(data_file, task, labels=allowed)
+        split = split_examples(examples, source=data_file)
+    except ArkError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"ok: {len(examples)} rows ({len(split.train)} train, {len(split.heldout)} held out)"
+    )
+
+
+@audit_app.command("checkpoints")
+def audit_checkpoints(job_dir: Path) -> None:
+    """Verify every round checkpoint of a job against the digests in its state."""
+    from server.checkpoint import STATE_FILE, CheckpointStore
+
+    store = CheckpointStore(job_dir / "checkpoints")
+    state_file = store.directory / STATE_FILE
+    try:
+        document = json.loads(state_file.read_text(encoding="utf-8"))
+        loaded = store.load(str(document.get("fingerprint", "")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _fail(ArkError(f"{state_file}: {exc}")) from exc
+    except ArkError as exc:
+        raise _fail(exc) from exc
+    if loaded is None:
+        raise _fail(ArkError(f"{state_file}: no checkpoint state"))
+    state, adapter = loaded
+    console.print(
+        f"ok: round {state.round} adapter ({len(adapter)} tensors) matches its digest; "
+        f"finished={state.finished}"
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

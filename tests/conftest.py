@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny, randomly initialised models built from configs, never downloaded.
+
+Both models reuse the WordPiece tokenizer of the embedded default model, so tokenizing
+needs no network either. Models are written once per session under pytest's temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the offline switches, which transformers reads on import)
+import transformers  # noqa: E402
+
+from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec  # noqa: E402
+from sandbox.models import default_model_dir  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+VOCAB_SIZE = 30522  # the embedded model's BERT WordPiece vocabulary
+TINY_LABELS = ("a", "b", "c")
+
+
+def _copy_tokenizer(dst: Path, **config_overrides: Any) -> None:
+    src = default_model_dir()
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    if config_overrides:
+        config_file = dst / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.update(config_overrides)
+        config_file.write_text(json.dumps(config), encoding="utf-8")
+
+
+def _save_model(model: Any, dst: Path) -> None:
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    model.save_pretrained(str(dst), safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT encoder (no head), usable for sequence classification.
+
+    Saved as a plain ``BertModel`` so any label count loads; the classifier head is
+    freshly initialised on every load, as with a real pretrained encoder.
+    """
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = transformers.BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _save_model(transformers.BertModel(config), path)
+    _copy_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide Llama causal LM sharing the BERT vocabulary.
+
+    The BERT tokenizer has no end-of-sequence token; ``[SEP]`` (id 102, the model's
+    ``eos_token_id``) is declared as one so causal-lm examples end like real ones.
+    """
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _save_model(transformers.LlamaForCausalLM(config), path)
+    _copy_tokenizer(path, eos_token="[SEP]")
+    return path
+
+
+def make_spec(model_dir: Path, task: str = TASK_CLASSIFICATION, **overrides: Any) -> RunSpec:
+    """A small RunSpec for ``model_dir``; keyword arguments override any field.
+
+    Classification gets labels ``("a", "b", "c")``; causal-lm gets none.
+    """
+    values: dict[str, Any] = {
+        "job_id": "tiny-job",
+        "task": task,
+        "model_path": model_dir,
+        "labels": TINY_LABELS if task == TASK_CLASSIFICATION else (),
+        "local_steps": 3,
+        "batch_size": 4,
+        "max_length": 32,
+        "lora": LoraSpec(r=4, alpha=8),
+        "seed": 0,
+    }
+    values.update(overrides)
+    return RunSpec(**values)
+
+
+@pytest.fixture(name="make_spec")
+def make_spec_fixture() -> Callable[..., RunSpec]:
+    """The :func:`make_spec` factory, for tests that prefer fixtures to imports."""
+    return make_spec
+
+
+@pytest.fixture
+def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
+    """A classification RunSpec on the tiny BERT with labels a, b, c."""
+    return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)

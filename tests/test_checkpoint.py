@@ -1,0 +1,212 @@
+"""Tests for round checkpoints (server.checkpoint) and the run fingerprint that guards them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sandbox.config import MODE_FFA, TASK_CAUSAL_LM, LoraSpec, RunSpec
+from sandbox.errors import CheckpointError
+from server.checkpoint import STATE_FILE, CheckpointStore, JobState
+from tests.conftest import make_spec
+
+FINGERPRINT = "f" * 64
+
+
+def _adapter(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b = rng.normal(size=(8, 4)).astype(np.float32)
+    # Values whose bits a lossy round trip would change: -0.0, a subnormal, the extremes.
+    b[0, :4] = [-0.0, np.float32(1e-45), np.finfo(np.float32).max, np.finfo(np.float32).tiny]
+    return {
+        "base_model.model.layer.0.lora_A.weight": rng.normal(size=(4, 8)).astype(np.float32),
+        "base_model.model.layer.0.lora_B.weight": b,
+        "base_model.model.classifier.bias": rng.normal(size=(3,)).astype(np.float32),
+    }
+
+
+def _state(server_round: int, **changes: Any) -> JobState:
+    state = JobState(
+        fingerprint=FINGERPRINT,
+        round=server_round,
+        history={"rounds": {str(r): {"loss": 1.0 / r, "nodes": [1, 2]} for r in range(1, 3)}},
+        dropped=[3, 7],
+        finished=False,
+    )
+    return dataclasses.replace(state, **changes)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> CheckpointStore:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(_state(1), _adapter(1))
+    return store
+
+
+def test_round_trip_is_bitwise_and_keeps_the_state(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state = _state(2, finished=True)
+    adapter = _adapter(2)
+    store.save(state, adapter)
+
+    loaded = store.load(FINGERPRINT)
+    assert loaded is not None
+    got_state, got_adapter = loaded
+    assert got_state == state
+    assert set(got_adapter) == set(adapter)
+    for name, array in adapter.items():
+        assert got_adapter[name].dtype == array.dtype
+        assert got_adapter[name].shape == array.shape
+        assert got_adapter[name].tobytes() == array.tobytes()
+
+
+def test_fresh_directory_loads_as_none(tmp_path: Path) -> None:
+    assert CheckpointStore(tmp_path / "never-created").load(FINGERPRINT) is None
+    (tmp_path / "empty").mkdir()
+    assert CheckpointStore(tmp_path / "empty").load(FINGERPRINT) is None
+
+
+def test_other_job_fingerprint_is_refused(saved: CheckpointStore) -> None:
+    with pytest.raises(CheckpointError, match="different job configuration"):
+        saved.load("0" * 64)
+
+
+def test_tampered_adapter_is_refused(saved: CheckpointStore) -> None:
+    path = saved.adapter_path(1)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's bytes: still a well-formed safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="digest") as excinfo:
+        saved.load(FINGERPRINT)
+    assert path.name in str(excinfo.value)
+
+
+def test_missing_adapter_is_refused(saved: CheckpointStore) -> None:
+    saved.adapter_path(1).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        saved.load(FINGERPRINT)
+
+
+@pytest.mark.parametrize("adapter", ["../outside.safetensors", "/etc/passwd", ""])
+def test_adapter_outside_the_directory_is_refused(saved: CheckpointStore, adapter: str) -> None:
+    outside = saved.directory.parent / "outside.safetensors"
+    outside.write_bytes(saved.adapter_path(1).read_bytes())
+    state_file = saved.directory / STATE_FILE
+    document = json.loads(state_file.read_text())
+    document["adapter"] = adapter
+    state_file.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="missing"):
+        saved.load(FINGERPRINT)
+
+
+CORRUPT_STATES = {
+    "not-json": b'{"format": "ark-checkpoint/1", "round": ',
+    "not-utf8": b"\xff\xfe\x00garbage",
+    "json-list": b"[1, 2, 3]",
+    "wrong-format": json.dumps({"format": "ark-checkpoint/0", "fingerprint": FINGERPRINT}).encode(),
+    "no-format": json.dumps({"fingerprint": FINGERPRINT, "round": 1}).encode(),
+}
+
+
+@pytest.mark.parametrize("content", CORRUPT_STATES.values(), ids=CORRUPT_STATES.keys())
+def test_corrupt_state_file_is_refused(saved: CheckpointStore, content: bytes) -> None:
+    state_file = saved.directory / STATE_FILE
+    state_file.write_bytes(content)
+    with pytest.raises(CheckpointError) as excinfo:
+        saved.load(FINGERPRINT)
+    assert str(state_file) in str(excinfo.value)
+
+
+MALFORMED_FIELDS = {
+    "round-missing": {"round": None},
+    "round-not-a-number": {"round": "one"},
+    "history-a-list": {"history": [1, 2]},
+    "dropped-not-numbers": {"dropped": ["x"]},
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(KeyError, ValueError, TypeError),
+    reason="CheckpointStore.load converts round/history/dropped unchecked, so a well-formed "
+    "JSON state with a bad field escapes as KeyError/ValueError/TypeError, not CheckpointError",
+)
+@pytest.mark.parametrize("changes", MALFORMED_FIELDS.values(), ids=MALFORMED_FIELDS.keys())
+def test_malformed_state_fields_are_refused(
+    saved: CheckpointStore, changes: dict[str, Any]
+) -> None:
+    state_file = saved.directory / STATE_FILE
+    document = json.loads(state_file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            del document[key]
+        else:
+            document[key] = value
+    state_file.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError):
+        saved.load(FINGERPRINT)
+
+
+def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) -> None:
+    first = saved.adapter_path(1)
+    before = first.read_bytes()
+    saved.save(_state(2), _adapter(2))
+
+    assert first.read_bytes() == before
+    assert saved.adapter_path(2).is_file()
+    loaded = saved.load(FINGERPRINT)
+    assert loaded is not None
+    state, adapter = loaded
+    assert state.round == 2
+    for name, array in _adapter(2).items():
+        assert adapter[name].tobytes() == array.tobytes()
+    # No temporary files are left behind by the atomic writes.
+    assert sorted(p.name for p in saved.directory.iterdir()) == [
+        "round-0001.safetensors",
+        "round-0002.safetensors",
+        STATE_FILE,
+    ]
+
+
+BASE_SPEC = make_spec(Path("/models/tiny"), labels=("a", "b", "c"))
+
+IDENTITY_CHANGES: dict[str, dict[str, Any]] = {
+    "labels": {"labels": ("a", "b", "d")},
+    "label-order": {"labels": ("b", "a", "c")},
+    "model": {"model_path": Path("/models/other")},
+    "task": {"task": TASK_CAUSAL_LM, "labels": ()},
+    "mode": {"mode": MODE_FFA},
+    "lora-r": {"lora": LoraSpec(r=8, alpha=8)},
+    "lora-alpha": {"lora": LoraSpec(r=4, alpha=16)},
+    "lora-targets": {"lora": LoraSpec(r=4, alpha=8, target_modules=("query",))},
+}
+VOLATILE_CHANGES: dict[str, dict[str, Any]] = {
+    "num-rounds": {"num_rounds": 50},
+    "round-timeout": {"round_timeout": 5.0},
+    "min-nodes": {"min_nodes": 7},
+    "output-dir": {"output_dir": Path("/elsewhere")},
+}
+
+
+@pytest.mark.parametrize("changes", IDENTITY_CHANGES.values(), ids=IDENTITY_CHANGES.keys())
+def test_fingerprint_changes_with_job_identity(changes: dict[str, Any]) -> None:
+    changed: RunSpec = dataclasses.replace(BASE_SPEC, **changes)
+    assert changed.fingerprint() != BASE_SPEC.fingerprint()
+
+
+@pytest.mark.parametrize("changes", VOLATILE_CHANGES.values(), ids=VOLATILE_CHANGES.keys())
+def test_fingerprint_ignores_settings_a_resumed_job_may_change(changes: dict[str, Any]) -> None:
+    changed: RunSpec = dataclasses.replace(BASE_SPEC, **changes)
+    assert changed.fingerprint() == BASE_SPEC.fingerprint()
+
+
+def test_fingerprint_is_a_stable_sha256() -> None:
+    again = make_spec(Path("/models/tiny"), labels=("a", "b", "c"))
+    assert again.fingerprint() == BASE_SPEC.fingerprint()
+    assert len(BASE_SPEC.fingerprint()) == 64
+    int(BASE_SPEC.fingerprint(), 16)

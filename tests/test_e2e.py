@@ -1,0 +1,196 @@
+"""End-to-end runs on real flower-superlink / flower-supernode processes over TLS on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.demo_data import DEMO_LABELS, write_demo_data
+from sandbox.federation import Federation, server_app_pids, write_run_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def _nodes(tmp_path: Path, count: int) -> dict[str, Path]:
+    data = write_demo_data(tmp_path / "data", count, rows_per_node=40, seed=3)
+    configs = {}
+    for name, path in data.items():
+        node_dir = tmp_path / "nodes" / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        config = NodeConfig(name=name, data_path=path, threads=1,
+                            journal_path=node_dir / "journal.jsonl")
+        (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
+        configs[name] = node_dir / "node.toml"
+    return configs
+
+
+def _spec(tmp_path: Path, model_dir: Path, **overrides: object) -> RunSpec:
+    values: dict[str, object] = {
+        "job_id": "e2e",
+        "task": "sequence-classification",
+        "model_path": model_dir,
+        "labels": tuple(sorted(DEMO_LABELS)),
+        "num_rounds": 2,
+        "local_steps": 3,
+        "batch_size": 8,
+        "max_length": 48,
+        "round_timeout": 120.0,
+        "output_dir": tmp_path / "provider" / "job",
+    }
+    values.update(overrides)
+    return RunSpec(**values)  # type: ignore[arg-type]
+
+
+def _journal(config: Path) -> list[dict[str, object]]:
+    path = NodeConfig.load(config).journal_path
+    assert path is not None
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    """A federation whose every process, children included, must be gone afterwards."""
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        procs = fed.all_processes()
+        for proc in procs:
+            proc.remember_descendants()
+        leftovers = fed.stop()
+        seen = [p.pid for proc in procs for p in proc.seen.values()] + [p.pid for p in procs]
+        alive = [pid for pid in seen if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert leftovers == [] and alive == [], f"processes left behind: {leftovers} {alive}"
+
+
+def test_two_nodes_two_rounds_over_tls(
+    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
+) -> None:
+    configs = _nodes(tmp_path, 2)
+    spec = _spec(tmp_path, tiny_bert_dir)
+    federation.start_superlink()
+    for name, config in configs.items():
+        federation.start_supernode(name, config)
+    run_id = federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
+    outcome = federation.wait(run_id, timeout=600)
+    assert outcome.ok, outcome.details
+
+    out = spec.output_dir
+    assert out is not None
+    initial = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
+    final = load_file(str(out / "checkpoints" / "round-0002.safetensors"))
+    assert initial.keys() == final.keys()
+    changed = [name for name in initial if (initial[name] != final[name]).any()]
+    assert any(".lora_B." in name for name in changed), "global LoRA B did not change"
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    for entry in results["rounds"]:
+        assert len(entry["nodes"]) == 2, entry
+        for metrics in entry["nodes"].values():
+            assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    assert (out / "metrics.png").stat().st_size > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for config in configs.values():
+        kinds = [(e["kind"], e["round"]) for e in _journal(config)]
+        assert kinds == [("train", 1), ("train", 2), ("evaluate", 2)]
+    # The provider's SuperLink state is a real SQLite file in its workspace.
+    assert (federation.provider_home / "superlink.db").stat().st_size > 0
+
+
+def _clientapp_running(proc_pid: int) -> bool:
+    try:
+        children = psutil.Process(proc_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    return any("flwr-clientapp" in " ".join(c.cmdline()) for c in children if c.is_running())
+
+
+def test_node_dropping_mid_round_does_not_fail_the_run(
+    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
+) -> None:
+    configs = _nodes(tmp_path, 3)
+    spec = _spec(tmp_path, tiny_bert_dir, round_timeout=60.0, min_nodes=2)
+    federation.start_superlink()
+    for name, config in configs.items():
+        federation.start_supernode(name, config)
+    run_id = federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
+    victim = sorted(configs)[-1]
+    victim_proc = federation.supernodes[victim]
+    deadline = time.monotonic() + 300
+    while not _clientapp_running(victim_proc.pid):
+        assert time.monotonic() < deadline, "the victim never started a ClientApp"
+        time.sleep(0.2)
+    federation.kill_supernode(victim)
+
+    outcome = federation.wait(run_id, timeout=600)
+    assert outcome.ok, outcome.details
+    assert spec.output_dir is not None
+    results = json.loads((spec.output_dir / "results.json").read_text(encoding="utf-8"))
+    round1 = results["rounds"][1]
+    assert len(round1["missing"]) == 1
+    assert len(round1["examples"]) == 2
+    assert len(results["rounds"][2]["nodes"]) == 2
+    assert all(e["round"] == 1 or e["kind"] == "evaluate" for e in _journal(configs[victim])) or \
+        _journal(configs[victim]) == []
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_serverapp_resumes_from_last_checkpoint(
+    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
+) -> None:
+    configs = _nodes(tmp_path, 2)
+    spec = _spec(tmp_path, tiny_bert_dir, num_rounds=2)
+    assert spec.output_dir is not None
+    state_file = spec.output_dir / "checkpoints" / "state.json"
+    run_config = write_run_config(tmp_path / "run.toml", spec.to_run_config())
+    federation.start_superlink()
+    for name, config in configs.items():
+        federation.start_supernode(name, config)
+    assert federation.superlink is not None
+    first_run = federation.submit(APP_DIR, run_config)
+
+    deadline = time.monotonic() + 300
+    while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
+        assert time.monotonic() < deadline, "round 1 never finished"
+        federation.superlink.remember_descendants()
+        time.sleep(0.1)
+    pids = server_app_pids(federation.superlink)
+    assert pids, "no flwr-serverapp process found under our SuperLink"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert json.loads(state_file.read_text())["round"] == 1, "killed too late: round 2 finished"
+    round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
+    round1_digest = _sha(round1)
+
+    second_run = federation.submit(APP_DIR, run_config)
+    outcome = federation.wait(second_run, timeout=600)
+    assert outcome.ok, outcome.details
+
+    state = json.loads(state_file.read_text())
+    assert state["round"] == 2 and state["finished"] is True
+    assert _sha(round1) == round1_digest, "round 1 was redone"
+    for config in configs.values():
+        journal = _journal(config)
+        round1_trains = [e for e in journal if e["kind"] == "train" and e["round"] == 1]
+        assert len(round1_trains) == 1 and str(round1_trains[0]["run_id"]) == str(first_run)
+        resumed = [e for e in journal if str(e["run_id"]) == str(second_run)]
+        assert [(e["kind"], e["round"]) for e in resumed] == [("train", 2), ("evaluate", 2)]
