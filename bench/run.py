@@ -15,6 +15,7 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,12 @@ def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> Any:
     return loaded
 
 
-def _federated(spec: RunSpec, splits: dict[str, Split], union: Sequence[Example],
-               initial: dict[str, np.ndarray]) -> dict[str, float]:
+def _federated(
+    spec: RunSpec,
+    splits: dict[str, Split],
+    union: Sequence[Example],
+    initial: dict[str, np.ndarray],
+) -> dict[str, float]:
     adapter = dict(initial)
     trained = {k: v for k, v in adapter.items() if is_trained(k, spec.mode)}
     for rnd in range(1, spec.num_rounds + 1):
@@ -53,18 +58,30 @@ def _federated(spec: RunSpec, splits: dict[str, Split], union: Sequence[Example]
         for split in splits.values():
             node = _fresh_model(spec, adapter)
             train_local(node.model, node.tokenizer, split.train, spec, seed=spec.seed * 1000 + rnd)
-            update = {k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.mode)}
+            update = {
+                k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.mode)
+            }
             aggregator.add(update, float(len(split.train)))
         adapter = {**adapter, **aggregator.result()}
     final = _fresh_model(spec, adapter)
     return evaluate(final.model, final.tokenizer, union, spec)
 
 
-def _single(spec: RunSpec, train: Sequence[Example], union: Sequence[Example],
-            initial: dict[str, np.ndarray]) -> dict[str, float]:
+def _single(
+    spec: RunSpec,
+    train: Sequence[Example],
+    union: Sequence[Example],
+    initial: dict[str, np.ndarray],
+) -> dict[str, float]:
     node = _fresh_model(spec, initial)
-    train_local(node.model, node.tokenizer, train, spec, seed=spec.seed,
-                steps=spec.local_steps * spec.num_rounds)
+    train_local(
+        node.model,
+        node.tokenizer,
+        train,
+        spec,
+        seed=spec.seed,
+        steps=spec.local_steps * spec.num_rounds,
+    )
     return evaluate(node.model, node.tokenizer, union, spec)
 
 
@@ -73,10 +90,19 @@ def quality(rounds: int, local_steps: int) -> dict[str, Any]:
     torch.set_num_threads(2)
     data = write_demo_data(RESULTS_DIR / ".data", 3)
     labels = tuple(derive_labels(list(data.values())))
-    base = RunSpec(job_id="bench", task="sequence-classification", model_path=default_model_dir(),
-                   labels=labels, num_rounds=rounds, local_steps=local_steps, learning_rate=3e-3)
-    splits = {name: split_examples(load_examples(path, base.task, labels=labels), source=path)
-              for name, path in data.items()}
+    base = RunSpec(
+        job_id="bench",
+        task="sequence-classification",
+        model_path=default_model_dir(),
+        labels=labels,
+        num_rounds=rounds,
+        local_steps=local_steps,
+        learning_rate=3e-3,
+    )
+    splits = {
+        name: split_examples(load_examples(path, base.task, labels=labels), source=path)
+        for name, path in data.items()
+    }
     union = [e for s in splits.values() for e in s.heldout]
     pooled = [e for s in splits.values() for e in s.train]
     rows: dict[str, dict[str, float]] = {}
@@ -85,8 +111,9 @@ def quality(rounds: int, local_steps: int) -> dict[str, Any]:
         initial = adapter_state(_fresh_model(spec, None).model)
         started = time.perf_counter()
         rows[f"federated {mode}"] = _federated(spec, splits, union, initial)
-        console.log(f"federated {mode}: {rows[f'federated {mode}']} "
-                    f"({time.perf_counter() - started:.0f}s)")
+        console.log(
+            f"federated {mode}: {rows[f'federated {mode}']} ({time.perf_counter() - started:.0f}s)"
+        )
     initial = adapter_state(_fresh_model(base, None).model)
     rows["centralized (pooled)"] = _single(base, pooled, union, initial)
     console.log(f"centralized: {rows['centralized (pooled)']}")
@@ -96,14 +123,21 @@ def quality(rounds: int, local_steps: int) -> dict[str, Any]:
     central = rows["centralized (pooled)"]["accuracy"]
     best_local = max(v["accuracy"] for k, v in rows.items() if k.startswith("local-only"))
     return {
-        "setup": {"rounds": rounds, "local_steps": local_steps, "batch_size": base.batch_size,
-                  "learning_rate": base.learning_rate, "nodes": list(splits),
-                  "heldout_union": len(union), "pooled_train": len(pooled),
-                  "step_budget": "federated: rounds x local_steps per node; centralized and "
-                                 "local-only: rounds x local_steps in one sequence"},
+        "setup": {
+            "rounds": rounds,
+            "local_steps": local_steps,
+            "batch_size": base.batch_size,
+            "learning_rate": base.learning_rate,
+            "nodes": list(splits),
+            "heldout_union": len(union),
+            "pooled_train": len(pooled),
+            "step_budget": "federated: rounds x local_steps per node; centralized and "
+            "local-only: rounds x local_steps in one sequence",
+        },
         "rows": rows,
         "federated_vs_centralized": {
-            mode: rows[f"federated {mode}"]["accuracy"] / central for mode in (MODE_FEDAVG, MODE_FFA)
+            mode: rows[f"federated {mode}"]["accuracy"] / central
+            for mode in (MODE_FEDAVG, MODE_FFA)
         },
         "federated_beats_every_local": {
             mode: rows[f"federated {mode}"]["accuracy"] > best_local
@@ -144,14 +178,18 @@ def _measure(fn: Callable[[], None]) -> tuple[float, int]:
 
 def aggregation_scale(counts: Sequence[int], repeats: int) -> dict[str, Any]:
     """Time and peak traced memory of aggregating N updates of the default adapter size."""
-    spec = RunSpec(job_id="bench", task="sequence-classification", model_path=default_model_dir(),
-                   labels=("a", "b", "c", "d", "e"))
+    spec = RunSpec(
+        job_id="bench",
+        task="sequence-classification",
+        model_path=default_model_dir(),
+        labels=("a", "b", "c", "d", "e"),
+    )
     shapes = {k: tuple(v.shape) for k, v in adapter_state(_fresh_model(spec, None).model).items()}
     params = sum(int(np.prod(s)) for s in shapes.values())
     rows = []
     for count in counts:
-        stream = [_measure(lambda c=count: _streaming(shapes, c)) for _ in range(repeats)]
-        naive = [_measure(lambda c=count: _collect_then_average(shapes, c)) for _ in range(repeats)]
+        stream = [_measure(partial(_streaming, shapes, count)) for _ in range(repeats)]
+        naive = [_measure(partial(_collect_then_average, shapes, count)) for _ in range(repeats)]
         row = {
             "updates": count,
             "streaming_seconds": statistics.median(t for t, _ in stream),
@@ -159,18 +197,29 @@ def aggregation_scale(counts: Sequence[int], repeats: int) -> dict[str, Any]:
             "collect_seconds": statistics.median(t for t, _ in naive),
             "collect_peak_mib": statistics.median(m for _, m in naive) / 2**20,
         }
-        row["peak_ratio_collect_over_streaming"] = row["collect_peak_mib"] / row["streaming_peak_mib"]
+        row["peak_ratio_collect_over_streaming"] = (
+            row["collect_peak_mib"] / row["streaming_peak_mib"]
+        )
         rows.append(row)
         console.log(row)
-    return {"adapter_parameters": params, "adapter_tensors": len(shapes), "repeats": repeats,
-            "rows": rows}
+    return {
+        "adapter_parameters": params,
+        "adapter_tensors": len(shapes),
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def _machine() -> dict[str, Any]:
     import os
 
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "processor": platform.processor()}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "processor": platform.processor(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -190,15 +239,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _print(report: dict[str, Any]) -> None:
-    agg = Table(title=f"Aggregation of N updates ({report['aggregation']['adapter_parameters']:,} "
-                      "parameters each), medians")
-    for col in ("updates", "streaming s", "streaming peak MiB", "collect s", "collect peak MiB",
-                "peak ratio"):
+    agg = Table(
+        title=f"Aggregation of N updates ({report['aggregation']['adapter_parameters']:,} "
+        "parameters each), medians"
+    )
+    for col in (
+        "updates",
+        "streaming s",
+        "streaming peak MiB",
+        "collect s",
+        "collect peak MiB",
+        "peak ratio",
+    ):
         agg.add_column(col, justify="right")
     for r in report["aggregation"]["rows"]:
-        agg.add_row(str(r["updates"]), f"{r['streaming_seconds']:.3f}",
-                    f"{r['streaming_peak_mib']:.2f}", f"{r['collect_seconds']:.3f}",
-                    f"{r['collect_peak_mib']:.2f}", f"{r['peak_ratio_collect_over_streaming']:.1f}x")
+        agg.add_row(
+            str(r["updates"]),
+            f"{r['streaming_seconds']:.3f}",
+            f"{r['streaming_peak_mib']:.2f}",
+            f"{r['collect_seconds']:.3f}",
+            f"{r['collect_peak_mib']:.2f}",
+            f"{r['peak_ratio_collect_over_streaming']:.1f}x",
+        )
     console.print(agg)
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
@@ -208,9 +270,12 @@ def _print(report: dict[str, Any]) -> None:
         for name, m in report["quality"]["rows"].items():
             q.add_row(name, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}")
         console.print(q)
-        console.print(f"federated / centralized accuracy: {report['quality']['federated_vs_centralized']}")
-        console.print(f"federated beats every local-only: "
-                      f"{report['quality']['federated_beats_every_local']}")
+        console.print(
+            f"federated / centralized accuracy: {report['quality']['federated_vs_centralized']}"
+        )
+        console.print(
+            f"federated beats every local-only: {report['quality']['federated_beats_every_local']}"
+        )
 
 
 if __name__ == "__main__":

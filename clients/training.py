@@ -11,9 +11,17 @@ import torch
 
 from clients.data import Example
 from sandbox.config import TASK_CLASSIFICATION, RunSpec
+from sandbox.errors import ConfigError
 
 IGNORE_INDEX = -100
 EVAL_BATCH = 64
+
+
+def _truncated(spec: RunSpec) -> ConfigError:
+    return ConfigError(
+        f"max-length {spec.max_length} truncates every completion away; raise it",
+        key="max-length",
+    )
 
 
 @dataclass(frozen=True)
@@ -88,12 +96,16 @@ def train_local(
             order += torch.randperm(len(examples), generator=generator).tolist()
         picked, order = order[: spec.batch_size], order[spec.batch_size :]
         batch = encode([examples[i] for i in picked], tokenizer, spec)
+        if not (batch.labels != IGNORE_INDEX).any():
+            continue  # every completion in this batch was truncated away: nothing to learn
         out = model(**batch.inputs, labels=batch.labels)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
         losses.append(float(out.loss.detach()))
     model.eval()
+    if not losses:
+        raise _truncated(spec)
     return sum(losses) / len(losses)
 
 
@@ -143,5 +155,7 @@ def evaluate(
         )
         total_loss += float(loss)
         total_tokens += int((targets != IGNORE_INDEX).sum())
-    mean = total_loss / max(total_tokens, 1)
+    if total_tokens == 0:
+        raise _truncated(spec)
+    mean = total_loss / total_tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}

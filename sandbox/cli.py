@@ -29,7 +29,7 @@ from sandbox.config import (
 from sandbox.errors import ArkError, FederationError
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app = typer.Typer(
     help="Ark Sandbox: privacy-preserving federated LoRA fine-tuning.",
@@ -142,6 +142,11 @@ def demo(
         root.mkdir(parents=True, exist_ok=True)
         job_id = time.strftime("demo-%Y%m%d-%H%M%S")
         sources = _collect_data(data_dir, nodes, root / "generated-data")
+        labels: tuple[str, ...] = ()
+        if task == TASK_CLASSIFICATION:
+            labels = tuple(derive_labels(list(sources.values())))
+        for source in sources.values():
+            load_examples(source, task, labels=labels or None)
         node_files: dict[str, Path] = {}
         for name, source in sources.items():
             node_dir = root / "nodes" / name
@@ -156,13 +161,6 @@ def demo(
             )
             (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
             node_files[name] = node_dir / "node.toml"
-        labels: tuple[str, ...] = ()
-        if task == TASK_CLASSIFICATION:
-            labels = tuple(
-                derive_labels([NodeConfig.load(f).data_path for f in node_files.values()])
-            )
-        for f in node_files.values():
-            load_examples(NodeConfig.load(f).data_path, task, labels=labels or None)
         out_dir = root / "provider" / "jobs" / job_id
         out_dir.mkdir(parents=True, exist_ok=True)
         spec = RunSpec(

@@ -54,10 +54,14 @@ def build_peft_model(base: Any, spec: LoraSpec, *, task: str, model_type: str, m
         lora_dropout=spec.dropout,
         target_modules=list(target_modules(spec, model_type)),
     )
+    targets = target_modules(spec, model_type)
     try:
         model = get_peft_model(base, config)
     except ValueError as exc:
-        raise ConfigError(str(exc), key="lora-target-modules") from exc
+        raise ConfigError(
+            f"LoRA targets {list(targets)} do not fit this {model_type} model: {exc}",
+            key="lora-target-modules",
+        ) from exc
     if mode == MODE_FFA:
         for name, param in model.named_parameters():
             if "lora_A" in name:
@@ -82,11 +86,14 @@ def load_adapter_state(model: Any, adapter: Mapping[str, np.ndarray]) -> None:
     """Load a full adapter into ``model``; every adapter tensor must be present."""
     from peft import set_peft_model_state_dict
 
-    expected = set(adapter_state(model))
-    missing = sorted(expected - set(adapter))
-    extra = sorted(set(adapter) - expected)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(adapter))
+    extra = sorted(set(adapter) - set(expected))
     if missing or extra:
         raise ValueError(f"adapter does not fit the model: missing {missing}, extra {extra}")
+    misshapen = [n for n, a in adapter.items() if tuple(a.shape) != expected[n].shape]
+    if misshapen:
+        raise ValueError(f"adapter tensors have the wrong shape: {misshapen[:3]}")
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in adapter.items()}
     set_peft_model_state_dict(model, tensors)
 

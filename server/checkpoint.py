@@ -61,6 +61,8 @@ class CheckpointStore:
         path = self.adapter_path(state.round)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
         document = {
             "format": STATE_FORMAT,
@@ -95,11 +97,14 @@ class CheckpointStore:
             raise CheckpointError(f"{state_file}: adapter file {adapter_file.name!r} is missing")
         if _sha256(adapter_file) != document.get("adapter_sha256"):
             raise CheckpointError(f"{adapter_file}: digest does not match {state_file}")
-        state = JobState(
-            fingerprint=fingerprint,
-            round=int(document["round"]),
-            history=dict(document.get("history", {})),
-            dropped=[int(n) for n in document.get("dropped", [])],
-            finished=bool(document.get("finished", False)),
-        )
+        try:
+            state = JobState(
+                fingerprint=fingerprint,
+                round=int(document["round"]),
+                history=dict(document.get("history", {})),
+                dropped=[int(n) for n in document.get("dropped", [])],
+                finished=bool(document.get("finished", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{state_file}: malformed checkpoint state: {exc!r}") from exc
         return state, load_file(str(adapter_file))

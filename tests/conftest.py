@@ -19,13 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402  (after the offline switches, which transformers reads on import)
-import transformers  # noqa: E402
+# Imported after the offline switches: huggingface_hub reads them at import time.
+import torch
+import transformers
 
-from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec  # noqa: E402
-from sandbox.models import default_model_dir  # noqa: E402
+from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
+from sandbox.models import default_model_dir
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 VOCAB_SIZE = 30522  # the embedded model's BERT WordPiece vocabulary
 TINY_LABELS = ("a", "b", "c")
 

@@ -55,11 +55,14 @@ def test_weighted_mean_matches_numpy_reference_and_keeps_dtype() -> None:
 
 
 def test_each_tensor_keeps_its_own_dtype() -> None:
-    update = {
+    update: Update = {
         "a": np.array([1.0, 2.0], dtype=np.float32),
         "h": np.array([3.0, 5.0], dtype=np.float16),
     }
-    other = {"a": np.array([3.0, 4.0], dtype=np.float32), "h": np.array([1.0, 1.0], np.float16)}
+    other: Update = {
+        "a": np.array([3.0, 4.0], dtype=np.float32),
+        "h": np.array([1.0, 1.0], np.float16),
+    }
     result = _aggregate([update, other], [1.0, 3.0])
     assert result["a"].dtype == np.float32
     assert result["h"].dtype == np.float16
@@ -183,9 +186,23 @@ def test_ffa_freezes_lora_a_and_trains_b_and_classifier(ffa_model: Any) -> None:
     lora_a = [n for n in params if "lora_A" in n]
     lora_b = [n for n in params if "lora_B" in n]
     head = [n for n in params if "classifier.modules_to_save" in n]
-    assert lora_a and lora_b and head
+    assert lora_a
+    assert lora_b
+    assert head
     assert not any(params[n].requires_grad for n in lora_a)
     assert all(params[n].requires_grad for n in lora_b + head)
+
+
+def _mean_of_products(
+    weights: list[float], bs: list[np.ndarray], as_: list[np.ndarray]
+) -> np.ndarray:
+    """Weighted mean of the per-node LoRA deltas B_i·A_i, in float64."""
+    products = [
+        w * (b.astype(np.float64) @ a.astype(np.float64))
+        for w, b, a in zip(weights, bs, as_, strict=True)
+    ]
+    total: np.ndarray = np.sum(products, axis=0)
+    return total / sum(weights)
 
 
 def test_ffa_mean_of_b_times_shared_a_is_exact(ffa_model: Any) -> None:
@@ -199,21 +216,15 @@ def test_ffa_mean_of_b_times_shared_a_is_exact(ffa_model: Any) -> None:
     bs = [rng.normal(size=(width, rank)).astype(np.float32) for _ in weights]
 
     mean_b = _aggregate([{"B": b} for b in bs], weights)["B"].astype(np.float64)
-    exact = sum(w * (b.astype(np.float64) @ shared_a) for w, b in zip(weights, bs, strict=True))
-    exact = exact / sum(weights)
+    exact = _mean_of_products(weights, bs, [shared_a] * len(bs))
     np.testing.assert_allclose(mean_b @ shared_a, exact, rtol=1e-5, atol=1e-6)
 
     # FedAvg averages A too; with a different A per node the product of means is not
     # the mean of products, which is the error FFA exists to remove.
     as_ = [rng.normal(size=(rank, width)).astype(np.float32) for _ in weights]
-    means = _aggregate(
-        [{"A": a, "B": b} for a, b in zip(as_, bs, strict=True)], weights
-    )
+    means = _aggregate([{"A": a, "B": b} for a, b in zip(as_, bs, strict=True)], weights)
     fedavg = means["B"].astype(np.float64) @ means["A"].astype(np.float64)
-    ideal = sum(
-        w * (b.astype(np.float64) @ a.astype(np.float64))
-        for w, a, b in zip(weights, as_, bs, strict=True)
-    ) / sum(weights)
+    ideal = _mean_of_products(weights, bs, as_)
     assert not np.allclose(fedavg, ideal, rtol=1e-2, atol=1e-3)
 
 
@@ -237,7 +248,9 @@ def test_is_trained_agrees_with_the_frozen_parameters(tiny_bert_dir: Path, mode:
     lora_a = {n for n in adapter if ".lora_A." in n}
     lora_b = {n for n in adapter if ".lora_B." in n}
     head = {n for n in adapter if ".classifier." in n}
-    assert lora_a and lora_b and head
+    assert lora_a
+    assert lora_b
+    assert head
     assert lora_b | head <= trained
     if mode == MODE_FFA:
         assert trained == set(adapter) - lora_a

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from clients.data import (
-    TASK_CAUSAL_LM,
-    TASK_CLASSIFICATION,
     Example,
     derive_labels,
     load_examples,
     split_examples,
 )
+from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION
 from sandbox.demo_data import (
     DEMO_LABELS,
     DEMO_NODES,
