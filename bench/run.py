@@ -97,7 +97,6 @@ def quality(rounds: int, local_steps: int) -> dict[str, Any]:
         labels=labels,
         num_rounds=rounds,
         local_steps=local_steps,
-        learning_rate=3e-3,
     )
     splits = {
         name: split_examples(load_examples(path, base.task, labels=labels), source=path)
@@ -224,8 +223,8 @@ def _machine() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=RunSpec.num_rounds)
+    parser.add_argument("--local-steps", type=int, default=RunSpec.local_steps)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args(argv)

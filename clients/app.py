@@ -67,6 +67,17 @@ def _setup(msg: Message, context: Context) -> tuple[RunSpec, NodeConfig, Split, 
     return spec, node, split, loaded
 
 
+def _timings(started: float) -> dict[str, float]:
+    """Seconds from process start (Flower starts one ClientApp process per message)."""
+    import psutil
+
+    return {
+        "process_start": psutil.Process().create_time(),
+        "handler_start": started,
+        "handler_end": time.time(),
+    }
+
+
 def _journal(node: NodeConfig, context: Context, entry: dict[str, Any]) -> None:
     """Append what this node sent to its own journal (the auditor cross-checks it later)."""
     if node.journal_path is None:
@@ -90,6 +101,7 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Evaluate the incoming global adapter, train locally, evaluate again, reply."""
+    started = time.time()
     spec, node, split, loaded = _setup(msg, context)
     server_round = round_of(msg.content)
     before = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
@@ -112,7 +124,13 @@ def train(msg: Message, context: Context) -> Message:
     _journal(
         node,
         context,
-        {"kind": "train", "round": server_round, "metrics": metrics, "tensors": sorted(update)},
+        {
+            "kind": "train",
+            "round": server_round,
+            "metrics": metrics,
+            "tensors": sorted(update),
+            "timings": _timings(started),
+        },
     )
     content = RecordDict({UPDATE_KEY: to_record(update), METRICS_KEY: metric_record(metrics)})
     return Message(content, reply_to=msg)
@@ -121,9 +139,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the final global adapter on the local held-out split."""
+    started = time.time()
     spec, node, split, loaded = _setup(msg, context)
     server_round = round_of(msg.content)
     result = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
     metrics = {NUM_EXAMPLES: float(len(split.heldout)), **_prefixed("before", result)}
-    _journal(node, context, {"kind": "evaluate", "round": server_round, "metrics": metrics})
+    _journal(
+        node,
+        context,
+        {
+            "kind": "evaluate",
+            "round": server_round,
+            "metrics": metrics,
+            "timings": _timings(started),
+        },
+    )
     return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)

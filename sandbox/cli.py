@@ -109,12 +109,14 @@ def demo(
         Path | None, typer.Option(help="Workspace to keep (default: a temp dir).")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Directory of <node>.jsonl files.")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = RunSpec.num_rounds,
     nodes: Annotated[int, typer.Option(help="Number of enterprise nodes.")] = 3,
     model: Annotated[Path | None, typer.Option(help="Base model dir (default: MiniLM).")] = None,
     task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
     mode: Annotated[str, typer.Option(help=f"Aggregation: {', '.join(MODES)}.")] = "fedavg",
-    local_steps: Annotated[int, typer.Option(min=1, help="Local steps per round.")] = 12,
+    local_steps: Annotated[
+        int, typer.Option(min=1, help="Local steps per round.")
+    ] = RunSpec.local_steps,
     port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for nodes.")] = 300.0,
 ) -> None:
@@ -173,7 +175,6 @@ def demo(
             min_nodes=MIN_FEDERATED_NODES,
             round_timeout=round_timeout,
             local_steps=local_steps,
-            learning_rate=3e-3,
             output_dir=out_dir,
         )
         run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())

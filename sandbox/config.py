@@ -95,13 +95,13 @@ class RunSpec:
     task: str
     model_path: Path
     labels: tuple[str, ...]
-    num_rounds: int = 3
+    num_rounds: int = 2
     mode: str = MODE_FEDAVG
     min_nodes: int = MIN_FEDERATED_NODES
     round_timeout: float = 180.0
-    local_steps: int = 20
+    local_steps: int = 12
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     max_length: int = 64
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 42
@@ -138,13 +138,13 @@ class RunSpec:
             task=task,
             model_path=Path(model_path),
             labels=labels,
-            num_rounds=read.integer("num-rounds", 3, minimum=1),
+            num_rounds=read.integer("num-rounds", 2, minimum=1),
             mode=read.choice("mode", MODES, MODE_FEDAVG),
             min_nodes=read.integer("min-nodes", MIN_FEDERATED_NODES, minimum=1),
             round_timeout=read.number("round-timeout", 180.0, low=1.0),
-            local_steps=read.integer("local-steps", 20, minimum=1),
+            local_steps=read.integer("local-steps", 12, minimum=1),
             batch_size=read.integer("batch-size", 16, minimum=1),
-            learning_rate=read.number("learning-rate", 1e-3, low=1e-8, high=1.0),
+            learning_rate=read.number("learning-rate", 1e-2, low=1e-8, high=1.0),
             max_length=read.integer("max-length", 64, minimum=8),
             lora=lora,
             seed=read.integer("seed", 42, minimum=0),
