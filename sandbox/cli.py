@@ -279,11 +279,7 @@ def show_results(job_dir: Path) -> None:
     """Print the before/after table of a finished job directory."""
     from server.results import RESULTS_FILE, render_table
 
-    path = job_dir / RESULTS_FILE
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise _fail(ArkError(f"{path}: {exc}")) from exc
+    results = _read_json(job_dir / RESULTS_FILE)
     console.print(render_table(results, results.get("node_names")))
 
 
@@ -309,25 +305,33 @@ def check_data(
 
 @audit_app.command("checkpoints")
 def audit_checkpoints(job_dir: Path) -> None:
-    """Verify every round checkpoint of a job against the digests in its state."""
+    """Verify a job's latest round checkpoint against the digest recorded in its state."""
     from server.checkpoint import STATE_FILE, CheckpointStore
 
     store = CheckpointStore(job_dir / "checkpoints")
-    state_file = store.directory / STATE_FILE
+    document = _read_json(store.directory / STATE_FILE)
     try:
-        document = json.loads(state_file.read_text(encoding="utf-8"))
         loaded = store.load(str(document.get("fingerprint", "")))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise _fail(ArkError(f"{state_file}: {exc}")) from exc
     except ArkError as exc:
         raise _fail(exc) from exc
     if loaded is None:
-        raise _fail(ArkError(f"{state_file}: no checkpoint state"))
+        raise _fail(ArkError(f"{store.directory}: no checkpoint state"))
     state, adapter = loaded
     console.print(
         f"ok: round {state.round} adapter ({len(adapter)} tensors) matches its digest; "
         f"finished={state.finished}"
     )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or exit with an error naming the file."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(ArkError(f"{path}: {exc}")) from exc
+    if not isinstance(document, dict):
+        raise _fail(ArkError(f"{path}: expected a JSON object"))
+    return document
 
 
 def main() -> None:

@@ -50,13 +50,14 @@ def _provider_model(spec: RunSpec) -> Any:
     )
 
 
-def _message(
-    grid: Grid, node_id: int, kind: str, adapter: dict[str, np.ndarray], rnd: int
-) -> Message:
+def _messages(
+    nodes: list[int], kind: str, adapter: dict[str, np.ndarray], rnd: int
+) -> list[Message]:
+    """One instruction per node, all sharing one content (Flower dedups its objects)."""
     content = RecordDict(
         {GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd})}
     )
-    return Message(content, node_id, kind, group_id=str(rnd))
+    return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
 
 
 def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, float], float]:
@@ -128,7 +129,7 @@ class FederatedJob:
         previous = rounds.setdefault(str(rnd - 1), {})
         current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
         call = RoundCall(self.grid, self.spec.round_timeout)
-        messages = [_message(self.grid, n, MessageType.TRAIN, adapter, rnd) for n in nodes]
+        messages = _messages(nodes, MessageType.TRAIN, adapter, rnd)
         for node_id, reply in call.replies(messages):
             key = str(node_id)
             if reply.has_error():
@@ -191,7 +192,7 @@ class FederatedJob:
         log(INFO, "[ark] final evaluation of round-%d adapter on %d nodes", rnd, len(nodes))
         entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
         call = RoundCall(self.grid, self.spec.round_timeout)
-        messages = [_message(self.grid, n, MessageType.EVALUATE, adapter, rnd) for n in nodes]
+        messages = _messages(nodes, MessageType.EVALUATE, adapter, rnd)
         for node_id, reply in call.replies(messages):
             if reply.has_error():
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)

@@ -140,3 +140,29 @@ def test_node_config_round_trip(tmp_path: Path) -> None:
     path.write_text(config.to_toml())
     loaded = NodeConfig.load(path)
     assert loaded == NodeConfig(**{**config.__dict__, "source": path})
+
+
+def test_audit_checkpoints_detects_a_tampered_adapter(tmp_path: Path) -> None:
+    import numpy as np
+
+    from server.checkpoint import CheckpointStore, JobState
+
+    store = CheckpointStore(tmp_path / "job" / "checkpoints")
+    store.save(JobState(fingerprint="f" * 64, round=1), {"w": np.ones((2, 2), dtype=np.float32)})
+    result = runner.invoke(app, ["audit", "checkpoints", str(tmp_path / "job")])
+    assert result.exit_code == 0, result.output
+    assert "round 1 adapter (1 tensors) matches its digest" in result.output
+
+    adapter = store.adapter_path(1)
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    result = runner.invoke(app, ["audit", "checkpoints", str(tmp_path / "job")])
+    assert result.exit_code == 2
+    assert "digest does not match" in result.output
+
+
+def test_provider_results_names_a_missing_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["provider", "results", str(tmp_path)])
+    assert result.exit_code == 2
+    assert str(tmp_path / "results.json") in result.output

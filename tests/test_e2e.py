@@ -207,3 +207,46 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
         assert str(round1_trains[0]["run_id"]) == str(first_run)
         resumed = [e for e in journal if str(e["run_id"]) == str(second_run)]
         assert [(e["kind"], e["round"]) for e in resumed] == [("train", 2), ("evaluate", 2)]
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    ark = Path(sys.executable).parent / "ark"
+    workdir = tmp_path / "ws"
+    demo = subprocess.Popen(
+        [
+            str(ark),
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--model",
+            str(tiny_bert_dir),
+            "--nodes",
+            "2",
+            "--rounds",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while len(list((workdir / "logs").glob("supernode-*.log"))) < 2 or len(seen) < 4:
+            assert demo.poll() is None, demo.stdout.read() if demo.stdout else ""
+            assert time.monotonic() < deadline, "the demo never started its federation"
+            for child in psutil.Process(demo.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+            time.sleep(0.2)
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, output
+    assert b"interrupted" in output
+    alive = [p.pid for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes left behind after Ctrl-C: {alive}"
