@@ -34,7 +34,7 @@ from sandbox.models import default_model_dir
 from server.aggregation import StreamingAggregator, spec_of
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-console = Console(width=110)
+console = Console(width=120)
 
 
 def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> Any:
@@ -212,12 +212,21 @@ def aggregation_scale(counts: Sequence[int], repeats: int) -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import os
 
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cpu": cpu,
         "torch": torch.__version__,
-        "processor": platform.processor(),
     }
 
 

@@ -77,11 +77,11 @@ def _project_root() -> Path:
     return root
 
 
-def _collect_data(data_dir: Path | None, nodes: int, scratch: Path) -> dict[str, Path]:
+def _collect_data(data_dir: Path | None, nodes: int, scratch: Path, task: str) -> dict[str, Path]:
     from sandbox.demo_data import write_demo_data
 
     if data_dir is None:
-        return write_demo_data(scratch, nodes)
+        return write_demo_data(scratch, nodes, task=task)
     if not data_dir.is_dir():
         raise ArkError(f"{data_dir}: --data-dir is not a directory")
     files = sorted(p for p in data_dir.iterdir() if p.suffix in (".jsonl", ".csv"))
@@ -143,7 +143,7 @@ def demo(
         root = (workdir or temp or Path()).resolve()
         root.mkdir(parents=True, exist_ok=True)
         job_id = time.strftime("demo-%Y%m%d-%H%M%S")
-        sources = _collect_data(data_dir, nodes, root / "generated-data")
+        sources = _collect_data(data_dir, nodes, root / "generated-data", task)
         labels: tuple[str, ...] = ()
         if task == TASK_CLASSIFICATION:
             labels = tuple(derive_labels(list(sources.values())))
@@ -194,17 +194,21 @@ def demo(
             console.print(f"SuperNodes up: {', '.join(node_files)}")
             run_id = fed.submit(_project_root(), run_config)
             console.print(f"run {run_id} submitted")
-            with console.status("waiting for round 1") as status:
+            reported = {"round": -1}
+            with console.status("ServerApp starting") as status:
 
                 def tick() -> None:
                     state = out_dir / "checkpoints" / "state.json"
-                    if state.exists():
-                        done = json.loads(state.read_text(encoding="utf-8"))["round"]
-                        phase = "final evaluation" if done >= rounds else f"round {done + 1}"
-                        status.update(
-                            f"{done}/{rounds} rounds done · {phase} running · "
-                            f"{time.monotonic() - started:.0f}s"
-                        )
+                    if not state.exists():
+                        return
+                    done = int(json.loads(state.read_text(encoding="utf-8"))["round"])
+                    elapsed = time.monotonic() - started
+                    if done != reported["round"]:
+                        reported["round"] = done
+                        what = "initial adapter ready" if done == 0 else "aggregated"
+                        console.print(f"round {done}/{rounds} {what} · {elapsed:.0f}s")
+                    phase = "final evaluation" if done >= rounds else f"round {done + 1}"
+                    status.update(f"{phase} running on the nodes · {elapsed:.0f}s")
 
                 outcome = fed.wait(run_id, timeout=DEMO_TIMEOUT, on_tick=tick)
             if not outcome.ok:

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION
 from sandbox.errors import ConfigError
 
 DEMO_LABELS: tuple[str, ...] = (
@@ -280,14 +281,29 @@ def generate_node_rows(node: str, n_rows: int, *, seed: int) -> list[dict[str, s
     return [{"text": _ticket(rng, region, label), "label": label} for label in labels]
 
 
+def as_completion(row: dict[str, str]) -> dict[str, str]:
+    """The causal-LM form of a ticket: the model completes the ticket's category."""
+    return {"prompt": f"Ticket: {row['text']}\nCategory:", "completion": row["label"]}
+
+
 def write_demo_data(
-    out_dir: Path, n_nodes: int = 3, *, rows_per_node: int = 240, seed: int = 7
+    out_dir: Path,
+    n_nodes: int = 3,
+    *,
+    rows_per_node: int = 240,
+    seed: int = 7,
+    task: str = TASK_CLASSIFICATION,
 ) -> dict[str, Path]:
-    """Write ``<node>.jsonl`` for each demo node into ``out_dir``; return node name -> path."""
+    """Write ``<node>.jsonl`` for each demo node into ``out_dir``; return node name -> path.
+
+    Rows are ``text,label`` for classification and ``prompt,completion`` for causal LM.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for node in node_names(n_nodes):
         rows = generate_node_rows(node, rows_per_node, seed=seed)
+        if task == TASK_CAUSAL_LM:
+            rows = [as_completion(row) for row in rows]
         path = out_dir / f"{node}.jsonl"
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         path.write_text(text, encoding="utf-8", newline="\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from sandbox.config import NodeConfig, RunSpec
+from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.federation import Federation, server_app_pids, write_run_config
 
@@ -23,8 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
-def _nodes(tmp_path: Path, count: int) -> dict[str, Path]:
-    data = write_demo_data(tmp_path / "data", count, rows_per_node=40, seed=3)
+def _nodes(tmp_path: Path, count: int, task: str = TASK_CLASSIFICATION) -> dict[str, Path]:
+    data = write_demo_data(tmp_path / "data", count, rows_per_node=40, seed=3, task=task)
     configs = {}
     for name, path in data.items():
         node_dir = tmp_path / "nodes" / name
@@ -250,3 +251,28 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
     assert b"interrupted" in output
     alive = [p.pid for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
+
+
+def test_causal_lm_round_on_a_tiny_llama(
+    tmp_path: Path, tiny_llama_dir: Path, federation: Federation
+) -> None:
+    configs = _nodes(tmp_path, 2, task=TASK_CAUSAL_LM)
+    spec = _spec(
+        tmp_path, tiny_llama_dir, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
+    )
+    federation.start_superlink()
+    for name, config in configs.items():
+        federation.start_supernode(name, config)
+    run_id = federation.submit(
+        APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config())
+    )
+    outcome = federation.wait(run_id, timeout=600)
+    assert outcome.ok, outcome.details
+    assert spec.output_dir is not None
+    results = json.loads((spec.output_dir / "results.json").read_text(encoding="utf-8"))
+    assert results["metrics"] == ["perplexity", "loss"]
+    for entry in results["rounds"]:
+        assert len(entry["nodes"]) == 2
+        for metrics in entry["nodes"].values():
+            assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
+    assert (spec.output_dir / "adapter" / "adapter_config.json").is_file()
