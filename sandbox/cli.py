@@ -11,9 +11,11 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +29,9 @@ from sandbox.config import (
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
+
+if TYPE_CHECKING:
+    from sandbox.federation import Federation
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,7 +52,7 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(node_app, name="node")
 app.add_typer(audit_app, name="audit")
 
-DEMO_TIMEOUT = 1200.0
+DEMO_START_SECONDS = 300.0
 
 
 def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
@@ -55,13 +60,18 @@ def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _raise_on_sigterm() -> None:
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so cleanup runs the same way as for Ctrl-C."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _project_root() -> Path:
@@ -118,117 +128,38 @@ def demo(
         int, typer.Option(min=1, help="Local steps per round.")
     ] = RunSpec.local_steps,
     port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
-    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for nodes.")] = 300.0,
+    round_timeout: Annotated[
+        float, typer.Option(min=1.0, help="Seconds a round waits for nodes.")
+    ] = 300.0,
 ) -> None:
     """Run the whole federated LoRA job on real Flower processes on loopback."""
-    from clients.data import derive_labels, load_examples
-    from sandbox.federation import Federation, check_port_free, write_run_config
-    from sandbox.models import default_model_dir, inspect_model_dir
-    from server.results import RESULTS_FILE, plot_metrics, render_table
+    from sandbox.federation import Federation
 
-    _raise_on_sigterm()
     started = time.monotonic()
-    temp: Path | None = None
+    temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="ark-demo-"))
+    root = (workdir or temp or Path()).resolve()
+    fed = Federation(root, port=port)
     try:
-        if nodes < MIN_FEDERATED_NODES:
-            raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
-        if task not in TASKS or mode not in MODES:
-            raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
-        if port is not None:
-            check_port_free(port)
-        model_dir = (model or default_model_dir()).resolve()
-        info = inspect_model_dir(model_dir, task)
-        if workdir is None:
-            temp = Path(tempfile.mkdtemp(prefix="ark-demo-"))
-        root = (workdir or temp or Path()).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        job_id = time.strftime("demo-%Y%m%d-%H%M%S")
-        sources = _collect_data(data_dir, nodes, root / "generated-data", task)
-        labels: tuple[str, ...] = ()
-        if task == TASK_CLASSIFICATION:
-            labels = tuple(derive_labels(list(sources.values())))
-        for source in sources.values():
-            load_examples(source, task, labels=labels or None)
-        node_files: dict[str, Path] = {}
-        for name, source in sources.items():
-            node_dir = root / "nodes" / name
-            node_dir.mkdir(parents=True, exist_ok=True)
-            private = node_dir / f"private{source.suffix}"
-            shutil.copyfile(source, private)
-            config = NodeConfig(
-                name=name,
-                data_path=private,
-                threads=1,
-                journal_path=node_dir / "journal.jsonl",
+        with _sigterm_as_interrupt():
+            spec, node_files = _prepare_demo(
+                root, data_dir, nodes, model, task, mode, rounds, local_steps, port, round_timeout
             )
-            (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
-            node_files[name] = node_dir / "node.toml"
-        out_dir = root / "provider" / "jobs" / job_id
-        out_dir.mkdir(parents=True, exist_ok=True)
-        spec = RunSpec(
-            job_id=job_id,
-            task=task,
-            model_path=info.path,
-            labels=labels,
-            num_rounds=rounds,
-            mode=mode,
-            min_nodes=MIN_FEDERATED_NODES,
-            round_timeout=round_timeout,
-            local_steps=local_steps,
-            output_dir=out_dir,
-        )
-        run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
-        console.print(
-            f"[bold]Ark Sandbox demo[/] · {len(node_files)} nodes · {rounds} rounds · "
-            f"{mode} · model {info.model_type} at {info.path}"
-        )
-        console.print(f"workspace: {root}")
-        with Federation(root, port=port) as fed:
-            fed.start_superlink()
+            results = _run_demo(fed, spec, node_files, started)
+        _print_verdict(results, time.monotonic() - started)
+        if temp is None:
+            assert spec.output_dir is not None  # set by _prepare_demo
             console.print(
-                f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database "
-                f"{fed.provider_home / 'superlink.db'})"
+                f"results: {spec.output_dir / 'results.json'}\n"
+                f"plot:    {spec.output_dir / 'metrics.png'}\n"
+                f"adapter: {spec.output_dir / 'adapter'} (stock PEFT format)"
             )
-            for name, config_file in node_files.items():
-                fed.start_supernode(name, config_file)
-            console.print(f"SuperNodes up: {', '.join(node_files)}")
-            run_id = fed.submit(_project_root(), run_config)
-            console.print(f"run {run_id} submitted")
-            reported = {"round": -1}
-            with console.status("ServerApp starting") as status:
-
-                def tick() -> None:
-                    state = out_dir / "checkpoints" / "state.json"
-                    if not state.exists():
-                        return
-                    done = int(json.loads(state.read_text(encoding="utf-8"))["round"])
-                    elapsed = time.monotonic() - started
-                    if done != reported["round"]:
-                        reported["round"] = done
-                        what = "initial adapter ready" if done == 0 else "aggregated"
-                        console.print(f"round {done}/{rounds} {what} · {elapsed:.0f}s")
-                    phase = "final evaluation" if done >= rounds else f"round {done + 1}"
-                    status.update(f"{phase} running on the nodes · {elapsed:.0f}s")
-
-                outcome = fed.wait(run_id, timeout=DEMO_TIMEOUT, on_tick=tick)
-            if not outcome.ok:
-                raise FederationError(f"run {run_id} ended {outcome.status}: {outcome.details}")
-            leftovers = fed.stop()
-        if leftovers:
-            err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
-        results: dict[str, Any] = json.loads((out_dir / RESULTS_FILE).read_text(encoding="utf-8"))
-        names = _node_names([f.parent / "journal.jsonl" for f in node_files.values()])
-        results["node_names"] = names
-        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-        plot_metrics(results, out_dir / "metrics.png", names)
-        console.print(render_table(results, names))
-        _print_verdict(results, names, time.monotonic() - started)
-        console.print(
-            f"results: {out_dir / RESULTS_FILE}\nplot:    {out_dir / 'metrics.png'}\n"
-            f"adapter: {out_dir / 'adapter'} (stock PEFT format)"
-        )
+        else:
+            console.print("temporary workspace removed; pass --workdir DIR to keep the outputs")
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted:[/] every process the demo started was stopped")
+        if fed.leftovers:
+            err_console.print(f"[red]interrupted:[/] processes still alive: {fed.leftovers}")
+        else:
+            err_console.print("[yellow]interrupted:[/] every process the demo started was stopped")
         raise typer.Exit(130) from None
     except ArkError as exc:
         raise _fail(exc) from exc
@@ -237,7 +168,142 @@ def demo(
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _print_verdict(results: dict[str, Any], names: dict[str, str], elapsed: float) -> None:
+def _prepare_demo(
+    root: Path,
+    data_dir: Path | None,
+    nodes: int,
+    model: Path | None,
+    task: str,
+    mode: str,
+    rounds: int,
+    local_steps: int,
+    port: int | None,
+    round_timeout: float,
+) -> tuple[RunSpec, dict[str, Path]]:
+    """Validate every input, then lay out node workspaces and the run config."""
+    from clients.data import derive_labels, load_examples
+    from sandbox.federation import check_port_free
+    from sandbox.lora import target_modules
+    from sandbox.models import default_model_dir, inspect_model_dir
+
+    if nodes < MIN_FEDERATED_NODES:
+        raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
+    if task not in TASKS or mode not in MODES:
+        raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
+    if port is not None:
+        check_port_free(port)
+    info = inspect_model_dir((model or default_model_dir()).resolve(), task)
+    root.mkdir(parents=True, exist_ok=True)
+    sources = _collect_data(data_dir, nodes, root / "generated-data", task)
+    labels: tuple[str, ...] = ()
+    if task == TASK_CLASSIFICATION:
+        labels = tuple(derive_labels(list(sources.values())))
+    for source in sources.values():
+        load_examples(source, task, labels=labels or None)
+    job_id = time.strftime("demo-%Y%m%d-%H%M%S")
+    spec = RunSpec(
+        job_id=job_id,
+        task=task,
+        model_path=info.path,
+        labels=labels,
+        num_rounds=rounds,
+        mode=mode,
+        min_nodes=MIN_FEDERATED_NODES,
+        expected_nodes=len(sources),
+        round_timeout=round_timeout,
+        local_steps=local_steps,
+        output_dir=root / "provider" / "jobs" / job_id,
+    )
+    # The apps read the run config back through the same validation; fail here, not there.
+    RunSpec.from_run_config(spec.to_run_config())
+    target_modules(spec.lora, info.model_type)
+    node_files: dict[str, Path] = {}
+    for name, source in sources.items():
+        node_dir = root / "nodes" / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        private = node_dir / f"private{source.suffix}"
+        shutil.copyfile(source, private)
+        config = NodeConfig(
+            name=name, data_path=private, threads=1, journal_path=node_dir / "journal.jsonl"
+        )
+        (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
+        node_files[name] = node_dir / "node.toml"
+    console.print(
+        f"[bold]Ark Sandbox demo[/] · {len(node_files)} nodes · {rounds} rounds · "
+        f"{mode} · model {info.model_type} at {info.path}"
+    )
+    console.print(f"workspace: {root}")
+    return spec, node_files
+
+
+def _run_demo(
+    fed: Federation, spec: RunSpec, node_files: dict[str, Path], started: float
+) -> dict[str, Any]:
+    """Start the federation, run the job, stop everything; return the named results."""
+    from sandbox.federation import write_run_config
+    from server.results import RESULTS_FILE, plot_metrics, render_table
+
+    assert spec.output_dir is not None  # set by _prepare_demo
+    out_dir = spec.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
+    # A demo starts from a clean SuperLink state: no runs left pending by an earlier one.
+    for stale in fed.database.parent.glob(f"{fed.database.name}*"):
+        stale.unlink()
+    with fed:
+        fed.start_superlink()
+        console.print(f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database {fed.database})")
+        for name, config_file in node_files.items():
+            fed.start_supernode(name, config_file)
+        console.print(f"SuperNodes up: {', '.join(node_files)}")
+        run_id = fed.submit(_project_root(), run_config)
+        console.print(f"run {run_id} submitted")
+        progress = _Progress(out_dir, spec.num_rounds, started)
+        with console.status("ServerApp starting") as status:
+            progress.status = status
+            budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
+            outcome = fed.wait(run_id, timeout=budget, on_tick=progress.tick)
+        if not outcome.ok:
+            raise FederationError(
+                f"run {run_id} ended {outcome.status}; ServerApp log:\n{fed.run_log(run_id)}"
+            )
+        leftovers = fed.stop()
+    if leftovers:
+        err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
+    results: dict[str, Any] = json.loads((out_dir / RESULTS_FILE).read_text(encoding="utf-8"))
+    names = _node_names([f.parent / "journal.jsonl" for f in node_files.values()])
+    results["node_names"] = names
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    plot_metrics(results, out_dir / "metrics.png", names)
+    console.print(render_table(results, names))
+    return results
+
+
+class _Progress:
+    """Prints a line per finished round (for logs) and updates a spinner (for terminals)."""
+
+    def __init__(self, out_dir: Path, rounds: int, started: float):
+        self.state = out_dir / "checkpoints" / "state.json"
+        self.rounds = rounds
+        self.started = started
+        self.reported = -1
+        self.status: Any = None
+
+    def tick(self) -> None:
+        if not self.state.exists():
+            return
+        done = int(json.loads(self.state.read_text(encoding="utf-8"))["round"])
+        elapsed = time.monotonic() - self.started
+        if done != self.reported:
+            self.reported = done
+            what = "initial adapter ready" if done == 0 else "aggregated"
+            console.print(f"round {done}/{self.rounds} {what} · {elapsed:.0f}s")
+        phase = "final evaluation" if done >= self.rounds else f"round {done + 1}"
+        if self.status is not None:
+            self.status.update(f"{phase} running on the nodes · {elapsed:.0f}s")
+
+
+def _print_verdict(results: dict[str, Any], elapsed: float) -> None:
     headline = results["metrics"][0]
     first, last = results["rounds"][0]["nodes"], results["rounds"][-1]["nodes"]
     better_is_lower = headline in ("perplexity", "loss")

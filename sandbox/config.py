@@ -98,6 +98,7 @@ class RunSpec:
     num_rounds: int = 2
     mode: str = MODE_FEDAVG
     min_nodes: int = MIN_FEDERATED_NODES
+    expected_nodes: int = 0
     round_timeout: float = 180.0
     local_steps: int = 12
     batch_size: int = 16
@@ -141,6 +142,7 @@ class RunSpec:
             num_rounds=read.integer("num-rounds", 2, minimum=1),
             mode=read.choice("mode", MODES, MODE_FEDAVG),
             min_nodes=read.integer("min-nodes", MIN_FEDERATED_NODES, minimum=1),
+            expected_nodes=read.integer("expected-nodes", 0, minimum=0),
             round_timeout=read.number("round-timeout", 180.0, low=1.0),
             local_steps=read.integer("local-steps", 12, minimum=1),
             batch_size=read.integer("batch-size", 16, minimum=1),
@@ -161,6 +163,7 @@ class RunSpec:
             "num-rounds": self.num_rounds,
             "mode": self.mode,
             "min-nodes": self.min_nodes,
+            "expected-nodes": self.expected_nodes,
             "round-timeout": self.round_timeout,
             "local-steps": self.local_steps,
             "batch-size": self.batch_size,
@@ -180,7 +183,13 @@ class RunSpec:
         The round count is left out on purpose: a finished job may be extended.
         """
         identity = asdict(self)
-        for volatile in ("num_rounds", "round_timeout", "min_nodes", "output_dir"):
+        for volatile in (
+            "num_rounds",
+            "round_timeout",
+            "min_nodes",
+            "expected_nodes",
+            "output_dir",
+        ):
             identity.pop(volatile)
         identity["model_path"] = str(self.model_path)
         canonical = json.dumps(identity, sort_keys=True, default=list).encode()
@@ -244,6 +253,9 @@ class NodeConfig:
         if not data_path.is_absolute():
             data_path = (path.parent / data_path).resolve()
         journal = read.string("journal", "")
+        journal_path = Path(journal) if journal else None
+        if journal_path is not None and not journal_path.is_absolute():
+            journal_path = (path.parent / journal_path).resolve()
         return cls(
             name=name,
             data_path=data_path,
@@ -251,7 +263,7 @@ class NodeConfig:
             split_seed=read.integer("split-seed", 0),
             max_row_bytes=read.integer("max-row-bytes", 16 * 1024, minimum=64),
             threads=read.integer("threads", 0),
-            journal_path=Path(journal) if journal else None,
+            journal_path=journal_path,
             source=path,
         )
 
@@ -259,13 +271,18 @@ class NodeConfig:
         """Render as the node TOML format that :meth:`load` reads."""
         lines = [
             "[node]",
-            f"name = {json.dumps(self.name)}",
-            f"data-path = {json.dumps(str(self.data_path))}",
+            f"name = {toml_string(self.name)}",
+            f"data-path = {toml_string(str(self.data_path))}",
             f"heldout-fraction = {self.heldout_fraction}",
             f"split-seed = {self.split_seed}",
             f"max-row-bytes = {self.max_row_bytes}",
             f"threads = {self.threads}",
         ]
         if self.journal_path is not None:
-            lines.append(f"journal = {json.dumps(str(self.journal_path))}")
+            lines.append(f"journal = {toml_string(str(self.journal_path))}")
         return "\n".join(lines) + "\n"
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (JSON string syntax is valid TOML when non-ASCII stays raw)."""
+    return json.dumps(value, ensure_ascii=False)

@@ -63,3 +63,11 @@ class FederationError(ArkError):
     Raised for a busy port, a process that exits early, too few nodes, or a
     run that Flower reports as failed.
     """
+
+
+class AdapterMismatch(ArkError):
+    """An adapter's tensor names or shapes do not fit the model it is loaded into."""
+
+
+class ProtocolError(ArkError):
+    """A Flower message does not follow the Ark app protocol (missing or mistyped field)."""

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from sandbox.config import toml_string
 from sandbox.errors import FederationError
+from sandbox.models import OFFLINE_ENV
 from sandbox.processes import (
     ManagedProcess,
     kill_tree,
@@ -57,12 +59,10 @@ def _flower_env(home: Path) -> dict[str, str]:
         FLWR_HOME=str(home / ".flwr"),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),
     )
+    env.update(OFFLINE_ENV)
     return env
 
 
@@ -90,14 +90,15 @@ class Federation:
 
     workdir: Path
     port: int | None = None
-    database: bool = True
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
+        self.database = self.provider_home / "superlink.db"
         self.logs = self.workdir / "logs"
+        self.leftovers: list[int] = []
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Federation:
@@ -134,8 +135,7 @@ class Federation:
             str(port),
             "--disable-runtime-dependency-installation",
         ]
-        if self.database:
-            argv += ["--database", str(self.provider_home / "superlink.db")]
+        argv += ["--database", str(self.database)]
         self.superlink = start_process(
             "flower-superlink",
             argv,
@@ -159,7 +159,7 @@ class Federation:
             f'default = "{FEDERATION_NAME}"\n\n'
             f"[superlink.{FEDERATION_NAME}]\n"
             f'address = "{HOST}:{self.port}"\n'
-            f"root-certificates = {json.dumps(str(self.tls.ca_cert))}\n",
+            f"root-certificates = {toml_string(str(self.tls.ca_cert))}\n",
             encoding="utf-8",
         )
 
@@ -184,7 +184,7 @@ class Federation:
             "--port",
             str(free_port()),
             "--node-config",
-            f"node-config={json.dumps(str(node_config))}",
+            f"node-config={toml_string(str(node_config))}",
             "--max-retries",
             "10",
         ]
@@ -202,12 +202,17 @@ class Federation:
         kill_tree(self.supernodes[name])
 
     def stop(self) -> list[int]:
-        """Stop SuperNodes, then the SuperLink; return any PID that survived."""
+        """Stop SuperNodes, then the SuperLink; return any PID that survived.
+
+        Idempotent: processes are forgotten once stopped.
+        """
         groups = [list(self.supernodes.values())]
         if self.superlink is not None:
             groups.append([self.superlink])
-        leftovers = stop_processes(groups)
-        return leftovers
+        self.leftovers += stop_processes(groups)
+        self.supernodes.clear()
+        self.superlink = None
+        return self.leftovers
 
     def all_processes(self) -> list[ManagedProcess]:
         procs = list(self.supernodes.values())
@@ -217,15 +222,18 @@ class Federation:
 
     # -- runs ----------------------------------------------------------------------
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [_exe("flwr"), *args],
-            env=_flower_env(self.provider_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            cwd=self.provider_home,
-        )
+        try:
+            return subprocess.run(
+                [_exe("flwr"), *args],
+                env=_flower_env(self.provider_home),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                cwd=self.provider_home,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise FederationError(f"flwr {args[0]} failed: {exc}") from exc
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
         """Submit the app with a run-config TOML; return the run id."""
@@ -260,12 +268,17 @@ class Federation:
         sub = status.split(":", 1)[1] if ":" in status else ""
         return RunOutcome(run_id, status, sub, json.dumps(run))
 
+    def run_log(self, run_id: int, lines: int = 25) -> str:
+        """The last lines of a run's ServerApp log, as the SuperLink kept it."""
+        result = self._flwr("log", str(run_id), FEDERATION_NAME, "--show", timeout=60.0)
+        return "\n".join(result.stdout.splitlines()[-lines:])
+
     def wait(
         self,
         run_id: int,
         *,
         timeout: float,
-        poll: float = 2.0,
+        poll: float = 3.0,
         on_tick: Callable[[], None] | None = None,
     ) -> RunOutcome:
         """Wait for a run to finish, checking that our processes stay up."""
@@ -305,7 +318,7 @@ def write_run_config(path: Path, values: Mapping[str, str | int | float]) -> Pat
     """Write run-config overrides as TOML (values are strings, ints or floats)."""
     lines = []
     for key, value in values.items():
-        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        rendered = toml_string(value) if isinstance(value, str) else repr(value)
         lines.append(f'"{key}" = {rendered}')
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

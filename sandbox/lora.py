@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sandbox.config import MODE_FFA, TASK_CLASSIFICATION, LoraSpec
-from sandbox.errors import ConfigError
+from sandbox.errors import AdapterMismatch, ConfigError
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
@@ -90,10 +90,10 @@ def load_adapter_state(model: Any, adapter: Mapping[str, np.ndarray]) -> None:
     missing = sorted(set(expected) - set(adapter))
     extra = sorted(set(adapter) - set(expected))
     if missing or extra:
-        raise ValueError(f"adapter does not fit the model: missing {missing}, extra {extra}")
+        raise AdapterMismatch(f"adapter does not fit the model: missing {missing}, extra {extra}")
     misshapen = [n for n, a in adapter.items() if tuple(a.shape) != expected[n].shape]
     if misshapen:
-        raise ValueError(f"adapter tensors have the wrong shape: {misshapen[:3]}")
+        raise AdapterMismatch(f"adapter tensors have the wrong shape: {misshapen[:3]}")
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in adapter.items()}
     set_peft_model_state_dict(model, tensors)
 

@@ -18,6 +18,8 @@ from typing import IO
 
 import psutil
 
+from sandbox.errors import FederationError
+
 
 @dataclass
 class ManagedProcess:
@@ -37,7 +39,13 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def remember_descendants(self) -> None:
-        """Record children (Flower's launchers and app processes) while they exist."""
+        """Record children (Flower's launchers and app processes) while they exist.
+
+        Only while our process is alive and unreaped: afterwards its PID may belong to
+        a stranger, whose children are none of our business.
+        """
+        if not self.alive():
+            return
         try:
             for child in psutil.Process(self.pid).children(recursive=True):
                 self.seen.setdefault(child.pid, child)
@@ -63,15 +71,19 @@ def start_process(
     """Start ``argv`` in a new session, with stdout and stderr going to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
-    popen = subprocess.Popen(
-        list(argv),
-        env=dict(env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        start_new_session=True,
-    )
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.close()
+        raise FederationError(f"cannot start {name} ({argv[0]}): {exc}") from exc
     return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
 
 
@@ -113,14 +125,15 @@ def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float =
             except subprocess.TimeoutExpired:
                 leftovers.append(proc.pid)
             proc._log.close()
-    leftovers += [p.pid for p in everything.values() if _still_running(p)]
+    leftovers += [p.pid for p in everything.values() if still_running(p)]
     return sorted(set(leftovers))
 
 
-def _still_running(proc: psutil.Process) -> bool:
+def still_running(proc: psutil.Process) -> bool:
+    """Whether a process we saw earlier is still running (the same one, not a reused PID)."""
     try:
         return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
 
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
 
+from sandbox.errors import ProtocolError
+
 GLOBAL_KEY = "global"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
@@ -31,9 +33,12 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def round_of(content: RecordDict) -> int:
     """The server round an instruction message is for."""
-    value = content.config_records[CONFIG_KEY][ROUND_KEY]
+    try:
+        value = content.config_records[CONFIG_KEY][ROUND_KEY]
+    except KeyError as exc:
+        raise ProtocolError(f"message has no {CONFIG_KEY}.{ROUND_KEY}") from exc
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{CONFIG_KEY}.{ROUND_KEY} must be an integer, got {value!r}")
+        raise ProtocolError(f"{CONFIG_KEY}.{ROUND_KEY} must be an integer, got {value!r}")
     return value
 
 

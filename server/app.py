@@ -8,6 +8,8 @@ evaluates the final adapter; results, a plot and a stock PEFT adapter are writte
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -70,12 +72,21 @@ def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, f
 class FederatedJob:
     """State machine of one job: init or resume, rounds, final evaluation, outputs."""
 
-    def __init__(self, grid: Grid, spec: RunSpec):
+    def __init__(
+        self,
+        grid: Grid,
+        spec: RunSpec,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if spec.output_dir is None:
             raise ConfigError(
                 "is empty; the ServerApp needs a directory for results", key="output-dir"
             )
         self.grid = grid
+        self.clock = clock
+        self.sleep = sleep
         self.spec = spec
         self.out = spec.output_dir
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -105,12 +116,14 @@ class FederatedJob:
         )
         return state, adapter
 
-    def _nodes(self, state: JobState, rnd: int) -> list[int]:
+    def _nodes(self, rnd: int) -> list[int]:
         nodes = wait_for_nodes(
             self.grid,
             minimum=self.spec.min_nodes,
-            exclude=set(state.dropped),
+            expected=self.spec.expected_nodes,
             timeout=self.spec.round_timeout,
+            clock=self.clock,
+            sleep=self.sleep,
         )
         if not nodes:
             raise FederationError(
@@ -121,14 +134,14 @@ class FederatedJob:
 
     def train_round(self, state: JobState, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rnd = state.round + 1
-        nodes = self._nodes(state, rnd)
+        nodes = self._nodes(rnd)
         log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
         trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
         aggregator = StreamingAggregator(spec_of(trained))
         rounds = state.history.setdefault("rounds", {})
         previous = rounds.setdefault(str(rnd - 1), {})
         current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
-        call = RoundCall(self.grid, self.spec.round_timeout)
+        call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
         messages = _messages(nodes, MessageType.TRAIN, adapter, rnd)
         for node_id, reply in call.replies(messages):
             key = str(node_id)
@@ -159,13 +172,12 @@ class FederatedJob:
                 int(weight),
             )
         if call.missing:
-            state.dropped = sorted(set(state.dropped) | call.missing)
             log(
                 WARNING,
-                "[ark] round %d: no reply from nodes %s before the deadline; "
-                "they are left out of later rounds",
+                "[ark] round %d: no reply from nodes %s before the %.0fs deadline",
                 rnd,
                 sorted(call.missing),
+                self.spec.round_timeout,
             )
         current["missing"] = sorted(call.missing)
         if aggregator.count < self.spec.min_nodes:
@@ -188,16 +200,20 @@ class FederatedJob:
 
     def final_evaluation(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
         rnd = state.round
-        nodes = self._nodes(state, rnd)
+        nodes = self._nodes(rnd)
         log(INFO, "[ark] final evaluation of round-%d adapter on %d nodes", rnd, len(nodes))
         entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
-        call = RoundCall(self.grid, self.spec.round_timeout)
+        call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
         messages = _messages(nodes, MessageType.EVALUATE, adapter, rnd)
         for node_id, reply in call.replies(messages):
             if reply.has_error():
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)
                 continue
-            _, before, _, _ = _split_metrics(reply)
+            try:
+                _, before, _, _ = _split_metrics(reply)
+            except (KeyError, TypeError, ValueError) as exc:
+                log(WARNING, "[ark] evaluation reply from node %s is malformed: %r", node_id, exc)
+                continue
             entry.setdefault("global", {})[str(node_id)] = before
         state.finished = True
         self.store.save(state, adapter)

@@ -29,7 +29,6 @@ class JobState:
     fingerprint: str
     round: int
     history: dict[str, Any] = field(default_factory=dict)
-    dropped: list[int] = field(default_factory=list)
     finished: bool = False
 
 
@@ -71,7 +70,6 @@ class CheckpointStore:
             "adapter": path.name,
             "adapter_sha256": _sha256(path),
             "history": state.history,
-            "dropped": state.dropped,
             "finished": state.finished,
         }
         _atomic_write(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
@@ -102,7 +100,6 @@ class CheckpointStore:
                 fingerprint=fingerprint,
                 round=int(document["round"]),
                 history=dict(document.get("history", {})),
-                dropped=[int(n) for n in document.get("dropped", [])],
                 finished=bool(document.get("finished", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -39,11 +39,16 @@ class RoundCall:
         pending = set(node_of)
         deadline = self.clock() + self.timeout
         while pending and self.clock() < deadline:
-            for reply in self.grid.pull_messages(sorted(pending)):
+            # Flower hands over every reply available at this pull; pop them one by one
+            # so each can be dropped as soon as the caller has folded it in.
+            batch = list(self.grid.pull_messages(sorted(pending)))
+            while batch:
+                reply = batch.pop(0)
                 message_id = reply.metadata.reply_to_message_id
                 if message_id in pending:
                     pending.discard(message_id)
                     yield node_of[message_id], reply
+                del reply
             if pending:
                 self.sleep(POLL_SECONDS)
         self.missing.update(node_of[m] for m in pending)
@@ -53,15 +58,21 @@ def wait_for_nodes(
     grid: Grid,
     *,
     minimum: int,
-    exclude: set[int],
+    expected: int,
     timeout: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[int]:
-    """Online node ids not in ``exclude``, once at least ``minimum`` are there (else [])."""
+    """Online node ids once ``expected`` are online, or at least ``minimum`` at the deadline.
+
+    Returns an empty list if fewer than ``minimum`` nodes are online by the deadline.
+    """
+    target = max(minimum, expected)
     deadline = clock() + timeout
     while True:
-        nodes = sorted(set(grid.get_node_ids()) - exclude)
-        if len(nodes) >= minimum or clock() >= deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= target:
+            return nodes
+        if clock() >= deadline:
             return nodes if len(nodes) >= minimum else []
         sleep(1.0)

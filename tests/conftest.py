@@ -7,7 +7,6 @@ needs no network either. Models are written once per session under pytest's temp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,16 +14,14 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# sandbox.models sets the offline switches, which huggingface_hub reads at import time,
+# so it comes before transformers.
+from sandbox.models import default_model_dir  # isort: skip
 
-# Imported after the offline switches: huggingface_hub reads them at import time.
 import torch
 import transformers
 
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
-from sandbox.models import default_model_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -36,7 +36,6 @@ def _state(server_round: int, **changes: Any) -> JobState:
         fingerprint=FINGERPRINT,
         round=server_round,
         history={"rounds": {str(r): {"loss": 1.0 / r, "nodes": [1, 2]} for r in range(1, 3)}},
-        dropped=[3, 7],
         finished=False,
     )
     return dataclasses.replace(state, **changes)
@@ -127,7 +126,7 @@ MALFORMED_FIELDS = {
     "round-missing": {"round": None},
     "round-not-a-number": {"round": "one"},
     "history-a-list": {"history": [1, 2]},
-    "dropped-not-numbers": {"dropped": ["x"]},
+    "history-a-string": {"history": "not a mapping"},
 }
 
 

@@ -18,6 +18,8 @@ from safetensors.numpy import load_file
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.federation import Federation, server_app_pids, write_run_config
+from sandbox.processes import still_running
+from tests.conftest import make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -38,21 +40,19 @@ def _nodes(tmp_path: Path, count: int, task: str = TASK_CLASSIFICATION) -> dict[
     return configs
 
 
-def _spec(tmp_path: Path, model_dir: Path, **overrides: object) -> RunSpec:
+def _spec(tmp_path: Path, model_dir: Path, nodes: int, **overrides: object) -> RunSpec:
     values: dict[str, object] = {
         "job_id": "e2e",
-        "task": "sequence-classification",
-        "model_path": model_dir,
         "labels": tuple(sorted(DEMO_LABELS)),
         "num_rounds": 2,
-        "local_steps": 3,
         "batch_size": 8,
         "max_length": 48,
         "round_timeout": 120.0,
+        "expected_nodes": nodes,
         "output_dir": tmp_path / "provider" / "job",
+        **overrides,
     }
-    values.update(overrides)
-    return RunSpec(**values)  # type: ignore[arg-type]
+    return make_spec(model_dir, str(values.pop("task", TASK_CLASSIFICATION)), **values)
 
 
 def _journal(config: Path) -> list[dict[str, object]]:
@@ -73,13 +73,10 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         procs = fed.all_processes()
         for proc in procs:
             proc.remember_descendants()
+        seen = [p for proc in procs for p in proc.seen.values()]
         leftovers = fed.stop()
-        seen = [p.pid for proc in procs for p in proc.seen.values()] + [p.pid for p in procs]
-        alive = [
-            pid
-            for pid in seen
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        ]
+        alive = [p.pid for p in seen if still_running(p)]
+        alive += [proc.pid for proc in procs if proc.alive()]
         assert leftovers == [], f"processes that would not stop: {leftovers}"
         assert alive == [], f"processes left behind: {alive}"
 
@@ -88,7 +85,7 @@ def test_two_nodes_two_rounds_over_tls(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
     configs = _nodes(tmp_path, 2)
-    spec = _spec(tmp_path, tiny_bert_dir)
+    spec = _spec(tmp_path, tiny_bert_dir, 2)
     federation.start_superlink()
     for name, config in configs.items():
         federation.start_supernode(name, config)
@@ -127,14 +124,20 @@ def _clientapp_running(proc_pid: int) -> bool:
         children = psutil.Process(proc_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return False
-    return any("flwr-clientapp" in " ".join(c.cmdline()) for c in children if c.is_running())
+    for child in children:
+        try:
+            if "flwr-clientapp" in " ".join(child.cmdline()):
+                return True
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return False
 
 
 def test_node_dropping_mid_round_does_not_fail_the_run(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
     configs = _nodes(tmp_path, 3)
-    spec = _spec(tmp_path, tiny_bert_dir, round_timeout=60.0, min_nodes=2)
+    spec = _spec(tmp_path, tiny_bert_dir, 3, round_timeout=60.0, min_nodes=2)
     federation.start_superlink()
     for name, config in configs.items():
         federation.start_supernode(name, config)
@@ -170,7 +173,7 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
     configs = _nodes(tmp_path, 2)
-    spec = _spec(tmp_path, tiny_bert_dir, num_rounds=2)
+    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=2)
     assert spec.output_dir is not None
     state_file = spec.output_dir / "checkpoints" / "state.json"
     run_config = write_run_config(tmp_path / "run.toml", spec.to_run_config())
@@ -249,7 +252,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
             demo.kill()
     assert demo.returncode == 130, output
     assert b"interrupted" in output
-    alive = [p.pid for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    alive = [p.pid for p in seen.values() if still_running(p)]
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
 
 
@@ -258,7 +261,7 @@ def test_causal_lm_round_on_a_tiny_llama(
 ) -> None:
     configs = _nodes(tmp_path, 2, task=TASK_CAUSAL_LM)
     spec = _spec(
-        tmp_path, tiny_llama_dir, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
+        tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
     )
     federation.start_superlink()
     for name, config in configs.items():

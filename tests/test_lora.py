@@ -25,7 +25,7 @@ from sandbox.config import (
     LoraSpec,
     RunSpec,
 )
-from sandbox.errors import ConfigError, ModelError
+from sandbox.errors import AdapterMismatch, ConfigError, ModelError
 from sandbox.lora import (
     DEFAULT_TARGETS,
     adapter_state,
@@ -158,7 +158,7 @@ def test_load_adapter_state_rejects_names_that_do_not_fit(tiny_bert_dir: Path, f
         adapter["base_model.model.stray.lora_B.weight"] = np.zeros((2, 2), np.float32)
         expected = "extra \\['base_model.model.stray.lora_B.weight'\\]"
     before = adapter_state(model)
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(AdapterMismatch, match=expected):
         load_adapter_state(model, adapter)
     after = adapter_state(model)
     for name, array in before.items():
@@ -393,3 +393,12 @@ def test_tiny_models_pass_inspection(tiny_bert_dir: Path, tiny_llama_dir: Path) 
     assert (bert.model_type, llama.model_type) == ("bert", "llama")
     assert [p.name for p in bert.weight_files] == ["model.safetensors"]
     assert [p.name for p in llama.weight_files] == ["model.safetensors"]
+
+
+def test_load_adapter_state_rejects_wrong_shapes_before_loading(tiny_bert_dir: Path) -> None:
+    model, _ = _node_model(make_spec(tiny_bert_dir, TASK_CLASSIFICATION))
+    adapter = adapter_state(model)
+    name = next(n for n in sorted(adapter) if ".lora_B." in n)
+    adapter[name] = np.zeros((adapter[name].shape[0] + 1, adapter[name].shape[1]), np.float32)
+    with pytest.raises(AdapterMismatch, match="wrong shape"):
+        load_adapter_state(model, adapter)
