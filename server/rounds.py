@@ -29,10 +29,13 @@ class RoundCall:
 
     def replies(self, messages: list[Message]) -> Iterator[tuple[int, Message]]:
         """Push ``messages`` and yield ``(node_id, reply)`` as replies come in."""
+        # Grids set each message's id in place while pushing and may return fewer ids than
+        # messages (a failed push, or none at all for an oversized request): match by id.
+        accepted = {message_id for message_id in self.grid.push_messages(messages) if message_id}
         node_of: dict[str, int] = {}
-        pushed = list(self.grid.push_messages(messages))
-        for message, message_id in zip(messages, pushed, strict=True):
-            if message_id:
+        for message in messages:
+            message_id = message.metadata.message_id
+            if message_id in accepted:
                 node_of[message_id] = message.metadata.dst_node_id
             else:
                 self.missing.add(message.metadata.dst_node_id)

@@ -1,0 +1,427 @@
+"""Rounds over a simulated Flower Grid: aggregation, FFA, deadlines, rejections, resume.
+
+``SimulatedGrid`` implements flwr's abstract ``Grid``; each simulated node answers as
+its behaviour says, so failures are staged by changing the grid's state, and a fake
+clock stands in for time so no test sleeps through a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
+from sandbox.errors import FederationError
+from sandbox.lora import is_trained
+from sandbox.protocol import (
+    CONFIG_KEY,
+    GLOBAL_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    ROUND_KEY,
+    UPDATE_KEY,
+    from_record,
+    metric_record,
+    round_of,
+    to_record,
+)
+from server.app import FederatedJob
+from server.checkpoint import CheckpointStore
+from server.results import RESULTS_FILE
+from server.rounds import RoundCall, wait_for_nodes
+from tests.conftest import make_spec
+
+Adapter = dict[str, np.ndarray]
+TIMEOUT = 30.0
+RUN_ID = 7
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process identity Flower's ServerApp runtime sets before ``main`` runs."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+@dataclass
+class FakeClock:
+    """Monotonic time that only moves when someone sleeps."""
+
+    now: float = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def accuracy(node_id: int, global_round: int) -> float:
+    """The held-out accuracy a node reports for the global adapter of ``global_round``."""
+    return 0.5 + 0.1 * global_round + 0.01 * node_id
+
+
+@dataclass
+class SimNode:
+    """A ClientApp stand-in that records what it received and what it sent."""
+
+    node_id: int
+    behaviour: str = "ok"
+    examples: float = 10.0
+    delay: int = 0  # pulls before the reply becomes visible
+    online_at: float = 0.0
+    plan: dict[int, str] = field(default_factory=dict)  # round -> behaviour override
+    received: list[tuple[str, int, Adapter]] = field(default_factory=list)
+    sent: list[Adapter] = field(default_factory=list)
+
+    def answer(self, msg: Message, mode: str) -> Message | None:
+        rnd = round_of(msg.content)
+        kind = msg.metadata.message_type
+        adapter = from_record(msg.content.array_records[GLOBAL_KEY])
+        self.received.append((kind, rnd, adapter))
+        behaviour = self.plan.get(rnd, self.behaviour)
+        if behaviour == "silent":
+            return None
+        if behaviour == "error":
+            return Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg)
+        if kind == MessageType.EVALUATE:
+            metrics = {NUM_EXAMPLES: self.examples, "before-accuracy": accuracy(self.node_id, rnd)}
+            return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
+        rng = np.random.default_rng([self.node_id, rnd])
+        update = {
+            name: (value + rng.normal(scale=0.01, size=value.shape)).astype(value.dtype)
+            for name, value in adapter.items()
+            if is_trained(name, mode)
+        }
+        first = sorted(update)[0]
+        if behaviour == "nan":
+            update[first] = np.full_like(update[first], np.nan)
+        elif behaviour == "wrong-shape":
+            update[first] = np.zeros((update[first].size + 1,), dtype=update[first].dtype)
+        elif behaviour == "extra-tensor":
+            update["base_model.model.smuggled.lora_B.weight"] = np.zeros((2, 2), np.float32)
+        self.sent.append(update)
+        metrics = {
+            NUM_EXAMPLES: self.examples,
+            "before-accuracy": accuracy(self.node_id, rnd - 1),
+            "before-macro_f1": 0.4,
+            "after-accuracy": accuracy(self.node_id, rnd) + 0.05,
+            "after-macro_f1": 0.45,
+            "train-loss": 1.0 / rnd,
+        }
+        content = RecordDict({UPDATE_KEY: to_record(update), METRICS_KEY: metric_record(metrics)})
+        return Message(content, reply_to=msg)
+
+
+class SimulatedGrid(Grid):
+    """The Grid interface over in-process nodes; replies queue up until pulled."""
+
+    def __init__(self, nodes: Iterable[SimNode], clock: FakeClock, mode: str = MODE_FEDAVG):
+        self.nodes = {node.node_id: node for node in nodes}
+        self.time = clock
+        self.mode = mode
+        self.pulls = 0
+        self._run = Run.create_empty(run_id=RUN_ID)
+        self._outbox: dict[str, tuple[int, Message]] = {}  # message id -> (pulls left, reply)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def _online(self, node: SimNode) -> bool:
+        return node.behaviour != "offline" and node.online_at <= self.time.now
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n.node_id for n in self.nodes.values() if self._online(n)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids: list[str] = []
+        for msg in messages:
+            if msg.metadata.reply_to_message_id or msg.metadata.message_id:
+                raise ValueError(f"not a fresh instruction message: {msg.metadata}")
+            node = self.nodes.get(msg.metadata.dst_node_id)
+            if node is None or not self._online(node):
+                ids.append("")  # what HttpGrid reports (None) for a message it cannot store
+                continue
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            reply = node.answer(msg, self.mode)
+            if reply is not None:
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                self._outbox[msg.metadata.message_id] = (node.delay, reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        ready = []
+        for message_id in message_ids:
+            if message_id not in self._outbox:
+                continue
+            left, reply = self._outbox[message_id]
+            if left <= 0:
+                ready.append(self._outbox.pop(message_id)[1])
+            else:
+                self._outbox[message_id] = (left - 1, reply)
+        return ready
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        pending = {i for i in self.push_messages(messages) if i}
+        deadline = self.time.now + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending and (timeout is None or self.time.now < deadline):
+            batch = list(self.pull_messages(sorted(pending)))
+            replies.extend(batch)
+            pending -= {r.metadata.reply_to_message_id for r in batch}
+            self.time.sleep(0.1)
+        return replies
+
+
+def _job(grid: SimulatedGrid, spec: RunSpec) -> FederatedJob:
+    return FederatedJob(grid, spec, clock=grid.time.clock, sleep=grid.time.sleep)
+
+
+def _spec(model_dir: Path, out: Path, **overrides: Any) -> RunSpec:
+    values: dict[str, Any] = {"num_rounds": 1, "round_timeout": TIMEOUT, "output_dir": out}
+    return make_spec(model_dir, **{**values, **overrides})
+
+
+def _weighted_mean(nodes: list[SimNode]) -> Adapter:
+    """sum(w_i * x_i) / sum(w_i) over each node's round-1 update, in float64."""
+    weights = np.array([n.examples for n in nodes])
+    stacked = {name: np.stack([n.sent[0][name] for n in nodes]) for name in nodes[0].sent[0]}
+    return {name: np.tensordot(weights, x, 1) / weights.sum() for name, x in stacked.items()}
+
+
+def _store(out: Path) -> CheckpointStore:
+    return CheckpointStore(out / "checkpoints")
+
+
+def _checkpoint(out: Path, rnd: int) -> Adapter:
+    return load_file(str(_store(out).adapter_path(rnd)))
+
+
+def _results(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")))
+
+
+def test_fedavg_rounds_aggregate_checkpoint_and_report(tiny_bert_dir: Path, tmp_path: Path):
+    nodes = [SimNode(1, examples=10), SimNode(2, examples=30), SimNode(3, examples=60)]
+    grid = SimulatedGrid(nodes, FakeClock())
+    _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2)).run()
+
+    round0, round1 = _checkpoint(tmp_path, 0), _checkpoint(tmp_path, 1)
+    expected = _weighted_mean(nodes)
+    assert set(expected) == set(round0)  # fedavg trains (and so averages) every tensor
+    for name, value in expected.items():
+        np.testing.assert_allclose(round1[name], value, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(round1[name], np.mean([n.sent[0][name] for n in nodes], 0))
+    for node in nodes:
+        assert [(k, r) for k, r, _ in node.received] == [(TRAIN, 1), (TRAIN, 2), (EVALUATE, 2)]
+        for name, value in node.received[1][2].items():  # round 2 starts from round 1's global
+            np.testing.assert_array_equal(value, round1[name])
+    for rnd in range(3):
+        assert _store(tmp_path).adapter_path(rnd).is_file()
+    results = _results(tmp_path)
+    assert [e["round"] for e in results["rounds"]] == [0, 1, 2]
+    for entry in results["rounds"]:
+        assert entry["nodes"].keys() == {"1", "2", "3"}
+        for node in nodes:
+            got = entry["nodes"][str(node.node_id)]["accuracy"]
+            assert got == pytest.approx(accuracy(node.node_id, entry["round"]))
+    assert results["rounds"][1]["examples"] == {"1": 10.0, "2": 30.0, "3": 60.0}
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ffa_keeps_lora_a_frozen_and_nodes_never_send_it(tiny_bert_dir: Path, tmp_path: Path):
+    nodes = [SimNode(1, examples=5), SimNode(2, examples=15)]
+    grid = SimulatedGrid(nodes, FakeClock(), mode=MODE_FFA)
+    _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2, mode=MODE_FFA)).run()
+
+    round0 = _checkpoint(tmp_path, 0)
+    frozen = [name for name in round0 if ".lora_A." in name]
+    assert frozen
+    for rnd in (1, 2):
+        adapter = _checkpoint(tmp_path, rnd)
+        for name in frozen:
+            np.testing.assert_array_equal(adapter[name], round0[name])
+        assert any(not np.array_equal(adapter[n], round0[n]) for n in adapter if ".lora_B." in n)
+    for node in nodes:
+        assert len(node.sent) == 2
+        assert all(frozen[0] in adapter for _, _, adapter in node.received)
+        for update in node.sent:
+            assert not [name for name in update if ".lora_A." in name]
+            assert any(".lora_B." in name for name in update)
+
+
+def test_silent_node_is_missing_and_round_closes_at_deadline(tiny_bert_dir: Path, tmp_path: Path):
+    nodes = [SimNode(1), SimNode(2, examples=20), SimNode(3, behaviour="silent")]
+    grid = SimulatedGrid(nodes, FakeClock())
+    _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+
+    assert grid.time.now >= TIMEOUT
+    entry = _results(tmp_path)["rounds"][1]
+    assert entry["missing"] == [3]
+    assert entry["examples"] == {"1": 10.0, "2": 20.0}
+    for name, value in _weighted_mean(nodes[:2]).items():
+        np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        ("error", "node error: CUDA out of memory"),
+        ("nan", "NaN"),
+        ("wrong-shape", "shape"),
+        ("extra-tensor", "smuggled"),
+    ],
+)
+def test_bad_update_is_rejected_and_left_out(
+    tiny_bert_dir: Path, tmp_path: Path, behaviour: str, reason: str
+):
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    grid = SimulatedGrid([*good, SimNode(3, behaviour=behaviour, examples=1000)], FakeClock())
+    _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+
+    entry = _results(tmp_path)["rounds"][1]
+    assert list(entry["rejected"]) == ["3"]
+    assert reason in entry["rejected"]["3"]
+    assert entry["missing"] == []
+    assert entry["examples"] == {"1": 10.0, "2": 30.0}
+    round1 = _checkpoint(tmp_path, 1)
+    for name, value in _weighted_mean(good).items():
+        np.testing.assert_allclose(round1[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_too_few_accepted_updates_fails_the_round(tiny_bert_dir: Path, tmp_path: Path):
+    nodes = [SimNode(1), SimNode(2, behaviour="error"), SimNode(3, behaviour="nan")]
+    grid = SimulatedGrid(nodes, FakeClock())
+    with pytest.raises(FederationError, match="only 1 accepted updates, min-nodes is 2"):
+        _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+    assert not _store(tmp_path).adapter_path(1).exists()
+
+
+def test_too_few_online_nodes_fails_after_timeout(tiny_bert_dir: Path, tmp_path: Path):
+    grid = SimulatedGrid([SimNode(1), SimNode(2, behaviour="offline")], FakeClock())
+    with pytest.raises(FederationError, match="fewer than min-nodes=2"):
+        _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+    assert grid.time.now >= TIMEOUT
+    assert grid.nodes[1].received == []
+
+
+def test_wait_for_nodes_expected_minimum_and_below_minimum():
+    clock = FakeClock()
+    grid = SimulatedGrid([SimNode(1), SimNode(2), SimNode(3, online_at=5.0)], clock)
+    args: dict[str, Any] = {"timeout": TIMEOUT, "clock": clock.clock, "sleep": clock.sleep}
+    assert wait_for_nodes(grid, minimum=2, expected=3, **args) == [1, 2, 3]
+    assert clock.now == 5.0
+
+    clock.now = 0.0
+    grid.nodes[3].online_at = 1000.0
+    assert wait_for_nodes(grid, minimum=2, expected=3, **args) == [1, 2]
+    assert clock.now == pytest.approx(TIMEOUT)
+
+    clock.now = 0.0
+    grid.nodes[2].behaviour = "offline"
+    assert wait_for_nodes(grid, minimum=2, expected=3, **args) == []
+    assert clock.now == pytest.approx(TIMEOUT)
+
+
+def test_resume_replays_nothing_before_the_failed_round(tiny_bert_dir: Path, tmp_path: Path):
+    spec = _spec(tiny_bert_dir, tmp_path, num_rounds=2)
+    failing = SimulatedGrid(
+        [SimNode(1, plan={2: "silent"}), SimNode(2, plan={2: "silent"})], FakeClock()
+    )
+    with pytest.raises(FederationError, match="round 2: only 0 accepted"):
+        _job(failing, spec).run()
+    store = _store(tmp_path)
+    saved = store.adapter_path(1).read_bytes()
+    assert not store.adapter_path(2).exists()
+
+    healthy = SimulatedGrid([SimNode(1), SimNode(2, examples=40)], FakeClock())
+    _job(healthy, spec).run()
+
+    assert store.adapter_path(1).read_bytes() == saved
+    round1 = _checkpoint(tmp_path, 1)
+    for node in healthy.nodes.values():
+        assert [(k, r) for k, r, _ in node.received] == [(TRAIN, 2), (EVALUATE, 2)]
+        for name, value in node.received[0][2].items():
+            np.testing.assert_array_equal(value, round1[name])
+    results = _results(tmp_path)
+    assert [set(e["nodes"]) for e in results["rounds"]] == [{"1", "2"}] * 3
+    assert results["rounds"][2]["examples"] == {"1": 10.0, "2": 40.0}
+
+
+def test_round_call_streams_replies_across_pulls_and_reports_missing():
+    clock = FakeClock()
+    nodes = [
+        SimNode(1, delay=3),
+        SimNode(2, delay=0),
+        SimNode(3, behaviour="silent"),
+        SimNode(4, delay=1),
+        SimNode(5, behaviour="offline"),
+    ]
+    grid = SimulatedGrid(nodes, clock)
+    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
+
+    arrivals = [(node_id, grid.pulls) for node_id, _ in call.replies(messages)]
+
+    assert arrivals == [(2, 1), (4, 2), (1, 4)]
+    assert call.missing == {3, 5}
+    assert clock.now >= 10.0
+    assert [len(n.received) for n in nodes] == [1, 1, 1, 1, 0]
+
+
+class RefusingGrid(SimulatedGrid):
+    """A grid whose SuperLink refuses the whole push, as HttpGrid does on HTTP 413."""
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+        return []
+
+
+def test_round_call_reports_every_node_missing_when_the_push_is_refused():
+    clock = FakeClock()
+    nodes = [SimNode(1), SimNode(2)]
+    grid = RefusingGrid(nodes, clock)
+    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
+
+    assert list(call.replies(messages)) == []
+    assert call.missing == {1, 2}
+    assert grid.pulls == 0
