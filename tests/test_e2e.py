@@ -63,6 +63,14 @@ def _journal(config: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_path: Path) -> int:
+    """Start the SuperLink and one SuperNode per node config, then submit the job."""
+    federation.start_superlink()
+    for name, config in configs.items():
+        federation.start_supernode(name, config)
+    return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
+
+
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
     """A federation whose every process, children included, must be gone afterwards."""
@@ -86,12 +94,7 @@ def test_two_nodes_two_rounds_over_tls(
 ) -> None:
     configs = _nodes(tmp_path, 2)
     spec = _spec(tmp_path, tiny_bert_dir, 2)
-    federation.start_superlink()
-    for name, config in configs.items():
-        federation.start_supernode(name, config)
-    run_id = federation.submit(
-        APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config())
-    )
+    run_id = _start(federation, configs, spec, tmp_path)
     outcome = federation.wait(run_id, timeout=600)
     assert outcome.ok, outcome.details
 
@@ -138,12 +141,7 @@ def test_node_dropping_mid_round_does_not_fail_the_run(
 ) -> None:
     configs = _nodes(tmp_path, 3)
     spec = _spec(tmp_path, tiny_bert_dir, 3, round_timeout=60.0, min_nodes=2)
-    federation.start_superlink()
-    for name, config in configs.items():
-        federation.start_supernode(name, config)
-    run_id = federation.submit(
-        APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config())
-    )
+    run_id = _start(federation, configs, spec, tmp_path)
     victim = sorted(configs)[-1]
     victim_proc = federation.supernodes[victim]
     deadline = time.monotonic() + 300
@@ -176,12 +174,8 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
     spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=2)
     assert spec.output_dir is not None
     state_file = spec.output_dir / "checkpoints" / "state.json"
-    run_config = write_run_config(tmp_path / "run.toml", spec.to_run_config())
-    federation.start_superlink()
-    for name, config in configs.items():
-        federation.start_supernode(name, config)
+    first_run = _start(federation, configs, spec, tmp_path)
     assert federation.superlink is not None
-    first_run = federation.submit(APP_DIR, run_config)
 
     deadline = time.monotonic() + 300
     while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
@@ -196,7 +190,7 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
     round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
     round1_digest = _sha(round1)
 
-    second_run = federation.submit(APP_DIR, run_config)
+    second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
     outcome = federation.wait(second_run, timeout=600)
     assert outcome.ok, outcome.details
 
@@ -263,12 +257,7 @@ def test_causal_lm_round_on_a_tiny_llama(
     spec = _spec(
         tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
     )
-    federation.start_superlink()
-    for name, config in configs.items():
-        federation.start_supernode(name, config)
-    run_id = federation.submit(
-        APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config())
-    )
+    run_id = _start(federation, configs, spec, tmp_path)
     outcome = federation.wait(run_id, timeout=600)
     assert outcome.ok, outcome.details
     assert spec.output_dir is not None
