@@ -71,3 +71,11 @@ class AdapterMismatch(ArkError):
 
 class ProtocolError(ArkError):
     """A Flower message does not follow the Ark app protocol (missing or mistyped field)."""
+
+
+class SealedModelError(ArkError):
+    """A sealed model package failed a check: signature, digest, size or decryption.
+
+    Crypto failures collapse into this one error; the detail stays in the message for
+    the local log and is never sent to a peer.
+    """

@@ -6,7 +6,6 @@ another job (different model, labels, LoRA shape or mode) is refused, not reused
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from sandbox.digests import sha256_file
 from sandbox.errors import CheckpointError
 
 STATE_FORMAT = "ark-checkpoint/1"
@@ -41,10 +41,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class CheckpointStore:
     """Reads and writes the checkpoints of one job under ``directory``."""
 
@@ -68,7 +64,7 @@ class CheckpointStore:
             "fingerprint": state.fingerprint,
             "round": state.round,
             "adapter": path.name,
-            "adapter_sha256": _sha256(path),
+            "adapter_sha256": sha256_file(path)[0],
             "history": state.history,
             "finished": state.finished,
         }
@@ -93,7 +89,7 @@ class CheckpointStore:
         adapter_file = self.directory / str(document.get("adapter", ""))
         if adapter_file.parent != self.directory or not adapter_file.is_file():
             raise CheckpointError(f"{state_file}: adapter file {adapter_file.name!r} is missing")
-        if _sha256(adapter_file) != document.get("adapter_sha256"):
+        if sha256_file(adapter_file)[0] != document.get("adapter_sha256"):
             raise CheckpointError(f"{adapter_file}: digest does not match {state_file}")
         try:
             state = JobState(

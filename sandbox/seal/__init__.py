@@ -1,0 +1,1 @@
+"""Sealing: streaming AEAD for large files and signed, encrypted model packages."""

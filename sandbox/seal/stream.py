@@ -1,0 +1,109 @@
+"""STREAM over AES-256-GCM: chunked authenticated encryption that decrypts in constant memory.
+
+Layout: ``header ‖ chunk_0 ‖ … ‖ chunk_n`` where ``header = MAGIC ‖ chunk_size (u32) ‖
+prefix (7 bytes)`` and every chunk is AES-256-GCM with nonce ``prefix ‖ counter (u32) ‖
+last (1 byte)`` and AAD ``header ‖ context``. The counter stops reordering and chunk
+swapping, the last flag stops truncation and extension, and the header (with the
+caller's context) is bound into every chunk. Each stream gets a fresh random prefix,
+so one key may seal several files.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sandbox.errors import SealedModelError
+
+MAGIC = b"ARKSTRM1"
+CHUNK_SIZE = 1 << 20
+KEY_SIZE = 32
+PREFIX_SIZE = 7
+TAG_SIZE = 16
+HEADER_SIZE = len(MAGIC) + 4 + PREFIX_SIZE
+MAX_CHUNK_SIZE = 1 << 26
+_MAX_COUNTER = 0xFFFFFFFF
+
+
+def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    if counter > _MAX_COUNTER:
+        raise SealedModelError("stream too long: chunk counter overflow")
+    return prefix + struct.pack(">I", counter) + (b"\x01" if last else b"\x00")
+
+
+def _check_key(key: bytes) -> AESGCM:
+    if len(key) != KEY_SIZE:
+        raise SealedModelError(f"content key must be {KEY_SIZE} bytes, got {len(key)}")
+    return AESGCM(key)
+
+
+def encrypt_stream(
+    key: bytes,
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    context: bytes = b"",
+    chunk_size: int = CHUNK_SIZE,
+    rng: Callable[[int], bytes] = os.urandom,
+) -> int:
+    """Encrypt ``src`` into ``dst``; return the number of bytes written."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
+    aead = _check_key(key)
+    prefix = rng(PREFIX_SIZE)
+    header = MAGIC + struct.pack(">I", chunk_size) + prefix
+    aad = header + context
+    written = dst.write(header)
+    counter = 0
+    current = src.read(chunk_size)
+    while True:
+        following = src.read(chunk_size)
+        last = not following
+        sealed = aead.encrypt(_nonce(prefix, counter, last), current, aad)
+        written += dst.write(sealed)
+        if last:
+            return written
+        current = following
+        counter += 1
+
+
+def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterator[bytes]:
+    """Yield plaintext chunks of a stream, holding at most one chunk in memory.
+
+    Raises SealedModelError on any tampering. Truncation is only detectable at the end,
+    so a caller must not act on the plaintext until the iterator finishes cleanly.
+    """
+    aead = _check_key(key)
+    header = src.read(HEADER_SIZE)
+    if len(header) != HEADER_SIZE or not header.startswith(MAGIC):
+        raise SealedModelError("not an ark stream (bad header)")
+    (chunk_size,) = struct.unpack(">I", header[len(MAGIC) : len(MAGIC) + 4])
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise SealedModelError(f"bad chunk size {chunk_size} in stream header")
+    prefix = header[len(MAGIC) + 4 :]
+    aad = header + context
+    sealed_size = chunk_size + TAG_SIZE
+    counter = 0
+    current = src.read(sealed_size)
+    while True:
+        following = src.read(sealed_size)
+        last = not following
+        try:
+            plain = aead.decrypt(_nonce(prefix, counter, last), current, aad)
+        except InvalidTag:
+            raise SealedModelError(
+                f"chunk {counter} failed authentication (tampered, reordered, truncated, "
+                "wrong key or wrong context)"
+            ) from None
+        if not last and len(plain) != chunk_size:
+            raise SealedModelError(f"chunk {counter} is short but not the last")
+        yield plain
+        if last:
+            return
+        current = following
+        counter += 1
