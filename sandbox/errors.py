@@ -79,3 +79,39 @@ class SealedModelError(ArkError):
     Crypto failures collapse into this one error; the detail stays in the message for
     the local log and is never sent to a peer.
     """
+
+
+class AttestationError(ArkError):
+    """Evidence failed appraisal. Subclasses name the cause."""
+
+
+class EvidenceFormatError(AttestationError):
+    """Evidence is not a well-formed signed EAT (bad encoding, missing claim, wrong alg)."""
+
+
+class SignatureInvalid(AttestationError):
+    """The evidence signature does not verify with the attestation key."""
+
+
+class ChainUntrusted(AttestationError):
+    """The attestation key's certificate chain does not reach a trusted root, or is expired."""
+
+
+class NonceMismatch(AttestationError):
+    """The evidence nonce is not the one the verifier issued, or is too short."""
+
+
+class ReportDataMismatch(AttestationError):
+    """report_data does not bind the nonce and the TEE public key the caller presented."""
+
+
+class DebugEnabled(AttestationError):
+    """The TEE reports debug enabled, or does not report its debug status at all."""
+
+
+class MeasurementRejected(AttestationError):
+    """A measured digest is not among the policy's reference values."""
+
+
+class TeeNotAccepted(AttestationError):
+    """The TEE kind is not accepted by policy (including stubs where stubs are not allowed)."""

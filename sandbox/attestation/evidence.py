@@ -1,0 +1,99 @@
+"""Evidence: an EAT (RFC 9711) claims set, signed as a compact JWS with ES256 and ``x5c``.
+
+``report_data = SHA-384(JCS({"nonce": …, "tee_pubkey": …}))`` binds the verifier's nonce
+and the sandbox's ephemeral public key into what the attester signs (the Trustee pattern).
+This module only encodes and decodes; appraisal lives in :mod:`sandbox.attestation.verifier`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+
+from sandbox.errors import EvidenceFormatError
+
+EAT_PROFILE = "tag:ark-sandbox.dev,2026:eat/1"
+JWS_ALG = "ES256"
+JWS_TYP = "eat+jwt"
+MIN_NONCE_BYTES = 8
+# RFC 9711 §4.2.9 debug status values; only the "disabled" family is acceptable.
+DBGSTAT_DISABLED = {
+    "disabled",
+    "disabled-since-boot",
+    "disabled-permanently",
+    "disabled-fully-and-permanently",
+}
+REQUIRED_CLAIMS = (
+    "eat_profile",
+    "eat_nonce",
+    "ueid",
+    "hwmodel",
+    "swname",
+    "swversion",
+    "measurements",
+    "report_data",
+    "tee",
+    "iat",
+)
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JOSE uses."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Inverse of :func:`b64url`; raises EvidenceFormatError on bad input."""
+    if not isinstance(text, str) or any(c in text for c in "=+/"):
+        raise EvidenceFormatError("bad base64url value")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise EvidenceFormatError("bad base64url value") from exc
+
+
+def report_data(nonce: bytes, tee_pubkey: bytes) -> str:
+    """Hex SHA-384 over the JCS form of the nonce and the TEE public key."""
+    bound = rfc8785.dumps({"nonce": b64url(nonce), "tee_pubkey": b64url(tee_pubkey)})
+    return hashlib.sha384(bound).hexdigest()
+
+
+@dataclass(frozen=True)
+class SignedEvidence:
+    """A decoded compact JWS: protected header, claims, and what the signature covers."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def encode_jws(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str:
+    """Compact JWS; ``sign(signing_input) -> raw r||s`` signature bytes."""
+    signing_input = (b64url(rfc8785.dumps(header)) + "." + b64url(rfc8785.dumps(claims))).encode()
+    return signing_input.decode() + "." + b64url(sign(signing_input))
+
+
+def decode_jws(token: str) -> SignedEvidence:
+    """Split and parse a compact JWS without verifying it."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        raise EvidenceFormatError("evidence is not a compact JWS (three dot-separated parts)")
+    try:
+        header = json.loads(b64url_decode(parts[0]))
+        claims = json.loads(b64url_decode(parts[1]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvidenceFormatError("evidence header or claims are not JSON") from exc
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise EvidenceFormatError("evidence header and claims must be JSON objects")
+    missing = [c for c in REQUIRED_CLAIMS if c not in claims]
+    if missing:
+        raise EvidenceFormatError(f"evidence lacks claims {missing}")
+    return SignedEvidence(
+        header, claims, f"{parts[0]}.{parts[1]}".encode(), b64url_decode(parts[2])
+    )

@@ -1,0 +1,129 @@
+"""The stub TEE: real ES256 signatures over real evidence, from a key certified by a
+development "manufacturer" root that stands in for a CPU vendor's endorsement.
+
+It is labelled as a stub everywhere: its evidence says ``"tee": "stub"``, and a verifier
+accepts that only under a policy that explicitly allows stubs. It proves nothing about
+hardware isolation; it exercises every check a real backend's evidence goes through.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from sandbox.attestation.evidence import (
+    EAT_PROFILE,
+    JWS_ALG,
+    JWS_TYP,
+    b64url,
+    encode_jws,
+    report_data,
+)
+
+STUB_TEE = "stub"
+STUB_HWMODEL = "ark-stub-tee/1"
+
+
+def es256_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ES256 as JOSE wants it: raw 32-byte r ‖ 32-byte s."""
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@dataclass
+class DevManufacturer:
+    """A development endorsement root that certifies stub attestation keys."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    @classmethod
+    def create(cls, *, now: dt.datetime, valid_days: int = 3650) -> DevManufacturer:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = _name("Ark DEVELOPMENT manufacturer root (stub TEE)")
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    def certify(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        ueid: str,
+        *,
+        now: dt.datetime,
+        valid_days: int = 365,
+    ) -> x509.Certificate:
+        """Issue an attestation-key certificate for one stub TEE instance."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"stub attestation key {ueid}"))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+
+
+@dataclass
+class StubAttester:
+    """Produces signed evidence for a stub TEE instance."""
+
+    key: ec.EllipticCurvePrivateKey
+    chain: list[x509.Certificate]
+    ueid: str
+    swname: str = "ark-sandbox"
+    swversion: str = "0.1.0"
+    dbgstat: str | None = "disabled-since-boot"
+    extra_claims: dict[str, Any] = field(default_factory=dict)
+
+    tee = STUB_TEE
+
+    def evidence(
+        self, *, nonce: bytes, tee_pubkey: bytes, measurements: dict[str, str], now: dt.datetime
+    ) -> str:
+        """An ES256-signed EAT over ``nonce`` binding ``tee_pubkey`` and ``measurements``."""
+        claims: dict[str, Any] = {
+            "eat_profile": EAT_PROFILE,
+            "eat_nonce": b64url(nonce),
+            "ueid": self.ueid,
+            "hwmodel": STUB_HWMODEL,
+            "swname": self.swname,
+            "swversion": self.swversion,
+            "measurements": dict(measurements),
+            "report_data": report_data(nonce, tee_pubkey),
+            "tee": self.tee,
+            "iat": int(now.timestamp()),
+            **self.extra_claims,
+        }
+        if self.dbgstat is not None:
+            claims["dbgstat"] = self.dbgstat
+        x5c = [
+            base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
+            for c in self.chain
+        ]
+        header = {"alg": JWS_ALG, "typ": JWS_TYP, "x5c": x5c}
+        return encode_jws(header, claims, lambda data: es256_sign(self.key, data))

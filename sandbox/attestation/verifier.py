@@ -1,0 +1,221 @@
+"""Appraisal of evidence against a policy of reference values (the RATS Verifier role).
+
+Every check raises a typed :class:`~sandbox.errors.AttestationError`; nothing about the
+claims is trusted until the signature and the chain have verified. Time is an input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hmac
+import itertools
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from sandbox.attestation.evidence import (
+    DBGSTAT_DISABLED,
+    JWS_ALG,
+    MIN_NONCE_BYTES,
+    b64url_decode,
+    decode_jws,
+    report_data,
+)
+from sandbox.attestation.stub import STUB_TEE
+from sandbox.errors import (
+    ChainUntrusted,
+    ConfigError,
+    DebugEnabled,
+    EvidenceFormatError,
+    MeasurementRejected,
+    NonceMismatch,
+    ReportDataMismatch,
+    SignatureInvalid,
+    TeeNotAccepted,
+)
+
+
+@dataclass(frozen=True)
+class AppraisalPolicy:
+    """Reference values and TEE acceptance rules (the provider's or the node's own)."""
+
+    policy_id: str
+    accepted_tees: frozenset[str]
+    allow_stub: bool
+    reference_values: dict[str, frozenset[str]]
+
+    @classmethod
+    def load(cls, path: Path) -> AppraisalPolicy:
+        """Read ``[policy]`` and ``[policy.reference-values]`` from a TOML file."""
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read appraisal policy: {exc}", path=path) from exc
+        section = raw.get("policy")
+        if not isinstance(section, dict):
+            raise ConfigError("missing [policy] table", path=path, key="policy")
+        policy_id = section.get("id")
+        if not isinstance(policy_id, str) or not policy_id:
+            raise ConfigError(
+                f"must be a non-empty string, got {policy_id!r}", path=path, key="policy.id"
+            )
+        tees = section.get("accepted-tees")
+        if not isinstance(tees, list) or not all(isinstance(t, str) for t in tees):
+            raise ConfigError(
+                f"must be a list of strings, got {tees!r}", path=path, key="policy.accepted-tees"
+            )
+        allow_stub = section.get("allow-stub", False)
+        if not isinstance(allow_stub, bool):
+            raise ConfigError(
+                f"must be true or false, got {allow_stub!r}", path=path, key="policy.allow-stub"
+            )
+        refs = section.get("reference-values", {})
+        if not isinstance(refs, dict):
+            raise ConfigError("must be a table", path=path, key="policy.reference-values")
+        values: dict[str, frozenset[str]] = {}
+        for name, digests in refs.items():
+            if not isinstance(digests, list) or not all(_is_hex(d) for d in digests):
+                raise ConfigError(
+                    f"must be a list of hex digests, got {digests!r}",
+                    path=path,
+                    key=f"policy.reference-values.{name}",
+                )
+            values[name] = frozenset(d.lower() for d in digests)
+        return cls(policy_id, frozenset(tees), allow_stub, values)
+
+
+def _is_hex(value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Appraisal:
+    """What passed appraisal: the verified claims, under which policy, at what time."""
+
+    claims: dict[str, Any]
+    tee: str
+    policy_id: str
+    appraised_at: dt.datetime
+
+    @property
+    def is_stub(self) -> bool:
+        return self.tee == STUB_TEE
+
+
+class Verifier:
+    """Appraises signed EAT evidence; trust anchors are the manufacturers' roots."""
+
+    def __init__(self, trusted_roots: list[x509.Certificate]):
+        self.trusted_roots = list(trusted_roots)
+
+    def appraise(
+        self,
+        token: str,
+        *,
+        nonce: bytes,
+        tee_pubkey: bytes,
+        policy: AppraisalPolicy,
+        now: dt.datetime,
+    ) -> Appraisal:
+        """Raise an AttestationError subclass unless the evidence satisfies ``policy``."""
+        evidence = decode_jws(token)
+        if evidence.header.get("alg") != JWS_ALG:
+            raise EvidenceFormatError(f"alg must be {JWS_ALG}, got {evidence.header.get('alg')!r}")
+        leaf = self._verified_leaf(evidence.header.get("x5c"), now)
+        public_key = leaf.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            public_key.curve, ec.SECP256R1
+        ):
+            raise ChainUntrusted("attestation key is not an ECDSA P-256 key")
+        signature = evidence.signature
+        if len(signature) != 64:
+            raise SignatureInvalid("ES256 signature must be 64 bytes")
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        try:
+            public_key.verify(der, evidence.signing_input, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise SignatureInvalid("evidence signature does not verify") from None
+
+        claims = evidence.claims
+        claimed_nonce = b64url_decode(claims["eat_nonce"])
+        if len(claimed_nonce) < MIN_NONCE_BYTES or len(nonce) < MIN_NONCE_BYTES:
+            raise NonceMismatch(f"nonce shorter than {MIN_NONCE_BYTES} bytes")
+        if not hmac.compare_digest(claimed_nonce, nonce):
+            raise NonceMismatch("evidence was made for a different nonce")
+        if not hmac.compare_digest(str(claims["report_data"]), report_data(nonce, tee_pubkey)):
+            raise ReportDataMismatch("report_data does not bind this nonce and TEE public key")
+        if claims.get("dbgstat") not in DBGSTAT_DISABLED:
+            raise DebugEnabled(f"debug status {claims.get('dbgstat')!r} is not disabled")
+        tee = claims["tee"]
+        if tee == STUB_TEE and not policy.allow_stub:
+            raise TeeNotAccepted("stub evidence, and the policy does not allow stubs")
+        if tee not in policy.accepted_tees:
+            raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {policy.policy_id}")
+        measurements = claims["measurements"]
+        if not isinstance(measurements, dict):
+            raise EvidenceFormatError("measurements must be an object")
+        for name, accepted in policy.reference_values.items():
+            value = measurements.get(name)
+            if not isinstance(value, str) or value.lower() not in accepted:
+                raise MeasurementRejected(f"measurement {name!r} is not a reference value")
+        return Appraisal(claims=claims, tee=tee, policy_id=policy.policy_id, appraised_at=now)
+
+    def _verified_leaf(self, x5c: Any, now: dt.datetime) -> x509.Certificate:
+        if not isinstance(x5c, list) or not x5c:
+            raise ChainUntrusted("evidence carries no x5c certificate chain")
+        try:
+            chain = [
+                x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c
+            ]
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise EvidenceFormatError("x5c holds an unreadable certificate") from exc
+        for cert in chain:
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise ChainUntrusted(
+                    f"certificate {cert.subject.rfc4514_string()} is expired or not yet valid"
+                )
+        for child, parent in itertools.pairwise(chain):
+            _issued_by(child, parent)
+        top = chain[-1]
+        for root in self.trusted_roots:
+            if top.issuer == root.subject:
+                try:
+                    top.verify_directly_issued_by(root)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                if not root.not_valid_before_utc <= now <= root.not_valid_after_utc:
+                    raise ChainUntrusted("the trusted root is expired")
+                return chain[0]
+        raise ChainUntrusted("certificate chain does not lead to a trusted root")
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ChainUntrusted("broken certificate chain") from exc
+    try:
+        constraints = parent.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise ChainUntrusted(
+            "a chain certificate without basic constraints issued another"
+        ) from None
+    if not constraints.ca:
+        raise ChainUntrusted("a chain certificate that is not a CA issued another")

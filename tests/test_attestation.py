@@ -1,0 +1,244 @@
+"""Stub attester and verifier: the positive path and one test per attack on evidence."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws
+from sandbox.attestation.stub import DevManufacturer, StubAttester, es256_sign
+from sandbox.attestation.verifier import AppraisalPolicy, Verifier
+from sandbox.errors import (
+    AttestationError,
+    ChainUntrusted,
+    ConfigError,
+    DebugEnabled,
+    EvidenceFormatError,
+    MeasurementRejected,
+    NonceMismatch,
+    ReportDataMismatch,
+    SignatureInvalid,
+    TeeNotAccepted,
+)
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+CODE = "ab" * 32
+CONFIG = "cd" * 32
+NONCE = bytes(range(32))
+TEE_KEY = b"\x04" + bytes(64)
+POLICY = AppraisalPolicy(
+    policy_id="test-policy/1",
+    accepted_tees=frozenset({"stub"}),
+    allow_stub=True,
+    reference_values={"code": frozenset({CODE}), "config": frozenset({CONFIG})},
+)
+
+
+@dataclasses.dataclass
+class World:
+    maker: DevManufacturer
+    attester: StubAttester
+    verifier: Verifier
+
+
+def _attester(maker: DevManufacturer, **changes: Any) -> StubAttester:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = maker.certify(key.public_key(), "node-1", now=NOW)
+    return dataclasses.replace(StubAttester(key=key, chain=[cert], ueid="node-1"), **changes)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    maker = DevManufacturer.create(now=NOW)
+    return World(maker, _attester(maker), Verifier([maker.certificate]))
+
+
+def _evidence(attester: StubAttester, **kwargs: Any) -> str:
+    values: dict[str, Any] = {
+        "nonce": NONCE,
+        "tee_pubkey": TEE_KEY,
+        "measurements": {"code": CODE, "config": CONFIG},
+        "now": NOW,
+    }
+    values.update(kwargs)
+    return attester.evidence(**values)
+
+
+def _appraise(world: World, token: str, **kwargs: Any) -> Any:
+    values: dict[str, Any] = {"nonce": NONCE, "tee_pubkey": TEE_KEY, "policy": POLICY, "now": NOW}
+    values.update(kwargs)
+    return world.verifier.appraise(token, **values)
+
+
+def test_valid_stub_evidence_is_affirmed_and_says_stub(world: World) -> None:
+    appraisal = _appraise(world, _evidence(world.attester))
+    assert appraisal.is_stub
+    assert appraisal.policy_id == "test-policy/1"
+    assert appraisal.claims["measurements"] == {"code": CODE, "config": CONFIG}
+
+
+def test_replayed_evidence_after_a_new_challenge(world: World) -> None:
+    old = _evidence(world.attester, nonce=NONCE)
+    with pytest.raises(NonceMismatch):
+        _appraise(world, old, nonce=bytes(reversed(NONCE)))
+
+
+def test_nonce_shorter_than_8_bytes(world: World) -> None:
+    with pytest.raises(NonceMismatch, match="shorter than 8"):
+        _appraise(world, _evidence(world.attester, nonce=b"short"), nonce=b"short")
+
+
+def test_swapped_tee_pubkey_breaks_report_data(world: World) -> None:
+    with pytest.raises(ReportDataMismatch):
+        _appraise(world, _evidence(world.attester), tee_pubkey=b"\x04" + bytes(63) + b"\x01")
+
+
+def test_modified_client_code_is_rejected(world: World) -> None:
+    token = _evidence(world.attester, measurements={"code": "ee" * 32, "config": CONFIG})
+    with pytest.raises(MeasurementRejected, match="'code'"):
+        _appraise(world, token)
+
+
+@pytest.mark.parametrize("dbgstat", ["enabled", None])
+def test_debug_enabled_or_absent(world: World, dbgstat: str | None) -> None:
+    attester = dataclasses.replace(world.attester, dbgstat=dbgstat)
+    with pytest.raises(DebugEnabled):
+        _appraise(world, _evidence(attester))
+
+
+def test_bad_signature(world: World) -> None:
+    head, body, sig = _evidence(world.attester).split(".")
+    raw = bytearray(b64url_decode(sig))
+    raw[5] ^= 1
+    with pytest.raises(SignatureInvalid):
+        _appraise(world, f"{head}.{body}.{b64url(bytes(raw))}")
+
+
+def test_claims_edited_after_signing(world: World) -> None:
+    head, body, sig = _evidence(world.attester).split(".")
+    claims = json.loads(b64url_decode(body))
+    claims["measurements"]["code"] = CODE
+    claims["swversion"] = "9.9.9"
+    with pytest.raises(SignatureInvalid):
+        _appraise(world, f"{head}.{b64url(json.dumps(claims).encode())}.{sig}")
+
+
+def _resigned(world: World, header_change: dict[str, Any], sign: Any) -> str:
+    head, body, _ = _evidence(world.attester).split(".")
+    header = {**json.loads(b64url_decode(head)), **header_change}
+    return encode_jws(header, json.loads(b64url_decode(body)), sign)
+
+
+def test_alg_none(world: World) -> None:
+    with pytest.raises(EvidenceFormatError, match="alg"):
+        _appraise(world, _resigned(world, {"alg": "none"}, lambda data: b""))
+
+
+def test_alg_hs256_keyed_with_the_public_key(world: World) -> None:
+    public_pem = (
+        world.attester.chain[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+    def hs256(data: bytes) -> bytes:
+        mac = hmac.HMAC(public_pem, hashes.SHA256())
+        mac.update(data)
+        return mac.finalize()
+
+    with pytest.raises(EvidenceFormatError, match="alg"):
+        _appraise(world, _resigned(world, {"alg": "HS256"}, hs256))
+
+
+def test_self_asserted_key_without_chain(world: World) -> None:
+    key = world.attester.key
+    with pytest.raises(ChainUntrusted, match="no x5c"):
+        _appraise(world, _resigned(world, {"x5c": []}, lambda data: es256_sign(key, data)))
+
+
+def test_chain_to_an_untrusted_root(world: World) -> None:
+    rogue = DevManufacturer.create(now=NOW)
+    with pytest.raises(ChainUntrusted, match="trusted root"):
+        _appraise(world, _evidence(_attester(rogue)))
+
+
+def test_self_signed_leaf_is_not_a_root(world: World) -> None:
+    rogue = DevManufacturer.create(now=NOW)
+    attester = StubAttester(key=rogue.key, chain=[rogue.certificate], ueid="rogue")
+    with pytest.raises(ChainUntrusted):
+        _appraise(world, _evidence(attester))
+
+
+def test_expired_attestation_certificate(world: World) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = NOW - dt.timedelta(days=400)
+    cert = world.maker.certify(key.public_key(), "node-1", now=old, valid_days=30)
+    attester = StubAttester(key=key, chain=[cert], ueid="node-1")
+    with pytest.raises(ChainUntrusted, match="expired"):
+        _appraise(world, _evidence(attester))
+
+
+def test_stub_evidence_when_policy_disallows_stubs(world: World) -> None:
+    strict = dataclasses.replace(POLICY, allow_stub=False)
+    with pytest.raises(TeeNotAccepted, match="does not allow stubs"):
+        _appraise(world, _evidence(world.attester), policy=strict)
+
+
+def test_tee_kind_not_accepted(world: World) -> None:
+    tdx_only = dataclasses.replace(POLICY, accepted_tees=frozenset({"tdx"}))
+    with pytest.raises(TeeNotAccepted, match="'stub'"):
+        _appraise(world, _evidence(world.attester), policy=tdx_only)
+
+
+@pytest.mark.parametrize("token", ["", "a.b", "not.base64!.x", "e30.e30.AA"])
+def test_garbage_is_a_format_error(world: World, token: str) -> None:
+    with pytest.raises(EvidenceFormatError):
+        _appraise(world, token)
+
+
+def test_every_failure_is_an_attestation_error() -> None:
+    for error in (
+        ChainUntrusted,
+        DebugEnabled,
+        EvidenceFormatError,
+        MeasurementRejected,
+        NonceMismatch,
+        ReportDataMismatch,
+        SignatureInvalid,
+        TeeNotAccepted,
+    ):
+        assert issubclass(error, AttestationError)
+
+
+def test_policy_file_round_trip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[policy]\nid = "p/1"\naccepted-tees = ["stub"]\nallow-stub = true\n'
+        f'[policy.reference-values]\ncode = ["{CODE.upper()}"]\n'
+    )
+    policy = AppraisalPolicy.load(path)
+    assert policy.reference_values == {"code": frozenset({CODE})}
+    assert policy.allow_stub
+    path.write_text('[policy]\nid = "p/1"\naccepted-tees = ["stub"]\nallow-stub = "yes"\n')
+    with pytest.raises(ConfigError, match=r"policy\.toml: key 'policy\.allow-stub'.*'yes'"):
+        AppraisalPolicy.load(path)
+    path.write_text(
+        '[policy]\nid = "p/1"\naccepted-tees = ["stub"]\n[policy.reference-values]\ncode = ["zz"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"key 'policy\.reference-values\.code'"):
+        AppraisalPolicy.load(path)
+
+
+def test_x5c_is_standard_base64_der(world: World) -> None:
+    head = _evidence(world.attester).split(".")[0]
+    x5c = json.loads(b64url_decode(head))["x5c"]
+    der = world.attester.chain[0].public_bytes(serialization.Encoding.DER)
+    assert base64.b64decode(x5c[0]) == der
