@@ -115,3 +115,7 @@ class MeasurementRejected(AttestationError):
 
 class TeeNotAccepted(AttestationError):
     """The TEE kind is not accepted by policy (including stubs where stubs are not allowed)."""
+
+
+class EnvelopeError(ArkError):
+    """An HPKE envelope did not open: wrong key, wrong context, or tampered. Deliberately opaque."""
