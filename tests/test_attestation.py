@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -58,7 +59,7 @@ def _attester(maker: DevManufacturer, **changes: Any) -> StubAttester:
 @pytest.fixture(scope="module")
 def world() -> World:
     maker = DevManufacturer.create(now=NOW)
-    return World(maker, _attester(maker), Verifier([maker.certificate]))
+    return World(maker, _attester(maker), Verifier({"stub": [maker.certificate]}))
 
 
 def _evidence(attester: StubAttester, **kwargs: Any) -> str:
@@ -125,10 +126,12 @@ def test_bad_signature(world: World) -> None:
 def test_claims_edited_after_signing(world: World) -> None:
     head, body, sig = _evidence(world.attester).split(".")
     claims = json.loads(b64url_decode(body))
-    claims["measurements"]["code"] = CODE
+    # Re-encoding unchanged claims the signer's way keeps the signature valid ...
+    assert b64url(rfc8785.dumps(claims)) == body
     claims["swversion"] = "9.9.9"
+    # ... so it is the edit, not the encoding, that the verifier catches.
     with pytest.raises(SignatureInvalid):
-        _appraise(world, f"{head}.{b64url(json.dumps(claims).encode())}.{sig}")
+        _appraise(world, f"{head}.{b64url(rfc8785.dumps(claims))}.{sig}")
 
 
 def _resigned(world: World, header_change: dict[str, Any], sign: Any) -> str:
@@ -242,3 +245,55 @@ def test_x5c_is_standard_base64_der(world: World) -> None:
     x5c = json.loads(b64url_decode(head))["x5c"]
     der = world.attester.chain[0].public_bytes(serialization.Encoding.DER)
     assert base64.b64decode(x5c[0]) == der
+
+
+def test_stub_key_cannot_claim_to_be_real_hardware(world: World) -> None:
+    tdx_policy = AppraisalPolicy("tdx/1", frozenset({"tdx"}), False, {})
+    verifier = Verifier({"stub": [world.maker.certificate], "tdx": []})
+    forged = dataclasses.replace(world.attester, extra_claims={"tee": "tdx", "hwmodel": "intel"})
+    with pytest.raises(TeeNotAccepted, match="certified by a 'stub' root"):
+        verifier.appraise(
+            _evidence(forged), nonce=NONCE, tee_pubkey=TEE_KEY, policy=tdx_policy, now=NOW
+        )
+
+
+def test_stub_evidence_claiming_another_hardware_model(world: World) -> None:
+    forged = dataclasses.replace(world.attester, extra_claims={"hwmodel": "intel-tdx"})
+    with pytest.raises(TeeNotAccepted, match="hardware model"):
+        _appraise(world, _evidence(forged))
+
+
+def test_node_key_cannot_claim_another_ueid(world: World) -> None:
+    spoof = dataclasses.replace(world.attester, ueid="node-99")
+    with pytest.raises(ChainUntrusted, match="ueid"):
+        _appraise(world, _evidence(spoof))
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"tee": ["stub"]},
+        {"dbgstat": ["disabled"]},
+        {"report_data": "é" * 96},
+        {"measurements": ["code"]},
+        {"measurements": {"code": 1}},
+        {"iat": "yesterday"},
+        {"iat": 2**52},
+        {"iat": int(NOW.timestamp()) + 3600},
+    ],
+    ids=[
+        "tee-list",
+        "dbgstat-list",
+        "non-ascii-report-data",
+        "measurements-list",
+        "measurement-int",
+        "iat-string",
+        "iat-overflow",
+        "iat-future",
+    ],
+)
+def test_hostile_claim_types_are_format_errors(world: World, claims: dict[str, Any]) -> None:
+    dbgstat = None if "dbgstat" in claims else world.attester.dbgstat
+    hostile = dataclasses.replace(world.attester, extra_claims=claims, dbgstat=dbgstat)
+    with pytest.raises(EvidenceFormatError):
+        _appraise(world, _evidence(hostile))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -156,7 +157,9 @@ def test_package_opens_in_memory_to_the_original_weights(
     package: tuple[Path, bytes, Ed25519PrivateKey], tiny_bert_dir: Path
 ) -> None:
     out, key, signing = package
-    opened = open_sealed_package(out, content_key=key, verify_key=signing.public_key())
+    opened = open_sealed_package(
+        out, content_key=key, verify_key=signing.public_key(), model_id="tiny-bert", key_id="k1"
+    )
     original = (tiny_bert_dir / "model.safetensors").read_bytes()
     assert opened.weights == {"model.safetensors": original}
     assert opened.plain_files["config.json"] == (tiny_bert_dir / "config.json").read_bytes()
@@ -196,6 +199,11 @@ def _flip_byte(path: Path, offset: int) -> None:
         ("missing-sealed-file", "ciphertext digest"),
         ("path-in-file-name", "malformed file list"),
         ("model-id-swapped-and-resigned", "failed authentication"),
+        ("another-package-under-the-same-key", "expected 'tiny-bert'/'k1'"),
+        ("dot-dot-file-name", "malformed file list"),
+        ("nul-in-file-name", "malformed file list"),
+        ("config-symlinked-to-dev-zero", "cannot open"),
+        ("config-replaced-by-a-fifo", "not a regular file"),
     ],
 )
 def test_tampered_package_is_refused(
@@ -203,6 +211,7 @@ def test_tampered_package_is_refused(
 ) -> None:
     out, key, signing = package
     verify = signing.public_key()
+    expected = "tiny-bert"
     if attack == "edited-manifest":
         (out / MANIFEST).write_bytes(
             (out / MANIFEST).read_bytes().replace(b"tiny-bert", b"tiny-berT")
@@ -227,8 +236,21 @@ def test_tampered_package_is_refused(
         # Even a validly signed manifest cannot move a sealed file to another model id:
         # the id is bound into every chunk's AAD.
         _rewrite_manifest(out, signing, {"model_id": "other-model"})
+        expected = "other-model"
+    elif attack == "another-package-under-the-same-key":
+        _rewrite_manifest(out, signing, {"model_id": "old-model"})
+    elif attack in ("dot-dot-file-name", "nul-in-file-name"):
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        files[0]["name"] = ".." if attack == "dot-dot-file-name" else "config\x00.json"
+        _rewrite_manifest(out, signing, {"files": files})
+    elif attack == "config-symlinked-to-dev-zero":
+        (out / "config.json").unlink()
+        (out / "config.json").symlink_to("/dev/zero")
+    elif attack == "config-replaced-by-a-fifo":
+        (out / "config.json").unlink()
+        os.mkfifo(out / "config.json")
     with pytest.raises(SealedModelError, match=message):
-        open_sealed_package(out, content_key=key, verify_key=verify)
+        open_sealed_package(out, content_key=key, verify_key=verify, model_id=expected, key_id="k1")
 
 
 def test_sealing_needs_weights(tmp_path: Path, tiny_bert_dir: Path) -> None:

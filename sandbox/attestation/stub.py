@@ -84,8 +84,17 @@ class DevManufacturer:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=valid_days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ueid_uri(ueid))]),
+                critical=False,
+            )
             .sign(self.key, hashes.SHA256())
         )
+
+
+def ueid_uri(ueid: str) -> str:
+    """The SAN URI that ties an attestation certificate to one TEE instance's ueid."""
+    return f"urn:ark:ueid:{ueid}"
 
 
 @dataclass

@@ -12,6 +12,7 @@ import datetime as dt
 import hmac
 import itertools
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from sandbox.attestation.evidence import (
     decode_jws,
     report_data,
 )
-from sandbox.attestation.stub import STUB_TEE
+from sandbox.attestation.stub import STUB_HWMODEL, STUB_TEE, ueid_uri
 from sandbox.errors import (
     ChainUntrusted,
     ConfigError,
@@ -118,10 +119,14 @@ class Appraisal:
 
 
 class Verifier:
-    """Appraises signed EAT evidence; trust anchors are the manufacturers' roots."""
+    """Appraises signed EAT evidence against manufacturers' roots, one set per TEE kind.
 
-    def __init__(self, trusted_roots: list[x509.Certificate]):
-        self.trusted_roots = list(trusted_roots)
+    A root vouches only for its own TEE kind: evidence signed under the development
+    (stub) root can never pass as another kind, whatever its claims say.
+    """
+
+    def __init__(self, trusted_roots: Mapping[str, Sequence[x509.Certificate]]):
+        self.trusted_roots = {kind: list(roots) for kind, roots in trusted_roots.items()}
 
     def appraise(
         self,
@@ -136,7 +141,7 @@ class Verifier:
         evidence = decode_jws(token)
         if evidence.header.get("alg") != JWS_ALG:
             raise EvidenceFormatError(f"alg must be {JWS_ALG}, got {evidence.header.get('alg')!r}")
-        leaf = self._verified_leaf(evidence.header.get("x5c"), now)
+        leaf, root_kind = self._verified_leaf(evidence.header.get("x5c"), now)
         public_key = leaf.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
             public_key.curve, ec.SECP256R1
@@ -154,6 +159,16 @@ class Verifier:
             raise SignatureInvalid("evidence signature does not verify") from None
 
         claims = evidence.claims
+        _check_claim_types(claims, now)
+        if claims["tee"] != root_kind:
+            raise TeeNotAccepted(
+                f"evidence claims TEE kind {claims['tee']!r} but its key is certified by a "
+                f"{root_kind!r} root"
+            )
+        if root_kind == STUB_TEE and claims["hwmodel"] != STUB_HWMODEL:
+            raise TeeNotAccepted(f"stub evidence claims hardware model {claims['hwmodel']!r}")
+        if ueid_uri(claims["ueid"]) not in _san_uris(leaf):
+            raise ChainUntrusted("the ueid claim does not match the attestation certificate")
         claimed_nonce = b64url_decode(claims["eat_nonce"])
         if len(claimed_nonce) < MIN_NONCE_BYTES or len(nonce) < MIN_NONCE_BYTES:
             raise NonceMismatch(f"nonce shorter than {MIN_NONCE_BYTES} bytes")
@@ -169,16 +184,15 @@ class Verifier:
         if tee not in policy.accepted_tees:
             raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {policy.policy_id}")
         measurements = claims["measurements"]
-        if not isinstance(measurements, dict):
-            raise EvidenceFormatError("measurements must be an object")
         for name, accepted in policy.reference_values.items():
             value = measurements.get(name)
             if not isinstance(value, str) or value.lower() not in accepted:
                 raise MeasurementRejected(f"measurement {name!r} is not a reference value")
         return Appraisal(claims=claims, tee=tee, policy_id=policy.policy_id, appraised_at=now)
 
-    def _verified_leaf(self, x5c: Any, now: dt.datetime) -> x509.Certificate:
-        if not isinstance(x5c, list) or not x5c:
+    def _verified_leaf(self, x5c: Any, now: dt.datetime) -> tuple[x509.Certificate, str]:
+        """The leaf certificate and the TEE kind of the trusted root its chain reaches."""
+        if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
             raise ChainUntrusted("evidence carries no x5c certificate chain")
         try:
             chain = [
@@ -191,19 +205,74 @@ class Verifier:
                 raise ChainUntrusted(
                     f"certificate {cert.subject.rfc4514_string()} is expired or not yet valid"
                 )
+        if _is_ca(chain[0]):
+            raise ChainUntrusted("the attestation key's certificate is a CA certificate")
         for child, parent in itertools.pairwise(chain):
             _issued_by(child, parent)
         top = chain[-1]
-        for root in self.trusted_roots:
-            if top.issuer == root.subject:
+        for kind, roots in self.trusted_roots.items():
+            for root in roots:
+                if top.issuer != root.subject:
+                    continue
                 try:
                     top.verify_directly_issued_by(root)
                 except (ValueError, TypeError, InvalidSignature):
                     continue
                 if not root.not_valid_before_utc <= now <= root.not_valid_after_utc:
                     raise ChainUntrusted("the trusted root is expired")
-                return chain[0]
+                return chain[0], kind
         raise ChainUntrusted("certificate chain does not lead to a trusted root")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _san_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+CLOCK_SKEW = dt.timedelta(seconds=60)
+_STRING_CLAIMS = (
+    "eat_profile",
+    "eat_nonce",
+    "ueid",
+    "hwmodel",
+    "swname",
+    "swversion",
+    "report_data",
+    "tee",
+)
+
+
+def _check_claim_types(claims: dict[str, Any], now: dt.datetime) -> None:
+    """Signed claims still come from an untrusted attester: check every type before use."""
+    for name in _STRING_CLAIMS:
+        if not isinstance(claims[name], str) or not claims[name].isascii():
+            raise EvidenceFormatError(f"claim {name!r} must be an ASCII string")
+    if "dbgstat" in claims and not isinstance(claims["dbgstat"], str):
+        raise EvidenceFormatError("claim 'dbgstat' must be a string")
+    measurements = claims["measurements"]
+    if not isinstance(measurements, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in measurements.items()
+    ):
+        raise EvidenceFormatError("claim 'measurements' must map names to digest strings")
+    iat = claims["iat"]
+    if isinstance(iat, bool) or not isinstance(iat, int):
+        raise EvidenceFormatError("claim 'iat' must be an integer timestamp")
+    try:
+        issued = dt.datetime.fromtimestamp(iat, dt.UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise EvidenceFormatError("claim 'iat' is out of range") from exc
+    if issued > now + CLOCK_SKEW:
+        raise EvidenceFormatError("claim 'iat' is in the future")
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:

@@ -16,10 +16,11 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
@@ -108,20 +109,38 @@ def seal_model_dir(
     return manifest
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """Read a regular file (no symlinks, FIFOs or devices) of at most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise SealedModelError(f"{path}: cannot open: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SealedModelError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise SealedModelError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
+        return handle.read(limit + 1)
+
+
 def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
     """The package's manifest, only if its signature verifies and it is well-formed."""
-    try:
-        body = (package_dir / MANIFEST).read_bytes()
-        signature = (package_dir / SIGNATURE).read_bytes()
-    except OSError as exc:
-        raise SealedModelError(f"{package_dir}: cannot read manifest or signature: {exc}") from exc
+    body = _read_regular(package_dir / MANIFEST, MAX_MANIFEST_BYTES)
+    signature = _read_regular(package_dir / SIGNATURE, 64)
     try:
         verify_key.verify(signature, body)
     except InvalidSignature:
         raise SealedModelError(
             f"{package_dir / SIGNATURE}: manifest signature is invalid"
         ) from None
-    manifest = json.loads(body)
+    try:
+        manifest = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SealedModelError(f"{package_dir / MANIFEST}: signed but not JSON") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SealedModelError(f"{package_dir / MANIFEST}: not an {FORMAT} manifest")
     if not all(isinstance(manifest.get(k), str) for k in ("model_id", "key_id")):
@@ -136,7 +155,9 @@ def _valid_entry(entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
     name = entry.get("name")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+    if not isinstance(name, str) or not name or name.startswith("."):
+        return False
+    if any(c in name for c in "/\\\x00") or Path(name).name != name:
         return False
     if not (isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
         return False
@@ -149,32 +170,85 @@ def _valid_entry(entry: Any) -> bool:
     )
 
 
+class _HashingReader:
+    """A file reader that hashes and counts what passes through it."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def _decrypt_file(path: Path, entry: dict[str, Any], manifest: dict[str, Any], key: bytes) -> bytes:
+    """Decrypt one sealed file through a single descriptor, checking ciphertext digest and size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise SealedModelError(
+            f"{path}: ciphertext digest or size does not match (cannot open: {exc.strerror})"
+        ) from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise SealedModelError(f"{path}: not a regular file")
+        reader = _HashingReader(handle)
+        context = _stream_context(manifest["model_id"], manifest["key_id"], entry["name"])
+        buffer = io.BytesIO()
+        failure: SealedModelError | None = None
+        try:
+            for chunk in decrypt_stream(key, cast(BinaryIO, reader), context=context):
+                buffer.write(chunk)
+                if buffer.tell() > entry["size"]:
+                    raise SealedModelError(f"{path}: decrypts to more than the manifest's size")
+        except SealedModelError as exc:
+            failure = exc
+            # Hash the rest (no further than the expected size), so that a changed file is
+            # reported as changed rather than as a decryption failure.
+            while reader.size <= entry["sealed_size"] and reader.read(1 << 20):
+                pass
+        if (reader.digest.hexdigest(), reader.size) != (
+            entry["sealed_sha256"],
+            entry["sealed_size"],
+        ):
+            raise SealedModelError(f"{path}: ciphertext digest or size does not match")
+        if failure is not None:
+            raise failure
+    return buffer.getvalue()
+
+
 def open_sealed_package(
-    package_dir: Path, *, content_key: bytes, verify_key: Ed25519PublicKey
+    package_dir: Path,
+    *,
+    content_key: bytes,
+    verify_key: Ed25519PublicKey,
+    model_id: str,
+    key_id: str,
 ) -> OpenedModel:
-    """Verify and decrypt a package in memory; raise SealedModelError on any mismatch."""
+    """Verify and decrypt a package in memory; raise SealedModelError on any mismatch.
+
+    ``model_id`` and ``key_id`` are the ones the content key was released for, so an
+    older or different package sealed under the same key is refused.
+    """
     manifest = read_manifest(package_dir, verify_key)
+    if (manifest["model_id"], manifest["key_id"]) != (model_id, key_id):
+        raise SealedModelError(
+            f"{package_dir}: package is {manifest['model_id']!r}/{manifest['key_id']!r}, "
+            f"expected {model_id!r}/{key_id!r}"
+        )
     plain: dict[str, bytes] = {}
     weights: dict[str, bytes] = {}
     for entry in manifest["files"]:
         name = entry["name"]
         sealed_name = entry.get("sealed")
-        stored = package_dir / (sealed_name or name)
         if sealed_name is not None:
-            digest, size = sha256_file(stored) if stored.is_file() else ("", -1)
-            if (digest, size) != (entry["sealed_sha256"], entry["sealed_size"]):
-                raise SealedModelError(f"{stored}: ciphertext digest or size does not match")
-            buffer = io.BytesIO()
-            context = _stream_context(manifest["model_id"], manifest["key_id"], name)
-            with stored.open("rb") as src:
-                for chunk in decrypt_stream(content_key, src, context=context):
-                    buffer.write(chunk)
-            data = buffer.getvalue()
+            data = _decrypt_file(package_dir / sealed_name, entry, manifest, content_key)
         else:
-            try:
-                data = stored.read_bytes()
-            except OSError as exc:
-                raise SealedModelError(f"{stored}: missing from the package") from exc
+            data = _read_regular(package_dir / name, entry["size"])
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise SealedModelError(f"{package_dir}: plaintext digest of {name} does not match")
         (weights if sealed_name is not None else plain)[name] = data

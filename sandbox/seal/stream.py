@@ -26,8 +26,21 @@ KEY_SIZE = 32
 PREFIX_SIZE = 7
 TAG_SIZE = 16
 HEADER_SIZE = len(MAGIC) + 4 + PREFIX_SIZE
-MAX_CHUNK_SIZE = 1 << 26
+MAX_CHUNK_SIZE = 1 << 24
 _MAX_COUNTER = 0xFFFFFFFF
+
+
+def _read_exact(src: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes, looping over short reads (pipes, sockets); short only at EOF."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining:
+        part = src.read(remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
 
 
 def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
@@ -60,9 +73,9 @@ def encrypt_stream(
     aad = header + context
     written = dst.write(header)
     counter = 0
-    current = src.read(chunk_size)
+    current = _read_exact(src, chunk_size)
     while True:
-        following = src.read(chunk_size)
+        following = _read_exact(src, chunk_size)
         last = not following
         sealed = aead.encrypt(_nonce(prefix, counter, last), current, aad)
         written += dst.write(sealed)
@@ -73,13 +86,13 @@ def encrypt_stream(
 
 
 def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterator[bytes]:
-    """Yield plaintext chunks of a stream, holding at most one chunk in memory.
+    """Yield plaintext chunks of a stream, holding at most two sealed chunks in memory.
 
     Raises SealedModelError on any tampering. Truncation is only detectable at the end,
     so a caller must not act on the plaintext until the iterator finishes cleanly.
     """
     aead = _check_key(key)
-    header = src.read(HEADER_SIZE)
+    header = _read_exact(src, HEADER_SIZE)
     if len(header) != HEADER_SIZE or not header.startswith(MAGIC):
         raise SealedModelError("not an ark stream (bad header)")
     (chunk_size,) = struct.unpack(">I", header[len(MAGIC) : len(MAGIC) + 4])
@@ -89,9 +102,9 @@ def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterat
     aad = header + context
     sealed_size = chunk_size + TAG_SIZE
     counter = 0
-    current = src.read(sealed_size)
+    current = _read_exact(src, sealed_size)
     while True:
-        following = src.read(sealed_size)
+        following = _read_exact(src, sealed_size)
         last = not following
         try:
             plain = aead.decrypt(_nonce(prefix, counter, last), current, aad)
