@@ -27,6 +27,7 @@ from sandbox.attestation.evidence import (
     DBGSTAT_DISABLED,
     JWS_ALG,
     MIN_NONCE_BYTES,
+    REQUIRED_CLAIMS,
     b64url_decode,
     decode_jws,
     report_data,
@@ -240,16 +241,7 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
 
 
 CLOCK_SKEW = dt.timedelta(seconds=60)
-_STRING_CLAIMS = (
-    "eat_profile",
-    "eat_nonce",
-    "ueid",
-    "hwmodel",
-    "swname",
-    "swversion",
-    "report_data",
-    "tee",
-)
+_STRING_CLAIMS = tuple(c for c in REQUIRED_CLAIMS if c not in ("measurements", "iat"))
 
 
 def _check_claim_types(claims: dict[str, Any], now: dt.datetime) -> None:

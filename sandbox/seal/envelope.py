@@ -81,6 +81,10 @@ def open_envelope(
         raise EnvelopeError("envelope did not open") from exc
 
 
+def _release_context(session_id: str, key_id: str, model_id: str) -> dict[str, str | int]:
+    return {"session": session_id, "key_id": key_id, "model_id": model_id}
+
+
 def wrap_content_key(
     content_key: bytes,
     tee_public_key: Any,
@@ -91,9 +95,12 @@ def wrap_content_key(
     suite: str = SUITE_X25519,
 ) -> bytes:
     """The key broker's release: the content key sealed to an attested sandbox key."""
-    context = {"session": session_id, "key_id": key_id, "model_id": model_id}
     return seal_to(
-        tee_public_key, content_key, purpose=PURPOSE_KEY_RELEASE, context=context, suite=suite
+        tee_public_key,
+        content_key,
+        purpose=PURPOSE_KEY_RELEASE,
+        context=_release_context(session_id, key_id, model_id),
+        suite=suite,
     )
 
 
@@ -107,7 +114,10 @@ def unwrap_content_key(
     suite: str = SUITE_X25519,
 ) -> bytes:
     """Inverse of :func:`wrap_content_key`, inside the sandbox that holds the private key."""
-    context = {"session": session_id, "key_id": key_id, "model_id": model_id}
     return open_envelope(
-        tee_private_key, envelope, purpose=PURPOSE_KEY_RELEASE, context=context, suite=suite
+        tee_private_key,
+        envelope,
+        purpose=PURPOSE_KEY_RELEASE,
+        context=_release_context(session_id, key_id, model_id),
+        suite=suite,
     )
