@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from safetensors.numpy import load_file
 
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
+from sandbox.digests import sha256_file
 from sandbox.federation import Federation, server_app_pids, write_run_config
 from sandbox.processes import still_running
 from tests.conftest import make_spec
@@ -163,10 +163,6 @@ def test_node_dropping_mid_round_does_not_fail_the_run(
     assert not any(e["kind"] == "train" for e in _journal(configs[victim])), "victim replied"
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_killed_serverapp_resumes_from_last_checkpoint(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
@@ -188,7 +184,7 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
         os.kill(pid, signal.SIGKILL)
     assert json.loads(state_file.read_text())["round"] == 1, "killed too late: round 2 finished"
     round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
-    round1_digest = _sha(round1)
+    round1_digest = sha256_file(round1)
 
     second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
     outcome = federation.wait(second_run, timeout=600)
@@ -197,7 +193,7 @@ def test_killed_serverapp_resumes_from_last_checkpoint(
     state = json.loads(state_file.read_text())
     assert state["round"] == 2
     assert state["finished"] is True
-    assert _sha(round1) == round1_digest, "round 1 was redone"
+    assert sha256_file(round1) == round1_digest, "round 1 was redone"
     for config in configs.values():
         journal = _journal(config)
         round1_trains = [e for e in journal if e["kind"] == "train" and e["round"] == 1]
