@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ark-installed
 WORKDIR ?= .ark-demo
 
-.PHONY: demo test lint typecheck unit bench protos clean
+.PHONY: demo test lint typecheck unit bench protos protos-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,19 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: lint typecheck protos-check unit
+
+# Generated protobuf/gRPC modules are committed; this is the one command that makes them.
+protos: $(STAMP)
+	PYTHON=$(BIN)/python protos/generate.sh
+
+# Fails when the committed generated code differs from what the .proto sources produce.
+protos-check: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	PYTHON=$(BIN)/python protos/generate.sh "$$tmp" && \
+	for f in $$(cd "$$tmp" && find protos -type f | sort); do \
+		diff -u "$$f" "$$tmp/$$f" || { echo "$$f is stale: run make protos" >&2; exit 1; }; \
+	done && echo "generated protos are up to date"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -15,3 +15,8 @@ def sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of in-memory bytes."""
+    return hashlib.sha256(data).hexdigest()

@@ -82,7 +82,12 @@ class SealedModelError(ArkError):
 
 
 class AttestationError(ArkError):
-    """Evidence failed appraisal. Subclasses name the cause."""
+    """Evidence failed appraisal. Subclasses name the cause.
+
+    ``dimension`` is the EAR trustworthiness-vector claim the failure contraindicates.
+    """
+
+    dimension = "instance-identity"
 
 
 class EvidenceFormatError(AttestationError):
@@ -100,21 +105,74 @@ class ChainUntrusted(AttestationError):
 class NonceMismatch(AttestationError):
     """The evidence nonce is not the one the verifier issued, or is too short."""
 
+    dimension = "runtime-opaque"
+
 
 class ReportDataMismatch(AttestationError):
     """report_data does not bind the nonce and the TEE public key the caller presented."""
+
+    dimension = "runtime-opaque"
 
 
 class DebugEnabled(AttestationError):
     """The TEE reports debug enabled, or does not report its debug status at all."""
 
+    dimension = "configuration"
+
 
 class MeasurementRejected(AttestationError):
     """A measured digest is not among the policy's reference values."""
 
+    dimension = "executables"
+
 
 class TeeNotAccepted(AttestationError):
     """The TEE kind is not accepted by policy (including stubs where stubs are not allowed)."""
+
+    dimension = "hardware"
+
+
+class NodeNotAllowed(AttestationError):
+    """The attested TEE instance (its ueid) is not on the policy's node allowlist."""
+
+
+class SessionError(AttestationError):
+    """The attestation session is unknown, expired or already used."""
+
+    dimension = "runtime-opaque"
+
+
+class SessionUnknown(SessionError):
+    """No such session: never issued, or issued by another broker instance."""
+
+
+class SessionExpired(SessionError):
+    """The session's nonce expired before evidence arrived."""
+
+
+class SessionUsed(SessionError):
+    """The session's nonce was already used once; nonces are single-use."""
+
+
+class ResultInvalid(AttestationError):
+    """An attestation result (EAR) is malformed, tampered, not affirming or not ours."""
+
+
+class ResultExpired(ResultInvalid):
+    """An attestation result (EAR) is past its ``exp``."""
+
+
+class KeyReleaseDenied(ArkError):
+    """The key broker refused to release a key. Carries its denial code and public reason."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"key release denied ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class KeyBrokerUnavailable(ArkError):
+    """The key broker could not be reached, or its TLS identity did not verify."""
 
 
 class EnvelopeError(ArkError):

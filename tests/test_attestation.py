@@ -14,8 +14,8 @@ import rfc8785
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws
-from sandbox.attestation.stub import DevManufacturer, StubAttester, es256_sign
+from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
+from sandbox.attestation.stub import DevManufacturer, StubAttester
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
 from sandbox.errors import (
     AttestationError,

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
-from sandbox.errors import EvidenceFormatError
+from sandbox.errors import EvidenceFormatError, SignatureInvalid
 
 EAT_PROFILE = "tag:ark-sandbox.dev,2026:eat/1"
 JWS_ALG = "ES256"
@@ -63,6 +70,25 @@ def report_data(nonce: bytes, tee_pubkey: bytes) -> str:
     return hashlib.sha384(bound).hexdigest()
 
 
+def es256_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ES256 as JOSE wants it: raw 32-byte r ‖ 32-byte s."""
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def es256_verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> None:
+    """Verify a raw r ‖ s ES256 signature; raise SignatureInvalid otherwise."""
+    if len(signature) != 64:
+        raise SignatureInvalid("ES256 signature must be 64 bytes")
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+    try:
+        key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureInvalid("signature does not verify") from None
+
+
 @dataclass(frozen=True)
 class SignedEvidence:
     """A decoded compact JWS: protected header, claims, and what the signature covers."""
@@ -79,8 +105,8 @@ def encode_jws(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str
     return signing_input.decode() + "." + b64url(sign(signing_input))
 
 
-def decode_jws(token: str) -> SignedEvidence:
-    """Split and parse a compact JWS without verifying it."""
+def decode_jws(token: str, required: tuple[str, ...] = REQUIRED_CLAIMS) -> SignedEvidence:
+    """Split and parse a compact JWS without verifying it; ``required`` claims must exist."""
     parts = token.split(".") if isinstance(token, str) else []
     if len(parts) != 3:
         raise EvidenceFormatError("evidence is not a compact JWS (three dot-separated parts)")
@@ -91,9 +117,9 @@ def decode_jws(token: str) -> SignedEvidence:
         raise EvidenceFormatError("evidence header or claims are not JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise EvidenceFormatError("evidence header and claims must be JSON objects")
-    missing = [c for c in REQUIRED_CLAIMS if c not in claims]
+    missing = [c for c in required if c not in claims]
     if missing:
-        raise EvidenceFormatError(f"evidence lacks claims {missing}")
+        raise EvidenceFormatError(f"token lacks claims {missing}")
     return SignedEvidence(
         header, claims, f"{parts[0]}.{parts[1]}".encode(), b64url_decode(parts[2])
     )

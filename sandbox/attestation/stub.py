@@ -16,7 +16,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from sandbox.attestation.evidence import (
@@ -25,17 +24,12 @@ from sandbox.attestation.evidence import (
     JWS_TYP,
     b64url,
     encode_jws,
+    es256_sign,
     report_data,
 )
 
 STUB_TEE = "stub"
 STUB_HWMODEL = "ark-stub-tee/1"
-
-
-def es256_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    """ES256 as JOSE wants it: raw 32-byte r ‖ 32-byte s."""
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def _name(common_name: str) -> x509.Name:

@@ -13,15 +13,13 @@ import hmac
 import itertools
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sandbox.attestation.evidence import (
     DBGSTAT_DISABLED,
@@ -30,6 +28,7 @@ from sandbox.attestation.evidence import (
     REQUIRED_CLAIMS,
     b64url_decode,
     decode_jws,
+    es256_verify,
     report_data,
 )
 from sandbox.attestation.stub import STUB_HWMODEL, STUB_TEE, ueid_uri
@@ -39,6 +38,7 @@ from sandbox.errors import (
     DebugEnabled,
     EvidenceFormatError,
     MeasurementRejected,
+    NodeNotAllowed,
     NonceMismatch,
     ReportDataMismatch,
     SignatureInvalid,
@@ -54,6 +54,8 @@ class AppraisalPolicy:
     accepted_tees: frozenset[str]
     allow_stub: bool
     reference_values: dict[str, frozenset[str]]
+    allowed_nodes: frozenset[str] | None = None
+    advisory_values: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> AppraisalPolicy:
@@ -80,19 +82,42 @@ class AppraisalPolicy:
             raise ConfigError(
                 f"must be true or false, got {allow_stub!r}", path=path, key="policy.allow-stub"
             )
-        refs = section.get("reference-values", {})
-        if not isinstance(refs, dict):
-            raise ConfigError("must be a table", path=path, key="policy.reference-values")
-        values: dict[str, frozenset[str]] = {}
-        for name, digests in refs.items():
-            if not isinstance(digests, list) or not all(_is_hex(d) for d in digests):
-                raise ConfigError(
-                    f"must be a list of hex digests, got {digests!r}",
-                    path=path,
-                    key=f"policy.reference-values.{name}",
-                )
-            values[name] = frozenset(d.lower() for d in digests)
-        return cls(policy_id, frozenset(tees), allow_stub, values)
+        values = _digest_table(section, "reference-values", path)
+        advisory = _digest_table(section, "advisory-values", path)
+        nodes = section.get("allowed-nodes")
+        if nodes is not None and (
+            not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes)
+        ):
+            raise ConfigError(
+                f"must be a list of node ueids, got {nodes!r}",
+                path=path,
+                key="policy.allowed-nodes",
+            )
+        return cls(
+            policy_id,
+            frozenset(tees),
+            allow_stub,
+            values,
+            allowed_nodes=None if nodes is None else frozenset(nodes),
+            advisory_values=advisory,
+        )
+
+
+def _digest_table(section: dict[str, Any], name: str, path: Path) -> dict[str, frozenset[str]]:
+    """``[policy.<name>]``: measurement name → list of accepted hex digests."""
+    table = section.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError("must be a table", path=path, key=f"policy.{name}")
+    values: dict[str, frozenset[str]] = {}
+    for measurement, digests in table.items():
+        if not isinstance(digests, list) or not all(_is_hex(d) for d in digests):
+            raise ConfigError(
+                f"must be a list of hex digests, got {digests!r}",
+                path=path,
+                key=f"policy.{name}.{measurement}",
+            )
+        values[measurement] = frozenset(d.lower() for d in digests)
+    return values
 
 
 def _is_hex(value: Any) -> bool:
@@ -113,6 +138,7 @@ class Appraisal:
     tee: str
     policy_id: str
     appraised_at: dt.datetime
+    warnings: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_stub(self) -> bool:
@@ -120,7 +146,10 @@ class Appraisal:
 
 
 class Verifier:
-    """Appraises signed EAT evidence against manufacturers' roots, one set per TEE kind.
+    """Appraises x5c-signed EAT evidence against manufacturers' roots, one set per TEE kind.
+
+    It serves every TEE kind whose evidence is a JWS with an ``x5c`` chain (the stub
+    today); a kind with another evidence format brings its own :class:`EvidenceVerifier`.
 
     A root vouches only for its own TEE kind: evidence signed under the development
     (stub) root can never pass as another kind, whatever its claims say.
@@ -148,15 +177,9 @@ class Verifier:
             public_key.curve, ec.SECP256R1
         ):
             raise ChainUntrusted("attestation key is not an ECDSA P-256 key")
-        signature = evidence.signature
-        if len(signature) != 64:
-            raise SignatureInvalid("ES256 signature must be 64 bytes")
-        der = encode_dss_signature(
-            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-        )
         try:
-            public_key.verify(der, evidence.signing_input, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
+            es256_verify(public_key, evidence.signature, evidence.signing_input)
+        except SignatureInvalid:
             raise SignatureInvalid("evidence signature does not verify") from None
 
         claims = evidence.claims
@@ -184,12 +207,24 @@ class Verifier:
             raise TeeNotAccepted("stub evidence, and the policy does not allow stubs")
         if tee not in policy.accepted_tees:
             raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {policy.policy_id}")
+        if policy.allowed_nodes is not None and claims["ueid"] not in policy.allowed_nodes:
+            raise NodeNotAllowed(f"node {claims['ueid']!r} is not on the policy's allowlist")
         measurements = claims["measurements"]
         for name, accepted in policy.reference_values.items():
-            value = measurements.get(name)
-            if not isinstance(value, str) or value.lower() not in accepted:
+            if measurements.get(name, "").lower() not in accepted:
                 raise MeasurementRejected(f"measurement {name!r} is not a reference value")
-        return Appraisal(claims=claims, tee=tee, policy_id=policy.policy_id, appraised_at=now)
+        warnings = {
+            name: f"measurement {name!r} is not among the advisory values"
+            for name, accepted in policy.advisory_values.items()
+            if measurements.get(name, "").lower() not in accepted
+        }
+        return Appraisal(
+            claims=claims,
+            tee=tee,
+            policy_id=policy.policy_id,
+            appraised_at=now,
+            warnings=warnings,
+        )
 
     def _verified_leaf(self, x5c: Any, now: dt.datetime) -> tuple[x509.Certificate, str]:
         """The leaf certificate and the TEE kind of the trusted root its chain reaches."""

@@ -8,11 +8,13 @@ replayed or redirected envelope fails. Failures collapse into one opaque Envelop
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from sandbox.errors import EnvelopeError
 
@@ -27,17 +29,56 @@ SUITES: dict[str, hpke.Suite] = {
 PURPOSE_KEY_RELEASE = "key-release"
 
 
-def generate_private_key(suite: str = SUITE_X25519) -> Any:
-    """A fresh recipient key pair for ``suite`` (ephemeral sandbox and aggregator keys)."""
-    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+@dataclass(frozen=True)
+class RecipientKey:
+    """An HPKE recipient key pair and the wire form of its public half.
 
-    if suite == SUITE_X25519:
-        return x25519.X25519PrivateKey.generate()
-    if suite == SUITE_MLKEM768_X25519:
-        return hpke.MLKEM768X25519PrivateKey(
-            mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
-        )
-    raise EnvelopeError(f"unknown HPKE suite {suite!r}; known: {sorted(SUITES)}")
+    The hybrid suite's public key object has no byte accessor, so the wire form is kept
+    from generation: ML-KEM-768 public key ‖ X25519 public key (1184 + 32 bytes).
+    """
+
+    suite: str
+    private_key: Any
+    public_bytes: bytes
+
+    @classmethod
+    def generate(cls, suite: str = SUITE_X25519) -> RecipientKey:
+        """A fresh key pair for ``suite`` (ephemeral sandbox and aggregator keys)."""
+        _suite(suite)
+        if suite == SUITE_MLKEM768_X25519:
+            kem, dh = mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+            return cls(
+                suite,
+                hpke.MLKEM768X25519PrivateKey(kem, dh),
+                kem.public_key().public_bytes_raw() + dh.public_key().public_bytes_raw(),
+            )
+        key = x25519.X25519PrivateKey.generate()
+        return cls(suite, key, key.public_key().public_bytes_raw())
+
+    def public_key(self) -> Any:
+        return self.private_key.public_key()
+
+
+def load_public_key(suite: str, data: bytes) -> Any:
+    """The public key object for a wire-form public key of ``suite``; EnvelopeError if malformed."""
+    _suite(suite)
+    expected = _HYBRID_PUBLIC_BYTES if suite == SUITE_MLKEM768_X25519 else _X25519_BYTES
+    if not isinstance(data, bytes) or len(data) != expected:
+        raise EnvelopeError(f"a {suite} public key is {expected} bytes")
+    try:
+        if suite == SUITE_MLKEM768_X25519:
+            split = expected - _X25519_BYTES
+            return hpke.MLKEM768X25519PublicKey(
+                mlkem.MLKEM768PublicKey.from_public_bytes(data[:split]),
+                x25519.X25519PublicKey.from_public_bytes(data[split:]),
+            )
+        return x25519.X25519PublicKey.from_public_bytes(data)
+    except ValueError as exc:
+        raise EnvelopeError(f"malformed {suite} public key") from exc
+
+
+_X25519_BYTES = 32
+_HYBRID_PUBLIC_BYTES = 1184 + _X25519_BYTES
 
 
 def envelope_info(purpose: str, context: Mapping[str, str | int]) -> bytes:

@@ -1,0 +1,74 @@
+"""Attester and verifier backends, registered by TEE kind.
+
+Callers (the key broker, the ClientApp) talk to these protocols only, so a TDX, SEV-SNP
+or NVIDIA CC backend is a new registration, not a change to any caller.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Protocol
+
+from sandbox.attestation.verifier import Appraisal, AppraisalPolicy
+from sandbox.errors import TeeNotAccepted
+
+
+class Attester(Protocol):
+    """Produces evidence for one TEE instance (the RATS Attester role)."""
+
+    tee: str
+
+    def evidence(
+        self, *, nonce: bytes, tee_pubkey: bytes, measurements: dict[str, str], now: dt.datetime
+    ) -> str:
+        """Signed evidence over ``nonce`` that binds ``tee_pubkey`` and ``measurements``."""
+        ...
+
+
+class EvidenceVerifier(Protocol):
+    """Appraises one kind of evidence against a policy (the RATS Verifier role)."""
+
+    def appraise(
+        self,
+        token: str,
+        *,
+        nonce: bytes,
+        tee_pubkey: bytes,
+        policy: AppraisalPolicy,
+        now: dt.datetime,
+    ) -> Appraisal:
+        """Return the appraisal, or raise an AttestationError subclass naming the cause."""
+        ...
+
+
+class VerifierRegistry:
+    """One evidence verifier per TEE kind; an unregistered kind is refused, never guessed."""
+
+    def __init__(self, backends: Mapping[str, EvidenceVerifier]):
+        self._backends = dict(backends)
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._backends)
+
+    def appraise(
+        self,
+        tee: str,
+        token: str,
+        *,
+        nonce: bytes,
+        tee_pubkey: bytes,
+        policy: AppraisalPolicy,
+        now: dt.datetime,
+    ) -> Appraisal:
+        """Dispatch to the backend for ``tee``; its appraisal must agree on the kind."""
+        backend = self._backends.get(tee)
+        if backend is None:
+            raise TeeNotAccepted(f"no verifier backend for TEE kind {tee!r}")
+        appraisal = backend.appraise(
+            token, nonce=nonce, tee_pubkey=tee_pubkey, policy=policy, now=now
+        )
+        if appraisal.tee != tee:
+            raise TeeNotAccepted(f"evidence presented as {tee!r} appraised as {appraisal.tee!r}")
+        return appraisal

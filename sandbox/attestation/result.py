@@ -1,0 +1,228 @@
+"""Attestation results in the EAR shape (veraison/ear), signed as an ES256 JWT.
+
+One submodule, ``ark-sandbox``, carries ``ear.status``, ``ear.trustworthiness-vector``
+and ``ear.appraisal-policy-id``; ``ark.*`` extension claims say which TEE kind it was
+(``ark.tee``, and ``ark.stub`` which is true for every result made from stub evidence),
+the node, its measurements, and the sandbox key and session the result is bound to.
+
+Status is the worst tier of the vector (AR4SI tiers): 2 affirming, 32 warning,
+96 contraindicated, 0 none (not appraised).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sandbox.attestation.evidence import (
+    b64url,
+    b64url_decode,
+    decode_jws,
+    encode_jws,
+    es256_sign,
+    es256_verify,
+)
+from sandbox.attestation.stub import STUB_TEE
+from sandbox.attestation.verifier import Appraisal
+from sandbox.digests import sha256_hex
+from sandbox.errors import (
+    AttestationError,
+    EvidenceFormatError,
+    ResultExpired,
+    ResultInvalid,
+    SignatureInvalid,
+)
+
+EAR_PROFILE = "tag:github.com,2023:veraison/ear"
+EAR_TYP = "JWT"
+SUBMOD = "ark-sandbox"
+AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
+TIER_VALUE = {NONE: 0, AFFIRMING: 2, WARNING: 32, CONTRAINDICATED: 96}
+# The AR4SI claims this verifier appraises; the others stay "none" (0).
+DIMENSIONS = (
+    "instance-identity",
+    "configuration",
+    "executables",
+    "hardware",
+    "runtime-opaque",
+)
+DEFAULT_LIFETIME = dt.timedelta(minutes=10)
+
+
+def status_of(vector: Mapping[str, int]) -> str:
+    """The worst tier in the vector; ``none`` when nothing was appraised."""
+    worst = max(vector.values(), default=0)
+    if worst >= TIER_VALUE[CONTRAINDICATED]:
+        return CONTRAINDICATED
+    if worst >= TIER_VALUE[WARNING]:
+        return WARNING
+    return AFFIRMING if worst else NONE
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """What a result is about and bound to, beyond the appraisal itself."""
+
+    session_id: str
+    tee: str
+    tee_pubkey: bytes
+    hpke_suite: str
+    evidence: str
+    policy_id: str
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    """A verified EAR: its claims and the fields callers act on."""
+
+    token: str
+    claims: dict[str, Any]
+
+    @property
+    def submod(self) -> dict[str, Any]:
+        submod: dict[str, Any] = self.claims["submods"][SUBMOD]
+        return submod
+
+    @property
+    def status(self) -> str:
+        return str(self.submod["ear.status"])
+
+    @property
+    def is_stub(self) -> bool:
+        return bool(self.submod["ark.stub"])
+
+    @property
+    def session_id(self) -> str:
+        return str(self.submod["ark.session"])
+
+    @property
+    def tee_pubkey(self) -> bytes:
+        return b64url_decode(self.submod["ark.tee-pubkey"])
+
+    @property
+    def hpke_suite(self) -> str:
+        return str(self.submod["ark.hpke-suite"])
+
+    @property
+    def ueid(self) -> str | None:
+        ueid = self.submod.get("ark.ueid")
+        return None if ueid is None else str(ueid)
+
+    @property
+    def expires_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.claims["exp"], dt.UTC)
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of the signed token, as the transparency log records it."""
+        return sha256_hex(self.token.encode())
+
+
+@dataclass
+class ResultSigner:
+    """The verifier's identity: signs EARs with its own ES256 key."""
+
+    key: ec.EllipticCurvePrivateKey
+    verifier_id: dict[str, str]
+    lifetime: dt.timedelta = DEFAULT_LIFETIME
+
+    def affirm(
+        self, appraisal: Appraisal, context: ResultContext, *, now: dt.datetime
+    ) -> AttestationResult:
+        """The result for evidence that passed appraisal (affirming, or warning if advised)."""
+        vector = {name: TIER_VALUE[AFFIRMING] for name in DIMENSIONS}
+        for name in appraisal.warnings:
+            vector[_dimension_of_measurement(name)] = TIER_VALUE[WARNING]
+        claims = appraisal.claims
+        return self._sign(
+            vector,
+            context,
+            now=now,
+            extra={
+                "ark.ueid": claims["ueid"],
+                "ark.measurements": dict(claims["measurements"]),
+                "ark.warnings": dict(appraisal.warnings),
+            },
+        )
+
+    def contraindicate(
+        self, error: AttestationError, context: ResultContext, *, now: dt.datetime
+    ) -> AttestationResult:
+        """The result for evidence that failed: the failed dimension is contraindicated."""
+        vector = {name: TIER_VALUE[NONE] for name in DIMENSIONS}
+        vector[error.dimension] = TIER_VALUE[CONTRAINDICATED]
+        return self._sign(vector, context, now=now, extra={"ark.failure": type(error).__name__})
+
+    def _sign(
+        self,
+        vector: dict[str, int],
+        context: ResultContext,
+        *,
+        now: dt.datetime,
+        extra: dict[str, Any],
+    ) -> AttestationResult:
+        submod: dict[str, Any] = {
+            "ear.status": status_of(vector),
+            "ear.trustworthiness-vector": vector,
+            "ear.appraisal-policy-id": context.policy_id,
+            "ark.tee": context.tee,
+            "ark.stub": context.tee == STUB_TEE,
+            "ark.session": context.session_id,
+            "ark.tee-pubkey": b64url(context.tee_pubkey),
+            "ark.hpke-suite": context.hpke_suite,
+            "ark.evidence-sha256": sha256_hex(context.evidence.encode()),
+            **extra,
+        }
+        issued = int(now.timestamp())
+        claims = {
+            "eat_profile": EAR_PROFILE,
+            "iat": issued,
+            "exp": issued + int(self.lifetime.total_seconds()),
+            "ear.verifier-id": dict(self.verifier_id),
+            "submods": {SUBMOD: submod},
+        }
+        header = {"alg": "ES256", "typ": EAR_TYP}
+        token = encode_jws(header, claims, lambda data: es256_sign(self.key, data))
+        return AttestationResult(token, claims)
+
+
+def _dimension_of_measurement(name: str) -> str:
+    return "executables" if name == "code" else "configuration"
+
+
+_REQUIRED = ("eat_profile", "iat", "exp", "ear.verifier-id", "submods")
+
+
+def verify_result(
+    token: str, public_key: ec.EllipticCurvePublicKey, *, now: dt.datetime
+) -> AttestationResult:
+    """Verify an EAR's signature, shape and expiry; raise ResultInvalid or ResultExpired."""
+    try:
+        signed = decode_jws(token, required=_REQUIRED)
+        if signed.header.get("alg") != "ES256":
+            raise ResultInvalid(f"EAR alg must be ES256, got {signed.header.get('alg')!r}")
+        es256_verify(public_key, signed.signature, signed.signing_input)
+    except (EvidenceFormatError, SignatureInvalid) as exc:
+        raise ResultInvalid(f"attestation result does not verify: {exc}") from exc
+    claims = signed.claims
+    submod = claims["submods"].get(SUBMOD) if isinstance(claims["submods"], dict) else None
+    if (
+        claims["eat_profile"] != EAR_PROFILE
+        or not isinstance(submod, dict)
+        or not all(isinstance(claims[k], int) for k in ("iat", "exp"))
+        or submod.get("ear.status") not in TIER_VALUE
+        or not isinstance(submod.get("ark.stub"), bool)
+        or not all(
+            isinstance(submod.get(k), str) for k in ("ark.session", "ark.tee-pubkey", "ark.tee")
+        )
+    ):
+        raise ResultInvalid("attestation result is not an Ark EAR")
+    if submod["ark.stub"] != (submod["ark.tee"] == STUB_TEE):
+        raise ResultInvalid("attestation result hides that it came from stub evidence")
+    if now.timestamp() >= claims["exp"]:
+        raise ResultExpired("attestation result has expired")
+    return AttestationResult(token, claims)

@@ -1,0 +1,87 @@
+"""Structured security events and the one sink interface every service writes them to.
+
+The key broker records each appraisal, release and denial here (and the ServerApp its
+rounds); the transparency log is one more :class:`EventSink`. Events hold digests,
+ids and statuses, never key material or private data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+ATTESTATION_APPRAISED = "attestation_appraised"
+KEY_RELEASED = "key_released"
+KEY_DENIED = "key_denied"
+MODEL_PUBLISHED = "model_published"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event: its kind, when it happened, and JSON-serialisable fields."""
+
+    kind: str
+    time: dt.datetime
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "time": self.time.isoformat(), **self.fields}
+
+
+class EventSink(Protocol):
+    """Where events go. Implementations must persist an event before ``emit`` returns."""
+
+    def emit(self, event: Event) -> None: ...
+
+
+class JsonlEventSink:
+    """Appends each event as one JSON line and fsyncs it; safe across threads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: Event) -> None:
+        line = json.dumps(event.to_json(), sort_keys=True) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every event written so far, oldest first."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line]
+
+
+class MemoryEventSink:
+    """Keeps events in a list: for tests and for fan-out before a durable sink exists."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.events]
+
+
+class FanOutSink:
+    """Emits every event to several sinks, in order."""
+
+    def __init__(self, sinks: Sequence[EventSink]):
+        self.sinks = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.emit(event)

@@ -1,0 +1,1 @@
+"""The key broker: attestation-gated release of sealed-model content keys."""

@@ -1,0 +1,393 @@
+"""The key broker's decisions, with no I/O: sessions, appraisal, release, denial, events.
+
+The gRPC service (:mod:`sandbox.keybroker.service`) only translates messages to and from
+this state machine, so tests drive every attack here and over the wire alike.
+A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox.attestation.backends import VerifierRegistry
+from sandbox.attestation.result import (
+    AFFIRMING,
+    AttestationResult,
+    ResultContext,
+    ResultSigner,
+    verify_result,
+)
+from sandbox.attestation.verifier import AppraisalPolicy
+from sandbox.digests import sha256_hex
+from sandbox.errors import (
+    ArkError,
+    AttestationError,
+    ChainUntrusted,
+    ConfigError,
+    DebugEnabled,
+    EnvelopeError,
+    EvidenceFormatError,
+    MeasurementRejected,
+    NodeNotAllowed,
+    NonceMismatch,
+    ReportDataMismatch,
+    ResultExpired,
+    ResultInvalid,
+    SessionExpired,
+    SessionUnknown,
+    SessionUsed,
+    SignatureInvalid,
+    TeeNotAccepted,
+)
+from sandbox.events import ATTESTATION_APPRAISED, KEY_DENIED, KEY_RELEASED, Event, EventSink
+from sandbox.seal.envelope import load_public_key, wrap_content_key
+from sandbox.seal.stream import KEY_SIZE
+
+log = logging.getLogger("ark.keybroker")
+
+NONCE_BYTES = 32
+DEFAULT_SESSION_TTL = dt.timedelta(seconds=60)
+MAX_OPEN_SESSIONS = 10_000
+
+
+class BadRequest(ArkError):
+    """A request is malformed (unknown suite, bad public key, mismatched key id)."""
+
+
+class UnknownKey(ArkError):
+    """No content key with this id is in the broker's keystore."""
+
+
+class NotAffirming(AttestationError):
+    """Appraisal produced a result that is not affirming (e.g. warning); no key is released."""
+
+
+# Denial code (the proto enum's suffix) and the public reason a peer sees, by cause.
+DENIALS: list[tuple[type[Exception], str, str]] = [
+    (SessionUnknown, "SESSION_UNKNOWN", "unknown attestation session"),
+    (SessionExpired, "SESSION_EXPIRED", "attestation session expired; request a new challenge"),
+    (SessionUsed, "SESSION_USED", "attestation session already used; nonces are single-use"),
+    (EvidenceFormatError, "EVIDENCE_MALFORMED", "evidence is malformed"),
+    (SignatureInvalid, "SIGNATURE_INVALID", "evidence signature is invalid"),
+    (ChainUntrusted, "CHAIN_UNTRUSTED", "attestation key is not certified by a trusted root"),
+    (NonceMismatch, "NONCE_MISMATCH", "evidence is not fresh for this session"),
+    (ReportDataMismatch, "REPORT_DATA_MISMATCH", "evidence does not bind the presented key"),
+    (DebugEnabled, "DEBUG_ENABLED", "debug is not disabled"),
+    (MeasurementRejected, "MEASUREMENT_REJECTED", "measurement is not a reference value"),
+    (TeeNotAccepted, "TEE_NOT_ACCEPTED", "TEE kind not accepted by policy"),
+    (NodeNotAllowed, "NODE_NOT_ALLOWED", "node is not allowed by policy"),
+    (ResultExpired, "RESULT_EXPIRED", "attestation result expired; attest again"),
+    (ResultInvalid, "RESULT_INVALID", "attestation result is invalid"),
+    (NotAffirming, "NOT_AFFIRMING", "attestation result is not affirming"),
+    (UnknownKey, "UNKNOWN_KEY", "unknown key id"),
+    (BadRequest, "BAD_REQUEST", "malformed request"),
+    (AttestationError, "EVIDENCE_MALFORMED", "evidence did not pass appraisal"),
+]
+
+
+def denial_of(error: Exception) -> tuple[str, str]:
+    """The (code, public reason) for an error; the most specific cause wins."""
+    for kind, code, reason in DENIALS:
+        if isinstance(error, kind):
+            return code, reason
+    return "BAD_REQUEST", "malformed request"
+
+
+@dataclass(frozen=True)
+class ContentKey:
+    key_id: str
+    model_id: str
+    key: bytes
+
+
+class KeyStore:
+    """The provider's content keys: one 0600 JSON file per key id under a directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def _path(self, key_id: str) -> Path:
+        if not key_id or not all(c.isalnum() or c in "-_." for c in key_id) or key_id[0] == ".":
+            raise UnknownKey(f"key id {key_id!r} is not a valid key id")
+        return self.directory / f"{key_id}.json"
+
+    def put(self, key: ContentKey) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._path(key.key_id)
+        body = {
+            "key_id": key.key_id,
+            "model_id": key.model_id,
+            "key": base64.b64encode(key.key).decode(),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(body, handle)
+        return path
+
+    def get(self, key_id: str) -> ContentKey:
+        path = self._path(key_id)
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UnknownKey(f"no content key {key_id!r} in {self.directory}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"unreadable content key: {exc}", path=path) from exc
+        try:
+            key = base64.b64decode(body["key"], validate=True)
+            if len(key) != KEY_SIZE or body["key_id"] != key_id:
+                raise ValueError("wrong size or id")
+            return ContentKey(key_id, str(body["model_id"]), key)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed content key file: {exc}", path=path) from exc
+
+
+@dataclass
+class Session:
+    session_id: str
+    nonce: bytes
+    key_id: str
+    expires_at: dt.datetime
+    used: bool = False
+
+
+@dataclass(frozen=True)
+class Released:
+    """A key release: the affirming result and the content key wrapped to its TEE key."""
+
+    result: AttestationResult
+    wrapped_key: bytes
+    key_id: str
+    model_id: str
+    session_id: str
+    hpke_suite: str
+
+
+@dataclass(frozen=True)
+class Denied:
+    """A denial: the public code and reason, the typed cause, and any signed result."""
+
+    code: str
+    reason: str
+    error: Exception
+    result: AttestationResult | None = None
+
+
+Outcome = Released | Denied
+
+
+class KeyBroker:
+    """Issues challenges, appraises evidence, and releases keys only on affirming results."""
+
+    def __init__(
+        self,
+        *,
+        verifiers: VerifierRegistry,
+        policy: AppraisalPolicy,
+        signer: ResultSigner,
+        keystore: KeyStore,
+        events: EventSink,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        rng: Callable[[int], bytes] = os.urandom,
+        session_ttl: dt.timedelta = DEFAULT_SESSION_TTL,
+    ):
+        self.verifiers = verifiers
+        self.policy = policy
+        self.signer = signer
+        self.keystore = keystore
+        self.events = events
+        self.clock = clock
+        self.rng = rng
+        self.session_ttl = session_ttl
+        self._sessions: dict[str, Session] = {}
+
+    def challenge(self, key_id: str) -> Session:
+        """A new session with a fresh 32-byte nonce; expired sessions are dropped."""
+        now = self.clock()
+        self._sessions = {k: s for k, s in self._sessions.items() if s.expires_at > now}
+        if len(self._sessions) >= MAX_OPEN_SESSIONS:
+            raise BadRequest("too many open attestation sessions")
+        session = Session(
+            session_id=base64.urlsafe_b64encode(self.rng(16)).decode().rstrip("="),
+            nonce=self.rng(NONCE_BYTES),
+            key_id=key_id,
+            expires_at=now + self.session_ttl,
+        )
+        self._sessions[session.session_id] = session
+        return session
+
+    def _take_session(self, session_id: str, now: dt.datetime) -> Session:
+        """The session, marked used; a second use, expiry or unknown id is refused."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionUnknown(f"session {session_id!r} was never issued or was dropped")
+        if session.used:
+            raise SessionUsed(f"session {session_id!r} was already used")
+        session.used = True
+        if now >= session.expires_at:
+            raise SessionExpired(f"session {session_id!r} expired at {session.expires_at}")
+        return session
+
+    def attest(
+        self,
+        *,
+        session_id: str,
+        tee: str,
+        evidence: str,
+        tee_pubkey: bytes,
+        hpke_suite: str,
+        key_id: str,
+    ) -> Outcome:
+        """Appraise evidence for a session; release the key only if the result affirms."""
+        now = self.clock()
+        request = {"session": session_id, "key_id": key_id, "tee": tee}
+        try:
+            session = self._take_session(session_id, now)
+            if session.key_id != key_id:
+                raise BadRequest(f"session was opened for key {session.key_id!r}, not {key_id!r}")
+            try:
+                public_key = load_public_key(hpke_suite, tee_pubkey)
+            except EnvelopeError as exc:
+                raise BadRequest(str(exc)) from exc
+            content_key = self.keystore.get(key_id)
+        except (ArkError, AttestationError) as exc:
+            return self._deny(exc, request, now)
+
+        context = ResultContext(
+            session_id, tee, tee_pubkey, hpke_suite, evidence, self.policy.policy_id
+        )
+        try:
+            appraisal = self.verifiers.appraise(
+                tee,
+                evidence,
+                nonce=session.nonce,
+                tee_pubkey=tee_pubkey,
+                policy=self.policy,
+                now=now,
+            )
+        except AttestationError as exc:
+            result = self.signer.contraindicate(exc, context, now=now)
+            self._appraised(result, request, now)
+            return self._deny(exc, request, now, result)
+        result = self.signer.affirm(appraisal, context, now=now)
+        self._appraised(result, request, now)
+        if result.status != AFFIRMING:
+            error = NotAffirming(f"result is {result.status}: {appraisal.warnings}")
+            return self._deny(error, request, now, result)
+        return self._release(result, content_key, public_key, request, now)
+
+    def release(self, *, attestation_result: str, key_id: str) -> Outcome:
+        """Release another key against an unexpired affirming result this broker signed."""
+        now = self.clock()
+        request: dict[str, Any] = {
+            "key_id": key_id,
+            "result_sha256": sha256_hex(attestation_result.encode()),
+        }
+        try:
+            result = verify_result(attestation_result, self.signer.key.public_key(), now=now)
+            request["session"] = result.session_id
+            if result.status != AFFIRMING:
+                raise NotAffirming(f"presented result is {result.status}")
+            try:
+                public_key = load_public_key(result.hpke_suite, result.tee_pubkey)
+            except EnvelopeError as exc:
+                raise ResultInvalid("presented result binds no usable TEE key") from exc
+            content_key = self.keystore.get(key_id)
+        except (ArkError, AttestationError) as exc:
+            return self._deny(exc, request, now)
+        return self._release(result, content_key, public_key, request, now)
+
+    def _release(
+        self,
+        result: AttestationResult,
+        content_key: ContentKey,
+        public_key: Any,
+        request: dict[str, Any],
+        now: dt.datetime,
+    ) -> Released:
+        wrapped = wrap_content_key(
+            content_key.key,
+            public_key,
+            session_id=result.session_id,
+            key_id=content_key.key_id,
+            model_id=content_key.model_id,
+            suite=result.hpke_suite,
+        )
+        self.events.emit(
+            Event(
+                KEY_RELEASED,
+                now,
+                {
+                    **request,
+                    "session": result.session_id,
+                    "model_id": content_key.model_id,
+                    "ueid": result.ueid,
+                    "ear_sha256": result.digest,
+                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
+                },
+            )
+        )
+        log.info(
+            "released key %s to session %s (%s)", content_key.key_id, result.session_id, result.ueid
+        )
+        return Released(
+            result,
+            wrapped,
+            content_key.key_id,
+            content_key.model_id,
+            result.session_id,
+            result.hpke_suite,
+        )
+
+    def _appraised(
+        self, result: AttestationResult, request: dict[str, Any], now: dt.datetime
+    ) -> None:
+        submod = result.submod
+        self.events.emit(
+            Event(
+                ATTESTATION_APPRAISED,
+                now,
+                {
+                    **request,
+                    "status": result.status,
+                    "ear_sha256": result.digest,
+                    "stub": result.is_stub,
+                    "policy_id": submod["ear.appraisal-policy-id"],
+                    "ueid": result.ueid,
+                    "measurements": submod.get("ark.measurements", {}),
+                    "trustworthiness": submod["ear.trustworthiness-vector"],
+                    "failure": submod.get("ark.failure"),
+                },
+            )
+        )
+
+    def _deny(
+        self,
+        error: Exception,
+        request: dict[str, Any],
+        now: dt.datetime,
+        result: AttestationResult | None = None,
+    ) -> Denied:
+        code, reason = denial_of(error)
+        # Full detail goes to the broker's own log only; events and peers get the code.
+        log.warning("denied %s: %s: %s", request, type(error).__name__, error)
+        self.events.emit(
+            Event(
+                KEY_DENIED,
+                now,
+                {
+                    **request,
+                    "code": code,
+                    "cause": type(error).__name__,
+                    "ear_sha256": None if result is None else result.digest,
+                },
+            )
+        )
+        return Denied(code, reason, error, result)

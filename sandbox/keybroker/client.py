@@ -1,0 +1,162 @@
+"""The sandbox's side of key release: challenge, evidence, attest, check the result, unwrap.
+
+Everything the broker says is checked here before it is used: the attestation result
+must verify under the provider's result key, be affirming, and be bound to this
+session and this sandbox's ephemeral key; the wrapped key opens only with that key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from protos.ark.v1 import keybroker_pb2 as pb
+from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
+from sandbox.attestation.backends import Attester
+from sandbox.attestation.result import AFFIRMING, AttestationResult, verify_result
+from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
+from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
+
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Challenge:
+    session_id: str
+    nonce: bytes
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class ReleasedKey:
+    """A content key opened inside the sandbox, and the result it was released under."""
+
+    content_key: bytes
+    key_id: str
+    model_id: str
+    result: AttestationResult
+
+
+def _code_name(code: int) -> str:
+    return str(pb.DenialCode.Name(code)).removeprefix("DENIAL_CODE_")
+
+
+class KeyBrokerClient:
+    """A TLS gRPC client for the key broker; raises KeyReleaseDenied with the broker's code."""
+
+    def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
+        roots = ca_cert if isinstance(ca_cert, bytes) else ca_cert.read_bytes()
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+        self._stub = pb_grpc.KeyBrokerStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KeyBrokerClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., object], request: object) -> object:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise KeyBrokerUnavailable(f"key broker at {self.address}: {detail}") from exc
+
+    def challenge(self, key_id: str) -> Challenge:
+        reply = self._call(self._stub.Challenge, pb.ChallengeRequest(key_id=key_id))
+        assert isinstance(reply, pb.ChallengeReply)
+        return Challenge(reply.session_id, reply.nonce, reply.expires_at)
+
+    def attest(
+        self,
+        *,
+        session_id: str,
+        tee: str,
+        evidence: str,
+        tee_pubkey: bytes,
+        hpke_suite: str,
+        key_id: str,
+    ) -> pb.KeyRelease:
+        """The broker's release, or KeyReleaseDenied carrying its denial code and reason."""
+        request = pb.AttestRequest(
+            session_id=session_id,
+            tee=tee,
+            evidence=evidence,
+            tee_pubkey=tee_pubkey,
+            hpke_suite=hpke_suite,
+            key_id=key_id,
+        )
+        return self._outcome(self._call(self._stub.Attest, request))
+
+    def release(self, *, attestation_result: str, key_id: str) -> pb.KeyRelease:
+        request = pb.ReleaseRequest(attestation_result=attestation_result, key_id=key_id)
+        return self._outcome(self._call(self._stub.Release, request))
+
+    @staticmethod
+    def _outcome(reply: object) -> pb.KeyRelease:
+        assert isinstance(reply, pb.AttestReply)
+        if reply.WhichOneof("outcome") != "released":
+            raise KeyReleaseDenied(_code_name(reply.denied.code), reply.denied.reason)
+        return reply.released
+
+
+def obtain_content_key(
+    client: KeyBrokerClient,
+    attester: Attester,
+    *,
+    key_id: str,
+    measurements: Mapping[str, str],
+    result_key: ec.EllipticCurvePublicKey,
+    suite: str = SUITE_X25519,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> ReleasedKey:
+    """Attest this sandbox and open the released content key with a fresh ephemeral key."""
+    sandbox_key = RecipientKey.generate(suite)
+    challenge = client.challenge(key_id)
+    evidence = attester.evidence(
+        nonce=challenge.nonce,
+        tee_pubkey=sandbox_key.public_bytes,
+        measurements=dict(measurements),
+        now=clock(),
+    )
+    release = client.attest(
+        session_id=challenge.session_id,
+        tee=attester.tee,
+        evidence=evidence,
+        tee_pubkey=sandbox_key.public_bytes,
+        hpke_suite=suite,
+        key_id=key_id,
+    )
+    result = verify_result(release.attestation_result, result_key, now=clock())
+    if (
+        result.status != AFFIRMING
+        or result.session_id != challenge.session_id
+        or result.tee_pubkey != sandbox_key.public_bytes
+        or release.key_id != key_id
+    ):
+        raise ResultInvalid("the key broker's result is not bound to this session and key")
+    content_key = unwrap_content_key(
+        release.wrapped_key,
+        sandbox_key.private_key,
+        session_id=challenge.session_id,
+        key_id=key_id,
+        model_id=release.model_id,
+        suite=suite,
+    )
+    return ReleasedKey(content_key, key_id, release.model_id, result)

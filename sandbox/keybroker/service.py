@@ -1,0 +1,94 @@
+"""The key broker over gRPC with TLS: a thin translation layer over :class:`KeyBroker`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protos.ark.v1 import keybroker_pb2 as pb
+from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
+from sandbox.keybroker.broker import Denied, KeyBroker, Outcome
+
+log = logging.getLogger("ark.keybroker")
+
+
+def _reply(outcome: Outcome) -> pb.AttestReply:
+    if isinstance(outcome, Denied):
+        return pb.AttestReply(
+            denied=pb.Denial(
+                code=pb.DenialCode.Value(f"DENIAL_CODE_{outcome.code}"),
+                reason=outcome.reason,
+                attestation_result="" if outcome.result is None else outcome.result.token,
+            )
+        )
+    return pb.AttestReply(
+        released=pb.KeyRelease(
+            attestation_result=outcome.result.token,
+            wrapped_key=outcome.wrapped_key,
+            key_id=outcome.key_id,
+            model_id=outcome.model_id,
+            session_id=outcome.session_id,
+            hpke_suite=outcome.hpke_suite,
+        )
+    )
+
+
+class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # generated base, untyped
+    """Serialises calls into the broker (its session table is not thread-safe)."""
+
+    def __init__(self, broker: KeyBroker):
+        self.broker = broker
+        self._lock = threading.Lock()
+
+    def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+        with self._lock:
+            session = self.broker.challenge(request.key_id)
+        return pb.ChallengeReply(
+            session_id=session.session_id,
+            nonce=session.nonce,
+            expires_at=int(session.expires_at.timestamp()),
+        )
+
+    def Attest(self, request: pb.AttestRequest, context: Any) -> pb.AttestReply:
+        with self._lock:
+            outcome = self.broker.attest(
+                session_id=request.session_id,
+                tee=request.tee,
+                evidence=request.evidence,
+                tee_pubkey=request.tee_pubkey,
+                hpke_suite=request.hpke_suite,
+                key_id=request.key_id,
+            )
+        return _reply(outcome)
+
+    def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.AttestReply:
+        with self._lock:
+            outcome = self.broker.release(
+                attestation_result=request.attestation_result, key_id=request.key_id
+            )
+        return _reply(outcome)
+
+
+def serve(
+    broker: KeyBroker,
+    *,
+    address: str,
+    cert: Path,
+    key: Path,
+    workers: int = 4,
+) -> tuple[grpc.Server, int]:
+    """Start the TLS gRPC server on ``address`` (port 0 picks one); return it and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker), server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind the key broker to {address}")
+    server.start()
+    log.info("key broker listening on %s (TLS)", address.rsplit(":", 1)[0] + f":{port}")
+    return server, port
