@@ -1,0 +1,497 @@
+"""The key broker over real gRPC + TLS: the release path and one test per attack.
+
+Every attack must end in a typed denial (the broker's cause and the wire code), no key
+released, and a ``key_denied`` event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sandbox.attestation.backends import VerifierRegistry
+from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
+from sandbox.attestation.result import (
+    AFFIRMING,
+    CONTRAINDICATED,
+    WARNING,
+    ResultSigner,
+    verify_result,
+)
+from sandbox.attestation.stub import DevManufacturer, StubAttester
+from sandbox.attestation.verifier import AppraisalPolicy, Verifier
+from sandbox.errors import KeyReleaseDenied, ResultExpired, ResultInvalid
+from sandbox.events import MemoryEventSink
+from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
+from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
+from sandbox.keybroker.service import serve
+from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
+from sandbox.tls import TlsFiles, issue_loopback_tls
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+CODE = "ab" * 32
+CONFIG = "cd" * 32
+MEASUREMENTS = {"code": CODE, "config": CONFIG}
+KEY_ID = "minilm-k1"
+MODEL_ID = "minilm"
+CONTENT_KEY = bytes(range(32))
+POLICY = AppraisalPolicy(
+    policy_id="provider-policy/1",
+    accepted_tees=frozenset({"stub"}),
+    allow_stub=True,
+    reference_values={"code": frozenset({CODE})},
+    allowed_nodes=frozenset({"node-1"}),
+)
+
+
+class Clock:
+    """A frozen clock that tests move forward explicitly."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@dataclasses.dataclass
+class Deployment:
+    broker: KeyBroker
+    client: KeyBrokerClient
+    events: MemoryEventSink
+    clock: Clock
+    maker: DevManufacturer
+    attester: StubAttester
+    result_key: ec.EllipticCurvePublicKey
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return issue_loopback_tls(tmp_path_factory.mktemp("tls"), now=NOW)
+
+
+@pytest.fixture(scope="module")
+def maker() -> DevManufacturer:
+    return DevManufacturer.create(now=NOW)
+
+
+def _attester(maker: DevManufacturer, ueid: str = "node-1", **changes: Any) -> StubAttester:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = maker.certify(key.public_key(), ueid, now=NOW)
+    return dataclasses.replace(StubAttester(key=key, chain=[cert], ueid=ueid), **changes)
+
+
+def _deploy(tmp_path: Path, tls: TlsFiles, maker: DevManufacturer, policy: AppraisalPolicy) -> Any:
+    keystore = KeyStore(tmp_path / "keys")
+    keystore.put(ContentKey(KEY_ID, MODEL_ID, CONTENT_KEY))
+    signer = ResultSigner(
+        ec.generate_private_key(ec.SECP256R1()), {"developer": "ark-sandbox", "build": "test"}
+    )
+    events = MemoryEventSink()
+    clock = Clock()
+    broker = KeyBroker(
+        verifiers=VerifierRegistry({"stub": Verifier({"stub": [maker.certificate]})}),
+        policy=policy,
+        signer=signer,
+        keystore=keystore,
+        events=events,
+        clock=clock,
+    )
+    server, port = serve(broker, address="127.0.0.1:0", cert=tls.server_cert, key=tls.server_key)
+    client = KeyBrokerClient(f"localhost:{port}", ca_cert=tls.ca_cert, timeout=10)
+    deployment = Deployment(
+        broker, client, events, clock, maker, _attester(maker), signer.key.public_key()
+    )
+    return deployment, server
+
+
+@pytest.fixture
+def kb(tmp_path: Path, tls: TlsFiles, maker: DevManufacturer) -> Iterator[Deployment]:
+    deployment, server = _deploy(tmp_path, tls, maker, POLICY)
+    yield deployment
+    deployment.client.close()
+    server.stop(grace=None)
+
+
+def _attest(
+    kb: Deployment,
+    evidence: str,
+    session_id: str,
+    tee_pubkey: bytes,
+    suite: str = SUITE_X25519,
+) -> Any:
+    return kb.client.attest(
+        session_id=session_id,
+        tee="stub",
+        evidence=evidence,
+        tee_pubkey=tee_pubkey,
+        hpke_suite=suite,
+        key_id=KEY_ID,
+    )
+
+
+def _evidence(attester: StubAttester, nonce: bytes, tee_pubkey: bytes, **claims: Any) -> str:
+    measurements = claims.pop("measurements", MEASUREMENTS)
+    return attester.evidence(nonce=nonce, tee_pubkey=tee_pubkey, measurements=measurements, now=NOW)
+
+
+def _denied(kb: Deployment, code: str, cause: str, action: Any) -> KeyReleaseDenied:
+    """Run ``action``; it must be denied with ``code``, release nothing, and be recorded."""
+    releases_before = kb.events.kinds().count("key_released")
+    with pytest.raises(KeyReleaseDenied) as caught:
+        action()
+    assert caught.value.code == code
+    assert kb.events.kinds().count("key_released") == releases_before
+    denial = kb.events.events[-1]
+    assert denial.kind == "key_denied"
+    assert denial.fields["code"] == code
+    assert denial.fields["cause"] == cause
+    return caught.value
+
+
+def _attack(kb: Deployment, code: str, cause: str, attester: StubAttester | None = None) -> None:
+    """Fresh challenge, evidence from ``attester`` with honest nonce and key, then denial."""
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(attester or kb.attester, challenge.nonce, sandbox.public_bytes)
+    _denied(kb, code, cause, lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes))
+
+
+@pytest.mark.parametrize("suite", [SUITE_X25519, SUITE_MLKEM768_X25519])
+def test_affirming_stub_evidence_releases_the_key_to_the_sandbox_only(
+    kb: Deployment, suite: str
+) -> None:
+    released = obtain_content_key(
+        kb.client,
+        kb.attester,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        suite=suite,
+        clock=kb.clock,
+    )
+    assert released.content_key == CONTENT_KEY
+    assert released.model_id == MODEL_ID
+    result = released.result
+    assert result.status == AFFIRMING
+    assert result.is_stub, "a result from stub evidence must say so"
+    assert result.submod["ark.tee"] == "stub"
+    assert result.submod["ear.appraisal-policy-id"] == "provider-policy/1"
+    assert set(result.submod["ear.trustworthiness-vector"].values()) == {2}
+    assert result.claims["exp"] > result.claims["iat"]
+    assert kb.events.kinds() == ["attestation_appraised", "key_released"]
+    appraised, release = (e.fields for e in kb.events.events)
+    assert appraised["ear_sha256"] == release["ear_sha256"] == result.digest
+    assert appraised["measurements"] == MEASUREMENTS
+    assert CONTENT_KEY.hex() not in json.dumps([e.to_json() for e in kb.events.events])
+
+
+# --- nonce and session -------------------------------------------------------------------
+
+
+def test_evidence_replayed_after_a_new_challenge(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    first = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, first.nonce, sandbox.public_bytes)
+    assert _attest(kb, token, first.session_id, sandbox.public_bytes).wrapped_key
+    second = kb.client.challenge(KEY_ID)
+    kb.events.events.clear()
+    _denied(
+        kb,
+        "NONCE_MISMATCH",
+        "NonceMismatch",
+        lambda: _attest(kb, token, second.session_id, sandbox.public_bytes),
+    )
+    _denied(
+        kb,
+        "SESSION_USED",
+        "SessionUsed",
+        lambda: _attest(kb, token, first.session_id, sandbox.public_bytes),
+    )
+
+
+def test_nonce_of_another_session(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    mine, theirs = kb.client.challenge(KEY_ID), kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, theirs.nonce, sandbox.public_bytes)
+    _denied(
+        kb,
+        "NONCE_MISMATCH",
+        "NonceMismatch",
+        lambda: _attest(kb, token, mine.session_id, sandbox.public_bytes),
+    )
+
+
+def test_expired_session(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes)
+    kb.clock.now = NOW + dt.timedelta(seconds=61)
+    _denied(
+        kb,
+        "SESSION_EXPIRED",
+        "SessionExpired",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+def test_unknown_session(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    token = _evidence(kb.attester, bytes(32), sandbox.public_bytes)
+    _denied(
+        kb,
+        "SESSION_UNKNOWN",
+        "SessionUnknown",
+        lambda: _attest(kb, token, "never-issued", sandbox.public_bytes),
+    )
+
+
+def test_nonce_shorter_than_8_bytes(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce[:7], sandbox.public_bytes)
+    _denied(
+        kb,
+        "NONCE_MISMATCH",
+        "NonceMismatch",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+# --- key binding, measurement, debug ---------------------------------------------------
+
+
+def test_swapped_tee_pubkey(kb: Deployment) -> None:
+    attested, swapped = RecipientKey.generate(), RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, attested.public_bytes)
+    _denied(
+        kb,
+        "REPORT_DATA_MISMATCH",
+        "ReportDataMismatch",
+        lambda: _attest(kb, token, challenge.session_id, swapped.public_bytes),
+    )
+
+
+def test_modified_client_code(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(
+        kb.attester,
+        challenge.nonce,
+        sandbox.public_bytes,
+        measurements={"code": "ee" * 32, "config": CONFIG},
+    )
+    _denied(
+        kb,
+        "MEASUREMENT_REJECTED",
+        "MeasurementRejected",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+@pytest.mark.parametrize("dbgstat", ["enabled", None], ids=["enabled", "absent"])
+def test_debug_enabled_or_absent(kb: Deployment, dbgstat: str | None) -> None:
+    _attack(kb, "DEBUG_ENABLED", "DebugEnabled", dataclasses.replace(kb.attester, dbgstat=dbgstat))
+
+
+# --- signature and chain -----------------------------------------------------------------
+
+
+def _resigned(kb: Deployment, header_change: dict[str, Any], sign: Any) -> Any:
+    """An attack whose evidence is re-signed by ``sign`` with a changed JWS header."""
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    head, body, _ = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes).split(".")
+    header = {**json.loads(b64url_decode(head)), **header_change}
+    token = encode_jws(header, json.loads(b64url_decode(body)), sign)
+    return lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes)
+
+
+def test_bad_signature(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    head, body, sig = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes).split(".")
+    raw = bytearray(b64url_decode(sig))
+    raw[7] ^= 1
+    token = f"{head}.{body}.{b64url(bytes(raw))}"
+    _denied(
+        kb,
+        "SIGNATURE_INVALID",
+        "SignatureInvalid",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+def test_alg_none(kb: Deployment) -> None:
+    action = _resigned(kb, {"alg": "none"}, lambda data: b"")
+    _denied(kb, "EVIDENCE_MALFORMED", "EvidenceFormatError", action)
+
+
+def test_alg_hs256(kb: Deployment) -> None:
+    public_pem = (
+        kb.attester.chain[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+    def hs256(data: bytes) -> bytes:
+        mac = hmac.HMAC(public_pem, hashes.SHA256())
+        mac.update(data)
+        return mac.finalize()
+
+    _denied(kb, "EVIDENCE_MALFORMED", "EvidenceFormatError", _resigned(kb, {"alg": "HS256"}, hs256))
+
+
+def test_self_asserted_key_with_no_chain(kb: Deployment) -> None:
+    key = kb.attester.key
+    action = _resigned(kb, {"x5c": []}, lambda data: es256_sign(key, data))
+    _denied(kb, "CHAIN_UNTRUSTED", "ChainUntrusted", action)
+
+
+def test_chain_to_an_untrusted_root(kb: Deployment) -> None:
+    rogue = DevManufacturer.create(now=NOW)
+    _attack(kb, "CHAIN_UNTRUSTED", "ChainUntrusted", _attester(rogue))
+
+
+def test_expired_attestation_certificate(kb: Deployment) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = kb.maker.certify(
+        key.public_key(), "node-1", now=NOW - dt.timedelta(days=400), valid_days=30
+    )
+    attester = StubAttester(key=key, chain=[cert], ueid="node-1")
+    _attack(kb, "CHAIN_UNTRUSTED", "ChainUntrusted", attester)
+
+
+# --- policy ----------------------------------------------------------------------------
+
+
+def test_stub_evidence_when_policy_disallows_stubs(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    strict = dataclasses.replace(POLICY, allow_stub=False)
+    deployment, server = _deploy(tmp_path, tls, maker, strict)
+    try:
+        _attack(deployment, "TEE_NOT_ACCEPTED", "TeeNotAccepted")
+        appraised = deployment.events.events[0].fields
+        assert appraised["status"] == CONTRAINDICATED
+        assert appraised["trustworthiness"]["hardware"] == 96
+    finally:
+        deployment.client.close()
+        server.stop(grace=None)
+
+
+def test_node_not_allowlisted(kb: Deployment) -> None:
+    _attack(kb, "NODE_NOT_ALLOWED", "NodeNotAllowed", _attester(kb.maker, ueid="node-7"))
+
+
+def test_warning_result_releases_nothing(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    advisory = dataclasses.replace(POLICY, advisory_values={"config": frozenset({"00" * 32})})
+    deployment, server = _deploy(tmp_path, tls, maker, advisory)
+    try:
+        _attack(deployment, "NOT_AFFIRMING", "NotAffirming")
+        assert deployment.events.events[0].fields["status"] == WARNING
+    finally:
+        deployment.client.close()
+        server.stop(grace=None)
+
+
+# --- attestation results presented back ---------------------------------------------------
+
+
+def _affirming_result(kb: Deployment) -> str:
+    released = obtain_content_key(
+        kb.client,
+        kb.attester,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+    return released.result.token
+
+
+def test_unexpired_result_presented_back_releases_again(kb: Deployment) -> None:
+    token = _affirming_result(kb)
+    release = kb.client.release(attestation_result=token, key_id=KEY_ID)
+    assert release.wrapped_key
+    assert release.session_id == verify_result(token, kb.result_key, now=NOW).session_id
+
+
+def test_expired_result_presented_back(kb: Deployment) -> None:
+    token = _affirming_result(kb)
+    kb.clock.now = NOW + dt.timedelta(minutes=11)
+    with pytest.raises(ResultExpired):
+        verify_result(token, kb.result_key, now=kb.clock.now)
+    _denied(
+        kb,
+        "RESULT_EXPIRED",
+        "ResultExpired",
+        lambda: kb.client.release(attestation_result=token, key_id=KEY_ID),
+    )
+
+
+def test_tampered_result_presented_back(kb: Deployment) -> None:
+    head, body, sig = _affirming_result(kb).split(".")
+    claims = json.loads(b64url_decode(body))
+    claims["exp"] += 86_400
+    token = f"{head}.{b64url(json.dumps(claims).encode())}.{sig}"
+    with pytest.raises(ResultInvalid):
+        verify_result(token, kb.result_key, now=NOW)
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=token, key_id=KEY_ID),
+    )
+
+
+def test_result_signed_by_another_verifier_presented_back(kb: Deployment) -> None:
+    token = _affirming_result(kb)
+    claims = json.loads(b64url_decode(token.split(".")[1]))
+    forger = ec.generate_private_key(ec.SECP256R1())
+    forged = encode_jws(
+        {"alg": "ES256", "typ": "JWT"}, claims, lambda data: es256_sign(forger, data)
+    )
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=forged, key_id=KEY_ID),
+    )
+
+
+def test_unknown_key_id(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge("no-such-key")
+    token = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes)
+    _denied(
+        kb,
+        "UNKNOWN_KEY",
+        "UnknownKey",
+        lambda: kb.client.attest(
+            session_id=challenge.session_id,
+            tee="stub",
+            evidence=token,
+            tee_pubkey=sandbox.public_bytes,
+            hpke_suite=SUITE_X25519,
+            key_id="no-such-key",
+        ),
+    )
+
+
+def test_keystore_files_are_private(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys")
+    path = store.put(ContentKey("k1", "m", CONTENT_KEY))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert store.get("k1").key == CONTENT_KEY
