@@ -62,7 +62,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunSpec, NodeConfig, Split, 
         seed=node.split_seed,
         source=node.data_path,
     )
-    loaded = load_node_model(spec)
+    loaded = load_node_model(spec, node)
     load_adapter_state(loaded.model, from_record(msg.content.array_records[GLOBAL_KEY]))
     return spec, node, split, loaded
 
@@ -92,6 +92,19 @@ def _journal(node: NodeConfig, context: Context, entry: dict[str, Any]) -> None:
     }
     with node.journal_path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def _attested(loaded: NodeModel) -> dict[str, Any]:
+    """What the journal keeps of this message's key release: the result's digest and status."""
+    result = loaded.attestation
+    return {
+        "attestation": {
+            "ear_sha256": result.digest,
+            "status": result.status,
+            "session": result.session_id,
+            "stub": result.is_stub,
+        }
+    }
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -127,6 +140,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "kind": "train",
             "round": server_round,
+            **_attested(loaded),
             "metrics": metrics,
             "tensors": sorted(update),
             "timings": _timings(started),
@@ -150,6 +164,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         {
             "kind": "evaluate",
             "round": server_round,
+            **_attested(loaded),
             "metrics": metrics,
             "timings": _timings(started),
         },

@@ -1,8 +1,9 @@
-"""How a node gets its model: the one seam that sealed-model loading replaces.
+"""How a node gets its model: attest → key release → unseal in memory. There is no other way.
 
-Today the base model comes from a local directory named in the run config. The
-attestation issue turns :func:`load_base_model` into attest → key release → unseal
-in memory, without changing its callers.
+The provider's plaintext weights never reach this node. The sandbox makes an ephemeral
+HPKE key, attests to the provider's key broker, opens the released content key with
+that ephemeral key, verifies and decrypts the sealed package in memory, and builds the
+model from those bytes. No plaintext weight byte is written to disk.
 """
 
 from __future__ import annotations
@@ -10,31 +11,84 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.config import RunSpec
+from sandbox.attestation.backends import load_attester
+from sandbox.attestation.measure import CODE, CONFIG, code_measurement, config_measurement
+from sandbox.attestation.result import AttestationResult
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.errors import ConfigError, SealedModelError
+from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
+from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.lora import build_peft_model
-from sandbox.models import ModelInfo, inspect_model_dir, load_pretrained
+from sandbox.models import ModelInfo, load_from_memory
+from sandbox.seal.package import open_sealed_package, read_manifest
 
 
 @dataclass
 class NodeModel:
-    """A base model wrapped with the run's LoRA adapter, and its tokenizer."""
+    """A base model wrapped with the run's LoRA adapter, its tokenizer, and how it came."""
 
     model: Any
     tokenizer: Any
     info: ModelInfo
+    attestation: AttestationResult
 
 
-def load_base_model(spec: RunSpec) -> tuple[Any, Any, ModelInfo]:
-    """Load the run's base model and tokenizer; the only way ClientApp code gets weights."""
-    info = inspect_model_dir(spec.model_path, spec.task)
-    model, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
-    return model, tokenizer, info
+def node_measurements(node: NodeConfig) -> dict[str, str]:
+    """What this sandbox's evidence measures: the code running here and the node config."""
+    return {CODE: code_measurement(), CONFIG: config_measurement(node.effective())}
 
 
-def load_node_model(spec: RunSpec) -> NodeModel:
+def load_base_model(
+    spec: RunSpec, node: NodeConfig
+) -> tuple[Any, Any, ModelInfo, AttestationResult]:
+    """Attest, receive the content key, unseal in memory, and build the base model."""
+    sandbox = node.sandbox
+    if sandbox is None:
+        raise ConfigError(
+            "no [node.sandbox] table: a node loads the base model only through attestation",
+            path=node.source,
+            key="node.sandbox",
+        )
+    manifest_key = load_ed25519_public(sandbox.manifest_key)
+    manifest = read_manifest(sandbox.package, manifest_key)
+    if spec.model_id and manifest["model_id"] != spec.model_id:
+        raise SealedModelError(
+            f"{sandbox.package}: holds model {manifest['model_id']!r}, "
+            f"the run wants {spec.model_id!r}"
+        )
+    attester = load_attester(
+        sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
+    )
+    with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
+        released = obtain_content_key(
+            client,
+            attester,
+            key_id=manifest["key_id"],
+            measurements=node_measurements(node),
+            result_key=load_ec_public(sandbox.result_key),
+            suite=sandbox.hpke_suite,
+        )
+    opened = open_sealed_package(
+        sandbox.package,
+        content_key=released.content_key,
+        verify_key=manifest_key,
+        model_id=released.model_id,
+        key_id=released.key_id,
+    )
+    model, tokenizer, info = load_from_memory(
+        opened.plain_files,
+        opened.weights,
+        task=spec.task,
+        num_labels=len(spec.labels),
+        source=sandbox.package,
+    )
+    return model, tokenizer, info, released.result
+
+
+def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
     """Base model plus a fresh LoRA adapter of the run's shape (weights come from the server)."""
-    base, tokenizer, info = load_base_model(spec)
+    base, tokenizer, info, result = load_base_model(spec, node)
     model = build_peft_model(
         base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
     )
-    return NodeModel(model=model, tokenizer=tokenizer, info=info)
+    return NodeModel(model=model, tokenizer=tokenizer, info=info, attestation=result)

@@ -107,6 +107,7 @@ class RunSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 42
     output_dir: Path | None = None
+    model_id: str = ""
 
     @classmethod
     def from_run_config(
@@ -151,6 +152,7 @@ class RunSpec:
             lora=lora,
             seed=read.integer("seed", 42, minimum=0),
             output_dir=Path(output_dir) if output_dir else None,
+            model_id=read.string("model-id", ""),
         )
 
     def to_run_config(self) -> dict[str, str | int | float]:
@@ -175,6 +177,7 @@ class RunSpec:
             "lora-target-modules": ",".join(self.lora.target_modules),
             "seed": self.seed,
             "output-dir": "" if self.output_dir is None else str(self.output_dir),
+            "model-id": self.model_id,
         }
 
     def fingerprint(self) -> str:
@@ -208,6 +211,90 @@ def _parse_labels(raw: str, read: _Reader) -> tuple[str, ...]:
     return tuple(labels)
 
 
+SANDBOX_KEYS = (
+    "tee",
+    "ueid",
+    "attestation-key",
+    "attestation-chain",
+    "key-broker",
+    "provider-ca",
+    "manifest-key",
+    "result-key",
+    "package",
+    "hpke-suite",
+)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """``[node.sandbox]``: how this node's sandbox attests and where the sealed model is.
+
+    Paths are resolved against the node config's folder. Every file here is the
+    operator's or was handed over by the provider out of band (its CA, manifest-signing
+    key and result-signing key), never fetched from the provider at run time.
+    """
+
+    tee: str
+    ueid: str
+    attestation_key: Path
+    attestation_chain: Path
+    key_broker: str
+    provider_ca: Path
+    manifest_key: Path
+    result_key: Path
+    package: Path
+    hpke_suite: str = "x25519-hkdf-sha256-aes256gcm"
+
+    @classmethod
+    def from_section(cls, section: Any, path: Path) -> SandboxConfig:
+        if not isinstance(section, dict):
+            raise ConfigError("must be a table", path=path, key="node.sandbox")
+        read = _Reader(section, path)
+        unknown = sorted(set(section) - set(SANDBOX_KEYS))
+        if unknown:
+            raise read.fail(f"node.sandbox.{unknown[0]}", f"unknown key; allowed: {SANDBOX_KEYS}")
+
+        def text(key: str, default: str | None = None) -> str:
+            value = read.string(key, default)
+            if not value:
+                raise read.fail(f"node.sandbox.{key}", "must not be empty")
+            return value
+
+        def file(key: str) -> Path:
+            value = Path(text(key))
+            return value if value.is_absolute() else (path.parent / value).resolve()
+
+        return cls(
+            tee=text("tee"),
+            ueid=text("ueid"),
+            attestation_key=file("attestation-key"),
+            attestation_chain=file("attestation-chain"),
+            key_broker=text("key-broker"),
+            provider_ca=file("provider-ca"),
+            manifest_key=file("manifest-key"),
+            result_key=file("result-key"),
+            package=file("package"),
+            hpke_suite=text("hpke-suite", "x25519-hkdf-sha256-aes256gcm"),
+        )
+
+    def to_toml(self) -> str:
+        values = {
+            "tee": self.tee,
+            "ueid": self.ueid,
+            "attestation-key": str(self.attestation_key),
+            "attestation-chain": str(self.attestation_chain),
+            "key-broker": self.key_broker,
+            "provider-ca": str(self.provider_ca),
+            "manifest-key": str(self.manifest_key),
+            "result-key": str(self.result_key),
+            "package": str(self.package),
+            "hpke-suite": self.hpke_suite,
+        }
+        return "\n".join(
+            ["[node.sandbox]", *(f"{k} = {toml_string(v)}" for k, v in values.items())]
+        )
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A node operator's own settings; provider-shipped code cannot change them."""
@@ -219,6 +306,7 @@ class NodeConfig:
     max_row_bytes: int = 16 * 1024
     threads: int = 0
     journal_path: Path | None = None
+    sandbox: SandboxConfig | None = None
     source: Path | None = None
 
     @classmethod
@@ -242,6 +330,7 @@ class NodeConfig:
             "max-row-bytes",
             "threads",
             "journal",
+            "sandbox",
         }
         unknown = sorted(set(section) - known)
         if unknown:
@@ -264,6 +353,11 @@ class NodeConfig:
             max_row_bytes=read.integer("max-row-bytes", 16 * 1024, minimum=64),
             threads=read.integer("threads", 0),
             journal_path=journal_path,
+            sandbox=(
+                SandboxConfig.from_section(section["sandbox"], path)
+                if "sandbox" in section
+                else None
+            ),
             source=path,
         )
 
@@ -280,7 +374,17 @@ class NodeConfig:
         ]
         if self.journal_path is not None:
             lines.append(f"journal = {toml_string(str(self.journal_path))}")
+        if self.sandbox is not None:
+            lines += ["", self.sandbox.to_toml()]
         return "\n".join(lines) + "\n"
+
+    def effective(self) -> dict[str, str]:
+        """The settings that shape what this node does, as strings (measured into evidence)."""
+        return {
+            key: str(value)
+            for key, value in asdict(self).items()
+            if key not in ("source", "sandbox") and value is not None
+        }
 
 
 def toml_string(value: str) -> str:

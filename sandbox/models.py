@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,41 @@ class ModelInfo:
     weight_files: tuple[Path, ...]
 
 
-def _supported_types(task: str) -> set[str]:
+def _task_mapping(task: str) -> Mapping[str, str]:
+    """model_type → transformers class name for ``task``."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
     if task == TASK_CLASSIFICATION:
-        return set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def inspect_model_config(path: Path, task: str, *, source: Path | None = None) -> ModelInfo:
+    """Check config.json and tokenizer files in ``path`` for ``task`` (weights not checked).
+
+    ``source`` is the name errors use (a sealed package, when ``path`` is a temp copy).
+    """
+    where = source or path
+    if task not in (TASK_CLASSIFICATION, TASK_CAUSAL_LM):
+        raise ModelError(where, f"unsupported task {task!r}")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(where, "no config.json in the model directory") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(where / "config.json", f"unreadable config.json: {exc}") from exc
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise ModelError(where / "config.json", "config.json has no 'model_type'")
+    if model_type not in _task_mapping(task):
+        raise ModelError(where, f"unsupported architecture {model_type!r} for task {task!r}")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(where, f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    return ModelInfo(path=where, task=task, model_type=model_type, weight_files=())
 
 
 def inspect_model_dir(path: Path, task: str) -> ModelInfo:
@@ -63,40 +90,40 @@ def inspect_model_dir(path: Path, task: str) -> ModelInfo:
         raise ModelError(path, "model directory does not exist")
     if not path.is_dir():
         raise ModelError(path, "model path is not a directory")
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelError(path, "no config.json in the model directory") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(config_file, f"unreadable config.json: {exc}") from exc
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not isinstance(model_type, str):
-        raise ModelError(config_file, "config.json has no 'model_type'")
-    supported = _supported_types(task)
-    if model_type not in supported:
-        raise ModelError(path, f"unsupported architecture {model_type!r} for task {task!r}")
+    info = inspect_model_config(path, task)
     weights = tuple(sorted(path.glob("*.safetensors")))
     if not weights:
         pickled = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found pickle checkpoints {pickled}, which are refused)" if pickled else ""
         raise ModelError(path, f"no *.safetensors weights in the model directory{hint}")
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
-        raise ModelError(path, f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    return ModelInfo(path=path, task=task, model_type=model_type, weight_files=weights)
+    return ModelInfo(path=path, task=task, model_type=info.model_type, weight_files=weights)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _finish(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """Give the tokenizer and the model a pad token (decoder models often lack one)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 def load_pretrained(info: ModelInfo, *, num_labels: int = 0) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a checked directory, on the CPU, offline."""
-    import transformers
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
 
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(info.path), local_files_only=True)
     if info.task == TASK_CLASSIFICATION:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -104,8 +131,45 @@ def load_pretrained(info: ModelInfo, *, num_labels: int = 0) -> tuple[Any, Any]:
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(info.path), local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return _finish(model, tokenizer)
+
+
+def load_from_memory(
+    plain_files: Mapping[str, bytes],
+    weights: Mapping[str, bytes],
+    *,
+    task: str,
+    num_labels: int = 0,
+    source: Path,
+) -> tuple[Any, Any, ModelInfo]:
+    """Build ``(model, tokenizer, info)`` from verified in-memory files of a sealed package.
+
+    Weights go from bytes to tensors without touching disk. Only the plain files (config
+    and tokenizer, which a package ships unencrypted) are written, to a private temporary
+    directory that is removed before returning.
+    """
+    import tempfile
+
+    import safetensors.torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    _quiet_transformers()
+    state_dict: dict[str, Any] = {}
+    for name in sorted(weights):
+        try:
+            state_dict.update(safetensors.torch.load(weights[name]))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(source / name, f"weights are not valid safetensors: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="ark-model-config-") as tmp:
+        for name, data in plain_files.items():
+            (Path(tmp) / name).write_bytes(data)
+        info = inspect_model_config(Path(tmp), task, source=source)
+        kwargs = {"num_labels": num_labels} if task == TASK_CLASSIFICATION else {}
+        config = AutoConfig.from_pretrained(tmp, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    mapping = _task_mapping(task)
+    model_class = getattr(transformers, mapping[info.model_type])
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict)
+    model, tokenizer = _finish(model, tokenizer)
+    return model, tokenizer, info

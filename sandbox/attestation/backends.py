@@ -7,11 +7,13 @@ or NVIDIA CC backend is a new registration, not a change to any caller.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
+from sandbox.attestation.stub import STUB_TEE, StubAttester
 from sandbox.attestation.verifier import Appraisal, AppraisalPolicy
-from sandbox.errors import TeeNotAccepted
+from sandbox.errors import ConfigError, TeeNotAccepted
 
 
 class Attester(Protocol):
@@ -72,3 +74,20 @@ class VerifierRegistry:
         if appraisal.tee != tee:
             raise TeeNotAccepted(f"evidence presented as {tee!r} appraised as {appraisal.tee!r}")
         return appraisal
+
+
+# How a node loads its attester from ``[node.sandbox]``: (key file, chain file, ueid).
+ATTESTER_LOADERS: dict[str, Callable[[Path, Path, str], Attester]] = {
+    STUB_TEE: StubAttester.load,
+}
+
+
+def load_attester(tee: str, key: Path, chain: Path, ueid: str) -> Attester:
+    """The registered attester for ``tee``; ConfigError for a kind with no backend."""
+    loader = ATTESTER_LOADERS.get(tee)
+    if loader is None:
+        raise ConfigError(
+            f"no attester backend for TEE kind {tee!r}; known: {sorted(ATTESTER_LOADERS)}",
+            key="node.sandbox.tee",
+        )
+    return loader(key, chain, ueid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -27,6 +28,7 @@ from sandbox.attestation.evidence import (
     es256_sign,
     report_data,
 )
+from sandbox.errors import ConfigError
 
 STUB_TEE = "stub"
 STUB_HWMODEL = "ark-stub-tee/1"
@@ -104,6 +106,24 @@ class StubAttester:
     extra_claims: dict[str, Any] = field(default_factory=dict)
 
     tee = STUB_TEE
+
+    @classmethod
+    def load(cls, key_path: Path, chain_path: Path, ueid: str) -> StubAttester:
+        """The node's stub attester from its 0600 key file and its PEM certificate chain.
+
+        A real TEE keeps this key in hardware; the stub keeps it in a file, which is the
+        first thing the README's trust table says a stub cannot protect.
+        """
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load stub attestation identity: {exc}", path=key_path
+            ) from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("attestation key must be an EC P-256 key", path=key_path)
+        return cls(key=key, chain=chain, ueid=ueid)
 
     def evidence(
         self, *, nonce: bytes, tee_pubkey: bytes, measurements: dict[str, str], now: dt.datetime

@@ -1,8 +1,4 @@
-"""``ark``: the command line over all three sides (provider, node, auditor) and the demo.
-
-Commands import ``server`` and ``clients`` inside their bodies: the CLI is the one
-place allowed to reach across trust boundaries.
-"""
+"""``ark demo``: the whole job on real Flower processes on loopback."""
 
 from __future__ import annotations
 
@@ -18,8 +14,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
+from sandbox.cli.base import app, console, err_console, fail
 from sandbox.config import (
     MIN_FEDERATED_NODES,
     MODES,
@@ -33,31 +29,7 @@ from sandbox.errors import ArkError, FederationError
 if TYPE_CHECKING:
     from sandbox.federation import Federation
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-app = typer.Typer(
-    help="Ark Sandbox: privacy-preserving federated LoRA fine-tuning.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-provider_app = typer.Typer(
-    help="Model provider: base models and run results.", no_args_is_help=True
-)
-node_app = typer.Typer(help="Enterprise node operator: private data checks.", no_args_is_help=True)
-audit_app = typer.Typer(
-    help="Auditor: offline checks of a job's checkpoints.", no_args_is_help=True
-)
-app.add_typer(provider_app, name="provider")
-app.add_typer(node_app, name="node")
-app.add_typer(audit_app, name="audit")
-
 DEMO_START_SECONDS = 300.0
-
-
-def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code)
 
 
 @contextmanager
@@ -162,7 +134,7 @@ def demo(
             err_console.print("[yellow]interrupted:[/] every process the demo started was stopped")
         raise typer.Exit(130) from None
     except ArkError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -325,85 +297,3 @@ def _print_verdict(results: dict[str, Any], elapsed: float) -> None:
     )
     if not ok:
         raise typer.Exit(1)
-
-
-@provider_app.command("check-model")
-def check_model(
-    model_dir: Path,
-    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
-) -> None:
-    """Check that a local model directory can serve as a base model for TASK."""
-    from sandbox.models import inspect_model_dir
-
-    try:
-        info = inspect_model_dir(model_dir, task)
-    except ArkError as exc:
-        raise _fail(exc) from exc
-    console.print(
-        f"ok: {info.model_type} for {task}; weights: {', '.join(p.name for p in info.weight_files)}"
-    )
-
-
-@provider_app.command("results")
-def show_results(job_dir: Path) -> None:
-    """Print the before/after table of a finished job directory."""
-    from server.results import RESULTS_FILE, render_table
-
-    results = _read_json(job_dir / RESULTS_FILE)
-    console.print(render_table(results, results.get("node_names")))
-
-
-@node_app.command("check-data")
-def check_data(
-    data_file: Path,
-    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
-    labels: Annotated[str | None, typer.Option(help="Comma-separated allowed labels.")] = None,
-) -> None:
-    """Validate a private data file locally; nothing leaves this machine."""
-    from clients.data import load_examples, split_examples
-
-    try:
-        allowed = [x.strip() for x in labels.split(",")] if labels else None
-        examples = load_examples(data_file, task, labels=allowed)
-        split = split_examples(examples, source=data_file)
-    except ArkError as exc:
-        raise _fail(exc) from exc
-    console.print(
-        f"ok: {len(examples)} rows ({len(split.train)} train, {len(split.heldout)} held out)"
-    )
-
-
-@audit_app.command("checkpoints")
-def audit_checkpoints(job_dir: Path) -> None:
-    """Verify a job's latest round checkpoint against the digest recorded in its state."""
-    from server.checkpoint import STATE_FILE, CheckpointStore
-
-    store = CheckpointStore(job_dir / "checkpoints")
-    document = _read_json(store.directory / STATE_FILE)
-    try:
-        loaded = store.load(str(document.get("fingerprint", "")))
-    except ArkError as exc:
-        raise _fail(exc) from exc
-    if loaded is None:
-        raise _fail(ArkError(f"{store.directory}: no checkpoint state"))
-    state, adapter = loaded
-    console.print(
-        f"ok: round {state.round} adapter ({len(adapter)} tensors) matches its digest; "
-        f"finished={state.finished}"
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or exit with an error naming the file."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(ArkError(f"{path}: {exc}")) from exc
-    if not isinstance(document, dict):
-        raise _fail(ArkError(f"{path}: expected a JSON object"))
-    return document
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

@@ -1,0 +1,18 @@
+"""``ark``: the command line over all three sides (provider, node, auditor) and the demo.
+
+Commands import ``server`` and ``clients`` inside their bodies: the CLI is the one
+place allowed to reach across trust boundaries.
+"""
+
+from __future__ import annotations
+
+# Importing the command modules registers their commands on the groups.
+from sandbox.cli import audit, demo, node, provider  # noqa: F401
+from sandbox.cli.base import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

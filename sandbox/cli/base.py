@@ -1,0 +1,51 @@
+"""Shared parts of the ``ark`` command line: the command groups, consoles and helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from sandbox.errors import ArkError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+app = typer.Typer(
+    help="Ark Sandbox: privacy-preserving federated LoRA fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+provider_app = typer.Typer(
+    help="Model provider: identities, sealed models, the key broker, run results.",
+    no_args_is_help=True,
+)
+node_app = typer.Typer(
+    help="Enterprise node operator: identity, attestation, private data checks.",
+    no_args_is_help=True,
+)
+audit_app = typer.Typer(
+    help="Auditor: offline checks of a job's checkpoints.", no_args_is_help=True
+)
+app.add_typer(provider_app, name="provider")
+app.add_typer(node_app, name="node")
+app.add_typer(audit_app, name="audit")
+
+
+def fail(exc: BaseException, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or exit with an error naming the file."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(ArkError(f"{path}: {exc}")) from exc
+    if not isinstance(document, dict):
+        raise fail(ArkError(f"{path}: expected a JSON object"))
+    return document

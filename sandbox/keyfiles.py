@@ -1,0 +1,65 @@
+"""PEM key files: private keys written 0600, public keys loaded with errors naming the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sandbox.errors import ConfigError
+
+
+def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write ``path`` with mode 0600; refuse to replace an existing key unless told to."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError("refusing to overwrite an existing private key", path=path) from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_pem(key: ec.EllipticCurvePublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_private(path: Path) -> Any:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load private key: {exc}", path=path) from exc
+
+
+def load_public(path: Path) -> Any:
+    try:
+        return serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load public key: {exc}", path=path) from exc
+
+
+def load_ed25519_public(path: Path) -> Ed25519PublicKey:
+    key = load_public(path)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError("expected an Ed25519 public key", path=path)
+    return key
+
+
+def load_ec_public(path: Path) -> ec.EllipticCurvePublicKey:
+    key = load_public(path)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError("expected an EC P-256 public key", path=path)
+    return key

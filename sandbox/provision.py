@@ -1,0 +1,353 @@
+"""Provider and node workspaces: identities, policy, sealed models, the key broker's parts.
+
+Layout of a provider workspace (``ark provider init``)::
+
+    identity/signing.key   Ed25519, signs sealed-model manifests (and later log checkpoints)
+    identity/result.key    P-256, signs attestation results (EARs)
+    tls/                   CA and server certificate for the SuperLink and the key broker
+    public/                what nodes receive out of band: ca.crt, signing.pub, result.pub
+    roots/<tee>/*.pem      manufacturer roots the verifier trusts, one folder per TEE kind
+    policy.toml            the appraisal policy (reference values, TEE kinds, allowlist)
+    keys/                  content keys of sealed models (0600), read only by the broker
+    events.jsonl           appraisal, release and denial events
+
+A node workspace (``ark node init``) holds the node's stub attestation key and chain and
+a ``node.toml`` whose ``[node.sandbox]`` says how to attest and where the package is.
+Private keys are written 0600 and never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sandbox.attestation.backends import VerifierRegistry
+from sandbox.attestation.measure import code_measurement
+from sandbox.attestation.result import ResultSigner
+from sandbox.attestation.stub import STUB_TEE, DevManufacturer
+from sandbox.attestation.verifier import AppraisalPolicy, Verifier
+from sandbox.config import NodeConfig, SandboxConfig, toml_string
+from sandbox.errors import ConfigError
+from sandbox.events import MODEL_PUBLISHED, Event, EventSink, JsonlEventSink
+from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
+from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
+from sandbox.seal.package import (
+    OpenedModel,
+    new_content_key,
+    open_sealed_package,
+    read_manifest,
+    seal_model_dir,
+)
+from sandbox.tls import issue_loopback_tls
+
+VERSION = "0.1.0"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# -- the development manufacturer ------------------------------------------------------
+
+
+def load_or_create_manufacturer(directory: Path) -> DevManufacturer:
+    """The development "manufacturer" root under ``directory``, created on first use.
+
+    It stands in for a CPU vendor's endorsement root and exists only for stub TEEs.
+    """
+    key_path, cert_path = directory / "root.key", directory / "root.crt"
+    if not key_path.exists():
+        maker = DevManufacturer.create(now=_utcnow())
+        write_private(key_path, private_pem(maker.key))
+        cert_path.write_bytes(maker.certificate.public_bytes(serialization.Encoding.PEM))
+        return maker
+    key = load_private(key_path)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("manufacturer root key must be an EC key", path=key_path)
+    return DevManufacturer(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+
+
+# -- provider ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProviderWorkspace:
+    """Paths of a provider workspace (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "identity" / "signing.key"
+
+    @property
+    def result_key(self) -> Path:
+        return self.root / "identity" / "result.key"
+
+    @property
+    def public(self) -> Path:
+        return self.root / "public"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def roots(self) -> Path:
+        return self.root / "roots"
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy.toml"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    def require(self) -> ProviderWorkspace:
+        """Raise ConfigError naming the folder unless ``ark provider init`` ran here."""
+        if not self.signing_key.exists() or not self.policy.exists():
+            raise ConfigError(
+                "not a provider workspace; run `ark provider init` first", path=self.root
+            )
+        return self
+
+    def signer(self) -> Ed25519PrivateKey:
+        key = load_private(self.signing_key)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError("manifest signing key must be Ed25519", path=self.signing_key)
+        return key
+
+    def result_signer(self) -> ResultSigner:
+        key = load_private(self.result_key)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("result signing key must be EC P-256", path=self.result_key)
+        return ResultSigner(key, {"developer": "ark-sandbox", "build": f"ark-keybroker/{VERSION}"})
+
+    def trusted_roots(self) -> dict[str, list[x509.Certificate]]:
+        roots: dict[str, list[x509.Certificate]] = {}
+        for folder in sorted(p for p in self.roots.iterdir() if p.is_dir()):
+            for pem in sorted(folder.glob("*.pem")):
+                try:
+                    roots.setdefault(folder.name, []).extend(
+                        x509.load_pem_x509_certificates(pem.read_bytes())
+                    )
+                except ValueError as exc:
+                    raise ConfigError(f"unreadable root certificate: {exc}", path=pem) from exc
+        return roots
+
+
+def write_policy(
+    path: Path,
+    *,
+    policy_id: str,
+    code_digests: list[str],
+    allow_stub: bool,
+    allowed_nodes: list[str],
+) -> None:
+    """Write an appraisal policy TOML that :meth:`AppraisalPolicy.load` reads back."""
+    tees = [STUB_TEE] if allow_stub else []
+    lines = [
+        "# Appraisal policy: what evidence the key broker accepts before releasing a key.",
+        "[policy]",
+        f"id = {toml_string(policy_id)}",
+        f"accepted-tees = [{', '.join(toml_string(t) for t in tees)}]",
+        "# Development only: stub evidence proves no hardware isolation.",
+        f"allow-stub = {'true' if allow_stub else 'false'}",
+        "# TEE instances (ueids) that may receive keys; add with `ark provider allow-node`.",
+        f"allowed-nodes = [{', '.join(toml_string(n) for n in allowed_nodes)}]",
+        "",
+        "[policy.reference-values]",
+        "# SHA-256 code measurements of the node-side app (clients, sandbox, protos).",
+        f"code = [{', '.join(toml_string(d) for d in code_digests)}]",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def init_provider(
+    root: Path, *, trust_roots: Sequence[Path] = (), allow_stub: bool = True
+) -> ProviderWorkspace:
+    """Create provider identities, TLS material, trusted roots and a policy under ``root``."""
+    ws = ProviderWorkspace(root)
+    if ws.signing_key.exists():
+        raise ConfigError("already a provider workspace; refusing to replace its keys", path=root)
+    signing = Ed25519PrivateKey.generate()
+    result = ec.generate_private_key(ec.SECP256R1())
+    write_private(ws.signing_key, private_pem(signing))
+    write_private(ws.result_key, private_pem(result))
+    tls = issue_loopback_tls(ws.tls, common_name="ark-provider", valid_days=365)
+    ws.public.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tls.ca_cert, ws.public / "ca.crt")
+    (ws.public / "signing.pub").write_bytes(public_pem(signing.public_key()))
+    (ws.public / "result.pub").write_bytes(public_pem(result.public_key()))
+    (ws.roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
+    for number, pem in enumerate(trust_roots):
+        add_trust_root(ws, pem, name=f"root-{number}")
+    write_policy(
+        ws.policy,
+        policy_id=f"ark-provider-policy/{secrets.token_hex(4)}",
+        code_digests=[code_measurement()],
+        allow_stub=allow_stub,
+        allowed_nodes=[],
+    )
+    ws.keys.mkdir(mode=0o700, exist_ok=True)
+    return ws
+
+
+def add_trust_root(ws: ProviderWorkspace, pem: Path, *, tee: str = STUB_TEE, name: str) -> Path:
+    """Trust a manufacturer root for ``tee`` (the stub's is the development root)."""
+    try:
+        x509.load_pem_x509_certificate(pem.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}", path=pem) from exc
+    target = ws.roots / tee / f"{name}.pem"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pem, target)
+    return target
+
+
+def allow_node(ws: ProviderWorkspace, ueid: str) -> AppraisalPolicy:
+    """Add a node's ueid to the policy's allowlist (keeping everything else)."""
+    policy = AppraisalPolicy.load(ws.policy)
+    nodes = sorted((policy.allowed_nodes or frozenset()) | {ueid})
+    write_policy(
+        ws.policy,
+        policy_id=policy.policy_id,
+        code_digests=sorted(policy.reference_values.get("code", frozenset())),
+        allow_stub=policy.allow_stub,
+        allowed_nodes=nodes,
+    )
+    return AppraisalPolicy.load(ws.policy)
+
+
+def seal_model(
+    ws: ProviderWorkspace,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    model_id: str,
+    events: EventSink | None = None,
+) -> dict[str, Any]:
+    """Seal ``model_dir`` under a fresh content key kept in the workspace keystore."""
+    ws.require()
+    key_id = f"{model_id}-{secrets.token_hex(4)}"
+    content_key = new_content_key()
+    manifest = seal_model_dir(
+        model_dir,
+        out_dir,
+        content_key=content_key,
+        signing_key=ws.signer(),
+        model_id=model_id,
+        key_id=key_id,
+    )
+    KeyStore(ws.keys).put(ContentKey(key_id, model_id, content_key))
+    (events or JsonlEventSink(ws.events)).emit(
+        Event(
+            MODEL_PUBLISHED,
+            _utcnow(),
+            {
+                "model_id": model_id,
+                "key_id": key_id,
+                "files": [{"name": f["name"], "sha256": f["sha256"]} for f in manifest["files"]],
+            },
+        )
+    )
+    return manifest
+
+
+def check_package(ws: ProviderWorkspace, package: Path) -> OpenedModel:
+    """Decrypt a package with the provider's own keystore and verify every digest."""
+    ws.require()
+    verify_key = ws.signer().public_key()
+    manifest = read_manifest(package, verify_key)
+    key = KeyStore(ws.keys).get(manifest["key_id"])
+    return open_sealed_package(
+        package,
+        content_key=key.key,
+        verify_key=verify_key,
+        model_id=key.model_id,
+        key_id=key.key_id,
+    )
+
+
+def build_broker(ws: ProviderWorkspace, events: EventSink) -> KeyBroker:
+    """The key broker for this workspace: its policy, roots, result key and keystore."""
+    ws.require()
+    roots = ws.trusted_roots()
+    if not roots:
+        raise ConfigError("no trusted manufacturer roots; add one with --trust-root", path=ws.roots)
+    return KeyBroker(
+        verifiers=VerifierRegistry(
+            {kind: Verifier({kind: certs}) for kind, certs in roots.items()}
+        ),
+        policy=AppraisalPolicy.load(ws.policy),
+        signer=ws.result_signer(),
+        keystore=KeyStore(ws.keys),
+        events=events,
+    )
+
+
+# -- node -------------------------------------------------------------------------------
+
+
+def init_node(
+    root: Path,
+    *,
+    name: str,
+    data_path: Path,
+    manufacturer: Path,
+    provider_public: Path,
+    key_broker: str,
+    package: Path,
+    journal: bool = True,
+) -> Path:
+    """Create a node's stub attestation identity and its ``node.toml``; return that path."""
+    config_path = root / "node.toml"
+    if config_path.exists():
+        raise ConfigError("already a node workspace; refusing to replace it", path=config_path)
+    for needed in ("ca.crt", "signing.pub", "result.pub"):
+        if not (provider_public / needed).is_file():
+            raise ConfigError(f"the provider's public bundle lacks {needed}", path=provider_public)
+    maker = load_or_create_manufacturer(manufacturer)
+    ueid = f"{name}-{secrets.token_hex(8)}"
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = maker.certify(key.public_key(), ueid, now=_utcnow())
+    attestation = root / "attestation"
+    write_private(attestation / "key.pem", private_pem(key))
+    (attestation / "chain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    provider_dir = root / "provider"
+    provider_dir.mkdir(parents=True, exist_ok=True)
+    for needed in ("ca.crt", "signing.pub", "result.pub"):
+        shutil.copyfile(provider_public / needed, provider_dir / needed)
+    node = NodeConfig(
+        name=name,
+        data_path=data_path.resolve(),
+        journal_path=(root / "journal.jsonl") if journal else None,
+        sandbox=SandboxConfig(
+            tee=STUB_TEE,
+            ueid=ueid,
+            attestation_key=attestation / "key.pem",
+            attestation_chain=attestation / "chain.pem",
+            key_broker=key_broker,
+            provider_ca=provider_dir / "ca.crt",
+            manifest_key=provider_dir / "signing.pub",
+            result_key=provider_dir / "result.pub",
+            package=package.resolve(),
+        ),
+    )
+    config_path.write_text(node.to_toml(), encoding="utf-8")
+    return config_path
