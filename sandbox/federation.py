@@ -92,6 +92,7 @@ class Federation:
     port: int | None = None
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
+    key_broker: ManagedProcess | None = None
     tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ class Federation:
         check_port_free(port)
         self.port = port
         self.provider_home.mkdir(parents=True, exist_ok=True)
-        self.tls = issue_loopback_tls(self.provider_home / "tls")
+        self.tls = self._provider_tls()
         argv = [
             _exe("flower-superlink"),
             "--ssl-ca-certfile",
@@ -149,6 +150,47 @@ class Federation:
                 f"SuperLink failed to start: {exc}\n{self.superlink.log_tail()}"
             ) from exc
         self._write_cli_config()
+
+    def _provider_tls(self) -> TlsFiles:
+        """The provider workspace's TLS material (``ark provider init``), or fresh material."""
+        if self.tls is not None:
+            return self.tls
+        existing = TlsFiles(
+            ca_cert=self.provider_home / "tls" / "ca.crt",
+            server_cert=self.provider_home / "tls" / "server.crt",
+            server_key=self.provider_home / "tls" / "server.key",
+        )
+        if all(p.is_file() for p in (existing.ca_cert, existing.server_cert, existing.server_key)):
+            return existing
+        return issue_loopback_tls(self.provider_home / "tls")
+
+    def start_key_broker(self, port: int, timeout: float = 60.0) -> ManagedProcess:
+        """Start ``ark provider serve`` for the provider workspace, next to the SuperLink."""
+        if self.key_broker is not None:
+            raise RuntimeError("the key broker is already running")
+        check_port_free(port)
+        argv = [
+            _exe("ark"),
+            "provider",
+            "serve",
+            "--workdir",
+            str(self.provider_home),
+            "--address",
+            f"{HOST}:{port}",
+        ]
+        self.key_broker = start_process(
+            "key-broker",
+            argv,
+            env=_flower_env(self.provider_home),
+            log_path=self.logs / "key-broker.log",
+        )
+        try:
+            wait_for_port(HOST, port, self.key_broker, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise FederationError(
+                f"the key broker failed to start: {exc}\n{self.key_broker.log_tail()}"
+            ) from exc
+        return self.key_broker
 
     def _write_cli_config(self) -> None:
         assert self.tls is not None  # set by start_superlink just before
@@ -209,15 +251,19 @@ class Federation:
         groups = [list(self.supernodes.values())]
         if self.superlink is not None:
             groups.append([self.superlink])
+        if self.key_broker is not None:
+            groups.append([self.key_broker])
         self.leftovers += stop_processes(groups)
         self.supernodes.clear()
         self.superlink = None
+        self.key_broker = None
         return self.leftovers
 
     def all_processes(self) -> list[ManagedProcess]:
         procs = list(self.supernodes.values())
-        if self.superlink is not None:
-            procs.append(self.superlink)
+        for service in (self.superlink, self.key_broker):
+            if service is not None:
+                procs.append(service)
         return procs
 
     # -- runs ----------------------------------------------------------------------
@@ -288,6 +334,8 @@ class Federation:
                 proc.remember_descendants()
             if self.superlink is not None and not self.superlink.alive():
                 raise FederationError(f"the SuperLink exited:\n{self.superlink.log_tail()}")
+            if self.key_broker is not None and not self.key_broker.alive():
+                raise FederationError(f"the key broker exited:\n{self.key_broker.log_tail()}")
             outcome = self.outcome(run_id)
             if outcome is not None:
                 return outcome

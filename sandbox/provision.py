@@ -314,8 +314,10 @@ def init_node(
     key_broker: str,
     package: Path,
     journal: bool = True,
+    threads: int = 0,
 ) -> Path:
     """Create a node's stub attestation identity and its ``node.toml``; return that path."""
+    root = root.resolve()
     config_path = root / "node.toml"
     if config_path.exists():
         raise ConfigError("already a node workspace; refusing to replace it", path=config_path)
@@ -337,6 +339,7 @@ def init_node(
         name=name,
         data_path=data_path.resolve(),
         journal_path=(root / "journal.jsonl") if journal else None,
+        threads=threads,
         sandbox=SandboxConfig(
             tee=STUB_TEE,
             ueid=ueid,
@@ -351,3 +354,52 @@ def init_node(
     )
     config_path.write_text(node.to_toml(), encoding="utf-8")
     return config_path
+
+
+@dataclass(frozen=True)
+class LoopbackDeployment:
+    """A provider workspace, a sealed model, and node workspaces that attest to it."""
+
+    provider: ProviderWorkspace
+    package: Path
+    model_id: str
+    node_configs: dict[str, Path]
+    key_broker: str
+
+
+def provision_loopback(
+    root: Path,
+    *,
+    model_dir: Path,
+    node_data: dict[str, Path],
+    key_broker_port: int,
+    model_id: str = "base-model",
+    threads: int = 0,
+) -> LoopbackDeployment:
+    """Everything ``ark provider init|seal|allow-node`` and ``ark node init`` do, for a demo.
+
+    The provider seals ``model_dir`` into ``root/distribution``, the folder standing in
+    for however the sealed package reaches the nodes; each node then attests for its key.
+    """
+    manufacturer = root / "dev-manufacturer"
+    load_or_create_manufacturer(manufacturer)
+    ws = init_provider(root / "provider", trust_roots=[manufacturer / "root.crt"])
+    package = root / "distribution" / model_id
+    seal_model(ws, model_dir, package, model_id=model_id)
+    address = f"localhost:{key_broker_port}"
+    configs: dict[str, Path] = {}
+    for name, data in node_data.items():
+        configs[name] = init_node(
+            root / "nodes" / name,
+            name=name,
+            data_path=data,
+            manufacturer=manufacturer,
+            provider_public=ws.public,
+            key_broker=address,
+            package=package,
+            threads=threads,
+        )
+        sandbox = NodeConfig.load(configs[name]).sandbox
+        assert sandbox is not None  # init_node always writes one
+        allow_node(ws, sandbox.ueid)
+    return LoopbackDeployment(ws, package, model_id, configs, address)

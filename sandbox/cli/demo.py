@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -21,13 +22,13 @@ from sandbox.config import (
     MODES,
     TASK_CLASSIFICATION,
     TASKS,
-    NodeConfig,
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
 
 if TYPE_CHECKING:
     from sandbox.federation import Federation
+    from sandbox.provision import LoopbackDeployment
 
 DEMO_START_SECONDS = 300.0
 
@@ -113,10 +114,10 @@ def demo(
     fed = Federation(root, port=port)
     try:
         with _sigterm_as_interrupt():
-            spec, node_files = _prepare_demo(
+            spec, deployment = _prepare_demo(
                 root, data_dir, nodes, model, task, mode, rounds, local_steps, port, round_timeout
             )
-            results = _run_demo(fed, spec, node_files, started)
+            results = _run_demo(fed, spec, deployment, started)
         _print_verdict(results, time.monotonic() - started)
         if temp is None:
             assert spec.output_dir is not None  # set by _prepare_demo
@@ -151,12 +152,13 @@ def _prepare_demo(
     local_steps: int,
     port: int | None,
     round_timeout: float,
-) -> tuple[RunSpec, dict[str, Path]]:
+) -> tuple[RunSpec, LoopbackDeployment]:
     """Validate every input, then lay out node workspaces and the run config."""
     from clients.data import derive_labels, load_examples
-    from sandbox.federation import check_port_free
+    from sandbox.federation import check_port_free, free_port
     from sandbox.lora import target_modules
     from sandbox.models import default_model_dir, inspect_model_dir
+    from sandbox.provision import provision_loopback
 
     if nodes < MIN_FEDERATED_NODES:
         raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
@@ -189,33 +191,69 @@ def _prepare_demo(
     # The apps read the run config back through the same validation; fail here, not there.
     RunSpec.from_run_config(spec.to_run_config())
     target_modules(spec.lora, info.model_type)
-    node_files: dict[str, Path] = {}
+    _reset_provisioning(root)
+    private: dict[str, Path] = {}
     for name, source in sources.items():
         node_dir = root / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
-        private = node_dir / f"private{source.suffix}"
-        shutil.copyfile(source, private)
-        config = NodeConfig(
-            name=name, data_path=private, threads=1, journal_path=node_dir / "journal.jsonl"
-        )
-        (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
-        node_files[name] = node_dir / "node.toml"
+        private[name] = node_dir / f"private{source.suffix}"
+        shutil.copyfile(source, private[name])
+    deployment = provision_loopback(
+        root,
+        model_dir=info.path,
+        node_data=private,
+        key_broker_port=free_port(),
+        model_id=info.path.name if model else "all-MiniLM-L6-v2",
+        threads=1,
+    )
+    spec = dataclasses.replace(spec, model_id=deployment.model_id)
+    node_files = deployment.node_configs
+    console.print(
+        f"provider sealed {deployment.model_id} into {deployment.package} "
+        f"(key {deployment.provider.keys}); {len(node_files)} nodes attest for it"
+    )
     console.print(
         f"[bold]Ark Sandbox demo[/] · {len(node_files)} nodes · {rounds} rounds · "
         f"{mode} · model {info.model_type} at {info.path}"
     )
     console.print(f"workspace: {root}")
-    return spec, node_files
+    return spec, deployment
+
+
+# What a demo run provisions afresh; earlier jobs under provider/jobs are kept.
+_PROVISIONED = (
+    "provider/identity",
+    "provider/tls",
+    "provider/public",
+    "provider/roots",
+    "provider/keys",
+    "provider/policy.toml",
+    "provider/events.jsonl",
+    "nodes",
+    "distribution",
+    "dev-manufacturer",
+)
+
+
+def _reset_provisioning(root: Path) -> None:
+    """Remove identities and keys of an earlier demo run: each run provisions its own."""
+    for name in _PROVISIONED:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _run_demo(
-    fed: Federation, spec: RunSpec, node_files: dict[str, Path], started: float
+    fed: Federation, spec: RunSpec, deployment: LoopbackDeployment, started: float
 ) -> dict[str, Any]:
     """Start the federation, run the job, stop everything; return the named results."""
     from sandbox.federation import write_run_config
     from server.results import RESULTS_FILE, plot_metrics, render_table
 
     assert spec.output_dir is not None  # set by _prepare_demo
+    node_files = deployment.node_configs
     out_dir = spec.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
@@ -223,6 +261,9 @@ def _run_demo(
     for stale in fed.database.parent.glob(f"{fed.database.name}*"):
         stale.unlink()
     with fed:
+        broker_port = int(deployment.key_broker.rsplit(":", 1)[1])
+        fed.start_key_broker(broker_port)
+        console.print(f"key broker up on 127.0.0.1:{broker_port} (TLS, attestation-gated)")
         fed.start_superlink()
         console.print(f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database {fed.database})")
         for name, config_file in node_files.items():

@@ -30,3 +30,89 @@ def check_data(
     console.print(
         f"ok: {len(examples)} rows ({len(split.train)} train, {len(split.heldout)} held out)"
     )
+
+
+@node_app.command("init")
+def node_init(
+    workdir: Annotated[Path, typer.Option(help="The node workspace.")],
+    name: Annotated[str, typer.Option(help="Node name (the operator's own).")],
+    data: Annotated[Path, typer.Option(help="The private data file.")],
+    provider_public: Annotated[
+        Path, typer.Option(help="The provider's public folder (ca.crt, signing.pub, result.pub).")
+    ],
+    key_broker: Annotated[str, typer.Option(help="Key broker host:port.")],
+    package: Annotated[Path, typer.Option(help="The sealed model package on this node.")],
+    manufacturer: Annotated[
+        Path, typer.Option(help="Development manufacturer folder (created if missing).")
+    ],
+) -> None:
+    """Create the node's stub attestation identity and node.toml."""
+    from sandbox.config import NodeConfig
+    from sandbox.provision import init_node
+
+    try:
+        path = init_node(
+            workdir,
+            name=name,
+            data_path=data,
+            manufacturer=manufacturer,
+            provider_public=provider_public,
+            key_broker=key_broker,
+            package=package,
+        )
+        node = NodeConfig.load(path)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    assert node.sandbox is not None  # init_node always writes [node.sandbox]
+    console.print(f"node config: {path}")
+    console.print(f"attested identity (ueid): {node.sandbox.ueid}")
+    console.print(
+        f"the provider allows it with: ark provider allow-node {node.sandbox.ueid}; "
+        f"and trusts the root: {manufacturer / 'root.crt'}"
+    )
+
+
+@node_app.command("attest")
+def node_attest(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Attest to the key broker and print the result; the model is not loaded."""
+    from clients.model import node_measurements
+    from sandbox.attestation.backends import load_attester
+    from sandbox.config import NodeConfig
+    from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
+    from sandbox.keyfiles import load_ec_public, load_ed25519_public
+    from sandbox.seal.package import read_manifest
+
+    try:
+        node = NodeConfig.load(config)
+        sandbox = node.sandbox
+        if sandbox is None:
+            raise ArkError(f"{config}: no [node.sandbox] table; run `ark node init`")
+        manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+        attester = load_attester(
+            sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
+        )
+        with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
+            released = obtain_content_key(
+                client,
+                attester,
+                key_id=manifest["key_id"],
+                measurements=node_measurements(node),
+                result_key=load_ec_public(sandbox.result_key),
+                suite=sandbox.hpke_suite,
+            )
+    except ArkError as exc:
+        raise fail(exc) from exc
+    result = released.result
+    submod = result.submod
+    stub = " (STUB TEE: no hardware isolation)" if result.is_stub else ""
+    console.print(f"status: {result.status}{stub}")
+    console.print(f"policy: {submod['ear.appraisal-policy-id']}")
+    console.print(f"node: {result.ueid} · session {result.session_id}")
+    console.print(f"trustworthiness: {submod['ear.trustworthiness-vector']}")
+    console.print(f"measurements: {submod.get('ark.measurements')}")
+    console.print(
+        f"key {released.key_id} for model {released.model_id} released and opened; "
+        "discarded without loading the model"
+    )

@@ -36,3 +36,135 @@ def show_results(job_dir: Path) -> None:
 
     results = read_json(job_dir / RESULTS_FILE)
     console.print(render_table(results, results.get("node_names")))
+
+
+Workdir = Annotated[Path, typer.Option(help="The provider workspace.")]
+
+
+@provider_app.command("init")
+def provider_init(
+    workdir: Workdir = Path("provider"),
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="Manufacturer root certificate (PEM) to trust for stub TEEs."),
+    ] = None,
+    allow_stub: Annotated[
+        bool, typer.Option(help="Accept stub evidence (development only).")
+    ] = True,
+) -> None:
+    """Create the provider's identities, TLS material, trusted roots and appraisal policy."""
+    from sandbox.provision import init_provider
+
+    try:
+        ws = init_provider(workdir, trust_roots=trust_root or [], allow_stub=allow_stub)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"provider workspace ready: {ws.root}")
+    console.print(f"give nodes this folder out of band: {ws.public}")
+    console.print(f"appraisal policy: {ws.policy} (code measurement of this checkout included)")
+
+
+@provider_app.command("trust-root")
+def provider_trust_root(
+    pem: Path,
+    workdir: Workdir = Path("provider"),
+    tee: Annotated[str, typer.Option(help="TEE kind this root vouches for.")] = "stub",
+) -> None:
+    """Trust a manufacturer root certificate for one TEE kind."""
+    from sandbox.provision import ProviderWorkspace, add_trust_root
+
+    try:
+        target = add_trust_root(ProviderWorkspace(workdir).require(), pem, tee=tee, name=pem.stem)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"trusted for {tee}: {target}")
+
+
+@provider_app.command("allow-node")
+def provider_allow_node(ueid: str, workdir: Workdir = Path("provider")) -> None:
+    """Add a node's attested identity (its ueid) to the policy's allowlist."""
+    from sandbox.provision import ProviderWorkspace, allow_node
+
+    try:
+        policy = allow_node(ProviderWorkspace(workdir).require(), ueid)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"allowed nodes: {', '.join(sorted(policy.allowed_nodes or ()))}")
+
+
+@provider_app.command("seal")
+def provider_seal(
+    model_dir: Path,
+    out: Annotated[Path, typer.Option(help="Directory to write the sealed package to.")],
+    workdir: Workdir = Path("provider"),
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: dir name).")] = None,
+) -> None:
+    """Seal a model directory: encrypted weights, signed manifest, key kept in the keystore."""
+    from sandbox.models import inspect_model_config
+    from sandbox.provision import ProviderWorkspace, seal_model
+
+    try:
+        inspect_model_config(model_dir, TASK_CLASSIFICATION)
+        manifest = seal_model(
+            ProviderWorkspace(workdir), model_dir, out, model_id=model_id or model_dir.name
+        )
+    except ArkError as exc:
+        raise fail(exc) from exc
+    sealed = [f["name"] for f in manifest["files"] if "sealed" in f]
+    console.print(
+        f"sealed {manifest['model_id']} as key {manifest['key_id']} into {out}: "
+        f"{len(manifest['files'])} files, encrypted: {', '.join(sealed)}"
+    )
+
+
+@provider_app.command("check-package")
+def provider_check_package(package: Path, workdir: Workdir = Path("provider")) -> None:
+    """Decrypt a sealed package with the provider's keystore and verify every digest."""
+    from sandbox.provision import ProviderWorkspace, check_package
+
+    try:
+        opened = check_package(ProviderWorkspace(workdir), package)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    for entry in opened.manifest["files"]:
+        kind = "decrypted" if "sealed" in entry else "plain"
+        console.print(f"ok  {entry['name']:<28} {entry['size']:>12,} bytes  {kind}, sha256 matches")
+    console.print(
+        f"package {opened.manifest['model_id']} (key {opened.manifest['key_id']}): "
+        "signature and every digest verified"
+    )
+
+
+@provider_app.command("serve")
+def provider_serve(
+    workdir: Workdir = Path("provider"),
+    address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:8100",
+) -> None:
+    """Run the key broker (gRPC over TLS) until interrupted."""
+    import logging
+    import signal
+    import threading
+
+    from sandbox.events import JsonlEventSink
+    from sandbox.keybroker.service import serve
+    from sandbox.provision import ProviderWorkspace, build_broker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ws = ProviderWorkspace(workdir)
+    try:
+        broker = build_broker(ws, JsonlEventSink(ws.events))
+        server, port = serve(
+            broker, address=address, cert=ws.tls / "server.crt", key=ws.tls / "server.key"
+        )
+    except (ArkError, OSError) as exc:
+        raise fail(exc) from exc
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    console.print(
+        f"key broker listening on {address.rsplit(':', 1)[0]}:{port} (TLS); "
+        f"policy {broker.policy.policy_id}; events to {ws.events}"
+    )
+    stop.wait()
+    server.stop(grace=2).wait()
+    console.print("key broker stopped")

@@ -72,7 +72,8 @@ def seal_model_dir(
     key_id: str,
 ) -> dict[str, Any]:
     """Write a sealed package of ``model_dir`` to ``out_dir``; return the signed manifest."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    # Hidden files (.gitattributes and the like) are repository metadata, not the model.
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not any(p.suffix == ".safetensors" for p in files):
         raise SealedModelError(f"{model_dir}: no *.safetensors weights to seal")
     out_dir.mkdir(parents=True, exist_ok=True)
