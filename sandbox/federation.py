@@ -230,10 +230,15 @@ class Federation:
             "--max-retries",
             "10",
         ]
+        # The node's temporary files stay in its own workspace, where it (and the tests
+        # that look for leaked plaintext) can see them.
+        env = _flower_env(home)
+        env["TMPDIR"] = str(home / "tmp")
+        (home / "tmp").mkdir(exist_ok=True)
         proc = start_process(
             f"flower-supernode[{name}]",
             argv,
-            env=_flower_env(home),
+            env=env,
             log_path=self.logs / f"supernode-{name}.log",
         )
         self.supernodes[name] = proc

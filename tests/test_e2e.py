@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,8 +19,10 @@ from safetensors.numpy import load_file
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.digests import sha256_file
-from sandbox.federation import Federation, server_app_pids, write_run_config
+from sandbox.events import JsonlEventSink
+from sandbox.federation import Federation, free_port, server_app_pids, write_run_config
 from sandbox.processes import still_running
+from sandbox.provision import provision_loopback
 from tests.conftest import make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -26,18 +30,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
-def _nodes(tmp_path: Path, count: int, task: str = TASK_CLASSIFICATION) -> dict[str, Path]:
+def _nodes(
+    tmp_path: Path, count: int, model_dir: Path, task: str = TASK_CLASSIFICATION
+) -> dict[str, Path]:
+    """Provision a provider (sealing ``model_dir``) and ``count`` attesting nodes."""
     data = write_demo_data(tmp_path / "data", count, rows_per_node=40, seed=3, task=task)
-    configs = {}
-    for name, path in data.items():
-        node_dir = tmp_path / "nodes" / name
-        node_dir.mkdir(parents=True, exist_ok=True)
-        config = NodeConfig(
-            name=name, data_path=path, threads=1, journal_path=node_dir / "journal.jsonl"
-        )
-        (node_dir / "node.toml").write_text(config.to_toml(), encoding="utf-8")
-        configs[name] = node_dir / "node.toml"
-    return configs
+    deployment = provision_loopback(
+        tmp_path, model_dir=model_dir, node_data=data, key_broker_port=free_port(), threads=1
+    )
+    return deployment.node_configs
 
 
 def _spec(tmp_path: Path, model_dir: Path, nodes: int, **overrides: object) -> RunSpec:
@@ -55,7 +56,7 @@ def _spec(tmp_path: Path, model_dir: Path, nodes: int, **overrides: object) -> R
     return make_spec(model_dir, str(values.pop("task", TASK_CLASSIFICATION)), **values)
 
 
-def _journal(config: Path) -> list[dict[str, object]]:
+def _journal(config: Path) -> list[dict[str, Any]]:
     path = NodeConfig.load(config).journal_path
     assert path is not None
     if not path.exists():
@@ -64,7 +65,10 @@ def _journal(config: Path) -> list[dict[str, object]]:
 
 
 def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_path: Path) -> int:
-    """Start the SuperLink and one SuperNode per node config, then submit the job."""
+    """Start the key broker, the SuperLink and one SuperNode per node, then submit the job."""
+    sandbox = NodeConfig.load(next(iter(configs.values()))).sandbox
+    assert sandbox is not None
+    federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
     federation.start_superlink()
     for name, config in configs.items():
         federation.start_supernode(name, config)
@@ -92,7 +96,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 def test_two_nodes_two_rounds_over_tls(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
-    configs = _nodes(tmp_path, 2)
+    configs = _nodes(tmp_path, 2, tiny_bert_dir)
     spec = _spec(tmp_path, tiny_bert_dir, 2)
     run_id = _start(federation, configs, spec, tmp_path)
     outcome = federation.wait(run_id, timeout=600)
@@ -120,6 +124,48 @@ def test_two_nodes_two_rounds_over_tls(
         assert kinds == [("train", 1), ("train", 2), ("evaluate", 2)]
     # The provider's SuperLink state is a real SQLite file in its workspace.
     assert (federation.provider_home / "superlink.db").stat().st_size > 0
+    # Every ClientApp process got its model through attestation and a key release.
+    events = JsonlEventSink(federation.provider_home / "events.jsonl").read()
+    releases = [e for e in events if e["kind"] == "key_released"]
+    assert len(releases) == 2 * 3, [e["kind"] for e in events]
+    for config in configs.values():
+        for entry in _journal(config):
+            assert entry["attestation"]["status"] == "affirming"
+            assert entry["attestation"]["stub"] is True
+    _assert_no_plaintext_weights(tiny_bert_dir, [tmp_path / "nodes"])
+
+
+def _weight_windows(model_dir: Path, count: int = 256, size: int = 64) -> list[bytes]:
+    """Random 64-byte windows of tensor data (not the header) with varied bytes."""
+    data = (model_dir / "model.safetensors").read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    rng = random.Random(7)
+    windows: list[bytes] = []
+    while len(windows) < count:
+        offset = rng.randrange(start, len(data) - size)
+        window = data[offset : offset + size]
+        if len(set(window)) >= 24:  # skip runs of zeros or repeated values
+            windows.append(window)
+    return windows
+
+
+def _files_holding(windows: list[bytes], roots: list[Path]) -> list[str]:
+    hits = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                if any(w in data for w in windows):
+                    hits.append(str(path))
+    return hits
+
+
+def _assert_no_plaintext_weights(model_dir: Path, roots: list[Path]) -> None:
+    """The property: no node file (temp files included) holds plaintext weight bytes."""
+    windows = _weight_windows(model_dir)
+    # The detector finds what it looks for: the plaintext directory itself is a hit.
+    assert _files_holding(windows, [model_dir]) == [str(model_dir / "model.safetensors")]
+    assert _files_holding(windows, roots) == []
 
 
 def _clientapp_running(proc_pid: int) -> bool:
@@ -139,7 +185,7 @@ def _clientapp_running(proc_pid: int) -> bool:
 def test_node_dropping_mid_round_does_not_fail_the_run(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
-    configs = _nodes(tmp_path, 3)
+    configs = _nodes(tmp_path, 3, tiny_bert_dir)
     spec = _spec(tmp_path, tiny_bert_dir, 3, round_timeout=60.0, min_nodes=2)
     run_id = _start(federation, configs, spec, tmp_path)
     victim = sorted(configs)[-1]
@@ -166,7 +212,7 @@ def test_node_dropping_mid_round_does_not_fail_the_run(
 def test_killed_serverapp_resumes_from_last_checkpoint(
     tmp_path: Path, tiny_bert_dir: Path, federation: Federation
 ) -> None:
-    configs = _nodes(tmp_path, 2)
+    configs = _nodes(tmp_path, 2, tiny_bert_dir)
     spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=2)
     assert spec.output_dir is not None
     state_file = spec.output_dir / "checkpoints" / "state.json"
@@ -249,7 +295,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
 def test_causal_lm_round_on_a_tiny_llama(
     tmp_path: Path, tiny_llama_dir: Path, federation: Federation
 ) -> None:
-    configs = _nodes(tmp_path, 2, task=TASK_CAUSAL_LM)
+    configs = _nodes(tmp_path, 2, tiny_llama_dir, task=TASK_CAUSAL_LM)
     spec = _spec(
         tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
     )
