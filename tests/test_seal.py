@@ -24,7 +24,14 @@ from sandbox.seal.package import (
     read_manifest,
     seal_model_dir,
 )
-from sandbox.seal.stream import HEADER_SIZE, MAGIC, TAG_SIZE, decrypt_stream, encrypt_stream
+from sandbox.seal.stream import (
+    CHUNK_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    TAG_SIZE,
+    decrypt_stream,
+    encrypt_stream,
+)
 
 VECTORS = Path(__file__).parent / "vectors" / "stream" / "ark-stream-1.json"
 KEY = bytes(range(32))
@@ -194,6 +201,8 @@ def _flip_byte(path: Path, offset: int) -> None:
         ("edited-manifest", "signature is invalid"),
         ("signed-by-another-key", "signature is invalid"),
         ("flipped-ciphertext", "ciphertext digest"),
+        ("truncated-sealed-file", "ciphertext digest"),
+        ("swapped-chunks-in-sealed-file", "ciphertext digest"),
         ("flipped-plain-config", "plaintext digest of config.json"),
         ("wrong-content-key", "failed authentication"),
         ("missing-sealed-file", "ciphertext digest"),
@@ -222,6 +231,18 @@ def test_tampered_package_is_refused(
         )
     elif attack == "flipped-ciphertext":
         _flip_byte(out / "model.safetensors.sealed", HEADER_SIZE + 3)
+    elif attack == "truncated-sealed-file":
+        sealed = out / "model.safetensors.sealed"
+        sealed.write_bytes(sealed.read_bytes()[:-100])
+    elif attack == "swapped-chunks-in-sealed-file":
+        sealed = out / "model.safetensors.sealed"
+        data = sealed.read_bytes()
+        step = CHUNK_SIZE + TAG_SIZE
+        first, second = HEADER_SIZE, HEADER_SIZE + step
+        assert len(data) > second + step, "the tiny model must span several chunks"
+        sealed.write_bytes(
+            data[:first] + data[second : second + step] + data[first:second] + data[second + step :]
+        )
     elif attack == "flipped-plain-config":
         _flip_byte(out / "config.json", 5)
     elif attack == "wrong-content-key":

@@ -1,0 +1,263 @@
+"""Provider and node provisioning, the ``ark provider``/``ark node`` commands, and the
+ClientApp's one way to a model: attest, receive the key, unseal in memory.
+
+The key broker here is the real one, served over gRPC with TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clients.model import load_base_model
+from sandbox.attestation.backends import VerifierRegistry, load_attester
+from sandbox.attestation.measure import code_measurement
+from sandbox.attestation.result import (
+    AFFIRMING,
+    CONTRAINDICATED,
+    NONE,
+    WARNING,
+    status_of,
+)
+from sandbox.attestation.verifier import AppraisalPolicy
+from sandbox.cli import app
+from sandbox.config import NodeConfig
+from sandbox.errors import ConfigError, KeyReleaseDenied, TeeNotAccepted
+from sandbox.events import Event, JsonlEventSink
+from sandbox.federation import free_port
+from sandbox.keybroker.service import serve
+from sandbox.models import inspect_model_dir, load_pretrained
+from sandbox.provision import (
+    LoopbackDeployment,
+    ProviderWorkspace,
+    build_broker,
+    provision_loopback,
+)
+from tests.conftest import make_spec
+
+runner = CliRunner()
+
+
+def _flat(output: str) -> str:
+    """Command output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, tiny_bert_dir: Path) -> Iterator[LoopbackDeployment]:
+    """A provisioned provider and two nodes, with the key broker serving on loopback."""
+    data = {}
+    for name in ("alpine", "coastal"):
+        data[name] = tmp_path / f"{name}.jsonl"
+        data[name].write_text('{"text": "t", "label": "a"}\n', encoding="utf-8")
+    port = free_port()
+    deployed = provision_loopback(
+        tmp_path, model_dir=tiny_bert_dir, node_data=data, key_broker_port=port, model_id="tiny"
+    )
+    ws = deployed.provider
+    server, _ = serve(
+        build_broker(ws, JsonlEventSink(ws.events)),
+        address=f"127.0.0.1:{port}",
+        cert=ws.tls / "server.crt",
+        key=ws.tls / "server.key",
+    )
+    yield deployed
+    server.stop(grace=None)
+
+
+def test_node_gets_the_exact_weights_only_through_attestation(
+    deployment: LoopbackDeployment, tiny_bert_dir: Path
+) -> None:
+    node = NodeConfig.load(deployment.node_configs["alpine"])
+    spec = make_spec(tiny_bert_dir, model_id="tiny")
+    model, _, info, result = load_base_model(spec, node)
+    assert result.status == AFFIRMING
+    assert result.is_stub
+    assert info.model_type == "bert"
+    reference, _ = load_pretrained(inspect_model_dir(tiny_bert_dir, spec.task), num_labels=3)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    shared = [k for k in theirs if "classifier" not in k]
+    assert shared
+    assert all(torch.equal(ours[k], theirs[k]) for k in shared)
+    kinds = [e["kind"] for e in JsonlEventSink(deployment.provider.events).read()]
+    assert kinds == ["model_published", "attestation_appraised", "key_released"]
+
+
+def test_node_without_a_sandbox_table_cannot_load_a_model(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nname = "n"\ndata-path = "d.jsonl"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"node\.toml: key 'node\.sandbox'.*only through"):
+        load_base_model(make_spec(tiny_bert_dir), NodeConfig.load(path))
+
+
+def test_run_for_another_model_is_refused_before_attesting(
+    deployment: LoopbackDeployment, tiny_bert_dir: Path
+) -> None:
+    node = NodeConfig.load(deployment.node_configs["alpine"])
+    with pytest.raises(Exception, match="holds model 'tiny', the run wants 'other'"):
+        load_base_model(make_spec(tiny_bert_dir, model_id="other"), node)
+    assert [e["kind"] for e in JsonlEventSink(deployment.provider.events).read()] == [
+        "model_published"
+    ]
+
+
+def test_node_removed_from_the_allowlist_is_denied(
+    deployment: LoopbackDeployment, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    ws = deployment.provider
+    policy = AppraisalPolicy.load(ws.policy)
+    text = ws.policy.read_text(encoding="utf-8")
+    for ueid in policy.allowed_nodes or ():
+        if ueid.startswith("alpine"):
+            text = text.replace(f'"{ueid}"', '"someone-else"')
+    ws.policy.write_text(text, encoding="utf-8")
+    port = free_port()
+    server, _ = serve(
+        build_broker(ws, JsonlEventSink(ws.events)),
+        address=f"127.0.0.1:{port}",
+        cert=ws.tls / "server.crt",
+        key=ws.tls / "server.key",
+    )
+    try:
+        config = deployment.node_configs["alpine"]
+        config.write_text(
+            config.read_text(encoding="utf-8").replace(deployment.key_broker, f"localhost:{port}"),
+            encoding="utf-8",
+        )
+        with pytest.raises(KeyReleaseDenied, match="NODE_NOT_ALLOWED"):
+            load_base_model(make_spec(tiny_bert_dir), NodeConfig.load(config))
+    finally:
+        server.stop(grace=None)
+    assert JsonlEventSink(ws.events).read()[-1]["kind"] == "key_denied"
+
+
+def test_ark_node_attest_prints_the_result_without_loading_the_model(
+    deployment: LoopbackDeployment,
+) -> None:
+    config = deployment.node_configs["coastal"]
+    result = runner.invoke(app, ["node", "attest", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "status: affirming (STUB TEE" in _flat(result.output)
+    assert "discarded without loading the model" in _flat(result.output)
+
+
+def test_ark_provider_commands(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    provider = tmp_path / "provider"
+    assert runner.invoke(app, ["provider", "init", "--workdir", str(provider)]).exit_code == 0
+    again = runner.invoke(app, ["provider", "init", "--workdir", str(provider)])
+    assert again.exit_code == 2
+    assert "refusing to replace its keys" in _flat(again.output)
+    ws = ProviderWorkspace(provider)
+    assert ws.signing_key.stat().st_mode & 0o777 == 0o600
+    policy = AppraisalPolicy.load(ws.policy)
+    assert policy.reference_values["code"] == {code_measurement()}
+    assert policy.allowed_nodes == frozenset()
+
+    sealed = tmp_path / "sealed"
+    result = runner.invoke(
+        app,
+        ["provider", "seal", str(tiny_bert_dir), "--out", str(sealed), "--workdir", str(provider)],
+    )
+    assert result.exit_code == 0, result.output
+    assert not (sealed / "model.safetensors").exists()
+    result = runner.invoke(
+        app, ["provider", "check-package", str(sealed), "--workdir", str(provider)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "signature and every digest verified" in _flat(result.output)
+
+    data = bytearray((sealed / "model.safetensors.sealed").read_bytes())
+    data[-1] ^= 1
+    (sealed / "model.safetensors.sealed").write_bytes(bytes(data))
+    result = runner.invoke(
+        app, ["provider", "check-package", str(sealed), "--workdir", str(provider)]
+    )
+    assert result.exit_code == 2
+    assert "model.safetensors.sealed: ciphertext digest or size does not match" in _flat(
+        result.output
+    )
+
+    result = runner.invoke(app, ["provider", "allow-node", "node-1", "--workdir", str(provider)])
+    assert result.exit_code == 0, result.output
+    assert AppraisalPolicy.load(ws.policy).allowed_nodes == frozenset({"node-1"})
+
+
+def test_commands_outside_a_provider_workspace_name_the_folder(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["provider", "check-package", str(tmp_path), "--workdir", str(tmp_path / "nope")]
+    )
+    assert result.exit_code == 2
+    assert "nope: not a provider workspace" in _flat(result.output)
+
+
+def test_code_measurement_follows_the_code(tmp_path: Path) -> None:
+    package = tmp_path / "measured_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n", encoding="utf-8")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.invalidate_caches()
+        before = code_measurement(["measured_pkg"])
+        assert code_measurement(["measured_pkg"]) == before
+        (package / "__init__.py").write_text("VALUE = 2\n", encoding="utf-8")
+        assert code_measurement(["measured_pkg"]) != before
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("measured_pkg", None)
+
+
+@pytest.mark.parametrize(
+    ("vector", "status"),
+    [
+        ({"a": 2, "b": 2}, AFFIRMING),
+        ({"a": 2, "b": 32}, WARNING),
+        ({"a": 32, "b": 96}, CONTRAINDICATED),
+        ({"a": 0, "b": 0}, NONE),
+        ({}, NONE),
+    ],
+)
+def test_status_is_the_worst_tier(vector: dict[str, int], status: str) -> None:
+    assert status_of(vector) == status
+
+
+def test_unregistered_tee_kinds_are_refused() -> None:
+    with pytest.raises(TeeNotAccepted, match="no verifier backend for TEE kind 'tdx'"):
+        VerifierRegistry({}).appraise(
+            "tdx",
+            "token",
+            nonce=bytes(32),
+            tee_pubkey=b"k",
+            policy=AppraisalPolicy("p", frozenset(), False, {}),
+            now=dt.datetime.now(dt.UTC),
+        )
+    with pytest.raises(ConfigError, match="no attester backend for TEE kind 'sev-snp'"):
+        load_attester("sev-snp", Path("k"), Path("c"), "u")
+
+
+def test_policy_allowlist_and_advisory_values_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    base = '[policy]\nid = "p/1"\naccepted-tees = ["stub"]\n'
+    path.write_text(base + 'allowed-nodes = "node-1"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'policy\.allowed-nodes'.*'node-1'"):
+        AppraisalPolicy.load(path)
+    path.write_text(base + '[policy.advisory-values]\nconfig = ["xyz"]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'policy\.advisory-values\.config'"):
+        AppraisalPolicy.load(path)
+
+
+def test_event_sink_appends_and_reads_back(tmp_path: Path) -> None:
+    sink = JsonlEventSink(tmp_path / "events.jsonl")
+    now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
+    sink.emit(Event("key_denied", now, {"code": "NONCE_MISMATCH"}))
+    sink.emit(Event("key_released", now, {"key_id": "k"}))
+    assert [e["kind"] for e in sink.read()] == ["key_denied", "key_released"]
+    assert sink.read()[0]["time"] == now.isoformat()
