@@ -15,6 +15,7 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,25 +25,36 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.sealing import key_release, unseal_throughput
 from clients.data import Example, Split, derive_labels, load_examples, split_examples
-from clients.model import load_node_model
 from clients.training import evaluate, train_local
 from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
 from sandbox.demo_data import write_demo_data
-from sandbox.lora import adapter_state, is_trained, load_adapter_state
-from sandbox.models import default_model_dir
+from sandbox.lora import adapter_state, build_peft_model, is_trained, load_adapter_state
+from sandbox.models import default_model_dir, inspect_model_dir, load_pretrained
 from server.aggregation import StreamingAggregator, spec_of
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 console = Console(width=120)
 
 
-def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> Any:
+@dataclass
+class _Model:
+    model: Any
+    tokenizer: Any
+
+
+def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> _Model:
+    """The base model from its plaintext directory (provider-side experiment) plus LoRA."""
     torch.manual_seed(spec.seed)
-    loaded = load_node_model(spec)
+    info = inspect_model_dir(spec.model_path, spec.task)
+    base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
+    model = build_peft_model(
+        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+    )
     if initial is not None:
-        load_adapter_state(loaded.model, initial)
-    return loaded
+        load_adapter_state(model, initial)
+    return _Model(model, tokenizer)
 
 
 def _federated(
@@ -236,10 +248,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=RunSpec.local_steps)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--release-samples", type=int, default=200)
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
     report["aggregation"] = aggregation_scale((10, 50, 100), args.repeats)
+    report["unseal"] = unseal_throughput(default_model_dir() / "model.safetensors", args.repeats)
+    console.log(report["unseal"])
+    report["key_release"] = key_release(args.release_samples)
+    console.log(report["key_release"])
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -270,6 +287,30 @@ def _print(report: dict[str, Any]) -> None:
             f"{r['peak_ratio_collect_over_streaming']:.1f}x",
         )
     console.print(agg)
+    unseal, release = report["unseal"], report["key_release"]
+    sealing = Table(title="Sealed model: unseal, attest + key release, time to model (medians)")
+    sealing.add_column("measure")
+    sealing.add_column("value", justify="right")
+    sealing.add_column("goal", justify="right")
+    sealing.add_row(
+        f"unseal (STREAM AES-256-GCM, {unseal['bytes'] / 1e6:.0f} MB)",
+        f"{unseal['unseal_gb_per_s']:.2f} GB/s",
+        "",
+    )
+    sealing.add_row("raw AES-256-GCM, same 1 MiB chunks", f"{unseal['raw_gb_per_s']:.2f} GB/s", "")
+    sealing.add_row("unseal / raw", f"{unseal['unseal_over_raw']:.0%}", ">= 80%")
+    sealing.add_row(
+        f"attest + key release over loopback TLS, p50 ({release['samples']} samples)",
+        f"{release['p50_ms']:.1f} ms",
+        "< 50 ms",
+    )
+    sealing.add_row("attest + key release, p90", f"{release['p90_ms']:.1f} ms", "")
+    sealing.add_row(
+        "time to model: attest, release, unseal, load MiniLM",
+        f"{release['time_to_model_s']:.2f} s",
+        "",
+    )
+    console.print(sealing)
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")

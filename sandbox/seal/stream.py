@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -85,14 +85,39 @@ def encrypt_stream(
         counter += 1
 
 
-def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterator[bytes]:
-    """Yield plaintext chunks of a stream, holding at most two sealed chunks in memory.
+def _sealed_chunks(src: BinaryIO | memoryview, sealed_size: int) -> Iterator[tuple[Any, bool]]:
+    """``(sealed chunk, is_last)`` pairs; zero-copy slices when ``src`` is a buffer."""
+    if isinstance(src, memoryview):
+        offset, end = HEADER_SIZE, len(src)
+        while True:
+            stop = offset + sealed_size
+            yield src[offset:stop], stop >= end
+            if stop >= end:
+                return
+            offset = stop
+    current = _read_exact(src, sealed_size)
+    while True:
+        following = _read_exact(src, sealed_size)
+        yield current, not following
+        if not following:
+            return
+        current = following
 
-    Raises SealedModelError on any tampering. Truncation is only detectable at the end,
-    so a caller must not act on the plaintext until the iterator finishes cleanly.
+
+def decrypt_stream(
+    key: bytes, src: BinaryIO | memoryview, *, context: bytes = b""
+) -> Iterator[bytes]:
+    """Yield plaintext chunks of a stream read from a file object or a memory buffer.
+
+    From a file object at most two sealed chunks are held in memory; from a buffer (a
+    read-only memory map of a sealed file, say) chunks are decrypted in place without
+    copies. Raises SealedModelError on any tampering. Truncation is only detectable at
+    the end, so a caller must not act on the plaintext until the iterator finishes.
     """
     aead = _check_key(key)
-    header = _read_exact(src, HEADER_SIZE)
+    header = (
+        bytes(src[:HEADER_SIZE]) if isinstance(src, memoryview) else _read_exact(src, HEADER_SIZE)
+    )
     if len(header) != HEADER_SIZE or not header.startswith(MAGIC):
         raise SealedModelError("not an ark stream (bad header)")
     (chunk_size,) = struct.unpack(">I", header[len(MAGIC) : len(MAGIC) + 4])
@@ -100,14 +125,9 @@ def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterat
         raise SealedModelError(f"bad chunk size {chunk_size} in stream header")
     prefix = header[len(MAGIC) + 4 :]
     aad = header + context
-    sealed_size = chunk_size + TAG_SIZE
-    counter = 0
-    current = _read_exact(src, sealed_size)
-    while True:
-        following = _read_exact(src, sealed_size)
-        last = not following
+    for counter, (sealed, last) in enumerate(_sealed_chunks(src, chunk_size + TAG_SIZE)):
         try:
-            plain = aead.decrypt(_nonce(prefix, counter, last), current, aad)
+            plain = aead.decrypt(_nonce(prefix, counter, last), sealed, aad)
         except InvalidTag:
             raise SealedModelError(
                 f"chunk {counter} failed authentication (tampered, reordered, truncated, "
@@ -116,7 +136,3 @@ def decrypt_stream(key: bytes, src: BinaryIO, *, context: bytes = b"") -> Iterat
         if not last and len(plain) != chunk_size:
             raise SealedModelError(f"chunk {counter} is short but not the last")
         yield plain
-        if last:
-            return
-        current = following
-        counter += 1
