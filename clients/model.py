@@ -15,8 +15,8 @@ from sandbox.attestation.backends import load_attester
 from sandbox.attestation.measure import CODE, CONFIG, code_measurement, config_measurement
 from sandbox.attestation.result import AttestationResult
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import ConfigError, SealedModelError
-from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
+from sandbox.errors import SealedModelError
+from sandbox.keybroker.client import KeyBrokerClient, ReleasedKey, obtain_content_key
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.lora import build_peft_model
 from sandbox.models import ModelInfo, load_from_memory
@@ -38,17 +38,28 @@ def node_measurements(node: NodeConfig) -> dict[str, str]:
     return {CODE: code_measurement(), CONFIG: config_measurement(node.effective())}
 
 
+def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
+    """Attest this node's sandbox to the key broker and open the released content key."""
+    sandbox = node.require_sandbox()
+    attester = load_attester(
+        sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
+    )
+    with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
+        return obtain_content_key(
+            client,
+            attester,
+            key_id=key_id,
+            measurements=node_measurements(node),
+            result_key=load_ec_public(sandbox.result_key),
+            suite=sandbox.hpke_suite,
+        )
+
+
 def load_base_model(
     spec: RunSpec, node: NodeConfig
 ) -> tuple[Any, Any, ModelInfo, AttestationResult]:
     """Attest, receive the content key, unseal in memory, and build the base model."""
-    sandbox = node.sandbox
-    if sandbox is None:
-        raise ConfigError(
-            "no [node.sandbox] table: a node loads the base model only through attestation",
-            path=node.source,
-            key="node.sandbox",
-        )
+    sandbox = node.require_sandbox()
     manifest_key = load_ed25519_public(sandbox.manifest_key)
     manifest = read_manifest(sandbox.package, manifest_key)
     if spec.model_id and manifest["model_id"] != spec.model_id:
@@ -56,18 +67,7 @@ def load_base_model(
             f"{sandbox.package}: holds model {manifest['model_id']!r}, "
             f"the run wants {spec.model_id!r}"
         )
-    attester = load_attester(
-        sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
-    )
-    with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
-        released = obtain_content_key(
-            client,
-            attester,
-            key_id=manifest["key_id"],
-            measurements=node_measurements(node),
-            result_key=load_ec_public(sandbox.result_key),
-            suite=sandbox.hpke_suite,
-        )
+    released = attest_for_key(node, manifest["key_id"])
     opened = open_sealed_package(
         sandbox.package,
         content_key=released.content_key,

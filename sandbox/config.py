@@ -378,6 +378,17 @@ class NodeConfig:
             lines += ["", self.sandbox.to_toml()]
         return "\n".join(lines) + "\n"
 
+    def require_sandbox(self) -> SandboxConfig:
+        """``[node.sandbox]``, which every model load needs; ConfigError naming it if absent."""
+        if self.sandbox is None:
+            raise ConfigError(
+                "no [node.sandbox] table: a node loads the base model only through "
+                "attestation (run `ark node init`)",
+                path=self.source,
+                key="node.sandbox",
+            )
+        return self.sandbox
+
     def effective(self) -> dict[str, str]:
         """The settings that shape what this node does, as strings (measured into evidence)."""
         return {

@@ -77,31 +77,16 @@ def node_attest(
     config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
 ) -> None:
     """Attest to the key broker and print the result; the model is not loaded."""
-    from clients.model import node_measurements
-    from sandbox.attestation.backends import load_attester
+    from clients.model import attest_for_key
     from sandbox.config import NodeConfig
-    from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
-    from sandbox.keyfiles import load_ec_public, load_ed25519_public
+    from sandbox.keyfiles import load_ed25519_public
     from sandbox.seal.package import read_manifest
 
     try:
         node = NodeConfig.load(config)
-        sandbox = node.sandbox
-        if sandbox is None:
-            raise ArkError(f"{config}: no [node.sandbox] table; run `ark node init`")
+        sandbox = node.require_sandbox()
         manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
-        attester = load_attester(
-            sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
-        )
-        with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
-            released = obtain_content_key(
-                client,
-                attester,
-                key_id=manifest["key_id"],
-                measurements=node_measurements(node),
-                result_key=load_ec_public(sandbox.result_key),
-                suite=sandbox.hpke_suite,
-            )
+        released = attest_for_key(node, manifest["key_id"])
     except ArkError as exc:
         raise fail(exc) from exc
     result = released.result
