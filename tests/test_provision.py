@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clients.model import load_base_model
+from clients.model import attest_for_key, load_base_model
 from sandbox.attestation.backends import VerifierRegistry, load_attester
 from sandbox.attestation.measure import code_measurement
 from sandbox.attestation.result import (
@@ -31,8 +32,9 @@ from sandbox.cli import app
 from sandbox.config import NodeConfig
 from sandbox.errors import ConfigError, KeyReleaseDenied, TeeNotAccepted
 from sandbox.events import Event, JsonlEventSink
-from sandbox.federation import free_port
+from sandbox.federation import Federation, free_port
 from sandbox.keybroker.service import serve
+from sandbox.keyfiles import load_ed25519_public
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.provision import (
     LoopbackDeployment,
@@ -40,6 +42,7 @@ from sandbox.provision import (
     build_broker,
     provision_loopback,
 )
+from sandbox.seal.package import read_manifest
 from tests.conftest import make_spec
 
 runner = CliRunner()
@@ -261,3 +264,53 @@ def test_event_sink_appends_and_reads_back(tmp_path: Path) -> None:
     sink.emit(Event("key_released", now, {"key_id": "k"}))
     assert [e["kind"] for e in sink.read()] == ["key_denied", "key_released"]
     assert sink.read()[0]["time"] == now.isoformat()
+
+
+def test_ark_provider_serve_applies_allow_node_without_a_restart(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    """The real `ark provider serve` process: deny, allow the node, release, stop cleanly."""
+    data = tmp_path / "n.jsonl"
+    data.write_text('{"text": "t", "label": "a"}\n', encoding="utf-8")
+    port = free_port()
+    deployed = provision_loopback(
+        tmp_path, model_dir=tiny_bert_dir, node_data={"alpine": data}, key_broker_port=port
+    )
+    ws = deployed.provider
+    node = NodeConfig.load(deployed.node_configs["alpine"])
+    ueid = node.require_sandbox().ueid
+    text = ws.policy.read_text(encoding="utf-8")
+    ws.policy.write_text(text.replace(f'"{ueid}"', ""), encoding="utf-8")
+    federation = Federation(tmp_path)
+    try:
+        federation.start_key_broker(port)
+        with pytest.raises(KeyReleaseDenied, match="NODE_NOT_ALLOWED"):
+            attest_for_key(node, _key_id(node))
+        assert (
+            runner.invoke(
+                app, ["provider", "allow-node", ueid, "--workdir", str(ws.root)]
+            ).exit_code
+            == 0
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                released = attest_for_key(node, _key_id(node))
+                break
+            except KeyReleaseDenied:
+                assert time.monotonic() < deadline, "the policy was never reloaded"
+                time.sleep(0.5)
+        assert released.result.status == AFFIRMING
+    finally:
+        assert federation.stop() == []
+    log = (tmp_path / "logs" / "key-broker.log").read_text(encoding="utf-8")
+    assert "policy reloaded" in log
+    assert "key broker stopped" in log
+    kinds = [e["kind"] for e in JsonlEventSink(ws.events).read()]
+    assert kinds[:3] == ["model_published", "attestation_appraised", "key_denied"]
+    assert kinds[-1] == "key_released"
+
+
+def _key_id(node: NodeConfig) -> str:
+    sandbox = node.require_sandbox()
+    return str(read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))["key_id"])

@@ -145,6 +145,7 @@ def provider_serve(
     import signal
     import threading
 
+    from sandbox.attestation.verifier import AppraisalPolicy
     from sandbox.events import JsonlEventSink
     from sandbox.keybroker.service import serve
     from sandbox.provision import ProviderWorkspace, build_broker
@@ -165,6 +166,19 @@ def provider_serve(
         f"key broker listening on {address.rsplit(':', 1)[0]}:{port} (TLS); "
         f"policy {broker.policy.policy_id}; events to {ws.events}"
     )
-    stop.wait()
+    # `ark provider allow-node` and policy edits apply without a restart; a policy file
+    # that no longer loads is reported and the last good policy stays in force.
+    seen = ws.policy.stat().st_mtime_ns
+    while not stop.wait(1.0):
+        mtime = ws.policy.stat().st_mtime_ns
+        if mtime == seen:
+            continue
+        seen = mtime
+        try:
+            broker.policy = AppraisalPolicy.load(ws.policy)
+        except ArkError as exc:
+            logging.getLogger("ark.keybroker").error("policy not reloaded: %s", exc)
+            continue
+        logging.getLogger("ark.keybroker").info("policy reloaded: %s", broker.policy.policy_id)
     server.stop(grace=2).wait()
     console.print("key broker stopped")
