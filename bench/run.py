@@ -306,8 +306,18 @@ def _print(report: dict[str, Any]) -> None:
     )
     sealing.add_row("attest + key release, p90", f"{release['p90_ms']:.1f} ms", "")
     sealing.add_row(
-        "time to model: attest, release, unseal, load MiniLM",
+        "time to model: attest, release, unseal, load MiniLM (warm process)",
         f"{release['time_to_model_s']:.2f} s",
+        "",
+    )
+    sealing.add_row(
+        "fresh node process: imports (torch, transformers, peft, grpc)",
+        f"{release['cold_process_import_s']:.2f} s",
+        "",
+    )
+    sealing.add_row(
+        "fresh node process: attest, release, unseal, load MiniLM",
+        f"{release['cold_process_model_s']:.2f} s",
         "",
     )
     console.print(sealing)

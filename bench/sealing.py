@@ -8,9 +8,12 @@ broker served over gRPC with TLS on loopback. Medians (and p90 for latency) are 
 from __future__ import annotations
 
 import io
+import json
 import mmap
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -146,6 +149,7 @@ def key_release(samples: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 load_base_model(spec, node)
                 first_model.append(time.perf_counter() - started)
+            cold = [_cold_process(deployment.node_configs["bench"]) for _ in range(3)]
         finally:
             server.stop(grace=None)
     return {
@@ -155,4 +159,19 @@ def key_release(samples: int) -> dict[str, Any]:
         "time_to_model_s": statistics.median(first_model),
         "time_to_model_includes": "fresh ephemeral key, attest + release over TLS, "
         "unseal and verify the 90 MB package in memory, build the model from bytes",
+        "cold_process_import_s": statistics.median(c["import_s"] for c in cold),
+        "cold_process_model_s": statistics.median(c["model_s"] for c in cold),
     }
+
+
+def _cold_process(config: Path) -> dict[str, float]:
+    """Timings from a fresh interpreter, as a ClientApp process would start."""
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.cold_model", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    timings: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return timings

@@ -28,7 +28,7 @@ from sandbox.attestation.result import (
 )
 from sandbox.attestation.stub import DevManufacturer, StubAttester
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
-from sandbox.errors import KeyReleaseDenied, ResultExpired, ResultInvalid
+from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultExpired, ResultInvalid
 from sandbox.events import MemoryEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
@@ -495,3 +495,13 @@ def test_keystore_files_are_private(tmp_path: Path) -> None:
     path = store.put(ContentKey("k1", "m", CONTENT_KEY))
     assert path.stat().st_mode & 0o777 == 0o600
     assert store.get("k1").key == CONTENT_KEY
+
+
+def test_session_table_is_bounded(kb: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sandbox.keybroker.broker.MAX_OPEN_SESSIONS", 2)
+    kb.client.challenge(KEY_ID)
+    kb.client.challenge(KEY_ID)
+    with pytest.raises(KeyBrokerUnavailable, match="too many open sessions"):
+        kb.client.challenge(KEY_ID)
+    kb.clock.now = NOW + dt.timedelta(seconds=61)  # expired sessions are dropped
+    assert kb.client.challenge(KEY_ID).nonce

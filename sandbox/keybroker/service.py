@@ -12,7 +12,7 @@ import grpc
 
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
-from sandbox.keybroker.broker import Denied, KeyBroker, Outcome
+from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome
 
 log = logging.getLogger("ark.keybroker")
 
@@ -47,7 +47,11 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
 
     def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
         with self._lock:
-            session = self.broker.challenge(request.key_id)
+            try:
+                session = self.broker.challenge(request.key_id)
+            except BadRequest as exc:
+                log.warning("challenge refused: %s", exc)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
         return pb.ChallengeReply(
             session_id=session.session_id,
             nonce=session.nonce,
