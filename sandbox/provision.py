@@ -19,8 +19,10 @@ Private keys are written 0600 and never overwritten.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import secrets
 import shutil
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +153,51 @@ class ProviderWorkspace:
         return roots
 
 
+POLICY_HEADER = """\
+# Appraisal policy: what evidence the key broker accepts before releasing a key.
+#   accepted-tees     TEE kinds whose evidence is accepted
+#   allow-stub        development only: stub evidence proves no hardware isolation
+#   allowed-nodes     TEE instances (ueids) that may receive keys (`ark provider allow-node`)
+#   reference-values  measurements that must match (code: SHA-256 of the node-side app)
+#   advisory-values   measurements whose mismatch makes the result "warning"
+"""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} into a policy file")
+
+
+def _toml_tables(table: dict[str, Any], name: str) -> list[str]:
+    """``[name]`` with its plain keys, then each sub-table (the shapes policies use)."""
+    lines = [f"[{name}]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += ["", *_toml_tables(value, f"{name}.{key}")]
+    return lines
+
+
+def save_policy(path: Path, raw: dict[str, Any]) -> AppraisalPolicy:
+    """Write a policy atomically (a reader never sees half a file) and load it back."""
+    tables = [line for name, table in raw.items() for line in ["", *_toml_tables(table, name)]]
+    text = POLICY_HEADER + "\n".join(tables) + "\n"
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    try:
+        AppraisalPolicy.load(staging)
+    except ConfigError:
+        staging.unlink()
+        raise
+    os.replace(staging, path)
+    return AppraisalPolicy.load(path)
+
+
 def write_policy(
     path: Path,
     *,
@@ -158,24 +205,20 @@ def write_policy(
     code_digests: list[str],
     allow_stub: bool,
     allowed_nodes: list[str],
-) -> None:
-    """Write an appraisal policy TOML that :meth:`AppraisalPolicy.load` reads back."""
-    tees = [STUB_TEE] if allow_stub else []
-    lines = [
-        "# Appraisal policy: what evidence the key broker accepts before releasing a key.",
-        "[policy]",
-        f"id = {toml_string(policy_id)}",
-        f"accepted-tees = [{', '.join(toml_string(t) for t in tees)}]",
-        "# Development only: stub evidence proves no hardware isolation.",
-        f"allow-stub = {'true' if allow_stub else 'false'}",
-        "# TEE instances (ueids) that may receive keys; add with `ark provider allow-node`.",
-        f"allowed-nodes = [{', '.join(toml_string(n) for n in allowed_nodes)}]",
-        "",
-        "[policy.reference-values]",
-        "# SHA-256 code measurements of the node-side app (clients, sandbox, protos).",
-        f"code = [{', '.join(toml_string(d) for d in code_digests)}]",
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+) -> AppraisalPolicy:
+    """Write a fresh appraisal policy TOML."""
+    return save_policy(
+        path,
+        {
+            "policy": {
+                "id": policy_id,
+                "accepted-tees": [STUB_TEE] if allow_stub else [],
+                "allow-stub": allow_stub,
+                "allowed-nodes": allowed_nodes,
+                "reference-values": {"code": code_digests},
+            }
+        },
+    )
 
 
 def init_provider(
@@ -221,17 +264,13 @@ def add_trust_root(ws: ProviderWorkspace, pem: Path, *, tee: str = STUB_TEE, nam
 
 
 def allow_node(ws: ProviderWorkspace, ueid: str) -> AppraisalPolicy:
-    """Add a node's ueid to the policy's allowlist (keeping everything else)."""
-    policy = AppraisalPolicy.load(ws.policy)
-    nodes = sorted((policy.allowed_nodes or frozenset()) | {ueid})
-    write_policy(
-        ws.policy,
-        policy_id=policy.policy_id,
-        code_digests=sorted(policy.reference_values.get("code", frozenset())),
-        allow_stub=policy.allow_stub,
-        allowed_nodes=nodes,
-    )
-    return AppraisalPolicy.load(ws.policy)
+    """Add a node's ueid to the policy's allowlist; every other key is kept as it is."""
+    AppraisalPolicy.load(ws.policy)  # refuse to edit a policy that does not load
+    raw = tomllib.loads(ws.policy.read_text(encoding="utf-8"))
+    nodes = raw["policy"].get("allowed-nodes", [])
+    if ueid not in nodes:
+        raw["policy"]["allowed-nodes"] = sorted([*nodes, ueid])
+    return save_policy(ws.policy, raw)
 
 
 def seal_model(

@@ -472,22 +472,8 @@ def test_result_signed_by_another_verifier_presented_back(kb: Deployment) -> Non
 
 
 def test_unknown_key_id(kb: Deployment) -> None:
-    sandbox = RecipientKey.generate()
-    challenge = kb.client.challenge("no-such-key")
-    token = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes)
-    _denied(
-        kb,
-        "UNKNOWN_KEY",
-        "UnknownKey",
-        lambda: kb.client.attest(
-            session_id=challenge.session_id,
-            tee="stub",
-            evidence=token,
-            tee_pubkey=sandbox.public_bytes,
-            hpke_suite=SUITE_X25519,
-            key_id="no-such-key",
-        ),
-    )
+    _denied(kb, "UNKNOWN_KEY", "UnknownKey", lambda: kb.client.challenge("no-such-key"))
+    assert kb.broker._sessions == {}, "an unknown key id must not open a session"
 
 
 def test_keystore_files_are_private(tmp_path: Path) -> None:
@@ -505,3 +491,65 @@ def test_session_table_is_bounded(kb: Deployment, monkeypatch: pytest.MonkeyPatc
         kb.client.challenge(KEY_ID)
     kb.clock.now = NOW + dt.timedelta(seconds=61)  # expired sessions are dropped
     assert kb.client.challenge(KEY_ID).nonce
+
+
+def test_result_presented_back_after_the_policy_changed(kb: Deployment) -> None:
+    token = _affirming_result(kb)
+    kb.broker.policy = dataclasses.replace(POLICY, allowed_nodes=frozenset({"node-2"}))
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=token, key_id=KEY_ID),
+    )
+
+
+def _raw_token(header: dict[str, Any], body: bytes) -> str:
+    return f"{b64url(json.dumps(header).encode())}.{b64url(body)}.{b64url(bytes(64))}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 5_000 + b"]" * 5_000, b'{"iat": ' + b"9" * 5000 + b"}", b"\xff\xfe"],
+    ids=["deeply-nested", "huge-number", "not-utf8"],
+)
+def test_hostile_encodings_are_recorded_denials(kb: Deployment, body: bytes) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _raw_token({"alg": "ES256", "x5c": []}, body)
+    _denied(
+        kb,
+        "EVIDENCE_MALFORMED",
+        "EvidenceFormatError",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+def test_non_ascii_measurements_are_refused(kb: Deployment) -> None:
+    """A lone surrogate in a validly signed measurement cannot reach the result encoder."""
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    head, body, _ = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes).split(".")
+    claims = json.loads(b64url_decode(body))
+    claims["measurements"]["config"] = "\ud800"
+    signing_input = f"{head}.{b64url(json.dumps(claims).encode())}"
+    token = f"{signing_input}.{b64url(es256_sign(kb.attester.key, signing_input.encode()))}"
+    _denied(
+        kb,
+        "EVIDENCE_MALFORMED",
+        "EvidenceFormatError",
+        lambda: _attest(kb, token, challenge.session_id, sandbox.public_bytes),
+    )
+
+
+def test_key_material_stays_out_of_reprs(kb: Deployment) -> None:
+    released = obtain_content_key(
+        kb.client,
+        kb.attester,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+    assert repr(CONTENT_KEY) not in repr(released)
+    assert repr(CONTENT_KEY) not in repr(ContentKey(KEY_ID, MODEL_ID, CONTENT_KEY))

@@ -314,3 +314,24 @@ def test_ark_provider_serve_applies_allow_node_without_a_restart(
 def _key_id(node: NodeConfig) -> str:
     sandbox = node.require_sandbox()
     return str(read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))["key_id"])
+
+
+def test_allow_node_keeps_every_other_policy_key(tmp_path: Path) -> None:
+    from sandbox.provision import allow_node, init_provider
+
+    ws = init_provider(tmp_path / "provider")
+    text = ws.policy.read_text(encoding="utf-8").replace(
+        'accepted-tees = ["stub"]', 'accepted-tees = ["stub", "tdx"]'
+    )
+    text += f'config = ["{"cd" * 32}"]\n\n[policy.advisory-values]\ncode = ["{"ef" * 32}"]\n'
+    ws.policy.write_text(text, encoding="utf-8")
+    before = AppraisalPolicy.load(ws.policy)
+    after = allow_node(ws, "node-9")
+    assert after.allowed_nodes == frozenset({"node-9"})
+    assert after.accepted_tees == before.accepted_tees == frozenset({"stub", "tdx"})
+    assert after.reference_values == before.reference_values
+    assert set(after.reference_values) == {"code", "config"}
+    assert after.advisory_values == before.advisory_values != {}
+    assert after.policy_id == before.policy_id
+    assert after.digest != before.digest
+    assert not list(ws.policy.parent.glob(".policy.toml.*")), "staging file left behind"

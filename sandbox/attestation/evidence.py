@@ -113,8 +113,8 @@ def decode_jws(token: str, required: tuple[str, ...] = REQUIRED_CLAIMS) -> Signe
     try:
         header = json.loads(b64url_decode(parts[0]))
         claims = json.loads(b64url_decode(parts[1]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvidenceFormatError("evidence header or claims are not JSON") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise EvidenceFormatError("token header or claims are not JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise EvidenceFormatError("evidence header and claims must be JSON objects")
     missing = [c for c in required if c not in claims]

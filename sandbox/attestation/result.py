@@ -73,6 +73,7 @@ class ResultContext:
     hpke_suite: str
     evidence: str
     policy_id: str
+    policy_digest: str
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,19 @@ class AttestationResult:
     def ueid(self) -> str | None:
         ueid = self.submod.get("ark.ueid")
         return None if ueid is None else str(ueid)
+
+    @property
+    def measurements(self) -> dict[str, str]:
+        return dict(self.submod.get("ark.measurements", {}))
+
+    @property
+    def tee(self) -> str:
+        return str(self.submod["ark.tee"])
+
+    @property
+    def policy_digest(self) -> str | None:
+        digest = self.submod.get("ark.policy-digest")
+        return None if digest is None else str(digest)
 
     @property
     def expires_at(self) -> dt.datetime:
@@ -169,6 +183,7 @@ class ResultSigner:
             "ear.status": status_of(vector),
             "ear.trustworthiness-vector": vector,
             "ear.appraisal-policy-id": context.policy_id,
+            "ark.policy-digest": context.policy_digest,
             "ark.tee": context.tee,
             "ark.stub": context.tee == STUB_TEE,
             "ark.session": context.session_id,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import rfc8785
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attestation.evidence import (
@@ -32,7 +33,9 @@ from sandbox.attestation.evidence import (
     report_data,
 )
 from sandbox.attestation.stub import STUB_HWMODEL, STUB_TEE, ueid_uri
+from sandbox.digests import sha256_hex
 from sandbox.errors import (
+    AttestationError,
     ChainUntrusted,
     ConfigError,
     DebugEnabled,
@@ -56,6 +59,40 @@ class AppraisalPolicy:
     reference_values: dict[str, frozenset[str]]
     allowed_nodes: frozenset[str] | None = None
     advisory_values: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of the policy's content: results name it, so a changed policy shows."""
+        content: dict[str, Any] = {
+            "id": self.policy_id,
+            "accepted-tees": sorted(self.accepted_tees),
+            "allow-stub": self.allow_stub,
+            "allowed-nodes": None if self.allowed_nodes is None else sorted(self.allowed_nodes),
+            "reference-values": {k: sorted(v) for k, v in self.reference_values.items()},
+            "advisory-values": {k: sorted(v) for k, v in self.advisory_values.items()},
+        }
+        return sha256_hex(rfc8785.dumps(content))
+
+    def admit(self, *, tee: str, ueid: str, measurements: Mapping[str, str]) -> dict[str, str]:
+        """Raise unless this TEE kind, node and measurements pass; return advisory warnings.
+
+        Shared by appraisal of evidence and by every later use of a result, so a node
+        the policy no longer admits gets nothing on an older result either.
+        """
+        if tee == STUB_TEE and not self.allow_stub:
+            raise TeeNotAccepted("stub evidence, and the policy does not allow stubs")
+        if tee not in self.accepted_tees:
+            raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {self.policy_id}")
+        if self.allowed_nodes is not None and ueid not in self.allowed_nodes:
+            raise NodeNotAllowed(f"node {ueid!r} is not on the policy's allowlist")
+        for name, accepted in self.reference_values.items():
+            if measurements.get(name, "").lower() not in accepted:
+                raise MeasurementRejected(f"measurement {name!r} is not a reference value")
+        return {
+            name: f"measurement {name!r} is not among the advisory values"
+            for name, accepted in self.advisory_values.items()
+            if measurements.get(name, "").lower() not in accepted
+        }
 
     @classmethod
     def load(cls, path: Path) -> AppraisalPolicy:
@@ -168,6 +205,35 @@ class Verifier:
         now: dt.datetime,
     ) -> Appraisal:
         """Raise an AttestationError subclass unless the evidence satisfies ``policy``."""
+        try:
+            return self._appraise(token, nonce=nonce, tee_pubkey=tee_pubkey, policy=policy, now=now)
+        except AttestationError:
+            raise
+        except (
+            ValueError,
+            TypeError,
+            RecursionError,
+            OverflowError,
+            x509.DuplicateExtension,
+            UnsupportedAlgorithm,
+        ) as exc:
+            # Hostile encodings (deep nesting, huge numbers, odd certificates) that the
+            # parsers reject in their own ways: one typed error, whatever the parser.
+            raise EvidenceFormatError(
+                f"evidence could not be parsed ({type(exc).__name__})"
+            ) from exc
+
+    def _appraise(
+        self,
+        token: str,
+        *,
+        nonce: bytes,
+        tee_pubkey: bytes,
+        policy: AppraisalPolicy,
+        now: dt.datetime,
+    ) -> Appraisal:
+        if len(token) > MAX_EVIDENCE_CHARS:
+            raise EvidenceFormatError(f"evidence longer than {MAX_EVIDENCE_CHARS} characters")
         evidence = decode_jws(token)
         if evidence.header.get("alg") != JWS_ALG:
             raise EvidenceFormatError(f"alg must be {JWS_ALG}, got {evidence.header.get('alg')!r}")
@@ -203,21 +269,7 @@ class Verifier:
         if claims.get("dbgstat") not in DBGSTAT_DISABLED:
             raise DebugEnabled(f"debug status {claims.get('dbgstat')!r} is not disabled")
         tee = claims["tee"]
-        if tee == STUB_TEE and not policy.allow_stub:
-            raise TeeNotAccepted("stub evidence, and the policy does not allow stubs")
-        if tee not in policy.accepted_tees:
-            raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {policy.policy_id}")
-        if policy.allowed_nodes is not None and claims["ueid"] not in policy.allowed_nodes:
-            raise NodeNotAllowed(f"node {claims['ueid']!r} is not on the policy's allowlist")
-        measurements = claims["measurements"]
-        for name, accepted in policy.reference_values.items():
-            if measurements.get(name, "").lower() not in accepted:
-                raise MeasurementRejected(f"measurement {name!r} is not a reference value")
-        warnings = {
-            name: f"measurement {name!r} is not among the advisory values"
-            for name, accepted in policy.advisory_values.items()
-            if measurements.get(name, "").lower() not in accepted
-        }
+        warnings = policy.admit(tee=tee, ueid=claims["ueid"], measurements=claims["measurements"])
         return Appraisal(
             claims=claims,
             tee=tee,
@@ -230,6 +282,8 @@ class Verifier:
         """The leaf certificate and the TEE kind of the trusted root its chain reaches."""
         if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
             raise ChainUntrusted("evidence carries no x5c certificate chain")
+        if len(x5c) > MAX_CHAIN:
+            raise ChainUntrusted(f"x5c chain longer than {MAX_CHAIN} certificates")
         try:
             chain = [
                 x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c
@@ -276,6 +330,8 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
 
 
 CLOCK_SKEW = dt.timedelta(seconds=60)
+MAX_EVIDENCE_CHARS = 64 * 1024
+MAX_CHAIN = 4
 _STRING_CLAIMS = tuple(c for c in REQUIRED_CLAIMS if c not in ("measurements", "iat"))
 
 
@@ -288,9 +344,10 @@ def _check_claim_types(claims: dict[str, Any], now: dt.datetime) -> None:
         raise EvidenceFormatError("claim 'dbgstat' must be a string")
     measurements = claims["measurements"]
     if not isinstance(measurements, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in measurements.items()
+        isinstance(k, str) and isinstance(v, str) and k.isascii() and v.isascii()
+        for k, v in measurements.items()
     ):
-        raise EvidenceFormatError("claim 'measurements' must map names to digest strings")
+        raise EvidenceFormatError("claim 'measurements' must map ASCII names to digest strings")
     iat = claims["iat"]
     if isinstance(iat, bool) or not isinstance(iat, int):
         raise EvidenceFormatError("claim 'iat' must be an integer timestamp")

@@ -15,20 +15,25 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold key material
     help="Ark Sandbox: privacy-preserving federated LoRA fine-tuning.",
     no_args_is_help=True,
     add_completion=False,
 )
 provider_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold key material
     help="Model provider: identities, sealed models, the key broker, run results.",
     no_args_is_help=True,
 )
 node_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold key material
     help="Enterprise node operator: identity, attestation, private data checks.",
     no_args_is_help=True,
 )
 audit_app = typer.Typer(
-    help="Auditor: offline checks of a job's checkpoints.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,  # locals may hold key material
+    help="Auditor: offline checks of a job's checkpoints.",
+    no_args_is_help=True,
 )
 app.add_typer(provider_app, name="provider")
 app.add_typer(node_app, name="node")

@@ -166,19 +166,27 @@ def provider_serve(
         f"key broker listening on {address.rsplit(':', 1)[0]}:{port} (TLS); "
         f"policy {broker.policy.policy_id}; events to {ws.events}"
     )
+
     # `ark provider allow-node` and policy edits apply without a restart; a policy file
     # that no longer loads is reported and the last good policy stays in force.
-    seen = ws.policy.stat().st_mtime_ns
+    def version() -> tuple[int, int, int]:
+        info = ws.policy.stat()
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    seen = version()
     while not stop.wait(1.0):
-        mtime = ws.policy.stat().st_mtime_ns
-        if mtime == seen:
+        try:
+            current = version()
+        except OSError:
             continue
-        seen = mtime
+        if current == seen:
+            continue
         try:
             broker.policy = AppraisalPolicy.load(ws.policy)
         except ArkError as exc:
             logging.getLogger("ark.keybroker").error("policy not reloaded: %s", exc)
-            continue
+            continue  # retried on the next tick; the last good policy stays in force
+        seen = current
         logging.getLogger("ark.keybroker").info("policy reloaded: %s", broker.policy.policy_id)
     server.stop(grace=2).wait()
     console.print("key broker stopped")

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ def denial_of(error: Exception) -> tuple[str, str]:
 class ContentKey:
     key_id: str
     model_id: str
-    key: bytes
+    key: bytes = field(repr=False)
 
 
 class KeyStore:
@@ -115,7 +115,12 @@ class KeyStore:
         self.directory = directory
 
     def _path(self, key_id: str) -> Path:
-        if not key_id or not all(c.isalnum() or c in "-_." for c in key_id) or key_id[0] == ".":
+        if (
+            not key_id
+            or len(key_id) > 128
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in key_id)
+            or key_id[0] == "."
+        ):
             raise UnknownKey(f"key id {key_id!r} is not a valid key id")
         return self.directory / f"{key_id}.json"
 
@@ -211,6 +216,11 @@ class KeyBroker:
     def challenge(self, key_id: str) -> Session:
         """A new session with a fresh 32-byte nonce; expired sessions are dropped."""
         now = self.clock()
+        try:
+            self.keystore.get(key_id)  # an unknown or malformed key id gets no session
+        except UnknownKey as exc:
+            self._deny(exc, {"key_id": key_id[:128]}, now)
+            raise
         self._sessions = {k: s for k, s in self._sessions.items() if s.expires_at > now}
         if len(self._sessions) >= MAX_OPEN_SESSIONS:
             raise BadRequest("too many open attestation sessions")
@@ -249,28 +259,47 @@ class KeyBroker:
         now = self.clock()
         request = {"session": session_id, "key_id": key_id, "tee": tee}
         try:
-            session = self._take_session(session_id, now)
-            if session.key_id != key_id:
-                raise BadRequest(f"session was opened for key {session.key_id!r}, not {key_id!r}")
-            try:
-                public_key = load_public_key(hpke_suite, tee_pubkey)
-            except EnvelopeError as exc:
-                raise BadRequest(str(exc)) from exc
-            content_key = self.keystore.get(key_id)
+            return self._attest(
+                session_id, tee, evidence, tee_pubkey, hpke_suite, key_id, request, now
+            )
         except (ArkError, AttestationError) as exc:
             return self._deny(exc, request, now)
+        except Exception as exc:  # a parser's own error type: still a recorded denial
+            log.exception("attest failed unexpectedly for %s", request)
+            return self._deny(BadRequest(f"unexpected {type(exc).__name__}"), request, now)
 
+    def _attest(
+        self,
+        session_id: str,
+        tee: str,
+        evidence: str,
+        tee_pubkey: bytes,
+        hpke_suite: str,
+        key_id: str,
+        request: dict[str, Any],
+        now: dt.datetime,
+    ) -> Outcome:
+        policy = self.policy  # one read: a reload mid-call cannot mix two policies
+        session = self._take_session(session_id, now)
+        if session.key_id != key_id:
+            raise BadRequest(f"session was opened for key {session.key_id!r}, not {key_id!r}")
+        try:
+            public_key = load_public_key(hpke_suite, tee_pubkey)
+        except EnvelopeError as exc:
+            raise BadRequest(str(exc)) from exc
+        content_key = self.keystore.get(key_id)
         context = ResultContext(
-            session_id, tee, tee_pubkey, hpke_suite, evidence, self.policy.policy_id
+            session_id,
+            tee,
+            tee_pubkey,
+            hpke_suite,
+            evidence,
+            policy.policy_id,
+            policy.digest,
         )
         try:
             appraisal = self.verifiers.appraise(
-                tee,
-                evidence,
-                nonce=session.nonce,
-                tee_pubkey=tee_pubkey,
-                policy=self.policy,
-                now=now,
+                tee, evidence, nonce=session.nonce, tee_pubkey=tee_pubkey, policy=policy, now=now
             )
         except AttestationError as exc:
             result = self.signer.contraindicate(exc, context, now=now)
@@ -284,17 +313,25 @@ class KeyBroker:
         return self._release(result, content_key, public_key, request, now)
 
     def release(self, *, attestation_result: str, key_id: str) -> Outcome:
-        """Release another key against an unexpired affirming result this broker signed."""
+        """Release another key against an unexpired affirming result this broker signed.
+
+        The result must have been appraised under the policy in force now, and that
+        policy must still admit its TEE kind, node and measurements.
+        """
         now = self.clock()
         request: dict[str, Any] = {
             "key_id": key_id,
-            "result_sha256": sha256_hex(attestation_result.encode()),
+            "result_sha256": sha256_hex(attestation_result.encode("utf-8", "replace")),
         }
         try:
+            policy = self.policy
             result = verify_result(attestation_result, self.signer.key.public_key(), now=now)
             request["session"] = result.session_id
             if result.status != AFFIRMING:
                 raise NotAffirming(f"presented result is {result.status}")
+            if result.policy_digest != policy.digest:
+                raise ResultInvalid("presented result was appraised under another policy")
+            policy.admit(tee=result.tee, ueid=result.ueid or "", measurements=result.measurements)
             try:
                 public_key = load_public_key(result.hpke_suite, result.tee_pubkey)
             except EnvelopeError as exc:
@@ -302,6 +339,9 @@ class KeyBroker:
             content_key = self.keystore.get(key_id)
         except (ArkError, AttestationError) as exc:
             return self._deny(exc, request, now)
+        except Exception as exc:  # a parser's own error type: still a recorded denial
+            log.exception("release failed unexpectedly for %s", request)
+            return self._deny(BadRequest(f"unexpected {type(exc).__name__}"), request, now)
         return self._release(result, content_key, public_key, request, now)
 
     def _release(

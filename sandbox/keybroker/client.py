@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -37,10 +37,10 @@ class Challenge:
 class ReleasedKey:
     """A content key opened inside the sandbox, and the result it was released under."""
 
-    content_key: bytes
     key_id: str
     model_id: str
     result: AttestationResult
+    content_key: bytes = field(repr=False)
 
 
 def _code_name(code: int) -> str:
@@ -76,6 +76,8 @@ class KeyBrokerClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise KeyReleaseDenied("UNKNOWN_KEY", str(detail)) from exc
             raise KeyBrokerUnavailable(f"key broker at {self.address}: {detail}") from exc
 
     def challenge(self, key_id: str) -> Challenge:
@@ -159,4 +161,4 @@ def obtain_content_key(
         model_id=release.model_id,
         suite=suite,
     )
-    return ReleasedKey(content_key, key_id, release.model_id, result)
+    return ReleasedKey(key_id, release.model_id, result, content_key)

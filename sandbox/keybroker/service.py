@@ -12,9 +12,11 @@ import grpc
 
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
-from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome
+from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome, UnknownKey
 
 log = logging.getLogger("ark.keybroker")
+# Evidence with a short chain is a few KiB; nothing legitimate comes near this.
+MAX_REQUEST_BYTES = 256 * 1024
 
 
 def _reply(outcome: Outcome) -> pb.AttestReply:
@@ -49,6 +51,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
         with self._lock:
             try:
                 session = self.broker.challenge(request.key_id)
+            except UnknownKey:
+                context.abort(grpc.StatusCode.NOT_FOUND, "unknown key id")
             except BadRequest as exc:
                 log.warning("challenge refused: %s", exc)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
@@ -87,7 +91,10 @@ def serve(
     workers: int = 4,
 ) -> tuple[grpc.Server, int]:
     """Start the TLS gRPC server on ``address`` (port 0 picks one); return it and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+    )
     pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker), server)
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     port = server.add_secure_port(address, credentials)

@@ -192,7 +192,10 @@ def _decrypt_file(path: Path, entry: dict[str, Any], manifest: dict[str, Any], k
             raise SealedModelError(mismatch)
         # Not closed explicitly: after a failure, the traceback may still hold chunk views
         # into the map; it is unmapped when the last of them is gone.
-        view = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        try:
+            view = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        except (ValueError, OSError) as exc:  # changed under us, or not mappable
+            raise SealedModelError(f"{mismatch} (cannot map: {exc})") from exc
         if hashlib.sha256(view).hexdigest() != entry["sealed_sha256"]:
             raise SealedModelError(mismatch)
         context = _stream_context(manifest["model_id"], manifest["key_id"], entry["name"])
