@@ -100,6 +100,7 @@ class RunSpec:
     min_nodes: int = MIN_FEDERATED_NODES
     expected_nodes: int = 0
     round_timeout: float = 180.0
+    update_norm_bound: float = 100.0
     local_steps: int = 12
     batch_size: int = 16
     learning_rate: float = 1e-2
@@ -145,6 +146,7 @@ class RunSpec:
             min_nodes=read.integer("min-nodes", MIN_FEDERATED_NODES, minimum=1),
             expected_nodes=read.integer("expected-nodes", 0, minimum=0),
             round_timeout=read.number("round-timeout", 180.0, low=1.0),
+            update_norm_bound=read.number("update-norm-bound", 100.0, low=1e-6),
             local_steps=read.integer("local-steps", 12, minimum=1),
             batch_size=read.integer("batch-size", 16, minimum=1),
             learning_rate=read.number("learning-rate", 1e-2, low=1e-8, high=1.0),
@@ -167,6 +169,7 @@ class RunSpec:
             "min-nodes": self.min_nodes,
             "expected-nodes": self.expected_nodes,
             "round-timeout": self.round_timeout,
+            "update-norm-bound": self.update_norm_bound,
             "local-steps": self.local_steps,
             "batch-size": self.batch_size,
             "learning-rate": self.learning_rate,

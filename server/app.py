@@ -137,7 +137,9 @@ class FederatedJob:
         nodes = self._nodes(rnd)
         log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
         trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
-        aggregator = StreamingAggregator(spec_of(trained))
+        aggregator = StreamingAggregator(
+            spec_of(trained), reference=trained, max_norm=self.spec.update_norm_bound
+        )
         rounds = state.history.setdefault("rounds", {})
         previous = rounds.setdefault(str(rnd - 1), {})
         current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}

@@ -256,3 +256,19 @@ def test_is_trained_agrees_with_the_frozen_parameters(tiny_bert_dir: Path, mode:
         assert trained == set(adapter) - lora_a
     else:
         assert trained == set(adapter)
+
+
+def test_update_beyond_the_norm_bound_is_rejected_and_leaves_the_sum_unchanged() -> None:
+    reference = {k: np.zeros_like(v) for k, v in _updates(1, seed=6)[0].items()}
+    near, far = _updates(2, seed=7)
+    far = {k: v * 100 for k, v in far.items()}
+    distance = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in near.values())))
+    aggregator = StreamingAggregator(spec_of(near), reference=reference, max_norm=distance * 2)
+    aggregator.add(near, 1.0)
+    with pytest.raises(UpdateRejected, match="more than the bound"):
+        aggregator.add(far, 1.0)
+    assert aggregator.count == 1
+    np.testing.assert_array_equal(aggregator.result()["classifier.bias"], near["classifier.bias"])
+    # The bound is on the distance from the global adapter, not on the update's size.
+    moved = StreamingAggregator(spec_of(near), reference=far, max_norm=distance * 2)
+    moved.add({k: v + 0.0 for k, v in far.items()}, 1.0)
