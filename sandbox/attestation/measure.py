@@ -19,6 +19,8 @@ from sandbox.digests import sha256_file, sha256_hex
 
 # What runs inside a node sandbox: the ClientApp, the trust core it uses, and the protos.
 NODE_PACKAGES = ("clients", "sandbox", "protos")
+# What runs inside the aggregator sandbox: the ServerApp, the trust core, the protos.
+AGGREGATOR_PACKAGES = ("server", "sandbox", "protos")
 CODE = "code"
 CONFIG = "config"
 

@@ -1,0 +1,94 @@
+"""Encrypted update channels: adapter tensors as safetensors bytes inside HPKE envelopes.
+
+An envelope's ``info`` binds purpose and version, run id, round, node id, base-model
+digest and direction, so an update replayed into another round, sent for another run or
+model, reflected back down, or sealed to any key but the attested aggregator's does not
+open. Opening failures are opaque (UpdateRejected); the cause stays in the local log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from sandbox.errors import EnvelopeError, UpdateRejected
+from sandbox.seal.envelope import SUITE_X25519, open_envelope, seal_to
+
+PURPOSE_UPDATE = "update"
+UPLINK = "uplink"
+DOWNLINK = "downlink"
+MAX_UPDATE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChannelContext:
+    """What one envelope is for; every field goes into the HPKE ``info``."""
+
+    run_id: str
+    round: int
+    node_id: str
+    model_digest: str
+    direction: str
+
+    def __post_init__(self) -> None:
+        if self.direction not in (UPLINK, DOWNLINK):
+            raise ValueError(f"direction must be {UPLINK} or {DOWNLINK}, got {self.direction!r}")
+        if self.round < 0:
+            raise ValueError(f"round must be >= 0, got {self.round}")
+
+    def as_info(self) -> dict[str, str | int]:
+        return {
+            "run": self.run_id,
+            "round": self.round,
+            "node": self.node_id,
+            "model": self.model_digest,
+            "direction": self.direction,
+        }
+
+
+def seal_tensors(
+    tensors: Mapping[str, np.ndarray],
+    recipient: Any,
+    context: ChannelContext,
+    *,
+    allowed: frozenset[str] | None = None,
+    suite: str = SUITE_X25519,
+) -> bytes:
+    """Seal ``tensors`` (only the ``allowed`` names, when given) to ``recipient``."""
+    if allowed is not None:
+        unknown = sorted(set(tensors) - allowed)
+        if unknown:
+            raise UpdateRejected(f"tensors outside the adapter allowlist: {unknown[:3]}")
+    payload = save_tensors({name: np.ascontiguousarray(a) for name, a in tensors.items()})
+    return seal_to(
+        recipient, payload, purpose=PURPOSE_UPDATE, context=context.as_info(), suite=suite
+    )
+
+
+def open_tensors(
+    envelope: bytes,
+    private_key: Any,
+    context: ChannelContext,
+    *,
+    suite: str = SUITE_X25519,
+) -> dict[str, np.ndarray]:
+    """Open an envelope made for exactly ``context``; UpdateRejected if it does not open."""
+    if len(envelope) > MAX_UPDATE_BYTES:
+        raise UpdateRejected(f"sealed update larger than {MAX_UPDATE_BYTES} bytes")
+    try:
+        payload = open_envelope(
+            private_key, envelope, purpose=PURPOSE_UPDATE, context=context.as_info(), suite=suite
+        )
+    except EnvelopeError as exc:
+        raise UpdateRejected(
+            "sealed update did not open (wrong key, run, round, node, model or direction)"
+        ) from exc
+    try:
+        return dict(load_tensors(payload))
+    except Exception as exc:  # safetensors raises its own error types
+        raise UpdateRejected("sealed update is not valid safetensors") from exc
