@@ -298,6 +298,50 @@ class SandboxConfig:
         )
 
 
+# Scalar metrics the ClientApp reports; a node operator may narrow (or extend) the list.
+DEFAULT_EGRESS_METRICS = tuple(
+    [
+        "num-examples",
+        "heldout-examples",
+        "train-loss",
+        *(
+            f"{when}-{name}"
+            for when in ("before", "after")
+            for name in ("accuracy", "macro_f1", "loss", "perplexity")
+        ),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """``[node.egress]``: exactly what may leave this node in a reply.
+
+    One sealed update envelope of at most ``max_update_bytes`` and the named scalar
+    metrics; no strings, no raw arrays, no other keys.
+    """
+
+    metrics: frozenset[str] = frozenset(DEFAULT_EGRESS_METRICS)
+    max_update_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_section(cls, section: Any, path: Path) -> EgressPolicy:
+        if not isinstance(section, dict):
+            raise ConfigError("must be a table", path=path, key="node.egress")
+        unknown = sorted(set(section) - {"metrics", "max-update-bytes"})
+        if unknown:
+            raise ConfigError("unknown key", path=path, key=f"node.egress.{unknown[0]}")
+        metrics = section.get("metrics", list(DEFAULT_EGRESS_METRICS))
+        if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
+            raise ConfigError(
+                f"must be a list of metric names, got {metrics!r}",
+                path=path,
+                key="node.egress.metrics",
+            )
+        size = _Reader(section, path).integer("max-update-bytes", 64 * 1024 * 1024, minimum=1)
+        return cls(frozenset(metrics), size)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A node operator's own settings; provider-shipped code cannot change them."""
@@ -310,6 +354,7 @@ class NodeConfig:
     threads: int = 0
     journal_path: Path | None = None
     sandbox: SandboxConfig | None = None
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
     source: Path | None = None
 
     @classmethod
@@ -334,6 +379,7 @@ class NodeConfig:
             "threads",
             "journal",
             "sandbox",
+            "egress",
         }
         unknown = sorted(set(section) - known)
         if unknown:
@@ -360,6 +406,11 @@ class NodeConfig:
                 SandboxConfig.from_section(section["sandbox"], path)
                 if "sandbox" in section
                 else None
+            ),
+            egress=(
+                EgressPolicy.from_section(section["egress"], path)
+                if "egress" in section
+                else EgressPolicy()
             ),
             source=path,
         )
@@ -394,11 +445,14 @@ class NodeConfig:
 
     def effective(self) -> dict[str, str]:
         """The settings that shape what this node does, as strings (measured into evidence)."""
-        return {
+        effective = {
             key: str(value)
             for key, value in asdict(self).items()
-            if key not in ("source", "sandbox") and value is not None
+            if key not in ("source", "sandbox", "egress") and value is not None
         }
+        effective["egress-metrics"] = ",".join(sorted(self.egress.metrics))
+        effective["egress-max-update-bytes"] = str(self.egress.max_update_bytes)
+        return effective
 
 
 def toml_string(value: str) -> str:

@@ -177,3 +177,7 @@ class KeyBrokerUnavailable(ArkError):
 
 class EnvelopeError(ArkError):
     """An HPKE envelope did not open: wrong key, wrong context, or tampered. Deliberately opaque."""
+
+
+class EgressViolation(ArkError):
+    """An outgoing message carries something outside the node's egress allowlist."""

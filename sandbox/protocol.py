@@ -15,6 +15,9 @@ from sandbox.errors import ProtocolError
 GLOBAL_KEY = "global"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
+# The one record an update may leave a node in: a ConfigRecord holding the HPKE envelope.
+SEALED_KEY = "sealed"
+SEALED_UPDATE_KEY = "update"
 CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"

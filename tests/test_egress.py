@@ -1,0 +1,141 @@
+"""The node's egress guard, a Flower client mod, on real Flower messages.
+
+Only a bounded sealed envelope and allowlisted scalar metrics may leave; anything else
+is blocked, journalled on the node, and replaced by an error reply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.egress import EGRESS_BLOCKED, check_reply, egress_guard
+from sandbox.config import EgressPolicy, NodeConfig
+from sandbox.errors import ConfigError, EgressViolation
+from sandbox.protocol import (
+    METRICS_KEY,
+    NODE_CONFIG_KEY,
+    SEALED_KEY,
+    SEALED_UPDATE_KEY,
+    to_record,
+)
+
+
+@pytest.fixture(autouse=True)
+def clientapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process identity Flower sets in a ClientApp process."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 2)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
+
+
+def _node(tmp_path: Path, egress: str = "") -> Context:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nname = "alpine"\ndata-path = "d.jsonl"\njournal = "journal.jsonl"\n' + egress,
+        encoding="utf-8",
+    )
+    return Context(
+        run_id=11,
+        node_id=7,
+        node_config={NODE_CONFIG_KEY: str(config)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _reply_with(content: RecordDict) -> Callable[[Message, Context], Message]:
+    return lambda msg, context: Message(content, reply_to=msg)
+
+
+def _incoming() -> Message:
+    return Message(RecordDict(), dst_node_id=7, message_type="train")
+
+
+SEALED = ConfigRecord({SEALED_UPDATE_KEY: b"\x01" * 128})
+METRICS = MetricRecord({"num-examples": 40.0, "after-accuracy": 0.8})
+
+
+def test_sealed_update_and_allowlisted_metrics_pass(tmp_path: Path) -> None:
+    context = _node(tmp_path)
+    content = RecordDict({SEALED_KEY: SEALED, METRICS_KEY: METRICS})
+    reply = egress_guard(_incoming(), context, _reply_with(content))
+    assert not reply.has_error()
+    assert reply.content[SEALED_KEY] is SEALED
+
+
+HOSTILE = {
+    "raw-array": RecordDict(
+        {"update": to_record({"w": np.zeros(3, np.float32)}), METRICS_KEY: METRICS}
+    ),
+    "training-text-as-config": RecordDict(
+        {SEALED_KEY: SEALED, "notes": ConfigRecord({"row": "ticket: tree on line 4"})}
+    ),
+    "text-inside-sealed-record": RecordDict(
+        {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: b"x", "row": "ticket text"})}
+    ),
+    "string-as-update": RecordDict(
+        {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: "ticket: tree on line 4"})}
+    ),
+    "unknown-metric": RecordDict({METRICS_KEY: MetricRecord({"label-of-row-17": 3.0})}),
+    "metric-list": RecordDict({METRICS_KEY: MetricRecord({"train-loss": [0.1, 0.2]})}),
+    "oversize-blob": RecordDict({SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: b"\0" * 2048})}),
+}
+
+
+@pytest.mark.parametrize("content", HOSTILE.values(), ids=HOSTILE.keys())
+def test_anything_else_is_blocked_journalled_and_reported(
+    tmp_path: Path, content: RecordDict
+) -> None:
+    context = _node(tmp_path, "[node.egress]\nmax-update-bytes = 1024\n")
+    reply = egress_guard(_incoming(), context, _reply_with(content))
+    assert reply.has_error()
+    assert reply.error.code == EGRESS_BLOCKED
+    assert "egress guard blocked the reply" in str(reply.error.reason)
+    journal = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in journal] == ["egress_blocked"]
+    assert "ticket" not in journal[0]["reason"], "the journal must not copy the payload"
+
+
+def test_the_allowlist_is_the_node_operators(tmp_path: Path) -> None:
+    context = _node(tmp_path, '[node.egress]\nmetrics = ["num-examples"]\n')
+    content = RecordDict({METRICS_KEY: METRICS})
+    reply = egress_guard(_incoming(), context, _reply_with(content))
+    assert reply.has_error()
+    assert "'after-accuracy' is not in the egress allowlist" in str(reply.error.reason)
+    policy = NodeConfig.load(Path(str(context.node_config[NODE_CONFIG_KEY]))).egress
+    assert policy.metrics == frozenset({"num-examples"})
+
+
+def test_error_replies_pass_through_untouched(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    context = _node(tmp_path)
+    reply = egress_guard(
+        _incoming(),
+        context,
+        lambda msg, ctx: Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg),
+    )
+    assert reply.error.reason == "CUDA out of memory"
+
+
+def test_bad_egress_section_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'node\.egress\.metrics'"):
+        NodeConfig.load(
+            Path(
+                str(
+                    _node(tmp_path, '[node.egress]\nmetrics = "all"\n').node_config[NODE_CONFIG_KEY]
+                )
+            )
+        )
+
+
+def test_check_reply_raises_a_typed_error() -> None:
+    with pytest.raises(EgressViolation, match="raw arrays"):
+        check_reply(RecordDict({"x": to_record({"w": np.zeros(1, np.float32)})}), EgressPolicy())
