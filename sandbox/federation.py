@@ -94,6 +94,8 @@ class Federation:
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     key_broker: ManagedProcess | None = None
     tls: TlsFiles | None = None
+    # SuperNodes must present a registered key (`flwr supernode register`).
+    node_auth: bool = True
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
@@ -137,6 +139,8 @@ class Federation:
             "--disable-runtime-dependency-installation",
         ]
         argv += ["--database", str(self.database)]
+        if self.node_auth:
+            argv.append("--enable-supernode-auth")
         self.superlink = start_process(
             "flower-superlink",
             argv,
@@ -205,10 +209,30 @@ class Federation:
             encoding="utf-8",
         )
 
+    def register_supernode(self, name: str, public_key: Path) -> None:
+        """Register a node's public key with the SuperLink through the ``flwr`` CLI."""
+        result = self._flwr(
+            "supernode", "register", str(public_key), FEDERATION_NAME, "--name", name
+        )
+        if result.returncode != 0:
+            raise FederationError(
+                f"registering SuperNode {name!r} ({public_key}) failed: "
+                f"{result.stdout}{result.stderr}"
+            )
+
     def start_supernode(
-        self, name: str, node_config: Path, *, home: Path | None = None
+        self,
+        name: str,
+        node_config: Path,
+        *,
+        auth_key: Path | None = None,
+        home: Path | None = None,
     ) -> ManagedProcess:
-        """Start one ``flower-supernode`` whose ClientApps read ``node_config``."""
+        """Start one ``flower-supernode`` whose ClientApps read ``node_config``.
+
+        With node authentication on, ``auth_key`` is the node's OpenSSH private key,
+        whose public half must have been registered first.
+        """
         if self.superlink is None or self.tls is None:
             raise RuntimeError("start the SuperLink before any SuperNode")
         if name in self.supernodes:
@@ -230,6 +254,8 @@ class Federation:
             "--max-retries",
             "10",
         ]
+        if auth_key is not None:
+            argv += ["--auth-supernode-private-key", str(auth_key)]
         # The node's temporary files stay in its own workspace, where it (and the tests
         # that look for leaked plaintext) can see them.
         env = _flower_env(home)
@@ -243,6 +269,12 @@ class Federation:
         )
         self.supernodes[name] = proc
         return proc
+
+    def add_node(self, name: str, node_config: Path, auth_key: Path) -> ManagedProcess:
+        """Register the node's key (when authentication is on), then start its SuperNode."""
+        if self.node_auth:
+            self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
+        return self.start_supernode(name, node_config, auth_key=auth_key)
 
     def kill_supernode(self, name: str) -> None:
         """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""

@@ -63,3 +63,28 @@ def load_ec_public(path: Path) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ConfigError("expected an EC P-256 public key", path=path)
     return key
+
+
+def write_openssh_keypair(private_path: Path) -> Path:
+    """A fresh ECDSA P-256 key pair in OpenSSH format (what Flower's node auth takes).
+
+    The private key goes to ``private_path`` (0600), the public key next to it with
+    ``.pub``; returns the public key's path.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(
+        private_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public_path = private_path.with_name(private_path.name + ".pub")
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return public_path

@@ -42,7 +42,13 @@ from sandbox.config import NodeConfig, SandboxConfig, toml_string
 from sandbox.errors import ConfigError
 from sandbox.events import MODEL_PUBLISHED, Event, EventSink, JsonlEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
-from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
+from sandbox.keyfiles import (
+    load_private,
+    private_pem,
+    public_pem,
+    write_openssh_keypair,
+    write_private,
+)
 from sandbox.seal.package import (
     OpenedModel,
     new_content_key,
@@ -369,6 +375,8 @@ def init_node(
     cert = maker.certify(key.public_key(), ueid, now=_utcnow())
     attestation = root / "attestation"
     write_private(attestation / "key.pem", private_pem(key))
+    # The SuperNode's Flower identity: its public half is registered with the SuperLink.
+    write_openssh_keypair(node_auth_key(root))
     (attestation / "chain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     provider_dir = root / "provider"
     provider_dir.mkdir(parents=True, exist_ok=True)
@@ -404,6 +412,15 @@ class LoopbackDeployment:
     model_id: str
     node_configs: dict[str, Path]
     key_broker: str
+
+    def auth_key(self, name: str) -> Path:
+        """The private key a node's SuperNode authenticates to the SuperLink with."""
+        return node_auth_key(self.node_configs[name].parent)
+
+
+def node_auth_key(node_root: Path) -> Path:
+    """Where ``ark node init`` puts the SuperNode's OpenSSH private key (``.pub`` beside it)."""
+    return node_root / "flower" / "node-auth"
 
 
 def provision_loopback(

@@ -22,7 +22,7 @@ from sandbox.digests import sha256_file
 from sandbox.events import JsonlEventSink
 from sandbox.federation import Federation, free_port, server_app_pids, write_run_config
 from sandbox.processes import still_running
-from sandbox.provision import provision_loopback
+from sandbox.provision import node_auth_key, provision_loopback
 from tests.conftest import make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -71,7 +71,7 @@ def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_
     federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
     federation.start_superlink()
     for name, config in configs.items():
-        federation.start_supernode(name, config)
+        federation.add_node(name, config, node_auth_key(config.parent))
     return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
 
 
@@ -310,3 +310,26 @@ def test_causal_lm_round_on_a_tiny_llama(
         for metrics in entry["nodes"].values():
             assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
     assert (spec.output_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_supernode_with_an_unregistered_key_is_refused(
+    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
+) -> None:
+    configs = _nodes(tmp_path, 2, tiny_bert_dir)
+    federation.start_superlink()
+    registered, stranger = sorted(configs)
+    federation.add_node(registered, configs[registered], node_auth_key(configs[registered].parent))
+    # The stranger has a key, but nobody registered it.
+    proc = federation.start_supernode(
+        stranger, configs[stranger], auth_key=node_auth_key(configs[stranger].parent)
+    )
+    deadline = time.monotonic() + 120
+    while proc.alive():
+        assert time.monotonic() < deadline, "an unregistered SuperNode kept running"
+        time.sleep(0.5)
+    # Flower names the refusal (exit code 305, "[code: 2004]") and then exits non-zero.
+    assert proc.popen.returncode != 0
+    assert "[code: 2004]" in proc.log_tail(40)
+    assert federation.supernodes[registered].alive()
+    listed = federation._flwr("supernode", "list", "ark", "--format", "json")
+    assert len(json.loads(listed.stdout)["nodes"]) == 1, "only the registered key is known"

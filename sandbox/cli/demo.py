@@ -267,8 +267,10 @@ def _run_demo(
         fed.start_superlink()
         console.print(f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database {fed.database})")
         for name, config_file in node_files.items():
-            fed.start_supernode(name, config_file)
-        console.print(f"SuperNodes up: {', '.join(node_files)}")
+            fed.add_node(name, config_file, deployment.auth_key(name))
+        console.print(
+            f"SuperNodes up: {', '.join(node_files)} (each key registered with the SuperLink)"
+        )
         run_id = fed.submit(_project_root(), run_config)
         console.print(f"run {run_id} submitted")
         progress = _Progress(out_dir, spec.num_rounds, started)
