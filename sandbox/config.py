@@ -225,6 +225,8 @@ SANDBOX_KEYS = (
     "result-key",
     "package",
     "hpke-suite",
+    "aggregator-policy",
+    "trusted-roots",
 )
 
 
@@ -247,6 +249,9 @@ class SandboxConfig:
     result_key: Path
     package: Path
     hpke_suite: str = "x25519-hkdf-sha256-aes256gcm"
+    # The node's passport policy for the aggregator, and the roots it trusts for it.
+    aggregator_policy: Path | None = None
+    trusted_roots: Path | None = None
 
     @classmethod
     def from_section(cls, section: Any, path: Path) -> SandboxConfig:
@@ -278,6 +283,8 @@ class SandboxConfig:
             result_key=file("result-key"),
             package=file("package"),
             hpke_suite=text("hpke-suite", "x25519-hkdf-sha256-aes256gcm"),
+            aggregator_policy=file("aggregator-policy") if "aggregator-policy" in section else None,
+            trusted_roots=file("trusted-roots") if "trusted-roots" in section else None,
         )
 
     def to_toml(self) -> str:
@@ -293,6 +300,10 @@ class SandboxConfig:
             "package": str(self.package),
             "hpke-suite": self.hpke_suite,
         }
+        if self.aggregator_policy is not None:
+            values["aggregator-policy"] = str(self.aggregator_policy)
+        if self.trusted_roots is not None:
+            values["trusted-roots"] = str(self.trusted_roots)
         return "\n".join(
             ["[node.sandbox]", *(f"{k} = {toml_string(v)}" for k, v in values.items())]
         )

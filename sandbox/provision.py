@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sandbox.attestation.backends import VerifierRegistry
-from sandbox.attestation.measure import code_measurement
+from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import ResultSigner
 from sandbox.attestation.stub import STUB_TEE, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
@@ -147,16 +147,33 @@ class ProviderWorkspace:
         return ResultSigner(key, {"developer": "ark-sandbox", "build": f"ark-keybroker/{VERSION}"})
 
     def trusted_roots(self) -> dict[str, list[x509.Certificate]]:
-        roots: dict[str, list[x509.Certificate]] = {}
-        for folder in sorted(p for p in self.roots.iterdir() if p.is_dir()):
-            for pem in sorted(folder.glob("*.pem")):
-                try:
-                    roots.setdefault(folder.name, []).extend(
-                        x509.load_pem_x509_certificates(pem.read_bytes())
-                    )
-                except ValueError as exc:
-                    raise ConfigError(f"unreadable root certificate: {exc}", path=pem) from exc
+        return load_trusted_roots(self.roots)
+
+    @property
+    def aggregator(self) -> Path:
+        """The aggregator sandbox's stub attestation identity (key.pem, chain.pem, ueid)."""
+        return self.root / "aggregator"
+
+
+def load_trusted_roots(folder: Path) -> dict[str, list[x509.Certificate]]:
+    """Manufacturer roots by TEE kind from ``folder/<tee>/*.pem``."""
+    roots: dict[str, list[x509.Certificate]] = {}
+    if not folder.is_dir():
         return roots
+    for kind in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for pem in sorted(kind.glob("*.pem")):
+            try:
+                roots.setdefault(kind.name, []).extend(
+                    x509.load_pem_x509_certificates(pem.read_bytes())
+                )
+            except ValueError as exc:
+                raise ConfigError(f"unreadable root certificate: {exc}", path=pem) from exc
+    return roots
+
+
+def verifiers_for(roots: dict[str, list[x509.Certificate]]) -> VerifierRegistry:
+    """One x5c verifier per TEE kind, each trusting only that kind's roots."""
+    return VerifierRegistry({kind: Verifier({kind: certs}) for kind, certs in roots.items()})
 
 
 POLICY_HEADER = """\
@@ -210,21 +227,18 @@ def write_policy(
     policy_id: str,
     code_digests: list[str],
     allow_stub: bool,
-    allowed_nodes: list[str],
+    allowed_nodes: list[str] | None,
 ) -> AppraisalPolicy:
-    """Write a fresh appraisal policy TOML."""
-    return save_policy(
-        path,
-        {
-            "policy": {
-                "id": policy_id,
-                "accepted-tees": [STUB_TEE] if allow_stub else [],
-                "allow-stub": allow_stub,
-                "allowed-nodes": allowed_nodes,
-                "reference-values": {"code": code_digests},
-            }
-        },
-    )
+    """Write a fresh appraisal policy TOML (``allowed_nodes`` None: any node)."""
+    policy: dict[str, Any] = {
+        "id": policy_id,
+        "accepted-tees": [STUB_TEE] if allow_stub else [],
+        "allow-stub": allow_stub,
+    }
+    if allowed_nodes is not None:
+        policy["allowed-nodes"] = allowed_nodes
+    policy["reference-values"] = {"code": code_digests}
+    return save_policy(path, {"policy": policy})
 
 
 def init_provider(
@@ -255,6 +269,21 @@ def init_provider(
     )
     ws.keys.mkdir(mode=0o700, exist_ok=True)
     return ws
+
+
+def init_aggregator(ws: ProviderWorkspace, manufacturer: Path) -> str:
+    """The aggregator sandbox's stub attestation key, certified by the (development)
+    manufacturer; its ueid goes into the public bundle so nodes can pin it. Returns it.
+    """
+    maker = load_or_create_manufacturer(manufacturer)
+    ueid = f"aggregator-{secrets.token_hex(8)}"
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = maker.certify(key.public_key(), ueid, now=_utcnow())
+    write_private(ws.aggregator / "key.pem", private_pem(key))
+    (ws.aggregator / "chain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (ws.aggregator / "ueid").write_text(ueid + "\n", encoding="utf-8")
+    (ws.public / "aggregator-ueid").write_text(ueid + "\n", encoding="utf-8")
+    return ueid
 
 
 def add_trust_root(ws: ProviderWorkspace, pem: Path, *, tee: str = STUB_TEE, name: str) -> Path:
@@ -382,6 +411,23 @@ def init_node(
     provider_dir.mkdir(parents=True, exist_ok=True)
     for needed in ("ca.crt", "signing.pub", "result.pub"):
         shutil.copyfile(provider_public / needed, provider_dir / needed)
+    # The node's own passport policy for the aggregator: the ServerApp code it approves
+    # (measured from the code it reviewed, here this checkout) and the roots it trusts.
+    roots = root / "roots"
+    (roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(manufacturer / "root.crt", roots / STUB_TEE / "dev-manufacturer.pem")
+    aggregator_ueid = provider_public / "aggregator-ueid"
+    write_policy(
+        root / "aggregator-policy.toml",
+        policy_id=f"{name}-aggregator-policy/{secrets.token_hex(4)}",
+        code_digests=[code_measurement(AGGREGATOR_PACKAGES)],
+        allow_stub=True,
+        allowed_nodes=(
+            [aggregator_ueid.read_text(encoding="utf-8").strip()]
+            if aggregator_ueid.is_file()
+            else None
+        ),
+    )
     node = NodeConfig(
         name=name,
         data_path=data_path.resolve(),
@@ -397,6 +443,8 @@ def init_node(
             manifest_key=provider_dir / "signing.pub",
             result_key=provider_dir / "result.pub",
             package=package.resolve(),
+            aggregator_policy=root / "aggregator-policy.toml",
+            trusted_roots=roots,
         ),
     )
     config_path.write_text(node.to_toml(), encoding="utf-8")
@@ -440,6 +488,7 @@ def provision_loopback(
     manufacturer = root / "dev-manufacturer"
     load_or_create_manufacturer(manufacturer)
     ws = init_provider(root / "provider", trust_roots=[manufacturer / "root.crt"])
+    init_aggregator(ws, manufacturer)
     package = root / "distribution" / model_id
     seal_model(ws, model_dir, package, model_id=model_id)
     address = f"localhost:{key_broker_port}"

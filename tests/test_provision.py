@@ -6,20 +6,23 @@ The key broker here is the real one, served over gRPC with TLS on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from clients.aggregator import verify_aggregator
 from clients.model import attest_for_key, load_base_model
 from sandbox.attestation.backends import VerifierRegistry, load_attester
-from sandbox.attestation.measure import code_measurement
+from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import (
     AFFIRMING,
     CONTRAINDICATED,
@@ -30,7 +33,14 @@ from sandbox.attestation.result import (
 from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.cli import app
 from sandbox.config import NodeConfig
-from sandbox.errors import ConfigError, KeyReleaseDenied, TeeNotAccepted
+from sandbox.errors import (
+    ConfigError,
+    KeyReleaseDenied,
+    MeasurementRejected,
+    NodeNotAllowed,
+    NonceMismatch,
+    TeeNotAccepted,
+)
 from sandbox.events import Event, JsonlEventSink
 from sandbox.federation import Federation, free_port
 from sandbox.keybroker.service import serve
@@ -42,6 +52,7 @@ from sandbox.provision import (
     build_broker,
     provision_loopback,
 )
+from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
 from tests.conftest import make_spec
 
@@ -335,3 +346,91 @@ def test_allow_node_keeps_every_other_policy_key(tmp_path: Path) -> None:
     assert after.policy_id == before.policy_id
     assert after.digest != before.digest
     assert not list(ws.policy.parent.glob(".policy.toml.*")), "staging file left behind"
+
+
+@dataclasses.dataclass
+class _Aggregator:
+    attester: Any
+    key: RecipientKey
+
+
+def _aggregator(deployment: LoopbackDeployment) -> _Aggregator:
+    identity = deployment.provider.aggregator
+    attester = load_attester(
+        "stub",
+        identity / "key.pem",
+        identity / "chain.pem",
+        (identity / "ueid").read_text(encoding="utf-8").strip(),
+    )
+    return _Aggregator(attester, RecipientKey.generate())
+
+
+def test_node_verifies_the_provisioned_aggregator_with_its_own_policy(
+    deployment: LoopbackDeployment,
+) -> None:
+    node = NodeConfig.load(deployment.node_configs["alpine"])
+    aggregator = _aggregator(deployment)
+    nonce = bytes(range(32))
+    now = dt.datetime.now(dt.UTC)
+    evidence = aggregator.attester.evidence(
+        nonce=nonce,
+        tee_pubkey=aggregator.key.public_bytes,
+        measurements={"code": code_measurement(AGGREGATOR_PACKAGES)},
+        now=now,
+    )
+    appraisal = verify_aggregator(
+        node,
+        tee="stub",
+        evidence=evidence,
+        aggregator_key=aggregator.key.public_bytes,
+        nonce=nonce,
+        now=now,
+    )
+    assert appraisal.is_stub
+    # A ServerApp that is not the reviewed code, and evidence over a stale nonce, fail.
+    modified = aggregator.attester.evidence(
+        nonce=nonce,
+        tee_pubkey=aggregator.key.public_bytes,
+        measurements={"code": "00" * 32},
+        now=now,
+    )
+    with pytest.raises(MeasurementRejected):
+        verify_aggregator(
+            node,
+            tee="stub",
+            evidence=modified,
+            aggregator_key=aggregator.key.public_bytes,
+            nonce=nonce,
+            now=now,
+        )
+    with pytest.raises(NonceMismatch):
+        verify_aggregator(
+            node,
+            tee="stub",
+            evidence=evidence,
+            aggregator_key=aggregator.key.public_bytes,
+            nonce=bytes(32),
+            now=now,
+        )
+    # Another attested instance (say, a node's key) is not the pinned aggregator.
+    impostor = load_attester(
+        "stub",
+        node.require_sandbox().attestation_key,
+        node.require_sandbox().attestation_chain,
+        node.require_sandbox().ueid,
+    )
+    forged = impostor.evidence(
+        nonce=nonce,
+        tee_pubkey=aggregator.key.public_bytes,
+        measurements={"code": code_measurement(AGGREGATOR_PACKAGES)},
+        now=now,
+    )
+    with pytest.raises(NodeNotAllowed):
+        verify_aggregator(
+            node,
+            tee="stub",
+            evidence=forged,
+            aggregator_key=aggregator.key.public_bytes,
+            nonce=nonce,
+            now=now,
+        )

@@ -51,12 +51,18 @@ def provider_init(
     allow_stub: Annotated[
         bool, typer.Option(help="Accept stub evidence (development only).")
     ] = True,
+    manufacturer: Annotated[
+        Path | None,
+        typer.Option(help="Development manufacturer folder that certifies the aggregator."),
+    ] = None,
 ) -> None:
     """Create the provider's identities, TLS material, trusted roots and appraisal policy."""
-    from sandbox.provision import init_provider
+    from sandbox.provision import init_aggregator, init_provider
 
     try:
         ws = init_provider(workdir, trust_roots=trust_root or [], allow_stub=allow_stub)
+        if manufacturer is not None:
+            console.print(f"aggregator identity: {init_aggregator(ws, manufacturer)}")
     except ArkError as exc:
         raise fail(exc) from exc
     console.print(f"provider workspace ready: {ws.root}")
