@@ -31,13 +31,10 @@ from sandbox.provision import build_broker, provision_loopback
 from sandbox.seal.stream import CHUNK_SIZE, decrypt_stream, encrypt_stream
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def unseal_throughput(weights: Path, repeats: int) -> dict[str, Any]:
@@ -71,8 +68,8 @@ def unseal_throughput(weights: Path, repeats: int) -> dict[str, Any]:
 
         raw_s, unseal_s = [], []
         for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
-            raw_s.append(_median_seconds(raw, 1))
-            unseal_s.append(_median_seconds(unseal, 1))
+            raw_s.append(_seconds(raw))
+            unseal_s.append(_seconds(unseal))
         mapped.close()
         handle.close()
     size = len(plain)

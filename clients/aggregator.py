@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+from sandbox.attestation.backends import load_trusted_roots, verifiers_for
 from sandbox.attestation.verifier import Appraisal, AppraisalPolicy
 from sandbox.config import NodeConfig
 from sandbox.errors import ConfigError
-from sandbox.provision import load_trusted_roots, verifiers_for
 
 
 def verify_aggregator(

@@ -33,11 +33,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sandbox.attestation.backends import VerifierRegistry
+from sandbox.attestation.backends import load_trusted_roots, verifiers_for
 from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import ResultSigner
 from sandbox.attestation.stub import STUB_TEE, DevManufacturer
-from sandbox.attestation.verifier import AppraisalPolicy, Verifier
+from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig, toml_string
 from sandbox.errors import ConfigError
 from sandbox.events import MODEL_PUBLISHED, Event, EventSink, JsonlEventSink
@@ -153,27 +153,6 @@ class ProviderWorkspace:
     def aggregator(self) -> Path:
         """The aggregator sandbox's stub attestation identity (key.pem, chain.pem, ueid)."""
         return self.root / "aggregator"
-
-
-def load_trusted_roots(folder: Path) -> dict[str, list[x509.Certificate]]:
-    """Manufacturer roots by TEE kind from ``folder/<tee>/*.pem``."""
-    roots: dict[str, list[x509.Certificate]] = {}
-    if not folder.is_dir():
-        return roots
-    for kind in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for pem in sorted(kind.glob("*.pem")):
-            try:
-                roots.setdefault(kind.name, []).extend(
-                    x509.load_pem_x509_certificates(pem.read_bytes())
-                )
-            except ValueError as exc:
-                raise ConfigError(f"unreadable root certificate: {exc}", path=pem) from exc
-    return roots
-
-
-def verifiers_for(roots: dict[str, list[x509.Certificate]]) -> VerifierRegistry:
-    """One x5c verifier per TEE kind, each trusting only that kind's roots."""
-    return VerifierRegistry({kind: Verifier({kind: certs}) for kind, certs in roots.items()})
 
 
 POLICY_HEADER = """\
@@ -365,9 +344,7 @@ def build_broker(ws: ProviderWorkspace, events: EventSink) -> KeyBroker:
     if not roots:
         raise ConfigError("no trusted manufacturer roots; add one with --trust-root", path=ws.roots)
     return KeyBroker(
-        verifiers=VerifierRegistry(
-            {kind: Verifier({kind: certs}) for kind, certs in roots.items()}
-        ),
+        verifiers=verifiers_for(roots),
         policy=AppraisalPolicy.load(ws.policy),
         signer=ws.result_signer(),
         keystore=KeyStore(ws.keys),

@@ -372,65 +372,38 @@ def test_node_verifies_the_provisioned_aggregator_with_its_own_policy(
     aggregator = _aggregator(deployment)
     nonce = bytes(range(32))
     now = dt.datetime.now(dt.UTC)
-    evidence = aggregator.attester.evidence(
-        nonce=nonce,
-        tee_pubkey=aggregator.key.public_bytes,
-        measurements={"code": code_measurement(AGGREGATOR_PACKAGES)},
-        now=now,
-    )
-    appraisal = verify_aggregator(
-        node,
-        tee="stub",
-        evidence=evidence,
-        aggregator_key=aggregator.key.public_bytes,
-        nonce=nonce,
-        now=now,
-    )
-    assert appraisal.is_stub
+    approved = code_measurement(AGGREGATOR_PACKAGES)
+
+    def evidence(attester: Any, code: str) -> str:
+        return str(
+            attester.evidence(
+                nonce=nonce,
+                tee_pubkey=aggregator.key.public_bytes,
+                measurements={"code": code},
+                now=now,
+            )
+        )
+
+    def verify(token: str, node_nonce: bytes = nonce) -> Any:
+        return verify_aggregator(
+            node,
+            tee="stub",
+            evidence=token,
+            aggregator_key=aggregator.key.public_bytes,
+            nonce=node_nonce,
+            now=now,
+        )
+
+    assert verify(evidence(aggregator.attester, approved)).is_stub
     # A ServerApp that is not the reviewed code, and evidence over a stale nonce, fail.
-    modified = aggregator.attester.evidence(
-        nonce=nonce,
-        tee_pubkey=aggregator.key.public_bytes,
-        measurements={"code": "00" * 32},
-        now=now,
-    )
     with pytest.raises(MeasurementRejected):
-        verify_aggregator(
-            node,
-            tee="stub",
-            evidence=modified,
-            aggregator_key=aggregator.key.public_bytes,
-            nonce=nonce,
-            now=now,
-        )
+        verify(evidence(aggregator.attester, "00" * 32))
     with pytest.raises(NonceMismatch):
-        verify_aggregator(
-            node,
-            tee="stub",
-            evidence=evidence,
-            aggregator_key=aggregator.key.public_bytes,
-            nonce=bytes(32),
-            now=now,
-        )
+        verify(evidence(aggregator.attester, approved), node_nonce=bytes(32))
     # Another attested instance (say, a node's key) is not the pinned aggregator.
+    sandbox = node.require_sandbox()
     impostor = load_attester(
-        "stub",
-        node.require_sandbox().attestation_key,
-        node.require_sandbox().attestation_chain,
-        node.require_sandbox().ueid,
-    )
-    forged = impostor.evidence(
-        nonce=nonce,
-        tee_pubkey=aggregator.key.public_bytes,
-        measurements={"code": code_measurement(AGGREGATOR_PACKAGES)},
-        now=now,
+        "stub", sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
     )
     with pytest.raises(NodeNotAllowed):
-        verify_aggregator(
-            node,
-            tee="stub",
-            evidence=forged,
-            aggregator_key=aggregator.key.public_bytes,
-            nonce=nonce,
-            now=now,
-        )
+        verify(evidence(impostor, approved))

@@ -11,8 +11,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from cryptography import x509
+
 from sandbox.attestation.stub import STUB_TEE, StubAttester
-from sandbox.attestation.verifier import Appraisal, AppraisalPolicy
+from sandbox.attestation.verifier import Appraisal, AppraisalPolicy, Verifier
 from sandbox.errors import ConfigError, TeeNotAccepted
 
 
@@ -91,3 +93,24 @@ def load_attester(tee: str, key: Path, chain: Path, ueid: str) -> Attester:
             key="node.sandbox.tee",
         )
     return loader(key, chain, ueid)
+
+
+def load_trusted_roots(folder: Path) -> dict[str, list[x509.Certificate]]:
+    """Manufacturer roots by TEE kind from ``folder/<tee>/*.pem``."""
+    roots: dict[str, list[x509.Certificate]] = {}
+    if not folder.is_dir():
+        return roots
+    for kind in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for pem in sorted(kind.glob("*.pem")):
+            try:
+                roots.setdefault(kind.name, []).extend(
+                    x509.load_pem_x509_certificates(pem.read_bytes())
+                )
+            except ValueError as exc:
+                raise ConfigError(f"unreadable root certificate: {exc}", path=pem) from exc
+    return roots
+
+
+def verifiers_for(roots: dict[str, list[x509.Certificate]]) -> VerifierRegistry:
+    """One x5c verifier per TEE kind, each trusting only that kind's roots."""
+    return VerifierRegistry({kind: Verifier({kind: certs}) for kind, certs in roots.items()})
