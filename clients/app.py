@@ -1,38 +1,61 @@
-"""The enterprise node's ClientApp: evaluate the global adapter, train LoRA locally, reply.
+"""The enterprise node's ClientApp: shake hands, check the aggregator, train LoRA, reply.
 
-A reply carries exactly three things: the trained adapter tensors, the number of
-training examples, and scalar metrics. Private text never leaves this process.
+A sealed run (the default) goes: a hello (``query``) that certifies this run's channel
+key; then per instruction the aggregator's evidence is appraised against the node's
+own policy, the global adapter is opened from its envelope, and the reply carries
+only the update sealed to the attested aggregator key plus allowlisted scalar
+metrics. The egress guard (``clients/egress.py``) checks every reply on its way out.
+Private text never leaves this process.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.channel import (
+    NodeChannel,
+    VerifiedAggregator,
+    channel_path,
+    check_aggregator,
+    open_channel,
+    open_global,
+    seal_update,
+)
 from clients.data import Split, load_examples, split_examples
-from clients.model import NodeModel, load_node_model
+from clients.egress import egress_guard
+from clients.model import NodeModel, attest_for_key, load_node_model
 from clients.training import evaluate, train_local
-from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import ConfigError
+from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
+from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
+from sandbox.errors import AggregatorRefused, ConfigError
+from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import adapter_state, is_trained, load_adapter_state
 from sandbox.protocol import (
     GLOBAL_KEY,
+    HELLO_KEY,
     METRICS_KEY,
     NODE_CONFIG_KEY,
     NUM_EXAMPLES,
+    SEALED_KEY,
     UPDATE_KEY,
     from_record,
     metric_record,
     round_of,
     to_record,
 )
+from sandbox.seal.envelope import RecipientKey
+from sandbox.seal.package import read_manifest
 
-app = ClientApp()
+app = ClientApp(mods=[egress_guard])
 
 
 def node_config(context: Context) -> NodeConfig:
@@ -46,9 +69,58 @@ def node_config(context: Context) -> NodeConfig:
     return NodeConfig.load(Path(path))
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunSpec, NodeConfig, Split, NodeModel]:
+def _protection(spec: RunSpec, node: NodeConfig) -> None:
+    """A node runs unprotected only when both its operator and the run say so."""
+    if node.unprotected != (spec.protection == PROTECTION_OFF):
+        raise ConfigError(
+            f"the run asks for protection={spec.protection!r} but this node is "
+            + ("unprotected" if node.unprotected else "sealed-only"),
+            path=node.source,
+            key="node.unprotected",
+        )
+
+
+@dataclass
+class Instruction:
+    """An instruction this node accepted: the round, and (sealed runs) its channel."""
+
+    round: int
+    adapter: dict[str, np.ndarray]
+    channel: NodeChannel | None = None
+    aggregator: VerifiedAggregator | None = None
+    model_digest: str = ""
+
+    def context(self, context: Context, direction: str) -> ChannelContext:
+        return ChannelContext(
+            str(context.run_id), self.round, str(context.node_id), self.model_digest, direction
+        )
+
+
+def _accept(msg: Message, context: Context, spec: RunSpec, node: NodeConfig) -> Instruction:
+    """Verify the aggregator and open the global adapter, before any private data is read."""
+    rnd = round_of(msg.content)
+    if node.unprotected:
+        return Instruction(rnd, from_record(msg.content.array_records[GLOBAL_KEY]))
+    sandbox = node.require_sandbox()
+    channel = NodeChannel.load(channel_path(node, context.run_id), context.run_id)
+    try:
+        aggregator = check_aggregator(node, channel, msg.content, now=dt.datetime.now(dt.UTC))
+    except AggregatorRefused as exc:
+        _journal(node, context, {"kind": "aggregator_refused", "round": rnd, "reason": str(exc)})
+        raise
+    manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+    accepted = Instruction(rnd, {}, channel, aggregator, manifest_digest(manifest))
+    accepted.adapter = open_global(channel, msg.content, accepted.context(context, DOWNLINK))
+    return accepted
+
+
+def _setup(
+    msg: Message, context: Context
+) -> tuple[RunSpec, NodeConfig, Instruction, Split, NodeModel]:
     spec = RunSpec.from_run_config(context.run_config)
     node = node_config(context)
+    _protection(spec, node)
+    accepted = _accept(msg, context, spec, node)
     if node.threads:
         import torch
 
@@ -63,8 +135,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunSpec, NodeConfig, Split, 
         source=node.data_path,
     )
     loaded = load_node_model(spec, node)
-    load_adapter_state(loaded.model, from_record(msg.content.array_records[GLOBAL_KEY]))
-    return spec, node, split, loaded
+    load_adapter_state(loaded.model, accepted.adapter)
+    return spec, node, accepted, split, loaded
 
 
 def _timings(started: float) -> dict[str, float]:
@@ -94,16 +166,20 @@ def _journal(node: NodeConfig, context: Context, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(line, sort_keys=True) + "\n")
 
 
-def _attested(loaded: NodeModel) -> dict[str, Any]:
-    """What the journal keeps of this message's key release: the result's digest and status."""
+def _attested(loaded: NodeModel, accepted: Instruction) -> dict[str, Any]:
+    """What the journal keeps of this message's key release and aggregator check."""
     result = loaded.attestation
+    if result is None or accepted.aggregator is None:
+        return {"attestation": None, "aggregator": None}
+    appraisal = accepted.aggregator.appraisal
     return {
         "attestation": {
             "ear_sha256": result.digest,
             "status": result.status,
             "session": result.session_id,
             "stub": result.is_stub,
-        }
+        },
+        "aggregator": {"ueid": appraisal.claims.get("ueid"), "stub": appraisal.is_stub},
     }
 
 
@@ -111,12 +187,48 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}-{name}": value for name, value in metrics.items()}
 
 
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """Start this run's channel: a nonce and a channel key the key broker certifies."""
+    spec = RunSpec.from_run_config(context.run_config)
+    node = node_config(context)
+    _protection(spec, node)
+    sandbox = node.require_sandbox()
+    manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+
+    def certify(key: RecipientKey) -> str:
+        return attest_for_key(node, manifest["key_id"], key).result.token
+
+    channel, record = open_channel(node, context.run_id, certify)
+    _journal(
+        node,
+        context,
+        {"kind": "hello", "round": round_of(msg.content), "suite": channel.key.suite},
+    )
+    return Message(RecordDict({HELLO_KEY: record}), reply_to=msg)
+
+
+def _reply_update(
+    update: dict[str, np.ndarray], accepted: Instruction, context: Context
+) -> dict[str, Any]:
+    """The update as it leaves: sealed to the verified aggregator, or (unprotected) raw."""
+    if accepted.aggregator is None:
+        return {UPDATE_KEY: to_record(update)}
+    record = seal_update(
+        update,
+        accepted.aggregator,
+        accepted.context(context, UPLINK),
+        allowed=frozenset(accepted.adapter),
+    )
+    return {SEALED_KEY: record}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Evaluate the incoming global adapter, train locally, evaluate again, reply."""
     started = time.time()
-    spec, node, split, loaded = _setup(msg, context)
-    server_round = round_of(msg.content)
+    spec, node, accepted, split, loaded = _setup(msg, context)
+    server_round = accepted.round
     before = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
     loss = train_local(
         loaded.model, loaded.tokenizer, split.train, spec, seed=spec.seed * 1000 + server_round
@@ -140,13 +252,15 @@ def train(msg: Message, context: Context) -> Message:
         {
             "kind": "train",
             "round": server_round,
-            **_attested(loaded),
+            **_attested(loaded, accepted),
             "metrics": metrics,
             "tensors": sorted(update),
             "timings": _timings(started),
         },
     )
-    content = RecordDict({UPDATE_KEY: to_record(update), METRICS_KEY: metric_record(metrics)})
+    content = RecordDict(
+        {**_reply_update(update, accepted, context), METRICS_KEY: metric_record(metrics)}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -154,8 +268,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the final global adapter on the local held-out split."""
     started = time.time()
-    spec, node, split, loaded = _setup(msg, context)
-    server_round = round_of(msg.content)
+    spec, node, accepted, split, loaded = _setup(msg, context)
+    server_round = accepted.round
     result = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
     metrics = {NUM_EXAMPLES: float(len(split.heldout)), **_prefixed("before", result)}
     _journal(
@@ -164,7 +278,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         {
             "kind": "evaluate",
             "round": server_round,
-            **_attested(loaded),
+            **_attested(loaded, accepted),
             "metrics": metrics,
             "timings": _timings(started),
         },

@@ -1,10 +1,13 @@
 """The node's egress guard: a Flower client mod that checks every reply before it leaves.
 
 Allowed out: one ConfigRecord ``sealed`` holding exactly one bytes value ``update`` (the
-HPKE envelope, at most ``max-update-bytes``), and one MetricRecord ``metrics`` whose keys
-are in the node's allowlist and whose values are single numbers. Nothing else: no
-ArrayRecord (raw tensors), no strings, no lists, no unknown record or key. A violation is
-blocked, written to the node's log and journal, and replaced by an error reply.
+HPKE envelope, at most ``max-update-bytes``), one MetricRecord ``metrics`` whose keys
+are in the node's allowlist and whose values are single numbers, and the handshake's
+ConfigRecord ``hello`` (a nonce, a public key and an attestation result, all bytes of
+bounded size). Nothing else: no ArrayRecord (raw tensors), no strings, no lists, no
+unknown record or key. A violation is blocked, written to the node's log and journal,
+and replaced by an error reply. An ``unprotected`` node (test and bench only) has no
+guard.
 
 The allowlist comes from the node operator's ``[node.egress]``, never from the run
 config, so provider-shipped code cannot widen it.
@@ -22,11 +25,22 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import ArkError, EgressViolation
-from sandbox.protocol import METRICS_KEY, NODE_CONFIG_KEY, SEALED_KEY, SEALED_UPDATE_KEY
+from sandbox.protocol import (
+    HELLO_KEY,
+    HELLO_NODE_KEY,
+    HELLO_NONCE,
+    HELLO_RESULT,
+    METRICS_KEY,
+    NODE_CONFIG_KEY,
+    SEALED_KEY,
+    SEALED_UPDATE_KEY,
+)
 
 log = logging.getLogger("ark.egress")
 # Flower's code for a reply a mod refused to let through.
 EGRESS_BLOCKED = 3
+# Upper bounds of the handshake's fields: nonce, public key (hybrid suite), result token.
+HELLO_LIMITS = {HELLO_NONCE: 64, HELLO_NODE_KEY: 1216, HELLO_RESULT: 16 * 1024}
 
 
 def check_reply(content: RecordDict, policy: EgressPolicy) -> None:
@@ -38,6 +52,8 @@ def check_reply(content: RecordDict, policy: EgressPolicy) -> None:
             _check_sealed(record, policy)
         elif name == METRICS_KEY and isinstance(record, MetricRecord):
             _check_metrics(record, policy)
+        elif name == HELLO_KEY and isinstance(record, ConfigRecord):
+            _check_hello(record)
         else:
             raise EgressViolation(f"record {name!r} ({type(record).__name__}) is not allowed")
 
@@ -52,6 +68,15 @@ def _check_sealed(record: ConfigRecord, policy: EgressPolicy) -> None:
         raise EgressViolation(
             f"sealed update of {len(blob)} bytes exceeds {policy.max_update_bytes}"
         )
+
+
+def _check_hello(record: ConfigRecord) -> None:
+    if set(record) != set(HELLO_LIMITS):
+        raise EgressViolation(f"hello record may hold only {sorted(HELLO_LIMITS)}")
+    for key, limit in HELLO_LIMITS.items():
+        value = record[key]
+        if not isinstance(value, bytes) or len(value) > limit:
+            raise EgressViolation(f"hello field {key!r} must be at most {limit} bytes")
 
 
 def _check_metrics(record: MetricRecord, policy: EgressPolicy) -> None:
@@ -92,6 +117,9 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
         return Message(Error(code=EGRESS_BLOCKED, reason=reason), reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
+        return reply
+    if node.unprotected:
+        log.warning("node %s is unprotected: its reply leaves unchecked", node.name)
         return reply
     try:
         check_reply(reply.content, node.egress)

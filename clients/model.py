@@ -19,7 +19,8 @@ from sandbox.errors import SealedModelError
 from sandbox.keybroker.client import KeyBrokerClient, ReleasedKey, obtain_content_key
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.lora import build_peft_model
-from sandbox.models import ModelInfo, load_from_memory
+from sandbox.models import ModelInfo, inspect_model_dir, load_from_memory, load_pretrained
+from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import open_sealed_package, read_manifest
 
 
@@ -30,7 +31,8 @@ class NodeModel:
     model: Any
     tokenizer: Any
     info: ModelInfo
-    attestation: AttestationResult
+    # None only on an unprotected node (plaintext model, no attestation).
+    attestation: AttestationResult | None
 
 
 def node_measurements(node: NodeConfig) -> dict[str, str]:
@@ -38,8 +40,13 @@ def node_measurements(node: NodeConfig) -> dict[str, str]:
     return {CODE: code_measurement(), CONFIG: config_measurement(node.effective())}
 
 
-def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
-    """Attest this node's sandbox to the key broker and open the released content key."""
+def attest_for_key(
+    node: NodeConfig, key_id: str, sandbox_key: RecipientKey | None = None
+) -> ReleasedKey:
+    """Attest this node's sandbox to the key broker and open the released content key.
+
+    With ``sandbox_key`` the result certifies that key (the node's channel key).
+    """
     sandbox = node.require_sandbox()
     attester = load_attester(
         sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
@@ -52,6 +59,7 @@ def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
             measurements=node_measurements(node),
             result_key=load_ec_public(sandbox.result_key),
             suite=sandbox.hpke_suite,
+            sandbox_key=sandbox_key,
         )
 
 
@@ -86,8 +94,17 @@ def load_base_model(
 
 
 def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
-    """Base model plus a fresh LoRA adapter of the run's shape (weights come from the server)."""
-    base, tokenizer, info, result = load_base_model(spec, node)
+    """Base model plus a fresh LoRA adapter of the run's shape (weights come from the server).
+
+    An unprotected node (the canary test's negative control, the overhead bench) reads
+    the plaintext model the run names; every other node goes through attestation.
+    """
+    result: AttestationResult | None = None
+    if node.unprotected:
+        info = inspect_model_dir(spec.model_path, spec.task)
+        base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
+    else:
+        base, tokenizer, info, result = load_base_model(spec, node)
     model = build_peft_model(
         base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
     )

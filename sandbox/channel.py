@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rfc8785
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import EnvelopeError, UpdateRejected
 from sandbox.seal.envelope import SUITE_X25519, open_envelope, seal_to
 
@@ -23,6 +26,35 @@ PURPOSE_UPDATE = "update"
 UPLINK = "uplink"
 DOWNLINK = "downlink"
 MAX_UPDATE_BYTES = 256 * 1024 * 1024
+WEIGHT_SUFFIX = ".safetensors"
+
+
+def weights_digest(files: Mapping[str, str]) -> str:
+    """The base-model digest envelopes bind: SHA-256 of JCS {weight file: its SHA-256}.
+
+    The node takes the per-file digests from its sealed package's signed manifest, the
+    aggregator hashes its plaintext copy; both name the same bytes.
+    """
+    weights = {name: digest for name, digest in files.items() if name.endswith(WEIGHT_SUFFIX)}
+    if not weights:
+        raise ValueError("no *.safetensors weight files to digest")
+    return sha256_hex(rfc8785.dumps(weights))
+
+
+def model_dir_digest(model_dir: Path) -> str:
+    """:func:`weights_digest` of a plaintext model directory (hidden files skipped)."""
+    return weights_digest(
+        {
+            path.name: sha256_file(path)[0]
+            for path in sorted(model_dir.glob(f"*{WEIGHT_SUFFIX}"))
+            if not path.name.startswith(".")
+        }
+    )
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """:func:`weights_digest` of a verified sealed-package manifest."""
+    return weights_digest({entry["name"]: entry["sha256"] for entry in manifest["files"]})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
 MODE_FEDAVG = "fedavg"
 MODE_FFA = "ffa"
 MODES = (MODE_FEDAVG, MODE_FFA)
+PROTECTION_SEALED = "sealed"
+PROTECTION_OFF = "off"
+PROTECTIONS = (PROTECTION_SEALED, PROTECTION_OFF)
 MIN_FEDERATED_NODES = 2
 
 
@@ -109,6 +112,12 @@ class RunSpec:
     seed: int = 42
     output_dir: Path | None = None
     model_id: str = ""
+    # "sealed": attested aggregator, HPKE envelopes both ways, egress guard (the default).
+    # "off": plaintext arrays, for the canary test's negative control and the overhead
+    # bench only; a node runs it only when its own config says ``unprotected = true``.
+    protection: str = PROTECTION_SEALED
+    # The aggregator sandbox's identity (``ark provider init --manufacturer``).
+    aggregator_dir: Path | None = None
 
     @classmethod
     def from_run_config(
@@ -127,6 +136,7 @@ class RunSpec:
             t.strip() for t in read.string("lora-target-modules", "").split(",") if t.strip()
         )
         output_dir = read.string("output-dir", "")
+        aggregator_dir = read.string("aggregator-dir", "")
         job_id = read.string("job-id", "ark-job")
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise read.fail("job-id", f"must be a plain name, got {job_id!r}")
@@ -155,6 +165,8 @@ class RunSpec:
             seed=read.integer("seed", 42, minimum=0),
             output_dir=Path(output_dir) if output_dir else None,
             model_id=read.string("model-id", ""),
+            protection=read.choice("protection", PROTECTIONS, PROTECTION_SEALED),
+            aggregator_dir=Path(aggregator_dir) if aggregator_dir else None,
         )
 
     def to_run_config(self) -> dict[str, str | int | float]:
@@ -181,6 +193,8 @@ class RunSpec:
             "seed": self.seed,
             "output-dir": "" if self.output_dir is None else str(self.output_dir),
             "model-id": self.model_id,
+            "protection": self.protection,
+            "aggregator-dir": "" if self.aggregator_dir is None else str(self.aggregator_dir),
         }
 
     def fingerprint(self) -> str:
@@ -195,6 +209,7 @@ class RunSpec:
             "min_nodes",
             "expected_nodes",
             "output_dir",
+            "aggregator_dir",
         ):
             identity.pop(volatile)
         identity["model_path"] = str(self.model_path)
@@ -366,6 +381,12 @@ class NodeConfig:
     journal_path: Path | None = None
     sandbox: SandboxConfig | None = None
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    # FAB digests (hex SHA-256) this node's operator approved (``ark node approve``); the
+    # node's launcher runs no other app.
+    approved_apps: tuple[str, ...] = ()
+    # Run with no protection at all (plaintext model and arrays, no guard). Exists only
+    # for the canary test's negative control and the overhead bench; never in a deployment.
+    unprotected: bool = False
     source: Path | None = None
 
     @classmethod
@@ -391,6 +412,8 @@ class NodeConfig:
             "journal",
             "sandbox",
             "egress",
+            "approved-apps",
+            "unprotected",
         }
         unknown = sorted(set(section) - known)
         if unknown:
@@ -423,6 +446,8 @@ class NodeConfig:
                 if "egress" in section
                 else EgressPolicy()
             ),
+            approved_apps=_app_digests(section.get("approved-apps", []), path),
+            unprotected=_flag(section, "unprotected", path),
             source=path,
         )
 
@@ -439,6 +464,10 @@ class NodeConfig:
         ]
         if self.journal_path is not None:
             lines.append(f"journal = {toml_string(str(self.journal_path))}")
+        if self.approved_apps:
+            lines.append(f"approved-apps = {json.dumps(list(self.approved_apps))}")
+        if self.unprotected:
+            lines.append("unprotected = true")
         if self.sandbox is not None:
             lines += ["", self.sandbox.to_toml()]
         return "\n".join(lines) + "\n"
@@ -459,11 +488,32 @@ class NodeConfig:
         effective = {
             key: str(value)
             for key, value in asdict(self).items()
-            if key not in ("source", "sandbox", "egress") and value is not None
+            if key not in ("source", "sandbox", "egress", "approved_apps") and value is not None
         }
+        effective["approved-apps"] = ",".join(self.approved_apps)
         effective["egress-metrics"] = ",".join(sorted(self.egress.metrics))
         effective["egress-max-update-bytes"] = str(self.egress.max_update_bytes)
         return effective
+
+
+def _app_digests(value: Any, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+        for d in value
+    ):
+        raise ConfigError(
+            f"must be a list of lowercase hex SHA-256 digests, got {value!r}",
+            path=path,
+            key="node.approved-apps",
+        )
+    return tuple(sorted(set(value)))
+
+
+def _flag(section: Mapping[str, Any], key: str, path: Path) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, got {value!r}", path=path, key=f"node.{key}")
+    return value
 
 
 def toml_string(value: str) -> str:

@@ -181,3 +181,12 @@ class EnvelopeError(ArkError):
 
 class EgressViolation(ArkError):
     """An outgoing message carries something outside the node's egress allowlist."""
+
+
+class AggregatorRefused(ArkError):
+    """This node could not verify the aggregator (its evidence, key or channel), so it
+    does not train; the message says why and goes back in the node's error reply."""
+
+
+class AppNotApproved(ArkError):
+    """The app a run ships is not among this node's approved app digests."""

@@ -18,6 +18,20 @@ METRICS_KEY = "metrics"
 # The one record an update may leave a node in: a ConfigRecord holding the HPKE envelope.
 SEALED_KEY = "sealed"
 SEALED_UPDATE_KEY = "update"
+# Downlink: the global adapter sealed to the node's attested channel key.
+SEALED_GLOBAL_KEY = "global"
+# The handshake a node answers before its first instruction of a run (passport model):
+# a nonce it chose, its channel public key, and the key broker's result binding that key.
+HELLO_KEY = "hello"
+HELLO_NONCE = "nonce"
+HELLO_NODE_KEY = "node-key"
+HELLO_RESULT = "ear"
+# What every sealed instruction carries: the aggregator's evidence over the node's nonce.
+AGGREGATOR_KEY = "aggregator"
+AGGREGATOR_TEE = "tee"
+AGGREGATOR_EVIDENCE = "evidence"
+AGGREGATOR_PUBLIC_KEY = "key"
+AGGREGATOR_SUITE = "suite"
 CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"

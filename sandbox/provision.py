@@ -261,6 +261,8 @@ def init_aggregator(ws: ProviderWorkspace, manufacturer: Path) -> str:
     write_private(ws.aggregator / "key.pem", private_pem(key))
     (ws.aggregator / "chain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (ws.aggregator / "ueid").write_text(ueid + "\n", encoding="utf-8")
+    # The ServerApp checks each node's attestation result against the provider's key.
+    shutil.copyfile(ws.public / "result.pub", ws.aggregator / "result.pub")
     (ws.public / "aggregator-ueid").write_text(ueid + "\n", encoding="utf-8")
     return ueid
 

@@ -8,6 +8,7 @@ evaluates the final adapter; results, a plot and a stock PEFT adapter are writte
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -18,13 +19,22 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from sandbox.config import RunSpec
-from sandbox.errors import CheckpointError, ConfigError, FederationError, UpdateRejected
+from sandbox.channel import model_dir_digest
+from sandbox.config import PROTECTION_SEALED, RunSpec
+from sandbox.errors import (
+    AttestationError,
+    CheckpointError,
+    ConfigError,
+    FederationError,
+    UpdateRejected,
+)
+from sandbox.events import Event, EventSink, JsonlEventSink
 from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.protocol import (
     CONFIG_KEY,
     GLOBAL_KEY,
+    HELLO_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     ROUND_KEY,
@@ -36,6 +46,15 @@ from server.aggregation import StreamingAggregator, spec_of
 from server.checkpoint import CheckpointStore, JobState
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
+from server.sandbox import AggregatorSandbox, NodePeer
+
+EVENTS_FILE = "events.jsonl"
+# Server-side events (the key broker writes the attestation and key-release ones).
+NODE_ADMITTED = "node_admitted"
+NODE_REFUSED = "node_refused"
+NODE_DECLINED = "node_declined"
+UPDATE_ACCEPTED = "update_accepted"
+UPDATE_REJECTED = "update_rejected"
 
 app = ServerApp()
 
@@ -52,14 +71,8 @@ def _provider_model(spec: RunSpec) -> Any:
     )
 
 
-def _messages(
-    nodes: list[int], kind: str, adapter: dict[str, np.ndarray], rnd: int
-) -> list[Message]:
-    """One instruction per node, all sharing one content (Flower dedups its objects)."""
-    content = RecordDict(
-        {GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd})}
-    )
-    return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
+def _round_config(rnd: int) -> ConfigRecord:
+    return ConfigRecord({ROUND_KEY: rnd})
 
 
 def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, float], float]:
@@ -77,6 +90,8 @@ class FederatedJob:
         grid: Grid,
         spec: RunSpec,
         *,
+        sandbox: AggregatorSandbox | None = None,
+        events: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -91,6 +106,74 @@ class FederatedJob:
         self.out = spec.output_dir
         self.store = CheckpointStore(self.out / "checkpoints")
         self._model: Any = None
+        if spec.protection == PROTECTION_SEALED and sandbox is None:
+            raise ConfigError("protection is sealed but no aggregator sandbox was given")
+        self.sandbox = sandbox
+        self.events = events if events is not None else JsonlEventSink(self.out / EVENTS_FILE)
+        # Nodes that shook hands with this ServerApp process (sealed runs only).
+        self.peers: dict[int, NodePeer] = {}
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self.events.emit(Event(kind, dt.datetime.now(dt.UTC), fields))
+
+    def _admit(self, nodes: list[int], rnd: int) -> list[int]:
+        """Shake hands with nodes new to this run; return the nodes that may take part."""
+        if self.sandbox is None:
+            return nodes
+        new = [node_id for node_id in nodes if node_id not in self.peers]
+        if new:
+            hellos = [
+                Message(RecordDict({CONFIG_KEY: _round_config(rnd)}), node_id, MessageType.QUERY)
+                for node_id in new
+            ]
+            call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
+            for node_id, reply in call.replies(hellos):
+                try:
+                    if reply.has_error():
+                        raise AttestationError(f"node error: {reply.error.reason}")
+                    peer = self.sandbox.admit(node_id, reply.content.config_records[HELLO_KEY])
+                except (AttestationError, KeyError) as exc:
+                    log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
+                    self._event(
+                        NODE_REFUSED, run=self.sandbox.run_id, node=node_id, reason=str(exc)
+                    )
+                    continue
+                self.peers[node_id] = peer
+                self._event(
+                    NODE_ADMITTED,
+                    run=self.sandbox.run_id,
+                    node=node_id,
+                    ear_sha256=peer.result.digest,
+                    ueid=peer.result.ueid,
+                )
+        return [node_id for node_id in nodes if node_id in self.peers]
+
+    def _messages(
+        self, nodes: list[int], kind: str, adapter: dict[str, np.ndarray], rnd: int
+    ) -> list[Message]:
+        """One instruction per node: sealed to each node's key, or (protection off) one
+        shared plaintext content that Flower dedups."""
+        if self.sandbox is not None:
+            sandbox = self.sandbox
+            return [
+                Message(
+                    sandbox.instruction(self.peers[n], rnd, adapter), n, kind, group_id=str(rnd)
+                )
+                for n in nodes
+            ]
+        content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: _round_config(rnd)})
+        return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
+
+    def _update(self, node_id: int, reply: Message, rnd: int) -> tuple[dict[str, np.ndarray], str]:
+        """The reply's update tensors and what identifies them in events."""
+        if self.sandbox is None:
+            return from_record(reply.content.array_records[UPDATE_KEY]), "plaintext"
+        return self.sandbox.open_update(self.peers[node_id], reply.content, rnd)
+
+    def _declined(self, node_id: int, reason: str, rnd: int) -> None:
+        """A node's error reply: record it, and make the node shake hands again next time."""
+        self.peers.pop(node_id, None)
+        self._event(NODE_DECLINED, round=rnd, node=node_id, reason=reason)
 
     def model(self) -> Any:
         if self._model is None:
@@ -134,7 +217,8 @@ class FederatedJob:
 
     def train_round(self, state: JobState, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rnd = state.round + 1
-        nodes = self._nodes(rnd)
+        started = time.monotonic()
+        nodes = self._admit(self._nodes(rnd), rnd)
         log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
         trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
         aggregator = StreamingAggregator(
@@ -144,22 +228,33 @@ class FederatedJob:
         previous = rounds.setdefault(str(rnd - 1), {})
         current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
         call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
-        messages = _messages(nodes, MessageType.TRAIN, adapter, rnd)
+        messages = self._messages(nodes, MessageType.TRAIN, adapter, rnd)
         for node_id, reply in call.replies(messages):
             key = str(node_id)
             if reply.has_error():
                 current["rejected"][key] = f"node error: {reply.error.reason}"
                 log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reply.error.reason)
+                self._declined(node_id, str(reply.error.reason), rnd)
                 continue
+            envelope = "none"
             try:
                 weight, before, after, loss = _split_metrics(reply)
-                aggregator.add(from_record(reply.content.array_records[UPDATE_KEY]), weight)
+                update, envelope = self._update(node_id, reply, rnd)
+                aggregator.add(update, weight)
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
                 current["rejected"][key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
+                self._event(
+                    UPDATE_REJECTED,
+                    round=rnd,
+                    node=node_id,
+                    envelope_sha256=envelope,
+                    reason=str(exc),
+                )
                 continue
             finally:
                 del reply
+            self._event(UPDATE_ACCEPTED, round=rnd, node=node_id, envelope_sha256=envelope)
             previous.setdefault("global", {})[key] = before
             current["local"][key] = after
             current["train_loss"][key] = loss
@@ -182,6 +277,7 @@ class FederatedJob:
                 self.spec.round_timeout,
             )
         current["missing"] = sorted(call.missing)
+        current["seconds"] = time.monotonic() - started
         if aggregator.count < self.spec.min_nodes:
             raise FederationError(
                 f"round {rnd}: only {aggregator.count} accepted updates, "
@@ -202,14 +298,15 @@ class FederatedJob:
 
     def final_evaluation(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
         rnd = state.round
-        nodes = self._nodes(rnd)
+        nodes = self._admit(self._nodes(rnd), rnd)
         log(INFO, "[ark] final evaluation of round-%d adapter on %d nodes", rnd, len(nodes))
         entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
         call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
-        messages = _messages(nodes, MessageType.EVALUATE, adapter, rnd)
+        messages = self._messages(nodes, MessageType.EVALUATE, adapter, rnd)
         for node_id, reply in call.replies(messages):
             if reply.has_error():
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)
+                self._declined(node_id, str(reply.error.reason), rnd)
                 continue
             try:
                 _, before, _, _ = _split_metrics(reply)
@@ -242,4 +339,18 @@ class FederatedJob:
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated job described by the run config."""
     spec = RunSpec.from_run_config(context.run_config)
-    FederatedJob(grid, spec).run()
+    sandbox = None
+    if spec.protection == PROTECTION_SEALED:
+        if spec.aggregator_dir is None:
+            raise ConfigError(
+                "is empty; a sealed run needs the aggregator's identity directory",
+                key="aggregator-dir",
+            )
+        sandbox = AggregatorSandbox.load(
+            spec.aggregator_dir,
+            run_id=context.run_id,
+            model_digest=model_dir_digest(spec.model_path),
+        )
+    else:
+        log(WARNING, "[ark] protection is OFF: plaintext updates, no aggregator attestation")
+    FederatedJob(grid, spec, sandbox=sandbox).run()

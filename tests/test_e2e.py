@@ -51,6 +51,7 @@ def _spec(tmp_path: Path, model_dir: Path, nodes: int, **overrides: object) -> R
         "round_timeout": 120.0,
         "expected_nodes": nodes,
         "output_dir": tmp_path / "provider" / "job",
+        "aggregator_dir": tmp_path / "provider" / "aggregator",
         **overrides,
     }
     return make_spec(model_dir, str(values.pop("task", TASK_CLASSIFICATION)), **values)
@@ -121,17 +122,26 @@ def test_two_nodes_two_rounds_over_tls(
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     for config in configs.values():
         kinds = [(e["kind"], e["round"]) for e in _journal(config)]
-        assert kinds == [("train", 1), ("train", 2), ("evaluate", 2)]
+        assert kinds == [("hello", 1), ("train", 1), ("train", 2), ("evaluate", 2)]
     # The provider's SuperLink state is a real SQLite file in its workspace.
     assert (federation.provider_home / "superlink.db").stat().st_size > 0
     # Every ClientApp process got its model through attestation and a key release.
     events = JsonlEventSink(federation.provider_home / "events.jsonl").read()
     releases = [e for e in events if e["kind"] == "key_released"]
-    assert len(releases) == 2 * 3, [e["kind"] for e in events]
+    # (one more per node: the hello, whose result certifies the node's channel key)
+    assert len(releases) == 2 * 4, [e["kind"] for e in events]
     for config in configs.values():
-        for entry in _journal(config):
+        for entry in _journal(config)[1:]:
             assert entry["attestation"]["status"] == "affirming"
             assert entry["attestation"]["stub"] is True
+            assert entry["aggregator"]["ueid"].startswith("aggregator-")
+    # Every update arrived sealed and opened under the run's aggregator key.
+    served = JsonlEventSink(out / "events.jsonl").read()
+    assert [e["kind"] for e in served].count("node_admitted") == 2
+    accepted = [e for e in served if e["kind"] == "update_accepted"]
+    assert len(accepted) == 2 * 2
+    assert all(len(e["envelope_sha256"]) == 64 for e in accepted)
+    assert not [e for e in served if e["kind"] in ("update_rejected", "node_declined")]
     _assert_no_plaintext_weights(tiny_bert_dir, [tmp_path / "nodes"])
 
 

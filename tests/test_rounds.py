@@ -7,8 +7,10 @@ clock stands in for time so no test sleeps through a deadline.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,25 +25,40 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
-from sandbox.errors import FederationError
+from clients.channel import NodeChannel, channel_path, check_aggregator, open_channel, open_global
+from clients.model import node_measurements
+from sandbox.attestation.backends import load_attester
+from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, model_dir_digest, seal_tensors
+from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
+from sandbox.demo_data import write_demo_data
+from sandbox.errors import AggregatorRefused, FederationError
+from sandbox.events import MemoryEventSink
+from sandbox.keybroker.broker import KeyBroker, Released
+from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
 from sandbox.protocol import (
     CONFIG_KEY,
     GLOBAL_KEY,
+    HELLO_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     ROUND_KEY,
+    SEALED_KEY,
+    SEALED_UPDATE_KEY,
     UPDATE_KEY,
     from_record,
     metric_record,
     round_of,
     to_record,
 )
+from sandbox.provision import LoopbackDeployment, build_broker, provision_loopback
+from sandbox.seal.envelope import RecipientKey
+from sandbox.seal.package import read_manifest
 from server.app import FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
 from server.rounds import RoundCall, wait_for_nodes
+from server.sandbox import AggregatorSandbox
 from tests.conftest import make_spec
 
 Adapter = dict[str, np.ndarray]
@@ -77,8 +94,83 @@ def accuracy(node_id: int, global_round: int) -> float:
 
 
 @dataclass
+class SealedWorld:
+    """A provisioned provider, its in-process key broker, and node workspaces.
+
+    The broker is the real one (``build_broker``), only called without gRPC; simulated
+    nodes get their channel keys certified by it exactly as a ClientApp does.
+    """
+
+    deployment: LoopbackDeployment
+    broker: KeyBroker
+    configs: dict[int, NodeConfig]
+    key_id: str
+    model_digest: str
+
+    def certify(self, node: NodeConfig) -> Callable[[RecipientKey], str]:
+        sandbox = node.require_sandbox()
+        attester = load_attester(
+            sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
+        )
+
+        def certify(key: RecipientKey) -> str:
+            session = self.broker.challenge(self.key_id)
+            evidence = attester.evidence(
+                nonce=session.nonce,
+                tee_pubkey=key.public_bytes,
+                measurements=node_measurements(node),
+                now=dt.datetime.now(dt.UTC),
+            )
+            outcome = self.broker.attest(
+                session_id=session.session_id,
+                tee=attester.tee,
+                evidence=evidence,
+                tee_pubkey=key.public_bytes,
+                hpke_suite=key.suite,
+                key_id=self.key_id,
+            )
+            assert isinstance(outcome, Released), outcome
+            return outcome.result.token
+
+        return certify
+
+    def sandbox(self, **changes: Any) -> AggregatorSandbox:
+        """The provider's aggregator sandbox for RUN_ID (``changes`` stage an attack)."""
+        loaded = AggregatorSandbox.load(
+            self.deployment.provider.aggregator, run_id=RUN_ID, model_digest=self.model_digest
+        )
+        return dataclasses.replace(loaded, **changes)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SealedWorld:
+    root = tmp_path_factory.mktemp("sealed-world")
+    data = write_demo_data(root / "data", 5, rows_per_node=10, seed=1)
+    deployment = provision_loopback(
+        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=1
+    )
+    broker = build_broker(deployment.provider, MemoryEventSink())
+    configs = {
+        i: NodeConfig.load(path) for i, path in enumerate(deployment.node_configs.values(), 1)
+    }
+    signing = load_ed25519_public(deployment.provider.public / "signing.pub")
+    manifest = read_manifest(deployment.package, signing)
+    return SealedWorld(
+        deployment, broker, configs, manifest["key_id"], model_dir_digest(tiny_bert_dir)
+    )
+
+
+# Node behaviours that attack the channel (sealed runs) or the update itself.
+CHANNEL_ATTACKS = ("replay", "wrong-key", "other-run", "other-model")
+
+
+@dataclass
 class SimNode:
-    """A ClientApp stand-in that records what it received and what it sent."""
+    """A ClientApp stand-in that records what it received and what it sent.
+
+    Given a node config (sealed runs) it speaks the real protocol through
+    ``clients/channel.py``: hello, aggregator check, downlink, sealed uplink.
+    """
 
     node_id: int
     behaviour: str = "ok"
@@ -88,13 +180,73 @@ class SimNode:
     plan: dict[int, str] = field(default_factory=dict)  # round -> behaviour override
     received: list[tuple[str, int, Adapter]] = field(default_factory=list)
     sent: list[Adapter] = field(default_factory=list)
+    world: SealedWorld | None = None
+    envelopes: list[bytes] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> NodeConfig:
+        assert self.world is not None
+        return self.world.configs[self.node_id]
+
+    def hello(self, msg: Message) -> Message:
+        assert self.world is not None
+        _, record = open_channel(self.config, RUN_ID, self.world.certify(self.config))
+        return Message(RecordDict({HELLO_KEY: record}), reply_to=msg)
+
+    def _context(self, rnd: int, direction: str, **changes: Any) -> ChannelContext:
+        assert self.world is not None
+        values = {
+            "run_id": str(RUN_ID),
+            "round": rnd,
+            "node_id": str(self.node_id),
+            "model_digest": self.world.model_digest,
+            "direction": direction,
+            **changes,
+        }
+        return ChannelContext(**values)
+
+    def _open(self, msg: Message, rnd: int, behaviour: str) -> tuple[Adapter, Any]:
+        """The global adapter and the verified aggregator (sealed), as a ClientApp gets them."""
+        if GLOBAL_KEY in msg.content:
+            return from_record(msg.content.array_records[GLOBAL_KEY]), None
+        if behaviour == "rekey":  # the node started a fresh channel; the aggregator did not
+            open_channel(self.config, RUN_ID, self.world.certify(self.config))  # type: ignore[union-attr]
+        channel = NodeChannel.load(channel_path(self.config, RUN_ID), RUN_ID)
+        aggregator = check_aggregator(
+            self.config, channel, msg.content, now=dt.datetime.now(dt.UTC)
+        )
+        adapter = open_global(channel, msg.content, self._context(rnd, DOWNLINK))
+        return adapter, aggregator
+
+    def _seal(self, update: Adapter, aggregator: Any, rnd: int, behaviour: str) -> dict[str, Any]:
+        if aggregator is None:
+            return {UPDATE_KEY: to_record(update)}
+        key, context = aggregator.public_key, self._context(rnd, UPLINK)
+        if behaviour == "replay" and self.envelopes:
+            return {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: self.envelopes[0]})}
+        if behaviour == "wrong-key":
+            key = RecipientKey.generate(aggregator.suite).public_key()
+        elif behaviour == "other-run":
+            context = self._context(rnd, UPLINK, run_id=str(RUN_ID + 1))
+        elif behaviour == "other-model":
+            context = self._context(rnd, UPLINK, model_digest="0" * 64)
+        blob = seal_tensors(update, key, context, suite=aggregator.suite)
+        self.envelopes.append(blob)
+        return {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: blob})}
 
     def answer(self, msg: Message, mode: str) -> Message | None:
-        rnd = round_of(msg.content)
         kind = msg.metadata.message_type
-        adapter = from_record(msg.content.array_records[GLOBAL_KEY])
-        self.received.append((kind, rnd, adapter))
+        if kind == MessageType.QUERY:
+            return self.hello(msg)
+        rnd = round_of(msg.content)
         behaviour = self.plan.get(rnd, self.behaviour)
+        try:
+            adapter, aggregator = self._open(msg, rnd, behaviour)
+        except AggregatorRefused as exc:  # what Flower sends back when a ClientApp raises
+            self.refusals.append(str(exc))
+            return Message(Error(code=0, reason=f"AggregatorRefused: {exc}"), reply_to=msg)
+        self.received.append((kind, rnd, adapter))
         if behaviour == "silent":
             return None
         if behaviour == "error":
@@ -111,6 +263,10 @@ class SimNode:
         first = sorted(update)[0]
         if behaviour == "nan":
             update[first] = np.full_like(update[first], np.nan)
+        elif behaviour == "inf":
+            update[first] = np.full_like(update[first], np.inf)
+        elif behaviour == "norm":
+            update[first] = update[first] + 1e4
         elif behaviour == "wrong-shape":
             update[first] = np.zeros((update[first].size + 1,), dtype=update[first].dtype)
         elif behaviour == "extra-tensor":
@@ -124,15 +280,26 @@ class SimNode:
             "after-macro_f1": 0.45,
             "train-loss": 1.0 / rnd,
         }
-        content = RecordDict({UPDATE_KEY: to_record(update), METRICS_KEY: metric_record(metrics)})
+        content = RecordDict(
+            {**self._seal(update, aggregator, rnd, behaviour), METRICS_KEY: metric_record(metrics)}
+        )
         return Message(content, reply_to=msg)
 
 
 class SimulatedGrid(Grid):
     """The Grid interface over in-process nodes; replies queue up until pulled."""
 
-    def __init__(self, nodes: Iterable[SimNode], clock: FakeClock, mode: str = MODE_FEDAVG):
+    def __init__(
+        self,
+        nodes: Iterable[SimNode],
+        clock: FakeClock,
+        mode: str = MODE_FEDAVG,
+        world: SealedWorld | None = None,
+    ):
         self.nodes = {node.node_id: node for node in nodes}
+        self.world = world
+        for node in self.nodes.values():
+            node.world = world
         self.time = clock
         self.mode = mode
         self.pulls = 0
@@ -206,8 +373,15 @@ class SimulatedGrid(Grid):
         return replies
 
 
-def _job(grid: SimulatedGrid, spec: RunSpec) -> FederatedJob:
-    return FederatedJob(grid, spec, clock=grid.time.clock, sleep=grid.time.sleep)
+def _job(
+    grid: SimulatedGrid, spec: RunSpec, sandbox: AggregatorSandbox | None = None
+) -> FederatedJob:
+    """A sealed job when the grid's nodes live in a SealedWorld, else protection off."""
+    if grid.world is not None and sandbox is None:
+        sandbox = grid.world.sandbox()
+    if sandbox is None:
+        spec = dataclasses.replace(spec, protection=PROTECTION_OFF)
+    return FederatedJob(grid, spec, sandbox=sandbox, clock=grid.time.clock, sleep=grid.time.sleep)
 
 
 def _spec(model_dir: Path, out: Path, **overrides: Any) -> RunSpec:
@@ -215,10 +389,12 @@ def _spec(model_dir: Path, out: Path, **overrides: Any) -> RunSpec:
     return make_spec(model_dir, **{**values, **overrides})
 
 
-def _weighted_mean(nodes: list[SimNode]) -> Adapter:
-    """sum(w_i * x_i) / sum(w_i) over each node's round-1 update, in float64."""
+def _weighted_mean(nodes: list[SimNode], index: int = 0) -> Adapter:
+    """sum(w_i * x_i) / sum(w_i) over each node's ``index``-th update, in float64."""
     weights = np.array([n.examples for n in nodes])
-    stacked = {name: np.stack([n.sent[0][name] for n in nodes]) for name in nodes[0].sent[0]}
+    stacked = {
+        name: np.stack([n.sent[index][name] for n in nodes]) for name in nodes[0].sent[index]
+    }
     return {name: np.tensordot(weights, x, 1) / weights.sum() for name, x in stacked.items()}
 
 
@@ -234,9 +410,11 @@ def _results(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")))
 
 
-def test_fedavg_rounds_aggregate_checkpoint_and_report(tiny_bert_dir: Path, tmp_path: Path):
+def test_fedavg_rounds_aggregate_checkpoint_and_report(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
     nodes = [SimNode(1, examples=10), SimNode(2, examples=30), SimNode(3, examples=60)]
-    grid = SimulatedGrid(nodes, FakeClock())
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
     _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2)).run()
 
     round0, round1 = _checkpoint(tmp_path, 0), _checkpoint(tmp_path, 1)
@@ -262,9 +440,11 @@ def test_fedavg_rounds_aggregate_checkpoint_and_report(tiny_bert_dir: Path, tmp_
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
-def test_ffa_keeps_lora_a_frozen_and_nodes_never_send_it(tiny_bert_dir: Path, tmp_path: Path):
+def test_ffa_keeps_lora_a_frozen_and_nodes_never_send_it(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
     nodes = [SimNode(1, examples=5), SimNode(2, examples=15)]
-    grid = SimulatedGrid(nodes, FakeClock(), mode=MODE_FFA)
+    grid = SimulatedGrid(nodes, FakeClock(), mode=MODE_FFA, world=world)
     _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2, mode=MODE_FFA)).run()
 
     round0 = _checkpoint(tmp_path, 0)
@@ -283,9 +463,11 @@ def test_ffa_keeps_lora_a_frozen_and_nodes_never_send_it(tiny_bert_dir: Path, tm
             assert any(".lora_B." in name for name in update)
 
 
-def test_silent_node_is_missing_and_round_closes_at_deadline(tiny_bert_dir: Path, tmp_path: Path):
+def test_silent_node_is_missing_and_round_closes_at_deadline(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
     nodes = [SimNode(1), SimNode(2, examples=20), SimNode(3, behaviour="silent")]
-    grid = SimulatedGrid(nodes, FakeClock())
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
     _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
 
     assert grid.time.now >= TIMEOUT
@@ -306,10 +488,12 @@ def test_silent_node_is_missing_and_round_closes_at_deadline(tiny_bert_dir: Path
     ],
 )
 def test_bad_update_is_rejected_and_left_out(
-    tiny_bert_dir: Path, tmp_path: Path, behaviour: str, reason: str
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld, behaviour: str, reason: str
 ):
     good = [SimNode(1, examples=10), SimNode(2, examples=30)]
-    grid = SimulatedGrid([*good, SimNode(3, behaviour=behaviour, examples=1000)], FakeClock())
+    grid = SimulatedGrid(
+        [*good, SimNode(3, behaviour=behaviour, examples=1000)], FakeClock(), world=world
+    )
     _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
 
     entry = _results(tmp_path)["rounds"][1]
@@ -322,9 +506,11 @@ def test_bad_update_is_rejected_and_left_out(
         np.testing.assert_allclose(round1[name], value, rtol=1e-6, atol=1e-7)
 
 
-def test_too_few_accepted_updates_fails_the_round(tiny_bert_dir: Path, tmp_path: Path):
+def test_too_few_accepted_updates_fails_the_round(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
     nodes = [SimNode(1), SimNode(2, behaviour="error"), SimNode(3, behaviour="nan")]
-    grid = SimulatedGrid(nodes, FakeClock())
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
     with pytest.raises(FederationError, match="only 1 accepted updates, min-nodes is 2"):
         _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
     assert not _store(tmp_path).adapter_path(1).exists()
@@ -356,10 +542,12 @@ def test_wait_for_nodes_expected_minimum_and_below_minimum():
     assert clock.now == pytest.approx(TIMEOUT)
 
 
-def test_resume_replays_nothing_before_the_failed_round(tiny_bert_dir: Path, tmp_path: Path):
+def test_resume_replays_nothing_before_the_failed_round(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
     spec = _spec(tiny_bert_dir, tmp_path, num_rounds=2)
     failing = SimulatedGrid(
-        [SimNode(1, plan={2: "silent"}), SimNode(2, plan={2: "silent"})], FakeClock()
+        [SimNode(1, plan={2: "silent"}), SimNode(2, plan={2: "silent"})], FakeClock(), world=world
     )
     with pytest.raises(FederationError, match="round 2: only 0 accepted"):
         _job(failing, spec).run()
@@ -367,7 +555,7 @@ def test_resume_replays_nothing_before_the_failed_round(tiny_bert_dir: Path, tmp
     saved = store.adapter_path(1).read_bytes()
     assert not store.adapter_path(2).exists()
 
-    healthy = SimulatedGrid([SimNode(1), SimNode(2, examples=40)], FakeClock())
+    healthy = SimulatedGrid([SimNode(1), SimNode(2, examples=40)], FakeClock(), world=world)
     _job(healthy, spec).run()
 
     assert store.adapter_path(1).read_bytes() == saved

@@ -206,7 +206,9 @@ def _prepare_demo(
         model_id=info.path.name if model else "all-MiniLM-L6-v2",
         threads=1,
     )
-    spec = dataclasses.replace(spec, model_id=deployment.model_id)
+    spec = dataclasses.replace(
+        spec, model_id=deployment.model_id, aggregator_dir=deployment.provider.aggregator
+    )
     node_files = deployment.node_configs
     console.print(
         f"provider sealed {deployment.model_id} into {deployment.package} "

@@ -126,10 +126,17 @@ def obtain_content_key(
     measurements: Mapping[str, str],
     result_key: ec.EllipticCurvePublicKey,
     suite: str = SUITE_X25519,
+    sandbox_key: RecipientKey | None = None,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> ReleasedKey:
-    """Attest this sandbox and open the released content key with a fresh ephemeral key."""
-    sandbox_key = RecipientKey.generate(suite)
+    """Attest this sandbox and open the released content key.
+
+    The evidence binds ``sandbox_key`` (a fresh ephemeral key when not given); the result
+    therefore certifies that key, which is how a node's channel key gets attested.
+    """
+    if sandbox_key is None:
+        sandbox_key = RecipientKey.generate(suite)
+    suite = sandbox_key.suite
     challenge = client.challenge(key_id)
     evidence = attester.evidence(
         nonce=challenge.nonce,

@@ -8,7 +8,7 @@ replayed or redirected envelope fails. Failures collapse into one opaque Envelop
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import rfc8785
@@ -40,23 +40,58 @@ class RecipientKey:
     suite: str
     private_key: Any
     public_bytes: bytes
+    # The hybrid suite's ML-KEM and X25519 halves (its combined key exposes neither).
+    parts: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def generate(cls, suite: str = SUITE_X25519) -> RecipientKey:
         """A fresh key pair for ``suite`` (ephemeral sandbox and aggregator keys)."""
         _suite(suite)
         if suite == SUITE_MLKEM768_X25519:
-            kem, dh = mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
-            return cls(
-                suite,
-                hpke.MLKEM768X25519PrivateKey(kem, dh),
-                kem.public_key().public_bytes_raw() + dh.public_key().public_bytes_raw(),
+            return cls._hybrid(
+                mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
             )
         key = x25519.X25519PrivateKey.generate()
         return cls(suite, key, key.public_key().public_bytes_raw())
 
     def public_key(self) -> Any:
         return self.private_key.public_key()
+
+    def private_bytes(self) -> bytes:
+        """Raw private key material (ML-KEM-768 seed ‖ X25519 key for the hybrid suite).
+
+        Only for a key the sandbox keeps between its own processes (the node's channel
+        key, written 0600 in the node workspace); never sent anywhere.
+        """
+        if self.suite == SUITE_MLKEM768_X25519:
+            kem, dh = self.parts
+            return bytes(kem.private_bytes_raw() + dh.private_bytes_raw())
+        return bytes(self.private_key.private_bytes_raw())
+
+    @classmethod
+    def from_private_bytes(cls, suite: str, data: bytes) -> RecipientKey:
+        """Inverse of :meth:`private_bytes`; EnvelopeError if ``data`` is malformed."""
+        _suite(suite)
+        try:
+            if suite == SUITE_MLKEM768_X25519:
+                if len(data) != _MLKEM_SEED_BYTES + _X25519_BYTES:
+                    raise ValueError("wrong length")
+                kem = mlkem.MLKEM768PrivateKey.from_seed_bytes(data[:_MLKEM_SEED_BYTES])
+                dh = x25519.X25519PrivateKey.from_private_bytes(data[_MLKEM_SEED_BYTES:])
+                return cls._hybrid(kem, dh)
+            key = x25519.X25519PrivateKey.from_private_bytes(data)
+        except ValueError as exc:
+            raise EnvelopeError(f"malformed {suite} private key") from exc
+        return cls(suite, key, key.public_key().public_bytes_raw())
+
+    @classmethod
+    def _hybrid(cls, kem: Any, dh: Any) -> RecipientKey:
+        return cls(
+            SUITE_MLKEM768_X25519,
+            hpke.MLKEM768X25519PrivateKey(kem, dh),
+            kem.public_key().public_bytes_raw() + dh.public_key().public_bytes_raw(),
+            (kem, dh),
+        )
 
 
 def load_public_key(suite: str, data: bytes) -> Any:
@@ -78,6 +113,7 @@ def load_public_key(suite: str, data: bytes) -> Any:
 
 
 _X25519_BYTES = 32
+_MLKEM_SEED_BYTES = 64
 _HYBRID_PUBLIC_BYTES = 1184 + _X25519_BYTES
 
 

@@ -1,0 +1,185 @@
+"""The aggregator sandbox: its run key, its evidence for each node, and both envelopes.
+
+At the start of a run the ServerApp makes one HPKE key pair per suite its nodes use.
+A node that says hello sends a nonce, its channel key and the key broker's result
+certifying that key; the aggregator checks the result and answers every instruction
+with evidence over that node's nonce that binds the aggregator's key and measures the
+ServerApp code. Updates open only under the aggregator's key and only for this run,
+round, node and base model; the global adapter goes down sealed to each node's key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, RecordDict
+
+from sandbox.attestation.backends import Attester, load_attester
+from sandbox.attestation.measure import AGGREGATOR_PACKAGES, CODE, code_measurement
+from sandbox.attestation.result import AFFIRMING, AttestationResult, verify_result
+from sandbox.attestation.stub import STUB_TEE
+from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, open_tensors, seal_tensors
+from sandbox.digests import sha256_hex
+from sandbox.errors import ConfigError, EnvelopeError, ResultInvalid, UpdateRejected
+from sandbox.keyfiles import load_ec_public
+from sandbox.protocol import (
+    AGGREGATOR_EVIDENCE,
+    AGGREGATOR_KEY,
+    AGGREGATOR_PUBLIC_KEY,
+    AGGREGATOR_SUITE,
+    AGGREGATOR_TEE,
+    CONFIG_KEY,
+    HELLO_NODE_KEY,
+    HELLO_NONCE,
+    HELLO_RESULT,
+    ROUND_KEY,
+    SEALED_GLOBAL_KEY,
+    SEALED_KEY,
+    SEALED_UPDATE_KEY,
+)
+from sandbox.seal.envelope import RecipientKey, load_public_key
+
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+MAX_RESULT_BYTES = 16 * 1024
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class NodePeer:
+    """A node admitted to this run: its attested channel key and its nonce."""
+
+    node_id: int
+    nonce: bytes
+    public_key: Any
+    suite: str
+    result: AttestationResult
+    evidence: str = field(repr=False)
+
+
+@dataclass
+class AggregatorSandbox:
+    """One run's aggregator identity and channel keys (see the module docstring)."""
+
+    attester: Attester
+    result_key: ec.EllipticCurvePublicKey
+    run_id: int
+    model_digest: str
+    measurements: Mapping[str, str] = field(
+        default_factory=lambda: {CODE: code_measurement(AGGREGATOR_PACKAGES)}
+    )
+    clock: Callable[[], dt.datetime] = _now
+    keys: dict[str, RecipientKey] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path, *, run_id: int, model_digest: str) -> AggregatorSandbox:
+        """The identity ``ark provider init --manufacturer`` wrote under ``directory``."""
+        ueid_file = directory / "ueid"
+        try:
+            ueid = ueid_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"no aggregator identity: {exc}", path=ueid_file) from exc
+        attester = load_attester(STUB_TEE, directory / "key.pem", directory / "chain.pem", ueid)
+        return cls(
+            attester=attester,
+            result_key=load_ec_public(directory / "result.pub"),
+            run_id=run_id,
+            model_digest=model_digest,
+        )
+
+    def key_for(self, suite: str) -> RecipientKey:
+        """This run's aggregator key pair for ``suite`` (made on first use)."""
+        if suite not in self.keys:
+            self.keys[suite] = RecipientKey.generate(suite)
+        return self.keys[suite]
+
+    def admit(self, node_id: int, hello: Mapping[str, Any]) -> NodePeer:
+        """Check a node's hello; ResultInvalid unless its key is certified by the broker."""
+        nonce, node_key, token = (
+            hello.get(HELLO_NONCE),
+            hello.get(HELLO_NODE_KEY),
+            hello.get(HELLO_RESULT),
+        )
+        if not (
+            isinstance(nonce, bytes)
+            and MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES
+            and isinstance(node_key, bytes)
+            and isinstance(token, bytes)
+            and len(token) <= MAX_RESULT_BYTES
+        ):
+            raise ResultInvalid(f"node {node_id}: malformed hello")
+        try:
+            result = verify_result(token.decode("ascii"), self.result_key, now=self.clock())
+        except UnicodeDecodeError:
+            raise ResultInvalid(f"node {node_id}: attestation result is not ASCII") from None
+        if result.status != AFFIRMING:
+            raise ResultInvalid(f"node {node_id}: attestation result is {result.status}")
+        if result.tee_pubkey != node_key:
+            raise ResultInvalid(f"node {node_id}: attestation result does not bind its key")
+        try:
+            public_key = load_public_key(result.hpke_suite, node_key)
+        except EnvelopeError as exc:
+            raise ResultInvalid(f"node {node_id}: {exc}") from exc
+        evidence = self.attester.evidence(
+            nonce=nonce,
+            tee_pubkey=self.key_for(result.hpke_suite).public_bytes,
+            measurements=dict(self.measurements),
+            now=self.clock(),
+        )
+        return NodePeer(node_id, nonce, public_key, result.hpke_suite, result, evidence)
+
+    def context(self, peer: NodePeer, rnd: int, direction: str) -> ChannelContext:
+        return ChannelContext(
+            str(self.run_id), rnd, str(peer.node_id), self.model_digest, direction
+        )
+
+    def instruction(
+        self, peer: NodePeer, rnd: int, adapter: Mapping[str, np.ndarray]
+    ) -> RecordDict:
+        """Round config, the aggregator's evidence for this node, the sealed global adapter."""
+        sealed = seal_tensors(
+            adapter, peer.public_key, self.context(peer, rnd, DOWNLINK), suite=peer.suite
+        )
+        return RecordDict(
+            {
+                CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd}),
+                AGGREGATOR_KEY: ConfigRecord(
+                    {
+                        AGGREGATOR_TEE: self.attester.tee,
+                        AGGREGATOR_EVIDENCE: peer.evidence,
+                        AGGREGATOR_PUBLIC_KEY: self.key_for(peer.suite).public_bytes,
+                        AGGREGATOR_SUITE: peer.suite,
+                    }
+                ),
+                SEALED_KEY: ConfigRecord({SEALED_GLOBAL_KEY: sealed}),
+            }
+        )
+
+    def open_update(
+        self, peer: NodePeer, content: RecordDict, rnd: int
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """The node's update and the SHA-256 of its envelope; UpdateRejected if it does not open."""
+        blob = sealed_blob(content)
+        key = self.key_for(peer.suite)
+        tensors = open_tensors(
+            blob, key.private_key, self.context(peer, rnd, UPLINK), suite=peer.suite
+        )
+        return tensors, sha256_hex(blob)
+
+
+def sealed_blob(content: RecordDict) -> bytes:
+    """The uplink envelope of a reply; UpdateRejected if there is none."""
+    record = content.config_records.get(SEALED_KEY)
+    blob = None if record is None else record.get(SEALED_UPDATE_KEY)
+    if not isinstance(blob, bytes):
+        raise UpdateRejected(f"reply has no sealed update ({SEALED_KEY}.{SEALED_UPDATE_KEY})")
+    return blob
