@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from sandbox.channel import model_dir_digest
 from sandbox.config import PROTECTION_SEALED, RunSpec
+from sandbox.digests import sha256_hex
 from sandbox.errors import (
     AttestationError,
     CheckpointError,
@@ -46,7 +47,7 @@ from server.aggregation import StreamingAggregator, spec_of
 from server.checkpoint import CheckpointStore, JobState
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
-from server.sandbox import AggregatorSandbox, NodePeer
+from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
 
 EVENTS_FILE = "events.jsonl"
 # Server-side events (the key broker writes the attestation and key-release ones).
@@ -164,11 +165,17 @@ class FederatedJob:
         content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: _round_config(rnd)})
         return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
 
-    def _update(self, node_id: int, reply: Message, rnd: int) -> tuple[dict[str, np.ndarray], str]:
-        """The reply's update tensors and what identifies them in events."""
+    def _update(self, node_id: int, reply: Message, rnd: int) -> dict[str, np.ndarray]:
+        """The reply's update tensors: opened from its envelope, or (protection off) raw."""
         if self.sandbox is None:
-            return from_record(reply.content.array_records[UPDATE_KEY]), "plaintext"
-        return self.sandbox.open_update(self.peers[node_id], reply.content, rnd)
+            return from_record(reply.content.array_records[UPDATE_KEY])
+        return self.sandbox.open_update(self.peers[node_id], sealed_blob(reply.content), rnd)
+
+    def _envelope_digest(self, reply: Message) -> str:
+        """What names an update in events: its envelope's SHA-256 (sealed runs)."""
+        if self.sandbox is None:
+            return "plaintext"
+        return sha256_hex(sealed_blob(reply.content))
 
     def _declined(self, node_id: int, reason: str, rnd: int) -> None:
         """A node's error reply: record it, and make the node shake hands again next time."""
@@ -238,9 +245,9 @@ class FederatedJob:
                 continue
             envelope = "none"
             try:
+                envelope = self._envelope_digest(reply)
                 weight, before, after, loss = _split_metrics(reply)
-                update, envelope = self._update(node_id, reply, rnd)
-                aggregator.add(update, weight)
+                aggregator.add(self._update(node_id, reply, rnd), weight)
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
                 current["rejected"][key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)

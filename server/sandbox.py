@@ -25,7 +25,6 @@ from sandbox.attestation.measure import AGGREGATOR_PACKAGES, CODE, code_measurem
 from sandbox.attestation.result import AFFIRMING, AttestationResult, verify_result
 from sandbox.attestation.stub import STUB_TEE
 from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, open_tensors, seal_tensors
-from sandbox.digests import sha256_hex
 from sandbox.errors import ConfigError, EnvelopeError, ResultInvalid, UpdateRejected
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
@@ -164,16 +163,12 @@ class AggregatorSandbox:
             }
         )
 
-    def open_update(
-        self, peer: NodePeer, content: RecordDict, rnd: int
-    ) -> tuple[dict[str, np.ndarray], str]:
-        """The node's update and the SHA-256 of its envelope; UpdateRejected if it does not open."""
-        blob = sealed_blob(content)
+    def open_update(self, peer: NodePeer, blob: bytes, rnd: int) -> dict[str, np.ndarray]:
+        """The node's update tensors; UpdateRejected if the envelope does not open."""
         key = self.key_for(peer.suite)
-        tensors = open_tensors(
+        return open_tensors(
             blob, key.private_key, self.context(peer, rnd, UPLINK), suite=peer.suite
         )
-        return tensors, sha256_hex(blob)
 
 
 def sealed_blob(content: RecordDict) -> bytes:

@@ -32,7 +32,7 @@ from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, model_dir_digest, 
 from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.demo_data import write_demo_data
 from sandbox.errors import AggregatorRefused, FederationError
-from sandbox.events import MemoryEventSink
+from sandbox.events import JsonlEventSink, MemoryEventSink
 from sandbox.keybroker.broker import KeyBroker, Released
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
@@ -54,7 +54,7 @@ from sandbox.protocol import (
 from sandbox.provision import LoopbackDeployment, build_broker, provision_loopback
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
-from server.app import FederatedJob
+from server.app import EVENTS_FILE, FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
 from server.rounds import RoundCall, wait_for_nodes
@@ -406,6 +406,10 @@ def _checkpoint(out: Path, rnd: int) -> Adapter:
     return load_file(str(_store(out).adapter_path(rnd)))
 
 
+def _events(out: Path) -> list[dict[str, Any]]:
+    return JsonlEventSink(out / EVENTS_FILE).read()
+
+
 def _results(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")))
 
@@ -481,15 +485,21 @@ def test_silent_node_is_missing_and_round_closes_at_deadline(
 @pytest.mark.parametrize(
     ("behaviour", "reason"),
     [
-        ("error", "node error: CUDA out of memory"),
-        ("nan", "NaN"),
+        ("error", "CUDA out of memory"),
+        ("nan", "NaN or Inf"),
+        ("inf", "NaN or Inf"),
+        ("norm", "more than the bound"),
         ("wrong-shape", "shape"),
         ("extra-tensor", "smuggled"),
+        ("wrong-key", "did not open"),
+        ("other-run", "did not open"),
+        ("other-model", "did not open"),
     ],
 )
-def test_bad_update_is_rejected_and_left_out(
+def test_bad_update_is_rejected_recorded_and_left_out(
     tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld, behaviour: str, reason: str
 ):
+    """Each attack on the update or its envelope: left out of the aggregate, recorded."""
     good = [SimNode(1, examples=10), SimNode(2, examples=30)]
     grid = SimulatedGrid(
         [*good, SimNode(3, behaviour=behaviour, examples=1000)], FakeClock(), world=world
@@ -504,6 +514,76 @@ def test_bad_update_is_rejected_and_left_out(
     round1 = _checkpoint(tmp_path, 1)
     for name, value in _weighted_mean(good).items():
         np.testing.assert_allclose(round1[name], value, rtol=1e-6, atol=1e-7)
+    recorded = [e for e in _events(tmp_path) if e.get("node") == 3 and e.get("round") == 1]
+    expected_kind = "node_declined" if behaviour == "error" else "update_rejected"
+    assert recorded
+    assert recorded[0]["kind"] == expected_kind  # the training round's record
+    assert reason in recorded[0]["reason"]
+    accepted = {e["node"] for e in _events(tmp_path) if e["kind"] == "update_accepted"}
+    assert accepted == {1, 2}
+
+
+def test_update_replayed_into_the_next_round_is_rejected(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    replayer = SimNode(3, examples=1000, plan={2: "replay"})
+    grid = SimulatedGrid([*good, replayer], FakeClock(), world=world)
+    _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2)).run()
+
+    rounds = _results(tmp_path)["rounds"]
+    assert "3" in rounds[1]["examples"]  # its honest round-1 update counted
+    assert "did not open" in rounds[2]["rejected"]["3"]
+    round2 = _checkpoint(tmp_path, 2)
+    for name, value in _weighted_mean(good, index=1).items():
+        np.testing.assert_allclose(round2[name], value, rtol=1e-6, atol=1e-7)
+    rejected = [e for e in _events(tmp_path) if e["kind"] == "update_rejected"]
+    assert [(e["round"], e["node"]) for e in rejected] == [(2, 3)]
+    # The replayed envelope is byte for byte the one accepted in round 1.
+    first = [e for e in _events(tmp_path) if e["kind"] == "update_accepted" and e["node"] == 3]
+    assert rejected[0]["envelope_sha256"] == first[0]["envelope_sha256"]
+
+
+def test_nodes_refuse_an_aggregator_whose_code_is_not_approved(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    nodes = [SimNode(1), SimNode(2)]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    rogue = world.sandbox(measurements={"code": "ab" * 32})
+    with pytest.raises(FederationError, match="only 0 accepted updates"):
+        _job(grid, _spec(tiny_bert_dir, tmp_path), sandbox=rogue).run()
+
+    assert not _store(tmp_path).adapter_path(1).exists()
+    for node in nodes:
+        assert node.received == []  # never opened the global adapter
+        assert node.sent == []  # never trained
+        assert len(node.refusals) == 1
+        assert "MeasurementRejected" in node.refusals[0]
+    declined = [e for e in _events(tmp_path) if e["kind"] == "node_declined"]
+    assert sorted(e["node"] for e in declined) == [1, 2]
+    assert all("MeasurementRejected" in e["reason"] for e in declined)
+
+
+def test_node_refuses_aggregator_evidence_over_a_stale_nonce(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Node 3 starts a fresh channel (new nonce) after its hello; the aggregator still
+    presents evidence over the old nonce, so node 3 refuses until it shakes hands again."""
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    node = SimNode(3, examples=1000, plan={1: "rekey"})
+    grid = SimulatedGrid([*good, node], FakeClock(), world=world)
+    _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2)).run()
+
+    assert len(node.refusals) == 1
+    assert "NonceMismatch" in node.refusals[0]
+    rounds = _results(tmp_path)["rounds"]
+    assert "AggregatorRefused" in rounds[1]["rejected"]["3"]
+    for name, value in _weighted_mean(good).items():
+        np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
+    # Declining dropped the node's channel; round 2 began with a fresh hello, and it took part.
+    admitted = [e["node"] for e in _events(tmp_path) if e["kind"] == "node_admitted"]
+    assert admitted.count(3) == 2
+    assert "3" in rounds[2]["examples"]
 
 
 def test_too_few_accepted_updates_fails_the_round(
