@@ -13,12 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.app import app as node_app
 from clients.egress import EGRESS_BLOCKED, check_reply, egress_guard
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import ConfigError, EgressViolation
 from sandbox.protocol import (
+    HELLO_KEY,
+    HELLO_NODE_KEY,
+    HELLO_NONCE,
+    HELLO_RESULT,
     METRICS_KEY,
     NODE_CONFIG_KEY,
     SEALED_KEY,
@@ -139,3 +145,44 @@ def test_bad_egress_section_names_the_key(tmp_path: Path) -> None:
 def test_check_reply_raises_a_typed_error() -> None:
     with pytest.raises(EgressViolation, match="raw arrays"):
         check_reply(RecordDict({"x": to_record({"w": np.zeros(1, np.float32)})}), EgressPolicy())
+
+
+HELLO = ConfigRecord({HELLO_NONCE: b"n" * 32, HELLO_NODE_KEY: b"k" * 32, HELLO_RESULT: b"e" * 900})
+
+
+def test_the_handshake_passes_and_only_in_its_exact_shape(tmp_path: Path) -> None:
+    context = _node(tmp_path)
+    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: HELLO})))
+    assert not reply.has_error()
+    smuggling = ConfigRecord({**HELLO, "row": b"ticket: tree on line 4"})
+    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: smuggling})))
+    assert reply.has_error()
+    oversize = ConfigRecord({**HELLO, HELLO_RESULT: b"e" * (64 * 1024)})
+    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: oversize})))
+    assert reply.has_error()
+
+
+def test_a_clientapp_leaking_training_text_or_arrays_is_stopped_by_the_installed_guard(
+    tmp_path: Path,
+) -> None:
+    """The guard as the node's ClientApp installs it: a mod around every handler."""
+    assert egress_guard in node_app._mods
+    leaky = ClientApp(mods=list(node_app._mods))
+
+    @leaky.train()
+    def train(msg: Message, context: Context) -> Message:
+        row = ConfigRecord({"row": "ticket: tree on line 4"})
+        raw = to_record({"w": np.ones(4, np.float32)})
+        return Message(RecordDict({SEALED_KEY: SEALED, "row": row, "raw": raw}), reply_to=msg)
+
+    reply = leaky(_incoming(), _node(tmp_path))
+    assert reply.has_error()
+    assert reply.error.code == EGRESS_BLOCKED
+    assert not reply.has_content()
+
+
+def test_an_unprotected_node_has_no_guard(tmp_path: Path) -> None:
+    """Only for the canary's negative control: the node's own config must say so."""
+    context = _node(tmp_path, "unprotected = true\n")
+    content = RecordDict({"update": to_record({"w": np.zeros(3, np.float32)})})
+    assert not egress_guard(_incoming(), context, _reply_with(content)).has_error()
