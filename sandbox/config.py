@@ -367,6 +367,13 @@ class EgressPolicy:
         size = _Reader(section, path).integer("max-update-bytes", 64 * 1024 * 1024, minimum=1)
         return cls(frozenset(metrics), size)
 
+    def to_toml(self) -> str:
+        return (
+            "[node.egress]\n"
+            f"metrics = {json.dumps(sorted(self.metrics))}\n"
+            f"max-update-bytes = {self.max_update_bytes}"
+        )
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -470,6 +477,8 @@ class NodeConfig:
             lines.append("unprotected = true")
         if self.sandbox is not None:
             lines += ["", self.sandbox.to_toml()]
+        if self.egress != EgressPolicy():
+            lines += ["", self.egress.to_toml()]
         return "\n".join(lines) + "\n"
 
     def require_sandbox(self) -> SandboxConfig:

@@ -19,6 +19,7 @@ from types import TracebackType
 
 from sandbox.config import toml_string
 from sandbox.errors import FederationError
+from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.models import OFFLINE_ENV
 from sandbox.processes import (
     ManagedProcess,
@@ -96,6 +97,9 @@ class Federation:
     tls: TlsFiles | None = None
     # SuperNodes must present a registered key (`flwr supernode register`).
     node_auth: bool = True
+    # False only for the canary test's negative control and the overhead bench's
+    # baseline: plaintext HTTP on loopback (and so no node authentication either).
+    tls_on: bool = True
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
@@ -124,14 +128,22 @@ class Federation:
         self.port = port
         self.provider_home.mkdir(parents=True, exist_ok=True)
         self.tls = self._provider_tls()
+        if self.tls_on:
+            transport = [
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+            ]
+        else:
+            if self.node_auth:
+                raise FederationError("SuperNode authentication needs TLS")
+            transport = ["--insecure"]
         argv = [
             _exe("flower-superlink"),
-            "--ssl-ca-certfile",
-            str(self.tls.ca_cert),
-            "--ssl-certfile",
-            str(self.tls.server_cert),
-            "--ssl-keyfile",
-            str(self.tls.server_key),
+            *transport,
             "--host",
             HOST,
             "--port",
@@ -205,7 +217,11 @@ class Federation:
             f'default = "{FEDERATION_NAME}"\n\n'
             f"[superlink.{FEDERATION_NAME}]\n"
             f'address = "{HOST}:{self.port}"\n'
-            f"root-certificates = {toml_string(str(self.tls.ca_cert))}\n",
+            + (
+                f"root-certificates = {toml_string(str(self.tls.ca_cert))}\n"
+                if self.tls_on
+                else "insecure = true\n"
+            ),
             encoding="utf-8",
         )
 
@@ -241,8 +257,7 @@ class Federation:
         home.mkdir(parents=True, exist_ok=True)
         argv = [
             _exe("flower-supernode"),
-            "--root-certificates",
-            str(self.tls.ca_cert),
+            *(["--root-certificates", str(self.tls.ca_cert)] if self.tls_on else ["--insecure"]),
             "--superlink",
             f"{HOST}:{self.port}",
             "--host",
@@ -261,6 +276,11 @@ class Federation:
         env = _flower_env(home)
         env["TMPDIR"] = str(home / "tmp")
         (home / "tmp").mkdir(exist_ok=True)
+        # The node's launcher answers to `flwr-clientapp` ahead of Flower's own, so no app
+        # runs on this node unless its config approved the app's digest.
+        launcher = install_launcher(home / "bin")
+        env["PATH"] = str(launcher.parent) + os.pathsep + env["PATH"]
+        env[NODE_CONFIG_ENV] = str(node_config)
         proc = start_process(
             f"flower-supernode[{name}]",
             argv,

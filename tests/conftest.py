@@ -6,9 +6,11 @@ needs no network either. Models are written once per session under pytest's temp
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ from sandbox.models import default_model_dir  # isort: skip
 import torch
 import transformers
 
+from sandbox.apps import build_fab, fab_digest
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
+from sandbox.federation import Federation
+from sandbox.processes import still_running
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -130,3 +135,31 @@ def make_spec_fixture() -> Callable[..., RunSpec]:
 def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
     """A classification RunSpec on the tiny BERT with labels a, b, c."""
     return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    """A federation whose every process, children included, must be gone afterwards."""
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        procs = fed.all_processes()
+        for proc in procs:
+            proc.remember_descendants()
+        seen = [p for proc in procs for p in proc.seen.values()]
+        leftovers = fed.stop()
+        alive = [p.pid for p in seen if still_running(p)]
+        alive += [proc.pid for proc in procs if proc.alive()]
+        assert leftovers == [], f"processes that would not stop: {leftovers}"
+        assert alive == [], f"processes left behind: {alive}"
+
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def app_digest() -> str:
+    """This checkout's FAB digest, built once per test session."""
+    with tempfile.TemporaryDirectory() as out:
+        return fab_digest(build_fab(APP_DIR, Path(out)).read_bytes())

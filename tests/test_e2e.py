@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
+from sandbox.apps import approve
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.digests import sha256_file
@@ -23,11 +23,9 @@ from sandbox.events import JsonlEventSink
 from sandbox.federation import Federation, free_port, server_app_pids, write_run_config
 from sandbox.processes import still_running
 from sandbox.provision import node_auth_key, provision_loopback
-from tests.conftest import make_spec
+from tests.conftest import APP_DIR, app_digest, make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def _nodes(
@@ -65,8 +63,20 @@ def _journal(config: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_path: Path) -> int:
-    """Start the key broker, the SuperLink and one SuperNode per node, then submit the job."""
+def _start(
+    federation: Federation,
+    configs: dict[str, Path],
+    spec: RunSpec,
+    tmp_path: Path,
+    approved: tuple[str, ...] | None = None,
+) -> int:
+    """Start the key broker, the SuperLink and one SuperNode per node, then submit the job.
+
+    Nodes approve this checkout's app first (``approved``: only the nodes named).
+    """
+    for name, config in configs.items():
+        if approved is None or name in approved:
+            approve(config, app_digest())
     sandbox = NodeConfig.load(next(iter(configs.values()))).sandbox
     assert sandbox is not None
     federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
@@ -74,24 +84,6 @@ def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_
     for name, config in configs.items():
         federation.add_node(name, config, node_auth_key(config.parent))
     return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    """A federation whose every process, children included, must be gone afterwards."""
-    fed = Federation(tmp_path)
-    try:
-        yield fed
-    finally:
-        procs = fed.all_processes()
-        for proc in procs:
-            proc.remember_descendants()
-        seen = [p for proc in procs for p in proc.seen.values()]
-        leftovers = fed.stop()
-        alive = [p.pid for p in seen if still_running(p)]
-        alive += [proc.pid for proc in procs if proc.alive()]
-        assert leftovers == [], f"processes that would not stop: {leftovers}"
-        assert alive == [], f"processes left behind: {alive}"
 
 
 def test_two_nodes_two_rounds_over_tls(
@@ -121,7 +113,10 @@ def test_two_nodes_two_rounds_over_tls(
     assert (out / "metrics.png").stat().st_size > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     for config in configs.values():
-        kinds = [(e["kind"], e["round"]) for e in _journal(config)]
+        journal = _journal(config)
+        kinds = [(e["kind"], e["round"]) for e in journal if e["kind"] != "app_approved"]
+        # The launcher checked the app once per ClientApp process (hello, 2 trains, eval).
+        assert [e["kind"] for e in journal].count("app_approved") == 4
         assert kinds == [("hello", 1), ("train", 1), ("train", 2), ("evaluate", 2)]
     # The provider's SuperLink state is a real SQLite file in its workspace.
     assert (federation.provider_home / "superlink.db").stat().st_size > 0
@@ -131,7 +126,9 @@ def test_two_nodes_two_rounds_over_tls(
     # (one more per node: the hello, whose result certifies the node's channel key)
     assert len(releases) == 2 * 4, [e["kind"] for e in events]
     for config in configs.values():
-        for entry in _journal(config)[1:]:
+        for entry in _journal(config):
+            if entry["kind"] not in ("train", "evaluate"):
+                continue
             assert entry["attestation"]["status"] == "affirming"
             assert entry["attestation"]["stub"] is True
             assert entry["aggregator"]["ueid"].startswith("aggregator-")
@@ -343,3 +340,31 @@ def test_supernode_with_an_unregistered_key_is_refused(
     assert federation.supernodes[registered].alive()
     listed = federation._flwr("supernode", "list", "ark", "--format", "json")
     assert len(json.loads(listed.stdout)["nodes"]) == 1, "only the registered key is known"
+
+
+def test_a_node_does_not_run_an_app_it_did_not_approve(
+    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
+) -> None:
+    """The node launcher checks the FAB digest before Flower installs the app."""
+    configs = _nodes(tmp_path, 2, tiny_bert_dir)
+    approving, refusing = sorted(configs)
+    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=1, min_nodes=1, round_timeout=60.0)
+    run_id = _start(federation, configs, spec, tmp_path, approved=(approving,))
+    outcome = federation.wait(run_id, timeout=600)
+    assert outcome.ok, outcome.details
+
+    refused = _journal(configs[refusing])
+    assert refused, "the refusing node journalled nothing"
+    assert {e["kind"] for e in refused} == {"app_refused"}
+    assert {e["app_sha256"] for e in refused} == {app_digest()}
+    # The app was never unpacked on the refusing node, so none of its code ran there.
+    apps = tmp_path / "nodes" / refusing / ".flwr" / "apps"
+    assert not apps.exists() or not any(apps.iterdir())
+    approving_kinds = [e["kind"] for e in _journal(configs[approving])]
+    assert approving_kinds.count("app_approved") >= 3
+    assert "train" in approving_kinds
+    assert spec.output_dir is not None
+    served = JsonlEventSink(spec.output_dir / "events.jsonl").read()
+    refusals = [e for e in served if e["kind"] == "node_refused"]
+    assert refusals, "the ServerApp recorded no refusal"
+    assert all("AppNotApproved" in e["reason"] for e in refusals)

@@ -251,6 +251,7 @@ def _run_demo(
     fed: Federation, spec: RunSpec, deployment: LoopbackDeployment, started: float
 ) -> dict[str, Any]:
     """Start the federation, run the job, stop everything; return the named results."""
+    from sandbox.apps import approve_app_dir
     from sandbox.federation import write_run_config
     from server.results import RESULTS_FILE, plot_metrics, render_table
 
@@ -262,6 +263,9 @@ def _run_demo(
     # A demo starts from a clean SuperLink state: no runs left pending by an earlier one.
     for stale in fed.database.parent.glob(f"{fed.database.name}*"):
         stale.unlink()
+    # Each node's operator approves the app it reviewed (here: this checkout's FAB).
+    digest = approve_app_dir(_project_root(), list(node_files.values()), fed.workdir / "fab")
+    console.print(f"nodes approved app {digest[:16]}… (flwr build of this checkout)")
     with fed:
         broker_port = int(deployment.key_broker.rsplit(":", 1)[1])
         fed.start_key_broker(broker_port)

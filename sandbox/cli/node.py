@@ -101,3 +101,35 @@ def node_attest(
         f"key {released.key_id} for model {released.model_id} released and opened; "
         "discarded without loading the model"
     )
+
+
+@node_app.command("approve")
+def node_approve(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+    digest: Annotated[
+        str | None, typer.Option(help="The app's FAB SHA-256 (hex), as reviewed.")
+    ] = None,
+    fab: Annotated[Path | None, typer.Option(help="A .fab file to approve.")] = None,
+    app_dir: Annotated[
+        Path | None, typer.Option(help="Reviewed app source: flwr build it, approve the FAB.")
+    ] = None,
+) -> None:
+    """Approve an app (by its FAB digest) to run on this node; nothing else will."""
+    import tempfile
+
+    from sandbox.apps import approve, build_fab, fab_digest
+
+    if sum(x is not None for x in (digest, fab, app_dir)) != 1:
+        raise fail(ValueError("give exactly one of --digest, --fab, --app-dir"))
+    try:
+        if app_dir is not None:
+            with tempfile.TemporaryDirectory() as out:
+                digest = fab_digest(build_fab(app_dir, Path(out)).read_bytes())
+        elif fab is not None:
+            digest = fab_digest(fab.read_bytes())
+        assert digest is not None
+        node = approve(config, digest)
+    except (ArkError, OSError) as exc:
+        raise fail(exc) from exc
+    console.print(f"approved app {digest.strip().lower()} on node {node.name}")
+    console.print(f"{len(node.approved_apps)} app(s) approved in {config}")
