@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.sealing import key_release, unseal_throughput
+from bench.security import security_overhead
 from clients.data import Example, Split, derive_labels, load_examples, split_examples
 from clients.training import evaluate, train_local
 from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
@@ -249,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--release-samples", type=int, default=200)
+    parser.add_argument("--skip-security", action="store_true")
+    parser.add_argument("--security-pairs", type=int, default=1)
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -257,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     console.log(report["unseal"])
     report["key_release"] = key_release(args.release_samples)
     console.log(report["key_release"])
+    if not args.skip_security:
+        report["security"] = security_overhead(RESULTS_DIR, args.rounds, args.security_pairs)
+        console.log({k: v for k, v in report["security"].items() if k != "runs"})
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -321,6 +327,8 @@ def _print(report: dict[str, Any]) -> None:
         "",
     )
     console.print(sealing)
+    if "security" in report:
+        _print_security(report["security"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -335,6 +343,47 @@ def _print(report: dict[str, Any]) -> None:
         console.print(
             f"federated beats every local-only: {report['quality']['federated_beats_every_local']}"
         )
+
+
+def _print_security(sec: dict[str, Any]) -> None:
+    table = Table(
+        title=f"Security overhead: {sec['nodes']} nodes, {sec['rounds']} rounds, MiniLM, "
+        f"everything on vs off ({sec['pairs']} pair(s), medians)"
+    )
+    table.add_column("measure")
+    table.add_column("on", justify="right")
+    table.add_column("off", justify="right")
+    table.add_column("on / off", justify="right")
+    table.add_column("goal", justify="right")
+    table.add_row(
+        "wall time per round (ServerApp round timer)",
+        f"{sec['round_seconds_on']:.1f} s",
+        f"{sec['round_seconds_off']:.1f} s",
+        f"{sec['round_ratio']:.3f}",
+        "<= 1.05",
+    )
+    table.add_row(
+        "whole run: start processes, rounds, final evaluation",
+        f"{sec['run_seconds_on']:.1f} s",
+        f"{sec['run_seconds_off']:.1f} s",
+        f"{sec['run_ratio']:.3f}",
+        "",
+    )
+    table.add_row(
+        f"update per node per round vs fp32 adapter ({sec['fp32_adapter_bytes']:,} B)",
+        f"{sec['envelope_over_fp32']:.4f}x",
+        f"{sec['raw_update_over_fp32']:.4f}x",
+        "",
+        "<= 1.05x",
+    )
+    table.add_row(
+        "all TCP bytes on the SuperLink port, per node per round",
+        f"{sec['wire_bytes_on'] / 1e6:.2f} MB",
+        f"{sec['wire_bytes_off'] / 1e6:.2f} MB",
+        f"{sec['wire_on_over_off']:.3f}",
+        "",
+    )
+    console.print(table)
 
 
 if __name__ == "__main__":

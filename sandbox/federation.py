@@ -296,6 +296,16 @@ class Federation:
             self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
         return self.start_supernode(name, node_config, auth_key=auth_key)
 
+    def start_nodes(self, configs: Mapping[str, Path]) -> None:
+        """One SuperNode per node workspace (``ark node init``), keys registered first."""
+        from sandbox.provision import node_auth_key
+
+        for name, config in configs.items():
+            if self.node_auth:
+                self.add_node(name, config, node_auth_key(config.parent))
+            else:
+                self.start_supernode(name, config)
+
     def kill_supernode(self, name: str) -> None:
         """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""
         kill_tree(self.supernodes[name])

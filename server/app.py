@@ -177,6 +177,13 @@ class FederatedJob:
             return "plaintext"
         return sha256_hex(sealed_blob(reply.content))
 
+    def _envelope_size(self, reply: Message) -> int:
+        """Bytes of the update as it travelled (the envelope, or the raw arrays' data)."""
+        if self.sandbox is None:
+            record = reply.content.array_records[UPDATE_KEY]
+            return sum(len(record[name].data) for name in record)
+        return len(sealed_blob(reply.content))
+
     def _declined(self, node_id: int, reason: str, rnd: int) -> None:
         """A node's error reply: record it, and make the node shake hands again next time."""
         self.peers.pop(node_id, None)
@@ -246,6 +253,7 @@ class FederatedJob:
             envelope = "none"
             try:
                 envelope = self._envelope_digest(reply)
+                size = self._envelope_size(reply)
                 weight, before, after, loss = _split_metrics(reply)
                 aggregator.add(self._update(node_id, reply, rnd), weight)
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
@@ -261,7 +269,13 @@ class FederatedJob:
                 continue
             finally:
                 del reply
-            self._event(UPDATE_ACCEPTED, round=rnd, node=node_id, envelope_sha256=envelope)
+            self._event(
+                UPDATE_ACCEPTED,
+                round=rnd,
+                node=node_id,
+                envelope_sha256=envelope,
+                envelope_bytes=size,
+            )
             previous.setdefault("global", {})[key] = before
             current["local"][key] = after
             current["train_loss"][key] = loss

@@ -45,6 +45,7 @@ def build_results(spec: RunSpec, history: Mapping[str, Any]) -> dict[str, Any]:
                 "examples": entry.get("examples", {}),
                 "rejected": entry.get("rejected", {}),
                 "missing": entry.get("missing", []),
+                "seconds": entry.get("seconds"),
             }
         )
     return {

@@ -76,9 +76,12 @@ class LoopbackCapture:
     stderr: bytes = b""
 
     def __enter__(self) -> LoopbackCapture:
-        tcpdump = shutil.which("tcpdump") or "/usr/bin/tcpdump"
+        tcpdump = shutil.which("tcpdump") or "/usr/sbin/tcpdump"
+        # Capturing needs CAP_NET_RAW: root, or passwordless sudo on a developer machine.
+        prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        argv = [tcpdump, "-i", "lo", "-U", "-s", "0", "-B", "32768", "-w", str(self.path), "tcp"]
         self.process = subprocess.Popen(
-            [tcpdump, "-i", "lo", "-U", "-s", "0", "-B", "32768", "-w", str(self.path), "tcp"],
+            prefix + argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

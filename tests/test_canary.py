@@ -23,7 +23,7 @@ from sandbox.apps import approve, build_fab, fab_digest
 from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.federation import Federation, free_port, write_run_config
-from sandbox.provision import node_auth_key, provision_loopback
+from sandbox.provision import provision_loopback
 from tests.canary import (
     LoopbackCapture,
     Streams,
@@ -85,11 +85,7 @@ def _provider_files(tmp_path: Path) -> list[Path]:
 
 def _run(federation: Federation, configs: dict[str, Path], run_config: Path, app: Path) -> None:
     federation.start_superlink()
-    for name, config in configs.items():
-        if federation.node_auth:
-            federation.add_node(name, config, node_auth_key(config.parent))
-        else:
-            federation.start_supernode(name, config)
+    federation.start_nodes(configs)
     outcome = federation.wait(federation.submit(app, run_config), timeout=600)
     assert outcome.ok, outcome.details
 

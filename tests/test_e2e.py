@@ -81,8 +81,7 @@ def _start(
     assert sandbox is not None
     federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
     federation.start_superlink()
-    for name, config in configs.items():
-        federation.add_node(name, config, node_auth_key(config.parent))
+    federation.start_nodes(configs)
     return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
 
 

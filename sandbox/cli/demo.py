@@ -231,7 +231,9 @@ _PROVISIONED = (
     "provider/keys",
     "provider/policy.toml",
     "provider/events.jsonl",
+    "provider/aggregator",
     "nodes",
+    "fab",
     "distribution",
     "dev-manufacturer",
 )
@@ -272,8 +274,7 @@ def _run_demo(
         console.print(f"key broker up on 127.0.0.1:{broker_port} (TLS, attestation-gated)")
         fed.start_superlink()
         console.print(f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database {fed.database})")
-        for name, config_file in node_files.items():
-            fed.add_node(name, config_file, deployment.auth_key(name))
+        fed.start_nodes(node_files)
         console.print(
             f"SuperNodes up: {', '.join(node_files)} (each key registered with the SuperLink)"
         )

@@ -1,0 +1,164 @@
+"""Security overhead and bytes on the wire, measured side by side in one bench run.
+
+Two demo-sized federations on real processes: the pretrained MiniLM, three nodes, the
+demo data, the same seed and rounds. "on" is the product: TLS, SuperNode
+authentication, a sealed base model released on attestation, aggregator attestation,
+HPKE envelopes both ways and the egress guard. "off" has all of that switched off:
+plaintext HTTP, a plaintext model, raw arrays, no guard. Runs alternate (off, on, ...)
+so drift on a shared machine hits both. Reported: median wall time per round (the
+ServerApp's own round timer), the whole-run wall time, the uplink envelope size against
+the fp32 adapter, and (with tcpdump) all TCP bytes on the SuperLink port per node per
+round.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from sandbox.apps import approve_app_dir
+from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
+from sandbox.demo_data import write_demo_data
+from sandbox.events import JsonlEventSink
+from sandbox.federation import Federation, free_port, write_run_config
+from sandbox.lora import is_trained
+from sandbox.models import default_model_dir
+from sandbox.provision import provision_loopback
+from tests.canary import LoopbackCapture, read_pcap
+
+APP_DIR = Path(__file__).resolve().parent.parent
+NODES = 3
+
+
+def _spec(root: Path, rounds: int, labels: tuple[str, ...], **changes: Any) -> RunSpec:
+    return RunSpec(
+        job_id="bench-security",
+        task="sequence-classification",
+        model_path=default_model_dir(),
+        labels=labels,
+        num_rounds=rounds,
+        expected_nodes=NODES,
+        round_timeout=300.0,
+        output_dir=root / "provider" / "job",
+        **changes,
+    )
+
+
+def _plain_nodes(root: Path, data: dict[str, Path]) -> dict[str, Path]:
+    configs = {}
+    for name, path in data.items():
+        node_root = root / "nodes" / name
+        node_root.mkdir(parents=True)
+        node = NodeConfig(name=name, data_path=path, threads=1, unprotected=True)
+        configs[name] = node_root / "node.toml"
+        configs[name].write_text(node.to_toml(), encoding="utf-8")
+    return configs
+
+
+def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) -> dict[str, Any]:
+    """One federation from a clean workdir; timings and sizes from its own records."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    labels = tuple(sorted({json.loads(line)["label"] for p in data.values() for line in p.open()}))
+    federation = Federation(root, node_auth=protected, tls_on=protected)
+    if protected:
+        deployment = provision_loopback(
+            root,
+            model_dir=default_model_dir(),
+            node_data=data,
+            key_broker_port=free_port(),
+            model_id="all-MiniLM-L6-v2",
+            threads=1,
+        )
+        configs = deployment.node_configs
+        spec = _spec(
+            root,
+            rounds,
+            labels,
+            model_id=deployment.model_id,
+            aggregator_dir=deployment.provider.aggregator,
+        )
+    else:
+        configs = _plain_nodes(root, data)
+        spec = _spec(root, rounds, labels, protection=PROTECTION_OFF)
+    approve_app_dir(APP_DIR, list(configs.values()), root / "fab")
+    run_config = write_run_config(root / "run.toml", spec.to_run_config())
+    capture_file = root / "capture.pcap"
+    started = time.perf_counter()
+    with LoopbackCapture(capture_file) as capture, federation:
+        if protected:
+            federation.start_key_broker(int(deployment.key_broker.rsplit(":", 1)[1]))
+        federation.start_superlink()
+        federation.start_nodes(configs)
+        outcome = federation.wait(federation.submit(APP_DIR, run_config), timeout=1800)
+        if not outcome.ok:
+            raise RuntimeError(f"bench run failed: {outcome.details}")
+    wall = time.perf_counter() - started
+    out = root / "provider" / "job"
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    per_round = [r["seconds"] for r in results["rounds"][1:]]
+    initial = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
+    fp32 = sum(4 * v.size for k, v in initial.items() if is_trained(k, spec.mode))
+    accepted = [
+        e for e in JsonlEventSink(out / "events.jsonl").read() if e["kind"] == "update_accepted"
+    ]
+    streams = read_pcap(capture_file)
+    port = federation.port
+    link_bytes = sum(
+        len(payload)
+        for (_, _, sport, dport), payload in streams.flows.items()
+        if port in (sport, dport)
+    )
+    return {
+        "round_seconds": per_round,
+        "run_seconds": wall,
+        "fp32_adapter_bytes": fp32,
+        "update_bytes": [e["envelope_bytes"] for e in accepted],
+        "superlink_bytes_per_node_round": link_bytes / (NODES * rounds),
+        "dropped_packets": capture.dropped,
+        "accuracy": results["rounds"][-1]["mean"].get("accuracy"),
+    }
+
+
+def security_overhead(results_dir: Path, rounds: int = 2, pairs: int = 1) -> dict[str, Any]:
+    """Alternate off/on runs ``pairs`` times; report medians and their ratios."""
+    data = write_demo_data(results_dir / ".security-data", NODES)
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for _ in range(pairs):
+        for name, protected in (("off", False), ("on", True)):
+            run = _one_run(results_dir / f".security-{name}", protected, rounds, data)
+            runs[name].append(run)
+
+    def median(name: str, key: str) -> float:
+        values = [v for run in runs[name] for v in np.atleast_1d(run[key])]
+        return float(statistics.median(values))
+
+    fp32 = runs["on"][0]["fp32_adapter_bytes"]
+    return {
+        "rounds": rounds,
+        "pairs": pairs,
+        "nodes": NODES,
+        "runs": runs,
+        "round_seconds_on": median("on", "round_seconds"),
+        "round_seconds_off": median("off", "round_seconds"),
+        "round_ratio": median("on", "round_seconds") / median("off", "round_seconds"),
+        "run_seconds_on": median("on", "run_seconds"),
+        "run_seconds_off": median("off", "run_seconds"),
+        "run_ratio": median("on", "run_seconds") / median("off", "run_seconds"),
+        "fp32_adapter_bytes": fp32,
+        "envelope_bytes": median("on", "update_bytes"),
+        "envelope_over_fp32": median("on", "update_bytes") / fp32,
+        "raw_update_over_fp32": median("off", "update_bytes") / fp32,
+        "wire_bytes_on": median("on", "superlink_bytes_per_node_round"),
+        "wire_bytes_off": median("off", "superlink_bytes_per_node_round"),
+        "wire_on_over_off": median("on", "superlink_bytes_per_node_round")
+        / median("off", "superlink_bytes_per_node_round"),
+    }
