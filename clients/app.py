@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.channel import (
@@ -32,9 +32,16 @@ from clients.channel import (
 )
 from clients.data import Split, load_examples, split_examples
 from clients.egress import egress_guard
-from clients.model import NodeModel, attest_for_key, load_node_model
+from clients.model import NodeModel, certify_channel, load_node_model
 from clients.training import evaluate, train_local
-from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
+from sandbox.channel import (
+    DOWNLINK,
+    STAGE_EVALUATE,
+    STAGE_TRAIN,
+    UPLINK,
+    ChannelContext,
+    manifest_digest,
+)
 from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.errors import AggregatorRefused, ConfigError
 from sandbox.keyfiles import load_ed25519_public
@@ -85,22 +92,30 @@ class Instruction:
     """An instruction this node accepted: the round, and (sealed runs) its channel."""
 
     round: int
+    stage: str
     adapter: dict[str, np.ndarray]
     channel: NodeChannel | None = None
     aggregator: VerifiedAggregator | None = None
     model_digest: str = ""
+    ticket: str = ""
 
     def context(self, context: Context, direction: str) -> ChannelContext:
         return ChannelContext(
-            str(context.run_id), self.round, str(context.node_id), self.model_digest, direction
+            str(context.run_id),
+            self.round,
+            str(context.node_id),
+            self.model_digest,
+            direction,
+            self.stage,
         )
 
 
 def _accept(msg: Message, context: Context, spec: RunSpec, node: NodeConfig) -> Instruction:
     """Verify the aggregator and open the global adapter, before any private data is read."""
     rnd = round_of(msg.content)
+    stage = STAGE_TRAIN if msg.metadata.message_type == MessageType.TRAIN else STAGE_EVALUATE
     if node.unprotected:
-        return Instruction(rnd, from_record(msg.content.array_records[GLOBAL_KEY]))
+        return Instruction(rnd, stage, from_record(msg.content.array_records[GLOBAL_KEY]))
     sandbox = node.require_sandbox()
     channel = NodeChannel.load(channel_path(node, context.run_id), context.run_id)
     try:
@@ -109,8 +124,10 @@ def _accept(msg: Message, context: Context, spec: RunSpec, node: NodeConfig) -> 
         _journal(node, context, {"kind": "aggregator_refused", "round": rnd, "reason": str(exc)})
         raise
     manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
-    accepted = Instruction(rnd, {}, channel, aggregator, manifest_digest(manifest))
-    accepted.adapter = open_global(channel, msg.content, accepted.context(context, DOWNLINK))
+    accepted = Instruction(rnd, stage, {}, channel, aggregator, manifest_digest(manifest))
+    accepted.adapter, accepted.ticket = open_global(
+        channel, msg.content, accepted.context(context, DOWNLINK)
+    )
     return accepted
 
 
@@ -197,7 +214,7 @@ def hello(msg: Message, context: Context) -> Message:
     manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
 
     def certify(key: RecipientKey) -> str:
-        return attest_for_key(node, manifest["key_id"], key).result.token
+        return certify_channel(node, manifest["key_id"], key)
 
     channel, record = open_channel(node, context.run_id, certify)
     _journal(
@@ -209,7 +226,7 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 def _reply_update(
-    update: dict[str, np.ndarray], accepted: Instruction, context: Context
+    update: dict[str, np.ndarray], examples: float, accepted: Instruction, context: Context
 ) -> dict[str, Any]:
     """The update as it leaves: sealed to the verified aggregator, or (unprotected) raw."""
     if accepted.aggregator is None:
@@ -219,6 +236,8 @@ def _reply_update(
         accepted.aggregator,
         accepted.context(context, UPLINK),
         allowed=frozenset(accepted.adapter),
+        ticket=accepted.ticket,
+        examples=examples,
     )
     return {SEALED_KEY: record}
 
@@ -259,7 +278,10 @@ def train(msg: Message, context: Context) -> Message:
         },
     )
     content = RecordDict(
-        {**_reply_update(update, accepted, context), METRICS_KEY: metric_record(metrics)}
+        {
+            **_reply_update(update, metrics[NUM_EXAMPLES], accepted, context),
+            METRICS_KEY: metric_record(metrics),
+        }
     )
     return Message(content, reply_to=msg)
 

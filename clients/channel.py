@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from clients.aggregator import verify_aggregator
 from sandbox.attestation.verifier import Appraisal
-from sandbox.channel import ChannelContext, open_tensors, seal_tensors
+from sandbox.channel import EXAMPLES, TICKET, ChannelContext, open_sealed, seal_tensors
 from sandbox.config import NodeConfig
 from sandbox.errors import (
     AggregatorRefused,
@@ -75,8 +75,8 @@ class NodeChannel:
             "private_key": base64.b64encode(self.key.private_bytes()).decode(),
             "nonce": base64.b64encode(self.nonce).decode(),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
+        # A unique temporary name: two overlapping hellos never clobber each other's file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         write_private(tmp, json.dumps(body).encode())
         tmp.replace(path)
 
@@ -182,8 +182,8 @@ def check_aggregator(
 
 def open_global(
     channel: NodeChannel, content: RecordDict, context: ChannelContext
-) -> dict[str, np.ndarray]:
-    """The global adapter from the instruction's downlink envelope."""
+) -> tuple[dict[str, np.ndarray], str]:
+    """The global adapter from the instruction's downlink envelope, and its ticket."""
     try:
         blob = content.config_records[SEALED_KEY][SEALED_GLOBAL_KEY]
     except KeyError:
@@ -191,9 +191,15 @@ def open_global(
     if not isinstance(blob, bytes):
         raise ProtocolError(f"{SEALED_KEY}.{SEALED_GLOBAL_KEY} must be bytes")
     try:
-        return open_tensors(blob, channel.key.private_key, context, suite=channel.key.suite)
+        adapter, metadata = open_sealed(
+            blob, channel.key.private_key, context, suite=channel.key.suite
+        )
     except UpdateRejected as exc:
         raise AggregatorRefused(f"the global adapter did not open: {exc}") from exc
+    ticket = metadata.get(TICKET)
+    if not ticket:
+        raise AggregatorRefused("the global adapter carries no ticket")
+    return adapter, ticket
 
 
 def seal_update(
@@ -202,9 +208,17 @@ def seal_update(
     context: ChannelContext,
     *,
     allowed: frozenset[str],
+    ticket: str,
+    examples: float,
 ) -> ConfigRecord:
-    """The uplink record: only the allowlisted adapter tensors, sealed to the aggregator."""
+    """The uplink record: only the allowlisted adapter tensors, sealed to the aggregator
+    with the instruction's ticket and the example count the update is weighted by."""
     blob = seal_tensors(
-        update, aggregator.public_key, context, allowed=allowed, suite=aggregator.suite
+        update,
+        aggregator.public_key,
+        context,
+        allowed=allowed,
+        suite=aggregator.suite,
+        metadata={TICKET: ticket, EXAMPLES: repr(float(examples))},
     )
     return ConfigRecord({SEALED_UPDATE_KEY: blob})

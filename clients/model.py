@@ -11,12 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.attestation.backends import load_attester
+from sandbox.attestation.backends import Attester, load_attester
 from sandbox.attestation.measure import CODE, CONFIG, code_measurement, config_measurement
 from sandbox.attestation.result import AttestationResult
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import SealedModelError
-from sandbox.keybroker.client import KeyBrokerClient, ReleasedKey, obtain_content_key
+from sandbox.keybroker.client import (
+    KeyBrokerClient,
+    ReleasedKey,
+    certify_channel_key,
+    obtain_content_key,
+)
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.lora import build_peft_model
 from sandbox.models import ModelInfo, inspect_model_dir, load_from_memory, load_pretrained
@@ -40,18 +45,19 @@ def node_measurements(node: NodeConfig) -> dict[str, str]:
     return {CODE: code_measurement(), CONFIG: config_measurement(node.effective())}
 
 
-def attest_for_key(
-    node: NodeConfig, key_id: str, sandbox_key: RecipientKey | None = None
-) -> ReleasedKey:
-    """Attest this node's sandbox to the key broker and open the released content key.
-
-    With ``sandbox_key`` the result certifies that key (the node's channel key).
-    """
+def _attester_and_broker(node: NodeConfig) -> tuple[Attester, KeyBrokerClient]:
     sandbox = node.require_sandbox()
     attester = load_attester(
         sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
     )
-    with KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca) as client:
+    return attester, KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca)
+
+
+def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
+    """Attest this node's sandbox to the key broker and open the released content key."""
+    sandbox = node.require_sandbox()
+    attester, broker = _attester_and_broker(node)
+    with broker as client:
         return obtain_content_key(
             client,
             attester,
@@ -59,8 +65,23 @@ def attest_for_key(
             measurements=node_measurements(node),
             result_key=load_ec_public(sandbox.result_key),
             suite=sandbox.hpke_suite,
-            sandbox_key=sandbox_key,
         )
+
+
+def certify_channel(node: NodeConfig, key_id: str, channel_key: RecipientKey) -> str:
+    """Attest this node's sandbox with its channel key bound; the signed result (EAR)."""
+    sandbox = node.require_sandbox()
+    attester, broker = _attester_and_broker(node)
+    with broker as client:
+        result = certify_channel_key(
+            client,
+            attester,
+            channel_key,
+            key_id=key_id,
+            measurements=node_measurements(node),
+            result_key=load_ec_public(sandbox.result_key),
+        )
+    return result.token
 
 
 def load_base_model(

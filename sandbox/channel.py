@@ -8,6 +8,7 @@ open. Opening failures are opaque (UpdateRejected); the cause stays in the local
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,14 @@ from sandbox.seal.envelope import SUITE_X25519, open_envelope, seal_to
 PURPOSE_UPDATE = "update"
 UPLINK = "uplink"
 DOWNLINK = "downlink"
+STAGE_TRAIN = "train"
+STAGE_EVALUATE = "evaluate"
+STAGES = (STAGE_TRAIN, STAGE_EVALUATE)
+# Sealed inside every envelope's safetensors metadata: the aggregator's per-instruction
+# ticket (the node proves it opened the downlink by returning it) and the example count
+# (so no relay can change an update's weight).
+TICKET = "ticket"
+EXAMPLES = "num-examples"
 MAX_UPDATE_BYTES = 256 * 1024 * 1024
 WEIGHT_SUFFIX = ".safetensors"
 
@@ -66,10 +75,14 @@ class ChannelContext:
     node_id: str
     model_digest: str
     direction: str
+    # Which instruction: a train round's adapter must not open as the final evaluation's.
+    stage: str = STAGE_TRAIN
 
     def __post_init__(self) -> None:
         if self.direction not in (UPLINK, DOWNLINK):
             raise ValueError(f"direction must be {UPLINK} or {DOWNLINK}, got {self.direction!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
 
@@ -80,6 +93,7 @@ class ChannelContext:
             "node": self.node_id,
             "model": self.model_digest,
             "direction": self.direction,
+            "stage": self.stage,
         }
 
 
@@ -90,16 +104,44 @@ def seal_tensors(
     *,
     allowed: frozenset[str] | None = None,
     suite: str = SUITE_X25519,
+    metadata: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Seal ``tensors`` (only the ``allowed`` names, when given) to ``recipient``."""
+    """Seal ``tensors`` (only the ``allowed`` names, if given) and ``metadata`` to ``recipient``."""
     if allowed is not None:
         unknown = sorted(set(tensors) - allowed)
         if unknown:
             raise UpdateRejected(f"tensors outside the adapter allowlist: {unknown[:3]}")
-    payload = save_tensors({name: np.ascontiguousarray(a) for name, a in tensors.items()})
+    payload = save_tensors(
+        {name: np.ascontiguousarray(a) for name, a in tensors.items()},
+        metadata=dict(metadata) if metadata else None,
+    )
     return seal_to(
         recipient, payload, purpose=PURPOSE_UPDATE, context=context.as_info(), suite=suite
     )
+
+
+def open_sealed(
+    envelope: bytes,
+    private_key: Any,
+    context: ChannelContext,
+    *,
+    suite: str = SUITE_X25519,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of an envelope made for exactly ``context``; UpdateRejected if not."""
+    if len(envelope) > MAX_UPDATE_BYTES:
+        raise UpdateRejected(f"sealed update larger than {MAX_UPDATE_BYTES} bytes")
+    try:
+        payload = open_envelope(
+            private_key, envelope, purpose=PURPOSE_UPDATE, context=context.as_info(), suite=suite
+        )
+    except EnvelopeError as exc:
+        raise UpdateRejected(
+            "sealed update did not open (wrong key, run, round, stage, node, model or direction)"
+        ) from exc
+    try:
+        return dict(load_tensors(payload)), _metadata(payload)
+    except Exception as exc:  # safetensors raises its own error types
+        raise UpdateRejected("sealed update is not valid safetensors") from exc
 
 
 def open_tensors(
@@ -109,18 +151,18 @@ def open_tensors(
     *,
     suite: str = SUITE_X25519,
 ) -> dict[str, np.ndarray]:
-    """Open an envelope made for exactly ``context``; UpdateRejected if it does not open."""
-    if len(envelope) > MAX_UPDATE_BYTES:
-        raise UpdateRejected(f"sealed update larger than {MAX_UPDATE_BYTES} bytes")
-    try:
-        payload = open_envelope(
-            private_key, envelope, purpose=PURPOSE_UPDATE, context=context.as_info(), suite=suite
-        )
-    except EnvelopeError as exc:
-        raise UpdateRejected(
-            "sealed update did not open (wrong key, run, round, node, model or direction)"
-        ) from exc
-    try:
-        return dict(load_tensors(payload))
-    except Exception as exc:  # safetensors raises its own error types
-        raise UpdateRejected("sealed update is not valid safetensors") from exc
+    """Only the tensors of :func:`open_sealed`."""
+    return open_sealed(envelope, private_key, context, suite=suite)[0]
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors buffer (its 8-byte length, then JSON header)."""
+    size = int.from_bytes(payload[:8], "little")
+    if size > len(payload) - 8:
+        raise ValueError("safetensors header longer than the payload")
+    metadata = json.loads(payload[8 : 8 + size]).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("safetensors metadata must map strings to strings")
+    return metadata

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 ATTESTATION_APPRAISED = "attestation_appraised"
 KEY_RELEASED = "key_released"
 KEY_DENIED = "key_denied"
+CHANNEL_CERTIFIED = "channel_certified"
 MODEL_PUBLISHED = "model_published"
 
 

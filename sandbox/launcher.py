@@ -14,7 +14,6 @@ the app a provider ships, so the provider cannot switch it off from inside the a
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 import time
@@ -37,33 +36,41 @@ def _journal(node: NodeConfig, entry: dict[str, Any]) -> None:
         handle.write(json.dumps({"time": time.time(), "node": node.name, **entry}) + "\n")
 
 
-def approved_installer(node: NodeConfig, install: Any) -> Any:
-    """Flower's ``install_from_fab``, preceded by the node's approval check."""
+class ApprovalGate:
+    """Wraps two steps of Flower's ClientApp runtime: pulling the task, installing its FAB.
 
-    def install_if_approved(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+    The pull is only watched (the hash the SuperLink claims for the FAB is kept); the
+    install refuses unless the FAB's own SHA-256 is approved on this node *and* equals
+    that claimed hash, under which Flower then looks the installed app up. Raising at the
+    install (not the pull) lets Flower still send the node's error reply.
+    """
+
+    def __init__(self, node: NodeConfig, pull: Any, install: Any):
+        self.node = node
+        self._pull = pull
+        self._install = install
+        self.claimed: str | None = None
+
+    def pull(self, *args: Any, **kwargs: Any) -> Any:
+        message, context, run, fab = self._pull(*args, **kwargs)
+        self.claimed = str(fab.hash_str)
+        return message, context, run, fab
+
+    def install(self, fab_file: Any, *args: Any, **kwargs: Any) -> Any:
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        digest = fab_digest(content)
         try:
-            digest = check_app(node, content)
+            check_app(self.node, content)
+            if self.claimed != digest:
+                raise AppNotApproved(
+                    f"the run names app {self.claimed} but ships {digest}; refusing both"
+                )
         except AppNotApproved as exc:
-            _journal(node, {"kind": "app_refused", "app_sha256": fab_digest(content)})
+            _journal(self.node, {"kind": "app_refused", "app_sha256": digest})
             raise AppNotApproved(f"node launcher refused to run the app: {exc}") from None
-        _journal(node, {"kind": "app_approved", "app_sha256": digest})
-        return install(fab_file, *args, **kwargs)
-
-    return install_if_approved
-
-
-def main() -> None:
-    """``flwr-clientapp`` with the node's approval check in front of the app install."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
-
-    path = os.environ.get(NODE_CONFIG_ENV, "")
-    if not path:
-        sys.exit(f"{LAUNCHER_NAME} (ark launcher): {NODE_CONFIG_ENV} is not set; refusing")
-    node = NodeConfig.load(Path(path))
-    runtime.install_from_fab = approved_installer(node, runtime.install_from_fab)  # type: ignore[attr-defined]
-    flwr_clientapp()
+        _journal(self.node, {"kind": "app_approved", "app_sha256": digest})
+        # The bytes that were checked are the bytes installed.
+        return self._install(content, *args, **kwargs)
 
 
 def install_launcher(bin_dir: Path) -> Path:

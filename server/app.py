@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from sandbox.channel import model_dir_digest
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
@@ -132,7 +132,8 @@ class FederatedJob:
                 try:
                     if reply.has_error():
                         raise AttestationError(f"node error: {reply.error.reason}")
-                    peer = self.sandbox.admit(node_id, reply.content.config_records[HELLO_KEY])
+                    hello = reply.content.config_records[HELLO_KEY]
+                    peer = self.sandbox.admit(node_id, hello, self.peers.values())
                 except (AttestationError, KeyError) as exc:
                     log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
                     self._event(
@@ -156,20 +157,34 @@ class FederatedJob:
         shared plaintext content that Flower dedups."""
         if self.sandbox is not None:
             sandbox = self.sandbox
+            stage = STAGE_TRAIN if kind == MessageType.TRAIN else STAGE_EVALUATE
             return [
                 Message(
-                    sandbox.instruction(self.peers[n], rnd, adapter), n, kind, group_id=str(rnd)
+                    sandbox.instruction(self.peers[n], rnd, adapter, stage),
+                    n,
+                    kind,
+                    group_id=str(rnd),
                 )
                 for n in nodes
             ]
         content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: _round_config(rnd)})
         return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
 
-    def _update(self, node_id: int, reply: Message, rnd: int) -> dict[str, np.ndarray]:
-        """The reply's update tensors: opened from its envelope, or (protection off) raw."""
+    def _update(
+        self, node_id: int, reply: Message, rnd: int, reported: float
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The reply's update tensors and weight: opened from its envelope (whose sealed
+        example count must match the reported one), or (protection off) raw."""
         if self.sandbox is None:
-            return from_record(reply.content.array_records[UPDATE_KEY])
-        return self.sandbox.open_update(self.peers[node_id], sealed_blob(reply.content), rnd)
+            return from_record(reply.content.array_records[UPDATE_KEY]), reported
+        update, weight = self.sandbox.open_update(
+            self.peers[node_id], sealed_blob(reply.content), rnd
+        )
+        if weight != reported:
+            raise UpdateRejected(
+                f"reported {reported:g} examples, the sealed update says {weight:g}"
+            )
+        return update, weight
 
     def _envelope_digest(self, reply: Message) -> str:
         """What names an update in events: its envelope's SHA-256 (sealed runs)."""
@@ -254,8 +269,9 @@ class FederatedJob:
             try:
                 envelope = self._envelope_digest(reply)
                 size = self._envelope_size(reply)
-                weight, before, after, loss = _split_metrics(reply)
-                aggregator.add(self._update(node_id, reply, rnd), weight)
+                reported, before, after, loss = _split_metrics(reply)
+                update, weight = self._update(node_id, reply, rnd, reported)
+                aggregator.add(update, weight)
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
                 current["rejected"][key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)

@@ -11,7 +11,9 @@ round, node and base model; the global adapter goes down sealed to each node's k
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+import hmac
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,23 @@ from flwr.app import ConfigRecord, RecordDict
 
 from sandbox.attestation.backends import Attester, load_attester
 from sandbox.attestation.measure import AGGREGATOR_PACKAGES, CODE, code_measurement
-from sandbox.attestation.result import AFFIRMING, AttestationResult, verify_result
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_CHANNEL,
+    AttestationResult,
+    verify_result,
+)
 from sandbox.attestation.stub import STUB_TEE
-from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, open_tensors, seal_tensors
+from sandbox.channel import (
+    DOWNLINK,
+    EXAMPLES,
+    STAGE_TRAIN,
+    TICKET,
+    UPLINK,
+    ChannelContext,
+    open_sealed,
+    seal_tensors,
+)
 from sandbox.errors import ConfigError, EnvelopeError, ResultInvalid, UpdateRejected
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
@@ -60,6 +76,7 @@ class NodePeer:
     node_id: int
     nonce: bytes
     public_key: Any
+    key_bytes: bytes
     suite: str
     result: AttestationResult
     evidence: str = field(repr=False)
@@ -78,6 +95,9 @@ class AggregatorSandbox:
     )
     clock: Callable[[], dt.datetime] = _now
     keys: dict[str, RecipientKey] = field(default_factory=dict)
+    # The ticket sealed into each node's instruction, by (node, round, stage); the node
+    # proves it opened the downlink by returning it inside its sealed update.
+    tickets: dict[tuple[int, int, str], str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path, *, run_id: int, model_digest: str) -> AggregatorSandbox:
@@ -101,8 +121,13 @@ class AggregatorSandbox:
             self.keys[suite] = RecipientKey.generate(suite)
         return self.keys[suite]
 
-    def admit(self, node_id: int, hello: Mapping[str, Any]) -> NodePeer:
-        """Check a node's hello; ResultInvalid unless its key is certified by the broker."""
+    def admit(
+        self, node_id: int, hello: Mapping[str, Any], peers: Iterable[NodePeer] = ()
+    ) -> NodePeer:
+        """Check a node's hello; ResultInvalid unless its key is certified by the broker.
+
+        ``peers`` are the nodes admitted so far: a channel key belongs to one node only.
+        """
         nonce, node_key, token = (
             hello.get(HELLO_NONCE),
             hello.get(HELLO_NODE_KEY),
@@ -122,8 +147,12 @@ class AggregatorSandbox:
             raise ResultInvalid(f"node {node_id}: attestation result is not ASCII") from None
         if result.status != AFFIRMING:
             raise ResultInvalid(f"node {node_id}: attestation result is {result.status}")
+        if result.purpose != PURPOSE_CHANNEL:
+            raise ResultInvalid(f"node {node_id}: attestation result does not certify a channel")
         if result.tee_pubkey != node_key:
             raise ResultInvalid(f"node {node_id}: attestation result does not bind its key")
+        if any(p.key_bytes == node_key for p in peers if p.node_id != node_id):
+            raise ResultInvalid(f"node {node_id}: presents another node's certified channel key")
         try:
             public_key = load_public_key(result.hpke_suite, node_key)
         except EnvelopeError as exc:
@@ -134,19 +163,25 @@ class AggregatorSandbox:
             measurements=dict(self.measurements),
             now=self.clock(),
         )
-        return NodePeer(node_id, nonce, public_key, result.hpke_suite, result, evidence)
+        return NodePeer(node_id, nonce, public_key, node_key, result.hpke_suite, result, evidence)
 
-    def context(self, peer: NodePeer, rnd: int, direction: str) -> ChannelContext:
+    def context(self, peer: NodePeer, rnd: int, direction: str, stage: str) -> ChannelContext:
         return ChannelContext(
-            str(self.run_id), rnd, str(peer.node_id), self.model_digest, direction
+            str(self.run_id), rnd, str(peer.node_id), self.model_digest, direction, stage
         )
 
     def instruction(
-        self, peer: NodePeer, rnd: int, adapter: Mapping[str, np.ndarray]
+        self, peer: NodePeer, rnd: int, adapter: Mapping[str, np.ndarray], stage: str
     ) -> RecordDict:
         """Round config, the aggregator's evidence for this node, the sealed global adapter."""
+        ticket = secrets.token_hex(16)
+        self.tickets[(peer.node_id, rnd, stage)] = ticket
         sealed = seal_tensors(
-            adapter, peer.public_key, self.context(peer, rnd, DOWNLINK), suite=peer.suite
+            adapter,
+            peer.public_key,
+            self.context(peer, rnd, DOWNLINK, stage),
+            suite=peer.suite,
+            metadata={TICKET: ticket},
         )
         return RecordDict(
             {
@@ -163,12 +198,26 @@ class AggregatorSandbox:
             }
         )
 
-    def open_update(self, peer: NodePeer, blob: bytes, rnd: int) -> dict[str, np.ndarray]:
-        """The node's update tensors; UpdateRejected if the envelope does not open."""
+    def open_update(
+        self, peer: NodePeer, blob: bytes, rnd: int
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The node's update tensors and example count, from its envelope for this round.
+
+        UpdateRejected unless the envelope opens under this run's key for exactly this
+        round and node, and carries the ticket this round's instruction gave that node.
+        """
         key = self.key_for(peer.suite)
-        return open_tensors(
-            blob, key.private_key, self.context(peer, rnd, UPLINK), suite=peer.suite
-        )
+        context = self.context(peer, rnd, UPLINK, STAGE_TRAIN)
+        tensors, metadata = open_sealed(blob, key.private_key, context, suite=peer.suite)
+        issued = self.tickets.get((peer.node_id, rnd, STAGE_TRAIN))
+        ticket = metadata.get(TICKET, "")
+        if issued is None or not hmac.compare_digest(ticket.encode(), issued.encode()):
+            raise UpdateRejected("sealed update does not carry this round's ticket")
+        try:
+            weight = float(metadata[EXAMPLES])
+        except (KeyError, ValueError):
+            raise UpdateRejected(f"sealed update has no numeric {EXAMPLES!r}") from None
+        return tensors, weight
 
 
 def sealed_blob(content: RecordDict) -> bytes:

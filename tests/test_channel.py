@@ -49,6 +49,7 @@ def test_update_round_trips_to_the_aggregator_key(suite: str) -> None:
         {"model_digest": "cd" * 32},
         {"node_id": "node-2"},
         {"direction": DOWNLINK},
+        {"stage": "evaluate"},
     ],
     ids=[
         "replayed-into-next-round",
@@ -56,6 +57,7 @@ def test_update_round_trips_to_the_aggregator_key(suite: str) -> None:
         "another-base-model",
         "another-node",
         "reflected",
+        "train-adapter-as-evaluation",
     ],
 )
 def test_update_opens_only_in_its_own_context(change: dict[str, Any]) -> None:

@@ -6,23 +6,28 @@ is blocked, journalled on the node, and replaced by an error reply.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as node_app
+from clients.channel import NodeChannel, channel_path, hello_record
 from clients.egress import EGRESS_BLOCKED, check_reply, egress_guard
+from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSigner
+from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig
-from sandbox.errors import ConfigError, EgressViolation
+from sandbox.errors import AggregatorRefused, ConfigError, DataError, EgressViolation
+from sandbox.keyfiles import public_pem, write_private
 from sandbox.protocol import (
     HELLO_KEY,
-    HELLO_NODE_KEY,
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
@@ -119,16 +124,10 @@ def test_the_allowlist_is_the_node_operators(tmp_path: Path) -> None:
     assert policy.metrics == frozenset({"num-examples"})
 
 
-def test_error_replies_pass_through_untouched(tmp_path: Path) -> None:
-    from flwr.app import Error
-
-    context = _node(tmp_path)
-    reply = egress_guard(
-        _incoming(),
-        context,
-        lambda msg, ctx: Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg),
-    )
-    assert reply.error.reason == "CUDA out of memory"
+def test_error_replies_keep_their_code(tmp_path: Path) -> None:
+    reply = egress_guard(_incoming(), _node(tmp_path), _reply_with_error("CUDA out of memory"))
+    assert reply.error.code == 9
+    assert "withheld" in str(reply.error.reason)
 
 
 def test_bad_egress_section_names_the_key(tmp_path: Path) -> None:
@@ -144,22 +143,97 @@ def test_bad_egress_section_names_the_key(tmp_path: Path) -> None:
 
 def test_check_reply_raises_a_typed_error() -> None:
     with pytest.raises(EgressViolation, match="raw arrays"):
-        check_reply(RecordDict({"x": to_record({"w": np.zeros(1, np.float32)})}), EgressPolicy())
+        check_reply(
+            RecordDict({"x": to_record({"w": np.zeros(1, np.float32)})}),
+            EgressPolicy(),
+            MessageType.TRAIN,
+        )
 
 
-HELLO = ConfigRecord({HELLO_NONCE: b"n" * 32, HELLO_NODE_KEY: b"k" * 32, HELLO_RESULT: b"e" * 900})
+def _channel_node(tmp_path: Path) -> tuple[Context, ConfigRecord]:
+    """A node with this run's saved channel, and the hello that matches it exactly."""
+    result_key = ec.generate_private_key(ec.SECP256R1())
+    write_private(tmp_path / "result.pub", public_pem(result_key.public_key()), overwrite=True)
+    sandbox = "\n".join(
+        [
+            "[node.sandbox]",
+            'tee = "stub"',
+            'ueid = "alpine-1"',
+            *(f'{k} = "unused"' for k in ("attestation-key", "attestation-chain", "provider-ca")),
+            *(f'{k} = "unused"' for k in ("manifest-key", "package")),
+            'key-broker = "localhost:1"',
+            'result-key = "result.pub"',
+        ]
+    )
+    context = _node(tmp_path, sandbox + "\n")
+    node = NodeConfig.load(tmp_path / "node.toml")
+    channel = NodeChannel.create(11, "x25519-hkdf-sha256-aes256gcm")
+    channel_path(node, 11).parent.mkdir(parents=True)
+    channel.save(channel_path(node, 11))
+    now = dt.datetime.now(dt.UTC)
+    signer = ResultSigner(result_key, {"build": "test"})
+    appraisal = Appraisal({"ueid": "alpine-1", "measurements": {}}, "stub", "p", now)
+    result = signer.affirm(
+        appraisal,
+        ResultContext(
+            "s",
+            "stub",
+            channel.key.public_bytes,
+            channel.key.suite,
+            "e",
+            "p",
+            "d",
+            PURPOSE_CHANNEL,
+        ),
+        now=now,
+    )
+    return context, hello_record(channel, result.token)
 
 
-def test_the_handshake_passes_and_only_in_its_exact_shape(tmp_path: Path) -> None:
+def _query() -> Message:
+    return Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+
+
+def test_the_handshake_passes_only_in_its_exact_shape_and_content(tmp_path: Path) -> None:
+    context, hello = _channel_node(tmp_path)
+    reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: hello})))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    other_nonce = ConfigRecord({**hello, HELLO_NONCE: b"n" * 32})
+    forged_result = ConfigRecord({**hello, HELLO_RESULT: b"e" * 900})
+    smuggling = ConfigRecord({**hello, "row": b"ticket: tree on line 4"})
+    oversize = ConfigRecord({**hello, HELLO_RESULT: b"e" * (64 * 1024)})
+    for bad in (other_nonce, forged_result, smuggling, oversize):
+        reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: bad})))
+        assert reply.has_error()
+        assert reply.error.code == EGRESS_BLOCKED
+    # The hello, even the right one, may not ride along on a training reply.
+    content = RecordDict({SEALED_KEY: SEALED, HELLO_KEY: hello})
+    assert egress_guard(_incoming(), context, _reply_with(content)).has_error()
+
+
+def test_failures_leave_as_their_type_not_their_details(tmp_path: Path) -> None:
     context = _node(tmp_path)
-    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: HELLO})))
-    assert not reply.has_error()
-    smuggling = ConfigRecord({**HELLO, "row": b"ticket: tree on line 4"})
-    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: smuggling})))
+
+    def failing(msg: Message, context: Context) -> Message:
+        raise DataError("private.jsonl", "unknown label 'tree on line 4 at Alpe Rossa'", row=3)
+
+    reply = egress_guard(_incoming(), context, failing)
     assert reply.has_error()
-    oversize = ConfigRecord({**HELLO, HELLO_RESULT: b"e" * (64 * 1024)})
-    reply = egress_guard(_incoming(), context, _reply_with(RecordDict({HELLO_KEY: oversize})))
+    assert reply.error.reason == "DataError (details in the node's own log)"
+
+    def refusing(msg: Message, context: Context) -> Message:
+        raise AggregatorRefused("aggregator evidence failed: NonceMismatch")
+
+    reply = egress_guard(_incoming(), context, refusing)
+    assert "AggregatorRefused: aggregator evidence failed: NonceMismatch" in str(reply.error.reason)
+    leaky_error = _reply_with_error("ticket: tree on line 4")
+    reply = egress_guard(_incoming(), context, leaky_error)
     assert reply.has_error()
+    assert "ticket" not in str(reply.error.reason)
+
+
+def _reply_with_error(reason: str) -> Callable[[Message, Context], Message]:
+    return lambda msg, context: Message(Error(code=9, reason=reason), reply_to=msg)
 
 
 def test_a_clientapp_leaking_training_text_or_arrays_is_stopped_by_the_installed_guard(

@@ -31,7 +31,7 @@ from sandbox.attestation.verifier import AppraisalPolicy, Verifier
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultExpired, ResultInvalid
 from sandbox.events import MemoryEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
-from sandbox.keybroker.client import KeyBrokerClient, obtain_content_key
+from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
 from sandbox.keybroker.service import serve
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from sandbox.tls import TlsFiles, issue_loopback_tls
@@ -192,6 +192,50 @@ def test_affirming_stub_evidence_releases_the_key_to_the_sandbox_only(
     assert appraised["ear_sha256"] == release["ear_sha256"] == result.digest
     assert appraised["measurements"] == MEASUREMENTS
     assert CONTENT_KEY.hex() not in json.dumps([e.to_json() for e in kb.events.events])
+
+
+def test_a_channel_attestation_certifies_the_key_and_releases_nothing(kb: Deployment) -> None:
+    """A node's channel key is attested for the update channel only: no content key goes
+    out with it, and its result cannot be traded for one later through Release."""
+    channel_key = RecipientKey.generate()
+    result = certify_channel_key(
+        kb.client,
+        kb.attester,
+        channel_key,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+    assert result.purpose == "channel"
+    assert result.tee_pubkey == channel_key.public_bytes
+    assert kb.events.kinds() == ["attestation_appraised", "channel_certified"]
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=result.token, key_id=KEY_ID),
+    )
+
+
+def test_an_unknown_attestation_purpose_is_a_bad_request(kb: Deployment) -> None:
+    sandbox = RecipientKey.generate()
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, sandbox.public_bytes)
+    _denied(
+        kb,
+        "BAD_REQUEST",
+        "BadRequest",
+        lambda: kb.client.attest(
+            session_id=challenge.session_id,
+            tee="stub",
+            evidence=token,
+            tee_pubkey=sandbox.public_bytes,
+            hpke_suite=SUITE_X25519,
+            key_id=KEY_ID,
+            purpose="everything",
+        ),
+    )
 
 
 # --- nonce and session -------------------------------------------------------------------

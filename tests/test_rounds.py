@@ -28,7 +28,18 @@ from safetensors.numpy import load_file
 from clients.channel import NodeChannel, channel_path, check_aggregator, open_channel, open_global
 from clients.model import node_measurements
 from sandbox.attestation.backends import load_attester
-from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, model_dir_digest, seal_tensors
+from sandbox.attestation.result import PURPOSE_CHANNEL
+from sandbox.channel import (
+    DOWNLINK,
+    EXAMPLES,
+    STAGE_EVALUATE,
+    STAGE_TRAIN,
+    TICKET,
+    UPLINK,
+    ChannelContext,
+    model_dir_digest,
+    seal_tensors,
+)
 from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.demo_data import write_demo_data
 from sandbox.errors import AggregatorRefused, FederationError
@@ -128,6 +139,7 @@ class SealedWorld:
                 tee_pubkey=key.public_bytes,
                 hpke_suite=key.suite,
                 key_id=self.key_id,
+                purpose=PURPOSE_CHANNEL,
             )
             assert isinstance(outcome, Released), outcome
             return outcome.result.token
@@ -161,7 +173,6 @@ def world(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Seal
 
 
 # Node behaviours that attack the channel (sealed runs) or the update itself.
-CHANNEL_ATTACKS = ("replay", "wrong-key", "other-run", "other-model")
 
 
 @dataclass
@@ -183,6 +194,7 @@ class SimNode:
     world: SealedWorld | None = None
     envelopes: list[bytes] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    hellos: dict[int, ConfigRecord] = field(default_factory=dict)  # shared by the grid
 
     @property
     def config(self) -> NodeConfig:
@@ -191,10 +203,14 @@ class SimNode:
 
     def hello(self, msg: Message) -> Message:
         assert self.world is not None
-        _, record = open_channel(self.config, RUN_ID, self.world.certify(self.config))
+        if self.behaviour == "impostor":  # presents node 1's certified key and nonce as its own
+            record = self.hellos[1]
+        else:
+            _, record = open_channel(self.config, RUN_ID, self.world.certify(self.config))
+            self.hellos[self.node_id] = record
         return Message(RecordDict({HELLO_KEY: record}), reply_to=msg)
 
-    def _context(self, rnd: int, direction: str, **changes: Any) -> ChannelContext:
+    def _context(self, rnd: int, direction: str, stage: str, **changes: Any) -> ChannelContext:
         assert self.world is not None
         values = {
             "run_id": str(RUN_ID),
@@ -202,36 +218,43 @@ class SimNode:
             "node_id": str(self.node_id),
             "model_digest": self.world.model_digest,
             "direction": direction,
+            "stage": stage,
             **changes,
         }
         return ChannelContext(**values)
 
-    def _open(self, msg: Message, rnd: int, behaviour: str) -> tuple[Adapter, Any]:
-        """The global adapter and the verified aggregator (sealed), as a ClientApp gets them."""
+    def _open(self, msg: Message, rnd: int, behaviour: str) -> tuple[Adapter, Any, str]:
+        """The global adapter, the verified aggregator and the ticket, as a ClientApp gets them."""
         if GLOBAL_KEY in msg.content:
-            return from_record(msg.content.array_records[GLOBAL_KEY]), None
+            return from_record(msg.content.array_records[GLOBAL_KEY]), None, ""
         if behaviour == "rekey":  # the node started a fresh channel; the aggregator did not
             open_channel(self.config, RUN_ID, self.world.certify(self.config))  # type: ignore[union-attr]
         channel = NodeChannel.load(channel_path(self.config, RUN_ID), RUN_ID)
         aggregator = check_aggregator(
             self.config, channel, msg.content, now=dt.datetime.now(dt.UTC)
         )
-        adapter = open_global(channel, msg.content, self._context(rnd, DOWNLINK))
-        return adapter, aggregator
+        stage = STAGE_TRAIN if msg.metadata.message_type == MessageType.TRAIN else STAGE_EVALUATE
+        adapter, ticket = open_global(channel, msg.content, self._context(rnd, DOWNLINK, stage))
+        return adapter, aggregator, ticket
 
-    def _seal(self, update: Adapter, aggregator: Any, rnd: int, behaviour: str) -> dict[str, Any]:
+    def _seal(
+        self, update: Adapter, aggregator: Any, ticket: str, rnd: int, behaviour: str
+    ) -> dict[str, Any]:
         if aggregator is None:
             return {UPDATE_KEY: to_record(update)}
-        key, context = aggregator.public_key, self._context(rnd, UPLINK)
+        key, context = aggregator.public_key, self._context(rnd, UPLINK, STAGE_TRAIN)
+        if behaviour == "forged-ticket":  # sealed without having opened the downlink
+            ticket = "0" * 32
         if behaviour == "replay" and self.envelopes:
             return {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: self.envelopes[0]})}
         if behaviour == "wrong-key":
             key = RecipientKey.generate(aggregator.suite).public_key()
         elif behaviour == "other-run":
-            context = self._context(rnd, UPLINK, run_id=str(RUN_ID + 1))
+            context = self._context(rnd, UPLINK, STAGE_TRAIN, run_id=str(RUN_ID + 1))
         elif behaviour == "other-model":
-            context = self._context(rnd, UPLINK, model_digest="0" * 64)
-        blob = seal_tensors(update, key, context, suite=aggregator.suite)
+            context = self._context(rnd, UPLINK, STAGE_TRAIN, model_digest="0" * 64)
+        metadata = {TICKET: ticket, EXAMPLES: repr(float(self.examples))}
+        blob = seal_tensors(update, key, context, suite=aggregator.suite, metadata=metadata)
         self.envelopes.append(blob)
         return {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: blob})}
 
@@ -242,7 +265,7 @@ class SimNode:
         rnd = round_of(msg.content)
         behaviour = self.plan.get(rnd, self.behaviour)
         try:
-            adapter, aggregator = self._open(msg, rnd, behaviour)
+            adapter, aggregator, ticket = self._open(msg, rnd, behaviour)
         except AggregatorRefused as exc:  # what Flower sends back when a ClientApp raises
             self.refusals.append(str(exc))
             return Message(Error(code=0, reason=f"AggregatorRefused: {exc}"), reply_to=msg)
@@ -273,7 +296,8 @@ class SimNode:
             update["base_model.model.smuggled.lora_B.weight"] = np.zeros((2, 2), np.float32)
         self.sent.append(update)
         metrics = {
-            NUM_EXAMPLES: self.examples,
+            # "inflate": a relay (or the node) claims more examples than the sealed count
+            NUM_EXAMPLES: self.examples * (1000 if behaviour == "inflate" else 1),
             "before-accuracy": accuracy(self.node_id, rnd - 1),
             "before-macro_f1": 0.4,
             "after-accuracy": accuracy(self.node_id, rnd) + 0.05,
@@ -281,7 +305,10 @@ class SimNode:
             "train-loss": 1.0 / rnd,
         }
         content = RecordDict(
-            {**self._seal(update, aggregator, rnd, behaviour), METRICS_KEY: metric_record(metrics)}
+            {
+                **self._seal(update, aggregator, ticket, rnd, behaviour),
+                METRICS_KEY: metric_record(metrics),
+            }
         )
         return Message(content, reply_to=msg)
 
@@ -298,8 +325,10 @@ class SimulatedGrid(Grid):
     ):
         self.nodes = {node.node_id: node for node in nodes}
         self.world = world
+        hellos: dict[int, ConfigRecord] = {}
         for node in self.nodes.values():
             node.world = world
+            node.hellos = hellos
         self.time = clock
         self.mode = mode
         self.pulls = 0
@@ -494,6 +523,8 @@ def test_silent_node_is_missing_and_round_closes_at_deadline(
         ("wrong-key", "did not open"),
         ("other-run", "did not open"),
         ("other-model", "did not open"),
+        ("forged-ticket", "ticket"),
+        ("inflate", "the sealed update says 1000"),
     ],
 )
 def test_bad_update_is_rejected_recorded_and_left_out(
@@ -521,6 +552,27 @@ def test_bad_update_is_rejected_recorded_and_left_out(
     assert reason in recorded[0]["reason"]
     accepted = {e["node"] for e in _events(tmp_path) if e["kind"] == "update_accepted"}
     assert accepted == {1, 2}
+
+
+def test_a_node_presenting_another_nodes_certified_key_is_not_admitted(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """A key belongs to the first node that presents it; node 3's copy comes later.
+
+    (Had the copy come first, the impostor would be admitted in node 1's place, but it
+    could still never open an instruction, so no update of its would be accepted.)
+    """
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    impostor = SimNode(3, behaviour="impostor", delay=1)
+    grid = SimulatedGrid([*good, impostor], FakeClock(), world=world)
+    _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+
+    refused = [e for e in _events(tmp_path) if e["kind"] == "node_refused"]
+    assert {e["node"] for e in refused} == {3}  # at the round and again at evaluation
+    assert all("another node's certified channel key" in e["reason"] for e in refused)
+    assert grid.nodes[3].received == []  # never sent an instruction
+    for name, value in _weighted_mean(good).items():
+        np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
 
 
 def test_update_replayed_into_the_next_round_is_rejected(

@@ -40,6 +40,10 @@ from sandbox.errors import (
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
 EAR_TYP = "JWT"
 SUBMOD = "ark-sandbox"
+# What an affirming result's bound key may be used for.
+PURPOSE_KEY_RELEASE = "key-release"
+PURPOSE_CHANNEL = "channel"
+PURPOSES = (PURPOSE_KEY_RELEASE, PURPOSE_CHANNEL)
 AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
 TIER_VALUE = {NONE: 0, AFFIRMING: 2, WARNING: 32, CONTRAINDICATED: 96}
 # The AR4SI claims this verifier appraises; the others stay "none" (0).
@@ -74,6 +78,8 @@ class ResultContext:
     evidence: str
     policy_id: str
     policy_digest: str
+    # What the bound key is for: a key release, or a node's channel key (certified only).
+    purpose: str = PURPOSE_KEY_RELEASE
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,11 @@ class AttestationResult:
     @property
     def tee_pubkey(self) -> bytes:
         return b64url_decode(self.submod["ark.tee-pubkey"])
+
+    @property
+    def purpose(self) -> str:
+        """``key-release`` or ``channel`` (results from before purposes existed: release)."""
+        return str(self.submod.get("ark.purpose", PURPOSE_KEY_RELEASE))
 
     @property
     def hpke_suite(self) -> str:
@@ -190,6 +201,7 @@ class ResultSigner:
             "ark.tee-pubkey": b64url(context.tee_pubkey),
             "ark.hpke-suite": context.hpke_suite,
             "ark.evidence-sha256": sha256_hex(context.evidence.encode()),
+            "ark.purpose": context.purpose,
             **extra,
         }
         issued = int(now.timestamp())

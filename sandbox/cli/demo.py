@@ -82,7 +82,8 @@ def _node_names(journals: list[Path]) -> dict[str, str]:
             continue
         for line in journal.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
-            names[str(entry["node_id"])] = str(entry["node"])
+            if "node_id" in entry:  # the launcher's entries come before Flower names the node
+                names[str(entry["node_id"])] = str(entry["node"])
     return names
 
 

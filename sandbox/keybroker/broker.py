@@ -20,6 +20,9 @@ from typing import Any
 from sandbox.attestation.backends import VerifierRegistry
 from sandbox.attestation.result import (
     AFFIRMING,
+    PURPOSE_CHANNEL,
+    PURPOSE_KEY_RELEASE,
+    PURPOSES,
     AttestationResult,
     ResultContext,
     ResultSigner,
@@ -47,7 +50,14 @@ from sandbox.errors import (
     SignatureInvalid,
     TeeNotAccepted,
 )
-from sandbox.events import ATTESTATION_APPRAISED, KEY_DENIED, KEY_RELEASED, Event, EventSink
+from sandbox.events import (
+    ATTESTATION_APPRAISED,
+    CHANNEL_CERTIFIED,
+    KEY_DENIED,
+    KEY_RELEASED,
+    Event,
+    EventSink,
+)
 from sandbox.seal.envelope import load_public_key, wrap_content_key
 from sandbox.seal.stream import KEY_SIZE
 
@@ -254,13 +264,20 @@ class KeyBroker:
         tee_pubkey: bytes,
         hpke_suite: str,
         key_id: str,
+        purpose: str = PURPOSE_KEY_RELEASE,
     ) -> Outcome:
-        """Appraise evidence for a session; release the key only if the result affirms."""
+        """Appraise evidence for a session; release the key only if the result affirms.
+
+        With ``purpose`` "channel" an affirming result only certifies ``tee_pubkey`` as a
+        node's update-channel key: nothing is released, now or later through ``release``.
+        """
         now = self.clock()
-        request = {"session": session_id, "key_id": key_id, "tee": tee}
+        request = {"session": session_id, "key_id": key_id, "tee": tee, "purpose": purpose}
         try:
+            if purpose not in PURPOSES:
+                raise BadRequest(f"unknown attestation purpose {purpose[:32]!r}")
             return self._attest(
-                session_id, tee, evidence, tee_pubkey, hpke_suite, key_id, request, now
+                session_id, tee, evidence, tee_pubkey, hpke_suite, key_id, request, now, purpose
             )
         except (ArkError, AttestationError) as exc:
             return self._deny(exc, request, now)
@@ -278,6 +295,7 @@ class KeyBroker:
         key_id: str,
         request: dict[str, Any],
         now: dt.datetime,
+        purpose: str,
     ) -> Outcome:
         policy = self.policy  # one read: a reload mid-call cannot mix two policies
         session = self._take_session(session_id, now)
@@ -296,6 +314,7 @@ class KeyBroker:
             evidence,
             policy.policy_id,
             policy.digest,
+            purpose,
         )
         try:
             appraisal = self.verifiers.appraise(
@@ -310,7 +329,38 @@ class KeyBroker:
         if result.status != AFFIRMING:
             error = NotAffirming(f"result is {result.status}: {appraisal.warnings}")
             return self._deny(error, request, now, result)
+        if purpose == PURPOSE_CHANNEL:
+            return self._certified(result, content_key, request, now)
         return self._release(result, content_key, public_key, request, now)
+
+    def _certified(
+        self,
+        result: AttestationResult,
+        content_key: ContentKey,
+        request: dict[str, Any],
+        now: dt.datetime,
+    ) -> Released:
+        """A channel attestation: the signed result and no key."""
+        self.events.emit(
+            Event(
+                CHANNEL_CERTIFIED,
+                now,
+                {
+                    **request,
+                    "ueid": result.ueid,
+                    "ear_sha256": result.digest,
+                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
+                },
+            )
+        )
+        return Released(
+            result,
+            b"",
+            content_key.key_id,
+            content_key.model_id,
+            result.session_id,
+            result.hpke_suite,
+        )
 
     def release(self, *, attestation_result: str, key_id: str) -> Outcome:
         """Release another key against an unexpired affirming result this broker signed.
@@ -329,6 +379,8 @@ class KeyBroker:
             request["session"] = result.session_id
             if result.status != AFFIRMING:
                 raise NotAffirming(f"presented result is {result.status}")
+            if result.purpose != PURPOSE_KEY_RELEASE:
+                raise ResultInvalid("presented result certifies a channel key; it releases nothing")
             if result.policy_digest != policy.digest:
                 raise ResultInvalid("presented result was appraised under another policy")
             policy.admit(tee=result.tee, ueid=result.ueid or "", measurements=result.measurements)

@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.backends import Attester
-from sandbox.attestation.result import AFFIRMING, AttestationResult, verify_result
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_CHANNEL,
+    PURPOSE_KEY_RELEASE,
+    AttestationResult,
+    verify_result,
+)
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
 
@@ -94,6 +100,7 @@ class KeyBrokerClient:
         tee_pubkey: bytes,
         hpke_suite: str,
         key_id: str,
+        purpose: str = PURPOSE_KEY_RELEASE,
     ) -> pb.KeyRelease:
         """The broker's release, or KeyReleaseDenied carrying its denial code and reason."""
         request = pb.AttestRequest(
@@ -103,6 +110,7 @@ class KeyBrokerClient:
             tee_pubkey=tee_pubkey,
             hpke_suite=hpke_suite,
             key_id=key_id,
+            purpose=purpose,
         )
         return self._outcome(self._call(self._stub.Attest, request))
 
@@ -118,25 +126,18 @@ class KeyBrokerClient:
         return reply.released
 
 
-def obtain_content_key(
+def _attested(
     client: KeyBrokerClient,
     attester: Attester,
     *,
     key_id: str,
+    sandbox_key: RecipientKey,
     measurements: Mapping[str, str],
     result_key: ec.EllipticCurvePublicKey,
-    suite: str = SUITE_X25519,
-    sandbox_key: RecipientKey | None = None,
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-) -> ReleasedKey:
-    """Attest this sandbox and open the released content key.
-
-    The evidence binds ``sandbox_key`` (a fresh ephemeral key when not given); the result
-    therefore certifies that key, which is how a node's channel key gets attested.
-    """
-    if sandbox_key is None:
-        sandbox_key = RecipientKey.generate(suite)
-    suite = sandbox_key.suite
+    purpose: str,
+    clock: Callable[[], dt.datetime],
+) -> tuple[pb.KeyRelease, AttestationResult]:
+    """Challenge, evidence binding ``sandbox_key``, attest; the broker's checked result."""
     challenge = client.challenge(key_id)
     evidence = attester.evidence(
         nonce=challenge.nonce,
@@ -149,23 +150,77 @@ def obtain_content_key(
         tee=attester.tee,
         evidence=evidence,
         tee_pubkey=sandbox_key.public_bytes,
-        hpke_suite=suite,
+        hpke_suite=sandbox_key.suite,
         key_id=key_id,
+        purpose=purpose,
     )
     result = verify_result(release.attestation_result, result_key, now=clock())
     if (
         result.status != AFFIRMING
         or result.session_id != challenge.session_id
         or result.tee_pubkey != sandbox_key.public_bytes
+        or result.purpose != purpose
         or release.key_id != key_id
     ):
         raise ResultInvalid("the key broker's result is not bound to this session and key")
+    return release, result
+
+
+def obtain_content_key(
+    client: KeyBrokerClient,
+    attester: Attester,
+    *,
+    key_id: str,
+    measurements: Mapping[str, str],
+    result_key: ec.EllipticCurvePublicKey,
+    suite: str = SUITE_X25519,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> ReleasedKey:
+    """Attest this sandbox and open the released content key with a fresh ephemeral key."""
+    sandbox_key = RecipientKey.generate(suite)
+    release, result = _attested(
+        client,
+        attester,
+        key_id=key_id,
+        sandbox_key=sandbox_key,
+        measurements=measurements,
+        result_key=result_key,
+        purpose=PURPOSE_KEY_RELEASE,
+        clock=clock,
+    )
     content_key = unwrap_content_key(
         release.wrapped_key,
         sandbox_key.private_key,
-        session_id=challenge.session_id,
+        session_id=result.session_id,
         key_id=key_id,
         model_id=release.model_id,
         suite=suite,
     )
     return ReleasedKey(key_id, release.model_id, result, content_key)
+
+
+def certify_channel_key(
+    client: KeyBrokerClient,
+    attester: Attester,
+    channel_key: RecipientKey,
+    *,
+    key_id: str,
+    measurements: Mapping[str, str],
+    result_key: ec.EllipticCurvePublicKey,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> AttestationResult:
+    """Attest this sandbox with ``channel_key`` bound; the result certifies that key only.
+
+    The broker releases nothing for it, and refuses the result on ``Release``.
+    """
+    _, result = _attested(
+        client,
+        attester,
+        key_id=key_id,
+        sandbox_key=channel_key,
+        measurements=measurements,
+        result_key=result_key,
+        purpose=PURPOSE_CHANNEL,
+        clock=clock,
+    )
+    return result

@@ -12,6 +12,7 @@ import grpc
 
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
+from sandbox.attestation.result import PURPOSE_KEY_RELEASE
 from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome, UnknownKey
 
 log = logging.getLogger("ark.keybroker")
@@ -71,6 +72,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
                 tee_pubkey=request.tee_pubkey,
                 hpke_suite=request.hpke_suite,
                 key_id=request.key_id,
+                purpose=request.purpose or PURPOSE_KEY_RELEASE,
             )
         return _reply(outcome)
 

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ark/v1/keybroker.proto\x12\x06\x61rk.v1\"\"\n\x10\x43hallengeRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"G\n\x0e\x43hallengeReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"z\n\rAttestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03tee\x18\x02 \x01(\t\x12\x10\n\x08\x65vidence\x18\x03 \x01(\t\x12\x12\n\ntee_pubkey\x18\x04 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"<\n\x0eReleaseRequest\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x87\x01\n\nKeyRelease\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x12\n\nhpke_suite\x18\x06 \x01(\t\"V\n\x06\x44\x65nial\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.ark.v1.DenialCode\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1a\n\x12\x61ttestation_result\x18\x03 \x01(\t\"b\n\x0b\x41ttestReply\x12&\n\x08released\x18\x01 \x01(\x0b\x32\x12.ark.v1.KeyReleaseH\x00\x12 \n\x06\x64\x65nied\x18\x02 \x01(\x0b\x32\x0e.ark.v1.DenialH\x00\x42\t\n\x07outcome*\xd9\x04\n\nDenialCode\x12\x1b\n\x17\x44\x45NIAL_CODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45NIAL_CODE_BAD_REQUEST\x10\x01\x12\x1b\n\x17\x44\x45NIAL_CODE_UNKNOWN_KEY\x10\x02\x12\x1f\n\x1b\x44\x45NIAL_CODE_SESSION_UNKNOWN\x10\x03\x12\x1f\n\x1b\x44\x45NIAL_CODE_SESSION_EXPIRED\x10\x04\x12\x1c\n\x18\x44\x45NIAL_CODE_SESSION_USED\x10\x05\x12\"\n\x1e\x44\x45NIAL_CODE_EVIDENCE_MALFORMED\x10\x06\x12!\n\x1d\x44\x45NIAL_CODE_SIGNATURE_INVALID\x10\x07\x12\x1f\n\x1b\x44\x45NIAL_CODE_CHAIN_UNTRUSTED\x10\x08\x12\x1e\n\x1a\x44\x45NIAL_CODE_NONCE_MISMATCH\x10\t\x12$\n DENIAL_CODE_REPORT_DATA_MISMATCH\x10\n\x12\x1d\n\x19\x44\x45NIAL_CODE_DEBUG_ENABLED\x10\x0b\x12$\n DENIAL_CODE_MEASUREMENT_REJECTED\x10\x0c\x12 \n\x1c\x44\x45NIAL_CODE_TEE_NOT_ACCEPTED\x10\r\x12 \n\x1c\x44\x45NIAL_CODE_NODE_NOT_ALLOWED\x10\x0e\x12\x1e\n\x1a\x44\x45NIAL_CODE_RESULT_INVALID\x10\x0f\x12\x1e\n\x1a\x44\x45NIAL_CODE_RESULT_EXPIRED\x10\x10\x12\x1d\n\x19\x44\x45NIAL_CODE_NOT_AFFIRMING\x10\x11\x32\xb8\x01\n\tKeyBroker\x12=\n\tChallenge\x12\x18.ark.v1.ChallengeRequest\x1a\x16.ark.v1.ChallengeReply\x12\x34\n\x06\x41ttest\x12\x15.ark.v1.AttestRequest\x1a\x13.ark.v1.AttestReply\x12\x36\n\x07Release\x12\x16.ark.v1.ReleaseRequest\x1a\x13.ark.v1.AttestReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ark/v1/keybroker.proto\x12\x06\x61rk.v1\"\"\n\x10\x43hallengeRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"G\n\x0e\x43hallengeReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x8b\x01\n\rAttestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03tee\x18\x02 \x01(\t\x12\x10\n\x08\x65vidence\x18\x03 \x01(\t\x12\x12\n\ntee_pubkey\x18\x04 \x01(\x0c\x12\x12\n\nhpke_suite\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"<\n\x0eReleaseRequest\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x87\x01\n\nKeyRelease\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x12\n\nhpke_suite\x18\x06 \x01(\t\"V\n\x06\x44\x65nial\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.ark.v1.DenialCode\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1a\n\x12\x61ttestation_result\x18\x03 \x01(\t\"b\n\x0b\x41ttestReply\x12&\n\x08released\x18\x01 \x01(\x0b\x32\x12.ark.v1.KeyReleaseH\x00\x12 \n\x06\x64\x65nied\x18\x02 \x01(\x0b\x32\x0e.ark.v1.DenialH\x00\x42\t\n\x07outcome*\xd9\x04\n\nDenialCode\x12\x1b\n\x17\x44\x45NIAL_CODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45NIAL_CODE_BAD_REQUEST\x10\x01\x12\x1b\n\x17\x44\x45NIAL_CODE_UNKNOWN_KEY\x10\x02\x12\x1f\n\x1b\x44\x45NIAL_CODE_SESSION_UNKNOWN\x10\x03\x12\x1f\n\x1b\x44\x45NIAL_CODE_SESSION_EXPIRED\x10\x04\x12\x1c\n\x18\x44\x45NIAL_CODE_SESSION_USED\x10\x05\x12\"\n\x1e\x44\x45NIAL_CODE_EVIDENCE_MALFORMED\x10\x06\x12!\n\x1d\x44\x45NIAL_CODE_SIGNATURE_INVALID\x10\x07\x12\x1f\n\x1b\x44\x45NIAL_CODE_CHAIN_UNTRUSTED\x10\x08\x12\x1e\n\x1a\x44\x45NIAL_CODE_NONCE_MISMATCH\x10\t\x12$\n DENIAL_CODE_REPORT_DATA_MISMATCH\x10\n\x12\x1d\n\x19\x44\x45NIAL_CODE_DEBUG_ENABLED\x10\x0b\x12$\n DENIAL_CODE_MEASUREMENT_REJECTED\x10\x0c\x12 \n\x1c\x44\x45NIAL_CODE_TEE_NOT_ACCEPTED\x10\r\x12 \n\x1c\x44\x45NIAL_CODE_NODE_NOT_ALLOWED\x10\x0e\x12\x1e\n\x1a\x44\x45NIAL_CODE_RESULT_INVALID\x10\x0f\x12\x1e\n\x1a\x44\x45NIAL_CODE_RESULT_EXPIRED\x10\x10\x12\x1d\n\x19\x44\x45NIAL_CODE_NOT_AFFIRMING\x10\x11\x32\xb8\x01\n\tKeyBroker\x12=\n\tChallenge\x12\x18.ark.v1.ChallengeRequest\x1a\x16.ark.v1.ChallengeReply\x12\x34\n\x06\x41ttest\x12\x15.ark.v1.AttestRequest\x1a\x13.ark.v1.AttestReply\x12\x36\n\x07Release\x12\x16.ark.v1.ReleaseRequest\x1a\x13.ark.v1.AttestReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ark.v1.keybroker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENIALCODE']._serialized_start=663
-  _globals['_DENIALCODE']._serialized_end=1264
+  _globals['_DENIALCODE']._serialized_start=681
+  _globals['_DENIALCODE']._serialized_end=1282
   _globals['_CHALLENGEREQUEST']._serialized_start=41
   _globals['_CHALLENGEREQUEST']._serialized_end=75
   _globals['_CHALLENGEREPLY']._serialized_start=77
   _globals['_CHALLENGEREPLY']._serialized_end=148
-  _globals['_ATTESTREQUEST']._serialized_start=150
-  _globals['_ATTESTREQUEST']._serialized_end=272
-  _globals['_RELEASEREQUEST']._serialized_start=274
-  _globals['_RELEASEREQUEST']._serialized_end=334
-  _globals['_KEYRELEASE']._serialized_start=337
-  _globals['_KEYRELEASE']._serialized_end=472
-  _globals['_DENIAL']._serialized_start=474
-  _globals['_DENIAL']._serialized_end=560
-  _globals['_ATTESTREPLY']._serialized_start=562
-  _globals['_ATTESTREPLY']._serialized_end=660
-  _globals['_KEYBROKER']._serialized_start=1267
-  _globals['_KEYBROKER']._serialized_end=1451
+  _globals['_ATTESTREQUEST']._serialized_start=151
+  _globals['_ATTESTREQUEST']._serialized_end=290
+  _globals['_RELEASEREQUEST']._serialized_start=292
+  _globals['_RELEASEREQUEST']._serialized_end=352
+  _globals['_KEYRELEASE']._serialized_start=355
+  _globals['_KEYRELEASE']._serialized_end=490
+  _globals['_DENIAL']._serialized_start=492
+  _globals['_DENIAL']._serialized_end=578
+  _globals['_ATTESTREPLY']._serialized_start=580
+  _globals['_ATTESTREPLY']._serialized_end=678
+  _globals['_KEYBROKER']._serialized_start=1285
+  _globals['_KEYBROKER']._serialized_end=1469
 # @@protoc_insertion_point(module_scope)

@@ -62,20 +62,22 @@ class ChallengeReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class AttestRequest(_message.Message):
-    __slots__ = ("session_id", "tee", "evidence", "tee_pubkey", "hpke_suite", "key_id")
+    __slots__ = ("session_id", "tee", "evidence", "tee_pubkey", "hpke_suite", "key_id", "purpose")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEE_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     TEE_PUBKEY_FIELD_NUMBER: _ClassVar[int]
     HPKE_SUITE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tee: str
     evidence: str
     tee_pubkey: bytes
     hpke_suite: str
     key_id: str
-    def __init__(self, session_id: _Optional[str] = ..., tee: _Optional[str] = ..., evidence: _Optional[str] = ..., tee_pubkey: _Optional[bytes] = ..., hpke_suite: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+    purpose: str
+    def __init__(self, session_id: _Optional[str] = ..., tee: _Optional[str] = ..., evidence: _Optional[str] = ..., tee_pubkey: _Optional[bytes] = ..., hpke_suite: _Optional[str] = ..., key_id: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("attestation_result", "key_id")
