@@ -14,6 +14,7 @@ the app a provider ships, so the provider cannot switch it off from inside the a
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 import time
@@ -71,6 +72,21 @@ class ApprovalGate:
         _journal(self.node, {"kind": "app_approved", "app_sha256": digest})
         # The bytes that were checked are the bytes installed.
         return self._install(content, *args, **kwargs)
+
+
+def main() -> None:
+    """``flwr-clientapp`` with the node's approval gate around the app install."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    path = os.environ.get(NODE_CONFIG_ENV, "")
+    if not path:
+        sys.exit(f"{LAUNCHER_NAME} (ark launcher): {NODE_CONFIG_ENV} is not set; refusing")
+    node = NodeConfig.load(Path(path))
+    gate = ApprovalGate(node, runtime.pull_task_input, runtime.install_from_fab)  # type: ignore[attr-defined]
+    runtime.pull_task_input = gate.pull
+    runtime.install_from_fab = gate.install  # type: ignore[attr-defined]
+    flwr_clientapp()
 
 
 def install_launcher(bin_dir: Path) -> Path:

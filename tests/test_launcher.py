@@ -7,6 +7,8 @@ here the gate is driven directly with stand-ins for Flower's pull and install st
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +20,7 @@ from sandbox.apps import approve, fab_digest
 from sandbox.cli import app as cli
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import AppNotApproved, ConfigError
-from sandbox.launcher import ApprovalGate, install_launcher
+from sandbox.launcher import NODE_CONFIG_ENV, ApprovalGate, install_launcher
 
 FAB = b"PK\x03\x04 a flower app bundle"
 OTHER = b"PK\x03\x04 another app"
@@ -114,3 +116,18 @@ def test_the_launcher_answers_to_flower_s_name(tmp_path: Path) -> None:
     assert launcher.name == "flwr-clientapp"
     assert launcher.stat().st_mode & 0o111
     assert "from sandbox.launcher import main" in launcher.read_text(encoding="utf-8")
+
+
+def test_the_installed_launcher_refuses_to_start_without_a_node_config(tmp_path: Path) -> None:
+    launcher = install_launcher(tmp_path / "bin")
+    env = {k: v for k, v in os.environ.items() if k != NODE_CONFIG_ENV}
+    done = subprocess.run(
+        [str(launcher), "--clientappio-api-address", "127.0.0.1:1", "--token", "t"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"{NODE_CONFIG_ENV} is not set" in done.stderr
