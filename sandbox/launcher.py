@@ -51,10 +51,12 @@ class ApprovalGate:
         self._pull = pull
         self._install = install
         self.claimed: str | None = None
+        self.run_id: int | None = None
 
     def pull(self, *args: Any, **kwargs: Any) -> Any:
         message, context, run, fab = self._pull(*args, **kwargs)
         self.claimed = str(fab.hash_str)
+        self.run_id = getattr(run, "run_id", None)
         return message, context, run, fab
 
     def install(self, fab_file: Any, *args: Any, **kwargs: Any) -> Any:
@@ -67,9 +69,11 @@ class ApprovalGate:
                     f"the run names app {self.claimed} but ships {digest}; refusing both"
                 )
         except AppNotApproved as exc:
-            _journal(self.node, {"kind": "app_refused", "app_sha256": digest})
+            _journal(
+                self.node, {"kind": "app_refused", "app_sha256": digest, "run_id": self.run_id}
+            )
             raise AppNotApproved(f"node launcher refused to run the app: {exc}") from None
-        _journal(self.node, {"kind": "app_approved", "app_sha256": digest})
+        _journal(self.node, {"kind": "app_approved", "app_sha256": digest, "run_id": self.run_id})
         # The bytes that were checked are the bytes installed.
         return self._install(content, *args, **kwargs)
 

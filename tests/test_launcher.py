@@ -46,7 +46,7 @@ class Runtime:
         self.installed: list[bytes] = []
 
     def pull(self, client: Any) -> tuple[Any, Any, Any, Any]:
-        return "message", "context", "run", self.fab
+        return "message", "context", SimpleNamespace(run_id=5), self.fab
 
     def install(self, fab_file: bytes, **kwargs: Any) -> Path:
         self.installed.append(fab_file)
