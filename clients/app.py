@@ -33,7 +33,6 @@ from clients.channel import (
 from clients.data import Split, load_examples, split_examples
 from clients.egress import egress_guard
 from clients.model import NodeModel, certify_channel, load_node_model
-from clients.training import evaluate, train_local
 from sandbox.channel import (
     DOWNLINK,
     STAGE_EVALUATE,
@@ -45,7 +44,6 @@ from sandbox.channel import (
 from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.errors import AggregatorRefused, ConfigError
 from sandbox.keyfiles import load_ed25519_public
-from sandbox.lora import adapter_state, is_trained, load_adapter_state
 from sandbox.protocol import (
     GLOBAL_KEY,
     HELLO_KEY,
@@ -63,6 +61,8 @@ from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
 
 app = ClientApp(mods=[egress_guard])
+# torch, transformers and peft are imported inside the train and evaluate handlers only:
+# Flower starts a process per message, and the hello's process does not need them.
 
 
 def node_config(context: Context) -> NodeConfig:
@@ -151,6 +151,8 @@ def _setup(
         seed=node.split_seed,
         source=node.data_path,
     )
+    from sandbox.lora import load_adapter_state
+
     loaded = load_node_model(spec, node)
     load_adapter_state(loaded.model, accepted.adapter)
     return spec, node, accepted, split, loaded
@@ -245,6 +247,9 @@ def _reply_update(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Evaluate the incoming global adapter, train locally, evaluate again, reply."""
+    from clients.training import evaluate, train_local
+    from sandbox.lora import adapter_state, is_trained
+
     started = time.time()
     spec, node, accepted, split, loaded = _setup(msg, context)
     server_round = accepted.round
@@ -289,6 +294,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the final global adapter on the local held-out split."""
+    from clients.training import evaluate
+
     started = time.time()
     spec, node, accepted, split, loaded = _setup(msg, context)
     server_round = accepted.round

@@ -23,7 +23,6 @@ from sandbox.keybroker.client import (
     obtain_content_key,
 )
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
-from sandbox.lora import build_peft_model
 from sandbox.models import ModelInfo, inspect_model_dir, load_from_memory, load_pretrained
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import open_sealed_package, read_manifest
@@ -120,6 +119,8 @@ def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
     An unprotected node (the canary test's negative control, the overhead bench) reads
     the plaintext model the run names; every other node goes through attestation.
     """
+    from sandbox.lora import build_peft_model  # torch: only where a model is built
+
     result: AttestationResult | None = None
     if node.unprotected:
         info = inspect_model_dir(spec.model_path, spec.task)
