@@ -262,9 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["key_release"] = key_release(args.release_samples)
     console.log(report["key_release"])
     if not args.skip_security:
-        report["security"] = security_overhead(
-            RESULTS_DIR, args.security_rounds, args.security_pairs
-        )
+        report["security"] = security_overhead(args.security_rounds, args.security_pairs)
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,14 +149,15 @@ def _capturing(capture: LoopbackCapture) -> Iterator[None]:
         capture.__exit__(None, None, None)
 
 
-def security_overhead(results_dir: Path, rounds: int = 2, pairs: int = 1) -> dict[str, Any]:
+def security_overhead(rounds: int = 3, pairs: int = 1) -> dict[str, Any]:
     """Alternate off/on runs ``pairs`` times; report medians and their ratios."""
-    data = write_demo_data(results_dir / ".security-data", NODES)
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-    for _ in range(pairs):
-        for name, protected in (("off", False), ("on", True)):
-            run = _one_run(results_dir / f".security-{name}", protected, rounds, data)
-            runs[name].append(run)
+    # Outside the checkout: `flwr build` of the app must not see the runs' files.
+    with tempfile.TemporaryDirectory(prefix="ark-bench-security-") as tmp:
+        data = write_demo_data(Path(tmp) / "data", NODES)
+        for _ in range(pairs):
+            for name, protected in (("off", False), ("on", True)):
+                runs[name].append(_one_run(Path(tmp) / name, protected, rounds, data))
 
     def median(name: str, key: str) -> float:
         values = [v for run in runs[name] for v in np.atleast_1d(run[key]) if v is not None]
