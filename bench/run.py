@@ -318,12 +318,12 @@ def _print(report: dict[str, Any]) -> None:
         "",
     )
     sealing.add_row(
-        "fresh node process: imports (torch, transformers, peft, grpc)",
+        "fresh node process: import the model loader (clients.model; no torch yet)",
         f"{release['cold_process_import_s']:.2f} s",
         "",
     )
     sealing.add_row(
-        "fresh node process: attest, release, unseal, load MiniLM",
+        "fresh node process: attest, release, unseal, load MiniLM (torch imported here)",
         f"{release['cold_process_model_s']:.2f} s",
         "",
     )
