@@ -23,7 +23,7 @@ from sandbox.keybroker.client import (
     obtain_content_key,
 )
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
-from sandbox.models import ModelInfo, inspect_model_dir, load_from_memory, load_pretrained
+from sandbox.models import ModelInfo, load_from_memory
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import open_sealed_package, read_manifest
 
@@ -113,6 +113,17 @@ def load_base_model(
     return model, tokenizer, info, released.result
 
 
+def load_plaintext(spec: RunSpec) -> tuple[Any, Any, ModelInfo]:
+    """An unprotected node's model: the run's plaintext directory, built by the same
+    in-memory builder as a sealed package (so the overhead bench compares like with like)."""
+    files = [p for p in sorted(spec.model_path.iterdir()) if p.is_file() and p.name[0] != "."]
+    weights = {p.name: p.read_bytes() for p in files if p.suffix == ".safetensors"}
+    plain = {p.name: p.read_bytes() for p in files if p.suffix != ".safetensors"}
+    return load_from_memory(
+        plain, weights, task=spec.task, num_labels=len(spec.labels), source=spec.model_path
+    )
+
+
 def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
     """Base model plus a fresh LoRA adapter of the run's shape (weights come from the server).
 
@@ -123,8 +134,7 @@ def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
 
     result: AttestationResult | None = None
     if node.unprotected:
-        info = inspect_model_dir(spec.model_path, spec.task)
-        base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
+        base, tokenizer, info = load_plaintext(spec)
     else:
         base, tokenizer, info, result = load_base_model(spec, node)
     model = build_peft_model(
