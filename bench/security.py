@@ -27,13 +27,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sandbox.apps import approve_app_dir
-from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
+from sandbox.config import PROTECTION_OFF, RunSpec
 from sandbox.demo_data import write_demo_data
 from sandbox.events import JsonlEventSink
 from sandbox.federation import Federation, free_port, write_run_config
 from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
-from sandbox.provision import provision_loopback
+from sandbox.provision import init_unprotected_nodes, provision_loopback
 from tests.canary import LoopbackCapture, read_pcap
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -52,17 +52,6 @@ def _spec(root: Path, rounds: int, labels: tuple[str, ...], **changes: Any) -> R
         output_dir=root / "provider" / "job",
         **changes,
     )
-
-
-def _plain_nodes(root: Path, data: dict[str, Path]) -> dict[str, Path]:
-    configs = {}
-    for name, path in data.items():
-        node_root = root / "nodes" / name
-        node_root.mkdir(parents=True)
-        node = NodeConfig(name=name, data_path=path, threads=1, unprotected=True)
-        configs[name] = node_root / "node.toml"
-        configs[name].write_text(node.to_toml(), encoding="utf-8")
-    return configs
 
 
 def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) -> dict[str, Any]:
@@ -90,7 +79,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
             aggregator_dir=deployment.provider.aggregator,
         )
     else:
-        configs = _plain_nodes(root, data)
+        configs = init_unprotected_nodes(root, data)
         spec = _spec(root, rounds, labels, protection=PROTECTION_OFF)
     approve_app_dir(APP_DIR, list(configs.values()), root / "fab")
     run_config = write_run_config(root / "run.toml", spec.to_run_config())

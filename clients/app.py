@@ -11,7 +11,6 @@ Private text never leaves this process.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from sandbox.channel import (
 )
 from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.errors import AggregatorRefused, ConfigError
+from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.protocol import (
     GLOBAL_KEY,
@@ -171,18 +171,7 @@ def _timings(started: float) -> dict[str, float]:
 
 def _journal(node: NodeConfig, context: Context, entry: dict[str, Any]) -> None:
     """Append what this node sent to its own journal (the auditor cross-checks it later)."""
-    if node.journal_path is None:
-        return
-    node.journal_path.parent.mkdir(parents=True, exist_ok=True)
-    line = {
-        "time": time.time(),
-        "run_id": context.run_id,
-        "node_id": context.node_id,
-        "node": node.name,
-        **entry,
-    }
-    with node.journal_path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line, sort_keys=True) + "\n")
+    append_journal(node, {"run_id": context.run_id, "node_id": context.node_id, **entry})
 
 
 def _attested(loaded: NodeModel, accepted: Instruction) -> dict[str, Any]:

@@ -16,9 +16,7 @@ config, so provider-shipped code cannot widen it.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from sandbox.errors import (
     KeyBrokerUnavailable,
     KeyReleaseDenied,
 )
+from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
     HELLO_KEY,
@@ -163,19 +162,9 @@ def _record(
 ) -> None:
     """Log the event on the node and, when it keeps one, in its journal."""
     log.error("egress guard: %s", reason)
-    if node is None or node.journal_path is None:
-        return
-    node.journal_path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {
-        "time": time.time(),
-        "run_id": context.run_id,
-        "node_id": context.node_id,
-        "node": node.name,
-        "kind": kind,
-        "reason": reason,
-    }
-    with node.journal_path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    if node is not None:
+        entry = {"run_id": context.run_id, "node_id": context.node_id, "kind": kind}
+        append_journal(node, {**entry, "reason": reason})
 
 
 def _failure_reason(exc: Exception) -> str:

@@ -13,28 +13,19 @@ the app a provider ships, so the provider cannot switch it off from inside the a
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from sandbox.apps import check_app, fab_digest
 from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved
+from sandbox.journal import append_journal
 
 NODE_CONFIG_ENV = "ARK_NODE_CONFIG"
 LAUNCHER_NAME = "flwr-clientapp"
-
-
-def _journal(node: NodeConfig, entry: dict[str, Any]) -> None:
-    if node.journal_path is None:
-        return
-    node.journal_path.parent.mkdir(parents=True, exist_ok=True)
-    with node.journal_path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"time": time.time(), "node": node.name, **entry}) + "\n")
 
 
 class ApprovalGate:
@@ -69,11 +60,13 @@ class ApprovalGate:
                     f"the run names app {self.claimed} but ships {digest}; refusing both"
                 )
         except AppNotApproved as exc:
-            _journal(
+            append_journal(
                 self.node, {"kind": "app_refused", "app_sha256": digest, "run_id": self.run_id}
             )
             raise AppNotApproved(f"node launcher refused to run the app: {exc}") from None
-        _journal(self.node, {"kind": "app_approved", "app_sha256": digest, "run_id": self.run_id})
+        append_journal(
+            self.node, {"kind": "app_approved", "app_sha256": digest, "run_id": self.run_id}
+        )
         # The bytes that were checked are the bytes installed.
         return self._install(content, *args, **kwargs)
 

@@ -450,6 +450,28 @@ def node_auth_key(node_root: Path) -> Path:
     return node_root / "flower" / "node-auth"
 
 
+def init_unprotected_nodes(
+    root: Path, node_data: dict[str, Path], *, approved_apps: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """``nodes/<name>/node.toml`` with every protection off, for the canary test's negative
+    control and the overhead bench's baseline only; never for a deployment."""
+    configs = {}
+    for name, data in node_data.items():
+        node_root = root / "nodes" / name
+        node_root.mkdir(parents=True)
+        node = NodeConfig(
+            name=name,
+            data_path=data,
+            journal_path=node_root / "journal.jsonl",
+            threads=1,
+            approved_apps=approved_apps,
+            unprotected=True,
+        )
+        configs[name] = node_root / "node.toml"
+        configs[name].write_text(node.to_toml(), encoding="utf-8")
+    return configs
+
+
 def provision_loopback(
     root: Path,
     *,

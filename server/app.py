@@ -186,18 +186,14 @@ class FederatedJob:
             )
         return update, weight
 
-    def _envelope_digest(self, reply: Message) -> str:
-        """What names an update in events: its envelope's SHA-256 (sealed runs)."""
-        if self.sandbox is None:
-            return "plaintext"
-        return sha256_hex(sealed_blob(reply.content))
-
-    def _envelope_size(self, reply: Message) -> int:
-        """Bytes of the update as it travelled (the envelope, or the raw arrays' data)."""
+    def _envelope(self, reply: Message) -> tuple[str, int]:
+        """What names an update in events: its envelope's SHA-256 and size (sealed runs),
+        or the raw arrays' data size (protection off)."""
         if self.sandbox is None:
             record = reply.content.array_records[UPDATE_KEY]
-            return sum(len(record[name].data) for name in record)
-        return len(sealed_blob(reply.content))
+            return "plaintext", sum(len(record[name].data) for name in record)
+        blob = sealed_blob(reply.content)
+        return sha256_hex(blob), len(blob)
 
     def _declined(self, node_id: int, reason: str, rnd: int) -> None:
         """A node's error reply: record it, and make the node shake hands again next time."""
@@ -267,8 +263,7 @@ class FederatedJob:
                 continue
             envelope = "none"
             try:
-                envelope = self._envelope_digest(reply)
-                size = self._envelope_size(reply)
+                envelope, size = self._envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
                 update, weight = self._update(node_id, reply, rnd, reported)
                 aggregator.add(update, weight)

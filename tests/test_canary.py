@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from sandbox.apps import approve, build_fab, fab_digest
-from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
+from sandbox.config import PROTECTION_OFF, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.federation import Federation, free_port, write_run_config
-from sandbox.provision import provision_loopback
+from sandbox.provision import init_unprotected_nodes, provision_loopback
 from tests.canary import (
     LoopbackCapture,
     Streams,
@@ -143,20 +143,7 @@ def test_the_scan_finds_both_canaries_when_protections_are_off(
     model, data, canaries = _planted(tmp_path, tiny_bert_dir)
     app = _leaky_app(tmp_path)
     digest = fab_digest(build_fab(app, tmp_path / "fab").read_bytes())
-    configs = {}
-    for name, path in data.items():
-        root = tmp_path / "nodes" / name
-        root.mkdir(parents=True)
-        node = NodeConfig(
-            name=name,
-            data_path=path,
-            journal_path=root / "journal.jsonl",
-            threads=1,
-            approved_apps=(digest,),
-            unprotected=True,
-        )
-        configs[name] = root / "node.toml"
-        configs[name].write_text(node.to_toml(), encoding="utf-8")
+    configs = init_unprotected_nodes(tmp_path, data, approved_apps=(digest,))
     spec = _spec(tmp_path, model, protection=PROTECTION_OFF)
     run_config = write_run_config(tmp_path / "run.toml", spec.to_run_config())
     federation.tls_on = False

@@ -22,6 +22,7 @@ from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es25
 from sandbox.attestation.result import (
     AFFIRMING,
     CONTRAINDICATED,
+    PURPOSE_KEY_RELEASE,
     WARNING,
     ResultSigner,
     verify_result,
@@ -127,6 +128,7 @@ def _attest(
     session_id: str,
     tee_pubkey: bytes,
     suite: str = SUITE_X25519,
+    purpose: str = PURPOSE_KEY_RELEASE,
 ) -> Any:
     return kb.client.attest(
         session_id=session_id,
@@ -135,6 +137,7 @@ def _attest(
         tee_pubkey=tee_pubkey,
         hpke_suite=suite,
         key_id=KEY_ID,
+        purpose=purpose,
     )
 
 
@@ -226,14 +229,8 @@ def test_an_unknown_attestation_purpose_is_a_bad_request(kb: Deployment) -> None
         kb,
         "BAD_REQUEST",
         "BadRequest",
-        lambda: kb.client.attest(
-            session_id=challenge.session_id,
-            tee="stub",
-            evidence=token,
-            tee_pubkey=sandbox.public_bytes,
-            hpke_suite=SUITE_X25519,
-            key_id=KEY_ID,
-            purpose="everything",
+        lambda: _attest(
+            kb, token, challenge.session_id, sandbox.public_bytes, purpose="everything"
         ),
     )
 
