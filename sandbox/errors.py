@@ -190,3 +190,120 @@ class AggregatorRefused(ArkError):
 
 class AppNotApproved(ArkError):
     """The app a run ships is not among this node's approved app digests."""
+
+
+class LogUnavailable(ArkError):
+    """The transparency log could not be reached or read (address, TLS or database)."""
+
+    exit_code = 40
+
+
+class LogVerificationError(ArkError):
+    """The transparency log, a checkpoint, a proof or a journal failed verification.
+
+    Each subclass carries the ``exit_code`` that ``ark audit`` exits with.
+    """
+
+    exit_code = 20
+
+
+class InclusionProofError(LogVerificationError):
+    """An inclusion proof is malformed or does not lead to the checkpoint's root."""
+
+    exit_code = 25
+
+
+class ConsistencyProofError(LogVerificationError):
+    """A consistency proof is malformed or the two trees are not one growing log."""
+
+    exit_code = 20
+
+
+class LogRollback(ConsistencyProofError):
+    """The log is smaller than a checkpoint seen before: truncated or rolled back."""
+
+    exit_code = 21
+
+
+class LogFork(ConsistencyProofError):
+    """Two signed checkpoints of the same size with different roots: a forked log."""
+
+    exit_code = 22
+
+
+class EntryTampered(InclusionProofError):
+    """An entry the log serves does not hash to the tree its checkpoint signs: edited."""
+
+    exit_code = 23
+
+
+class EntryMissing(InclusionProofError):
+    """The log serves fewer entries than its checkpoint signs, or leaves a gap: deleted."""
+
+    exit_code = 24
+
+
+class NoteError(LogVerificationError):
+    """A signed note or checkpoint failed verification."""
+
+    exit_code = 10
+
+
+class NoteSignatureInvalid(NoteError):
+    """A signature line by a trusted key does not verify over the note's text."""
+
+    exit_code = 10
+
+
+class NoteUnknownSigner(NoteError):
+    """No signature on the note is by a key the verifier trusts."""
+
+    exit_code = 11
+
+
+class NoteMalformed(NoteError):
+    """The note or the checkpoint inside it does not follow the C2SP format."""
+
+    exit_code = 12
+
+
+class OriginMismatch(NoteError):
+    """The checkpoint names another log (origin) than the one being verified."""
+
+    exit_code = 13
+
+
+class PolicyViolation(LogVerificationError):
+    """The events in the log break a rule that must hold across them."""
+
+    exit_code = 30
+
+
+class ReleaseWithoutAppraisal(PolicyViolation):
+    """A key release with no affirming appraisal of the same session and key before it."""
+
+    exit_code = 31
+
+
+class UpdateFromUnattested(PolicyViolation):
+    """An accepted update from a node that was not attested and admitted in that run."""
+
+    exit_code = 32
+
+
+class AggregateUnaccepted(PolicyViolation):
+    """A committed aggregate lists an update that was not accepted in that round."""
+
+    exit_code = 33
+
+
+class JournalMismatch(LogVerificationError):
+    """A node journal records something the provider's log does not."""
+
+    exit_code = 34
+
+
+class JournalInvalid(LogVerificationError):
+    """A node journal's chain or signatures do not verify: edited, reordered or cut."""
+
+    exit_code = 35
