@@ -27,6 +27,7 @@ from rich.table import Table
 
 from bench.sealing import key_release, unseal_throughput
 from bench.security import security_overhead
+from bench.translog import translog_bench
 from clients.data import Example, Split, derive_labels, load_examples, split_examples
 from clients.training import evaluate, train_local
 from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
@@ -253,14 +254,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-security", action="store_true")
     parser.add_argument("--security-pairs", type=int, default=1)
     parser.add_argument("--security-rounds", type=int, default=3)
+    parser.add_argument("--skip-translog", action="store_true")
+    parser.add_argument("--only-translog", action="store_true")
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if args.only_translog:
+        report["translog"] = translog_bench()
+        (RESULTS_DIR / "translog.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        _print_translog(report["translog"])
+        return
     report["aggregation"] = aggregation_scale((10, 50, 100), args.repeats)
     report["unseal"] = unseal_throughput(default_model_dir() / "model.safetensors", args.repeats)
     console.log(report["unseal"])
     report["key_release"] = key_release(args.release_samples)
     console.log(report["key_release"])
+    if not args.skip_translog:
+        report["translog"] = translog_bench()
+        console.log(report["translog"])
     if not args.skip_security:
         report["security"] = security_overhead(args.security_rounds, args.security_pairs)
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
@@ -328,6 +339,8 @@ def _print(report: dict[str, Any]) -> None:
         "",
     )
     console.print(sealing)
+    if "translog" in report:
+        _print_translog(report["translog"])
     if "security" in report:
         _print_security(report["security"])
     if "quality" in report:
@@ -344,6 +357,50 @@ def _print(report: dict[str, Any]) -> None:
         console.print(
             f"federated beats every local-only: {report['quality']['federated_beats_every_local']}"
         )
+
+
+def _print_translog(log: dict[str, Any]) -> None:
+    append, audit = log["append"], log["audit"]
+    table = Table(
+        title=f"Transparency log: append, proofs, full audit (medians; entries are events of "
+        f"~{append['entry_bytes_mean']:.0f} B)"
+    )
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("goal", justify="right")
+    table.add_row(
+        "append, one transaction per entry, fsync before returning (as the services do)",
+        f"{append['durable_per_s']:,.0f} /s",
+        ">= 5,000 /s",
+    )
+    table.add_row(
+        "append, one transaction per entry, WAL without fsync",
+        f"{append['no_fsync_per_s']:,.0f} /s",
+        "",
+    )
+    table.add_row(
+        "append, batches of 10,000 (one fsync per batch)",
+        f"{append['batched_per_s']:,.0f} /s",
+        "",
+    )
+    for row in log["proofs"]["rows"]:
+        table.add_row(
+            f"inclusion proof at {row['size']:,} entries ({row['proof_hashes']} hashes); "
+            f"consistency {row['consistency_ms_p50']:.2f} ms",
+            f"{row['inclusion_ms_p50']:.3f} ms",
+            "< 5 ms at 1M" if row["size"] == 1_000_000 else "",
+        )
+    table.add_row(
+        f"full audit of {audit['entries']:,} entries, from the SQLite file",
+        f"{audit['local_s']:.1f} s",
+        "< 30 s",
+    )
+    table.add_row(
+        f"full audit of {audit['entries']:,} entries, over gRPC + TLS on loopback",
+        f"{audit['grpc_tls_s']:.1f} s",
+        "< 30 s",
+    )
+    console.print(table)
 
 
 def _print_security(sec: dict[str, Any]) -> None:

@@ -51,10 +51,12 @@ from sandbox.protocol import (
     NODE_CONFIG_KEY,
     NUM_EXAMPLES,
     SEALED_KEY,
+    SEALED_UPDATE_KEY,
     UPDATE_KEY,
     from_record,
     metric_record,
     round_of,
+    sealed_digest,
     to_record,
 )
 from sandbox.seal.envelope import RecipientKey
@@ -259,6 +261,12 @@ def train(msg: Message, context: Context) -> Message:
         **_prefixed("before", before),
         **_prefixed("after", after),
     }
+    content = RecordDict(
+        {
+            **_reply_update(update, metrics[NUM_EXAMPLES], accepted, context),
+            METRICS_KEY: metric_record(metrics),
+        }
+    )
     _journal(
         node,
         context,
@@ -266,16 +274,12 @@ def train(msg: Message, context: Context) -> Message:
             "kind": "train",
             "round": server_round,
             **_attested(loaded, accepted),
+            "received_sha256": sealed_digest(msg.content),
+            "sent_sha256": sealed_digest(content, SEALED_UPDATE_KEY),
             "metrics": metrics,
             "tensors": sorted(update),
             "timings": _timings(started),
         },
-    )
-    content = RecordDict(
-        {
-            **_reply_update(update, metrics[NUM_EXAMPLES], accepted, context),
-            METRICS_KEY: metric_record(metrics),
-        }
     )
     return Message(content, reply_to=msg)
 
@@ -297,6 +301,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             "kind": "evaluate",
             "round": server_round,
             **_attested(loaded, accepted),
+            "received_sha256": sealed_digest(msg.content),
             "metrics": metrics,
             "timings": _timings(started),
         },

@@ -118,6 +118,8 @@ class RunSpec:
     protection: str = PROTECTION_SEALED
     # The aggregator sandbox's identity (``ark provider init --manufacturer``).
     aggregator_dir: Path | None = None
+    # The provider's transparency log (SQLite); the ServerApp appends its events there.
+    log_db: Path | None = None
 
     @classmethod
     def from_run_config(
@@ -137,6 +139,7 @@ class RunSpec:
         )
         output_dir = read.string("output-dir", "")
         aggregator_dir = read.string("aggregator-dir", "")
+        log_db = read.string("log-db", "")
         job_id = read.string("job-id", "ark-job")
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise read.fail("job-id", f"must be a plain name, got {job_id!r}")
@@ -167,6 +170,7 @@ class RunSpec:
             model_id=read.string("model-id", ""),
             protection=read.choice("protection", PROTECTIONS, PROTECTION_SEALED),
             aggregator_dir=Path(aggregator_dir) if aggregator_dir else None,
+            log_db=Path(log_db) if log_db else None,
         )
 
     def to_run_config(self) -> dict[str, str | int | float]:
@@ -195,6 +199,7 @@ class RunSpec:
             "model-id": self.model_id,
             "protection": self.protection,
             "aggregator-dir": "" if self.aggregator_dir is None else str(self.aggregator_dir),
+            "log-db": "" if self.log_db is None else str(self.log_db),
         }
 
     def fingerprint(self) -> str:
@@ -210,6 +215,7 @@ class RunSpec:
             "expected_nodes",
             "output_dir",
             "aggregator_dir",
+            "log_db",
         ):
             identity.pop(volatile)
         identity["model_path"] = str(self.model_path)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
 
+from sandbox.digests import sha256_hex
 from sandbox.errors import ProtocolError
 
 GLOBAL_KEY = "global"
@@ -63,3 +64,11 @@ def metric_record(values: Mapping[str, float]) -> MetricRecord:
     """Scalar metrics as a Flower MetricRecord."""
     record: dict[str, MetricRecordValues] = dict(values)
     return MetricRecord(record)
+
+
+def sealed_digest(content: RecordDict, field: str = SEALED_GLOBAL_KEY) -> str | None:
+    """SHA-256 of a message's sealed envelope (``field`` of its sealed record), the name
+    both the provider's log and the node's journal give it; None if it carries none."""
+    record = content.config_records.get(SEALED_KEY)
+    blob = None if record is None else record.get(field)
+    return sha256_hex(blob) if isinstance(blob, bytes) else None

@@ -10,6 +10,8 @@ Layout of a provider workspace (``ark provider init``)::
     policy.toml            the appraisal policy (reference values, TEE kinds, allowlist)
     keys/                  content keys of sealed models (0600), read only by the broker
     events.jsonl           appraisal, release and denial events
+    translog.db            the transparency log (SQLite): the same events, Merkle-proven
+    public/log.vkey        the log's checkpoint key, as auditors pin it (C2SP vkey)
 
 A node workspace (``ark node init``) holds the node's stub attestation key and chain and
 a ``node.toml`` whose ``[node.sandbox]`` says how to attest and where the package is.
@@ -40,7 +42,7 @@ from sandbox.attestation.stub import STUB_TEE, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig, toml_string
 from sandbox.errors import ConfigError
-from sandbox.events import MODEL_PUBLISHED, Event, EventSink, JsonlEventSink
+from sandbox.events import MODEL_PUBLISHED, Event, EventSink, FanOutSink, JsonlEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keyfiles import (
     load_private,
@@ -57,6 +59,8 @@ from sandbox.seal.package import (
     seal_model_dir,
 )
 from sandbox.tls import issue_loopback_tls
+from sandbox.translog.note import NoteSigner, log_origin
+from sandbox.translog.store import LogSink, LogStore
 
 VERSION = "0.1.0"
 
@@ -150,6 +154,24 @@ class ProviderWorkspace:
         return load_trusted_roots(self.roots)
 
     @property
+    def log_db(self) -> Path:
+        return self.root / "translog.db"
+
+    @property
+    def log_vkey(self) -> Path:
+        return self.public / "log.vkey"
+
+    def log_signer(self) -> NoteSigner:
+        """Signs the log's checkpoints with the provider's Ed25519 key, named by origin."""
+        key = self.signer()
+        return NoteSigner(log_origin(key.public_key()), key)
+
+    def event_sink(self, log: LogStore | None = None) -> EventSink:
+        """Where provider events go: ``events.jsonl`` and the transparency log."""
+        store = log if log is not None else LogStore(self.log_db)
+        return FanOutSink([JsonlEventSink(self.events), LogSink(store)])
+
+    @property
     def aggregator(self) -> Path:
         """The aggregator sandbox's stub attestation identity (key.pem, chain.pem, ueid)."""
         return self.root / "aggregator"
@@ -236,6 +258,7 @@ def init_provider(
     shutil.copyfile(tls.ca_cert, ws.public / "ca.crt")
     (ws.public / "signing.pub").write_bytes(public_pem(signing.public_key()))
     (ws.public / "result.pub").write_bytes(public_pem(result.public_key()))
+    ws.log_vkey.write_text(ws.log_signer().verifier.vkey() + "\n", encoding="utf-8")
     (ws.roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
     for number, pem in enumerate(trust_roots):
         add_trust_root(ws, pem, name=f"root-{number}")
@@ -310,7 +333,7 @@ def seal_model(
         key_id=key_id,
     )
     KeyStore(ws.keys).put(ContentKey(key_id, model_id, content_key))
-    (events or JsonlEventSink(ws.events)).emit(
+    (events or ws.event_sink()).emit(
         Event(
             MODEL_PUBLISHED,
             _utcnow(),

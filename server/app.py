@@ -29,7 +29,7 @@ from sandbox.errors import (
     FederationError,
     UpdateRejected,
 )
-from sandbox.events import Event, EventSink, JsonlEventSink
+from sandbox.events import Event, EventSink, FanOutSink, JsonlEventSink
 from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.protocol import (
@@ -41,8 +41,10 @@ from sandbox.protocol import (
     ROUND_KEY,
     UPDATE_KEY,
     from_record,
+    sealed_digest,
     to_record,
 )
+from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import StreamingAggregator, spec_of
 from server.checkpoint import CheckpointStore, JobState
 from server.results import build_results, write_outputs
@@ -56,6 +58,10 @@ NODE_REFUSED = "node_refused"
 NODE_DECLINED = "node_declined"
 UPDATE_ACCEPTED = "update_accepted"
 UPDATE_REJECTED = "update_rejected"
+RUN_STARTED = "run_started"
+ROUND_STARTED = "round_started"
+AGGREGATE_COMMITTED = "aggregate_committed"
+RUN_FINISHED = "run_finished"
 
 app = ServerApp()
 
@@ -83,6 +89,19 @@ def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, f
     return raw[NUM_EXAMPLES], before, after, raw.get("train-loss", float("nan"))
 
 
+def _round_metrics(current: dict[str, Any]) -> dict[str, float]:
+    """The round's headline numbers for the log: mean local accuracy and training loss."""
+    local = [m.get("accuracy") for m in current["local"].values()]
+    accuracies = [float(a) for a in local if isinstance(a, (int, float))]
+    losses = [float(v) for v in current["train_loss"].values() if v == v]
+    out: dict[str, float] = {"updates": float(len(current["examples"]))}
+    if accuracies:
+        out["local_accuracy"] = sum(accuracies) / len(accuracies)
+    if losses:
+        out["train_loss"] = sum(losses) / len(losses)
+    return out
+
+
 class FederatedJob:
     """State machine of one job: init or resume, rounds, final evaluation, outputs."""
 
@@ -93,6 +112,7 @@ class FederatedJob:
         *,
         sandbox: AggregatorSandbox | None = None,
         events: EventSink | None = None,
+        run_id: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -111,11 +131,22 @@ class FederatedJob:
             raise ConfigError("protection is sealed but no aggregator sandbox was given")
         self.sandbox = sandbox
         self.events = events if events is not None else JsonlEventSink(self.out / EVENTS_FILE)
+        self.run_id = sandbox.run_id if sandbox is not None else run_id
         # Nodes that shook hands with this ServerApp process (sealed runs only).
         self.peers: dict[int, NodePeer] = {}
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self.events.emit(Event(kind, dt.datetime.now(dt.UTC), fields))
+        """Record ``kind`` for this run (and job) in the job's events and the log."""
+        record = {"run": self.run_id, "job": self.spec.job_id, **fields}
+        self.events.emit(Event(kind, dt.datetime.now(dt.UTC), record))
+
+    def _round_started(self, rnd: int, stage: str, messages: list[Message]) -> None:
+        """Who takes part in this round, and the digest of what each was sent."""
+        participants = [
+            {"node": m.metadata.dst_node_id, "instruction_sha256": sealed_digest(m.content)}
+            for m in messages
+        ]
+        self._event(ROUND_STARTED, round=rnd, stage=stage, participants=participants)
 
     def _admit(self, nodes: list[int], rnd: int) -> list[int]:
         """Shake hands with nodes new to this run; return the nodes that may take part."""
@@ -136,14 +167,11 @@ class FederatedJob:
                     peer = self.sandbox.admit(node_id, hello, self.peers.values())
                 except (AttestationError, KeyError) as exc:
                     log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
-                    self._event(
-                        NODE_REFUSED, run=self.sandbox.run_id, node=node_id, reason=str(exc)
-                    )
+                    self._event(NODE_REFUSED, node=node_id, reason=str(exc))
                     continue
                 self.peers[node_id] = peer
                 self._event(
                     NODE_ADMITTED,
-                    run=self.sandbox.run_id,
                     node=node_id,
                     ear_sha256=peer.result.digest,
                     ueid=peer.result.ueid,
@@ -254,6 +282,8 @@ class FederatedJob:
         current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
         call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
         messages = self._messages(nodes, MessageType.TRAIN, adapter, rnd)
+        self._round_started(rnd, STAGE_TRAIN, messages)
+        accepted: list[str] = []
         for node_id, reply in call.replies(messages):
             key = str(node_id)
             if reply.has_error():
@@ -286,7 +316,9 @@ class FederatedJob:
                 node=node_id,
                 envelope_sha256=envelope,
                 envelope_bytes=size,
+                examples=weight,
             )
+            accepted.append(envelope)
             previous.setdefault("global", {})[key] = before
             current["local"][key] = after
             current["train_loss"][key] = loss
@@ -318,7 +350,15 @@ class FederatedJob:
         merged = {**adapter, **aggregator.result()}
         rounds[str(rnd)] = current
         state.round = rnd
-        self.store.save(state, merged)
+        digest = self.store.save(state, merged)
+        self._event(
+            AGGREGATE_COMMITTED,
+            round=rnd,
+            adapter_sha256=digest,
+            updates=accepted,
+            examples=aggregator.total_weight,
+            metrics=_round_metrics(current),
+        )
         log(
             INFO,
             "[ark] round %d: aggregated %d updates (%d examples), checkpointed",
@@ -335,6 +375,7 @@ class FederatedJob:
         entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
         call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
         messages = self._messages(nodes, MessageType.EVALUATE, adapter, rnd)
+        self._round_started(rnd, STAGE_EVALUATE, messages)
         for node_id, reply in call.replies(messages):
             if reply.has_error():
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)
@@ -351,6 +392,14 @@ class FederatedJob:
 
     def run(self) -> None:
         state, adapter = self.start()
+        self._event(
+            RUN_STARTED,
+            rounds=self.spec.num_rounds,
+            resumed_after_round=state.round,
+            protection=self.spec.protection,
+            model_id=self.spec.model_id,
+            min_nodes=self.spec.min_nodes,
+        )
         if state.round > self.spec.num_rounds:
             raise CheckpointError(
                 f"checkpoint is at round {state.round}, beyond num-rounds={self.spec.num_rounds}"
@@ -364,6 +413,13 @@ class FederatedJob:
         results = build_results(self.spec, state.history)
         export_peft_adapter(self.model(), adapter, self.out / "adapter")
         write_outputs(results, self.out)
+        final = state.history.get("rounds", {}).get(str(state.round), {}).get("global", {})
+        self._event(
+            RUN_FINISHED,
+            rounds=state.round,
+            adapter_sha256=self.store.adapter_digest(state.round),
+            metrics={"final": final},
+        )
         log(INFO, "[ark] job %s finished: results in %s", self.spec.job_id, self.out)
 
 
@@ -385,4 +441,11 @@ def main(grid: Grid, context: Context) -> None:
         )
     else:
         log(WARNING, "[ark] protection is OFF: plaintext updates, no aggregator attestation")
-    FederatedJob(grid, spec, sandbox=sandbox).run()
+    events: list[EventSink] = (
+        [JsonlEventSink(spec.output_dir / EVENTS_FILE)] if spec.output_dir else []
+    )
+    if spec.log_db is not None:
+        events.append(LogSink(LogStore(spec.log_db)))
+    FederatedJob(
+        grid, spec, sandbox=sandbox, events=FanOutSink(events), run_id=context.run_id
+    ).run()

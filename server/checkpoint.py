@@ -50,8 +50,13 @@ class CheckpointStore:
     def adapter_path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round:04d}.safetensors"
 
-    def save(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
-        """Write the round's adapter, then the state that points at it."""
+    def adapter_digest(self, server_round: int) -> str:
+        """SHA-256 of a round's checkpointed adapter file."""
+        return sha256_file(self.adapter_path(server_round))[0]
+
+    def save(self, state: JobState, adapter: dict[str, np.ndarray]) -> str:
+        """Write the round's adapter, then the state that points at it; return the
+        adapter file's SHA-256."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.adapter_path(state.round)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -69,6 +74,7 @@ class CheckpointStore:
             "finished": state.finished,
         }
         _atomic_write(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
+        return str(document["adapter_sha256"])
 
     def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
         """The last saved state and adapter, or None for a fresh job."""

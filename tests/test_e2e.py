@@ -14,16 +14,22 @@ from typing import Any
 import psutil
 import pytest
 from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
 from sandbox.apps import approve
+from sandbox.cli import app
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.digests import sha256_file
 from sandbox.events import JsonlEventSink
 from sandbox.federation import Federation, free_port, server_app_pids, write_run_config
+from sandbox.journal import read_journal
 from sandbox.processes import still_running
 from sandbox.provision import node_auth_key, provision_loopback
+from sandbox.translog.store import LogStore
 from tests.conftest import APP_DIR, app_digest, make_spec
+
+runner = CliRunner()
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -50,6 +56,7 @@ def _spec(tmp_path: Path, model_dir: Path, nodes: int, **overrides: object) -> R
         "expected_nodes": nodes,
         "output_dir": tmp_path / "provider" / "job",
         "aggregator_dir": tmp_path / "provider" / "aggregator",
+        "log_db": tmp_path / "provider" / "translog.db",
         **overrides,
     }
     return make_spec(model_dir, str(values.pop("task", TASK_CLASSIFICATION)), **values)
@@ -60,7 +67,7 @@ def _journal(config: Path) -> list[dict[str, Any]]:
     assert path is not None
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return read_journal(path)
 
 
 def _start(
@@ -140,6 +147,51 @@ def test_two_nodes_two_rounds_over_tls(
     assert all(len(e["envelope_sha256"]) == 64 for e in accepted)
     assert not [e for e in served if e["kind"] in ("update_rejected", "node_declined")]
     _assert_no_plaintext_weights(tiny_bert_dir, [tmp_path / "nodes"])
+    _audit_the_run(tmp_path, configs, served)
+
+
+def _audit_the_run(tmp_path: Path, configs: dict[str, Path], served: list[dict[str, Any]]) -> None:
+    """The auditor's view of the run just finished: the log over TLS verifies, holds every
+    event both provider services wrote, matches both node journals, and reports."""
+    sandbox = NodeConfig.load(next(iter(configs.values()))).require_sandbox()
+    log = sandbox.key_broker  # the log is served beside the key broker
+    key = tmp_path / "provider" / "public" / "log.vkey"
+    verified = runner.invoke(
+        app, ["audit", "verify", "--log", log, "--key", str(key), "--state", str(tmp_path / "a")]
+    )
+    assert verified.exit_code == 0, verified.output
+    assert "ok: Policy across events" in verified.output
+    entries = LogStore(tmp_path / "provider" / "translog.db", readonly=True)
+    kinds = [json.loads(entry)["kind"] for entry in entries.entries(0, entries.size())]
+    for kind in (
+        "model_published",
+        "attestation_appraised",
+        "channel_certified",
+        "key_released",
+        "run_started",
+        "node_admitted",
+        "round_started",
+        "update_accepted",
+        "aggregate_committed",
+        "run_finished",
+    ):
+        assert kind in kinds, (kind, kinds)
+    # The ServerApp's events reached the log in the order its job file has them.
+    assert [k for k in kinds if k in {e["kind"] for e in served}] == [e["kind"] for e in served]
+    journals = [str(NodeConfig.load(c).journal_path) for c in configs.values()]
+    crosschecked = runner.invoke(
+        app,
+        ["audit", "crosscheck", "--log", log, "--key", str(key)]
+        + [arg for path in journals for arg in ("--journal", path)],
+    )
+    assert crosschecked.exit_code == 0, crosschecked.output
+    assert crosschecked.output.count(" 0 missing from the log") == 2
+    report = tmp_path / "report.html"
+    written = runner.invoke(
+        app, ["audit", "report", "--log", log, "--key", str(key), "--html", str(report)]
+    )
+    assert written.exit_code == 0, written.output
+    assert "<svg" in report.read_text(encoding="utf-8")
 
 
 def _weight_windows(model_dir: Path, count: int = 256, size: int = 64) -> list[bytes]:

@@ -7,7 +7,6 @@ is blocked, journalled on the node, and replaced by an error reply.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSig
 from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import AggregatorRefused, ConfigError, DataError, EgressViolation
+from sandbox.journal import read_journal
 from sandbox.keyfiles import public_pem, write_private
 from sandbox.protocol import (
     HELLO_KEY,
@@ -109,7 +109,7 @@ def test_anything_else_is_blocked_journalled_and_reported(
     assert reply.has_error()
     assert reply.error.code == EGRESS_BLOCKED
     assert "egress guard blocked the reply" in str(reply.error.reason)
-    journal = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    journal = read_journal(tmp_path / "journal.jsonl")
     assert [e["kind"] for e in journal] == ["egress_blocked"]
     assert "ticket" not in journal[0]["reason"], "the journal must not copy the payload"
 

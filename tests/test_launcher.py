@@ -6,7 +6,6 @@ here the gate is driven directly with stand-ins for Flower's pull and install st
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -20,6 +19,7 @@ from sandbox.apps import approve, fab_digest
 from sandbox.cli import app as cli
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import AppNotApproved, ConfigError
+from sandbox.journal import read_journal
 from sandbox.launcher import NODE_CONFIG_ENV, ApprovalGate, install_launcher
 
 FAB = b"PK\x03\x04 a flower app bundle"
@@ -54,8 +54,7 @@ class Runtime:
 
 
 def _journal(tmp_path: Path) -> list[str]:
-    lines = (tmp_path / "journal.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["kind"] for line in lines]
+    return [entry["kind"] for entry in read_journal(tmp_path / "journal.jsonl")]
 
 
 def _run(gate: ApprovalGate, runtime: Runtime) -> None:

@@ -36,7 +36,8 @@ def _load(kind: str) -> list[dict[str, Any]]:
 
 
 def _negative(kind: str) -> list[dict[str, Any]]:
-    return json.loads((VECTORS / "rfc9162-negative.json").read_text())[kind]
+    cases: list[dict[str, Any]] = json.loads((VECTORS / "rfc9162-negative.json").read_text())[kind]
+    return cases
 
 
 def _b(value: str) -> bytes:

@@ -316,7 +316,7 @@ def test_ark_provider_serve_applies_allow_node_without_a_restart(
         assert federation.stop() == []
     log = (tmp_path / "logs" / "key-broker.log").read_text(encoding="utf-8")
     assert "policy reloaded" in log
-    assert "key broker stopped" in log
+    assert "key broker and log stopped" in log
     kinds = [e["kind"] for e in JsonlEventSink(ws.events).read()]
     assert kinds[:3] == ["model_published", "attestation_appraised", "key_denied"]
     assert kinds[-1] == "key_released"

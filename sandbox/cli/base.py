@@ -32,7 +32,16 @@ node_app = typer.Typer(
 )
 audit_app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold key material
-    help="Auditor: offline checks of a job's checkpoints.",
+    help=(
+        "Auditor: verify the transparency log, cross-check node journals, write reports.\n\n"
+        "Exit codes: 0 everything holds; 2 bad usage or unreadable key file; "
+        "10 bad checkpoint signature, 11 signed only by unknown keys, 12 malformed note, "
+        "13 wrong origin; 20 log does not extend the last checkpoint, 21 truncated or "
+        "rolled back, 22 forked, 23 edited entry, 24 deleted entry, 25 bad inclusion proof; "
+        "30 malformed event, 31 key release without an affirming appraisal, 32 update from "
+        "an unattested node, 33 aggregate with an unaccepted update; 34 journal entry "
+        "missing from the log, 35 journal chain or signature broken; 40 log unreachable."
+    ),
     no_args_is_help=True,
 )
 app.add_typer(provider_app, name="provider")

@@ -25,6 +25,7 @@ from sandbox.config import (
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
+from sandbox.journal import read_journal
 
 if TYPE_CHECKING:
     from sandbox.federation import Federation
@@ -80,8 +81,7 @@ def _node_names(journals: list[Path]) -> dict[str, str]:
     for journal in journals:
         if not journal.exists():
             continue
-        for line in journal.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
+        for entry in read_journal(journal):
             if "node_id" in entry:  # the launcher's entries come before Flower names the node
                 names[str(entry["node_id"])] = str(entry["node"])
     return names
@@ -125,7 +125,8 @@ def demo(
             console.print(
                 f"results: {spec.output_dir / 'results.json'}\n"
                 f"plot:    {spec.output_dir / 'metrics.png'}\n"
-                f"adapter: {spec.output_dir / 'adapter'} (stock PEFT format)"
+                f"adapter: {spec.output_dir / 'adapter'} (stock PEFT format)\n"
+                f"audit:   {root / 'audit-report.html'} (ark audit report)"
             )
         else:
             console.print("temporary workspace removed; pass --workdir DIR to keep the outputs")
@@ -208,7 +209,10 @@ def _prepare_demo(
         threads=1,
     )
     spec = dataclasses.replace(
-        spec, model_id=deployment.model_id, aggregator_dir=deployment.provider.aggregator
+        spec,
+        model_id=deployment.model_id,
+        aggregator_dir=deployment.provider.aggregator,
+        log_db=deployment.provider.log_db,
     )
     node_files = deployment.node_configs
     console.print(
@@ -232,6 +236,10 @@ _PROVISIONED = (
     "provider/keys",
     "provider/policy.toml",
     "provider/events.jsonl",
+    "provider/translog.db",
+    "provider/translog.db-wal",
+    "provider/translog.db-shm",
+    "auditor",
     "provider/aggregator",
     "nodes",
     "fab",
@@ -290,6 +298,7 @@ def _run_demo(
             raise FederationError(
                 f"run {run_id} ended {outcome.status}; ServerApp log:\n{fed.run_log(run_id)}"
             )
+        _audit_demo(fed.workdir, deployment, f"127.0.0.1:{broker_port}")
         leftovers = fed.stop()
     if leftovers:
         err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
@@ -300,6 +309,25 @@ def _run_demo(
     plot_metrics(results, out_dir / "metrics.png", names)
     console.print(render_table(results, names))
     return results
+
+
+def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
+    """What an auditor would do next: verify the log over TLS, hold each node's journal
+    against it, and write the HTML report. Any failure fails the demo."""
+    from sandbox.cli.audit import audit_crosscheck, audit_report, audit_verify
+
+    key = deployment.provider.log_vkey
+    journals = [path.parent / "journal.jsonl" for path in deployment.node_configs.values()]
+    console.print(f"[bold]audit[/] of the transparency log at {log} (key {key})")
+    try:
+        audit_verify(log=log, key=key, state=root / "auditor", ca=None, origin=None)
+        audit_crosscheck(log=log, key=key, journal=journals, ca=None, origin=None)
+        audit_report(
+            log=log, key=key, html=root / "audit-report.html", state=None, ca=None, origin=None
+        )
+    except typer.Exit as exc:
+        if exc.exit_code:
+            raise ArkError(f"the audit failed (exit code {exc.exit_code}); see above") from None
 
 
 class _Progress:

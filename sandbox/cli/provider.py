@@ -146,22 +146,34 @@ def provider_serve(
     workdir: Workdir = Path("provider"),
     address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:8100",
 ) -> None:
-    """Run the key broker (gRPC over TLS) until interrupted."""
+    """Run the key broker and the transparency log (gRPC over TLS) until interrupted.
+
+    Both services share one port. The broker appends every appraisal, release and
+    denial to the log; a checkpoint is signed whenever a reader asks and the log grew,
+    and once more on the way out so the database holds a current one for offline audits.
+    """
     import logging
     import signal
     import threading
 
     from sandbox.attestation.verifier import AppraisalPolicy
-    from sandbox.events import JsonlEventSink
     from sandbox.keybroker.service import serve
     from sandbox.provision import ProviderWorkspace, build_broker
+    from sandbox.translog.service import add_log_service
+    from sandbox.translog.store import LogStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ws = ProviderWorkspace(workdir)
     try:
-        broker = build_broker(ws, JsonlEventSink(ws.events))
+        store = LogStore(ws.require().log_db)
+        signer = ws.log_signer()
+        broker = build_broker(ws, ws.event_sink(store))
         server, port = serve(
-            broker, address=address, cert=ws.tls / "server.crt", key=ws.tls / "server.key"
+            broker,
+            address=address,
+            cert=ws.tls / "server.crt",
+            key=ws.tls / "server.key",
+            services=[lambda grpc_server: add_log_service(grpc_server, store, signer)],
         )
     except (ArkError, OSError) as exc:
         raise fail(exc) from exc
@@ -170,7 +182,8 @@ def provider_serve(
         signal.signal(signum, lambda *_: stop.set())
     console.print(
         f"key broker listening on {address.rsplit(':', 1)[0]}:{port} (TLS); "
-        f"policy {broker.policy.policy_id}; events to {ws.events}"
+        f"policy {broker.policy.policy_id}; events to {ws.events} and the transparency "
+        f"log {ws.log_db} (origin {signer.name})"
     )
 
     # `ark provider allow-node` and policy edits apply without a restart; a policy file
@@ -195,4 +208,6 @@ def provider_serve(
         seen = current
         logging.getLogger("ark.keybroker").info("policy reloaded: %s", broker.policy.policy_id)
     server.stop(grace=2).wait()
-    console.print("key broker stopped")
+    store.sign_checkpoint(signer)
+    store.close()
+    console.print("key broker and log stopped")

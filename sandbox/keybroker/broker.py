@@ -450,6 +450,7 @@ class KeyBroker:
                     **request,
                     "status": result.status,
                     "ear_sha256": result.digest,
+                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
                     "stub": result.is_stub,
                     "policy_id": submod["ear.appraisal-policy-id"],
                     "ueid": result.ueid,

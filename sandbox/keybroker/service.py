@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,18 @@ def serve(
     cert: Path,
     key: Path,
     workers: int = 4,
+    services: Sequence[Callable[[grpc.Server], None]] = (),
 ) -> tuple[grpc.Server, int]:
-    """Start the TLS gRPC server on ``address`` (port 0 picks one); return it and its port."""
+    """Start the TLS gRPC server on ``address`` (port 0 picks one); return it and its port.
+
+    ``services`` register more services on the same server (the transparency log)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
     pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker), server)
+    for register in services:
+        register(server)
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     port = server.add_secure_port(address, credentials)
     if port == 0:

@@ -1,0 +1,97 @@
+"""Reading a transparency log over gRPC with TLS, as a :class:`LogReader`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from protos.ark.v1 import translog_pb2 as pb
+from protos.ark.v1 import translog_pb2_grpc as pb_grpc
+from sandbox.errors import InclusionProofError, LogUnavailable
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class LogClient:
+    """A TLS gRPC client of the log. Failures to reach it raise :class:`LogUnavailable`;
+    a log that refuses a proof for a tree it signed raises :class:`InclusionProofError`."""
+
+    def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
+        roots = ca_cert if isinstance(ca_cert, bytes) else ca_cert.read_bytes()
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(roots),
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        )
+        self._stub = pb_grpc.TransparencyLogStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LogClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., object], request: object) -> object:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
+                raise InclusionProofError(f"log at {self.address}: {detail}") from exc
+            raise LogUnavailable(f"log at {self.address}: {detail}") from exc
+
+    def checkpoint(self) -> str:
+        reply = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest())
+        assert isinstance(reply, pb.SignedCheckpoint)
+        return reply.note
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)``, fetched page by page; fewer if the log has fewer."""
+        out: list[bytes] = []
+        while start + len(out) < end:
+            reply = self._call(
+                self._stub.GetEntries, pb.GetEntriesRequest(start=start + len(out), end=end)
+            )
+            assert isinstance(reply, pb.Entries)
+            if not reply.entries:
+                break
+            out.extend(reply.entries)
+        return out
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        reply = self._call(
+            self._stub.GetInclusionProof, pb.GetInclusionProofRequest(tree_size=size, index=index)
+        )
+        assert isinstance(reply, pb.InclusionProof)
+        return list(reply.hashes)
+
+    def inclusion_proof_by_leaf(self, leaf: bytes, size: int) -> tuple[int, list[bytes]]:
+        """The index of the entry with leaf hash ``leaf`` and its audit path."""
+        reply = self._call(
+            self._stub.GetInclusionProof,
+            pb.GetInclusionProofRequest(tree_size=size, leaf_hash=leaf),
+        )
+        assert isinstance(reply, pb.InclusionProof)
+        return reply.index, list(reply.hashes)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        reply = self._call(
+            self._stub.GetConsistencyProof,
+            pb.GetConsistencyProofRequest(first=size1, second=size2),
+        )
+        assert isinstance(reply, pb.ConsistencyProof)
+        return list(reply.hashes)

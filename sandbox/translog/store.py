@@ -1,0 +1,297 @@
+"""The transparency log's SQLite store: entries, interior hashes and signed checkpoints.
+
+Every entry is an RFC 8785 canonical JSON event. Appending leaf ``n`` also stores the
+root of every perfect subtree that leaf completes, so the hash of any range the RFC 9162
+proofs need is O(log n) lookups, and the tree is never recomputed. Interior hashes are
+immutable once written; a reader needs no lock to prove anything up to the size it saw.
+
+Several provider processes (the key broker, the ServerApp) append to one database: each
+append is one ``BEGIN IMMEDIATE`` transaction, so SQLite serialises them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import rfc8785
+
+from sandbox.errors import InclusionProofError, LogUnavailable
+from sandbox.events import Event
+from sandbox.translog import merkle
+from sandbox.translog.note import Checkpoint, NoteSigner
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    idx   INTEGER PRIMARY KEY,
+    entry BLOB NOT NULL,
+    leaf  BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_leaf ON entries (leaf);
+CREATE TABLE IF NOT EXISTS nodes (
+    level INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    hash  BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size      INTEGER PRIMARY KEY,
+    note      TEXT NOT NULL,
+    signed_at TEXT NOT NULL
+);
+"""
+# Entries are small JSON events; one beyond this is a bug upstream, not something to keep.
+MAX_ENTRY_BYTES = 64 * 1024
+
+
+class LogReader(Protocol):
+    """What an auditor reads from a log, locally (:class:`LogStore`) or over gRPC."""
+
+    def checkpoint(self) -> str:
+        """The latest signed checkpoint note."""
+        ...
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)``; fewer if the log has fewer."""
+        ...
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]: ...
+
+    def inclusion_proof_by_leaf(self, leaf: bytes, size: int) -> tuple[int, list[bytes]]:
+        """The index of the entry whose leaf hash is ``leaf`` and its audit path."""
+        ...
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]: ...
+
+
+# RFC 8785 numbers are IEEE doubles; Flower's 64-bit run and node ids do not fit.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` in the JSON that JCS can canonicalise: non-finite floats and integers
+    beyond 2**53 are spelled out as strings (readers compare ids as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def canonical_entry(record: Mapping[str, Any]) -> bytes:
+    """An event record as RFC 8785 canonical JSON, the bytes the log hashes."""
+    return rfc8785.dumps(_jsonable(record))
+
+
+class LogStore:
+    """One log in one SQLite file. ``readonly`` opens it for an auditor, never creating it."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, durable: bool = True):
+        self.path = path
+        self.readonly = readonly
+        if readonly and not path.is_file():
+            raise LogUnavailable(f"{path}: no such log database")
+        try:
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # FULL: an appended event is on disk when append returns.
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._db.executescript(SCHEMA)
+                path.chmod(0o600)
+            self._db.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise LogUnavailable(f"{path}: {exc}") from exc
+        self._db.isolation_level = None  # transactions are explicit
+        self._lock = threading.Lock()
+        # Roots of the perfect subtrees on the right border: (level, hash), left to right.
+        self._border: list[tuple[int, bytes]] = []
+        self._border_size = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> LogStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def size(self) -> int:
+        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def _node(self, level: int, index: int) -> bytes:
+        if level == 0:
+            row = self._db.execute("SELECT leaf FROM entries WHERE idx = ?", (index,)).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT hash FROM nodes WHERE level = ? AND idx = ?", (level, index)
+            ).fetchone()
+        if row is None:
+            raise InclusionProofError(f"{self.path}: no stored hash at level {level}, {index}")
+        return bytes(row[0])
+
+    def subtree(self, lo: int, hi: int) -> bytes:
+        """The hash of leaves ``[lo, hi)`` from stored nodes (``lo`` aligned as RFC 9162's
+        subtrees always are)."""
+        width = hi - lo
+        if width & (width - 1) == 0:
+            level = width.bit_length() - 1
+            return self._node(level, lo >> level)
+        k = merkle.split_point(width)
+        return merkle.node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
+
+    def root(self, size: int | None = None) -> bytes:
+        size = self.size() if size is None else size
+        return merkle.EMPTY_ROOT if size == 0 else self.subtree(0, size)
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)``, stopping early at the end of the log or at a gap (a
+        reader must never see a later entry in a missing one's place)."""
+        rows = self._db.execute(
+            "SELECT idx, entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+        ).fetchall()
+        out: list[bytes] = []
+        for expected, (index, entry) in enumerate(rows, start):
+            if index != expected:
+                break
+            out.append(bytes(entry))
+        return out
+
+    def index_of(self, leaf: bytes) -> int | None:
+        """The first index whose leaf hash is ``leaf``."""
+        row = self._db.execute("SELECT MIN(idx) FROM entries WHERE leaf = ?", (leaf,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        self._check_size(size)
+        return merkle.inclusion_proof(index, size, self.subtree)
+
+    def inclusion_proof_by_leaf(self, leaf: bytes, size: int) -> tuple[int, list[bytes]]:
+        index = self.index_of(leaf)
+        if index is None or index >= size:
+            raise InclusionProofError(f"no entry with leaf hash {leaf.hex()[:16]}… in size {size}")
+        return index, self.inclusion_proof(index, size)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        self._check_size(size2)
+        return merkle.consistency_proof(size1, size2, self.subtree)
+
+    def _check_size(self, size: int) -> None:
+        current = self.size()
+        if size > current:
+            raise InclusionProofError(f"the log has {current} entries, not {size}")
+
+    def checkpoint(self) -> str:
+        """The latest signed checkpoint note kept in the store."""
+        row = self._db.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        if row is None:
+            raise LogUnavailable(f"{self.path}: the log has no signed checkpoint yet")
+        return str(row[0])
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _load_border(self, size: int) -> None:
+        border: list[tuple[int, bytes]] = []
+        start = 0
+        for level in reversed(range(size.bit_length())):
+            if size >> level & 1:
+                border.append((level, self._node(level, start >> level)))
+                start += 1 << level
+        self._border, self._border_size = border, size
+
+    def append(self, entry: bytes) -> int:
+        """Append one entry in its own transaction; return its index."""
+        return self.append_many([entry])[0]
+
+    def append_many(self, entries: Iterable[bytes]) -> list[int]:
+        """Append entries in one transaction; return their indexes."""
+        if self.readonly:
+            raise RuntimeError("this log store is open read-only")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                size = self.size()
+                if size != self._border_size:  # another process appended meanwhile
+                    self._load_border(size)
+                indexes = [
+                    self._append_one(size + offset, entry) for offset, entry in enumerate(entries)
+                ]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._border_size = -1  # reload from disk next time
+                raise
+            self._border_size = size + len(indexes)
+            return indexes
+
+    def _append_one(self, index: int, entry: bytes) -> int:
+        if not isinstance(entry, bytes) or len(entry) > MAX_ENTRY_BYTES:
+            raise ValueError(f"a log entry is bytes of at most {MAX_ENTRY_BYTES}")
+        leaf = merkle.leaf_hash(entry)
+        self._db.execute(
+            "INSERT INTO entries (idx, entry, leaf) VALUES (?, ?, ?)", (index, entry, leaf)
+        )
+        level, value, position = 0, leaf, index
+        while self._border and self._border[-1][0] == level:
+            value = merkle.node_hash(self._border.pop()[1], value)
+            level, position = level + 1, position >> 1
+            self._db.execute(
+                "INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", (level, position, value)
+            )
+        self._border.append((level, value))
+        return index
+
+    def sign_checkpoint(self, signer: NoteSigner, *, now: dt.datetime | None = None) -> str:
+        """Sign (and keep) a checkpoint of the log as it is now; the note's origin is the
+        signer's name. Signing the same size twice returns the same note."""
+        if self.readonly:
+            raise RuntimeError("this log store is open read-only")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                size = self.size()
+                row = self._db.execute(
+                    "SELECT note FROM checkpoints WHERE size = ?", (size,)
+                ).fetchone()
+                if row is None:
+                    note = signer.sign(Checkpoint(signer.name, size, self.root(size)).to_text())
+                    stamp = (now or dt.datetime.now(dt.UTC)).isoformat()
+                    self._db.execute(
+                        "INSERT INTO checkpoints (size, note, signed_at) VALUES (?, ?, ?)",
+                        (size, note, stamp),
+                    )
+                else:
+                    note = str(row[0])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return note
+
+
+class LogSink:
+    """An :class:`~sandbox.events.EventSink` that appends each event to a log store."""
+
+    def __init__(self, store: LogStore):
+        self.store = store
+
+    def emit(self, event: Event) -> None:
+        self.store.append(canonical_entry(event.to_json()))

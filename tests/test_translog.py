@@ -1,0 +1,561 @@
+"""The transparency log: C2SP notes, the SQLite store, the gRPC service over TLS, and the
+auditor's CLI against each attack, with its own error and exit code."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import multiprocessing
+import sqlite3
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from sandbox.cli import app
+from sandbox.config import NodeConfig
+from sandbox.errors import (
+    AggregateUnaccepted,
+    ConsistencyProofError,
+    EntryMissing,
+    EntryTampered,
+    InclusionProofError,
+    JournalInvalid,
+    JournalMismatch,
+    LogFork,
+    LogRollback,
+    LogUnavailable,
+    NoteMalformed,
+    NoteSignatureInvalid,
+    NoteUnknownSigner,
+    OriginMismatch,
+    ReleaseWithoutAppraisal,
+    UpdateFromUnattested,
+)
+from sandbox.federation import free_port
+from sandbox.journal import append_journal, read_journal
+from sandbox.tls import issue_loopback_tls
+from sandbox.translog import merkle
+from sandbox.translog.audit import AuditorState, check_policy, crosscheck, verify_log
+from sandbox.translog.client import LogClient
+from sandbox.translog.note import (
+    Checkpoint,
+    NoteSigner,
+    NoteVerifier,
+    open_note,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from sandbox.translog.service import add_log_service
+from sandbox.translog.store import LogStore, canonical_entry
+from tests.loghistory import build_log, digest, honest_history, new_signer, release
+
+runner = CliRunner()
+
+
+# -- C2SP notes and checkpoints ---------------------------------------------------------
+
+
+def test_checkpoint_round_trips_in_the_c2sp_layout() -> None:
+    root = bytes(range(32))
+    checkpoint = Checkpoint("example.com/log", 42, root, ("ext one",))
+    text = checkpoint.to_text()
+    assert text == f"example.com/log\n42\n{base64.b64encode(root).decode()}\next one\n"
+    assert Checkpoint.from_text(text) == checkpoint
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "origin\n42\n",
+        "\n42\nAAAA\n",
+        "origin\n042\n" + base64.b64encode(bytes(32)).decode() + "\n",
+        "origin\n-1\n" + base64.b64encode(bytes(32)).decode() + "\n",
+        "origin\n4 2\n" + base64.b64encode(bytes(32)).decode() + "\n",
+        "origin\n42\n" + base64.b64encode(bytes(31)).decode() + "\n",
+        "origin\n42\nnot base64!\n",
+        "origin\n42\n" + base64.b64encode(bytes(32)).decode(),
+        "origin\n42\n" + base64.b64encode(bytes(32)).decode() + "\n\n",
+    ],
+)
+def test_malformed_checkpoints_are_refused(text: str) -> None:
+    with pytest.raises(NoteMalformed):
+        Checkpoint.from_text(text)
+
+
+def test_note_key_id_and_vkey_follow_c2sp() -> None:
+    signer = new_signer()
+    vkey = signer.verifier.vkey()
+    name, key_hex, blob = vkey.split("+", 2)
+    raw = base64.b64decode(blob)
+    assert name == signer.name
+    assert raw[0] == 1
+    assert len(raw) == 33
+
+    assert bytes.fromhex(key_hex) == hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4]
+    assert NoteVerifier.from_vkey(vkey).key_id == signer.verifier.key_id
+    with pytest.raises(NoteMalformed):
+        NoteVerifier.from_vkey(f"{name}+00000000+{blob}")
+
+
+def test_note_signature_line_and_verification() -> None:
+    signer = new_signer()
+    note = signer.sign("hello\n")
+    text, signature = note.split("\n\n")
+    assert text == "hello"
+    assert signature.startswith(f"\u2014 {signer.name} ")
+    assert open_note(note, [signer.verifier]) == "hello\n"
+    other = new_signer()
+    cosigned = note + other.signature_line("hello\n")
+    assert open_note(cosigned, [other.verifier]) == "hello\n"
+    with pytest.raises(NoteUnknownSigner):
+        open_note(note, [other.verifier])
+    tampered = note.replace("hello", "hellp", 1)
+    with pytest.raises(NoteSignatureInvalid):
+        open_note(tampered, [signer.verifier])
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda n: n.replace("\n\n", "\n"),  # no blank line
+        lambda n: n.replace("\u2014 ", "- "),  # not an em dash
+        lambda n: n[:-1],  # no final newline
+        lambda n: n.replace("\n\n", "\x07\n\n"),  # control character in the text
+        lambda n: n + "\u2014 x AAAA\n",  # signature too short for a key id
+        lambda n: n.replace(" ", "  ", 1) if n.count(" ") else n,  # extra field
+        lambda n: b"\xff" + n.encode(),  # not UTF-8
+    ],
+)
+def test_malformed_notes_are_refused(mangle: Any) -> None:
+    signer = new_signer()
+    note = sign_checkpoint(Checkpoint(signer.name, 1, bytes(32)), signer)
+    with pytest.raises(NoteMalformed):
+        open_note(mangle(note), [signer.verifier])
+
+
+def test_checkpoint_for_another_origin_is_refused() -> None:
+    signer = new_signer()
+    note = signer.sign(Checkpoint("another.example/log", 1, bytes(32)).to_text())
+    with pytest.raises(OriginMismatch):
+        verify_checkpoint(note, signer.verifier)
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def test_store_proofs_match_the_pure_tree_at_every_size(tmp_path: Path) -> None:
+    entries = [canonical_entry({"kind": "x", "i": i}) for i in range(70)]
+    store = LogStore(tmp_path / "log.db")
+    for entry in entries[:5]:
+        store.append(entry)
+    store.append_many(entries[5:])
+    assert store.size() == 70
+    for size in (1, 2, 5, 31, 32, 33, 64, 70):
+        assert store.root(size) == merkle.root_hash(entries[:size])
+        for index in {0, size // 2, size - 1}:
+            assert store.inclusion_proof(index, size) == merkle.inclusion_proof(
+                index, size, entries
+            )
+        for first in sorted({1, min(3, size), max(1, size // 2), size}):
+            assert store.consistency_proof(first, size) == merkle.consistency_proof(
+                first, size, entries
+            )
+    with pytest.raises(InclusionProofError):
+        store.inclusion_proof(0, 71)
+
+
+def test_store_never_recomputes_the_tree(tmp_path: Path) -> None:
+    """A proof reads O(log n) stored hashes, never the entries beyond its own leaf."""
+    store = LogStore(tmp_path / "log.db", durable=False)
+    store.append_many(canonical_entry({"i": i}) for i in range(5000))
+    calls: list[tuple[int, int]] = []
+    original = store._node
+
+    def counting(level: int, index: int) -> bytes:
+        calls.append((level, index))
+        return original(level, index)
+
+    store._node = counting  # type: ignore[method-assign]
+    store.inclusion_proof(1234, 4999)
+    assert 0 < len(calls) <= 2 * 13
+
+
+def _append_from_process(path: str, worker: int) -> None:
+    store = LogStore(Path(path))
+    for i in range(50):
+        store.append(canonical_entry({"worker": worker, "i": i}))
+    store.close()
+
+
+def test_provider_processes_append_to_one_log_safely(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    LogStore(path).close()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_from_process, args=(str(path), w)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    store = LogStore(path, readonly=True)
+    entries = store.entries(0, 1000)
+    assert len(entries) == 150
+    assert store.root() == merkle.root_hash(entries)
+
+
+def test_readonly_store_refuses_to_append_and_missing_db_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(LogUnavailable):
+        LogStore(tmp_path / "absent.db", readonly=True)
+    LogStore(tmp_path / "log.db").close()
+    with pytest.raises(RuntimeError):
+        LogStore(tmp_path / "log.db", readonly=True).append(b"{}")
+
+
+def test_checkpoint_is_signed_once_per_size(tmp_path: Path) -> None:
+    signer = new_signer()
+    store = build_log(tmp_path / "log.db", honest_history(), signer)
+    assert store.sign_checkpoint(signer) == store.checkpoint()
+    checkpoint = verify_checkpoint(store.checkpoint(), signer.verifier)
+    assert checkpoint.size == store.size()
+    assert checkpoint.root == store.root()
+
+
+# -- the gRPC service over TLS -------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[LogClient, LogStore, NoteSigner, Path]]:
+    signer = new_signer()
+    store = build_log(tmp_path / "log.db", honest_history(runs=3), signer)
+    tls = issue_loopback_tls(tmp_path / "tls", common_name="test-log", valid_days=1)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_log_service(server, store, signer)
+    port = server.add_secure_port(
+        "127.0.0.1:0",
+        grpc.ssl_server_credentials([(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]),
+    )
+    server.start()
+    client = LogClient(f"127.0.0.1:{port}", ca_cert=tls.ca_cert)
+    try:
+        yield client, store, signer, tls.ca_cert
+    finally:
+        client.close()
+        server.stop(0).wait()
+
+
+def test_service_answers_as_the_store_does(served: Any) -> None:
+    client, store, signer, _ = served
+    size = store.size()
+    checkpoint = verify_checkpoint(client.checkpoint(), signer.verifier)
+    assert checkpoint.size == size
+    assert client.entries(0, size) == store.entries(0, size)
+    assert client.inclusion_proof(7, size) == store.inclusion_proof(7, size)
+    leaf = merkle.leaf_hash(store.entries(9, 10)[0])
+    assert client.inclusion_proof_by_leaf(leaf, size) == (9, store.inclusion_proof(9, size))
+    assert client.consistency_proof(5, size) == store.consistency_proof(5, size)
+    with pytest.raises(InclusionProofError):
+        client.inclusion_proof(0, size + 10)
+    store.append(canonical_entry({"kind": "later"}))
+    assert verify_checkpoint(client.checkpoint(), signer.verifier).size == size + 1
+
+
+def test_service_has_no_append_rpc() -> None:
+    from protos.ark.v1 import translog_pb2
+
+    methods = translog_pb2.DESCRIPTOR.services_by_name["TransparencyLog"].methods_by_name
+    assert sorted(methods) == [
+        "GetCheckpoint",
+        "GetConsistencyProof",
+        "GetEntries",
+        "GetInclusionProof",
+    ]
+
+
+def test_audit_verify_over_tls_and_an_unreachable_log(served: Any, tmp_path: Path) -> None:
+    client, store, signer, ca = served
+    vkey = _vkey(tmp_path, signer)
+    result = _audit("verify", "--log", client.address, "--key", vkey, "--ca", ca)
+    assert result.exit_code == 0, result.output
+    assert f"at size {store.size()}" in result.output
+    closed = f"127.0.0.1:{free_port()}"
+    result = _audit("verify", "--log", closed, "--key", vkey, "--ca", ca)
+    assert result.exit_code == LogUnavailable.exit_code == 40, result.output
+
+
+# -- the auditor: positive path and attacks, through the CLI -------------------------------
+
+
+def _vkey(tmp_path: Path, signer: NoteSigner) -> Path:
+    path = tmp_path / "log.vkey"
+    path.write_text(signer.verifier.vkey() + "\n", encoding="utf-8")
+    return path
+
+
+def _audit(*args: object) -> Any:
+    return runner.invoke(app, ["audit", *map(str, args)])
+
+
+class World:
+    """An honest provider's log plus an auditor who already verified it once (--state)."""
+
+    def __init__(self, tmp_path: Path, events: list[dict[str, Any]] | None = None):
+        self.tmp = tmp_path
+        self.signer = new_signer()
+        self.events = honest_history(runs=2) if events is None else events
+        self.db = tmp_path / "provider" / "translog.db"
+        self.store = build_log(self.db, self.events, self.signer)
+        self.vkey = _vkey(tmp_path, self.signer)
+        self.state = tmp_path / "auditor"
+
+    def verify(self, *extra: object) -> Any:
+        return _audit("verify", "--log", self.db, "--key", self.vkey, "--state", self.state, *extra)
+
+    def sql(self, statement: str, *params: Any) -> None:
+        with sqlite3.connect(self.db) as db:
+            db.execute(statement, params)
+
+    def replace_checkpoint(self, note: str) -> None:
+        self.sql("DELETE FROM checkpoints")
+        self.sql("INSERT INTO checkpoints VALUES (?, ?, 'now')", self.store.size(), note)
+
+    def rewrite(self, events: list[dict[str, Any]]) -> None:
+        """The provider rebuilds the log from ``events`` and signs it with its real key."""
+        self.store.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+        self.store = build_log(self.db, events, self.signer)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    world = World(tmp_path)
+    first = world.verify()
+    assert first.exit_code == 0, first.output
+    assert "ok: Policy across events" in first.output
+    return world
+
+
+def test_an_honest_log_verifies_and_grows(world: World) -> None:
+    world.store.append_many(canonical_entry(e) for e in honest_history(runs=1)[-5:])
+    world.store.sign_checkpoint(world.signer)
+    result = world.verify()
+    assert result.exit_code == 0, result.output
+    assert f"size {len(world.events)} → {world.store.size()}" in result.output
+    history = (world.state / "history.log").read_text().splitlines()
+    assert len(history) == 2
+
+
+def test_edited_entry(world: World) -> None:
+    edited = canonical_entry({**world.events[5], "status": "affirming", "ueid": "someone-else"})
+    world.sql("UPDATE entries SET entry = ? WHERE idx = 5", edited)
+    result = world.verify()
+    assert result.exit_code == EntryTampered.exit_code == 23, result.output
+    assert "EntryTampered: entry 5 " in result.output
+
+
+def test_deleted_entry(world: World) -> None:
+    world.sql("DELETE FROM entries WHERE idx = 12")
+    result = world.verify()
+    assert result.exit_code == EntryMissing.exit_code == 24, result.output
+    assert "EntryMissing" in result.output
+
+
+def test_truncated_log_is_a_rollback(world: World) -> None:
+    world.rewrite(world.events[:-4])
+    result = world.verify()
+    assert result.exit_code == LogRollback.exit_code == 21, result.output
+    assert "rolled back" in result.output
+
+
+def test_forked_log_same_size_other_root(world: World) -> None:
+    forked = list(world.events)
+    forked[3] = {**forked[3], "status": "contraindicated"}
+    world.rewrite(forked)
+    result = world.verify()
+    assert result.exit_code == LogFork.exit_code == 22, result.output
+    assert "forked log" in result.output
+
+
+def test_rewritten_history_that_grew_fails_consistency(world: World) -> None:
+    rewritten = [e for i, e in enumerate(world.events) if i != 2] + honest_history(runs=1)
+    world.rewrite(rewritten)
+    result = world.verify()
+    assert result.exit_code == ConsistencyProofError.exit_code == 20, result.output
+    assert "history rewritten" in result.output
+
+
+def test_checkpoint_signed_only_by_an_unknown_key(world: World) -> None:
+    stranger = NoteSigner(world.signer.name, Ed25519PrivateKey.generate())
+    world.replace_checkpoint(
+        sign_checkpoint(
+            Checkpoint(world.signer.name, world.store.size(), world.store.root()), stranger
+        )
+    )
+    result = world.verify()
+    assert result.exit_code == NoteUnknownSigner.exit_code == 11, result.output
+
+
+def test_checkpoint_with_a_bad_signature_by_the_log_key(world: World) -> None:
+    note = world.store.checkpoint()
+    text, signature = note.split("\n\n")
+    name, blob = signature.removeprefix("\u2014 ").split(" ")
+    raw = bytearray(base64.b64decode(blob))
+    raw[10] ^= 1
+    world.replace_checkpoint(f"{text}\n\n\u2014 {name} {base64.b64encode(bytes(raw)).decode()}\n")
+    result = world.verify()
+    assert result.exit_code == NoteSignatureInvalid.exit_code == 10, result.output
+
+
+def test_malformed_note(world: World) -> None:
+    world.replace_checkpoint(world.store.checkpoint().replace("\n\n", "\n", 1))
+    result = world.verify()
+    assert result.exit_code == NoteMalformed.exit_code == 12, result.output
+
+
+def test_wrong_origin(world: World) -> None:
+    other = Checkpoint("ark-sandbox.local/log/another", world.store.size(), world.store.root())
+    world.replace_checkpoint(world.signer.sign(other.to_text()))
+    result = world.verify()
+    assert result.exit_code == OriginMismatch.exit_code == 13, result.output
+
+
+def test_key_release_with_no_affirming_appraisal_before_it(tmp_path: Path) -> None:
+    events = honest_history()
+    events.append(release("never-appraised", "node-9"))
+    world = World(tmp_path, events)
+    result = world.verify()
+    assert result.exit_code == ReleaseWithoutAppraisal.exit_code == 31, result.output
+    assert "session 'never-appraised'" in result.output
+
+
+def test_key_release_after_a_contraindicated_appraisal(tmp_path: Path) -> None:
+    events = honest_history()
+    appraisal = next(i for i, e in enumerate(events) if e["kind"] == "attestation_appraised")
+    events[appraisal] = {**events[appraisal], "status": "contraindicated"}
+    assert [type(v) for v in check_policy(events)] == [ReleaseWithoutAppraisal]
+
+
+def test_update_accepted_from_a_node_never_attested(tmp_path: Path) -> None:
+    events = honest_history()
+    accepted = next(e for e in events if e["kind"] == "update_accepted")
+    events.append({**accepted, "node": 99, "envelope_sha256": digest("rogue")})
+    world = World(tmp_path, events)
+    result = world.verify()
+    assert result.exit_code == UpdateFromUnattested.exit_code == 32, result.output
+    assert "node 99" in result.output
+
+
+def test_aggregate_listing_an_update_that_was_not_accepted(tmp_path: Path) -> None:
+    events = honest_history()
+    commit = next(i for i, e in enumerate(events) if e["kind"] == "aggregate_committed")
+    events[commit] = {**events[commit], "updates": [*events[commit]["updates"], digest("x")]}
+    violations = check_policy(events)
+    assert [type(v) for v in violations] == [AggregateUnaccepted]
+    assert AggregateUnaccepted.exit_code == 33
+
+
+def _journal(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
+    node = NodeConfig(
+        name="alpine", data_path=tmp_path / "d.jsonl", journal_path=tmp_path / "alpine.jsonl"
+    )
+    for entry in entries:
+        append_journal(node, entry)
+    assert node.journal_path is not None
+    return node.journal_path
+
+
+def test_crosscheck_of_honest_journals(world: World, tmp_path: Path) -> None:
+    journal = _journal(
+        tmp_path,
+        [
+            {
+                "kind": "train",
+                "run_id": 1,
+                "round": 1,
+                "received_sha256": digest("in", 1, 1, 2),
+                "sent_sha256": digest("up", 1, 1, 2),
+            },
+            {"kind": "egress_blocked", "reason": "no digests here"},
+        ],
+    )
+    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    assert result.exit_code == 0, result.output
+    assert "2 journal entries, 0 missing" in result.output
+
+
+def test_journal_entry_missing_from_the_providers_log(world: World, tmp_path: Path) -> None:
+    hidden = digest("up", 1, 2, 3) + "0"
+    journal = _journal(
+        tmp_path, [{"kind": "train", "run_id": 1, "round": 2, "sent_sha256": hidden}]
+    )
+    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    assert result.exit_code == JournalMismatch.exit_code == 34, result.output
+    assert "not in the provider's log" in result.output
+    assert [type(m) for m in crosscheck(world.events, read_journal(journal), "j")] == [
+        JournalMismatch
+    ]
+
+
+def test_tampered_journal(world: World, tmp_path: Path) -> None:
+    journal = _journal(tmp_path, [{"kind": "train", "run_id": 1, "sent_sha256": "aa"}] * 3)
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], lines[1], lines[3]]) + "\n")
+    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    assert result.exit_code == JournalInvalid.exit_code == 35, result.output
+    assert "line 3" in result.output
+    journal.write_text("\n".join([lines[0], lines[1].replace('"aa"', '"ab"'), *lines[2:]]) + "\n")
+    with pytest.raises(JournalInvalid, match="signature"):
+        read_journal(journal)
+
+
+def test_audit_inclusion_of_one_entry(world: World, tmp_path: Path) -> None:
+    entry = tmp_path / "entry.json"
+    entry.write_bytes(canonical_entry(world.events[4]))
+    result = _audit("inclusion", "--log", world.db, "--key", world.vkey, "--entry", entry)
+    assert result.exit_code == 0, result.output
+    assert "entry 4 " in result.output
+    entry.write_bytes(canonical_entry({**world.events[4], "status": "none"}))
+    result = _audit("inclusion", "--log", world.db, "--key", world.vkey, "--entry", entry)
+    assert result.exit_code == InclusionProofError.exit_code == 25, result.output
+
+
+def test_report_is_written_and_says_what_failed(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = _audit("report", "--log", world.db, "--key", world.vkey, "--html", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "<svg" in page
+    assert world.signer.name in page
+    world.sql("DELETE FROM entries WHERE idx = 3")
+    result = _audit("report", "--log", world.db, "--key", world.vkey, "--html", out)
+    assert result.exit_code == 24
+    assert "EntryMissing" in out.read_text()
+
+
+def test_verify_log_api_reports_violations_beside_a_sound_log(world: World) -> None:
+    events = [*world.events, release("nobody", "node-7")]
+    world.rewrite(events)
+    audit = verify_log(
+        LogStore(world.db, readonly=True),
+        world.signer.verifier,
+        previous=AuditorState(world.state).load(world.signer.verifier),
+    )
+    assert not audit
+    assert [type(v) for v in audit.violations] == [ReleaseWithoutAppraisal]
+
+
+def test_flower_sized_ids_and_non_finite_metrics_are_logged_as_text(tmp_path: Path) -> None:
+    run, node = 16401725734191279427, 2**63 - 5
+    assert canonical_entry({"run": run, "node": node, "loss": float("nan"), "n": 3}) == (
+        b'{"loss":"nan","n":3,"node":"9223372036854775803","run":"16401725734191279427"}'
+    )
+    journal = _journal(tmp_path, [{"kind": "train", "run_id": run, "node_id": node}])
+    (entry,) = read_journal(journal)
+    assert entry["run_id"] == str(run)
