@@ -77,6 +77,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
             labels,
             model_id=deployment.model_id,
             aggregator_dir=deployment.provider.aggregator,
+            log_db=deployment.provider.log_db,
         )
     else:
         configs = init_unprotected_nodes(root, data)

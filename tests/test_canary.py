@@ -106,7 +106,12 @@ def test_no_canary_leaves_a_protected_run(
     )
     for config in deployment.node_configs.values():
         approve(config, app_digest())
-    spec = _spec(tmp_path, model, aggregator_dir=deployment.provider.aggregator)
+    spec = _spec(
+        tmp_path,
+        model,
+        aggregator_dir=deployment.provider.aggregator,
+        log_db=deployment.provider.log_db,
+    )
     run_config = write_run_config(tmp_path / "run.toml", spec.to_run_config())
 
     with LoopbackCapture(tmp_path / "capture.pcap") as capture:

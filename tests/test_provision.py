@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +55,8 @@ from sandbox.provision import (
 )
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
+from sandbox.translog.note import NoteVerifier, verify_checkpoint
+from sandbox.translog.store import LogStore
 from tests.conftest import make_spec
 
 runner = CliRunner()
@@ -320,6 +323,16 @@ def test_ark_provider_serve_applies_allow_node_without_a_restart(
     kinds = [e["kind"] for e in JsonlEventSink(ws.events).read()]
     assert kinds[:3] == ["model_published", "attestation_appraised", "key_denied"]
     assert kinds[-1] == "key_released"
+    # The same events, in the same order, are in the transparency log, and the broker
+    # signed a checkpoint of all of them on its way out.
+    store = LogStore(ws.log_db, readonly=True)
+    logged = [json.loads(entry)["kind"] for entry in store.entries(0, store.size())]
+    assert logged == kinds
+    checkpoint = verify_checkpoint(
+        store.checkpoint(), NoteVerifier.from_vkey(ws.log_vkey.read_text())
+    )
+    assert checkpoint.size == len(kinds)
+    assert checkpoint.root == store.root()
 
 
 def _key_id(node: NodeConfig) -> str:

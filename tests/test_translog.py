@@ -187,6 +187,30 @@ def test_store_never_recomputes_the_tree(tmp_path: Path) -> None:
     assert 0 < len(calls) <= 2 * 13
 
 
+def test_threads_appending_at_once_share_commits_and_lose_nothing(tmp_path: Path) -> None:
+    store = LogStore(tmp_path / "log.db")
+    transactions: list[int] = []
+    original = store.append_many
+
+    def counting(entries: Any) -> list[int]:
+        indexes = original(entries)
+        transactions.append(len(indexes))
+        return indexes
+
+    store.append_many = counting  # type: ignore[method-assign]
+    entries = [canonical_entry({"thread": t, "i": i}) for t in range(8) for i in range(40)]
+    with futures.ThreadPoolExecutor(max_workers=8) as pool:
+        indexes = list(pool.map(store.append, entries))
+    assert sorted(indexes) == list(range(len(entries)))
+    stored = store.entries(0, len(entries))
+    assert [stored[i] for i in indexes] == entries
+    assert store.root() == merkle.root_hash(stored)
+    assert sum(transactions) == len(entries)
+    with pytest.raises(ValueError, match="at most"):
+        store.append(b"x" * (64 * 1024 + 1))
+    assert store.size() == len(entries)
+
+
 def _append_from_process(path: str, worker: int) -> None:
     store = LogStore(Path(path))
     for i in range(50):

@@ -92,6 +92,11 @@ def canonical_entry(record: Mapping[str, Any]) -> bytes:
     return rfc8785.dumps(_jsonable(record))
 
 
+def _check_entry(entry: object) -> None:
+    if not isinstance(entry, bytes) or len(entry) > MAX_ENTRY_BYTES:
+        raise ValueError(f"a log entry is bytes of at most {MAX_ENTRY_BYTES}")
+
+
 class LogStore:
     """One log in one SQLite file. ``readonly`` opens it for an auditor, never creating it."""
 
@@ -118,6 +123,10 @@ class LogStore:
             raise LogUnavailable(f"{path}: {exc}") from exc
         self._db.isolation_level = None  # transactions are explicit
         self._lock = threading.Lock()
+        # Group commit: appends waiting for the transaction that will carry them.
+        self._commit = threading.Condition()
+        self._queue: list[tuple[bytes, list[int | BaseException]]] = []
+        self._leader = False
         # Roots of the perfect subtrees on the right border: (level, hash), left to right.
         self._border: list[tuple[int, bytes]] = []
         self._border_size = 0
@@ -218,8 +227,40 @@ class LogStore:
         self._border, self._border_size = border, size
 
     def append(self, entry: bytes) -> int:
-        """Append one entry in its own transaction; return its index."""
-        return self.append_many([entry])[0]
+        """Append one entry and return its index once it is committed (on disk, for a
+        durable store).
+
+        Threads appending at the same time share a transaction (group commit): the
+        first becomes the leader and commits every entry queued meanwhile in one go, so
+        a busy service pays one fsync per batch, not per entry.
+        """
+        _check_entry(entry)
+        slot: list[int | BaseException] = []
+        with self._commit:
+            self._queue.append((entry, slot))
+            while not slot:
+                if self._leader:
+                    self._commit.wait()
+                    continue
+                self._leader = True
+                batch, self._queue = self._queue, []
+                self._commit.release()
+                try:
+                    results: list[int | BaseException] = list(
+                        self.append_many(item for item, _ in batch)
+                    )
+                except BaseException as exc:  # every waiter learns its entry was not kept
+                    results = [exc] * len(batch)
+                finally:
+                    self._commit.acquire()
+                    self._leader = False
+                for (_, waiting), result in zip(batch, results, strict=True):
+                    waiting.append(result)
+                self._commit.notify_all()
+        result = slot[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def append_many(self, entries: Iterable[bytes]) -> list[int]:
         """Append entries in one transaction; return their indexes."""
@@ -243,8 +284,7 @@ class LogStore:
             return indexes
 
     def _append_one(self, index: int, entry: bytes) -> int:
-        if not isinstance(entry, bytes) or len(entry) > MAX_ENTRY_BYTES:
-            raise ValueError(f"a log entry is bytes of at most {MAX_ENTRY_BYTES}")
+        _check_entry(entry)
         leaf = merkle.leaf_hash(entry)
         self._db.execute(
             "INSERT INTO entries (idx, entry, leaf) VALUES (?, ?, ?)", (index, entry, leaf)
