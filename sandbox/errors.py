@@ -198,6 +198,10 @@ class LogUnavailable(ArkError):
     exit_code = 40
 
 
+class AuditTooLarge(ArkError):
+    """The log is larger than an audit may hold in memory (``ark audit --max-entries``)."""
+
+
 class LogVerificationError(ArkError):
     """The transparency log, a checkpoint, a proof or a journal failed verification.
 

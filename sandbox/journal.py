@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sandbox.config import NodeConfig
 from sandbox.errors import JournalInvalid
-from sandbox.keyfiles import load_private, private_pem, write_private
+from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
 from sandbox.translog.store import canonical_entry
 
 FORMAT = "ark-node-journal/v1"
@@ -39,6 +39,12 @@ def journal_key_path(journal: Path) -> Path:
     return journal.with_name(journal.name + ".key")
 
 
+def journal_public_path(journal: Path) -> Path:
+    """Where the journal's public key is kept, for the node operator to hand to auditors
+    (``ark audit crosscheck --journal-key``)."""
+    return journal.with_name(journal.name + ".pub")
+
+
 def _journal_key(journal: Path) -> Ed25519PrivateKey:
     path = journal_key_path(journal)
     if not path.exists():
@@ -46,6 +52,9 @@ def _journal_key(journal: Path) -> Ed25519PrivateKey:
     key = load_private(path)
     if not isinstance(key, Ed25519PrivateKey):
         raise JournalInvalid(f"{path}: the journal key must be Ed25519")
+    public = journal_public_path(journal)
+    if not public.exists():
+        public.write_bytes(public_pem(key.public_key()))
     return key
 
 
@@ -132,7 +141,7 @@ def read_journal(path: Path, *, public_key: Ed25519PublicKey | None = None) -> l
             document = json.loads(line)
             body = {k: document[k] for k in ("seq", "prev", "entry")}
             signature = base64.b64decode(document["sig"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise JournalInvalid(f"{where}: not a signed journal line") from exc
         if body["seq"] != number - 1 or body["prev"] != prev:
             raise JournalInvalid(f"{where}: breaks the chain (a line was removed or reordered)")

@@ -175,6 +175,7 @@ class FederatedJob:
                     node=node_id,
                     ear_sha256=peer.result.digest,
                     ueid=peer.result.ueid,
+                    tee_pubkey_sha256=sha256_hex(peer.result.tee_pubkey),
                 )
         return [node_id for node_id in nodes if node_id in self.peers]
 

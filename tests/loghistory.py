@@ -89,7 +89,8 @@ def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, A
                 "kind": "node_admitted",
                 "node": node,
                 "ear_sha256": digest("ear", session),
-                "ueid": digest("ueid", node)[:32],
+                "ueid": digest("ueid", f"node-{node}")[:32],
+                "tee_pubkey_sha256": digest("tee", session),
             }
         )
     for rnd in range(1, rounds + 1):
@@ -185,6 +186,21 @@ def history_of_size(size: int) -> Iterable[dict[str, Any]]:
                 return
             yield event
             produced += 1
+
+
+def node_journal(run: int, node: int, rounds: int = 2) -> list[dict[str, Any]]:
+    """What node ``node``'s journal holds for an honest ``run`` of ``run_events``."""
+    return [
+        {
+            "kind": "train",
+            "run_id": run,
+            "node_id": node,
+            "round": rnd,
+            "received_sha256": digest("in", run, rnd, node),
+            "sent_sha256": digest("up", run, rnd, node),
+        }
+        for rnd in range(1, rounds + 1)
+    ]
 
 
 def new_signer() -> NoteSigner:

@@ -7,6 +7,8 @@ import base64
 import hashlib
 import multiprocessing
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -34,6 +36,7 @@ from sandbox.errors import (
     NoteSignatureInvalid,
     NoteUnknownSigner,
     OriginMismatch,
+    PolicyViolation,
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
@@ -51,9 +54,17 @@ from sandbox.translog.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from sandbox.translog.service import add_log_service
+from sandbox.translog.service import TransparencyLogServicer, add_log_service
 from sandbox.translog.store import LogStore, canonical_entry
-from tests.loghistory import build_log, digest, honest_history, new_signer, release
+from tests.loghistory import (
+    build_log,
+    digest,
+    honest_history,
+    new_signer,
+    node_journal,
+    release,
+    run_events,
+)
 
 runner = CliRunner()
 
@@ -82,6 +93,8 @@ def test_checkpoint_round_trips_in_the_c2sp_layout() -> None:
         "origin\n42\nnot base64!\n",
         "origin\n42\n" + base64.b64encode(bytes(32)).decode(),
         "origin\n42\n" + base64.b64encode(bytes(32)).decode() + "\n\n",
+        "origin\n" + "9" * 5000 + "\n" + base64.b64encode(bytes(32)).decode() + "\n",
+        f"origin\n{2**64}\n" + base64.b64encode(bytes(32)).decode() + "\n",
     ],
 )
 def test_malformed_checkpoints_are_refused(text: str) -> None:
@@ -199,8 +212,22 @@ def test_threads_appending_at_once_share_commits_and_lose_nothing(tmp_path: Path
 
     store.append_many = counting  # type: ignore[method-assign]
     entries = [canonical_entry({"thread": t, "i": i}) for t in range(8) for i in range(40)]
+    # Hold the first commit until every other thread has queued its entry behind it.
+    first = threading.Event()
+    original_batch = counting
+
+    def held(batch: Any) -> list[int]:
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 10
+            while len(store._queue) < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return original_batch(batch)
+
+    store.append_many = held  # type: ignore[method-assign, assignment]
     with futures.ThreadPoolExecutor(max_workers=8) as pool:
         indexes = list(pool.map(store.append, entries))
+    assert max(transactions) >= 7, transactions  # the queued ones shared one commit
     assert sorted(indexes) == list(range(len(entries)))
     stored = store.entries(0, len(entries))
     assert [stored[i] for i in indexes] == entries
@@ -246,6 +273,12 @@ def test_checkpoint_is_signed_once_per_size(tmp_path: Path) -> None:
     signer = new_signer()
     store = build_log(tmp_path / "log.db", honest_history(), signer)
     assert store.sign_checkpoint(signer) == store.checkpoint()
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute("SELECT size, signed_at FROM checkpoints").fetchall()
+    assert len(rows) == 1
+    store.sign_checkpoint(signer)
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT size, signed_at FROM checkpoints").fetchall() == rows
     checkpoint = verify_checkpoint(store.checkpoint(), signer.verifier)
     assert checkpoint.size == store.size()
     assert checkpoint.root == store.root()
@@ -367,7 +400,7 @@ def world(tmp_path: Path) -> World:
 
 
 def test_an_honest_log_verifies_and_grows(world: World) -> None:
-    world.store.append_many(canonical_entry(e) for e in honest_history(runs=1)[-5:])
+    world.store.append_many(canonical_entry(e) for e in run_events(3))
     world.store.sign_checkpoint(world.signer)
     result = world.verify()
     assert result.exit_code == 0, result.output
@@ -497,21 +530,22 @@ def _journal(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
 
 def test_crosscheck_of_honest_journals(world: World, tmp_path: Path) -> None:
     journal = _journal(
-        tmp_path,
-        [
-            {
-                "kind": "train",
-                "run_id": 1,
-                "round": 1,
-                "received_sha256": digest("in", 1, 1, 2),
-                "sent_sha256": digest("up", 1, 1, 2),
-            },
-            {"kind": "egress_blocked", "reason": "no digests here"},
-        ],
+        tmp_path, [*node_journal(1, 2), {"kind": "egress_blocked", "reason": "no digests"}]
     )
-    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    pinned = journal.with_name(journal.name + ".pub")
+    result = _audit(
+        "crosscheck",
+        "--log",
+        world.db,
+        "--key",
+        world.vkey,
+        "--journal",
+        journal,
+        "--journal-key",
+        pinned,
+    )
     assert result.exit_code == 0, result.output
-    assert "2 journal entries, 0 missing" in result.output
+    assert "3 journal entries, 0 missing" in result.output
 
 
 def test_journal_entry_missing_from_the_providers_log(world: World, tmp_path: Path) -> None:
@@ -583,3 +617,189 @@ def test_flower_sized_ids_and_non_finite_metrics_are_logged_as_text(tmp_path: Pa
     journal = _journal(tmp_path, [{"kind": "train", "run_id": run, "node_id": node}])
     (entry,) = read_journal(journal)
     assert entry["run_id"] == str(run)
+
+
+# -- review follow-ups: hostile inputs, policy edges, journals -----------------------------
+
+
+def test_deeply_nested_entry_is_a_malformed_event(tmp_path: Path) -> None:
+    events: list[Any] = honest_history()
+    world = World(tmp_path, events)
+    world.store.close()
+    world.store = LogStore(world.db)
+    world.store.append(b"[" * 5000 + b"]" * 5000)
+    world.store.append(b'{"kind":"x","kind":"y"}')
+    world.store.sign_checkpoint(world.signer)
+    result = world.verify()
+    assert result.exit_code == PolicyViolation.exit_code == 30, result.output
+    assert "not canonical" in result.output
+
+
+def test_a_stored_entry_of_the_wrong_type_is_tampering(world: World) -> None:
+    world.sql("UPDATE entries SET entry = 'abc' WHERE idx = 2")
+    result = world.verify()
+    assert result.exit_code == EntryTampered.exit_code, result.output
+
+
+def test_a_damaged_database_is_unreadable_not_a_crash(world: World) -> None:
+    world.sql("DROP TABLE checkpoints")
+    result = world.verify()
+    assert result.exit_code == LogUnavailable.exit_code, result.output
+
+
+def test_a_log_too_large_for_the_audit_is_refused(world: World) -> None:
+    result = world.verify("--max-entries", 10)
+    assert result.exit_code == 2, result.output
+    assert "--max-entries" in result.output
+
+
+def test_first_audit_without_state_says_rollback_was_not_checked(world: World) -> None:
+    result = _audit("verify", "--log", world.db, "--key", world.vkey)
+    assert result.exit_code == 0, result.output
+    assert "SKIPPED: Consistent with the last checkpoint seen" in result.output
+
+
+def test_inclusion_and_crosscheck_also_catch_a_rollback(world: World, tmp_path: Path) -> None:
+    world.rewrite(world.events[:-4])
+    inclusion = _audit(
+        "inclusion", "--log", world.db, "--key", world.vkey, "--index", 0, "--state", world.state
+    )
+    assert inclusion.exit_code == LogRollback.exit_code, inclusion.output
+    journal = _journal(tmp_path, node_journal(1, 1))
+    crosschecked = _audit(
+        "crosscheck",
+        "--log",
+        world.db,
+        "--key",
+        world.vkey,
+        "--journal",
+        journal,
+        "--state",
+        world.state,
+    )
+    assert crosschecked.exit_code == LogRollback.exit_code, crosschecked.output
+
+
+def _first_index(events: list[dict[str, Any]], kind: str, **match: Any) -> int:
+    return next(
+        i
+        for i, e in enumerate(events)
+        if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())
+    )
+
+
+def test_admission_ends_when_a_node_declines() -> None:
+    events = honest_history()
+    second_round = _first_index(events, "round_started", round=2)
+    declined = {"kind": "node_declined", "run": 1, "job": "demo", "round": 1, "node": 2}
+    events.insert(second_round, declined)
+    assert [type(v) for v in check_policy(events)] == [UpdateFromUnattested]
+
+
+def test_one_channel_attestation_admits_one_node() -> None:
+    events = honest_history()
+    admitted = events[_first_index(events, "node_admitted", node=1)]
+    at = _first_index(events, "round_started", round=1)
+    events.insert(at, {**admitted, "node": 9})
+    accepted = events[_first_index(events, "update_accepted", round=1, node=1)]
+    events.insert(at + 2, {**accepted, "node": 9, "envelope_sha256": digest("nine")})
+    kinds = {type(v) for v in check_policy(events)}
+    assert UpdateFromUnattested in kinds
+
+
+def test_release_and_appraisal_missing_their_fields_do_not_match() -> None:
+    events = [
+        {"kind": "attestation_appraised", "status": "affirming"},
+        {"kind": "key_released"},
+    ]
+    assert [type(v) for v in check_policy(events)] == [ReleaseWithoutAppraisal]
+
+
+def test_an_update_counted_twice_or_accepted_twice_is_a_violation() -> None:
+    events = honest_history()
+    commit = _first_index(events, "aggregate_committed", round=1)
+    twice = {
+        **events[commit],
+        "updates": [*events[commit]["updates"], events[commit]["updates"][0]],
+    }
+    assert [type(v) for v in check_policy([*events[:commit], twice])] == [AggregateUnaccepted]
+    accepted = events[_first_index(events, "update_accepted", round=1, node=1)]
+    again = [*events[:commit], {**accepted, "kind": "update_rejected"}]
+    assert [type(v) for v in check_policy(again)] == [PolicyViolation]
+
+
+def test_an_update_from_a_node_outside_the_round_is_a_violation() -> None:
+    events = honest_history()
+    start = _first_index(events, "round_started", round=1)
+    events[start] = {**events[start], "participants": events[start]["participants"][:2]}
+    assert [type(v) for v in check_policy(events)] == [UpdateFromUnattested]
+
+
+def test_crosscheck_binds_round_and_node_and_checks_both_ways(world: World, tmp_path: Path) -> None:
+    honest = node_journal(1, 2)
+    moved = [{**honest[0], "round": 2}, honest[1]]
+    found = crosscheck(world.events, moved, "j")
+    assert found
+    assert all(isinstance(m, JournalMismatch) for m in found)
+    # The provider's log says node 2 sent a round-2 update its own journal never sent.
+    assert [type(m) for m in crosscheck(world.events, honest[:1], "j")] == [JournalMismatch]
+
+
+def test_a_journal_signed_by_another_key_fails_when_the_key_is_pinned(
+    world: World, tmp_path: Path
+) -> None:
+    journal = _journal(tmp_path, node_journal(1, 2))
+    other = _journal(tmp_path / "other", node_journal(1, 2))
+    result = _audit(
+        "crosscheck",
+        "--log",
+        world.db,
+        "--key",
+        world.vkey,
+        "--journal",
+        journal,
+        "--journal-key",
+        other.with_name(other.name + ".pub"),
+    )
+    assert result.exit_code == JournalInvalid.exit_code, result.output
+
+
+class _LyingLog(TransparencyLogServicer):
+    """A log service that answers every page with more entries than were asked for."""
+
+    def GetEntries(self, request: Any, context: Any) -> Any:
+        from protos.ark.v1 import translog_pb2 as pb
+
+        entries = self.reader.entries(0, self.reader.size())
+        return pb.Entries(start=0, entries=entries + entries)
+
+
+def test_a_log_that_serves_extra_entries_is_caught(tmp_path: Path) -> None:
+    from protos.ark.v1 import translog_pb2_grpc as pb_grpc
+
+    signer = new_signer()
+    store = build_log(tmp_path / "log.db", honest_history(), signer)
+    tls = issue_loopback_tls(tmp_path / "tls", common_name="liar", valid_days=1)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TransparencyLogServicer_to_server(
+        _LyingLog(LogStore(store.path, readonly=True), store, signer), server
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0",
+        grpc.ssl_server_credentials([(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]),
+    )
+    server.start()
+    try:
+        result = _audit(
+            "verify",
+            "--log",
+            f"127.0.0.1:{port}",
+            "--key",
+            _vkey(tmp_path, signer),
+            "--ca",
+            tls.ca_cert,
+        )
+    finally:
+        server.stop(0).wait()
+    assert result.exit_code == InclusionProofError.exit_code, result.output
+    assert "entries" in result.output

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sandbox.cli.base import audit_app, console, err_console, fail, read_json
 from sandbox.errors import ArkError, LogUnavailable, LogVerificationError
+
+# The audit holds every event in memory; see sandbox.translog.audit.MAX_AUDIT_ENTRIES.
+MAX_ENTRIES = 10_000_000
 
 if TYPE_CHECKING:
     from sandbox.translog.audit import Audit
@@ -57,6 +60,16 @@ CaOption = Annotated[
 ]
 OriginOption = Annotated[
     str | None, typer.Option(help="The log's origin (default: the key's name).")
+]
+StateOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder keeping the last checkpoint seen, to catch rewritten history "
+        "(without it, a rewrite before this audit cannot be detected)."
+    ),
+]
+MaxEntriesOption = Annotated[
+    int, typer.Option(min=0, help="Refuse logs with more entries (the audit holds them all).")
 ]
 
 
@@ -83,17 +96,22 @@ def _open_log(log: str, key: Path, ca: Path | None) -> LogReader:
     return LogClient(log, ca_cert=ca)
 
 
-def _checks(audit: Audit, verifier: NoteVerifier) -> list[tuple[str, bool, str]]:
+def _checks(
+    audit: Audit, verifier: NoteVerifier, state: Path | None
+) -> list[tuple[str, bool | None, str]]:
     cp, previous = audit.checkpoint, audit.previous
-    since = (
-        "no earlier checkpoint kept (first audit)"
-        if previous is None
-        else f"size {previous.size} → {cp.size}"
-    )
+    consistent: tuple[str, bool | None, str]
+    name = "Consistent with the last checkpoint seen"
+    if previous is not None:
+        consistent = (name, True, f"size {previous.size} → {cp.size}")
+    elif state is None:
+        consistent = (name, None, "not checked: no --state folder, so no earlier checkpoint")
+    else:
+        consistent = (name, None, f"not checked: first audit with --state {state}; kept now")
     violations = len(audit.violations)
     return [
         ("Checkpoint signature", True, f"signed by {verifier.name} (key {verifier.key_id.hex()})"),
-        ("Consistent with the last checkpoint seen", True, since),
+        consistent,
         ("Every entry included", True, f"{cp.size} entries hash to the signed root"),
         (
             "Policy across events",
@@ -106,7 +124,12 @@ def _checks(audit: Audit, verifier: NoteVerifier) -> list[tuple[str, bool, str]]
 
 
 def _verify(
-    log: str, key: Path, ca: Path | None, origin: str | None, state: Path | None
+    log: str,
+    key: Path,
+    ca: Path | None,
+    origin: str | None,
+    state: Path | None,
+    max_entries: int = MAX_ENTRIES,
 ) -> tuple[Audit, NoteVerifier]:
     from sandbox.translog.audit import AuditorState, load_verifier, verify_log
 
@@ -114,33 +137,38 @@ def _verify(
     reader = _open_log(log, key, ca)
     keeper = None if state is None else AuditorState(state)
     previous = None if keeper is None else keeper.load(verifier, origin)
-    audit = verify_log(reader, verifier, origin=origin, previous=previous)
+    audit = verify_log(reader, verifier, origin=origin, previous=previous, max_entries=max_entries)
     if keeper is not None:  # the log itself is sound: remember how far it went
         keeper.save(audit.note, audit.checkpoint)
     return audit, verifier
+
+
+_OUTCOME = {True: "ok", False: "FAILED", None: "SKIPPED"}
+
+
+def _print_checks(checks: list[tuple[str, bool | None, str]]) -> None:
+    for name, ok, detail in checks:
+        console.print(f"{ {True: 'ok', False: 'FAILED', None: 'SKIPPED'}[ok] }: {name}: {detail}")
 
 
 @audit_app.command("verify")
 def audit_verify(
     log: LogOption,
     key: KeyOption,
-    state: Annotated[
-        Path | None,
-        typer.Option(help="Folder keeping the last checkpoint seen, to catch rewritten history."),
-    ] = None,
+    state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
+    max_entries: MaxEntriesOption = MAX_ENTRIES,
 ) -> None:
     """Verify the log: checkpoint signature, consistency with the last checkpoint kept
     under --state, inclusion of every entry, and policy across events."""
     try:
-        audit, verifier = _verify(log, key, ca, origin, state)
+        audit, verifier = _verify(log, key, ca, origin, state, max_entries)
     except (LogVerificationError, LogUnavailable) as exc:
         raise _exit(exc) from exc
     except ArkError as exc:
         raise fail(exc) from exc
-    for name, ok, detail in _checks(audit, verifier):
-        console.print(f"{'ok' if ok else 'FAILED'}: {name}: {detail}")
+    _print_checks(_checks(audit, verifier, state))
     for violation in audit.violations:
         err_console.print(f"[bold red]{type(violation).__name__}:[/] {violation}")
     cp = audit.checkpoint
@@ -160,12 +188,14 @@ def audit_inclusion(
     leaf_hash: Annotated[
         str | None, typer.Option(help="The entry's RFC 9162 leaf hash (hex).")
     ] = None,
+    state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
 ) -> None:
-    """Prove that one entry is in the log under its latest signed checkpoint."""
+    """Prove that one entry is in the log under its latest signed checkpoint (which,
+    with --state, must extend the last checkpoint seen)."""
     from sandbox.translog import merkle
-    from sandbox.translog.audit import load_verifier
+    from sandbox.translog.audit import AuditorState, check_consistency, load_verifier
     from sandbox.translog.note import verify_checkpoint
 
     if sum(x is not None for x in (index, entry, leaf_hash)) != 1:
@@ -173,7 +203,14 @@ def audit_inclusion(
     try:
         verifier = load_verifier(key)
         reader = _open_log(log, key, ca)
-        cp = verify_checkpoint(reader.checkpoint(), verifier, origin=origin)
+        note = reader.checkpoint()
+        cp = verify_checkpoint(note, verifier, origin=origin)
+        keeper = None if state is None else AuditorState(state)
+        previous = None if keeper is None else keeper.load(verifier, origin)
+        if previous is not None:
+            check_consistency(reader, previous, cp)
+        if keeper is not None:
+            keeper.save(note, cp)
         if index is not None:
             found = reader.entries(index, index + 1)
             if not found or index >= cp.size:
@@ -205,19 +242,35 @@ def audit_crosscheck(
     journal: Annotated[
         list[Path], typer.Option("--journal", help="A node's journal.jsonl; repeat for each node.")
     ],
+    journal_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--journal-key",
+            help="The node's journal public key (journal.jsonl.pub, from the node operator), "
+            "one per --journal in the same order; without it each journal's own key is used.",
+        ),
+    ] = None,
+    state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
+    max_entries: MaxEntriesOption = MAX_ENTRIES,
 ) -> None:
-    """Check each node journal's signatures, then that the provider's log records every
-    instruction the node received and every update it sent."""
+    """Check each node journal's chain and signatures, then hold it against the log: the
+    log must record every instruction the node received and every update it sent, and
+    the node must have sent every update the log attributes to it."""
     from sandbox.journal import read_journal
+    from sandbox.keyfiles import load_ed25519_public
     from sandbox.translog.audit import crosscheck
 
+    keys = journal_key or []
+    if keys and len(keys) != len(journal):
+        raise fail(ArkError("give one --journal-key per --journal, in the same order"))
     try:
-        audit, _ = _verify(log, key, ca, origin, None)
+        pinned: list[Any] = [load_ed25519_public(p) for p in keys] or [None] * len(journal)
+        audit, _ = _verify(log, key, ca, origin, state, max_entries)
         mismatches = []
-        for path in journal:
-            entries = read_journal(path)
+        for path, public_key in zip(journal, pinned, strict=True):
+            entries = read_journal(path, public_key=public_key)
             found = crosscheck(audit.records, entries, str(path))
             console.print(
                 f"{'ok' if not found else 'FAILED'}: {path}: {len(entries)} journal entries, "
@@ -239,9 +292,10 @@ def audit_report(
     log: LogOption,
     key: KeyOption,
     html: Annotated[Path, typer.Option("--html", help="Where to write the HTML report.")],
-    state: Annotated[Path | None, typer.Option(help="As for `ark audit verify`.")] = None,
+    state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
+    max_entries: MaxEntriesOption = MAX_ENTRIES,
 ) -> None:
     """Verify the log and write a report a non-engineer can read: verdict, runs and
     rounds, attestations, key releases, participants, rejected updates, metrics.
@@ -253,7 +307,7 @@ def audit_report(
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     code = 0
     try:
-        audit, verifier = _verify(log, key, ca, origin, state)
+        audit, verifier = _verify(log, key, ca, origin, state, max_entries)
     except (LogVerificationError, LogUnavailable) as exc:
         page = render_report(
             [],
@@ -274,7 +328,7 @@ def audit_report(
             origin=cp.origin,
             size=cp.size,
             root_hex=cp.root.hex(),
-            checks=_checks(audit, verifier),
+            checks=_checks(audit, verifier, state),
             problems=[f"{type(v).__name__}: {v}" for v in audit.violations],
             generated_at=now,
         )

@@ -25,7 +25,7 @@ from sandbox.config import (
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
-from sandbox.journal import read_journal
+from sandbox.journal import journal_public_path, read_journal
 
 if TYPE_CHECKING:
     from sandbox.federation import Federation
@@ -321,7 +321,15 @@ def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
     console.print(f"[bold]audit[/] of the transparency log at {log} (key {key})")
     try:
         audit_verify(log=log, key=key, state=root / "auditor", ca=None, origin=None)
-        audit_crosscheck(log=log, key=key, journal=journals, ca=None, origin=None)
+        audit_crosscheck(
+            log=log,
+            key=key,
+            journal=journals,
+            journal_key=[journal_public_path(path) for path in journals],
+            state=root / "auditor",
+            ca=None,
+            origin=None,
+        )
         audit_report(
             log=log, key=key, html=root / "audit-report.html", state=None, ca=None, origin=None
         )

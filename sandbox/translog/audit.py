@@ -21,14 +21,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from sandbox.errors import (
     AggregateUnaccepted,
+    AuditTooLarge,
     ConfigError,
     ConsistencyProofError,
     EntryMissing,
     EntryTampered,
-    InclusionProofError,
     JournalMismatch,
     LogFork,
     LogRollback,
+    LogVerificationError,
     NoteMalformed,
     OriginMismatch,
     PolicyViolation,
@@ -37,13 +38,15 @@ from sandbox.errors import (
 )
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
-from sandbox.translog.store import LogReader
+from sandbox.translog.store import LogReader, canonical_entry
 
 AFFIRMING = "affirming"
 PURPOSE_KEY_RELEASE = "key-release"
 PURPOSE_CHANNEL = "channel"
 # Entries fetched per request while auditing; the gRPC service pages at most this many.
 PAGE = 1000
+# The audit holds every event in memory: ~300 bytes each, so this is a few GB at most.
+MAX_AUDIT_ENTRIES = 10_000_000
 
 
 @dataclass
@@ -104,10 +107,10 @@ def check_consistency(reader: LogReader, previous: Checkpoint, current: Checkpoi
                 f"({previous.root.hex()[:16]}… and {current.root.hex()[:16]}…): a forked log"
             )
         return
-    proof = reader.consistency_proof(previous.size, current.size)
     try:
+        proof = reader.consistency_proof(previous.size, current.size)
         merkle.verify_consistency(previous.size, current.size, proof, previous.root, current.root)
-    except ConsistencyProofError as exc:
+    except LogVerificationError as exc:
         raise ConsistencyProofError(
             f"the log of size {current.size} does not extend the one of size {previous.size} "
             f"seen before (history rewritten): {exc}"
@@ -134,32 +137,46 @@ def check_entries(reader: LogReader, entries: Sequence[bytes], checkpoint: Check
     """Every entry is in the signed tree at its position.
 
     Recomputing the root from all entries proves the inclusion of each one at once. If
-    it differs, the entries' own inclusion proofs name the first that is not in the tree.
+    it differs, a bisection over consistency proofs (O(log n) requests) finds the first
+    entry that is not the one the signed tree holds.
     """
     leaves = [merkle.leaf_hash(entry) for entry in entries]
     if merkle.root_of_leaf_hashes(leaves) == checkpoint.root:
         return
-    for index, leaf in enumerate(leaves):
+
+    def prefix_holds(size: int) -> bool:
+        """Do our first ``size`` entries form the prefix of the signed tree?"""
         try:
-            proof = reader.inclusion_proof(index, checkpoint.size)
-            merkle.verify_inclusion(leaf, index, checkpoint.size, proof, checkpoint.root)
-        except InclusionProofError as exc:
-            raise EntryTampered(
-                f"entry {index} is not the one the signed tree holds (edited): {exc}"
-            ) from exc
-    raise EntryTampered("the entries do not hash to the signed root (edited or reordered)")
+            proof = reader.consistency_proof(size, checkpoint.size)
+            root = merkle.root_of_leaf_hashes(leaves[:size])
+            merkle.verify_consistency(size, checkpoint.size, proof, root, checkpoint.root)
+        except LogVerificationError:
+            return False
+        return True
+
+    good, bad = 0, checkpoint.size  # the empty prefix always holds; the whole log does not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if prefix_holds(middle) else (good, middle)
+    raise EntryTampered(
+        f"entry {bad - 1} is not the one the signed tree holds (edited): the first "
+        f"{bad - 1} entries match the signed tree and the first {bad} do not"
+    )
 
 
 def decode(entries: Sequence[bytes]) -> list[dict[str, Any]]:
-    """The events in the entries; a malformed one decodes to ``{"kind": None, ...}``."""
+    """The events in the entries. One that is not a canonical JSON object (RFC 8785, as
+    the log writes them; no duplicate keys, no ambiguity between parsers) decodes to
+    ``{"kind": None, "malformed": ...}``, which the policy reports."""
     records: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
         try:
             record = json.loads(entry)
-        except (ValueError, UnicodeDecodeError):
-            record = None
-        if not isinstance(record, dict):
-            record = {"kind": None, "malformed": f"entry {index} is not a JSON object"}
+            canonical = isinstance(record, dict) and canonical_entry(record) == entry
+        except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
+            record, canonical = None, False
+        if not isinstance(record, dict) or not canonical:
+            record = {"kind": None, "malformed": f"entry {index} is not canonical JSON object"}
         records.append(record)
     return records
 
@@ -170,12 +187,21 @@ def verify_log(
     *,
     origin: str | None = None,
     previous: Checkpoint | None = None,
+    max_entries: int = MAX_AUDIT_ENTRIES,
 ) -> Audit:
-    """Verify the log end to end; raise on a broken log, return policy violations."""
+    """Verify the log end to end; raise on a broken log, return policy violations.
+
+    A log larger than ``max_entries`` is refused before any entry is fetched (the audit
+    holds every event in memory).
+    """
     note = reader.checkpoint()
     checkpoint = verify_checkpoint(note, verifier, origin=origin)
     if previous is not None:
         check_consistency(reader, previous, checkpoint)
+    if checkpoint.size > max_entries:
+        raise AuditTooLarge(
+            f"the log signs {checkpoint.size} entries, more than --max-entries {max_entries}"
+        )
     entries = fetch_entries(reader, checkpoint.size)
     check_entries(reader, entries, checkpoint)
     records = decode(entries)
@@ -186,114 +212,234 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _fields(record: Mapping[str, Any], *names: str) -> tuple[str, ...] | None:
+    """The named fields as text, or None if any is missing or empty (missing fields
+    must never match each other)."""
+    values = tuple(_text(record.get(name)) for name in names)
+    return None if any(not value for value in values) else values
+
+
+class _Policy:
+    """The state :func:`check_policy` keeps while it walks the log in order."""
+
+    def __init__(self) -> None:
+        self.violations: list[PolicyViolation] = []
+        # (session, ear, tee key) of affirming key-release appraisals.
+        self.release_appraisals: set[tuple[str, ...]] = set()
+        # ear -> (ueid, tee key) of affirming channel appraisals.
+        self.channel_appraisals: dict[str, tuple[str, str]] = {}
+        self.ear_owner: dict[str, tuple[str, str]] = {}  # ear -> the (run, node) it admitted
+        self.admitted: set[tuple[str, str]] = set()  # (run, node) admitted now
+        self.participants: dict[tuple[str, str], set[str]] = {}  # (run, round) -> nodes
+        self.accepted: dict[tuple[str, str], set[str]] = {}  # (run, round) -> envelopes
+        self.decided: set[tuple[str, str]] = set()  # (run, envelope) accepted or rejected
+
+    def appraised(self, record: Mapping[str, Any]) -> None:
+        if record.get("status") != AFFIRMING:
+            return
+        purpose = record.get("purpose")
+        if purpose == PURPOSE_KEY_RELEASE:
+            key = _fields(record, "session", "ear_sha256", "tee_pubkey_sha256")
+            if key is not None:
+                self.release_appraisals.add(key)
+        elif purpose == PURPOSE_CHANNEL:
+            key = _fields(record, "ear_sha256", "ueid", "tee_pubkey_sha256")
+            if key is not None:
+                self.channel_appraisals[key[0]] = (key[1], key[2])
+
+    def released(self, index: int, record: Mapping[str, Any]) -> None:
+        key = _fields(record, "session", "ear_sha256", "tee_pubkey_sha256")
+        if key is None or key not in self.release_appraisals:
+            self.violations.append(
+                ReleaseWithoutAppraisal(
+                    f"entry {index}: key {_text(record.get('key_id'))!r} released to session "
+                    f"{_text(record.get('session'))!r} with no affirming appraisal of that "
+                    "session and key before it"
+                )
+            )
+
+    def admitted_node(self, record: Mapping[str, Any]) -> None:
+        key = _fields(record, "run", "node", "ear_sha256", "ueid", "tee_pubkey_sha256")
+        if key is None:
+            return
+        run, node, ear, ueid, tee_key = key
+        appraisal = self.channel_appraisals.get(ear)
+        owner = self.ear_owner.setdefault(ear, (run, node))
+        if appraisal == (ueid, tee_key) and owner == (run, node):
+            self.admitted.add((run, node))
+
+    def left(self, record: Mapping[str, Any]) -> None:
+        """A node refused or declined: it must be admitted again before it counts."""
+        self.admitted.discard((_text(record.get("run")), _text(record.get("node"))))
+
+    def round_started(self, record: Mapping[str, Any]) -> None:
+        if record.get("stage") not in (None, "train"):
+            return
+        participants = record.get("participants")
+        nodes = {
+            _text(p.get("node"))
+            for p in (participants if isinstance(participants, list) else [])
+            if isinstance(p, Mapping)
+        }
+        key = (_text(record.get("run")), _text(record.get("round")))
+        self.participants[key] = nodes
+
+    def decided_update(self, index: int, record: Mapping[str, Any]) -> None:
+        run, rnd = _text(record.get("run")), _text(record.get("round"))
+        node, envelope = _text(record.get("node")), _text(record.get("envelope_sha256"))
+        if (run, envelope) in self.decided and envelope != "plaintext":
+            self.violations.append(
+                PolicyViolation(
+                    f"entry {index}: update {envelope[:16]}… of run {run} was already "
+                    "accepted or rejected once"
+                )
+            )
+        self.decided.add((run, envelope))
+        if record.get("kind") != "update_accepted":
+            return
+        if (run, node) not in self.admitted:
+            self.violations.append(
+                UpdateFromUnattested(
+                    f"entry {index}: run {run} round {rnd} accepted an update from node "
+                    f"{node}, which was not attested and admitted in that run"
+                )
+            )
+        elif node not in self.participants.get((run, rnd), set()):
+            self.violations.append(
+                UpdateFromUnattested(
+                    f"entry {index}: run {run} round {rnd} accepted an update from node "
+                    f"{node}, which was not sent that round's instruction"
+                )
+            )
+        self.accepted.setdefault((run, rnd), set()).add(envelope)
+
+    def committed(self, index: int, record: Mapping[str, Any]) -> None:
+        run, rnd = _text(record.get("run")), _text(record.get("round"))
+        updates = record.get("updates")
+        if not isinstance(updates, list):
+            self.violations.append(
+                AggregateUnaccepted(f"entry {index}: the aggregate lists no updates")
+            )
+            return
+        listed = [_text(u) for u in updates]
+        for update in sorted({u for u in listed if listed.count(u) > 1}):
+            self.violations.append(
+                AggregateUnaccepted(
+                    f"entry {index}: run {run} round {rnd} aggregate counts update "
+                    f"{update[:16]}… more than once"
+                )
+            )
+        for update in dict.fromkeys(listed):
+            if update not in self.accepted.get((run, rnd), set()):
+                self.violations.append(
+                    AggregateUnaccepted(
+                        f"entry {index}: run {run} round {rnd} aggregate includes update "
+                        f"{update[:16]}…, which was not accepted in that round"
+                    )
+                )
+
+
 def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     """The rules that must hold across events, in log order:
 
     - every key release follows an affirming key-release appraisal of the same session,
       the same attestation result and the same TEE key;
-    - every accepted update comes from a node admitted in that run under a channel
-      attestation the key broker appraised as affirming;
-    - every committed aggregate lists only updates accepted in that run and round.
+    - every accepted update comes from a node that, in that run, was admitted under a
+      channel attestation the key broker appraised as affirming (same result, ueid and
+      channel key; one result admits one node of one run; a refusal or a declined round
+      ends the admission), and that was sent that round's instruction;
+    - every update is accepted or rejected once; every committed aggregate lists only
+      updates accepted in that run and round, each once.
+
+    Fields a rule compares must be present: missing values never match each other.
     """
-    violations: list[PolicyViolation] = []
-    appraised: dict[tuple[str, str], Mapping[str, Any]] = {}  # (session, ear) -> appraisal
-    affirmed_ears: dict[str, str] = {}  # ear digest -> purpose
-    admitted: dict[tuple[str, str], str] = {}  # (run, node) -> ear digest
-    accepted: dict[tuple[str, str], set[str]] = {}  # (run, round) -> envelope digests
+    policy = _Policy()
     for index, record in enumerate(records):
         kind = record.get("kind")
-        run = _text(record.get("run"))
         if kind is None:
-            violations.append(PolicyViolation(f"entry {index}: {record.get('malformed')}"))
-        elif kind == "attestation_appraised" and record.get("status") == AFFIRMING:
-            ear = _text(record.get("ear_sha256"))
-            appraised[(_text(record.get("session")), ear)] = record
-            affirmed_ears[ear] = _text(record.get("purpose"))
+            policy.violations.append(PolicyViolation(f"entry {index}: {record.get('malformed')}"))
+        elif kind == "attestation_appraised":
+            policy.appraised(record)
         elif kind == "key_released":
-            session, ear = _text(record.get("session")), _text(record.get("ear_sha256"))
-            before = appraised.get((session, ear))
-            if (
-                before is None
-                or before.get("purpose", PURPOSE_KEY_RELEASE) != PURPOSE_KEY_RELEASE
-                or before.get("tee_pubkey_sha256") != record.get("tee_pubkey_sha256")
-            ):
-                violations.append(
-                    ReleaseWithoutAppraisal(
-                        f"entry {index}: key {_text(record.get('key_id'))!r} released to "
-                        f"session {session!r} with no affirming appraisal of that session "
-                        "and key before it"
-                    )
-                )
+            policy.released(index, record)
         elif kind == "node_admitted":
-            ear = _text(record.get("ear_sha256"))
-            if affirmed_ears.get(ear) == PURPOSE_CHANNEL:
-                admitted[(run, _text(record.get("node")))] = ear
-        elif kind == "update_accepted":
-            node = _text(record.get("node"))
-            if (run, node) not in admitted:
-                violations.append(
-                    UpdateFromUnattested(
-                        f"entry {index}: run {run} round {_text(record.get('round'))} accepted "
-                        f"an update from node {node}, which was never attested and admitted "
-                        "in that run"
-                    )
-                )
-            key = (run, _text(record.get("round")))
-            accepted.setdefault(key, set()).add(_text(record.get("envelope_sha256")))
+            policy.admitted_node(record)
+        elif kind in ("node_refused", "node_declined"):
+            policy.left(record)
+        elif kind == "round_started":
+            policy.round_started(record)
+        elif kind in ("update_accepted", "update_rejected"):
+            policy.decided_update(index, record)
         elif kind == "aggregate_committed":
-            key = (run, _text(record.get("round")))
-            updates = record.get("updates")
-            listed = [_text(u) for u in updates] if isinstance(updates, list) else []
-            if not isinstance(updates, list):
-                violations.append(
-                    AggregateUnaccepted(f"entry {index}: the aggregate lists no updates")
-                )
-            for update in listed:
-                if update not in accepted.get(key, set()):
-                    violations.append(
-                        AggregateUnaccepted(
-                            f"entry {index}: run {run} round {key[1]} aggregate includes "
-                            f"update {update[:16]}…, which was not accepted in that round"
-                        )
-                    )
-    return violations
+            policy.committed(index, record)
+    return policy.violations
 
 
 def crosscheck(
     records: Sequence[Mapping[str, Any]], journal: Sequence[Mapping[str, Any]], name: str
 ) -> list[JournalMismatch]:
-    """What a node's journal says it received and sent that the provider's log lacks.
+    """Hold a node's journal and the provider's log against each other.
 
-    A sent update must appear as accepted or rejected in the same run; a received
-    instruction must appear among that run's round participants.
+    - every instruction the journal says it received is among the participants of that
+      run, round and node in the log, with the same digest;
+    - every update it says it sent is accepted or rejected in that run, round and node;
+    - every update the log accepts or rejects from this node, in a run the journal
+      covers, is one the journal says it sent.
     """
-    sent: set[tuple[str, str]] = set()
-    instructed: set[tuple[str, str]] = set()
+    sent: set[tuple[str, ...]] = set()
+    instructed: set[tuple[str, ...]] = set()
     for record in records:
-        run = _text(record.get("run"))
+        where = (_text(record.get("run")), _text(record.get("round")), _text(record.get("node")))
         if record.get("kind") in ("update_accepted", "update_rejected"):
-            sent.add((run, _text(record.get("envelope_sha256"))))
+            sent.add((*where, _text(record.get("envelope_sha256"))))
         elif record.get("kind") == "round_started":
             participants = record.get("participants")
             for participant in participants if isinstance(participants, list) else []:
                 if isinstance(participant, Mapping):
-                    instructed.add((run, _text(participant.get("instruction_sha256"))))
+                    instructed.add(
+                        (
+                            where[0],
+                            where[1],
+                            _text(participant.get("node")),
+                            _text(participant.get("instruction_sha256")),
+                        )
+                    )
     mismatches: list[JournalMismatch] = []
+    journal_sent: set[tuple[str, ...]] = set()
     for number, entry in enumerate(journal, 1):
-        run = _text(entry.get("run_id"))
-        where = f"{name} entry {number} ({_text(entry.get('kind'))}, run {run})"
+        where = (_text(entry.get("run_id")), _text(entry.get("round")), _text(entry.get("node_id")))
+        label = (
+            f"{name} entry {number} ({_text(entry.get('kind'))}, run {where[0]}, round {where[1]})"
+        )
         received, update = entry.get("received_sha256"), entry.get("sent_sha256")
-        if received and (run, _text(received)) not in instructed:
+        if received and (*where, _text(received)) not in instructed:
             mismatches.append(
                 JournalMismatch(
-                    f"{where}: received instruction {_text(received)[:16]}… is not in the "
-                    "provider's log"
+                    f"{label}: received instruction {_text(received)[:16]}… is not in the "
+                    "provider's log for this node and round"
                 )
             )
-        if update and (run, _text(update)) not in sent:
+        if update:
+            journal_sent.add((*where, _text(update)))
+            if (*where, _text(update)) not in sent:
+                mismatches.append(
+                    JournalMismatch(
+                        f"{label}: sent update {_text(update)[:16]}… is not in the provider's "
+                        "log for this node and round"
+                    )
+                )
+    covered = {(w[0], w[2]) for w in journal_sent} | {
+        (_text(e.get("run_id")), _text(e.get("node_id")))
+        for e in journal
+        if e.get("received_sha256")
+    }
+    for update in sorted(sent):
+        if (update[0], update[2]) in covered and update not in journal_sent:
             mismatches.append(
                 JournalMismatch(
-                    f"{where}: sent update {_text(update)[:16]}… is not in the provider's log"
+                    f"{name}: the provider's log has an update {update[3][:16]}… from node "
+                    f"{update[2]} in run {update[0]} round {update[1]} that the node's "
+                    "journal never sent"
                 )
             )
     return mismatches

@@ -10,14 +10,26 @@ import grpc
 
 from protos.ark.v1 import translog_pb2 as pb
 from protos.ark.v1 import translog_pb2_grpc as pb_grpc
-from sandbox.errors import InclusionProofError, LogUnavailable
+from sandbox.errors import (
+    ArkError,
+    ConsistencyProofError,
+    EntryTampered,
+    InclusionProofError,
+    LogUnavailable,
+)
+from sandbox.translog.store import MAX_ENTRY_BYTES
 
 DEFAULT_TIMEOUT = 30.0
 
 
 class LogClient:
-    """A TLS gRPC client of the log. Failures to reach it raise :class:`LogUnavailable`;
-    a log that refuses a proof for a tree it signed raises :class:`InclusionProofError`."""
+    """A TLS gRPC client of the log, which it does not trust.
+
+    Failures to reach it raise :class:`LogUnavailable`. A log that refuses a proof for a
+    tree it signed raises the error of that proof (:class:`InclusionProofError` or
+    :class:`ConsistencyProofError`); a page of entries that is not the one asked for
+    raises :class:`InclusionProofError`.
+    """
 
     def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
         roots = ca_cert if isinstance(ca_cert, bytes) else ca_cert.read_bytes()
@@ -44,14 +56,20 @@ class LogClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., object], request: object) -> object:
+    def _call(
+        self,
+        method: Callable[..., object],
+        request: object,
+        refused: type[ArkError] = LogUnavailable,
+    ) -> object:
+        """Call ``method``; a NOT_FOUND or OUT_OF_RANGE answer raises ``refused``."""
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             code = exc.code() if isinstance(exc, grpc.Call) else None
             if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
-                raise InclusionProofError(f"log at {self.address}: {detail}") from exc
+                raise refused(f"log at {self.address}: {detail}") from exc
             raise LogUnavailable(f"log at {self.address}: {detail}") from exc
 
     def checkpoint(self) -> str:
@@ -63,18 +81,30 @@ class LogClient:
         """Entries ``[start, end)``, fetched page by page; fewer if the log has fewer."""
         out: list[bytes] = []
         while start + len(out) < end:
-            reply = self._call(
-                self._stub.GetEntries, pb.GetEntriesRequest(start=start + len(out), end=end)
-            )
+            asked = start + len(out)
+            reply = self._call(self._stub.GetEntries, pb.GetEntriesRequest(start=asked, end=end))
             assert isinstance(reply, pb.Entries)
             if not reply.entries:
                 break
+            if reply.start != asked or len(reply.entries) > end - asked:
+                raise InclusionProofError(
+                    f"log at {self.address} answered {len(reply.entries)} entries from "
+                    f"{reply.start} when asked for [{asked}, {end})"
+                )
+            for offset, entry in enumerate(reply.entries):
+                if len(entry) > MAX_ENTRY_BYTES:
+                    raise EntryTampered(
+                        f"log at {self.address}: entry {asked + offset} is {len(entry)} "
+                        f"bytes, more than any event ({MAX_ENTRY_BYTES})"
+                    )
             out.extend(reply.entries)
         return out
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         reply = self._call(
-            self._stub.GetInclusionProof, pb.GetInclusionProofRequest(tree_size=size, index=index)
+            self._stub.GetInclusionProof,
+            pb.GetInclusionProofRequest(tree_size=size, index=index),
+            InclusionProofError,
         )
         assert isinstance(reply, pb.InclusionProof)
         return list(reply.hashes)
@@ -84,6 +114,7 @@ class LogClient:
         reply = self._call(
             self._stub.GetInclusionProof,
             pb.GetInclusionProofRequest(tree_size=size, leaf_hash=leaf),
+            InclusionProofError,
         )
         assert isinstance(reply, pb.InclusionProof)
         return reply.index, list(reply.hashes)
@@ -92,6 +123,7 @@ class LogClient:
         reply = self._call(
             self._stub.GetConsistencyProof,
             pb.GetConsistencyProofRequest(first=size1, second=size2),
+            ConsistencyProofError,
         )
         assert isinstance(reply, pb.ConsistencyProof)
         return list(reply.hashes)

@@ -135,9 +135,9 @@ def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
     :class:`NoteSignatureInvalid` if a trusted key's signature does not verify, and
     :class:`NoteUnknownSigner` if no signature is by a trusted key.
     """
+    if len(note) > MAX_NOTE_BYTES:
+        raise NoteMalformed(f"note is {len(note)} long, more than {MAX_NOTE_BYTES}")
     if isinstance(note, bytes):
-        if len(note) > MAX_NOTE_BYTES:
-            raise NoteMalformed(f"note is {len(note)} bytes, more than {MAX_NOTE_BYTES}")
         try:
             note = note.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -207,8 +207,12 @@ class Checkpoint:
             not size_text.isascii()
             or not size_text.isdigit()
             or (size_text.startswith("0") and size_text != "0")
+            or len(size_text) > 20
+            or int(size_text) >= 2**64
         ):
-            raise NoteMalformed(f"checkpoint size {size_text[:32]!r} is not a decimal number")
+            raise NoteMalformed(
+                f"checkpoint size {size_text[:32]!r} is not a decimal number below 2**64"
+            )
         root = _b64decode(root_text, "checkpoint root")
         if len(root) != 32:
             raise NoteMalformed(f"checkpoint root is {len(root)} bytes, not 32")

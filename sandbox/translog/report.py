@@ -113,6 +113,7 @@ ul.checks li { padding: 3px 0; }
 .mark { display: inline-block; width: 1.4em; font-weight: 700; }
 .pass .mark { color: var(--good); }
 .failed .mark { color: var(--bad); }
+.skipped .mark { color: var(--warn, #9a6700); }
 .detail { color: var(--muted); }
 .bad-text { color: var(--bad); }
 ol.problems { margin: 4px 0 0; padding-left: 24px; }
@@ -340,18 +341,28 @@ def _header(origin: str, size: int, root_hex: str, generated_at: str) -> str:
     )
 
 
-def _verdict(checks: Sequence[tuple[str, bool, str]], problems: Sequence[str]) -> str:
-    failed = [check for check in checks if check[1] is not True]
+_CHECK_CLASS = {True: "pass", False: "failed", None: "skipped"}
+_CHECK_MARK = {True: "✓", False: "✗", None: "–"}
+
+
+def _verdict(checks: Sequence[tuple[str, bool | None, str]], problems: Sequence[str]) -> str:
+    # A check is passed (True), failed (False) or not run (None, e.g. no earlier
+    # checkpoint to compare with); only a failure or a problem turns the verdict red.
+    failed = [check for check in checks if check[1] is False]
+    skipped = [check for check in checks if check[1] is None]
     ok = not failed and not problems
     if ok:
         title = "Everything checks out"
+        passed = len(checks) - len(skipped)
         sentence = (
-            f"All {_plural(len(checks), 'check')} passed and no problems were found: the log "
+            f"All {_plural(passed, 'check')} run passed and no problems were found: the log "
             "is signed by the provider, nothing in it was changed or removed, and the events "
             "it records follow the policy."
             if checks
             else "No problems were reported."
         )
+        if skipped:
+            sentence += f" {_plural(len(skipped), 'check')} could not be run; see below."
     else:
         title = "Problems found"
         findings = []
@@ -364,8 +375,8 @@ def _verdict(checks: Sequence[tuple[str, bool, str]], problems: Sequence[str]) -
             " and ".join(findings) + ". Do not rely on this log until each item below is explained."
         )
     items = "".join(
-        f'<li class="{"pass" if passed is True else "failed"}">'
-        f'<span class="mark">{"✓" if passed is True else "✗"}</span>'
+        f'<li class="{_CHECK_CLASS[passed]}">'
+        f'<span class="mark">{_CHECK_MARK[passed]}</span>'
         f'<strong>{_esc(name)}</strong> <span class="detail">— {_esc(detail)}</span></li>'
         for name, passed, detail in checks
     )
@@ -846,7 +857,7 @@ def render_report(
     origin: str,
     size: int,
     root_hex: str,
-    checks: Sequence[tuple[str, bool, str]],
+    checks: Sequence[tuple[str, bool | None, str]],
     problems: Sequence[str],
     generated_at: str,
 ) -> str:

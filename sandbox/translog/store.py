@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import rfc8785
 
-from sandbox.errors import InclusionProofError, LogUnavailable
+from sandbox.errors import EntryTampered, InclusionProofError, LogUnavailable
 from sandbox.events import Event
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteSigner
@@ -142,20 +142,32 @@ class LogStore:
 
     # -- reading ----------------------------------------------------------------------
 
+    # Reads treat the file as untrusted (an auditor may open a provider's copy): a damaged
+    # database is LogUnavailable, a value of the wrong type or size a verification error.
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise LogUnavailable(f"{self.path}: {exc}") from exc
+
     def size(self) -> int:
-        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
+        (row,) = self._rows("SELECT MAX(idx) FROM entries")
+        if row[0] is not None and not isinstance(row[0], int):
+            raise EntryTampered(f"{self.path}: an entry index is not an integer")
         return 0 if row[0] is None else int(row[0]) + 1
 
     def _node(self, level: int, index: int) -> bytes:
         if level == 0:
-            row = self._db.execute("SELECT leaf FROM entries WHERE idx = ?", (index,)).fetchone()
+            rows = self._rows("SELECT leaf FROM entries WHERE idx = ?", (index,))
         else:
-            row = self._db.execute(
-                "SELECT hash FROM nodes WHERE level = ? AND idx = ?", (level, index)
-            ).fetchone()
-        if row is None:
+            rows = self._rows("SELECT hash FROM nodes WHERE level = ? AND idx = ?", (level, index))
+        if not rows:
             raise InclusionProofError(f"{self.path}: no stored hash at level {level}, {index}")
-        return bytes(row[0])
+        value = rows[0][0]
+        if not isinstance(value, bytes) or len(value) != merkle.HASH_SIZE:
+            raise InclusionProofError(f"{self.path}: the hash at level {level}, {index} is damaged")
+        return value
 
     def subtree(self, lo: int, hi: int) -> bytes:
         """The hash of leaves ``[lo, hi)`` from stored nodes (``lo`` aligned as RFC 9162's
@@ -174,19 +186,21 @@ class LogStore:
     def entries(self, start: int, end: int) -> list[bytes]:
         """Entries ``[start, end)``, stopping early at the end of the log or at a gap (a
         reader must never see a later entry in a missing one's place)."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT idx, entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
-        ).fetchall()
+        )
         out: list[bytes] = []
         for expected, (index, entry) in enumerate(rows, start):
             if index != expected:
                 break
-            out.append(bytes(entry))
+            if not isinstance(entry, bytes) or len(entry) > MAX_ENTRY_BYTES:
+                raise EntryTampered(f"{self.path}: entry {index} is not a stored event (edited)")
+            out.append(entry)
         return out
 
     def index_of(self, leaf: bytes) -> int | None:
         """The first index whose leaf hash is ``leaf``."""
-        row = self._db.execute("SELECT MIN(idx) FROM entries WHERE leaf = ?", (leaf,)).fetchone()
+        (row,) = self._rows("SELECT MIN(idx) FROM entries WHERE leaf = ?", (leaf,))
         return None if row[0] is None else int(row[0])
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
@@ -210,10 +224,11 @@ class LogStore:
 
     def checkpoint(self) -> str:
         """The latest signed checkpoint note kept in the store."""
-        row = self._db.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
-        if row is None:
+        rows = self._rows("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1")
+        if not rows:
             raise LogUnavailable(f"{self.path}: the log has no signed checkpoint yet")
-        return str(row[0])
+        note = rows[0][0]
+        return note if isinstance(note, str) else repr(note)  # garbage then fails as a note
 
     # -- writing ----------------------------------------------------------------------
 
@@ -234,6 +249,8 @@ class LogStore:
         first becomes the leader and commits every entry queued meanwhile in one go, so
         a busy service pays one fsync per batch, not per entry.
         """
+        if self.readonly:
+            raise RuntimeError("this log store is open read-only")
         _check_entry(entry)
         slot: list[int | BaseException] = []
         with self._commit:
@@ -245,21 +262,28 @@ class LogStore:
                 self._leader = True
                 batch, self._queue = self._queue, []
                 self._commit.release()
+                interrupted: BaseException | None = None
                 try:
                     results: list[int | BaseException] = list(
                         self.append_many(item for item, _ in batch)
                     )
-                except BaseException as exc:  # every waiter learns its entry was not kept
+                except Exception as exc:  # every waiter learns its entry was not kept
                     results = [exc] * len(batch)
+                except BaseException as exc:  # Ctrl-C in the leader: waiters still wake
+                    results, interrupted = [exc] * len(batch), exc
                 finally:
                     self._commit.acquire()
                     self._leader = False
                 for (_, waiting), result in zip(batch, results, strict=True):
                     waiting.append(result)
                 self._commit.notify_all()
+                if interrupted is not None:
+                    raise interrupted
         result = slot[0]
         if isinstance(result, BaseException):
-            raise result
+            raise LogUnavailable(
+                f"{self.path}: the entry was not appended ({type(result).__name__}: {result})"
+            ) from result
         return result
 
     def append_many(self, entries: Iterable[bytes]) -> list[int]:
