@@ -23,7 +23,6 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sandbox.config import TASK_CLASSIFICATION, NodeConfig, RunSpec
-from sandbox.events import MemoryEventSink
 from sandbox.federation import free_port
 from sandbox.keybroker.service import serve
 from sandbox.models import default_model_dir
@@ -106,7 +105,8 @@ def key_release(samples: int) -> dict[str, Any]:
         )
         ws = deployment.provider
         server, _ = serve(
-            build_broker(ws, MemoryEventSink()),
+            # As `ark provider serve` does: events.jsonl and the transparency log, durably.
+            build_broker(ws, ws.event_sink()),
             address=f"127.0.0.1:{port}",
             cert=ws.tls / "server.crt",
             key=ws.tls / "server.key",
