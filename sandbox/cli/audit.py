@@ -302,16 +302,21 @@ def audit_report(
 
     The report is written even when verification fails (it then says why), and the
     command exits with the same code `ark audit verify` would."""
+    from sandbox.translog.audit import load_verifier
     from sandbox.translog.report import render_report
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    try:
+        expected = origin or load_verifier(key).name  # the log the auditor asked about
+    except ArkError as exc:
+        raise fail(exc) from exc
     code = 0
     try:
         audit, verifier = _verify(log, key, ca, origin, state, max_entries)
     except (LogVerificationError, LogUnavailable) as exc:
         page = render_report(
             [],
-            origin=origin or "unknown",
+            origin=expected,
             size=0,
             root_hex="",
             checks=[("Log verification", False, f"{type(exc).__name__}: {exc}")],

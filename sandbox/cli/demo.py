@@ -331,7 +331,12 @@ def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
             origin=None,
         )
         audit_report(
-            log=log, key=key, html=root / "audit-report.html", state=None, ca=None, origin=None
+            log=log,
+            key=key,
+            html=root / "audit-report.html",
+            state=root / "auditor",
+            ca=None,
+            origin=None,
         )
     except typer.Exit as exc:
         if exc.exit_code:
