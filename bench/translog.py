@@ -12,17 +12,14 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from sandbox.tls import issue_loopback_tls
 from sandbox.translog import merkle
 from sandbox.translog.audit import Audit, verify_log
 from sandbox.translog.client import LogClient
-from sandbox.translog.service import add_log_service
+from sandbox.translog.service import serve_log
 from sandbox.translog.store import LogStore, canonical_entry
 from tests.loghistory import history_of_size, new_signer
 
@@ -139,15 +136,9 @@ def full_audit(size: int, repeats: int) -> dict[str, Any]:
             store.append_many(events[lo : lo + BATCH])
         store.sign_checkpoint(signer)
         tls = issue_loopback_tls(Path(tmp) / "tls", common_name="bench-log", valid_days=1)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        add_log_service(server, store, signer)
-        port = server.add_secure_port(
-            "127.0.0.1:0",
-            grpc.ssl_server_credentials(
-                [(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]
-            ),
+        server, port = serve_log(
+            store, signer, address="127.0.0.1:0", cert=tls.server_cert, key=tls.server_key
         )
-        server.start()
         try:
             for _ in range(repeats):
                 reader = LogStore(Path(tmp) / "log.db", readonly=True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,3 +108,30 @@ def issue_loopback_tls(
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     write_private(files.server_key, private_pem(server_key), overwrite=True)
     return files
+
+
+def start_tls_server(
+    services: Sequence[Callable[[grpc.Server], None]],
+    *,
+    address: str,
+    cert: Path,
+    key: Path,
+    workers: int = 4,
+    max_request_bytes: int | None = None,
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server with ``services`` registered, serving TLS only on ``address``
+    (port 0 picks a free one); returns it and its port. OSError if it cannot bind."""
+    options = (
+        []
+        if max_request_bytes is None
+        else [("grpc.max_receive_message_length", max_request_bytes)]
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    for register in services:
+        register(server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind a TLS gRPC server to {address}")
+    server.start()
+    return server, port

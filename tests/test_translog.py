@@ -14,7 +14,6 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
@@ -54,7 +53,7 @@ from sandbox.translog.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from sandbox.translog.service import TransparencyLogServicer, add_log_service
+from sandbox.translog.service import TransparencyLogServicer, serve_log
 from sandbox.translog.store import LogStore, canonical_entry
 from tests.loghistory import (
     build_log,
@@ -292,13 +291,9 @@ def served(tmp_path: Path) -> Iterator[tuple[LogClient, LogStore, NoteSigner, Pa
     signer = new_signer()
     store = build_log(tmp_path / "log.db", honest_history(runs=3), signer)
     tls = issue_loopback_tls(tmp_path / "tls", common_name="test-log", valid_days=1)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    add_log_service(server, store, signer)
-    port = server.add_secure_port(
-        "127.0.0.1:0",
-        grpc.ssl_server_credentials([(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]),
+    server, port = serve_log(
+        store, signer, address="127.0.0.1:0", cert=tls.server_cert, key=tls.server_key
     )
-    server.start()
     client = LogClient(f"127.0.0.1:{port}", ca_cert=tls.ca_cert)
     try:
         yield client, store, signer, tls.ca_cert
@@ -775,20 +770,17 @@ class _LyingLog(TransparencyLogServicer):
 
 
 def test_a_log_that_serves_extra_entries_is_caught(tmp_path: Path) -> None:
-    from protos.ark.v1 import translog_pb2_grpc as pb_grpc
-
     signer = new_signer()
     store = build_log(tmp_path / "log.db", honest_history(), signer)
     tls = issue_loopback_tls(tmp_path / "tls", common_name="liar", valid_days=1)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_TransparencyLogServicer_to_server(
-        _LyingLog(LogStore(store.path, readonly=True), store, signer), server
+    server, port = serve_log(
+        store,
+        signer,
+        address="127.0.0.1:0",
+        cert=tls.server_cert,
+        key=tls.server_key,
+        servicer=_LyingLog,
     )
-    port = server.add_secure_port(
-        "127.0.0.1:0",
-        grpc.ssl_server_credentials([(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]),
-    )
-    server.start()
     try:
         result = _audit(
             "verify",

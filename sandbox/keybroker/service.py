@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.result import PURPOSE_KEY_RELEASE
 from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome, UnknownKey
+from sandbox.tls import start_tls_server
 
 log = logging.getLogger("ark.keybroker")
 # Evidence with a short chain is a few KiB; nothing legitimate comes near this.
@@ -97,17 +97,18 @@ def serve(
     """Start the TLS gRPC server on ``address`` (port 0 picks one); return it and its port.
 
     ``services`` register more services on the same server (the transparency log)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+    server, port = start_tls_server(
+        [
+            lambda grpc_server: pb_grpc.add_KeyBrokerServicer_to_server(
+                KeyBrokerServicer(broker), grpc_server
+            ),
+            *services,
+        ],
+        address=address,
+        cert=cert,
+        key=key,
+        workers=workers,
+        max_request_bytes=MAX_REQUEST_BYTES,
     )
-    pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker), server)
-    for register in services:
-        register(server)
-    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind the key broker to {address}")
-    server.start()
     log.info("key broker listening on %s (TLS)", address.rsplit(":", 1)[0] + f":{port}")
     return server, port

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ import grpc
 from protos.ark.v1 import translog_pb2 as pb
 from protos.ark.v1 import translog_pb2_grpc as pb_grpc
 from sandbox.errors import LogVerificationError
+from sandbox.tls import start_tls_server
 from sandbox.translog.note import NoteSigner
 from sandbox.translog.store import LogStore
 
@@ -78,3 +80,22 @@ def add_log_service(server: grpc.Server, writer: LogStore, signer: NoteSigner) -
     pb_grpc.add_TransparencyLogServicer_to_server(
         TransparencyLogServicer(reader, writer, signer), server
     )
+
+
+def serve_log(
+    store: LogStore,
+    signer: NoteSigner,
+    *,
+    address: str,
+    cert: Path,
+    key: Path,
+    servicer: type[TransparencyLogServicer] = TransparencyLogServicer,
+) -> tuple[grpc.Server, int]:
+    """The log alone on a TLS gRPC server (tests and the bench; ``ark provider serve``
+    puts it beside the key broker). ``servicer`` lets a test stage a lying log."""
+
+    def register(server: grpc.Server) -> None:
+        reader = LogStore(store.path, readonly=True)
+        pb_grpc.add_TransparencyLogServicer_to_server(servicer(reader, store, signer), server)
+
+    return start_tls_server([register], address=address, cert=cert, key=key, workers=2)
