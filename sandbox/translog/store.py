@@ -98,7 +98,12 @@ def _check_entry(entry: object) -> None:
 
 
 class LogStore:
-    """One log in one SQLite file. ``readonly`` opens it for an auditor, never creating it."""
+    """One log in one SQLite file. ``readonly`` opens it for an auditor, never creating it.
+
+    Appends are safe from many threads and processes. Reads through a writable store's
+    connection are not isolated from a batch another thread is committing on it, so a
+    service reads through its own read-only store (as the log service does).
+    """
 
     def __init__(self, path: Path, *, readonly: bool = False, durable: bool = True):
         self.path = path
