@@ -130,7 +130,9 @@ class FederatedJob:
         if spec.protection == PROTECTION_SEALED and sandbox is None:
             raise ConfigError("protection is sealed but no aggregator sandbox was given")
         self.sandbox = sandbox
-        self.events = events if events is not None else JsonlEventSink(self.out / EVENTS_FILE)
+        # Every event goes to the job's own file, and to ``events`` (the log) when given.
+        job_events = JsonlEventSink(self.out / EVENTS_FILE)
+        self.events = job_events if events is None else FanOutSink([job_events, events])
         self.run_id = sandbox.run_id if sandbox is not None else run_id
         # Nodes that shook hands with this ServerApp process (sealed runs only).
         self.peers: dict[int, NodePeer] = {}
@@ -442,11 +444,5 @@ def main(grid: Grid, context: Context) -> None:
         )
     else:
         log(WARNING, "[ark] protection is OFF: plaintext updates, no aggregator attestation")
-    events: list[EventSink] = (
-        [JsonlEventSink(spec.output_dir / EVENTS_FILE)] if spec.output_dir else []
-    )
-    if spec.log_db is not None:
-        events.append(LogSink(LogStore(spec.log_db)))
-    FederatedJob(
-        grid, spec, sandbox=sandbox, events=FanOutSink(events), run_id=context.run_id
-    ).run()
+    log_sink = None if spec.log_db is None else LogSink(LogStore(spec.log_db))
+    FederatedJob(grid, spec, sandbox=sandbox, events=log_sink, run_id=context.run_id).run()

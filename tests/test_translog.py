@@ -40,7 +40,7 @@ from sandbox.errors import (
     UpdateFromUnattested,
 )
 from sandbox.federation import free_port
-from sandbox.journal import append_journal, read_journal
+from sandbox.journal import append_journal, journal_public_path, read_journal
 from sandbox.tls import issue_loopback_tls
 from sandbox.translog import merkle
 from sandbox.translog.audit import AuditorState, check_policy, crosscheck, verify_log
@@ -369,6 +369,11 @@ class World:
     def verify(self, *extra: object) -> Any:
         return _audit("verify", "--log", self.db, "--key", self.vkey, "--state", self.state, *extra)
 
+    def crosscheck(self, journal: Path, *extra: object) -> Any:
+        return _audit(
+            "crosscheck", "--log", self.db, "--key", self.vkey, "--journal", journal, *extra
+        )
+
     def sql(self, statement: str, *params: Any) -> None:
         with sqlite3.connect(self.db) as db:
             db.execute(statement, params)
@@ -489,14 +494,14 @@ def test_key_release_with_no_affirming_appraisal_before_it(tmp_path: Path) -> No
 
 def test_key_release_after_a_contraindicated_appraisal(tmp_path: Path) -> None:
     events = honest_history()
-    appraisal = next(i for i, e in enumerate(events) if e["kind"] == "attestation_appraised")
+    appraisal = _first_index(events, "attestation_appraised")
     events[appraisal] = {**events[appraisal], "status": "contraindicated"}
     assert [type(v) for v in check_policy(events)] == [ReleaseWithoutAppraisal]
 
 
 def test_update_accepted_from_a_node_never_attested(tmp_path: Path) -> None:
     events = honest_history()
-    accepted = next(e for e in events if e["kind"] == "update_accepted")
+    accepted = events[_first_index(events, "update_accepted")]
     events.append({**accepted, "node": 99, "envelope_sha256": digest("rogue")})
     world = World(tmp_path, events)
     result = world.verify()
@@ -506,7 +511,7 @@ def test_update_accepted_from_a_node_never_attested(tmp_path: Path) -> None:
 
 def test_aggregate_listing_an_update_that_was_not_accepted(tmp_path: Path) -> None:
     events = honest_history()
-    commit = next(i for i, e in enumerate(events) if e["kind"] == "aggregate_committed")
+    commit = _first_index(events, "aggregate_committed")
     events[commit] = {**events[commit], "updates": [*events[commit]["updates"], digest("x")]}
     violations = check_policy(events)
     assert [type(v) for v in violations] == [AggregateUnaccepted]
@@ -527,14 +532,8 @@ def test_crosscheck_of_honest_journals(world: World, tmp_path: Path) -> None:
     journal = _journal(
         tmp_path, [*node_journal(1, 2), {"kind": "egress_blocked", "reason": "no digests"}]
     )
-    pinned = journal.with_name(journal.name + ".pub")
-    result = _audit(
-        "crosscheck",
-        "--log",
-        world.db,
-        "--key",
-        world.vkey,
-        "--journal",
+    pinned = journal_public_path(journal)
+    result = world.crosscheck(
         journal,
         "--journal-key",
         pinned,
@@ -548,7 +547,7 @@ def test_journal_entry_missing_from_the_providers_log(world: World, tmp_path: Pa
     journal = _journal(
         tmp_path, [{"kind": "train", "run_id": 1, "round": 2, "sent_sha256": hidden}]
     )
-    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    result = world.crosscheck(journal)
     assert result.exit_code == JournalMismatch.exit_code == 34, result.output
     assert "not in the provider's log" in result.output
     assert [type(m) for m in crosscheck(world.events, read_journal(journal), "j")] == [
@@ -560,7 +559,7 @@ def test_tampered_journal(world: World, tmp_path: Path) -> None:
     journal = _journal(tmp_path, [{"kind": "train", "run_id": 1, "sent_sha256": "aa"}] * 3)
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join([lines[0], lines[1], lines[3]]) + "\n")
-    result = _audit("crosscheck", "--log", world.db, "--key", world.vkey, "--journal", journal)
+    result = world.crosscheck(journal)
     assert result.exit_code == JournalInvalid.exit_code == 35, result.output
     assert "line 3" in result.output
     journal.write_text("\n".join([lines[0], lines[1].replace('"aa"', '"ab"'), *lines[2:]]) + "\n")
@@ -661,13 +660,7 @@ def test_inclusion_and_crosscheck_also_catch_a_rollback(world: World, tmp_path: 
     )
     assert inclusion.exit_code == LogRollback.exit_code, inclusion.output
     journal = _journal(tmp_path, node_journal(1, 1))
-    crosschecked = _audit(
-        "crosscheck",
-        "--log",
-        world.db,
-        "--key",
-        world.vkey,
-        "--journal",
+    crosschecked = world.crosscheck(
         journal,
         "--state",
         world.state,
@@ -745,16 +738,10 @@ def test_a_journal_signed_by_another_key_fails_when_the_key_is_pinned(
 ) -> None:
     journal = _journal(tmp_path, node_journal(1, 2))
     other = _journal(tmp_path / "other", node_journal(1, 2))
-    result = _audit(
-        "crosscheck",
-        "--log",
-        world.db,
-        "--key",
-        world.vkey,
-        "--journal",
+    result = world.crosscheck(
         journal,
         "--journal-key",
-        other.with_name(other.name + ".pub"),
+        journal_public_path(other),
     )
     assert result.exit_code == JournalInvalid.exit_code, result.output
 

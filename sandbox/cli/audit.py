@@ -36,9 +36,7 @@ import typer
 
 from sandbox.cli.base import audit_app, console, err_console, fail, read_json
 from sandbox.errors import ArkError, LogUnavailable, LogVerificationError
-
-# The audit holds every event in memory; see sandbox.translog.audit.MAX_AUDIT_ENTRIES.
-MAX_ENTRIES = 10_000_000
+from sandbox.translog import MAX_AUDIT_ENTRIES
 
 if TYPE_CHECKING:
     from sandbox.translog.audit import Audit
@@ -129,11 +127,14 @@ def _verify(
     ca: Path | None,
     origin: str | None,
     state: Path | None,
-    max_entries: int = MAX_ENTRIES,
+    max_entries: int = MAX_AUDIT_ENTRIES,
+    verifier: NoteVerifier | None = None,
 ) -> tuple[Audit, NoteVerifier]:
+    """Verify the log named by ``log`` with the key in ``key`` (or ``verifier``, already
+    loaded from it), keeping checkpoints under ``state``."""
     from sandbox.translog.audit import AuditorState, load_verifier, verify_log
 
-    verifier = load_verifier(key)
+    verifier = verifier or load_verifier(key)
     reader = _open_log(log, key, ca)
     keeper = None if state is None else AuditorState(state)
     previous = None if keeper is None else keeper.load(verifier, origin)
@@ -148,7 +149,7 @@ _OUTCOME = {True: "ok", False: "FAILED", None: "SKIPPED"}
 
 def _print_checks(checks: list[tuple[str, bool | None, str]]) -> None:
     for name, ok, detail in checks:
-        console.print(f"{ {True: 'ok', False: 'FAILED', None: 'SKIPPED'}[ok] }: {name}: {detail}")
+        console.print(f"{_OUTCOME[ok]}: {name}: {detail}")
 
 
 @audit_app.command("verify")
@@ -158,7 +159,7 @@ def audit_verify(
     state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
-    max_entries: MaxEntriesOption = MAX_ENTRIES,
+    max_entries: MaxEntriesOption = MAX_AUDIT_ENTRIES,
 ) -> None:
     """Verify the log: checkpoint signature, consistency with the last checkpoint kept
     under --state, inclusion of every entry, and policy across events."""
@@ -253,7 +254,7 @@ def audit_crosscheck(
     state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
-    max_entries: MaxEntriesOption = MAX_ENTRIES,
+    max_entries: MaxEntriesOption = MAX_AUDIT_ENTRIES,
 ) -> None:
     """Check each node journal's chain and signatures, then hold it against the log: the
     log must record every instruction the node received and every update it sent, and
@@ -295,7 +296,7 @@ def audit_report(
     state: StateOption = None,
     ca: CaOption = None,
     origin: OriginOption = None,
-    max_entries: MaxEntriesOption = MAX_ENTRIES,
+    max_entries: MaxEntriesOption = MAX_AUDIT_ENTRIES,
 ) -> None:
     """Verify the log and write a report a non-engineer can read: verdict, runs and
     rounds, attestations, key releases, participants, rejected updates, metrics.
@@ -307,12 +308,13 @@ def audit_report(
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
-        expected = origin or load_verifier(key).name  # the log the auditor asked about
+        verifier = load_verifier(key)
     except ArkError as exc:
         raise fail(exc) from exc
+    expected = origin or verifier.name  # the log the auditor asked about
     code = 0
     try:
-        audit, verifier = _verify(log, key, ca, origin, state, max_entries)
+        audit, _ = _verify(log, key, ca, origin, state, max_entries, verifier)
     except (LogVerificationError, LogUnavailable) as exc:
         page = render_report(
             [],

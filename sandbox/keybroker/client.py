@@ -11,7 +11,6 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,6 +27,7 @@ from sandbox.attestation.result import (
 )
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
+from sandbox.tls import TlsChannel
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -53,29 +53,12 @@ def _code_name(code: int) -> str:
     return str(pb.DenialCode.Name(code)).removeprefix("DENIAL_CODE_")
 
 
-class KeyBrokerClient:
+class KeyBrokerClient(TlsChannel):
     """A TLS gRPC client for the key broker; raises KeyReleaseDenied with the broker's code."""
 
     def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
-        roots = ca_cert if isinstance(ca_cert, bytes) else ca_cert.read_bytes()
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+        super().__init__(address, ca_cert=ca_cert, timeout=timeout)
         self._stub = pb_grpc.KeyBrokerStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> KeyBrokerClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(self, method: Callable[..., object], request: object) -> object:
         try:

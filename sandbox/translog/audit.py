@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
 from sandbox.errors import (
     AggregateUnaccepted,
     AuditTooLarge,
@@ -36,17 +37,12 @@ from sandbox.errors import (
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
-from sandbox.translog import merkle
+from sandbox.translog import MAX_AUDIT_ENTRIES, merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
 from sandbox.translog.store import LogReader, canonical_entry
 
-AFFIRMING = "affirming"
-PURPOSE_KEY_RELEASE = "key-release"
-PURPOSE_CHANNEL = "channel"
 # Entries fetched per request while auditing; the gRPC service pages at most this many.
 PAGE = 1000
-# The audit holds every event in memory: ~300 bytes each, so this is a few GB at most.
-MAX_AUDIT_ENTRIES = 10_000_000
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 
@@ -17,12 +16,13 @@ from sandbox.errors import (
     InclusionProofError,
     LogUnavailable,
 )
+from sandbox.tls import TlsChannel
 from sandbox.translog.store import MAX_ENTRY_BYTES
 
 DEFAULT_TIMEOUT = 30.0
 
 
-class LogClient:
+class LogClient(TlsChannel):
     """A TLS gRPC client of the log, which it does not trust.
 
     Failures to reach it raise :class:`LogUnavailable`. A log that refuses a proof for a
@@ -32,29 +32,10 @@ class LogClient:
     """
 
     def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
-        roots = ca_cert if isinstance(ca_cert, bytes) else ca_cert.read_bytes()
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.secure_channel(
-            address,
-            grpc.ssl_channel_credentials(roots),
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        super().__init__(
+            address, ca_cert=ca_cert, timeout=timeout, max_receive_bytes=64 * 1024 * 1024
         )
         self._stub = pb_grpc.TransparencyLogStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> LogClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(
         self,
@@ -101,21 +82,14 @@ class LogClient:
         return out
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        reply = self._call(
-            self._stub.GetInclusionProof,
-            pb.GetInclusionProofRequest(tree_size=size, index=index),
-            InclusionProofError,
-        )
-        assert isinstance(reply, pb.InclusionProof)
-        return list(reply.hashes)
+        return self._inclusion(pb.GetInclusionProofRequest(tree_size=size, index=index))[1]
 
     def inclusion_proof_by_leaf(self, leaf: bytes, size: int) -> tuple[int, list[bytes]]:
         """The index of the entry with leaf hash ``leaf`` and its audit path."""
-        reply = self._call(
-            self._stub.GetInclusionProof,
-            pb.GetInclusionProofRequest(tree_size=size, leaf_hash=leaf),
-            InclusionProofError,
-        )
+        return self._inclusion(pb.GetInclusionProofRequest(tree_size=size, leaf_hash=leaf))
+
+    def _inclusion(self, request: pb.GetInclusionProofRequest) -> tuple[int, list[bytes]]:
+        reply = self._call(self._stub.GetInclusionProof, request, InclusionProofError)
         assert isinstance(reply, pb.InclusionProof)
         return reply.index, list(reply.hashes)
 

@@ -47,25 +47,46 @@ def root_hash(entries: Sequence[bytes]) -> bytes:
     return root_of_leaf_hashes(leaf_hash(entry) for entry in entries)
 
 
-def root_of_leaf_hashes(leaves: Iterable[bytes]) -> bytes:
-    """The tree hash over leaf hashes, in one pass with O(log n) memory.
+class CompactRange:
+    """The roots of the perfect subtrees that cover leaves ``[0, size)``, left to right:
+    all a log needs to append the next leaf and to hash its whole tree."""
 
-    Keeps the roots of the perfect subtrees seen so far (a compact range) and folds
-    them right to left at the end.
-    """
-    stack: list[tuple[int, bytes]] = []  # (height, hash) of perfect subtrees, left to right
+    def __init__(self, size: int = 0, roots: Sequence[bytes] = ()):
+        levels = [level for level in reversed(range(size.bit_length())) if size >> level & 1]
+        if len(levels) != len(roots):
+            raise ValueError(f"a tree of {size} leaves has {len(levels)} perfect subtrees")
+        self.size = size
+        self._roots = list(zip(levels, roots, strict=True))
+
+    def append(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
+        """Add the next leaf hash; return the interior nodes it completes as
+        ``(level, index at that level, hash)``."""
+        completed: list[tuple[int, int, bytes]] = []
+        level, value = 0, leaf
+        while self._roots and self._roots[-1][0] == level:
+            value = node_hash(self._roots.pop()[1], value)
+            level += 1
+            completed.append((level, self.size >> level, value))
+        self._roots.append((level, value))
+        self.size += 1
+        return completed
+
+    def root(self) -> bytes:
+        """The tree hash of the leaves so far."""
+        if not self._roots:
+            return EMPTY_ROOT
+        value = self._roots[-1][1]
+        for _, left in reversed(self._roots[:-1]):
+            value = node_hash(left, value)
+        return value
+
+
+def root_of_leaf_hashes(leaves: Iterable[bytes]) -> bytes:
+    """The tree hash over leaf hashes, in one pass with O(log n) memory."""
+    compact = CompactRange()
     for leaf in leaves:
-        height, value = 0, leaf
-        while stack and stack[-1][0] == height:
-            value = node_hash(stack.pop()[1], value)
-            height += 1
-        stack.append((height, value))
-    if not stack:
-        return EMPTY_ROOT
-    value = stack[-1][1]
-    for _, left in reversed(stack[:-1]):
-        value = node_hash(left, value)
-    return value
+        compact.append(leaf)
+    return compact.root()
 
 
 def entries_subtree(entries: Sequence[bytes]) -> SubtreeHash:

@@ -74,12 +74,16 @@ class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):  # type: ignore[
         return pb.ConsistencyProof(first=request.first, second=request.second, hashes=hashes)
 
 
-def add_log_service(server: grpc.Server, writer: LogStore, signer: NoteSigner) -> None:
-    """Register the log on ``server``, reading through a read-only connection."""
+def add_log_service(
+    server: grpc.Server,
+    writer: LogStore,
+    signer: NoteSigner,
+    servicer: type[TransparencyLogServicer] = TransparencyLogServicer,
+) -> None:
+    """Register the log on ``server``, reading through a read-only connection.
+    ``servicer`` lets a test stage a lying log."""
     reader = LogStore(writer.path, readonly=True)
-    pb_grpc.add_TransparencyLogServicer_to_server(
-        TransparencyLogServicer(reader, writer, signer), server
-    )
+    pb_grpc.add_TransparencyLogServicer_to_server(servicer(reader, writer, signer), server)
 
 
 def serve_log(
@@ -92,10 +96,11 @@ def serve_log(
     servicer: type[TransparencyLogServicer] = TransparencyLogServicer,
 ) -> tuple[grpc.Server, int]:
     """The log alone on a TLS gRPC server (tests and the bench; ``ark provider serve``
-    puts it beside the key broker). ``servicer`` lets a test stage a lying log."""
-
-    def register(server: grpc.Server) -> None:
-        reader = LogStore(store.path, readonly=True)
-        pb_grpc.add_TransparencyLogServicer_to_server(servicer(reader, store, signer), server)
-
-    return start_tls_server([register], address=address, cert=cert, key=key, workers=2)
+    puts it beside the key broker)."""
+    return start_tls_server(
+        [lambda server: add_log_service(server, store, signer, servicer)],
+        address=address,
+        cert=cert,
+        key=key,
+        workers=2,
+    )

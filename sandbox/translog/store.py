@@ -132,9 +132,8 @@ class LogStore:
         self._commit = threading.Condition()
         self._queue: list[tuple[bytes, list[int | BaseException]]] = []
         self._leader = False
-        # Roots of the perfect subtrees on the right border: (level, hash), left to right.
-        self._border: list[tuple[int, bytes]] = []
-        self._border_size = 0
+        # The right border of the tree as this process last appended it.
+        self._border = merkle.CompactRange()
 
     def close(self) -> None:
         self._db.close()
@@ -237,14 +236,13 @@ class LogStore:
 
     # -- writing ----------------------------------------------------------------------
 
-    def _load_border(self, size: int) -> None:
-        border: list[tuple[int, bytes]] = []
-        start = 0
+    def _load_border(self, size: int) -> merkle.CompactRange:
+        roots, start = [], 0
         for level in reversed(range(size.bit_length())):
             if size >> level & 1:
-                border.append((level, self._node(level, start >> level)))
+                roots.append(self._node(level, start >> level))
                 start += 1 << level
-        self._border, self._border_size = border, size
+        return merkle.CompactRange(size, roots)
 
     def append(self, entry: bytes) -> int:
         """Append one entry and return its index once it is committed (on disk, for a
@@ -299,33 +297,25 @@ class LogStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 size = self.size()
-                if size != self._border_size:  # another process appended meanwhile
-                    self._load_border(size)
-                indexes = [
-                    self._append_one(size + offset, entry) for offset, entry in enumerate(entries)
-                ]
+                if size != self._border.size:  # another process appended meanwhile
+                    self._border = self._load_border(size)
+                indexes = [self._append_one(entry) for entry in entries]
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                self._border_size = -1  # reload from disk next time
+                self._border = merkle.CompactRange()  # reload from disk next time
                 raise
-            self._border_size = size + len(indexes)
             return indexes
 
-    def _append_one(self, index: int, entry: bytes) -> int:
+    def _append_one(self, entry: bytes) -> int:
         _check_entry(entry)
-        leaf = merkle.leaf_hash(entry)
+        index, leaf = self._border.size, merkle.leaf_hash(entry)
         self._db.execute(
             "INSERT INTO entries (idx, entry, leaf) VALUES (?, ?, ?)", (index, entry, leaf)
         )
-        level, value, position = 0, leaf, index
-        while self._border and self._border[-1][0] == level:
-            value = merkle.node_hash(self._border.pop()[1], value)
-            level, position = level + 1, position >> 1
-            self._db.execute(
-                "INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", (level, position, value)
-            )
-        self._border.append((level, value))
+        self._db.executemany(
+            "INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", self._border.append(leaf)
+        )
         return index
 
     def sign_checkpoint(self, signer: NoteSigner, *, now: dt.datetime | None = None) -> str:
