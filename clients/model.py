@@ -25,7 +25,12 @@ from sandbox.keybroker.client import (
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.models import ModelInfo, load_from_memory
 from sandbox.seal.envelope import RecipientKey
-from sandbox.seal.package import open_sealed_package, read_manifest
+from sandbox.seal.package import (
+    loads_as_weights,
+    open_sealed_package,
+    read_manifest,
+    ships_plain,
+)
 
 
 @dataclass
@@ -115,10 +120,14 @@ def load_base_model(
 
 def load_plaintext(spec: RunSpec) -> tuple[Any, Any, ModelInfo]:
     """An unprotected node's model: the run's plaintext directory, built by the same
-    in-memory builder as a sealed package (so the overhead bench compares like with like)."""
+    in-memory builder as a sealed package (so the overhead bench compares like with like).
+
+    It takes what a node takes from a package: the allowlisted plain files and the
+    ``*.safetensors`` weights; weights in other formats are not read.
+    """
     files = [p for p in sorted(spec.model_path.iterdir()) if p.is_file() and p.name[0] != "."]
-    weights = {p.name: p.read_bytes() for p in files if p.suffix == ".safetensors"}
-    plain = {p.name: p.read_bytes() for p in files if p.suffix != ".safetensors"}
+    weights = {p.name: p.read_bytes() for p in files if loads_as_weights(p.name)}
+    plain = {p.name: p.read_bytes() for p in files if ships_plain(p.name)}
     return load_from_memory(
         plain, weights, task=spec.task, num_labels=len(spec.labels), source=spec.model_path
     )

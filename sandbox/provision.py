@@ -348,7 +348,11 @@ def seal_model(
 
 
 def check_package(ws: ProviderWorkspace, package: Path) -> OpenedModel:
-    """Decrypt a package with the provider's own keystore and verify every digest."""
+    """Decrypt a package with the provider's own keystore and verify every digest.
+
+    A package that lists any file outside the plain allowlist unencrypted is refused
+    (by :func:`read_manifest`, as a node refuses it), even when its signature is valid.
+    """
     ws.require()
     verify_key = ws.signer().public_key()
     manifest = read_manifest(package, verify_key)

@@ -40,6 +40,7 @@ from sandbox.errors import (
     MeasurementRejected,
     NodeNotAllowed,
     NonceMismatch,
+    SealedModelError,
     TeeNotAccepted,
 )
 from sandbox.events import Event, JsonlEventSink
@@ -54,10 +55,11 @@ from sandbox.provision import (
     provision_loopback,
 )
 from sandbox.seal.envelope import RecipientKey
-from sandbox.seal.package import read_manifest
+from sandbox.seal.package import MANIFEST, SIGNATURE, read_manifest
 from sandbox.translog.note import NoteVerifier, verify_checkpoint
 from sandbox.translog.store import LogStore
 from tests.conftest import make_spec
+from tests.test_seal import forge_plain_file
 
 runner = CliRunner()
 
@@ -206,6 +208,39 @@ def test_ark_provider_commands(tmp_path: Path, tiny_bert_dir: Path) -> None:
     result = runner.invoke(app, ["provider", "allow-node", "node-1", "--workdir", str(provider)])
     assert result.exit_code == 0, result.output
     assert AppraisalPolicy.load(ws.policy).allowed_nodes == frozenset({"node-1"})
+
+
+def test_check_package_refuses_a_validly_signed_plain_weight_file(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    provider = tmp_path / "provider"
+    assert runner.invoke(app, ["provider", "init", "--workdir", str(provider)]).exit_code == 0
+    sealed = tmp_path / "sealed"
+    seal = ["provider", "seal", str(tiny_bert_dir), "--out", str(sealed), "--workdir"]
+    assert runner.invoke(app, [*seal, str(provider)]).exit_code == 0
+    signer = ProviderWorkspace(provider).signer()
+    forge_plain_file(sealed, signer, "pytorch_model.bin", b"plaintext weights")
+    signer.public_key().verify((sealed / SIGNATURE).read_bytes(), (sealed / MANIFEST).read_bytes())
+    result = runner.invoke(
+        app, ["provider", "check-package", str(sealed), "--workdir", str(provider)]
+    )
+    assert result.exit_code == 2
+    assert "manifest.json: lists 'pytorch_model.bin' in plain" in _flat(result.output)
+
+
+def test_node_refuses_a_validly_signed_plain_weight_file_before_attesting(
+    deployment: LoopbackDeployment, tiny_bert_dir: Path
+) -> None:
+    forge_plain_file(
+        deployment.package, deployment.provider.signer(), "pytorch_model.bin", b"weights"
+    )
+    node = NodeConfig.load(deployment.node_configs["alpine"])
+    with pytest.raises(SealedModelError, match=r"lists 'pytorch_model\.bin' in plain"):
+        load_base_model(make_spec(tiny_bert_dir, model_id="tiny"), node)
+    # No attestation, so no content key: the package was never opened, nothing was written.
+    assert [e["kind"] for e in JsonlEventSink(deployment.provider.events).read()] == [
+        "model_published"
+    ]
 
 
 def test_commands_outside_a_provider_workspace_name_the_folder(tmp_path: Path) -> None:

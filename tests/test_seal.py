@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -15,14 +17,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load as load_safetensors
 
+from sandbox.config import TASK_CLASSIFICATION
 from sandbox.errors import SealedModelError
+from sandbox.models import TOKENIZER_FILES, load_from_memory
 from sandbox.seal.package import (
     MANIFEST,
+    PLAIN_FILES,
     SIGNATURE,
+    OpenedModel,
     new_content_key,
     open_sealed_package,
     read_manifest,
     seal_model_dir,
+    ships_plain,
 )
 from sandbox.seal.stream import (
     CHUNK_SIZE,
@@ -151,22 +158,30 @@ def test_wrong_key_or_context_is_refused() -> None:
 
 @pytest.fixture
 def package(tmp_path: Path, tiny_bert_dir: Path) -> tuple[Path, bytes, Ed25519PrivateKey]:
-    signing = Ed25519PrivateKey.generate()
-    key = new_content_key()
-    out = tmp_path / "sealed"
+    return _seal_tiny(tiny_bert_dir, tmp_path / "sealed")
+
+
+def _seal_tiny(model_dir: Path, out: Path) -> tuple[Path, bytes, Ed25519PrivateKey]:
+    """Seal ``model_dir`` into ``out`` as tiny-bert under key k1, with fresh keys."""
+    signing, key = Ed25519PrivateKey.generate(), new_content_key()
     seal_model_dir(
-        tiny_bert_dir, out, content_key=key, signing_key=signing, model_id="tiny-bert", key_id="k1"
+        model_dir, out, content_key=key, signing_key=signing, model_id="tiny-bert", key_id="k1"
     )
     return out, key, signing
+
+
+def _open_tiny(package: tuple[Path, bytes, Ed25519PrivateKey]) -> OpenedModel:
+    out, key, signing = package
+    return open_sealed_package(
+        out, content_key=key, verify_key=signing.public_key(), model_id="tiny-bert", key_id="k1"
+    )
 
 
 def test_package_opens_in_memory_to_the_original_weights(
     package: tuple[Path, bytes, Ed25519PrivateKey], tiny_bert_dir: Path
 ) -> None:
-    out, key, signing = package
-    opened = open_sealed_package(
-        out, content_key=key, verify_key=signing.public_key(), model_id="tiny-bert", key_id="k1"
-    )
+    out, _, signing = package
+    opened = _open_tiny(package)
     original = (tiny_bert_dir / "model.safetensors").read_bytes()
     assert opened.weights == {"model.safetensors": original}
     assert opened.plain_files["config.json"] == (tiny_bert_dir / "config.json").read_bytes()
@@ -287,3 +302,107 @@ def test_sealing_needs_weights(tmp_path: Path, tiny_bert_dir: Path) -> None:
             model_id="m",
             key_id="k",
         )
+
+
+# Weights as Hugging Face snapshots carry them beside model.safetensors, in other formats
+# and spellings; and two files in subfolders, which are not packaged at all.
+OTHER_WEIGHTS = (
+    "pytorch_model.bin",
+    "tf_model.h5",
+    "rust_model.ot",
+    "model.gguf",
+    "model.pt",
+    "model.onnx",
+    "model.SAFETENSORS",
+)
+NESTED = ("1_Pooling/config.json", "onnx/model.onnx")
+# What the tiny model has beside its weights: config and tokenizer, all shipped plain.
+HONEST_PLAIN = {
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+}
+
+
+def _marker(name: str) -> bytes:
+    """Bytes no ciphertext, config or manifest can hold by chance: stand-in weights."""
+    return f"PLAINTEXT-WEIGHTS-OF-{name}|".encode() * 64
+
+
+def forge_plain_file(out: Path, signing: Ed25519PrivateKey, name: str, data: bytes) -> None:
+    """List ``name`` in plain in a package's manifest and re-sign it with ``signing``.
+
+    The signature verifies: only the plain-file allowlist can catch such a package.
+    """
+    (out / name).write_bytes(data)
+    files = [f for f in json.loads((out / MANIFEST).read_text())["files"] if f["name"] != name]
+    files.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    _rewrite_manifest(out, signing, {"files": files})
+
+
+@pytest.fixture
+def snapshot_package(tmp_path: Path, tiny_bert_dir: Path) -> tuple[Path, bytes, Ed25519PrivateKey]:
+    """The tiny model as a snapshot with weights in every format beside it, sealed."""
+    model = tmp_path / "snapshot"
+    shutil.copytree(tiny_bert_dir, model)
+    for name in OTHER_WEIGHTS + NESTED:
+        (model / name).parent.mkdir(exist_ok=True)
+        (model / name).write_bytes(_marker(name))
+    return _seal_tiny(model, tmp_path / "sealed")
+
+
+def test_weights_in_any_format_or_spelling_are_sealed(
+    snapshot_package: tuple[Path, bytes, Ed25519PrivateKey],
+) -> None:
+    out, _, signing = snapshot_package
+    package_bytes = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for name in OTHER_WEIGHTS + NESTED:
+        holders = [str(p) for p, data in package_bytes.items() if _marker(name)[:64] in data]
+        assert holders == [], f"plaintext of {name} found in the package"
+    entries = {f["name"]: f for f in read_manifest(out, signing.public_key())["files"]}
+    assert all("sealed" in entries[name] for name in OTHER_WEIGHTS)
+    assert not any(name in entries for name in NESTED), "subfolders are not packaged"
+    plain = {name for name, entry in entries.items() if "sealed" not in entry}
+    assert plain == HONEST_PLAIN
+
+
+def test_honest_package_with_extra_weight_formats_opens_and_loads(
+    snapshot_package: tuple[Path, bytes, Ed25519PrivateKey], tiny_bert_dir: Path
+) -> None:
+    opened = _open_tiny(snapshot_package)
+    # Other formats were decrypted and checked, then dropped: the node loads safetensors.
+    assert opened.weights == {
+        "model.safetensors": (tiny_bert_dir / "model.safetensors").read_bytes()
+    }
+    assert set(opened.plain_files) == HONEST_PLAIN
+    model, _, info = load_from_memory(
+        opened.plain_files,
+        opened.weights,
+        task=TASK_CLASSIFICATION,
+        num_labels=3,
+        source=snapshot_package[0],
+    )
+    assert info.model_type == "bert"
+    assert model.config.num_labels == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["pytorch_model.bin", "model.safetensors", "model.SAFETENSORS", "tf_model.h5"]
+)
+def test_validly_signed_plain_weight_file_is_refused_by_the_loader(
+    package: tuple[Path, bytes, Ed25519PrivateKey], name: str
+) -> None:
+    out, _, signing = package
+    forge_plain_file(out, signing, name, _marker(name))
+    signing.public_key().verify((out / SIGNATURE).read_bytes(), (out / MANIFEST).read_bytes())
+    with pytest.raises(SealedModelError, match=f"lists {re.escape(repr(name))} in plain"):
+        _open_tiny(package)
+
+
+def test_every_tokenizer_file_the_loader_accepts_ships_plain() -> None:
+    # A sealed tokenizer file would be dropped on the node, leaving it no tokenizer.
+    assert set(TOKENIZER_FILES) <= PLAIN_FILES
+    assert ships_plain("Vocab.TXT")
+    assert not ships_plain("1_Pooling/config.json")

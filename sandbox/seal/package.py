@@ -1,13 +1,23 @@
 """Sealed model packages (``ark-sealed-model/1``): signed manifest, encrypted weights.
 
 A package directory holds ``manifest.json``, its Ed25519 signature ``manifest.sig``,
-every ``*.safetensors`` file sealed with :mod:`sandbox.seal.stream` (``<name>.sealed``)
-and the other files (config, tokenizer) in plain. The manifest lists every file with
-its size and the SHA-256 of plaintext and ciphertext. The content key never goes into
-the package: the provider keeps it for the key broker.
+the known non-weight files (:data:`PLAIN_FILES`: model config, tokenizer and vocabulary)
+in plain, and every other file sealed with :mod:`sandbox.seal.stream` (``<name>.sealed``).
+The manifest lists every file with its size and the SHA-256 of plaintext and ciphertext.
+The content key never goes into the package: the provider keeps it for the key broker.
 
-Opening verifies the signature before reading anything else, checks every digest,
-and returns the weights in memory; no plaintext weight byte is written to disk.
+Plain is an allowlist, matched case-insensitively, not a list of weight formats: Hugging
+Face snapshots carry the same weights again as ``pytorch_model.bin``, ``tf_model.h5``,
+``rust_model.ot``, ``*.gguf``, ``*.onnx`` or ``model.SAFETENSORS``, and no list of
+suffixes keeps up with them. Sealing therefore encrypts everything it does not know to
+be harmless, and :func:`read_manifest` refuses a (validly signed) manifest that lists
+any other file in plain, so ``ark provider check-package`` and the node both reject it
+before a byte of it is used.
+
+Opening verifies the signature before reading anything else and checks every digest.
+Nodes load only ``*.safetensors`` weights; a sealed file in any other format is decrypted
+in memory to check its digest, then dropped, so no plaintext weight byte is written to
+disk in any format.
 """
 
 from __future__ import annotations
@@ -35,11 +45,57 @@ FORMAT = "ark-sealed-model/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SEALED_SUFFIX = ".sealed"
+# The only weights a node loads (into tensors, from memory). Exact spelling, as
+# transformers looks for them: a ``model.SAFETENSORS`` is sealed but never loaded.
+WEIGHTS_SUFFIX = ".safetensors"
+
+# The files a package may ship in plain, lower-cased: the node writes them to a private
+# temporary folder, because transformers reads config and tokenizer from one, and none
+# of them holds weights. ``tokenizer.model`` is a SentencePiece vocabulary, and the
+# loader accepts it as a model's only tokenizer file.
+PLAIN_FILES = frozenset(
+    {
+        # transformers' model configuration
+        "config.json",
+        "generation_config.json",
+        # tokenizers and their vocabularies
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        # sentence-transformers' small configs, as the default all-MiniLM-L6-v2 has them
+        "config_sentence_transformers.json",
+        "modules.json",
+        "sentence_bert_config.json",
+    }
+)
+
+
+def ships_plain(name: str) -> bool:
+    """Whether a package may carry the file ``name`` unencrypted: a known non-weight file.
+
+    Case-insensitive (a ``Vocab.TXT`` holds no weights either); a name with a folder in it
+    never matches, as packages are flat.
+    """
+    return name.lower() in PLAIN_FILES
+
+
+def loads_as_weights(name: str) -> bool:
+    """Whether a node loads the file ``name`` as model weights (``*.safetensors`` only)."""
+    return name.endswith(WEIGHTS_SUFFIX)
 
 
 @dataclass(frozen=True)
 class OpenedModel:
-    """A verified package: its manifest, plain files and decrypted weights, all in memory."""
+    """A verified package: its manifest, plain files and decrypted weights, all in memory.
+
+    ``weights`` holds the sealed ``*.safetensors`` files only; other sealed files (weights
+    in other formats, a model card) were decrypted and checked, then dropped.
+    """
 
     manifest: dict[str, Any]
     plain_files: dict[str, bytes]
@@ -72,17 +128,24 @@ def seal_model_dir(
     model_id: str,
     key_id: str,
 ) -> dict[str, Any]:
-    """Write a sealed package of ``model_dir`` to ``out_dir``; return the signed manifest."""
+    """Write a sealed package of ``model_dir`` to ``out_dir``; return the signed manifest.
+
+    Every file outside :data:`PLAIN_FILES` is sealed, whatever its name or format.
+    """
     # Hidden files (.gitattributes and the like) are repository metadata, not the model.
+    # Subfolders are left out entirely: the node builds the model from transformers'
+    # top-level files alone, and manifest names stay flat so that none can point outside
+    # the package. So sentence-transformers' 1_Pooling/config.json is not shipped, and
+    # neither is an onnx/model.onnx export, which therefore cannot leak either.
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise SealedModelError(f"{model_dir}: no *.safetensors weights to seal")
+    if not any(loads_as_weights(p.name) for p in files):
+        raise SealedModelError(f"{model_dir}: no *{WEIGHTS_SUFFIX} weights to seal")
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for path in files:
         digest, size = sha256_file(path)
         entry: dict[str, Any] = {"name": path.name, "size": size, "sha256": digest}
-        if path.suffix == ".safetensors":
+        if not ships_plain(path.name):
             sealed = out_dir / (path.name + SEALED_SUFFIX)
             with path.open("rb") as src, sealed.open("wb") as dst:
                 encrypt_stream(
@@ -150,6 +213,12 @@ def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, 
     files = manifest.get("files")
     if not isinstance(files, list) or not all(_valid_entry(e) for e in files):
         raise SealedModelError(f"{package_dir / MANIFEST}: malformed file list")
+    for entry in files:
+        if "sealed" not in entry and not ships_plain(entry["name"]):
+            raise SealedModelError(
+                f"{package_dir / MANIFEST}: lists {entry['name']!r} in plain, but only known "
+                "config and tokenizer files may be plain; any other file may hold weights"
+            )
     return manifest
 
 
@@ -172,12 +241,22 @@ def _valid_entry(entry: Any) -> bool:
     )
 
 
-def _decrypt_file(path: Path, entry: dict[str, Any], manifest: dict[str, Any], key: bytes) -> bytes:
-    """Check one sealed file's size and ciphertext digest, then decrypt it in memory.
+def _check_plaintext(package_dir: Path, entry: dict[str, Any], size: int, digest: str) -> None:
+    """Refuse a file whose plaintext size or SHA-256 differs from its manifest entry."""
+    if size != entry["size"] or digest != entry["sha256"]:
+        raise SealedModelError(f"{package_dir}: plaintext digest of {entry['name']} does not match")
+
+
+def _decrypt_file(
+    path: Path, entry: dict[str, Any], manifest: dict[str, Any], key: bytes, *, keep: bool
+) -> bytes | None:
+    """Check one sealed file's ciphertext, decrypt it in memory and check its plaintext.
 
     The file is read through one descriptor (no symlinks, FIFOs or devices) as a
     read-only memory map, so hashing and decryption work on the page cache without
-    copying the ciphertext into the process heap.
+    copying the ciphertext into the process heap. The plaintext is hashed as it streams
+    and returned only if ``keep``, so checking a file the node will not load costs no
+    more memory than one chunk.
     """
     mismatch = f"{path}: ciphertext digest or size does not match"
     try:
@@ -200,11 +279,17 @@ def _decrypt_file(path: Path, entry: dict[str, Any], manifest: dict[str, Any], k
             raise SealedModelError(mismatch)
         context = _stream_context(manifest["model_id"], manifest["key_id"], entry["name"])
         buffer = io.BytesIO()
+        digest = hashlib.sha256()
+        size = 0
         for chunk in decrypt_stream(key, view, context=context):
-            buffer.write(chunk)
-            if buffer.tell() > entry["size"]:
+            size += len(chunk)
+            if size > entry["size"]:
                 raise SealedModelError(f"{path}: decrypts to more than the manifest's size")
-    return buffer.getvalue()
+            digest.update(chunk)
+            if keep:
+                buffer.write(chunk)
+    _check_plaintext(path.parent, entry, size, digest.hexdigest())
+    return buffer.getvalue() if keep else None
 
 
 def open_sealed_package(
@@ -218,7 +303,8 @@ def open_sealed_package(
     """Verify and decrypt a package in memory; raise SealedModelError on any mismatch.
 
     ``model_id`` and ``key_id`` are the ones the content key was released for, so an
-    older or different package sealed under the same key is refused.
+    older or different package sealed under the same key is refused. A manifest listing
+    a plain file outside :data:`PLAIN_FILES` is refused before any file is read.
     """
     manifest = read_manifest(package_dir, verify_key)
     if (manifest["model_id"], manifest["key_id"]) != (model_id, key_id):
@@ -231,11 +317,14 @@ def open_sealed_package(
     for entry in manifest["files"]:
         name = entry["name"]
         sealed_name = entry.get("sealed")
-        if sealed_name is not None:
-            data = _decrypt_file(package_dir / sealed_name, entry, manifest, content_key)
-        else:
+        if sealed_name is None:
             data = _read_regular(package_dir / name, entry["size"])
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise SealedModelError(f"{package_dir}: plaintext digest of {name} does not match")
-        (weights if sealed_name is not None else plain)[name] = data
+            _check_plaintext(package_dir, entry, len(data), hashlib.sha256(data).hexdigest())
+            plain[name] = data
+            continue
+        # Only safetensors become weights; any other sealed file is checked, then dropped.
+        keep = loads_as_weights(name)
+        kept = _decrypt_file(package_dir / sealed_name, entry, manifest, content_key, keep=keep)
+        if kept is not None:
+            weights[name] = kept
     return OpenedModel(manifest=manifest, plain_files=plain, weights=weights)
