@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ark-installed
 WORKDIR ?= .ark-demo
 
-.PHONY: demo test lint typecheck unit bench protos protos-check clean
+.PHONY: demo test lint typecheck unit bench protos protos-check clean gateway-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The provider's node-facing gateway is Debian's nginx: installed here when it is missing
+# (as root, or with passwordless sudo), so demo, tests and bench find it.
+gateway-tools:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+		echo "installing nginx (Debian) for the provider's gateway"; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			nginx >/dev/null; }
+
+demo: $(STAMP) gateway-tools
 	$(BIN)/ark demo --workdir $(WORKDIR)
 
 lint: $(STAMP)
@@ -25,7 +35,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy sandbox server clients tests bench
 
-unit: $(STAMP)
+unit: $(STAMP) gateway-tools
 	$(BIN)/pytest
 
 test: lint typecheck protos-check unit
@@ -42,7 +52,7 @@ protos-check: $(STAMP)
 		diff -u "$$f" "$$tmp/$$f" || { echo "$$f is stale: run make protos" >&2; exit 1; }; \
 	done && echo "generated protos are up to date"
 
-bench: $(STAMP)
+bench: $(STAMP) gateway-tools
 	$(BIN)/python -m bench.run
 
 clean:

@@ -31,6 +31,7 @@ from sandbox.config import PROTECTION_OFF, RunSpec
 from sandbox.demo_data import write_demo_data
 from sandbox.events import JsonlEventSink
 from sandbox.federation import Federation, free_port, write_run_config
+from sandbox.gateway import split_address
 from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
 from sandbox.provision import init_unprotected_nodes, provision_loopback
@@ -106,10 +107,12 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
     link_bytes: float | None = None
     if capture.process is not None:
         streams = read_pcap(capture.path)
+        # What crosses the node-facing link: nodes talk only to the gateway's port.
+        node_port = split_address(federation.node_address)[1]
         link_bytes = sum(
             len(payload)
             for (_, _, sport, dport), payload in streams.flows.items()
-            if federation.port in (sport, dport)
+            if node_port in (sport, dport)
         ) / (NODES * rounds)
     return {
         "round_seconds": per_round,
@@ -117,7 +120,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
         "run_seconds": wall,
         "fp32_adapter_bytes": fp32,
         "update_bytes": [e["envelope_bytes"] for e in accepted],
-        "superlink_bytes_per_node_round": link_bytes,
+        "node_link_bytes_per_node_round": link_bytes,
         "dropped_packets": capture.dropped if capture.process is not None else None,
         "accuracy": results["rounds"][-1]["mean"].get("accuracy"),
     }
@@ -174,8 +177,8 @@ def security_overhead(rounds: int = 3, pairs: int = 1) -> dict[str, Any]:
         "envelope_bytes": median("on", "update_bytes"),
         "envelope_over_fp32": median("on", "update_bytes") / fp32,
         "raw_update_over_fp32": median("off", "update_bytes") / fp32,
-        "wire_bytes_on": median("on", "superlink_bytes_per_node_round"),
-        "wire_bytes_off": median("off", "superlink_bytes_per_node_round"),
-        "wire_on_over_off": median("on", "superlink_bytes_per_node_round")
-        / median("off", "superlink_bytes_per_node_round"),
+        "wire_bytes_on": median("on", "node_link_bytes_per_node_round"),
+        "wire_bytes_off": median("off", "node_link_bytes_per_node_round"),
+        "wire_on_over_off": median("on", "node_link_bytes_per_node_round")
+        / median("off", "node_link_bytes_per_node_round"),
     }

@@ -65,6 +65,14 @@ class FederationError(ArkError):
     """
 
 
+class GatewayError(FederationError):
+    """The node-facing gateway (nginx) could not be configured or started.
+
+    Raised for a missing nginx, a config nginx refuses, a SuperLink address off
+    loopback, or a gateway that does not come up; the message names the value or file.
+    """
+
+
 class AdapterMismatch(ArkError):
     """An adapter's tensor names or shapes do not fit the model it is loaded into."""
 

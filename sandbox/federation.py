@@ -2,6 +2,11 @@
 
 Used by ``ark demo`` and the end-to-end tests. Each party gets its own HOME and
 FLWR_HOME under the workspace, so runs never touch the user's own Flower config.
+
+The SuperLink listens on loopback only and serves the provider's ``flwr`` CLI and its
+ServerApps there; SuperNodes reach it only through the provider's gateway
+(``ark provider gateway``: nginx forwarding the Fleet API calls and nothing else), at
+one node-facing address, ``Federation.node_address``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from types import TracebackType
 
 from sandbox.config import toml_string
 from sandbox.errors import FederationError
+from sandbox.gateway import split_address
 from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.models import OFFLINE_ENV
 from sandbox.processes import (
@@ -94,6 +100,9 @@ class Federation:
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     key_broker: ManagedProcess | None = None
+    gateway: ManagedProcess | None = None
+    # Where nodes connect: the gateway's host:port (a free loopback port when None).
+    gateway_address: str | None = None
     tls: TlsFiles | None = None
     # SuperNodes must present a registered key (`flwr supernode register`).
     node_auth: bool = True
@@ -153,19 +162,43 @@ class Federation:
         argv += ["--database", str(self.database)]
         if self.node_auth:
             argv.append("--enable-supernode-auth")
-        self.superlink = start_process(
-            "flower-superlink",
-            argv,
-            env=_flower_env(self.provider_home),
-            log_path=self.logs / "superlink.log",
-        )
-        try:
-            wait_for_port(HOST, port, self.superlink, timeout)
-        except (RuntimeError, TimeoutError) as exc:
-            raise FederationError(
-                f"SuperLink failed to start: {exc}\n{self.superlink.log_tail()}"
-            ) from exc
+        self.superlink = self._start_service("SuperLink", argv, HOST, port, timeout)
         self._write_cli_config()
+        self.start_gateway(timeout)
+
+    @property
+    def node_address(self) -> str:
+        """The one address nodes are given: the gateway's, never the SuperLink's own."""
+        if self.gateway_address is None:
+            raise RuntimeError("start the gateway before asking for the node-facing address")
+        return self.gateway_address
+
+    def start_gateway(self, timeout: float = 60.0) -> ManagedProcess:
+        """Start ``ark provider gateway`` (nginx) in front of the running SuperLink."""
+        if self.gateway is not None:
+            raise RuntimeError("the gateway is already running")
+        if self.superlink is None:
+            raise RuntimeError("start the SuperLink before its gateway")
+        address = self.gateway_address or f"{HOST}:{free_port()}"
+        host, port = split_address(address)
+        check_port_free(port)
+        argv = [
+            _exe("ark"),
+            "provider",
+            "gateway",
+            "--workdir",
+            str(self.provider_home),
+            "--listen",
+            address,
+            "--superlink",
+            f"{HOST}:{self.port}",
+        ]
+        if not self.tls_on:
+            argv.append("--insecure")
+        self.gateway = self._start_service("gateway", argv, host, port, timeout)
+        self.gateway.remember_descendants()
+        self.gateway_address = address
+        return self.gateway
 
     def _provider_tls(self) -> TlsFiles:
         """The provider workspace's TLS material (``ark provider init``), or fresh material."""
@@ -194,19 +227,24 @@ class Federation:
             "--address",
             f"{HOST}:{port}",
         ]
-        self.key_broker = start_process(
-            "key-broker",
+        self.key_broker = self._start_service("key broker", argv, HOST, port, timeout)
+        return self.key_broker
+
+    def _start_service(
+        self, name: str, argv: list[str], host: str, port: int, timeout: float
+    ) -> ManagedProcess:
+        """Start one provider service, logging to ``logs/``, once it accepts connections."""
+        proc = start_process(
+            name,
             argv,
             env=_flower_env(self.provider_home),
-            log_path=self.logs / "key-broker.log",
+            log_path=self.logs / f"{name.lower().replace(' ', '-')}.log",
         )
         try:
-            wait_for_port(HOST, port, self.key_broker, timeout)
+            wait_for_port(host, port, proc, timeout)
         except (RuntimeError, TimeoutError) as exc:
-            raise FederationError(
-                f"the key broker failed to start: {exc}\n{self.key_broker.log_tail()}"
-            ) from exc
-        return self.key_broker
+            raise FederationError(f"the {name} failed to start: {exc}\n{proc.log_tail()}") from exc
+        return proc
 
     def _write_cli_config(self) -> None:
         assert self.tls is not None  # set by start_superlink just before
@@ -259,7 +297,7 @@ class Federation:
             _exe("flower-supernode"),
             *(["--root-certificates", str(self.tls.ca_cert)] if self.tls_on else ["--insecure"]),
             "--superlink",
-            f"{HOST}:{self.port}",
+            self.node_address,
             "--host",
             HOST,
             "--port",
@@ -316,19 +354,19 @@ class Federation:
         Idempotent: processes are forgotten once stopped.
         """
         groups = [list(self.supernodes.values())]
-        if self.superlink is not None:
-            groups.append([self.superlink])
-        if self.key_broker is not None:
-            groups.append([self.key_broker])
+        for service in (self.gateway, self.superlink, self.key_broker):
+            if service is not None:
+                groups.append([service])
         self.leftovers += stop_processes(groups)
         self.supernodes.clear()
+        self.gateway = None
         self.superlink = None
         self.key_broker = None
         return self.leftovers
 
     def all_processes(self) -> list[ManagedProcess]:
         procs = list(self.supernodes.values())
-        for service in (self.superlink, self.key_broker):
+        for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 procs.append(service)
         return procs
@@ -403,6 +441,8 @@ class Federation:
                 raise FederationError(f"the SuperLink exited:\n{self.superlink.log_tail()}")
             if self.key_broker is not None and not self.key_broker.alive():
                 raise FederationError(f"the key broker exited:\n{self.key_broker.log_tail()}")
+            if self.gateway is not None and not self.gateway.alive():
+                raise FederationError(f"the gateway exited:\n{self.gateway.log_tail()}")
             outcome = self.outcome(run_id)
             if outcome is not None:
                 return outcome

@@ -100,6 +100,13 @@ def test_two_nodes_two_rounds_over_tls(
     run_id = _start(federation, configs, spec, tmp_path)
     outcome = federation.wait(run_id, timeout=600)
     assert outcome.ok, outcome.details
+    # The nodes were given only the gateway's address, and the whole run went through it.
+    for supernode in federation.supernodes.values():
+        argv = list(supernode.popen.args)  # type: ignore[arg-type]
+        assert argv[argv.index("--superlink") + 1] == federation.node_address
+    access = (federation.provider_home / "gateway" / "access.log").read_text(encoding="utf-8")
+    for call in ("activate-node", "pull-messages", "push-messages", "get-fab", "push-object"):
+        assert f'"POST /v1/fleet/{call} HTTP/1.1" 200' in access, call
 
     out = spec.output_dir
     assert out is not None

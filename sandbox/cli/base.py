@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,20 @@ from rich.console import Console
 
 from sandbox.errors import ArkError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Output that is not a terminal (a pipe, a file, CI) is never wrapped or cut, whatever
+# COLUMNS says: scripts, tests and logs read whole lines (paths are often longer than 80).
+UNWRAPPED_WIDTH = 10_000
+
+
+def _console(*, stderr: bool = False) -> Console:
+    out = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not out.is_terminal:
+        out.width = UNWRAPPED_WIDTH
+    return out
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold key material
@@ -47,6 +61,14 @@ audit_app = typer.Typer(
 app.add_typer(provider_app, name="provider")
 app.add_typer(node_app, name="node")
 app.add_typer(audit_app, name="audit")
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: services run until it is set, then clean up."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def fail(exc: BaseException, code: int = 2) -> typer.Exit:

@@ -282,7 +282,12 @@ def _run_demo(
         fed.start_key_broker(broker_port)
         console.print(f"key broker up on 127.0.0.1:{broker_port} (TLS, attestation-gated)")
         fed.start_superlink()
-        console.print(f"SuperLink up on 127.0.0.1:{fed.port} (TLS, database {fed.database})")
+        console.print(
+            f"SuperLink up on 127.0.0.1:{fed.port} (loopback only, TLS, database {fed.database})"
+        )
+        console.print(
+            f"gateway up on {fed.node_address} (nginx, TLS): nodes reach the Fleet API only"
+        )
         fed.start_nodes(node_files)
         console.print(
             f"SuperNodes up: {', '.join(node_files)} (each key registered with the SuperLink)"

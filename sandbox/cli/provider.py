@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.base import console, fail, provider_app, read_json
+from sandbox.cli.base import console, fail, provider_app, read_json, stop_on_signals
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
 
@@ -125,7 +125,10 @@ def provider_seal(
 
 @provider_app.command("check-package")
 def provider_check_package(package: Path, workdir: Workdir = Path("provider")) -> None:
-    """Decrypt a sealed package with the provider's keystore and verify every digest."""
+    """Decrypt a sealed package with the provider's keystore and verify every digest.
+
+    Refuses a package that ships any file but config and tokenizer files in plain.
+    """
     from sandbox.provision import ProviderWorkspace, check_package
 
     try:
@@ -153,8 +156,6 @@ def provider_serve(
     and once more on the way out so the database holds a current one for offline audits.
     """
     import logging
-    import signal
-    import threading
 
     from sandbox.attestation.verifier import AppraisalPolicy
     from sandbox.keybroker.service import serve
@@ -177,9 +178,7 @@ def provider_serve(
         )
     except (ArkError, OSError) as exc:
         raise fail(exc) from exc
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     console.print(
         f"key broker listening on {address.rsplit(':', 1)[0]}:{port} (TLS); "
         f"policy {broker.policy.policy_id}; events to {ws.events} and the transparency "
@@ -211,3 +210,64 @@ def provider_serve(
     store.sign_checkpoint(signer)
     store.close()
     console.print("key broker and log stopped")
+
+
+@provider_app.command("gateway")
+def provider_gateway(
+    workdir: Workdir = Path("provider"),
+    listen: Annotated[
+        str, typer.Option(help="host:port nodes connect to (the node-facing address).")
+    ] = "127.0.0.1:9092",
+    superlink: Annotated[
+        str, typer.Option(help="The SuperLink's own host:port, on loopback.")
+    ] = "127.0.0.1:9093",
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Plaintext on both sides, without node authentication (tests only)."),
+    ] = False,
+    nginx: Annotated[str | None, typer.Option(help="The nginx binary.")] = None,
+) -> None:
+    """Run the node-facing gateway (nginx) in front of the SuperLink until interrupted.
+
+    It terminates TLS with the provider's certificate and forwards only the Fleet API
+    calls a SuperNode makes; the Control and Runtime APIs stay on the provider's host.
+    """
+    from sandbox.gateway import GatewaySpec, start_gateway
+    from sandbox.processes import stop_processes
+    from sandbox.provision import ProviderWorkspace
+    from sandbox.tls import TlsFiles
+
+    ws = ProviderWorkspace(workdir)
+    tls = None
+    if not insecure:
+        tls = TlsFiles(ws.tls / "ca.crt", ws.tls / "server.crt", ws.tls / "server.key")
+        files = (tls.ca_cert, tls.server_cert, tls.server_key)
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise fail(ArkError(f"TLS material missing: {', '.join(missing)} (ark provider init)"))
+    try:
+        spec = GatewaySpec(
+            listen=listen,
+            superlink=superlink,
+            state_dir=workdir / "gateway",
+            tls=tls,
+            node_auth=not insecure,
+        )
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        proc = start_gateway(spec, nginx=nginx, log_path=spec.state_dir / "nginx.out")
+    except (ArkError, OSError) as exc:
+        raise fail(exc) from exc
+    stop = stop_on_signals()
+    console.print(
+        f"gateway pid {proc.pid} listening on {listen} ({'plaintext' if insecure else 'TLS'}); "
+        f"forwards {len(spec.routes)} Fleet API calls to {superlink}; config {spec.config_path}"
+    )
+    while not stop.wait(0.5):
+        if not proc.alive():
+            break
+    exited = not proc.alive()
+    leftovers = stop_processes([[proc]])
+    if leftovers:
+        raise fail(ArkError(f"gateway processes still running: {leftovers}"), code=1)
+    if exited:
+        raise fail(ArkError(f"nginx exited on its own; see {spec.error_log}"), code=1)
