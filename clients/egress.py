@@ -6,8 +6,10 @@ are in the node's allowlist and whose values are single numbers, and the handsha
 ConfigRecord ``hello`` (a nonce, a public key and an attestation result, all bytes of
 bounded size). Nothing else: no ArrayRecord (raw tensors), no strings, no lists, no
 unknown record or key. A violation is blocked, written to the node's log and journal,
-and replaced by an error reply. An ``unprotected`` node (test and bench only) has no
-guard.
+and replaced by an error reply. A reply's metadata must be what its instruction sets.
+Every error reply that leaves is a fixed code from ``sandbox/reasons.py`` with its fixed
+label: the detail (an exception, a blocked metric name) stays in the node's log and
+journal. An ``unprotected`` node (test and bench only) has no guard.
 
 The allowlist comes from the node operator's ``[node.egress]``, never from the run
 config, so provider-shipped code cannot widen it.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,13 +28,14 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MessageType,
+    Metadata,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import MESSAGE_TTL_TOLERANCE
 
 from clients.channel import NodeChannel, channel_path
 from sandbox.attestation.result import PURPOSE_CHANNEL, verify_result
@@ -42,6 +47,7 @@ from sandbox.errors import (
     EgressViolation,
     KeyBrokerUnavailable,
     KeyReleaseDenied,
+    ReplyMetadataAltered,
 )
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ec_public
@@ -55,12 +61,9 @@ from sandbox.protocol import (
     SEALED_KEY,
     SEALED_UPDATE_KEY,
 )
+from sandbox.reasons import NodeReason
 
 log = logging.getLogger("ark.egress")
-# Flower's code for a reply a mod refused to let through.
-EGRESS_BLOCKED = 3
-# The code of a ClientApp failure the guard reported in its own words.
-CLIENTAPP_FAILED = 4
 # Upper bounds of the handshake's fields: nonce, public key (hybrid suite), result token.
 HELLO_LIMITS = {HELLO_NONCE: 64, HELLO_NODE_KEY: 1216, HELLO_RESULT: 16 * 1024}
 # Which records may leave in a reply to which instruction.
@@ -69,9 +72,28 @@ ALLOWED_RECORDS = {
     MessageType.TRAIN: frozenset({SEALED_KEY, METRICS_KEY}),
     MessageType.EVALUATE: frozenset({METRICS_KEY}),
 }
-# Failures whose messages carry no private data (they describe keys, evidence and
-# policies); any other exception leaves the node as its type name only.
-SAYABLE = (AggregatorRefused, AttestationError, KeyReleaseDenied, KeyBrokerUnavailable)
+# The code a ClientApp failure leaves the node as, by cause; the first match wins and
+# any other exception is CLIENTAPP_FAILED. Neither its type nor its message leaves.
+FAILURES: list[tuple[type[Exception], NodeReason]] = [
+    (AggregatorRefused, NodeReason.AGGREGATOR_REFUSED),
+    (AttestationError, NodeReason.ATTESTATION_FAILED),
+    (KeyReleaseDenied, NodeReason.KEY_RELEASE_DENIED),
+    (KeyBrokerUnavailable, NodeReason.KEY_BROKER_UNAVAILABLE),
+]
+# Each metadata field of a reply and the instruction's field Flower's
+# ``Message(..., reply_to=instruction)`` copies into it.
+REPLY_FIELDS = {
+    "run_id": "run_id",
+    "src_node_id": "dst_node_id",
+    "dst_node_id": "src_node_id",
+    "src_task_id": "dst_task_id",
+    "dst_task_id": "src_task_id",
+    "reply_to_message_id": "message_id",
+    "group_id": "group_id",
+    "message_type": "message_type",
+}
+# Slack (seconds) for float rounding in reply times, as Flower's own TTL check allows.
+TIME_TOLERANCE = MESSAGE_TTL_TOLERANCE
 
 HelloCheck = Callable[[ConfigRecord], None]
 
@@ -157,56 +179,101 @@ def _check_metrics(record: MetricRecord, policy: EgressPolicy) -> None:
             raise EgressViolation(f"metric {key!r} must be a single number")
 
 
-def _record(
-    node: NodeConfig | None, context: Context, reason: str, kind: str = "egress_blocked"
+def check_reply_metadata(
+    reply: Metadata, instruction: Metadata, *, called_at: float, returned_at: float
 ) -> None:
-    """Log the event on the node and, when it keeps one, in its journal."""
-    log.error("egress guard: %s", reason)
+    """Raise ReplyMetadataAltered unless ``reply`` is what Flower's
+    ``Message(..., reply_to=instruction)`` gives while the app ran from ``called_at`` to
+    ``returned_at``: every field the instruction determines copied from it, no message id
+    or delivery time (the runtime sets those), a creation time in that window and a TTL
+    that ends when the instruction's does. The message names the field, never its value.
+    """
+    for field, source in REPLY_FIELDS.items():
+        if getattr(reply, field) != getattr(instruction, source):
+            raise ReplyMetadataAltered(f"reply {field} is not the one its instruction sets")
+    if reply.message_id != "" or reply.delivered_at != "":
+        raise ReplyMetadataAltered("reply carries a message id or delivery time of its own")
+    created, ttl = reply.created_at, reply.ttl
+    if not all(_is_time(value) for value in (created, ttl)):
+        raise ReplyMetadataAltered("reply created_at and ttl must be finite numbers")
+    if not called_at - TIME_TOLERANCE <= created <= returned_at + TIME_TOLERANCE:
+        raise ReplyMetadataAltered("reply created_at is not within the app's call")
+    expires = instruction.created_at + instruction.ttl
+    if abs(created + ttl - expires) > TIME_TOLERANCE:
+        raise ReplyMetadataAltered("reply ttl does not end with its instruction's")
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def failure_reason(exc: Exception) -> NodeReason:
+    """The fixed code a ClientApp failure leaves the node as (see FAILURES)."""
+    for kind, reason in FAILURES:
+        if isinstance(exc, kind):
+            return reason
+    return NodeReason.CLIENTAPP_FAILED
+
+
+def _refuse(
+    msg: Message,
+    context: Context,
+    node: NodeConfig | None,
+    reason: NodeReason,
+    detail: str,
+    kind: str = "egress_blocked",
+) -> Message:
+    """Keep ``detail`` on the node (its log and, when it keeps one, its journal) and
+    answer ``msg`` with ``reason``'s fixed code and label only."""
+    log.error("egress guard: %s (%s)", detail, reason.label)
     if node is not None:
         entry = {"run_id": context.run_id, "node_id": context.node_id, "kind": kind}
-        append_journal(node, {**entry, "reason": reason})
-
-
-def _failure_reason(exc: Exception) -> str:
-    if isinstance(exc, SAYABLE):
-        return f"{type(exc).__name__}: {exc}"
-    return f"{type(exc).__name__} (details in the node's own log)"
+        append_journal(node, {**entry, "code": reason.label, "reason": detail})
+    return Message(reason.error(), reply_to=msg)
 
 
 def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Let a reply out only if it is within the node's egress allowlist.
 
-    Errors are replies too: an exception leaves as its type (and, for attestation and
-    channel failures, their message); an app's own error reply loses its reason text.
+    Errors are replies too: whatever fails, only a fixed code from ``NodeReason`` leaves
+    (an exception as its cause's code, an app's own error reply as ``clientapp-error``).
+    A reply that passes leaves with metadata the guard derives from ``msg`` itself.
     """
-    node: NodeConfig | None = None
     try:
         path = context.node_config.get(NODE_CONFIG_KEY)
         node = NodeConfig.load(Path(str(path)))
     except (ArkError, TypeError) as exc:
-        reason = f"no usable node config for the egress allowlist: {exc}"
-        _record(None, context, reason)
-        return Message(Error(code=EGRESS_BLOCKED, reason=reason), reply_to=msg)
+        detail = f"no usable node config for the egress allowlist: {exc}"
+        return _refuse(msg, context, None, NodeReason.NODE_CONFIG_UNUSABLE, detail)
     if node.unprotected:
         log.warning("node %s is unprotected: its replies leave unchecked", node.name)
         return call_next(msg, context)
+    called_at = time.time()
     try:
         reply = call_next(msg, context)
-    except Exception as exc:  # the ClientApp failed; say so without its details
+    except Exception as exc:  # the ClientApp failed; say so with a code only
         log.exception("the ClientApp failed")
-        reason = _failure_reason(exc)
-        _record(node, context, f"ClientApp failed: {reason}", kind="clientapp_failed")
-        return Message(Error(code=CLIENTAPP_FAILED, reason=reason), reply_to=msg)
+        detail = f"ClientApp failed: {type(exc).__name__}: {exc}"
+        return _refuse(msg, context, node, failure_reason(exc), detail, kind="clientapp_failed")
+    if not isinstance(reply, Message):
+        detail = f"the ClientApp returned a {type(reply).__name__}, not a Message"
+        return _refuse(msg, context, node, NodeReason.EGRESS_BLOCKED, detail)
     if reply.has_error():
-        code = reply.error.code
-        _record(node, context, f"error reply {code}: {reply.error.reason}", kind="error_withheld")
-        withheld = f"ClientApp error {code} (reason withheld by the node's egress guard)"
-        return Message(Error(code=code, reason=withheld), reply_to=msg)
+        detail = f"error reply {reply.error.code}: {reply.error.reason}"
+        return _refuse(msg, context, node, NodeReason.CLIENTAPP_ERROR, detail, "error_withheld")
     try:
+        check_reply_metadata(
+            reply.metadata, msg.metadata, called_at=called_at, returned_at=time.time()
+        )
         kind = msg.metadata.message_type
         check_reply(reply.content, node.egress, kind, hello_matches_channel(node, context.run_id))
     except EgressViolation as exc:
-        reason = f"egress guard blocked the reply: {exc}"
-        _record(node, context, reason)
-        return Message(Error(code=EGRESS_BLOCKED, reason=reason), reply_to=msg)
-    return reply
+        reason = (
+            NodeReason.REPLY_METADATA_ALTERED
+            if isinstance(exc, ReplyMetadataAltered)
+            else NodeReason.EGRESS_BLOCKED
+        )
+        return _refuse(msg, context, node, reason, f"egress guard blocked the reply: {exc}")
+    # Flower's own metadata for a reply to ``msg``: not even the low bits of the app's
+    # creation time leave.
+    return Message(reply.content, reply_to=msg)

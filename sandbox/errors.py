@@ -191,6 +191,10 @@ class EgressViolation(ArkError):
     """An outgoing message carries something outside the node's egress allowlist."""
 
 
+class ReplyMetadataAltered(EgressViolation):
+    """A reply's metadata is not what its instruction sets (run, group, type, ids, TTL)."""
+
+
 class AggregatorRefused(ArkError):
     """This node could not verify the aggregator (its evidence, key or channel), so it
     does not train; the message says why and goes back in the node's error reply."""

@@ -5,7 +5,9 @@ puts this launcher first on its SuperNode's ``PATH`` under that name
 (:func:`install_launcher`). It runs Flower's own ClientApp runtime unchanged except for
 one step: before the FAB is installed, its SHA-256 is checked against the node config's
 ``approved-apps`` (``ark node approve``). An unapproved app is never unpacked, imported
-or run; the node's error reply names the digest and the refusal goes into its journal.
+or run; the refusal goes into the node's journal, and its error reply says only
+``app-not-approved``. Every error reply leaving through the launcher is a fixed code from
+``sandbox/reasons.py``: Flower's runtime builds some itself, quoting an app's exception.
 
 This code is the node operator's (installed with Ark Sandbox on the node), not part of
 the app a provider ships, so the provider cannot switch it off from inside the app.
@@ -23,26 +25,31 @@ from sandbox.apps import check_app, fab_digest
 from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved
 from sandbox.journal import append_journal
+from sandbox.reasons import NodeReason
 
 NODE_CONFIG_ENV = "ARK_NODE_CONFIG"
 LAUNCHER_NAME = "flwr-clientapp"
 
 
 class ApprovalGate:
-    """Wraps two steps of Flower's ClientApp runtime: pulling the task, installing its FAB.
+    """Wraps steps of Flower's ClientApp runtime: pulling the task, installing its FAB
+    and (given ``push``) pushing the reply.
 
     The pull is only watched (the hash the SuperLink claims for the FAB is kept); the
     install refuses unless the FAB's own SHA-256 is approved on this node *and* equals
     that claimed hash, under which Flower then looks the installed app up. Raising at the
-    install (not the pull) lets Flower still send the node's error reply.
+    install (not the pull) lets Flower still send the node's error reply, which the push
+    turns into a fixed code.
     """
 
-    def __init__(self, node: NodeConfig, pull: Any, install: Any):
+    def __init__(self, node: NodeConfig, pull: Any, install: Any, push: Any = None):
         self.node = node
         self._pull = pull
         self._install = install
+        self._push = push
         self.claimed: str | None = None
         self.run_id: int | None = None
+        self.refused = False
 
     def pull(self, *args: Any, **kwargs: Any) -> Any:
         message, context, run, fab = self._pull(*args, **kwargs)
@@ -60,6 +67,7 @@ class ApprovalGate:
                     f"the run names app {self.claimed} but ships {digest}; refusing both"
                 )
         except AppNotApproved as exc:
+            self.refused = True
             append_journal(
                 self.node, {"kind": "app_refused", "app_sha256": digest, "run_id": self.run_id}
             )
@@ -69,6 +77,16 @@ class ApprovalGate:
         )
         # The bytes that were checked are the bytes installed.
         return self._install(content, *args, **kwargs)
+
+    def push(self, client: Any, message: Any, *args: Any, **kwargs: Any) -> Any:
+        """Push the reply; an error leaves as a fixed code (the refusal, or what Flower's
+        code maps to), never with the reason text Flower's runtime gave it."""
+        if self._push is None:
+            raise RuntimeError("this gate was not given the runtime's push step")
+        if message.has_error():
+            reason = NodeReason.APP_NOT_APPROVED if self.refused else NodeReason.of(message.error)
+            message.error = reason.error()
+        return self._push(client, message, *args, **kwargs)
 
 
 def main() -> None:
@@ -80,9 +98,15 @@ def main() -> None:
     if not path:
         sys.exit(f"{LAUNCHER_NAME} (ark launcher): {NODE_CONFIG_ENV} is not set; refusing")
     node = NodeConfig.load(Path(path))
-    gate = ApprovalGate(node, runtime.pull_task_input, runtime.install_from_fab)  # type: ignore[attr-defined]
+    gate = ApprovalGate(
+        node,
+        runtime.pull_task_input,
+        runtime.install_from_fab,  # type: ignore[attr-defined]
+        runtime.push_message,
+    )
     runtime.pull_task_input = gate.pull
     runtime.install_from_fab = gate.install  # type: ignore[attr-defined]
+    runtime.push_message = gate.push
     flwr_clientapp()
 
 
