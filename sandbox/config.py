@@ -25,6 +25,9 @@ PROTECTION_SEALED = "sealed"
 PROTECTION_OFF = "off"
 PROTECTIONS = (PROTECTION_SEALED, PROTECTION_OFF)
 MIN_FEDERATED_NODES = 2
+# The largest ``max-examples-per-update``: every count up to it is exact as a float64,
+# and no weighted sum of bounded float32 updates comes near float64's range.
+EXAMPLES_LIMIT = 2**53
 
 
 class _Reader:
@@ -104,6 +107,10 @@ class RunSpec:
     expected_nodes: int = 0
     round_timeout: float = 180.0
     update_norm_bound: float = 100.0
+    # The most one update may weigh: a node's declared example count is clipped to it
+    # (and to the count first accepted from that node in the job), so a node that lies
+    # about its count weighs no more than an honest node holding this many examples.
+    max_examples_per_update: int = 10_000
     local_steps: int = 12
     batch_size: int = 16
     learning_rate: float = 1e-2
@@ -160,6 +167,7 @@ class RunSpec:
             expected_nodes=read.integer("expected-nodes", 0, minimum=0),
             round_timeout=read.number("round-timeout", 180.0, low=1.0),
             update_norm_bound=read.number("update-norm-bound", 100.0, low=1e-6),
+            max_examples_per_update=_examples_cap(read, cls.max_examples_per_update),
             local_steps=read.integer("local-steps", 12, minimum=1),
             batch_size=read.integer("batch-size", 16, minimum=1),
             learning_rate=read.number("learning-rate", 1e-2, low=1e-8, high=1.0),
@@ -186,6 +194,7 @@ class RunSpec:
             "expected-nodes": self.expected_nodes,
             "round-timeout": self.round_timeout,
             "update-norm-bound": self.update_norm_bound,
+            "max-examples-per-update": self.max_examples_per_update,
             "local-steps": self.local_steps,
             "batch-size": self.batch_size,
             "learning-rate": self.learning_rate,
@@ -221,6 +230,14 @@ class RunSpec:
         identity["model_path"] = str(self.model_path)
         canonical = json.dumps(identity, sort_keys=True, default=list).encode()
         return hashlib.sha256(canonical).hexdigest()
+
+
+def _examples_cap(read: _Reader, default: int) -> int:
+    key = "max-examples-per-update"
+    cap = read.integer(key, default, minimum=1)
+    if cap > EXAMPLES_LIMIT:
+        raise read.fail(key, f"must be at most 2**53 ({EXAMPLES_LIMIT}), got {cap!r}")
+    return cap
 
 
 def _parse_labels(raw: str, read: _Reader) -> tuple[str, ...]:

@@ -65,6 +65,15 @@ class FederationError(ArkError):
     """
 
 
+class AggregateInvalid(FederationError):
+    """A round's aggregate is not finite, or lies further than ``update-norm-bound`` from
+    the previous global adapter, although every update in it passed validation.
+
+    It is never checkpointed, logged as committed or sent; the job stops at the last
+    good round and names the cause.
+    """
+
+
 class GatewayError(FederationError):
     """The node-facing gateway (nginx) could not be configured or started.
 
@@ -142,6 +151,11 @@ class TeeNotAccepted(AttestationError):
 
 class NodeNotAllowed(AttestationError):
     """The attested TEE instance (its ueid) is not on the policy's node allowlist."""
+
+
+class NodeAlreadyAdmitted(AttestationError):
+    """The attested TEE instance (its ueid) is already admitted to this run as another
+    node: one TEE may not take part as several nodes (a Sybil)."""
 
 
 class SessionError(AttestationError):
@@ -311,6 +325,12 @@ class AggregateUnaccepted(PolicyViolation):
     """A committed aggregate lists an update that was not accepted in that round."""
 
     exit_code = 33
+
+
+class NodeAdmittedTwice(PolicyViolation):
+    """One attested TEE instance (ueid) admitted as two different nodes in one run."""
+
+    exit_code = 36
 
 
 class JournalMismatch(LogVerificationError):

@@ -23,6 +23,7 @@ from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
+    AggregateInvalid,
     AttestationError,
     CheckpointError,
     ConfigError,
@@ -44,8 +45,9 @@ from sandbox.protocol import (
     sealed_digest,
     to_record,
 )
+from sandbox.reasons import NodeReason
 from sandbox.translog.store import LogSink, LogStore
-from server.aggregation import StreamingAggregator, spec_of
+from server.aggregation import StreamingAggregator, Weight, spec_of
 from server.checkpoint import CheckpointStore, JobState
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
@@ -87,6 +89,14 @@ def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, f
     before = {k.removeprefix("before-"): v for k, v in raw.items() if k.startswith("before-")}
     after = {k.removeprefix("after-"): v for k, v in raw.items() if k.startswith("after-")}
     return raw[NUM_EXAMPLES], before, after, raw.get("train-loss", float("nan"))
+
+
+def _clipping(weight: Weight) -> dict[str, Any]:
+    """Event fields for an update whose weight a bound clipped: what it declared, and which
+    bound (none when it counted as declared)."""
+    if weight.bound is None:
+        return {}
+    return {"declared_examples": weight.declared, "weight_bound": weight.bound}
 
 
 def _round_metrics(current: dict[str, Any]) -> dict[str, float]:
@@ -163,8 +173,8 @@ class FederatedJob:
             call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
             for node_id, reply in call.replies(hellos):
                 try:
-                    if reply.has_error():
-                        raise AttestationError(f"node error: {reply.error.reason}")
+                    if reply.has_error():  # recorded as its code, never the node's text
+                        raise AttestationError(NodeReason.of(reply.error).label)
                     hello = reply.content.config_records[HELLO_KEY]
                     peer = self.sandbox.admit(node_id, hello, self.peers.values())
                 except (AttestationError, KeyError) as exc:
@@ -226,10 +236,27 @@ class FederatedJob:
         blob = sealed_blob(reply.content)
         return sha256_hex(blob), len(blob)
 
-    def _declined(self, node_id: int, reason: str, rnd: int) -> None:
-        """A node's error reply: record it, and make the node shake hands again next time."""
+    def _identity(self, node_id: int) -> str:
+        """Whom an update's held weight belongs to: the node's attested TEE (its ueid), which
+        a node keeps when its Flower node id changes; with protection off, the node id."""
+        if self.sandbox is None:
+            return f"node-{node_id}"
+        return str(self.peers[node_id].result.ueid)
+
+    def _save(self, state: JobState, adapter: dict[str, np.ndarray]) -> str:
+        """Checkpoint ``adapter`` and ``state`` with this run's ueid admissions, so that a
+        ServerApp restarted in the same run admits each ueid as the same node."""
+        if self.sandbox is not None and self.sandbox.admitted:
+            state.admissions[str(self.run_id)] = dict(self.sandbox.admitted)
+        return self.store.save(state, adapter)
+
+    def _declined(self, node_id: int, reply: Message, rnd: int) -> str:
+        """A node's error reply: record its code (never the node's text), and make the node
+        shake hands again next time. Returns the code's label."""
+        reason = NodeReason.of(reply.error).label
         self.peers.pop(node_id, None)
         self._event(NODE_DECLINED, round=rnd, node=node_id, reason=reason)
+        return reason
 
     def model(self) -> Any:
         if self._model is None:
@@ -243,10 +270,12 @@ class FederatedJob:
             log(
                 INFO, "[ark] resuming job %s after finished round %d", self.spec.job_id, state.round
             )
+            if self.sandbox is not None:
+                self.sandbox.admitted.update(state.admissions.get(str(self.run_id), {}))
             return state, adapter
         adapter = adapter_state(self.model())
         state = JobState(fingerprint=self.spec.fingerprint(), round=0, history={"rounds": {}})
-        self.store.save(state, adapter)
+        self._save(state, adapter)
         log(
             INFO,
             "[ark] job %s: initial adapter with %d tensors checkpointed as round 0",
@@ -278,7 +307,10 @@ class FederatedJob:
         log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
         trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
         aggregator = StreamingAggregator(
-            spec_of(trained), reference=trained, max_norm=self.spec.update_norm_bound
+            spec_of(trained),
+            reference=trained,
+            max_norm=self.spec.update_norm_bound,
+            max_weight=self.spec.max_examples_per_update,
         )
         rounds = state.history.setdefault("rounds", {})
         previous = rounds.setdefault(str(rnd - 1), {})
@@ -290,16 +322,17 @@ class FederatedJob:
         for node_id, reply in call.replies(messages):
             key = str(node_id)
             if reply.has_error():
-                current["rejected"][key] = f"node error: {reply.error.reason}"
-                log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reply.error.reason)
-                self._declined(node_id, str(reply.error.reason), rnd)
+                reason = self._declined(node_id, reply, rnd)
+                current["rejected"][key] = f"node error: {reason}"
+                log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reason)
                 continue
             envelope = "none"
             try:
                 envelope, size = self._envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
-                update, weight = self._update(node_id, reply, rnd, reported)
-                aggregator.add(update, weight)
+                update, declared = self._update(node_id, reply, rnd, reported)
+                identity = self._identity(node_id)
+                weight = aggregator.add(update, declared, held=state.weights.get(identity))
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
                 current["rejected"][key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
@@ -313,27 +346,39 @@ class FederatedJob:
                 continue
             finally:
                 del reply
+            state.weights.setdefault(identity, weight.used)
             self._event(
                 UPDATE_ACCEPTED,
                 round=rnd,
                 node=node_id,
                 envelope_sha256=envelope,
                 envelope_bytes=size,
-                examples=weight,
+                examples=weight.used,
+                **_clipping(weight),
             )
             accepted.append(envelope)
             previous.setdefault("global", {})[key] = before
             current["local"][key] = after
             current["train_loss"][key] = loss
-            current["examples"][key] = weight
+            current["examples"][key] = weight.used
+            if weight.bound is not None:
+                log(
+                    WARNING,
+                    "[ark] round %d: node %s declared %g examples, weighted %g (%s)",
+                    rnd,
+                    node_id,
+                    weight.declared,
+                    weight.used,
+                    weight.bound,
+                )
             log(
                 INFO,
-                "[ark] round %d: update %d/%d from node %s (%d examples)",
+                "[ark] round %d: update %d/%d from node %s (%g examples)",
                 rnd,
                 aggregator.count,
                 len(nodes),
                 node_id,
-                int(weight),
+                weight.used,
             )
         if call.missing:
             log(
@@ -350,10 +395,17 @@ class FederatedJob:
                 f"round {rnd}: only {aggregator.count} accepted updates, "
                 f"min-nodes is {self.spec.min_nodes}"
             )
-        merged = {**adapter, **aggregator.result()}
+        try:
+            result = aggregator.result()
+        except AggregateInvalid as exc:
+            raise AggregateInvalid(
+                f"round {rnd}: {exc}; nothing was committed, the job stops after round "
+                f"{state.round}"
+            ) from exc
+        merged = {**adapter, **result}
         rounds[str(rnd)] = current
         state.round = rnd
-        digest = self.store.save(state, merged)
+        digest = self._save(state, merged)
         self._event(
             AGGREGATE_COMMITTED,
             round=rnd,
@@ -364,10 +416,10 @@ class FederatedJob:
         )
         log(
             INFO,
-            "[ark] round %d: aggregated %d updates (%d examples), checkpointed",
+            "[ark] round %d: aggregated %d updates (%g examples), checkpointed",
             rnd,
             aggregator.count,
-            int(aggregator.total_weight),
+            aggregator.total_weight,
         )
         return merged
 
@@ -381,8 +433,8 @@ class FederatedJob:
         self._round_started(rnd, STAGE_EVALUATE, messages)
         for node_id, reply in call.replies(messages):
             if reply.has_error():
-                log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reply.error.reason)
-                self._declined(node_id, str(reply.error.reason), rnd)
+                reason = self._declined(node_id, reply, rnd)
+                log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reason)
                 continue
             try:
                 _, before, _, _ = _split_metrics(reply)
@@ -391,7 +443,7 @@ class FederatedJob:
                 continue
             entry.setdefault("global", {})[str(node_id)] = before
         state.finished = True
-        self.store.save(state, adapter)
+        self._save(state, adapter)
 
     def run(self) -> None:
         state, adapter = self.start()

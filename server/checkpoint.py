@@ -1,12 +1,15 @@
 """Round checkpoints: the global adapter as safetensors plus a JSON state, written atomically.
 
 After a restart the job resumes from the last finished round; a checkpoint written for
-another job (different model, labels, LoRA shape or mode) is refused, not reused.
+another job (different model, labels, LoRA shape or mode) is refused, not reused. The
+state also keeps what bounds the nodes across a restart: each node's held update weight
+and, per run, which node each attested TEE (ueid) was admitted as.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,11 @@ class JobState:
     round: int
     history: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    # Node identity (its ueid; "node-<id>" with protection off) -> the weight its first
+    # accepted update got; later updates of that node weigh no more.
+    weights: dict[str, float] = field(default_factory=dict)
+    # Run id -> ueid -> the node id that ueid was admitted as in that run.
+    admissions: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -72,6 +80,8 @@ class CheckpointStore:
             "adapter_sha256": sha256_file(path)[0],
             "history": state.history,
             "finished": state.finished,
+            "weights": state.weights,
+            "admissions": state.admissions,
         }
         _atomic_write(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
         return str(document["adapter_sha256"])
@@ -103,7 +113,25 @@ class CheckpointStore:
                 round=int(document["round"]),
                 history=dict(document.get("history", {})),
                 finished=bool(document.get("finished", False)),
+                weights=_weights(document.get("weights", {})),
+                admissions=_admissions(document.get("admissions", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{state_file}: malformed checkpoint state: {exc!r}") from exc
         return state, load_file(str(adapter_file))
+
+
+def _weights(value: Any) -> dict[str, float]:
+    """Held weights: positive finite numbers, or the state is malformed."""
+    weights = {str(node): float(weight) for node, weight in dict(value).items()}
+    bad = [w for w in weights.values() if not (w > 0 and math.isfinite(w))]
+    if bad:
+        raise ValueError(f"held weight {bad[0]!r} is not a positive finite number")
+    return weights
+
+
+def _admissions(value: Any) -> dict[str, dict[str, int]]:
+    return {
+        str(run): {str(ueid): int(node) for ueid, node in dict(nodes).items()}
+        for run, nodes in dict(value).items()
+    }

@@ -41,7 +41,13 @@ from sandbox.channel import (
     open_sealed,
     seal_tensors,
 )
-from sandbox.errors import ConfigError, EnvelopeError, ResultInvalid, UpdateRejected
+from sandbox.errors import (
+    ConfigError,
+    EnvelopeError,
+    NodeAlreadyAdmitted,
+    ResultInvalid,
+    UpdateRejected,
+)
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
     AGGREGATOR_EVIDENCE,
@@ -98,6 +104,9 @@ class AggregatorSandbox:
     # The ticket sealed into each node's instruction, by (node, round, stage); the node
     # proves it opened the downlink by returning it inside its sealed update.
     tickets: dict[tuple[int, int, str], str] = field(default_factory=dict)
+    # The node each attested TEE instance (ueid) was admitted as in this run: one node per
+    # ueid for the whole run, declines and a restarted ServerApp (from the checkpoint) included.
+    admitted: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path, *, run_id: int, model_digest: str) -> AggregatorSandbox:
@@ -127,6 +136,8 @@ class AggregatorSandbox:
         """Check a node's hello; ResultInvalid unless its key is certified by the broker.
 
         ``peers`` are the nodes admitted so far: a channel key belongs to one node only.
+        A ueid is admitted as one node per run (NodeAlreadyAdmitted for any other node id
+        presenting it); the same node shaking hands again, after a decline, is admitted.
         """
         nonce, node_key, token = (
             hello.get(HELLO_NONCE),
@@ -153,6 +164,15 @@ class AggregatorSandbox:
             raise ResultInvalid(f"node {node_id}: attestation result does not bind its key")
         if any(p.key_bytes == node_key for p in peers if p.node_id != node_id):
             raise ResultInvalid(f"node {node_id}: presents another node's certified channel key")
+        ueid = result.ueid
+        if not ueid:
+            raise ResultInvalid(f"node {node_id}: attestation result names no TEE (ueid)")
+        bound = self.admitted.get(ueid, node_id)
+        if bound != node_id:
+            raise NodeAlreadyAdmitted(
+                f"node {node_id}: its TEE (ueid {ueid}) is already admitted to this run "
+                f"as node {bound}"
+            )
         try:
             public_key = load_public_key(result.hpke_suite, node_key)
         except EnvelopeError as exc:
@@ -163,6 +183,7 @@ class AggregatorSandbox:
             measurements=dict(self.measurements),
             now=self.clock(),
         )
+        self.admitted[ueid] = node_id
         return NodePeer(node_id, nonce, public_key, node_key, result.hpke_suite, result, evidence)
 
     def context(self, peer: NodePeer, rnd: int, direction: str, stage: str) -> ChannelContext:

@@ -58,6 +58,21 @@ def release(session: str, node: str) -> dict[str, Any]:
     }
 
 
+def admission(run: int, node: int, session: str, tee: str) -> dict[str, Any]:
+    """The ServerApp admitting ``node`` to ``run`` under the channel attestation of
+    ``session``, made by the TEE of node name ``tee`` (its ueid)."""
+    return {
+        "run": run,
+        "job": "demo",
+        "time": TIME,
+        "kind": "node_admitted",
+        "node": node,
+        "ear_sha256": digest("ear", session),
+        "ueid": digest("ueid", tee)[:32],
+        "tee_pubkey_sha256": digest("tee", session),
+    }
+
+
 def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, Any]]:
     """One honest sealed run: channel attestations, admissions, rounds, aggregates."""
     job = {"run": run, "job": "demo", "time": TIME}
@@ -83,16 +98,7 @@ def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, A
                 "ear_sha256": digest("ear", session),
             }
         )
-        events.append(
-            {
-                **job,
-                "kind": "node_admitted",
-                "node": node,
-                "ear_sha256": digest("ear", session),
-                "ueid": digest("ueid", f"node-{node}")[:32],
-                "tee_pubkey_sha256": digest("tee", session),
-            }
-        )
+        events.append(admission(run, node, session, f"node-{node}"))
     for rnd in range(1, rounds + 1):
         participants = [
             {"node": node, "instruction_sha256": digest("in", run, rnd, node)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,11 +12,28 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sandbox.config import MODE_FEDAVG, MODE_FFA, TASK_CLASSIFICATION, LoraSpec
-from sandbox.errors import UpdateRejected
+from sandbox.config import (
+    EXAMPLES_LIMIT,
+    MODE_FEDAVG,
+    MODE_FFA,
+    TASK_CLASSIFICATION,
+    LoraSpec,
+    RunSpec,
+)
+from sandbox.errors import AggregateInvalid, ConfigError, UpdateRejected
 from sandbox.lora import adapter_state, build_peft_model, is_trained
 from sandbox.models import inspect_model_dir, load_pretrained
-from server.aggregation import StreamingAggregator, TensorSpec, spec_of, validate_update
+from server.aggregation import (
+    CAP_BOUND,
+    HELD_BOUND,
+    StreamingAggregator,
+    TensorSpec,
+    Weight,
+    bound_weight,
+    spec_of,
+    validate_update,
+)
+from tests.conftest import APP_DIR
 
 Update = dict[str, np.ndarray]
 
@@ -120,7 +139,7 @@ def _with(value: float) -> Callable[[Update], Update]:
 
 BAD_UPDATES = {
     "missing": (_missing, "missing \\['classifier.bias'\\]"),
-    "extra": (_extra, "extra \\['layer.lora_A.weight'\\]"),
+    "extra": (_extra, "1 not in the adapter"),
     "shape": (_wrong_shape, "shape"),
     "dtype": (_wrong_dtype, "dtype float64"),
     "nan": (_with(float("nan")), "NaN or Inf"),
@@ -272,3 +291,85 @@ def test_update_beyond_the_norm_bound_is_rejected_and_leaves_the_sum_unchanged()
     # The bound is on the distance from the global adapter, not on the update's size.
     moved = StreamingAggregator(spec_of(near), reference=far, max_norm=distance * 2)
     moved.add({k: v + 0.0 for k, v in far.items()}, 1.0)
+
+
+# -- one node cannot dominate or break the aggregate ---------------------------------------
+
+
+def test_a_count_over_the_cap_or_the_held_count_is_clipped_and_names_the_bound() -> None:
+    assert bound_weight(10.0, cap=60) == Weight(10.0, 10.0, None)
+    assert bound_weight(60.0, cap=60, held=60.0) == Weight(60.0, 60.0, None)
+    assert bound_weight(1e9, cap=60) == Weight(1e9, 60.0, CAP_BOUND)
+    assert bound_weight(1.7e308, cap=60) == Weight(1.7e308, 60.0, CAP_BOUND)
+    assert bound_weight(50.0, cap=60, held=40.0) == Weight(50.0, 40.0, HELD_BOUND)
+    assert bound_weight(1e9, cap=60, held=40.0) == Weight(1e9, 40.0, HELD_BOUND)
+
+
+def test_a_node_declaring_a_billion_examples_weighs_no_more_than_the_cap() -> None:
+    honest = _updates(3, seed=8)
+    liar = {name: value + 5 for name, value in _updates(1, seed=9)[0].items()}
+    aggregator = StreamingAggregator(spec_of(liar), max_weight=60.0)
+    for update, examples in zip(honest, [10.0, 30.0, 60.0], strict=True):
+        assert aggregator.add(update, examples).bound is None
+    assert aggregator.add(liar, 1e9) == Weight(1e9, 60.0, CAP_BOUND)
+    assert aggregator.total_weight == 160.0
+
+    result = aggregator.result()
+    clipped = _aggregate([*honest, liar], [10.0, 30.0, 60.0, 60.0])
+    unclipped = _aggregate([*honest, liar], [10.0, 30.0, 60.0, 1e9])
+    for name, value in clipped.items():
+        np.testing.assert_allclose(result[name], value, rtol=1e-6, atol=1e-6)
+        # Negative control: weighted as declared, the aggregate is the liar's update.
+        np.testing.assert_allclose(unclipped[name], liar[name], rtol=1e-6, atol=1e-6)
+
+
+def test_counts_near_the_float_limit_stay_finite_under_the_cap_and_are_caught_without() -> None:
+    updates = [{name: np.full_like(value, 2.0) for name, value in u.items()} for u in _updates(3)]
+    capped = StreamingAggregator(spec_of(updates[0]), max_weight=1e4)
+    for update, examples in zip(updates, [1.7e308, 1.7e308, 10.0], strict=True):
+        capped.add(update, examples)
+    for name, value in capped.result().items():
+        np.testing.assert_array_equal(value, updates[0][name])
+
+    # With no cap (the bench's aggregator) each update still passes, but the sum overflows:
+    # the aggregate is refused rather than handed out as inf or NaN.
+    uncapped = StreamingAggregator(spec_of(updates[0]))
+    with np.errstate(over="ignore"):
+        for update in updates[:2]:
+            uncapped.add(update, 1.7e308)
+    assert uncapped.count == 2
+    with pytest.raises(AggregateInvalid, match="not finite"):
+        uncapped.result()
+
+
+def test_an_aggregate_of_updates_at_the_norm_bound_is_not_refused_for_rounding() -> None:
+    """Identical updates exactly at the bound: their float64 mean lands a rounding error
+    beyond it (the control below), which must not stop the job."""
+    start = np.full(3, 0.1, np.float32)
+    moved = start + np.array([3.0, 0.0, 0.0], np.float32)
+    reference, update = {"classifier.bias": start}, {"classifier.bias": moved}
+    bound = math.sqrt(float(np.square(moved.astype(np.float64) - start).sum()))
+    weights = [63.73247256341329, 27.051692705010648, 4.193255041225849]
+    total, mean = 0.0, np.zeros(3)
+    for weight in weights:
+        mean += moved.astype(np.float64) * weight
+        total += weight
+    assert math.sqrt(float(np.square(mean / total - start).sum())) > bound  # the control
+
+    aggregator = StreamingAggregator(spec_of(update), reference=reference, max_norm=bound)
+    for weight in weights:
+        aggregator.add(update, weight)
+    np.testing.assert_array_equal(aggregator.result()["classifier.bias"], moved)
+
+
+def test_the_cap_has_one_default_shipped_in_the_run_config_and_a_limit() -> None:
+    shipped = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
+    default = RunSpec.max_examples_per_update
+    assert shipped["tool"]["flwr"]["app"]["config"]["max-examples-per-update"] == default
+    values = {"model-path": "/models/tiny", "labels": '["a", "b"]'}
+    assert RunSpec.from_run_config(values).max_examples_per_update == default
+    spec = RunSpec.from_run_config({**values, "max-examples-per-update": EXAMPLES_LIMIT})
+    assert RunSpec.from_run_config(spec.to_run_config()) == spec
+    for bad in (0, EXAMPLES_LIMIT + 1, 1.5, "100"):
+        with pytest.raises(ConfigError, match="max-examples-per-update"):
+            RunSpec.from_run_config({**values, "max-examples-per-update": bad})

@@ -224,7 +224,9 @@ def test_gateway_command_stops_nginx_on_interrupt(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         banner = proc.stdout.readline()
+        # One whole line although COLUMNS is 40: output to a pipe is never wrapped.
         assert f"listening on {listen}" in banner, banner
+        assert str(provider / "gateway" / "nginx.conf") in banner, banner
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "nginx did not start"
         assert any("nginx" in child.name() for child in children)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from clients.channel import NodeChannel, channel_path, check_aggregator, open_channel, open_global
+from clients.egress import failure_reason
 from clients.model import node_measurements
 from sandbox.attestation.backends import load_attester
 from sandbox.attestation.result import PURPOSE_CHANNEL
@@ -42,7 +46,7 @@ from sandbox.channel import (
 )
 from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.demo_data import write_demo_data
-from sandbox.errors import AggregatorRefused, FederationError
+from sandbox.errors import AggregateInvalid, AggregatorRefused, FederationError
 from sandbox.events import JsonlEventSink, MemoryEventSink
 from sandbox.keybroker.broker import KeyBroker, Released
 from sandbox.keyfiles import load_ed25519_public
@@ -63,8 +67,11 @@ from sandbox.protocol import (
     to_record,
 )
 from sandbox.provision import LoopbackDeployment, build_broker, provision_loopback
+from sandbox.reasons import NodeReason
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
+from sandbox.translog.store import LogSink, LogStore
+from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weight
 from server.app import EVENTS_FILE, FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
@@ -76,6 +83,7 @@ Adapter = dict[str, np.ndarray]
 TIMEOUT = 30.0
 RUN_ID = 7
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+SHIFT = 0.05  # what a "shift" node adds to one tensor of its update
 
 
 @pytest.fixture(autouse=True)
@@ -195,11 +203,22 @@ class SimNode:
     envelopes: list[bytes] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     hellos: dict[int, ConfigRecord] = field(default_factory=dict)  # shared by the grid
+    counts: dict[int, float] = field(default_factory=dict)  # round -> examples it declares
+    tee_of: int | None = None  # a Sybil: runs in this node's TEE (its key, so its ueid)
+    workspace: Path | None = None  # the Sybil's own workspace (its channel state)
 
     @property
     def config(self) -> NodeConfig:
         assert self.world is not None
-        return self.world.configs[self.node_id]
+        if self.tee_of is None:
+            return self.world.configs[self.node_id]
+        assert self.workspace is not None
+        own = self.world.configs[self.tee_of]
+        return dataclasses.replace(own, source=self.workspace / "node.toml")
+
+    def count(self, rnd: int) -> float:
+        """The example count this node declares in round ``rnd``."""
+        return self.counts.get(rnd, self.examples)
 
     def hello(self, msg: Message) -> Message:
         assert self.world is not None
@@ -253,7 +272,7 @@ class SimNode:
             context = self._context(rnd, UPLINK, STAGE_TRAIN, run_id=str(RUN_ID + 1))
         elif behaviour == "other-model":
             context = self._context(rnd, UPLINK, STAGE_TRAIN, model_digest="0" * 64)
-        metadata = {TICKET: ticket, EXAMPLES: repr(float(self.examples))}
+        metadata = {TICKET: ticket, EXAMPLES: repr(float(self.count(rnd)))}
         blob = seal_tensors(update, key, context, suite=aggregator.suite, metadata=metadata)
         self.envelopes.append(blob)
         return {SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: blob})}
@@ -266,14 +285,14 @@ class SimNode:
         behaviour = self.plan.get(rnd, self.behaviour)
         try:
             adapter, aggregator, ticket = self._open(msg, rnd, behaviour)
-        except AggregatorRefused as exc:  # what Flower sends back when a ClientApp raises
+        except AggregatorRefused as exc:  # what the node's egress guard sends for it
             self.refusals.append(str(exc))
-            return Message(Error(code=0, reason=f"AggregatorRefused: {exc}"), reply_to=msg)
+            return Message(failure_reason(exc).error(), reply_to=msg)
         self.received.append((kind, rnd, adapter))
         if behaviour == "silent":
             return None
-        if behaviour == "error":
-            return Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg)
+        if behaviour == "error":  # the app's error reply, as the egress guard lets it out
+            return Message(NodeReason.CLIENTAPP_ERROR.error(), reply_to=msg)
         if kind == MessageType.EVALUATE:
             metrics = {NUM_EXAMPLES: self.examples, "before-accuracy": accuracy(self.node_id, rnd)}
             return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
@@ -288,6 +307,8 @@ class SimNode:
             update[first] = np.full_like(update[first], np.nan)
         elif behaviour == "inf":
             update[first] = np.full_like(update[first], np.inf)
+        elif behaviour == "shift":  # pulls the aggregate its way, within the norm bound
+            update[first] = update[first] + np.float32(SHIFT)
         elif behaviour == "norm":
             update[first] = update[first] + 1e4
         elif behaviour == "wrong-shape":
@@ -297,7 +318,7 @@ class SimNode:
         self.sent.append(update)
         metrics = {
             # "inflate": a relay (or the node) claims more examples than the sealed count
-            NUM_EXAMPLES: self.examples * (1000 if behaviour == "inflate" else 1),
+            NUM_EXAMPLES: self.count(rnd) * (1000 if behaviour == "inflate" else 1),
             "before-accuracy": accuracy(self.node_id, rnd - 1),
             "before-macro_f1": 0.4,
             "after-accuracy": accuracy(self.node_id, rnd) + 0.05,
@@ -418,13 +439,16 @@ def _spec(model_dir: Path, out: Path, **overrides: Any) -> RunSpec:
     return make_spec(model_dir, **{**values, **overrides})
 
 
-def _weighted_mean(nodes: list[SimNode], index: int = 0) -> Adapter:
-    """sum(w_i * x_i) / sum(w_i) over each node's ``index``-th update, in float64."""
-    weights = np.array([n.examples for n in nodes])
+def _weighted_mean(
+    nodes: list[SimNode], index: int = 0, weights: list[float] | None = None
+) -> Adapter:
+    """sum(w_i * x_i) / sum(w_i) over each node's ``index``-th update, in float64; the
+    weights are the nodes' example counts unless given."""
+    weighted = np.array([n.examples for n in nodes] if weights is None else weights)
     stacked = {
         name: np.stack([n.sent[index][name] for n in nodes]) for name in nodes[0].sent[index]
     }
-    return {name: np.tensordot(weights, x, 1) / weights.sum() for name, x in stacked.items()}
+    return {name: np.tensordot(weighted, x, 1) / weighted.sum() for name, x in stacked.items()}
 
 
 def _store(out: Path) -> CheckpointStore:
@@ -514,12 +538,12 @@ def test_silent_node_is_missing_and_round_closes_at_deadline(
 @pytest.mark.parametrize(
     ("behaviour", "reason"),
     [
-        ("error", "CUDA out of memory"),
+        ("error", "clientapp-error"),
         ("nan", "NaN or Inf"),
         ("inf", "NaN or Inf"),
         ("norm", "more than the bound"),
         ("wrong-shape", "shape"),
-        ("extra-tensor", "smuggled"),
+        ("extra-tensor", "1 not in the adapter"),
         ("wrong-key", "did not open"),
         ("other-run", "did not open"),
         ("other-model", "did not open"),
@@ -552,6 +576,9 @@ def test_bad_update_is_rejected_recorded_and_left_out(
     assert reason in recorded[0]["reason"]
     accepted = {e["node"] for e in _events(tmp_path) if e["kind"] == "update_accepted"}
     assert accepted == {1, 2}
+    # A name the node chose (it could hold a private row) is counted, never recorded.
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or b"smuggled" not in path.read_bytes(), path
 
 
 def test_a_node_presenting_another_nodes_certified_key_is_not_admitted(
@@ -613,7 +640,7 @@ def test_nodes_refuse_an_aggregator_whose_code_is_not_approved(
         assert "MeasurementRejected" in node.refusals[0]
     declined = [e for e in _events(tmp_path) if e["kind"] == "node_declined"]
     assert sorted(e["node"] for e in declined) == [1, 2]
-    assert all("MeasurementRejected" in e["reason"] for e in declined)
+    assert all(e["reason"] == "aggregator-refused" for e in declined)
 
 
 def test_node_refuses_aggregator_evidence_over_a_stale_nonce(
@@ -629,7 +656,7 @@ def test_node_refuses_aggregator_evidence_over_a_stale_nonce(
     assert len(node.refusals) == 1
     assert "NonceMismatch" in node.refusals[0]
     rounds = _results(tmp_path)["rounds"]
-    assert "AggregatorRefused" in rounds[1]["rejected"]["3"]
+    assert rounds[1]["rejected"]["3"] == "node error: aggregator-refused"
     for name, value in _weighted_mean(good).items():
         np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
     # Declining dropped the node's channel; round 2 began with a fresh hello, and it took part.
@@ -698,7 +725,190 @@ def test_resume_replays_nothing_before_the_failed_round(
             np.testing.assert_array_equal(value, round1[name])
     results = _results(tmp_path)
     assert [set(e["nodes"]) for e in results["rounds"]] == [{"1", "2"}] * 3
-    assert results["rounds"][2]["examples"] == {"1": 10.0, "2": 40.0}
+    # Node 2 now declares 40 examples; it keeps the weight first accepted from it (10).
+    assert results["rounds"][2]["examples"] == {"1": 10.0, "2": 10.0}
+
+
+# -- one node cannot dominate or break the aggregate ---------------------------------------
+
+
+def _accepted(out: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """The last update_accepted event of each (round, node)."""
+    events = _events(out)
+    return {(e["round"], e["node"]): e for e in events if e["kind"] == "update_accepted"}
+
+
+def test_a_node_declaring_a_billion_examples_weighs_no_more_than_the_cap(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Weighted as declared, node 4's 1e9 examples would make the global adapter its own
+    update; clipped to max-examples-per-update it weighs as much as the largest honest
+    node may. Node 3's count grows after its first accepted update: it keeps its first."""
+    honest = [SimNode(1, examples=20), SimNode(2, examples=30), SimNode(3, counts={1: 40, 2: 60})]
+    liar = SimNode(4, behaviour="shift", examples=1e9)
+    nodes = [*honest, liar]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    _job(grid, _spec(tiny_bert_dir, tmp_path, num_rounds=2, max_examples_per_update=60)).run()
+
+    weights = [20.0, 30.0, 40.0, 60.0]
+    for rnd in (1, 2):
+        for name, value in _weighted_mean(nodes, rnd - 1, weights).items():
+            np.testing.assert_allclose(
+                _checkpoint(tmp_path, rnd)[name], value, rtol=1e-6, atol=1e-7
+            )
+    shifted = sorted(liar.sent[0])[0]
+    honest_mean = _weighted_mean(honest, 0, weights[:3])[shifted]
+    pull = float(np.mean(_checkpoint(tmp_path, 1)[shifted] - honest_mean)) / SHIFT
+    assert pull == pytest.approx(60 / 150, abs=0.03)  # weighted as declared: 1.0
+    accepted = _accepted(tmp_path)
+    for rnd in (1, 2):
+        clipped = accepted[(rnd, 4)]
+        assert (clipped["examples"], clipped["declared_examples"]) == (60.0, 1e9)
+        assert clipped["weight_bound"] == CAP_BOUND
+        assert "declared_examples" not in accepted[(rnd, 1)]
+    held = accepted[(2, 3)]
+    assert (held["examples"], held["declared_examples"], held["weight_bound"]) == (
+        40.0,
+        60.0,
+        HELD_BOUND,
+    )
+    assert _results(tmp_path)["rounds"][2]["examples"] == {
+        "1": 20.0,
+        "2": 30.0,
+        "3": 40.0,
+        "4": 60.0,
+    }
+
+
+def test_counts_at_the_float_limit_neither_poison_the_aggregate_nor_crash_the_job(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """1.7e308 declared examples made the aggregate inf: every later honest update was
+    rejected as moving inf from it, and two such nodes crashed the ServerApp's logging."""
+    honest = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    huge = [SimNode(3, examples=1.7e308), SimNode(4, examples=1.7e308)]
+    nodes = [*honest, *huge]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    spec = _spec(tiny_bert_dir, tmp_path, num_rounds=2)
+    _job(grid, spec).run()
+
+    cap = float(spec.max_examples_per_update)
+    for rnd in (1, 2):
+        checkpoint = _checkpoint(tmp_path, rnd)
+        for name, value in _weighted_mean(nodes, rnd - 1, [10.0, 30.0, cap, cap]).items():
+            assert np.isfinite(checkpoint[name]).all()
+            np.testing.assert_allclose(checkpoint[name], value, rtol=1e-6, atol=1e-7)
+    rounds = _results(tmp_path)["rounds"]
+    assert rounds[2]["rejected"] == {}
+    assert rounds[2]["examples"] == {"1": 10.0, "2": 30.0, "3": cap, "4": cap}
+    committed = [e["examples"] for e in _events(tmp_path) if e["kind"] == "aggregate_committed"]
+    assert committed == [40.0 + 2 * cap] * 2
+    assert {e["weight_bound"] for k, e in _accepted(tmp_path).items() if k[1] > 2} == {CAP_BOUND}
+
+
+class FaultyAggregator(StreamingAggregator):
+    """The real aggregator with a fault in its running total, as a flipped bit or an
+    arithmetic bug would leave it: it keeps only ``keep`` of each update's weight. Every
+    update still passes validation; their aggregate does not."""
+
+    def __init__(self, *args: Any, keep: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.keep = keep
+
+    def add(
+        self, update: Mapping[str, np.ndarray], examples: float, *, held: float | None = None
+    ) -> Weight:
+        weight = super().add(update, examples, held=held)
+        self.total_weight -= weight.used * (1 - self.keep)
+        return weight
+
+
+@pytest.mark.parametrize(("keep", "cause"), [(0.0, "not finite"), (1e-3, "more than the bound")])
+def test_a_bad_aggregate_is_never_checkpointed_committed_or_sent(
+    tiny_bert_dir: Path,
+    tmp_path: Path,
+    world: SealedWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    keep: float,
+    cause: str,
+):
+    faulty = functools.partial(FaultyAggregator, keep=keep)
+    monkeypatch.setattr("server.app.StreamingAggregator", faulty)
+    nodes = [SimNode(1), SimNode(2, examples=30)]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    spec = _spec(tiny_bert_dir, tmp_path, num_rounds=2)
+    with pytest.raises(AggregateInvalid, match=f"round 1: the aggregate of 2 updates .*{cause}"):
+        _job(grid, spec).run()
+
+    assert not _store(tmp_path).adapter_path(1).exists()
+    loaded = _store(tmp_path).load(spec.fingerprint())
+    assert loaded is not None
+    assert loaded[0].round == 0
+    kinds = [e["kind"] for e in _events(tmp_path)]
+    assert kinds.count("update_accepted") == 2  # each update passed
+    assert "aggregate_committed" not in kinds
+    for node in nodes:  # nothing went out after round 1's instruction
+        assert [(k, r) for k, r, _ in node.received] == [(TRAIN, 1)]
+
+
+def test_a_second_node_with_an_admitted_ueid_is_refused_for_the_whole_run(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Node 4 runs in node 1's TEE (same attestation key, so the same ueid) as another
+    Flower node. It comes online once node 1 declined round 1 and holds no channel, and
+    shakes hands before node 1 does: the ueid stays node 1's, which takes part again."""
+    first = SimNode(1, delay=1, plan={1: "error"})
+    sybil = SimNode(4, tee_of=1, workspace=tmp_path / "sybil", online_at=1.0)
+    nodes = [first, SimNode(2, examples=30), SimNode(3, examples=20), sybil]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    out = tmp_path / "job"
+    _job(grid, _spec(tiny_bert_dir, out, num_rounds=2)).run()
+
+    events = _events(out)
+    admitted = [e for e in events if e["kind"] == "node_admitted"]
+    assert [e["node"] for e in admitted].count(1) == 2  # again after its decline
+    assert 4 not in {e["node"] for e in admitted}
+    refused = [e for e in events if e["kind"] == "node_refused"]
+    assert [e["node"] for e in refused] == [4, 4]  # at round 2 and at evaluation
+    ueid = next(e["ueid"] for e in admitted if e["node"] == 1)
+    assert all(ueid in e["reason"] and "as node 1" in e["reason"] for e in refused)
+    assert sybil.received == []
+    assert [(k, r) for k, r, _ in first.received] == [(TRAIN, 1), (TRAIN, 2), (EVALUATE, 2)]
+    assert set(_results(out)["rounds"][2]["examples"]) == {"1", "2", "3"}
+
+
+def test_a_restarted_serverapp_keeps_each_ueids_node_and_held_weight(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Round 2 fails; a new ServerApp process of the same run (a fresh aggregator sandbox)
+    resumes from the checkpoint. Node 4, in node 2's TEE, shakes hands before node 2:
+    refused, as before the restart. Node 1 now declares 1e9 examples: it keeps round 1's 10."""
+    out = tmp_path / "job"
+    spec = _spec(tiny_bert_dir, out, num_rounds=2)
+    silent = {2: "silent"}
+    failing = SimulatedGrid(
+        [SimNode(1), SimNode(2, examples=30, plan=silent), SimNode(3, plan=silent)],
+        FakeClock(),
+        world=world,
+    )
+    with pytest.raises(FederationError, match="round 2: only 1 accepted"):
+        _job(failing, spec).run()
+
+    liar, late = SimNode(1, examples=1e9), SimNode(2, examples=30, delay=1)
+    sybil = SimNode(4, tee_of=2, workspace=tmp_path / "sybil")
+    healthy = SimulatedGrid([liar, late, SimNode(3), sybil], FakeClock(), world=world)
+    _job(healthy, spec).run()
+
+    assert {e["node"] for e in _events(out) if e["kind"] == "node_refused"} == {4}
+    assert sybil.received == []
+    assert [(k, r) for k, r, _ in late.received] == [(TRAIN, 2), (EVALUATE, 2)]
+    clipped = _accepted(out)[(2, 1)]
+    assert (clipped["examples"], clipped["declared_examples"], clipped["weight_bound"]) == (
+        10.0,
+        1e9,
+        HELD_BOUND,
+    )
+    assert _results(out)["rounds"][2]["examples"] == {"1": 10.0, "2": 30.0, "3": 10.0}
 
 
 def test_round_call_streams_replies_across_pulls_and_reports_missing():
@@ -745,3 +955,85 @@ def test_round_call_reports_every_node_missing_when_the_push_is_refused():
     assert list(call.replies(messages)) == []
     assert call.missing == {1, 2}
     assert grid.pulls == 0
+
+
+# A private training row that a hostile node puts in its error replies' reason.
+PRIVATE_ROW = "ticket 4417: tree down on line 4 at Alpe Rossa, call Anna 079 555 01 23"
+TRACES = [part.encode() for part in (PRIVATE_ROW, "Alpe Rossa", "079 555")]
+
+
+@dataclass
+class LeakyNode(SimNode):
+    """A hostile node: it answers instructions of the types in ``leaks`` with an error
+    whose reason is a private row, under the code given there (no egress guard)."""
+
+    leaks: dict[str, int] = field(default_factory=dict)  # message type -> error code
+    leaked: int = 0
+
+    def answer(self, msg: Message, mode: str) -> Message | None:
+        code = self.leaks.get(msg.metadata.message_type)
+        if code is None:
+            return super().answer(msg, mode)
+        self.leaked += 1
+        return Message(Error(code=code, reason=PRIVATE_ROW), reply_to=msg)
+
+
+class LineCollector(logging.Handler):
+    """Keeps every line the ServerApp logs through Flower's logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_nodes_error_text_never_reaches_the_providers_events_results_log_or_lines(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Free text in a node's error reply (hello, training, evaluation) is stored as the code
+    it maps to: a Flower code's label, or ``unrecognized`` for an Ark code with another
+    reason or a code outside the vocabulary."""
+    leaky = [
+        LeakyNode(3, leaks={MessageType.QUERY: NodeReason.FLOWER_CLIENTAPP_RAISED}),
+        LeakyNode(4, leaks={TRAIN: NodeReason.EGRESS_BLOCKED}),
+        LeakyNode(5, leaks={EVALUATE: 9}),
+    ]
+    grid = SimulatedGrid([SimNode(1), SimNode(2, examples=30), *leaky], FakeClock(), world=world)
+    out, log_db = tmp_path / "job", tmp_path / "provider" / "translog.db"
+    store = LogStore(log_db, durable=False)
+    collector = LineCollector()
+    FLOWER_LOGGER.addHandler(collector)
+    try:
+        FederatedJob(
+            grid,
+            _spec(tiny_bert_dir, out),
+            sandbox=world.sandbox(),
+            events=LogSink(store),
+            clock=grid.time.clock,
+            sleep=grid.time.sleep,
+        ).run()
+    finally:
+        FLOWER_LOGGER.removeHandler(collector)
+        store.close()
+
+    assert [node.leaked for node in leaky] == [
+        2,
+        1,
+        1,
+    ]  # node 3: hello at round 1 and at evaluation
+    events = _events(out)
+    refused = [(e["node"], e["reason"]) for e in events if e["kind"] == "node_refused"]
+    assert refused == [(3, "flower-clientapp-raised")] * 2
+    declined = [
+        (e["node"], e["round"], e["reason"]) for e in events if e["kind"] == "node_declined"
+    ]
+    assert declined == [(4, 1, "unrecognized"), (5, 1, "unrecognized")]
+    assert _results(out)["rounds"][1]["rejected"] == {"4": "node error: unrecognized"}
+    assert any("failed: unrecognized" in line for line in collector.lines)
+    assert not [line for line in collector.lines if any(t.decode() in line for t in TRACES)]
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert log_db in files
+    assert b"node_declined" in log_db.read_bytes(), "negative control: the log is searchable"
+    assert [str(path) for path in files if any(t in path.read_bytes() for t in TRACES)] == []

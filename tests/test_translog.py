@@ -31,6 +31,7 @@ from sandbox.errors import (
     LogFork,
     LogRollback,
     LogUnavailable,
+    NodeAdmittedTwice,
     NoteMalformed,
     NoteSignatureInvalid,
     NoteUnknownSigner,
@@ -56,6 +57,8 @@ from sandbox.translog.note import (
 from sandbox.translog.service import TransparencyLogServicer, serve_log
 from sandbox.translog.store import LogStore, canonical_entry
 from tests.loghistory import (
+    admission,
+    attestation,
     build_log,
     digest,
     honest_history,
@@ -721,6 +724,37 @@ def test_an_update_from_a_node_outside_the_round_is_a_violation() -> None:
     start = _first_index(events, "round_started", round=1)
     events[start] = {**events[start], "participants": events[start]["participants"][:2]}
     assert [type(v) for v in check_policy(events)] == [UpdateFromUnattested]
+
+
+def _sybil(events: list[dict[str, Any]], run: int, node: int, tee: str) -> list[dict[str, Any]]:
+    """``events`` with node ``node`` admitted to ``run`` before its first round, under a
+    channel attestation of its own that the broker appraised for the TEE of ``tee``."""
+    session = f"r{run}-sybil-{node}"
+    at = _first_index(events, "round_started", run=run, round=1)
+    extra = [attestation(session, "channel", tee), admission(run, node, session, tee)]
+    return [*events[:at], *extra, *events[at:]]
+
+
+def test_one_ueid_admitted_as_two_nodes_in_one_run(tmp_path: Path) -> None:
+    """Node 9 runs in node 1's TEE: its own channel key, certified with node 1's ueid."""
+    events = _sybil(honest_history(), 1, 9, "node-1")
+    assert [type(v) for v in check_policy(events)] == [NodeAdmittedTwice]
+    result = World(tmp_path, events).verify()
+    assert result.exit_code == NodeAdmittedTwice.exit_code == 36, result.output
+    assert "admitted node 9" in result.output
+    assert "already admitted in that run as node 1" in result.output
+
+
+def test_a_ueid_may_come_back_as_its_node_or_as_another_node_in_another_run() -> None:
+    events = honest_history()
+    second_round = _first_index(events, "round_started", round=2)
+    declined = {"kind": "node_declined", "run": 1, "job": "demo", "round": 1, "node": 2}
+    rejoined = [attestation("r1-n2-again", "channel", "node-2")]
+    rejoined.append(admission(1, 2, "r1-n2-again", "node-2"))
+    events[second_round:second_round] = [declined, *rejoined]
+    # Run 2 (say, resumed after node 2's SuperNode restarted) admits that TEE as node 9.
+    events += [attestation("r2-n9", "channel", "node-2"), admission(2, 9, "r2-n9", "node-2")]
+    assert check_policy(events) == []
 
 
 def test_crosscheck_binds_round_and_node_and_checks_both_ways(world: World, tmp_path: Path) -> None:

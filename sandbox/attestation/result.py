@@ -231,7 +231,8 @@ def verify_result(
     try:
         signed = decode_jws(token, required=_REQUIRED)
         if signed.header.get("alg") != "ES256":
-            raise ResultInvalid(f"EAR alg must be ES256, got {signed.header.get('alg')!r}")
+            # Not quoted: the header is the presenter's text until the signature verifies.
+            raise ResultInvalid("EAR header alg is not ES256")
         es256_verify(public_key, signed.signature, signed.signing_input)
     except (EvidenceFormatError, SignatureInvalid) as exc:
         raise ResultInvalid(f"attestation result does not verify: {exc}") from exc

@@ -22,6 +22,7 @@ Exit codes (also in ``ark audit --help`` and the README):
 33    a committed aggregate lists an update that was not accepted
 34    a node journal records something the provider's log does not
 35    a node journal's chain or signatures do not verify
+36    one attested TEE (ueid) admitted as two nodes in one run
 40    the log cannot be reached or read
 ====  ==========================================================================
 """

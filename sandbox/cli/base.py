@@ -54,7 +54,8 @@ audit_app = typer.Typer(
         "rolled back, 22 forked, 23 edited entry, 24 deleted entry, 25 bad inclusion proof; "
         "30 malformed event, 31 key release without an affirming appraisal, 32 update from "
         "an unattested node, 33 aggregate with an unaccepted update; 34 journal entry "
-        "missing from the log, 35 journal chain or signature broken; 40 log unreachable."
+        "missing from the log, 35 journal chain or signature broken; 36 one TEE (ueid) admitted "
+        "as two nodes in one run; 40 log unreachable."
     ),
     no_args_is_help=True,
 )

@@ -31,6 +31,7 @@ from sandbox.errors import (
     LogFork,
     LogRollback,
     LogVerificationError,
+    NodeAdmittedTwice,
     NoteMalformed,
     OriginMismatch,
     PolicyViolation,
@@ -226,6 +227,7 @@ class _Policy:
         self.channel_appraisals: dict[str, tuple[str, str]] = {}
         self.ear_owner: dict[str, tuple[str, str]] = {}  # ear -> the (run, node) it admitted
         self.admitted: set[tuple[str, str]] = set()  # (run, node) admitted now
+        self.ueid_node: dict[tuple[str, str], str] = {}  # (run, ueid) -> the node it admitted
         self.participants: dict[tuple[str, str], set[str]] = {}  # (run, round) -> nodes
         self.accepted: dict[tuple[str, str], set[str]] = {}  # (run, round) -> envelopes
         self.decided: set[tuple[str, str]] = set()  # (run, envelope) accepted or rejected
@@ -254,11 +256,19 @@ class _Policy:
                 )
             )
 
-    def admitted_node(self, record: Mapping[str, Any]) -> None:
+    def admitted_node(self, index: int, record: Mapping[str, Any]) -> None:
         key = _fields(record, "run", "node", "ear_sha256", "ueid", "tee_pubkey_sha256")
         if key is None:
             return
         run, node, ear, ueid, tee_key = key
+        first = self.ueid_node.setdefault((run, ueid), node)
+        if first != node:
+            self.violations.append(
+                NodeAdmittedTwice(
+                    f"entry {index}: run {run} admitted node {node} with ueid {ueid}, "
+                    f"already admitted in that run as node {first}"
+                )
+            )
         appraisal = self.channel_appraisals.get(ear)
         owner = self.ear_owner.setdefault(ear, (run, node))
         if appraisal == (ueid, tee_key) and owner == (run, node):
@@ -344,6 +354,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
       channel attestation the key broker appraised as affirming (same result, ueid and
       channel key; one result admits one node of one run; a refusal or a declined round
       ends the admission), and that was sent that round's instruction;
+    - one ueid (one attested TEE) is admitted as one node per run, declines included;
     - every update is accepted or rejected once; every committed aggregate lists only
       updates accepted in that run and round, each once.
 
@@ -359,7 +370,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
         elif kind == "key_released":
             policy.released(index, record)
         elif kind == "node_admitted":
-            policy.admitted_node(record)
+            policy.admitted_node(index, record)
         elif kind in ("node_refused", "node_declined"):
             policy.left(record)
         elif kind == "round_started":
