@@ -60,7 +60,9 @@ def check_port_free(port: int) -> None:
 
 def _flower_env(home: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ)
+    # Flower's internal switches (FLWR_INTERNAL_GRPC_CONTROL_API and the like) open
+    # extra listeners on all interfaces, outside the gateway: never inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
     env.update(
         HOME=str(home),
         FLWR_HOME=str(home / ".flwr"),

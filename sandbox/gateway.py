@@ -100,6 +100,14 @@ class GatewaySpec:
             )
         if self.node_auth and self.tls is None:
             raise GatewayError("SuperNode authentication needs TLS on the gateway")
+        # nginx expands variables in log and certificate paths, and some of them (the
+        # Host header, the URI) are the client's: no path of ours may contain one.
+        paths = [self.state_dir]
+        if self.tls is not None:
+            paths += [self.tls.ca_cert, self.tls.server_cert, self.tls.server_key]
+        for path in paths:
+            if "$" in str(path):
+                raise GatewayError(f"path {str(path)!r} contains '$', which nginx would expand")
 
     @property
     def routes(self) -> tuple[str, ...]:

@@ -98,10 +98,12 @@ def validate_update(
         )
     for name, spec in expected.items():
         array = update[name]
+        # The node's shape and dtype are not quoted: a shape of any length is bytes the
+        # node chose, and the provider records rejection reasons.
         if tuple(array.shape) != spec.shape:
-            raise UpdateRejected(f"{name}: shape {tuple(array.shape)} != expected {spec.shape}")
+            raise UpdateRejected(f"{name}: shape differs from the expected {spec.shape}")
         if str(array.dtype) != spec.dtype:
-            raise UpdateRejected(f"{name}: dtype {array.dtype} != expected {spec.dtype}")
+            raise UpdateRejected(f"{name}: dtype differs from the expected {spec.dtype}")
         if not np.isfinite(array).all():
             raise UpdateRejected(f"{name}: contains NaN or Inf")
     if reference is not None and max_norm is not None:

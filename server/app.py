@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
-from sandbox.config import PROTECTION_SEALED, RunSpec
+from sandbox.config import DEFAULT_EGRESS_METRICS, PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
     AggregateInvalid,
@@ -65,6 +65,9 @@ ROUND_STARTED = "round_started"
 AGGREGATE_COMMITTED = "aggregate_committed"
 RUN_FINISHED = "run_finished"
 
+# Every metric name a node's reply may carry (what the egress guard lets out by default).
+PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
+
 app = ServerApp()
 
 
@@ -85,7 +88,13 @@ def _round_config(rnd: int) -> ConfigRecord:
 
 
 def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, float], float]:
-    raw = {k: float(v) for k, v in reply.content.metric_records[METRICS_KEY].items()}  # type: ignore[arg-type]
+    """The example count, held-out metrics before and after training, and training loss.
+
+    Only the protocol's metric names are read; any other name is text the node chose (it
+    could be a private row) and is dropped, never stored.
+    """
+    record = reply.content.metric_records[METRICS_KEY]
+    raw = {k: float(v) for k, v in record.items() if k in PROTOCOL_METRICS}  # type: ignore[arg-type]
     before = {k.removeprefix("before-"): v for k, v in raw.items() if k.startswith("before-")}
     after = {k.removeprefix("after-"): v for k, v in raw.items() if k.startswith("after-")}
     return raw[NUM_EXAMPLES], before, after, raw.get("train-loss", float("nan"))

@@ -141,7 +141,7 @@ BAD_UPDATES = {
     "missing": (_missing, "missing \\['classifier.bias'\\]"),
     "extra": (_extra, "1 not in the adapter"),
     "shape": (_wrong_shape, "shape"),
-    "dtype": (_wrong_dtype, "dtype float64"),
+    "dtype": (_wrong_dtype, "dtype differs from the expected float32"),
     "nan": (_with(float("nan")), "NaN or Inf"),
     "inf": (_with(float("inf")), "NaN or Inf"),
     "neg-inf": (_with(float("-inf")), "NaN or Inf"),

@@ -99,6 +99,22 @@ def test_bad_addresses_are_refused_by_name(
         _spec(tmp_path, **{field: value})
 
 
+def test_paths_nginx_would_expand_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(GatewayError, match=r"contains '\$'"):
+        _spec(tmp_path, state_dir=tmp_path / "$host")
+
+
+def test_flowers_internal_listener_switches_are_never_inherited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLWR_INTERNAL_GRPC_CONTROL_API=1 would open a gRPC Control API on all interfaces."""
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    env = _flower_env(tmp_path)
+    assert not [key for key in env if key.startswith("FLWR_INTERNAL_")]
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
 def test_node_authentication_needs_tls_and_a_real_nginx(tmp_path: Path) -> None:
     with pytest.raises(GatewayError, match="needs TLS"):
         _spec(tmp_path, tls=None)

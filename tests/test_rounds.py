@@ -84,6 +84,11 @@ TIMEOUT = 30.0
 RUN_ID = 7
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 SHIFT = 0.05  # what a "shift" node adds to one tensor of its update
+# A private training row that a hostile node tries to get into the provider's records.
+PRIVATE_ROW = "ticket 4417: tree down on line 4 at Alpe Rossa, call Anna 079 555 01 23"
+TRACES = [part.encode() for part in (PRIVATE_ROW, "Alpe Rossa", "079 555")]
+# "Alpe" as a tensor shape: what a rejection reason that quoted shapes would show.
+SHAPE_TEXT = tuple(b"Alpe")
 
 
 @pytest.fixture(autouse=True)
@@ -315,6 +320,8 @@ class SimNode:
             update[first] = np.zeros((update[first].size + 1,), dtype=update[first].dtype)
         elif behaviour == "extra-tensor":
             update["base_model.model.smuggled.lora_B.weight"] = np.zeros((2, 2), np.float32)
+        elif behaviour == "shape-text":  # an empty tensor whose shape spells out bytes
+            update[first] = np.zeros((0, *SHAPE_TEXT), dtype=update[first].dtype)
         self.sent.append(update)
         metrics = {
             # "inflate": a relay (or the node) claims more examples than the sealed count
@@ -325,6 +332,9 @@ class SimNode:
             "after-macro_f1": 0.45,
             "train-loss": 1.0 / rnd,
         }
+        if behaviour == "metric-text":  # metric names the provider never asked for
+            metrics.update({f"before-{PRIVATE_ROW}": 1.0, f"after-{PRIVATE_ROW}": 1.0})
+            metrics[PRIVATE_ROW] = 1.0
         content = RecordDict(
             {
                 **self._seal(update, aggregator, ticket, rnd, behaviour),
@@ -957,11 +967,6 @@ def test_round_call_reports_every_node_missing_when_the_push_is_refused():
     assert grid.pulls == 0
 
 
-# A private training row that a hostile node puts in its error replies' reason.
-PRIVATE_ROW = "ticket 4417: tree down on line 4 at Alpe Rossa, call Anna 079 555 01 23"
-TRACES = [part.encode() for part in (PRIVATE_ROW, "Alpe Rossa", "079 555")]
-
-
 @dataclass
 class LeakyNode(SimNode):
     """A hostile node: it answers instructions of the types in ``leaks`` with an error
@@ -1037,3 +1042,35 @@ def test_a_nodes_error_text_never_reaches_the_providers_events_results_log_or_li
     assert log_db in files
     assert b"node_declined" in log_db.read_bytes(), "negative control: the log is searchable"
     assert [str(path) for path in files if any(t in path.read_bytes() for t in TRACES)] == []
+
+
+def test_a_nodes_metric_names_and_tensor_shapes_never_reach_the_providers_records(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Metric names outside the protocol's are dropped (the update still counts), and a
+    shape chosen to spell bytes is rejected without being quoted: none of it is stored."""
+    nodes = [SimNode(1), SimNode(2, behaviour="metric-text"), SimNode(3, behaviour="shape-text")]
+    grid = SimulatedGrid(nodes, FakeClock(), world=world)
+    out, log_db = tmp_path / "job", tmp_path / "provider" / "translog.db"
+    store = LogStore(log_db, durable=False)
+    try:
+        FederatedJob(
+            grid,
+            _spec(tiny_bert_dir, out),
+            sandbox=world.sandbox(),
+            events=LogSink(store),
+            clock=grid.time.clock,
+            sleep=grid.time.sleep,
+        ).run()
+    finally:
+        store.close()
+
+    events = _events(out)
+    assert {e["node"] for e in events if e["kind"] == "update_accepted"} == {1, 2}
+    rejected = [e for e in events if e["kind"] == "update_rejected"]
+    assert [(e["node"], "shape differs" in e["reason"]) for e in rejected] == [(3, True)]
+    quoted_shape = ", ".join(map(str, SHAPE_TEXT[:4])).encode()
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert log_db in files
+    leaks = [str(p) for p in files if any(t in p.read_bytes() for t in [*TRACES, quoted_shape])]
+    assert leaks == []

@@ -174,8 +174,7 @@ def _prepare_demo(
     labels: tuple[str, ...] = ()
     if task == TASK_CLASSIFICATION:
         labels = tuple(derive_labels(list(sources.values())))
-    for source in sources.values():
-        load_examples(source, task, labels=labels or None)
+    rows = [len(load_examples(source, task, labels=labels or None)) for source in sources.values()]
     job_id = time.strftime("demo-%Y%m%d-%H%M%S")
     spec = RunSpec(
         job_id=job_id,
@@ -188,6 +187,9 @@ def _prepare_demo(
         expected_nodes=len(sources),
         round_timeout=round_timeout,
         local_steps=local_steps,
+        # The parties agree the weight cap up front; here: the largest node's row count,
+        # so a node that lies about its count weighs no more than the largest honest one.
+        max_examples_per_update=max(rows),
         output_dir=root / "provider" / "jobs" / job_id,
     )
     # The apps read the run config back through the same validation; fail here, not there.
