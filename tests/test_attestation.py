@@ -297,3 +297,60 @@ def test_hostile_claim_types_are_format_errors(world: World, claims: dict[str, A
     hostile = dataclasses.replace(world.attester, extra_claims=claims, dbgstat=dbgstat)
     with pytest.raises(EvidenceFormatError):
         _appraise(world, _evidence(hostile))
+
+
+# --- one encoding per token ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["QUJD!!!!", "QU!!!!JD", "QUJD====", "QUI=", "QUJ", "Q", "QU+/", "QUJD\n", " QUJD", "ＱＵＪＤ"],
+    ids=[
+        "appended-bang",
+        "inserted-bang",
+        "padding",
+        "one-pad",
+        "trailing-bits",
+        "one-char",
+        "std-alphabet",
+        "newline",
+        "space",
+        "fullwidth",
+    ],
+)
+def test_b64url_decoding_is_strict(text: str) -> None:
+    with pytest.raises(EvidenceFormatError, match="field x"):
+        b64url_decode(text, "field x")
+
+
+def test_b64url_round_trips_every_length() -> None:
+    for size in range(40):
+        data = bytes(range(size))
+        assert b64url_decode(b64url(data)) == data
+
+
+def _high_s(signature_b64: str) -> str:
+    """The same ES256 signature as (r, n - s): a second signature ECDSA also accepts."""
+    raw = b64url_decode(signature_b64)
+    s = int.from_bytes(raw[32:], "big")
+    return b64url(raw[:32] + (ec.SECP256R1.group_order - s).to_bytes(32, "big"))
+
+
+def test_signatures_are_made_with_low_s_only() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    for i in range(32):  # half of raw ECDSA signatures have a high S
+        s = int.from_bytes(es256_sign(key, bytes([i]))[32:], "big")
+        assert s <= ec.SECP256R1.group_order // 2
+
+
+def test_evidence_with_characters_inserted_into_its_signature(world: World) -> None:
+    head, body, sig = _evidence(world.attester).split(".")
+    with pytest.raises(EvidenceFormatError, match="JWS signature"):
+        _appraise(world, f"{head}.{body}.{sig[:20]}!!!!{sig[20:]}")
+
+
+def test_evidence_with_a_high_s_signature(world: World) -> None:
+    head, body, sig = _evidence(world.attester).split(".")
+    _appraise(world, f"{head}.{body}.{sig}")
+    with pytest.raises(SignatureInvalid, match="high S"):
+        _appraise(world, f"{head}.{body}.{_high_s(sig)}")

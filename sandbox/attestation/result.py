@@ -143,7 +143,11 @@ class AttestationResult:
 
     @property
     def digest(self) -> str:
-        """Hex SHA-256 of the signed token, as the transparency log records it."""
+        """Hex SHA-256 of the signed token, as the transparency log records it.
+
+        One result has one token text: its base64url is strict and its signature low-S
+        (:mod:`sandbox.attestation.evidence`), so no altered copy verifies under another id.
+        """
         return sha256_hex(self.token.encode())
 
 

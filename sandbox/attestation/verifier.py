@@ -245,8 +245,8 @@ class Verifier:
             raise ChainUntrusted("attestation key is not an ECDSA P-256 key")
         try:
             es256_verify(public_key, evidence.signature, evidence.signing_input)
-        except SignatureInvalid:
-            raise SignatureInvalid("evidence signature does not verify") from None
+        except SignatureInvalid as exc:
+            raise SignatureInvalid(f"evidence {exc}") from None
 
         claims = evidence.claims
         _check_claim_types(claims, now)
@@ -259,7 +259,7 @@ class Verifier:
             raise TeeNotAccepted(f"stub evidence claims hardware model {claims['hwmodel']!r}")
         if ueid_uri(claims["ueid"]) not in _san_uris(leaf):
             raise ChainUntrusted("the ueid claim does not match the attestation certificate")
-        claimed_nonce = b64url_decode(claims["eat_nonce"])
+        claimed_nonce = b64url_decode(claims["eat_nonce"], "claim 'eat_nonce'")
         if len(claimed_nonce) < MIN_NONCE_BYTES or len(nonce) < MIN_NONCE_BYTES:
             raise NonceMismatch(f"nonce shorter than {MIN_NONCE_BYTES} bytes")
         if not hmac.compare_digest(claimed_nonce, nonce):
