@@ -135,8 +135,10 @@ def test_claims_edited_after_signing(world: World) -> None:
 
 
 def _resigned(world: World, header_change: dict[str, Any], sign: Any) -> str:
+    """Evidence re-signed by ``sign`` under a changed header (a None value drops the name)."""
     head, body, _ = _evidence(world.attester).split(".")
     header = {**json.loads(b64url_decode(head)), **header_change}
+    header = {name: value for name, value in header.items() if value is not None}
     return encode_jws(header, json.loads(b64url_decode(body)), sign)
 
 
@@ -354,3 +356,48 @@ def test_evidence_with_a_high_s_signature(world: World) -> None:
     _appraise(world, f"{head}.{body}.{sig}")
     with pytest.raises(SignatureInvalid, match="high S"):
         _appraise(world, f"{head}.{body}.{_high_s(sig)}")
+
+
+# --- headers and profile the verifier does not know ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"typ": "JWT"}, "'typ'"),
+        ({"typ": None}, "'typ'"),
+        ({"crit": ["exp"]}, "'crit'"),
+        ({"crit": []}, "'crit'"),
+    ],
+    ids=["typ-jwt", "typ-absent", "crit", "crit-empty"],
+)
+def test_unknown_typ_or_any_crit_header_is_refused(
+    world: World, change: dict[str, Any], named: str
+) -> None:
+    key = world.attester.key
+    token = _resigned(world, change, lambda data: es256_sign(key, data))
+    with pytest.raises(EvidenceFormatError, match=named):
+        _appraise(world, token)
+
+
+def test_unknown_eat_profile_is_refused(world: World) -> None:
+    other = dataclasses.replace(world.attester, extra_claims={"eat_profile": "tag:other,2026:x"})
+    with pytest.raises(EvidenceFormatError, match="'eat_profile'"):
+        _appraise(world, _evidence(other))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"iat": 1, "iat": 2}', b'{"iat": NaN}', b'{"iat": Infinity}'],
+    ids=["duplicate-name", "nan", "infinity"],
+)
+def test_claims_that_two_json_readers_could_read_apart(world: World, body: bytes) -> None:
+    head = _evidence(world.attester).split(".")[0]
+    with pytest.raises(EvidenceFormatError, match="not JSON"):
+        _appraise(world, _signed(world.attester.key, head, body))
+
+
+def _signed(key: ec.EllipticCurvePrivateKey, head: str, body: bytes) -> str:
+    """A compact JWS over the encoded header ``head`` and the raw claims text ``body``."""
+    signing_input = f"{head}.{b64url(body)}"
+    return f"{signing_input}.{b64url(es256_sign(key, signing_input.encode()))}"

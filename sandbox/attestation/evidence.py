@@ -121,18 +121,33 @@ def encode_jws(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str
     return signing_input.decode() + "." + b64url(sign(signing_input))
 
 
-def decode_jws(token: str, required: tuple[str, ...] = REQUIRED_CLAIMS) -> SignedEvidence:
-    """Split and parse a compact JWS without verifying it; ``required`` claims must exist."""
+def decode_jws(
+    token: str, *, typ: str, required: tuple[str, ...] = REQUIRED_CLAIMS
+) -> SignedEvidence:
+    """Split and parse a compact ES256 JWS of type ``typ`` without verifying its signature.
+
+    EvidenceFormatError unless every part is strict base64url, header and claims are JSON
+    objects (no duplicate names, no NaN or Infinity), the ``required`` claims exist, and
+    the header says ``alg`` ES256, ``typ`` ``typ`` and has no ``crit``: this verifier
+    understands no JWS extension, and RFC 7515 §4.1.11 says to refuse what it must
+    understand but does not. Header values are not quoted: they are the presenter's text.
+    """
     parts = token.split(".") if isinstance(token, str) else []
     if len(parts) != 3:
         raise EvidenceFormatError("evidence is not a compact JWS (three dot-separated parts)")
     try:
-        header = json.loads(b64url_decode(parts[0], "JWS header"))
-        claims = json.loads(b64url_decode(parts[1], "JWS claims"))
+        header = _json_object(b64url_decode(parts[0], "JWS header"))
+        claims = _json_object(b64url_decode(parts[1], "JWS claims"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
-        raise EvidenceFormatError("token header or claims are not JSON") from exc
+        raise EvidenceFormatError(f"token header or claims are not JSON ({exc})") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise EvidenceFormatError("evidence header and claims must be JSON objects")
+    if header.get("alg") != JWS_ALG:
+        raise EvidenceFormatError(f"JWS header 'alg' must be {JWS_ALG!r}")
+    if header.get("typ") != typ:
+        raise EvidenceFormatError(f"JWS header 'typ' must be {typ!r}")
+    if "crit" in header:
+        raise EvidenceFormatError("JWS header 'crit' names extensions this verifier refuses")
     missing = [c for c in required if c not in claims]
     if missing:
         raise EvidenceFormatError(f"token lacks claims {missing}")
@@ -142,3 +157,22 @@ def decode_jws(token: str, required: tuple[str, ...] = REQUIRED_CLAIMS) -> Signe
         f"{parts[0]}.{parts[1]}".encode(),
         b64url_decode(parts[2], "JWS signature"),
     )
+
+
+def _json_object(text: bytes) -> Any:
+    """JSON as RFC 8259 §4 and I-JSON (RFC 7493) want it: unique names, no NaN/Infinity.
+
+    Two readers of an object with a name twice may see two different claims sets.
+    """
+    return json.loads(text, object_pairs_hook=_unique_names, parse_constant=_no_constant)
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("an object has a member name twice")
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

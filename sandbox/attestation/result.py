@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attestation.evidence import (
+    JWS_ALG,
     b64url,
     b64url_decode,
     decode_jws,
@@ -216,7 +217,7 @@ class ResultSigner:
             "ear.verifier-id": dict(self.verifier_id),
             "submods": {SUBMOD: submod},
         }
-        header = {"alg": "ES256", "typ": EAR_TYP}
+        header = {"alg": JWS_ALG, "typ": EAR_TYP}
         token = encode_jws(header, claims, lambda data: es256_sign(self.key, data))
         return AttestationResult(token, claims)
 
@@ -233,10 +234,7 @@ def verify_result(
 ) -> AttestationResult:
     """Verify an EAR's signature, shape and expiry; raise ResultInvalid or ResultExpired."""
     try:
-        signed = decode_jws(token, required=_REQUIRED)
-        if signed.header.get("alg") != "ES256":
-            # Not quoted: the header is the presenter's text until the signature verifies.
-            raise ResultInvalid("EAR header alg is not ES256")
+        signed = decode_jws(token, typ=EAR_TYP, required=_REQUIRED)
         es256_verify(public_key, signed.signature, signed.signing_input)
     except (EvidenceFormatError, SignatureInvalid) as exc:
         raise ResultInvalid(f"attestation result does not verify: {exc}") from exc
