@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,14 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_CHANNEL,
+    AttestationResult,
+    ResultContext,
+    ResultSigner,
+    verify_result,
+)
 from sandbox.attestation.stub import DevManufacturer, StubAttester
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
 from sandbox.errors import (
@@ -26,9 +35,11 @@ from sandbox.errors import (
     MeasurementRejected,
     NonceMismatch,
     ReportDataMismatch,
+    ResultInvalid,
     SignatureInvalid,
     TeeNotAccepted,
 )
+from sandbox.seal.envelope import SUITE_X25519, RecipientKey
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 CODE = "ab" * 32
@@ -401,3 +412,136 @@ def _signed(key: ec.EllipticCurvePrivateKey, head: str, body: bytes) -> str:
     """A compact JWS over the encoded header ``head`` and the raw claims text ``body``."""
     signing_input = f"{head}.{b64url(body)}"
     return f"{signing_input}.{b64url(es256_sign(key, signing_input.encode()))}"
+
+
+# --- attestation results (EARs): one encoding, a checked shape ------------------------------
+
+EAR_SIGNER = ResultSigner(ec.generate_private_key(ec.SECP256R1()), {"developer": "test"})
+EAR_KEY = EAR_SIGNER.key.public_key()
+CHANNEL_KEY = RecipientKey.generate().public_bytes
+
+
+def _ear(world: World) -> AttestationResult:
+    """An affirming channel EAR for honest evidence, as the key broker signs it."""
+    evidence = _evidence(world.attester, tee_pubkey=CHANNEL_KEY)
+    appraisal = _appraise(world, evidence, tee_pubkey=CHANNEL_KEY)
+    context = ResultContext(
+        "session-1",
+        "stub",
+        CHANNEL_KEY,
+        SUITE_X25519,
+        evidence,
+        POLICY.policy_id,
+        POLICY.digest,
+        PURPOSE_CHANNEL,
+    )
+    return EAR_SIGNER.affirm(appraisal, context, now=NOW)
+
+
+def _resigned_ear(claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """``claims`` signed by the result key, as plain JSON (JCS refuses huge integers)."""
+    header = {"alg": "ES256", "typ": "JWT"} if header is None else header
+    return _signed(EAR_SIGNER.key, b64url(json.dumps(header).encode()), json.dumps(claims).encode())
+
+
+def test_an_ear_reads_back_whole(world: World) -> None:
+    result = verify_result(_ear(world).token, EAR_KEY, now=NOW)
+    assert (result.status, result.purpose, result.tee_pubkey) == (
+        AFFIRMING,
+        PURPOSE_CHANNEL,
+        CHANNEL_KEY,
+    )
+    assert (result.is_stub, result.session_id, result.hpke_suite, result.ueid, result.tee) == (
+        True,
+        "session-1",
+        SUITE_X25519,
+        "node-1",
+        "stub",
+    )
+    assert result.measurements == {"code": CODE, "config": CONFIG}
+    assert result.policy_digest == POLICY.digest
+    assert result.expires_at > NOW
+
+
+@pytest.mark.parametrize(
+    "malleate",
+    [
+        lambda sig: f"{sig[:30]}!!!!{sig[30:]}",
+        lambda sig: f"{sig}==",
+        lambda sig: _high_s(sig),
+    ],
+    ids=["inserted-characters", "padded", "high-s"],
+)
+def test_an_altered_copy_of_an_ear_does_not_verify(world: World, malleate: Any) -> None:
+    head, body, sig = _ear(world).token.split(".")
+    with pytest.raises(ResultInvalid):
+        verify_result(f"{head}.{body}.{malleate(sig)}", EAR_KEY, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [
+        ({"alg": "ES256", "typ": "JWT", "crit": ["exp"]}, "'crit'"),
+        ({"alg": "ES256", "typ": "eat+jwt"}, "'typ'"),
+        ({"alg": "ES256"}, "'typ'"),
+    ],
+    ids=["crit", "evidence-typ", "no-typ"],
+)
+def test_an_ear_with_an_unknown_header_does_not_verify(
+    world: World, header: dict[str, Any], named: str
+) -> None:
+    token = _resigned_ear(_ear(world).claims, header)
+    with pytest.raises(ResultInvalid, match=named):
+        verify_result(token, EAR_KEY, now=NOW)
+
+
+_SUBMOD = "submods.ark-sandbox."
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("eat_profile", "tag:other,2026:ear"),
+        ("exp", "soon"),
+        ("exp", True),
+        ("exp", 10**30),
+        ("exp", 2**70),
+        ("ear.verifier-id", "me"),
+        ("submods", ["ark-sandbox"]),
+        ("submods.ark-sandbox", "affirming"),
+        (_SUBMOD + "ear.status", "great"),
+        (_SUBMOD + "ear.status", None),
+        (_SUBMOD + "ear.trustworthiness-vector", {"executables": "2"}),
+        (_SUBMOD + "ear.appraisal-policy-id", 1),
+        (_SUBMOD + "ark.stub", "yes"),
+        (_SUBMOD + "ark.session", 5),
+        (_SUBMOD + "ark.tee", None),
+        (_SUBMOD + "ark.tee-pubkey", 7),
+        (_SUBMOD + "ark.tee-pubkey", "!!!!"),
+        (_SUBMOD + "ark.tee-pubkey", "AB=="),
+        (_SUBMOD + "ark.hpke-suite", None),
+        (_SUBMOD + "ark.hpke-suite", ["x25519"]),
+        (_SUBMOD + "ark.purpose", ["channel"]),
+        (_SUBMOD + "ark.purpose", "everything"),
+        (_SUBMOD + "ark.ueid", 1),
+        (_SUBMOD + "ark.measurements", ["code"]),
+        (_SUBMOD + "ark.measurements", {"code": 1}),
+        (_SUBMOD + "ark.policy-digest", {}),
+    ],
+)
+def test_an_ear_of_the_wrong_shape_is_invalid_naming_the_claim(
+    world: World, claim: str, value: Any
+) -> None:
+    """Each was once a TypeError, KeyError or OverflowError from an accessor; ``None``
+    drops the claim. The signature is the result key's: only the shape is wrong."""
+    claims = _ear(world).claims
+    *path, name = claim.split(".", 2) if claim.startswith("submods.") else [claim]
+    parent = claims
+    for step in path:
+        parent = parent[step]
+    if value is None:
+        del parent[name]
+    else:
+        parent[name] = value
+    with pytest.raises(ResultInvalid, match=re.escape(repr(claim))):
+        verify_result(_resigned_ear(claims), EAR_KEY, now=NOW)
