@@ -24,6 +24,7 @@ from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es25
 from sandbox.attestation.result import (
     AFFIRMING,
     CONTRAINDICATED,
+    PURPOSE_CHANNEL,
     PURPOSE_KEY_RELEASE,
     WARNING,
     ResultSigner,
@@ -663,3 +664,29 @@ def test_an_altered_copy_of_an_ear_presented_to_release_keeps_the_audit_clean(
     # Negative control: the release the altered copy would have bought is a violation.
     bought = {**events[-1], "ear_sha256": sha256_hex(altered.encode())}
     assert [type(v) for v in check_policy([*events, bought])] == [ReleaseWithoutAppraisal]
+
+
+# --- channel keys of small order -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("purpose", [PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE])
+@pytest.mark.parametrize(
+    ("suite", "u"),
+    [(SUITE_X25519, 0), (SUITE_X25519, 2**255 - 20), (SUITE_MLKEM768_X25519, 1)],
+    ids=["zero", "p-1", "hybrid-one"],
+)
+def test_a_small_order_key_is_neither_certified_nor_sent_a_key(
+    kb: Deployment, purpose: str, suite: str, u: int
+) -> None:
+    """Honest evidence binding a key whose shared secrets are all zeros: the broker
+    certifies nothing (the aggregator would seal to it) and releases nothing."""
+    key = RecipientKey.generate(suite).public_bytes[:-32] + u.to_bytes(32, "little")
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, key)
+    _denied(
+        kb,
+        "BAD_REQUEST",
+        "BadRequest",
+        lambda: _attest(kb, token, challenge.session_id, key, suite=suite, purpose=purpose),
+    )
+    assert kb.events.kinds() == ["key_denied"], "refused as a request, before any appraisal"
