@@ -201,6 +201,11 @@ class EnvelopeError(ArkError):
     """An HPKE envelope did not open: wrong key, wrong context, or tampered. Deliberately opaque."""
 
 
+class PublicKeyRejected(EnvelopeError):
+    """A peer's HPKE public key is malformed, or of small order (every shared secret with
+    it is zero, whatever the other key): nothing is certified, admitted or sealed to it."""
+
+
 class EgressViolation(ArkError):
     """An outgoing message carries something outside the node's egress allowlist."""
 

@@ -133,7 +133,9 @@ class AggregatorSandbox:
     def admit(
         self, node_id: int, hello: Mapping[str, Any], peers: Iterable[NodePeer] = ()
     ) -> NodePeer:
-        """Check a node's hello; ResultInvalid unless its key is certified by the broker.
+        """Check a node's hello; ResultInvalid unless its key is certified by the broker
+        and can be sealed to (load_public_key refuses a malformed or small-order key, so
+        one node's key can never make the instructions of a round fail to seal).
 
         ``peers`` are the nodes admitted so far: a channel key belongs to one node only.
         A ueid is admitted as one node per run (NodeAlreadyAdmitted for any other node id

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from sandbox.errors import EnvelopeError
+from sandbox.errors import EnvelopeError, PublicKeyRejected
 from sandbox.seal.envelope import (
     SUITE_MLKEM768_X25519,
     SUITE_X25519,
@@ -104,3 +106,54 @@ def test_public_key_wire_form_round_trips(suite: str) -> None:
     for bad in (key.public_bytes[:-1], key.public_bytes + b"\0", b""):
         with pytest.raises(EnvelopeError, match="public key is"):
             load_public_key(suite, bad)
+
+
+# The small-order X25519 u-coordinates (libsodium's list, RFC 7748 §6.1), little-endian:
+# 0, 1, the two points of order 8, p - 1, p, p + 1; each also with the top bit set.
+_P = 2**255 - 19
+_ORDER_8 = (
+    0x00B8495F16056286FDB1329CEB8D09DA6AC49FF1FAE35616AEB8413B7C7AEBE0,
+    0x57119FD0DD4E22D8868E1C58C45C44045BEF839C55B1D0B1248C50A3BC959C5F,
+)
+SMALL_ORDER = [
+    (u | top).to_bytes(32, "little")
+    for u in (0, 1, *_ORDER_8, _P - 1, _P, _P + 1)
+    for top in (0, 1 << 255)
+]
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER, ids=lambda key: key.hex()[:8] + key.hex()[-2:])
+def test_a_small_order_x25519_key_is_rejected_on_load(key: bytes) -> None:
+    """Cross-checked with the library: every shared secret with it is all zeros."""
+    with pytest.raises(ValueError, match="shared key"):
+        x25519.X25519PrivateKey.generate().exchange(x25519.X25519PublicKey.from_public_bytes(key))
+    with pytest.raises(PublicKeyRejected, match="small order"):
+        load_public_key(SUITE_X25519, key)
+    hybrid = RecipientKey.generate(SUITE_MLKEM768_X25519).public_bytes[:-32] + key
+    with pytest.raises(PublicKeyRejected, match="small order"):
+        load_public_key(SUITE_MLKEM768_X25519, hybrid)
+
+
+def test_keys_of_large_order_next_to_the_list_load() -> None:
+    for u in (2, 9, _P - 2, _P + 2, _ORDER_8[0] + 1):
+        load_public_key(SUITE_X25519, u.to_bytes(32, "little"))
+
+
+def test_an_ml_kem_key_out_of_range_is_rejected() -> None:
+    """FIPS 203's modulus check (the library's): coefficients must be below q = 3329."""
+    key = RecipientKey.generate(SUITE_MLKEM768_X25519).public_bytes
+    with pytest.raises(PublicKeyRejected, match="malformed"):
+        load_public_key(SUITE_MLKEM768_X25519, b"\xff" * 1184 + key[-32:])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_sealing_to_a_small_order_key_is_a_typed_error(suite: str) -> None:
+    """A key object that never went through load_public_key still fails typed."""
+    zero = x25519.X25519PublicKey.from_public_bytes(bytes(32))
+    if suite == SUITE_MLKEM768_X25519:
+        kem = mlkem.MLKEM768PrivateKey.generate().public_key()
+        public: object = hpke.MLKEM768X25519PublicKey(kem, zero)
+    else:
+        public = zero
+    with pytest.raises(EnvelopeError, match="cannot seal"):
+        seal_to(public, b"k", purpose="update", context=CONTEXT, suite=suite)

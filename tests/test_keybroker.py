@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
 
 from sandbox.attestation.backends import VerifierRegistry
 from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
 from sandbox.attestation.result import (
     AFFIRMING,
     CONTRAINDICATED,
+    PURPOSE_CHANNEL,
     PURPOSE_KEY_RELEASE,
     WARNING,
     ResultSigner,
@@ -29,13 +32,23 @@ from sandbox.attestation.result import (
 )
 from sandbox.attestation.stub import DevManufacturer, StubAttester
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
-from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultExpired, ResultInvalid
+from sandbox.cli import app
+from sandbox.digests import sha256_hex
+from sandbox.errors import (
+    KeyBrokerUnavailable,
+    KeyReleaseDenied,
+    ReleaseWithoutAppraisal,
+    ResultExpired,
+    ResultInvalid,
+)
 from sandbox.events import MemoryEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
 from sandbox.keybroker.service import serve
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from sandbox.tls import TlsFiles, issue_loopback_tls
+from sandbox.translog.audit import check_policy
+from tests.loghistory import build_log, new_signer
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 CODE = "ab" * 32
@@ -594,3 +607,86 @@ def test_key_material_stays_out_of_reprs(kb: Deployment) -> None:
     )
     assert repr(CONTENT_KEY) not in repr(released)
     assert repr(CONTENT_KEY) not in repr(ContentKey(KEY_ID, MODEL_ID, CONTENT_KEY))
+
+
+# --- one EAR, one identity in the log ------------------------------------------------------
+
+
+def _malleated(token: str, how: str) -> str:
+    """A copy of ``token`` that a lenient verifier reads as the same signed result."""
+    head, body, sig = token.split(".")
+    if how == "inserted-characters":
+        return f"{head}.{body}.{sig[:40]}!!!!{sig[40:]}"
+    if how == "trailing-bits":  # 64 bytes end in 4 unused bits; set the lowest
+        alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+        return f"{head}.{body}.{sig[:-1]}{alphabet[alphabet.index(sig[-1]) ^ 1]}"
+    raw = b64url_decode(sig)  # "high-s": (r, n - s) verifies under plain ECDSA too
+    s = ec.SECP256R1.group_order - int.from_bytes(raw[32:], "big")
+    return f"{head}.{body}.{b64url(raw[:32] + s.to_bytes(32, 'big'))}"
+
+
+@pytest.mark.parametrize("how", ["inserted-characters", "trailing-bits", "high-s"])
+def test_an_altered_copy_of_an_ear_presented_to_release_keeps_the_audit_clean(
+    kb: Deployment, tmp_path: Path, how: str
+) -> None:
+    """The log knows an EAR by the SHA-256 of its text. A node that presented an altered
+    copy of its own affirming EAR, had it verified, would get a key released under an
+    EAR no appraisal names, and ``ark audit verify`` would report the provider."""
+    token = _affirming_result(kb)
+    altered = _malleated(token, how)
+    assert sha256_hex(altered.encode()) != sha256_hex(token.encode())
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=altered, key_id=KEY_ID),
+    )
+    assert kb.client.release(attestation_result=token, key_id=KEY_ID).wrapped_key
+
+    events = [event.to_json() for event in kb.events.events]
+    assert check_policy(events) == []
+    signer = new_signer()
+    build_log(tmp_path / "translog.db", events, signer).close()
+    (tmp_path / "log.vkey").write_text(signer.verifier.vkey() + "\n", encoding="utf-8")
+    audit = CliRunner().invoke(
+        app,
+        [
+            "audit",
+            "verify",
+            "--log",
+            str(tmp_path / "translog.db"),
+            "--key",
+            str(tmp_path / "log.vkey"),
+        ],
+    )
+    assert audit.exit_code == 0, audit.output
+    assert "ok: Policy across events" in audit.output
+    # Negative control: the release the altered copy would have bought is a violation.
+    bought = {**events[-1], "ear_sha256": sha256_hex(altered.encode())}
+    assert [type(v) for v in check_policy([*events, bought])] == [ReleaseWithoutAppraisal]
+
+
+# --- channel keys of small order -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("purpose", [PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE])
+@pytest.mark.parametrize(
+    ("suite", "u"),
+    [(SUITE_X25519, 0), (SUITE_X25519, 2**255 - 20), (SUITE_MLKEM768_X25519, 1)],
+    ids=["zero", "p-1", "hybrid-one"],
+)
+def test_a_small_order_key_is_neither_certified_nor_sent_a_key(
+    kb: Deployment, purpose: str, suite: str, u: int
+) -> None:
+    """Honest evidence binding a key whose shared secrets are all zeros: the broker
+    certifies nothing (the aggregator would seal to it) and releases nothing."""
+    key = RecipientKey.generate(suite).public_bytes[:-32] + u.to_bytes(32, "little")
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, key)
+    _denied(
+        kb,
+        "BAD_REQUEST",
+        "BadRequest",
+        lambda: _attest(kb, token, challenge.session_id, key, suite=suite, purpose=purpose),
+    )
+    assert kb.events.kinds() == ["key_denied"], "refused as a request, before any appraisal"

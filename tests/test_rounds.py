@@ -32,7 +32,8 @@ from clients.channel import NodeChannel, channel_path, check_aggregator, open_ch
 from clients.egress import failure_reason
 from clients.model import node_measurements
 from sandbox.attestation.backends import load_attester
-from sandbox.attestation.result import PURPOSE_CHANNEL
+from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext
+from sandbox.attestation.verifier import Appraisal
 from sandbox.channel import (
     DOWNLINK,
     EXAMPLES,
@@ -55,6 +56,9 @@ from sandbox.protocol import (
     CONFIG_KEY,
     GLOBAL_KEY,
     HELLO_KEY,
+    HELLO_NODE_KEY,
+    HELLO_NONCE,
+    HELLO_RESULT,
     METRICS_KEY,
     NUM_EXAMPLES,
     ROUND_KEY,
@@ -68,7 +72,7 @@ from sandbox.protocol import (
 )
 from sandbox.provision import LoopbackDeployment, build_broker, provision_loopback
 from sandbox.reasons import NodeReason
-from sandbox.seal.envelope import RecipientKey
+from sandbox.seal.envelope import SUITE_X25519, RecipientKey
 from sandbox.seal.package import read_manifest
 from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weight
@@ -1074,3 +1078,53 @@ def test_a_nodes_metric_names_and_tensor_shapes_never_reach_the_providers_record
     assert log_db in files
     leaks = [str(p) for p in files if any(t in p.read_bytes() for t in [*TRACES, quoted_shape])]
     assert leaks == []
+
+
+class SmallOrderNode(SimNode):
+    """Shakes hands with an X25519 channel key of small order (all zeros: every shared
+    secret with it is zero) under an affirming channel EAR signed with the provider's
+    result key, as a key broker that did not check the key would have signed it."""
+
+    def hello(self, msg: Message) -> Message:
+        assert self.world is not None
+        key, policy, now = bytes(32), self.world.broker.policy, dt.datetime.now(dt.UTC)
+        result = self.world.broker.signer.affirm(
+            Appraisal(
+                {"ueid": "small-order-tee", "measurements": {}}, "stub", policy.policy_id, now
+            ),
+            ResultContext(
+                "small-order",
+                "stub",
+                key,
+                SUITE_X25519,
+                "",
+                policy.policy_id,
+                policy.digest,
+                PURPOSE_CHANNEL,
+            ),
+            now=now,
+        )
+        hello = ConfigRecord(
+            {HELLO_NONCE: bytes(32), HELLO_NODE_KEY: key, HELLO_RESULT: result.token.encode()}
+        )
+        return Message(RecordDict({HELLO_KEY: hello}), reply_to=msg)
+
+
+def test_a_node_with_a_small_order_channel_key_is_refused_and_the_round_completes(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld
+):
+    """Sealing the round's instruction to that key failed with an untyped ValueError in
+    the ServerApp, which ended the round for every node; now the aggregator refuses the
+    key at admission and the honest nodes' round goes on."""
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    grid = SimulatedGrid([*good, SmallOrderNode(3)], FakeClock(), world=world)
+    _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+
+    events = _events(tmp_path)
+    refused = [e for e in events if e["kind"] == "node_refused"]
+    assert {e["node"] for e in refused} == {3}  # at the round and again at evaluation
+    assert all("small order" in e["reason"] for e in refused)
+    assert 3 not in {e["node"] for e in events if e["kind"] == "node_admitted"}
+    assert grid.nodes[3].received == []
+    for name, value in _weighted_mean(good).items():
+        np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)

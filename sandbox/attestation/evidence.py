@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ REQUIRED_CLAIMS = (
     "tee",
     "iat",
 )
+_B64URL_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
 
 
 def b64url(data: bytes) -> str:
@@ -54,14 +56,20 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str) -> bytes:
-    """Inverse of :func:`b64url`; raises EvidenceFormatError on bad input."""
-    if not isinstance(text, str) or any(c in text for c in "=+/"):
-        raise EvidenceFormatError("bad base64url value")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError) as exc:
-        raise EvidenceFormatError("bad base64url value") from exc
+def b64url_decode(text: str, what: str = "value") -> bytes:
+    """Inverse of :func:`b64url`, strictly: EvidenceFormatError naming ``what`` otherwise.
+
+    Only the unpadded base64url alphabet is accepted, and trailing bits must be zero, so
+    each byte string has exactly one encoding. A lenient decoder (one that skips other
+    characters or ignores trailing bits) lets anyone make a second text of a signed token
+    that verifies, and a token is known by the digest of its text (the log's EAR id).
+    """
+    if not isinstance(text, str) or not _B64URL_ALPHABET.issuperset(text) or len(text) % 4 == 1:
+        raise EvidenceFormatError(f"{what} is not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise EvidenceFormatError(f"{what} is not canonical base64url (trailing bits set)")
+    return data
 
 
 def report_data(nonce: bytes, tee_pubkey: bytes) -> str:
@@ -70,21 +78,29 @@ def report_data(nonce: bytes, tee_pubkey: bytes) -> str:
     return hashlib.sha384(bound).hexdigest()
 
 
+# ES256 signatures are accepted with low S only (s <= n/2, as Bitcoin's BIP 62 and
+# libsecp256k1 require): (r, s) and (r, n - s) both verify under ECDSA, so without this
+# one signed token would have two encodings and two identities in the log.
+_P256_HALF_ORDER = ec.SECP256R1.group_order // 2
+
+
 def es256_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    """ES256 as JOSE wants it: raw 32-byte r ‖ 32-byte s."""
+    """ES256 as JOSE wants it: raw 32-byte r ‖ 32-byte s, with s in the low half."""
     r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    if s > _P256_HALF_ORDER:
+        s = ec.SECP256R1.group_order - s
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def es256_verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> None:
-    """Verify a raw r ‖ s ES256 signature; raise SignatureInvalid otherwise."""
+    """Verify a raw r ‖ s ES256 signature with low S; raise SignatureInvalid otherwise."""
     if len(signature) != 64:
         raise SignatureInvalid("ES256 signature must be 64 bytes")
-    der = encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    if s > _P256_HALF_ORDER:
+        raise SignatureInvalid("ES256 signature has a high S (s > n/2); only low S is accepted")
     try:
-        key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+        key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureInvalid("signature does not verify") from None
 
@@ -105,21 +121,58 @@ def encode_jws(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str
     return signing_input.decode() + "." + b64url(sign(signing_input))
 
 
-def decode_jws(token: str, required: tuple[str, ...] = REQUIRED_CLAIMS) -> SignedEvidence:
-    """Split and parse a compact JWS without verifying it; ``required`` claims must exist."""
+def decode_jws(
+    token: str, *, typ: str, required: tuple[str, ...] = REQUIRED_CLAIMS
+) -> SignedEvidence:
+    """Split and parse a compact ES256 JWS of type ``typ`` without verifying its signature.
+
+    EvidenceFormatError unless every part is strict base64url, header and claims are JSON
+    objects (no duplicate names, no NaN or Infinity), the ``required`` claims exist, and
+    the header says ``alg`` ES256, ``typ`` ``typ`` and has no ``crit``: this verifier
+    understands no JWS extension, and RFC 7515 §4.1.11 says to refuse what it must
+    understand but does not. Header values are not quoted: they are the presenter's text.
+    """
     parts = token.split(".") if isinstance(token, str) else []
     if len(parts) != 3:
         raise EvidenceFormatError("evidence is not a compact JWS (three dot-separated parts)")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
+        header = _json_object(b64url_decode(parts[0], "JWS header"))
+        claims = _json_object(b64url_decode(parts[1], "JWS claims"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
-        raise EvidenceFormatError("token header or claims are not JSON") from exc
+        raise EvidenceFormatError(f"token header or claims are not JSON ({exc})") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise EvidenceFormatError("evidence header and claims must be JSON objects")
+    if header.get("alg") != JWS_ALG:
+        raise EvidenceFormatError(f"JWS header 'alg' must be {JWS_ALG!r}")
+    if header.get("typ") != typ:
+        raise EvidenceFormatError(f"JWS header 'typ' must be {typ!r}")
+    if "crit" in header:
+        raise EvidenceFormatError("JWS header 'crit' names extensions this verifier refuses")
     missing = [c for c in required if c not in claims]
     if missing:
         raise EvidenceFormatError(f"token lacks claims {missing}")
     return SignedEvidence(
-        header, claims, f"{parts[0]}.{parts[1]}".encode(), b64url_decode(parts[2])
+        header,
+        claims,
+        f"{parts[0]}.{parts[1]}".encode(),
+        b64url_decode(parts[2], "JWS signature"),
     )
+
+
+def _json_object(text: bytes) -> Any:
+    """JSON as RFC 8259 §4 and I-JSON (RFC 7493) want it: unique names, no NaN/Infinity.
+
+    Two readers of an object with a name twice may see two different claims sets.
+    """
+    return json.loads(text, object_pairs_hook=_unique_names, parse_constant=_no_constant)
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("an object has a member name twice")
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

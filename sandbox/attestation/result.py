@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attestation.evidence import (
+    JWS_ALG,
     b64url,
     b64url_decode,
     decode_jws,
@@ -84,10 +85,17 @@ class ResultContext:
 
 @dataclass(frozen=True)
 class AttestationResult:
-    """A verified EAR: its claims and the fields callers act on."""
+    """A verified EAR: its claims and the fields callers act on.
+
+    Its shape is checked when it is made (ResultInvalid naming the claim), so that no
+    accessor below can fail on a claim of the wrong type, a missing one or a huge number.
+    """
 
     token: str
     claims: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _check_shape(self.claims)
 
     @property
     def submod(self) -> dict[str, Any]:
@@ -108,7 +116,7 @@ class AttestationResult:
 
     @property
     def tee_pubkey(self) -> bytes:
-        return b64url_decode(self.submod["ark.tee-pubkey"])
+        return b64url_decode(self.submod["ark.tee-pubkey"], _TEE_PUBKEY)
 
     @property
     def purpose(self) -> str:
@@ -143,8 +151,85 @@ class AttestationResult:
 
     @property
     def digest(self) -> str:
-        """Hex SHA-256 of the signed token, as the transparency log records it."""
+        """Hex SHA-256 of the signed token, as the transparency log records it.
+
+        One result has one token text: its base64url is strict and its signature low-S
+        (:mod:`sandbox.attestation.evidence`), so no altered copy verifies under another id.
+        """
         return sha256_hex(self.token.encode())
+
+
+# What each claim of an Ark EAR must be: (JSON type, required). The accessors above and
+# the broker's events read these; every other claim is carried, never read.
+_CLAIMS: dict[str, tuple[type, bool]] = {
+    "eat_profile": (str, True),
+    "iat": (int, True),
+    "exp": (int, True),
+    "ear.verifier-id": (dict, True),
+    "submods": (dict, True),
+}
+_SUBMOD_CLAIMS: dict[str, tuple[type, bool]] = {
+    "ear.status": (str, True),
+    "ear.trustworthiness-vector": (dict, True),
+    "ear.appraisal-policy-id": (str, True),
+    "ark.tee": (str, True),
+    "ark.stub": (bool, True),
+    "ark.session": (str, True),
+    "ark.tee-pubkey": (str, True),
+    "ark.hpke-suite": (str, True),
+    "ark.purpose": (str, False),
+    "ark.ueid": (str, False),
+    "ark.policy-digest": (str, False),
+    "ark.measurements": (dict, False),
+    "ark.failure": (str, False),
+}
+_TEE_PUBKEY = f"EAR claim 'submods.{SUBMOD}.ark.tee-pubkey'"
+
+
+def _check_types(
+    claims: Mapping[str, Any], table: Mapping[str, tuple[type, bool]], prefix: str
+) -> None:
+    for name, (kind, required) in table.items():
+        if name not in claims:
+            if required:
+                raise ResultInvalid(f"EAR lacks claim {prefix + name!r}")
+            continue
+        if not _is_a(claims[name], kind):
+            raise ResultInvalid(f"EAR claim {prefix + name!r} must be a {kind.__name__}")
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """``isinstance`` as JSON types mean it: true and false are not integers."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _check_shape(claims: Any) -> None:
+    """ResultInvalid naming the claim unless ``claims`` has the shape of an Ark EAR."""
+    if not isinstance(claims, dict):
+        raise ResultInvalid("EAR claims must be a JSON object")
+    _check_types(claims, _CLAIMS, "")
+    if claims["eat_profile"] != EAR_PROFILE:
+        raise ResultInvalid(f"EAR claim 'eat_profile' must be {EAR_PROFILE!r}")
+    try:
+        dt.datetime.fromtimestamp(claims["exp"], dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ResultInvalid("EAR claim 'exp' is out of range") from None
+    submod = claims["submods"].get(SUBMOD)
+    if not isinstance(submod, dict):
+        raise ResultInvalid(f"EAR claim 'submods.{SUBMOD}' must be a dict")
+    prefix = f"submods.{SUBMOD}."
+    _check_types(submod, _SUBMOD_CLAIMS, prefix)
+    if submod["ear.status"] not in TIER_VALUE:
+        raise ResultInvalid(f"EAR claim {prefix + 'ear.status'!r} is not an AR4SI tier")
+    if submod.get("ark.purpose", PURPOSE_KEY_RELEASE) not in PURPOSES:
+        raise ResultInvalid(f"EAR claim {prefix + 'ark.purpose'!r} must be one of {PURPOSES}")
+    for name, kind in (("ear.trustworthiness-vector", int), ("ark.measurements", str)):
+        if not all(_is_a(v, kind) for v in submod.get(name, {}).values()):
+            raise ResultInvalid(f"EAR claim {prefix + name!r} must map names to {kind.__name__}s")
+    try:
+        b64url_decode(submod["ark.tee-pubkey"], _TEE_PUBKEY)
+    except EvidenceFormatError as exc:
+        raise ResultInvalid(str(exc)) from None
 
 
 @dataclass
@@ -212,7 +297,7 @@ class ResultSigner:
             "ear.verifier-id": dict(self.verifier_id),
             "submods": {SUBMOD: submod},
         }
-        header = {"alg": "ES256", "typ": EAR_TYP}
+        header = {"alg": JWS_ALG, "typ": EAR_TYP}
         token = encode_jws(header, claims, lambda data: es256_sign(self.key, data))
         return AttestationResult(token, claims)
 
@@ -229,28 +314,13 @@ def verify_result(
 ) -> AttestationResult:
     """Verify an EAR's signature, shape and expiry; raise ResultInvalid or ResultExpired."""
     try:
-        signed = decode_jws(token, required=_REQUIRED)
-        if signed.header.get("alg") != "ES256":
-            # Not quoted: the header is the presenter's text until the signature verifies.
-            raise ResultInvalid("EAR header alg is not ES256")
+        signed = decode_jws(token, typ=EAR_TYP, required=_REQUIRED)
         es256_verify(public_key, signed.signature, signed.signing_input)
     except (EvidenceFormatError, SignatureInvalid) as exc:
         raise ResultInvalid(f"attestation result does not verify: {exc}") from exc
-    claims = signed.claims
-    submod = claims["submods"].get(SUBMOD) if isinstance(claims["submods"], dict) else None
-    if (
-        claims["eat_profile"] != EAR_PROFILE
-        or not isinstance(submod, dict)
-        or not all(isinstance(claims[k], int) for k in ("iat", "exp"))
-        or submod.get("ear.status") not in TIER_VALUE
-        or not isinstance(submod.get("ark.stub"), bool)
-        or not all(
-            isinstance(submod.get(k), str) for k in ("ark.session", "ark.tee-pubkey", "ark.tee")
-        )
-    ):
-        raise ResultInvalid("attestation result is not an Ark EAR")
-    if submod["ark.stub"] != (submod["ark.tee"] == STUB_TEE):
+    result = AttestationResult(token, signed.claims)
+    if result.is_stub != (result.tee == STUB_TEE):
         raise ResultInvalid("attestation result hides that it came from stub evidence")
-    if now.timestamp() >= claims["exp"]:
+    if now.timestamp() >= result.claims["exp"]:
         raise ResultExpired("attestation result has expired")
-    return AttestationResult(token, claims)
+    return result

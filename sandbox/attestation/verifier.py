@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attestation.evidence import (
     DBGSTAT_DISABLED,
-    JWS_ALG,
+    EAT_PROFILE,
+    JWS_TYP,
     MIN_NONCE_BYTES,
     REQUIRED_CLAIMS,
     b64url_decode,
@@ -234,9 +235,7 @@ class Verifier:
     ) -> Appraisal:
         if len(token) > MAX_EVIDENCE_CHARS:
             raise EvidenceFormatError(f"evidence longer than {MAX_EVIDENCE_CHARS} characters")
-        evidence = decode_jws(token)
-        if evidence.header.get("alg") != JWS_ALG:
-            raise EvidenceFormatError(f"alg must be {JWS_ALG}, got {evidence.header.get('alg')!r}")
+        evidence = decode_jws(token, typ=JWS_TYP)
         leaf, root_kind = self._verified_leaf(evidence.header.get("x5c"), now)
         public_key = leaf.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -245,8 +244,8 @@ class Verifier:
             raise ChainUntrusted("attestation key is not an ECDSA P-256 key")
         try:
             es256_verify(public_key, evidence.signature, evidence.signing_input)
-        except SignatureInvalid:
-            raise SignatureInvalid("evidence signature does not verify") from None
+        except SignatureInvalid as exc:
+            raise SignatureInvalid(f"evidence {exc}") from None
 
         claims = evidence.claims
         _check_claim_types(claims, now)
@@ -259,7 +258,7 @@ class Verifier:
             raise TeeNotAccepted(f"stub evidence claims hardware model {claims['hwmodel']!r}")
         if ueid_uri(claims["ueid"]) not in _san_uris(leaf):
             raise ChainUntrusted("the ueid claim does not match the attestation certificate")
-        claimed_nonce = b64url_decode(claims["eat_nonce"])
+        claimed_nonce = b64url_decode(claims["eat_nonce"], "claim 'eat_nonce'")
         if len(claimed_nonce) < MIN_NONCE_BYTES or len(nonce) < MIN_NONCE_BYTES:
             raise NonceMismatch(f"nonce shorter than {MIN_NONCE_BYTES} bytes")
         if not hmac.compare_digest(claimed_nonce, nonce):
@@ -340,6 +339,11 @@ def _check_claim_types(claims: dict[str, Any], now: dt.datetime) -> None:
     for name in _STRING_CLAIMS:
         if not isinstance(claims[name], str) or not claims[name].isascii():
             raise EvidenceFormatError(f"claim {name!r} must be an ASCII string")
+    if claims["eat_profile"] != EAT_PROFILE:
+        # Another profile gives the same claim names other meanings: never guess.
+        raise EvidenceFormatError(
+            f"claim 'eat_profile' is {claims['eat_profile'][:64]!r}, not {EAT_PROFILE!r}"
+        )
     if "dbgstat" in claims and not isinstance(claims["dbgstat"], str):
         raise EvidenceFormatError("claim 'dbgstat' must be a string")
     measurements = claims["measurements"]

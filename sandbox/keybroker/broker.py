@@ -302,6 +302,8 @@ class KeyBroker:
         if session.key_id != key_id:
             raise BadRequest(f"session was opened for key {session.key_id!r}, not {key_id!r}")
         try:
+            # A malformed or small-order key is refused before appraisal, for either
+            # purpose: a certified channel key is one the aggregator must seal to.
             public_key = load_public_key(hpke_suite, tee_pubkey)
         except EnvelopeError as exc:
             raise BadRequest(str(exc)) from exc

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from sandbox.errors import EnvelopeError
+from sandbox.errors import EnvelopeError, PublicKeyRejected
 
 SUITE_X25519 = "x25519-hkdf-sha256-aes256gcm"
 SUITE_MLKEM768_X25519 = "mlkem768-x25519-hkdf-sha256-aes256gcm"
@@ -95,26 +95,52 @@ class RecipientKey:
 
 
 def load_public_key(suite: str, data: bytes) -> Any:
-    """The public key object for a wire-form public key of ``suite``; EnvelopeError if malformed."""
+    """The public key object for a wire-form public key of ``suite``.
+
+    PublicKeyRejected if it is malformed or its X25519 part has small order. Every
+    shared secret with a small-order key is zero, so sealing to it gives no secrecy; the
+    library refuses it with an untyped error wherever the sealing happens (in the
+    ServerApp, mid-round), so it is refused here, where a peer's key arrives, typed.
+    """
     _suite(suite)
     expected = _HYBRID_PUBLIC_BYTES if suite == SUITE_MLKEM768_X25519 else _X25519_BYTES
     if not isinstance(data, bytes) or len(data) != expected:
-        raise EnvelopeError(f"a {suite} public key is {expected} bytes")
+        raise PublicKeyRejected(f"a {suite} public key is {expected} bytes")
+    split = expected - _X25519_BYTES
+    # RFC 7748 §5: the receiver ignores the top bit of a u-coordinate, so compare without it.
+    if data[split:-1] + bytes([data[-1] & 0x7F]) in _SMALL_ORDER_X25519:
+        raise PublicKeyRejected(f"the {suite} public key's X25519 part has small order")
     try:
+        dh = x25519.X25519PublicKey.from_public_bytes(data[split:])
         if suite == SUITE_MLKEM768_X25519:
-            split = expected - _X25519_BYTES
+            # ML-KEM-768's own check (FIPS 203 §7.2, coefficients below q) is the library's.
             return hpke.MLKEM768X25519PublicKey(
-                mlkem.MLKEM768PublicKey.from_public_bytes(data[:split]),
-                x25519.X25519PublicKey.from_public_bytes(data[split:]),
+                mlkem.MLKEM768PublicKey.from_public_bytes(data[:split]), dh
             )
-        return x25519.X25519PublicKey.from_public_bytes(data)
+        return dh
     except ValueError as exc:
-        raise EnvelopeError(f"malformed {suite} public key") from exc
+        raise PublicKeyRejected(f"malformed {suite} public key") from exc
 
 
 _X25519_BYTES = 32
 _MLKEM_SEED_BYTES = 64
 _HYBRID_PUBLIC_BYTES = 1184 + _X25519_BYTES
+# The X25519 u-coordinates of small order, little-endian with the top bit clear (the list
+# libsodium refuses and cr.yp.to/ecdh.html gives; RFC 7748 §6.1): 0, 1, the two points of
+# order 8, p - 1, p and p + 1 for p = 2^255 - 19. With the top bit set they are the same
+# points, which load_public_key masks off before it looks them up.
+_SMALL_ORDER_X25519 = frozenset(
+    bytes.fromhex(u)
+    for u in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+)
 
 
 def envelope_info(purpose: str, context: Mapping[str, str | int]) -> bytes:
@@ -139,8 +165,16 @@ def seal_to(
     context: Mapping[str, str | int],
     suite: str = SUITE_X25519,
 ) -> bytes:
-    """Encrypt ``plaintext`` to ``public_key`` (single-shot HPKE base mode)."""
-    return _suite(suite).encrypt(plaintext, public_key, info=envelope_info(purpose, context))
+    """Encrypt ``plaintext`` to ``public_key`` (single-shot HPKE base mode).
+
+    EnvelopeError if the library refuses the key (a small-order X25519 key that did not
+    come through :func:`load_public_key`): one typed error, whoever the recipient was.
+    """
+    info = envelope_info(purpose, context)
+    try:
+        return _suite(suite).encrypt(plaintext, public_key, info=info)
+    except ValueError as exc:
+        raise EnvelopeError("cannot seal to this public key") from exc
 
 
 def open_envelope(
