@@ -27,6 +27,7 @@ from sandbox.errors import (
     AttestationError,
     CheckpointError,
     ConfigError,
+    EnvelopeError,
     FederationError,
     UpdateRejected,
 )
@@ -206,17 +207,19 @@ class FederatedJob:
         """One instruction per node: sealed to each node's key, or (protection off) one
         shared plaintext content that Flower dedups."""
         if self.sandbox is not None:
-            sandbox = self.sandbox
             stage = STAGE_TRAIN if kind == MessageType.TRAIN else STAGE_EVALUATE
-            return [
-                Message(
-                    sandbox.instruction(self.peers[n], rnd, adapter, stage),
-                    n,
-                    kind,
-                    group_id=str(rnd),
-                )
-                for n in nodes
-            ]
+            messages = []
+            for node_id in nodes:
+                try:
+                    content = self.sandbox.instruction(self.peers[node_id], rnd, adapter, stage)
+                except EnvelopeError as exc:
+                    # One node's unusable key leaves that node out, not the whole round.
+                    log(WARNING, "[ark] node %s left out: cannot seal to its key: %s", node_id, exc)
+                    self.peers.pop(node_id, None)
+                    self._event(NODE_REFUSED, node=node_id, reason=f"cannot seal to its key: {exc}")
+                    continue
+                messages.append(Message(content, node_id, kind, group_id=str(rnd)))
+            return messages
         content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: _round_config(rnd)})
         return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
 

@@ -47,7 +47,12 @@ from sandbox.channel import (
 )
 from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.demo_data import write_demo_data
-from sandbox.errors import AggregateInvalid, AggregatorRefused, FederationError
+from sandbox.errors import (
+    AggregateInvalid,
+    AggregatorRefused,
+    EnvelopeError,
+    FederationError,
+)
 from sandbox.events import JsonlEventSink, MemoryEventSink
 from sandbox.keybroker.broker import KeyBroker, Released
 from sandbox.keyfiles import load_ed25519_public
@@ -1125,6 +1130,32 @@ def test_a_node_with_a_small_order_channel_key_is_refused_and_the_round_complete
     assert {e["node"] for e in refused} == {3}  # at the round and again at evaluation
     assert all("small order" in e["reason"] for e in refused)
     assert 3 not in {e["node"] for e in events if e["kind"] == "node_admitted"}
+    assert grid.nodes[3].received == []
+    for name, value in _weighted_mean(good).items():
+        np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_key_that_fails_to_seal_leaves_out_that_node_only(
+    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld, monkeypatch: pytest.MonkeyPatch
+):
+    """Should sealing to one admitted node's key fail anyway (a suite or key the checks at
+    admission did not foresee), that node is left out and recorded; the round goes on."""
+    good = [SimNode(1, examples=10), SimNode(2, examples=30)]
+    grid = SimulatedGrid([*good, SimNode(3, examples=20)], FakeClock(), world=world)
+    sealing = AggregatorSandbox.instruction
+
+    def fails_for_node_3(self: AggregatorSandbox, peer: Any, *args: Any) -> RecordDict:
+        if peer.node_id == 3:
+            raise EnvelopeError("the recipient key does not take an HPKE seal")
+        return sealing(self, peer, *args)
+
+    monkeypatch.setattr(AggregatorSandbox, "instruction", fails_for_node_3)
+    _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
+
+    events = _events(tmp_path)
+    refused = [e for e in events if e["kind"] == "node_refused"]
+    assert {e["node"] for e in refused} == {3}
+    assert all("cannot seal to its key" in e["reason"] for e in refused)
     assert grid.nodes[3].received == []
     for name, value in _weighted_mean(good).items():
         np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
