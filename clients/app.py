@@ -133,6 +133,26 @@ def _accept(msg: Message, context: Context, spec: RunSpec, node: NodeConfig) -> 
     return accepted
 
 
+def load_split(spec: RunSpec, node: NodeConfig) -> Split:
+    """The node's private data, checked against the run's task and labels, split locally.
+
+    A row whose label the run does not list fails as a :class:`~sandbox.errors.DataError`
+    that names the file, row and label for the node's own log. The egress guard sends
+    the provider only the fixed ``clientapp-failed`` code for it, the same code as for any
+    other failure (a missing or empty label included): a code of its own would tell the
+    provider that the node holds a label outside the list it sent.
+    """
+    examples = load_examples(
+        node.data_path, spec.task, labels=spec.labels or None, max_row_bytes=node.max_row_bytes
+    )
+    return split_examples(
+        examples,
+        heldout_fraction=node.heldout_fraction,
+        seed=node.split_seed,
+        source=node.data_path,
+    )
+
+
 def _setup(
     msg: Message, context: Context
 ) -> tuple[RunSpec, NodeConfig, Instruction, Split, NodeModel]:
@@ -144,15 +164,7 @@ def _setup(
         import torch
 
         torch.set_num_threads(node.threads)
-    examples = load_examples(
-        node.data_path, spec.task, labels=spec.labels or None, max_row_bytes=node.max_row_bytes
-    )
-    split = split_examples(
-        examples,
-        heldout_fraction=node.heldout_fraction,
-        seed=node.split_seed,
-        source=node.data_path,
-    )
+    split = load_split(spec, node)
     from sandbox.lora import load_adapter_state
 
     loaded = load_node_model(spec, node)

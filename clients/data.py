@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox import strictjson
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ConfigError, DataError
+from sandbox.strictjson import StrictJSONError
 
 DEFAULT_MAX_ROW_BYTES = 16 * 1024
 
@@ -188,11 +190,9 @@ def _jsonl_records(
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                path, f"invalid JSON: {err.msg} at column {err.colno}", row=row
-            ) from err
+            value = strictjson.loads(line)
+        except StrictJSONError as err:
+            raise DataError(path, str(err), row=row) from err
         if not isinstance(value, dict):
             raise DataError(path, f"expected a JSON object, found {_json_type(value)}", row=row)
         _check_columns(path, row, list(value), columns)
@@ -212,9 +212,10 @@ def _csv_records(
     if not _is_utf8(header):
         raise DataError(path, "header: not valid UTF-8")
     names = [name.strip() for name in header]
-    for name in names:
-        if names.count(name) > 1:
-            raise DataError(path, f"header: column {name!r} appears more than once")
+    _check_text(path, None, header)
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DataError(path, f"header: column {repeated[0][:64]!r} appears more than once")
     _check_columns(path, None, names, columns)
     row = 0
     while True:
@@ -226,6 +227,7 @@ def _csv_records(
             continue
         if not _is_utf8(fields):
             raise DataError(path, "not valid UTF-8", row=row)
+        _check_text(path, row, fields)
         if len(fields) != len(names):
             raise DataError(
                 path, f"expected {len(names)} fields as in the header, found {len(fields)}", row=row
@@ -252,6 +254,17 @@ def _is_utf8(fields: list[str]) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_text(path: Path, row: int | None, fields: list[str]) -> None:
+    """Refuse NUL in a CSV field, as the JSONL reader does (lone surrogates are caught
+    earlier, as bytes that are not UTF-8)."""
+    for number, field in enumerate(fields, 1):
+        try:
+            strictjson.check_text(field, f"field {number}")
+        except StrictJSONError as err:
+            where = "header: " if row is None else ""
+            raise DataError(path, f"{where}{err}", row=row) from err
 
 
 def _check_size(path: Path, row: int, size: int, max_row_bytes: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,9 +25,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sandbox import strictjson
 from sandbox.config import NodeConfig
 from sandbox.errors import JournalInvalid
 from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
+from sandbox.strictjson import StrictJSONError
 from sandbox.translog.store import canonical_entry
 
 FORMAT = "ark-node-journal/v1"
@@ -81,14 +82,39 @@ def _last_line(handle: BinaryIO) -> bytes | None:
     return chunk.rstrip(b"\n").rsplit(b"\n", 1)[-1]
 
 
-def _seq_of(line: bytes, path: Path) -> int:
+def _parse_line(line: bytes, where: str) -> tuple[dict[str, Any], bytes]:
+    """A line's signed body (``seq``, ``prev``, ``entry``) and its signature.
+
+    Strict, because the chain hashes the line's bytes and the signature covers only the
+    body: the JSON (:mod:`sandbox.strictjson`), exactly the four keys, their types, and the
+    line must be the canonical encoding of what it holds, so no two byte strings carry
+    one signed line. ``where`` names the file and line in the :class:`JournalInvalid`.
+    """
     try:
-        seq = json.loads(line)["seq"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise JournalInvalid(f"{path}: the last line is not a journal line") from exc
-    if not isinstance(seq, int):
-        raise JournalInvalid(f"{path}: the last line has no sequence number")
-    return seq
+        document = strictjson.loads(line)
+    except StrictJSONError as exc:
+        raise JournalInvalid(f"{where}: not a signed journal line: {exc}") from exc
+    if not isinstance(document, dict) or document.keys() != _LINE_KEYS:
+        raise JournalInvalid(f"{where}: not a signed journal line (keys {sorted(_LINE_KEYS)})")
+    body = {key: document[key] for key in ("seq", "prev", "entry")}
+    if type(body["seq"]) is not int or body["seq"] < 0:
+        raise JournalInvalid(f"{where}: seq must be a non-negative integer")
+    if not isinstance(body["prev"], str) or not isinstance(body["entry"], dict):
+        raise JournalInvalid(f"{where}: prev must be a string and entry an object")
+    try:
+        signature = base64.b64decode(document["sig"], validate=True)
+    except (ValueError, TypeError) as exc:
+        raise JournalInvalid(f"{where}: sig must be base64") from exc
+    if canonical_entry(document) != line:
+        raise JournalInvalid(f"{where}: not canonical JSON (RFC 8785), as the journal writes it")
+    return body, signature
+
+
+_LINE_KEYS = frozenset({"seq", "prev", "entry", "sig"})
+
+
+def _seq_of(line: bytes, path: Path) -> int:
+    return int(_parse_line(line, f"{path}, last line")[0]["seq"])
 
 
 def append_journal(node: NodeConfig, entry: Mapping[str, Any]) -> None:
@@ -137,22 +163,17 @@ def read_journal(path: Path, *, public_key: Ed25519PublicKey | None = None) -> l
     prev = ""
     for number, line in enumerate(lines, 1):
         where = f"{path}, line {number}"
-        try:
-            document = json.loads(line)
-            body = {k: document[k] for k in ("seq", "prev", "entry")}
-            signature = base64.b64decode(document["sig"], validate=True)
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise JournalInvalid(f"{where}: not a signed journal line") from exc
+        body, signature = _parse_line(line, where)
         if body["seq"] != number - 1 or body["prev"] != prev:
             raise JournalInvalid(f"{where}: breaks the chain (a line was removed or reordered)")
         entry = body["entry"]
-        if not isinstance(entry, dict):
-            raise JournalInvalid(f"{where}: the entry is not an object")
         if number == 1:
             if entry.get("kind") != OPENED or entry.get("format") != FORMAT:
                 raise JournalInvalid(f"{where}: the journal does not start with its key")
             try:
-                named = Ed25519PublicKey.from_public_bytes(base64.b64decode(entry["public_key"]))
+                named = Ed25519PublicKey.from_public_bytes(
+                    base64.b64decode(entry["public_key"], validate=True)
+                )
             except (ValueError, KeyError, TypeError) as exc:
                 raise JournalInvalid(f"{where}: the opening line has no usable key") from exc
             if key is not None and _raw(key) != _raw(named):

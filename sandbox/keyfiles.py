@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,41 @@ from sandbox.errors import ConfigError
 
 
 def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write ``path`` with mode 0600; refuse to replace an existing key unless told to."""
+    """Write ``path`` with mode 0600; refuse to replace an existing key unless told to.
+
+    Nothing is ever written through what is already at ``path``. A new key is created
+    exclusively, and ``overwrite`` writes a new 0600 file beside it that then replaces
+    it (:func:`os.replace`): a symlink there is replaced, not followed, an old file's
+    looser mode is not kept, and no reader sees half a key.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    if not overwrite:
+        try:
+            _create_private(path, data)
+        except FileExistsError:
+            raise ConfigError("refusing to overwrite an existing private key", path=path) from None
+        return
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    _create_private(staging, data)
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise ConfigError("refusing to overwrite an existing private key", path=path) from None
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _create_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file or symlink) with mode 0600 and ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+        try:
+            os.fchmod(handle.fileno(), 0o600)  # exactly 0600, whatever the umask
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)  # no half-written key is left behind
+            raise
 
 
 def private_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:

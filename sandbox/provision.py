@@ -286,7 +286,28 @@ def init_aggregator(ws: ProviderWorkspace, manufacturer: Path) -> str:
     (ws.aggregator / "ueid").write_text(ueid + "\n", encoding="utf-8")
     # The ServerApp checks each node's attestation result against the provider's key.
     shutil.copyfile(ws.public / "result.pub", ws.aggregator / "result.pub")
-    (ws.public / "aggregator-ueid").write_text(ueid + "\n", encoding="utf-8")
+    (ws.public / AGGREGATOR_UEID).write_text(ueid + "\n", encoding="utf-8")
+    return ueid
+
+
+# The file in the provider's public bundle that names the aggregator's ueid.
+AGGREGATOR_UEID = "aggregator-ueid"
+
+
+def pinned_aggregator(provider_public: Path) -> str:
+    """The aggregator's ueid from the provider's public bundle: every node's aggregator
+    policy pins it, so a node cannot be set up without it."""
+    path = provider_public / AGGREGATOR_UEID
+    try:
+        ueid = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "cannot read the aggregator's ueid, which the node pins; the provider creates "
+            "it with `ark provider init --manufacturer DIR`",
+            path=path,
+        ) from exc
+    if not ueid or not ueid.isprintable():
+        raise ConfigError(f"must name the aggregator's ueid, got {ueid[:64]!r}", path=path)
     return ueid
 
 
@@ -404,6 +425,7 @@ def init_node(
     for needed in ("ca.crt", "signing.pub", "result.pub"):
         if not (provider_public / needed).is_file():
             raise ConfigError(f"the provider's public bundle lacks {needed}", path=provider_public)
+    aggregator_ueid = pinned_aggregator(provider_public)
     maker = load_or_create_manufacturer(manufacturer)
     ueid = f"{name}-{secrets.token_hex(8)}"
     key = ec.generate_private_key(ec.SECP256R1())
@@ -422,17 +444,12 @@ def init_node(
     roots = root / "roots"
     (roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(manufacturer / "root.crt", roots / STUB_TEE / "dev-manufacturer.pem")
-    aggregator_ueid = provider_public / "aggregator-ueid"
     write_policy(
         root / "aggregator-policy.toml",
         policy_id=f"{name}-aggregator-policy/{secrets.token_hex(4)}",
         code_digests=[code_measurement(AGGREGATOR_PACKAGES)],
         allow_stub=True,
-        allowed_nodes=(
-            [aggregator_ueid.read_text(encoding="utf-8").strip()]
-            if aggregator_ueid.is_file()
-            else None
-        ),
+        allowed_nodes=[aggregator_ueid],
     )
     node = NodeConfig(
         name=name,

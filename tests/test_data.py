@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +116,25 @@ ERROR_CASES = [
     _case("csv-dup-header", "a.csv", b"text,label,text\nt,a,t\n", "more than once", None),
     _case("csv-fields", "a.csv", b"text,label\nt,a\nt,a,extra\n", "expected 2 fields", 2),
     _case("csv-quoting", "a.csv", b'text,label\n"t"x,a\n', "malformed CSV", 1),
+    # Hostile input that raised untyped errors or was accepted before strict parsing.
+    _case("jsonl-2000-deep", "a.jsonl", _jsonl(ROW) + b'{"text": ' + b"[" * 2000 + b"]" * 2000
+          + b', "label": "a"}\n', "nested more than 64 deep", 2, max_row_bytes=8192),
+    _case("jsonl-5000-digits", "a.jsonl", b'{"text": "t", "label": ' + b"9" * 5000 + b"}\n",
+          "integer of 5000 characters is out of range", 1),
+    _case("jsonl-nan", "a.jsonl", b'{"text": NaN, "label": "a"}\n', "NaN is not JSON", 1),
+    _case("jsonl-nul", "a.jsonl", b'{"text": "t\\u0000", "label": "a"}\n',
+          "the value of key 'text' holds NUL at character 2", 1),
+    _case("jsonl-lone-surrogate", "a.jsonl", b'{"text": "\\udc80t", "label": "a"}\n',
+          r"the value of key 'text' holds a lone surrogate \(U\+DC80\)", 1),
+    _case("jsonl-surrogate-key", "a.jsonl", b'{"text": "t", "label": "a", "\\ud800": 1}\n',
+          "key '\\\\ud800' holds a lone surrogate", 1),
+    _case("jsonl-duplicate-key", "a.jsonl", _jsonl(ROW) + b'{"text": "t", "label": "a", '
+          b'"label": "b"}\n', "duplicate key 'label'", 2),
+    _case("csv-nul", "a.csv", b"text,label\nt,a\nt\x00,a\n", "field 1 holds NUL", 2),
+    _case("csv-nul-header", "a.csv", b"text,label\x00\nt,a\n", "header: field 2 holds NUL",
+          None),
+    _case("csv-dup-stripped", "a.csv", b"text,label, text\nt,a,t\n",
+          "header: column 'text' appears more than once", None),
 ]
 # fmt: on
 
@@ -291,3 +311,13 @@ def test_written_demo_data_loads_back(tmp_path: Path) -> None:
     # ensure_ascii=False keeps the degree sign as UTF-8 rather than an escape.
     assert "°C" in paths["desert"].read_text(encoding="utf-8")
     assert derive_labels(list(paths.values())) == sorted(DEMO_LABELS)
+
+
+def test_duplicate_csv_columns_are_found_in_linear_time(tmp_path: Path) -> None:
+    """40,000 columns took 15 s with a quadratic check; the repeat is the very last one."""
+    header = ",".join([*(f"c{i}" for i in range(40_000)), "c39999"])
+    path = _write(tmp_path, "wide.csv", f"{header}\n".encode())
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="header: column 'c39999' appears more than once"):
+        load_examples(path, CLS)
+    assert time.perf_counter() - started < 2.0

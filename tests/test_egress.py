@@ -8,6 +8,7 @@ and replaced by an error reply that is a fixed code, never text from the app or 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as node_app
+from clients.app import load_split, node_config
 from clients.channel import NodeChannel, channel_path, hello_record
 from clients.egress import check_reply, egress_guard
 from sandbox.apps import fab_digest
@@ -50,6 +52,7 @@ from sandbox.protocol import (
     to_record,
 )
 from sandbox.reasons import NodeReason
+from tests.conftest import make_spec
 
 # A private training row, as a hostile or buggy app might try to send it out.
 PRIVATE = "ticket 4417: tree down on line 4 at Alpe Rossa, call Anna 079 555 01 23"
@@ -412,3 +415,39 @@ def test_errors_flowers_runtime_builds_leave_the_launcher_as_fixed_codes(tmp_pat
     assert_fixed(pushed[0], NodeReason.FLOWER_CLIENTAPP_RAISED)
     assert_fixed(pushed[1], NodeReason.APP_NOT_APPROVED)
     assert traces(pushed[0]) == []
+
+
+def test_a_label_mismatch_leaves_as_the_one_fixed_failure_code_naming_no_label(
+    tmp_path: Path,
+) -> None:
+    """A row whose label the run does not list, and a row with no label, leave the node
+    as the same fixed code as any failure: the provider learns neither the label nor
+    which it was. Through the node's real data loading and its installed guard."""
+    spec = make_spec(tmp_path, labels=("a", "b", "c"))
+    app = ClientApp(mods=list(node_app._mods))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        split = load_split(spec, node_config(context))
+        metrics = MetricRecord({"num-examples": float(len(split.train))})
+        return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+    rows = [{"text": f"t{i}", "label": label} for i, label in enumerate("abab")]
+    data = {
+        "extra": [*rows, {"text": "t", "label": PRIVATE}],
+        "missing": [*rows, {"text": "t", "label": " "}],
+        "fits": rows,  # negative control; the run may list a label ("c") the node lacks
+    }
+    replies = {}
+    for case, content in data.items():
+        (tmp_path / "d.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in content), encoding="utf-8"
+        )
+        replies[case] = app(_instruction(), _node(tmp_path))
+    assert not replies["fits"].has_error()
+    for case in ("extra", "missing"):
+        assert_fixed(replies[case], NodeReason.CLIENTAPP_FAILED)
+        assert traces(replies[case]) == []
+    journal = read_journal(tmp_path / "journal.jsonl")
+    assert [e["code"] for e in journal] == ["clientapp-failed"] * 2
+    assert "unknown label" in journal[0]["reason"]  # the detail stays on the node

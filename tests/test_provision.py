@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clients.aggregator import verify_aggregator
+from clients.aggregator import load_aggregator_policy, verify_aggregator
 from clients.model import attest_for_key, load_base_model
 from sandbox.attestation.backends import VerifierRegistry, load_attester
 from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
@@ -46,13 +46,17 @@ from sandbox.errors import (
 from sandbox.events import Event, JsonlEventSink
 from sandbox.federation import Federation, free_port
 from sandbox.keybroker.service import serve
-from sandbox.keyfiles import load_ed25519_public
+from sandbox.keyfiles import load_ed25519_public, write_private
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.provision import (
     LoopbackDeployment,
     ProviderWorkspace,
     build_broker,
+    init_aggregator,
+    init_node,
+    init_provider,
     provision_loopback,
+    write_policy,
 )
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import MANIFEST, SIGNATURE, read_manifest
@@ -455,3 +459,67 @@ def test_node_verifies_the_provisioned_aggregator_with_its_own_policy(
     )
     with pytest.raises(NodeNotAllowed):
         verify(evidence(impostor, approved))
+
+
+def _init_node(tmp_path: Path, ws: ProviderWorkspace) -> Path:
+    return init_node(
+        tmp_path / "node",
+        name="alpine",
+        data_path=tmp_path / "d.jsonl",
+        manufacturer=tmp_path / "manufacturer",
+        provider_public=ws.public,
+        key_broker="localhost:1",
+        package=tmp_path / "package",
+    )
+
+
+def test_node_init_always_pins_the_aggregator_and_the_node_refuses_a_policy_without_it(
+    tmp_path: Path,
+) -> None:
+    ws = init_provider(tmp_path / "provider")
+    # A bundle with no aggregator identity left the node's policy open to any TEE.
+    with pytest.raises(ConfigError, match="aggregator-ueid: cannot read the aggregator's ueid"):
+        _init_node(tmp_path, ws)
+    assert not (tmp_path / "node").exists(), "nothing is written before the check"
+    ueid = init_aggregator(ws, tmp_path / "manufacturer")
+    node = NodeConfig.load(_init_node(tmp_path, ws))
+    policy_path = node.require_sandbox().aggregator_policy
+    assert policy_path is not None
+    assert load_aggregator_policy(policy_path).allowed_nodes == frozenset({ueid})
+    unpinned_policies: tuple[list[str] | None, ...] = (None, [])
+    for unpinned in unpinned_policies:
+        write_policy(
+            policy_path,
+            policy_id="p",
+            code_digests=["00" * 32],
+            allow_stub=True,
+            allowed_nodes=unpinned,
+        )
+        with pytest.raises(ConfigError, match=r"key 'policy\.allowed-nodes': must pin") as raised:
+            verify_aggregator(
+                node,
+                tee="stub",
+                evidence="",
+                aggregator_key=b"",
+                nonce=b"",
+                now=dt.datetime.now(dt.UTC),
+            )
+        assert raised.value.path == policy_path
+
+
+def test_write_private_replaces_a_symlink_and_never_writes_through_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    target = tmp_path / "keys" / "server.key"
+    target.parent.mkdir()
+    target.symlink_to(victim)
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        write_private(target, b"key")
+    write_private(target, b"key", overwrite=True)
+    assert not target.is_symlink()
+    assert target.read_bytes() == b"key"
+    assert victim.read_bytes() == b"not yours", "the symlink was followed"
+    target.chmod(0o644)  # an older, looser file is replaced, not reused
+    write_private(target, b"new key", overwrite=True)
+    assert (target.read_bytes(), target.stat().st_mode & 0o777) == (b"new key", 0o600)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["server.key"]

@@ -21,6 +21,7 @@ from sandbox.config import TASK_CLASSIFICATION
 from sandbox.errors import SealedModelError
 from sandbox.models import TOKENIZER_FILES, load_from_memory
 from sandbox.seal.package import (
+    FORMAT,
     MANIFEST,
     PLAIN_FILES,
     SIGNATURE,
@@ -221,11 +222,11 @@ def _flip_byte(path: Path, offset: int) -> None:
         ("flipped-plain-config", "plaintext digest of config.json"),
         ("wrong-content-key", "failed authentication"),
         ("missing-sealed-file", "ciphertext digest"),
-        ("path-in-file-name", "malformed file list"),
+        ("path-in-file-name", r"files\[0\]\.name must be a flat file name"),
         ("model-id-swapped-and-resigned", "failed authentication"),
         ("another-package-under-the-same-key", "expected 'tiny-bert'/'k1'"),
-        ("dot-dot-file-name", "malformed file list"),
-        ("nul-in-file-name", "malformed file list"),
+        ("dot-dot-file-name", r"files\[0\]\.name must be a flat file name"),
+        ("nul-in-file-name", "the value of key 'name' holds NUL"),
         ("config-symlinked-to-dev-zero", "cannot open"),
         ("config-replaced-by-a-fifo", "not a regular file"),
     ],
@@ -406,3 +407,115 @@ def test_every_tokenizer_file_the_loader_accepts_ships_plain() -> None:
     assert set(TOKENIZER_FILES) <= PLAIN_FILES
     assert ships_plain("Vocab.TXT")
     assert not ships_plain("1_Pooling/config.json")
+
+
+def write_signed_manifest(directory: Path, signing: Ed25519PrivateKey, body: bytes) -> Path:
+    """``body`` as a package's manifest, validly signed: only the parser can refuse it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).write_bytes(body)
+    (directory / SIGNATURE).write_bytes(signing.sign(body))
+    return directory
+
+
+def valid_manifest() -> dict[str, Any]:
+    """A well-formed manifest of one plain and one sealed file (no files behind it)."""
+    return {
+        "format": FORMAT,
+        "model_id": "tiny-bert",
+        "key_id": "k1",
+        "architecture": {"model_type": "bert", "hidden_size": 32},
+        "files": [
+            {"name": "config.json", "size": 2, "sha256": "0" * 64},
+            {
+                "name": "model.safetensors",
+                "size": 10,
+                "sha256": "1" * 64,
+                "sealed": "model.safetensors.sealed",
+                "sealed_size": 50,
+                "sealed_sha256": "2" * 64,
+            },
+        ],
+    }
+
+
+def _with_entry(**change: Any) -> bytes:
+    manifest = valid_manifest()
+    manifest["files"][0].update(change)
+    return json.dumps(manifest).encode()
+
+
+def _with_files(files: list[dict[str, Any]]) -> bytes:
+    return json.dumps({**valid_manifest(), "files": files}).encode()
+
+
+_PLAIN = valid_manifest()["files"][0]
+HOSTILE_MANIFESTS: dict[str, tuple[bytes, str]] = {
+    # Each raised an untyped error (RecursionError, ValueError, OverflowError,
+    # UnicodeEncodeError) or was accepted before the manifest was parsed strictly.
+    "nested-2000-deep": (
+        json.dumps({**valid_manifest(), "architecture": "X"})
+        .replace('"X"', "[" * 2000 + "]" * 2000)
+        .encode(),
+        "nested more than 64 deep",
+    ),
+    "5000-digit-integer": (
+        _with_entry(size=0).replace(b'"size": 0', b'"size": ' + b"7" * 5000),
+        "integer of 5000 characters is out of range",
+    ),
+    "size-2**63": (_with_entry(size=2**63), r"files\[0\]\.size must be an integer from 0"),
+    "lone-surrogate-in-name": (
+        _with_entry(name="X").replace(b'"X"', b'"config\\ud800.json"'),
+        "lone surrogate",
+    ),
+    "negative-size": (_with_entry(size=-1), r"files\[0\]\.size must be an integer from 0"),
+    "boolean-size": (_with_entry(size=True), r"files\[0\]\.size must be an integer from 0"),
+    "duplicate-names": (
+        _with_files([_PLAIN, _PLAIN]),
+        r"files\[1\] lists 'config\.json' again \(as files\[0\] does\)",
+    ),
+    "empty-file-list": (_with_files([]), "files must be a non-empty list"),
+    "sealed-file-listed-as-plain": (
+        _with_entry(name="model.safetensors.sealed"),
+        r"files\[0\]\.name 'model\.safetensors\.sealed' ends in \.sealed",
+    ),
+    "duplicate-key": (
+        _with_entry(size=0).replace(b'"size": 0', b'"size": 0, "size": 2'),
+        "duplicate key 'size'",
+    ),
+    "nan-size": (_with_entry(size=0).replace(b'"size": 0', b'"size": NaN'), "NaN is not JSON"),
+    "not-hex-digest": (_with_entry(sha256="g" * 64), r"files\[0\]\.sha256 must be a hex"),
+    "unknown-entry-key": (_with_entry(mode="0777"), r"files\[0\] has keys unknown \['mode'\]"),
+    "missing-architecture": (
+        json.dumps({k: v for k, v in valid_manifest().items() if k != "architecture"}).encode(),
+        r"has keys missing \['architecture'\]",
+    ),
+}
+
+
+def test_a_well_formed_manifest_reads_back(tmp_path: Path) -> None:
+    signing = Ed25519PrivateKey.generate()
+    body = json.dumps(valid_manifest()).encode()
+    assert read_manifest(write_signed_manifest(tmp_path, signing, body), signing.public_key()) == (
+        valid_manifest()
+    )
+
+
+@pytest.mark.parametrize(("body", "message"), HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS)
+def test_a_validly_signed_hostile_manifest_is_refused_naming_the_file(
+    tmp_path: Path, body: bytes, message: str
+) -> None:
+    signing = Ed25519PrivateKey.generate()
+    package = write_signed_manifest(tmp_path, signing, body)
+    with pytest.raises(SealedModelError, match=message) as raised:
+        read_manifest(package, signing.public_key())
+    assert str(raised.value).startswith(f"{package / MANIFEST}: ")
+
+
+def test_a_model_file_named_like_ciphertext_is_not_sealed(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    (model / "notes.sealed").write_bytes(b"x")
+    with pytest.raises(SealedModelError, match=r"notes\.sealed: a model file may not end in"):
+        _seal_tiny(model, tmp_path / "out")

@@ -816,3 +816,76 @@ def test_a_log_that_serves_extra_entries_is_caught(tmp_path: Path) -> None:
         server.stop(0).wait()
     assert result.exit_code == InclusionProofError.exit_code, result.output
     assert "entries" in result.output
+
+
+# -- strict parsing: hostile journal lines, notes and entries end in typed errors ---------
+
+HOSTILE_JSON = {
+    "nested-2000-deep": b'{"seq":1,"x":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    "5000-digit-integer": b'{"seq":' + b"9" * 5000 + b"}",
+    "nan": b'{"seq":NaN}',
+    "duplicate-key": b'{"seq":1,"seq":2}',
+    "lone-surrogate": b'{"seq":1,"x":"\\ud800"}',
+    "nul": b'{"seq":1,"x":"\\u0000"}',
+}
+
+
+@pytest.mark.parametrize("line", HOSTILE_JSON.values(), ids=HOSTILE_JSON)
+def test_a_hostile_journal_line_is_invalid_naming_the_line(tmp_path: Path, line: bytes) -> None:
+    journal = _journal(tmp_path, node_journal(1, 2))
+    lines = journal.read_bytes().splitlines()
+    journal.write_bytes(b"\n".join([lines[0], line, *lines[2:]]) + b"\n")
+    with pytest.raises(JournalInvalid, match=f"{journal}, line 2: not a signed journal line"):
+        read_journal(journal)
+    # The writer reads the last line for its sequence number: the same error, no other.
+    journal.write_bytes(b"\n".join([*lines, line]) + b"\n")
+    node = NodeConfig(name="alpine", data_path=tmp_path / "d.jsonl", journal_path=journal)
+    with pytest.raises(JournalInvalid, match="last line: not a signed journal line"):
+        append_journal(node, {"kind": "train"})
+
+
+def test_a_journal_line_is_only_its_canonical_bytes(tmp_path: Path) -> None:
+    """The signature covers the body only, so a re-encoded or extended last line was
+    accepted: neither the chain nor the signature saw the change."""
+    journal = _journal(tmp_path, node_journal(1, 2))
+    lines = journal.read_bytes().splitlines()
+    spaced = lines[-1].replace(b'"seq":', b'"seq": ')
+    extended = lines[-1][:-1] + b',"z":"unsigned"}'
+    for last, message in ((spaced, "not canonical JSON"), (extended, "not a signed journal")):
+        journal.write_bytes(b"\n".join([*lines[:-1], last]) + b"\n")
+        with pytest.raises(JournalInvalid, match=f"line {len(lines)}: {message}"):
+            read_journal(journal)
+
+
+def test_hostile_text_in_notes_checkpoints_and_keys_is_malformed() -> None:
+    signer = new_signer()
+    verifier = signer.verifier
+    root = base64.b64encode(bytes(32)).decode()
+    blob = verifier.vkey().split("+", 2)[2]
+    # A signature line by the trusted key (id and all), so the text reaches verification.
+    signature = base64.b64encode(verifier.key_id + bytes(64)).decode()
+    surrogate_note = f"{signer.name}\n1\n{root}\n\ud800\n\n\u2014 {signer.name} {signature}\n"
+    hostile: list[tuple[Any, Any]] = [
+        (open_note, surrogate_note),  # UnicodeEncodeError before
+        (Checkpoint.from_text, f"\ud800\n1\n{root}\n"),  # accepted before
+        (Checkpoint.from_text, f"origin\x00\n1\n{root}\n"),  # accepted before
+        (NoteVerifier.from_vkey, f"\ud800+00000000+{blob}"),  # UnicodeEncodeError before
+        (NoteVerifier.from_vkey, f"log\x00+00000000+{blob}"),
+    ]
+    for parse, text in hostile:
+        with pytest.raises(NoteMalformed):
+            parse(*([text, [verifier]] if parse is open_note else [text]))
+
+
+def test_hostile_log_entries_are_malformed_events_reported_by_policy(tmp_path: Path) -> None:
+    world = World(tmp_path, honest_history())
+    world.store.close()
+    world.store = LogStore(world.db)
+    for entry in HOSTILE_JSON.values():
+        world.store.append(entry)
+    world.store.sign_checkpoint(world.signer)
+    result = world.verify()
+    assert result.exit_code == PolicyViolation.exit_code == 30, result.output
+    for reason in ("nested more than 64", "out of range", "NaN", "duplicate key", "surrogate"):
+        assert reason in result.output
+    assert "holds NUL" in result.output

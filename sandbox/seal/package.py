@@ -37,9 +37,11 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sandbox import strictjson
 from sandbox.digests import sha256_file
 from sandbox.errors import SealedModelError
 from sandbox.seal.stream import KEY_SIZE, decrypt_stream, encrypt_stream
+from sandbox.strictjson import StrictJSONError
 
 FORMAT = "ark-sealed-model/1"
 MANIFEST = "manifest.json"
@@ -140,6 +142,9 @@ def seal_model_dir(
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not any(loads_as_weights(p.name) for p in files):
         raise SealedModelError(f"{model_dir}: no *{WEIGHTS_SUFFIX} weights to seal")
+    for path in files:
+        if path.name.endswith(SEALED_SUFFIX):  # read_manifest would refuse the package
+            raise SealedModelError(f"{path}: a model file may not end in {SEALED_SUFFIX}")
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for path in files:
@@ -189,12 +194,22 @@ def _read_regular(path: Path, limit: int) -> bytes:
             raise SealedModelError(f"{path}: not a regular file")
         if info.st_size > limit:
             raise SealedModelError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
-        return handle.read(limit + 1)
+        # One byte past what fstat saw shows a file that grew since, and the read size
+        # stays a C ssize_t whatever ``limit`` a manifest gives.
+        return handle.read(min(limit, info.st_size) + 1)
 
 
 def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
-    """The package's manifest, only if its signature verifies and it is well-formed."""
-    body = _read_regular(package_dir / MANIFEST, MAX_MANIFEST_BYTES)
+    """The package's manifest, only if its signature verifies and it is well-formed.
+
+    Well-formed is strict, because the node acts on every field: the JSON itself
+    (:mod:`sandbox.strictjson`), the keys present, and each file entry (see
+    :func:`_check_entry`); the list holds at least one file and no name twice. A signed
+    manifest is still the provider's input to the node, and a mistake in it must stop
+    here, named, rather than surface as an untyped error while files are opened.
+    """
+    path = package_dir / MANIFEST
+    body = _read_regular(path, MAX_MANIFEST_BYTES)
     signature = _read_regular(package_dir / SIGNATURE, 64)
     try:
         verify_key.verify(signature, body)
@@ -203,41 +218,101 @@ def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, 
             f"{package_dir / SIGNATURE}: manifest signature is invalid"
         ) from None
     try:
-        manifest = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SealedModelError(f"{package_dir / MANIFEST}: signed but not JSON") from exc
+        manifest = strictjson.loads(body)
+    except StrictJSONError as exc:
+        raise SealedModelError(f"{path}: signed but not strict JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SealedModelError(f"{package_dir / MANIFEST}: not an {FORMAT} manifest")
-    if not all(isinstance(manifest.get(k), str) for k in ("model_id", "key_id")):
-        raise SealedModelError(f"{package_dir / MANIFEST}: model_id and key_id must be strings")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(_valid_entry(e) for e in files):
-        raise SealedModelError(f"{package_dir / MANIFEST}: malformed file list")
-    for entry in files:
-        if "sealed" not in entry and not ships_plain(entry["name"]):
+        raise SealedModelError(f"{path}: not an {FORMAT} manifest")
+    _check_keys(path, "the manifest", manifest, _MANIFEST_KEYS, _MANIFEST_KEYS)
+    for key in ("model_id", "key_id"):
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise SealedModelError(f"{path}: {key} must be a non-empty string")
+    if not isinstance(manifest["architecture"], dict):
+        raise SealedModelError(f"{path}: architecture must be an object (the model config)")
+    files = manifest["files"]
+    if not isinstance(files, list) or not files:
+        raise SealedModelError(f"{path}: files must be a non-empty list")
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(files):
+        name = _check_entry(path, index, entry)
+        # Exact names: snapshots do carry model.safetensors beside model.SAFETENSORS.
+        first = seen.setdefault(name, index)
+        if first != index:
             raise SealedModelError(
-                f"{package_dir / MANIFEST}: lists {entry['name']!r} in plain, but only known "
-                "config and tokenizer files may be plain; any other file may hold weights"
+                f"{path}: files[{index}] lists {name!r} again (as files[{first}] does)"
             )
     return manifest
 
 
-def _valid_entry(entry: Any) -> bool:
+# The keys a manifest and its file entries have: required, and (for entries) allowed.
+_MANIFEST_KEYS = frozenset({"format", "model_id", "key_id", "architecture", "files"})
+_ENTRY_KEYS = frozenset({"name", "size", "sha256"})
+_SEALED_ENTRY_KEYS = _ENTRY_KEYS | {"sealed", "sealed_size", "sealed_sha256"}
+# Sizes are file sizes: a file offset (off_t) holds at most 2**63 - 1.
+MAX_FILE_SIZE = 2**63 - 1
+
+
+def _check_keys(
+    path: Path, where: str, value: dict[str, Any], required: frozenset[str], allowed: frozenset[str]
+) -> None:
+    """Refuse a missing or an unknown key in ``value`` (``where`` names it in the error)."""
+    missing, unknown = sorted(required - value.keys()), sorted(value.keys() - allowed)
+    if missing or unknown:
+        problems = [f"missing {missing}"] if missing else []
+        problems += [f"unknown {[key[:64] for key in unknown]}"] if unknown else []
+        raise SealedModelError(f"{path}: {where} has keys {' and '.join(problems)}")
+
+
+def _check_entry(path: Path, index: int, entry: Any) -> str:
+    """Refuse a malformed file entry, naming it by index and key; return its name.
+
+    A name is a flat file name, never hidden and never ending in ``.sealed`` (that suffix
+    names ciphertext, so a plain ``x.sealed`` or a sealed ``x.sealed.sealed`` is refused);
+    sizes are integers from 0 to :data:`MAX_FILE_SIZE` (not booleans); digests are
+    lowercase hex SHA-256; a file ships plain only if :func:`ships_plain` allows it.
+    """
+    where = f"files[{index}]"
     if not isinstance(entry, dict):
-        return False
-    name = entry.get("name")
-    if not isinstance(name, str) or not name or name.startswith("."):
-        return False
-    if any(c in name for c in "/\\\x00") or Path(name).name != name:
-        return False
-    if not (isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
-        return False
-    if "sealed" not in entry:
-        return True
+        raise SealedModelError(f"{path}: {where} must be an object")
+    sealed = "sealed" in entry
+    keys = _SEALED_ENTRY_KEYS if sealed else _ENTRY_KEYS
+    _check_keys(path, where, entry, keys, keys)
+    name = entry["name"]
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(".")
+        or any(c in name for c in "/\\\x00")
+        or Path(name).name != name
+    ):
+        raise SealedModelError(f"{path}: {where}.name must be a flat file name, got {name!r:.80}")
+    if name.endswith(SEALED_SUFFIX):
+        raise SealedModelError(
+            f"{path}: {where}.name {name!r:.80} ends in {SEALED_SUFFIX}, which names ciphertext"
+        )
+    fields = [("size", "sha256")] + ([("sealed_size", "sealed_sha256")] if sealed else [])
+    for size_key, digest_key in fields:
+        size = entry[size_key]
+        if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
+            raise SealedModelError(
+                f"{path}: {where}.{size_key} must be an integer from 0 to {MAX_FILE_SIZE}, "
+                f"got {size!r:.40}"
+            )
+        if not _is_sha256(entry[digest_key]):
+            raise SealedModelError(f"{path}: {where}.{digest_key} must be a hex SHA-256")
+    if sealed and entry["sealed"] != name + SEALED_SUFFIX:
+        raise SealedModelError(f"{path}: {where}.sealed must be {name + SEALED_SUFFIX!r:.80}")
+    if not sealed and not ships_plain(name):
+        raise SealedModelError(
+            f"{path}: lists {name!r} in plain, but only known "
+            "config and tokenizer files may be plain; any other file may hold weights"
+        )
+    return name
+
+
+def _is_sha256(value: Any) -> bool:
     return (
-        entry["sealed"] == name + SEALED_SUFFIX
-        and isinstance(entry.get("sealed_size"), int)
-        and isinstance(entry.get("sealed_sha256"), str)
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
     )
 
 

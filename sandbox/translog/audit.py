@@ -10,7 +10,6 @@ records is not. :func:`crosscheck` holds node journals against the log.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from sandbox import strictjson
 from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
 from sandbox.errors import (
     AggregateUnaccepted,
@@ -38,6 +38,7 @@ from sandbox.errors import (
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
+from sandbox.strictjson import StrictJSONError
 from sandbox.translog import MAX_AUDIT_ENTRIES, merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
 from sandbox.translog.store import LogReader, canonical_entry
@@ -163,17 +164,20 @@ def check_entries(reader: LogReader, entries: Sequence[bytes], checkpoint: Check
 
 def decode(entries: Sequence[bytes]) -> list[dict[str, Any]]:
     """The events in the entries. One that is not a canonical JSON object (RFC 8785, as
-    the log writes them; no duplicate keys, no ambiguity between parsers) decodes to
+    the log writes them; parsed by :mod:`sandbox.strictjson`, so no duplicate keys, no
+    ambiguity between parsers, no nesting or number that breaks the parser) decodes to
     ``{"kind": None, "malformed": ...}``, which the policy reports."""
     records: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
+        why = ""
         try:
-            record = json.loads(entry)
+            record = strictjson.loads(entry)
             canonical = isinstance(record, dict) and canonical_entry(record) == entry
-        except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
-            record, canonical = None, False
+        except StrictJSONError as exc:
+            record, canonical, why = None, False, f": {exc}"
         if not isinstance(record, dict) or not canonical:
-            record = {"kind": None, "malformed": f"entry {index} is not canonical JSON object"}
+            malformed = f"entry {index} is not canonical JSON (RFC 8785) of an object{why}"
+            record = {"kind": None, "malformed": malformed}
         records.append(record)
     return records
 

@@ -43,8 +43,12 @@ def _b64decode(value: str, what: str) -> bytes:
 
 
 def _check_name(name: str) -> str:
-    if not name or "+" in name or any(ch.isspace() for ch in name):
-        raise NoteMalformed(f"key name {name[:64]!r} is empty or has a space or '+'")
+    # Not printable: control characters (NUL among them) and lone surrogates, which
+    # could not be hashed into a key id (UTF-8 cannot encode them).
+    if not name or "+" in name or any(ch.isspace() for ch in name) or not name.isprintable():
+        raise NoteMalformed(
+            f"key name {name[:64]!r} is empty, has a space or '+', or is not printable text"
+        )
     return name
 
 
@@ -126,6 +130,15 @@ def _check_text(text: str) -> None:
         raise NoteMalformed("note text must end with a newline")
     if any((ord(ch) < 0x20 and ch != "\n") or ord(ch) == 0x7F for ch in text):
         raise NoteMalformed("note text has a control character")
+    _utf8(text, "note text")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (which UTF-8 cannot encode) is malformed."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NoteMalformed(f"{what} is not UTF-8 text (a lone surrogate)") from exc
 
 
 def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
@@ -135,13 +148,16 @@ def open_note(note: str | bytes, verifiers: Sequence[NoteVerifier]) -> str:
     :class:`NoteSignatureInvalid` if a trusted key's signature does not verify, and
     :class:`NoteUnknownSigner` if no signature is by a trusted key.
     """
+    # Text is checked as the bytes it would be signed as: every character at least one.
     if len(note) > MAX_NOTE_BYTES:
         raise NoteMalformed(f"note is {len(note)} long, more than {MAX_NOTE_BYTES}")
-    if isinstance(note, bytes):
-        try:
-            note = note.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise NoteMalformed("note is not UTF-8") from exc
+    raw = _utf8(note, "note") if isinstance(note, str) else note
+    if len(raw) > MAX_NOTE_BYTES:
+        raise NoteMalformed(f"note is {len(raw)} bytes, more than {MAX_NOTE_BYTES}")
+    try:
+        note = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NoteMalformed("note is not UTF-8") from exc
     split = note.rfind("\n\n")
     if split < 0:
         raise NoteMalformed("note has no blank line before its signatures")
@@ -197,6 +213,7 @@ class Checkpoint:
         """Parse checkpoint text; raises :class:`NoteMalformed` naming the bad line."""
         if not text.endswith("\n"):
             raise NoteMalformed("checkpoint must end with a newline")
+        _check_text(text)  # no control characters or lone surrogates in any line
         lines = text[:-1].split("\n")
         if len(lines) < 3:
             raise NoteMalformed(f"checkpoint has {len(lines)} lines, needs origin, size and root")
