@@ -60,6 +60,7 @@ from tests.loghistory import (
     admission,
     attestation,
     build_log,
+    denial_flood,
     digest,
     honest_history,
     new_signer,
@@ -816,3 +817,15 @@ def test_a_log_that_serves_extra_entries_is_caught(tmp_path: Path) -> None:
         server.stop(0).wait()
     assert result.exit_code == InclusionProofError.exit_code, result.output
     assert "entries" in result.output
+
+
+def test_a_denial_flood_leaves_an_auditable_log_within_max_entries(tmp_path: Path) -> None:
+    """The key broker's flood limit: a budget of denials and one summary per window. The
+    auditor accepts the summary's kind and the bounded, hashed denials."""
+    events = [*honest_history(1), *denial_flood(budget=16)]
+    world = World(tmp_path, events)
+    result = world.verify("--max-entries", len(events))
+    assert result.exit_code == 0, result.output
+    assert "ok: Policy across events" in result.output
+    assert all(len(canonical_entry(event)) < 2048 for event in denial_flood())
+    assert check_policy(denial_flood()) == []
