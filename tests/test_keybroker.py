@@ -150,14 +150,17 @@ def _attest(
     tee_pubkey: bytes,
     suite: str = SUITE_X25519,
     purpose: str = PURPOSE_KEY_RELEASE,
+    *,
+    client: KeyBrokerClient | None = None,
+    key_id: str = KEY_ID,
 ) -> Any:
-    return kb.client.attest(
+    return (client or kb.client).attest(
         session_id=session_id,
         tee="stub",
         evidence=evidence,
         tee_pubkey=tee_pubkey,
         hpke_suite=suite,
-        key_id=KEY_ID,
+        key_id=key_id,
         purpose=purpose,
     )
 
@@ -723,14 +726,7 @@ def test_a_challenge_flood_from_one_peer_does_not_lock_out_an_honest_node(
         assert len(table) == limits.sessions_per_client + 1
 
         token = _evidence(kb.attester, pending.nonce, sandbox.public_bytes)
-        released = peers.honest.attest(
-            session_id=pending.session_id,
-            tee="stub",
-            evidence=token,
-            tee_pubkey=sandbox.public_bytes,
-            hpke_suite=SUITE_X25519,
-            key_id=KEY_ID,
-        )
+        released = _attest(kb, token, pending.session_id, sandbox.public_bytes, client=peers.honest)
         assert released.wrapped_key
         assert peers.release(peers.honest) == CONTENT_KEY
         # The flooder's own oldest session went first; its newest still works.
@@ -756,12 +752,12 @@ def test_a_flood_on_one_public_key_id_does_not_lock_out_another(
         assert len(table) == limits.open_sessions
         assert table.held_for(OTHER_KEY_ID) == 1
         token = _evidence(kb.attester, other.nonce, sandbox.public_bytes)
-        released = peers.honest.attest(
-            session_id=other.session_id,
-            tee="stub",
-            evidence=token,
-            tee_pubkey=sandbox.public_bytes,
-            hpke_suite=SUITE_X25519,
+        released = _attest(
+            kb,
+            token,
+            other.session_id,
+            sandbox.public_bytes,
+            client=peers.honest,
             key_id=OTHER_KEY_ID,
         )
         assert released.key_id == OTHER_KEY_ID
