@@ -3,6 +3,7 @@
 The gRPC service (:mod:`sandbox.keybroker.service`) only translates messages to and from
 this state machine, so tests drive every attack here and over the wire alike.
 A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to.
+What one client may hold or make the broker log is bounded by :mod:`.limits`.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ DENIALS: list[tuple[type[Exception], str, str]] = [
     (NotAffirming, "NOT_AFFIRMING", "attestation result is not affirming"),
     (UnknownKey, "UNKNOWN_KEY", "unknown key id"),
     (BadRequest, "BAD_REQUEST", "malformed request"),
+    # No proto value yet: the service sends this one as RESOURCE_EXHAUSTED.
     (RateLimited, RATE_LIMITED, "too many refused requests from this address; try again later"),
     (AttestationError, "EVIDENCE_MALFORMED", "evidence did not pass appraisal"),
 ]
