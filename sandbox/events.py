@@ -19,6 +19,9 @@ from typing import Any, Protocol
 ATTESTATION_APPRAISED = "attestation_appraised"
 KEY_RELEASED = "key_released"
 KEY_DENIED = "key_denied"
+# One per client and window in which the key broker counted denials instead of logging
+# each (its flood limit); "scope" "all" counts those over the budget of all clients.
+DENIALS_RATE_LIMITED = "denials_rate_limited"
 CHANNEL_CERTIFIED = "channel_certified"
 MODEL_PUBLISHED = "model_published"
 

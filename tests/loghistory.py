@@ -58,6 +58,52 @@ def release(session: str, node: str) -> dict[str, Any]:
     }
 
 
+def denial(session: str, code: str, cause: str, *, client: str = "flooder") -> dict[str, Any]:
+    """The key broker denying an attestation on ``session``: values it holds as they are,
+    what the client sent as sizes and digests only."""
+    sent = {"session": 22, "key_id": 11, "tee": 4, "purpose": 11, "evidence": 900}
+    return {
+        "kind": "key_denied",
+        "time": TIME,
+        "session": session,
+        "key_id": "minilm-0001",
+        "tee": "stub",
+        "purpose": "key-release",
+        "request": {
+            name: {"bytes": size, "sha256": digest(name, session)} for name, size in sent.items()
+        },
+        "client": digest("client", client)[:32],
+        "code": code,
+        "cause": cause,
+        "ear_sha256": None,
+    }
+
+
+def denials_rate_limited(
+    suppressed: int = 1000, *, logged: int = 16, client: str | None = "flooder"
+) -> dict[str, Any]:
+    """The key broker's summary of one window of denials it counted instead of logging
+    (``client`` None: the window shared by all clients)."""
+    return {
+        "kind": "denials_rate_limited",
+        "time": TIME,
+        "scope": "all" if client is None else "client",
+        "client": None if client is None else digest("client", client)[:32],
+        "window_start": TIME,
+        "window_end": "2026-11-23T03:01:00+00:00",
+        "logged": logged,
+        "suppressed": suppressed,
+        "codes": {"SESSION_UNKNOWN": suppressed},
+    }
+
+
+def denial_flood(budget: int = 16) -> list[dict[str, Any]]:
+    """What a flood of bogus attestations from one client leaves in the log: its budget
+    of denials and one summary of the rest."""
+    denials = [denial(f"flood-{n}", "SESSION_UNKNOWN", "SessionUnknown") for n in range(budget)]
+    return [*denials, denials_rate_limited(logged=budget)]
+
+
 def admission(run: int, node: int, session: str, tee: str) -> dict[str, Any]:
     """The ServerApp admitting ``node`` to ``run`` under the channel attestation of
     ``session``, made by the TEE of node name ``tee`` (its ueid)."""

@@ -1,14 +1,18 @@
 """The key broker over real gRPC + TLS: the release path and one test per attack.
 
 Every attack must end in a typed denial (the broker's cause and the wire code), no key
-released, and a ``key_denied`` event.
+released, and a ``key_denied`` event. Floods (sessions, denials) end in the broker's
+limits, with honest nodes still served and the log still auditable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import socket
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,26 +39,29 @@ from sandbox.attestation.verifier import AppraisalPolicy, Verifier
 from sandbox.cli import app
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
-    KeyBrokerUnavailable,
+    ConfigError,
     KeyReleaseDenied,
     ReleaseWithoutAppraisal,
     ResultExpired,
     ResultInvalid,
 )
-from sandbox.events import MemoryEventSink
+from sandbox.events import FanOutSink, MemoryEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
-from sandbox.keybroker.service import serve
+from sandbox.keybroker.limits import DEFAULT_LIMITS, Limits
+from sandbox.keybroker.service import client_of, serve
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from sandbox.tls import TlsFiles, issue_loopback_tls
-from sandbox.translog.audit import check_policy
-from tests.loghistory import build_log, new_signer
+from sandbox.translog.audit import check_policy, verify_log
+from sandbox.translog.store import MAX_ENTRY_BYTES, LogSink, LogStore
+from tests.loghistory import build_log, denial, denials_rate_limited, new_signer
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 CODE = "ab" * 32
 CONFIG = "cd" * 32
 MEASUREMENTS = {"code": CODE, "config": CONFIG}
 KEY_ID = "minilm-k1"
+OTHER_KEY_ID = "minilm-k2"
 MODEL_ID = "minilm"
 CONTENT_KEY = bytes(range(32))
 POLICY = AppraisalPolicy(
@@ -103,9 +110,20 @@ def _attester(maker: DevManufacturer, ueid: str = "node-1", **changes: Any) -> S
     return dataclasses.replace(StubAttester(key=key, chain=[cert], ueid=ueid), **changes)
 
 
-def _deploy(tmp_path: Path, tls: TlsFiles, maker: DevManufacturer, policy: AppraisalPolicy) -> Any:
+def _deploy(
+    tmp_path: Path,
+    tls: TlsFiles,
+    maker: DevManufacturer,
+    policy: AppraisalPolicy,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    log: LogStore | None = None,
+    address: str = "127.0.0.1:0",
+    host: str = "localhost",
+) -> Any:
     keystore = KeyStore(tmp_path / "keys")
     keystore.put(ContentKey(KEY_ID, MODEL_ID, CONTENT_KEY))
+    keystore.put(ContentKey(OTHER_KEY_ID, MODEL_ID, CONTENT_KEY[::-1]))
     signer = ResultSigner(
         ec.generate_private_key(ec.SECP256R1()), {"developer": "ark-sandbox", "build": "test"}
     )
@@ -116,11 +134,12 @@ def _deploy(tmp_path: Path, tls: TlsFiles, maker: DevManufacturer, policy: Appra
         policy=policy,
         signer=signer,
         keystore=keystore,
-        events=events,
+        events=events if log is None else FanOutSink([events, LogSink(log)]),
         clock=clock,
+        limits=limits,
     )
-    server, port = serve(broker, address="127.0.0.1:0", cert=tls.server_cert, key=tls.server_key)
-    client = KeyBrokerClient(f"localhost:{port}", ca_cert=tls.ca_cert, timeout=10)
+    server, port = serve(broker, address=address, cert=tls.server_cert, key=tls.server_key)
+    client = KeyBrokerClient(f"{host}:{port}", ca_cert=tls.ca_cert, timeout=10)
     deployment = Deployment(
         broker, client, events, clock, maker, _attester(maker), signer.key.public_key()
     )
@@ -142,14 +161,17 @@ def _attest(
     tee_pubkey: bytes,
     suite: str = SUITE_X25519,
     purpose: str = PURPOSE_KEY_RELEASE,
+    *,
+    client: KeyBrokerClient | None = None,
+    key_id: str = KEY_ID,
 ) -> Any:
-    return kb.client.attest(
+    return (client or kb.client).attest(
         session_id=session_id,
         tee="stub",
         evidence=evidence,
         tee_pubkey=tee_pubkey,
         hpke_suite=suite,
-        key_id=KEY_ID,
+        key_id=key_id,
         purpose=purpose,
     )
 
@@ -527,7 +549,7 @@ def test_result_signed_by_another_verifier_presented_back(kb: Deployment) -> Non
 
 def test_unknown_key_id(kb: Deployment) -> None:
     _denied(kb, "UNKNOWN_KEY", "UnknownKey", lambda: kb.client.challenge("no-such-key"))
-    assert kb.broker._sessions == {}, "an unknown key id must not open a session"
+    assert len(kb.broker._sessions) == 0, "an unknown key id must not open a session"
 
 
 def test_keystore_files_are_private(tmp_path: Path) -> None:
@@ -535,16 +557,6 @@ def test_keystore_files_are_private(tmp_path: Path) -> None:
     path = store.put(ContentKey("k1", "m", CONTENT_KEY))
     assert path.stat().st_mode & 0o777 == 0o600
     assert store.get("k1").key == CONTENT_KEY
-
-
-def test_session_table_is_bounded(kb: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sandbox.keybroker.broker.MAX_OPEN_SESSIONS", 2)
-    kb.client.challenge(KEY_ID)
-    kb.client.challenge(KEY_ID)
-    with pytest.raises(KeyBrokerUnavailable, match="too many open sessions"):
-        kb.client.challenge(KEY_ID)
-    kb.clock.now = NOW + dt.timedelta(seconds=61)  # expired sessions are dropped
-    assert kb.client.challenge(KEY_ID).nonce
 
 
 def test_result_presented_back_after_the_policy_changed(kb: Deployment) -> None:
@@ -690,3 +702,268 @@ def test_a_small_order_key_is_neither_certified_nor_sent_a_key(
         lambda: _attest(kb, token, challenge.session_id, key, suite=suite, purpose=purpose),
     )
     assert kb.events.kinds() == ["key_denied"], "refused as a request, before any appraisal"
+
+
+# --- floods: sessions and denials ------------------------------------------------------
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class TwoPeers:
+    """A broker on every loopback address, logging to a transparency log: ``kb.client``
+    connects from 127.0.0.1 (the flooder) and ``honest`` from ::1, another client."""
+
+    kb: Deployment
+    honest: KeyBrokerClient
+    log: LogStore
+
+    def release(self, client: KeyBrokerClient, key_id: str = KEY_ID) -> bytes:
+        return obtain_content_key(
+            client,
+            self.kb.attester,
+            key_id=key_id,
+            measurements=MEASUREMENTS,
+            result_key=self.kb.result_key,
+            clock=self.kb.clock,
+        ).content_key
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(entry) for entry in self.log.entries(0, self.log.size())]
+
+    def kinds(self) -> list[str]:
+        return [record["kind"] for record in self.records()]
+
+
+@contextlib.contextmanager
+def _two_peers(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer, limits: Limits
+) -> Iterator[TwoPeers]:
+    if not _ipv6_loopback():
+        pytest.skip("needs IPv6 loopback: the second client connects from ::1")
+    log = LogStore(tmp_path / "translog.db", durable=False)
+    deployment, server = _deploy(
+        tmp_path, tls, maker, POLICY, limits=limits, log=log, address="[::]:0", host="127.0.0.1"
+    )
+    port = deployment.client.address.rsplit(":", 1)[1]
+    honest = KeyBrokerClient(f"[::1]:{port}", ca_cert=tls.ca_cert, timeout=10)
+    try:
+        yield TwoPeers(deployment, honest, log)
+    finally:
+        honest.close()
+        deployment.client.close()
+        server.stop(grace=None)
+        log.close()
+
+
+def _bogus_attest(client: KeyBrokerClient, **fields: Any) -> KeyReleaseDenied:
+    """An attest for a session that was never issued; returns the denial."""
+    request: dict[str, Any] = {
+        "session_id": "never-issued",
+        "tee": "stub",
+        "evidence": "x.y.z",
+        "tee_pubkey": bytes(32),
+        "hpke_suite": SUITE_X25519,
+        "key_id": KEY_ID,
+        **fields,
+    }
+    with pytest.raises(KeyReleaseDenied) as caught:
+        client.attest(**request)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("peer", "client"),
+    [
+        ("ipv4:127.0.0.1:50123", "127.0.0.1"),
+        ("ipv6:[::1]:50123", "::/64"),
+        ("ipv6:%5B2001:db8:1:2:aa::7%5D:443", "2001:db8:1:2::/64"),
+        ("ipv6:[::ffff:10.0.0.8]:9", "10.0.0.8"),
+        ("unix:/run/ark.sock", "unix"),
+        ("ipv4:not-an-address:1", "ipv4"),
+    ],
+)
+def test_a_client_is_its_address_without_the_port(peer: str, client: str) -> None:
+    assert client_of(peer) == client
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="sessions_per_client"):
+        Limits(sessions_per_client=0)
+    with pytest.raises(ConfigError, match="open_sessions 8"):
+        Limits(open_sessions=8, sessions_per_client=9)
+    with pytest.raises(ConfigError, match="window"):
+        Limits(window=dt.timedelta(0))
+
+
+def test_a_challenge_flood_from_one_peer_does_not_lock_out_an_honest_node(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """Finding: 10,000 challenges filled the one shared session table. Now a client
+    holds at most its cap, and its flood only evicts its own oldest sessions."""
+    limits = Limits(open_sessions=16, sessions_per_client=4)
+    with _two_peers(tmp_path, tls, maker, limits) as peers:
+        kb, table = peers.kb, peers.kb.broker._sessions
+        sandbox = RecipientKey.generate()
+        pending = peers.honest.challenge(KEY_ID)  # opened before the flood, used after it
+        first = kb.client.challenge(KEY_ID)
+        for _ in range(10 * limits.sessions_per_client):
+            last = kb.client.challenge(KEY_ID)
+        assert table.held_by("127.0.0.1") == limits.sessions_per_client
+        assert len(table) == limits.sessions_per_client + 1
+
+        token = _evidence(kb.attester, pending.nonce, sandbox.public_bytes)
+        released = _attest(kb, token, pending.session_id, sandbox.public_bytes, client=peers.honest)
+        assert released.wrapped_key
+        assert peers.release(peers.honest) == CONTENT_KEY
+        # The flooder's own oldest session went first; its newest still works.
+        stale = _evidence(kb.attester, first.nonce, sandbox.public_bytes)
+        with pytest.raises(KeyReleaseDenied, match="SESSION_UNKNOWN"):
+            _attest(kb, stale, first.session_id, sandbox.public_bytes)
+        fresh = _evidence(kb.attester, last.nonce, sandbox.public_bytes)
+        assert _attest(kb, fresh, last.session_id, sandbox.public_bytes).wrapped_key
+
+
+def test_a_flood_on_one_public_key_id_does_not_lock_out_another(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """A full table takes the slot from the key id holding the most: a flood on one key
+    id (here one peer may hold the whole table) displaces only that key id's sessions."""
+    limits = Limits(open_sessions=8, sessions_per_client=8)
+    with _two_peers(tmp_path, tls, maker, limits) as peers:
+        kb, table = peers.kb, peers.kb.broker._sessions
+        sandbox = RecipientKey.generate()
+        other = peers.honest.challenge(OTHER_KEY_ID)
+        for _ in range(100):
+            kb.client.challenge(KEY_ID)
+        assert len(table) == limits.open_sessions
+        assert table.held_for(OTHER_KEY_ID) == 1
+        token = _evidence(kb.attester, other.nonce, sandbox.public_bytes)
+        released = _attest(
+            kb,
+            token,
+            other.session_id,
+            sandbox.public_bytes,
+            client=peers.honest,
+            key_id=OTHER_KEY_ID,
+        )
+        assert released.key_id == OTHER_KEY_ID
+        # Other peers still get sessions on the flooded key id: the table never refuses.
+        assert peers.release(peers.honest) == CONTENT_KEY
+
+
+def test_a_denial_with_oversized_fields_reaches_the_log_hashed_and_bounded(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """Finding: a denial copied request fields of up to 64 KiB each, so one over the
+    log's entry limit reached events.jsonl but never translog.db."""
+    big = 70_000
+    with _two_peers(tmp_path, tls, maker, DEFAULT_LIMITS) as peers:
+        kb = peers.kb
+        fields = {"session_id": "s" * big, "tee": "t" * big, "key_id": "k" * big}
+        assert _bogus_attest(kb.client, **fields).code == "SESSION_UNKNOWN"
+        # A live session with an oversized TEE kind: refused before any appraisal.
+        challenge = kb.client.challenge(KEY_ID)
+        refused = _bogus_attest(kb.client, session_id=challenge.session_id, tee="t" * big)
+        assert refused.code == "TEE_NOT_ACCEPTED"
+        with pytest.raises(KeyReleaseDenied, match="UNKNOWN_KEY"):
+            kb.client.challenge("k" * big)
+
+        entries = peers.log.entries(0, peers.log.size())
+        assert [json.loads(e)["kind"] for e in entries] == ["key_denied"] * 3
+        assert all(len(entry) < 2048 < MAX_ENTRY_BYTES for entry in entries)
+        assert not any(b"s" * 100 in e or b"t" * 100 in e or b"k" * 100 in e for e in entries)
+        first, second, third = (json.loads(e) for e in entries)
+        assert first["request"]["session"] == {
+            "bytes": big,
+            "sha256": hashlib.sha256(b"s" * big).hexdigest(),
+        }
+        assert first["request"]["tee"]["bytes"] == first["request"]["key_id"]["bytes"] == big
+        assert not {"session", "key_id", "tee"} & set(first), "only values the broker holds"
+        assert second["session"] == challenge.session_id
+        assert second["key_id"] == KEY_ID
+        assert second["cause"] == "TeeNotAccepted"
+        assert "tee" not in second
+        assert third["request"] == {
+            "key_id": {"bytes": big, "sha256": hashlib.sha256(b"k" * big).hexdigest()}
+        }
+        # The fixture the auditor's tests use carries these fields (and a known TEE kind).
+        assert set(second) | {"tee"} == set(denial("s", "TEE_NOT_ACCEPTED", "TeeNotAccepted"))
+
+
+def test_a_denial_flood_is_summarised_and_the_log_still_audits(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """Finding: every bogus Attest appended an entry, enough to outgrow --max-entries.
+    Now a client's denials past its budget are answered RATE_LIMITED and counted into
+    one summary per window."""
+    limits = Limits(denials_per_client=5)
+    flood = 40
+    with _two_peers(tmp_path, tls, maker, limits) as peers:
+        kb = peers.kb
+        codes = [_bogus_attest(kb.client).code for _ in range(flood)]
+        assert codes == ["SESSION_UNKNOWN"] * 5 + ["RATE_LIMITED"] * (flood - 5)
+        with pytest.raises(KeyReleaseDenied, match="RATE_LIMITED"):
+            kb.client.challenge("no-such-key")  # an unknown key id is a denial too
+        # Only denials are limited: an honest node behind the flooder's address (one
+        # NAT) still gets its key, and so does another client.
+        assert peers.release(kb.client) == CONTENT_KEY
+        assert peers.release(peers.honest) == CONTENT_KEY
+        assert peers.kinds().count("key_denied") == 5
+        assert "denials_rate_limited" not in peers.kinds()
+
+        kb.clock.now = NOW + limits.window  # the window ends; the next call summarises it
+        assert _bogus_attest(kb.client).code == "SESSION_UNKNOWN"
+        records = peers.records()
+        summaries = [r for r in records if r["kind"] == "denials_rate_limited"]
+        assert len(summaries) == 1
+        summary = summaries[0]
+        denied = [r for r in records if r["kind"] == "key_denied"]
+        assert summary["scope"] == "client"
+        assert summary["client"] == denied[0]["client"], "one pseudonym per client"
+        assert "127.0.0.1" not in json.dumps(records)
+        assert summary["logged"] == 5
+        assert summary["suppressed"] == flood - 5 + 1
+        assert summary["codes"] == {"SESSION_UNKNOWN": flood - 5, "UNKNOWN_KEY": 1}
+        assert summary["window_start"] == NOW.isoformat()
+        assert summary["window_end"] == (NOW + limits.window).isoformat()
+        assert set(summary) == set(denials_rate_limited())
+
+        # At most the budget, its summary and the honest entries: the audit passes.
+        honest_entries = 4  # two appraisals, two releases
+        assert len(records) == 5 + 1 + honest_entries + 1
+        signer = new_signer()
+        peers.log.sign_checkpoint(signer)
+        audit = verify_log(peers.log, signer.verifier, max_entries=len(records))
+        assert audit, audit.violations
+
+
+def test_a_flood_from_many_clients_is_bounded_by_the_shared_budget(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """Addresses are cheap for some attackers: past ``denials_in_all`` in a window, the
+    denials of every client are counted into one shared summary."""
+    limits = Limits(denials_per_client=4, denials_in_all=6)
+    with _two_peers(tmp_path, tls, maker, limits) as peers:
+        kb = peers.kb
+        flooder = [_bogus_attest(kb.client).code for _ in range(10)]
+        other = [_bogus_attest(peers.honest).code for _ in range(5)]
+        assert flooder == ["SESSION_UNKNOWN"] * 4 + ["RATE_LIMITED"] * 6
+        assert other == ["SESSION_UNKNOWN"] * 2 + ["RATE_LIMITED"] * 3
+        kb.broker.flush()  # as on shutdown: the open windows are summarised now
+        summaries = [r for r in peers.records() if r["kind"] == "denials_rate_limited"]
+        assert sorted((s["scope"], s["suppressed"]) for s in summaries) == [
+            ("all", 3),
+            ("client", 6),
+        ]
+        assert peers.kinds().count("key_denied") == limits.denials_in_all
+        signer = new_signer()
+        peers.log.sign_checkpoint(signer)
+        assert verify_log(peers.log, signer.verifier, max_entries=limits.denials_in_all + 2)

@@ -60,6 +60,7 @@ from tests.loghistory import (
     admission,
     attestation,
     build_log,
+    denial_flood,
     digest,
     honest_history,
     new_signer,
@@ -889,3 +890,15 @@ def test_hostile_log_entries_are_malformed_events_reported_by_policy(tmp_path: P
     for reason in ("nested more than 64", "out of range", "NaN", "duplicate key", "surrogate"):
         assert reason in result.output
     assert "holds NUL" in result.output
+
+
+def test_a_denial_flood_leaves_an_auditable_log_within_max_entries(tmp_path: Path) -> None:
+    """The key broker's flood limit: a budget of denials and one summary per window. The
+    auditor accepts the summary's kind and the bounded, hashed denials."""
+    events = [*honest_history(1), *denial_flood(budget=16)]
+    world = World(tmp_path, events)
+    result = world.verify("--max-entries", len(events))
+    assert result.exit_code == 0, result.output
+    assert "ok: Policy across events" in result.output
+    assert all(len(canonical_entry(event)) < 2048 for event in denial_flood())
+    assert check_policy(denial_flood()) == []

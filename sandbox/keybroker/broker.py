@@ -3,16 +3,19 @@
 The gRPC service (:mod:`sandbox.keybroker.service`) only translates messages to and from
 this state machine, so tests drive every attack here and over the wire alike.
 A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to.
+What one client may hold or make the broker log is bounded by :mod:`.limits`.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +56,21 @@ from sandbox.errors import (
 from sandbox.events import (
     ATTESTATION_APPRAISED,
     CHANNEL_CERTIFIED,
+    DENIALS_RATE_LIMITED,
     KEY_DENIED,
     KEY_RELEASED,
     Event,
     EventSink,
+)
+from sandbox.keybroker.limits import (
+    ALL_CLIENTS,
+    DEFAULT_LIMITS,
+    LOCAL_CLIENT,
+    DenialBudget,
+    DenialWindow,
+    Limits,
+    Session,
+    SessionTable,
 )
 from sandbox.seal.envelope import load_public_key, wrap_content_key
 from sandbox.seal.stream import KEY_SIZE
@@ -65,7 +79,10 @@ log = logging.getLogger("ark.keybroker")
 
 NONCE_BYTES = 32
 DEFAULT_SESSION_TTL = dt.timedelta(seconds=60)
-MAX_OPEN_SESSIONS = 10_000
+# The local log quotes at most this much of an error message (they can quote a request).
+MAX_LOGGED_DETAIL = 200
+# Names clients in events by a keyed digest: the log is read by nodes and auditors.
+CLIENT_PSEUDONYM_INFO = b"ark/v1/keybroker/client-pseudonym"
 
 
 class BadRequest(ArkError):
@@ -78,6 +95,14 @@ class UnknownKey(ArkError):
 
 class NotAffirming(AttestationError):
     """Appraisal produced a result that is not affirming (e.g. warning); no key is released."""
+
+
+class RateLimited(ArkError):
+    """The client was denied more often than its budget allows in this window; further
+    denials are answered with this code only and counted, not logged one by one."""
+
+
+RATE_LIMITED = "RATE_LIMITED"
 
 
 # Denial code (the proto enum's suffix) and the public reason a peer sees, by cause.
@@ -99,6 +124,8 @@ DENIALS: list[tuple[type[Exception], str, str]] = [
     (NotAffirming, "NOT_AFFIRMING", "attestation result is not affirming"),
     (UnknownKey, "UNKNOWN_KEY", "unknown key id"),
     (BadRequest, "BAD_REQUEST", "malformed request"),
+    # No proto value yet: the service sends this one as RESOURCE_EXHAUSTED.
+    (RateLimited, RATE_LIMITED, "too many refused requests from this address; try again later"),
     (AttestationError, "EVIDENCE_MALFORMED", "evidence did not pass appraisal"),
 ]
 
@@ -109,6 +136,17 @@ def denial_of(error: Exception) -> tuple[str, str]:
         if isinstance(error, kind):
             return code, reason
     return "BAD_REQUEST", "malformed request"
+
+
+def sent_digest(value: str | bytes) -> dict[str, Any]:
+    """What a client sent, as its size and SHA-256: an event never holds its bytes, so a
+    denial fits a log entry whatever the request was."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+    return {"bytes": len(raw), "sha256": sha256_hex(raw)}
+
+
+def _excerpt(text: str) -> str:
+    return text if len(text) <= MAX_LOGGED_DETAIL else text[:MAX_LOGGED_DETAIL] + "…"
 
 
 @dataclass(frozen=True)
@@ -147,6 +185,13 @@ class KeyStore:
             json.dump(body, handle)
         return path
 
+    def holds(self, key_id: str) -> bool:
+        """Whether a content key with this id is in the store."""
+        try:
+            return self._path(key_id).is_file()
+        except UnknownKey:
+            return False
+
     def get(self, key_id: str) -> ContentKey:
         path = self._path(key_id)
         try:
@@ -162,15 +207,6 @@ class KeyStore:
             return ContentKey(key_id, str(body["model_id"]), key)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed content key file: {exc}", path=path) from exc
-
-
-@dataclass
-class Session:
-    session_id: str
-    nonce: bytes
-    key_id: str
-    expires_at: dt.datetime
-    used: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,7 +235,12 @@ Outcome = Released | Denied
 
 
 class KeyBroker:
-    """Issues challenges, appraises evidence, and releases keys only on affirming results."""
+    """Issues challenges, appraises evidence, and releases keys only on affirming results.
+
+    Every call names its ``client`` (the service passes the peer's address): the session
+    table and the denial budget in ``limits`` are kept per client, so one client cannot
+    lock others out or flood the log.
+    """
 
     def __init__(
         self,
@@ -212,6 +253,7 @@ class KeyBroker:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         rng: Callable[[int], bytes] = os.urandom,
         session_ttl: dt.timedelta = DEFAULT_SESSION_TTL,
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.verifiers = verifiers
         self.policy = policy
@@ -221,33 +263,44 @@ class KeyBroker:
         self.clock = clock
         self.rng = rng
         self.session_ttl = session_ttl
-        self._sessions: dict[str, Session] = {}
+        self.limits = limits
+        self._sessions = SessionTable(limits)
+        self._denials = DenialBudget(limits)
+        # Keys the client pseudonyms of this broker's lifetime; never leaves the process.
+        self._pseudonym_key = rng(32)
 
-    def challenge(self, key_id: str) -> Session:
-        """A new session with a fresh 32-byte nonce; expired sessions are dropped."""
+    def challenge(self, key_id: str, *, client: str = LOCAL_CLIENT) -> Session:
+        """A new session with a fresh 32-byte nonce; expired sessions are dropped.
+
+        An unknown key id gets no session: UnknownKey, or RateLimited once the client is
+        over its denial budget. A client at its session cap loses its oldest session.
+        """
         now = self.clock()
+        self._summarise(now)
         try:
             self.keystore.get(key_id)  # an unknown or malformed key id gets no session
         except UnknownKey as exc:
-            self._deny(exc, {"key_id": key_id[:128]}, now)
+            denied = self._deny(exc, {"key_id": key_id}, now, client)
+            if isinstance(denied.error, RateLimited):
+                raise denied.error from None
             raise
-        self._sessions = {k: s for k, s in self._sessions.items() if s.expires_at > now}
-        if len(self._sessions) >= MAX_OPEN_SESSIONS:
-            raise BadRequest("too many open attestation sessions")
+        self._sessions.drop_expired(now)
         session = Session(
             session_id=base64.urlsafe_b64encode(self.rng(16)).decode().rstrip("="),
             nonce=self.rng(NONCE_BYTES),
             key_id=key_id,
             expires_at=now + self.session_ttl,
+            client=client,
         )
-        self._sessions[session.session_id] = session
+        for evicted in self._sessions.add(session):
+            log.debug("session %s of %s evicted for a newer one", evicted.session_id, client)
         return session
 
     def _take_session(self, session_id: str, now: dt.datetime) -> Session:
         """The session, marked used; a second use, expiry or unknown id is refused."""
         session = self._sessions.get(session_id)
         if session is None:
-            raise SessionUnknown(f"session {session_id!r} was never issued or was dropped")
+            raise SessionUnknown("session was never issued, expired or was evicted")
         if session.used:
             raise SessionUsed(f"session {session_id!r} was already used")
         session.used = True
@@ -265,6 +318,7 @@ class KeyBroker:
         hpke_suite: str,
         key_id: str,
         purpose: str = PURPOSE_KEY_RELEASE,
+        client: str = LOCAL_CLIENT,
     ) -> Outcome:
         """Appraise evidence for a session; release the key only if the result affirms.
 
@@ -272,18 +326,36 @@ class KeyBroker:
         node's update-channel key: nothing is released, now or later through ``release``.
         """
         now = self.clock()
-        request = {"session": session_id, "key_id": key_id, "tee": tee, "purpose": purpose}
+        self._summarise(now)
+        sent: dict[str, str | bytes] = {
+            "session": session_id,
+            "key_id": key_id,
+            "tee": tee,
+            "purpose": purpose,
+            "hpke_suite": hpke_suite,
+            "tee_pubkey": tee_pubkey,
+            "evidence": evidence,
+        }
         try:
             if purpose not in PURPOSES:
                 raise BadRequest(f"unknown attestation purpose {purpose[:32]!r}")
             return self._attest(
-                session_id, tee, evidence, tee_pubkey, hpke_suite, key_id, request, now, purpose
+                session_id,
+                tee,
+                evidence,
+                tee_pubkey,
+                hpke_suite,
+                key_id,
+                sent,
+                now,
+                purpose,
+                client,
             )
         except (ArkError, AttestationError) as exc:
-            return self._deny(exc, request, now)
+            return self._deny(exc, sent, now, client)
         except Exception as exc:  # a parser's own error type: still a recorded denial
-            log.exception("attest failed unexpectedly for %s", request)
-            return self._deny(BadRequest(f"unexpected {type(exc).__name__}"), request, now)
+            log.exception("attest failed unexpectedly for %s", client)
+            return self._deny(BadRequest(f"unexpected {type(exc).__name__}"), sent, now, client)
 
     def _attest(
         self,
@@ -293,14 +365,19 @@ class KeyBroker:
         tee_pubkey: bytes,
         hpke_suite: str,
         key_id: str,
-        request: dict[str, Any],
+        sent: Mapping[str, str | bytes],
         now: dt.datetime,
         purpose: str,
+        client: str,
     ) -> Outcome:
         policy = self.policy  # one read: a reload mid-call cannot mix two policies
         session = self._take_session(session_id, now)
         if session.key_id != key_id:
-            raise BadRequest(f"session was opened for key {session.key_id!r}, not {key_id!r}")
+            raise BadRequest("session was opened for another key id")
+        if tee not in self.verifiers.kinds:
+            # Refused before appraisal: an unregistered kind would go into a signed result
+            # and the appraisal event as the client spelled it, at any length.
+            raise TeeNotAccepted("no verifier backend for the TEE kind presented")
         try:
             # A malformed or small-order key is refused before appraisal, for either
             # purpose: a certified channel key is one the aggregator must seal to.
@@ -308,6 +385,8 @@ class KeyBroker:
         except EnvelopeError as exc:
             raise BadRequest(str(exc)) from exc
         content_key = self.keystore.get(key_id)
+        # Every value here is now one the broker issued or knows, so events may name it.
+        request = {"session": session_id, "key_id": key_id, "tee": tee, "purpose": purpose}
         context = ResultContext(
             session_id,
             tee,
@@ -324,13 +403,14 @@ class KeyBroker:
             )
         except AttestationError as exc:
             result = self.signer.contraindicate(exc, context, now=now)
-            self._appraised(result, request, now)
-            return self._deny(exc, request, now, result)
+            appraised = self._appraised(result, request, now)
+            return self._deny(exc, sent, now, client, result=result, appraised=appraised)
         result = self.signer.affirm(appraisal, context, now=now)
-        self._appraised(result, request, now)
+        appraised = self._appraised(result, request, now)
         if result.status != AFFIRMING:
             error = NotAffirming(f"result is {result.status}: {appraisal.warnings}")
-            return self._deny(error, request, now, result)
+            return self._deny(error, sent, now, client, result=result, appraised=appraised)
+        self.events.emit(appraised)
         if purpose == PURPOSE_CHANNEL:
             return self._certified(result, content_key, request, now)
         return self._release(result, content_key, public_key, request, now)
@@ -364,21 +444,22 @@ class KeyBroker:
             result.hpke_suite,
         )
 
-    def release(self, *, attestation_result: str, key_id: str) -> Outcome:
+    def release(
+        self, *, attestation_result: str, key_id: str, client: str = LOCAL_CLIENT
+    ) -> Outcome:
         """Release another key against an unexpired affirming result this broker signed.
 
         The result must have been appraised under the policy in force now, and that
         policy must still admit its TEE kind, node and measurements.
         """
         now = self.clock()
-        request: dict[str, Any] = {
-            "key_id": key_id,
-            "result_sha256": sha256_hex(attestation_result.encode("utf-8", "replace")),
-        }
+        self._summarise(now)
+        sent: dict[str, str | bytes] = {"attestation_result": attestation_result, "key_id": key_id}
+        session: str | None = None
         try:
             policy = self.policy
             result = verify_result(attestation_result, self.signer.key.public_key(), now=now)
-            request["session"] = result.session_id
+            session = result.session_id
             if result.status != AFFIRMING:
                 raise NotAffirming(f"presented result is {result.status}")
             if result.purpose != PURPOSE_KEY_RELEASE:
@@ -392,10 +473,15 @@ class KeyBroker:
                 raise ResultInvalid("presented result binds no usable TEE key") from exc
             content_key = self.keystore.get(key_id)
         except (ArkError, AttestationError) as exc:
-            return self._deny(exc, request, now)
+            return self._deny(exc, sent, now, client, session=session)
         except Exception as exc:  # a parser's own error type: still a recorded denial
-            log.exception("release failed unexpectedly for %s", request)
-            return self._deny(BadRequest(f"unexpected {type(exc).__name__}"), request, now)
+            log.exception("release failed unexpectedly for %s", client)
+            error = BadRequest(f"unexpected {type(exc).__name__}")
+            return self._deny(error, sent, now, client, session=session)
+        request = {
+            "key_id": key_id,
+            "result_sha256": sha256_hex(attestation_result.encode("utf-8", "replace")),
+        }
         return self._release(result, content_key, public_key, request, now)
 
     def _release(
@@ -440,45 +526,69 @@ class KeyBroker:
             result.hpke_suite,
         )
 
-    def _appraised(
-        self, result: AttestationResult, request: dict[str, Any], now: dt.datetime
-    ) -> None:
+    @staticmethod
+    def _appraised(result: AttestationResult, request: dict[str, Any], now: dt.datetime) -> Event:
+        """The appraisal event, emitted by the caller: before a release, or with a denial
+        (and then only if the denial is logged)."""
         submod = result.submod
-        self.events.emit(
-            Event(
-                ATTESTATION_APPRAISED,
-                now,
-                {
-                    **request,
-                    "status": result.status,
-                    "ear_sha256": result.digest,
-                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
-                    "stub": result.is_stub,
-                    "policy_id": submod["ear.appraisal-policy-id"],
-                    "ueid": result.ueid,
-                    "measurements": submod.get("ark.measurements", {}),
-                    "trustworthiness": submod["ear.trustworthiness-vector"],
-                    "failure": submod.get("ark.failure"),
-                },
-            )
+        return Event(
+            ATTESTATION_APPRAISED,
+            now,
+            {
+                **request,
+                "status": result.status,
+                "ear_sha256": result.digest,
+                "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
+                "stub": result.is_stub,
+                "policy_id": submod["ear.appraisal-policy-id"],
+                "ueid": result.ueid,
+                "measurements": submod.get("ark.measurements", {}),
+                "trustworthiness": submod["ear.trustworthiness-vector"],
+                "failure": submod.get("ark.failure"),
+            },
         )
 
     def _deny(
         self,
         error: Exception,
-        request: dict[str, Any],
+        sent: Mapping[str, str | bytes],
         now: dt.datetime,
+        client: str,
+        *,
+        session: str | None = None,
         result: AttestationResult | None = None,
+        appraised: Event | None = None,
     ) -> Denied:
+        """A denial: logged with its appraisal while the client is within its budget,
+        otherwise counted for the window's summary and answered RATE_LIMITED.
+
+        ``session`` is a session id the broker vouches for (from a result it signed).
+        """
         code, reason = denial_of(error)
+        over = self._denials.admit(client, code, now)
+        if over is not None:
+            if over.suppressed_total == 1:
+                log.warning(
+                    "denials from %s are over budget until %s: counted, not logged",
+                    "all clients" if over.client == ALL_CLIENTS else client,
+                    over.end.isoformat(),
+                )
+            limited = RateLimited(f"{code} counted in the window ending {over.end.isoformat()}")
+            return Denied(*denial_of(limited), limited)
         # Full detail goes to the broker's own log only; events and peers get the code.
-        log.warning("denied %s: %s: %s", request, type(error).__name__, error)
+        log.warning(
+            "denied %s to %s: %s: %s", code, client, type(error).__name__, _excerpt(str(error))
+        )
+        if appraised is not None:
+            self.events.emit(appraised)
         self.events.emit(
             Event(
                 KEY_DENIED,
                 now,
                 {
-                    **request,
+                    **self._known(sent, session),
+                    "request": {name: sent_digest(value) for name, value in sent.items()},
+                    "client": self._pseudonym(client),
                     "code": code,
                     "cause": type(error).__name__,
                     "ear_sha256": None if result is None else result.digest,
@@ -486,3 +596,57 @@ class KeyBroker:
             )
         )
         return Denied(code, reason, error, result)
+
+    def _known(self, sent: Mapping[str, str | bytes], session: str | None) -> dict[str, str]:
+        """The request's values the broker itself issued or holds, which a denial may
+        name as they are: never bytes only the client chose."""
+        known: dict[str, str] = {}
+        sent_session = sent.get("session")
+        if session is not None:
+            known["session"] = session
+        elif isinstance(sent_session, str) and self._sessions.get(sent_session) is not None:
+            known["session"] = sent_session
+        key_id = sent.get("key_id")
+        if isinstance(key_id, str) and self.keystore.holds(key_id):
+            known["key_id"] = key_id
+        tee = sent.get("tee")
+        if isinstance(tee, str) and tee in self.verifiers.kinds:
+            known["tee"] = tee
+        purpose = sent.get("purpose")
+        if isinstance(purpose, str) and purpose in PURPOSES:
+            known["purpose"] = purpose
+        return known
+
+    def _pseudonym(self, client: str) -> str:
+        """A stable name for ``client`` in this broker's events that does not publish its
+        address (a plain digest of an IPv4 address is reversed by trying them all)."""
+        message = CLIENT_PSEUDONYM_INFO + b"\0" + client.encode("utf-8", "surrogatepass")
+        return hmac.new(self._pseudonym_key, message, hashlib.sha256).hexdigest()[:32]
+
+    def _summarise(self, now: dt.datetime) -> None:
+        """Log one summary for each denial window that ended with denials counted."""
+        for window in self._denials.closed(now):
+            self.events.emit(self._summary(window, now))
+
+    def flush(self) -> None:
+        """Log the summaries of every window still open, as on shutdown: a summary is
+        otherwise logged by the first call after its window ends."""
+        now = self.clock()
+        self._summarise(now)
+        for window in self._denials.close_all():
+            self.events.emit(self._summary(window, now))
+
+    def _summary(self, window: DenialWindow, now: dt.datetime) -> Event:
+        return Event(
+            DENIALS_RATE_LIMITED,
+            now,
+            {
+                "scope": "all" if window.client == ALL_CLIENTS else "client",
+                "client": None if window.client == ALL_CLIENTS else self._pseudonym(window.client),
+                "window_start": window.start.isoformat(),
+                "window_end": window.end.isoformat(),
+                "logged": window.logged,
+                "suppressed": window.suppressed_total,
+                "codes": dict(sorted(window.suppressed.items())),
+            },
+        )

@@ -26,6 +26,7 @@ from sandbox.attestation.result import (
     verify_result,
 )
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
+from sandbox.keybroker.broker import RATE_LIMITED
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
 from sandbox.tls import TlsChannel
 
@@ -67,6 +68,15 @@ class KeyBrokerClient(TlsChannel):
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise KeyReleaseDenied("UNKNOWN_KEY", str(detail)) from exc
+            if (
+                isinstance(exc, grpc.Call)
+                and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and str(detail).startswith(f"{RATE_LIMITED}:")
+            ):
+                # The broker's RATE_LIMITED (sandbox.keybroker.service): a denial to retry
+                # after its window, sent as a status until the proto has a code for it.
+                # gRPC's own RESOURCE_EXHAUSTED (a message over the size limit) is not one.
+                raise KeyReleaseDenied(RATE_LIMITED, str(detail)) from exc
             raise KeyBrokerUnavailable(f"key broker at {self.address}: {detail}") from exc
 
     def challenge(self, key_id: str) -> Challenge:

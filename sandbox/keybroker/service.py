@@ -2,26 +2,71 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import unquote
 
 import grpc
 
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.result import PURPOSE_KEY_RELEASE
-from sandbox.keybroker.broker import BadRequest, Denied, KeyBroker, Outcome, UnknownKey
+from sandbox.keybroker.broker import (
+    RATE_LIMITED,
+    Denied,
+    KeyBroker,
+    Outcome,
+    RateLimited,
+    UnknownKey,
+    denial_of,
+)
 from sandbox.tls import start_tls_server
 
 log = logging.getLogger("ark.keybroker")
 # Evidence with a short chain is a few KiB; nothing legitimate comes near this.
 MAX_REQUEST_BYTES = 256 * 1024
+# Clients on one IPv6 network share limits: a single host is commonly given a whole /64.
+IPV6_CLIENT_PREFIX = 64
 
 
-def _reply(outcome: Outcome) -> pb.AttestReply:
+def client_of(peer: str) -> str:
+    """The client a call counts against, from gRPC's peer address: the IP address without
+    its port (a new connection gets a new port), an IPv6 address's /64, and for any other
+    transport (a Unix socket) its kind alone.
+
+    Nodes behind one NAT (or one proxy) are one client and share its limits; a finer key,
+    such as something the caller sends, would be the caller's to choose.
+    """
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return kind
+    host = unquote(address).rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return kind
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)
+
+
+def _rate_limited(context: Any) -> NoReturn:
+    """RATE_LIMITED goes out as gRPC's RESOURCE_EXHAUSTED: the proto's DenialCode has no
+    value for it yet, and the status is the one gRPC clients already back off on."""
+    _, reason = denial_of(RateLimited())
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{RATE_LIMITED}: {reason}")
+    raise RuntimeError("grpc's context.abort returned instead of raising")
+
+
+def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
+    if isinstance(outcome, Denied) and outcome.code == RATE_LIMITED:
+        _rate_limited(context)
     if isinstance(outcome, Denied):
         return pb.AttestReply(
             denied=pb.Denial(
@@ -50,14 +95,14 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
         self._lock = threading.Lock()
 
     def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+        client = client_of(context.peer())
         with self._lock:
             try:
-                session = self.broker.challenge(request.key_id)
+                session = self.broker.challenge(request.key_id, client=client)
             except UnknownKey:
                 context.abort(grpc.StatusCode.NOT_FOUND, "unknown key id")
-            except BadRequest as exc:
-                log.warning("challenge refused: %s", exc)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
+            except RateLimited:
+                _rate_limited(context)
         return pb.ChallengeReply(
             session_id=session.session_id,
             nonce=session.nonce,
@@ -65,6 +110,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
         )
 
     def Attest(self, request: pb.AttestRequest, context: Any) -> pb.AttestReply:
+        client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.attest(
                 session_id=request.session_id,
@@ -74,15 +120,17 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
                 hpke_suite=request.hpke_suite,
                 key_id=request.key_id,
                 purpose=request.purpose or PURPOSE_KEY_RELEASE,
+                client=client,
             )
-        return _reply(outcome)
+        return _reply(outcome, context)
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.AttestReply:
+        client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.release(
-                attestation_result=request.attestation_result, key_id=request.key_id
+                attestation_result=request.attestation_result, key_id=request.key_id, client=client
             )
-        return _reply(outcome)
+        return _reply(outcome, context)
 
 
 def serve(
