@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sandbox.translog.report import render_report
+from tests.loghistory import denials_rate_limited
 
 ORIGIN = "ark-sandbox.local/log"
 ROOT = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -365,6 +366,14 @@ def test_attestation_table() -> None:
     assert "NODE_NOT_ALLOWED" in section
     assert "3: <code" in section  # three measurements, named
     assert f'<code title="{_h("node-1")}">{_h("node-1")[:12]}…</code>' in section
+
+
+def test_a_flood_summary_reads_as_a_count_of_refusals() -> None:
+    summary = denials_rate_limited(suppressed=5000, logged=16)
+    section = _section(_render([*_records(), summary]), "attestations")
+    assert "Refusals counted, not listed" in section
+    assert '<span class="tag warn">Rate limited</span>' in section
+    assert "5000 more refusals from one client (16 listed one by one)" in section
 
 
 def test_participants() -> None:

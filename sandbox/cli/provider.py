@@ -207,6 +207,7 @@ def provider_serve(
         seen = current
         logging.getLogger("ark.keybroker").info("policy reloaded: %s", broker.policy.policy_id)
     server.stop(grace=2).wait()
+    broker.flush()  # the open windows' rate-limit summaries reach the log before it closes
     store.sign_checkpoint(signer)
     store.close()
     console.print("key broker and log stopped")

@@ -47,7 +47,13 @@ RUN_KINDS = frozenset(
     }
 )
 ROUND_KINDS = ("round_started", "update_accepted", "update_rejected", "aggregate_committed")
-KEY_KINDS = ("attestation_appraised", "channel_certified", "key_released", "key_denied")
+KEY_KINDS = (
+    "attestation_appraised",
+    "channel_certified",
+    "key_released",
+    "key_denied",
+    "denials_rate_limited",
+)
 
 KIND_LABELS = {
     "model_published": "Model published",
@@ -55,6 +61,7 @@ KIND_LABELS = {
     "channel_certified": "Secure channel certified",
     "key_released": "Model key released",
     "key_denied": "Model key refused",
+    "denials_rate_limited": "Refusals counted, not listed",
     "run_started": "Training run started",
     "node_admitted": "Participant admitted",
     "node_refused": "Participant refused",
@@ -707,6 +714,8 @@ def _key_outcome(event: Record) -> str:
         return _tag("Released", "good")
     if kind == "channel_certified":
         return _tag("Certified", "good")
+    if kind == "denials_rate_limited":
+        return _tag("Rate limited", "warn")
     return _tag("Refused", "bad")
 
 
@@ -722,6 +731,14 @@ def _key_detail(event: Record) -> str:
         parts.append(f"<code>{_text(event.get('code'))}</code>")
         if (cause := _as_str(event.get("cause"))) is not None:
             parts.append(_long_text(cause))
+    elif kind == "denials_rate_limited":
+        # A flood's refusals beyond the broker's budget: counted per code, not one by one.
+        who = "all clients" if event.get("scope") == "all" else "one client"
+        parts.append(
+            f"{_text(event.get('suppressed'))} more refusals from {who} "
+            f"({_text(event.get('logged'))} listed one by one) between "
+            f"{_time(event.get('window_start'))} and {_time(event.get('window_end'))}"
+        )
     elif kind == "key_released" and event.get("model_id") is not None:
         parts.append(f"model {_digest(event.get('model_id'))}")
     return "; ".join(parts) or DASH
