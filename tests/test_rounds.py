@@ -992,6 +992,27 @@ class LeakyNode(SimNode):
         return Message(Error(code=code, reason=PRIVATE_ROW), reply_to=msg)
 
 
+def _run_with_log(
+    grid: SimulatedGrid, model_dir: Path, tmp_path: Path, world: SealedWorld
+) -> tuple[Path, Path]:
+    """Run the sealed job with the provider's transparency log as an extra event sink;
+    return the job folder and the log database, for tests that search both."""
+    out, log_db = tmp_path / "job", tmp_path / "provider" / "translog.db"
+    store = LogStore(log_db, durable=False)
+    try:
+        FederatedJob(
+            grid,
+            _spec(model_dir, out),
+            sandbox=world.sandbox(),
+            events=LogSink(store),
+            clock=grid.time.clock,
+            sleep=grid.time.sleep,
+        ).run()
+    finally:
+        store.close()
+    return out, log_db
+
+
 class LineCollector(logging.Handler):
     """Keeps every line the ServerApp logs through Flower's logger."""
 
@@ -1015,22 +1036,12 @@ def test_a_nodes_error_text_never_reaches_the_providers_events_results_log_or_li
         LeakyNode(5, leaks={EVALUATE: 9}),
     ]
     grid = SimulatedGrid([SimNode(1), SimNode(2, examples=30), *leaky], FakeClock(), world=world)
-    out, log_db = tmp_path / "job", tmp_path / "provider" / "translog.db"
-    store = LogStore(log_db, durable=False)
     collector = LineCollector()
     FLOWER_LOGGER.addHandler(collector)
     try:
-        FederatedJob(
-            grid,
-            _spec(tiny_bert_dir, out),
-            sandbox=world.sandbox(),
-            events=LogSink(store),
-            clock=grid.time.clock,
-            sleep=grid.time.sleep,
-        ).run()
+        out, log_db = _run_with_log(grid, tiny_bert_dir, tmp_path, world)
     finally:
         FLOWER_LOGGER.removeHandler(collector)
-        store.close()
 
     assert [node.leaked for node in leaky] == [
         2,
@@ -1060,19 +1071,7 @@ def test_a_nodes_metric_names_and_tensor_shapes_never_reach_the_providers_record
     shape chosen to spell bytes is rejected without being quoted: none of it is stored."""
     nodes = [SimNode(1), SimNode(2, behaviour="metric-text"), SimNode(3, behaviour="shape-text")]
     grid = SimulatedGrid(nodes, FakeClock(), world=world)
-    out, log_db = tmp_path / "job", tmp_path / "provider" / "translog.db"
-    store = LogStore(log_db, durable=False)
-    try:
-        FederatedJob(
-            grid,
-            _spec(tiny_bert_dir, out),
-            sandbox=world.sandbox(),
-            events=LogSink(store),
-            clock=grid.time.clock,
-            sleep=grid.time.sleep,
-        ).run()
-    finally:
-        store.close()
+    out, log_db = _run_with_log(grid, tiny_bert_dir, tmp_path, world)
 
     events = _events(out)
     assert {e["node"] for e in events if e["kind"] == "update_accepted"} == {1, 2}
