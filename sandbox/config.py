@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from sandbox.errors import ConfigError
 
 TASK_CLASSIFICATION = "sequence-classification"
@@ -325,7 +327,8 @@ class SandboxConfig:
             trusted_roots=file("trusted-roots") if "trusted-roots" in section else None,
         )
 
-    def to_toml(self) -> str:
+    def as_table(self) -> dict[str, str]:
+        """The ``[node.sandbox]`` table that :meth:`from_section` reads."""
         values = {
             "tee": self.tee,
             "ueid": self.ueid,
@@ -342,9 +345,7 @@ class SandboxConfig:
             values["aggregator-policy"] = str(self.aggregator_policy)
         if self.trusted_roots is not None:
             values["trusted-roots"] = str(self.trusted_roots)
-        return "\n".join(
-            ["[node.sandbox]", *(f"{k} = {toml_string(v)}" for k, v in values.items())]
-        )
+        return values
 
 
 # Scalar metrics the ClientApp reports; a node operator may narrow (or extend) the list.
@@ -390,12 +391,9 @@ class EgressPolicy:
         size = _Reader(section, path).integer("max-update-bytes", 64 * 1024 * 1024, minimum=1)
         return cls(frozenset(metrics), size)
 
-    def to_toml(self) -> str:
-        return (
-            "[node.egress]\n"
-            f"metrics = {json.dumps(sorted(self.metrics))}\n"
-            f"max-update-bytes = {self.max_update_bytes}"
-        )
+    def as_table(self) -> dict[str, Any]:
+        """The ``[node.egress]`` table that :meth:`from_section` reads."""
+        return {"metrics": sorted(self.metrics), "max-update-bytes": self.max_update_bytes}
 
 
 @dataclass(frozen=True)
@@ -482,27 +480,26 @@ class NodeConfig:
         )
 
     def to_toml(self) -> str:
-        """Render as the node TOML format that :meth:`load` reads."""
-        lines = [
-            "[node]",
-            f"name = {toml_string(self.name)}",
-            f"data-path = {toml_string(str(self.data_path))}",
-            f"heldout-fraction = {self.heldout_fraction}",
-            f"split-seed = {self.split_seed}",
-            f"max-row-bytes = {self.max_row_bytes}",
-            f"threads = {self.threads}",
-        ]
+        """Render as the node TOML format that :meth:`load` reads (written by tomli-w)."""
+        node: dict[str, Any] = {
+            "name": self.name,
+            "data-path": str(self.data_path),
+            "heldout-fraction": self.heldout_fraction,
+            "split-seed": self.split_seed,
+            "max-row-bytes": self.max_row_bytes,
+            "threads": self.threads,
+        }
         if self.journal_path is not None:
-            lines.append(f"journal = {toml_string(str(self.journal_path))}")
+            node["journal"] = str(self.journal_path)
         if self.approved_apps:
-            lines.append(f"approved-apps = {json.dumps(list(self.approved_apps))}")
+            node["approved-apps"] = list(self.approved_apps)
         if self.unprotected:
-            lines.append("unprotected = true")
+            node["unprotected"] = True
         if self.sandbox is not None:
-            lines += ["", self.sandbox.to_toml()]
+            node["sandbox"] = self.sandbox.as_table()
         if self.egress != EgressPolicy():
-            lines += ["", self.egress.to_toml()]
-        return "\n".join(lines) + "\n"
+            node["egress"] = self.egress.as_table()
+        return tomli_w.dumps({"node": node})
 
     def require_sandbox(self) -> SandboxConfig:
         """``[node.sandbox]``, which every model load needs; ConfigError naming it if absent."""
@@ -546,8 +543,3 @@ def _flag(section: Mapping[str, Any], key: str, path: Path) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"must be true or false, got {value!r}", path=path, key=f"node.{key}")
     return value
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string (JSON string syntax is valid TOML when non-ASCII stays raw)."""
-    return json.dumps(value, ensure_ascii=False)

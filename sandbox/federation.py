@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from sandbox.config import toml_string
+import tomli_w
+
 from sandbox.errors import FederationError
 from sandbox.gateway import split_address
 from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
@@ -34,6 +35,7 @@ from sandbox.processes import (
     stop_processes,
     wait_for_port,
 )
+from sandbox.protocol import NODE_CONFIG_KEY
 from sandbox.tls import TlsFiles, issue_loopback_tls
 
 HOST = "127.0.0.1"
@@ -73,6 +75,15 @@ def _flower_env(home: Path) -> dict[str, str]:
     )
     env.update(OFFLINE_ENV)
     return env
+
+
+def _node_config_arg(home: Path, node_config: Path) -> Path:
+    """A TOML file for ``flower-supernode --node-config`` that points the node's apps at
+    ``node_config``. Flower reads a ``.toml`` argument with a real TOML parser; its
+    ``key=value`` form is split by a regular expression that no quoting survives."""
+    path = home / "supernode-config.toml"
+    path.write_text(tomli_w.dumps({NODE_CONFIG_KEY: str(node_config)}), encoding="utf-8")
+    return path
 
 
 def _exe(name: str) -> str:
@@ -250,20 +261,8 @@ class Federation:
 
     def _write_cli_config(self) -> None:
         assert self.tls is not None  # set by start_superlink just before
-        config = self.provider_home / ".flwr" / "config.toml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(
-            "[superlink]\n"
-            f'default = "{FEDERATION_NAME}"\n\n'
-            f"[superlink.{FEDERATION_NAME}]\n"
-            f'address = "{HOST}:{self.port}"\n'
-            + (
-                f"root-certificates = {toml_string(str(self.tls.ca_cert))}\n"
-                if self.tls_on
-                else "insecure = true\n"
-            ),
-            encoding="utf-8",
-        )
+        ca_cert = self.tls.ca_cert if self.tls_on else None
+        write_cli_config(self.provider_home, f"{HOST}:{self.port}", ca_cert)
 
     def register_supernode(self, name: str, public_key: Path) -> None:
         """Register a node's public key with the SuperLink through the ``flwr`` CLI."""
@@ -305,7 +304,7 @@ class Federation:
             "--port",
             str(free_port()),
             "--node-config",
-            f"node-config={toml_string(str(node_config))}",
+            str(_node_config_arg(home, node_config)),
             "--max-retries",
             "10",
         ]
@@ -473,9 +472,20 @@ def server_app_pids(superlink: ManagedProcess) -> list[int]:
 
 def write_run_config(path: Path, values: Mapping[str, str | int | float]) -> Path:
     """Write run-config overrides as TOML (values are strings, ints or floats)."""
-    lines = []
-    for key, value in values.items():
-        rendered = toml_string(value) if isinstance(value, str) else repr(value)
-        lines.append(f'"{key}" = {rendered}')
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(tomli_w.dumps(dict(values)), encoding="utf-8")
     return path
+
+
+def write_cli_config(home: Path, address: str, ca_cert: Path | None) -> Path:
+    """The ``flwr`` CLI's ``config.toml`` under ``home``: one SuperLink connection named
+    after the federation, over TLS with ``ca_cert`` (plaintext when None)."""
+    connection: dict[str, str | bool] = {"address": address}
+    if ca_cert is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(ca_cert)
+    config = home / ".flwr" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    document = {"superlink": {"default": FEDERATION_NAME, FEDERATION_NAME: connection}}
+    config.write_text(tomli_w.dumps(document), encoding="utf-8")
+    return config

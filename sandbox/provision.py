@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +41,7 @@ from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import ResultSigner
 from sandbox.attestation.stub import STUB_TEE, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy
-from sandbox.config import NodeConfig, SandboxConfig, toml_string
+from sandbox.config import NodeConfig, SandboxConfig
 from sandbox.errors import ConfigError
 from sandbox.events import MODEL_PUBLISHED, Event, EventSink, FanOutSink, JsonlEventSink
 from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
@@ -187,30 +188,12 @@ POLICY_HEADER = """\
 """
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ConfigError(f"cannot write {value!r} into a policy file")
-
-
-def _toml_tables(table: dict[str, Any], name: str) -> list[str]:
-    """``[name]`` with its plain keys, then each sub-table (the shapes policies use)."""
-    lines = [f"[{name}]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    for key, value in table.items():
-        if isinstance(value, dict):
-            lines += ["", *_toml_tables(value, f"{name}.{key}")]
-    return lines
-
-
 def save_policy(path: Path, raw: dict[str, Any]) -> AppraisalPolicy:
     """Write a policy atomically (a reader never sees half a file) and load it back."""
-    tables = [line for name, table in raw.items() for line in ["", *_toml_tables(table, name)]]
-    text = POLICY_HEADER + "\n".join(tables) + "\n"
+    try:
+        text = POLICY_HEADER + "\n" + tomli_w.dumps(raw)
+    except TypeError as exc:
+        raise ConfigError(f"cannot write a policy file: {exc}", path=path) from exc
     staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     staging.write_text(text, encoding="utf-8")
     try:

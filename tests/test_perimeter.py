@@ -20,9 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.config import toml_string
 from sandbox.errors import GatewayError
-from sandbox.federation import HOST, Federation, _exe, _flower_env, free_port
+from sandbox.federation import (
+    HOST,
+    Federation,
+    _exe,
+    _flower_env,
+    free_port,
+    write_cli_config,
+)
 from sandbox.gateway import (
     FLEET_ROUTES,
     SELF_REGISTRATION_ROUTES,
@@ -126,13 +132,7 @@ def _node_home(tmp_path: Path, federation: Federation) -> Path:
     """A Flower CLI home with only what a node holds: the CA and the node-facing address."""
     assert federation.tls is not None
     home = tmp_path / "attacker"
-    (home / ".flwr").mkdir(parents=True)
-    (home / ".flwr" / "config.toml").write_text(
-        '[superlink]\ndefault = "ark"\n\n[superlink.ark]\n'
-        f"address = {toml_string(federation.node_address)}\n"
-        f"root-certificates = {toml_string(str(federation.tls.ca_cert))}\n",
-        encoding="utf-8",
-    )
+    write_cli_config(home, federation.node_address, federation.tls.ca_cert)
     return home
 
 

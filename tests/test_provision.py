@@ -12,7 +12,8 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from sandbox.provision import (
     init_node,
     init_provider,
     provision_loopback,
+    save_policy,
     write_policy,
 )
 from sandbox.seal.envelope import RecipientKey
@@ -133,16 +135,27 @@ def test_run_for_another_model_is_refused_before_attesting(
     ]
 
 
+def _edit_policy(ws: ProviderWorkspace, change: Callable[[dict[str, Any]], object]) -> None:
+    """Change the ``[policy]`` table of the workspace's policy file, as an operator would."""
+    raw = tomllib.loads(ws.policy.read_text(encoding="utf-8"))
+    change(raw["policy"])
+    save_policy(ws.policy, raw)
+
+
 def test_node_removed_from_the_allowlist_is_denied(
     deployment: LoopbackDeployment, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     ws = deployment.provider
-    policy = AppraisalPolicy.load(ws.policy)
-    text = ws.policy.read_text(encoding="utf-8")
-    for ueid in policy.allowed_nodes or ():
-        if ueid.startswith("alpine"):
-            text = text.replace(f'"{ueid}"', '"someone-else"')
-    ws.policy.write_text(text, encoding="utf-8")
+    _edit_policy(
+        ws,
+        lambda p: p.update(
+            {
+                "allowed-nodes": [
+                    n if not n.startswith("alpine") else "someone-else" for n in p["allowed-nodes"]
+                ]
+            }
+        ),
+    )
     port = free_port()
     server, _ = serve(
         build_broker(ws, JsonlEventSink(ws.events)),
@@ -332,8 +345,7 @@ def test_ark_provider_serve_applies_allow_node_without_a_restart(
     ws = deployed.provider
     node = NodeConfig.load(deployed.node_configs["alpine"])
     ueid = node.require_sandbox().ueid
-    text = ws.policy.read_text(encoding="utf-8")
-    ws.policy.write_text(text.replace(f'"{ueid}"', ""), encoding="utf-8")
+    _edit_policy(ws, lambda p: p["allowed-nodes"].remove(ueid))
     federation = Federation(tmp_path)
     try:
         federation.start_key_broker(port)
@@ -383,11 +395,13 @@ def test_allow_node_keeps_every_other_policy_key(tmp_path: Path) -> None:
     from sandbox.provision import allow_node, init_provider
 
     ws = init_provider(tmp_path / "provider")
-    text = ws.policy.read_text(encoding="utf-8").replace(
-        'accepted-tees = ["stub"]', 'accepted-tees = ["stub", "tdx"]'
-    )
-    text += f'config = ["{"cd" * 32}"]\n\n[policy.advisory-values]\ncode = ["{"ef" * 32}"]\n'
-    ws.policy.write_text(text, encoding="utf-8")
+
+    def widen(policy: dict[str, Any]) -> None:
+        policy["accepted-tees"].append("tdx")
+        policy["reference-values"]["config"] = ["cd" * 32]
+        policy["advisory-values"] = {"code": ["ef" * 32]}
+
+    _edit_policy(ws, widen)
     before = AppraisalPolicy.load(ws.policy)
     after = allow_node(ws, "node-9")
     assert after.allowed_nodes == frozenset({"node-9"})
