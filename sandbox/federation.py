@@ -217,12 +217,8 @@ class Federation:
         """The provider workspace's TLS material (``ark provider init``), or fresh material."""
         if self.tls is not None:
             return self.tls
-        existing = TlsFiles(
-            ca_cert=self.provider_home / "tls" / "ca.crt",
-            server_cert=self.provider_home / "tls" / "server.crt",
-            server_key=self.provider_home / "tls" / "server.key",
-        )
-        if all(p.is_file() for p in (existing.ca_cert, existing.server_cert, existing.server_key)):
+        existing = TlsFiles.in_dir(self.provider_home / "tls")
+        if not existing.missing():
             return existing
         return issue_loopback_tls(self.provider_home / "tls")
 
@@ -374,18 +370,7 @@ class Federation:
 
     # -- runs ----------------------------------------------------------------------
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                [_exe("flwr"), *args],
-                env=_flower_env(self.provider_home),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                cwd=self.provider_home,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise FederationError(f"flwr {args[0]} failed: {exc}") from exc
+        return run_flwr(self.provider_home, *args, timeout=timeout)
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
         """Submit the app with a run-config TOML; return the run id."""
@@ -468,6 +453,22 @@ def server_app_pids(superlink: ManagedProcess) -> list[int]:
     except psutil.NoSuchProcess:
         return []
     return pids
+
+
+def run_flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """The ``flwr`` CLI with ``home`` as its HOME (its ``config.toml`` says which SuperLink)."""
+    try:
+        return subprocess.run(
+            [_exe("flwr"), *args],
+            env=_flower_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=home,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FederationError(f"flwr {args[0]} failed: {exc}") from exc
 
 
 def write_run_config(path: Path, values: Mapping[str, str | int | float]) -> Path:

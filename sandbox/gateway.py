@@ -59,6 +59,9 @@ DEFAULT_MAX_BODY = "64m"
 # The name the SuperLink's certificate carries (tls.LOOPBACK_NAMES).
 UPSTREAM_TLS_NAME = "localhost"
 CONFIG_NAME = "nginx.conf"
+# nginx's temporary folders, all kept in the gateway's own state folder (the package
+# defaults under /var/lib/nginx are root's).
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 NGINX_PACKAGE = "nginx (Debian)"
 
 
@@ -188,10 +191,7 @@ def render_config(spec: GatewaySpec) -> str:
         _d("access_log", str(spec.access_log)),
         _d("error_log", str(spec.error_log), "warn"),
         _d("server_tokens", "off"),
-        *(
-            _d(f"{kind}_temp_path", str(state / "tmp" / kind))
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        ),
+        *(_d(f"{kind}_temp_path", str(state / "tmp" / kind)) for kind in TEMP_KINDS),
         _d("upstream", "superlink", block=[_d("server", spec.superlink), _d("keepalive", "8")]),
         _d("server", block=server),
     ]
@@ -234,7 +234,7 @@ def _argv(nginx: str, spec: GatewaySpec, *extra: str) -> list[str]:
 
 def write_config(spec: GatewaySpec, nginx: str) -> Path:
     """Write the config and have nginx check it (``nginx -t``); GatewayError if it fails."""
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for kind in TEMP_KINDS:
         (spec.state_dir / "tmp" / kind).mkdir(parents=True, exist_ok=True)
     spec.config_path.write_text(render_config(spec), encoding="utf-8")
     try:

@@ -35,6 +35,15 @@ class TlsFiles:
     server_cert: Path
     server_key: Path
 
+    @classmethod
+    def in_dir(cls, directory: Path) -> TlsFiles:
+        """The files :func:`issue_loopback_tls` writes under ``directory``."""
+        return cls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+
+    def missing(self) -> list[Path]:
+        """The files of this set that do not exist."""
+        return [p for p in (self.ca_cert, self.server_cert, self.server_key) if not p.is_file()]
+
 
 def issue_loopback_tls(
     out_dir: Path,
@@ -101,11 +110,7 @@ def issue_loopback_tls(
         .sign(ca_key, hashes.SHA256())
     )
 
-    files = TlsFiles(
-        ca_cert=out_dir / "ca.crt",
-        server_cert=out_dir / "server.crt",
-        server_key=out_dir / "server.key",
-    )
+    files = TlsFiles.in_dir(out_dir)
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     write_private(files.server_key, private_pem(server_key), overwrite=True)

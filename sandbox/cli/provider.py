@@ -241,11 +241,10 @@ def provider_gateway(
     ws = ProviderWorkspace(workdir)
     tls = None
     if not insecure:
-        tls = TlsFiles(ws.tls / "ca.crt", ws.tls / "server.crt", ws.tls / "server.key")
-        files = (tls.ca_cert, tls.server_cert, tls.server_key)
-        missing = [str(path) for path in files if not path.is_file()]
-        if missing:
-            raise fail(ArkError(f"TLS material missing: {', '.join(missing)} (ark provider init)"))
+        tls = TlsFiles.in_dir(ws.tls)
+        if missing := tls.missing():
+            named = ", ".join(map(str, missing))
+            raise fail(ArkError(f"TLS material missing: {named} (ark provider init)"))
     try:
         spec = GatewaySpec(
             listen=listen,
