@@ -27,6 +27,7 @@ from sandbox.federation import (
     _exe,
     _flower_env,
     free_port,
+    run_flwr,
     write_cli_config,
 )
 from sandbox.gateway import (
@@ -136,27 +137,16 @@ def _node_home(tmp_path: Path, federation: Federation) -> Path:
     return home
 
 
-def _flwr_as(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_exe("flwr"), *args],
-        env=_flower_env(home),
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-
-def _raw(address: str, ca_cert: Path, method: str, path: str) -> int:
-    """Send one request with the path exactly as given (no client-side normalising)."""
+def _raw(address: str, ca_cert: Path, method: str, path: str, length: int = 0) -> int:
+    """Send one request with the path exactly as given (no client-side normalising),
+    announcing a body of ``length`` bytes without sending it."""
     host, port = split_address(address)
     context = ssl.create_default_context(cafile=str(ca_cert))
     conn = http.client.HTTPSConnection(host, port, context=context, timeout=15)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         conn.putheader("Content-Type", "application/protobuf")
-        conn.putheader("Content-Length", "0")
+        conn.putheader("Content-Length", str(length))
         conn.endheaders()
         response = conn.getresponse()
         response.read()
@@ -183,12 +173,12 @@ def test_a_node_reaches_only_the_fleet_api(tmp_path: Path, federation: Federatio
     home = _node_home(tmp_path, federation)
     key = write_openssh_keypair(tmp_path / "intruder" / "node")
     attempts = {
-        "ls": _flwr_as(home, "ls"),
-        "supernode register": _flwr_as(
+        "ls": run_flwr(home, "ls"),
+        "supernode register": run_flwr(
             home, "supernode", "register", str(key.with_suffix(".pub")), "ark", "--name", "x"
         ),
-        "supernode list": _flwr_as(home, "supernode", "list"),
-        "run": _flwr_as(home, "run", str(APP_DIR), "ark"),
+        "supernode list": run_flwr(home, "supernode", "list"),
+        "run": run_flwr(home, "run", str(APP_DIR), "ark", timeout=180.0),
     }
     for name, result in attempts.items():
         assert result.returncode != 0, f"flwr {name} through the gateway succeeded"
@@ -202,6 +192,8 @@ def test_a_node_reaches_only_the_fleet_api(tmp_path: Path, federation: Federatio
     assert _raw(address, ca, "GET", "/v1/fleet/pull-messages") == 403
     assert _raw(address, ca, "PUT", "/v1/fleet/push-messages") == 403
     assert _raw(address, ca, "POST", "/v1/fleet/pull-messages") == 401
+    # A body over the gateway's cap is refused before a byte of it is read or forwarded.
+    assert _raw(address, ca, "POST", "/v1/fleet/push-object", length=65 * 2**20) == 413
 
     # Nothing the intruder tried changed the provider's state: its own CLI, on loopback,
     # sees no registered node and no run.
