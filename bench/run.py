@@ -31,9 +31,9 @@ from bench.translog import translog_bench
 from clients.data import Example, Split, derive_labels, load_examples, split_examples
 from clients.training import evaluate, train_local
 from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
-from sandbox.demo_data import write_demo_data
 from sandbox.lora import adapter_state, build_peft_model, is_trained, load_adapter_state
 from sandbox.models import default_model_dir, inspect_model_dir, load_pretrained
+from sandbox.ops.demo_data import write_demo_data
 from server.aggregation import StreamingAggregator, spec_of
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

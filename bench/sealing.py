@@ -23,10 +23,10 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sandbox.config import TASK_CLASSIFICATION, NodeConfig, RunSpec
-from sandbox.federation import free_port
-from sandbox.keybroker.service import serve
 from sandbox.models import default_model_dir
-from sandbox.provision import build_broker, provision_loopback
+from sandbox.ops.federation import free_port
+from sandbox.ops.keybroker.service import serve
+from sandbox.ops.provision import build_broker, provision_loopback
 from sandbox.seal.stream import CHUNK_SIZE, decrypt_stream, encrypt_stream
 
 

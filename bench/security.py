@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from sandbox.apps import approve_app_dir
 from sandbox.config import PROTECTION_OFF, RunSpec
-from sandbox.demo_data import write_demo_data
 from sandbox.events import JsonlEventSink
-from sandbox.federation import Federation, free_port, write_run_config
-from sandbox.gateway import split_address
 from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
-from sandbox.provision import init_unprotected_nodes, provision_loopback
+from sandbox.ops.apps import approve_app_dir
+from sandbox.ops.demo_data import write_demo_data
+from sandbox.ops.federation import Federation, free_port, write_run_config
+from sandbox.ops.gateway import split_address
+from sandbox.ops.provision import init_unprotected_nodes, provision_loopback
 from tests.canary import LoopbackCapture, read_pcap
 
 APP_DIR = Path(__file__).resolve().parent.parent

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.tls import issue_loopback_tls
+from sandbox.ops.tls import issue_loopback_tls
+from sandbox.ops.translog.audit import Audit, verify_log
+from sandbox.ops.translog.client import LogClient
+from sandbox.ops.translog.service import serve_log
 from sandbox.translog import merkle
-from sandbox.translog.audit import Audit, verify_log
-from sandbox.translog.client import LogClient
-from sandbox.translog.service import serve_log
 from sandbox.translog.store import LogStore, canonical_entry
 from tests.loghistory import history_of_size, new_signer
 

@@ -23,10 +23,10 @@ from sandbox.models import default_model_dir  # isort: skip
 import torch
 import transformers
 
-from sandbox.apps import build_fab, fab_digest
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
-from sandbox.federation import Federation
-from sandbox.processes import still_running
+from sandbox.ops.apps import build_fab, fab_digest
+from sandbox.ops.federation import Federation
+from sandbox.ops.processes import still_running
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.translog.report import render_report
+from sandbox.ops.translog.report import render_report
 from tests.loghistory import denials_rate_limited
 
 ORIGIN = "ark-sandbox.local/log"

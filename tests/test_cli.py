@@ -12,9 +12,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from sandbox.cli import app
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import ConfigError
+from sandbox.ops.cli import app
 
 runner = CliRunner()
 

@@ -17,14 +17,14 @@ from clients.data import (
     split_examples,
 )
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION
-from sandbox.demo_data import (
+from sandbox.errors import ConfigError, DataError
+from sandbox.ops.demo_data import (
     DEMO_LABELS,
     DEMO_NODES,
     generate_node_rows,
     node_names,
     write_demo_data,
 )
-from sandbox.errors import ConfigError, DataError
 
 CLS, LM = TASK_CLASSIFICATION, TASK_CAUSAL_LM
 

@@ -16,16 +16,16 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from sandbox.apps import approve
-from sandbox.cli import app
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
-from sandbox.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.digests import sha256_file
 from sandbox.events import JsonlEventSink
-from sandbox.federation import Federation, free_port, server_app_pids, write_run_config
 from sandbox.journal import read_journal
-from sandbox.processes import still_running
-from sandbox.provision import node_auth_key, provision_loopback
+from sandbox.ops.apps import approve
+from sandbox.ops.cli import app
+from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
+from sandbox.ops.federation import Federation, free_port, server_app_pids, write_run_config
+from sandbox.ops.processes import still_running
+from sandbox.ops.provision import node_auth_key, provision_loopback
 from sandbox.translog.store import LogStore
 from tests.conftest import APP_DIR, app_digest, make_spec
 

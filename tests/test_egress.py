@@ -27,7 +27,6 @@ from clients.app import app as node_app
 from clients.app import load_split, node_config
 from clients.channel import NodeChannel, channel_path, hello_record
 from clients.egress import check_reply, egress_guard
-from sandbox.apps import fab_digest
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSigner
 from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig
@@ -40,7 +39,8 @@ from sandbox.errors import (
 )
 from sandbox.journal import read_journal
 from sandbox.keyfiles import public_pem, write_private
-from sandbox.launcher import ApprovalGate
+from sandbox.ops.apps import fab_digest
+from sandbox.ops.launcher import ApprovalGate
 from sandbox.protocol import (
     HELLO_KEY,
     HELLO_NONCE,

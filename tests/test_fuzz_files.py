@@ -29,8 +29,8 @@ from clients.data import load_examples
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig
 from sandbox.journal import append_journal, journal_key_path, read_journal
 from sandbox.keyfiles import load_private
+from sandbox.ops.translog.audit import check_policy, crosscheck, decode
 from sandbox.seal.package import open_sealed_package, read_manifest
-from sandbox.translog.audit import check_policy, crosscheck, decode
 from sandbox.translog.note import Checkpoint, NoteVerifier, open_note, verify_checkpoint
 from sandbox.translog.store import canonical_entry
 from tests.fuzzing import fuzz_settings, typed_errors_only

@@ -36,7 +36,6 @@ from sandbox.attestation.result import (
 )
 from sandbox.attestation.stub import DevManufacturer, StubAttester
 from sandbox.attestation.verifier import AppraisalPolicy, Verifier
-from sandbox.cli import app
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
     ConfigError,
@@ -46,13 +45,14 @@ from sandbox.errors import (
     ResultInvalid,
 )
 from sandbox.events import FanOutSink, MemoryEventSink
-from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
-from sandbox.keybroker.limits import DEFAULT_LIMITS, Limits
-from sandbox.keybroker.service import client_of, serve
+from sandbox.ops.cli import app
+from sandbox.ops.keybroker.broker import ContentKey, KeyBroker, KeyStore
+from sandbox.ops.keybroker.limits import DEFAULT_LIMITS, Limits
+from sandbox.ops.keybroker.service import client_of, serve
+from sandbox.ops.tls import TlsFiles, issue_loopback_tls
+from sandbox.ops.translog.audit import check_policy, verify_log
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
-from sandbox.tls import TlsFiles, issue_loopback_tls
-from sandbox.translog.audit import check_policy, verify_log
 from sandbox.translog.store import MAX_ENTRY_BYTES, LogSink, LogStore
 from tests.loghistory import build_log, denial, denials_rate_limited, new_signer
 

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from sandbox.errors import GatewayError
-from sandbox.federation import (
+from sandbox.keyfiles import write_openssh_keypair
+from sandbox.ops.federation import (
     HOST,
     Federation,
     _exe,
@@ -30,7 +31,7 @@ from sandbox.federation import (
     run_flwr,
     write_cli_config,
 )
-from sandbox.gateway import (
+from sandbox.ops.gateway import (
     FLEET_ROUTES,
     SELF_REGISTRATION_ROUTES,
     GatewaySpec,
@@ -38,9 +39,8 @@ from sandbox.gateway import (
     render_config,
     split_address,
 )
-from sandbox.keyfiles import write_openssh_keypair
-from sandbox.processes import still_running
-from sandbox.tls import issue_loopback_tls
+from sandbox.ops.processes import still_running
+from sandbox.ops.tls import issue_loopback_tls
 from tests.conftest import APP_DIR
 
 # Paths that must never reach the SuperLink from a node: the Control and Runtime APIs,

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from clients.aggregator import load_aggregator_policy, verify_aggregator
 from clients.model import attest_for_key, load_base_model
 from sandbox.attestation.backends import VerifierRegistry, load_attester
-from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
+from sandbox.attestation.measure import AGGREGATOR_PACKAGES, CodeScope, code_measurement
 from sandbox.attestation.result import (
     AFFIRMING,
     CONTRAINDICATED,
@@ -33,7 +33,6 @@ from sandbox.attestation.result import (
     status_of,
 )
 from sandbox.attestation.verifier import AppraisalPolicy
-from sandbox.cli import app
 from sandbox.config import NodeConfig
 from sandbox.errors import (
     ConfigError,
@@ -45,11 +44,12 @@ from sandbox.errors import (
     TeeNotAccepted,
 )
 from sandbox.events import Event, JsonlEventSink
-from sandbox.federation import Federation, free_port
-from sandbox.keybroker.service import serve
 from sandbox.keyfiles import load_ed25519_public, write_private
 from sandbox.models import inspect_model_dir, load_pretrained
-from sandbox.provision import (
+from sandbox.ops.cli import app
+from sandbox.ops.federation import Federation, free_port
+from sandbox.ops.keybroker.service import serve
+from sandbox.ops.provision import (
     LoopbackDeployment,
     ProviderWorkspace,
     build_broker,
@@ -275,10 +275,11 @@ def test_code_measurement_follows_the_code(tmp_path: Path) -> None:
     sys.path.insert(0, str(tmp_path))
     try:
         importlib.invalidate_caches()
-        before = code_measurement(["measured_pkg"])
-        assert code_measurement(["measured_pkg"]) == before
+        scope = CodeScope(include=("measured_pkg/**/*.py",), exclude=())
+        before = code_measurement(["measured_pkg"], scope)
+        assert code_measurement(["measured_pkg"], scope) == before
         (package / "__init__.py").write_text("VALUE = 2\n", encoding="utf-8")
-        assert code_measurement(["measured_pkg"]) != before
+        assert code_measurement(["measured_pkg"], scope) != before
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("measured_pkg", None)
@@ -392,7 +393,7 @@ def _key_id(node: NodeConfig) -> str:
 
 
 def test_allow_node_keeps_every_other_policy_key(tmp_path: Path) -> None:
-    from sandbox.provision import allow_node, init_provider
+    from sandbox.ops.provision import allow_node, init_provider
 
     ws = init_provider(tmp_path / "provider")
 

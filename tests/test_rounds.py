@@ -46,7 +46,6 @@ from sandbox.channel import (
     seal_tensors,
 )
 from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, RunSpec
-from sandbox.demo_data import write_demo_data
 from sandbox.errors import (
     AggregateInvalid,
     AggregatorRefused,
@@ -54,9 +53,11 @@ from sandbox.errors import (
     FederationError,
 )
 from sandbox.events import JsonlEventSink, MemoryEventSink
-from sandbox.keybroker.broker import KeyBroker, Released
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
+from sandbox.ops.demo_data import write_demo_data
+from sandbox.ops.keybroker.broker import KeyBroker, Released
+from sandbox.ops.provision import LoopbackDeployment, build_broker, provision_loopback
 from sandbox.protocol import (
     CONFIG_KEY,
     GLOBAL_KEY,
@@ -75,7 +76,6 @@ from sandbox.protocol import (
     round_of,
     to_record,
 )
-from sandbox.provision import LoopbackDeployment, build_broker, provision_loopback
 from sandbox.reasons import NodeReason
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey
 from sandbox.seal.package import read_manifest

@@ -18,7 +18,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from sandbox.cli import app
 from sandbox.config import NodeConfig
 from sandbox.errors import (
     AggregateUnaccepted,
@@ -40,12 +39,14 @@ from sandbox.errors import (
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
-from sandbox.federation import free_port
 from sandbox.journal import append_journal, journal_public_path, read_journal
-from sandbox.tls import issue_loopback_tls
+from sandbox.ops.cli import app
+from sandbox.ops.federation import free_port
+from sandbox.ops.tls import issue_loopback_tls
+from sandbox.ops.translog.audit import AuditorState, check_policy, crosscheck, verify_log
+from sandbox.ops.translog.client import LogClient
+from sandbox.ops.translog.service import TransparencyLogServicer, serve_log
 from sandbox.translog import merkle
-from sandbox.translog.audit import AuditorState, check_policy, crosscheck, verify_log
-from sandbox.translog.client import LogClient
 from sandbox.translog.note import (
     Checkpoint,
     NoteSigner,
@@ -54,7 +55,6 @@ from sandbox.translog.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from sandbox.translog.service import TransparencyLogServicer, serve_log
 from sandbox.translog.store import LogStore, canonical_entry
 from tests.loghistory import (
     admission,

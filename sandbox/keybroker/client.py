@@ -26,7 +26,7 @@ from sandbox.attestation.result import (
     verify_result,
 )
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
-from sandbox.keybroker.broker import RATE_LIMITED
+from sandbox.keybroker import RATE_LIMITED
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
 from sandbox.tls import TlsChannel
 
@@ -73,7 +73,7 @@ class KeyBrokerClient(TlsChannel):
                 and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 and str(detail).startswith(f"{RATE_LIMITED}:")
             ):
-                # The broker's RATE_LIMITED (sandbox.keybroker.service): a denial to retry
+                # The broker's RATE_LIMITED (sandbox.ops.keybroker.service): a denial to retry
                 # after its window, sent as a status until the proto has a code for it.
                 # gRPC's own RESOURCE_EXHAUSTED (a message over the size limit) is not one.
                 raise KeyReleaseDenied(RATE_LIMITED, str(detail)) from exc

@@ -38,8 +38,9 @@ from sandbox.errors import (
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
+from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.strictjson import StrictJSONError
-from sandbox.translog import MAX_AUDIT_ENTRIES, merkle
+from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
 from sandbox.translog.store import LogReader, canonical_entry
 

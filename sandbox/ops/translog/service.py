@@ -16,7 +16,7 @@ import grpc
 from protos.ark.v1 import translog_pb2 as pb
 from protos.ark.v1 import translog_pb2_grpc as pb_grpc
 from sandbox.errors import LogVerificationError
-from sandbox.tls import start_tls_server
+from sandbox.ops.tls import start_tls_server
 from sandbox.translog.note import NoteSigner
 from sandbox.translog.store import LogStore
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.base import console, fail, node_app
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
+from sandbox.ops.cli.base import console, fail, node_app
 
 
 @node_app.command("check-data")
@@ -48,7 +48,7 @@ def node_init(
 ) -> None:
     """Create the node's stub attestation identity and node.toml."""
     from sandbox.config import NodeConfig
-    from sandbox.provision import init_node
+    from sandbox.ops.provision import init_node
 
     try:
         path = init_node(
@@ -117,7 +117,7 @@ def node_approve(
     """Approve an app (by its FAB digest) to run on this node; nothing else will."""
     import tempfile
 
-    from sandbox.apps import approve, build_fab, fab_digest
+    from sandbox.ops.apps import approve, build_fab, fab_digest
 
     if sum(x is not None for x in (digest, fab, app_dir)) != 1:
         raise fail(ValueError("give exactly one of --digest, --fab, --app-dir"))

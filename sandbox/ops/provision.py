@@ -44,7 +44,6 @@ from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig
 from sandbox.errors import ConfigError
 from sandbox.events import MODEL_PUBLISHED, Event, EventSink, FanOutSink, JsonlEventSink
-from sandbox.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.keyfiles import (
     load_private,
     private_pem,
@@ -52,6 +51,8 @@ from sandbox.keyfiles import (
     write_openssh_keypair,
     write_private,
 )
+from sandbox.ops.keybroker.broker import ContentKey, KeyBroker, KeyStore
+from sandbox.ops.tls import issue_loopback_tls
 from sandbox.seal.package import (
     OpenedModel,
     new_content_key,
@@ -59,7 +60,6 @@ from sandbox.seal.package import (
     read_manifest,
     seal_model_dir,
 )
-from sandbox.tls import issue_loopback_tls
 from sandbox.translog.note import NoteSigner, log_origin
 from sandbox.translog.store import LogSink, LogStore
 

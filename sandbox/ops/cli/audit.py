@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sandbox.cli.base import audit_app, console, err_console, fail, read_json
 from sandbox.errors import ArkError, LogUnavailable, LogVerificationError
-from sandbox.translog import MAX_AUDIT_ENTRIES
+from sandbox.ops.cli.base import audit_app, console, err_console, fail, read_json
+from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 
 if TYPE_CHECKING:
-    from sandbox.translog.audit import Audit
+    from sandbox.ops.translog.audit import Audit
     from sandbox.translog.note import NoteVerifier
     from sandbox.translog.store import LogReader
 
@@ -80,7 +80,7 @@ def _exit(exc: ArkError) -> typer.Exit:
 
 
 def _open_log(log: str, key: Path, ca: Path | None) -> LogReader:
-    from sandbox.translog.client import LogClient
+    from sandbox.ops.translog.client import LogClient
     from sandbox.translog.store import LogStore
 
     path = Path(log)
@@ -133,7 +133,7 @@ def _verify(
 ) -> tuple[Audit, NoteVerifier]:
     """Verify the log named by ``log`` with the key in ``key`` (or ``verifier``, already
     loaded from it), keeping checkpoints under ``state``."""
-    from sandbox.translog.audit import AuditorState, load_verifier, verify_log
+    from sandbox.ops.translog.audit import AuditorState, load_verifier, verify_log
 
     verifier = verifier or load_verifier(key)
     reader = _open_log(log, key, ca)
@@ -196,8 +196,8 @@ def audit_inclusion(
 ) -> None:
     """Prove that one entry is in the log under its latest signed checkpoint (which,
     with --state, must extend the last checkpoint seen)."""
+    from sandbox.ops.translog.audit import AuditorState, check_consistency, load_verifier
     from sandbox.translog import merkle
-    from sandbox.translog.audit import AuditorState, check_consistency, load_verifier
     from sandbox.translog.note import verify_checkpoint
 
     if sum(x is not None for x in (index, entry, leaf_hash)) != 1:
@@ -262,7 +262,7 @@ def audit_crosscheck(
     the node must have sent every update the log attributes to it."""
     from sandbox.journal import read_journal
     from sandbox.keyfiles import load_ed25519_public
-    from sandbox.translog.audit import crosscheck
+    from sandbox.ops.translog.audit import crosscheck
 
     keys = journal_key or []
     if keys and len(keys) != len(journal):
@@ -304,8 +304,8 @@ def audit_report(
 
     The report is written even when verification fails (it then says why), and the
     command exits with the same code `ark audit verify` would."""
-    from sandbox.translog.audit import load_verifier
-    from sandbox.translog.report import render_report
+    from sandbox.ops.translog.audit import load_verifier
+    from sandbox.ops.translog.report import render_report
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:

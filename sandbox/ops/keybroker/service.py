@@ -15,8 +15,8 @@ import grpc
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.result import PURPOSE_KEY_RELEASE
-from sandbox.keybroker.broker import (
-    RATE_LIMITED,
+from sandbox.keybroker import RATE_LIMITED
+from sandbox.ops.keybroker.broker import (
     Denied,
     KeyBroker,
     Outcome,
@@ -24,7 +24,7 @@ from sandbox.keybroker.broker import (
     UnknownKey,
     denial_of,
 )
-from sandbox.tls import start_tls_server
+from sandbox.ops.tls import start_tls_server
 
 log = logging.getLogger("ark.keybroker")
 # Evidence with a short chain is a few KiB; nothing legitimate comes near this.

@@ -1,6 +1,6 @@
 """The key broker's decisions, with no I/O: sessions, appraisal, release, denial, events.
 
-The gRPC service (:mod:`sandbox.keybroker.service`) only translates messages to and from
+The gRPC service (:mod:`sandbox.ops.keybroker.service`) only translates messages to and from
 this state machine, so tests drive every attack here and over the wire alike.
 A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to.
 What one client may hold or make the broker log is bounded by :mod:`.limits`.
@@ -62,7 +62,8 @@ from sandbox.events import (
     Event,
     EventSink,
 )
-from sandbox.keybroker.limits import (
+from sandbox.keybroker import RATE_LIMITED
+from sandbox.ops.keybroker.limits import (
     ALL_CLIENTS,
     DEFAULT_LIMITS,
     LOCAL_CLIENT,
@@ -100,9 +101,6 @@ class NotAffirming(AttestationError):
 class RateLimited(ArkError):
     """The client was denied more often than its budget allows in this window; further
     denials are answered with this code only and counted, not logged one by one."""
-
-
-RATE_LIMITED = "RATE_LIMITED"
 
 
 # Denial code (the proto enum's suffix) and the public reason a peer sees, by cause.

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.base import console, fail, provider_app, read_json, stop_on_signals
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
+from sandbox.ops.cli.base import console, fail, provider_app, read_json, stop_on_signals
 
 
 @provider_app.command("check-model")
@@ -57,7 +57,7 @@ def provider_init(
     ] = None,
 ) -> None:
     """Create the provider's identities, TLS material, trusted roots and appraisal policy."""
-    from sandbox.provision import init_aggregator, init_provider
+    from sandbox.ops.provision import init_aggregator, init_provider
 
     try:
         ws = init_provider(workdir, trust_roots=trust_root or [], allow_stub=allow_stub)
@@ -77,7 +77,7 @@ def provider_trust_root(
     tee: Annotated[str, typer.Option(help="TEE kind this root vouches for.")] = "stub",
 ) -> None:
     """Trust a manufacturer root certificate for one TEE kind."""
-    from sandbox.provision import ProviderWorkspace, add_trust_root
+    from sandbox.ops.provision import ProviderWorkspace, add_trust_root
 
     try:
         target = add_trust_root(ProviderWorkspace(workdir).require(), pem, tee=tee, name=pem.stem)
@@ -89,7 +89,7 @@ def provider_trust_root(
 @provider_app.command("allow-node")
 def provider_allow_node(ueid: str, workdir: Workdir = Path("provider")) -> None:
     """Add a node's attested identity (its ueid) to the policy's allowlist."""
-    from sandbox.provision import ProviderWorkspace, allow_node
+    from sandbox.ops.provision import ProviderWorkspace, allow_node
 
     try:
         policy = allow_node(ProviderWorkspace(workdir).require(), ueid)
@@ -107,7 +107,7 @@ def provider_seal(
 ) -> None:
     """Seal a model directory: encrypted weights, signed manifest, key kept in the keystore."""
     from sandbox.models import inspect_model_config
-    from sandbox.provision import ProviderWorkspace, seal_model
+    from sandbox.ops.provision import ProviderWorkspace, seal_model
 
     try:
         inspect_model_config(model_dir, TASK_CLASSIFICATION)
@@ -129,7 +129,7 @@ def provider_check_package(package: Path, workdir: Workdir = Path("provider")) -
 
     Refuses a package that ships any file but config and tokenizer files in plain.
     """
-    from sandbox.provision import ProviderWorkspace, check_package
+    from sandbox.ops.provision import ProviderWorkspace, check_package
 
     try:
         opened = check_package(ProviderWorkspace(workdir), package)
@@ -158,9 +158,9 @@ def provider_serve(
     import logging
 
     from sandbox.attestation.verifier import AppraisalPolicy
-    from sandbox.keybroker.service import serve
-    from sandbox.provision import ProviderWorkspace, build_broker
-    from sandbox.translog.service import add_log_service
+    from sandbox.ops.keybroker.service import serve
+    from sandbox.ops.provision import ProviderWorkspace, build_broker
+    from sandbox.ops.translog.service import add_log_service
     from sandbox.translog.store import LogStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -233,10 +233,10 @@ def provider_gateway(
     It terminates TLS with the provider's certificate and forwards only the Fleet API
     calls a SuperNode makes; the Control and Runtime APIs stay on the provider's host.
     """
-    from sandbox.gateway import GatewaySpec, start_gateway
-    from sandbox.processes import stop_processes
-    from sandbox.provision import ProviderWorkspace
-    from sandbox.tls import TlsFiles
+    from sandbox.ops.gateway import GatewaySpec, start_gateway
+    from sandbox.ops.processes import stop_processes
+    from sandbox.ops.provision import ProviderWorkspace
+    from sandbox.ops.tls import TlsFiles
 
     ws = ProviderWorkspace(workdir)
     tls = None

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sandbox.cli.base import app, console, err_console, fail
 from sandbox.config import (
     MIN_FEDERATED_NODES,
     MODES,
@@ -26,10 +25,11 @@ from sandbox.config import (
 )
 from sandbox.errors import ArkError, FederationError
 from sandbox.journal import journal_public_path, read_journal
+from sandbox.ops.cli.base import app, console, err_console, fail
 
 if TYPE_CHECKING:
-    from sandbox.federation import Federation
-    from sandbox.provision import LoopbackDeployment
+    from sandbox.ops.federation import Federation
+    from sandbox.ops.provision import LoopbackDeployment
 
 DEMO_START_SECONDS = 300.0
 
@@ -62,7 +62,7 @@ def _project_root() -> Path:
 
 
 def _collect_data(data_dir: Path | None, nodes: int, scratch: Path, task: str) -> dict[str, Path]:
-    from sandbox.demo_data import write_demo_data
+    from sandbox.ops.demo_data import write_demo_data
 
     if data_dir is None:
         return write_demo_data(scratch, nodes, task=task)
@@ -107,7 +107,7 @@ def demo(
     ] = 300.0,
 ) -> None:
     """Run the whole federated LoRA job on real Flower processes on loopback."""
-    from sandbox.federation import Federation
+    from sandbox.ops.federation import Federation
 
     started = time.monotonic()
     temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="ark-demo-"))
@@ -157,10 +157,10 @@ def _prepare_demo(
 ) -> tuple[RunSpec, LoopbackDeployment]:
     """Validate every input, then lay out node workspaces and the run config."""
     from clients.data import derive_labels, load_examples
-    from sandbox.federation import check_port_free, free_port
     from sandbox.lora import target_modules
     from sandbox.models import default_model_dir, inspect_model_dir
-    from sandbox.provision import provision_loopback
+    from sandbox.ops.federation import check_port_free, free_port
+    from sandbox.ops.provision import provision_loopback
 
     if nodes < MIN_FEDERATED_NODES:
         raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
@@ -264,8 +264,8 @@ def _run_demo(
     fed: Federation, spec: RunSpec, deployment: LoopbackDeployment, started: float
 ) -> dict[str, Any]:
     """Start the federation, run the job, stop everything; return the named results."""
-    from sandbox.apps import approve_app_dir
-    from sandbox.federation import write_run_config
+    from sandbox.ops.apps import approve_app_dir
+    from sandbox.ops.federation import write_run_config
     from server.results import RESULTS_FILE, plot_metrics, render_table
 
     assert spec.output_dir is not None  # set by _prepare_demo
@@ -321,7 +321,7 @@ def _run_demo(
 def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
     """What an auditor would do next: verify the log over TLS, hold each node's journal
     against it, and write the HTML report. Any failure fails the demo."""
-    from sandbox.cli.audit import audit_crosscheck, audit_report, audit_verify
+    from sandbox.ops.cli.audit import audit_crosscheck, audit_report, audit_verify
 
     key = deployment.provider.log_vkey
     journals = [path.parent / "journal.jsonl" for path in deployment.node_configs.values()]

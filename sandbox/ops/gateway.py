@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import GatewayError
-from sandbox.processes import ManagedProcess, start_process, stop_processes, wait_for_port
-from sandbox.tls import TlsFiles
+from sandbox.ops.processes import ManagedProcess, start_process, stop_processes, wait_for_port
+from sandbox.ops.tls import TlsFiles
 
 # What a SuperNode calls on the Fleet API (flwr 1.41, fleet_http_client.py), all POST.
 FLEET_ROUTES = (

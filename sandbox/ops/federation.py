@@ -25,18 +25,18 @@ from types import TracebackType
 import tomli_w
 
 from sandbox.errors import FederationError
-from sandbox.gateway import split_address
-from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.models import OFFLINE_ENV
-from sandbox.processes import (
+from sandbox.ops.gateway import split_address
+from sandbox.ops.launcher import NODE_CONFIG_ENV, install_launcher
+from sandbox.ops.processes import (
     ManagedProcess,
     kill_tree,
     start_process,
     stop_processes,
     wait_for_port,
 )
+from sandbox.ops.tls import TlsFiles, issue_loopback_tls
 from sandbox.protocol import NODE_CONFIG_KEY
-from sandbox.tls import TlsFiles, issue_loopback_tls
 
 HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
@@ -333,7 +333,7 @@ class Federation:
 
     def start_nodes(self, configs: Mapping[str, Path]) -> None:
         """One SuperNode per node workspace (``ark node init``), keys registered first."""
-        from sandbox.provision import node_auth_key
+        from sandbox.ops.provision import node_auth_key
 
         for name, config in configs.items():
             if self.node_auth:

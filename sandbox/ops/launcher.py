@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandbox.apps import check_app, fab_digest
 from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved
 from sandbox.journal import append_journal
+from sandbox.ops.apps import check_app, fab_digest
 from sandbox.reasons import NodeReason
 
 NODE_CONFIG_ENV = "ARK_NODE_CONFIG"
@@ -117,7 +117,7 @@ def install_launcher(bin_dir: Path) -> Path:
     launcher.write_text(
         f"#!{sys.executable}\n"
         "# Ark Sandbox node launcher: checks the app's digest before Flower installs it.\n"
-        "from sandbox.launcher import main\n"
+        "from sandbox.ops.launcher import main\n"
         "main()\n",
         encoding="utf-8",
     )

@@ -4,7 +4,7 @@ The app a provider ships is the code that touches the enterprise's data, so the 
 operator approves it by digest ahead of time (``ark node approve``). ``flwr build`` is
 deterministic, so the operator can build the reviewed source and approve its SHA-256;
 the FAB a run carries has the same digest. The check itself runs in the node's launcher
-(``sandbox/launcher.py``), outside the provider's app, before any app code is installed.
+(``sandbox/ops/launcher.py``), outside the provider's app, before any app code is installed.
 """
 
 from __future__ import annotations
