@@ -1,6 +1,11 @@
 """Typed configuration: the provider's run config and each node operator's node config.
 
-Both are validated on load; every error names the source, the key and the bad value.
+Every key is defined once, on the dataclass field it fills (:func:`_key`): its name, its
+rule (type and bounds) and its default. Reading (:func:`_read`), validating on
+construction (:func:`_check`) and writing back (:func:`_written`) all walk those
+definitions, and a test checks pyproject's ``[tool.flwr.app.config]`` against
+:data:`RUN_CONFIG_DEFAULTS`. Every error names the source (when there is one), the key and
+the bad value.
 """
 
 from __future__ import annotations
@@ -8,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import MISSING, Field, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,186 +38,403 @@ MIN_FEDERATED_NODES = 2
 EXAMPLES_LIMIT = 2**53
 
 
-class _Reader:
-    """Typed access to a flat mapping, raising ConfigError that names source and key."""
+# -- rules: how one key's value is read, checked and written --------------------------------
 
-    def __init__(self, values: Mapping[str, Any], source: str | Path):
-        self.values = values
-        self.source = source
 
-    def _get(self, key: str, default: Any) -> Any:
-        return self.values.get(key, default)
+class _Invalid(Exception):
+    """A value breaks its key's rule; :func:`_naming` turns it into a ConfigError that names
+    the source and the key."""
 
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(message, path=self.source, key=key)
 
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self._get(key, default)
+@contextmanager
+def _naming(path: str | Path | None, key: str) -> Iterator[None]:
+    try:
+        yield
+    except _Invalid as exc:
+        raise ConfigError(str(exc), path=path, key=key) from None
+
+
+class _Rule:
+    """One key's type and bounds: ``parse`` takes the value as TOML (or Flower's run config)
+    holds it, ``check`` the typed value a dataclass holds, ``dump`` writes it back."""
+
+    def check(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def parse(self, raw: Any) -> Any:
+        self.check(raw)
+        return raw
+
+    def dump(self, value: Any) -> Any:
+        return value
+
+
+@dataclass(frozen=True)
+class _Text(_Rule):
+    nonempty: bool = False
+    # A name that is safe as one path component (a job's output folder).
+    plain: bool = False
+
+    def check(self, value: Any) -> None:
         if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {value!r}")
-        return value
+            raise _Invalid(f"expected a string, got {value!r}")
+        if self.plain and (not value or "/" in value or value.startswith(".")):
+            raise _Invalid(f"must be a plain name, got {value!r}")
+        if self.nonempty and not value:
+            raise _Invalid("must not be empty")
 
-    def integer(self, key: str, default: int | None = None, *, minimum: int = 0) -> int:
-        value = self._get(key, default)
+
+@dataclass(frozen=True)
+class _Choice(_Rule):
+    options: tuple[str, ...]
+
+    def check(self, value: Any) -> None:
+        _Text().check(value)
+        if value not in self.options:
+            raise _Invalid(f"must be one of {', '.join(self.options)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Integer(_Rule):
+    minimum: int = 0
+    maximum: int | None = None
+    # How the maximum reads in an error, when its digits alone say little.
+    maximum_text: str = ""
+
+    def check(self, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise self.fail(key, f"must be at least {minimum}, got {value!r}")
-        return value
+            raise _Invalid(f"expected an integer, got {value!r}")
+        if value < self.minimum:
+            raise _Invalid(f"must be at least {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            limit = self.maximum_text or str(self.maximum)
+            raise _Invalid(f"must be at most {limit}, got {value!r}")
 
-    def number(
-        self, key: str, default: float | None = None, *, low: float, high: float | None = None
-    ) -> float:
-        value = self._get(key, default)
+
+@dataclass(frozen=True)
+class _Number(_Rule):
+    low: float
+    high: float | None = None
+
+    def check(self, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, f"expected a number, got {value!r}")
-        if value < low or (high is not None and value > high):
-            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise self.fail(key, f"must be in {bound}, got {value!r}")
-        return float(value)
+            raise _Invalid(f"expected a number, got {value!r}")
+        # Written so that NaN, which compares false with everything, is refused.
+        if not (self.low <= value and (self.high is None or value <= self.high)):
+            bound = f"[{self.low}, {self.high}]" if self.high is not None else f">= {self.low}"
+            raise _Invalid(f"must be in {bound}, got {value!r}")
 
-    def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
-        value = self.string(key, default)
-        if value not in options:
-            raise self.fail(key, f"must be one of {', '.join(options)}; got {value!r}")
-        return value
+    def parse(self, raw: Any) -> float:
+        self.check(raw)
+        return float(raw)
+
+
+@dataclass(frozen=True)
+class _Flag(_Rule):
+    def check(self, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise _Invalid(f"must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Path(_Rule):
+    """A path, written as a string. ``""`` reads as None when ``optional``; ``empty``, when
+    set, is the error for ``""`` instead."""
+
+    optional: bool = False
+    empty: str = ""
+
+    def check(self, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if not isinstance(value, Path):
+            raise _Invalid(f"expected a path, got {value!r}")
+
+    def parse(self, raw: Any) -> Path | None:
+        _Text().check(raw)
+        if not raw and self.empty:
+            raise _Invalid(self.empty)
+        if not raw and self.optional:
+            return None
+        return Path(raw)
+
+    def dump(self, value: Any) -> str:
+        return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class _Labels(_Rule):
+    """Class labels, written as a JSON list of strings (Flower's run config holds scalars)."""
+
+    def check(self, value: Any) -> None:
+        if (
+            not isinstance(value, tuple)
+            or not all(isinstance(x, str) and x for x in value)
+            or len(set(value)) != len(value)
+        ):
+            raise _Invalid(f"must be distinct non-empty strings, got {value!r}")
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        _Text().check(raw)
+        try:
+            labels = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise _Invalid(f"must be a JSON list of strings, got {raw!r}") from exc
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+            raise _Invalid(f"must be a JSON list of non-empty strings, got {raw!r}")
+        if len(set(labels)) != len(labels):
+            raise _Invalid(f"has duplicates: {raw!r}")
+        return tuple(labels)
+
+    def dump(self, value: Any) -> str:
+        return json.dumps(list(value))
+
+
+@dataclass(frozen=True)
+class _Names(_Rule):
+    """Names written comma-separated in one string; blanks around and between are dropped."""
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, tuple) or not all(
+            isinstance(x, str) and x and x == x.strip() and "," not in x for x in value
+        ):
+            raise _Invalid(f"must be names without commas or blanks, got {value!r}")
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        _Text().check(raw)
+        return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+    def dump(self, value: Any) -> str:
+        return ",".join(value)
+
+
+def _is_digest(value: Any) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+@dataclass(frozen=True)
+class _Digests(_Rule):
+    """Hex SHA-256 digests, a TOML list; read sorted and without repeats."""
+
+    def check(self, value: Any) -> None:
+        self._check(value, tuple)
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        self._check(raw, list)
+        return tuple(sorted(set(raw)))
+
+    @staticmethod
+    def _check(value: Any, kind: type[tuple[Any, ...]] | type[list[Any]]) -> None:
+        if not isinstance(value, kind) or not all(_is_digest(d) for d in value):
+            raise _Invalid(f"must be a list of lowercase hex SHA-256 digests, got {value!r}")
+
+    def dump(self, value: Any) -> list[str]:
+        return list(value)
+
+
+@dataclass(frozen=True)
+class _MetricNames(_Rule):
+    """Metric names, a TOML list; held as a frozenset, written sorted."""
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, frozenset) or not all(isinstance(m, str) and m for m in value):
+            raise _Invalid(f"must be a set of metric names, got {value!r}")
+
+    def parse(self, raw: Any) -> frozenset[str]:
+        if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
+            raise _Invalid(f"must be a list of metric names, got {raw!r}")
+        return frozenset(raw)
+
+    def dump(self, value: Any) -> list[str]:
+        return sorted(value)
+
+
+# -- keys: one definition per field ---------------------------------------------------------
+
+_KEY = "ark.config.key"
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One config key: its name as written and its rule. The default is its field's; for
+    a field the constructor requires, ``default`` is what a file without the key means
+    (None: the key must be given)."""
+
+    name: str
+    rule: _Rule
+    default: str | int | float | None = None
+    # The key an error names, where that differs from ``prefix + name`` (kept as it was).
+    label: str = ""
+    # Left out of a written file while it holds its field's default.
+    quiet: bool = False
+
+
+def _key(name: str, rule: _Rule, **options: Any) -> dict[str, _Key]:
+    """A field's ``metadata``: the one definition of the key that fills it."""
+    return {_KEY: _Key(name, rule, **options)}
+
+
+def _keyed(cls: Any) -> Iterator[tuple[Field[Any], _Key]]:
+    for f in fields(cls):
+        if _KEY in f.metadata:
+            yield f, f.metadata[_KEY]
+
+
+def _label(key: _Key, prefix: str) -> str:
+    return key.label or prefix + key.name
+
+
+def _check(obj: Any, path: str | Path | None, prefix: str = "") -> None:
+    """Validate every keyed field of ``obj`` (from ``__post_init__``)."""
+    for f, key in _keyed(type(obj)):
+        with _naming(path, _label(key, prefix)):
+            key.rule.check(getattr(obj, f.name))
+
+
+def _read(
+    cls: Any, values: Mapping[str, Any], path: str | Path | None, prefix: str = ""
+) -> dict[str, Any]:
+    """The keyed fields of ``cls`` from a flat mapping, by field name; a key left out takes
+    its default (a required key with none reads as missing, and its rule says so)."""
+    read: dict[str, Any] = {}
+    for f, key in _keyed(cls):
+        if key.name not in values and f.default is not MISSING:
+            read[f.name] = f.default
+            continue
+        raw = values.get(key.name, key.default)
+        with _naming(path, _label(key, prefix)):
+            read[f.name] = key.rule.parse(raw)
+    return read
+
+
+def _written(obj: Any) -> dict[str, Any]:
+    """The keyed fields of ``obj`` as :func:`_read` reads them back."""
+    written = {}
+    for f, key in _keyed(type(obj)):
+        value = getattr(obj, f.name)
+        if not (key.quiet and value == f.default):
+            written[key.name] = key.rule.dump(value)
+    return written
+
+
+def _defaults(cls: Any) -> dict[str, Any]:
+    """Each key of ``cls`` with the default a written file holds."""
+    return {
+        key.name: key.default if f.default is MISSING else key.rule.dump(f.default)
+        for f, key in _keyed(cls)
+    }
+
+
+def _names(cls: Any) -> tuple[str, ...]:
+    """The keys of ``cls`` as written, in field order."""
+    return tuple(key.name for _, key in _keyed(cls))
+
+
+# -- the provider's run config --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA hyper-parameters shared by every node of a run."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
+    r: int = field(default=8, metadata=_key("lora-r", _Integer(minimum=1)))
+    alpha: int = field(default=16, metadata=_key("lora-alpha", _Integer(minimum=1)))
+    dropout: float = field(default=0.0, metadata=_key("lora-dropout", _Number(0.0, 0.99)))
+    target_modules: tuple[str, ...] = field(
+        default=(), metadata=_key("lora-target-modules", _Names())
+    )
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"LoRA rank must be >= 1, got {self.r}", key="lora-r")
-        if self.alpha < 1:
-            raise ConfigError(f"LoRA alpha must be >= 1, got {self.alpha}", key="lora-alpha")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"must be in [0, 1), got {self.dropout}", key="lora-dropout")
+        _check(self, None)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """The provider's run configuration, as the ServerApp and every ClientApp read it."""
+    """The provider's run configuration, as the ServerApp and every ClientApp read it.
 
-    job_id: str
-    task: str
-    model_path: Path
-    labels: tuple[str, ...]
-    num_rounds: int = 2
-    mode: str = MODE_FEDAVG
-    min_nodes: int = MIN_FEDERATED_NODES
-    expected_nodes: int = 0
-    round_timeout: float = 180.0
-    update_norm_bound: float = 100.0
+    Each field names its run-config key; the four without a default here take theirs from
+    the run config (``[tool.flwr.app.config]``), where only ``job-id`` and ``task`` have a
+    usable one. ``source`` names where the values came from in errors.
+    """
+
+    job_id: str = field(metadata=_key("job-id", _Text(plain=True), default="ark-demo"))
+    task: str = field(metadata=_key("task", _Choice(TASKS), default=TASK_CLASSIFICATION))
+    model_path: Path = field(
+        metadata=_key(
+            "model-path",
+            _Path(empty="is empty; set it to a local model directory"),
+            default="",
+        )
+    )
+    labels: tuple[str, ...] = field(metadata=_key("labels", _Labels(), default="[]"))
+    num_rounds: int = field(default=2, metadata=_key("num-rounds", _Integer(minimum=1)))
+    mode: str = field(default=MODE_FEDAVG, metadata=_key("mode", _Choice(MODES)))
+    min_nodes: int = field(
+        default=MIN_FEDERATED_NODES, metadata=_key("min-nodes", _Integer(minimum=1))
+    )
+    expected_nodes: int = field(default=0, metadata=_key("expected-nodes", _Integer(minimum=0)))
+    round_timeout: float = field(default=180.0, metadata=_key("round-timeout", _Number(1.0)))
+    update_norm_bound: float = field(
+        default=100.0, metadata=_key("update-norm-bound", _Number(1e-6))
+    )
     # The most one update may weigh: a node's declared example count is clipped to it
     # (and to the count first accepted from that node in the job), so a node that lies
     # about its count weighs no more than an honest node holding this many examples.
-    max_examples_per_update: int = 10_000
-    local_steps: int = 12
-    batch_size: int = 16
-    learning_rate: float = 1e-2
-    max_length: int = 64
+    max_examples_per_update: int = field(
+        default=10_000,
+        metadata=_key(
+            "max-examples-per-update",
+            _Integer(minimum=1, maximum=EXAMPLES_LIMIT, maximum_text=f"2**53 ({EXAMPLES_LIMIT})"),
+        ),
+    )
+    local_steps: int = field(default=12, metadata=_key("local-steps", _Integer(minimum=1)))
+    batch_size: int = field(default=16, metadata=_key("batch-size", _Integer(minimum=1)))
+    learning_rate: float = field(default=1e-2, metadata=_key("learning-rate", _Number(1e-8, 1.0)))
+    max_length: int = field(default=64, metadata=_key("max-length", _Integer(minimum=8)))
+    # Its keys (``lora-*``) are LoraSpec's fields'.
     lora: LoraSpec = field(default_factory=LoraSpec)
-    seed: int = 42
-    output_dir: Path | None = None
-    model_id: str = ""
+    seed: int = field(default=42, metadata=_key("seed", _Integer(minimum=0)))
+    output_dir: Path | None = field(default=None, metadata=_key("output-dir", _Path(optional=True)))
+    # The sealed model nodes must unseal (its manifest model id); empty: whatever they hold.
+    model_id: str = field(default="", metadata=_key("model-id", _Text()))
     # "sealed": attested aggregator, HPKE envelopes both ways, egress guard (the default).
     # "off": plaintext arrays, for the canary test's negative control and the overhead
     # bench only; a node runs it only when its own config says ``unprotected = true``.
-    protection: str = PROTECTION_SEALED
+    protection: str = field(
+        default=PROTECTION_SEALED, metadata=_key("protection", _Choice(PROTECTIONS))
+    )
     # The aggregator sandbox's identity (``ark provider init --manufacturer``).
-    aggregator_dir: Path | None = None
+    aggregator_dir: Path | None = field(
+        default=None, metadata=_key("aggregator-dir", _Path(optional=True))
+    )
     # The provider's transparency log (SQLite); the ServerApp appends its events there.
-    log_db: Path | None = None
+    log_db: Path | None = field(default=None, metadata=_key("log-db", _Path(optional=True)))
+    source: InitVar[str | Path | None] = None
+
+    def __post_init__(self, source: str | Path | None) -> None:
+        _check(self, source)
+        if not isinstance(self.lora, LoraSpec):
+            raise ConfigError(f"expected a LoraSpec, got {self.lora!r}", path=source, key="lora")
+        if self.task == TASK_CLASSIFICATION and len(self.labels) < 2:
+            raise ConfigError(
+                f"classification needs at least 2 labels, got {self.labels!r}",
+                path=source,
+                key="labels",
+            )
 
     @classmethod
     def from_run_config(
         cls, values: Mapping[str, Any], source: str | Path = "run config"
     ) -> RunSpec:
         """Validate a Flower run config (``[tool.flwr.app.config]`` plus overrides)."""
-        read = _Reader(values, source)
-        task = read.choice("task", TASKS, TASK_CLASSIFICATION)
-        model_path = read.string("model-path", "")
-        if not model_path:
-            raise read.fail("model-path", "is empty; set it to a local model directory")
-        labels = _parse_labels(read.string("labels", "[]"), read)
-        if task == TASK_CLASSIFICATION and len(labels) < 2:
-            raise read.fail("labels", f"classification needs at least 2 labels, got {labels!r}")
-        targets = tuple(
-            t.strip() for t in read.string("lora-target-modules", "").split(",") if t.strip()
-        )
-        output_dir = read.string("output-dir", "")
-        aggregator_dir = read.string("aggregator-dir", "")
-        log_db = read.string("log-db", "")
-        job_id = read.string("job-id", "ark-job")
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise read.fail("job-id", f"must be a plain name, got {job_id!r}")
-        lora = LoraSpec(
-            r=read.integer("lora-r", 8, minimum=1),
-            alpha=read.integer("lora-alpha", 16, minimum=1),
-            dropout=read.number("lora-dropout", 0.0, low=0.0, high=0.99),
-            target_modules=targets,
-        )
-        return cls(
-            job_id=job_id,
-            task=task,
-            model_path=Path(model_path),
-            labels=labels,
-            num_rounds=read.integer("num-rounds", 2, minimum=1),
-            mode=read.choice("mode", MODES, MODE_FEDAVG),
-            min_nodes=read.integer("min-nodes", MIN_FEDERATED_NODES, minimum=1),
-            expected_nodes=read.integer("expected-nodes", 0, minimum=0),
-            round_timeout=read.number("round-timeout", 180.0, low=1.0),
-            update_norm_bound=read.number("update-norm-bound", 100.0, low=1e-6),
-            max_examples_per_update=_examples_cap(read, cls.max_examples_per_update),
-            local_steps=read.integer("local-steps", 12, minimum=1),
-            batch_size=read.integer("batch-size", 16, minimum=1),
-            learning_rate=read.number("learning-rate", 1e-2, low=1e-8, high=1.0),
-            max_length=read.integer("max-length", 64, minimum=8),
-            lora=lora,
-            seed=read.integer("seed", 42, minimum=0),
-            output_dir=Path(output_dir) if output_dir else None,
-            model_id=read.string("model-id", ""),
-            protection=read.choice("protection", PROTECTIONS, PROTECTION_SEALED),
-            aggregator_dir=Path(aggregator_dir) if aggregator_dir else None,
-            log_db=Path(log_db) if log_db else None,
-        )
+        lora = LoraSpec(**_read(LoraSpec, values, source))
+        return cls(**_read(cls, values, source), lora=lora, source=source)
 
     def to_run_config(self) -> dict[str, str | int | float]:
         """The inverse of :meth:`from_run_config`, for writing a run-config TOML."""
-        return {
-            "job-id": self.job_id,
-            "task": self.task,
-            "model-path": str(self.model_path),
-            "labels": json.dumps(list(self.labels)),
-            "num-rounds": self.num_rounds,
-            "mode": self.mode,
-            "min-nodes": self.min_nodes,
-            "expected-nodes": self.expected_nodes,
-            "round-timeout": self.round_timeout,
-            "update-norm-bound": self.update_norm_bound,
-            "max-examples-per-update": self.max_examples_per_update,
-            "local-steps": self.local_steps,
-            "batch-size": self.batch_size,
-            "learning-rate": self.learning_rate,
-            "max-length": self.max_length,
-            "lora-r": self.lora.r,
-            "lora-alpha": self.lora.alpha,
-            "lora-dropout": self.lora.dropout,
-            "lora-target-modules": ",".join(self.lora.target_modules),
-            "seed": self.seed,
-            "output-dir": "" if self.output_dir is None else str(self.output_dir),
-            "model-id": self.model_id,
-            "protection": self.protection,
-            "aggregator-dir": "" if self.aggregator_dir is None else str(self.aggregator_dir),
-            "log-db": "" if self.log_db is None else str(self.log_db),
-        }
+        return {**_written(self), **_written(self.lora)}
 
     def fingerprint(self) -> str:
         """Digest of everything that must match for a checkpoint to be resumed.
@@ -234,40 +457,23 @@ class RunSpec:
         return hashlib.sha256(canonical).hexdigest()
 
 
-def _examples_cap(read: _Reader, default: int) -> int:
-    key = "max-examples-per-update"
-    cap = read.integer(key, default, minimum=1)
-    if cap > EXAMPLES_LIMIT:
-        raise read.fail(key, f"must be at most 2**53 ({EXAMPLES_LIMIT}), got {cap!r}")
-    return cap
+# Every run-config key with its default: what ``[tool.flwr.app.config]`` ships (a test
+# checks the two are equal, key for key and type for type).
+RUN_CONFIG_DEFAULTS: dict[str, str | int | float] = {**_defaults(RunSpec), **_defaults(LoraSpec)}
 
 
-def _parse_labels(raw: str, read: _Reader) -> tuple[str, ...]:
-    try:
-        labels = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise read.fail("labels", f"must be a JSON list of strings, got {raw!r}") from exc
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
-        raise read.fail("labels", f"must be a JSON list of non-empty strings, got {raw!r}")
-    if len(set(labels)) != len(labels):
-        raise read.fail("labels", f"has duplicates: {raw!r}")
-    return tuple(labels)
+# -- each node operator's node config -------------------------------------------------------
 
 
-SANDBOX_KEYS = (
-    "tee",
-    "ueid",
-    "attestation-key",
-    "attestation-chain",
-    "key-broker",
-    "provider-ca",
-    "manifest-key",
-    "result-key",
-    "package",
-    "hpke-suite",
-    "aggregator-policy",
-    "trusted-roots",
-)
+def _beside(config: Path, value: Path | None) -> Path | None:
+    """A path from a config file, relative paths taken from the file's folder."""
+    if value is None or value.is_absolute():
+        return value
+    return (config.parent / value).resolve()
+
+
+_FILE = _Path(empty="must not be empty")
+_OPTIONAL_FILE = _Path(optional=True, empty="must not be empty")
 
 
 @dataclass(frozen=True)
@@ -279,74 +485,51 @@ class SandboxConfig:
     key and result-signing key), never fetched from the provider at run time.
     """
 
-    tee: str
-    ueid: str
-    attestation_key: Path
-    attestation_chain: Path
-    key_broker: str
-    provider_ca: Path
-    manifest_key: Path
-    result_key: Path
-    package: Path
-    hpke_suite: str = "x25519-hkdf-sha256-aes256gcm"
+    tee: str = field(metadata=_key("tee", _Text(nonempty=True)))
+    ueid: str = field(metadata=_key("ueid", _Text(nonempty=True)))
+    attestation_key: Path = field(metadata=_key("attestation-key", _FILE))
+    attestation_chain: Path = field(metadata=_key("attestation-chain", _FILE))
+    key_broker: str = field(metadata=_key("key-broker", _Text(nonempty=True)))
+    provider_ca: Path = field(metadata=_key("provider-ca", _FILE))
+    manifest_key: Path = field(metadata=_key("manifest-key", _FILE))
+    result_key: Path = field(metadata=_key("result-key", _FILE))
+    package: Path = field(metadata=_key("package", _FILE))
+    hpke_suite: str = field(
+        default="x25519-hkdf-sha256-aes256gcm", metadata=_key("hpke-suite", _Text(nonempty=True))
+    )
     # The node's passport policy for the aggregator, and the roots it trusts for it.
-    aggregator_policy: Path | None = None
-    trusted_roots: Path | None = None
+    aggregator_policy: Path | None = field(
+        default=None, metadata=_key("aggregator-policy", _OPTIONAL_FILE, quiet=True)
+    )
+    trusted_roots: Path | None = field(
+        default=None, metadata=_key("trusted-roots", _OPTIONAL_FILE, quiet=True)
+    )
+
+    def __post_init__(self) -> None:
+        _check(self, None, "node.sandbox.")
 
     @classmethod
     def from_section(cls, section: Any, path: Path) -> SandboxConfig:
+        """Read and validate ``[node.sandbox]`` of the node config at ``path``."""
         if not isinstance(section, dict):
             raise ConfigError("must be a table", path=path, key="node.sandbox")
-        read = _Reader(section, path)
         unknown = sorted(set(section) - set(SANDBOX_KEYS))
         if unknown:
-            raise read.fail(f"node.sandbox.{unknown[0]}", f"unknown key; allowed: {SANDBOX_KEYS}")
-
-        def text(key: str, default: str | None = None) -> str:
-            value = read.string(key, default)
-            if not value:
-                raise read.fail(f"node.sandbox.{key}", "must not be empty")
-            return value
-
-        def file(key: str) -> Path:
-            value = Path(text(key))
-            return value if value.is_absolute() else (path.parent / value).resolve()
-
-        return cls(
-            tee=text("tee"),
-            ueid=text("ueid"),
-            attestation_key=file("attestation-key"),
-            attestation_chain=file("attestation-chain"),
-            key_broker=text("key-broker"),
-            provider_ca=file("provider-ca"),
-            manifest_key=file("manifest-key"),
-            result_key=file("result-key"),
-            package=file("package"),
-            hpke_suite=text("hpke-suite", "x25519-hkdf-sha256-aes256gcm"),
-            aggregator_policy=file("aggregator-policy") if "aggregator-policy" in section else None,
-            trusted_roots=file("trusted-roots") if "trusted-roots" in section else None,
-        )
+            raise ConfigError(
+                f"unknown key; allowed: {SANDBOX_KEYS}", path=path, key=f"node.sandbox.{unknown[0]}"
+            )
+        read = _read(cls, section, path, "node.sandbox.")
+        for name, value in read.items():
+            if isinstance(value, Path):
+                read[name] = _beside(path, value)
+        return cls(**read)
 
     def as_table(self) -> dict[str, str]:
         """The ``[node.sandbox]`` table that :meth:`from_section` reads."""
-        values = {
-            "tee": self.tee,
-            "ueid": self.ueid,
-            "attestation-key": str(self.attestation_key),
-            "attestation-chain": str(self.attestation_chain),
-            "key-broker": self.key_broker,
-            "provider-ca": str(self.provider_ca),
-            "manifest-key": str(self.manifest_key),
-            "result-key": str(self.result_key),
-            "package": str(self.package),
-            "hpke-suite": self.hpke_suite,
-        }
-        if self.aggregator_policy is not None:
-            values["aggregator-policy"] = str(self.aggregator_policy)
-        if self.trusted_roots is not None:
-            values["trusted-roots"] = str(self.trusted_roots)
-        return values
+        return _written(self)
 
+
+SANDBOX_KEYS = _names(SandboxConfig)
 
 # Scalar metrics the ClientApp reports; a node operator may narrow (or extend) the list.
 DEFAULT_EGRESS_METRICS = tuple(
@@ -371,51 +554,69 @@ class EgressPolicy:
     metrics; no strings, no raw arrays, no other keys.
     """
 
-    metrics: frozenset[str] = frozenset(DEFAULT_EGRESS_METRICS)
-    max_update_bytes: int = 64 * 1024 * 1024
+    metrics: frozenset[str] = field(
+        default=frozenset(DEFAULT_EGRESS_METRICS), metadata=_key("metrics", _MetricNames())
+    )
+    max_update_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_key("max-update-bytes", _Integer(minimum=1))
+    )
+
+    def __post_init__(self) -> None:
+        _check(self, None, "node.egress.")
 
     @classmethod
     def from_section(cls, section: Any, path: Path) -> EgressPolicy:
+        """Read and validate ``[node.egress]`` of the node config at ``path``."""
         if not isinstance(section, dict):
             raise ConfigError("must be a table", path=path, key="node.egress")
-        unknown = sorted(set(section) - {"metrics", "max-update-bytes"})
+        unknown = sorted(set(section) - set(_names(cls)))
         if unknown:
             raise ConfigError("unknown key", path=path, key=f"node.egress.{unknown[0]}")
-        metrics = section.get("metrics", list(DEFAULT_EGRESS_METRICS))
-        if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
-            raise ConfigError(
-                f"must be a list of metric names, got {metrics!r}",
-                path=path,
-                key="node.egress.metrics",
-            )
-        size = _Reader(section, path).integer("max-update-bytes", 64 * 1024 * 1024, minimum=1)
-        return cls(frozenset(metrics), size)
+        return cls(**_read(cls, section, path, "node.egress."))
 
     def as_table(self) -> dict[str, Any]:
         """The ``[node.egress]`` table that :meth:`from_section` reads."""
-        return {"metrics": sorted(self.metrics), "max-update-bytes": self.max_update_bytes}
+        return _written(self)
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """A node operator's own settings; provider-shipped code cannot change them."""
 
-    name: str
-    data_path: Path
-    heldout_fraction: float = 0.2
-    split_seed: int = 0
-    max_row_bytes: int = 16 * 1024
-    threads: int = 0
-    journal_path: Path | None = None
+    name: str = field(metadata=_key("name", _Text(nonempty=True), label="node.name"))
+    data_path: Path = field(metadata=_key("data-path", _Path()))
+    heldout_fraction: float = field(
+        default=0.2, metadata=_key("heldout-fraction", _Number(0.01, 0.9))
+    )
+    split_seed: int = field(default=0, metadata=_key("split-seed", _Integer()))
+    max_row_bytes: int = field(
+        default=16 * 1024, metadata=_key("max-row-bytes", _Integer(minimum=64))
+    )
+    threads: int = field(default=0, metadata=_key("threads", _Integer()))
+    journal_path: Path | None = field(
+        default=None, metadata=_key("journal", _Path(optional=True), quiet=True)
+    )
     sandbox: SandboxConfig | None = None
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     # FAB digests (hex SHA-256) this node's operator approved (``ark node approve``); the
     # node's launcher runs no other app.
-    approved_apps: tuple[str, ...] = ()
+    approved_apps: tuple[str, ...] = field(
+        default=(),
+        metadata=_key("approved-apps", _Digests(), label="node.approved-apps", quiet=True),
+    )
     # Run with no protection at all (plaintext model and arrays, no guard). Exists only
     # for the canary test's negative control and the overhead bench; never in a deployment.
-    unprotected: bool = False
+    unprotected: bool = field(
+        default=False, metadata=_key("unprotected", _Flag(), label="node.unprotected", quiet=True)
+    )
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check(self, self.source)
+        if self.sandbox is not None and not isinstance(self.sandbox, SandboxConfig):
+            raise ConfigError("must be a table", path=self.source, key="node.sandbox")
+        if not isinstance(self.egress, EgressPolicy):
+            raise ConfigError("must be a table", path=self.source, key="node.egress")
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -429,41 +630,15 @@ class NodeConfig:
         section = raw.get("node")
         if not isinstance(section, dict):
             raise ConfigError("missing [node] table", path=path, key="node")
-        read = _Reader(section, path)
-        known = {
-            "name",
-            "data-path",
-            "heldout-fraction",
-            "split-seed",
-            "max-row-bytes",
-            "threads",
-            "journal",
-            "sandbox",
-            "egress",
-            "approved-apps",
-            "unprotected",
-        }
-        unknown = sorted(set(section) - known)
+        known = sorted({*_names(cls), "sandbox", "egress"})
+        unknown = sorted(set(section) - set(known))
         if unknown:
-            raise read.fail(f"node.{unknown[0]}", f"unknown key; allowed: {sorted(known)}")
-        name = read.string("name")
-        if not name:
-            raise read.fail("node.name", "must not be empty")
-        data_path = Path(read.string("data-path"))
-        if not data_path.is_absolute():
-            data_path = (path.parent / data_path).resolve()
-        journal = read.string("journal", "")
-        journal_path = Path(journal) if journal else None
-        if journal_path is not None and not journal_path.is_absolute():
-            journal_path = (path.parent / journal_path).resolve()
+            raise ConfigError(f"unknown key; allowed: {known}", path=path, key=f"node.{unknown[0]}")
+        read = _read(cls, section, path)
+        read["data_path"] = _beside(path, read["data_path"])
+        read["journal_path"] = _beside(path, read["journal_path"])
         return cls(
-            name=name,
-            data_path=data_path,
-            heldout_fraction=read.number("heldout-fraction", 0.2, low=0.01, high=0.9),
-            split_seed=read.integer("split-seed", 0),
-            max_row_bytes=read.integer("max-row-bytes", 16 * 1024, minimum=64),
-            threads=read.integer("threads", 0),
-            journal_path=journal_path,
+            **read,
             sandbox=(
                 SandboxConfig.from_section(section["sandbox"], path)
                 if "sandbox" in section
@@ -474,27 +649,12 @@ class NodeConfig:
                 if "egress" in section
                 else EgressPolicy()
             ),
-            approved_apps=_app_digests(section.get("approved-apps", []), path),
-            unprotected=_flag(section, "unprotected", path),
             source=path,
         )
 
     def to_toml(self) -> str:
         """Render as the node TOML format that :meth:`load` reads (written by tomli-w)."""
-        node: dict[str, Any] = {
-            "name": self.name,
-            "data-path": str(self.data_path),
-            "heldout-fraction": self.heldout_fraction,
-            "split-seed": self.split_seed,
-            "max-row-bytes": self.max_row_bytes,
-            "threads": self.threads,
-        }
-        if self.journal_path is not None:
-            node["journal"] = str(self.journal_path)
-        if self.approved_apps:
-            node["approved-apps"] = list(self.approved_apps)
-        if self.unprotected:
-            node["unprotected"] = True
+        node: dict[str, Any] = _written(self)
         if self.sandbox is not None:
             node["sandbox"] = self.sandbox.as_table()
         if self.egress != EgressPolicy():
@@ -523,23 +683,3 @@ class NodeConfig:
         effective["egress-metrics"] = ",".join(sorted(self.egress.metrics))
         effective["egress-max-update-bytes"] = str(self.egress.max_update_bytes)
         return effective
-
-
-def _app_digests(value: Any, path: Path) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
-        for d in value
-    ):
-        raise ConfigError(
-            f"must be a list of lowercase hex SHA-256 digests, got {value!r}",
-            path=path,
-            key="node.approved-apps",
-        )
-    return tuple(sorted(set(value)))
-
-
-def _flag(section: Mapping[str, Any], key: str, path: Path) -> bool:
-    value = section.get(key, False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"must be true or false, got {value!r}", path=path, key=f"node.{key}")
-    return value
