@@ -35,8 +35,10 @@ from sandbox.attestation.result import (
 )
 from sandbox.attestation.stub import STUB, DevManufacturer, StubAttester, ueid_uri
 from sandbox.attestation.verifier import Appraisal, AppraisalPolicy
-from sandbox.errors import ChainUntrusted, ResultInvalid, TeeNotAccepted
+from sandbox.errors import ChainUntrusted, ConfigError, ResultInvalid, TeeNotAccepted
+from sandbox.ops.provision import init_aggregator, init_provider
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey
+from server.sandbox import AggregatorSandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
@@ -76,9 +78,10 @@ def _imported(path: Path) -> set[str]:
         "sandbox/attestation/result.py",
         "sandbox/attestation/kinds.py",
         "sandbox/attestation/attester.py",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "server").glob("*.py")),
     ],
 )
-def test_the_verifier_and_results_import_no_stub(module: str) -> None:
+def test_the_verifier_results_and_server_import_no_stub(module: str) -> None:
     imported = _imported(ROOT / module)
     assert not {n for n in imported if n.startswith("sandbox.attestation.stub")}, imported
     names = {
@@ -316,3 +319,24 @@ def test_a_kind_is_registered_by_one_backend_only(world: World) -> None:
     with pytest.raises(RuntimeError, match="'stub' is already registered"):
         register_kind(dataclasses.replace(STUB, development=False))
     assert is_development(STUB.name)
+
+
+# --- the aggregator's identity names its kind --------------------------------------------
+
+
+def test_the_aggregator_identity_names_its_tee_kind(tmp_path: Path) -> None:
+    ws = init_provider(tmp_path / "provider")
+    init_aggregator(ws, tmp_path / "manufacturer")
+    tee_file = ws.aggregator / "tee"
+    assert tee_file.read_text(encoding="utf-8") == f"{STUB.name}\n"
+
+    def load() -> AggregatorSandbox:
+        return AggregatorSandbox.load(ws.aggregator, run_id=1, model_digest="00" * 32)
+
+    assert load().attester.tee == STUB.name
+    tee_file.write_text("sev-snp\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"aggregator/tee: no attester backend for .*'sev-snp'"):
+        load()
+    tee_file.unlink()
+    with pytest.raises(ConfigError, match=r"aggregator/tee: no aggregator identity"):
+        load()
