@@ -30,7 +30,6 @@ from sandbox.attestation.result import (
     AttestationResult,
     verify_result,
 )
-from sandbox.attestation.stub import STUB_TEE
 from sandbox.channel import (
     DOWNLINK,
     EXAMPLES,
@@ -75,6 +74,17 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _identity_line(path: Path) -> str:
+    """One line of the aggregator's identity folder (its ueid, its TEE kind)."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"no aggregator identity: {exc}; `ark provider init --manufacturer DIR` writes it",
+            path=path,
+        ) from exc
+
+
 @dataclass(frozen=True)
 class NodePeer:
     """A node admitted to this run: its attested channel key and its nonce."""
@@ -110,13 +120,18 @@ class AggregatorSandbox:
 
     @classmethod
     def load(cls, directory: Path, *, run_id: int, model_digest: str) -> AggregatorSandbox:
-        """The identity ``ark provider init --manufacturer`` wrote under ``directory``."""
-        ueid_file = directory / "ueid"
-        try:
-            ueid = ueid_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"no aggregator identity: {exc}", path=ueid_file) from exc
-        attester = load_attester(STUB_TEE, directory / "key.pem", directory / "chain.pem", ueid)
+        """The identity ``ark provider init --manufacturer`` wrote under ``directory``: its
+        attestation key and chain, its ueid, and its TEE kind (the file ``tee``), whose
+        registered backend loads the attester; ConfigError naming the file otherwise."""
+        tee_file = directory / "tee"
+        attester = load_attester(
+            _identity_line(tee_file),
+            directory / "key.pem",
+            directory / "chain.pem",
+            _identity_line(directory / "ueid"),
+            config_path=tee_file,
+            config_key=None,
+        )
         return cls(
             attester=attester,
             result_key=load_ec_public(directory / "result.pub"),

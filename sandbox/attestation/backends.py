@@ -1,7 +1,9 @@
 """Attester and verifier backends, registered by TEE kind.
 
 Callers (the key broker, the ClientApp) talk to these protocols only, so a TDX, SEV-SNP
-or NVIDIA CC backend is a new registration, not a change to any caller.
+or NVIDIA CC backend is a new registration, not a change to any caller: its TEE kind
+(:mod:`sandbox.attestation.kinds`), its attester loader here, and its evidence verifier
+(the x5c :class:`Verifier` for x5c-signed EATs).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from sandbox.attestation.stub import STUB_TEE, StubAttester
+from sandbox.attestation.stub import STUB, StubAttester
 from sandbox.attestation.verifier import Appraisal, AppraisalPolicy, Verifier
 from sandbox.errors import ConfigError, TeeNotAccepted
 
@@ -21,7 +23,10 @@ from sandbox.errors import ConfigError, TeeNotAccepted
 class Attester(Protocol):
     """Produces evidence for one TEE instance (the RATS Attester role)."""
 
-    tee: str
+    @property
+    def tee(self) -> str:
+        """The TEE kind whose evidence this attester produces."""
+        ...
 
     def evidence(
         self, *, nonce: bytes, tee_pubkey: bytes, measurements: dict[str, str], now: dt.datetime
@@ -78,19 +83,29 @@ class VerifierRegistry:
         return appraisal
 
 
-# How a node loads its attester from ``[node.sandbox]``: (key file, chain file, ueid).
+# How a sandbox loads its attester: (key file, chain file, ueid).
 ATTESTER_LOADERS: dict[str, Callable[[Path, Path, str], Attester]] = {
-    STUB_TEE: StubAttester.load,
+    STUB.name: StubAttester.load,
 }
 
 
-def load_attester(tee: str, key: Path, chain: Path, ueid: str) -> Attester:
-    """The registered attester for ``tee``; ConfigError for a kind with no backend."""
+def load_attester(
+    tee: str,
+    key: Path,
+    chain: Path,
+    ueid: str,
+    *,
+    config_path: Path | None = None,
+    config_key: str | None = "node.sandbox.tee",
+) -> Attester:
+    """The registered attester for ``tee``; ConfigError for a kind with no backend, naming
+    where ``tee`` was configured (by default a node's ``[node.sandbox]`` key)."""
     loader = ATTESTER_LOADERS.get(tee)
     if loader is None:
         raise ConfigError(
             f"no attester backend for TEE kind {tee!r}; known: {sorted(ATTESTER_LOADERS)}",
-            key="node.sandbox.tee",
+            path=config_path,
+            key=config_key,
         )
     return loader(key, chain, ueid)
 

@@ -2,7 +2,8 @@
 
 One submodule, ``ark-sandbox``, carries ``ear.status``, ``ear.trustworthiness-vector``
 and ``ear.appraisal-policy-id``; ``ark.*`` extension claims say which TEE kind it was
-(``ark.tee``, and ``ark.stub`` which is true for every result made from stub evidence),
+(``ark.tee``, and ``ark.stub`` which is true for every result made from the evidence of
+a development kind, the stub, as its backend registered it),
 the node, its measurements, and the sandbox key and session the result is bound to.
 
 Status is the worst tier of the vector (AR4SI tiers): 2 affirming, 32 warning,
@@ -27,7 +28,7 @@ from sandbox.attestation.evidence import (
     es256_sign,
     es256_verify,
 )
-from sandbox.attestation.stub import STUB_TEE
+from sandbox.attestation.kinds import is_development
 from sandbox.attestation.verifier import Appraisal
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
@@ -281,7 +282,7 @@ class ResultSigner:
             "ear.appraisal-policy-id": context.policy_id,
             "ark.policy-digest": context.policy_digest,
             "ark.tee": context.tee,
-            "ark.stub": context.tee == STUB_TEE,
+            "ark.stub": is_development(context.tee),
             "ark.session": context.session_id,
             "ark.tee-pubkey": b64url(context.tee_pubkey),
             "ark.hpke-suite": context.hpke_suite,
@@ -319,7 +320,7 @@ def verify_result(
     except (EvidenceFormatError, SignatureInvalid) as exc:
         raise ResultInvalid(f"attestation result does not verify: {exc}") from exc
     result = AttestationResult(token, signed.claims)
-    if result.is_stub != (result.tee == STUB_TEE):
+    if result.is_stub != is_development(result.tee):
         raise ResultInvalid("attestation result hides that it came from stub evidence")
     if now.timestamp() >= result.claims["exp"]:
         raise ResultExpired("attestation result has expired")

@@ -1,37 +1,30 @@
 """The stub TEE: real ES256 signatures over real evidence, from a key certified by a
 development "manufacturer" root that stands in for a CPU vendor's endorsement.
 
-It is labelled as a stub everywhere: its evidence says ``"tee": "stub"``, and a verifier
-accepts that only under a policy that explicitly allows stubs. It proves nothing about
-hardware isolation; it exercises every check a real backend's evidence goes through.
+It is labelled as a stub everywhere: its evidence says ``"tee": "stub"``, it registers
+itself as a development TEE kind, and a verifier accepts that only under a policy that
+explicitly allows stubs. It proves nothing about hardware isolation; it exercises every
+check a real backend's evidence goes through.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandbox.attestation.evidence import (
-    EAT_PROFILE,
-    JWS_ALG,
-    JWS_TYP,
-    b64url,
-    encode_jws,
-    es256_sign,
-    report_data,
-)
+from sandbox.attestation.attester import X5cAttester
+from sandbox.attestation.kinds import TeeKind, register_kind
 from sandbox.errors import ConfigError
 
 STUB_TEE = "stub"
 STUB_HWMODEL = "ark-stub-tee/1"
+UEID_URI_PREFIX = "urn:ark:ueid:"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -90,22 +83,36 @@ class DevManufacturer:
 
 def ueid_uri(ueid: str) -> str:
     """The SAN URI that ties an attestation certificate to one TEE instance's ueid."""
-    return f"urn:ark:ueid:{ueid}"
+    return UEID_URI_PREFIX + ueid
 
 
-@dataclass
-class StubAttester:
+def certified_ueids(cert: x509.Certificate) -> frozenset[str]:
+    """The ueids a stub attestation certificate names (its ``urn:ark:ueid:`` SAN URIs)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(
+        uri.removeprefix(UEID_URI_PREFIX)
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if uri.startswith(UEID_URI_PREFIX)
+    )
+
+
+STUB = TeeKind(
+    name=STUB_TEE,
+    development=True,
+    hwmodel=STUB_HWMODEL,
+    certified_ueids=certified_ueids,
+)
+register_kind(STUB)
+
+
+@dataclass(kw_only=True)
+class StubAttester(X5cAttester):
     """Produces signed evidence for a stub TEE instance."""
 
-    key: ec.EllipticCurvePrivateKey
-    chain: list[x509.Certificate]
-    ueid: str
-    swname: str = "ark-sandbox"
-    swversion: str = "0.1.0"
-    dbgstat: str | None = "disabled-since-boot"
-    extra_claims: dict[str, Any] = field(default_factory=dict)
-
-    tee = STUB_TEE
+    kind: TeeKind = STUB
 
     @classmethod
     def load(cls, key_path: Path, chain_path: Path, ueid: str) -> StubAttester:
@@ -124,29 +131,3 @@ class StubAttester:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError("attestation key must be an EC P-256 key", path=key_path)
         return cls(key=key, chain=chain, ueid=ueid)
-
-    def evidence(
-        self, *, nonce: bytes, tee_pubkey: bytes, measurements: dict[str, str], now: dt.datetime
-    ) -> str:
-        """An ES256-signed EAT over ``nonce`` binding ``tee_pubkey`` and ``measurements``."""
-        claims: dict[str, Any] = {
-            "eat_profile": EAT_PROFILE,
-            "eat_nonce": b64url(nonce),
-            "ueid": self.ueid,
-            "hwmodel": STUB_HWMODEL,
-            "swname": self.swname,
-            "swversion": self.swversion,
-            "measurements": dict(measurements),
-            "report_data": report_data(nonce, tee_pubkey),
-            "tee": self.tee,
-            "iat": int(now.timestamp()),
-            **self.extra_claims,
-        }
-        if self.dbgstat is not None:
-            claims["dbgstat"] = self.dbgstat
-        x5c = [
-            base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
-            for c in self.chain
-        ]
-        header = {"alg": JWS_ALG, "typ": JWS_TYP, "x5c": x5c}
-        return encode_jws(header, claims, lambda data: es256_sign(self.key, data))

@@ -33,7 +33,7 @@ from sandbox.attestation.evidence import (
     es256_verify,
     report_data,
 )
-from sandbox.attestation.stub import STUB_HWMODEL, STUB_TEE, ueid_uri
+from sandbox.attestation.kinds import is_development, tee_kind
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
     AttestationError,
@@ -80,8 +80,10 @@ class AppraisalPolicy:
         Shared by appraisal of evidence and by every later use of a result, so a node
         the policy no longer admits gets nothing on an older result either.
         """
-        if tee == STUB_TEE and not self.allow_stub:
-            raise TeeNotAccepted("stub evidence, and the policy does not allow stubs")
+        if is_development(tee) and not self.allow_stub:
+            raise TeeNotAccepted(
+                f"stub evidence (development TEE kind {tee!r}), and the policy does not allow stubs"
+            )
         if tee not in self.accepted_tees:
             raise TeeNotAccepted(f"TEE kind {tee!r} is not accepted by policy {self.policy_id}")
         if self.allowed_nodes is not None and ueid not in self.allowed_nodes:
@@ -180,14 +182,18 @@ class Appraisal:
 
     @property
     def is_stub(self) -> bool:
-        return self.tee == STUB_TEE
+        """Whether the evidence came from a development TEE kind, as its backend says."""
+        return is_development(self.tee)
 
 
 class Verifier:
     """Appraises x5c-signed EAT evidence against manufacturers' roots, one set per TEE kind.
 
-    It serves every TEE kind whose evidence is a JWS with an ``x5c`` chain (the stub
-    today); a kind with another evidence format brings its own :class:`EvidenceVerifier`.
+    It serves every registered TEE kind whose evidence is a JWS with an ``x5c`` chain
+    (:class:`~sandbox.attestation.attester.X5cAttester`; the stub today); the kind's
+    backend says which hardware model its evidence claims and how its certificate names
+    the instance. A kind with another evidence format brings its own
+    :class:`EvidenceVerifier`.
 
     A root vouches only for its own TEE kind: evidence signed under the development
     (stub) root can never pass as another kind, whatever its claims say.
@@ -254,9 +260,12 @@ class Verifier:
                 f"evidence claims TEE kind {claims['tee']!r} but its key is certified by a "
                 f"{root_kind!r} root"
             )
-        if root_kind == STUB_TEE and claims["hwmodel"] != STUB_HWMODEL:
-            raise TeeNotAccepted(f"stub evidence claims hardware model {claims['hwmodel']!r}")
-        if ueid_uri(claims["ueid"]) not in _san_uris(leaf):
+        kind = tee_kind(root_kind)
+        if claims["hwmodel"] != kind.hwmodel:
+            raise TeeNotAccepted(
+                f"{root_kind} evidence claims hardware model {claims['hwmodel']!r}"
+            )
+        if claims["ueid"] not in kind.certified_ueids(leaf):
             raise ChainUntrusted("the ueid claim does not match the attestation certificate")
         claimed_nonce = b64url_decode(claims["eat_nonce"], "claim 'eat_nonce'")
         if len(claimed_nonce) < MIN_NONCE_BYTES or len(nonce) < MIN_NONCE_BYTES:
@@ -318,14 +327,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
-
-
-def _san_uris(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 CLOCK_SKEW = dt.timedelta(seconds=60)

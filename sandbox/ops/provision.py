@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sandbox.attestation.backends import load_trusted_roots, verifiers_for
 from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import ResultSigner
-from sandbox.attestation.stub import STUB_TEE, DevManufacturer
+from sandbox.attestation.stub import STUB, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig
 from sandbox.errors import ConfigError
@@ -174,7 +174,8 @@ class ProviderWorkspace:
 
     @property
     def aggregator(self) -> Path:
-        """The aggregator sandbox's stub attestation identity (key.pem, chain.pem, ueid)."""
+        """The aggregator sandbox's attestation identity: key.pem, chain.pem, ueid, its TEE
+        kind (``tee``) and the provider's result.pub."""
         return self.root / "aggregator"
 
 
@@ -216,7 +217,7 @@ def write_policy(
     """Write a fresh appraisal policy TOML (``allowed_nodes`` None: any node)."""
     policy: dict[str, Any] = {
         "id": policy_id,
-        "accepted-tees": [STUB_TEE] if allow_stub else [],
+        "accepted-tees": [STUB.name] if allow_stub else [],
         "allow-stub": allow_stub,
     }
     if allowed_nodes is not None:
@@ -242,7 +243,7 @@ def init_provider(
     (ws.public / "signing.pub").write_bytes(public_pem(signing.public_key()))
     (ws.public / "result.pub").write_bytes(public_pem(result.public_key()))
     ws.log_vkey.write_text(ws.log_signer().verifier.vkey() + "\n", encoding="utf-8")
-    (ws.roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
+    (ws.roots / STUB.name).mkdir(parents=True, exist_ok=True)
     for number, pem in enumerate(trust_roots):
         add_trust_root(ws, pem, name=f"root-{number}")
     write_policy(
@@ -267,6 +268,8 @@ def init_aggregator(ws: ProviderWorkspace, manufacturer: Path) -> str:
     write_private(ws.aggregator / "key.pem", private_pem(key))
     (ws.aggregator / "chain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (ws.aggregator / "ueid").write_text(ueid + "\n", encoding="utf-8")
+    # The ServerApp loads the attester this kind's backend registered (the stub's here).
+    (ws.aggregator / "tee").write_text(STUB.name + "\n", encoding="utf-8")
     # The ServerApp checks each node's attestation result against the provider's key.
     shutil.copyfile(ws.public / "result.pub", ws.aggregator / "result.pub")
     (ws.public / AGGREGATOR_UEID).write_text(ueid + "\n", encoding="utf-8")
@@ -294,7 +297,7 @@ def pinned_aggregator(provider_public: Path) -> str:
     return ueid
 
 
-def add_trust_root(ws: ProviderWorkspace, pem: Path, *, tee: str = STUB_TEE, name: str) -> Path:
+def add_trust_root(ws: ProviderWorkspace, pem: Path, *, tee: str = STUB.name, name: str) -> Path:
     """Trust a manufacturer root for ``tee`` (the stub's is the development root)."""
     try:
         x509.load_pem_x509_certificate(pem.read_bytes())
@@ -425,8 +428,8 @@ def init_node(
     # The node's own passport policy for the aggregator: the ServerApp code it approves
     # (measured from the code it reviewed, here this checkout) and the roots it trusts.
     roots = root / "roots"
-    (roots / STUB_TEE).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(manufacturer / "root.crt", roots / STUB_TEE / "dev-manufacturer.pem")
+    (roots / STUB.name).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(manufacturer / "root.crt", roots / STUB.name / "dev-manufacturer.pem")
     write_policy(
         root / "aggregator-policy.toml",
         policy_id=f"{name}-aggregator-policy/{secrets.token_hex(4)}",
@@ -440,7 +443,7 @@ def init_node(
         journal_path=(root / "journal.jsonl") if journal else None,
         threads=threads,
         sandbox=SandboxConfig(
-            tee=STUB_TEE,
+            tee=STUB.name,
             ueid=ueid,
             attestation_key=attestation / "key.pem",
             attestation_chain=attestation / "chain.pem",
