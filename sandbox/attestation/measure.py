@@ -3,7 +3,7 @@
 The code measurement hashes the Python sources of the packages as they are imported in
 this process (from the installed FAB or from a checkout alike), so a modified file
 changes it. A real TEE measures at load time in hardware; the stub measures in software
-from inside the process it describes, which is what the README's trust table states.
+from inside the process it describes, which is what the trust table in docs/attestation.md states.
 
 What is measured is exactly the code that runs inside a sandbox, the same files the FAB
 carries: ``SANDBOX_CODE`` is the one definition of that scope, written as the gitignore-

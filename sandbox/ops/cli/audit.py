@@ -1,7 +1,7 @@
 """``ark audit``: the auditor's offline checks of the transparency log, node journals and
 a job's checkpoints.
 
-Exit codes (also in ``ark audit --help`` and the README):
+Exit codes (also in ``ark audit --help`` and docs/audit.md):
 
 ====  ==========================================================================
 0     everything holds
