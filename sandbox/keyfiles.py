@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sandbox.errors import ConfigError
+from sandbox.files import PRIVATE, create_new, write_atomic
 
 
 def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
@@ -23,33 +22,13 @@ def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     looser mode is not kept, and no reader sees half a key.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite:
-        try:
-            _create_private(path, data)
-        except FileExistsError:
-            raise ConfigError("refusing to overwrite an existing private key", path=path) from None
+    if overwrite:
+        write_atomic(path, data, PRIVATE)
         return
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    _create_private(staging, data)
     try:
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-
-
-def _create_private(path: Path, data: bytes) -> None:
-    """Create ``path`` (never an existing file or symlink) with mode 0600 and ``data``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        try:
-            os.fchmod(handle.fileno(), 0o600)  # exactly 0600, whatever the umask
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            path.unlink(missing_ok=True)  # no half-written key is left behind
-            raise
+        create_new(path, data, PRIVATE)
+    except FileExistsError:
+        raise ConfigError("refusing to overwrite an existing private key", path=path) from None
 
 
 def private_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:

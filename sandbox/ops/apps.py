@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved, ConfigError
+from sandbox.files import write_atomic
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -67,9 +68,7 @@ def approve(config_path: Path, digest: str) -> NodeConfig:
     if digest in node.approved_apps:
         return node
     approved = dataclasses.replace(node, approved_apps=tuple(sorted({*node.approved_apps, digest})))
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(approved.to_toml(), encoding="utf-8")
-    tmp.replace(config_path)
+    write_atomic(config_path, approved.to_toml().encode("utf-8"))
     return NodeConfig.load(config_path)
 
 

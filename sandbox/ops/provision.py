@@ -21,7 +21,6 @@ Private keys are written 0600 and never overwritten.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 import shutil
 import tomllib
@@ -44,6 +43,7 @@ from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig
 from sandbox.errors import ConfigError
 from sandbox.events import MODEL_PUBLISHED, Event, EventSink, FanOutSink, JsonlEventSink
+from sandbox.files import write_atomic
 from sandbox.keyfiles import (
     load_private,
     private_pem,
@@ -195,14 +195,7 @@ def save_policy(path: Path, raw: dict[str, Any]) -> AppraisalPolicy:
         text = POLICY_HEADER + "\n" + tomli_w.dumps(raw)
     except TypeError as exc:
         raise ConfigError(f"cannot write a policy file: {exc}", path=path) from exc
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    try:
-        AppraisalPolicy.load(staging)
-    except ConfigError:
-        staging.unlink()
-        raise
-    os.replace(staging, path)
+    write_atomic(path, text.encode("utf-8"), check=AppraisalPolicy.load)
     return AppraisalPolicy.load(path)
 
 

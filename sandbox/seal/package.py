@@ -27,7 +27,6 @@ import io
 import json
 import mmap
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sandbox import strictjson
 from sandbox.digests import sha256_file
 from sandbox.errors import SealedModelError
+from sandbox.files import open_regular, read_regular
 from sandbox.seal.stream import KEY_SIZE, decrypt_stream, encrypt_stream
 from sandbox.strictjson import StrictJSONError
 
@@ -184,19 +184,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 def _read_regular(path: Path, limit: int) -> bytes:
     """Read a regular file (no symlinks, FIFOs or devices) of at most ``limit`` bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise SealedModelError(f"{path}: cannot open: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SealedModelError(f"{path}: not a regular file")
-        if info.st_size > limit:
-            raise SealedModelError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
-        # One byte past what fstat saw shows a file that grew since, and the read size
-        # stays a C ssize_t whatever ``limit`` a manifest gives.
-        return handle.read(min(limit, info.st_size) + 1)
+    return read_regular(path, limit, lambda reason: SealedModelError(f"{path}: {reason}"))
 
 
 def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
@@ -334,14 +322,14 @@ def _decrypt_file(
     more memory than one chunk.
     """
     mismatch = f"{path}: ciphertext digest or size does not match"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise SealedModelError(f"{mismatch} (cannot open: {exc.strerror})") from exc
-    with os.fdopen(fd, "rb") as handle:
+
+    def refused(reason: str) -> SealedModelError:
+        if reason.startswith("cannot open"):
+            return SealedModelError(f"{mismatch} ({reason})")
+        return SealedModelError(f"{path}: {reason}")
+
+    with open_regular(path, refused) as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SealedModelError(f"{path}: not a regular file")
         if info.st_size != entry["sealed_size"] or info.st_size == 0:
             raise SealedModelError(mismatch)
         # Not closed explicitly: after a failure, the traceback may still hold chunk views
