@@ -17,6 +17,7 @@ from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.result import PURPOSE_KEY_RELEASE
 from sandbox.keybroker import RATE_LIMITED
 from sandbox.ops.keybroker.broker import (
+    Certified,
     Denied,
     KeyBroker,
     Outcome,
@@ -75,14 +76,16 @@ def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
                 attestation_result="" if outcome.result is None else outcome.result.token,
             )
         )
+    # The proto has one reply for both purposes: a channel's certification has no key.
+    wrapped_key = b"" if isinstance(outcome, Certified) else outcome.wrapped_key
     return pb.AttestReply(
         released=pb.KeyRelease(
             attestation_result=outcome.result.token,
-            wrapped_key=outcome.wrapped_key,
+            wrapped_key=wrapped_key,
             key_id=outcome.key_id,
             model_id=outcome.model_id,
-            session_id=outcome.session_id,
-            hpke_suite=outcome.hpke_suite,
+            session_id=outcome.result.session_id,
+            hpke_suite=outcome.result.hpke_suite,
         )
     )
 
