@@ -13,6 +13,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +35,8 @@ from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
 from sandbox.tls import TlsChannel
 
 DEFAULT_TIMEOUT = 30.0
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ class KeyBrokerClient(TlsChannel):
         super().__init__(address, ca_cert=ca_cert, timeout=timeout)
         self._stub = pb_grpc.KeyBrokerStub(self._channel)
 
-    def _call(self, method: Callable[..., object], request: object) -> object:
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Reply], request: Request
+    ) -> Reply:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -75,7 +80,6 @@ class KeyBrokerClient(TlsChannel):
 
     def challenge(self, key_id: str) -> Challenge:
         reply = self._call(self._stub.Challenge, pb.ChallengeRequest(key_id=key_id))
-        assert isinstance(reply, pb.ChallengeReply)
         return Challenge(reply.session_id, reply.nonce, reply.expires_at)
 
     def attest(
@@ -110,11 +114,10 @@ class KeyBrokerClient(TlsChannel):
         return _key_release(_released(self._call(self._stub.Release, request)))
 
 
-def _released(reply: object) -> pb.KeyRelease:
+def _released(reply: pb.AttestReply) -> pb.KeyRelease:
     """The reply's release, or KeyReleaseDenied carrying the broker's code and reason."""
-    assert isinstance(reply, pb.AttestReply)
     if reply.WhichOneof("outcome") != "released":
-        code = str(pb.DenialCode.Name(reply.denied.code)).removeprefix("DENIAL_CODE_")
+        code = pb.DenialCode.Name(reply.denied.code).removeprefix("DENIAL_CODE_")
         raise KeyReleaseDenied(code, reply.denied.reason)
     return reply.released
 

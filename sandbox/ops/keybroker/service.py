@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 from urllib.parse import unquote
 
 import grpc
@@ -57,7 +57,7 @@ def client_of(peer: str) -> str:
     return str(ip)
 
 
-def _rate_limited(context: Any) -> NoReturn:
+def _rate_limited(context: grpc.ServicerContext) -> NoReturn:
     """RATE_LIMITED goes out as gRPC's RESOURCE_EXHAUSTED: the proto's DenialCode has no
     value for it yet, and the status is the one gRPC clients already back off on."""
     _, reason = denial_of(RateLimited())
@@ -65,7 +65,7 @@ def _rate_limited(context: Any) -> NoReturn:
     raise RuntimeError("grpc's context.abort returned instead of raising")
 
 
-def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
+def _reply(outcome: Outcome, context: grpc.ServicerContext) -> pb.AttestReply:
     if isinstance(outcome, Denied) and outcome.code == RATE_LIMITED:
         _rate_limited(context)
     if isinstance(outcome, Denied):
@@ -90,14 +90,16 @@ def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
     )
 
 
-class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # generated base, untyped
+class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
     """Serialises calls into the broker (its session table is not thread-safe)."""
 
     def __init__(self, broker: KeyBroker):
         self.broker = broker
         self._lock = threading.Lock()
 
-    def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+    def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ChallengeReply:
         client = client_of(context.peer())
         with self._lock:
             try:
@@ -112,7 +114,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
             expires_at=int(session.expires_at.timestamp()),
         )
 
-    def Attest(self, request: pb.AttestRequest, context: Any) -> pb.AttestReply:
+    def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> pb.AttestReply:
         client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.attest(
@@ -127,7 +129,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
             )
         return _reply(outcome, context)
 
-    def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.AttestReply:
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.AttestReply:
         client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.release(
