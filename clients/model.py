@@ -8,6 +8,8 @@ model from those bytes. No plaintext weight byte is written to disk.
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from sandbox.keybroker.client import (
     certify_channel_key,
     obtain_content_key,
 )
+from sandbox.keybroker.transport import KeyBrokerTransport
 from sandbox.keyfiles import load_ec_public, load_ed25519_public
 from sandbox.models import ModelInfo, load_from_memory
 from sandbox.seal.envelope import RecipientKey
@@ -49,22 +52,33 @@ def node_measurements(node: NodeConfig) -> dict[str, str]:
     return {CODE: code_measurement(), CONFIG: config_measurement(node.effective())}
 
 
-def _attester_and_broker(node: NodeConfig) -> tuple[Attester, KeyBrokerClient]:
+def _attester(node: NodeConfig) -> Attester:
     sandbox = node.require_sandbox()
-    attester = load_attester(
+    return load_attester(
         sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
     )
-    return attester, KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca)
 
 
-def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
+def _broker(
+    node: NodeConfig, transport: KeyBrokerTransport | None
+) -> AbstractContextManager[KeyBrokerTransport]:
+    """``transport`` if given (a test's in-process broker), else a TLS connection to the
+    node's key broker, closed on exit."""
+    if transport is not None:
+        return contextlib.nullcontext(transport)
+    sandbox = node.require_sandbox()
+    return KeyBrokerClient(sandbox.key_broker, ca_cert=sandbox.provider_ca)
+
+
+def attest_for_key(
+    node: NodeConfig, key_id: str, *, transport: KeyBrokerTransport | None = None
+) -> ReleasedKey:
     """Attest this node's sandbox to the key broker and open the released content key."""
     sandbox = node.require_sandbox()
-    attester, broker = _attester_and_broker(node)
-    with broker as client:
+    with _broker(node, transport) as broker:
         return obtain_content_key(
-            client,
-            attester,
+            broker,
+            _attester(node),
             key_id=key_id,
             measurements=node_measurements(node),
             result_key=load_ec_public(sandbox.result_key),
@@ -72,14 +86,19 @@ def attest_for_key(node: NodeConfig, key_id: str) -> ReleasedKey:
         )
 
 
-def certify_channel(node: NodeConfig, key_id: str, channel_key: RecipientKey) -> str:
+def certify_channel(
+    node: NodeConfig,
+    key_id: str,
+    channel_key: RecipientKey,
+    *,
+    transport: KeyBrokerTransport | None = None,
+) -> str:
     """Attest this node's sandbox with its channel key bound; the signed result (EAR)."""
     sandbox = node.require_sandbox()
-    attester, broker = _attester_and_broker(node)
-    with broker as client:
+    with _broker(node, transport) as broker:
         result = certify_channel_key(
-            client,
-            attester,
+            broker,
+            _attester(node),
             channel_key,
             key_id=key_id,
             measurements=node_measurements(node),

@@ -45,9 +45,12 @@ from sandbox.errors import (
     ResultInvalid,
 )
 from sandbox.events import FanOutSink, MemoryEventSink
+from sandbox.keybroker import RATE_LIMITED
 from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
+from sandbox.keybroker.transport import Certification, KeyBrokerTransport, KeyRelease
 from sandbox.ops.cli import app
 from sandbox.ops.keybroker.broker import ContentKey, KeyBroker, KeyStore
+from sandbox.ops.keybroker.inprocess import InProcessTransport
 from sandbox.ops.keybroker.limits import DEFAULT_LIMITS, Limits
 from sandbox.ops.keybroker.service import client_of, serve
 from sandbox.ops.tls import TlsFiles, issue_loopback_tls
@@ -268,6 +271,101 @@ def test_an_unknown_attestation_purpose_is_a_bad_request(kb: Deployment) -> None
             kb, token, challenge.session_id, sandbox.public_bytes, purpose="everything"
         ),
     )
+
+
+# --- one exchange over either transport -----------------------------------------------------
+
+
+def _answers(kb: Deployment, transport: KeyBrokerTransport) -> list[Any]:
+    """What ``transport`` answers for a release, a certification, and four refusals."""
+    channel_key = RecipientKey.generate()
+    released = obtain_content_key(
+        transport,
+        kb.attester,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+    certified = certify_channel_key(
+        transport,
+        kb.attester,
+        channel_key,
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+    challenge = transport.challenge(KEY_ID)
+    granted = transport.attest(
+        session_id=challenge.session_id,
+        tee="stub",
+        evidence=_evidence(kb.attester, challenge.nonce, channel_key.public_bytes),
+        tee_pubkey=channel_key.public_bytes,
+        hpke_suite=SUITE_X25519,
+        key_id=KEY_ID,
+        purpose=PURPOSE_CHANNEL,
+    )
+    refusals: list[tuple[str, str]] = []
+    for refused in (
+        lambda: transport.challenge("no-such-key"),
+        lambda: transport.release(attestation_result=certified.token, key_id=KEY_ID),
+        lambda: transport.release(attestation_result=released.result.token, key_id="no-such-key"),
+        lambda: transport.attest(
+            session_id="never-issued",
+            tee="stub",
+            evidence="x.y.z",
+            tee_pubkey=bytes(32),
+            hpke_suite=SUITE_X25519,
+            key_id=KEY_ID,
+        ),
+    ):
+        with pytest.raises(KeyReleaseDenied) as caught:
+            refused()
+        refusals.append((caught.value.code, caught.value.reason))
+    again = transport.release(attestation_result=released.result.token, key_id=KEY_ID)
+    return [
+        released.content_key,
+        certified.purpose,
+        type(granted),
+        type(again),
+        refusals,
+    ]
+
+
+def test_the_in_process_transport_answers_as_the_grpc_service(kb: Deployment) -> None:
+    """Tests and tooling attest over the in-process adapter: it must answer what the
+    service sends over the wire, for releases, certifications and denials alike."""
+    over_grpc = _answers(kb, kb.client)
+    in_process = _answers(kb, InProcessTransport(kb.broker))
+    assert over_grpc == in_process
+    assert over_grpc[:4] == [CONTENT_KEY, PURPOSE_CHANNEL, Certification, KeyRelease]
+    assert [code for code, _ in over_grpc[4]] == [
+        "UNKNOWN_KEY",
+        "RESULT_INVALID",
+        "UNKNOWN_KEY",
+        "SESSION_UNKNOWN",
+    ]
+    assert kb.events.kinds().count("key_released") == 4
+
+
+def test_the_transports_answer_rate_limited_alike(
+    tmp_path: Path, tls: TlsFiles, maker: DevManufacturer
+) -> None:
+    """RATE_LIMITED, sent as a gRPC status rather than a denial, reads the same in-process."""
+    deployment, server = _deploy(tmp_path, tls, maker, POLICY, limits=Limits(denials_per_client=1))
+    try:
+        answers = []
+        for transport in (deployment.client, InProcessTransport(deployment.broker)):
+            denials = [_bogus_attest(transport) for _ in range(2)]
+            with pytest.raises(KeyReleaseDenied) as caught:
+                transport.challenge("no-such-key")
+            answers.append([(d.code, d.reason) for d in (*denials, caught.value)])
+        assert answers[0] == answers[1]
+        assert [code for code, _ in answers[0]] == ["SESSION_UNKNOWN", *[RATE_LIMITED] * 2]
+    finally:
+        deployment.client.close()
+        server.stop(grace=None)
 
 
 # --- nonce and session -------------------------------------------------------------------
@@ -763,7 +861,7 @@ def _two_peers(
         log.close()
 
 
-def _bogus_attest(client: KeyBrokerClient, **fields: Any) -> KeyReleaseDenied:
+def _bogus_attest(client: KeyBrokerTransport, **fields: Any) -> KeyReleaseDenied:
     """An attest for a session that was never issued; returns the denial."""
     request: dict[str, Any] = {
         "session_id": "never-issued",

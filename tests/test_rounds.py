@@ -30,8 +30,7 @@ from safetensors.numpy import load_file
 
 from clients.channel import NodeChannel, channel_path, check_aggregator, open_channel, open_global
 from clients.egress import failure_reason
-from clients.model import node_measurements
-from sandbox.attestation.backends import load_attester
+from clients.model import certify_channel
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext
 from sandbox.attestation.verifier import Appraisal
 from sandbox.channel import (
@@ -56,7 +55,8 @@ from sandbox.events import JsonlEventSink, MemoryEventSink
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
 from sandbox.ops.demo_data import write_demo_data
-from sandbox.ops.keybroker.broker import KeyBroker, Released
+from sandbox.ops.keybroker.broker import KeyBroker
+from sandbox.ops.keybroker.inprocess import InProcessTransport
 from sandbox.ops.provision import LoopbackDeployment, build_broker, provision_loopback
 from sandbox.protocol import (
     CONFIG_KEY,
@@ -131,7 +131,8 @@ class SealedWorld:
     """A provisioned provider, its in-process key broker, and node workspaces.
 
     The broker is the real one (``build_broker``), only called without gRPC; simulated
-    nodes get their channel keys certified by it exactly as a ClientApp does.
+    nodes get their channel keys certified by it through the ClientApp's own code
+    (``certify_channel``) over the in-process transport.
     """
 
     deployment: LoopbackDeployment
@@ -141,32 +142,9 @@ class SealedWorld:
     model_digest: str
 
     def certify(self, node: NodeConfig) -> Callable[[RecipientKey], str]:
-        sandbox = node.require_sandbox()
-        attester = load_attester(
-            sandbox.tee, sandbox.attestation_key, sandbox.attestation_chain, sandbox.ueid
-        )
-
-        def certify(key: RecipientKey) -> str:
-            session = self.broker.challenge(self.key_id)
-            evidence = attester.evidence(
-                nonce=session.nonce,
-                tee_pubkey=key.public_bytes,
-                measurements=node_measurements(node),
-                now=dt.datetime.now(dt.UTC),
-            )
-            outcome = self.broker.attest(
-                session_id=session.session_id,
-                tee=attester.tee,
-                evidence=evidence,
-                tee_pubkey=key.public_bytes,
-                hpke_suite=key.suite,
-                key_id=self.key_id,
-                purpose=PURPOSE_CHANNEL,
-            )
-            assert isinstance(outcome, Released), outcome
-            return outcome.result.token
-
-        return certify
+        """What a ClientApp certifies its channel key with, over the in-process broker."""
+        transport = InProcessTransport(self.broker)
+        return lambda key: certify_channel(node, self.key_id, key, transport=transport)
 
     def sandbox(self, **changes: Any) -> AggregatorSandbox:
         """The provider's aggregator sandbox for RUN_ID (``changes`` stage an attack)."""

@@ -1,8 +1,10 @@
 """The sandbox's side of key release: challenge, evidence, attest, check the result, unwrap.
 
-Everything the broker says is checked here before it is used: the attestation result
-must verify under the provider's result key, be affirming, and be bound to this
-session and this sandbox's ephemeral key; the wrapped key opens only with that key.
+Everything the broker says is checked here before it is used, whichever transport
+carried it (:class:`KeyBrokerClient` over gRPC/TLS, or the provider's in-process
+adapter): the attestation result must verify under the provider's result key, be
+affirming, and be bound to this session and this sandbox's ephemeral key; the wrapped
+key opens only with that key.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,17 +30,13 @@ from sandbox.attestation.result import (
 )
 from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, ResultInvalid
 from sandbox.keybroker import RATE_LIMITED
+from sandbox.keybroker.transport import Certification, Challenge, KeyBrokerTransport, KeyRelease
 from sandbox.seal.envelope import SUITE_X25519, RecipientKey, unwrap_content_key
 from sandbox.tls import TlsChannel
 
 DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Challenge:
-    session_id: str
-    nonce: bytes
-    expires_at: int
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 
 @dataclass(frozen=True)
@@ -50,38 +49,37 @@ class ReleasedKey:
     content_key: bytes = field(repr=False)
 
 
-def _code_name(code: int) -> str:
-    return str(pb.DenialCode.Name(code)).removeprefix("DENIAL_CODE_")
-
-
 class KeyBrokerClient(TlsChannel):
-    """A TLS gRPC client for the key broker; raises KeyReleaseDenied with the broker's code."""
+    """The key broker's transport over gRPC with TLS (a :class:`KeyBrokerTransport`)."""
 
     def __init__(self, address: str, *, ca_cert: Path | bytes, timeout: float = DEFAULT_TIMEOUT):
         super().__init__(address, ca_cert=ca_cert, timeout=timeout)
         self._stub = pb_grpc.KeyBrokerStub(self._channel)
 
-    def _call(self, method: Callable[..., object], request: object) -> object:
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Reply], request: Request
+    ) -> Reply:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            detail = str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise KeyReleaseDenied("UNKNOWN_KEY", str(detail)) from exc
+                raise KeyReleaseDenied("UNKNOWN_KEY", detail) from exc
             if (
                 isinstance(exc, grpc.Call)
                 and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                and str(detail).startswith(f"{RATE_LIMITED}:")
+                and detail.startswith(f"{RATE_LIMITED}: ")
             ):
                 # The broker's RATE_LIMITED (sandbox.ops.keybroker.service): a denial to retry
                 # after its window, sent as a status until the proto has a code for it.
                 # gRPC's own RESOURCE_EXHAUSTED (a message over the size limit) is not one.
-                raise KeyReleaseDenied(RATE_LIMITED, str(detail)) from exc
+                raise KeyReleaseDenied(
+                    RATE_LIMITED, detail.removeprefix(f"{RATE_LIMITED}: ")
+                ) from exc
             raise KeyBrokerUnavailable(f"key broker at {self.address}: {detail}") from exc
 
     def challenge(self, key_id: str) -> Challenge:
         reply = self._call(self._stub.Challenge, pb.ChallengeRequest(key_id=key_id))
-        assert isinstance(reply, pb.ChallengeReply)
         return Challenge(reply.session_id, reply.nonce, reply.expires_at)
 
     def attest(
@@ -94,8 +92,8 @@ class KeyBrokerClient(TlsChannel):
         hpke_suite: str,
         key_id: str,
         purpose: str = PURPOSE_KEY_RELEASE,
-    ) -> pb.KeyRelease:
-        """The broker's release, or KeyReleaseDenied carrying its denial code and reason."""
+    ) -> KeyRelease | Certification:
+        """The broker's release (or certification), or KeyReleaseDenied with its code."""
         request = pb.AttestRequest(
             session_id=session_id,
             tee=tee,
@@ -105,22 +103,38 @@ class KeyBrokerClient(TlsChannel):
             key_id=key_id,
             purpose=purpose,
         )
-        return self._outcome(self._call(self._stub.Attest, request))
+        released = _released(self._call(self._stub.Attest, request))
+        if purpose == PURPOSE_CHANNEL:
+            # The wire's KeyRelease with no key: the proto has one reply for both purposes.
+            return Certification(released.attestation_result, released.key_id, released.session_id)
+        return _key_release(released)
 
-    def release(self, *, attestation_result: str, key_id: str) -> pb.KeyRelease:
+    def release(self, *, attestation_result: str, key_id: str) -> KeyRelease:
         request = pb.ReleaseRequest(attestation_result=attestation_result, key_id=key_id)
-        return self._outcome(self._call(self._stub.Release, request))
+        return _key_release(_released(self._call(self._stub.Release, request)))
 
-    @staticmethod
-    def _outcome(reply: object) -> pb.KeyRelease:
-        assert isinstance(reply, pb.AttestReply)
-        if reply.WhichOneof("outcome") != "released":
-            raise KeyReleaseDenied(_code_name(reply.denied.code), reply.denied.reason)
-        return reply.released
+
+def _released(reply: pb.AttestReply) -> pb.KeyRelease:
+    """The reply's release, or KeyReleaseDenied carrying the broker's code and reason."""
+    if reply.WhichOneof("outcome") != "released":
+        code = pb.DenialCode.Name(reply.denied.code).removeprefix("DENIAL_CODE_")
+        raise KeyReleaseDenied(code, reply.denied.reason)
+    return reply.released
+
+
+def _key_release(released: pb.KeyRelease) -> KeyRelease:
+    return KeyRelease(
+        released.attestation_result,
+        released.wrapped_key,
+        released.key_id,
+        released.model_id,
+        released.session_id,
+        released.hpke_suite,
+    )
 
 
 def _attested(
-    client: KeyBrokerClient,
+    broker: KeyBrokerTransport,
     attester: Attester,
     *,
     key_id: str,
@@ -129,16 +143,16 @@ def _attested(
     result_key: ec.EllipticCurvePublicKey,
     purpose: str,
     clock: Callable[[], dt.datetime],
-) -> tuple[pb.KeyRelease, AttestationResult]:
+) -> tuple[KeyRelease | Certification, AttestationResult]:
     """Challenge, evidence binding ``sandbox_key``, attest; the broker's checked result."""
-    challenge = client.challenge(key_id)
+    challenge = broker.challenge(key_id)
     evidence = attester.evidence(
         nonce=challenge.nonce,
         tee_pubkey=sandbox_key.public_bytes,
         measurements=dict(measurements),
         now=clock(),
     )
-    release = client.attest(
+    granted = broker.attest(
         session_id=challenge.session_id,
         tee=attester.tee,
         evidence=evidence,
@@ -147,20 +161,20 @@ def _attested(
         key_id=key_id,
         purpose=purpose,
     )
-    result = verify_result(release.attestation_result, result_key, now=clock())
+    result = verify_result(granted.attestation_result, result_key, now=clock())
     if (
         result.status != AFFIRMING
         or result.session_id != challenge.session_id
         or result.tee_pubkey != sandbox_key.public_bytes
         or result.purpose != purpose
-        or release.key_id != key_id
+        or granted.key_id != key_id
     ):
         raise ResultInvalid("the key broker's result is not bound to this session and key")
-    return release, result
+    return granted, result
 
 
 def obtain_content_key(
-    client: KeyBrokerClient,
+    broker: KeyBrokerTransport,
     attester: Attester,
     *,
     key_id: str,
@@ -172,7 +186,7 @@ def obtain_content_key(
     """Attest this sandbox and open the released content key with a fresh ephemeral key."""
     sandbox_key = RecipientKey.generate(suite)
     release, result = _attested(
-        client,
+        broker,
         attester,
         key_id=key_id,
         sandbox_key=sandbox_key,
@@ -181,6 +195,8 @@ def obtain_content_key(
         purpose=PURPOSE_KEY_RELEASE,
         clock=clock,
     )
+    if not isinstance(release, KeyRelease):
+        raise ResultInvalid("the key broker certified a channel key where a key was asked for")
     content_key = unwrap_content_key(
         release.wrapped_key,
         sandbox_key.private_key,
@@ -193,7 +209,7 @@ def obtain_content_key(
 
 
 def certify_channel_key(
-    client: KeyBrokerClient,
+    broker: KeyBrokerTransport,
     attester: Attester,
     channel_key: RecipientKey,
     *,
@@ -207,7 +223,7 @@ def certify_channel_key(
     The broker releases nothing for it, and refuses the result on ``Release``.
     """
     _, result = _attested(
-        client,
+        broker,
         attester,
         key_id=key_id,
         sandbox_key=channel_key,

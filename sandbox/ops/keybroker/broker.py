@@ -220,6 +220,16 @@ class Released:
 
 
 @dataclass(frozen=True)
+class Certified:
+    """A channel attestation: the affirming result certifies its TEE key as a node's
+    update-channel key. No key is released with it, nor later against it."""
+
+    result: AttestationResult
+    key_id: str
+    model_id: str
+
+
+@dataclass(frozen=True)
 class Denied:
     """A denial: the public code and reason, the typed cause, and any signed result."""
 
@@ -229,7 +239,7 @@ class Denied:
     result: AttestationResult | None = None
 
 
-Outcome = Released | Denied
+Outcome = Released | Certified | Denied
 
 
 class KeyBroker:
@@ -419,7 +429,7 @@ class KeyBroker:
         content_key: ContentKey,
         request: dict[str, Any],
         now: dt.datetime,
-    ) -> Released:
+    ) -> Certified:
         """A channel attestation: the signed result and no key."""
         self.events.emit(
             Event(
@@ -433,18 +443,11 @@ class KeyBroker:
                 },
             )
         )
-        return Released(
-            result,
-            b"",
-            content_key.key_id,
-            content_key.model_id,
-            result.session_id,
-            result.hpke_suite,
-        )
+        return Certified(result, content_key.key_id, content_key.model_id)
 
     def release(
         self, *, attestation_result: str, key_id: str, client: str = LOCAL_CLIENT
-    ) -> Outcome:
+    ) -> Released | Denied:
         """Release another key against an unexpired affirming result this broker signed.
 
         The result must have been appraised under the policy in force now, and that

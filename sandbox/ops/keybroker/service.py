@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 from urllib.parse import unquote
 
 import grpc
@@ -17,6 +17,7 @@ from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.result import PURPOSE_KEY_RELEASE
 from sandbox.keybroker import RATE_LIMITED
 from sandbox.ops.keybroker.broker import (
+    Certified,
     Denied,
     KeyBroker,
     Outcome,
@@ -56,7 +57,7 @@ def client_of(peer: str) -> str:
     return str(ip)
 
 
-def _rate_limited(context: Any) -> NoReturn:
+def _rate_limited(context: grpc.ServicerContext) -> NoReturn:
     """RATE_LIMITED goes out as gRPC's RESOURCE_EXHAUSTED: the proto's DenialCode has no
     value for it yet, and the status is the one gRPC clients already back off on."""
     _, reason = denial_of(RateLimited())
@@ -64,7 +65,7 @@ def _rate_limited(context: Any) -> NoReturn:
     raise RuntimeError("grpc's context.abort returned instead of raising")
 
 
-def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
+def _reply(outcome: Outcome, context: grpc.ServicerContext) -> pb.AttestReply:
     if isinstance(outcome, Denied) and outcome.code == RATE_LIMITED:
         _rate_limited(context)
     if isinstance(outcome, Denied):
@@ -75,26 +76,30 @@ def _reply(outcome: Outcome, context: Any) -> pb.AttestReply:
                 attestation_result="" if outcome.result is None else outcome.result.token,
             )
         )
+    # The proto has one reply for both purposes: a channel's certification has no key.
+    wrapped_key = b"" if isinstance(outcome, Certified) else outcome.wrapped_key
     return pb.AttestReply(
         released=pb.KeyRelease(
             attestation_result=outcome.result.token,
-            wrapped_key=outcome.wrapped_key,
+            wrapped_key=wrapped_key,
             key_id=outcome.key_id,
             model_id=outcome.model_id,
-            session_id=outcome.session_id,
-            hpke_suite=outcome.hpke_suite,
+            session_id=outcome.result.session_id,
+            hpke_suite=outcome.result.hpke_suite,
         )
     )
 
 
-class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # generated base, untyped
+class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
     """Serialises calls into the broker (its session table is not thread-safe)."""
 
     def __init__(self, broker: KeyBroker):
         self.broker = broker
         self._lock = threading.Lock()
 
-    def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+    def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ChallengeReply:
         client = client_of(context.peer())
         with self._lock:
             try:
@@ -109,7 +114,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
             expires_at=int(session.expires_at.timestamp()),
         )
 
-    def Attest(self, request: pb.AttestRequest, context: Any) -> pb.AttestReply:
+    def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> pb.AttestReply:
         client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.attest(
@@ -124,7 +129,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]  # gen
             )
         return _reply(outcome, context)
 
-    def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.AttestReply:
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.AttestReply:
         client = client_of(context.peer())
         with self._lock:
             outcome = self.broker.release(

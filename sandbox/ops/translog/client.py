@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -20,6 +20,8 @@ from sandbox.tls import TlsChannel
 from sandbox.translog.store import MAX_ENTRY_BYTES
 
 DEFAULT_TIMEOUT = 30.0
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 
 class LogClient(TlsChannel):
@@ -39,10 +41,10 @@ class LogClient(TlsChannel):
 
     def _call(
         self,
-        method: Callable[..., object],
-        request: object,
+        method: grpc.UnaryUnaryMultiCallable[Request, Reply],
+        request: Request,
         refused: type[ArkError] = LogUnavailable,
-    ) -> object:
+    ) -> Reply:
         """Call ``method``; a NOT_FOUND or OUT_OF_RANGE answer raises ``refused``."""
         try:
             return method(request, timeout=self.timeout)
@@ -55,7 +57,6 @@ class LogClient(TlsChannel):
 
     def checkpoint(self) -> str:
         reply = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest())
-        assert isinstance(reply, pb.SignedCheckpoint)
         return reply.note
 
     def entries(self, start: int, end: int) -> list[bytes]:
@@ -64,7 +65,6 @@ class LogClient(TlsChannel):
         while start + len(out) < end:
             asked = start + len(out)
             reply = self._call(self._stub.GetEntries, pb.GetEntriesRequest(start=asked, end=end))
-            assert isinstance(reply, pb.Entries)
             if not reply.entries:
                 break
             if reply.start != asked or len(reply.entries) > end - asked:
@@ -90,7 +90,6 @@ class LogClient(TlsChannel):
 
     def _inclusion(self, request: pb.GetInclusionProofRequest) -> tuple[int, list[bytes]]:
         reply = self._call(self._stub.GetInclusionProof, request, InclusionProofError)
-        assert isinstance(reply, pb.InclusionProof)
         return reply.index, list(reply.hashes)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
@@ -99,5 +98,4 @@ class LogClient(TlsChannel):
             pb.GetConsistencyProofRequest(first=size1, second=size2),
             ConsistencyProofError,
         )
-        assert isinstance(reply, pb.ConsistencyProof)
         return list(reply.hashes)

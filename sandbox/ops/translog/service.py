@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -25,7 +24,7 @@ log = logging.getLogger("ark.translog")
 MAX_PAGE = 1000
 
 
-class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):  # type: ignore[misc]  # generated base, untyped
+class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):
     """Answers from a read-only view of the store; signs checkpoints with ``signer``."""
 
     def __init__(self, reader: LogStore, writer: LogStore, signer: NoteSigner):
@@ -34,11 +33,15 @@ class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):  # type: ignore[
         self.signer = signer
         self._lock = threading.Lock()
 
-    def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any) -> pb.SignedCheckpoint:
+    def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.SignedCheckpoint:
         with self._lock:
             return pb.SignedCheckpoint(note=self.writer.sign_checkpoint(self.signer))
 
-    def GetEntries(self, request: pb.GetEntriesRequest, context: Any) -> pb.Entries:
+    def GetEntries(
+        self, request: pb.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> pb.Entries:
         if request.end < request.start:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end is before start")
         end = min(request.end, request.start + MAX_PAGE)
@@ -47,7 +50,7 @@ class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):  # type: ignore[
         return pb.Entries(start=request.start, entries=entries)
 
     def GetInclusionProof(
-        self, request: pb.GetInclusionProofRequest, context: Any
+        self, request: pb.GetInclusionProofRequest, context: grpc.ServicerContext
     ) -> pb.InclusionProof:
         with self._lock:
             if request.WhichOneof("leaf") == "leaf_hash":
@@ -64,7 +67,7 @@ class TransparencyLogServicer(pb_grpc.TransparencyLogServicer):  # type: ignore[
         return pb.InclusionProof(index=index, tree_size=request.tree_size, hashes=hashes)
 
     def GetConsistencyProof(
-        self, request: pb.GetConsistencyProofRequest, context: Any
+        self, request: pb.GetConsistencyProofRequest, context: grpc.ServicerContext
     ) -> pb.ConsistencyProof:
         with self._lock:
             try:
