@@ -348,3 +348,9 @@ class JournalInvalid(LogVerificationError):
     """A node journal's chain or signatures do not verify: edited, reordered or cut."""
 
     exit_code = 35
+
+
+class CanonicalJSONError(ArkError, ValueError):
+    """A value has no RFC 8785 canonical form (an integer beyond 2**53 - 1, a non-finite
+    float, a non-string key or a non-JSON type); the message says where it sits. Also a
+    ``ValueError``, as the encoder's own error was, for callers that catch that."""

@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sandbox import strictjson
+from sandbox.canonical import canonical_entry
 from sandbox.config import NodeConfig
 from sandbox.errors import JournalInvalid
 from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
 from sandbox.strictjson import StrictJSONError
-from sandbox.translog.store import canonical_entry
 
 FORMAT = "ark-node-journal/v1"
 OPENED = "journal_opened"

@@ -11,8 +11,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sandbox.canonical import canonical_entry
 from sandbox.translog.note import NoteSigner, log_origin
-from sandbox.translog.store import LogStore, canonical_entry
+from sandbox.translog.store import LogStore
 
 TIME = "2026-11-23T03:00:00+00:00"
 

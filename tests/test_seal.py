@@ -196,11 +196,11 @@ def test_package_opens_in_memory_to_the_original_weights(
 
 
 def _rewrite_manifest(out: Path, signing: Ed25519PrivateKey, change: dict[str, Any]) -> None:
-    import rfc8785
+    from sandbox import canonical
 
     manifest = json.loads((out / MANIFEST).read_text())
     manifest.update(change)
-    body = rfc8785.dumps(manifest)
+    body = canonical.dumps(manifest)
     (out / MANIFEST).write_bytes(body)
     (out / SIGNATURE).write_bytes(signing.sign(body))
 

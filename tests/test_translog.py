@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from sandbox.canonical import canonical_entry
 from sandbox.config import NodeConfig
 from sandbox.errors import (
     AggregateUnaccepted,
@@ -55,7 +56,7 @@ from sandbox.translog.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from sandbox.translog.store import LogStore, canonical_entry
+from sandbox.translog.store import LogStore
 from tests.loghistory import (
     admission,
     attestation,

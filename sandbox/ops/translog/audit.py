@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from sandbox import strictjson
 from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.canonical import canonical_entry
 from sandbox.errors import (
     AggregateUnaccepted,
     AuditTooLarge,
@@ -42,7 +43,7 @@ from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
-from sandbox.translog.store import LogReader, canonical_entry
+from sandbox.translog.store import LogReader
 
 # Entries fetched per request while auditing; the gRPC service pages at most this many.
 PAGE = 1000
