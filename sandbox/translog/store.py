@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sandbox.canonical import canonical_entry
 from sandbox.errors import EntryTampered, InclusionProofError, LogUnavailable
 from sandbox.events import Event
 from sandbox.translog import merkle
@@ -329,4 +328,4 @@ class LogSink:
         self.store = store
 
     def emit(self, event: Event) -> None:
-        self.store.append(canonical_entry(event.to_json()))
+        self.store.append(event.canonical())
