@@ -40,8 +40,8 @@ from sandbox.seal.stream import (
     decrypt_stream,
     encrypt_stream,
 )
+from tests.vectorload import load_vector
 
-VECTORS = Path(__file__).parent / "vectors" / "stream" / "ark-stream-1.json"
 KEY = bytes(range(32))
 CHUNK = 16
 
@@ -57,7 +57,7 @@ def _open(stream: bytes, *, key: bytes = KEY, context: bytes = b"") -> bytes:
 
 
 def _vectors() -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = json.loads(VECTORS.read_text())["cases"]
+    cases: list[dict[str, Any]] = load_vector("stream", "ark-stream-1.json")["cases"]
     return cases
 
 
