@@ -36,9 +36,11 @@ from typing import Any, ClassVar, Self
 
 from sandbox.canonical import MAX_SAFE_INTEGER, canonical_entry
 from sandbox.errors import EventInvalid
+from sandbox.strictjson import INT_LIMIT
 
 _OMIT = "omit-when-none"
 _BIG_INT = re.compile(r"-?[1-9][0-9]*")
+_ID_CHARS = len(str(-INT_LIMIT))
 _NON_FINITE = {str(math.inf), str(-math.inf), str(math.nan)}
 _SHOWN = 64  # characters of an untrusted kind or key an error message repeats
 
@@ -116,6 +118,9 @@ class Key(StrEnum):
     TIMINGS = "timings"
 
 
+_KEYS = frozenset(Key)
+
+
 def omitted() -> Any:
     """A field left out of the JSON form when it is None (the services write it only when
     it applies); any other field is always written, ``null`` included."""
@@ -133,7 +138,7 @@ class JsonObject:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, annotation in inspect.get_annotations(cls).items():
-            if not str(annotation).startswith("ClassVar") and name not in Key._value2member_map_:
+            if not str(annotation).startswith("ClassVar") and name not in _KEYS:
                 raise TypeError(f"{cls.__name__}.{name} is not a sandbox.events.Key")
 
     def __post_init__(self) -> None:
@@ -165,7 +170,8 @@ class JsonObject:
         specs = {spec.name: spec for spec in dataclasses.fields(cls)}
         for name in value:
             if name not in specs and name not in skip:
-                raise EventInvalid("is not a field of this event", kind=kind, key=at + _shown(name))
+                shown = _shown(str(name))
+                raise EventInvalid("is not a field of this event", kind=kind, key=at + shown)
         hints = _hints(cls)
         parsed: dict[str, Any] = {}
         for name, spec in specs.items():
@@ -182,7 +188,8 @@ class JsonObject:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Record(JsonObject):
     """An event kind: its ``kind`` and typed fields. Subclasses that set ``kind`` register
-    themselves in their family's table (``registry``), which :meth:`parse` dispatches on."""
+    themselves in their family's table (``registry``), which :meth:`from_json` dispatches
+    on."""
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Record]]]
@@ -267,6 +274,8 @@ def decode_value(value: Any, hint: Any, kind: str | None, key: str) -> Any:
         if not isinstance(value, dict):
             raise EventInvalid("must be a JSON object", kind=kind, key=key)
         _, member = typing.get_args(hint)
+        if not all(isinstance(k, str) for k in value):
+            raise EventInvalid("must have text keys", kind=kind, key=key)
         return {k: decode_value(v, member, kind, f"{key}.{_shown(k)}") for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, JsonObject):
         return hint._parse(value, kind, f"{key}.", frozenset())
@@ -281,9 +290,10 @@ def _scalar(value: Any, hint: Any, kind: str | None, key: str) -> Any:
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and _BIG_INT.fullmatch(value):
+        # The log's spelling of an id beyond 2**53 (Flower's are unsigned 64-bit).
+        if isinstance(value, str) and len(value) <= _ID_CHARS and _BIG_INT.fullmatch(value):
             number = int(value)
-            if abs(number) > MAX_SAFE_INTEGER:  # the log's spelling of a large id
+            if MAX_SAFE_INTEGER < abs(number) < INT_LIMIT:
                 return number
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -298,7 +308,5 @@ def _scalar(value: Any, hint: Any, kind: str | None, key: str) -> Any:
         if stamp is not None and stamp.tzinfo is not None and stamp.isoformat() == value:
             return stamp
         raise EventInvalid("must be an ISO 8601 time with its offset", kind=kind, key=key)
-    if hint is Any:
-        return value
     name = getattr(hint, "__name__", str(hint))
     raise EventInvalid(f"must be of type {name}", kind=kind, key=key)

@@ -610,6 +610,7 @@ def _negatives(kind: str, record: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "run" in record:
         cases.append(("a run id as text below 2**53", {**record, "run": "7"}, "run"))
+        cases.append(("a run id as text from 2**64", {**record, "run": str(2**64)}, "run"))
     for key, value in record.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
             inner = next(iter(value[0]))
