@@ -6,15 +6,20 @@ import datetime as dt
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sandbox import canonical, strictjson
 from sandbox.canonical import canonical_entry
+from sandbox.config import NodeConfig
 from sandbox.errors import CanonicalJSONError, EventInvalid
 from sandbox.events import (
+    AppApproved,
+    EgressBlocked,
     Event,
+    Hello,
     JournalEntry,
     JournalOpened,
     Key,
@@ -24,6 +29,7 @@ from sandbox.events import (
     RunEvent,
     parse_journal_entry,
 )
+from sandbox.journal import append_journal, read_journal
 from tests.vectorload import load_vectors, vector_cases
 
 FILES: list[dict[str, Any]] = load_vectors("events")
@@ -126,3 +132,19 @@ def test_the_log_spells_what_jcs_cannot_hold_as_text() -> None:
     assert canonical_entry(record) == (
         b'{"loss":"-inf","n":["9007199254740992"],"run":"18446744073709551615"}'
     )
+
+
+def test_journal_entries_read_back_as_the_events_the_node_wrote(tmp_path: Path) -> None:
+    journal = tmp_path / "alpine.jsonl"
+    node = NodeConfig(name="alpine", data_path=tmp_path / "d.jsonl", journal_path=journal)
+    flower_run = 16401725734191279427
+    written = [
+        AppApproved(app_sha256="ab" * 32, run_id=flower_run),
+        Hello(run_id=flower_run, node_id=2**63 - 5, round=1, suite="x25519-hkdf-sha256"),
+        EgressBlocked(run_id=flower_run, node_id=3, code="egress-blocked", reason="a metric"),
+    ]
+    for event in written:
+        append_journal(node, event)
+    entries = [parse_journal_entry(entry) for entry in read_journal(journal)]
+    assert all(isinstance(entry, JournalEntry) and entry.node == "alpine" for entry in entries)
+    assert [entry.event for entry in entries if isinstance(entry, JournalEntry)] == written
