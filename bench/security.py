@@ -27,7 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sandbox.config import PROTECTION_OFF, RunSpec
-from sandbox.events import JsonlEventSink
+from sandbox.events import JsonlEventSink, Key, UpdateAccepted
 from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
 from sandbox.ops.apps import approve_app_dir
@@ -101,9 +101,8 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
     per_round = [r["seconds"] for r in results["rounds"][1:]]
     initial = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
     fp32 = sum(4 * v.size for k, v in initial.items() if is_trained(k, spec.mode))
-    accepted = [
-        e for e in JsonlEventSink(out / "events.jsonl").read() if e["kind"] == "update_accepted"
-    ]
+    events = JsonlEventSink(out / "events.jsonl").read()
+    accepted = [e for e in events if e[Key.KIND] == UpdateAccepted.kind]
     link_bytes: float | None = None
     if capture.process is not None:
         streams = read_pcap(capture.path)

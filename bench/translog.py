@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox.canonical import canonical_entry
 from sandbox.ops.tls import issue_loopback_tls
 from sandbox.ops.translog.audit import Audit, verify_log
 from sandbox.ops.translog.client import LogClient
 from sandbox.ops.translog.service import serve_log
 from sandbox.translog import merkle
-from sandbox.translog.store import LogStore, canonical_entry
+from sandbox.translog.store import LogStore
 from tests.loghistory import history_of_size, new_signer
 
 PROOF_SIZES = (1_000, 10_000, 100_000, 1_000_000)

@@ -32,6 +32,7 @@ from clients.channel import (
 from clients.data import Split, load_examples, split_examples
 from clients.egress import egress_guard
 from clients.model import NodeModel, certify_channel, load_node_model
+from sandbox import events
 from sandbox.channel import (
     DOWNLINK,
     STAGE_EVALUATE,
@@ -42,6 +43,7 @@ from sandbox.channel import (
 )
 from sandbox.config import PROTECTION_OFF, NodeConfig, RunSpec
 from sandbox.errors import AggregatorRefused, ConfigError
+from sandbox.events import Key
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.protocol import (
@@ -123,7 +125,7 @@ def _accept(msg: Message, context: Context, spec: RunSpec, node: NodeConfig) -> 
     try:
         aggregator = check_aggregator(node, channel, msg.content, now=dt.datetime.now(dt.UTC))
     except AggregatorRefused as exc:
-        _journal(node, context, {"kind": "aggregator_refused", "round": rnd, "reason": str(exc)})
+        _journal(node, context, events.AggregatorRefused, round=rnd, reason=str(exc))
         raise
     manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
     accepted = Instruction(rnd, stage, {}, channel, aggregator, manifest_digest(manifest))
@@ -183,25 +185,27 @@ def _timings(started: float) -> dict[str, float]:
     }
 
 
-def _journal(node: NodeConfig, context: Context, entry: dict[str, Any]) -> None:
+def _journal(node: NodeConfig, context: Context, kind: type[events.InRun], **fields: Any) -> None:
     """Append what this node sent to its own journal (the auditor cross-checks it later)."""
-    append_journal(node, {"run_id": context.run_id, "node_id": context.node_id, **entry})
+    append_journal(node, kind(run_id=context.run_id, node_id=context.node_id, **fields))
 
 
-def _attested(loaded: NodeModel, accepted: Instruction) -> dict[str, Any]:
+def _attested(loaded: NodeModel, accepted: Instruction) -> dict[Key, Any]:
     """What the journal keeps of this message's key release and aggregator check."""
     result = loaded.attestation
     if result is None or accepted.aggregator is None:
-        return {"attestation": None, "aggregator": None}
+        return {Key.ATTESTATION: None, Key.AGGREGATOR: None}
     appraisal = accepted.aggregator.appraisal
     return {
-        "attestation": {
-            "ear_sha256": result.digest,
-            "status": result.status,
-            "session": result.session_id,
-            "stub": result.is_stub,
-        },
-        "aggregator": {"ueid": appraisal.claims.get("ueid"), "stub": appraisal.is_stub},
+        Key.ATTESTATION: events.KeyAttestation(
+            ear_sha256=result.digest,
+            status=result.status,
+            session=result.session_id,
+            stub=result.is_stub,
+        ),
+        Key.AGGREGATOR: events.AggregatorSeen(
+            ueid=appraisal.claims.get("ueid"), stub=appraisal.is_stub
+        ),
     }
 
 
@@ -222,11 +226,7 @@ def hello(msg: Message, context: Context) -> Message:
         return certify_channel(node, manifest["key_id"], key)
 
     channel, record = open_channel(node, context.run_id, certify)
-    _journal(
-        node,
-        context,
-        {"kind": "hello", "round": round_of(msg.content), "suite": channel.key.suite},
-    )
+    _journal(node, context, events.Hello, round=round_of(msg.content), suite=channel.key.suite)
     return Message(RecordDict({HELLO_KEY: record}), reply_to=msg)
 
 
@@ -282,16 +282,14 @@ def train(msg: Message, context: Context) -> Message:
     _journal(
         node,
         context,
-        {
-            "kind": "train",
-            "round": server_round,
-            **_attested(loaded, accepted),
-            "received_sha256": sealed_digest(msg.content),
-            "sent_sha256": sealed_digest(content, SEALED_UPDATE_KEY),
-            "metrics": metrics,
-            "tensors": sorted(update),
-            "timings": _timings(started),
-        },
+        events.Train,
+        round=server_round,
+        **_attested(loaded, accepted),
+        received_sha256=sealed_digest(msg.content),
+        sent_sha256=sealed_digest(content, SEALED_UPDATE_KEY),
+        metrics=metrics,
+        tensors=sorted(update),
+        timings=_timings(started),
     )
     return Message(content, reply_to=msg)
 
@@ -309,13 +307,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     _journal(
         node,
         context,
-        {
-            "kind": "evaluate",
-            "round": server_round,
-            **_attested(loaded, accepted),
-            "received_sha256": sealed_digest(msg.content),
-            "metrics": metrics,
-            "timings": _timings(started),
-        },
+        events.Evaluate,
+        round=server_round,
+        **_attested(loaded, accepted),
+        received_sha256=sealed_digest(msg.content),
+        metrics=metrics,
+        timings=_timings(started),
     )
     return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)

@@ -49,6 +49,7 @@ from sandbox.errors import (
     KeyReleaseDenied,
     ReplyMetadataAltered,
 )
+from sandbox.events import ClientappFailed, EgressBlocked, ErrorWithheld, Key, Withheld
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
@@ -221,14 +222,14 @@ def _refuse(
     node: NodeConfig | None,
     reason: NodeReason,
     detail: str,
-    kind: str = "egress_blocked",
+    kind: type[Withheld] = EgressBlocked,
 ) -> Message:
     """Keep ``detail`` on the node (its log and, when it keeps one, its journal) and
     answer ``msg`` with ``reason``'s fixed code and label only."""
     log.error("egress guard: %s (%s)", detail, reason.label)
     if node is not None:
-        entry = {"run_id": context.run_id, "node_id": context.node_id, "kind": kind}
-        append_journal(node, {**entry, "code": reason.label, "reason": detail})
+        ids = {Key.RUN_ID: context.run_id, Key.NODE_ID: context.node_id}
+        append_journal(node, kind(**ids, code=reason.label, reason=detail))
     return Message(reason.error(), reply_to=msg)
 
 
@@ -254,13 +255,13 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     except Exception as exc:  # the ClientApp failed; say so with a code only
         log.exception("the ClientApp failed")
         detail = f"ClientApp failed: {type(exc).__name__}: {exc}"
-        return _refuse(msg, context, node, failure_reason(exc), detail, kind="clientapp_failed")
+        return _refuse(msg, context, node, failure_reason(exc), detail, kind=ClientappFailed)
     if not isinstance(reply, Message):
         detail = f"the ClientApp returned a {type(reply).__name__}, not a Message"
         return _refuse(msg, context, node, NodeReason.EGRESS_BLOCKED, detail)
     if reply.has_error():
         detail = f"error reply {reply.error.code}: {reply.error.reason}"
-        return _refuse(msg, context, node, NodeReason.CLIENTAPP_ERROR, detail, "error_withheld")
+        return _refuse(msg, context, node, NodeReason.CLIENTAPP_ERROR, detail, ErrorWithheld)
     try:
         check_reply_metadata(
             reply.metadata, msg.metadata, called_at=called_at, returned_at=time.time()

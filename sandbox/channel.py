@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rfc8785
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from sandbox import canonical
 from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import EnvelopeError, UpdateRejected
 from sandbox.seal.envelope import SUITE_X25519, open_envelope, seal_to
@@ -47,7 +47,7 @@ def weights_digest(files: Mapping[str, str]) -> str:
     weights = {name: digest for name, digest in files.items() if name.endswith(WEIGHT_SUFFIX)}
     if not weights:
         raise ValueError("no *.safetensors weight files to digest")
-    return sha256_hex(rfc8785.dumps(weights))
+    return sha256_hex(canonical.dumps(weights))
 
 
 def model_dir_digest(model_dir: Path) -> str:

@@ -348,3 +348,27 @@ class JournalInvalid(LogVerificationError):
     """A node journal's chain or signatures do not verify: edited, reordered or cut."""
 
     exit_code = 35
+
+
+class CanonicalJSONError(ArkError, ValueError):
+    """A value has no RFC 8785 canonical form (an integer beyond 2**53 - 1, a non-finite
+    float, a non-string key or a non-JSON type); the message says where it sits. Also a
+    ``ValueError``, as the encoder's own error was, for callers that catch that."""
+
+
+class EventInvalid(ArkError):
+    """A record is not a well-formed event of the schema (:mod:`sandbox.events`): an
+    unknown kind, a missing or extra field, or a value of the wrong type.
+
+    ``kind`` is the event kind (None when the record names none) and ``key`` the field at
+    fault (None when the record as a whole is wrong); both are in the message.
+    """
+
+    def __init__(self, message: str, *, kind: str | None, key: str | None = None):
+        key = None if key is None else str(key)  # a sandbox.events.Key reads as its name
+        where = f"event {kind!r}" if kind is not None else "event"
+        if key is not None:
+            where += f", key {key!r}"
+        super().__init__(f"{where}: {message}")
+        self.kind = kind
+        self.key = key

@@ -26,14 +26,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sandbox import strictjson
+from sandbox.canonical import canonical_entry
 from sandbox.config import NodeConfig
-from sandbox.errors import JournalInvalid
+from sandbox.errors import EventInvalid, JournalInvalid
+from sandbox.events import JournalEntry, JournalOpened, Key, NodeEvent
 from sandbox.keyfiles import load_private, private_pem, public_pem, write_private
 from sandbox.strictjson import StrictJSONError
-from sandbox.translog.store import canonical_entry
 
 FORMAT = "ark-node-journal/v1"
-OPENED = "journal_opened"
 
 
 def journal_key_path(journal: Path) -> Path:
@@ -117,8 +117,11 @@ def _seq_of(line: bytes, path: Path) -> int:
     return int(_parse_line(line, f"{path}, last line")[0]["seq"])
 
 
-def append_journal(node: NodeConfig, entry: Mapping[str, Any]) -> None:
-    """Append ``entry`` (with the time and the node's name) if the node keeps a journal.
+def append_journal(node: NodeConfig, entry: NodeEvent | Mapping[str, Any]) -> None:
+    """Append ``entry`` (stamped with the time and the node's name, a
+    :class:`~sandbox.events.JournalEntry`) if the node keeps a journal. Every emitter
+    passes a typed :class:`~sandbox.events.NodeEvent`; a mapping is written as it is
+    (tests of the journal's own format write entries the schema would refuse).
 
     Safe across the node's processes: the file is locked from reading its last line
     until the new one is written.
@@ -128,18 +131,20 @@ def append_journal(node: NodeConfig, entry: Mapping[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     key = _journal_key(path)
-    record = {"time": time.time(), "node": node.name, **entry}
+    if isinstance(entry, NodeEvent):
+        record = JournalEntry(time.time(), node.name, entry).to_json()
+    else:
+        record = {Key.TIME.value: time.time(), Key.NODE.value: node.name, **entry}
     with path.open("a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         last = _last_line(handle)
         if last is None:
-            opened = {
-                "kind": OPENED,
-                "format": FORMAT,
-                "node": node.name,
-                "public_key": base64.b64encode(_raw(key.public_key())).decode(),
-            }
-            last = _signed_line(key, 0, "", opened)
+            opened = JournalOpened(
+                format=FORMAT,
+                node=node.name,
+                public_key=base64.b64encode(_raw(key.public_key())).decode(),
+            )
+            last = _signed_line(key, 0, "", opened.to_json())
             handle.write(last + b"\n")
         seq = _seq_of(last, path) + 1
         handle.write(_signed_line(key, seq, hashlib.sha256(last).hexdigest(), record) + b"\n")
@@ -168,13 +173,17 @@ def read_journal(path: Path, *, public_key: Ed25519PublicKey | None = None) -> l
             raise JournalInvalid(f"{where}: breaks the chain (a line was removed or reordered)")
         entry = body["entry"]
         if number == 1:
-            if entry.get("kind") != OPENED or entry.get("format") != FORMAT:
+            try:
+                opened = JournalOpened.from_json(entry)
+            except EventInvalid as exc:
+                raise JournalInvalid(f"{where}: the journal does not start with its key") from exc
+            if opened.format != FORMAT:
                 raise JournalInvalid(f"{where}: the journal does not start with its key")
             try:
                 named = Ed25519PublicKey.from_public_bytes(
-                    base64.b64decode(entry["public_key"], validate=True)
+                    base64.b64decode(opened.public_key, validate=True)
                 )
-            except (ValueError, KeyError, TypeError) as exc:
+            except ValueError as exc:
                 raise JournalInvalid(f"{where}: the opening line has no usable key") from exc
             if key is not None and _raw(key) != _raw(named):
                 raise JournalInvalid(f"{where}: the journal is signed by another key")

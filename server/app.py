@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from sandbox import events
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import DEFAULT_EGRESS_METRICS, PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
@@ -31,7 +32,7 @@ from sandbox.errors import (
     FederationError,
     UpdateRejected,
 )
-from sandbox.events import Event, EventSink, FanOutSink, JsonlEventSink
+from sandbox.events import EventSink, FanOutSink, JsonlEventSink, Key
 from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.protocol import (
@@ -55,16 +56,6 @@ from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
 
 EVENTS_FILE = "events.jsonl"
-# Server-side events (the key broker writes the attestation and key-release ones).
-NODE_ADMITTED = "node_admitted"
-NODE_REFUSED = "node_refused"
-NODE_DECLINED = "node_declined"
-UPDATE_ACCEPTED = "update_accepted"
-UPDATE_REJECTED = "update_rejected"
-RUN_STARTED = "run_started"
-ROUND_STARTED = "round_started"
-AGGREGATE_COMMITTED = "aggregate_committed"
-RUN_FINISHED = "run_finished"
 
 # Every metric name a node's reply may carry (what the egress guard lets out by default).
 PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
@@ -101,12 +92,12 @@ def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, f
     return raw[NUM_EXAMPLES], before, after, raw.get("train-loss", float("nan"))
 
 
-def _clipping(weight: Weight) -> dict[str, Any]:
+def _clipping(weight: Weight) -> dict[Key, Any]:
     """Event fields for an update whose weight a bound clipped: what it declared, and which
     bound (none when it counted as declared)."""
     if weight.bound is None:
         return {}
-    return {"declared_examples": weight.declared, "weight_bound": weight.bound}
+    return {Key.DECLARED_EXAMPLES: weight.declared, Key.WEIGHT_BOUND: weight.bound}
 
 
 def _round_metrics(current: dict[str, Any]) -> dict[str, float]:
@@ -157,18 +148,20 @@ class FederatedJob:
         # Nodes that shook hands with this ServerApp process (sealed runs only).
         self.peers: dict[int, NodePeer] = {}
 
-    def _event(self, kind: str, **fields: Any) -> None:
+    def _event(self, kind: type[events.RunEvent], **fields: Any) -> None:
         """Record ``kind`` for this run (and job) in the job's events and the log."""
-        record = {"run": self.run_id, "job": self.spec.job_id, **fields}
-        self.events.emit(Event(kind, dt.datetime.now(dt.UTC), record))
+        now = dt.datetime.now(dt.UTC)
+        self.events.emit(kind(time=now, run=self.run_id, job=self.spec.job_id, **fields))
 
     def _round_started(self, rnd: int, stage: str, messages: list[Message]) -> None:
         """Who takes part in this round, and the digest of what each was sent."""
         participants = [
-            {"node": m.metadata.dst_node_id, "instruction_sha256": sealed_digest(m.content)}
+            events.Participant(
+                node=m.metadata.dst_node_id, instruction_sha256=sealed_digest(m.content)
+            )
             for m in messages
         ]
-        self._event(ROUND_STARTED, round=rnd, stage=stage, participants=participants)
+        self._event(events.RoundStarted, round=rnd, stage=stage, participants=participants)
 
     def _admit(self, nodes: list[int], rnd: int) -> list[int]:
         """Shake hands with nodes new to this run; return the nodes that may take part."""
@@ -189,11 +182,11 @@ class FederatedJob:
                     peer = self.sandbox.admit(node_id, hello, self.peers.values())
                 except (AttestationError, KeyError) as exc:
                     log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
-                    self._event(NODE_REFUSED, node=node_id, reason=str(exc))
+                    self._event(events.NodeRefused, node=node_id, reason=str(exc))
                     continue
                 self.peers[node_id] = peer
                 self._event(
-                    NODE_ADMITTED,
+                    events.NodeAdmitted,
                     node=node_id,
                     ear_sha256=peer.result.digest,
                     ueid=peer.result.ueid,
@@ -216,7 +209,9 @@ class FederatedJob:
                     # One node's unusable key leaves that node out, not the whole round.
                     log(WARNING, "[ark] node %s left out: cannot seal to its key: %s", node_id, exc)
                     self.peers.pop(node_id, None)
-                    self._event(NODE_REFUSED, node=node_id, reason=f"cannot seal to its key: {exc}")
+                    self._event(
+                        events.NodeRefused, node=node_id, reason=f"cannot seal to its key: {exc}"
+                    )
                     continue
                 messages.append(Message(content, node_id, kind, group_id=str(rnd)))
             return messages
@@ -244,7 +239,7 @@ class FederatedJob:
         or the raw arrays' data size (protection off)."""
         if self.sandbox is None:
             record = reply.content.array_records[UPDATE_KEY]
-            return "plaintext", sum(len(record[name].data) for name in record)
+            return events.PLAINTEXT, sum(len(record[name].data) for name in record)
         blob = sealed_blob(reply.content)
         return sha256_hex(blob), len(blob)
 
@@ -267,7 +262,7 @@ class FederatedJob:
         shake hands again next time. Returns the code's label."""
         reason = NodeReason.of(reply.error).label
         self.peers.pop(node_id, None)
-        self._event(NODE_DECLINED, round=rnd, node=node_id, reason=reason)
+        self._event(events.NodeDeclined, round=rnd, node=node_id, reason=reason)
         return reason
 
     def model(self) -> Any:
@@ -349,7 +344,7 @@ class FederatedJob:
                 current["rejected"][key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
                 self._event(
-                    UPDATE_REJECTED,
+                    events.UpdateRejected,
                     round=rnd,
                     node=node_id,
                     envelope_sha256=envelope,
@@ -360,7 +355,7 @@ class FederatedJob:
                 del reply
             state.weights.setdefault(identity, weight.used)
             self._event(
-                UPDATE_ACCEPTED,
+                events.UpdateAccepted,
                 round=rnd,
                 node=node_id,
                 envelope_sha256=envelope,
@@ -419,7 +414,7 @@ class FederatedJob:
         state.round = rnd
         digest = self._save(state, merged)
         self._event(
-            AGGREGATE_COMMITTED,
+            events.AggregateCommitted,
             round=rnd,
             adapter_sha256=digest,
             updates=accepted,
@@ -460,7 +455,7 @@ class FederatedJob:
     def run(self) -> None:
         state, adapter = self.start()
         self._event(
-            RUN_STARTED,
+            events.RunStarted,
             rounds=self.spec.num_rounds,
             resumed_after_round=state.round,
             protection=self.spec.protection,
@@ -482,10 +477,10 @@ class FederatedJob:
         write_outputs(results, self.out)
         final = state.history.get("rounds", {}).get(str(state.round), {}).get("global", {})
         self._event(
-            RUN_FINISHED,
+            events.RunFinished,
             rounds=state.round,
             adapter_sha256=self.store.adapter_digest(state.round),
-            metrics={"final": final},
+            metrics={Key.FINAL: final},
         )
         log(INFO, "[ark] job %s finished: results in %s", self.spec.job_id, self.out)
 

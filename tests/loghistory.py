@@ -4,6 +4,7 @@ and helpers that build a signed log from them."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,72 +12,105 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.attestation.stub import STUB_TEE
+from sandbox.canonical import canonical_entry
+from sandbox.channel import STAGE_TRAIN
+from sandbox.config import PROTECTION_SEALED
+from sandbox.events import (
+    AggregateCommitted,
+    AggregatorSeen,
+    AttestationAppraised,
+    ChannelCertified,
+    DenialsRateLimited,
+    FileDigest,
+    Key,
+    KeyAttestation,
+    KeyDenied,
+    KeyReleased,
+    ModelPublished,
+    NodeAdmitted,
+    NodeDeclined,
+    Participant,
+    RoundStarted,
+    RunFinished,
+    RunStarted,
+    SentDigest,
+    Train,
+    UpdateAccepted,
+    UpdateRejected,
+)
 from sandbox.translog.note import NoteSigner, log_origin
-from sandbox.translog.store import LogStore, canonical_entry
+from sandbox.translog.store import LogStore
 
-TIME = "2026-11-23T03:00:00+00:00"
+TIME = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC)
+JOB = "demo"
+KEY_ID = "minilm-0001"
+MODEL_ID = "minilm"
 
 
 def digest(*parts: object) -> str:
     return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
 
 
+def _ueid(node: str) -> str:
+    return digest("ueid", node)[:32]
+
+
 def attestation(
-    session: str, purpose: str, node: str, *, status: str = "affirming"
+    session: str, purpose: str, node: str, *, status: str = AFFIRMING
 ) -> dict[str, Any]:
-    return {
-        "kind": "attestation_appraised",
-        "time": TIME,
-        "session": session,
-        "key_id": "minilm-0001",
-        "tee": "stub",
-        "purpose": purpose,
-        "status": status,
-        "ear_sha256": digest("ear", session),
-        "stub": True,
-        "policy_id": "ark-provider-policy/test",
-        "ueid": digest("ueid", node)[:32],
-        "measurements": {"code": digest("code")},
-        "trustworthiness": {"executables": 2},
-        "failure": None,
-        "tee_pubkey_sha256": digest("tee", session),
-    }
+    return AttestationAppraised(
+        time=TIME,
+        session=session,
+        key_id=KEY_ID,
+        tee=STUB_TEE,
+        purpose=purpose,
+        status=status,
+        ear_sha256=digest("ear", session),
+        stub=True,
+        policy_id="ark-provider-policy/test",
+        ueid=_ueid(node),
+        measurements={"code": digest("code")},
+        trustworthiness={"executables": 2},
+        failure=None,
+        tee_pubkey_sha256=digest("tee", session),
+    ).to_json()
 
 
 def release(session: str, node: str) -> dict[str, Any]:
-    return {
-        "kind": "key_released",
-        "time": TIME,
-        "session": session,
-        "key_id": "minilm-0001",
-        "tee": "stub",
-        "purpose": "key-release",
-        "model_id": "minilm",
-        "ueid": digest("ueid", node)[:32],
-        "ear_sha256": digest("ear", session),
-        "tee_pubkey_sha256": digest("tee", session),
-    }
+    return KeyReleased(
+        time=TIME,
+        session=session,
+        key_id=KEY_ID,
+        tee=STUB_TEE,
+        purpose=PURPOSE_KEY_RELEASE,
+        model_id=MODEL_ID,
+        ueid=_ueid(node),
+        ear_sha256=digest("ear", session),
+        tee_pubkey_sha256=digest("tee", session),
+    ).to_json()
 
 
 def denial(session: str, code: str, cause: str, *, client: str = "flooder") -> dict[str, Any]:
     """The key broker denying an attestation on ``session``: values it holds as they are,
     what the client sent as sizes and digests only."""
     sent = {"session": 22, "key_id": 11, "tee": 4, "purpose": 11, "evidence": 900}
-    return {
-        "kind": "key_denied",
-        "time": TIME,
-        "session": session,
-        "key_id": "minilm-0001",
-        "tee": "stub",
-        "purpose": "key-release",
-        "request": {
-            name: {"bytes": size, "sha256": digest(name, session)} for name, size in sent.items()
+    return KeyDenied(
+        time=TIME,
+        session=session,
+        key_id=KEY_ID,
+        tee=STUB_TEE,
+        purpose=PURPOSE_KEY_RELEASE,
+        request={
+            name: SentDigest(bytes=size, sha256=digest(name, session))
+            for name, size in sent.items()
         },
-        "client": digest("client", client)[:32],
-        "code": code,
-        "cause": cause,
-        "ear_sha256": None,
-    }
+        client=digest("client", client)[:32],
+        code=code,
+        cause=cause,
+        ear_sha256=None,
+    ).to_json()
 
 
 def denials_rate_limited(
@@ -84,17 +118,16 @@ def denials_rate_limited(
 ) -> dict[str, Any]:
     """The key broker's summary of one window of denials it counted instead of logging
     (``client`` None: the window shared by all clients)."""
-    return {
-        "kind": "denials_rate_limited",
-        "time": TIME,
-        "scope": "all" if client is None else "client",
-        "client": None if client is None else digest("client", client)[:32],
-        "window_start": TIME,
-        "window_end": "2026-11-23T03:01:00+00:00",
-        "logged": logged,
-        "suppressed": suppressed,
-        "codes": {"SESSION_UNKNOWN": suppressed},
-    }
+    return DenialsRateLimited(
+        time=TIME,
+        scope="all" if client is None else "client",
+        client=None if client is None else digest("client", client)[:32],
+        window_start=TIME,
+        window_end=TIME + dt.timedelta(minutes=1),
+        logged=logged,
+        suppressed=suppressed,
+        codes={"SESSION_UNKNOWN": suppressed},
+    ).to_json()
 
 
 def denial_flood(budget: int = 16) -> list[dict[str, Any]]:
@@ -107,96 +140,110 @@ def denial_flood(budget: int = 16) -> list[dict[str, Any]]:
 def admission(run: int, node: int, session: str, tee: str) -> dict[str, Any]:
     """The ServerApp admitting ``node`` to ``run`` under the channel attestation of
     ``session``, made by the TEE of node name ``tee`` (its ueid)."""
-    return {
-        "run": run,
-        "job": "demo",
-        "time": TIME,
-        "kind": "node_admitted",
-        "node": node,
-        "ear_sha256": digest("ear", session),
-        "ueid": digest("ueid", tee)[:32],
-        "tee_pubkey_sha256": digest("tee", session),
-    }
+    return NodeAdmitted(
+        time=TIME,
+        run=run,
+        job=JOB,
+        node=node,
+        ear_sha256=digest("ear", session),
+        ueid=_ueid(tee),
+        tee_pubkey_sha256=digest("tee", session),
+    ).to_json()
+
+
+def node_declined(run: int, rnd: int, node: int) -> dict[str, Any]:
+    """The ServerApp recording that ``node`` answered round ``rnd`` with an error."""
+    return NodeDeclined(
+        time=TIME, run=run, job=JOB, round=rnd, node=node, reason="clientapp-failed"
+    ).to_json()
+
+
+def rejected(accepted: dict[str, Any], reason: str = "update rejected") -> dict[str, Any]:
+    """The ServerApp rejecting the update an ``update_accepted`` record names."""
+    event = UpdateAccepted.from_json(accepted)
+    return UpdateRejected(
+        time=event.time,
+        run=event.run,
+        job=event.job,
+        round=event.round,
+        node=event.node,
+        envelope_sha256=event.envelope_sha256,
+        reason=reason,
+    ).to_json()
 
 
 def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, Any]]:
     """One honest sealed run: channel attestations, admissions, rounds, aggregates."""
-    job = {"run": run, "job": "demo", "time": TIME}
+    job: dict[Key, Any] = {Key.TIME: TIME, Key.RUN: run, Key.JOB: JOB}
     events: list[dict[str, Any]] = [
-        {
+        RunStarted(
             **job,
-            "kind": "run_started",
-            "rounds": rounds,
-            "protection": "sealed",
-            "resumed_after_round": 0,
-            "model_id": "minilm",
-            "min_nodes": 2,
-        },
+            rounds=rounds,
+            protection=PROTECTION_SEALED,
+            resumed_after_round=0,
+            model_id=MODEL_ID,
+            min_nodes=2,
+        ).to_json(),
     ]
     for node in range(1, nodes + 1):
         session = f"r{run}-n{node}-channel"
-        events.append(attestation(session, "channel", f"node-{node}"))
+        events.append(attestation(session, PURPOSE_CHANNEL, f"node-{node}"))
         events.append(
-            {
-                "kind": "channel_certified",
-                "time": TIME,
-                "session": session,
-                "ear_sha256": digest("ear", session),
-            }
+            ChannelCertified(
+                time=TIME,
+                session=session,
+                key_id=KEY_ID,
+                tee=STUB_TEE,
+                purpose=PURPOSE_CHANNEL,
+                ueid=_ueid(f"node-{node}"),
+                ear_sha256=digest("ear", session),
+                tee_pubkey_sha256=digest("tee", session),
+            ).to_json()
         )
         events.append(admission(run, node, session, f"node-{node}"))
     for rnd in range(1, rounds + 1):
         participants = [
-            {"node": node, "instruction_sha256": digest("in", run, rnd, node)}
+            Participant(node=node, instruction_sha256=digest("in", run, rnd, node))
             for node in range(1, nodes + 1)
         ]
         events.append(
-            {
-                **job,
-                "kind": "round_started",
-                "round": rnd,
-                "stage": "train",
-                "participants": participants,
-            }
+            RoundStarted(**job, round=rnd, stage=STAGE_TRAIN, participants=participants).to_json()
         )
         updates = []
         for node in range(1, nodes + 1):
             envelope = digest("up", run, rnd, node)
             updates.append(envelope)
             events.append(
-                {
+                UpdateAccepted(
                     **job,
-                    "kind": "update_accepted",
-                    "round": rnd,
-                    "node": node,
-                    "envelope_sha256": envelope,
-                    "envelope_bytes": 306244,
-                    "examples": 40.0,
-                }
+                    round=rnd,
+                    node=node,
+                    envelope_sha256=envelope,
+                    envelope_bytes=306244,
+                    examples=40.0,
+                ).to_json()
             )
         events.append(
-            {
+            AggregateCommitted(
                 **job,
-                "kind": "aggregate_committed",
-                "round": rnd,
-                "adapter_sha256": digest("adapter", run, rnd),
-                "updates": updates,
-                "examples": 40.0 * nodes,
-                "metrics": {
+                round=rnd,
+                adapter_sha256=digest("adapter", run, rnd),
+                updates=updates,
+                examples=40.0 * nodes,
+                metrics={
                     "updates": float(nodes),
                     "local_accuracy": 0.5 + rnd / 10,
                     "train_loss": 1.0 / rnd,
                 },
-            }
+            ).to_json()
         )
     events.append(
-        {
+        RunFinished(
             **job,
-            "kind": "run_finished",
-            "rounds": rounds,
-            "adapter_sha256": digest("adapter", run, rounds),
-            "metrics": {"final": {str(n): {"accuracy": 0.8} for n in range(1, nodes + 1)}},
-        }
+            rounds=rounds,
+            adapter_sha256=digest("adapter", run, rounds),
+            metrics={Key.FINAL: {str(n): {"accuracy": 0.8} for n in range(1, nodes + 1)}},
+        ).to_json()
     )
     return events
 
@@ -204,18 +251,17 @@ def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, A
 def honest_history(runs: int = 1, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, Any]]:
     """Model publication, per-node key releases, then ``runs`` runs."""
     events: list[dict[str, Any]] = [
-        {
-            "kind": "model_published",
-            "time": TIME,
-            "model_id": "minilm",
-            "key_id": "minilm-0001",
-            "files": [{"name": "model.safetensors", "sha256": digest("weights")}],
-        }
+        ModelPublished(
+            time=TIME,
+            model_id=MODEL_ID,
+            key_id=KEY_ID,
+            files=[FileDigest(name="model.safetensors", sha256=digest("weights"))],
+        ).to_json()
     ]
     for node in range(1, nodes + 1):
         session = f"release-{node}"
         events += [
-            attestation(session, "key-release", f"node-{node}"),
+            attestation(session, PURPOSE_KEY_RELEASE, f"node-{node}"),
             release(session, f"node-{node}"),
         ]
     for run in range(1, runs + 1):
@@ -240,19 +286,32 @@ def history_of_size(size: int) -> Iterable[dict[str, Any]]:
             produced += 1
 
 
+def train_entry(run: int, node: int, rnd: int, **changes: Any) -> dict[str, Any]:
+    """Node ``node``'s journal entry for training round ``rnd`` of an honest ``run`` of
+    ``run_events`` (the entry :func:`~sandbox.journal.append_journal` is given)."""
+    entry = Train(
+        run_id=run,
+        node_id=node,
+        round=rnd,
+        attestation=KeyAttestation(
+            ear_sha256=digest("ear", f"release-{node}"),
+            status=AFFIRMING,
+            session=f"release-{node}",
+            stub=True,
+        ),
+        aggregator=AggregatorSeen(ueid=_ueid("aggregator"), stub=True),
+        received_sha256=digest("in", run, rnd, node),
+        sent_sha256=digest("up", run, rnd, node),
+        metrics={"num-examples": 40.0},
+        tensors=["lora_A", "lora_B"],
+        timings={"handler_start": 1.0, "handler_end": 2.0},
+    )
+    return {**entry.to_json(), **changes}
+
+
 def node_journal(run: int, node: int, rounds: int = 2) -> list[dict[str, Any]]:
     """What node ``node``'s journal holds for an honest ``run`` of ``run_events``."""
-    return [
-        {
-            "kind": "train",
-            "run_id": run,
-            "node_id": node,
-            "round": rnd,
-            "received_sha256": digest("in", run, rnd, node),
-            "sent_sha256": digest("up", run, rnd, node),
-        }
-        for rnd in range(1, rounds + 1)
-    ]
+    return [train_entry(run, node, rnd) for rnd in range(1, rounds + 1)]
 
 
 def new_signer() -> NoteSigner:

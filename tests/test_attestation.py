@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rfc8785
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sandbox import canonical
 from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
 from sandbox.attestation.result import (
     AFFIRMING,
@@ -138,11 +138,11 @@ def test_claims_edited_after_signing(world: World) -> None:
     head, body, sig = _evidence(world.attester).split(".")
     claims = json.loads(b64url_decode(body))
     # Re-encoding unchanged claims the signer's way keeps the signature valid ...
-    assert b64url(rfc8785.dumps(claims)) == body
+    assert b64url(canonical.dumps(claims)) == body
     claims["swversion"] = "9.9.9"
     # ... so it is the edit, not the encoding, that the verifier catches.
     with pytest.raises(SignatureInvalid):
-        _appraise(world, f"{head}.{b64url(rfc8785.dumps(claims))}.{sig}")
+        _appraise(world, f"{head}.{b64url(canonical.dumps(claims))}.{sig}")
 
 
 def _resigned(world: World, header_change: dict[str, Any], sign: Any) -> str:

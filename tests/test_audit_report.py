@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from html.parser import HTMLParser
@@ -9,6 +10,27 @@ from typing import Any
 
 import pytest
 
+from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.channel import STAGE_TRAIN
+from sandbox.config import PROTECTION_SEALED
+from sandbox.events import (
+    AggregateCommitted,
+    AttestationAppraised,
+    ChannelCertified,
+    FileDigest,
+    Key,
+    KeyDenied,
+    KeyReleased,
+    ModelPublished,
+    NodeAdmitted,
+    NodeRefused,
+    Participant,
+    RoundStarted,
+    RunFinished,
+    RunStarted,
+    UpdateAccepted,
+    UpdateRejected,
+)
 from sandbox.ops.translog.report import render_report
 from tests.loghistory import denials_rate_limited
 
@@ -28,172 +50,167 @@ def _h(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
 
 
-def _t(minute: int) -> str:
-    return f"2025-03-04T10:{minute:02d}:00+00:00"
+def _t(minute: int) -> dt.datetime:
+    return dt.datetime(2025, 3, 4, 10, minute, tzinfo=dt.UTC)
 
 
-def _appraisal(minute: int, ueid: str, purpose: str, status: str = "affirming") -> dict[str, Any]:
-    return {
-        "kind": "attestation_appraised",
-        "time": _t(minute),
-        "session": f"s-{ueid}",
-        "key_id": "model-key-1",
-        "tee": "sev-snp",
-        "purpose": purpose,
-        "status": status,
-        "ear_sha256": _h(f"ear-{ueid}-{minute}"),
-        "stub": True,
-        "policy_id": "ark-default",
-        "ueid": _h(ueid),
-        "measurements": MEASUREMENTS,
-        "trustworthiness": {"executables": 2, "hardware": 2},
-        "failure": None if status == "affirming" else "measurement mismatch: kernel",
-        "tee_pubkey_sha256": _h(f"pub-{ueid}"),
-    }
+def _appraisal(minute: int, ueid: str, purpose: str, status: str = AFFIRMING) -> dict[str, Any]:
+    return AttestationAppraised(
+        time=_t(minute),
+        session=f"s-{ueid}",
+        key_id="model-key-1",
+        tee="sev-snp",
+        purpose=purpose,
+        status=status,
+        ear_sha256=_h(f"ear-{ueid}-{minute}"),
+        stub=True,
+        policy_id="ark-default",
+        ueid=_h(ueid),
+        measurements=MEASUREMENTS,
+        trustworthiness={"executables": 2, "hardware": 2},
+        failure=None if status == AFFIRMING else "measurement mismatch: kernel",
+        tee_pubkey_sha256=_h(f"pub-{ueid}"),
+    ).to_json()
 
 
 def _key_events() -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [
-        {
-            "kind": "model_published",
-            "time": _t(0),
-            "model_id": _h("model"),
-            "key_id": "model-key-1",
-            "files": [{"name": "model.safetensors", "sha256": _h("weights")}],
-        },
-        _appraisal(1, "aggregator", "channel"),
-        {
-            "kind": "channel_certified",
-            "time": _t(1),
-            "session": "s-aggregator",
-            "key_id": "model-key-1",
-            "ueid": _h("aggregator"),
-            "ear_sha256": _h("ear-aggregator-1"),
-            "tee_pubkey_sha256": _h("pub-aggregator"),
-        },
+        ModelPublished(
+            time=_t(0),
+            model_id=_h("model"),
+            key_id="model-key-1",
+            files=[FileDigest(name="model.safetensors", sha256=_h("weights"))],
+        ).to_json(),
+        _appraisal(1, "aggregator", PURPOSE_CHANNEL),
+        ChannelCertified(
+            time=_t(1),
+            session="s-aggregator",
+            key_id="model-key-1",
+            tee="sev-snp",
+            purpose=PURPOSE_CHANNEL,
+            ueid=_h("aggregator"),
+            ear_sha256=_h("ear-aggregator-1"),
+            tee_pubkey_sha256=_h("pub-aggregator"),
+        ).to_json(),
     ]
     for node in (1, 2, 3):
-        events.append(_appraisal(2, f"node-{node}", "key-release"))
+        events.append(_appraisal(2, f"node-{node}", PURPOSE_KEY_RELEASE))
         events.append(
-            {
-                "kind": "key_released",
-                "time": _t(2),
-                "session": f"s-node-{node}",
-                "key_id": "model-key-1",
-                "model_id": _h("model"),
-                "ueid": _h(f"node-{node}"),
-                "ear_sha256": _h(f"ear-node-{node}-2"),
-                "tee_pubkey_sha256": _h(f"pub-node-{node}"),
-            }
+            KeyReleased(
+                time=_t(2),
+                session=f"s-node-{node}",
+                key_id="model-key-1",
+                model_id=_h("model"),
+                ueid=_h(f"node-{node}"),
+                ear_sha256=_h(f"ear-node-{node}-2"),
+                tee_pubkey_sha256=_h(f"pub-node-{node}"),
+            ).to_json()
         )
-    events.append(_appraisal(3, "intruder", "key-release", status="contraindicated"))
+    events.append(_appraisal(3, "intruder", PURPOSE_KEY_RELEASE, status="contraindicated"))
     events.append(
-        {
-            "kind": "key_denied",
-            "time": _t(3),
-            "session": "s-intruder",
-            "key_id": "model-key-1",
-            "code": "NODE_NOT_ALLOWED",
-            "cause": "this sandbox is not on the provider's allow list",
-            "ear_sha256": _h("ear-intruder-3"),
-        }
+        KeyDenied(
+            time=_t(3),
+            session="s-intruder",
+            key_id="model-key-1",
+            request={},
+            client=_h("intruder-client")[:32],
+            code="NODE_NOT_ALLOWED",
+            cause="this sandbox is not on the provider's allow list",
+            ear_sha256=_h("ear-intruder-3"),
+        ).to_json()
     )
     return events
 
 
 def _run_events(reason: str = "update norm 412.0 exceeds the bound 100.0") -> list[dict[str, Any]]:
-    run = {"run": 7, "job": "ark-demo"}
+    run: dict[Key, Any] = {Key.RUN: 7, Key.JOB: "ark-demo"}
     events: list[dict[str, Any]] = [
-        {
+        RunStarted(
             **run,
-            "kind": "run_started",
-            "time": _t(4),
-            "rounds": 2,
-            "resumed_after_round": 0,
-            "protection": "sealed",
-            "model_id": _h("model"),
-            "min_nodes": 2,
-        },
+            time=_t(4),
+            rounds=2,
+            resumed_after_round=0,
+            protection=PROTECTION_SEALED,
+            model_id=_h("model"),
+            min_nodes=2,
+        ).to_json(),
     ]
     for node in (1, 2, 3):
         events.append(
-            {
+            NodeAdmitted(
                 **run,
-                "kind": "node_admitted",
-                "time": _t(4),
-                "node": node,
-                "ear_sha256": _h(f"ear-node-{node}-2"),
-                "ueid": _h(f"node-{node}"),
-            }
+                time=_t(4),
+                node=node,
+                ear_sha256=_h(f"ear-node-{node}-2"),
+                ueid=_h(f"node-{node}"),
+                tee_pubkey_sha256=_h(f"pub-node-{node}"),
+            ).to_json()
         )
     metrics = {1: (0.62, 0.91), 2: (0.81, 0.44)}
     for rnd in (1, 2):
         events.append(
-            {
+            RoundStarted(
                 **run,
-                "kind": "round_started",
-                "time": _t(5 * rnd),
-                "round": rnd,
-                "stage": "train",
-                "participants": [
-                    {"node": n, "instruction_sha256": _h(f"ins-{rnd}-{n}")} for n in (1, 2, 3)
+                time=_t(5 * rnd),
+                round=rnd,
+                stage=STAGE_TRAIN,
+                participants=[
+                    Participant(node=n, instruction_sha256=_h(f"ins-{rnd}-{n}")) for n in (1, 2, 3)
                 ],
-            }
+            ).to_json()
         )
         accepted = (1, 2, 3) if rnd == 1 else (1, 2)
         for node in accepted:
             events.append(
-                {
+                UpdateAccepted(
                     **run,
-                    "kind": "update_accepted",
-                    "time": _t(5 * rnd + 1),
-                    "round": rnd,
-                    "node": node,
-                    "envelope_sha256": _h(f"env-{rnd}-{node}"),
-                    "envelope_bytes": 81234,
-                    "examples": 64,
-                }
+                    time=_t(5 * rnd + 1),
+                    round=rnd,
+                    node=node,
+                    envelope_sha256=_h(f"env-{rnd}-{node}"),
+                    envelope_bytes=81234,
+                    examples=64,
+                ).to_json()
             )
         if rnd == 2:
             events.append(
-                {
+                UpdateRejected(
                     **run,
-                    "kind": "update_rejected",
-                    "time": _t(11),
-                    "round": 2,
-                    "node": 3,
-                    "envelope_sha256": _h("env-2-3"),
-                    "reason": reason,
-                }
+                    time=_t(11),
+                    round=2,
+                    node=3,
+                    envelope_sha256=_h("env-2-3"),
+                    reason=reason,
+                ).to_json()
             )
         accuracy, loss = metrics[rnd]
         events.append(
-            {
+            AggregateCommitted(
                 **run,
-                "kind": "aggregate_committed",
-                "time": _t(5 * rnd + 2),
-                "round": rnd,
-                "adapter_sha256": _h(f"adapter-{rnd}"),
-                "updates": [_h(f"env-{rnd}-{n}") for n in accepted],
-                "examples": 64 * len(accepted),
-                "metrics": {
+                time=_t(5 * rnd + 2),
+                round=rnd,
+                adapter_sha256=_h(f"adapter-{rnd}"),
+                updates=[_h(f"env-{rnd}-{n}") for n in accepted],
+                examples=64 * len(accepted),
+                metrics={
                     "updates": float(len(accepted)),
                     "local_accuracy": accuracy,
                     "train_loss": loss,
                 },
-            }
+            ).to_json()
         )
     events.append(
-        {
+        RunFinished(
             **run,
-            "kind": "run_finished",
-            "time": _t(15),
-            "rounds": 2,
-            "adapter_sha256": _h("adapter-2"),
-            "metrics": {
-                "final": {str(n): {"accuracy": 0.8 + n / 100, "macro_f1": 0.75} for n in (1, 2, 3)}
+            time=_t(15),
+            rounds=2,
+            adapter_sha256=_h("adapter-2"),
+            metrics={
+                Key.FINAL: {
+                    str(n): {"accuracy": 0.8 + n / 100, "macro_f1": 0.75} for n in (1, 2, 3)
+                }
             },
-        }
+        ).to_json()
     )
     return events
 
@@ -396,7 +413,7 @@ def test_untrusted_text_is_escaped() -> None:
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
     records: list[Any] = _records(reason=evil)
     records.append({"kind": evil, "time": evil, evil: evil, "run": 7, "node": evil})
-    records.append({"kind": "node_refused", "time": _t(30), "run": 7, "node": 9, "reason": evil})
+    records.append(NodeRefused(time=_t(30), run=7, job="ark-demo", node=9, reason=evil).to_json())
     page = _render(records, origin=evil, problems=[evil], root_hex=evil)
     assert "<script" not in page.lower()
     assert "<img" not in page.lower()
@@ -452,7 +469,7 @@ def test_odd_records_do_not_crash(odd: dict[str, Any]) -> None:
 
 
 def test_unknown_kind_appears_in_the_log() -> None:
-    records: list[Any] = [{"kind": "mystery_event", "time": _t(1), "detail": "hello"}]
+    records: list[Any] = [{"kind": "mystery_event", "time": _t(1).isoformat(), "detail": "hello"}]
     log = _section(_render(records), "log")
     assert "mystery_event" in log
     assert "<strong>detail</strong>: hello" in log

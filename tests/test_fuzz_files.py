@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from clients.data import load_examples
+from sandbox import canonical
+from sandbox.canonical import canonical_entry
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig
 from sandbox.journal import append_journal, journal_key_path, read_journal
 from sandbox.keyfiles import load_private
 from sandbox.ops.translog.audit import check_policy, crosscheck, decode
 from sandbox.seal.package import open_sealed_package, read_manifest
 from sandbox.translog.note import Checkpoint, NoteVerifier, open_note, verify_checkpoint
-from sandbox.translog.store import canonical_entry
 from tests.fuzzing import fuzz_settings, typed_errors_only
 from tests.loghistory import honest_history, new_signer, node_journal
 from tests.test_seal import valid_manifest, write_signed_manifest
@@ -378,7 +378,7 @@ def test_fuzz_log_entries(data: st.DataObject) -> None:
 def test_the_strategies_reach_past_the_signatures(workdir: Path) -> None:
     """A negative control: an unmutated manifest, journal line and checkpoint pass, so
     the fuzzers start from input the parsers accept."""
-    body = rfc8785.dumps(valid_manifest())
+    body = canonical.dumps(valid_manifest())
     package = write_signed_manifest(workdir / "control", PROVIDER_KEY, body)
     assert read_manifest(package, PROVIDER_KEY.public_key()) == valid_manifest()
     assert verify_checkpoint(LOG.sign(CHECKPOINT), LOG.verifier).size == 7

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from sandbox import strictjson
 from sandbox.attestation.backends import VerifierRegistry
 from sandbox.attestation.evidence import b64url, b64url_decode, encode_jws, es256_sign
 from sandbox.attestation.result import (
@@ -44,7 +45,7 @@ from sandbox.errors import (
     ResultExpired,
     ResultInvalid,
 )
-from sandbox.events import FanOutSink, MemoryEventSink
+from sandbox.events import Event, FanOutSink, MemoryEventSink
 from sandbox.keybroker import RATE_LIMITED
 from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
 from sandbox.keybroker.transport import Certification, KeyBrokerTransport, KeyRelease
@@ -155,6 +156,8 @@ def kb(tmp_path: Path, tls: TlsFiles, maker: DevManufacturer) -> Iterator[Deploy
     yield deployment
     deployment.client.close()
     server.stop(grace=None)
+    for event in deployment.events.events:  # what the broker logged reads back as it was
+        assert Event.from_json(strictjson.loads(event.canonical())).canonical() == event.canonical()
 
 
 def _attest(

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sandbox.errors import ConsistencyProofError, InclusionProofError, LogVerificationError
 from sandbox.translog import merkle
+from tests.vectorload import load_vector, load_vectors, vector_path
 
-VECTORS = Path(__file__).parent / "vectors"
 LEAVES = [
     bytes.fromhex(h)
     for h in (
@@ -29,15 +27,12 @@ LEAVES = [
 
 
 def _load(kind: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(path.read_text())
-        for path in sorted((VECTORS / "rfc9162" / kind).glob("*/happy-path.json"))
-    ]
+    return load_vectors("rfc9162", kind, pattern="*/happy-path.json")
 
 
 def _negative(kind: str) -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = json.loads((VECTORS / "rfc9162-negative.json").read_text())[kind]
-    return cases
+    negative: list[dict[str, Any]] = load_vector("rfc9162-negative.json")[kind]
+    return negative
 
 
 def _b(value: str) -> bytes:
@@ -49,7 +44,7 @@ def _proof(vector: dict[str, Any]) -> list[bytes]:
 
 
 def test_roots_of_the_public_leaves() -> None:
-    readme = (VECTORS / "rfc9162" / "README.md").read_text()
+    readme = vector_path("rfc9162", "README.md").read_text()
     rows = [line.split("|") for line in readme.splitlines() if line.startswith("| ")]
     expected = {int(r[1]): r[2].strip() for r in rows if r[1].strip().isdigit()}
     assert len(expected) == 9

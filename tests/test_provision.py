@@ -43,7 +43,7 @@ from sandbox.errors import (
     SealedModelError,
     TeeNotAccepted,
 )
-from sandbox.events import Event, JsonlEventSink
+from sandbox.events import JsonlEventSink, KeyDenied, KeyReleased, SentDigest
 from sandbox.keyfiles import load_ed25519_public, write_private
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.ops.cli import app
@@ -327,8 +327,23 @@ def test_policy_allowlist_and_advisory_values_are_validated(tmp_path: Path) -> N
 def test_event_sink_appends_and_reads_back(tmp_path: Path) -> None:
     sink = JsonlEventSink(tmp_path / "events.jsonl")
     now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
-    sink.emit(Event("key_denied", now, {"code": "NONCE_MISMATCH"}))
-    sink.emit(Event("key_released", now, {"key_id": "k"}))
+    request: dict[str, SentDigest] = {}
+    sink.emit(
+        KeyDenied(
+            time=now, request=request, client="c", code="NONCE_MISMATCH", cause="x", ear_sha256=None
+        )
+    )
+    sink.emit(
+        KeyReleased(
+            time=now,
+            session="s",
+            key_id="k",
+            model_id="m",
+            ueid=None,
+            ear_sha256="e",
+            tee_pubkey_sha256="t",
+        )
+    )
     assert [e["kind"] for e in sink.read()] == ["key_denied", "key_released"]
     assert sink.read()[0]["time"] == now.isoformat()
 

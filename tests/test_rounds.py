@@ -51,7 +51,7 @@ from sandbox.errors import (
     EnvelopeError,
     FederationError,
 )
-from sandbox.events import JsonlEventSink, MemoryEventSink
+from sandbox.events import Event, JsonlEventSink, MemoryEventSink
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
 from sandbox.ops.demo_data import write_demo_data
@@ -457,7 +457,11 @@ def _checkpoint(out: Path, rnd: int) -> Adapter:
 
 
 def _events(out: Path) -> list[dict[str, Any]]:
-    return JsonlEventSink(out / EVENTS_FILE).read()
+    """The job's events.jsonl, each line checked to parse as the schema's event."""
+    records = JsonlEventSink(out / EVENTS_FILE).read()
+    for record in records:
+        Event.from_json(record)
+    return records
 
 
 def _results(out: Path) -> dict[str, Any]:

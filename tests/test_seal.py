@@ -40,8 +40,8 @@ from sandbox.seal.stream import (
     decrypt_stream,
     encrypt_stream,
 )
+from tests.vectorload import load_vector
 
-VECTORS = Path(__file__).parent / "vectors" / "stream" / "ark-stream-1.json"
 KEY = bytes(range(32))
 CHUNK = 16
 
@@ -57,7 +57,7 @@ def _open(stream: bytes, *, key: bytes = KEY, context: bytes = b"") -> bytes:
 
 
 def _vectors() -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = json.loads(VECTORS.read_text())["cases"]
+    cases: list[dict[str, Any]] = load_vector("stream", "ark-stream-1.json")["cases"]
     return cases
 
 
@@ -196,11 +196,11 @@ def test_package_opens_in_memory_to_the_original_weights(
 
 
 def _rewrite_manifest(out: Path, signing: Ed25519PrivateKey, change: dict[str, Any]) -> None:
-    import rfc8785
+    from sandbox import canonical
 
     manifest = json.loads((out / MANIFEST).read_text())
     manifest.update(change)
-    body = rfc8785.dumps(manifest)
+    body = canonical.dumps(manifest)
     (out / MANIFEST).write_bytes(body)
     (out / SIGNATURE).write_bytes(signing.sign(body))
 

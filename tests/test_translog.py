@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from sandbox.canonical import canonical_entry
 from sandbox.config import NodeConfig
 from sandbox.errors import (
     AggregateUnaccepted,
@@ -55,7 +56,7 @@ from sandbox.translog.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from sandbox.translog.store import LogStore, canonical_entry
+from sandbox.translog.store import LogStore
 from tests.loghistory import (
     admission,
     attestation,
@@ -64,7 +65,9 @@ from tests.loghistory import (
     digest,
     honest_history,
     new_signer,
+    node_declined,
     node_journal,
+    rejected,
     release,
     run_events,
 )
@@ -683,7 +686,7 @@ def _first_index(events: list[dict[str, Any]], kind: str, **match: Any) -> int:
 def test_admission_ends_when_a_node_declines() -> None:
     events = honest_history()
     second_round = _first_index(events, "round_started", round=2)
-    declined = {"kind": "node_declined", "run": 1, "job": "demo", "round": 1, "node": 2}
+    declined = node_declined(1, 1, 2)
     events.insert(second_round, declined)
     assert [type(v) for v in check_policy(events)] == [UpdateFromUnattested]
 
@@ -716,7 +719,7 @@ def test_an_update_counted_twice_or_accepted_twice_is_a_violation() -> None:
     }
     assert [type(v) for v in check_policy([*events[:commit], twice])] == [AggregateUnaccepted]
     accepted = events[_first_index(events, "update_accepted", round=1, node=1)]
-    again = [*events[:commit], {**accepted, "kind": "update_rejected"}]
+    again = [*events[:commit], rejected(accepted)]
     assert [type(v) for v in check_policy(again)] == [PolicyViolation]
 
 
@@ -749,7 +752,7 @@ def test_one_ueid_admitted_as_two_nodes_in_one_run(tmp_path: Path) -> None:
 def test_a_ueid_may_come_back_as_its_node_or_as_another_node_in_another_run() -> None:
     events = honest_history()
     second_round = _first_index(events, "round_started", round=2)
-    declined = {"kind": "node_declined", "run": 1, "job": "demo", "round": 1, "node": 2}
+    declined = node_declined(1, 1, 2)
     rejoined = [attestation("r1-n2-again", "channel", "node-2")]
     rejoined.append(admission(1, 2, "r1-n2-again", "node-2"))
     events[second_round:second_round] = [declined, *rejoined]

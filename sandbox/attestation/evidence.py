@@ -14,7 +14,6 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from sandbox import canonical
 from sandbox.errors import EvidenceFormatError, SignatureInvalid
 
 EAT_PROFILE = "tag:ark-sandbox.dev,2026:eat/1"
@@ -74,7 +74,7 @@ def b64url_decode(text: str, what: str = "value") -> bytes:
 
 def report_data(nonce: bytes, tee_pubkey: bytes) -> str:
     """Hex SHA-384 over the JCS form of the nonce and the TEE public key."""
-    bound = rfc8785.dumps({"nonce": b64url(nonce), "tee_pubkey": b64url(tee_pubkey)})
+    bound = canonical.dumps({"nonce": b64url(nonce), "tee_pubkey": b64url(tee_pubkey)})
     return hashlib.sha384(bound).hexdigest()
 
 
@@ -117,7 +117,9 @@ class SignedEvidence:
 
 def encode_jws(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str:
     """Compact JWS; ``sign(signing_input) -> raw r||s`` signature bytes."""
-    signing_input = (b64url(rfc8785.dumps(header)) + "." + b64url(rfc8785.dumps(claims))).encode()
+    signing_input = (
+        b64url(canonical.dumps(header)) + "." + b64url(canonical.dumps(claims))
+    ).encode()
     return signing_input.decode() + "." + b64url(sign(signing_input))
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pathspec
-import rfc8785
 
+from sandbox import canonical
 from sandbox.digests import sha256_file, sha256_hex
 
 
@@ -73,9 +73,9 @@ def code_measurement(
     """Hex SHA-256 over the JCS list of ``[name, sha256(file)]`` for the packages' sources
     in ``scope``."""
     listing = [[name, sha256_file(path)[0]] for name, path in source_files(packages, scope)]
-    return sha256_hex(rfc8785.dumps(listing))
+    return sha256_hex(canonical.dumps(listing))
 
 
 def config_measurement(effective: Mapping[str, Any]) -> str:
     """Hex SHA-256 over the JCS form of a node's effective configuration."""
-    return sha256_hex(rfc8785.dumps(dict(effective)))
+    return sha256_hex(canonical.dumps(dict(effective)))

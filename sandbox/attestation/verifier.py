@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import rfc8785
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sandbox import canonical
 from sandbox.attestation.evidence import (
     DBGSTAT_DISABLED,
     EAT_PROFILE,
@@ -72,7 +72,7 @@ class AppraisalPolicy:
             "reference-values": {k: sorted(v) for k, v in self.reference_values.items()},
             "advisory-values": {k: sorted(v) for k, v in self.advisory_values.items()},
         }
-        return sha256_hex(rfc8785.dumps(content))
+        return sha256_hex(canonical.dumps(content))
 
     def admit(self, *, tee: str, ueid: str, measurements: Mapping[str, str]) -> dict[str, str]:
         """Raise unless this TEE kind, node and measurements pass; return advisory warnings.

@@ -23,6 +23,7 @@ from typing import Any
 
 from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved
+from sandbox.events import AppApproved, AppRefused
 from sandbox.journal import append_journal
 from sandbox.ops.apps import check_app, fab_digest
 from sandbox.reasons import NodeReason
@@ -68,13 +69,9 @@ class ApprovalGate:
                 )
         except AppNotApproved as exc:
             self.refused = True
-            append_journal(
-                self.node, {"kind": "app_refused", "app_sha256": digest, "run_id": self.run_id}
-            )
+            append_journal(self.node, AppRefused(app_sha256=digest, run_id=self.run_id))
             raise AppNotApproved(f"node launcher refused to run the app: {exc}") from None
-        append_journal(
-            self.node, {"kind": "app_approved", "app_sha256": digest, "run_id": self.run_id}
-        )
+        append_journal(self.node, AppApproved(app_sha256=digest, run_id=self.run_id))
         # The bytes that were checked are the bytes installed.
         return self._install(content, *args, **kwargs)
 

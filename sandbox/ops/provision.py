@@ -42,7 +42,7 @@ from sandbox.attestation.stub import STUB, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy
 from sandbox.config import NodeConfig, SandboxConfig
 from sandbox.errors import ConfigError
-from sandbox.events import MODEL_PUBLISHED, Event, EventSink, FanOutSink, JsonlEventSink
+from sandbox.events import EventSink, FanOutSink, FileDigest, JsonlEventSink, ModelPublished
 from sandbox.files import write_atomic
 from sandbox.keyfiles import (
     load_private,
@@ -334,14 +334,11 @@ def seal_model(
     )
     KeyStore(ws.keys).put(ContentKey(key_id, model_id, content_key))
     (events or ws.event_sink()).emit(
-        Event(
-            MODEL_PUBLISHED,
-            _utcnow(),
-            {
-                "model_id": model_id,
-                "key_id": key_id,
-                "files": [{"name": f["name"], "sha256": f["sha256"]} for f in manifest["files"]],
-            },
+        ModelPublished(
+            time=_utcnow(),
+            model_id=model_id,
+            key_id=key_id,
+            files=[FileDigest(name=f["name"], sha256=f["sha256"]) for f in manifest["files"]],
         )
     )
     return manifest

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import rfc8785
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from sandbox import canonical
 from sandbox.errors import EnvelopeError, PublicKeyRejected
 
 SUITE_X25519 = "x25519-hkdf-sha256-aes256gcm"
@@ -147,7 +147,7 @@ def envelope_info(purpose: str, context: Mapping[str, str | int]) -> bytes:
     """The HPKE ``info`` for a purpose and the context it protects."""
     if not purpose or "\x00" in purpose:
         raise ValueError(f"bad envelope purpose {purpose!r}")
-    return b"ark/v1/" + purpose.encode() + b"\x00" + rfc8785.dumps(dict(context))
+    return b"ark/v1/" + purpose.encode() + b"\x00" + canonical.dumps(dict(context))
 
 
 def _suite(name: str) -> hpke.Suite:

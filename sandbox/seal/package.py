@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sandbox import strictjson
+from sandbox import canonical, strictjson
 from sandbox.digests import sha256_file
 from sandbox.errors import SealedModelError
 from sandbox.files import open_regular, read_regular
@@ -106,7 +105,7 @@ class OpenedModel:
 
 def _stream_context(model_id: str, key_id: str, name: str) -> bytes:
     """AAD binding a sealed file to its purpose, model, key and file name."""
-    return rfc8785.dumps(
+    return canonical.dumps(
         {
             "purpose": "ark/v1/sealed-model-file",
             "model_id": model_id,
@@ -173,7 +172,7 @@ def seal_model_dir(
         "architecture": config,
         "files": entries,
     }
-    body = rfc8785.dumps(manifest)
+    body = canonical.dumps(manifest)
     (out_dir / MANIFEST).write_bytes(body)
     (out_dir / SIGNATURE).write_bytes(signing_key.sign(body))
     return manifest

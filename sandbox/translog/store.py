@@ -1,8 +1,9 @@
 """The transparency log's SQLite store: entries, interior hashes and signed checkpoints.
 
-Every entry is an RFC 8785 canonical JSON event. Appending leaf ``n`` also stores the
-root of every perfect subtree that leaf completes, so the hash of any range the RFC 9162
-proofs need is O(log n) lookups, and the tree is never recomputed. Interior hashes are
+Every entry is an RFC 8785 canonical JSON event (:func:`sandbox.canonical.canonical_entry`).
+Appending leaf ``n`` also stores the root of every perfect subtree that leaf completes, so
+the hash of any range the RFC 9162 proofs need is O(log n) lookups, and the tree is never
+recomputed. Interior hashes are
 immutable once written; a reader needs no lock to prove anything up to the size it saw.
 
 Several provider processes (the key broker, the ServerApp) append to one database: each
@@ -12,14 +13,11 @@ append is one ``BEGIN IMMEDIATE`` transaction, so SQLite serialises them.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
-
-import rfc8785
 
 from sandbox.errors import EntryTampered, InclusionProofError, LogUnavailable
 from sandbox.events import Event
@@ -67,29 +65,6 @@ class LogReader(Protocol):
         ...
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]: ...
-
-
-# RFC 8785 numbers are IEEE doubles; Flower's 64-bit run and node ids do not fit.
-MAX_SAFE_INTEGER = 2**53 - 1
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` in the JSON that JCS can canonicalise: non-finite floats and integers
-    beyond 2**53 are spelled out as strings (readers compare ids as text)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def canonical_entry(record: Mapping[str, Any]) -> bytes:
-    """An event record as RFC 8785 canonical JSON, the bytes the log hashes."""
-    return rfc8785.dumps(_jsonable(record))
 
 
 def _check_entry(entry: object) -> None:
@@ -353,4 +328,4 @@ class LogSink:
         self.store = store
 
     def emit(self, event: Event) -> None:
-        self.store.append(canonical_entry(event.to_json()))
+        self.store.append(event.canonical())

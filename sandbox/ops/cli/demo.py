@@ -24,6 +24,7 @@ from sandbox.config import (
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
+from sandbox.events import Key
 from sandbox.journal import journal_public_path, read_journal
 from sandbox.ops.cli.base import app, console, err_console, fail
 
@@ -82,8 +83,8 @@ def _node_names(journals: list[Path]) -> dict[str, str]:
         if not journal.exists():
             continue
         for entry in read_journal(journal):
-            if "node_id" in entry:  # the launcher's entries come before Flower names the node
-                names[str(entry["node_id"])] = str(entry["node"])
+            if Key.NODE_ID in entry:  # the launcher's entries come before Flower names the node
+                names[str(entry[Key.NODE_ID])] = str(entry[Key.NODE])
     return names
 
 

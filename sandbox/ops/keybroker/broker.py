@@ -54,13 +54,14 @@ from sandbox.errors import (
     TeeNotAccepted,
 )
 from sandbox.events import (
-    ATTESTATION_APPRAISED,
-    CHANNEL_CERTIFIED,
-    DENIALS_RATE_LIMITED,
-    KEY_DENIED,
-    KEY_RELEASED,
-    Event,
+    AttestationAppraised,
+    ChannelCertified,
+    DenialsRateLimited,
     EventSink,
+    Key,
+    KeyDenied,
+    KeyReleased,
+    SentDigest,
 )
 from sandbox.keybroker import RATE_LIMITED
 from sandbox.ops.keybroker.limits import (
@@ -136,11 +137,11 @@ def denial_of(error: Exception) -> tuple[str, str]:
     return "BAD_REQUEST", "malformed request"
 
 
-def sent_digest(value: str | bytes) -> dict[str, Any]:
+def sent_digest(value: str | bytes) -> SentDigest:
     """What a client sent, as its size and SHA-256: an event never holds its bytes, so a
     denial fits a log entry whatever the request was."""
     raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
-    return {"bytes": len(raw), "sha256": sha256_hex(raw)}
+    return SentDigest(bytes=len(raw), sha256=sha256_hex(raw))
 
 
 def _excerpt(text: str) -> str:
@@ -394,7 +395,7 @@ class KeyBroker:
             raise BadRequest(str(exc)) from exc
         content_key = self.keystore.get(key_id)
         # Every value here is now one the broker issued or knows, so events may name it.
-        request = {"session": session_id, "key_id": key_id, "tee": tee, "purpose": purpose}
+        request = {Key.SESSION: session_id, Key.KEY_ID: key_id, Key.TEE: tee, Key.PURPOSE: purpose}
         context = ResultContext(
             session_id,
             tee,
@@ -427,20 +428,17 @@ class KeyBroker:
         self,
         result: AttestationResult,
         content_key: ContentKey,
-        request: dict[str, Any],
+        request: dict[Key, Any],
         now: dt.datetime,
     ) -> Certified:
         """A channel attestation: the signed result and no key."""
         self.events.emit(
-            Event(
-                CHANNEL_CERTIFIED,
-                now,
-                {
-                    **request,
-                    "ueid": result.ueid,
-                    "ear_sha256": result.digest,
-                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
-                },
+            ChannelCertified(
+                time=now,
+                **request,
+                ueid=result.ueid,
+                ear_sha256=result.digest,
+                tee_pubkey_sha256=sha256_hex(result.tee_pubkey),
             )
         )
         return Certified(result, content_key.key_id, content_key.model_id)
@@ -480,8 +478,8 @@ class KeyBroker:
             error = BadRequest(f"unexpected {type(exc).__name__}")
             return self._deny(error, sent, now, client, session=session)
         request = {
-            "key_id": key_id,
-            "result_sha256": sha256_hex(attestation_result.encode("utf-8", "replace")),
+            Key.KEY_ID: key_id,
+            Key.RESULT_SHA256: sha256_hex(attestation_result.encode("utf-8", "replace")),
         }
         return self._release(result, content_key, public_key, request, now)
 
@@ -490,7 +488,7 @@ class KeyBroker:
         result: AttestationResult,
         content_key: ContentKey,
         public_key: Any,
-        request: dict[str, Any],
+        request: dict[Key, Any],
         now: dt.datetime,
     ) -> Released:
         wrapped = wrap_content_key(
@@ -502,17 +500,13 @@ class KeyBroker:
             suite=result.hpke_suite,
         )
         self.events.emit(
-            Event(
-                KEY_RELEASED,
-                now,
-                {
-                    **request,
-                    "session": result.session_id,
-                    "model_id": content_key.model_id,
-                    "ueid": result.ueid,
-                    "ear_sha256": result.digest,
-                    "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
-                },
+            KeyReleased(
+                time=now,
+                **{**request, Key.SESSION: result.session_id},
+                model_id=content_key.model_id,
+                ueid=result.ueid,
+                ear_sha256=result.digest,
+                tee_pubkey_sha256=sha256_hex(result.tee_pubkey),
             )
         )
         log.info(
@@ -528,25 +522,24 @@ class KeyBroker:
         )
 
     @staticmethod
-    def _appraised(result: AttestationResult, request: dict[str, Any], now: dt.datetime) -> Event:
+    def _appraised(
+        result: AttestationResult, request: dict[Key, Any], now: dt.datetime
+    ) -> AttestationAppraised:
         """The appraisal event, emitted by the caller: before a release, or with a denial
         (and then only if the denial is logged)."""
         submod = result.submod
-        return Event(
-            ATTESTATION_APPRAISED,
-            now,
-            {
-                **request,
-                "status": result.status,
-                "ear_sha256": result.digest,
-                "tee_pubkey_sha256": sha256_hex(result.tee_pubkey),
-                "stub": result.is_stub,
-                "policy_id": submod["ear.appraisal-policy-id"],
-                "ueid": result.ueid,
-                "measurements": submod.get("ark.measurements", {}),
-                "trustworthiness": submod["ear.trustworthiness-vector"],
-                "failure": submod.get("ark.failure"),
-            },
+        return AttestationAppraised(
+            time=now,
+            **request,
+            status=result.status,
+            ear_sha256=result.digest,
+            tee_pubkey_sha256=sha256_hex(result.tee_pubkey),
+            stub=result.is_stub,
+            policy_id=submod["ear.appraisal-policy-id"],
+            ueid=result.ueid,
+            measurements=submod.get("ark.measurements", {}),
+            trustworthiness=submod["ear.trustworthiness-vector"],
+            failure=submod.get("ark.failure"),
         )
 
     def _deny(
@@ -558,7 +551,7 @@ class KeyBroker:
         *,
         session: str | None = None,
         result: AttestationResult | None = None,
-        appraised: Event | None = None,
+        appraised: AttestationAppraised | None = None,
     ) -> Denied:
         """A denial: logged with its appraisal while the client is within its budget,
         otherwise counted for the window's summary and answered RATE_LIMITED.
@@ -583,39 +576,36 @@ class KeyBroker:
         if appraised is not None:
             self.events.emit(appraised)
         self.events.emit(
-            Event(
-                KEY_DENIED,
-                now,
-                {
-                    **self._known(sent, session),
-                    "request": {name: sent_digest(value) for name, value in sent.items()},
-                    "client": self._pseudonym(client),
-                    "code": code,
-                    "cause": type(error).__name__,
-                    "ear_sha256": None if result is None else result.digest,
-                },
+            KeyDenied(
+                time=now,
+                **self._known(sent, session),
+                request={name: sent_digest(value) for name, value in sent.items()},
+                client=self._pseudonym(client),
+                code=code,
+                cause=type(error).__name__,
+                ear_sha256=None if result is None else result.digest,
             )
         )
         return Denied(code, reason, error, result)
 
-    def _known(self, sent: Mapping[str, str | bytes], session: str | None) -> dict[str, str]:
+    def _known(self, sent: Mapping[str, str | bytes], session: str | None) -> dict[Key, str]:
         """The request's values the broker itself issued or holds, which a denial may
         name as they are: never bytes only the client chose."""
-        known: dict[str, str] = {}
+        known: dict[Key, str] = {}
         sent_session = sent.get("session")
         if session is not None:
-            known["session"] = session
+            known[Key.SESSION] = session
         elif isinstance(sent_session, str) and self._sessions.get(sent_session) is not None:
-            known["session"] = sent_session
+            known[Key.SESSION] = sent_session
         key_id = sent.get("key_id")
         if isinstance(key_id, str) and self.keystore.holds(key_id):
-            known["key_id"] = key_id
+            known[Key.KEY_ID] = key_id
         tee = sent.get("tee")
         if isinstance(tee, str) and tee in self.verifiers.kinds:
-            known["tee"] = tee
+            known[Key.TEE] = tee
         purpose = sent.get("purpose")
         if isinstance(purpose, str) and purpose in PURPOSES:
-            known["purpose"] = purpose
+            known[Key.PURPOSE] = purpose
         return known
 
     def _pseudonym(self, client: str) -> str:
@@ -637,17 +627,14 @@ class KeyBroker:
         for window in self._denials.close_all():
             self.events.emit(self._summary(window, now))
 
-    def _summary(self, window: DenialWindow, now: dt.datetime) -> Event:
-        return Event(
-            DENIALS_RATE_LIMITED,
-            now,
-            {
-                "scope": "all" if window.client == ALL_CLIENTS else "client",
-                "client": None if window.client == ALL_CLIENTS else self._pseudonym(window.client),
-                "window_start": window.start.isoformat(),
-                "window_end": window.end.isoformat(),
-                "logged": window.logged,
-                "suppressed": window.suppressed_total,
-                "codes": dict(sorted(window.suppressed.items())),
-            },
+    def _summary(self, window: DenialWindow, now: dt.datetime) -> DenialsRateLimited:
+        return DenialsRateLimited(
+            time=now,
+            scope="all" if window.client == ALL_CLIENTS else "client",
+            client=None if window.client == ALL_CLIENTS else self._pseudonym(window.client),
+            window_start=window.start,
+            window_end=window.end,
+            logged=window.logged,
+            suppressed=window.suppressed_total,
+            codes=dict(sorted(window.suppressed.items())),
         )

@@ -5,6 +5,11 @@ the checkpoint's signature and origin, consistency with the last checkpoint the 
 kept, and the inclusion of every entry. It then checks policy across the events and
 returns an :class:`Audit` listing any violations: the log is then sound, but what it
 records is not. :func:`crosscheck` holds node journals against the log.
+
+Events are read by the schema's names (:mod:`sandbox.events`: ``KeyReleased.kind``,
+``Key.SESSION``), but as plain records, not parsed strictly: a log is untrusted input,
+so a record missing a field, or holding one of the wrong type, must neither crash the
+audit nor match another such record (a rule compares present, non-empty values only).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from sandbox import strictjson
 from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.canonical import canonical_entry
+from sandbox.channel import STAGE_TRAIN
 from sandbox.errors import (
     AggregateUnaccepted,
     AuditTooLarge,
@@ -38,11 +45,24 @@ from sandbox.errors import (
     ReleaseWithoutAppraisal,
     UpdateFromUnattested,
 )
+from sandbox.events import (
+    PLAINTEXT,
+    AggregateCommitted,
+    AttestationAppraised,
+    Key,
+    KeyReleased,
+    NodeAdmitted,
+    NodeDeclined,
+    NodeRefused,
+    RoundStarted,
+    UpdateAccepted,
+    UpdateRejected,
+)
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
-from sandbox.translog.store import LogReader, canonical_entry
+from sandbox.translog.store import LogReader
 
 # Entries fetched per request while auditing; the gRPC service pages at most this many.
 PAGE = 1000
@@ -178,7 +198,7 @@ def decode(entries: Sequence[bytes]) -> list[dict[str, Any]]:
             record, canonical, why = None, False, f": {exc}"
         if not isinstance(record, dict) or not canonical:
             malformed = f"entry {index} is not canonical JSON (RFC 8785) of an object{why}"
-            record = {"kind": None, "malformed": malformed}
+            record = {Key.KIND: None, "malformed": malformed}
         records.append(record)
     return records
 
@@ -238,31 +258,31 @@ class _Policy:
         self.decided: set[tuple[str, str]] = set()  # (run, envelope) accepted or rejected
 
     def appraised(self, record: Mapping[str, Any]) -> None:
-        if record.get("status") != AFFIRMING:
+        if record.get(Key.STATUS) != AFFIRMING:
             return
-        purpose = record.get("purpose")
+        purpose = record.get(Key.PURPOSE)
         if purpose == PURPOSE_KEY_RELEASE:
-            key = _fields(record, "session", "ear_sha256", "tee_pubkey_sha256")
+            key = _fields(record, Key.SESSION, Key.EAR_SHA256, Key.TEE_PUBKEY_SHA256)
             if key is not None:
                 self.release_appraisals.add(key)
         elif purpose == PURPOSE_CHANNEL:
-            key = _fields(record, "ear_sha256", "ueid", "tee_pubkey_sha256")
+            key = _fields(record, Key.EAR_SHA256, Key.UEID, Key.TEE_PUBKEY_SHA256)
             if key is not None:
                 self.channel_appraisals[key[0]] = (key[1], key[2])
 
     def released(self, index: int, record: Mapping[str, Any]) -> None:
-        key = _fields(record, "session", "ear_sha256", "tee_pubkey_sha256")
+        key = _fields(record, Key.SESSION, Key.EAR_SHA256, Key.TEE_PUBKEY_SHA256)
         if key is None or key not in self.release_appraisals:
             self.violations.append(
                 ReleaseWithoutAppraisal(
-                    f"entry {index}: key {_text(record.get('key_id'))!r} released to session "
-                    f"{_text(record.get('session'))!r} with no affirming appraisal of that "
+                    f"entry {index}: key {_text(record.get(Key.KEY_ID))!r} released to session "
+                    f"{_text(record.get(Key.SESSION))!r} with no affirming appraisal of that "
                     "session and key before it"
                 )
             )
 
     def admitted_node(self, index: int, record: Mapping[str, Any]) -> None:
-        key = _fields(record, "run", "node", "ear_sha256", "ueid", "tee_pubkey_sha256")
+        key = _fields(record, Key.RUN, Key.NODE, Key.EAR_SHA256, Key.UEID, Key.TEE_PUBKEY_SHA256)
         if key is None:
             return
         run, node, ear, ueid, tee_key = key
@@ -281,24 +301,24 @@ class _Policy:
 
     def left(self, record: Mapping[str, Any]) -> None:
         """A node refused or declined: it must be admitted again before it counts."""
-        self.admitted.discard((_text(record.get("run")), _text(record.get("node"))))
+        self.admitted.discard((_text(record.get(Key.RUN)), _text(record.get(Key.NODE))))
 
     def round_started(self, record: Mapping[str, Any]) -> None:
-        if record.get("stage") not in (None, "train"):
+        if record.get(Key.STAGE) not in (None, STAGE_TRAIN):
             return
-        participants = record.get("participants")
+        participants = record.get(Key.PARTICIPANTS)
         nodes = {
-            _text(p.get("node"))
+            _text(p.get(Key.NODE))
             for p in (participants if isinstance(participants, list) else [])
             if isinstance(p, Mapping)
         }
-        key = (_text(record.get("run")), _text(record.get("round")))
+        key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
         self.participants[key] = nodes
 
     def decided_update(self, index: int, record: Mapping[str, Any]) -> None:
-        run, rnd = _text(record.get("run")), _text(record.get("round"))
-        node, envelope = _text(record.get("node")), _text(record.get("envelope_sha256"))
-        if (run, envelope) in self.decided and envelope != "plaintext":
+        run, rnd = _text(record.get(Key.RUN)), _text(record.get(Key.ROUND))
+        node, envelope = _text(record.get(Key.NODE)), _text(record.get(Key.ENVELOPE_SHA256))
+        if (run, envelope) in self.decided and envelope != PLAINTEXT:
             self.violations.append(
                 PolicyViolation(
                     f"entry {index}: update {envelope[:16]}… of run {run} was already "
@@ -306,7 +326,7 @@ class _Policy:
                 )
             )
         self.decided.add((run, envelope))
-        if record.get("kind") != "update_accepted":
+        if record.get(Key.KIND) != UpdateAccepted.kind:
             return
         if (run, node) not in self.admitted:
             self.violations.append(
@@ -325,8 +345,8 @@ class _Policy:
         self.accepted.setdefault((run, rnd), set()).add(envelope)
 
     def committed(self, index: int, record: Mapping[str, Any]) -> None:
-        run, rnd = _text(record.get("run")), _text(record.get("round"))
-        updates = record.get("updates")
+        run, rnd = _text(record.get(Key.RUN)), _text(record.get(Key.ROUND))
+        updates = record.get(Key.UPDATES)
         if not isinstance(updates, list):
             self.violations.append(
                 AggregateUnaccepted(f"entry {index}: the aggregate lists no updates")
@@ -367,22 +387,22 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     """
     policy = _Policy()
     for index, record in enumerate(records):
-        kind = record.get("kind")
+        kind = record.get(Key.KIND)
         if kind is None:
             policy.violations.append(PolicyViolation(f"entry {index}: {record.get('malformed')}"))
-        elif kind == "attestation_appraised":
+        elif kind == AttestationAppraised.kind:
             policy.appraised(record)
-        elif kind == "key_released":
+        elif kind == KeyReleased.kind:
             policy.released(index, record)
-        elif kind == "node_admitted":
+        elif kind == NodeAdmitted.kind:
             policy.admitted_node(index, record)
-        elif kind in ("node_refused", "node_declined"):
+        elif kind in (NodeRefused.kind, NodeDeclined.kind):
             policy.left(record)
-        elif kind == "round_started":
+        elif kind == RoundStarted.kind:
             policy.round_started(record)
-        elif kind in ("update_accepted", "update_rejected"):
+        elif kind in (UpdateAccepted.kind, UpdateRejected.kind):
             policy.decided_update(index, record)
-        elif kind == "aggregate_committed":
+        elif kind == AggregateCommitted.kind:
             policy.committed(index, record)
     return policy.violations
 
@@ -401,29 +421,36 @@ def crosscheck(
     sent: set[tuple[str, ...]] = set()
     instructed: set[tuple[str, ...]] = set()
     for record in records:
-        where = (_text(record.get("run")), _text(record.get("round")), _text(record.get("node")))
-        if record.get("kind") in ("update_accepted", "update_rejected"):
-            sent.add((*where, _text(record.get("envelope_sha256"))))
-        elif record.get("kind") == "round_started":
-            participants = record.get("participants")
+        where = (
+            _text(record.get(Key.RUN)),
+            _text(record.get(Key.ROUND)),
+            _text(record.get(Key.NODE)),
+        )
+        if record.get(Key.KIND) in (UpdateAccepted.kind, UpdateRejected.kind):
+            sent.add((*where, _text(record.get(Key.ENVELOPE_SHA256))))
+        elif record.get(Key.KIND) == RoundStarted.kind:
+            participants = record.get(Key.PARTICIPANTS)
             for participant in participants if isinstance(participants, list) else []:
                 if isinstance(participant, Mapping):
                     instructed.add(
                         (
                             where[0],
                             where[1],
-                            _text(participant.get("node")),
-                            _text(participant.get("instruction_sha256")),
+                            _text(participant.get(Key.NODE)),
+                            _text(participant.get(Key.INSTRUCTION_SHA256)),
                         )
                     )
     mismatches: list[JournalMismatch] = []
     journal_sent: set[tuple[str, ...]] = set()
     for number, entry in enumerate(journal, 1):
-        where = (_text(entry.get("run_id")), _text(entry.get("round")), _text(entry.get("node_id")))
-        label = (
-            f"{name} entry {number} ({_text(entry.get('kind'))}, run {where[0]}, round {where[1]})"
+        where = (
+            _text(entry.get(Key.RUN_ID)),
+            _text(entry.get(Key.ROUND)),
+            _text(entry.get(Key.NODE_ID)),
         )
-        received, update = entry.get("received_sha256"), entry.get("sent_sha256")
+        kind = _text(entry.get(Key.KIND))
+        label = f"{name} entry {number} ({kind}, run {where[0]}, round {where[1]})"
+        received, update = entry.get(Key.RECEIVED_SHA256), entry.get(Key.SENT_SHA256)
         if received and (*where, _text(received)) not in instructed:
             mismatches.append(
                 JournalMismatch(
@@ -441,9 +468,9 @@ def crosscheck(
                     )
                 )
     covered = {(w[0], w[2]) for w in journal_sent} | {
-        (_text(e.get("run_id")), _text(e.get("node_id")))
+        (_text(e.get(Key.RUN_ID)), _text(e.get(Key.NODE_ID)))
         for e in journal
-        if e.get("received_sha256")
+        if e.get(Key.RECEIVED_SHA256)
     }
     for update in sorted(sent):
         if (update[0], update[2]) in covered and update not in journal_sent:

@@ -23,6 +23,30 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
+from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED
+from sandbox.events import (
+    AggregateCommitted,
+    AttestationAppraised,
+    ChannelCertified,
+    DenialsRateLimited,
+    Event,
+    Key,
+    KeyDenied,
+    KeyReleased,
+    ModelPublished,
+    NodeAdmitted,
+    NodeDeclined,
+    NodeRefused,
+    RoundStarted,
+    RunEvent,
+    RunFinished,
+    RunStarted,
+    UpdateAccepted,
+    UpdateRejected,
+)
+
 __all__ = ["render_report"]
 
 Record = Mapping[str, Any]
@@ -33,58 +57,46 @@ DIGEST_CHARS = 12
 MAX_TEXT_CHARS = 80
 
 # Events the ServerApp logs; each belongs to one federated run.
-RUN_KINDS = frozenset(
-    {
-        "run_started",
-        "node_admitted",
-        "node_refused",
-        "node_declined",
-        "round_started",
-        "update_accepted",
-        "update_rejected",
-        "aggregate_committed",
-        "run_finished",
-    }
-)
-ROUND_KINDS = ("round_started", "update_accepted", "update_rejected", "aggregate_committed")
+RUN_KINDS = frozenset(kind for kind, cls in Event.registry.items() if issubclass(cls, RunEvent))
+ROUND_KINDS = (RoundStarted.kind, UpdateAccepted.kind, UpdateRejected.kind, AggregateCommitted.kind)
 KEY_KINDS = (
-    "attestation_appraised",
-    "channel_certified",
-    "key_released",
-    "key_denied",
-    "denials_rate_limited",
+    AttestationAppraised.kind,
+    ChannelCertified.kind,
+    KeyReleased.kind,
+    KeyDenied.kind,
+    DenialsRateLimited.kind,
 )
 
 KIND_LABELS = {
-    "model_published": "Model published",
-    "attestation_appraised": "Sandbox attestation checked",
-    "channel_certified": "Secure channel certified",
-    "key_released": "Model key released",
-    "key_denied": "Model key refused",
-    "denials_rate_limited": "Refusals counted, not listed",
-    "run_started": "Training run started",
-    "node_admitted": "Participant admitted",
-    "node_refused": "Participant refused",
-    "node_declined": "Participant declined a round",
-    "round_started": "Round started",
-    "update_accepted": "Update accepted",
-    "update_rejected": "Update rejected",
-    "aggregate_committed": "Round completed",
-    "run_finished": "Training run finished",
+    ModelPublished.kind: "Model published",
+    AttestationAppraised.kind: "Sandbox attestation checked",
+    ChannelCertified.kind: "Secure channel certified",
+    KeyReleased.kind: "Model key released",
+    KeyDenied.kind: "Model key refused",
+    DenialsRateLimited.kind: "Refusals counted, not listed",
+    RunStarted.kind: "Training run started",
+    NodeAdmitted.kind: "Participant admitted",
+    NodeRefused.kind: "Participant refused",
+    NodeDeclined.kind: "Participant declined a round",
+    RoundStarted.kind: "Round started",
+    UpdateAccepted.kind: "Update accepted",
+    UpdateRejected.kind: "Update rejected",
+    AggregateCommitted.kind: "Round completed",
+    RunFinished.kind: "Training run finished",
 }
 
 # (label, CSS class) per attestation status; the names are EAR's (RFC 9334 appraisal).
 STATUS_LABELS = {
-    "affirming": ("Trusted", "good"),
+    AFFIRMING: ("Trusted", "good"),
     "warning": ("Warning", "warn"),
     "contraindicated": ("Not trusted", "bad"),
     "none": ("No verdict", "bad"),
 }
 PURPOSE_LABELS = {
-    "key-release": "to receive the model key",
-    "channel": "to open a secure channel",
+    PURPOSE_KEY_RELEASE: "to receive the model key",
+    PURPOSE_CHANNEL: "to open a secure channel",
 }
-STAGE_LABELS = {"train": "training", "evaluate": "evaluation"}
+STAGE_LABELS = {STAGE_TRAIN: "training", STAGE_EVALUATE: "evaluation"}
 
 STYLE = """
 :root { color-scheme: light; --ink: #1f2328; --muted: #59636e; --line: #d1d9e0;
@@ -194,7 +206,7 @@ def _as_map(value: object) -> Mapping[Any, Any]:
 
 
 def _kind(record: Record) -> str:
-    return _as_str(record.get("kind")) or ""
+    return _as_str(record.get(Key.KIND)) or ""
 
 
 def _is_hex(value: str) -> bool:
@@ -295,7 +307,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], css: str = "")
 
 
 def _run_key(record: Record) -> RunKey:
-    run = record.get("run")
+    run = record.get(Key.RUN)
     return run if isinstance(run, str) else _as_int(run)
 
 
@@ -303,7 +315,7 @@ def _group_runs(records: Sequence[Record]) -> list[tuple[RunKey, list[Record]]]:
     """ServerApp events by run, runs in order of first appearance."""
     runs: dict[RunKey, list[Record]] = {}
     for record in records:
-        if "run" in record or _kind(record) in RUN_KINDS:
+        if Key.RUN in record or _kind(record) in RUN_KINDS:
             runs.setdefault(_run_key(record), []).append(record)
     return list(runs.items())
 
@@ -313,7 +325,7 @@ def _group_rounds(events: Sequence[Record]) -> list[tuple[int | None, list[Recor
     rounds: dict[int | None, list[Record]] = {}
     for event in events:
         if _kind(event) in ROUND_KINDS:
-            rounds.setdefault(_as_int(event.get("round")), []).append(event)
+            rounds.setdefault(_as_int(event.get(Key.ROUND)), []).append(event)
     return sorted(rounds.items(), key=lambda item: (item[0] is None, item[0] or 0))
 
 
@@ -326,7 +338,7 @@ def _of_kind(events: Iterable[Record], kind: str) -> list[Record]:
 
 
 def _run_title(key: RunKey, events: Sequence[Record]) -> str:
-    job = next((j for e in events if (j := _as_str(e.get("job")))), None)
+    job = next((j for e in events if (j := _as_str(e.get(Key.JOB)))), None)
     title = f"Run {_esc(key)}" if key is not None else "Run (unnumbered)"
     return f"{title} — job {_esc(job)}" if job else title
 
@@ -409,20 +421,20 @@ def _stat(ident: str, count: int, label: str, sub: str = "") -> str:
 
 
 def _glance(records: Sequence[Record], runs: Sequence[tuple[RunKey, list[Record]]]) -> str:
-    appraisals = _of_kind(records, "attestation_appraised")
-    trusted = sum(1 for a in appraisals if a.get("status") == "affirming")
+    appraisals = _of_kind(records, AttestationAppraised.kind)
+    trusted = sum(1 for a in appraisals if a.get(Key.STATUS) == AFFIRMING)
     untrusted = len(appraisals) - trusted
     sub = f"{trusted} trusted, {untrusted} not"
     if untrusted:
         sub = f'{trusted} trusted, <strong class="bad-text">{untrusted} not</strong>'
     stats = [
         _stat("attestations", len(appraisals), "Sandbox attestations checked", sub),
-        _stat("keys-released", len(_of_kind(records, "key_released")), "Model keys released"),
-        _stat("keys-denied", len(_of_kind(records, "key_denied")), "Model keys refused"),
+        _stat("keys-released", len(_of_kind(records, KeyReleased.kind)), "Model keys released"),
+        _stat("keys-denied", len(_of_kind(records, KeyDenied.kind)), "Model keys refused"),
         _stat("runs", len(runs), "Training runs"),
-        _stat("rounds", len(_of_kind(records, "aggregate_committed")), "Rounds completed"),
-        _stat("accepted", len(_of_kind(records, "update_accepted")), "Updates accepted"),
-        _stat("rejected", len(_of_kind(records, "update_rejected")), "Updates rejected"),
+        _stat("rounds", len(_of_kind(records, AggregateCommitted.kind)), "Rounds completed"),
+        _stat("accepted", len(_of_kind(records, UpdateAccepted.kind)), "Updates accepted"),
+        _stat("rejected", len(_of_kind(records, UpdateRejected.kind)), "Updates rejected"),
     ]
     return (
         '<section id="glance"><h2>At a glance</h2>'
@@ -431,9 +443,9 @@ def _glance(records: Sequence[Record], runs: Sequence[tuple[RunKey, list[Record]
 
 
 def _protection(value: object) -> str:
-    if value == "sealed":
+    if value == PROTECTION_SEALED:
         return _tag("Sealed", "good") + " updates encrypted end to end, aggregator attested"
-    if value == "off":
+    if value == PROTECTION_OFF:
         return _tag("Off", "bad") + " no protection: test configuration only"
     return _text(value)
 
@@ -441,13 +453,13 @@ def _protection(value: object) -> str:
 def _round_metrics(committed: Record | None) -> str:
     if committed is None:
         return DASH
-    metrics = _as_map(committed.get("metrics"))
+    metrics = _as_map(committed.get(Key.METRICS))
     parts = []
     if (accuracy := _as_float(metrics.get("local_accuracy"))) is not None:
         parts.append(f"accuracy {_number(accuracy)}")
     if (loss := _as_float(metrics.get("train_loss"))) is not None:
         parts.append(f"loss {_number(loss)}")
-    if (examples := _as_int(committed.get("examples"))) is not None:
+    if (examples := _as_int(committed.get(Key.EXAMPLES))) is not None:
         parts.append(f"{examples} examples")
     return " · ".join(parts) or DASH
 
@@ -455,30 +467,30 @@ def _round_metrics(committed: Record | None) -> str:
 def _round_row(number: int | None, events: Sequence[Record]) -> list[str]:
     stages: list[str] = []
     nodes: list[str] = []
-    for started in _of_kind(events, "round_started"):
-        stage = _as_str(started.get("stage"))
+    for started in _of_kind(events, RoundStarted.kind):
+        stage = _as_str(started.get(Key.STAGE))
         label = STAGE_LABELS.get(stage, stage) if stage else None
         if label and _esc(label) not in stages:
             stages.append(_esc(label))
-        for participant in _as_list(started.get("participants")):
-            node = _text(_as_map(participant).get("node"))
+        for participant in _as_list(started.get(Key.PARTICIPANTS)):
+            node = _text(_as_map(participant).get(Key.NODE))
             if node not in nodes:
                 nodes.append(node)
-    committed = _first(events, "aggregate_committed")
-    rejected = len(_of_kind(events, "update_rejected"))
+    committed = _first(events, AggregateCommitted.kind)
+    rejected = len(_of_kind(events, UpdateRejected.kind))
     return [
         _text(number),
         _join(stages),
         _join(nodes),
-        str(len(_of_kind(events, "update_accepted"))),
+        str(len(_of_kind(events, UpdateAccepted.kind))),
         _tag(str(rejected), "bad") if rejected else "0",
-        _digest(committed.get("adapter_sha256")) if committed else DASH,
+        _digest(committed.get(Key.ADAPTER_SHA256)) if committed else DASH,
         _round_metrics(committed),
     ]
 
 
 def _final_metrics(finished: Record | None) -> str:
-    final = _as_map(_as_map(finished.get("metrics") if finished else None).get("final"))
+    final = _as_map(_as_map(finished.get(Key.METRICS) if finished else None).get(Key.FINAL))
     rows = []
     for node, value in final.items():
         scores = _as_map(value)
@@ -492,22 +504,22 @@ def _final_metrics(finished: Record | None) -> str:
 
 
 def _run_section(key: RunKey, events: Sequence[Record]) -> str:
-    started = _first(events, "run_started")
-    finished = _first(events, "run_finished")
+    started = _first(events, RunStarted.kind)
+    finished = _first(events, RunFinished.kind)
     start = started or {}
     facts = [
-        ("Protection", _protection(start.get("protection"))),
-        ("Model", _digest(start.get("model_id"))),
-        ("Rounds planned", _text(start.get("rounds"))),
-        ("Minimum participants", _text(start.get("min_nodes"))),
-        ("Started", _time(start.get("time") if started else events[0].get("time"))),
-        ("Finished", _time(finished.get("time")) if finished else _tag("Not finished", "warn")),
+        ("Protection", _protection(start.get(Key.PROTECTION))),
+        ("Model", _digest(start.get(Key.MODEL_ID))),
+        ("Rounds planned", _text(start.get(Key.ROUNDS))),
+        ("Minimum participants", _text(start.get(Key.MIN_NODES))),
+        ("Started", _time(start.get(Key.TIME) if started else events[0].get(Key.TIME))),
+        ("Finished", _time(finished.get(Key.TIME)) if finished else _tag("Not finished", "warn")),
     ]
-    resumed = _as_int(start.get("resumed_after_round"))
+    resumed = _as_int(start.get(Key.RESUMED_AFTER_ROUND))
     if resumed:
         facts.append(("Resumed", f"after round {resumed}"))
     if finished:
-        facts.append(("Final model", _digest(finished.get("adapter_sha256"))))
+        facts.append(("Final model", _digest(finished.get(Key.ADAPTER_SHA256))))
     parts = [
         f'<div class="run"><h3>{_run_title(key, events)}</h3><dl class="facts">',
         "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts),
@@ -521,10 +533,10 @@ def _run_section(key: RunKey, events: Sequence[Record]) -> str:
     else:
         parts.append("<p>No rounds were logged for this run.</p>")
     rejections = [
-        f"<li>Round {_text(e.get('round'))}, {_node(e.get('node'))}: "
-        f"{_long_text(_as_str(e.get('reason')) or DASH)} "
-        f'<span class="detail">(update {_digest(e.get("envelope_sha256"))})</span></li>'
-        for e in _of_kind(events, "update_rejected")
+        f"<li>Round {_text(e.get(Key.ROUND))}, {_node(e.get(Key.NODE))}: "
+        f"{_long_text(_as_str(e.get(Key.REASON)) or DASH)} "
+        f'<span class="detail">(update {_digest(e.get(Key.ENVELOPE_SHA256))})</span></li>'
+        for e in _of_kind(events, UpdateRejected.kind)
     ]
     if rejections:
         parts.append(f"<p>Rejected updates and why:</p><ul>{''.join(rejections)}</ul>")
@@ -562,9 +574,9 @@ class _Series:
 
 def _series(events: Sequence[Record], metric: str) -> list[tuple[int, float]]:
     points = []
-    for committed in _of_kind(events, "aggregate_committed"):
-        number = _as_int(committed.get("round"))
-        value = _as_float(_as_map(committed.get("metrics")).get(metric))
+    for committed in _of_kind(events, AggregateCommitted.kind):
+        number = _as_int(committed.get(Key.ROUND))
+        value = _as_float(_as_map(committed.get(Key.METRICS)).get(metric))
         if number is not None and value is not None:
             points.append((number, value))
     return sorted(points)
@@ -701,20 +713,20 @@ def _measurements(value: object) -> str:
 
 def _key_outcome(event: Record) -> str:
     kind = _kind(event)
-    if kind == "attestation_appraised":
-        status = _as_str(event.get("status"))
+    if kind == AttestationAppraised.kind:
+        status = _as_str(event.get(Key.STATUS))
         label, tone = STATUS_LABELS.get(status or "", (_text(status), "bad"))
         # The label is for people; the tooltip keeps the appraisal's own word.
         outcome = _tag(label, tone, f"attestation status: {status}" if status else "")
-        if event.get("stub") is True:
+        if event.get(Key.STUB) is True:
             stub = "A simulated attestation: no real secure hardware vouched for this sandbox."
             outcome += " " + _tag("test stub", "warn", stub)
         return outcome
-    if kind == "key_released":
+    if kind == KeyReleased.kind:
         return _tag("Released", "good")
-    if kind == "channel_certified":
+    if kind == ChannelCertified.kind:
         return _tag("Certified", "good")
-    if kind == "denials_rate_limited":
+    if kind == DenialsRateLimited.kind:
         return _tag("Rate limited", "warn")
     return _tag("Refused", "bad")
 
@@ -722,31 +734,31 @@ def _key_outcome(event: Record) -> str:
 def _key_detail(event: Record) -> str:
     kind = _kind(event)
     parts = []
-    if kind == "attestation_appraised":
-        if (tee := _as_str(event.get("tee"))) is not None:
+    if kind == AttestationAppraised.kind:
+        if (tee := _as_str(event.get(Key.TEE))) is not None:
             parts.append(f"hardware: {_esc(tee)}")
-        if (failure := _as_str(event.get("failure"))) is not None:
+        if (failure := _as_str(event.get(Key.FAILURE))) is not None:
             parts.append(f"failure: {_long_text(failure)}")
-    elif kind == "key_denied":
-        parts.append(f"<code>{_text(event.get('code'))}</code>")
-        if (cause := _as_str(event.get("cause"))) is not None:
+    elif kind == KeyDenied.kind:
+        parts.append(f"<code>{_text(event.get(Key.CODE))}</code>")
+        if (cause := _as_str(event.get(Key.CAUSE))) is not None:
             parts.append(_long_text(cause))
-    elif kind == "denials_rate_limited":
+    elif kind == DenialsRateLimited.kind:
         # A flood's refusals beyond the broker's budget: counted per code, not one by one.
-        who = "all clients" if event.get("scope") == "all" else "one client"
+        who = "all clients" if event.get(Key.SCOPE) == "all" else "one client"
         parts.append(
-            f"{_text(event.get('suppressed'))} more refusals from {who} "
-            f"({_text(event.get('logged'))} listed one by one) between "
-            f"{_time(event.get('window_start'))} and {_time(event.get('window_end'))}"
+            f"{_text(event.get(Key.SUPPRESSED))} more refusals from {who} "
+            f"({_text(event.get(Key.LOGGED))} listed one by one) between "
+            f"{_time(event.get(Key.WINDOW_START))} and {_time(event.get(Key.WINDOW_END))}"
         )
-    elif kind == "key_released" and event.get("model_id") is not None:
-        parts.append(f"model {_digest(event.get('model_id'))}")
+    elif kind == KeyReleased.kind and event.get(Key.MODEL_ID) is not None:
+        parts.append(f"model {_digest(event.get(Key.MODEL_ID))}")
     return "; ".join(parts) or DASH
 
 
 def _key_event(event: Record) -> str:
     label = KIND_LABELS.get(_kind(event), DASH)
-    purpose = _as_str(event.get("purpose"))
+    purpose = _as_str(event.get(Key.PURPOSE))
     if purpose is None:
         return label
     return f'{label}<span class="sub">{_esc(PURPOSE_LABELS.get(purpose, purpose))}</span>'
@@ -767,12 +779,12 @@ def _attestations(records: Sequence[Record]) -> str:
         )
     rows = [
         [
-            _time(e.get("time")),
+            _time(e.get(Key.TIME)),
             _key_event(e),
-            _digest(e.get("ueid")),
+            _digest(e.get(Key.UEID)),
             _key_outcome(e),
-            _measurements(e.get("measurements")),
-            _digest(e.get("key_id")),
+            _measurements(e.get(Key.MEASUREMENTS)),
+            _digest(e.get(Key.KEY_ID)),
             _key_detail(e),
         ]
         for e in events
@@ -788,16 +800,18 @@ def _participant_rows(events: Sequence[Record]) -> list[list[str]]:
     rows = []
     for e in events:
         kind = _kind(e)
-        if kind == "node_admitted":
-            detail = f"sandbox {_digest(e.get('ueid'))}, attestation {_digest(e.get('ear_sha256'))}"
-            rows.append([_text(e.get("node")), _tag("Admitted", "good"), DASH, detail])
-        elif kind == "node_refused":
-            reason = _long_text(_as_str(e.get("reason")) or DASH)
-            rows.append([_text(e.get("node")), _tag("Refused", "bad"), DASH, reason])
-        elif kind == "node_declined":
-            reason = _long_text(_as_str(e.get("reason")) or DASH)
+        if kind == NodeAdmitted.kind:
+            detail = (
+                f"sandbox {_digest(e.get(Key.UEID))}, attestation {_digest(e.get(Key.EAR_SHA256))}"
+            )
+            rows.append([_text(e.get(Key.NODE)), _tag("Admitted", "good"), DASH, detail])
+        elif kind == NodeRefused.kind:
+            reason = _long_text(_as_str(e.get(Key.REASON)) or DASH)
+            rows.append([_text(e.get(Key.NODE)), _tag("Refused", "bad"), DASH, reason])
+        elif kind == NodeDeclined.kind:
+            reason = _long_text(_as_str(e.get(Key.REASON)) or DASH)
             status = _tag("Declined a round", "warn")
-            rows.append([_text(e.get("node")), status, _text(e.get("round")), reason])
+            rows.append([_text(e.get(Key.NODE)), status, _text(e.get(Key.ROUND)), reason])
     return rows
 
 
@@ -853,9 +867,9 @@ def _event_log(records: Sequence[Record]) -> str:
         fields = (
             f"<strong>{_esc(k)}</strong>: {_summary_value(v)}"
             for k, v in record.items()
-            if k not in ("kind", "time")
+            if k not in (Key.KIND, Key.TIME)
         )
-        rows.append([str(index), _time(record.get("time")), shown, "; ".join(fields) or DASH])
+        rows.append([str(index), _time(record.get(Key.TIME)), shown, "; ".join(fields) or DASH])
     return (
         '<section id="log"><h2>Full event log</h2>'
         "<p>Every entry in the log, in order. The entry number is its position in the log, "

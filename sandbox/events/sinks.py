@@ -1,41 +1,19 @@
-"""Structured security events and the one sink interface every service writes them to.
+"""Where provider events go: the one sink interface every service writes them to.
 
 The key broker records each appraisal, release and denial here (and the ServerApp its
-rounds); the transparency log is one more :class:`EventSink`. Events hold digests,
-ids and statuses, never key material or private data.
+rounds); the transparency log is one more :class:`EventSink`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-ATTESTATION_APPRAISED = "attestation_appraised"
-KEY_RELEASED = "key_released"
-KEY_DENIED = "key_denied"
-# One per client and window in which the key broker counted denials instead of logging
-# each (its flood limit); "scope" "all" counts those over the budget of all clients.
-DENIALS_RATE_LIMITED = "denials_rate_limited"
-CHANNEL_CERTIFIED = "channel_certified"
-MODEL_PUBLISHED = "model_published"
-
-
-@dataclass(frozen=True)
-class Event:
-    """One event: its kind, when it happened, and JSON-serialisable fields."""
-
-    kind: str
-    time: dt.datetime
-    fields: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "time": self.time.isoformat(), **self.fields}
+from sandbox.events.provider import Event
 
 
 class EventSink(Protocol):

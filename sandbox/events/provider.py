@@ -1,0 +1,252 @@
+"""The provider's events: the key broker's, provisioning's and the ServerApp's.
+
+Each goes to ``events.jsonl`` and, as one canonical entry, to the transparency log. They
+hold digests, ids and statuses, never key material or private data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import ClassVar
+
+from sandbox.events.schema import JsonObject, Record, omitted
+
+# The ``envelope_sha256`` of an update sent with protection off (there is no envelope).
+PLAINTEXT = "plaintext"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Event(Record):
+    """A provider event: its kind and when it happened (``time``, ISO 8601)."""
+
+    registry: ClassVar[dict[str, type[Record]]] = {}
+    time: dt.datetime
+
+
+# -- the key broker ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttestationAppraised(Event):
+    """The broker appraised evidence and signed a result (affirming or not)."""
+
+    kind: ClassVar[str] = "attestation_appraised"
+    session: str
+    key_id: str
+    tee: str
+    purpose: str
+    status: str
+    ear_sha256: str
+    tee_pubkey_sha256: str
+    stub: bool
+    policy_id: str
+    ueid: str | None
+    measurements: dict[str, str]
+    trustworthiness: dict[str, int]
+    failure: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChannelCertified(Event):
+    """A channel attestation: the broker certified a TEE's channel key (no key leaves)."""
+
+    kind: ClassVar[str] = "channel_certified"
+    session: str
+    key_id: str
+    tee: str
+    purpose: str
+    ueid: str | None
+    ear_sha256: str
+    tee_pubkey_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KeyReleased(Event):
+    """A content key left, wrapped to the TEE key of an affirming result: right after the
+    appraisal (``tee`` and ``purpose`` named) or against a presented result
+    (``result_sha256`` named)."""
+
+    kind: ClassVar[str] = "key_released"
+    session: str
+    key_id: str
+    tee: str | None = omitted()
+    purpose: str | None = omitted()
+    result_sha256: str | None = omitted()
+    model_id: str
+    ueid: str | None
+    ear_sha256: str
+    tee_pubkey_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SentDigest(JsonObject):
+    """What a client sent, as its size and SHA-256, never its bytes."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KeyDenied(Event):
+    """A refused request: the values the broker itself issued or holds, as they are
+    (omitted otherwise), and what the client sent as sizes and digests."""
+
+    kind: ClassVar[str] = "key_denied"
+    session: str | None = omitted()
+    key_id: str | None = omitted()
+    tee: str | None = omitted()
+    purpose: str | None = omitted()
+    request: dict[str, SentDigest]
+    client: str
+    code: str
+    cause: str
+    ear_sha256: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenialsRateLimited(Event):
+    """One per client and window in which the broker counted denials instead of logging
+    each (its flood limit); ``scope`` "all" (``client`` null) counts those over the
+    budget of all clients."""
+
+    kind: ClassVar[str] = "denials_rate_limited"
+    scope: str
+    client: str | None
+    window_start: dt.datetime
+    window_end: dt.datetime
+    logged: int
+    suppressed: int
+    codes: dict[str, int]
+
+
+# -- provisioning --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FileDigest(JsonObject):
+    name: str
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelPublished(Event):
+    """The provider sealed a model under a new content key."""
+
+    kind: ClassVar[str] = "model_published"
+    model_id: str
+    key_id: str
+    files: list[FileDigest]
+
+
+# -- the ServerApp -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunEvent(Event):
+    """A ServerApp event: of Flower run ``run`` (unsigned 64-bit) and job ``job``."""
+
+    run: int
+    job: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunStarted(RunEvent):
+    kind: ClassVar[str] = "run_started"
+    rounds: int
+    resumed_after_round: int
+    protection: str
+    model_id: str
+    min_nodes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeAdmitted(RunEvent):
+    """A node's channel attestation admitted it to the run."""
+
+    kind: ClassVar[str] = "node_admitted"
+    node: int
+    ear_sha256: str
+    ueid: str | None
+    tee_pubkey_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeRefused(RunEvent):
+    kind: ClassVar[str] = "node_refused"
+    node: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeDeclined(RunEvent):
+    """A node answered a round with an error (its code's label, never its text)."""
+
+    kind: ClassVar[str] = "node_declined"
+    round: int
+    node: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Participant(JsonObject):
+    """A node sent a round's instruction, and the SHA-256 of its sealed envelope (null
+    with protection off)."""
+
+    node: int
+    instruction_sha256: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoundStarted(RunEvent):
+    kind: ClassVar[str] = "round_started"
+    round: int
+    stage: str
+    participants: list[Participant]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateAccepted(RunEvent):
+    """An update in the round's aggregate; ``declared_examples`` and ``weight_bound`` are
+    written only when a bound clipped its weight."""
+
+    kind: ClassVar[str] = "update_accepted"
+    round: int
+    node: int
+    envelope_sha256: str
+    envelope_bytes: int
+    examples: float
+    declared_examples: float | None = omitted()
+    weight_bound: str | None = omitted()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateRejected(RunEvent):
+    kind: ClassVar[str] = "update_rejected"
+    round: int
+    node: int
+    envelope_sha256: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AggregateCommitted(RunEvent):
+    """A round's aggregate checkpointed: the envelopes it counts and headline metrics."""
+
+    kind: ClassVar[str] = "aggregate_committed"
+    round: int
+    adapter_sha256: str
+    updates: list[str]
+    examples: float
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunFinished(RunEvent):
+    """The run's last adapter, and each node's final held-out metrics
+    (``metrics["final"][node][metric]``)."""
+
+    kind: ClassVar[str] = "run_finished"
+    rounds: int
+    adapter_sha256: str
+    metrics: dict[str, dict[str, dict[str, float]]]
