@@ -63,6 +63,7 @@ from sandbox.events import (
     KeyReleased,
     SentDigest,
 )
+from sandbox.files import PRIVATE, create_new
 from sandbox.keybroker import RATE_LIMITED
 from sandbox.ops.keybroker.limits import (
     ALL_CLIENTS,
@@ -179,9 +180,7 @@ class KeyStore:
             "model_id": key.model_id,
             "key": base64.b64encode(key.key).decode(),
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(body, handle)
+        create_new(path, json.dumps(body).encode("utf-8"), PRIVATE)
         return path
 
     def holds(self, key_id: str) -> bool:

@@ -58,6 +58,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
@@ -102,9 +103,7 @@ class AuditorState:
     def save(self, note: str, checkpoint: Checkpoint) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(checkpoint.origin)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(note, encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, note.encode("utf-8"))
         with (self.directory / "history.log").open("a", encoding="utf-8") as history:
             history.write(f"{checkpoint.origin} {checkpoint.size} {checkpoint.root.hex()}\n")
         return path
