@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app import Array, ArrayRecord, MessageType, MetricRecord, MetricRecordValues, RecordDict
 
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.digests import sha256_hex
 from sandbox.errors import ProtocolError
 
@@ -37,6 +38,15 @@ CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
 NODE_CONFIG_KEY = "node-config"
+# What names an update in the provider's events when no sealed envelope does: raw arrays
+# (protection off), or a reply whose update could not even be found.
+PLAINTEXT_ENVELOPE = "plaintext"
+NO_ENVELOPE = "none"
+
+
+def stage_of(message_type: str) -> str:
+    """The channel stage an instruction of ``message_type`` is for (train or evaluate)."""
+    return STAGE_TRAIN if message_type == MessageType.TRAIN else STAGE_EVALUATE
 
 
 def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from sandbox.digests import sha256_file
 from sandbox.errors import CheckpointError
+from server.history import History
 
 STATE_FORMAT = "ark-checkpoint/1"
 STATE_FILE = "state.json"
@@ -31,7 +32,7 @@ class JobState:
 
     fingerprint: str
     round: int
-    history: dict[str, Any] = field(default_factory=dict)
+    history: History = field(default_factory=History)
     finished: bool = False
     # Node identity (its ueid; "node-<id>" with protection off) -> the weight its first
     # accepted update got; later updates of that node weigh no more.
@@ -78,7 +79,7 @@ class CheckpointStore:
             "round": state.round,
             "adapter": path.name,
             "adapter_sha256": sha256_file(path)[0],
-            "history": state.history,
+            "history": state.history.to_json(),
             "finished": state.finished,
             "weights": state.weights,
             "admissions": state.admissions,
@@ -111,7 +112,7 @@ class CheckpointStore:
             state = JobState(
                 fingerprint=fingerprint,
                 round=int(document["round"]),
-                history=dict(document.get("history", {})),
+                history=History.from_json(document.get("history", {})),
                 finished=bool(document.get("finished", False)),
                 weights=_weights(document.get("weights", {})),
                 admissions=_admissions(document.get("admissions", {})),
