@@ -17,9 +17,8 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from clients.channel import (
@@ -41,7 +40,9 @@ from sandbox.protocol import GLOBAL_KEY, SEALED_KEY, UPDATE_KEY, from_record, st
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
 
-Adapter = dict[str, np.ndarray]
+if TYPE_CHECKING:  # sandbox.lora imports torch, which the hello's process does not need
+    from sandbox.lora import Adapter
+
 # The records an update leaves a node in (next to its metrics).
 UpdateRecords = dict[str, ArrayRecord | ConfigRecord]
 # What the journal keeps of an exchange with no attestation on either side.

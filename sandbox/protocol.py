@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MessageType, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    MessageType,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.digests import sha256_hex
@@ -57,6 +65,11 @@ def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Unpack an ArrayRecord into named numpy arrays."""
     return {name: record[name].numpy() for name in record}
+
+
+def round_config(rnd: int) -> ConfigRecord:
+    """The config record every instruction carries: the server round it is for."""
+    return ConfigRecord({ROUND_KEY: rnd})
 
 
 def round_of(content: RecordDict) -> int:

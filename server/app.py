@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -35,7 +34,13 @@ from sandbox.errors import (
     UpdateRejected,
 )
 from sandbox.events import Event, EventSink, FanOutSink, JsonlEventSink
-from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
+from sandbox.lora import (
+    Adapter,
+    adapter_state,
+    build_peft_model,
+    export_peft_adapter,
+    is_trained,
+)
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.protocol import METRICS_KEY, NO_ENVELOPE, NUM_EXAMPLES, sealed_digest
 from sandbox.reasons import NodeReason
@@ -48,7 +53,6 @@ from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 
-Adapter = dict[str, np.ndarray]
 EVENTS_FILE = "events.jsonl"
 # Server-side events (the key broker writes the attestation and key-release ones).
 NODE_ADMITTED = "node_admitted"

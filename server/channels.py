@@ -17,27 +17,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 
-import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 
 from sandbox.channel import model_dir_digest
 from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import ConfigError, UpdateRejected
+from sandbox.lora import Adapter
 from sandbox.protocol import (
     CONFIG_KEY,
     GLOBAL_KEY,
     HELLO_KEY,
     PLAINTEXT_ENVELOPE,
-    ROUND_KEY,
     UPDATE_KEY,
     from_record,
+    round_config,
     to_record,
 )
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
-
-Adapter = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ class SealedChannel(UpdateChannel):
         return [node_id for node_id in nodes if node_id not in self.peers]
 
     def hello(self, rnd: int) -> RecordDict:
-        return RecordDict({CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd})})
+        return RecordDict({CONFIG_KEY: round_config(rnd)})
 
     def admit(self, node_id: int, reply: Message) -> Admission:
         hello = reply.content.config_records[HELLO_KEY]
@@ -195,9 +193,7 @@ class PlaintextChannel(UpdateChannel):
 
     def instructions(self, rnd: int, adapter: Adapter, stage: str) -> Callable[[int], RecordDict]:
         """One shared plaintext content for every node, which Flower dedups."""
-        content = RecordDict(
-            {GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: rnd})}
-        )
+        content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: round_config(rnd)})
         return lambda node_id: content
 
     def envelope(self, reply: Message) -> tuple[str, int]:
