@@ -8,8 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    MessageType,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.digests import sha256_hex
 from sandbox.errors import ProtocolError
 
@@ -39,6 +48,11 @@ NUM_EXAMPLES = "num-examples"
 NODE_CONFIG_KEY = "node-config"
 
 
+def stage_of(message_type: str) -> str:
+    """The channel stage an instruction of ``message_type`` is for (train or evaluate)."""
+    return STAGE_TRAIN if message_type == MessageType.TRAIN else STAGE_EVALUATE
+
+
 def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Pack named arrays into a Flower ArrayRecord (numpy serialization, no pickle)."""
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in tensors.items()})
@@ -47,6 +61,11 @@ def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Unpack an ArrayRecord into named numpy arrays."""
     return {name: record[name].numpy() for name in record}
+
+
+def round_config(rnd: int) -> ConfigRecord:
+    """The config record every instruction carries: the server round it is for."""
+    return ConfigRecord({ROUND_KEY: rnd})
 
 
 def round_of(content: RecordDict) -> int:

@@ -1,9 +1,12 @@
 """The provider's ServerApp: federated LoRA rounds over the Flower Message API.
 
-Each round sends the global adapter to every eligible node, folds replies into one
-running weighted sum as they arrive, checkpoints the new global adapter, and moves on
-once enough nodes answered before the round deadline. After the last round every node
-evaluates the final adapter; results, a plot and a stock PEFT adapter are written.
+Each round is a list of explicit stages over a typed round state: *admit* (wait for
+nodes, shake hands with new ones), *instruct* (send each the global adapter), *collect*
+(fold replies into one running weighted sum as they arrive, until the round deadline)
+and *commit* (checkpoint the new global adapter once enough updates were accepted).
+After the last round, *admit*, *instruct* and *evaluate* have every node evaluate the
+final adapter; results, a plot and a stock PEFT adapter are written. How instructions
+and updates are protected is the run's update channel (``server/channels.py``).
 """
 
 from __future__ import annotations
@@ -11,18 +14,17 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from sandbox import events
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
-from sandbox.config import DEFAULT_EGRESS_METRICS, PROTECTION_SEALED, RunSpec
-from sandbox.digests import sha256_hex
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
+from sandbox.config import DEFAULT_EGRESS_METRICS, RunSpec
 from sandbox.errors import (
     AggregateInvalid,
     AttestationError,
@@ -33,27 +35,24 @@ from sandbox.errors import (
     UpdateRejected,
 )
 from sandbox.events import EventSink, FanOutSink, JsonlEventSink, Key
-from sandbox.lora import adapter_state, build_peft_model, export_peft_adapter, is_trained
-from sandbox.models import inspect_model_dir, load_pretrained
-from sandbox.protocol import (
-    CONFIG_KEY,
-    GLOBAL_KEY,
-    HELLO_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES,
-    ROUND_KEY,
-    UPDATE_KEY,
-    from_record,
-    sealed_digest,
-    to_record,
+from sandbox.lora import (
+    Adapter,
+    adapter_state,
+    build_peft_model,
+    export_peft_adapter,
+    is_trained,
 )
+from sandbox.models import inspect_model_dir, load_pretrained
+from sandbox.protocol import METRICS_KEY, NUM_EXAMPLES, sealed_digest
 from sandbox.reasons import NodeReason
 from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import StreamingAggregator, Weight, spec_of
+from server.channels import update_channel
 from server.checkpoint import CheckpointStore, JobState
+from server.history import Metrics, Training
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
-from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
+from server.sandbox import AggregatorSandbox
 
 EVENTS_FILE = "events.jsonl"
 
@@ -75,11 +74,7 @@ def _provider_model(spec: RunSpec) -> Any:
     )
 
 
-def _round_config(rnd: int) -> ConfigRecord:
-    return ConfigRecord({ROUND_KEY: rnd})
-
-
-def _split_metrics(reply: Message) -> tuple[float, dict[str, float], dict[str, float], float]:
+def _split_metrics(reply: Message) -> tuple[float, Metrics, Metrics, float]:
     """The example count, held-out metrics before and after training, and training loss.
 
     Only the protocol's metric names are read; any other name is text the node chose (it
@@ -100,21 +95,41 @@ def _clipping(weight: Weight) -> dict[Key, Any]:
     return {Key.DECLARED_EXAMPLES: weight.declared, Key.WEIGHT_BOUND: weight.bound}
 
 
-def _round_metrics(current: dict[str, Any]) -> dict[str, float]:
-    """The round's headline numbers for the log: mean local accuracy and training loss."""
-    local = [m.get("accuracy") for m in current["local"].values()]
-    accuracies = [float(a) for a in local if isinstance(a, (int, float))]
-    losses = [float(v) for v in current["train_loss"].values() if v == v]
-    out: dict[str, float] = {"updates": float(len(current["examples"]))}
-    if accuracies:
-        out["local_accuracy"] = sum(accuracies) / len(accuracies)
-    if losses:
-        out["train_loss"] = sum(losses) / len(losses)
-    return out
+@dataclass
+class RoundState:
+    """One round in flight, filled in by its stages in turn (as Flower's SecAgg+
+    ``WorkflowState`` is): a training round runs admit, instruct, collect, commit; the
+    final evaluation runs admit, instruct, evaluate."""
+
+    job: JobState
+    round: int
+    stage: str  # STAGE_TRAIN or STAGE_EVALUATE
+    adapter: Adapter  # the global adapter this round sends
+    started: float = field(default_factory=time.monotonic)
+    # admit: the nodes that take part.
+    nodes: list[int] = field(default_factory=list)
+    # instruct: one instruction per node that could be sent one.
+    messages: list[Message] = field(default_factory=list)
+    # collect / evaluate: each node's held-out metrics of ``adapter`` (whose round is
+    # ``round - 1`` when training, ``round`` when evaluating).
+    held_out: dict[str, Metrics] = field(default_factory=dict)
+    # collect: what the replies left, the running sum, the accepted updates' envelopes.
+    training: Training = field(default_factory=Training)
+    aggregator: StreamingAggregator | None = None
+    accepted: list[str] = field(default_factory=list)
+    # commit: the new global adapter.
+    merged: Adapter | None = None
+
+
+Stage = Callable[[RoundState], None]
 
 
 class FederatedJob:
-    """State machine of one job: init or resume, rounds, final evaluation, outputs."""
+    """One job: init or resume, training rounds, final evaluation, outputs.
+
+    Each round is a list of stages over a :class:`RoundState`; what protection the run
+    has is its :class:`~server.channels.UpdateChannel`'s business, chosen once here.
+    """
 
     def __init__(
         self,
@@ -138,130 +153,40 @@ class FederatedJob:
         self.out = spec.output_dir
         self.store = CheckpointStore(self.out / "checkpoints")
         self._model: Any = None
-        if spec.protection == PROTECTION_SEALED and sandbox is None:
-            raise ConfigError("protection is sealed but no aggregator sandbox was given")
-        self.sandbox = sandbox
+        self.channel = update_channel(spec, run_id, sandbox)
         # Every event goes to the job's own file, and to ``events`` (the log) when given.
         job_events = JsonlEventSink(self.out / EVENTS_FILE)
         self.events = job_events if events is None else FanOutSink([job_events, events])
-        self.run_id = sandbox.run_id if sandbox is not None else run_id
-        # Nodes that shook hands with this ServerApp process (sealed runs only).
-        self.peers: dict[int, NodePeer] = {}
+        self.run_id = self.channel.run_id
+
+    # The stages of a training round and of the final evaluation.
+    def training_stages(self) -> list[Stage]:
+        return [self.admit, self.instruct, self.collect, self.commit]
+
+    def evaluation_stages(self) -> list[Stage]:
+        return [self.admit, self.instruct, self.evaluate]
 
     def _event(self, kind: type[events.RunEvent], **fields: Any) -> None:
         """Record ``kind`` for this run (and job) in the job's events and the log."""
         now = dt.datetime.now(dt.UTC)
         self.events.emit(kind(time=now, run=self.run_id, job=self.spec.job_id, **fields))
 
-    def _round_started(self, rnd: int, stage: str, messages: list[Message]) -> None:
-        """Who takes part in this round, and the digest of what each was sent."""
-        participants = [
-            events.Participant(
-                node=m.metadata.dst_node_id, instruction_sha256=sealed_digest(m.content)
-            )
-            for m in messages
-        ]
-        self._event(events.RoundStarted, round=rnd, stage=stage, participants=participants)
+    def _call(self) -> RoundCall:
+        return RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
 
-    def _admit(self, nodes: list[int], rnd: int) -> list[int]:
-        """Shake hands with nodes new to this run; return the nodes that may take part."""
-        if self.sandbox is None:
-            return nodes
-        new = [node_id for node_id in nodes if node_id not in self.peers]
-        if new:
-            hellos = [
-                Message(RecordDict({CONFIG_KEY: _round_config(rnd)}), node_id, MessageType.QUERY)
-                for node_id in new
-            ]
-            call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
-            for node_id, reply in call.replies(hellos):
-                try:
-                    if reply.has_error():  # recorded as its code, never the node's text
-                        raise AttestationError(NodeReason.of(reply.error).label)
-                    hello = reply.content.config_records[HELLO_KEY]
-                    peer = self.sandbox.admit(node_id, hello, self.peers.values())
-                except (AttestationError, KeyError) as exc:
-                    log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
-                    self._event(events.NodeRefused, node=node_id, reason=str(exc))
-                    continue
-                self.peers[node_id] = peer
-                self._event(
-                    events.NodeAdmitted,
-                    node=node_id,
-                    ear_sha256=peer.result.digest,
-                    ueid=peer.result.ueid,
-                    tee_pubkey_sha256=sha256_hex(peer.result.tee_pubkey),
-                )
-        return [node_id for node_id in nodes if node_id in self.peers]
-
-    def _messages(
-        self, nodes: list[int], kind: str, adapter: dict[str, np.ndarray], rnd: int
-    ) -> list[Message]:
-        """One instruction per node: sealed to each node's key, or (protection off) one
-        shared plaintext content that Flower dedups."""
-        if self.sandbox is not None:
-            stage = STAGE_TRAIN if kind == MessageType.TRAIN else STAGE_EVALUATE
-            messages = []
-            for node_id in nodes:
-                try:
-                    content = self.sandbox.instruction(self.peers[node_id], rnd, adapter, stage)
-                except EnvelopeError as exc:
-                    # One node's unusable key leaves that node out, not the whole round.
-                    log(WARNING, "[ark] node %s left out: cannot seal to its key: %s", node_id, exc)
-                    self.peers.pop(node_id, None)
-                    self._event(
-                        events.NodeRefused, node=node_id, reason=f"cannot seal to its key: {exc}"
-                    )
-                    continue
-                messages.append(Message(content, node_id, kind, group_id=str(rnd)))
-            return messages
-        content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: _round_config(rnd)})
-        return [Message(content, node_id, kind, group_id=str(rnd)) for node_id in nodes]
-
-    def _update(
-        self, node_id: int, reply: Message, rnd: int, reported: float
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """The reply's update tensors and weight: opened from its envelope (whose sealed
-        example count must match the reported one), or (protection off) raw."""
-        if self.sandbox is None:
-            return from_record(reply.content.array_records[UPDATE_KEY]), reported
-        update, weight = self.sandbox.open_update(
-            self.peers[node_id], sealed_blob(reply.content), rnd
-        )
-        if weight != reported:
-            raise UpdateRejected(
-                f"reported {reported:g} examples, the sealed update says {weight:g}"
-            )
-        return update, weight
-
-    def _envelope(self, reply: Message) -> tuple[str, int]:
-        """What names an update in events: its envelope's SHA-256 and size (sealed runs),
-        or the raw arrays' data size (protection off)."""
-        if self.sandbox is None:
-            record = reply.content.array_records[UPDATE_KEY]
-            return events.PLAINTEXT, sum(len(record[name].data) for name in record)
-        blob = sealed_blob(reply.content)
-        return sha256_hex(blob), len(blob)
-
-    def _identity(self, node_id: int) -> str:
-        """Whom an update's held weight belongs to: the node's attested TEE (its ueid), which
-        a node keeps when its Flower node id changes; with protection off, the node id."""
-        if self.sandbox is None:
-            return f"node-{node_id}"
-        return str(self.peers[node_id].result.ueid)
-
-    def _save(self, state: JobState, adapter: dict[str, np.ndarray]) -> str:
+    def _save(self, state: JobState, adapter: Adapter) -> str:
         """Checkpoint ``adapter`` and ``state`` with this run's ueid admissions, so that a
         ServerApp restarted in the same run admits each ueid as the same node."""
-        if self.sandbox is not None and self.sandbox.admitted:
-            state.admissions[str(self.run_id)] = dict(self.sandbox.admitted)
+        admissions = self.channel.admissions()
+        if admissions:
+            state.admissions[str(self.run_id)] = admissions
         return self.store.save(state, adapter)
 
     def _declined(self, node_id: int, reply: Message, rnd: int) -> str:
         """A node's error reply: record its code (never the node's text), and make the node
         shake hands again next time. Returns the code's label."""
         reason = NodeReason.of(reply.error).label
-        self.peers.pop(node_id, None)
+        self.channel.forget(node_id)
         self._event(events.NodeDeclined, round=rnd, node=node_id, reason=reason)
         return reason
 
@@ -270,18 +195,17 @@ class FederatedJob:
             self._model = _provider_model(self.spec)
         return self._model
 
-    def start(self) -> tuple[JobState, dict[str, np.ndarray]]:
+    def start(self) -> tuple[JobState, Adapter]:
         loaded = self.store.load(self.spec.fingerprint())
         if loaded is not None:
             state, adapter = loaded
             log(
                 INFO, "[ark] resuming job %s after finished round %d", self.spec.job_id, state.round
             )
-            if self.sandbox is not None:
-                self.sandbox.admitted.update(state.admissions.get(str(self.run_id), {}))
+            self.channel.restore(state.admissions.get(str(self.run_id), {}))
             return state, adapter
         adapter = adapter_state(self.model())
-        state = JobState(fingerprint=self.spec.fingerprint(), round=0, history={"rounds": {}})
+        state = JobState(fingerprint=self.spec.fingerprint(), round=0)
         self._save(state, adapter)
         log(
             INFO,
@@ -307,41 +231,104 @@ class FederatedJob:
             )
         return nodes
 
-    def train_round(self, state: JobState, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rnd = state.round + 1
-        started = time.monotonic()
-        nodes = self._admit(self._nodes(rnd), rnd)
-        log(INFO, "[ark] round %d/%d: training on %d nodes", rnd, self.spec.num_rounds, len(nodes))
-        trained = {k: v for k, v in adapter.items() if is_trained(k, self.spec.mode)}
-        aggregator = StreamingAggregator(
+    def admit(self, state: RoundState) -> None:
+        """Stage: wait for nodes, shake hands with those new to the channel, keep those
+        that may take part."""
+        rnd = state.round
+        nodes = self._nodes(rnd)
+        strangers = self.channel.strangers(nodes)
+        if strangers:
+            hellos = [
+                Message(self.channel.hello(rnd), node_id, MessageType.QUERY)
+                for node_id in strangers
+            ]
+            for node_id, reply in self._call().replies(hellos):
+                try:
+                    if reply.has_error():  # recorded as its code, never the node's text
+                        raise AttestationError(NodeReason.of(reply.error).label)
+                    admission = self.channel.admit(node_id, reply)
+                except (AttestationError, KeyError) as exc:
+                    log(WARNING, "[ark] node %s not admitted: %s", node_id, exc)
+                    self._event(events.NodeRefused, node=node_id, reason=str(exc))
+                    continue
+                self._event(
+                    events.NodeAdmitted,
+                    node=node_id,
+                    ear_sha256=admission.ear_sha256,
+                    ueid=admission.ueid,
+                    tee_pubkey_sha256=admission.tee_pubkey_sha256,
+                )
+        state.nodes = self.channel.participants(nodes)
+        if state.stage == STAGE_TRAIN:
+            log(
+                INFO,
+                "[ark] round %d/%d: training on %d nodes",
+                rnd,
+                self.spec.num_rounds,
+                len(state.nodes),
+            )
+        else:
+            log(
+                INFO,
+                "[ark] final evaluation of round-%d adapter on %d nodes",
+                rnd,
+                len(state.nodes),
+            )
+
+    def instruct(self, state: RoundState) -> None:
+        """Stage: one instruction per node (a node that cannot be sent one is left out,
+        not the whole round); record who takes part and the digest of what each got."""
+        rnd = state.round
+        kind = MessageType.TRAIN if state.stage == STAGE_TRAIN else MessageType.EVALUATE
+        instruction = self.channel.instructions(rnd, state.adapter, state.stage)
+        for node_id in state.nodes:
+            try:
+                content = instruction(node_id)
+            except EnvelopeError as exc:
+                log(WARNING, "[ark] node %s left out: cannot seal to its key: %s", node_id, exc)
+                self.channel.forget(node_id)
+                self._event(
+                    events.NodeRefused, node=node_id, reason=f"cannot seal to its key: {exc}"
+                )
+                continue
+            state.messages.append(Message(content, node_id, kind, group_id=str(rnd)))
+        participants = [
+            events.Participant(
+                node=m.metadata.dst_node_id, instruction_sha256=sealed_digest(m.content)
+            )
+            for m in state.messages
+        ]
+        self._event(events.RoundStarted, round=rnd, stage=state.stage, participants=participants)
+
+    def collect(self, state: RoundState) -> None:
+        """Stage: fold each reply's update into the running sum as it arrives, until every
+        node answered or the deadline passed; record each acceptance and rejection."""
+        rnd, training = state.round, state.training
+        trained = {k: v for k, v in state.adapter.items() if is_trained(k, self.spec.mode)}
+        aggregator = state.aggregator = StreamingAggregator(
             spec_of(trained),
             reference=trained,
             max_norm=self.spec.update_norm_bound,
             max_weight=self.spec.max_examples_per_update,
         )
-        rounds = state.history.setdefault("rounds", {})
-        previous = rounds.setdefault(str(rnd - 1), {})
-        current: dict[str, Any] = {"local": {}, "train_loss": {}, "rejected": {}, "examples": {}}
-        call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
-        messages = self._messages(nodes, MessageType.TRAIN, adapter, rnd)
-        self._round_started(rnd, STAGE_TRAIN, messages)
-        accepted: list[str] = []
-        for node_id, reply in call.replies(messages):
+        call = self._call()
+        for node_id, reply in call.replies(state.messages):
             key = str(node_id)
             if reply.has_error():
                 reason = self._declined(node_id, reply, rnd)
-                current["rejected"][key] = f"node error: {reason}"
+                training.rejected[key] = f"node error: {reason}"
                 log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reason)
                 continue
-            envelope = "none"
+            envelope = events.NO_ENVELOPE
             try:
-                envelope, size = self._envelope(reply)
+                envelope, size = self.channel.envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
-                update, declared = self._update(node_id, reply, rnd, reported)
-                identity = self._identity(node_id)
-                weight = aggregator.add(update, declared, held=state.weights.get(identity))
+                update = self.channel.open(node_id, reply, rnd, reported)
+                weight = aggregator.add(
+                    update.tensors, update.declared, held=state.job.weights.get(update.identity)
+                )
             except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
-                current["rejected"][key] = f"update rejected: {exc}"
+                training.rejected[key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
                 self._event(
                     events.UpdateRejected,
@@ -353,7 +340,7 @@ class FederatedJob:
                 continue
             finally:
                 del reply
-            state.weights.setdefault(identity, weight.used)
+            state.job.weights.setdefault(update.identity, weight.used)
             self._event(
                 events.UpdateAccepted,
                 round=rnd,
@@ -363,11 +350,11 @@ class FederatedJob:
                 examples=weight.used,
                 **_clipping(weight),
             )
-            accepted.append(envelope)
-            previous.setdefault("global", {})[key] = before
-            current["local"][key] = after
-            current["train_loss"][key] = loss
-            current["examples"][key] = weight.used
+            state.accepted.append(envelope)
+            state.held_out[key] = before
+            training.local[key] = after
+            training.train_loss[key] = loss
+            training.examples[key] = weight.used
             if weight.bound is not None:
                 log(
                     WARNING,
@@ -383,7 +370,7 @@ class FederatedJob:
                 "[ark] round %d: update %d/%d from node %s (%g examples)",
                 rnd,
                 aggregator.count,
-                len(nodes),
+                len(state.nodes),
                 node_id,
                 weight.used,
             )
@@ -395,8 +382,15 @@ class FederatedJob:
                 sorted(call.missing),
                 self.spec.round_timeout,
             )
-        current["missing"] = sorted(call.missing)
-        current["seconds"] = time.monotonic() - started
+        training.missing = sorted(call.missing)
+        training.seconds = time.monotonic() - state.started
+
+    def commit(self, state: RoundState) -> None:
+        """Stage: with enough accepted updates and a valid aggregate, checkpoint the new
+        global adapter and the round's records; otherwise the job stops here."""
+        rnd, job, aggregator = state.round, state.job, state.aggregator
+        if aggregator is None:
+            raise RuntimeError("commit before collect")
         if aggregator.count < self.spec.min_nodes:
             raise FederationError(
                 f"round {rnd}: only {aggregator.count} accepted updates, "
@@ -406,20 +400,20 @@ class FederatedJob:
             result = aggregator.result()
         except AggregateInvalid as exc:
             raise AggregateInvalid(
-                f"round {rnd}: {exc}; nothing was committed, the job stops after round "
-                f"{state.round}"
+                f"round {rnd}: {exc}; nothing was committed, the job stops after round {job.round}"
             ) from exc
-        merged = {**adapter, **result}
-        rounds[str(rnd)] = current
-        state.round = rnd
-        digest = self._save(state, merged)
+        merged = state.merged = {**state.adapter, **result}
+        job.history.round(rnd - 1).held_out.update(state.held_out)
+        job.history.round(rnd).training = state.training
+        job.round = rnd
+        digest = self._save(job, merged)
         self._event(
             events.AggregateCommitted,
             round=rnd,
             adapter_sha256=digest,
-            updates=accepted,
+            updates=state.accepted,
             examples=aggregator.total_weight,
-            metrics=_round_metrics(current),
+            metrics=state.training.summary(),
         )
         log(
             INFO,
@@ -428,17 +422,11 @@ class FederatedJob:
             aggregator.count,
             aggregator.total_weight,
         )
-        return merged
 
-    def final_evaluation(self, state: JobState, adapter: dict[str, np.ndarray]) -> None:
+    def evaluate(self, state: RoundState) -> None:
+        """Stage: each node's held-out metrics of the final adapter; the job is finished."""
         rnd = state.round
-        nodes = self._admit(self._nodes(rnd), rnd)
-        log(INFO, "[ark] final evaluation of round-%d adapter on %d nodes", rnd, len(nodes))
-        entry = state.history.setdefault("rounds", {}).setdefault(str(rnd), {})
-        call = RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
-        messages = self._messages(nodes, MessageType.EVALUATE, adapter, rnd)
-        self._round_started(rnd, STAGE_EVALUATE, messages)
-        for node_id, reply in call.replies(messages):
+        for node_id, reply in self._call().replies(state.messages):
             if reply.has_error():
                 reason = self._declined(node_id, reply, rnd)
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reason)
@@ -448,9 +436,25 @@ class FederatedJob:
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "[ark] evaluation reply from node %s is malformed: %r", node_id, exc)
                 continue
-            entry.setdefault("global", {})[str(node_id)] = before
-        state.finished = True
-        self._save(state, adapter)
+            state.held_out[str(node_id)] = before
+        state.job.history.round(rnd).held_out.update(state.held_out)
+        state.job.finished = True
+        self._save(state.job, state.adapter)
+
+    def train_round(self, job: JobState, adapter: Adapter) -> Adapter:
+        """Run one training round's stages; the new global adapter."""
+        state = RoundState(job, job.round + 1, STAGE_TRAIN, adapter)
+        for stage in self.training_stages():
+            stage(state)
+        if state.merged is None:
+            raise RuntimeError("a training round ended without a commit")
+        return state.merged
+
+    def final_evaluation(self, job: JobState, adapter: Adapter) -> None:
+        """Run the final evaluation's stages on the last round's adapter."""
+        state = RoundState(job, job.round, STAGE_EVALUATE, adapter)
+        for stage in self.evaluation_stages():
+            stage(state)
 
     def run(self) -> None:
         state, adapter = self.start()
@@ -475,12 +479,11 @@ class FederatedJob:
         results = build_results(self.spec, state.history)
         export_peft_adapter(self.model(), adapter, self.out / "adapter")
         write_outputs(results, self.out)
-        final = state.history.get("rounds", {}).get(str(state.round), {}).get("global", {})
         self._event(
             events.RunFinished,
             rounds=state.round,
             adapter_sha256=self.store.adapter_digest(state.round),
-            metrics={Key.FINAL: final},
+            metrics={Key.FINAL: state.history.held_out(state.round)},
         )
         log(INFO, "[ark] job %s finished: results in %s", self.spec.job_id, self.out)
 
@@ -489,19 +492,5 @@ class FederatedJob:
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated job described by the run config."""
     spec = RunSpec.from_run_config(context.run_config)
-    sandbox = None
-    if spec.protection == PROTECTION_SEALED:
-        if spec.aggregator_dir is None:
-            raise ConfigError(
-                "is empty; a sealed run needs the aggregator's identity directory",
-                key="aggregator-dir",
-            )
-        sandbox = AggregatorSandbox.load(
-            spec.aggregator_dir,
-            run_id=context.run_id,
-            model_digest=model_dir_digest(spec.model_path),
-        )
-    else:
-        log(WARNING, "[ark] protection is OFF: plaintext updates, no aggregator attestation")
     log_sink = None if spec.log_db is None else LogSink(LogStore(spec.log_db))
-    FederatedJob(grid, spec, sandbox=sandbox, events=log_sink, run_id=context.run_id).run()
+    FederatedJob(grid, spec, events=log_sink, run_id=context.run_id).run()

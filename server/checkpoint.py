@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from sandbox.digests import sha256_file
 from sandbox.errors import CheckpointError
+from sandbox.files import write_atomic
+from server.history import History
 
 STATE_FORMAT = "ark-checkpoint/1"
 STATE_FILE = "state.json"
@@ -31,22 +32,13 @@ class JobState:
 
     fingerprint: str
     round: int
-    history: dict[str, Any] = field(default_factory=dict)
+    history: History = field(default_factory=History)
     finished: bool = False
     # Node identity (its ueid; "node-<id>" with protection off) -> the weight its first
     # accepted update got; later updates of that node weigh no more.
     weights: dict[str, float] = field(default_factory=dict)
     # Run id -> ueid -> the node id that ueid was admitted as in that run.
     admissions: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointStore:
@@ -67,23 +59,19 @@ class CheckpointStore:
         adapter file's SHA-256."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.adapter_path(state.round)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in adapter.items()}))
         document = {
             "format": STATE_FORMAT,
             "fingerprint": state.fingerprint,
             "round": state.round,
             "adapter": path.name,
             "adapter_sha256": sha256_file(path)[0],
-            "history": state.history,
+            "history": state.history.to_json(),
             "finished": state.finished,
             "weights": state.weights,
             "admissions": state.admissions,
         }
-        _atomic_write(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
+        write_atomic(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
         return str(document["adapter_sha256"])
 
     def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
@@ -111,7 +99,7 @@ class CheckpointStore:
             state = JobState(
                 fingerprint=fingerprint,
                 round=int(document["round"]),
-                history=dict(document.get("history", {})),
+                history=History.from_json(document.get("history", {})),
                 finished=bool(document.get("finished", False)),
                 weights=_weights(document.get("weights", {})),
                 admissions=_admissions(document.get("admissions", {})),

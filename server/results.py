@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sandbox.config import TASK_CLASSIFICATION, RunSpec
+from server.history import History, RoundRecord, Training
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "metrics.png"
@@ -22,14 +23,14 @@ def metric_names(task: str) -> tuple[str, str]:
     return ("accuracy", "macro_f1") if task == TASK_CLASSIFICATION else ("perplexity", "loss")
 
 
-def build_results(spec: RunSpec, history: Mapping[str, Any]) -> dict[str, Any]:
+def build_results(spec: RunSpec, history: History) -> dict[str, Any]:
     """Per-node held-out metrics of the global adapter for round 0 and every round."""
-    rounds = history.get("rounds", {})
     table = []
+    names = metric_names(spec.task)
     for rnd in range(spec.num_rounds + 1):
-        entry = rounds.get(str(rnd), {})
-        nodes = entry.get("global", {})
-        names = metric_names(spec.task)
+        record = history.rounds.get(rnd, RoundRecord())
+        training = record.training or Training()
+        nodes = record.held_out
         mean = {
             name: sum(m[name] for m in nodes.values()) / len(nodes)
             for name in names
@@ -40,12 +41,12 @@ def build_results(spec: RunSpec, history: Mapping[str, Any]) -> dict[str, Any]:
                 "round": rnd,
                 "nodes": nodes,
                 "mean": mean,
-                "local_after_training": entry.get("local", {}),
-                "train_loss": entry.get("train_loss", {}),
-                "examples": entry.get("examples", {}),
-                "rejected": entry.get("rejected", {}),
-                "missing": entry.get("missing", []),
-                "seconds": entry.get("seconds"),
+                "local_after_training": training.local,
+                "train_loss": training.train_loss,
+                "examples": training.examples,
+                "rejected": training.rejected,
+                "missing": training.missing,
+                "seconds": None if record.training is None else training.seconds,
             }
         )
     return {

@@ -13,6 +13,7 @@ import pytest
 from sandbox.config import MODE_FFA, TASK_CAUSAL_LM, LoraSpec, RunSpec
 from sandbox.errors import CheckpointError
 from server.checkpoint import STATE_FILE, CheckpointStore, JobState
+from server.history import History, RoundRecord, Training
 from tests.conftest import make_spec
 
 FINGERPRINT = "f" * 64
@@ -35,7 +36,15 @@ def _state(server_round: int, **changes: Any) -> JobState:
     state = JobState(
         fingerprint=FINGERPRINT,
         round=server_round,
-        history={"rounds": {str(r): {"loss": 1.0 / r, "nodes": [1, 2]} for r in range(1, 3)}},
+        history=History(
+            {
+                r: RoundRecord(
+                    held_out={"1": {"accuracy": 1.0 / r}},
+                    training=Training(train_loss={"1": 1.0 / r}, missing=[1, 2], seconds=0.5),
+                )
+                for r in range(1, 3)
+            }
+        ),
         finished=False,
     )
     return dataclasses.replace(state, **changes)
@@ -127,6 +136,9 @@ MALFORMED_FIELDS = {
     "round-not-a-number": {"round": "one"},
     "history-a-list": {"history": [1, 2]},
     "history-a-string": {"history": "not a mapping"},
+    "history-unknown-round-key": {"history": {"rounds": {"1": {"loss": 1.0}}}},
+    "history-half-a-training": {"history": {"rounds": {"1": {"local": {}, "seconds": 1.0}}}},
+    "history-round-not-a-number": {"history": {"rounds": {"one": {}}}},
 }
 
 
@@ -144,6 +156,54 @@ def test_malformed_state_fields_are_refused(
     state_file.write_text(json.dumps(document))
     with pytest.raises(CheckpointError):
         saved.load(FINGERPRINT)
+
+
+# A history as checkpoints have always written it: round 0 holds only the initial
+# adapter's held-out metrics; a trained round its training, then (once the next round
+# or the final evaluation reported them) its adapter's held-out metrics.
+LEGACY_HISTORY: dict[str, Any] = {
+    "rounds": {
+        "0": {"global": {"1": {"accuracy": 0.5, "macro_f1": 0.4}, "2": {"accuracy": 0.6}}},
+        "1": {
+            "local": {"1": {"accuracy": 0.7, "macro_f1": 0.45}},
+            "train_loss": {"1": 0.9, "2": float("nan")},
+            "rejected": {"3": "node error: clientapp-error"},
+            "examples": {"1": 10.0, "2": 30.0},
+            "missing": [4],
+            "seconds": 1.25,
+            "global": {"2": {"accuracy": 0.65}, "1": {"accuracy": 0.75}},
+        },
+        "2": {
+            "local": {},
+            "train_loss": {},
+            "rejected": {},
+            "examples": {"1": 10.0},
+            "missing": [],
+            "seconds": 0.5,
+        },
+    }
+}
+
+
+def test_the_typed_history_reads_and_writes_the_checkpoint_json_unchanged(
+    tmp_path: Path,
+) -> None:
+    history = History.from_json(json.loads(json.dumps(LEGACY_HISTORY)))
+    assert json.dumps(history.to_json()) == json.dumps(LEGACY_HISTORY)
+    assert history.rounds[0].training is None
+    training = history.rounds[1].training
+    assert training is not None
+    assert (training.examples, training.missing, training.seconds) == (
+        {"1": 10.0, "2": 30.0},
+        [4],
+        1.25,
+    )
+    assert history.held_out(2) == {}
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(_state(2, history=history), _adapter(2))
+    written = json.loads((store.directory / STATE_FILE).read_text())["history"]
+    assert json.dumps(written) == json.dumps(LEGACY_HISTORY)
 
 
 def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) -> None:

@@ -20,7 +20,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
@@ -28,15 +28,14 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from clients.channel import NodeChannel, channel_path, check_aggregator, open_channel, open_global
+from clients.channel import open_channel
+from clients.channels import Accepted, PlaintextChannel, SealedAccepted, SealedChannel
 from clients.egress import failure_reason
 from clients.model import certify_channel
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext
 from sandbox.attestation.verifier import Appraisal
 from sandbox.channel import (
-    DOWNLINK,
     EXAMPLES,
-    STAGE_EVALUATE,
     STAGE_TRAIN,
     TICKET,
     UPLINK,
@@ -70,8 +69,6 @@ from sandbox.protocol import (
     ROUND_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
-    UPDATE_KEY,
-    from_record,
     metric_record,
     round_of,
     to_record,
@@ -173,6 +170,11 @@ def world(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Seal
 
 
 # Node behaviours that attack the channel (sealed runs) or the update itself.
+# Those that forge the update's envelope seal it themselves; every other node replies
+# through the real client channel (clients/channels.py).
+FORGED_SEALS = frozenset(
+    {"forged-ticket", "replay", "wrong-key", "other-run", "other-model", "extra-tensor"}
+)
 
 
 @dataclass
@@ -234,25 +236,25 @@ class SimNode:
         }
         return ChannelContext(**values)
 
-    def _open(self, msg: Message, rnd: int, behaviour: str) -> tuple[Adapter, Any, str]:
-        """The global adapter, the verified aggregator and the ticket, as a ClientApp gets them."""
+    def _open(self, msg: Message, rnd: int, behaviour: str) -> Accepted:
+        """The instruction as a ClientApp accepts it, over the node's real update channel."""
+        context = Context(RUN_ID, self.node_id, {}, RecordDict(), {})
         if GLOBAL_KEY in msg.content:
-            return from_record(msg.content.array_records[GLOBAL_KEY]), None, ""
+            return PlaintextChannel().accept(msg, context, rnd)
         if behaviour == "rekey":  # the node started a fresh channel; the aggregator did not
             open_channel(self.config, RUN_ID, self.world.certify(self.config))  # type: ignore[union-attr]
-        channel = NodeChannel.load(channel_path(self.config, RUN_ID), RUN_ID)
-        aggregator = check_aggregator(
-            self.config, channel, msg.content, now=dt.datetime.now(dt.UTC)
-        )
-        stage = STAGE_TRAIN if msg.metadata.message_type == MessageType.TRAIN else STAGE_EVALUATE
-        adapter, ticket = open_global(channel, msg.content, self._context(rnd, DOWNLINK, stage))
-        return adapter, aggregator, ticket
+        return SealedChannel(self.config).accept(msg, context, rnd)
 
     def _seal(
-        self, update: Adapter, aggregator: Any, ticket: str, rnd: int, behaviour: str
+        self, update: Adapter, accepted: Accepted, rnd: int, behaviour: str
     ) -> dict[str, Any]:
-        if aggregator is None:
-            return {UPDATE_KEY: to_record(update)}
+        """The update as it leaves: through the channel, unless ``behaviour`` forges it."""
+        if behaviour not in FORGED_SEALS or not isinstance(accepted, SealedAccepted):
+            records = accepted.reply(update, self.count(rnd))
+            if SEALED_KEY in records:
+                self.envelopes.append(records[SEALED_KEY][SEALED_UPDATE_KEY])  # type: ignore[arg-type]
+            return records
+        aggregator, ticket = accepted.aggregator, accepted.ticket
         key, context = aggregator.public_key, self._context(rnd, UPLINK, STAGE_TRAIN)
         if behaviour == "forged-ticket":  # sealed without having opened the downlink
             ticket = "0" * 32
@@ -276,10 +278,11 @@ class SimNode:
         rnd = round_of(msg.content)
         behaviour = self.plan.get(rnd, self.behaviour)
         try:
-            adapter, aggregator, ticket = self._open(msg, rnd, behaviour)
+            accepted = self._open(msg, rnd, behaviour)
         except AggregatorRefused as exc:  # what the node's egress guard sends for it
             self.refusals.append(str(exc))
             return Message(failure_reason(exc).error(), reply_to=msg)
+        adapter = accepted.adapter
         self.received.append((kind, rnd, adapter))
         if behaviour == "silent":
             return None
@@ -324,7 +327,7 @@ class SimNode:
             metrics[PRIVATE_ROW] = 1.0
         content = RecordDict(
             {
-                **self._seal(update, aggregator, ticket, rnd, behaviour),
+                **self._seal(update, accepted, rnd, behaviour),
                 METRICS_KEY: metric_record(metrics),
             }
         )

@@ -30,6 +30,7 @@ from sandbox.events.node import (
     parse_journal_entry,
 )
 from sandbox.events.provider import (
+    NO_ENVELOPE,
     PLAINTEXT,
     AggregateCommitted,
     AttestationAppraised,
@@ -56,6 +57,7 @@ from sandbox.events.schema import JsonObject, Key, Record
 from sandbox.events.sinks import EventSink, FanOutSink, JsonlEventSink, MemoryEventSink
 
 __all__ = [
+    "NO_ENVELOPE",
     "PLAINTEXT",
     "AggregateCommitted",
     "AggregatorRefused",

@@ -12,8 +12,10 @@ from typing import ClassVar
 
 from sandbox.events.schema import JsonObject, Record, omitted
 
-# The ``envelope_sha256`` of an update sent with protection off (there is no envelope).
+# The ``envelope_sha256`` of an update sent with protection off (raw arrays, there is no
+# envelope), and of a reply whose update could not even be found.
 PLAINTEXT = "plaintext"
+NO_ENVELOPE = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
