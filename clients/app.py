@@ -79,7 +79,8 @@ def _setup(
     then load the node's data and model with the instruction's global adapter."""
     spec = RunSpec.from_run_config(context.run_config)
     node = node_config(context)
-    accepted = update_channel(spec, node).accept(msg, context, round_of(msg.content))
+    channel = update_channel(spec, node)
+    accepted = channel.accept(msg, context, round_of(msg.content))
     if node.threads:
         import torch
 
@@ -87,7 +88,7 @@ def _setup(
     split = load_split(spec, node)
     from sandbox.lora import load_adapter_state
 
-    loaded = load_node_model(spec, node)
+    loaded = load_node_model(spec, channel.base_model(spec))
     load_adapter_state(loaded.model, accepted.adapter)
     return spec, node, accepted, split, loaded
 

@@ -30,7 +30,13 @@ from clients.channel import (
     open_global,
     seal_update,
 )
-from clients.model import NodeModel, certify_channel
+from clients.model import (
+    BaseModel,
+    NodeModel,
+    certify_channel,
+    load_base_model,
+    load_plaintext,
+)
 from sandbox import events
 from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
 from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED, NodeConfig, RunSpec
@@ -87,6 +93,10 @@ class UpdateChannel(ABC):
     @abstractmethod
     def hello(self, context: Context) -> Hello:
         """Answer the aggregator's handshake."""
+
+    @abstractmethod
+    def base_model(self, spec: RunSpec) -> BaseModel:
+        """The run's base model as this channel's protection lets the node have it."""
 
     @abstractmethod
     def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
@@ -164,6 +174,10 @@ class SealedChannel(UpdateChannel):
         channel, record = open_channel(self.node, context.run_id, certify)
         return Hello(record, channel.key.suite)
 
+    def base_model(self, spec: RunSpec) -> BaseModel:
+        """Attest, have the content key released, unseal in memory, build the model."""
+        return load_base_model(spec, self.node)
+
     def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
         """Verify the aggregator and open the global adapter."""
         stage = stage_of(msg.metadata.message_type)
@@ -207,6 +221,10 @@ class PlaintextChannel(UpdateChannel):
 
     def hello(self, context: Context) -> Hello:
         raise ConfigError("a run with protection off has no handshake", key="protection")
+
+    def base_model(self, spec: RunSpec) -> BaseModel:
+        """The run's plaintext model directory (the canary's negative control, the bench)."""
+        return load_plaintext(spec)
 
     def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
         adapter = from_record(msg.content.array_records[GLOBAL_KEY])

@@ -35,6 +35,10 @@ from sandbox.seal.package import (
     ships_plain,
 )
 
+# A base model as a node loads it: model, tokenizer, what it is, and the attestation
+# result its key was released on (None for an unprotected node's plaintext model).
+BaseModel = tuple[Any, Any, ModelInfo, "AttestationResult | None"]
+
 
 @dataclass
 class NodeModel:
@@ -137,7 +141,7 @@ def load_base_model(
     return model, tokenizer, info, released.result
 
 
-def load_plaintext(spec: RunSpec) -> tuple[Any, Any, ModelInfo]:
+def load_plaintext(spec: RunSpec) -> BaseModel:
     """An unprotected node's model: the run's plaintext directory, built by the same
     in-memory builder as a sealed package (so the overhead bench compares like with like).
 
@@ -147,25 +151,20 @@ def load_plaintext(spec: RunSpec) -> tuple[Any, Any, ModelInfo]:
     files = [p for p in sorted(spec.model_path.iterdir()) if p.is_file() and p.name[0] != "."]
     weights = {p.name: p.read_bytes() for p in files if loads_as_weights(p.name)}
     plain = {p.name: p.read_bytes() for p in files if ships_plain(p.name)}
-    return load_from_memory(
+    model, tokenizer, info = load_from_memory(
         plain, weights, task=spec.task, num_labels=len(spec.labels), source=spec.model_path
     )
+    return model, tokenizer, info, None
 
 
-def load_node_model(spec: RunSpec, node: NodeConfig) -> NodeModel:
-    """Base model plus a fresh LoRA adapter of the run's shape (weights come from the server).
-
-    An unprotected node (the canary test's negative control, the overhead bench) reads
-    the plaintext model the run names; every other node goes through attestation.
-    """
+def load_node_model(spec: RunSpec, base: BaseModel) -> NodeModel:
+    """The base model plus a fresh LoRA adapter of the run's shape (its weights come from
+    the server). ``base`` is what the node's update channel loaded: unsealed after
+    attestation, or (an unprotected node) the run's plaintext directory."""
     from sandbox.lora import build_peft_model  # torch: only where a model is built
 
-    result: AttestationResult | None = None
-    if node.unprotected:
-        base, tokenizer, info = load_plaintext(spec)
-    else:
-        base, tokenizer, info, result = load_base_model(spec, node)
-    model = build_peft_model(
-        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+    model, tokenizer, info, result = base
+    peft_model = build_peft_model(
+        model, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
     )
-    return NodeModel(model=model, tokenizer=tokenizer, info=info, attestation=result)
+    return NodeModel(model=peft_model, tokenizer=tokenizer, info=info, attestation=result)
