@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 PRIVATE = 0o600
-PUBLIC = 0o644
 
 
 @contextmanager
@@ -48,13 +47,15 @@ def read_regular(path: Path, limit: int, fail: Callable[[str], Exception]) -> by
         return handle.read(min(limit, size) + 1)
 
 
-def create_new(path: Path, data: bytes, mode: int = PUBLIC) -> None:
-    """Create ``path`` (never an existing file or symlink: FileExistsError) with exactly
-    ``mode`` and ``data``, fsynced; nothing half-written is left behind on failure."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+def create_new(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Create ``path`` (never an existing file or symlink: FileExistsError) with ``data``,
+    fsynced; nothing half-written is left behind on failure. Its mode is exactly ``mode``
+    whatever the umask, or (None) what the umask leaves of 0666, as for any new file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode or 0o666)
     with os.fdopen(fd, "wb") as handle:
         try:
-            os.fchmod(handle.fileno(), mode)  # exactly ``mode``, whatever the umask
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -66,7 +67,7 @@ def create_new(path: Path, data: bytes, mode: int = PUBLIC) -> None:
 def write_atomic(
     path: Path,
     data: bytes,
-    mode: int = PUBLIC,
+    mode: int | None = None,
     check: Callable[[Path], object] | None = None,
 ) -> None:
     """Replace ``path`` with ``data`` at once; ``check(staged_path)`` may refuse the new

@@ -36,7 +36,7 @@ class NodeReason(enum.IntEnum):
     FLOWER_MOD_FAILED_PRECONDITION = ErrorCode.MOD_FAILED_PRECONDITION
     FLOWER_INVALID_FAB = ErrorCode.INVALID_FAB
     FLOWER_CLIENTAPP_CRASHED = ErrorCode.CLIENT_APP_CRASHED
-    # Sent by the node's egress guard (clients/egress.py) and launcher (sandbox/ops/launcher.py).
+    # Sent by the node's egress guard (clients/egress.py) and launcher (sandbox/launcher.py).
     EGRESS_BLOCKED = ARK_CODES + 1
     REPLY_METADATA_ALTERED = ARK_CODES + 2
     NODE_CONFIG_UNUSABLE = ARK_CODES + 3

@@ -47,6 +47,7 @@ from sandbox.errors import (
     ResultInvalid,
     UpdateRejected,
 )
+from sandbox.files import read_regular
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
     AGGREGATOR_EVIDENCE,
@@ -68,6 +69,8 @@ from sandbox.seal.envelope import RecipientKey, load_public_key
 MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
 MAX_RESULT_BYTES = 16 * 1024
+# A line of the aggregator's identity folder (a ueid URI, a TEE kind's name).
+MAX_IDENTITY_LINE = 4096
 
 
 def _now() -> dt.datetime:
@@ -76,13 +79,17 @@ def _now() -> dt.datetime:
 
 def _identity_line(path: Path) -> str:
     """One line of the aggregator's identity folder (its ueid, its TEE kind)."""
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"no aggregator identity: {exc}; `ark provider init --manufacturer DIR` writes it",
+
+    def missing(reason: str) -> ConfigError:
+        return ConfigError(
+            f"no aggregator identity: {reason}; `ark provider init --manufacturer DIR` writes it",
             path=path,
-        ) from exc
+        )
+
+    try:
+        return read_regular(path, MAX_IDENTITY_LINE, missing).decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise missing(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import torch
 import transformers
 
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
-from sandbox.ops.apps import build_fab, fab_digest
+from sandbox.launcher import fab_digest
+from sandbox.ops.apps import build_fab
 from sandbox.ops.federation import Federation
 from sandbox.ops.processes import still_running
 

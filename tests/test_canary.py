@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from sandbox.config import PROTECTION_OFF, RunSpec
-from sandbox.ops.apps import approve, build_fab, fab_digest
+from sandbox.launcher import fab_digest
+from sandbox.ops.apps import approve, build_fab
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.federation import Federation, free_port, write_run_config
 from sandbox.ops.provision import init_unprotected_nodes, provision_loopback

@@ -39,8 +39,7 @@ from sandbox.errors import (
 )
 from sandbox.journal import read_journal
 from sandbox.keyfiles import public_pem, write_private
-from sandbox.ops.apps import fab_digest
-from sandbox.ops.launcher import ApprovalGate
+from sandbox.launcher import ApprovalGate, fab_digest
 from sandbox.protocol import (
     HELLO_KEY,
     HELLO_NONCE,

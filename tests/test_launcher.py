@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import AppNotApproved, ConfigError
 from sandbox.journal import read_journal
-from sandbox.ops.apps import approve, fab_digest
+from sandbox.launcher import NODE_CONFIG_ENV, ApprovalGate, fab_digest, install_launcher
+from sandbox.ops.apps import approve
 from sandbox.ops.cli import app as cli
-from sandbox.ops.launcher import NODE_CONFIG_ENV, ApprovalGate, install_launcher
 
 FAB = b"PK\x03\x04 a flower app bundle"
 OTHER = b"PK\x03\x04 another app"
@@ -114,7 +114,7 @@ def test_the_launcher_answers_to_flower_s_name(tmp_path: Path) -> None:
     launcher = install_launcher(tmp_path / "bin")
     assert launcher.name == "flwr-clientapp"
     assert launcher.stat().st_mode & 0o111
-    assert "from sandbox.ops.launcher import main" in launcher.read_text(encoding="utf-8")
+    assert "from sandbox.launcher import main" in launcher.read_text(encoding="utf-8")
 
 
 def test_the_installed_launcher_refuses_to_start_without_a_node_config(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 
 from sandbox.attestation.measure import SANDBOX_CODE
-from sandbox.ops.apps import build_fab, fab_digest
+from sandbox.launcher import fab_digest
+from sandbox.ops.apps import build_fab
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sandbox", "server", "clients", "protos")
@@ -30,13 +31,14 @@ def test_pyproject_fab_patterns_are_the_measured_scope() -> None:
 
 
 def test_the_apps_import_only_sandbox_code() -> None:
-    """Every module the ClientApp and the ServerApp load from this project is in scope:
+    """Every module the ClientApp, the ServerApp and the node's ``flwr-clientapp``
+    launcher (the process the ClientApp runs in) load from this project is in scope:
     nothing a sandbox runs lives in the operator tooling."""
     listing = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import json, sys; import clients.app, server.app; "
+            "import json, sys; import clients.app, server.app, sandbox.launcher; "
             "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()}))",
         ],
         cwd=ROOT,
@@ -53,6 +55,7 @@ def test_the_apps_import_only_sandbox_code() -> None:
     }
     assert "clients/app.py" in ours
     assert "server/app.py" in ours
+    assert "sandbox/launcher.py" in ours
     assert sorted(name for name in ours if not SANDBOX_CODE.covers(name)) == []
     assert not any(name.startswith("sandbox.ops") for name in loaded)
 

@@ -340,3 +340,10 @@ def test_the_aggregator_identity_names_its_tee_kind(tmp_path: Path) -> None:
     tee_file.unlink()
     with pytest.raises(ConfigError, match=r"aggregator/tee: no aggregator identity"):
         load()
+
+
+def test_a_development_kind_cannot_be_unregistered() -> None:
+    """Were the stub forgotten, its results would no longer have to say they are stubs."""
+    with pytest.raises(RuntimeError, match="development kind"):
+        unregister_kind("stub")
+    assert is_development("stub")

@@ -44,7 +44,11 @@ def register_kind(kind: TeeKind) -> None:
 
 
 def unregister_kind(name: str) -> None:
-    """Forget a kind (a backend that is unloaded, a test's own kind)."""
+    """Forget a kind (a backend that is unloaded, a test's own kind). A development kind
+    is never forgotten: its results would then no longer have to say they are one."""
+    kind = _KINDS.get(name)
+    if kind is not None and kind.development:
+        raise RuntimeError(f"TEE kind {name!r} is a development kind; it cannot be unregistered")
     _KINDS.pop(name, None)
 
 

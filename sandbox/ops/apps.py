@@ -3,29 +3,25 @@
 The app a provider ships is the code that touches the enterprise's data, so the node's
 operator approves it by digest ahead of time (``ark node approve``). ``flwr build`` is
 deterministic, so the operator can build the reviewed source and approve its SHA-256;
-the FAB a run carries has the same digest. The check itself runs in the node's launcher
-(``sandbox/ops/launcher.py``), outside the provider's app, before any app code is installed.
+the FAB a run carries has the same digest. The check itself (``check_app``) runs in the
+node's launcher (``sandbox/launcher.py``), outside the provider's app, before any app
+code is installed; the launcher runs in the node's sandbox process, so it is measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from sandbox.config import NodeConfig
-from sandbox.errors import AppNotApproved, ConfigError
+from sandbox.errors import ConfigError
 from sandbox.files import write_atomic
+from sandbox.launcher import fab_digest
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def fab_digest(content: bytes) -> str:
-    """Hex SHA-256 of a FAB's bytes: what Flower calls the run's fab hash."""
-    return hashlib.sha256(content).hexdigest()
 
 
 def build_fab(app_dir: Path, out_dir: Path) -> Path:
@@ -46,17 +42,6 @@ def build_fab(app_dir: Path, out_dir: Path) -> Path:
         output = (done.stdout + done.stderr)[-800:]
         raise ConfigError(f"flwr build failed: {output}", path=app_dir)
     return built[-1]
-
-
-def check_app(node: NodeConfig, content: bytes) -> str:
-    """Return the FAB's digest if this node approved it; AppNotApproved otherwise."""
-    digest = fab_digest(content)
-    if digest not in node.approved_apps:
-        raise AppNotApproved(
-            f"app {digest} is not approved on node {node.name!r} "
-            f"({len(node.approved_apps)} approved; see `ark node approve`)"
-        )
-    return digest
 
 
 def approve(config_path: Path, digest: str) -> NodeConfig:

@@ -25,9 +25,9 @@ from types import TracebackType
 import tomli_w
 
 from sandbox.errors import FederationError
+from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.models import OFFLINE_ENV
 from sandbox.ops.gateway import split_address
-from sandbox.ops.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.ops.processes import (
     ManagedProcess,
     kill_tree,

@@ -117,7 +117,8 @@ def node_approve(
     """Approve an app (by its FAB digest) to run on this node; nothing else will."""
     import tempfile
 
-    from sandbox.ops.apps import approve, build_fab, fab_digest
+    from sandbox.launcher import fab_digest
+    from sandbox.ops.apps import approve, build_fab
 
     if sum(x is not None for x in (digest, fab, app_dir)) != 1:
         raise fail(ValueError("give exactly one of --digest, --fab, --app-dir"))

@@ -15,6 +15,7 @@ the app a provider ships, so the provider cannot switch it off from inside the a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -25,11 +26,26 @@ from sandbox.config import NodeConfig
 from sandbox.errors import AppNotApproved
 from sandbox.events import AppApproved, AppRefused
 from sandbox.journal import append_journal
-from sandbox.ops.apps import check_app, fab_digest
 from sandbox.reasons import NodeReason
 
 NODE_CONFIG_ENV = "ARK_NODE_CONFIG"
 LAUNCHER_NAME = "flwr-clientapp"
+
+
+def fab_digest(content: bytes) -> str:
+    """Hex SHA-256 of a FAB's bytes: what Flower calls the run's fab hash."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def check_app(node: NodeConfig, content: bytes) -> str:
+    """Return the FAB's digest if this node approved it; AppNotApproved otherwise."""
+    digest = fab_digest(content)
+    if digest not in node.approved_apps:
+        raise AppNotApproved(
+            f"app {digest} is not approved on node {node.name!r} "
+            f"({len(node.approved_apps)} approved; see `ark node approve`)"
+        )
+    return digest
 
 
 class ApprovalGate:
@@ -114,7 +130,7 @@ def install_launcher(bin_dir: Path) -> Path:
     launcher.write_text(
         f"#!{sys.executable}\n"
         "# Ark Sandbox node launcher: checks the app's digest before Flower installs it.\n"
-        "from sandbox.ops.launcher import main\n"
+        "from sandbox.launcher import main\n"
         "main()\n",
         encoding="utf-8",
     )
