@@ -17,14 +17,17 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import tomli_w
 
-from sandbox.errors import FederationError
+from sandbox.config import RunSpec
+from sandbox.errors import ConfigError, FederationError
 from sandbox.models import OFFLINE_ENV
 from sandbox.ops.gateway import split_address
 from sandbox.ops.launcher import NODE_CONFIG_ENV, install_launcher
@@ -92,7 +95,8 @@ def _exe(name: str) -> str:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a Flower run ended, as ``flwr list`` reports it."""
+    """How a Flower run ended: completed when its ServerApp wrote ``run_finished`` and
+    exited; otherwise as ``flwr list`` reports it."""
 
     run_id: int
     status: str
@@ -128,6 +132,8 @@ class Federation:
         self.database = self.provider_home / "superlink.db"
         self.logs = self.workdir / "logs"
         self.leftovers: list[int] = []
+        # The job events file each submitted run's ServerApp writes, by run id.
+        self.run_events: dict[int, Path] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Federation:
@@ -385,11 +391,15 @@ class Federation:
         )
         try:
             payload = json.loads(result.stdout)
-            return int(payload["run-id"])
+            run_id = int(payload["run-id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise FederationError(
                 f"flwr run failed (exit {result.returncode}): {result.stdout}{result.stderr}"
             ) from exc
+        events = job_events_file(run_config)
+        if events is not None:
+            self.run_events[run_id] = events
+        return run_id
 
     def outcome(self, run_id: int) -> RunOutcome | None:
         """The run's status, or None while it is still pending or running."""
@@ -415,27 +425,155 @@ class Federation:
         run_id: int,
         *,
         timeout: float,
-        poll: float = 3.0,
+        poll: float = 0.2,
         on_tick: Callable[[], None] | None = None,
     ) -> RunOutcome:
-        """Wait for a run to finish, checking that our processes stay up."""
+        """Wait for a run to finish, reading its ServerApp's events, not polling a CLI.
+
+        The run completed once its ServerApp wrote ``run_finished`` to the job's events
+        file and exited (so every sink it writes to, the transparency log included, has
+        the event). A ServerApp that exits without it failed: one ``flwr list`` then
+        says how. Every ``poll`` seconds costs one ``stat`` of the events file; once a
+        second, our processes are checked (and their children remembered) and
+        ``on_tick`` is called.
+        """
+        events = self.run_events.get(run_id)
+        if events is None:
+            raise FederationError(
+                f"run {run_id} was not submitted with a run config naming an output-dir, "
+                "so there is no events file to watch"
+            )
+        tail = EventsTail(events)
         deadline = time.monotonic() + timeout
+        next_check = 0.0
+        app_seen = False
         while time.monotonic() < deadline:
-            for proc in self.all_processes():
-                proc.remember_descendants()
-            if self.superlink is not None and not self.superlink.alive():
-                raise FederationError(f"the SuperLink exited:\n{self.superlink.log_tail()}")
-            if self.key_broker is not None and not self.key_broker.alive():
-                raise FederationError(f"the key broker exited:\n{self.key_broker.log_tail()}")
-            if self.gateway is not None and not self.gateway.alive():
-                raise FederationError(f"the gateway exited:\n{self.gateway.log_tail()}")
+            finished = _run_finished(tail.read(), run_id)
+            if finished is not None:
+                self._wait_server_app_gone(run_id, deadline)
+                return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                self._check_services()
+                assert self.superlink is not None  # _check_services raised otherwise
+                if server_app_pids(self.superlink):
+                    app_seen = True
+                elif app_seen:
+                    return self._ended_unfinished(run_id, tail, deadline)
+                if on_tick is not None:
+                    on_tick()
+            time.sleep(poll)
+        raise FederationError(
+            f"run {run_id} did not finish within {timeout:.0f}s "
+            f"(no run_finished in {events}); {self._status_line(run_id)}"
+        )
+
+    def _check_services(self) -> None:
+        """Remember every child of ours; raise if a provider service has exited."""
+        for proc in self.all_processes():
+            proc.remember_descendants()
+        if self.superlink is None or not self.superlink.alive():
+            tail = "" if self.superlink is None else self.superlink.log_tail()
+            raise FederationError(f"the SuperLink exited:\n{tail}")
+        for name, service in (("key broker", self.key_broker), ("gateway", self.gateway)):
+            if service is not None and not service.alive():
+                raise FederationError(f"the {name} exited:\n{service.log_tail()}")
+
+    def _wait_server_app_gone(self, run_id: int, deadline: float) -> None:
+        """After ``run_finished``: wait for the ServerApp to exit, so that its sinks are
+        written and Flower has the run's final status."""
+        assert self.superlink is not None
+        while server_app_pids(self.superlink):
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"run {run_id} wrote run_finished but its ServerApp did not exit"
+                )
+            self.superlink.remember_descendants()
+            time.sleep(0.1)
+
+    def _ended_unfinished(self, run_id: int, tail: EventsTail, deadline: float) -> RunOutcome:
+        """The ServerApp exited: completed if ``run_finished`` landed just before, else
+        ask Flower once how the run ended (retrying briefly while it records that)."""
+        finished = _run_finished(tail.read(), run_id)
+        if finished is not None:
+            return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+        while True:
             outcome = self.outcome(run_id)
             if outcome is not None:
-                return outcome
-            if on_tick is not None:
-                on_tick()
-            time.sleep(poll)
-        raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+                break
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"run {run_id}: its ServerApp exited without run_finished and Flower "
+                    "never reported the run finished"
+                )
+            time.sleep(1.0)
+        if outcome.ok:
+            raise FederationError(
+                f"run {run_id}: Flower reports it completed, but its ServerApp wrote no "
+                f"run_finished to {tail.path}: {outcome.details}"
+            )
+        return outcome
+
+    def _status_line(self, run_id: int) -> str:
+        """Flower's own word on a run, for an error message."""
+        try:
+            outcome = self.outcome(run_id)
+        except FederationError as exc:
+            return str(exc)
+        return "Flower reports it still running" if outcome is None else outcome.details
+
+
+class EventsTail:
+    """Reads the JSON lines appended to an events file since the last read.
+
+    A read costs one ``stat`` when nothing was appended; a line still being written
+    waits for its newline.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size <= self.offset:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read(size - self.offset)
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise FederationError(f"{self.path}: an event is not JSON ({exc})") from exc
+
+
+def _run_finished(events: list[dict[str, Any]], run_id: int) -> dict[str, Any] | None:
+    """The ServerApp's ``run_finished`` event for ``run_id`` among ``events``, if any."""
+    from server.app import RUN_FINISHED  # the ServerApp's own name for the event
+
+    for event in events:
+        if event.get("kind") == RUN_FINISHED and str(event.get("run")) == str(run_id):
+            return event
+    return None
+
+
+def job_events_file(run_config: Path) -> Path | None:
+    """The events file a ServerApp started with ``run_config`` writes (None when the run
+    config names no output-dir: that ServerApp fails before writing any)."""
+    from server.app import EVENTS_FILE
+
+    try:
+        with run_config.open("rb") as handle:
+            spec = RunSpec.from_run_config(tomllib.load(handle), source=run_config)
+    except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise FederationError(f"{run_config}: cannot read the run config ({exc})") from exc
+    return None if spec.output_dir is None else spec.output_dir / EVENTS_FILE
 
 
 def server_app_pids(superlink: ManagedProcess) -> list[int]:
