@@ -1,4 +1,12 @@
-"""End-to-end runs on real flower-superlink / flower-supernode processes over TLS on loopback."""
+"""End-to-end runs on real flower-superlink / flower-supernode processes over TLS on loopback.
+
+A federation of real processes costs most of a test, so tests whose properties one run
+can show read a shared run (a fixture that runs once; the tests only look): the
+two-node, two-round checks read the protected canary run (tests/scenarios.py); a node
+crashing mid-round, a node refusing an unapproved app and a SuperNode with an
+unregistered key share one federation; the resume and causal-LM checks share one
+tiny-Llama run whose ServerApp is killed after round 1 and resubmitted.
+"""
 
 from __future__ import annotations
 
@@ -74,14 +82,10 @@ def _journal(config: Path) -> list[dict[str, Any]]:
     return read_journal(path)
 
 
-def _start(
-    federation: Federation,
-    configs: dict[str, Path],
-    spec: RunSpec,
-    tmp_path: Path,
-    approved: tuple[str, ...] | None = None,
-) -> int:
-    """Start the key broker, the SuperLink and one SuperNode per node, then submit the job.
+def _launch(
+    federation: Federation, configs: dict[str, Path], approved: tuple[str, ...] | None = None
+) -> None:
+    """Start the key broker, the SuperLink and one SuperNode per node.
 
     Nodes approve this checkout's app first (``approved``: only the nodes named).
     """
@@ -93,7 +97,16 @@ def _start(
     federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
     federation.start_superlink()
     federation.start_nodes(configs)
+
+
+def _submit(federation: Federation, spec: RunSpec, tmp_path: Path) -> int:
     return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
+
+
+def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_path: Path) -> int:
+    """:func:`_launch` every node, then submit the job."""
+    _launch(federation, configs)
+    return _submit(federation, spec, tmp_path)
 
 
 def test_two_nodes_two_rounds_over_tls(protected_run: ProtectedRun) -> None:
@@ -267,14 +280,20 @@ def troubled_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) 
     *training, refusing, stranger = configs
     victim = sorted(training)[-1]
     members = {name: configs[name] for name in (*training, refusing)}
-    spec = _spec(tmp_path, tiny_bert_dir, len(members), round_timeout=60.0, min_nodes=2)
+    # Every member is online before the run starts, so the run need not wait for a
+    # count of nodes: after the crash it goes on with the rest at once, instead of
+    # waiting out a round timeout per stage for a node that is gone (that wait is
+    # tests/test_rounds.py's wait_for_nodes test).
+    spec = _spec(tmp_path, tiny_bert_dir, 0, round_timeout=60.0, min_nodes=2)
     with checked_federation(tmp_path) as federation:
-        run_id = _start(federation, members, spec, tmp_path, approved=tuple(training))
+        _launch(federation, members, approved=tuple(training))
+        federation.wait_until_online(members)
         # The stranger has a key, but nobody registered it.
         stranger_started = time.monotonic()
         stranger_proc = federation.start_supernode(
             stranger, configs[stranger], auth_key=node_auth_key(configs[stranger].parent)
         )
+        run_id = _submit(federation, spec, tmp_path)
         victim_proc = federation.supernodes[victim]
         deadline = time.monotonic() + 300
 
@@ -328,43 +347,77 @@ def test_node_dropping_mid_round_does_not_fail_the_run(troubled_run: TroubledRun
     )
 
 
-def test_killed_serverapp_resumes_from_last_checkpoint(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_bert_dir)
-    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=2)
+@dataclass(frozen=True)
+class ResumedRun:
+    """A two-round causal-LM run on a tiny Llama whose ServerApp was killed after round 1
+    and whose job was submitted again."""
+
+    configs: dict[str, Path]
+    spec: RunSpec
+    first_run: int
+    second_run: int
+    killed: list[int]
+    round_when_killed: int
+    round1_digest: tuple[str, int]  # (SHA-256, size), as sha256_file gives it
+    outcome: RunOutcome
+
+    @property
+    def out(self) -> Path:
+        assert self.spec.output_dir is not None
+        return self.spec.output_dir
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> ResumedRun:
+    """The run both the resume test and the causal-LM test read: resuming is the same
+    for every task, and the causal LM's outputs are those the resumed job wrote."""
+    tmp_path = tmp_path_factory.mktemp("resumed-run")
+    configs = _nodes(tmp_path, 2, tiny_llama_dir, task=TASK_CAUSAL_LM)
+    spec = _spec(
+        tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=2, max_length=96
+    )
     assert spec.output_dir is not None
     state_file = spec.output_dir / "checkpoints" / "state.json"
-    first_run = _start(federation, configs, spec, tmp_path)
-    assert federation.superlink is not None
+    with checked_federation(tmp_path) as federation:
+        first_run = _start(federation, configs, spec, tmp_path)
+        assert federation.superlink is not None
 
-    deadline = time.monotonic() + 300
-    while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
-        assert time.monotonic() < deadline, "round 1 never finished"
-        federation.superlink.remember_descendants()
-        time.sleep(0.1)
-    pids = server_app_pids(federation.superlink)
-    assert pids, "no flwr-serverapp process found under our SuperLink"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    assert json.loads(state_file.read_text())["round"] == 1, "killed too late: round 2 finished"
-    round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
-    round1_digest = sha256_file(round1)
+        deadline = time.monotonic() + 300
+        while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
+            assert time.monotonic() < deadline, "round 1 never finished"
+            federation.superlink.remember_descendants()
+            time.sleep(0.1)
+        pids = server_app_pids(federation.superlink)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        round_when_killed = json.loads(state_file.read_text())["round"]
+        round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
+        round1_digest = sha256_file(round1)
 
-    second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
-    outcome = federation.wait(second_run, timeout=600)
-    assert outcome.ok, outcome.details
+        second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
+        outcome = federation.wait(second_run, timeout=600)
+    return ResumedRun(
+        configs, spec, first_run, second_run, pids, round_when_killed, round1_digest, outcome
+    )
 
-    state = json.loads(state_file.read_text())
+
+def test_killed_serverapp_resumes_from_last_checkpoint(resumed_run: ResumedRun) -> None:
+    run = resumed_run
+    assert run.killed, "no flwr-serverapp process found under our SuperLink"
+    assert run.round_when_killed == 1, "killed too late: round 2 finished"
+    assert run.outcome.ok, run.outcome.details
+
+    state = json.loads((run.out / "checkpoints" / "state.json").read_text())
     assert state["round"] == 2
     assert state["finished"] is True
-    assert sha256_file(round1) == round1_digest, "round 1 was redone"
-    for config in configs.values():
+    round1 = run.out / "checkpoints" / "round-0001.safetensors"
+    assert sha256_file(round1) == run.round1_digest, "round 1 was redone"
+    for config in run.configs.values():
         journal = _journal(config)
         round1_trains = [e for e in journal if e["kind"] == "train" and e["round"] == 1]
         assert len(round1_trains) == 1
-        assert str(round1_trains[0]["run_id"]) == str(first_run)
-        resumed = [e for e in journal if str(e["run_id"]) == str(second_run)]
+        assert str(round1_trains[0]["run_id"]) == str(run.first_run)
+        resumed = [e for e in journal if str(e["run_id"]) == str(run.second_run)]
         work = [(e["kind"], e.get("round")) for e in resumed if e["kind"] != "app_approved"]
         # A new ServerApp process: a new aggregator key, so a new handshake first.
         assert work == [("hello", 2), ("train", 2), ("evaluate", 2)]
@@ -413,24 +466,18 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
 
 
-def test_causal_lm_round_on_a_tiny_llama(
-    tmp_path: Path, tiny_llama_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_llama_dir, task=TASK_CAUSAL_LM)
-    spec = _spec(
-        tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
-    )
-    run_id = _start(federation, configs, spec, tmp_path)
-    outcome = federation.wait(run_id, timeout=600)
-    assert outcome.ok, outcome.details
-    assert spec.output_dir is not None
-    results = json.loads((spec.output_dir / "results.json").read_text(encoding="utf-8"))
+def test_causal_lm_round_on_a_tiny_llama(resumed_run: ResumedRun) -> None:
+    """Read from the resumed run: its job is a causal LM on a tiny Llama."""
+    run = resumed_run
+    assert run.spec.task == TASK_CAUSAL_LM
+    assert run.outcome.ok, run.outcome.details
+    results = json.loads((run.out / "results.json").read_text(encoding="utf-8"))
     assert results["metrics"] == ["perplexity", "loss"]
     for entry in results["rounds"]:
         assert len(entry["nodes"]) == 2
         for metrics in entry["nodes"].values():
             assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
-    assert (spec.output_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run.out / "adapter" / "adapter_config.json").is_file()
 
 
 def test_supernode_with_an_unregistered_key_is_refused(troubled_run: TroubledRun) -> None:

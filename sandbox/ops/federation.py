@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +43,8 @@ from sandbox.protocol import NODE_CONFIG_KEY
 
 HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
+# What flower-supernode logs once the SuperLink has activated it (and given it a node id).
+SUPERNODE_ONLINE = "SuperNode ID:"
 
 
 def free_port() -> int:
@@ -346,6 +348,25 @@ class Federation:
                 self.add_node(name, config, node_auth_key(config.parent))
             else:
                 self.start_supernode(name, config)
+
+    def wait_until_online(self, names: Iterable[str], timeout: float = 120.0) -> None:
+        """Block until each named SuperNode has been activated by the SuperLink (its log
+        names the node id Flower gave it), so a run submitted next sees all of them."""
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for name in sorted(pending):
+                proc = self.supernodes[name]
+                if SUPERNODE_ONLINE in proc.log_tail(200):
+                    pending.discard(name)
+                elif not proc.alive():
+                    raise FederationError(f"SuperNode {name!r} exited:\n{proc.log_tail()}")
+            if pending and time.monotonic() >= deadline:
+                raise FederationError(
+                    f"SuperNodes {sorted(pending)} were not online within {timeout:.0f}s"
+                )
+            if pending:
+                time.sleep(0.2)
 
     def kill_supernode(self, name: str) -> None:
         """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""
