@@ -26,8 +26,9 @@ import transformers
 
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
 from sandbox.ops.apps import build_fab, fab_digest
-from sandbox.ops.federation import Federation
+from sandbox.ops.federation import Federation, JobEvents
 from sandbox.ops.processes import still_running
+from server.app import EVENTS_FILE, RUN_FINISHED
 
 if TYPE_CHECKING:
     from tests.scenarios import ProtectedRun
@@ -141,11 +142,15 @@ def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
     return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)
 
 
+# How a run of this project's app is followed: its ServerApp's job events.
+JOB_EVENTS = JobEvents(file=EVENTS_FILE, finished=RUN_FINISHED)
+
+
 @contextlib.contextmanager
 def checked_federation(workdir: Path) -> Iterator[Federation]:
-    """A federation under ``workdir`` whose every process, children included, must be
-    gone once the block ends."""
-    fed = Federation(workdir)
+    """A federation under ``workdir`` running this project's app, whose every process,
+    children included, must be gone once the block ends."""
+    fed = Federation(workdir, job_events=JOB_EVENTS)
     try:
         yield fed
     finally:

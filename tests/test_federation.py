@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import FederationError
-from sandbox.ops.federation import EventsTail, Federation, job_events_file, write_run_config
+from sandbox.ops.federation import EventsTail, Federation, job_output_dir, write_run_config
 from sandbox.ops.processes import start_process
 from server.app import EVENTS_FILE
+from tests.conftest import JOB_EVENTS
 
 
 def _line(kind: str, run: int) -> str:
@@ -43,15 +44,14 @@ def test_a_line_that_is_not_json_is_named(tmp_path: Path) -> None:
         EventsTail(events).read()
 
 
-def test_the_events_file_is_the_run_configs_output_dir(tmp_path: Path) -> None:
+def test_the_job_is_where_the_run_config_says(tmp_path: Path) -> None:
     values = {"model-path": str(tmp_path), "labels": '["a", "b"]', "output-dir": str(tmp_path)}
-    run_config = write_run_config(tmp_path / "run.toml", values)
-    assert job_events_file(run_config) == tmp_path / EVENTS_FILE
+    assert job_output_dir(write_run_config(tmp_path / "run.toml", values)) == tmp_path
     del values["output-dir"]
-    assert job_events_file(write_run_config(tmp_path / "bare.toml", values)) is None
+    assert job_output_dir(write_run_config(tmp_path / "bare.toml", values)) is None
     (tmp_path / "bad.toml").write_text("num-rounds = 0\n", encoding="utf-8")
     with pytest.raises(FederationError, match=r"bad\.toml"):
-        job_events_file(tmp_path / "bad.toml")
+        job_output_dir(tmp_path / "bad.toml")
 
 
 def _fake_superlink(fed: Federation, serverapp: str) -> None:
@@ -93,7 +93,7 @@ def test_a_run_completes_when_its_serverapp_wrote_run_finished_and_exited(
         Path({str(done)!r}).touch()
         """
     )
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, job_events=JOB_EVENTS)
     fed.run_events[7] = events
     try:
         _fake_superlink(fed, serverapp)
@@ -108,8 +108,9 @@ def test_a_run_completes_when_its_serverapp_wrote_run_finished_and_exited(
 
 
 def test_waiting_on_a_run_without_an_events_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FederationError, match=r"run 5 .*output-dir"):
-        Federation(tmp_path).wait(5, timeout=1)
+    for fed in (Federation(tmp_path), Federation(tmp_path, job_events=JOB_EVENTS)):
+        with pytest.raises(FederationError, match=r"run 5 .*output-dir"):
+            fed.wait(5, timeout=1)
 
 
 def test_a_serverapp_that_exits_without_run_finished_ends_the_wait(tmp_path: Path) -> None:
@@ -125,7 +126,7 @@ def test_a_serverapp_that_exits_without_run_finished_ends_the_wait(tmp_path: Pat
         time.sleep(1.5)
         """
     )
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, job_events=JOB_EVENTS)
     fed.run_events[7] = events
     try:
         _fake_superlink(fed, serverapp)

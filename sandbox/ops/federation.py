@@ -97,8 +97,8 @@ def _exe(name: str) -> str:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a Flower run ended: completed when its ServerApp wrote ``run_finished`` and
-    exited; otherwise as ``flwr list`` reports it."""
+    """How a Flower run ended: completed when its ServerApp wrote the event that ends a
+    run (``JobEvents.finished``) and exited; otherwise as ``flwr list`` reports it."""
 
     run_id: int
     status: str
@@ -108,6 +108,17 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.sub_status == "completed"
+
+
+@dataclass(frozen=True)
+class JobEvents:
+    """Where an app's ServerApp writes a job's events, one JSON object a line: ``file``
+    under the run config's output-dir; and the kind of event that ends a run. The
+    launcher runs any Flower app, so whoever chooses the app says (for this project's
+    app: ``server.app``'s ``EVENTS_FILE`` and ``RUN_FINISHED``)."""
+
+    file: str
+    finished: str
 
 
 @dataclass
@@ -128,6 +139,8 @@ class Federation:
     # False only for the canary test's negative control and the overhead bench's
     # baseline: plaintext HTTP on loopback (and so no node authentication either).
     tls_on: bool = True
+    # How runs of the app are followed (``wait``); None: runs are only submitted.
+    job_events: JobEvents | None = None
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
@@ -417,9 +430,9 @@ class Federation:
             raise FederationError(
                 f"flwr run failed (exit {result.returncode}): {result.stdout}{result.stderr}"
             ) from exc
-        events = job_events_file(run_config)
-        if events is not None:
-            self.run_events[run_id] = events
+        out = job_output_dir(run_config)
+        if self.job_events is not None and out is not None:
+            self.run_events[run_id] = out / self.job_events.file
         return run_id
 
     def outcome(self, run_id: int) -> RunOutcome | None:
@@ -451,25 +464,26 @@ class Federation:
     ) -> RunOutcome:
         """Wait for a run to finish, reading its ServerApp's events, not polling a CLI.
 
-        The run completed once its ServerApp wrote ``run_finished`` to the job's events
-        file and exited (so every sink it writes to, the transparency log included, has
-        the event). A ServerApp that exits without it failed: one ``flwr list`` then
-        says how. Every ``poll`` seconds costs one ``stat`` of the events file; once a
-        second, our processes are checked (and their children remembered) and
-        ``on_tick`` is called.
+        The run completed once its ServerApp wrote the event that ends it
+        (``job_events.finished``) to the job's events file and exited, so every sink
+        it writes to (the transparency log included) has the event. A ServerApp that
+        exits without it failed: ``flwr list`` then says how. Every ``poll`` seconds
+        costs one ``stat`` of the events file; once a second, our processes are checked
+        (and their children remembered) and ``on_tick`` is called.
         """
         events = self.run_events.get(run_id)
-        if events is None:
+        if self.job_events is None or events is None:
             raise FederationError(
-                f"run {run_id} was not submitted with a run config naming an output-dir, "
-                "so there is no events file to watch"
+                f"run {run_id} has no events file to watch: it was not submitted here, "
+                "with a run config naming an output-dir, to a federation given job_events"
             )
+        finished_kind = self.job_events.finished
         tail = EventsTail(events)
         deadline = time.monotonic() + timeout
         next_check = 0.0
         app_seen = False
         while time.monotonic() < deadline:
-            finished = _run_finished(tail.read(), run_id)
+            finished = _run_finished(tail.read(), run_id, finished_kind)
             if finished is not None:
                 self._wait_server_app_gone(run_id, deadline)
                 return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
@@ -480,13 +494,13 @@ class Federation:
                 if server_app_pids(self.superlink):
                     app_seen = True
                 elif app_seen:
-                    return self._ended_unfinished(run_id, tail, deadline)
+                    return self._ended_unfinished(run_id, tail, finished_kind, deadline)
                 if on_tick is not None:
                     on_tick()
             time.sleep(poll)
         raise FederationError(
             f"run {run_id} did not finish within {timeout:.0f}s "
-            f"(no run_finished in {events}); {self._status_line(run_id)}"
+            f"(no {finished_kind} in {events}); {self._status_line(run_id)}"
         )
 
     def _check_services(self) -> None:
@@ -501,37 +515,41 @@ class Federation:
                 raise FederationError(f"the {name} exited:\n{service.log_tail()}")
 
     def _wait_server_app_gone(self, run_id: int, deadline: float) -> None:
-        """After ``run_finished``: wait for the ServerApp to exit, so that its sinks are
+        """After the run's last event: wait for the ServerApp to exit, so that its sinks are
         written and Flower has the run's final status."""
         assert self.superlink is not None
         while server_app_pids(self.superlink):
             if time.monotonic() >= deadline:
                 raise FederationError(
-                    f"run {run_id} wrote run_finished but its ServerApp did not exit"
+                    f"run {run_id} wrote its last event but its ServerApp did not exit"
                 )
             self.superlink.remember_descendants()
             time.sleep(0.1)
 
-    def _ended_unfinished(self, run_id: int, tail: EventsTail, deadline: float) -> RunOutcome:
-        """The ServerApp exited: completed if ``run_finished`` landed just before, else
-        ask Flower once how the run ended (retrying briefly while it records that)."""
-        finished = _run_finished(tail.read(), run_id)
+    def _ended_unfinished(
+        self, run_id: int, tail: EventsTail, finished_kind: str, deadline: float
+    ) -> RunOutcome:
+        """The ServerApp exited: completed if the run's last event landed just before, else
+        ask Flower how the run ended (again each second, for at most 30 s, while Flower
+        has not yet recorded that)."""
+        finished = _run_finished(tail.read(), run_id, finished_kind)
         if finished is not None:
             return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+        give_up = min(deadline, time.monotonic() + 30.0)
         while True:
             outcome = self.outcome(run_id)
             if outcome is not None:
                 break
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= give_up:
                 raise FederationError(
-                    f"run {run_id}: its ServerApp exited without run_finished and Flower "
+                    f"run {run_id}: its ServerApp exited without {finished_kind} and Flower "
                     "never reported the run finished"
                 )
             time.sleep(1.0)
         if outcome.ok:
             raise FederationError(
                 f"run {run_id}: Flower reports it completed, but its ServerApp wrote no "
-                f"run_finished to {tail.path}: {outcome.details}"
+                f"{finished_kind} to {tail.path}: {outcome.details}"
             )
         return outcome
 
@@ -574,27 +592,23 @@ class EventsTail:
             raise FederationError(f"{self.path}: an event is not JSON ({exc})") from exc
 
 
-def _run_finished(events: list[dict[str, Any]], run_id: int) -> dict[str, Any] | None:
-    """The ServerApp's ``run_finished`` event for ``run_id`` among ``events``, if any."""
-    from server.app import RUN_FINISHED  # the ServerApp's own name for the event
-
+def _run_finished(events: list[dict[str, Any]], run_id: int, kind: str) -> dict[str, Any] | None:
+    """The event of ``kind`` that ends run ``run_id`` among ``events``, if any."""
     for event in events:
-        if event.get("kind") == RUN_FINISHED and str(event.get("run")) == str(run_id):
+        if event.get("kind") == kind and str(event.get("run")) == str(run_id):
             return event
     return None
 
 
-def job_events_file(run_config: Path) -> Path | None:
-    """The events file a ServerApp started with ``run_config`` writes (None when the run
-    config names no output-dir: that ServerApp fails before writing any)."""
-    from server.app import EVENTS_FILE
-
+def job_output_dir(run_config: Path) -> Path | None:
+    """The output-dir a ServerApp started with ``run_config`` writes its job to (None
+    when the run config names none: that ServerApp fails before writing anything)."""
     try:
         with run_config.open("rb") as handle:
             spec = RunSpec.from_run_config(tomllib.load(handle), source=run_config)
     except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
         raise FederationError(f"{run_config}: cannot read the run config ({exc})") from exc
-    return None if spec.output_dir is None else spec.output_dir / EVENTS_FILE
+    return spec.output_dir
 
 
 def server_app_pids(superlink: ManagedProcess) -> list[int]:
