@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy sandbox server clients tests bench
 
 unit: $(STAMP) gateway-tools
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 test: lint typecheck protos-check unit
 

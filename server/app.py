@@ -34,7 +34,7 @@ from sandbox.errors import (
     FederationError,
     UpdateRejected,
 )
-from sandbox.events import EventSink, FanOutSink, JsonlEventSink, Key
+from sandbox.events import JOB_EVENTS_FILE, EventSink, FanOutSink, JsonlEventSink, Key
 from sandbox.lora import (
     Adapter,
     adapter_state,
@@ -53,8 +53,6 @@ from server.history import Metrics, Training
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
-
-EVENTS_FILE = "events.jsonl"
 
 # Every metric name a node's reply may carry (what the egress guard lets out by default).
 PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
@@ -155,7 +153,7 @@ class FederatedJob:
         self._model: Any = None
         self.channel = update_channel(spec, run_id, sandbox)
         # Every event goes to the job's own file, and to ``events`` (the log) when given.
-        job_events = JsonlEventSink(self.out / EVENTS_FILE)
+        job_events = JsonlEventSink(self.out / JOB_EVENTS_FILE)
         self.events = job_events if events is None else FanOutSink([job_events, events])
         self.run_id = self.channel.run_id
 

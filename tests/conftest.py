@@ -6,13 +6,14 @@ needs no network either. Models are written once per session under pytest's temp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,8 +27,11 @@ import transformers
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
 from sandbox.launcher import fab_digest
 from sandbox.ops.apps import build_fab
-from sandbox.ops.federation import Federation
+from sandbox.ops.federation import Federation, JobEvents
 from sandbox.ops.processes import still_running
+
+if TYPE_CHECKING:
+    from tests.scenarios import ProtectedRun
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -138,10 +142,15 @@ def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
     return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    """A federation whose every process, children included, must be gone afterwards."""
-    fed = Federation(tmp_path)
+# How a run of this project's app is followed: its ServerApp's job events.
+JOB_EVENTS = JobEvents()
+
+
+@contextlib.contextmanager
+def checked_federation(workdir: Path) -> Iterator[Federation]:
+    """A federation under ``workdir`` running this project's app, whose every process,
+    children included, must be gone once the block ends."""
+    fed = Federation(workdir, job_events=JOB_EVENTS)
     try:
         yield fed
     finally:
@@ -154,6 +163,21 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         alive += [proc.pid for proc in procs if proc.alive()]
         assert leftovers == [], f"processes that would not stop: {leftovers}"
         assert alive == [], f"processes left behind: {alive}"
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    """A federation whose every process, children included, must be gone afterwards."""
+    with checked_federation(tmp_path) as fed:
+        yield fed
+
+
+@pytest.fixture(scope="session")
+def protected_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> ProtectedRun:
+    """The protected canary run (tests/scenarios.py), run once for every test that reads it."""
+    from tests.scenarios import run_protected  # it builds on this module's helpers
+
+    return run_protected(tmp_path_factory.mktemp("protected-run"), tiny_bert_dir)
 
 
 APP_DIR = Path(__file__).resolve().parent.parent

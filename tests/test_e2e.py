@@ -1,4 +1,12 @@
-"""End-to-end runs on real flower-superlink / flower-supernode processes over TLS on loopback."""
+"""End-to-end runs on real flower-superlink / flower-supernode processes over TLS on loopback.
+
+A federation of real processes costs most of a test, so tests whose properties one run
+can show read a shared run (a fixture that runs once; the tests only look): the
+two-node, two-round checks read the protected canary run (tests/scenarios.py); a node
+crashing mid-round, a node refusing an unapproved app and a SuperNode with an
+unregistered key share one federation; the resume and causal-LM checks share one
+tiny-Llama run whose ServerApp is killed after round 1 and resubmitted.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +16,32 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.digests import sha256_file
 from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.ops.apps import approve
-from sandbox.ops.cli import app
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
-from sandbox.ops.federation import Federation, free_port, server_app_pids, write_run_config
+from sandbox.ops.federation import (
+    Federation,
+    RunOutcome,
+    free_port,
+    server_app_pids,
+    write_run_config,
+)
 from sandbox.ops.processes import still_running
 from sandbox.ops.provision import node_auth_key, provision_loopback
 from sandbox.translog.store import LogStore
-from tests.conftest import APP_DIR, app_digest, make_spec
-
-runner = CliRunner()
+from tests.conftest import APP_DIR, app_digest, checked_federation, make_spec
+from tests.scenarios import ProtectedRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -70,14 +82,10 @@ def _journal(config: Path) -> list[dict[str, Any]]:
     return read_journal(path)
 
 
-def _start(
-    federation: Federation,
-    configs: dict[str, Path],
-    spec: RunSpec,
-    tmp_path: Path,
-    approved: tuple[str, ...] | None = None,
-) -> int:
-    """Start the key broker, the SuperLink and one SuperNode per node, then submit the job.
+def _launch(
+    federation: Federation, configs: dict[str, Path], approved: tuple[str, ...] | None = None
+) -> None:
+    """Start the key broker, the SuperLink and one SuperNode per node.
 
     Nodes approve this checkout's app first (``approved``: only the nodes named).
     """
@@ -89,27 +97,34 @@ def _start(
     federation.start_key_broker(int(sandbox.key_broker.rsplit(":", 1)[1]))
     federation.start_superlink()
     federation.start_nodes(configs)
+
+
+def _submit(federation: Federation, spec: RunSpec, tmp_path: Path) -> int:
     return federation.submit(APP_DIR, write_run_config(tmp_path / "run.toml", spec.to_run_config()))
 
 
-def test_two_nodes_two_rounds_over_tls(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_bert_dir)
-    spec = _spec(tmp_path, tiny_bert_dir, 2)
-    run_id = _start(federation, configs, spec, tmp_path)
-    outcome = federation.wait(run_id, timeout=600)
-    assert outcome.ok, outcome.details
+def _start(federation: Federation, configs: dict[str, Path], spec: RunSpec, tmp_path: Path) -> int:
+    """:func:`_launch` every node, then submit the job."""
+    _launch(federation, configs)
+    return _submit(federation, spec, tmp_path)
+
+
+def test_two_nodes_two_rounds_over_tls(protected_run: ProtectedRun) -> None:
+    """Read from the canary test's protected run (tests/scenarios.py): two nodes, two
+    rounds, sealed, over TLS through the gateway, audited while its log was served."""
+    run = protected_run
+    assert run.outcome.ok, run.outcome.details
     # The nodes were given only the gateway's address, and the whole run went through it.
-    for supernode in federation.supernodes.values():
-        argv = list(supernode.popen.args)  # type: ignore[arg-type]
-        assert argv[argv.index("--superlink") + 1] == federation.node_address
-    access = (federation.provider_home / "gateway" / "access.log").read_text(encoding="utf-8")
+    assert len(run.supernode_argv) == 2
+    for argv in run.supernode_argv.values():
+        assert argv[argv.index("--superlink") + 1] == run.node_address
+    access = (run.provider_home / "gateway" / "access.log").read_text(encoding="utf-8")
     for call in ("activate-node", "pull-messages", "push-messages", "get-fab", "push-object"):
         assert f'"POST /v1/fleet/{call} HTTP/1.1" 200' in access, call
 
-    out = spec.output_dir
+    out = run.spec.output_dir
     assert out is not None
+    assert run.spec.num_rounds == 2
     initial = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
     final = load_file(str(out / "checkpoints" / "round-0002.safetensors"))
     assert initial.keys() == final.keys()
@@ -125,21 +140,21 @@ def test_two_nodes_two_rounds_over_tls(
             assert 0.0 <= metrics["macro_f1"] <= 1.0
     assert (out / "metrics.png").stat().st_size > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    for config in configs.values():
+    for config in run.configs.values():
         journal = _journal(config)
         kinds = [(e["kind"], e["round"]) for e in journal if e["kind"] != "app_approved"]
         # The launcher checked the app once per ClientApp process (hello, 2 trains, eval).
         assert [e["kind"] for e in journal].count("app_approved") == 4
         assert kinds == [("hello", 1), ("train", 1), ("train", 2), ("evaluate", 2)]
     # The provider's SuperLink state is a real SQLite file in its workspace.
-    assert (federation.provider_home / "superlink.db").stat().st_size > 0
+    assert (run.provider_home / "superlink.db").stat().st_size > 0
     # Every ClientApp process got its model through attestation and a key release.
-    events = JsonlEventSink(federation.provider_home / "events.jsonl").read()
+    events = JsonlEventSink(run.provider_home / "events.jsonl").read()
     releases = [e for e in events if e["kind"] == "key_released"]
     assert len(releases) == 2 * 3, [e["kind"] for e in events]
     # Each node's hello had its channel key certified, with no key released for it.
     assert [e["kind"] for e in events].count("channel_certified") == 2
-    for config in configs.values():
+    for config in run.configs.values():
         for entry in _journal(config):
             if entry["kind"] not in ("train", "evaluate"):
                 continue
@@ -153,22 +168,17 @@ def test_two_nodes_two_rounds_over_tls(
     assert len(accepted) == 2 * 2
     assert all(len(e["envelope_sha256"]) == 64 for e in accepted)
     assert not [e for e in served if e["kind"] in ("update_rejected", "node_declined")]
-    _assert_no_plaintext_weights(tiny_bert_dir, [tmp_path / "nodes"])
-    _audit_the_run(tmp_path, configs, served)
+    _assert_no_plaintext_weights(run.model, [run.workdir / "nodes"])
+    _audit_the_run(run, served)
 
 
-def _audit_the_run(tmp_path: Path, configs: dict[str, Path], served: list[dict[str, Any]]) -> None:
+def _audit_the_run(run: ProtectedRun, served: list[dict[str, Any]]) -> None:
     """The auditor's view of the run just finished: the log over TLS verifies, holds every
     event both provider services wrote, matches both node journals, and reports."""
-    sandbox = NodeConfig.load(next(iter(configs.values()))).require_sandbox()
-    log = sandbox.key_broker  # the log is served beside the key broker
-    key = tmp_path / "provider" / "public" / "log.vkey"
-    verified = runner.invoke(
-        app, ["audit", "verify", "--log", log, "--key", str(key), "--state", str(tmp_path / "a")]
-    )
+    verified = run.audit.verified
     assert verified.exit_code == 0, verified.output
     assert "ok: Policy across events" in verified.output
-    entries = LogStore(tmp_path / "provider" / "translog.db", readonly=True)
+    entries = LogStore(run.provider_home / "translog.db", readonly=True)
     kinds = [json.loads(entry)["kind"] for entry in entries.entries(0, entries.size())]
     for kind in (
         "model_published",
@@ -185,20 +195,12 @@ def _audit_the_run(tmp_path: Path, configs: dict[str, Path], served: list[dict[s
         assert kind in kinds, (kind, kinds)
     # The ServerApp's events reached the log in the order its job file has them.
     assert [k for k in kinds if k in {e["kind"] for e in served}] == [e["kind"] for e in served]
-    journals = [str(NodeConfig.load(c).journal_path) for c in configs.values()]
-    crosschecked = runner.invoke(
-        app,
-        ["audit", "crosscheck", "--log", log, "--key", str(key)]
-        + [arg for path in journals for arg in ("--journal", path)],
-    )
+    crosschecked = run.audit.crosschecked
     assert crosschecked.exit_code == 0, crosschecked.output
     assert crosschecked.output.count(" 0 missing from the log") == 2
-    report = tmp_path / "report.html"
-    written = runner.invoke(
-        app, ["audit", "report", "--log", log, "--key", str(key), "--html", str(report)]
-    )
+    written = run.audit.written
     assert written.exit_code == 0, written.output
-    assert "<svg" in report.read_text(encoding="utf-8")
+    assert "<svg" in run.audit.report.read_text(encoding="utf-8")
 
 
 def _weight_windows(model_dir: Path, count: int = 256, size: int = 64) -> list[bytes]:
@@ -248,76 +250,174 @@ def _clientapp_running(proc_pid: int) -> bool:
     return False
 
 
-def test_node_dropping_mid_round_does_not_fail_the_run(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 3, tiny_bert_dir)
-    spec = _spec(tmp_path, tiny_bert_dir, 3, round_timeout=60.0, min_nodes=2)
-    run_id = _start(federation, configs, spec, tmp_path)
-    victim = sorted(configs)[-1]
-    victim_proc = federation.supernodes[victim]
-    deadline = time.monotonic() + 300
+@dataclass(frozen=True)
+class TroubledRun:
+    """A sealed run on three training nodes, one of which crashes mid-round, beside a
+    fourth node that did not approve the app and a stranger whose key nobody registered."""
 
-    def training() -> bool:
-        """The victim shook hands and its launcher let the training ClientApp start."""
-        kinds = [e["kind"] for e in _journal(configs[victim])]
-        return "hello" in kinds and kinds.count("app_approved") >= 2
+    workdir: Path
+    configs: dict[str, Path]
+    spec: RunSpec
+    outcome: RunOutcome
+    victim: str
+    refusing: str
+    stranger: str
+    stranger_returncode: int | None
+    stranger_log: str
+    # Whether every registered SuperNode (the crashed one aside) ran on after the
+    # stranger was refused.
+    registered_alive: bool
+    listed_nodes: list[dict[str, Any]]
 
-    while not (training() and _clientapp_running(victim_proc.pid)):
-        assert time.monotonic() < deadline, "the victim never started training"
-        time.sleep(0.2)
-    federation.kill_supernode(victim)
 
-    outcome = federation.wait(run_id, timeout=600)
-    assert outcome.ok, outcome.details
-    assert spec.output_dir is not None
-    results = json.loads((spec.output_dir / "results.json").read_text(encoding="utf-8"))
+@pytest.fixture(scope="module")
+def troubled_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> TroubledRun:
+    """Three properties of one federation, each once shown by a run of its own: a node
+    dropping mid-round, a node refusing an app it did not approve, and a SuperNode with
+    an unregistered key, refused while the registered ones work."""
+    tmp_path = tmp_path_factory.mktemp("troubled-run")
+    configs = _nodes(tmp_path, 5, tiny_bert_dir)
+    *training, refusing, stranger = configs
+    victim = sorted(training)[-1]
+    members = {name: configs[name] for name in (*training, refusing)}
+    # Every member is online before the run starts, so the run need not wait for a
+    # count of nodes: after the crash it goes on with the rest at once, instead of
+    # waiting out a round timeout per stage for a node that is gone (that wait is
+    # tests/test_rounds.py's wait_for_nodes test).
+    spec = _spec(tmp_path, tiny_bert_dir, 0, round_timeout=60.0, min_nodes=2)
+    with checked_federation(tmp_path) as federation:
+        _launch(federation, members, approved=tuple(training))
+        federation.wait_until_online(members)
+        # The stranger has a key, but nobody registered it.
+        stranger_started = time.monotonic()
+        stranger_proc = federation.start_supernode(
+            stranger, configs[stranger], auth_key=node_auth_key(configs[stranger].parent)
+        )
+        run_id = _submit(federation, spec, tmp_path)
+        victim_proc = federation.supernodes[victim]
+        deadline = time.monotonic() + 300
+
+        def training_started() -> bool:
+            """The victim shook hands and its launcher let the training ClientApp start."""
+            kinds = [e["kind"] for e in _journal(configs[victim])]
+            return "hello" in kinds and kinds.count("app_approved") >= 2
+
+        while not (training_started() and _clientapp_running(victim_proc.pid)):
+            assert time.monotonic() < deadline, "the victim never started training"
+            time.sleep(0.2)
+        federation.kill_supernode(victim)
+
+        while stranger_proc.alive() and time.monotonic() < stranger_started + 120:
+            time.sleep(0.5)
+        registered_alive = all(
+            proc.alive()
+            for name, proc in federation.supernodes.items()
+            if name not in (victim, stranger)
+        )
+        listed = federation._flwr("supernode", "list", "ark", "--format", "json")
+        outcome = federation.wait(run_id, timeout=600)
+    return TroubledRun(
+        workdir=tmp_path,
+        configs=configs,
+        spec=spec,
+        outcome=outcome,
+        victim=victim,
+        refusing=refusing,
+        stranger=stranger,
+        stranger_returncode=stranger_proc.popen.returncode,
+        stranger_log=stranger_proc.log_tail(40),
+        registered_alive=registered_alive,
+        listed_nodes=json.loads(listed.stdout)["nodes"],
+    )
+
+
+def test_node_dropping_mid_round_does_not_fail_the_run(troubled_run: TroubledRun) -> None:
+    run = troubled_run
+    assert run.outcome.ok, run.outcome.details
+    assert run.spec.output_dir is not None
+    results = json.loads((run.spec.output_dir / "results.json").read_text(encoding="utf-8"))
     round1 = results["rounds"][1]
     assert len(round1["examples"]) == 2, "round 1 must aggregate the two surviving nodes"
     lost = set(round1["missing"]) | set(round1["rejected"])
     assert len(lost) == 1, round1
     assert not lost & set(round1["examples"]), round1
     assert all(len(entry["nodes"]) == 2 for entry in results["rounds"][1:])
-    assert not any(e["kind"] == "train" for e in _journal(configs[victim])), "victim replied"
+    assert not any(e["kind"] == "train" for e in _journal(run.configs[run.victim])), (
+        "victim replied"
+    )
 
 
-def test_killed_serverapp_resumes_from_last_checkpoint(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_bert_dir)
-    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=2)
+@dataclass(frozen=True)
+class ResumedRun:
+    """A two-round causal-LM run on a tiny Llama whose ServerApp was killed after round 1
+    and whose job was submitted again."""
+
+    configs: dict[str, Path]
+    spec: RunSpec
+    first_run: int
+    second_run: int
+    killed: list[int]
+    round_when_killed: int
+    round1_digest: tuple[str, int]  # (SHA-256, size), as sha256_file gives it
+    outcome: RunOutcome
+
+    @property
+    def out(self) -> Path:
+        assert self.spec.output_dir is not None
+        return self.spec.output_dir
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> ResumedRun:
+    """The run both the resume test and the causal-LM test read: resuming is the same
+    for every task, and the causal LM's outputs are those the resumed job wrote."""
+    tmp_path = tmp_path_factory.mktemp("resumed-run")
+    configs = _nodes(tmp_path, 2, tiny_llama_dir, task=TASK_CAUSAL_LM)
+    spec = _spec(
+        tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=2, max_length=96
+    )
     assert spec.output_dir is not None
     state_file = spec.output_dir / "checkpoints" / "state.json"
-    first_run = _start(federation, configs, spec, tmp_path)
-    assert federation.superlink is not None
+    with checked_federation(tmp_path) as federation:
+        first_run = _start(federation, configs, spec, tmp_path)
+        assert federation.superlink is not None
 
-    deadline = time.monotonic() + 300
-    while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
-        assert time.monotonic() < deadline, "round 1 never finished"
-        federation.superlink.remember_descendants()
-        time.sleep(0.1)
-    pids = server_app_pids(federation.superlink)
-    assert pids, "no flwr-serverapp process found under our SuperLink"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    assert json.loads(state_file.read_text())["round"] == 1, "killed too late: round 2 finished"
-    round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
-    round1_digest = sha256_file(round1)
+        deadline = time.monotonic() + 300
+        while not (state_file.exists() and json.loads(state_file.read_text())["round"] >= 1):
+            assert time.monotonic() < deadline, "round 1 never finished"
+            federation.superlink.remember_descendants()
+            time.sleep(0.1)
+        pids = server_app_pids(federation.superlink)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        round_when_killed = json.loads(state_file.read_text())["round"]
+        round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
+        round1_digest = sha256_file(round1)
 
-    second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
-    outcome = federation.wait(second_run, timeout=600)
-    assert outcome.ok, outcome.details
+        second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
+        outcome = federation.wait(second_run, timeout=600)
+    return ResumedRun(
+        configs, spec, first_run, second_run, pids, round_when_killed, round1_digest, outcome
+    )
 
-    state = json.loads(state_file.read_text())
+
+def test_killed_serverapp_resumes_from_last_checkpoint(resumed_run: ResumedRun) -> None:
+    run = resumed_run
+    assert run.killed, "no flwr-serverapp process found under our SuperLink"
+    assert run.round_when_killed == 1, "killed too late: round 2 finished"
+    assert run.outcome.ok, run.outcome.details
+
+    state = json.loads((run.out / "checkpoints" / "state.json").read_text())
     assert state["round"] == 2
     assert state["finished"] is True
-    assert sha256_file(round1) == round1_digest, "round 1 was redone"
-    for config in configs.values():
+    round1 = run.out / "checkpoints" / "round-0001.safetensors"
+    assert sha256_file(round1) == run.round1_digest, "round 1 was redone"
+    for config in run.configs.values():
         journal = _journal(config)
         round1_trains = [e for e in journal if e["kind"] == "train" and e["round"] == 1]
         assert len(round1_trains) == 1
-        assert str(round1_trains[0]["run_id"]) == str(first_run)
-        resumed = [e for e in journal if str(e["run_id"]) == str(second_run)]
+        assert str(round1_trains[0]["run_id"]) == str(run.first_run)
+        resumed = [e for e in journal if str(e["run_id"]) == str(run.second_run)]
         work = [(e["kind"], e.get("round")) for e in resumed if e["kind"] != "app_approved"]
         # A new ServerApp process: a new aggregator key, so a new handshake first.
         assert work == [("hello", 2), ("train", 2), ("evaluate", 2)]
@@ -366,72 +466,50 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
 
 
-def test_causal_lm_round_on_a_tiny_llama(
-    tmp_path: Path, tiny_llama_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_llama_dir, task=TASK_CAUSAL_LM)
-    spec = _spec(
-        tmp_path, tiny_llama_dir, 2, task=TASK_CAUSAL_LM, labels=(), num_rounds=1, max_length=96
-    )
-    run_id = _start(federation, configs, spec, tmp_path)
-    outcome = federation.wait(run_id, timeout=600)
-    assert outcome.ok, outcome.details
-    assert spec.output_dir is not None
-    results = json.loads((spec.output_dir / "results.json").read_text(encoding="utf-8"))
+def test_causal_lm_round_on_a_tiny_llama(resumed_run: ResumedRun) -> None:
+    """Read from the resumed run: its job is a causal LM on a tiny Llama."""
+    run = resumed_run
+    assert run.spec.task == TASK_CAUSAL_LM
+    assert run.outcome.ok, run.outcome.details
+    results = json.loads((run.out / "results.json").read_text(encoding="utf-8"))
     assert results["metrics"] == ["perplexity", "loss"]
     for entry in results["rounds"]:
         assert len(entry["nodes"]) == 2
         for metrics in entry["nodes"].values():
             assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
-    assert (spec.output_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run.out / "adapter" / "adapter_config.json").is_file()
 
 
-def test_supernode_with_an_unregistered_key_is_refused(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
-    configs = _nodes(tmp_path, 2, tiny_bert_dir)
-    federation.start_superlink()
-    registered, stranger = sorted(configs)
-    federation.add_node(registered, configs[registered], node_auth_key(configs[registered].parent))
-    # The stranger has a key, but nobody registered it.
-    proc = federation.start_supernode(
-        stranger, configs[stranger], auth_key=node_auth_key(configs[stranger].parent)
-    )
-    deadline = time.monotonic() + 120
-    while proc.alive():
-        assert time.monotonic() < deadline, "an unregistered SuperNode kept running"
-        time.sleep(0.5)
+def test_supernode_with_an_unregistered_key_is_refused(troubled_run: TroubledRun) -> None:
+    run = troubled_run
     # Flower names the refusal (exit code 305, "[code: 2004]") and then exits non-zero.
-    assert proc.popen.returncode != 0
-    assert "[code: 2004]" in proc.log_tail(40)
-    assert federation.supernodes[registered].alive()
-    listed = federation._flwr("supernode", "list", "ark", "--format", "json")
-    assert len(json.loads(listed.stdout)["nodes"]) == 1, "only the registered key is known"
+    assert run.stranger_returncode is not None, "an unregistered SuperNode kept running"
+    assert run.stranger_returncode != 0
+    assert "[code: 2004]" in run.stranger_log
+    assert run.registered_alive
+    # Only the registered keys are known: the four members', never the stranger's.
+    assert len(run.listed_nodes) == len(run.configs) - 1, "only the registered keys are known"
 
 
-def test_a_node_does_not_run_an_app_it_did_not_approve(
-    tmp_path: Path, tiny_bert_dir: Path, federation: Federation
-) -> None:
+def test_a_node_does_not_run_an_app_it_did_not_approve(troubled_run: TroubledRun) -> None:
     """The node launcher checks the FAB digest before Flower installs the app."""
-    configs = _nodes(tmp_path, 2, tiny_bert_dir)
-    approving, refusing = sorted(configs)
-    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=1, min_nodes=1, round_timeout=60.0)
-    run_id = _start(federation, configs, spec, tmp_path, approved=(approving,))
-    outcome = federation.wait(run_id, timeout=600)
-    assert outcome.ok, outcome.details
+    run = troubled_run
+    assert run.outcome.ok, run.outcome.details
+    refusing = run.refusing
+    approving = next(n for n in run.configs if n not in (run.victim, refusing, run.stranger))
 
-    refused = _journal(configs[refusing])
+    refused = _journal(run.configs[refusing])
     assert refused, "the refusing node journalled nothing"
     assert {e["kind"] for e in refused} == {"app_refused"}
     assert {e["app_sha256"] for e in refused} == {app_digest()}
     # The app was never unpacked on the refusing node, so none of its code ran there.
-    apps = tmp_path / "nodes" / refusing / ".flwr" / "apps"
+    apps = run.workdir / "nodes" / refusing / ".flwr" / "apps"
     assert not apps.exists() or not any(apps.iterdir())
-    approving_kinds = [e["kind"] for e in _journal(configs[approving])]
+    approving_kinds = [e["kind"] for e in _journal(run.configs[approving])]
     assert approving_kinds.count("app_approved") >= 3
     assert "train" in approving_kinds
-    assert spec.output_dir is not None
-    served = JsonlEventSink(spec.output_dir / "events.jsonl").read()
+    assert run.spec.output_dir is not None
+    served = JsonlEventSink(run.spec.output_dir / "events.jsonl").read()
     refusals = [e for e in served if e["kind"] == "node_refused"]
     assert refusals, "the ServerApp recorded no refusal"
     # The node says why with a fixed code only (sandbox/reasons.py), never its own text.

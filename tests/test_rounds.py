@@ -50,6 +50,7 @@ from sandbox.errors import (
     EnvelopeError,
     FederationError,
 )
+from sandbox.events import JOB_EVENTS_FILE as EVENTS_FILE
 from sandbox.events import Event, JsonlEventSink, MemoryEventSink
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
@@ -78,7 +79,7 @@ from sandbox.seal.envelope import SUITE_X25519, RecipientKey
 from sandbox.seal.package import read_manifest
 from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weight
-from server.app import EVENTS_FILE, FederatedJob
+from server.app import FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
 from server.rounds import RoundCall, wait_for_nodes

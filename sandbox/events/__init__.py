@@ -54,9 +54,16 @@ from sandbox.events.provider import (
     UpdateRejected,
 )
 from sandbox.events.schema import JsonObject, Key, Record
-from sandbox.events.sinks import EventSink, FanOutSink, JsonlEventSink, MemoryEventSink
+from sandbox.events.sinks import (
+    JOB_EVENTS_FILE,
+    EventSink,
+    FanOutSink,
+    JsonlEventSink,
+    MemoryEventSink,
+)
 
 __all__ = [
+    "JOB_EVENTS_FILE",
     "NO_ENVELOPE",
     "PLAINTEXT",
     "AggregateCommitted",

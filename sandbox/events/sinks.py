@@ -22,6 +22,10 @@ class EventSink(Protocol):
     def emit(self, event: Event) -> None: ...
 
 
+# The file, under a job's output directory, where the ServerApp writes the job's events.
+JOB_EVENTS_FILE = "events.jsonl"
+
+
 class JsonlEventSink:
     """Appends each event as one JSON line and fsyncs it; safe across threads."""
 

@@ -17,14 +17,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import tomli_w
 
-from sandbox.errors import FederationError
+from sandbox.config import RunSpec
+from sandbox.errors import ConfigError, FederationError
+from sandbox.events import JOB_EVENTS_FILE, RunFinished
 from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.models import OFFLINE_ENV
 from sandbox.ops.gateway import split_address
@@ -40,6 +44,8 @@ from sandbox.protocol import NODE_CONFIG_KEY
 
 HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
+# What flower-supernode logs once the SuperLink has activated it (and given it a node id).
+SUPERNODE_ONLINE = "SuperNode ID:"
 
 
 def free_port() -> int:
@@ -92,7 +98,8 @@ def _exe(name: str) -> str:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a Flower run ended, as ``flwr list`` reports it."""
+    """How a Flower run ended: completed when its ServerApp wrote the event that ends a
+    run (``JobEvents.finished``) and exited; otherwise as ``flwr list`` reports it."""
 
     run_id: int
     status: str
@@ -102,6 +109,16 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.sub_status == "completed"
+
+
+@dataclass(frozen=True)
+class JobEvents:
+    """Where an app's ServerApp writes a job's events, one JSON object a line: ``file``
+    under the run config's output-dir; and the kind of event that ends a run. This
+    project's ServerApp by default (the event schema's file and ``run_finished``)."""
+
+    file: str = JOB_EVENTS_FILE
+    finished: str = RunFinished.kind
 
 
 @dataclass
@@ -122,12 +139,16 @@ class Federation:
     # False only for the canary test's negative control and the overhead bench's
     # baseline: plaintext HTTP on loopback (and so no node authentication either).
     tls_on: bool = True
+    # How runs of the app are followed (``wait``); None: runs are only submitted.
+    job_events: JobEvents | None = None
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
         self.database = self.provider_home / "superlink.db"
         self.logs = self.workdir / "logs"
         self.leftovers: list[int] = []
+        # The job events file each submitted run's ServerApp writes, by run id.
+        self.run_events: dict[int, Path] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Federation:
@@ -341,6 +362,25 @@ class Federation:
             else:
                 self.start_supernode(name, config)
 
+    def wait_until_online(self, names: Iterable[str], timeout: float = 120.0) -> None:
+        """Block until each named SuperNode has been activated by the SuperLink (its log
+        names the node id Flower gave it), so a run submitted next sees all of them."""
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for name in sorted(pending):
+                proc = self.supernodes[name]
+                if SUPERNODE_ONLINE in proc.log_tail(200):
+                    pending.discard(name)
+                elif not proc.alive():
+                    raise FederationError(f"SuperNode {name!r} exited:\n{proc.log_tail()}")
+            if pending and time.monotonic() >= deadline:
+                raise FederationError(
+                    f"SuperNodes {sorted(pending)} were not online within {timeout:.0f}s"
+                )
+            if pending:
+                time.sleep(0.2)
+
     def kill_supernode(self, name: str) -> None:
         """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""
         kill_tree(self.supernodes[name])
@@ -385,11 +425,15 @@ class Federation:
         )
         try:
             payload = json.loads(result.stdout)
-            return int(payload["run-id"])
+            run_id = int(payload["run-id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise FederationError(
                 f"flwr run failed (exit {result.returncode}): {result.stdout}{result.stderr}"
             ) from exc
+        out = job_output_dir(run_config)
+        if self.job_events is not None and out is not None:
+            self.run_events[run_id] = out / self.job_events.file
+        return run_id
 
     def outcome(self, run_id: int) -> RunOutcome | None:
         """The run's status, or None while it is still pending or running."""
@@ -415,27 +459,156 @@ class Federation:
         run_id: int,
         *,
         timeout: float,
-        poll: float = 3.0,
+        poll: float = 0.2,
         on_tick: Callable[[], None] | None = None,
     ) -> RunOutcome:
-        """Wait for a run to finish, checking that our processes stay up."""
+        """Wait for a run to finish, reading its ServerApp's events, not polling a CLI.
+
+        The run completed once its ServerApp wrote the event that ends it
+        (``job_events.finished``) to the job's events file and exited, so every sink
+        it writes to (the transparency log included) has the event. A ServerApp that
+        exits without it failed: ``flwr list`` then says how. Every ``poll`` seconds
+        costs one ``stat`` of the events file; once a second, our processes are checked
+        (and their children remembered) and ``on_tick`` is called.
+        """
+        events = self.run_events.get(run_id)
+        if self.job_events is None or events is None:
+            raise FederationError(
+                f"run {run_id} has no events file to watch: it was not submitted here, "
+                "with a run config naming an output-dir, to a federation given job_events"
+            )
+        finished_kind = self.job_events.finished
+        tail = EventsTail(events)
         deadline = time.monotonic() + timeout
+        next_check = 0.0
+        app_seen = False
         while time.monotonic() < deadline:
-            for proc in self.all_processes():
-                proc.remember_descendants()
-            if self.superlink is not None and not self.superlink.alive():
-                raise FederationError(f"the SuperLink exited:\n{self.superlink.log_tail()}")
-            if self.key_broker is not None and not self.key_broker.alive():
-                raise FederationError(f"the key broker exited:\n{self.key_broker.log_tail()}")
-            if self.gateway is not None and not self.gateway.alive():
-                raise FederationError(f"the gateway exited:\n{self.gateway.log_tail()}")
+            finished = _run_finished(tail.read(), run_id, finished_kind)
+            if finished is not None:
+                self._wait_server_app_gone(run_id, deadline)
+                return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                self._check_services()
+                assert self.superlink is not None  # _check_services raised otherwise
+                if server_app_pids(self.superlink):
+                    app_seen = True
+                elif app_seen:
+                    return self._ended_unfinished(run_id, tail, finished_kind, deadline)
+                if on_tick is not None:
+                    on_tick()
+            time.sleep(poll)
+        raise FederationError(
+            f"run {run_id} did not finish within {timeout:.0f}s "
+            f"(no {finished_kind} in {events}); {self._status_line(run_id)}"
+        )
+
+    def _check_services(self) -> None:
+        """Remember every child of ours; raise if a provider service has exited."""
+        for proc in self.all_processes():
+            proc.remember_descendants()
+        if self.superlink is None or not self.superlink.alive():
+            tail = "" if self.superlink is None else self.superlink.log_tail()
+            raise FederationError(f"the SuperLink exited:\n{tail}")
+        for name, service in (("key broker", self.key_broker), ("gateway", self.gateway)):
+            if service is not None and not service.alive():
+                raise FederationError(f"the {name} exited:\n{service.log_tail()}")
+
+    def _wait_server_app_gone(self, run_id: int, deadline: float) -> None:
+        """After the run's last event: wait for the ServerApp to exit, so that its sinks are
+        written and Flower has the run's final status."""
+        assert self.superlink is not None
+        while server_app_pids(self.superlink):
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"run {run_id} wrote its last event but its ServerApp did not exit"
+                )
+            self.superlink.remember_descendants()
+            time.sleep(0.1)
+
+    def _ended_unfinished(
+        self, run_id: int, tail: EventsTail, finished_kind: str, deadline: float
+    ) -> RunOutcome:
+        """The ServerApp exited: completed if the run's last event landed just before, else
+        ask Flower how the run ended (again each second, for at most 30 s, while Flower
+        has not yet recorded that)."""
+        finished = _run_finished(tail.read(), run_id, finished_kind)
+        if finished is not None:
+            return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+        give_up = min(deadline, time.monotonic() + 30.0)
+        while True:
             outcome = self.outcome(run_id)
             if outcome is not None:
-                return outcome
-            if on_tick is not None:
-                on_tick()
-            time.sleep(poll)
-        raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+                break
+            if time.monotonic() >= give_up:
+                raise FederationError(
+                    f"run {run_id}: its ServerApp exited without {finished_kind} and Flower "
+                    "never reported the run finished"
+                )
+            time.sleep(1.0)
+        if outcome.ok:
+            raise FederationError(
+                f"run {run_id}: Flower reports it completed, but its ServerApp wrote no "
+                f"{finished_kind} to {tail.path}: {outcome.details}"
+            )
+        return outcome
+
+    def _status_line(self, run_id: int) -> str:
+        """Flower's own word on a run, for an error message."""
+        try:
+            outcome = self.outcome(run_id)
+        except FederationError as exc:
+            return str(exc)
+        return "Flower reports it still running" if outcome is None else outcome.details
+
+
+class EventsTail:
+    """Reads the JSON lines appended to an events file since the last read.
+
+    A read costs one ``stat`` when nothing was appended; a line still being written
+    waits for its newline.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size <= self.offset:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read(size - self.offset)
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise FederationError(f"{self.path}: an event is not JSON ({exc})") from exc
+
+
+def _run_finished(events: list[dict[str, Any]], run_id: int, kind: str) -> dict[str, Any] | None:
+    """The event of ``kind`` that ends run ``run_id`` among ``events``, if any."""
+    for event in events:
+        if event.get("kind") == kind and str(event.get("run")) == str(run_id):
+            return event
+    return None
+
+
+def job_output_dir(run_config: Path) -> Path | None:
+    """The output-dir a ServerApp started with ``run_config`` writes its job to (None
+    when the run config names none: that ServerApp fails before writing anything)."""
+    try:
+        with run_config.open("rb") as handle:
+            spec = RunSpec.from_run_config(tomllib.load(handle), source=run_config)
+    except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise FederationError(f"{run_config}: cannot read the run config ({exc})") from exc
+    return spec.output_dir
 
 
 def server_app_pids(superlink: ManagedProcess) -> list[int]:
