@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,17 @@ TOKENIZER_FILES = (
 )
 VOCAB_SIZE = 30522  # the embedded model's BERT WordPiece vocabulary
 TINY_LABELS = ("a", "b", "c")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, `timeout`, a stopped job) ends the session as Ctrl-C
+    does, so every fixture's teardown still stops the processes and removes the
+    workspaces the tests started, instead of leaving them behind."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _copy_tokenizer(dst: Path, **config_overrides: Any) -> None:
