@@ -393,6 +393,9 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) 
         round_when_killed = json.loads(state_file.read_text())["round"]
         round1 = spec.output_dir / "checkpoints" / "round-0001.safetensors"
         round1_digest = sha256_file(round1)
+        # What an operator restarting a crashed job does: the dead run's round-2
+        # instructions are withdrawn, so no node spends the resumed run's time on them.
+        federation.stop_run(first_run)
 
         second_run = federation.submit(APP_DIR, tmp_path / "run.toml")
         outcome = federation.wait(second_run, timeout=600)

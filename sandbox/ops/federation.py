@@ -449,6 +449,15 @@ class Federation:
         sub = status.split(":", 1)[1] if ":" in status else ""
         return RunOutcome(run_id, status, sub, json.dumps(run))
 
+    def stop_run(self, run_id: int) -> None:
+        """Have the SuperLink stop a run (``flwr stop``): its pending messages are no longer
+        handed to nodes, e.g. after its ServerApp died and the job is submitted again."""
+        result = self._flwr("stop", str(run_id), FEDERATION_NAME, timeout=60.0)
+        if result.returncode != 0:
+            raise FederationError(
+                f"flwr stop {run_id} failed: {(result.stdout + result.stderr)[-500:]}"
+            )
+
     def run_log(self, run_id: int, lines: int = 25) -> str:
         """The last lines of a run's ServerApp log, as the SuperLink kept it."""
         result = self._flwr("log", str(run_id), FEDERATION_NAME, "--show", timeout=60.0)
