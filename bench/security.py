@@ -32,7 +32,7 @@ from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
 from sandbox.ops.apps import approve_app_dir
 from sandbox.ops.demo_data import write_demo_data
-from sandbox.ops.federation import Federation, JobEvents, free_port, write_run_config
+from sandbox.ops.federation import Federation, free_port, write_run_config
 from sandbox.ops.gateway import split_address
 from sandbox.ops.provision import init_unprotected_nodes, provision_loopback
 from tests.canary import LoopbackCapture, read_pcap
@@ -65,7 +65,6 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
         root,
         node_auth=protected,
         tls_on=protected,
-        job_events=JobEvents(),
     )
     if protected:
         deployment = provision_loopback(

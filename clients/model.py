@@ -37,7 +37,7 @@ from sandbox.seal.package import (
 
 # A base model as a node loads it: model, tokenizer, what it is, and the attestation
 # result its key was released on (None for an unprotected node's plaintext model).
-BaseModel = tuple[Any, Any, ModelInfo, "AttestationResult | None"]
+BaseModel = tuple[Any, Any, ModelInfo, AttestationResult | None]
 
 
 @dataclass

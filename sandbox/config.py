@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import MISSING, Field, InitVar, asdict, dataclass, field, fields
@@ -54,12 +55,13 @@ def _naming(path: str | Path | None, key: str) -> Iterator[None]:
         raise ConfigError(str(exc), path=path, key=key) from None
 
 
-class _Rule:
+class _Rule(ABC):
     """One key's type and bounds: ``parse`` takes the value as TOML (or Flower's run config)
     holds it, ``check`` the typed value a dataclass holds, ``dump`` writes it back."""
 
+    @abstractmethod
     def check(self, value: Any) -> None:
-        raise NotImplementedError
+        """Raise _Invalid if ``value`` breaks this rule."""
 
     def parse(self, raw: Any) -> Any:
         self.check(raw)

@@ -28,7 +28,7 @@ import transformers
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
 from sandbox.launcher import fab_digest
 from sandbox.ops.apps import build_fab
-from sandbox.ops.federation import Federation, JobEvents
+from sandbox.ops.federation import Federation
 from sandbox.ops.processes import still_running
 
 if TYPE_CHECKING:
@@ -154,15 +154,11 @@ def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
     return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)
 
 
-# How a run of this project's app is followed: its ServerApp's job events.
-JOB_EVENTS = JobEvents()
-
-
 @contextlib.contextmanager
 def checked_federation(workdir: Path) -> Iterator[Federation]:
     """A federation under ``workdir`` running this project's app, whose every process,
     children included, must be gone once the block ends."""
-    fed = Federation(workdir, job_events=JOB_EVENTS)
+    fed = Federation(workdir)
     try:
         yield fed
     finally:

@@ -18,7 +18,6 @@ from sandbox.errors import FederationError
 from sandbox.events import JOB_EVENTS_FILE as EVENTS_FILE
 from sandbox.ops.federation import EventsTail, Federation, job_output_dir, write_run_config
 from sandbox.ops.processes import start_process
-from tests.conftest import JOB_EVENTS
 
 
 def _line(kind: str, run: int) -> str:
@@ -93,7 +92,7 @@ def test_a_run_completes_when_its_serverapp_wrote_run_finished_and_exited(
         Path({str(done)!r}).touch()
         """
     )
-    fed = Federation(tmp_path, job_events=JOB_EVENTS)
+    fed = Federation(tmp_path)
     fed.run_events[7] = events
     try:
         _fake_superlink(fed, serverapp)
@@ -108,9 +107,8 @@ def test_a_run_completes_when_its_serverapp_wrote_run_finished_and_exited(
 
 
 def test_waiting_on_a_run_without_an_events_file_is_refused(tmp_path: Path) -> None:
-    for fed in (Federation(tmp_path), Federation(tmp_path, job_events=JOB_EVENTS)):
-        with pytest.raises(FederationError, match=r"run 5 .*output-dir"):
-            fed.wait(5, timeout=1)
+    with pytest.raises(FederationError, match=r"run 5 .*output-dir"):
+        Federation(tmp_path).wait(5, timeout=1)
 
 
 def test_a_serverapp_that_exits_without_run_finished_ends_the_wait(tmp_path: Path) -> None:
@@ -126,7 +124,7 @@ def test_a_serverapp_that_exits_without_run_finished_ends_the_wait(tmp_path: Pat
         time.sleep(1.5)
         """
     )
-    fed = Federation(tmp_path, job_events=JOB_EVENTS)
+    fed = Federation(tmp_path)
     fed.run_events[7] = events
     try:
         _fake_superlink(fed, serverapp)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,16 @@ class CodeScope:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
 
+    @cached_property
+    def _included(self) -> pathspec.PathSpec[pathspec.pattern.Pattern]:
+        return pathspec.PathSpec.from_lines("gitignore", self.include)
+
+    @cached_property
+    def _excluded(self) -> pathspec.PathSpec[pathspec.pattern.Pattern]:
+        return pathspec.PathSpec.from_lines("gitignore", self.exclude)
+
     def covers(self, name: str) -> bool:
-        included = pathspec.PathSpec.from_lines("gitignore", self.include)
-        excluded = pathspec.PathSpec.from_lines("gitignore", self.exclude)
-        return included.match_file(name) and not excluded.match_file(name)
+        return self._included.match_file(name) and not self._excluded.match_file(name)
 
 
 SANDBOX_CODE = CodeScope(

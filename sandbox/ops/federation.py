@@ -99,7 +99,7 @@ def _exe(name: str) -> str:
 @dataclass(frozen=True)
 class RunOutcome:
     """How a Flower run ended: completed when its ServerApp wrote the event that ends a
-    run (``JobEvents.finished``) and exited; otherwise as ``flwr list`` reports it."""
+    run (``run_finished``) and exited; otherwise as ``flwr list`` reports it."""
 
     run_id: int
     status: str
@@ -109,16 +109,6 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.sub_status == "completed"
-
-
-@dataclass(frozen=True)
-class JobEvents:
-    """Where an app's ServerApp writes a job's events, one JSON object a line: ``file``
-    under the run config's output-dir; and the kind of event that ends a run. This
-    project's ServerApp by default (the event schema's file and ``run_finished``)."""
-
-    file: str = JOB_EVENTS_FILE
-    finished: str = RunFinished.kind
 
 
 @dataclass
@@ -139,8 +129,6 @@ class Federation:
     # False only for the canary test's negative control and the overhead bench's
     # baseline: plaintext HTTP on loopback (and so no node authentication either).
     tls_on: bool = True
-    # How runs of the app are followed (``wait``); None: runs are only submitted.
-    job_events: JobEvents | None = None
 
     def __post_init__(self) -> None:
         self.provider_home = self.workdir / "provider"
@@ -431,8 +419,8 @@ class Federation:
                 f"flwr run failed (exit {result.returncode}): {result.stdout}{result.stderr}"
             ) from exc
         out = job_output_dir(run_config)
-        if self.job_events is not None and out is not None:
-            self.run_events[run_id] = out / self.job_events.file
+        if out is not None:
+            self.run_events[run_id] = out / JOB_EVENTS_FILE
         return run_id
 
     def outcome(self, run_id: int) -> RunOutcome | None:
@@ -474,25 +462,24 @@ class Federation:
         """Wait for a run to finish, reading its ServerApp's events, not polling a CLI.
 
         The run completed once its ServerApp wrote the event that ends it
-        (``job_events.finished``) to the job's events file and exited, so every sink
+        (``run_finished``) to the job's events file and exited, so every sink
         it writes to (the transparency log included) has the event. A ServerApp that
         exits without it failed: ``flwr list`` then says how. Every ``poll`` seconds
         costs one ``stat`` of the events file; once a second, our processes are checked
         (and their children remembered) and ``on_tick`` is called.
         """
         events = self.run_events.get(run_id)
-        if self.job_events is None or events is None:
+        if events is None:
             raise FederationError(
                 f"run {run_id} has no events file to watch: it was not submitted here, "
-                "with a run config naming an output-dir, to a federation given job_events"
+                "with a run config naming an output-dir"
             )
-        finished_kind = self.job_events.finished
         tail = EventsTail(events)
         deadline = time.monotonic() + timeout
         next_check = 0.0
         app_seen = False
         while time.monotonic() < deadline:
-            finished = _run_finished(tail.read(), run_id, finished_kind)
+            finished = _run_finished(tail.read(), run_id)
             if finished is not None:
                 self._wait_server_app_gone(run_id, deadline)
                 return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
@@ -503,13 +490,13 @@ class Federation:
                 if server_app_pids(self.superlink):
                     app_seen = True
                 elif app_seen:
-                    return self._ended_unfinished(run_id, tail, finished_kind, deadline)
+                    return self._ended_unfinished(run_id, tail, deadline)
                 if on_tick is not None:
                     on_tick()
             time.sleep(poll)
         raise FederationError(
             f"run {run_id} did not finish within {timeout:.0f}s "
-            f"(no {finished_kind} in {events}); {self._status_line(run_id)}"
+            f"(no {RunFinished.kind} in {events}); {self._status_line(run_id)}"
         )
 
     def _check_services(self) -> None:
@@ -535,13 +522,11 @@ class Federation:
             self.superlink.remember_descendants()
             time.sleep(0.1)
 
-    def _ended_unfinished(
-        self, run_id: int, tail: EventsTail, finished_kind: str, deadline: float
-    ) -> RunOutcome:
+    def _ended_unfinished(self, run_id: int, tail: EventsTail, deadline: float) -> RunOutcome:
         """The ServerApp exited: completed if the run's last event landed just before, else
         ask Flower how the run ended (again each second, for at most 30 s, while Flower
         has not yet recorded that)."""
-        finished = _run_finished(tail.read(), run_id, finished_kind)
+        finished = _run_finished(tail.read(), run_id)
         if finished is not None:
             return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
         give_up = min(deadline, time.monotonic() + 30.0)
@@ -551,14 +536,14 @@ class Federation:
                 break
             if time.monotonic() >= give_up:
                 raise FederationError(
-                    f"run {run_id}: its ServerApp exited without {finished_kind} and Flower "
+                    f"run {run_id}: its ServerApp exited without {RunFinished.kind} and Flower "
                     "never reported the run finished"
                 )
             time.sleep(1.0)
         if outcome.ok:
             raise FederationError(
                 f"run {run_id}: Flower reports it completed, but its ServerApp wrote no "
-                f"{finished_kind} to {tail.path}: {outcome.details}"
+                f"{RunFinished.kind} to {tail.path}: {outcome.details}"
             )
         return outcome
 
@@ -601,10 +586,10 @@ class EventsTail:
             raise FederationError(f"{self.path}: an event is not JSON ({exc})") from exc
 
 
-def _run_finished(events: list[dict[str, Any]], run_id: int, kind: str) -> dict[str, Any] | None:
-    """The event of ``kind`` that ends run ``run_id`` among ``events``, if any."""
+def _run_finished(events: list[dict[str, Any]], run_id: int) -> dict[str, Any] | None:
+    """The ``run_finished`` event of run ``run_id`` among ``events``, if any."""
     for event in events:
-        if event.get("kind") == kind and str(event.get("run")) == str(run_id):
+        if event.get("kind") == RunFinished.kind and str(event.get("run")) == str(run_id):
             return event
     return None
 

@@ -322,12 +322,7 @@ def _decrypt_file(
     """
     mismatch = f"{path}: ciphertext digest or size does not match"
 
-    def refused(reason: str) -> SealedModelError:
-        if reason.startswith("cannot open"):
-            return SealedModelError(f"{mismatch} ({reason})")
-        return SealedModelError(f"{path}: {reason}")
-
-    with open_regular(path, refused) as handle:
+    with open_regular(path, lambda reason: SealedModelError(f"{mismatch} ({reason})")) as handle:
         info = os.fstat(handle.fileno())
         if info.st_size != entry["sealed_size"] or info.st_size == 0:
             raise SealedModelError(mismatch)

@@ -108,12 +108,12 @@ def demo(
     ] = 300.0,
 ) -> None:
     """Run the whole federated LoRA job on real Flower processes on loopback."""
-    from sandbox.ops.federation import Federation, JobEvents
+    from sandbox.ops.federation import Federation
 
     started = time.monotonic()
     temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="ark-demo-"))
     root = (workdir or temp or Path()).resolve()
-    fed = Federation(root, port=port, job_events=JobEvents())
+    fed = Federation(root, port=port)
     try:
         with _sigterm_as_interrupt():
             spec, deployment = _prepare_demo(
