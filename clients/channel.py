@@ -2,7 +2,7 @@
 
 Before its first instruction in a run, a node answers a hello. It picks a nonce and a
 channel key pair, has the key broker certify that key (the attestation result binds
-it), keeps both 0600 in its workspace for the run, and replies with the nonce, the
+it), keeps both only in the node sandbox's memory for the run, and replies with the nonce, the
 public key and the result. Every later instruction must carry the aggregator's
 evidence over that nonce, binding the key the node will seal its update to. The node
 appraises that evidence against its own policy (``clients/aggregator.py``) before it
@@ -11,13 +11,10 @@ opens the global adapter, trains, or seals anything; if it cannot, it refuses.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +27,10 @@ from sandbox.config import NodeConfig
 from sandbox.errors import (
     AggregatorRefused,
     AttestationError,
-    ConfigError,
     EnvelopeError,
     ProtocolError,
     UpdateRejected,
 )
-from sandbox.keyfiles import write_private
 from sandbox.protocol import (
     AGGREGATOR_EVIDENCE,
     AGGREGATOR_KEY,
@@ -67,47 +62,9 @@ class NodeChannel:
     def create(cls, run_id: int, suite: str) -> NodeChannel:
         return cls(run_id, RecipientKey.generate(suite), os.urandom(NONCE_BYTES))
 
-    def save(self, path: Path) -> None:
-        """Write (replacing any earlier handshake of this run) with mode 0600."""
-        body = {
-            "run_id": self.run_id,
-            "suite": self.key.suite,
-            "private_key": base64.b64encode(self.key.private_bytes()).decode(),
-            "nonce": base64.b64encode(self.nonce).decode(),
-        }
-        # A unique temporary name: two overlapping hellos never clobber each other's file.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        write_private(tmp, json.dumps(body).encode())
-        tmp.replace(path)
 
-    @classmethod
-    def load(cls, path: Path, run_id: int) -> NodeChannel:
-        """This run's channel, or AggregatorRefused if the node never shook hands in it."""
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-            channel = cls(
-                int(body["run_id"]),
-                RecipientKey.from_private_bytes(
-                    str(body["suite"]), base64.b64decode(body["private_key"], validate=True)
-                ),
-                base64.b64decode(body["nonce"], validate=True),
-            )
-        except FileNotFoundError:
-            raise AggregatorRefused(
-                f"no handshake in run {run_id}: this node has no channel key for it"
-            ) from None
-        except (OSError, ValueError, KeyError, TypeError, EnvelopeError) as exc:
-            raise ConfigError(f"unreadable channel state: {exc}", path=path) from exc
-        if channel.run_id != run_id or len(channel.nonce) != NONCE_BYTES:
-            raise ConfigError(f"channel state is not for run {run_id}", path=path)
-        return channel
-
-
-def channel_path(node: NodeConfig, run_id: int) -> Path:
-    """Where a run's channel state lives: ``channel/run-N.json`` in the node workspace."""
-    if node.source is None:
-        raise ConfigError("the node config was not loaded from a file; no workspace for state")
-    return node.source.parent / CHANNEL_DIR / f"run-{run_id}.json"
+# A sandbox's open channels, by run: held only in the sandbox process's memory.
+Channels = dict[int, NodeChannel]
 
 
 def hello_record(channel: NodeChannel, result_token: str) -> ConfigRecord:
@@ -122,16 +79,26 @@ def hello_record(channel: NodeChannel, result_token: str) -> ConfigRecord:
 
 
 def open_channel(
-    node: NodeConfig, run_id: int, certify: Callable[[RecipientKey], str]
+    node: NodeConfig, run_id: int, certify: Callable[[RecipientKey], str], channels: Channels
 ) -> tuple[NodeChannel, ConfigRecord]:
-    """Start this run's channel: a fresh key and nonce, certified by ``certify``, saved."""
+    """Start this run's channel: a fresh key and nonce, certified by ``certify``, kept in
+    ``channels`` (memory only), replacing any earlier handshake of the run."""
     sandbox = node.require_sandbox()
     channel = NodeChannel.create(run_id, sandbox.hpke_suite)
     token = certify(channel.key)
-    path = channel_path(node, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    channel.save(path)
+    channels[run_id] = channel
     return channel, hello_record(channel, token)
+
+
+def channel_of(channels: Channels, run_id: int) -> NodeChannel:
+    """This run's channel, or AggregatorRefused if the sandbox never shook hands in it
+    (or was restarted since: its keys lived only in the old process's memory)."""
+    channel = channels.get(run_id)
+    if channel is None:
+        raise AggregatorRefused(
+            f"no handshake in run {run_id}: this sandbox holds no channel key for it"
+        )
+    return channel
 
 
 @dataclass(frozen=True)

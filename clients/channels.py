@@ -1,7 +1,7 @@
 """How this node takes instructions and sends updates: one interface, one class per protection.
 
-The ClientApp's handlers (``clients/app.py``) never ask which protection a run has;
-they ask the run's channel, chosen once by :func:`update_channel`. A channel answers
+The node sandbox (``clients/sandbox.py``) never asks which protection a run has; it
+asks the run's channel, chosen once by :func:`update_channel`. A channel answers
 the handshake and accepts an instruction (checks whoever sent it and opens the global
 adapter, before any private data is read); the :class:`Accepted` instruction then says
 how the update is replied and what the journal keeps of the exchange.
@@ -19,23 +19,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.channel import (
-    NodeChannel,
+    Channels,
     VerifiedAggregator,
-    channel_path,
+    channel_of,
     check_aggregator,
     open_channel,
     open_global,
     seal_update,
 )
 from clients.model import (
-    BaseModel,
     NodeModel,
+    Unsealed,
     certify_channel,
-    load_base_model,
-    load_plaintext,
+    plaintext_files,
+    unseal_package,
 )
 from sandbox import events
 from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
@@ -44,7 +44,7 @@ from sandbox.errors import AggregatorRefused, ConfigError
 from sandbox.events import Key
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ed25519_public
-from sandbox.protocol import GLOBAL_KEY, SEALED_KEY, UPDATE_KEY, from_record, stage_of, to_record
+from sandbox.protocol import GLOBAL_KEY, SEALED_KEY, UPDATE_KEY, from_record, to_record
 from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import read_manifest
 
@@ -57,9 +57,17 @@ UpdateRecords = dict[str, ArrayRecord | ConfigRecord]
 NOT_ATTESTED: dict[Key, Any] = {Key.ATTESTATION: None, Key.AGGREGATOR: None}
 
 
-def journal(node: NodeConfig, context: Context, kind: type[events.InRun], **fields: Any) -> None:
+@dataclass(frozen=True)
+class RunIds:
+    """Which Flower run an exchange belongs to, and this node's id in it."""
+
+    run_id: int
+    node_id: int
+
+
+def journal(node: NodeConfig, ids: RunIds, kind: type[events.InRun], **fields: Any) -> None:
     """Append what this node sent to its own journal (the auditor cross-checks it later)."""
-    append_journal(node, kind(run_id=context.run_id, node_id=context.node_id, **fields))
+    append_journal(node, kind(run_id=ids.run_id, node_id=ids.node_id, **fields))
 
 
 @dataclass
@@ -80,6 +88,16 @@ class Accepted(ABC):
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """Where a run's base model comes from on this node: ``load`` reads it into memory
+    (attesting first when sealed); ``key`` changes whenever what ``load`` would read
+    does, so the sandbox knows when what it holds is stale."""
+
+    key: tuple[Any, ...]
+    load: Callable[[], Unsealed]
+
+
+@dataclass(frozen=True)
 class Hello:
     """The handshake reply's record, and the channel suite it offers (for the journal)."""
 
@@ -87,21 +105,31 @@ class Hello:
     suite: str
 
 
+def sealed_source(node: NodeConfig) -> ModelSource:
+    """The node's sealed package: attest, have the content key released, unseal in
+    memory. A changed package file (its size or modification time) is read again."""
+    package = node.require_sandbox().package
+    stat = package.stat()
+    key = ("sealed", str(package), stat.st_mtime_ns, stat.st_size)
+    return ModelSource(key, lambda: unseal_package(node))
+
+
 class UpdateChannel(ABC):
     """The node's end of a run's update channel (see the module docstring)."""
 
     @abstractmethod
-    def hello(self, context: Context) -> Hello:
+    def hello(self, ids: RunIds) -> Hello:
         """Answer the aggregator's handshake."""
 
     @abstractmethod
-    def base_model(self, spec: RunSpec) -> BaseModel:
+    def model_source(self, spec: RunSpec) -> ModelSource:
         """The run's base model as this channel's protection lets the node have it."""
 
     @abstractmethod
-    def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
-        """Accept the instruction of round ``rnd`` and open its global adapter; raises
-        (AggregatorRefused, ProtocolError, ...) when this node must not act on it."""
+    def accept(self, content: RecordDict, ids: RunIds, stage: str, rnd: int) -> Accepted:
+        """Accept the instruction (``content``) of round ``rnd`` and open its global
+        adapter; raises (AggregatorRefused, ProtocolError, ...) when this node must not
+        act on it."""
 
 
 @dataclass
@@ -156,51 +184,52 @@ class SealedAccepted(Accepted):
 
 @dataclass
 class SealedChannel(UpdateChannel):
-    """The attested channel: a certified key per run, an appraised aggregator, envelopes."""
+    """The attested channel: a certified key per run, an appraised aggregator, envelopes.
+
+    ``channels`` is the sandbox's in-memory table of open channels by run; a key of it is
+    never written anywhere.
+    """
 
     node: NodeConfig
+    channels: Channels
 
     def _manifest(self) -> dict[str, Any]:
         sandbox = self.node.require_sandbox()
         return read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
 
-    def hello(self, context: Context) -> Hello:
+    def hello(self, ids: RunIds) -> Hello:
         """Start this run's channel: a nonce and a channel key the key broker certifies."""
         key_id = self._manifest()["key_id"]
 
         def certify(key: RecipientKey) -> str:
             return certify_channel(self.node, key_id, key)
 
-        channel, record = open_channel(self.node, context.run_id, certify)
+        channel, record = open_channel(self.node, ids.run_id, certify, self.channels)
         return Hello(record, channel.key.suite)
 
-    def base_model(self, spec: RunSpec) -> BaseModel:
-        """Attest, have the content key released, unseal in memory, build the model."""
-        return load_base_model(spec, self.node)
+    def model_source(self, spec: RunSpec) -> ModelSource:
+        return sealed_source(self.node)
 
-    def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
+    def accept(self, content: RecordDict, ids: RunIds, stage: str, rnd: int) -> Accepted:
         """Verify the aggregator and open the global adapter."""
-        stage = stage_of(msg.metadata.message_type)
         self.node.require_sandbox()
-        channel = NodeChannel.load(channel_path(self.node, context.run_id), context.run_id)
         try:
-            aggregator = check_aggregator(
-                self.node, channel, msg.content, now=dt.datetime.now(dt.UTC)
-            )
+            channel = channel_of(self.channels, ids.run_id)
+            aggregator = check_aggregator(self.node, channel, content, now=dt.datetime.now(dt.UTC))
         except AggregatorRefused as exc:
-            journal(self.node, context, events.AggregatorRefused, round=rnd, reason=str(exc))
+            journal(self.node, ids, events.AggregatorRefused, round=rnd, reason=str(exc))
             raise
         accepted = SealedAccepted(
             rnd,
             stage,
             {},
             aggregator,
-            context.run_id,
-            context.node_id,
+            ids.run_id,
+            ids.node_id,
             manifest_digest(self._manifest()),
         )
         accepted.adapter, accepted.ticket = open_global(
-            channel, msg.content, accepted.context(DOWNLINK)
+            channel, content, accepted.context(DOWNLINK)
         )
         return accepted
 
@@ -219,26 +248,26 @@ class PlaintextAccepted(Accepted):
 class PlaintextChannel(UpdateChannel):
     """No handshake, no aggregator check, no envelopes (``protection = "off"``)."""
 
-    def hello(self, context: Context) -> Hello:
+    def hello(self, ids: RunIds) -> Hello:
         raise ConfigError("a run with protection off has no handshake", key="protection")
 
-    def base_model(self, spec: RunSpec) -> BaseModel:
+    def model_source(self, spec: RunSpec) -> ModelSource:
         """The run's plaintext model directory (the canary's negative control, the bench)."""
-        return load_plaintext(spec)
+        return ModelSource(("plain", str(spec.model_path)), lambda: plaintext_files(spec))
 
-    def accept(self, msg: Message, context: Context, rnd: int) -> Accepted:
-        adapter = from_record(msg.content.array_records[GLOBAL_KEY])
-        return PlaintextAccepted(rnd, stage_of(msg.metadata.message_type), adapter)
+    def accept(self, content: RecordDict, ids: RunIds, stage: str, rnd: int) -> Accepted:
+        adapter = from_record(content.array_records[GLOBAL_KEY])
+        return PlaintextAccepted(rnd, stage, adapter)
 
 
 # Protection (the run config's ``protection``) -> this node's end of its channel.
-CHANNELS: dict[str, Callable[[NodeConfig], UpdateChannel]] = {
+CHANNELS: dict[str, Callable[[NodeConfig, Channels], UpdateChannel]] = {
     PROTECTION_SEALED: SealedChannel,
-    PROTECTION_OFF: lambda node: PlaintextChannel(),
+    PROTECTION_OFF: lambda node, channels: PlaintextChannel(),
 }
 
 
-def update_channel(spec: RunSpec, node: NodeConfig) -> UpdateChannel:
+def update_channel(spec: RunSpec, node: NodeConfig, channels: Channels) -> UpdateChannel:
     """The run's channel on this node. A node runs unprotected only when both its
     operator and the run say so; any other mismatch is a ConfigError."""
     if node.unprotected != (spec.protection == PROTECTION_OFF):
@@ -248,4 +277,4 @@ def update_channel(spec: RunSpec, node: NodeConfig) -> UpdateChannel:
             path=node.source,
             key="node.unprotected",
         )
-    return CHANNELS[spec.protection](node)
+    return CHANNELS[spec.protection](node, channels)

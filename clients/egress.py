@@ -37,7 +37,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import MESSAGE_TTL_TOLERANCE
 
-from clients.channel import NodeChannel, channel_path
+from clients.channel import NONCE_BYTES
 from sandbox.attestation.result import PURPOSE_CHANNEL, verify_result
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import (
@@ -48,6 +48,8 @@ from sandbox.errors import (
     KeyBrokerUnavailable,
     KeyReleaseDenied,
     ReplyMetadataAltered,
+    SandboxRefused,
+    SandboxUnavailable,
 )
 from sandbox.events import ClientappFailed, EgressBlocked, ErrorWithheld, Key, Withheld
 from sandbox.journal import append_journal
@@ -80,6 +82,7 @@ FAILURES: list[tuple[type[Exception], NodeReason]] = [
     (AttestationError, NodeReason.ATTESTATION_FAILED),
     (KeyReleaseDenied, NodeReason.KEY_RELEASE_DENIED),
     (KeyBrokerUnavailable, NodeReason.KEY_BROKER_UNAVAILABLE),
+    (SandboxUnavailable, NodeReason.SANDBOX_UNAVAILABLE),
 ]
 # Each metadata field of a reply and the instruction's field Flower's
 # ``Message(..., reply_to=instruction)`` copies into it.
@@ -147,27 +150,29 @@ def _check_hello(record: ConfigRecord) -> None:
             raise EgressViolation(f"hello field {key!r} must be at most {limit} bytes")
 
 
-def hello_matches_channel(node: NodeConfig, run_id: int) -> HelloCheck:
-    """A hello may carry only this run's saved nonce and key, and a result that certifies
-    exactly that key (verified with the provider's result key): nothing else fits."""
+def hello_is_certified(node: NodeConfig) -> HelloCheck:
+    """A hello may carry only a channel key and a result that certifies exactly that key
+    for the channel (verified with the provider's result key), and a nonce of exactly
+    the size the sandbox draws: nothing else fits. The key and nonce themselves live only
+    in the sandbox's memory."""
 
     def check(record: ConfigRecord) -> None:
         try:
-            channel = NodeChannel.load(channel_path(node, run_id), run_id)
             result = verify_result(
                 bytes(record[HELLO_RESULT]).decode("ascii"),  # type: ignore[arg-type]
                 load_ec_public(node.require_sandbox().result_key),
                 now=dt.datetime.now(dt.UTC),
             )
         except (ArkError, AttestationError, UnicodeDecodeError) as exc:
-            raise EgressViolation(f"hello does not match this run's channel: {exc}") from exc
+            raise EgressViolation(f"hello carries no valid channel result: {exc}") from exc
+        nonce = record[HELLO_NONCE]
         if (
-            record[HELLO_NONCE] != channel.nonce
-            or record[HELLO_NODE_KEY] != channel.key.public_bytes
-            or result.tee_pubkey != channel.key.public_bytes
+            not isinstance(nonce, bytes)
+            or len(nonce) != NONCE_BYTES
+            or result.tee_pubkey != record[HELLO_NODE_KEY]
             or result.purpose != PURPOSE_CHANNEL
         ):
-            raise EgressViolation("hello does not carry this run's nonce, key and result")
+            raise EgressViolation("hello does not carry a nonce and the key its result certifies")
 
     return check
 
@@ -209,7 +214,10 @@ def _is_time(value: object) -> bool:
 
 
 def failure_reason(exc: Exception) -> NodeReason:
-    """The fixed code a ClientApp failure leaves the node as (see FAILURES)."""
+    """The fixed code a ClientApp failure leaves the node as (see FAILURES); a code the
+    node's sandbox already reported is passed on as it is."""
+    if isinstance(exc, SandboxRefused):
+        return exc.reason
     for kind, reason in FAILURES:
         if isinstance(exc, kind):
             return reason
@@ -267,7 +275,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             reply.metadata, msg.metadata, called_at=called_at, returned_at=time.time()
         )
         kind = msg.metadata.message_type
-        check_reply(reply.content, node.egress, kind, hello_matches_channel(node, context.run_id))
+        check_reply(reply.content, node.egress, kind, hello_is_certified(node))
     except EgressViolation as exc:
         reason = (
             NodeReason.REPLY_METADATA_ALTERED

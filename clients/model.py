@@ -9,8 +9,10 @@ model from those bytes. No plaintext weight byte is written to disk.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sandbox.attestation.backends import Attester, load_attester
@@ -111,19 +113,55 @@ def certify_channel(
     return result.token
 
 
-def load_base_model(
-    spec: RunSpec, node: NodeConfig
-) -> tuple[Any, Any, ModelInfo, AttestationResult]:
-    """Attest, receive the content key, unseal in memory, and build the base model."""
+def check_model(spec: RunSpec, model_id: str, source: Path) -> None:
+    """SealedModelError unless the sealed model is the one the run names (if it names one)."""
+    if spec.model_id and model_id != spec.model_id:
+        raise SealedModelError(
+            f"{source}: holds model {model_id!r}, the run wants {spec.model_id!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    """A base model's files as the node sandbox holds them in memory: the plain files and
+    the decrypted weights, the attestation result its key was released on and the
+    content key (None for an unprotected node's plaintext model)."""
+
+    plain_files: dict[str, bytes] = field(repr=False)
+    weights: dict[str, bytes] = field(repr=False)
+    model_id: str
+    source: Path
+    released: ReleasedKey | None = field(default=None, repr=False)
+
+    @property
+    def attestation(self) -> AttestationResult | None:
+        return None if self.released is None else self.released.result
+
+    def expired(self, now: dt.datetime) -> bool:
+        """Whether the result this model was released on has expired (never, unattested)."""
+        result = self.attestation
+        return result is not None and now >= result.expires_at
+
+    def build(self, spec: RunSpec) -> BaseModel:
+        """The base model for the run's task, built from these in-memory files."""
+        if self.released is not None:
+            check_model(spec, self.model_id, self.source)
+        model, tokenizer, info = load_from_memory(
+            self.plain_files,
+            self.weights,
+            task=spec.task,
+            num_labels=len(spec.labels),
+            source=self.source,
+        )
+        return model, tokenizer, info, self.attestation
+
+
+def unseal_package(node: NodeConfig, *, transport: KeyBrokerTransport | None = None) -> Unsealed:
+    """Attest, receive the content key, and verify and decrypt the package in memory."""
     sandbox = node.require_sandbox()
     manifest_key = load_ed25519_public(sandbox.manifest_key)
     manifest = read_manifest(sandbox.package, manifest_key)
-    if spec.model_id and manifest["model_id"] != spec.model_id:
-        raise SealedModelError(
-            f"{sandbox.package}: holds model {manifest['model_id']!r}, "
-            f"the run wants {spec.model_id!r}"
-        )
-    released = attest_for_key(node, manifest["key_id"])
+    released = attest_for_key(node, manifest["key_id"], transport=transport)
     opened = open_sealed_package(
         sandbox.package,
         content_key=released.content_key,
@@ -131,19 +169,24 @@ def load_base_model(
         model_id=released.model_id,
         key_id=released.key_id,
     )
-    model, tokenizer, info = load_from_memory(
-        opened.plain_files,
-        opened.weights,
-        task=spec.task,
-        num_labels=len(spec.labels),
-        source=sandbox.package,
+    return Unsealed(
+        opened.plain_files, opened.weights, released.model_id, sandbox.package, released
     )
-    return model, tokenizer, info, released.result
 
 
-def load_plaintext(spec: RunSpec) -> BaseModel:
-    """An unprotected node's model: the run's plaintext directory, built by the same
-    in-memory builder as a sealed package (so the overhead bench compares like with like).
+def load_base_model(spec: RunSpec, node: NodeConfig) -> BaseModel:
+    """Attest, receive the content key, unseal in memory, and build the base model; a run
+    for another model is refused before attesting."""
+    sandbox = node.require_sandbox()
+    manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+    check_model(spec, manifest["model_id"], sandbox.package)
+    return unseal_package(node).build(spec)
+
+
+def plaintext_files(spec: RunSpec) -> Unsealed:
+    """An unprotected node's model: the run's plaintext directory, read into memory and
+    built by the same in-memory builder as a sealed package (so the overhead bench
+    compares like with like).
 
     It takes what a node takes from a package: the allowlisted plain files and the
     ``*.safetensors`` weights; weights in other formats are not read.
@@ -151,16 +194,13 @@ def load_plaintext(spec: RunSpec) -> BaseModel:
     files = [p for p in sorted(spec.model_path.iterdir()) if p.is_file() and p.name[0] != "."]
     weights = {p.name: p.read_bytes() for p in files if loads_as_weights(p.name)}
     plain = {p.name: p.read_bytes() for p in files if ships_plain(p.name)}
-    model, tokenizer, info = load_from_memory(
-        plain, weights, task=spec.task, num_labels=len(spec.labels), source=spec.model_path
-    )
-    return model, tokenizer, info, None
+    return Unsealed(plain, weights, spec.model_id, spec.model_path)
 
 
 def load_node_model(spec: RunSpec, base: BaseModel) -> NodeModel:
     """The base model plus a fresh LoRA adapter of the run's shape (its weights come from
-    the server). ``base`` is what the node's update channel loaded: unsealed after
-    attestation, or (an unprotected node) the run's plaintext directory."""
+    the server). ``base`` is what the node sandbox built from its in-memory files:
+    unsealed after attestation, or (an unprotected node) the run's plaintext directory."""
     from sandbox.lora import build_peft_model  # torch: only where a model is built
 
     model, tokenizer, info, result = base

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,8 @@ MIN_FEDERATED_NODES = 2
 # The largest ``max-examples-per-update``: every count up to it is exact as a float64,
 # and no weighted sum of bounded float32 updates comes near float64's range.
 EXAMPLES_LIMIT = 2**53
+# The longest path a Unix domain socket may have on Linux (sun_path less its NUL).
+MAX_SOCKET_PATH = 107
 
 
 # -- rules: how one key's value is read, checked and written --------------------------------
@@ -598,6 +601,11 @@ class NodeConfig:
     journal_path: Path | None = field(
         default=None, metadata=_key("journal", _Path(optional=True), quiet=True)
     )
+    # The node sandbox's Unix socket (the ClientApp's only way to it); default
+    # ``sandbox/api.sock`` beside this file (see :meth:`socket_path`).
+    sandbox_socket: Path | None = field(
+        default=None, metadata=_key("sandbox-socket", _Path(optional=True), quiet=True)
+    )
     sandbox: SandboxConfig | None = None
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     # FAB digests (hex SHA-256) this node's operator approved (``ark node approve``); the
@@ -639,6 +647,7 @@ class NodeConfig:
         read = _read(cls, section, path)
         read["data_path"] = _beside(path, read["data_path"])
         read["journal_path"] = _beside(path, read["journal_path"])
+        read["sandbox_socket"] = _beside(path, read["sandbox_socket"])
         return cls(
             **read,
             sandbox=(
@@ -662,6 +671,22 @@ class NodeConfig:
         if self.egress != EgressPolicy():
             node["egress"] = self.egress.as_table()
         return tomli_w.dumps({"node": node})
+
+    def socket_path(self) -> Path:
+        """Where the node sandbox listens: ``sandbox-socket``, else ``sandbox/api.sock``
+        beside this config. A Unix socket path holds at most 107 bytes."""
+        path = self.sandbox_socket
+        if path is None:
+            if self.source is None:
+                raise ConfigError("the node config was not loaded from a file; set sandbox-socket")
+            path = self.source.parent.absolute() / "sandbox" / "api.sock"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set a shorter one",
+                path=self.source,
+                key="node.sandbox-socket",
+            )
+        return path
 
     def require_sandbox(self) -> SandboxConfig:
         """``[node.sandbox]``, which every model load needs; ConfigError naming it if absent."""

@@ -7,6 +7,10 @@ calling things in the wrong order raises :class:`RuntimeError`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandbox.reasons import NodeReason
 
 
 class ArkError(Exception):
@@ -217,6 +221,22 @@ class ReplyMetadataAltered(EgressViolation):
 class AggregatorRefused(ArkError):
     """This node could not verify the aggregator (its evidence, key or channel), so it
     does not train; the message says why and goes back in the node's error reply."""
+
+
+class SandboxError(ArkError):
+    """The node's ClientApp and its sandbox process could not complete a request."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The sandbox's socket is missing, refused the connection or did not answer."""
+
+
+class SandboxRefused(SandboxError):
+    """The sandbox answered with a fixed code (its detail stays in its own journal)."""
+
+    def __init__(self, message: str, *, reason: NodeReason):
+        super().__init__(message)
+        self.reason = reason
 
 
 class AppNotApproved(ArkError):

@@ -46,6 +46,8 @@ CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
 NODE_CONFIG_KEY = "node-config"
+# What `ark node sandbox` prints once its socket accepts requests.
+SANDBOX_READY = "sandbox ready on"
 
 
 def stage_of(message_type: str) -> str:

@@ -47,6 +47,8 @@ class NodeReason(enum.IntEnum):
     KEY_RELEASE_DENIED = ARK_CODES + 8
     KEY_BROKER_UNAVAILABLE = ARK_CODES + 9
     APP_NOT_APPROVED = ARK_CODES + 10
+    # The ClientApp could not reach the node's sandbox process (not running, restarting).
+    SANDBOX_UNAVAILABLE = ARK_CODES + 11
     # The ServerApp's name for anything outside the vocabulary; no node sends it.
     UNRECOGNIZED = -1
 
@@ -58,6 +60,14 @@ class NodeReason(enum.IntEnum):
     def error(self) -> Error:
         """The Flower Error a node sends for this reason: the code and the label only."""
         return Error(code=self.value, reason=self.label)
+
+    @classmethod
+    def from_label(cls, label: str) -> NodeReason:
+        """The Ark reason whose label is ``label``; anything else is ``unrecognized``."""
+        for reason in cls:
+            if reason.value >= ARK_CODES and reason.label == label:
+                return reason
+        return cls.UNRECOGNIZED
 
     @classmethod
     def of(cls, error: Error) -> NodeReason:

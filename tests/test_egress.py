@@ -24,9 +24,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as node_app
-from clients.app import load_split, node_config
-from clients.channel import NodeChannel, channel_path, hello_record
+from clients.app import node_config
+from clients.channel import NodeChannel, hello_record
 from clients.egress import check_reply, egress_guard
+from clients.sandbox import load_split
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSigner
 from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig
@@ -42,6 +43,7 @@ from sandbox.keyfiles import public_pem, write_private
 from sandbox.launcher import ApprovalGate, fab_digest
 from sandbox.protocol import (
     HELLO_KEY,
+    HELLO_NODE_KEY,
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
@@ -188,10 +190,7 @@ def _channel_node(tmp_path: Path) -> tuple[Context, ConfigRecord]:
         ]
     )
     context = _node(tmp_path, sandbox + "\n")
-    node = NodeConfig.load(tmp_path / "node.toml")
     channel = NodeChannel.create(11, "x25519-hkdf-sha256-aes256gcm")
-    channel_path(node, 11).parent.mkdir(parents=True)
-    channel.save(channel_path(node, 11))
     now = dt.datetime.now(dt.UTC)
     signer = ResultSigner(result_key, {"build": "test"})
     appraisal = Appraisal({"ueid": "alpine-1", "measurements": {}}, "stub", "p", now)
@@ -220,11 +219,13 @@ def test_the_handshake_passes_only_in_its_exact_shape_and_content(tmp_path: Path
     context, hello = _channel_node(tmp_path)
     reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: hello})))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    other_nonce = ConfigRecord({**hello, HELLO_NONCE: b"n" * 32})
+    short_nonce = ConfigRecord({**hello, HELLO_NONCE: b"ticket 4417"})
+    other_key = NodeChannel.create(11, "x25519-hkdf-sha256-aes256gcm").key.public_bytes
+    uncertified_key = ConfigRecord({**hello, HELLO_NODE_KEY: other_key})
     forged_result = ConfigRecord({**hello, HELLO_RESULT: b"e" * 900})
     smuggling = ConfigRecord({**hello, "row": b"ticket: tree on line 4"})
     oversize = ConfigRecord({**hello, HELLO_RESULT: b"e" * (64 * 1024)})
-    for bad in (other_nonce, forged_result, smuggling, oversize):
+    for bad in (short_nonce, uncertified_key, forged_result, smuggling, oversize):
         reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: bad})))
         assert_fixed(reply, NodeReason.EGRESS_BLOCKED)
     # The hello, even the right one, may not ride along on a training reply.

@@ -103,6 +103,7 @@ def test_node_gets_the_exact_weights_only_through_attestation(
     node = NodeConfig.load(deployment.node_configs["alpine"])
     spec = make_spec(tiny_bert_dir, model_id="tiny")
     model, _, info, result = load_base_model(spec, node)
+    assert result is not None
     assert result.status == AFFIRMING
     assert result.is_stub
     assert info.model_type == "bert"

@@ -20,7 +20,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
@@ -28,8 +28,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from clients.channel import open_channel
-from clients.channels import Accepted, PlaintextChannel, SealedAccepted, SealedChannel
+from clients.channel import Channels, open_channel
+from clients.channels import Accepted, PlaintextChannel, RunIds, SealedAccepted, SealedChannel
 from clients.egress import failure_reason
 from clients.model import certify_channel
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext
@@ -72,6 +72,7 @@ from sandbox.protocol import (
     SEALED_UPDATE_KEY,
     metric_record,
     round_of,
+    stage_of,
     to_record,
 )
 from sandbox.reasons import NodeReason
@@ -200,7 +201,8 @@ class SimNode:
     hellos: dict[int, ConfigRecord] = field(default_factory=dict)  # shared by the grid
     counts: dict[int, float] = field(default_factory=dict)  # round -> examples it declares
     tee_of: int | None = None  # a Sybil: runs in this node's TEE (its key, so its ueid)
-    workspace: Path | None = None  # the Sybil's own workspace (its channel state)
+    workspace: Path | None = None  # the Sybil's own workspace
+    channels: Channels = field(default_factory=dict)  # its sandbox's in-memory channel keys
 
     @property
     def config(self) -> NodeConfig:
@@ -220,7 +222,9 @@ class SimNode:
         if self.behaviour == "impostor":  # presents node 1's certified key and nonce as its own
             record = self.hellos[1]
         else:
-            _, record = open_channel(self.config, RUN_ID, self.world.certify(self.config))
+            _, record = open_channel(
+                self.config, RUN_ID, self.world.certify(self.config), self.channels
+            )
             self.hellos[self.node_id] = record
         return Message(RecordDict({HELLO_KEY: record}), reply_to=msg)
 
@@ -239,12 +243,12 @@ class SimNode:
 
     def _open(self, msg: Message, rnd: int, behaviour: str) -> Accepted:
         """The instruction as a ClientApp accepts it, over the node's real update channel."""
-        context = Context(RUN_ID, self.node_id, {}, RecordDict(), {})
+        ids, stage = RunIds(RUN_ID, self.node_id), stage_of(msg.metadata.message_type)
         if GLOBAL_KEY in msg.content:
-            return PlaintextChannel().accept(msg, context, rnd)
+            return PlaintextChannel().accept(msg.content, ids, stage, rnd)
         if behaviour == "rekey":  # the node started a fresh channel; the aggregator did not
-            open_channel(self.config, RUN_ID, self.world.certify(self.config))  # type: ignore[union-attr]
-        return SealedChannel(self.config).accept(msg, context, rnd)
+            open_channel(self.config, RUN_ID, self.world.certify(self.config), self.channels)  # type: ignore[union-attr]
+        return SealedChannel(self.config, self.channels).accept(msg.content, ids, stage, rnd)
 
     def _seal(
         self, update: Adapter, accepted: Accepted, rnd: int, behaviour: str

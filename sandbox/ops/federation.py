@@ -40,7 +40,7 @@ from sandbox.ops.processes import (
     wait_for_port,
 )
 from sandbox.ops.tls import TlsFiles, issue_loopback_tls
-from sandbox.protocol import NODE_CONFIG_KEY
+from sandbox.protocol import NODE_CONFIG_KEY, SANDBOX_READY
 
 HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
@@ -119,6 +119,8 @@ class Federation:
     port: int | None = None
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
+    # Each node's sandbox process (``ark node sandbox``), by node name.
+    sandboxes: dict[str, ManagedProcess] = field(default_factory=dict)
     key_broker: ManagedProcess | None = None
     gateway: ManagedProcess | None = None
     # Where nodes connect: the gateway's host:port (a free loopback port when None).
@@ -280,6 +282,45 @@ class Federation:
                 f"{result.stdout}{result.stderr}"
             )
 
+    def _node_env(self, home: Path) -> dict[str, str]:
+        """A node process's environment: its own HOME, and temporary files in its own
+        workspace, where it (and the tests that look for leaked plaintext) can see them."""
+        env = _flower_env(home)
+        env["TMPDIR"] = str(home / "tmp")
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        return env
+
+    def start_sandbox(
+        self, name: str, node_config: Path, *, home: Path | None = None, timeout: float = 180.0
+    ) -> ManagedProcess:
+        """Start the node's sandbox (``ark node sandbox``) and wait until it serves: it
+        attests and unseals the model before it opens its socket."""
+        if name in self.sandboxes and self.sandboxes[name].alive():
+            raise RuntimeError(f"the sandbox of node {name!r} is already running")
+        home = home or self.workdir / "nodes" / name
+        proc = start_process(
+            f"ark-sandbox[{name}]",
+            [_exe("ark"), "node", "sandbox", "--config", str(node_config)],
+            env=self._node_env(home),
+            log_path=self.logs / f"sandbox-{name}.log",
+        )
+        self.sandboxes[name] = proc
+        deadline = time.monotonic() + timeout
+        while SANDBOX_READY not in proc.log_tail(200):
+            if not proc.alive():
+                raise FederationError(f"the sandbox of node {name!r} exited:\n{proc.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"the sandbox of node {name!r} did not serve within {timeout:.0f}s:\n"
+                    f"{proc.log_tail()}"
+                )
+            time.sleep(0.1)
+        return proc
+
+    def kill_sandbox(self, name: str) -> None:
+        """Crash one node's sandbox with SIGKILL (for restart tests)."""
+        kill_tree(self.sandboxes[name])
+
     def start_supernode(
         self,
         name: str,
@@ -315,11 +356,7 @@ class Federation:
         ]
         if auth_key is not None:
             argv += ["--auth-supernode-private-key", str(auth_key)]
-        # The node's temporary files stay in its own workspace, where it (and the tests
-        # that look for leaked plaintext) can see them.
-        env = _flower_env(home)
-        env["TMPDIR"] = str(home / "tmp")
-        (home / "tmp").mkdir(exist_ok=True)
+        env = self._node_env(home)
         # The node's launcher answers to `flwr-clientapp` ahead of Flower's own, so no app
         # runs on this node unless its config approved the app's digest.
         launcher = install_launcher(home / "bin")
@@ -335,19 +372,23 @@ class Federation:
         return proc
 
     def add_node(self, name: str, node_config: Path, auth_key: Path) -> ManagedProcess:
-        """Register the node's key (when authentication is on), then start its SuperNode."""
+        """Register the node's key (when authentication is on), start its sandbox, then
+        its SuperNode."""
         if self.node_auth:
             self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
+        self.start_sandbox(name, node_config)
         return self.start_supernode(name, node_config, auth_key=auth_key)
 
     def start_nodes(self, configs: Mapping[str, Path]) -> None:
-        """One SuperNode per node workspace (``ark node init``), keys registered first."""
+        """One sandbox and one SuperNode per node workspace (``ark node init``), keys
+        registered first."""
         from sandbox.ops.provision import node_auth_key
 
         for name, config in configs.items():
             if self.node_auth:
                 self.add_node(name, config, node_auth_key(config.parent))
             else:
+                self.start_sandbox(name, config)
                 self.start_supernode(name, config)
 
     def wait_until_online(self, names: Iterable[str], timeout: float = 120.0) -> None:
@@ -374,23 +415,24 @@ class Federation:
         kill_tree(self.supernodes[name])
 
     def stop(self) -> list[int]:
-        """Stop SuperNodes, then the SuperLink; return any PID that survived.
+        """Stop SuperNodes, then sandboxes, then the services; return any PID that survived.
 
         Idempotent: processes are forgotten once stopped.
         """
-        groups = [list(self.supernodes.values())]
+        groups = [list(self.supernodes.values()), list(self.sandboxes.values())]
         for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 groups.append([service])
         self.leftovers += stop_processes(groups)
         self.supernodes.clear()
+        self.sandboxes.clear()
         self.gateway = None
         self.superlink = None
         self.key_broker = None
         return self.leftovers
 
     def all_processes(self) -> list[ManagedProcess]:
-        procs = list(self.supernodes.values())
+        procs = [*self.supernodes.values(), *self.sandboxes.values()]
         for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 procs.append(service)

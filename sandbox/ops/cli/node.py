@@ -9,7 +9,7 @@ import typer
 
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
-from sandbox.ops.cli.base import console, fail, node_app
+from sandbox.ops.cli.base import console, fail, node_app, stop_on_signals
 
 
 @node_app.command("check-data")
@@ -134,3 +134,51 @@ def node_approve(
         raise fail(exc) from exc
     console.print(f"approved app {digest.strip().lower()} on node {node.name}")
     console.print(f"{len(node.approved_apps)} app(s) approved in {config}")
+
+
+@node_app.command("sandbox")
+def node_sandbox(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Run the node's sandbox in the foreground until SIGTERM or Ctrl-C: attest, unseal the
+    model into memory, and serve the node's ClientApps on its private Unix socket."""
+    import logging
+
+    from clients.service import serve
+    from sandbox.config import NodeConfig
+    from sandbox.protocol import SANDBOX_READY
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = stop_on_signals()
+    try:
+        node = NodeConfig.load(config)
+        serve(node, stop, on_ready=lambda path: console.print(f"{SANDBOX_READY} {path}"))
+    except ArkError as exc:
+        raise fail(exc) from exc
+
+
+@node_app.command("status")
+def node_status(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Whether the node's sandbox is up and attested, and which runs it holds."""
+    from clients.shuttle import sandbox_client
+    from sandbox.config import NodeConfig
+
+    try:
+        node = NodeConfig.load(config)
+        with sandbox_client(node) as client:
+            status = client.status()
+    except ArkError as exc:
+        raise fail(exc) from exc
+    stub = " (STUB TEE)" if status.stub else ""
+    attested = (
+        f"attested{stub}, result {status.result_sha256[:16]}…"
+        if status.attested
+        else "not attested"
+    )
+    console.print(f"sandbox pid {status.pid}: {attested}")
+    console.print(f"runs with a channel: {list(status.runs) or 'none'}")
+    console.print(f"stored adapters: {list(status.adapters) or 'none'}")
+    if status.inference_url:
+        console.print(f"inference: {status.inference_url}")

@@ -1,0 +1,294 @@
+"""The node sandbox: the one long-lived process per node that a real TEE would hold.
+
+It attests and has the model's content key released once, unseals the base model into
+its memory once, and keeps there what must never leave the node or touch its disk: the
+plaintext weights, each run's channel private key, and the open private data. It
+re-attests when its attestation result expires or the sealed package changes, and
+refuses to serve (a fixed code) when attestation fails.
+
+Each request comes from the node's ClientApp, a ciphertext shuttle: the instruction's
+envelope and the aggregator's evidence in, a sealed update and allowlisted scalar
+metrics out. The sandbox checks the aggregator, opens the global adapter, trains and
+evaluates, and decides what leaves: its reply passes the same egress checks the
+ClientApp's guard applies again (``clients/egress.py``). The gRPC face of this class is
+``clients/service.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import MessageType, RecordDict
+
+from clients.channel import Channels
+from clients.channels import (
+    Accepted,
+    Hello,
+    ModelSource,
+    RunIds,
+    UpdateRecords,
+    journal,
+    sealed_source,
+    update_channel,
+)
+from clients.data import Split, load_examples, split_examples
+from clients.egress import check_reply
+from clients.model import NodeModel, Unsealed, load_node_model
+from sandbox import events
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.protocol import (
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SEALED_UPDATE_KEY,
+    metric_record,
+    sealed_digest,
+)
+
+log = logging.getLogger("ark.sandbox")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One instruction as the sandbox acts on it: whose, which round and stage, the run's
+    validated spec, the instruction's records, and when its ClientApp process started."""
+
+    ids: RunIds
+    round: int
+    stage: str
+    spec: RunSpec
+    content: RecordDict
+    clientapp_started: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What leaves after training: the update's records and the scalar metrics."""
+
+    records: UpdateRecords
+    metrics: dict[str, float]
+
+
+@dataclass
+class _Held:
+    """The base model files in memory, and which source (and result) they came from."""
+
+    key: tuple[Any, ...]
+    unsealed: Unsealed
+    models: dict[tuple[Any, ...], NodeModel] = field(default_factory=dict)
+
+
+def load_split(spec: RunSpec, node: NodeConfig) -> Split:
+    """The node's private data, checked against the run's task and labels, split locally.
+
+    A row whose label the run does not list fails as a :class:`~sandbox.errors.DataError`
+    that names the file, row and label for the node's own log. The provider gets only
+    the fixed ``clientapp-failed`` code for it, the same code as for any other failure (a
+    missing or empty label included): a code of its own would tell the provider that the
+    node holds a label outside the list it sent.
+    """
+    examples = load_examples(
+        node.data_path, spec.task, labels=spec.labels or None, max_row_bytes=node.max_row_bytes
+    )
+    return split_examples(
+        examples,
+        heldout_fraction=node.heldout_fraction,
+        seed=node.split_seed,
+        source=node.data_path,
+    )
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}-{name}": value for name, value in metrics.items()}
+
+
+class NodeSandbox:
+    """The sandbox's state and its three operations (see the module docstring).
+
+    One instruction is worked on at a time (the model in memory is shared); a hello
+    only talks to the key broker and runs beside them.
+    """
+
+    def __init__(self, node: NodeConfig):
+        self.node = node
+        self.channels: Channels = {}
+        self._held: _Held | None = None
+        self._splits: dict[tuple[Any, ...], Split] = {}
+        self._work = threading.Lock()
+        self._channels = threading.Lock()
+        if node.threads:
+            import torch
+
+            torch.set_num_threads(node.threads)
+
+    # -- the model in memory -----------------------------------------------------------
+    def start(self) -> None:
+        """Attest and unseal now (a sealed node), so the first instruction finds the model
+        in memory; an unprotected node reads its run's plaintext model on first use."""
+        if not self.node.unprotected:
+            with self._work:
+                self._unsealed(sealed_source(self.node))
+
+    @property
+    def attestation(self) -> Any:
+        """The result the held model's key was released on (None before or unprotected)."""
+        return None if self._held is None else self._held.unsealed.attestation
+
+    def _unsealed(self, source: ModelSource) -> _Held:
+        """The held model files, read again (attesting again) when their source changed or
+        the result they were released on expired. Nothing stale is kept on failure."""
+        held = self._held
+        if held is None or held.key != source.key or held.unsealed.expired(_now()):
+            self._held = None  # a failed re-attestation leaves nothing to serve from
+            self._held = held = _Held(source.key, source.load())
+            log.info("model %s held in memory", held.unsealed.model_id)
+        return held
+
+    def _model(self, spec: RunSpec, source: ModelSource) -> NodeModel:
+        """The run's base model with a LoRA adapter of its shape, built once per shape."""
+        held = self._unsealed(source)
+        shape = (spec.task, spec.labels, spec.lora, spec.mode, spec.model_id)
+        model = held.models.get(shape)
+        if model is None:
+            held.models.clear()  # one built model at a time: memory stays one model's worth
+            model = held.models[shape] = load_node_model(spec, held.unsealed.build(spec))
+        return model
+
+    def _split(self, spec: RunSpec) -> Split:
+        """The node's data for the run's task and labels, read once while the file is
+        unchanged."""
+        stat = self.node.data_path.stat()
+        key = (spec.task, spec.labels, stat.st_mtime_ns, stat.st_size)
+        split = self._splits.get(key)
+        if split is None:
+            self._splits.clear()
+            split = self._splits[key] = load_split(spec, self.node)
+        return split
+
+    # -- the API -------------------------------------------------------------------------
+    def hello(self, ids: RunIds, rnd: int, spec: RunSpec) -> Hello:
+        """Open the run's channel: its key certified against this sandbox's attestation."""
+        channel = update_channel(spec, self.node, self.channels)
+        with self._channels:
+            answer = channel.hello(ids)
+        journal(self.node, ids, events.Hello, round=rnd, suite=answer.suite)
+        return answer
+
+    def _accept(self, request: Request) -> tuple[Accepted, NodeModel]:
+        """Accept the instruction (before any private data is read), then have the model
+        in memory carry its global adapter."""
+        from sandbox.lora import load_adapter_state
+
+        spec = request.spec
+        channel = update_channel(spec, self.node, self.channels)
+        accepted = channel.accept(request.content, request.ids, request.stage, request.round)
+        loaded = self._model(spec, channel.model_source(spec))
+        load_adapter_state(loaded.model, accepted.adapter)
+        return accepted, loaded
+
+    def train(self, request: Request) -> TrainResult:
+        """Evaluate the incoming global adapter, train locally, evaluate again, seal."""
+        from clients.training import evaluate, train_local
+        from sandbox.lora import adapter_state, is_trained
+
+        if request.stage != STAGE_TRAIN:
+            raise ValueError(f"a train request for stage {request.stage!r}")
+        with self._work:
+            received = time.time()
+            spec = request.spec
+            accepted, loaded = self._accept(request)
+            split = self._split(spec)
+            work_started = time.time()
+            before = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
+            loss = train_local(
+                loaded.model,
+                loaded.tokenizer,
+                split.train,
+                spec,
+                seed=spec.seed * 1000 + request.round,
+            )
+            after = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
+            work = time.time() - work_started
+            update = {
+                name: value
+                for name, value in adapter_state(loaded.model).items()
+                if is_trained(name, spec.mode)
+            }
+            metrics: dict[str, float] = {
+                NUM_EXAMPLES: float(len(split.train)),
+                "heldout-examples": float(len(split.heldout)),
+                "train-loss": loss,
+                **_prefixed("before", before),
+                **_prefixed("after", after),
+            }
+            records = accepted.reply(update, metrics[NUM_EXAMPLES])
+            content = RecordDict({**records, METRICS_KEY: metric_record(metrics)})
+            self._egress(content, MessageType.TRAIN)
+            journal(
+                self.node,
+                request.ids,
+                events.Train,
+                round=request.round,
+                **accepted.attested(loaded),
+                received_sha256=sealed_digest(request.content),
+                sent_sha256=sealed_digest(content, SEALED_UPDATE_KEY),
+                metrics=metrics,
+                tensors=sorted(update),
+                timings=self._timings(request, received, work),
+            )
+            return TrainResult(records, metrics)
+
+    def evaluate(self, request: Request) -> dict[str, float]:
+        """Evaluate the instruction's global adapter on the local held-out split."""
+        from clients.training import evaluate
+
+        if request.stage != STAGE_EVALUATE:
+            raise ValueError(f"an evaluate request for stage {request.stage!r}")
+        with self._work:
+            received = time.time()
+            spec = request.spec
+            accepted, loaded = self._accept(request)
+            split = self._split(spec)
+            work_started = time.time()
+            result = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
+            work = time.time() - work_started
+            metrics = {NUM_EXAMPLES: float(len(split.heldout)), **_prefixed("before", result)}
+            self._egress(RecordDict({METRICS_KEY: metric_record(metrics)}), MessageType.EVALUATE)
+            journal(
+                self.node,
+                request.ids,
+                events.Evaluate,
+                round=request.round,
+                **accepted.attested(loaded),
+                received_sha256=sealed_digest(request.content),
+                metrics=metrics,
+                timings=self._timings(request, received, work),
+            )
+            return metrics
+
+    def _egress(self, content: RecordDict, kind: str) -> None:
+        """The sandbox's own egress decision: what it lets out is exactly what the
+        ClientApp's guard allows (an unprotected node has neither)."""
+        if not self.node.unprotected:
+            check_reply(content, self.node.egress, kind)
+
+    @staticmethod
+    def _timings(request: Request, received: float, work: float) -> dict[str, float]:
+        """When the forwarding ClientApp process started, when the sandbox received and
+        answered the instruction, and the seconds of training and evaluation in between
+        (the rest is the per-message fixed cost)."""
+        return {
+            "process_start": request.clientapp_started,
+            "handler_start": received,
+            "work_seconds": work,
+            "handler_end": time.time(),
+        }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

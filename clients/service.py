@@ -1,0 +1,257 @@
+"""The node sandbox process: :class:`~clients.sandbox.NodeSandbox` served on a Unix socket.
+
+``ark node sandbox --config node.toml`` runs :func:`serve` in the foreground until it
+is stopped (SIGTERM or Ctrl-C). The socket is gRPC with gRPC's local UDS credentials,
+in a folder only the node's user may enter (0700) and itself 0600, so no other local
+user can connect. It attests and unseals before it listens: a ClientApp that finds the
+socket finds a sandbox ready to serve.
+
+Every request is hostile input: the run config is parsed as a :class:`RunSpec`, the
+records are rebuilt from typed fields only, and whatever fails leaves as a gRPC status
+whose details are one fixed code from ``sandbox/reasons.py``. The detail stays in this
+process's log and the node's journal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from flwr.app import ConfigRecord, RecordDict
+
+from clients.channels import RunIds
+from clients.egress import failure_reason
+from clients.sandbox import NodeSandbox, Request
+from clients.shuttle import CHANNEL_OPTIONS, tensors_bytes, tensors_record, unix_target
+from protos.ark.v1 import nodesandbox_pb2 as pb
+from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.errors import ConfigError, ProtocolError
+from sandbox.events import ClientappFailed
+from sandbox.journal import append_journal
+from sandbox.protocol import (
+    AGGREGATOR_EVIDENCE,
+    AGGREGATOR_KEY,
+    AGGREGATOR_PUBLIC_KEY,
+    AGGREGATOR_SUITE,
+    AGGREGATOR_TEE,
+    CONFIG_KEY,
+    GLOBAL_KEY,
+    SEALED_GLOBAL_KEY,
+    SEALED_KEY,
+    SEALED_UPDATE_KEY,
+    UPDATE_KEY,
+    round_config,
+)
+
+log = logging.getLogger("ark.sandbox")
+# The run config a request may carry, as JSON: far more than any real one.
+MAX_RUN_CONFIG_BYTES = 64 * 1024
+WORKERS = 4
+T = TypeVar("T")
+
+
+def parse_run_config(text: str) -> RunSpec:
+    """The request's run config (hostile): a bounded JSON object of scalars, as a RunSpec."""
+    if len(text.encode("utf-8")) > MAX_RUN_CONFIG_BYTES:
+        raise ProtocolError(f"run config is larger than {MAX_RUN_CONFIG_BYTES} bytes")
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(f"run config is not JSON: {exc}") from None
+    if not isinstance(values, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in values.values()
+    ):
+        raise ProtocolError("run config must be a JSON object of scalars")
+    return RunSpec.from_run_config(values)
+
+
+def _ids(run: pb.RunContext) -> RunIds:
+    return RunIds(run_id=run.run_id, node_id=run.node_id)
+
+
+def to_request(msg: pb.Instruction, stage: str) -> Request:
+    """The instruction's records, rebuilt from the request's typed fields only."""
+    content = RecordDict({CONFIG_KEY: round_config(msg.round)})
+    if msg.HasField("aggregator"):
+        evidence = msg.aggregator
+        content[AGGREGATOR_KEY] = ConfigRecord(
+            {
+                AGGREGATOR_TEE: evidence.tee,
+                AGGREGATOR_EVIDENCE: evidence.evidence,
+                AGGREGATOR_PUBLIC_KEY: evidence.key,
+                AGGREGATOR_SUITE: evidence.suite,
+            }
+        )
+    if msg.sealed_global:
+        content[SEALED_KEY] = ConfigRecord({SEALED_GLOBAL_KEY: msg.sealed_global})
+    if msg.plain_global:
+        try:
+            content[GLOBAL_KEY] = tensors_record(msg.plain_global)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ProtocolError(f"plain_global is not safetensors: {exc}") from None
+    return Request(
+        ids=_ids(msg.run),
+        round=msg.round,
+        stage=stage,
+        spec=parse_run_config(msg.run.run_config_json),
+        content=content,
+        clientapp_started=msg.clientapp_started,
+    )
+
+
+class NodeSandboxService(pb_grpc.NodeSandboxServicer):
+    """The gRPC face of one :class:`NodeSandbox`."""
+
+    def __init__(self, sandbox: NodeSandbox, inference_url: Callable[[], str] = str):
+        self.sandbox = sandbox
+        self._inference_url = inference_url
+
+    def _serve(self, context: grpc.ServicerContext, run: pb.RunContext, call: Callable[[], T]) -> T:
+        """Run ``call``; a failure leaves as its fixed code, its detail stays here."""
+        try:
+            return call()
+        except Exception as exc:
+            reason = failure_reason(exc)
+            detail = f"{type(exc).__name__}: {exc}"
+            log.error("request failed (%s): %s", reason.label, detail)
+            ids = _ids(run)
+            append_journal(
+                self.sandbox.node,
+                ClientappFailed(
+                    run_id=ids.run_id, node_id=ids.node_id, code=reason.label, reason=detail
+                ),
+            )
+            status = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if isinstance(exc, ProtocolError | ConfigError)
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            context.abort(status, reason.label)
+            raise AssertionError("unreachable: abort raises") from None
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        def call() -> pb.HelloReply:
+            spec = parse_run_config(request.run.run_config_json)
+            answer = self.sandbox.hello(_ids(request.run), request.round, spec)
+            record = answer.record
+            return pb.HelloReply(
+                nonce=bytes(record["nonce"]),  # type: ignore[arg-type]
+                node_key=bytes(record["node-key"]),  # type: ignore[arg-type]
+                result=bytes(record["ear"]),  # type: ignore[arg-type]
+            )
+
+        return self._serve(context, request.run, call)
+
+    def Train(self, request: pb.Instruction, context: grpc.ServicerContext) -> pb.TrainReply:
+        def call() -> pb.TrainReply:
+            result = self.sandbox.train(to_request(request, STAGE_TRAIN))
+            reply = pb.TrainReply(metrics=result.metrics)
+            sealed = result.records.get(SEALED_KEY)
+            if isinstance(sealed, ConfigRecord):
+                reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
+            update = result.records.get(UPDATE_KEY)
+            if update is not None and not isinstance(update, ConfigRecord):
+                reply.plain_update = tensors_bytes({n: update[n].numpy() for n in update})
+            return reply
+
+        return self._serve(context, request.run, call)
+
+    def Evaluate(self, request: pb.Instruction, context: grpc.ServicerContext) -> pb.EvaluateReply:
+        def call() -> pb.EvaluateReply:
+            return pb.EvaluateReply(
+                metrics=self.sandbox.evaluate(to_request(request, STAGE_EVALUATE))
+            )
+
+        return self._serve(context, request.run, call)
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        result = self.sandbox.attestation
+        reply = pb.StatusReply(
+            runs=sorted(self.sandbox.channels),
+            inference_url=self._inference_url(),
+            pid=os.getpid(),
+        )
+        if result is not None:
+            reply.attested = True
+            reply.result_sha256 = result.digest
+            reply.expires_at = int(result.expires_at.timestamp())
+            reply.stub = result.is_stub
+        return reply
+
+
+def _prepare_socket(path: Path) -> None:
+    """Make the socket's folder private (0700, ours) and clear a stale socket; refuse to
+    replace anything that is not a socket, or a socket another sandbox still serves."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = path.parent.stat()
+    if folder.st_uid != os.getuid():
+        raise ConfigError(
+            f"socket folder {path.parent} belongs to uid {folder.st_uid}, not this user",
+            key="node.sandbox-socket",
+        )
+    path.parent.chmod(0o700)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket", key="node.sandbox-socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left by a sandbox that died
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another sandbox already serves {path}", key="node.sandbox-socket")
+
+
+def serve(
+    node: NodeConfig,
+    stop: threading.Event,
+    *,
+    sandbox: NodeSandbox | None = None,
+    on_ready: Callable[[Path], Any] | None = None,
+) -> None:
+    """Attest, unseal, then serve ``node``'s sandbox API until ``stop`` is set."""
+    path = node.socket_path()
+    _prepare_socket(path)
+    sandbox = sandbox or NodeSandbox(node)
+    sandbox.start()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ark-sandbox"),
+        options=CHANNEL_OPTIONS,
+    )
+    pb_grpc.add_NodeSandboxServicer_to_server(NodeSandboxService(sandbox), server)
+    old = os.umask(0o177)  # the socket is created 0600
+    try:
+        bound = server.add_secure_port(
+            unix_target(path), grpc.local_server_credentials(grpc.LocalConnectionType.UDS)
+        )
+    finally:
+        os.umask(old)
+    if not bound:
+        raise ConfigError(f"cannot listen on {path}", key="node.sandbox-socket")
+    path.chmod(0o600)
+    server.start()
+    log.info("node sandbox of %s serving on %s (pid %d)", node.name, path, os.getpid())
+    if on_ready is not None:
+        on_ready(path)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=5).wait()
+        path.unlink(missing_ok=True)
+        log.info("node sandbox of %s stopped", node.name)
