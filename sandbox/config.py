@@ -606,6 +606,12 @@ class NodeConfig:
     sandbox_socket: Path | None = field(
         default=None, metadata=_key("sandbox-socket", _Path(optional=True), quiet=True)
     )
+    # The sandbox's local inference API (HTTP on 127.0.0.1 only); 0: an ephemeral port,
+    # which the sandbox publishes in ``sandbox/inference.json`` beside this file.
+    inference_port: int = field(
+        default=0,
+        metadata=_key("inference-port", _Integer(minimum=0, maximum=65535), quiet=True),
+    )
     sandbox: SandboxConfig | None = None
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     # FAB digests (hex SHA-256) this node's operator approved (``ark node approve``); the
@@ -687,6 +693,13 @@ class NodeConfig:
                 key="node.sandbox-socket",
             )
         return path
+
+    def workspace(self) -> Path:
+        """The node's workspace: the folder of its config file (where the sandbox keeps
+        its adapters, its inference token and address)."""
+        if self.source is None:
+            raise ConfigError("the node config was not loaded from a file: it has no workspace")
+        return self.source.parent.absolute()
 
     def require_sandbox(self) -> SandboxConfig:
         """``[node.sandbox]``, which every model load needs; ConfigError naming it if absent."""

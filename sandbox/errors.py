@@ -239,6 +239,47 @@ class SandboxRefused(SandboxError):
         self.reason = reason
 
 
+class AdapterStoreError(ArkError):
+    """A fine-tuned adapter kept on the node (encrypted at rest) cannot be read back: the
+    file is missing, malformed, for another run, or does not decrypt under this sandbox's
+    key (tampered with, or sealed by another code or model). Names the file."""
+
+    def __init__(self, path: Path | str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+
+
+class InferenceError(ArkError):
+    """The node sandbox cannot serve an inference request; subclasses name the cause and
+    ``code`` is the fixed label the local API answers with (never the request's texts)."""
+
+    code = "inference-failed"
+
+
+class InferenceInputInvalid(InferenceError):
+    """The request is malformed or over a bound (batch size, text length, field types)."""
+
+    code = "bad-request"
+
+
+class InferenceUnavailable(InferenceError):
+    """This sandbox is not attested (an unprotected node) so it keeps no adapter."""
+
+    code = "not-attested"
+
+
+class NoAdapterStored(InferenceError):
+    """No attested adapter is stored yet for the run (or any run) asked for."""
+
+    code = "no-adapter"
+
+
+class InferenceTaskMismatch(InferenceError):
+    """The stored adapter's run is of another task than the endpoint serves."""
+
+    code = "wrong-task"
+
+
 class AppNotApproved(ArkError):
     """The app a run ships is not among this node's approved app digests."""
 

@@ -139,6 +139,33 @@ class ErrorWithheld(Withheld):
     kind: ClassVar[str] = "error_withheld"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferenceServed(NodeEvent):
+    """The sandbox answered a local inference request with run ``run_id``'s stored
+    ``adapter`` (final or baseline) for ``count`` texts. Counts and digests only: the
+    SHA-256 of the request body as received and of the canonical (JCS) response, never a
+    text, a label or a score."""
+
+    kind: ClassVar[str] = "inference_served"
+    run_id: int
+    adapter: str
+    count: int
+    request_sha256: str
+    response_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferenceRefused(NodeEvent):
+    """The sandbox refused a local inference request: the fixed ``code`` it answered,
+    the ``reason`` (an error message, which never quotes a text) and the request body's
+    SHA-256."""
+
+    kind: ClassVar[str] = "inference_refused"
+    request_sha256: str
+    code: str
+    reason: str
+
+
 @dataclasses.dataclass(frozen=True)
 class JournalEntry:
     """A journal line's entry: ``event`` stamped with the time it was appended (seconds

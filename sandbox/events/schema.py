@@ -116,6 +116,11 @@ class Key(StrEnum):
     SENT_SHA256 = "sent_sha256"
     TENSORS = "tensors"
     TIMINGS = "timings"
+    # a node's local inference API
+    ADAPTER = "adapter"
+    COUNT = "count"
+    REQUEST_SHA256 = "request_sha256"
+    RESPONSE_SHA256 = "response_sha256"
 
 
 _KEYS = frozenset(Key)
