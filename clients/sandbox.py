@@ -12,6 +12,11 @@ metrics out. The sandbox checks the aggregator, opens the global adapter, trains
 evaluates, and decides what leaves: its reply passes the same egress checks the
 ClientApp's guard applies again (``clients/egress.py``). The gRPC face of this class is
 ``clients/service.py``.
+
+A sealed run's baseline and final global adapters are kept, encrypted at rest under a
+key only this attested sandbox derives (``clients/adapters.py``), and :meth:`infer`
+answers the node operator's own inference requests with them on the node (the local
+HTTP API of ``clients/inference_api.py``); nothing of it leaves the node.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 
 from flwr.app import MessageType, RecordDict
 
+from clients import inference
+from clients.adapters import BASELINE, FINAL, AdapterKey, AdapterStore, stored_runs
 from clients.channel import Channels
 from clients.channels import (
     Accepted,
@@ -40,8 +47,13 @@ from clients.data import Split, load_examples, split_examples
 from clients.egress import check_reply
 from clients.model import NodeModel, Unsealed, load_node_model
 from sandbox import events
+from sandbox.attestation.measure import CODE, code_measurement
+from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.config import NodeConfig, RunSpec
+from sandbox.digests import sha256_hex
+from sandbox.errors import InferenceTaskMismatch, InferenceUnavailable, NoAdapterStored
+from sandbox.journal import append_journal
 from sandbox.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -81,6 +93,8 @@ class _Held:
     key: tuple[Any, ...]
     unsealed: Unsealed
     models: dict[tuple[Any, ...], NodeModel] = field(default_factory=dict)
+    # The stored adapters, sealed under a key derived from this model's content key.
+    store: AdapterStore | None = None
 
 
 def load_split(spec: RunSpec, node: NodeConfig) -> Split:
@@ -189,7 +203,53 @@ class NodeSandbox:
         accepted = channel.accept(request.content, request.ids, request.stage, request.round)
         loaded = self._model(spec, channel.model_source(spec))
         load_adapter_state(loaded.model, accepted.adapter)
+        self._keep(request, accepted)
         return accepted, loaded
+
+    def _keep(self, request: Request, accepted: Accepted) -> None:
+        """Keep the run's baseline (round 1's train instruction) and final (the final
+        evaluation's) global adapter, sealed at rest; only an attested sandbox does."""
+        if request.stage == STAGE_EVALUATE:
+            which = FINAL
+        elif request.round == 1:
+            which = BASELINE
+        else:
+            return
+        held = self._held
+        if held is None or held.unsealed.released is None:
+            return  # unprotected: no content key, so nothing is kept
+        path = self._store(held).store(
+            request.ids.run_id, which, request.round, request.spec, accepted.adapter
+        )
+        log.info("kept run %d's %s adapter at %s", request.ids.run_id, which, path)
+
+    def _store(self, held: _Held) -> AdapterStore:
+        """The adapter store under the key the held model's release allows."""
+        released = held.unsealed.released
+        if released is None:
+            raise InferenceUnavailable(
+                f"node {self.node.name} is unprotected: it holds no content key, so it keeps "
+                "no adapter and serves no inference"
+            )
+        if held.store is None:
+            # The code measurement the key release was attested with (measured here if
+            # the result does not carry it): another code derives another key.
+            code = released.result.measurements.get(CODE) or code_measurement()
+            key = AdapterKey(
+                released.content_key, self.node.require_sandbox().ueid, code, released.model_id
+            )
+            held.store = AdapterStore(
+                AdapterStore.directory_of(self.node.workspace()),
+                key,
+                model_path=held.unsealed.source,
+            )
+        return held.store
+
+    def stored_runs(self) -> list[int]:
+        """The runs whose final adapter is stored (file names only: nothing decrypted)."""
+        if self.node.source is None:
+            return []
+        return stored_runs(AdapterStore.directory_of(self.node.workspace()), FINAL)
 
     def train(self, request: Request) -> TrainResult:
         """Evaluate the incoming global adapter, train locally, evaluate again, seal."""
@@ -270,6 +330,83 @@ class NodeSandbox:
                 timings=self._timings(request, received, work),
             )
             return metrics
+
+    def infer(self, body: bytes, endpoint: str) -> dict[str, Any]:
+        """Answer a local inference request (``body``, hostile JSON; ``endpoint``
+        classify or complete) with a stored adapter, and journal counts and digests of
+        it, never a text. Whatever fails is journaled with its fixed code and raised."""
+        try:
+            request = inference.parse_request(body, endpoint, max_row_bytes=self.node.max_row_bytes)
+            run_id, response = self._infer(request, endpoint)
+        except Exception as exc:
+            reason = inference.failure_message(exc)
+            log.error("inference refused (%s): %s", inference.failure_code(exc), reason)
+            append_journal(
+                self.node,
+                events.InferenceRefused(
+                    request_sha256=sha256_hex(body),
+                    code=inference.failure_code(exc),
+                    reason=reason,
+                ),
+            )
+            raise
+        append_journal(
+            self.node,
+            events.InferenceServed(
+                run_id=run_id,
+                adapter=request.which,
+                count=len(request.texts),
+                request_sha256=request.request_sha256,
+                response_sha256=sha256_hex(canonical_entry(response)),
+            ),
+        )
+        return response
+
+    def _infer(
+        self, request: inference.InferenceRequest, endpoint: str
+    ) -> tuple[int, dict[str, Any]]:
+        from sandbox.lora import load_adapter_state
+
+        if self.node.unprotected:
+            raise InferenceUnavailable(
+                f"node {self.node.name} is unprotected: it keeps no adapter and serves no inference"
+            )
+        with self._work:  # the model in memory is the one training uses
+            source = sealed_source(self.node)
+            held = self._unsealed(source)  # attests again if the result expired
+            store = self._store(held)
+            run_id = request.run_id
+            if run_id is None:
+                finished = self.stored_runs()
+                if not finished:
+                    raise NoAdapterStored(
+                        f"node {self.node.name} has no stored final adapter yet: no sealed "
+                        "run has reached its final evaluation here"
+                    )
+                run_id = finished[-1]
+            if not store.path(run_id, request.which).exists():
+                raise NoAdapterStored(
+                    f"node {self.node.name} has no stored {request.which} adapter of run {run_id}"
+                )
+            stored = store.load(run_id, request.which)
+            spec = stored.spec
+            wanted = endpoint == inference.CLASSIFY
+            if inference.is_classification(spec) != wanted:
+                raise InferenceTaskMismatch(
+                    f"run {run_id} fine-tuned for {spec.task}; use the "
+                    f"{inference.COMPLETE if wanted else inference.CLASSIFY} endpoint"
+                )
+            loaded = self._model(spec, source)
+            load_adapter_state(loaded.model, stored.tensors)
+            if wanted:
+                answers = inference.classify(loaded.model, loaded.tokenizer, spec, request.texts)
+                key = "predictions"
+            else:
+                answers = inference.complete(
+                    loaded.model, loaded.tokenizer, spec, request.texts, request.max_new_tokens
+                )
+                key = "completions"
+        return run_id, {"run_id": run_id, "adapter": request.which, key: answers}
 
     def _egress(self, content: RecordDict, kind: str) -> None:
         """The sandbox's own egress decision: what it lets out is exactly what the
