@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from clients.channels import RunIds
 from clients.egress import failure_reason
+from clients.inference_api import InferenceServer
 from clients.sandbox import NodeSandbox, Request
 from clients.shuttle import CHANNEL_OPTIONS, tensors_bytes, tensors_record, unix_target
 from protos.ark.v1 import nodesandbox_pb2 as pb
@@ -179,6 +180,7 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
         result = self.sandbox.attestation
         reply = pb.StatusReply(
             runs=sorted(self.sandbox.channels),
+            adapters=self.sandbox.stored_runs(),
             inference_url=self._inference_url(),
             pid=os.getpid(),
         )
@@ -225,16 +227,35 @@ def serve(
     sandbox: NodeSandbox | None = None,
     on_ready: Callable[[Path], Any] | None = None,
 ) -> None:
-    """Attest, unseal, then serve ``node``'s sandbox API until ``stop`` is set."""
+    """Attest, unseal, then serve ``node``'s sandbox API (and its local inference API,
+    ``clients/inference_api.py``) until ``stop`` is set."""
     path = node.socket_path()
     _prepare_socket(path)
     sandbox = sandbox or NodeSandbox(node)
     sandbox.start()
+    api = InferenceServer(sandbox)
+    if node.source is not None:  # the API's token and address live in the workspace
+        api.start()
+    try:
+        _serve_grpc(node, path, sandbox, stop, on_ready, lambda: api.url)
+    finally:
+        api.stop()
+
+
+def _serve_grpc(
+    node: NodeConfig,
+    path: Path,
+    sandbox: NodeSandbox,
+    stop: threading.Event,
+    on_ready: Callable[[Path], Any] | None,
+    inference_url: Callable[[], str],
+) -> None:
+    """Serve ``sandbox`` on the Unix socket ``path`` until ``stop`` is set."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ark-sandbox"),
         options=CHANNEL_OPTIONS,
     )
-    pb_grpc.add_NodeSandboxServicer_to_server(NodeSandboxService(sandbox), server)
+    pb_grpc.add_NodeSandboxServicer_to_server(NodeSandboxService(sandbox, inference_url), server)
     old = os.umask(0o177)  # the socket is created 0600
     try:
         bound = server.add_secure_port(

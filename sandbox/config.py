@@ -701,6 +701,14 @@ class NodeConfig:
             raise ConfigError("the node config was not loaded from a file: it has no workspace")
         return self.source.parent.absolute()
 
+    def inference_token_path(self) -> Path:
+        """Where the sandbox writes its inference API's bearer token (0600, new each start)."""
+        return self.workspace() / "sandbox" / "inference.token"
+
+    def inference_address_path(self) -> Path:
+        """Where the sandbox publishes its inference API's address (``{"url", "pid"}``)."""
+        return self.workspace() / "sandbox" / "inference.json"
+
     def require_sandbox(self) -> SandboxConfig:
         """``[node.sandbox]``, which every model load needs; ConfigError naming it if absent."""
         if self.sandbox is None:

@@ -1,0 +1,115 @@
+"""The node operator's client of its sandbox's local inference API (``ark node infer``,
+the demo): finds the API's address and token in the node's workspace, and turns the
+API's fixed error codes back into typed errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from sandbox.config import NodeConfig
+from sandbox.errors import (
+    InferenceError,
+    InferenceInputInvalid,
+    InferenceTaskMismatch,
+    InferenceUnavailable,
+    NoAdapterStored,
+    SandboxUnavailable,
+)
+
+TIMEOUT_SECONDS = 300.0
+_ERRORS: dict[str, type[InferenceError]] = {
+    kind.code: kind
+    for kind in (
+        InferenceInputInvalid,
+        InferenceUnavailable,
+        NoAdapterStored,
+        InferenceTaskMismatch,
+    )
+}
+
+
+class InferenceClient:
+    """Requests to one node's inference API at ``url`` with ``token``."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = TIMEOUT_SECONDS):
+        self.url = url
+        self._client = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    @classmethod
+    def for_node(cls, node: NodeConfig) -> InferenceClient:
+        """The API of ``node``'s running sandbox; SandboxUnavailable if it publishes none."""
+        address, token = node.inference_address_path(), node.inference_token_path()
+        try:
+            url = json.loads(address.read_text(encoding="utf-8"))["url"]
+            secret = token.read_text(encoding="ascii").strip()
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SandboxUnavailable(
+                f"{address}: no inference API published; is `ark node sandbox --config "
+                f"{node.source}` running?"
+            ) from None
+        return cls(str(url), secret)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            reply = self._client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise SandboxUnavailable(
+                f"the inference API at {self.url} did not answer ({type(exc).__name__}); "
+                "is `ark node sandbox` running?"
+            ) from None
+        try:
+            payload = reply.json()
+        except ValueError:
+            payload = {}
+        if reply.is_success:
+            return payload
+        code = str(payload.get("error", "")) if isinstance(payload, dict) else ""
+        message = str(payload.get("message", "")) if isinstance(payload, dict) else ""
+        message = message or f"HTTP {reply.status_code}"
+        if code == "unauthorized":
+            raise SandboxUnavailable(
+                f"the inference API at {self.url} refused the token: {message} (a restarted "
+                "sandbox draws a new one)"
+            )
+        raise _ERRORS.get(code, InferenceError)(message)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/status"))
+
+    def classify(
+        self, texts: list[str], adapter: str = "final", run_id: int | None = None
+    ) -> dict[str, Any]:
+        return dict(
+            self._request(
+                "POST", "/v1/classify", {"texts": texts, "adapter": adapter, "run_id": run_id}
+            )
+        )
+
+    def complete(
+        self,
+        prompts: list[str],
+        adapter: str = "final",
+        run_id: int | None = None,
+        max_new_tokens: int = 32,
+    ) -> dict[str, Any]:
+        body = {
+            "texts": prompts,
+            "adapter": adapter,
+            "run_id": run_id,
+            "max_new_tokens": max_new_tokens,
+        }
+        return dict(self._request("POST", "/v1/complete", body))
