@@ -169,6 +169,7 @@ class InferenceServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            ws="none",
             server_header=False,
         )
         self._server = uvicorn.Server(config)
