@@ -35,9 +35,10 @@ from sandbox.errors import (
     KeyReleaseDenied,
     SealedModelError,
 )
+from sandbox.protocol import INFERENCE_MAX_NEW_TOKENS, INFERENCE_MAX_TEXTS
 
-MAX_TEXTS = 64
-MAX_NEW_TOKENS = 128
+MAX_TEXTS = INFERENCE_MAX_TEXTS
+MAX_NEW_TOKENS = INFERENCE_MAX_NEW_TOKENS
 DEFAULT_NEW_TOKENS = 32
 CLASSIFY = "classify"
 COMPLETE = "complete"

@@ -46,6 +46,9 @@ CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
 NODE_CONFIG_KEY = "node-config"
+# The node sandbox's local inference API: texts per request, new tokens per completion.
+INFERENCE_MAX_TEXTS = 64
+INFERENCE_MAX_NEW_TOKENS = 128
 # What `ark node sandbox` prints once its socket accepts requests.
 SANDBOX_READY = "sandbox ready on"
 

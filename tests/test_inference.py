@@ -333,3 +333,32 @@ def test_adapter_key_binds_its_context() -> None:
     ):
         assert changed.derive(salt) != key.derive(salt)
     assert key.derive(b"t" * 32) != key.derive(salt)
+
+
+def test_ark_node_infer_prints_labels_and_names_a_missing_sandbox(
+    served: Served, trained: Trained, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from sandbox.ops.cli import app
+
+    texts = tmp_path / "tickets.jsonl"
+    texts.write_text(
+        '{"text": "row 1 good", "label": "b"}\n\n{"text": "row 2 bad", "label": "a"}\n',
+        encoding="utf-8",
+    )
+    config = str(served.node.source)
+    result = CliRunner().invoke(app, ["node", "infer", "--config", config, str(texts)])
+    assert result.exit_code == 0, result.output
+    assert f"run {RUN_ID}, final adapter" in result.output
+    assert "row 2 bad" in result.output
+    result = CliRunner().invoke(
+        app, ["node", "infer", "--config", config, "--adapter", "other", str(texts)]
+    )
+    assert result.exit_code == 2
+    assert "'adapter' must be one of" in result.output
+    # No sandbox runs for coastal: the command says so.
+    coastal = str(trained.coastal.source)
+    result = CliRunner().invoke(app, ["node", "infer", "--config", coastal, str(texts)])
+    assert result.exit_code == 2
+    assert "is `ark node sandbox" in " ".join(result.output.split())

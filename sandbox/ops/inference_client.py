@@ -5,12 +5,15 @@ API's fixed error codes back into typed errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from sandbox.config import NodeConfig
 from sandbox.errors import (
+    DataError,
     InferenceError,
     InferenceInputInvalid,
     InferenceTaskMismatch,
@@ -18,6 +21,7 @@ from sandbox.errors import (
     NoAdapterStored,
     SandboxUnavailable,
 )
+from sandbox.protocol import INFERENCE_MAX_TEXTS
 
 TIMEOUT_SECONDS = 300.0
 _ERRORS: dict[str, type[InferenceError]] = {
@@ -113,3 +117,50 @@ class InferenceClient:
             "max_new_tokens": max_new_tokens,
         }
         return dict(self._request("POST", "/v1/complete", body))
+
+
+@dataclass(frozen=True)
+class InferenceInput:
+    """One line of an input file: the text (or prompt), whether it is a prompt, and the
+    label or completion the line expects (shown beside the answer; "" when none)."""
+
+    text: str
+    prompt: bool
+    expected: str
+
+
+def read_inputs(path: Path, *, limit: int) -> list[InferenceInput]:
+    """An input file for ``ark node infer``: JSONL, one object per line with ``text``
+    (classify) or ``prompt`` (complete), optionally ``label``/``completion``; blank lines
+    are skipped. At most :data:`INFERENCE_MAX_TEXTS` lines of one kind; DataError names the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read: {exc}") from None
+    inputs: list[InferenceInput] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(path, "not a JSON object", row=number) from None
+        if not isinstance(row, dict):
+            raise DataError(path, "not a JSON object", row=number)
+        prompt = "prompt" in row
+        text = row.get("prompt" if prompt else "text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, 'needs a non-empty "text" or "prompt"', row=number)
+        if len(text.encode("utf-8")) > limit:
+            raise DataError(path, f"longer than node.max-row-bytes ({limit})", row=number)
+        if inputs and inputs[0].prompt != prompt:
+            raise DataError(path, 'mixes "text" and "prompt" lines', row=number)
+        expected = row.get("completion" if prompt else "label", "")
+        inputs.append(InferenceInput(text, prompt, str(expected)))
+    if not inputs:
+        raise DataError(path, "holds no text")
+    if len(inputs) > INFERENCE_MAX_TEXTS:
+        raise DataError(
+            path, f"holds {len(inputs)} texts; at most {INFERENCE_MAX_TEXTS} per request"
+        )
+    return inputs

@@ -182,3 +182,57 @@ def node_status(
     console.print(f"stored adapters: {list(status.adapters) or 'none'}")
     if status.inference_url:
         console.print(f"inference: {status.inference_url}")
+
+
+@node_app.command("infer")
+def node_infer(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help='JSONL, one object per line: {"text": ...} to classify or {"prompt": ...} '
+            'to complete (a node data file works as it is; a "label" is shown as expected).'
+        ),
+    ],
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+    adapter: Annotated[
+        str, typer.Option(help="Which stored adapter: final or baseline.")
+    ] = "final",
+    run_id: Annotated[
+        int | None, typer.Option(help="The run (default: the last with a final adapter).")
+    ] = None,
+) -> None:
+    """Run the node's fine-tuned adapter on local texts, inside the node's own sandbox
+    (its loopback inference API); nothing leaves this machine."""
+    from rich.table import Table
+
+    from sandbox.config import NodeConfig
+    from sandbox.ops.inference_client import InferenceClient, read_inputs
+
+    try:
+        node = NodeConfig.load(config)
+        inputs = read_inputs(file, limit=node.max_row_bytes)
+        with InferenceClient.for_node(node) as client:
+            texts = [item.text for item in inputs]
+            if inputs[0].prompt:
+                answer = client.complete(texts, adapter, run_id)
+                outcomes = [(a["completion"], "") for a in answer["completions"]]
+            else:
+                answer = client.classify(texts, adapter, run_id)
+                outcomes = [
+                    (p["label"], f"{p['scores'][p['label']]:.2f}") for p in answer["predictions"]
+                ]
+    except ArkError as exc:
+        raise fail(exc) from exc
+    table = Table(title=f"run {answer['run_id']}, {answer['adapter']} adapter ({node.name})")
+    table.add_column("text")
+    table.add_column("expected")
+    table.add_column("answer")
+    table.add_column("score", justify="right")
+    for item, (result, score) in zip(inputs, outcomes, strict=True):
+        table.add_row(_shorten(item.text), item.expected, result, score)
+    console.print(table)
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
