@@ -72,6 +72,12 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def shorten(text: str, width: int = 60) -> str:
+    """``text`` on one line, cut to ``width`` characters for a table cell."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def fail(exc: BaseException, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {exc}")
     return typer.Exit(code)

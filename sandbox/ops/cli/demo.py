@@ -26,13 +26,15 @@ from sandbox.config import (
 from sandbox.errors import ArkError, FederationError
 from sandbox.events import Key
 from sandbox.journal import journal_public_path, read_journal
-from sandbox.ops.cli.base import app, console, err_console, fail
+from sandbox.ops.cli.base import app, console, err_console, fail, shorten
 
 if TYPE_CHECKING:
     from sandbox.ops.federation import Federation
     from sandbox.ops.provision import LoopbackDeployment
 
 DEMO_START_SECONDS = 300.0
+# Held-out tickets per node the demo classifies through the node's inference API.
+DEMO_TICKETS = 4
 
 
 @contextmanager
@@ -307,6 +309,7 @@ def _run_demo(
                 f"run {run_id} ended {outcome.status}; ServerApp log:\n{fed.run_log(run_id)}"
             )
         _audit_demo(fed.workdir, deployment, f"127.0.0.1:{broker_port}")
+        _show_inference(spec, deployment)
         leftovers = fed.stop()
     if leftovers:
         err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
@@ -349,6 +352,46 @@ def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
     except typer.Exit as exc:
         if exc.exit_code:
             raise ArkError(f"the audit failed (exit code {exc.exit_code}); see above") from None
+
+
+def _show_inference(spec: RunSpec, deployment: LoopbackDeployment) -> None:
+    """What each node's operator can do next: classify a few of its own held-out tickets
+    with the run's adapters, inside its own sandbox (its loopback inference API), before
+    (baseline) and after (final) the run. The demo plays every operator, so it may read
+    each node's data."""
+    from rich.table import Table
+
+    from clients.sandbox import load_split
+    from sandbox.config import NodeConfig
+    from sandbox.ops.inference_client import InferenceClient
+
+    if spec.task != TASK_CLASSIFICATION:
+        return
+    table = Table(title="on-prem inference in each node's sandbox: held-out tickets")
+    for column in ("node", "ticket", "true", "before (baseline)", "after (final)"):
+        table.add_column(column)
+    for name, config in deployment.node_configs.items():
+        node = NodeConfig.load(config)
+        tickets = load_split(spec, node).heldout[:DEMO_TICKETS]
+        texts = [ticket.text for ticket in tickets]
+        with InferenceClient.for_node(node) as client:
+            before = client.classify(texts, "baseline")["predictions"]
+            after = client.classify(texts, "final")["predictions"]
+        for ticket, old, new in zip(tickets, before, after, strict=True):
+            table.add_row(
+                name,
+                shorten(ticket.text, 48),
+                ticket.target,
+                _guess(old, ticket.target),
+                _guess(new, ticket.target),
+            )
+    console.print(table)
+
+
+def _guess(prediction: dict[str, Any], truth: str) -> str:
+    label = prediction["label"]
+    mark = "[green]✓[/]" if label == truth else "[red]✗[/]"
+    return f"{mark} {label} {prediction['scores'][label]:.2f}"
 
 
 class _Progress:

@@ -9,7 +9,7 @@ import typer
 
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
-from sandbox.ops.cli.base import console, fail, node_app, stop_on_signals
+from sandbox.ops.cli.base import console, fail, node_app, shorten, stop_on_signals
 
 
 @node_app.command("check-data")
@@ -229,10 +229,5 @@ def node_infer(
     table.add_column("answer")
     table.add_column("score", justify="right")
     for item, (result, score) in zip(inputs, outcomes, strict=True):
-        table.add_row(_shorten(item.text), item.expected, result, score)
+        table.add_row(shorten(item.text), item.expected, result, score)
     console.print(table)
-
-
-def _shorten(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
