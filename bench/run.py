@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.node_sandbox import sandbox_bench
 from bench.sealing import key_release, unseal_throughput
 from bench.security import security_overhead
 from bench.translog import translog_bench
@@ -255,11 +256,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--security-pairs", type=int, default=1)
     parser.add_argument("--security-rounds", type=int, default=3)
     parser.add_argument("--skip-translog", action="store_true")
-    parser.add_argument("--only-translog", action="store_true")
+    parser.add_argument("--only-translog", action="store_true", help="same as --only translog")
+    parser.add_argument("--skip-sandbox", action="store_true")
+    parser.add_argument("--sandbox-rounds", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        choices=("translog", "sandbox"),
+        help="run one part; sandbox updates only the sandbox figures in latest.json",
+    )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only_translog:
+    if args.only == "sandbox":
+        latest = RESULTS_DIR / "latest.json"
+        kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
+        sandbox = {"machine": report["machine"], "time": report["time"]}
+        kept["sandbox"] = {**sandbox, **sandbox_bench(args.sandbox_rounds)}
+        latest.write_text(json.dumps(kept, indent=2), encoding="utf-8")
+        _print_sandbox(kept["sandbox"])
+        return
+    if args.only_translog or args.only == "translog":
         report["translog"] = translog_bench()
         (RESULTS_DIR / "translog.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         _print_translog(report["translog"])
@@ -275,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_security:
         report["security"] = security_overhead(args.security_rounds, args.security_pairs)
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
+    if not args.skip_sandbox:
+        report["sandbox"] = sandbox_bench(args.sandbox_rounds)
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -343,6 +361,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_translog(report["translog"])
     if "security" in report:
         _print_security(report["security"])
+    if "sandbox" in report:
+        _print_sandbox(report["sandbox"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -452,6 +472,92 @@ def _print_security(sec: dict[str, Any]) -> None:
         f"{sec['wire_bytes_off'] / 1e6:.2f} MB",
         f"{sec['wire_on_over_off']:.3f}",
         "",
+    )
+    console.print(table)
+
+
+def _print_sandbox(sec: dict[str, Any]) -> None:
+    after, before = sec["after"], sec["before"] or {}
+    old = before.get("per_message", {})
+    cost = after["per_message"]
+    table = Table(
+        title=f"Node sandbox: {sec['nodes']} nodes, {sec['rounds']} rounds, MiniLM, sealed "
+        f"(ark demo; medians; before = {before.get('commit', 'not recorded')}, "
+        f"{before.get('date', '')})"
+    )
+    for col in ("measure", "before", "after", "after / before", "goal"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+
+    def row(name: str, b: float | None, a: float, goal: str = "", unit: str = " s") -> None:
+        ratio = f"{a / b:.2f}" if b else ""
+        shown = "" if b is None else f"{b:.2f}{unit}"
+        table.add_row(name, shown, f"{a:.2f}{unit}", ratio, goal)
+
+    row(
+        f"per-message fixed cost: ClientApp start to reply less train+evaluate "
+        f"({cost['messages']} messages)",
+        old.get("fixed_seconds"),
+        cost["fixed_seconds"],
+        "<= 0.5 s",
+    )
+    row(
+        "  ClientApp start to handler (after: the sandbox received it)",
+        old.get("start_to_handler_seconds"),
+        cost["start_to_handler_seconds"],
+    )
+    row(
+        "  handler overhead besides train+evaluate (before: attest, release, unseal, build)",
+        old.get("handler_overhead_seconds"),
+        cost["handler_overhead_seconds"],
+    )
+    row(
+        "  train+evaluate (before: assumed equal to after, not timed apart)",
+        old.get("work_seconds"),
+        cost["work_seconds"],
+    )
+    rnd = after["round"]
+    row(
+        "round wall time / slowest node's train+evaluate, median",
+        None,
+        rnd["ratio_median"],
+        "<= 1.3",
+        unit="",
+    )
+    for r in rnd["rounds"]:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r["last_node"].items())
+        table.add_row(
+            f"  round {r['round']}: {r['wall_seconds']:.1f} s / {r['slowest_work_seconds']:.1f}"
+            f" s; last node's path: {parts}",
+            "",
+            f"{r['ratio']:.2f}",
+            "",
+            "",
+        )
+    sleeps = ", ".join(
+        f"{k.replace('_', ' ')} {v['seconds']:g} s" for k, v in rnd["fixed_sleeps"].items()
+    )
+    table.add_row(f"  fixed sleeps on the path: {sleeps}", "", "", "", "")
+    releases = after["key_releases"]
+    old_releases = before.get("key_releases", {})
+    table.add_row(
+        "model key releases per node per run (key_released)",
+        str(old_releases.get("key_released", "")),
+        str(releases["key_released"]),
+        "",
+        "1 per node",
+    )
+    table.add_row(
+        "  channel keys certified per node (channel_certified; no key leaves)",
+        str(old_releases.get("channel_certified", "")),
+        str(releases["channel_certified"]),
+        "",
+        "",
+    )
+    row(
+        f"demo wall time ({after['demo']['command']}), as the caller waits",
+        before.get("demo", {}).get("wall_seconds"),
+        after["demo"]["wall_seconds"],
+        "< 75 s",
     )
     console.print(table)
 
