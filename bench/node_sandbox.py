@@ -146,10 +146,9 @@ def _job_events(root: Path) -> list[dict[str, Any]]:
     return JsonlEventSink(files[-1]).read()
 
 
-def round_costs(root: Path) -> dict[str, Any]:
-    """Each training round's wall time (instructions out to aggregate committed, by the
-    ServerApp's events) against the slowest node's train + evaluate time in it, and where
-    the difference went on the path of the node that answered last."""
+def _round_times(root: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """When each training round's instructions went out, and when its aggregate was
+    committed, by the ServerApp's events."""
     events = _job_events(root)
     started = {
         e[Key.ROUND]: _time(e)
@@ -157,6 +156,20 @@ def round_costs(root: Path) -> dict[str, Any]:
         if e[Key.KIND] == RoundStarted.kind and e[Key.STAGE] == "train"
     }
     committed = {e[Key.ROUND]: _time(e) for e in events if e[Key.KIND] == AggregateCommitted.kind}
+    return started, committed
+
+
+def round_walls(root: Path) -> dict[int, float]:
+    """Each training round's wall time, instructions out to aggregate committed."""
+    started, committed = _round_times(root)
+    return {rnd: committed[rnd] - started[rnd] for rnd in sorted(set(started) & set(committed))}
+
+
+def round_costs(root: Path) -> dict[str, Any]:
+    """Each training round's wall time (instructions out to aggregate committed, by the
+    ServerApp's events) against the slowest node's train + evaluate time in it, and where
+    the difference went on the path of the node that answered last."""
+    started, committed = _round_times(root)
     trains = [e for e in _messages(root) if e[Key.KIND] == Train.kind]
     rounds = []
     for rnd in sorted(set(started) & set(committed)):
@@ -279,9 +292,13 @@ def record_before(root: Path, commit: str, demo_wall: float, printed: float | No
         "work_seconds_assumed": work,
         "demo": {"wall_seconds": demo_wall, "printed_wall_seconds": printed},
         "per_message": message_costs(root, work),
+        "round_wall_seconds": round_walls(root),
         "key_releases": key_releases(root),
     }
     BEFORE_FILE.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+    latest_path = BEFORE_FILE.parent / "latest.json"
+    latest["sandbox"]["before"] = before  # the report shows the record it was compared with
+    latest_path.write_text(json.dumps(latest, indent=2), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -478,12 +478,11 @@ def _print_security(sec: dict[str, Any]) -> None:
 
 def _print_sandbox(sec: dict[str, Any]) -> None:
     after, before = sec["after"], sec["before"] or {}
-    old = before.get("per_message", {})
-    cost = after["per_message"]
+    old, cost, rnd = before.get("per_message", {}), after["per_message"], after["round"]
     table = Table(
-        title=f"Node sandbox: {sec['nodes']} nodes, {sec['rounds']} rounds, MiniLM, sealed "
-        f"(ark demo; medians; before = {before.get('commit', 'not recorded')}, "
-        f"{before.get('date', '')})"
+        title=f"Node sandbox: sealed ark demo, {sec['nodes']} nodes x {sec['rounds']} rounds, "
+        f"MiniLM (medians); before: {before.get('commit', 'not recorded')} "
+        f"{before.get('date', '')}"
     )
     for col in ("measure", "before", "after", "after / before", "goal"):
         table.add_column(col, justify="left" if col == "measure" else "right")
@@ -494,62 +493,50 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
         table.add_row(name, shown, f"{a:.2f}{unit}", ratio, goal)
 
     row(
-        f"per-message fixed cost: ClientApp start to reply less train+evaluate "
+        f"per-message fixed cost: ClientApp start to reply, less train+evaluate "
         f"({cost['messages']} messages)",
         old.get("fixed_seconds"),
         cost["fixed_seconds"],
         "<= 0.5 s",
     )
     row(
-        "  ClientApp start to handler (after: the sandbox received it)",
+        "  ClientApp start to handler (after: to the sandbox)",
         old.get("start_to_handler_seconds"),
         cost["start_to_handler_seconds"],
     )
     row(
-        "  handler overhead besides train+evaluate (before: attest, release, unseal, build)",
+        "  handler besides train+evaluate (before: attest, release, unseal, build)",
         old.get("handler_overhead_seconds"),
         cost["handler_overhead_seconds"],
     )
     row(
-        "  train+evaluate (before: assumed equal to after, not timed apart)",
+        "  train+evaluate (before: not timed apart, taken as after's)",
         old.get("work_seconds"),
         cost["work_seconds"],
     )
-    rnd = after["round"]
+    walls = list(before.get("round_wall_seconds", {}).values())
     row(
-        "round wall time / slowest node's train+evaluate, median",
-        None,
-        rnd["ratio_median"],
-        "<= 1.3",
-        unit="",
+        "training round wall time (instructions out to aggregate committed)",
+        statistics.median(walls) if walls else None,
+        rnd["wall_seconds_median"],
     )
-    for r in rnd["rounds"]:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r["last_node"].items())
-        table.add_row(
-            f"  round {r['round']}: {r['wall_seconds']:.1f} s / {r['slowest_work_seconds']:.1f}"
-            f" s; last node's path: {parts}",
-            "",
-            f"{r['ratio']:.2f}",
-            "",
-            "",
-        )
-    sleeps = ", ".join(
-        f"{k.replace('_', ' ')} {v['seconds']:g} s" for k, v in rnd["fixed_sleeps"].items()
-    )
-    table.add_row(f"  fixed sleeps on the path: {sleeps}", "", "", "", "")
-    releases = after["key_releases"]
-    old_releases = before.get("key_releases", {})
+    row("round wall time / slowest node's train+evaluate", None, rnd["ratio_median"], "<= 1.3", "")
+
+    def per_node(counts: dict[str, int] | None) -> str:
+        return "" if counts is None else ", ".join(f"{n} {c}" for n, c in counts.items())
+
+    releases, old_releases = after["key_releases"], before.get("key_releases", {})
     table.add_row(
         "model key releases per node per run (key_released)",
-        str(old_releases.get("key_released", "")),
-        str(releases["key_released"]),
+        per_node(old_releases.get("key_released")),
+        per_node(releases["key_released"]),
         "",
         "1 per node",
     )
     table.add_row(
-        "  channel keys certified per node (channel_certified; no key leaves)",
-        str(old_releases.get("channel_certified", "")),
-        str(releases["channel_certified"]),
+        "  channel keys certified per node (channel_certified: no key leaves)",
+        per_node(old_releases.get("channel_certified")),
+        per_node(releases["channel_certified"]),
         "",
         "",
     )
@@ -560,6 +547,30 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
         "< 75 s",
     )
     console.print(table)
+    parts = Table(title="Where each training round went: the node that answered last (s)")
+    columns = {
+        "instruction_out_to_clientapp_start": "out to ClientApp start",
+        "clientapp_start_to_sandbox": "ClientApp to sandbox",
+        "sandbox_overhead": "sandbox overhead",
+        "sandbox_work": "train+evaluate",
+        "sandbox_done_to_committed": "done to committed",
+    }
+    for col in ("round", "wall", "slowest train+evaluate", "ratio", *columns.values()):
+        parts.add_column(col, justify="right")
+    for r in rnd["rounds"]:
+        parts.add_row(
+            str(r["round"]),
+            f"{r['wall_seconds']:.2f}",
+            f"{r['slowest_work_seconds']:.2f}",
+            f"{r['ratio']:.2f}",
+            *(f"{r['last_node'][key]:.2f}" for key in columns),
+        )
+    console.print(parts)
+    sleeps = rnd["fixed_sleeps"]
+    console.print(
+        "fixed sleeps on a round's path: "
+        + "; ".join(f"{name.replace('_', ' ')} {v['seconds']:g} s" for name, v in sleeps.items())
+    )
 
 
 if __name__ == "__main__":
