@@ -110,21 +110,26 @@ def message_costs(root: Path, work: dict[str, float] | None = None) -> dict[str,
     training and evaluation inside it. ``work`` (seconds per message kind) stands in for
     the work time of journals that do not record it (a run before the sandbox)."""
     rows: dict[str, list[dict[str, float]]] = {}
+    order: dict[str, list[dict[str, float]]] = {}
+    seen: set[str] = set()
     for entry in _messages(root):
         t = entry[Key.TIMINGS]
         kind = entry[Key.KIND]
         measured = "work_seconds" in t
         spent = t["work_seconds"] if measured else (work or {}).get(kind, float("nan"))
-        rows.setdefault(kind, []).append(
-            {
-                "total": t["handler_end"] - t["process_start"],
-                "start_to_handler": t["handler_start"] - t["process_start"],
-                "handler_overhead": t["handler_end"] - t["handler_start"] - spent,
-                "work": spent,
-                "fixed": t["handler_end"] - t["process_start"] - spent,
-                "measured_work": float(measured),
-            }
-        )
+        row = {
+            "total": t["handler_end"] - t["process_start"],
+            "start_to_handler": t["handler_start"] - t["process_start"],
+            "handler_overhead": t["handler_end"] - t["handler_start"] - spent,
+            "work": spent,
+            "fixed": t["handler_end"] - t["process_start"] - spent,
+            "measured_work": float(measured),
+        }
+        rows.setdefault(kind, []).append(row)
+        # A node's first message of the run is the one that builds the run's model.
+        first = entry["journal_node"] not in seen
+        seen.add(entry["journal_node"])
+        order.setdefault("first_per_node" if first else "later", []).append(row)
 
     def medians(items: list[dict[str, float]]) -> dict[str, float]:
         names = (k for k in items[0] if k != "measured_work")
@@ -136,6 +141,7 @@ def message_costs(root: Path, work: dict[str, float] | None = None) -> dict[str,
         "work_measured": all(row["measured_work"] for row in every),
         **medians(every),
         "by_kind": {k: {"messages": len(items), **medians(items)} for k, items in rows.items()},
+        "by_order": {k: {"messages": len(items), **medians(items)} for k, items in order.items()},
     }
 
 

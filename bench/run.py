@@ -499,6 +499,13 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
         cost["fixed_seconds"],
         "<= 0.5 s",
     )
+    for name, part in cost.get("by_order", {}).items():
+        row(
+            f"  {name.replace('_', ' ')} message ({part['messages']}); the first builds "
+            "the run's model",
+            old.get("by_order", {}).get(name, {}).get("fixed_seconds"),
+            part["fixed_seconds"],
+        )
     row(
         "  ClientApp start to handler (after: to the sandbox)",
         old.get("start_to_handler_seconds"),
