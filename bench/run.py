@@ -501,8 +501,8 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
     )
     for name, part in cost.get("by_order", {}).items():
         row(
-            f"  {name.replace('_', ' ')} message ({part['messages']}); the first builds "
-            "the run's model",
+            f"  {name.replace('_', ' ')} messages ({part['messages']})"
+            + ("; each builds the run's model" if name == "first_per_node" else ""),
             old.get("by_order", {}).get(name, {}).get("fixed_seconds"),
             part["fixed_seconds"],
         )
