@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.node_sandbox import sandbox_bench
 from bench.sealing import key_release, unseal_throughput
 from bench.security import security_overhead
 from bench.translog import translog_bench
@@ -255,11 +256,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--security-pairs", type=int, default=1)
     parser.add_argument("--security-rounds", type=int, default=3)
     parser.add_argument("--skip-translog", action="store_true")
-    parser.add_argument("--only-translog", action="store_true")
+    parser.add_argument("--only-translog", action="store_true", help="same as --only translog")
+    parser.add_argument("--skip-sandbox", action="store_true")
+    parser.add_argument("--sandbox-rounds", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        choices=("translog", "sandbox"),
+        help="run one part; sandbox updates only the sandbox figures in latest.json",
+    )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only_translog:
+    if args.only == "sandbox":
+        latest = RESULTS_DIR / "latest.json"
+        kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
+        sandbox = {"machine": report["machine"], "time": report["time"]}
+        kept["sandbox"] = {**sandbox, **sandbox_bench(args.sandbox_rounds)}
+        latest.write_text(json.dumps(kept, indent=2), encoding="utf-8")
+        _print_sandbox(kept["sandbox"])
+        return
+    if args.only_translog or args.only == "translog":
         report["translog"] = translog_bench()
         (RESULTS_DIR / "translog.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         _print_translog(report["translog"])
@@ -275,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_security:
         report["security"] = security_overhead(args.security_rounds, args.security_pairs)
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
+    if not args.skip_sandbox:
+        report["sandbox"] = sandbox_bench(args.sandbox_rounds)
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -343,6 +361,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_translog(report["translog"])
     if "security" in report:
         _print_security(report["security"])
+    if "sandbox" in report:
+        _print_sandbox(report["sandbox"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -454,6 +474,110 @@ def _print_security(sec: dict[str, Any]) -> None:
         "",
     )
     console.print(table)
+
+
+def _print_sandbox(sec: dict[str, Any]) -> None:
+    after, before = sec["after"], sec["before"] or {}
+    old, cost, rnd = before.get("per_message", {}), after["per_message"], after["round"]
+    table = Table(
+        title=f"Node sandbox: sealed ark demo, {sec['nodes']} nodes x {sec['rounds']} rounds, "
+        f"MiniLM (medians); before: {before.get('commit', 'not recorded')} "
+        f"{before.get('date', '')}"
+    )
+    for col in ("measure", "before", "after", "after / before", "goal"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+
+    def row(name: str, b: float | None, a: float, goal: str = "", unit: str = " s") -> None:
+        ratio = f"{a / b:.2f}" if b else ""
+        shown = "" if b is None else f"{b:.2f}{unit}"
+        table.add_row(name, shown, f"{a:.2f}{unit}", ratio, goal)
+
+    row(
+        f"per-message fixed cost: ClientApp start to reply, less train+evaluate "
+        f"({cost['messages']} messages)",
+        old.get("fixed_seconds"),
+        cost["fixed_seconds"],
+        "<= 0.5 s",
+    )
+    for name, part in cost.get("by_order", {}).items():
+        row(
+            f"  {name.replace('_', ' ')} messages ({part['messages']})"
+            + ("; each builds the run's model" if name == "first_per_node" else ""),
+            old.get("by_order", {}).get(name, {}).get("fixed_seconds"),
+            part["fixed_seconds"],
+        )
+    row(
+        "  ClientApp start to handler (after: to the sandbox)",
+        old.get("start_to_handler_seconds"),
+        cost["start_to_handler_seconds"],
+    )
+    row(
+        "  handler besides train+evaluate (before: attest, release, unseal, build)",
+        old.get("handler_overhead_seconds"),
+        cost["handler_overhead_seconds"],
+    )
+    row(
+        "  train+evaluate (before: not timed apart, taken as after's)",
+        old.get("work_seconds"),
+        cost["work_seconds"],
+    )
+    walls = list(before.get("round_wall_seconds", {}).values())
+    row(
+        "training round wall time (instructions out to aggregate committed)",
+        statistics.median(walls) if walls else None,
+        rnd["wall_seconds_median"],
+    )
+    row("round wall time / slowest node's train+evaluate", None, rnd["ratio_median"], "<= 1.3", "")
+
+    def per_node(counts: dict[str, int] | None) -> str:
+        return "" if counts is None else ", ".join(f"{n} {c}" for n, c in counts.items())
+
+    releases, old_releases = after["key_releases"], before.get("key_releases", {})
+    table.add_row(
+        "model key releases per node per run (key_released)",
+        per_node(old_releases.get("key_released")),
+        per_node(releases["key_released"]),
+        "",
+        "1 per node",
+    )
+    table.add_row(
+        "  channel keys certified per node (channel_certified: no key leaves)",
+        per_node(old_releases.get("channel_certified")),
+        per_node(releases["channel_certified"]),
+        "",
+        "",
+    )
+    row(
+        f"demo wall time ({after['demo']['command']}), as the caller waits",
+        before.get("demo", {}).get("wall_seconds"),
+        after["demo"]["wall_seconds"],
+        "< 75 s",
+    )
+    console.print(table)
+    parts = Table(title="Where each training round went: the node that answered last (s)")
+    columns = {
+        "instruction_out_to_clientapp_start": "out to ClientApp start",
+        "clientapp_start_to_sandbox": "ClientApp to sandbox",
+        "sandbox_overhead": "sandbox overhead",
+        "sandbox_work": "train+evaluate",
+        "sandbox_done_to_committed": "done to committed",
+    }
+    for col in ("round", "wall", "slowest train+evaluate", "ratio", *columns.values()):
+        parts.add_column(col, justify="right")
+    for r in rnd["rounds"]:
+        parts.add_row(
+            str(r["round"]),
+            f"{r['wall_seconds']:.2f}",
+            f"{r['slowest_work_seconds']:.2f}",
+            f"{r['ratio']:.2f}",
+            *(f"{r['last_node'][key]:.2f}" for key in columns),
+        )
+    console.print(parts)
+    sleeps = rnd["fixed_sleeps"]
+    console.print(
+        "fixed sleeps on a round's path: "
+        + "; ".join(f"{name.replace('_', ' ')} {v['seconds']:g} s" for name, v in sleeps.items())
+    )
 
 
 if __name__ == "__main__":
