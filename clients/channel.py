@@ -46,7 +46,6 @@ from sandbox.protocol import (
 )
 from sandbox.seal.envelope import RecipientKey, load_public_key
 
-CHANNEL_DIR = "channel"
 NONCE_BYTES = 32
 
 

@@ -38,6 +38,7 @@ from clients.channels import (
     Hello,
     ModelSource,
     RunIds,
+    UpdateChannel,
     UpdateRecords,
     journal,
     sealed_source,
@@ -186,12 +187,27 @@ class NodeSandbox:
 
     # -- the API -------------------------------------------------------------------------
     def hello(self, ids: RunIds, rnd: int, spec: RunSpec) -> Hello:
-        """Open the run's channel: its key certified against this sandbox's attestation."""
+        """Open the run's channel: its key certified against this sandbox's attestation.
+        Then, while the aggregator admits the other nodes, build the run's model and
+        read its data in the background, so its first instruction finds both ready."""
         channel = update_channel(spec, self.node, self.channels)
         with self._channels:
             answer = channel.hello(ids)
         journal(self.node, ids, events.Hello, round=rnd, suite=answer.suite)
+        threading.Thread(
+            target=self._prepare, args=(spec, channel), name="ark-prepare", daemon=True
+        ).start()
         return answer
+
+    def _prepare(self, spec: RunSpec, channel: UpdateChannel) -> None:
+        """Build the run's model and read its split ahead of its first instruction. A
+        failure is only logged: the instruction meets it again and reports its code."""
+        try:
+            with self._work:
+                self._model(spec, channel.model_source(spec))
+                self._split(spec)
+        except Exception as exc:
+            log.warning("preparing the run's model and data failed: %s", type(exc).__name__)
 
     def _accept(self, request: Request) -> tuple[Accepted, NodeModel]:
         """Accept the instruction (before any private data is read), then have the model

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import stat
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -40,6 +38,7 @@ from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import ConfigError, ProtocolError
 from sandbox.events import ClientappFailed
 from sandbox.journal import append_journal
+from sandbox.localsocket import owner_only, prepare_socket
 from sandbox.protocol import (
     AGGREGATOR_EVIDENCE,
     AGGREGATOR_KEY,
@@ -59,6 +58,7 @@ log = logging.getLogger("ark.sandbox")
 # The run config a request may carry, as JSON: far more than any real one.
 MAX_RUN_CONFIG_BYTES = 64 * 1024
 WORKERS = 4
+SOCKET_KEY = "node.sandbox-socket"
 T = TypeVar("T")
 
 
@@ -192,34 +192,6 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
         return reply
 
 
-def _prepare_socket(path: Path) -> None:
-    """Make the socket's folder private (0700, ours) and clear a stale socket; refuse to
-    replace anything that is not a socket, or a socket another sandbox still serves."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = path.parent.stat()
-    if folder.st_uid != os.getuid():
-        raise ConfigError(
-            f"socket folder {path.parent} belongs to uid {folder.st_uid}, not this user",
-            key="node.sandbox-socket",
-        )
-    path.parent.chmod(0o700)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{path} exists and is not a socket", key="node.sandbox-socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # left by a sandbox that died
-        return
-    finally:
-        probe.close()
-    raise ConfigError(f"another sandbox already serves {path}", key="node.sandbox-socket")
-
-
 def serve(
     node: NodeConfig,
     stop: threading.Event,
@@ -230,7 +202,7 @@ def serve(
     """Attest, unseal, then serve ``node``'s sandbox API (and its local inference API,
     ``clients/inference_api.py``) until ``stop`` is set."""
     path = node.socket_path()
-    _prepare_socket(path)
+    prepare_socket(path, SOCKET_KEY)
     sandbox = sandbox or NodeSandbox(node)
     sandbox.start()
     api = InferenceServer(sandbox)
@@ -256,15 +228,12 @@ def _serve_grpc(
         options=CHANNEL_OPTIONS,
     )
     pb_grpc.add_NodeSandboxServicer_to_server(NodeSandboxService(sandbox, inference_url), server)
-    old = os.umask(0o177)  # the socket is created 0600
-    try:
+    with owner_only():
         bound = server.add_secure_port(
             unix_target(path), grpc.local_server_credentials(grpc.LocalConnectionType.UDS)
         )
-    finally:
-        os.umask(old)
     if not bound:
-        raise ConfigError(f"cannot listen on {path}", key="node.sandbox-socket")
+        raise ConfigError(f"cannot listen on {path}", key=SOCKET_KEY)
     path.chmod(0o600)
     server.start()
     log.info("node sandbox of %s serving on %s (pid %d)", node.name, path, os.getpid())

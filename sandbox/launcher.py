@@ -124,14 +124,19 @@ def main() -> None:
 
 
 def install_launcher(bin_dir: Path) -> Path:
-    """Write the ``flwr-clientapp`` launcher into ``bin_dir`` (put it first on PATH)."""
+    """Write the ``flwr-clientapp`` launcher into ``bin_dir`` (put it first on PATH): the
+    shim of ``sandbox/launcher_shim.py``, run by this Python with ``-IS``. It hands each
+    start to the node's launcher pool (``sandbox/warmstart.py``) when one is named in its
+    environment, and runs :func:`main` in its own process otherwise."""
+    from sandbox import launcher_shim
+
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / LAUNCHER_NAME
+    source = Path(launcher_shim.__file__).read_text(encoding="utf-8")
     launcher.write_text(
-        f"#!{sys.executable}\n"
+        f"#!{sys.executable} -IS\n"
         "# Ark Sandbox node launcher: checks the app's digest before Flower installs it.\n"
-        "from sandbox.launcher import main\n"
-        "main()\n",
+        + source,
         encoding="utf-8",
     )
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

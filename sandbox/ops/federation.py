@@ -41,6 +41,7 @@ from sandbox.ops.processes import (
 )
 from sandbox.ops.tls import TlsFiles, issue_loopback_tls
 from sandbox.protocol import NODE_CONFIG_KEY, SANDBOX_READY
+from sandbox.warmstart import POOL_ENV, POOL_READY, pool_socket
 
 HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
@@ -92,6 +93,18 @@ def _node_config_arg(home: Path, node_config: Path) -> Path:
     return path
 
 
+def _wait_ready(proc: ManagedProcess, line: str, what: str, timeout: float) -> None:
+    """Block until ``proc`` logs ``line`` (it serves); FederationError if it exits or
+    takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while line not in proc.log_tail(200):
+        if not proc.alive():
+            raise FederationError(f"{what} exited:\n{proc.log_tail()}")
+        if time.monotonic() >= deadline:
+            raise FederationError(f"{what} did not serve within {timeout:.0f}s:\n{proc.log_tail()}")
+        time.sleep(0.1)
+
+
 def _exe(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -121,6 +134,8 @@ class Federation:
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     # Each node's sandbox process (``ark node sandbox``), by node name.
     sandboxes: dict[str, ManagedProcess] = field(default_factory=dict)
+    # Each node's ClientApp launcher pool (``ark node launch-pool``), by node name.
+    pools: dict[str, ManagedProcess] = field(default_factory=dict)
     key_broker: ManagedProcess | None = None
     gateway: ManagedProcess | None = None
     # Where nodes connect: the gateway's host:port (a free loopback port when None).
@@ -305,17 +320,21 @@ class Federation:
             log_path=self.logs / f"sandbox-{name}.log",
         )
         self.sandboxes[name] = proc
-        deadline = time.monotonic() + timeout
-        while SANDBOX_READY not in proc.log_tail(200):
-            if not proc.alive():
-                raise FederationError(f"the sandbox of node {name!r} exited:\n{proc.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise FederationError(
-                    f"the sandbox of node {name!r} did not serve within {timeout:.0f}s:\n"
-                    f"{proc.log_tail()}"
-                )
-            time.sleep(0.1)
+        _wait_ready(proc, SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
         return proc
+
+    def _start_pool(self, name: str, node_config: Path, env: dict[str, str]) -> None:
+        """Start the node's launcher pool with its SuperNode's environment and point the
+        SuperNode's ``flwr-clientapp`` shim at it (``env`` gains ``ARK_LAUNCH_POOL``)."""
+        env[POOL_ENV] = str(pool_socket(node_config))
+        proc = start_process(
+            f"launch-pool[{name}]",
+            [_exe("ark"), "node", "launch-pool", "--config", str(node_config)],
+            env=env,
+            log_path=self.logs / f"launch-pool-{name}.log",
+        )
+        self.pools[name] = proc
+        _wait_ready(proc, POOL_READY, f"the launch pool of node {name!r}", 120.0)
 
     def kill_sandbox(self, name: str) -> None:
         """Crash one node's sandbox with SIGKILL (for restart tests)."""
@@ -362,6 +381,7 @@ class Federation:
         launcher = install_launcher(home / "bin")
         env["PATH"] = str(launcher.parent) + os.pathsep + env["PATH"]
         env[NODE_CONFIG_ENV] = str(node_config)
+        self._start_pool(name, node_config, env)
         proc = start_process(
             f"flower-supernode[{name}]",
             argv,
@@ -411,20 +431,27 @@ class Federation:
                 time.sleep(0.2)
 
     def kill_supernode(self, name: str) -> None:
-        """Crash one SuperNode and its ClientApps with SIGKILL (for dropout tests)."""
+        """Crash one SuperNode, its launcher pool and its ClientApps with SIGKILL (for
+        dropout tests); the node's sandbox runs on."""
         kill_tree(self.supernodes[name])
+        kill_tree(self.pools.pop(name))
 
     def stop(self) -> list[int]:
         """Stop SuperNodes, then sandboxes, then the services; return any PID that survived.
 
         Idempotent: processes are forgotten once stopped.
         """
-        groups = [list(self.supernodes.values()), list(self.sandboxes.values())]
+        groups = [
+            list(self.supernodes.values()),
+            list(self.pools.values()),
+            list(self.sandboxes.values()),
+        ]
         for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 groups.append([service])
         self.leftovers += stop_processes(groups)
         self.supernodes.clear()
+        self.pools.clear()
         self.sandboxes.clear()
         self.gateway = None
         self.superlink = None
@@ -432,7 +459,7 @@ class Federation:
         return self.leftovers
 
     def all_processes(self) -> list[ManagedProcess]:
-        procs = [*self.supernodes.values(), *self.sandboxes.values()]
+        procs = [*self.supernodes.values(), *self.pools.values(), *self.sandboxes.values()]
         for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 procs.append(service)

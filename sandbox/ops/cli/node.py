@@ -231,3 +231,23 @@ def node_infer(
     for item, (result, score) in zip(inputs, outcomes, strict=True):
         table.add_row(shorten(item.text), item.expected, result, score)
     console.print(table)
+
+
+@node_app.command("launch-pool")
+def node_launch_pool(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Run the node's ClientApp launcher pool in the foreground until SIGTERM or Ctrl-C:
+    Flower's per-message ClientApp processes start forked from it, already imported.
+    Start it with the SuperNode's environment, and give the SuperNode ARK_LAUNCH_POOL."""
+    import logging
+
+    from sandbox.warmstart import POOL_READY, LaunchPool, pool_socket
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = stop_on_signals()
+    try:
+        pool = LaunchPool(pool_socket(config))
+        pool.serve(stop, on_ready=lambda path: console.print(f"{POOL_READY} {path}"))
+    except ArkError as exc:
+        raise fail(exc) from exc
