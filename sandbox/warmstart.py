@@ -117,8 +117,13 @@ def _run_child(listener: socket.socket, argv: list[str], fds: list[int]) -> None
         sys.argv = [LAUNCHER_NAME, *argv]
         main()
         code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SystemExit as exc:  # as the interpreter would end on it: a text goes to stderr
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is None:
+            code = 0
+        else:
+            print(exc.code, file=sys.stderr)
     except BaseException:
         log.exception("the ClientApp launcher failed")
     finally:
@@ -185,6 +190,7 @@ class LaunchPool:
             _run_child(listener, argv, fds)
         for fd in fds:
             os.close(fd)
+        log.info("ClientApp start forked as pid %d", pid)
         task = _Task(pid, conn)
         self.tasks[pid] = task
         selector.register(conn, selectors.EVENT_READ, task)
