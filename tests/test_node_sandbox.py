@@ -41,7 +41,7 @@ from clients.shuttle import (
 )
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
-from sandbox.channel import STAGE_TRAIN, model_dir_digest
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import KeyReleaseDenied
 from sandbox.events import JsonlEventSink
@@ -49,10 +49,11 @@ from sandbox.journal import read_journal
 from sandbox.lora import Adapter, adapter_state
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, save_policy
-from sandbox.protocol import HELLO_KEY
+from sandbox.protocol import CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
 from sandbox.reasons import NodeReason
 from server.app import _provider_model
-from server.sandbox import AggregatorSandbox, NodePeer
+from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
+from tests.clientapp_audit import decode_records, encode_records
 from tests.conftest import ServedBroker, make_spec, served_deployment
 
 RUN, NODE = 41, 9
@@ -126,6 +127,9 @@ class Provider:
         """The ClientApp's context on node ``node_id`` in this run."""
         config = dict(self.spec.to_run_config())
         return Context(self.aggregator.run_id, node_id, {}, RecordDict(), config)
+
+    def aggregator_hello(self, rnd: int) -> RecordDict:
+        return RecordDict({CONFIG_KEY: round_config(rnd)})
 
     def admit(self, sandbox: SandboxClient, node_id: int, rnd: int = 1) -> NodePeer:
         """Shake hands with the node's sandbox, as the ServerApp's hello does."""
@@ -491,3 +495,106 @@ def test_an_expired_attestation_is_renewed_and_a_failed_renewal_drops_the_model(
         assert not dropped.result_sha256
         assert key_releases(ws) == 2
         sandbox.close()
+
+
+# -- 5. the ClientApp is a ciphertext shuttle --------------------------------------------
+
+
+class AuditedClientApp:
+    """The node's real ClientApp in a fresh process (tests/clientapp_audit.py) that
+    records every path each call opens."""
+
+    def __init__(self, config: Path):
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.clientapp_audit", str(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        self.imported: list[str] = self._read()["imported"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"the ClientApp process exited ({self.proc.wait(10)})"
+        return dict(json.loads(line))
+
+    def call(self, kind: str, content: RecordDict, provider: Provider, rnd: int) -> dict[str, Any]:
+        """The ClientApp's answer to one instruction, its ``content`` decoded."""
+        assert self.proc.stdin is not None
+        request = {
+            "type": kind,
+            "round": rnd,
+            "run_id": provider.aggregator.run_id,
+            "run_config": provider.spec.to_run_config(),
+            "content": encode_records(content),
+        }
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        if "content" in answer:
+            answer["content"] = decode_records(answer["content"])
+        return answer
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(30) == 0
+
+
+def test_the_clientapp_imports_no_model_code_and_opens_only_its_node_config(
+    world: World, served: Path
+) -> None:
+    config = world.node.source
+    assert config is not None
+    provider = world.provider(RUN + 2)
+    clientapp = AuditedClientApp(config)
+    try:
+        assert clientapp.imported == []
+        hello = clientapp.call(MessageType.QUERY, provider.aggregator_hello(1), provider, 1)
+        peer = provider.aggregator.admit(NODE, hello["content"][HELLO_KEY])
+        provider.peers[NODE] = peer
+        train = clientapp.call(
+            MessageType.TRAIN,
+            provider.aggregator.instruction(peer, 1, world.adapter, STAGE_TRAIN),
+            provider,
+            1,
+        )
+        tensors, _ = provider.aggregator.open_update(peer, sealed_blob(train["content"]), 1)
+        assert tensors
+        evaluate = clientapp.call(
+            MessageType.EVALUATE,
+            provider.aggregator.instruction(peer, 1, world.adapter, STAGE_EVALUATE),
+            provider,
+            1,
+        )
+        assert evaluate["content"][METRICS_KEY]["num-examples"] > 0
+    finally:
+        clientapp.close()
+    sandbox = world.node.require_sandbox()
+    for answer in (hello, train, evaluate):
+        assert answer["imported"] == []  # nor did any call load them
+        opened = set(answer["opened"])
+        # The hook sees what the handlers open: each call reads the node config.
+        assert str(config) in opened
+        private = {world.node.data_path, sandbox.package, world.node.journal_path, config.parent}
+        assert not {path for path in opened if Path(path) in private}
+        assert not [path for path in opened if not shuttle_may_open(path, config)], answer
+    # The egress guard checks a hello against the provider's public result key.
+    assert str(sandbox.result_key) in hello["opened"]
+
+
+def shuttle_may_open(path: str, config: Path) -> bool:
+    """The node config; the provider's public result key the node config names (the
+    egress guard checks a hello's result with it); the process's own start time in
+    /proc (the journal's fixed-cost timing); and Python modules imported on first use."""
+    node = NodeConfig.load(config)
+    if path in (str(config), str(node.require_sandbox().result_key)):
+        return True
+    if path.startswith("/proc/") and path.endswith("stat"):
+        return True
+    code = (Path(sys.prefix), Path(sys.base_prefix))
+    return any(Path(path).is_relative_to(root) for root in code)
