@@ -275,7 +275,7 @@ finally:
     probe.close()
 client = SandboxClient(Path(path))
 try:
-    out["status"] = client.status(timeout=5.0).pid
+    out["status"] = client.status(timeout=2.0).pid
 except SandboxUnavailable as exc:
     out["status"] = type(exc).__name__
 print(json.dumps(out))

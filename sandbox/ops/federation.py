@@ -336,7 +336,7 @@ class Federation:
         """
         if self.superlink is None or self.tls is None:
             raise RuntimeError("start the SuperLink before any SuperNode")
-        if name in self.supernodes:
+        if name in self.supernodes and self.supernodes[name].alive():
             raise RuntimeError(f"SuperNode {name!r} is already running")
         home = home or self.workdir / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
