@@ -21,10 +21,12 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError
 
 from clients.channels import RunIds
 from clients.egress import failure_reason
@@ -59,6 +61,7 @@ log = logging.getLogger("ark.sandbox")
 MAX_RUN_CONFIG_BYTES = 64 * 1024
 WORKERS = 4
 SOCKET_KEY = "node.sandbox-socket"
+SERVICE = pb.DESCRIPTOR.services_by_name["NodeSandbox"]
 T = TypeVar("T")
 
 
@@ -123,23 +126,28 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
         try:
             return call()
         except Exception as exc:
-            reason = failure_reason(exc)
-            detail = f"{type(exc).__name__}: {exc}"
-            log.error("request failed (%s): %s", reason.label, detail)
-            ids = _ids(run)
-            append_journal(
-                self.sandbox.node,
-                ClientappFailed(
-                    run_id=ids.run_id, node_id=ids.node_id, code=reason.label, reason=detail
-                ),
-            )
-            status = (
-                grpc.StatusCode.INVALID_ARGUMENT
-                if isinstance(exc, ProtocolError | ConfigError)
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
-            context.abort(status, reason.label)
-            raise AssertionError("unreachable: abort raises") from None
+            self.refuse(context, run, exc)
+
+    def refuse(self, context: grpc.ServicerContext, run: pb.RunContext, exc: Exception) -> NoReturn:
+        """End the call with ``exc``'s fixed code as the status's only text; the detail
+        goes to this process's log and the node's journal."""
+        reason = failure_reason(exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        log.error("request failed (%s): %s", reason.label, detail)
+        ids = _ids(run)
+        append_journal(
+            self.sandbox.node,
+            ClientappFailed(
+                run_id=ids.run_id, node_id=ids.node_id, code=reason.label, reason=detail
+            ),
+        )
+        status = (
+            grpc.StatusCode.INVALID_ARGUMENT
+            if isinstance(exc, ProtocolError | ConfigError)
+            else grpc.StatusCode.FAILED_PRECONDITION
+        )
+        context.abort(status, reason.label)
+        raise AssertionError("unreachable: abort raises") from None
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         def call() -> pb.HelloReply:
@@ -192,6 +200,36 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
         return reply
 
 
+def _parsing(
+    service: NodeSandboxService, method: MethodDescriptor
+) -> grpc.RpcMethodHandler[bytes, Any]:
+    """``method`` of ``service``, taking its request as raw bytes and parsing it itself:
+    a request that does not parse is refused like any other bad input (a fixed code,
+    journaled), not with gRPC's own INTERNAL error, which nothing on the node records."""
+    kind = getattr(pb, method.input_type.name)
+    call = getattr(service, method.name)
+
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = kind.FromString(raw)
+        except DecodeError as exc:
+            error = ProtocolError(f"a {method.name} request that is not a {kind.__name__}: {exc}")
+            service.refuse(context, pb.RunContext(), error)
+        return call(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, response_serializer=lambda reply: reply.SerializeToString()
+    )
+
+
+def add_service(service: NodeSandboxService, server: grpc.Server) -> None:
+    """Serve the API's calls (exactly those the proto declares) on ``server``."""
+    methods = {method.name: _parsing(service, method) for method in SERVICE.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, methods),)
+    )
+
+
 def serve(
     node: NodeConfig,
     stop: threading.Event,
@@ -227,7 +265,7 @@ def _serve_grpc(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ark-sandbox"),
         options=CHANNEL_OPTIONS,
     )
-    pb_grpc.add_NodeSandboxServicer_to_server(NodeSandboxService(sandbox, inference_url), server)
+    add_service(NodeSandboxService(sandbox, inference_url), server)
     with owner_only():
         bound = server.add_secure_port(
             unix_target(path), grpc.local_server_credentials(grpc.LocalConnectionType.UDS)

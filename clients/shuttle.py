@@ -57,6 +57,14 @@ CHANNEL_OPTIONS = [
 # How long a request may take: a training round on a large model takes a while.
 REQUEST_TIMEOUT = 3600.0
 STATUS_TIMEOUT = 10.0
+# How long a request waits for a sandbox that is not serving (yet): one the operator is
+# restarting answers it once it has attested and unsealed, instead of the node declining.
+CONNECT_TIMEOUT = 60.0
+# Retry connecting to the socket at least once a second while waiting.
+CONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 R = TypeVar("R")
 
 
@@ -150,7 +158,7 @@ class SandboxClient:
         self._channel = grpc.secure_channel(
             unix_target(path),
             grpc.local_channel_credentials(grpc.LocalConnectionType.UDS),
-            options=CHANNEL_OPTIONS,
+            options=CHANNEL_OPTIONS + CONNECT_OPTIONS,
         )
         self._stub = pb_grpc.NodeSandboxStub(self._channel)
 
@@ -158,6 +166,12 @@ class SandboxClient:
         self._channel.close()
 
     def _call(self, method: Callable[..., R], request: Any, timeout: float) -> R:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=min(timeout, CONNECT_TIMEOUT))
+        except grpc.FutureTimeoutError:
+            raise SandboxUnavailable(
+                f"the node sandbox at {self.path} is not serving; is `ark node sandbox` running?"
+            ) from None
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as exc:

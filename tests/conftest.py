@@ -7,6 +7,7 @@ needs no network either. Models are written once per session under pytest's temp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import shutil
@@ -26,12 +27,21 @@ import torch
 import transformers
 
 from sandbox.config import TASK_CLASSIFICATION, LoraSpec, RunSpec
+from sandbox.events import JsonlEventSink
 from sandbox.launcher import fab_digest
 from sandbox.ops.apps import build_fab
-from sandbox.ops.federation import Federation
+from sandbox.ops.federation import Federation, free_port
 from sandbox.ops.processes import still_running
+from sandbox.ops.provision import (
+    LoopbackDeployment,
+    ProviderWorkspace,
+    build_broker,
+    provision_loopback,
+)
 
 if TYPE_CHECKING:
+    import grpc
+
     from tests.scenarios import ProtectedRun
 
 TOKENIZER_FILES = (
@@ -196,3 +206,57 @@ def app_digest() -> str:
     """This checkout's FAB digest, built once per test session."""
     with tempfile.TemporaryDirectory() as out:
         return fab_digest(build_fab(APP_DIR, Path(out)).read_bytes())
+
+
+def serve_key_broker(ws: ProviderWorkspace, port: int) -> grpc.Server:
+    """The workspace's key broker (its policy as the file says now) over gRPC with TLS on
+    loopback ``port``, its events in the workspace's events file."""
+    from sandbox.ops.keybroker.service import serve
+
+    server, _ = serve(
+        build_broker(ws, JsonlEventSink(ws.events)),
+        address=f"127.0.0.1:{port}",
+        cert=ws.tls / "server.crt",
+        key=ws.tls / "server.key",
+    )
+    return server
+
+
+@dataclasses.dataclass
+class ServedBroker:
+    """A workspace's key broker serving on a fixed loopback port (see serve_key_broker)."""
+
+    ws: ProviderWorkspace
+    port: int
+    server: grpc.Server | None = None
+
+    def start(self) -> None:
+        self.server = serve_key_broker(self.ws, self.port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=None).wait()
+            self.server = None
+
+    def restart(self) -> None:
+        """Serve again on the same port, with the policy as its file says now."""
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def served_deployment(
+    root: Path, model_dir: Path, node_data: dict[str, Path], **options: Any
+) -> Iterator[tuple[LoopbackDeployment, ServedBroker]]:
+    """A provisioned provider and nodes (``provision_loopback``), with the key broker
+    serving on a free loopback port until the block ends."""
+    port = free_port()
+    deployed = provision_loopback(
+        root, model_dir=model_dir, node_data=node_data, key_broker_port=port, **options
+    )
+    broker = ServedBroker(deployed.provider, port)
+    broker.start()
+    try:
+        yield deployed, broker
+    finally:
+        broker.stop()

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, NodeConfig, RunSpec
 from sandbox.digests import sha256_file
+from sandbox.errors import FederationError
 from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.ops.apps import approve
@@ -520,3 +521,149 @@ def test_a_node_does_not_run_an_app_it_did_not_approve(troubled_run: TroubledRun
     assert refusals, "the ServerApp recorded no refusal"
     # The node says why with a fixed code only (sandbox/reasons.py), never its own text.
     assert {e["reason"] for e in refusals} == {"app-not-approved"}, refusals
+
+
+@dataclass(frozen=True)
+class RestartedRun:
+    """A three-round sealed run on two nodes: one node's sandbox is killed (SIGKILL) while
+    it trains in round 1 and restarted by the operator; the other node's SuperNode is
+    killed and restarted after round 1 while its sandbox keeps running."""
+
+    configs: dict[str, Path]
+    spec: RunSpec
+    outcome: RunOutcome
+    crashed: str  # whose sandbox was killed
+    bounced: str  # whose SuperNode was killed
+    run_id: int
+    # The bounced node's sandbox: its pid and the runs it held a channel for, before and
+    # after its SuperNode's restart, and the key broker's key releases by then.
+    sandbox_before: tuple[int, list[int]]
+    sandbox_after: tuple[int, list[int]]
+    releases_before: int
+    releases_after: int
+    round_when_crashed: int
+
+
+def _sandbox_status(config: Path) -> tuple[int, list[int]]:
+    from clients.shuttle import sandbox_client
+
+    with sandbox_client(NodeConfig.load(config)) as sandbox:
+        status = sandbox.status()
+    return status.pid, list(status.runs)
+
+
+def _trained_rounds(config: Path, run_id: int) -> list[int]:
+    return [
+        e["round"]
+        for e in _journal(config)
+        if e["kind"] == "train" and str(e["run_id"]) == str(run_id)
+    ]
+
+
+def _restart_supernode(federation: Federation, name: str, config: Path) -> None:
+    """Kill the node's SuperNode and start it again, as an operator would, until Flower
+    activates it: the SuperLink refuses (exit code 305) while it still counts the killed
+    SuperNode online."""
+    federation.kill_supernode(name)
+    deadline = time.monotonic() + 180
+    while True:
+        federation.start_supernode(name, config, auth_key=node_auth_key(config.parent))
+        try:
+            federation.wait_until_online([name], timeout=60)
+            return
+        except FederationError:
+            assert time.monotonic() < deadline, "the SuperNode was never activated again"
+            time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def restarted_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> RestartedRun:
+    tmp_path = tmp_path_factory.mktemp("restarted-run")
+    data = write_demo_data(tmp_path / "data", 2, rows_per_node=40, seed=3)
+    deployment = provision_loopback(
+        tmp_path, model_dir=tiny_bert_dir, node_data=data, key_broker_port=free_port(), threads=1
+    )
+    configs = deployment.node_configs
+    crashed, bounced = sorted(configs)
+    events = JsonlEventSink(deployment.provider.events)
+
+    def releases() -> int:
+        return sum(e["kind"] == "key_released" for e in events.read())
+
+    # Each round waits (at most its timeout) for both nodes, so the restarted SuperNode,
+    # which Flower activates only once it counts the killed one offline, is waited for.
+    spec = _spec(tmp_path, tiny_bert_dir, 2, num_rounds=3, round_timeout=120.0, min_nodes=1)
+    with checked_federation(tmp_path) as federation:
+        _launch(federation, configs)
+        federation.wait_until_online(configs)
+        run_id = _submit(federation, spec, tmp_path)
+        assert spec.output_dir is not None
+        state_file = spec.output_dir / "checkpoints" / "state.json"
+
+        def finished_round() -> int:
+            return int(json.loads(state_file.read_text())["round"]) if state_file.exists() else 0
+
+        # (a) The crashed node's sandbox dies while its training ClientApp forwards to it.
+        deadline = time.monotonic() + 300
+        while not (
+            any(e["kind"] == "hello" for e in _journal(configs[crashed]))
+            and _clientapp_running(federation.supernodes[crashed].pid)
+        ):
+            assert time.monotonic() < deadline, "the node never started training"
+            time.sleep(0.1)
+        round_when_crashed = finished_round() + 1
+        federation.kill_sandbox(crashed)
+        federation.start_sandbox(crashed, configs[crashed])
+
+        # (b) After round 1, the other node's SuperNode dies; its sandbox does not.
+        while finished_round() < 1:
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.1)
+        sandbox_before, releases_before = _sandbox_status(configs[bounced]), releases()
+        _restart_supernode(federation, bounced, configs[bounced])
+        outcome = federation.wait(run_id, timeout=600)
+        sandbox_after, releases_after = _sandbox_status(configs[bounced]), releases()
+    return RestartedRun(
+        configs=configs,
+        spec=spec,
+        outcome=outcome,
+        crashed=crashed,
+        bounced=bounced,
+        run_id=run_id,
+        sandbox_before=sandbox_before,
+        sandbox_after=sandbox_after,
+        releases_before=releases_before,
+        releases_after=releases_after,
+        round_when_crashed=round_when_crashed,
+    )
+
+
+def test_a_restarted_sandbox_misses_at_most_the_round_in_flight(
+    restarted_run: RestartedRun,
+) -> None:
+    run = restarted_run
+    assert run.outcome.ok, run.outcome.details
+    assert run.round_when_crashed == 1
+    trained = _trained_rounds(run.configs[run.crashed], run.run_id)
+    assert 1 not in trained, "the crashed sandbox answered the round it died in"
+    assert trained == [2, 3], "the restarted sandbox did not take part again at once"
+    journal = _journal(run.configs[run.crashed])
+    # It shook hands again: a new process holds no channel key of the old one.
+    hellos = [e for e in journal if e["kind"] == "hello" and str(e["run_id"]) == str(run.run_id)]
+    assert [e["round"] for e in hellos] == [1, 2]
+
+
+def test_a_restarted_supernode_finds_its_sandbox_as_it_left_it(
+    restarted_run: RestartedRun,
+) -> None:
+    run = restarted_run
+    assert run.outcome.ok, run.outcome.details
+    before_pid, before_runs = run.sandbox_before
+    after_pid, after_runs = run.sandbox_after
+    assert after_pid == before_pid, "the sandbox was restarted with its SuperNode"
+    assert run.run_id in before_runs
+    assert run.run_id in after_runs
+    assert run.releases_after == run.releases_before, "the sandbox attested for its key again"
+    # Round 2's instruction went to the killed SuperNode; the restarted one takes part
+    # again (after a new handshake: the ServerApp forgot the node when it dropped out).
+    assert _trained_rounds(run.configs[run.bounced], run.run_id) == [1, 3]

@@ -48,11 +48,9 @@ from sandbox.keyfiles import load_ed25519_public, write_private
 from sandbox.models import inspect_model_dir, load_pretrained
 from sandbox.ops.cli import app
 from sandbox.ops.federation import Federation, free_port
-from sandbox.ops.keybroker.service import serve
 from sandbox.ops.provision import (
     LoopbackDeployment,
     ProviderWorkspace,
-    build_broker,
     init_aggregator,
     init_node,
     init_provider,
@@ -64,7 +62,7 @@ from sandbox.seal.envelope import RecipientKey
 from sandbox.seal.package import MANIFEST, SIGNATURE, read_manifest
 from sandbox.translog.note import NoteVerifier, verify_checkpoint
 from sandbox.translog.store import LogStore
-from tests.conftest import make_spec
+from tests.conftest import make_spec, serve_key_broker, served_deployment
 from tests.test_seal import forge_plain_file
 
 runner = CliRunner()
@@ -82,19 +80,8 @@ def deployment(tmp_path: Path, tiny_bert_dir: Path) -> Iterator[LoopbackDeployme
     for name in ("alpine", "coastal"):
         data[name] = tmp_path / f"{name}.jsonl"
         data[name].write_text('{"text": "t", "label": "a"}\n', encoding="utf-8")
-    port = free_port()
-    deployed = provision_loopback(
-        tmp_path, model_dir=tiny_bert_dir, node_data=data, key_broker_port=port, model_id="tiny"
-    )
-    ws = deployed.provider
-    server, _ = serve(
-        build_broker(ws, JsonlEventSink(ws.events)),
-        address=f"127.0.0.1:{port}",
-        cert=ws.tls / "server.crt",
-        key=ws.tls / "server.key",
-    )
-    yield deployed
-    server.stop(grace=None)
+    with served_deployment(tmp_path, tiny_bert_dir, data, model_id="tiny") as (deployed, _):
+        yield deployed
 
 
 def test_node_gets_the_exact_weights_only_through_attestation(
@@ -158,12 +145,7 @@ def test_node_removed_from_the_allowlist_is_denied(
         ),
     )
     port = free_port()
-    server, _ = serve(
-        build_broker(ws, JsonlEventSink(ws.events)),
-        address=f"127.0.0.1:{port}",
-        cert=ws.tls / "server.crt",
-        key=ws.tls / "server.key",
-    )
+    server = serve_key_broker(ws, port)
     try:
         config = deployment.node_configs["alpine"]
         config.write_text(

@@ -327,6 +327,9 @@ class Federation:
         """Start the node's launcher pool with its SuperNode's environment and point the
         SuperNode's ``flwr-clientapp`` shim at it (``env`` gains ``ARK_LAUNCH_POOL``)."""
         env[POOL_ENV] = str(pool_socket(node_config))
+        running = self.pools.get(name)
+        if running is not None and running.alive():
+            return
         proc = start_process(
             f"launch-pool[{name}]",
             [_exe("ark"), "node", "launch-pool", "--config", str(node_config)],
@@ -355,7 +358,7 @@ class Federation:
         """
         if self.superlink is None or self.tls is None:
             raise RuntimeError("start the SuperLink before any SuperNode")
-        if name in self.supernodes:
+        if name in self.supernodes and self.supernodes[name].alive():
             raise RuntimeError(f"SuperNode {name!r} is already running")
         home = home or self.workdir / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
@@ -434,7 +437,9 @@ class Federation:
         """Crash one SuperNode, its launcher pool and its ClientApps with SIGKILL (for
         dropout tests); the node's sandbox runs on."""
         kill_tree(self.supernodes[name])
-        kill_tree(self.pools.pop(name))
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            kill_tree(pool)
 
     def stop(self) -> list[int]:
         """Stop SuperNodes, then sandboxes, then the services; return any PID that survived.

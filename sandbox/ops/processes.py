@@ -30,6 +30,9 @@ class ManagedProcess:
     log_path: Path
     _log: IO[bytes]
     seen: dict[int, psutil.Process] = field(default_factory=dict)
+    # Where this process's output starts in the log (a restarted process appends to the
+    # log of the one before it).
+    log_start: int = 0
 
     @property
     def pid(self) -> int:
@@ -53,8 +56,12 @@ class ManagedProcess:
             pass
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines this process wrote (not those of an earlier process
+        with the same log, so a restart is not taken as ready by its predecessor's word)."""
         try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.log_start)
+                text = handle.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -71,6 +78,7 @@ def start_process(
     """Start ``argv`` in a new session, with stdout and stderr going to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
+    start = log.seek(0, os.SEEK_END)
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -84,7 +92,7 @@ def start_process(
     except OSError as exc:
         log.close()
         raise FederationError(f"cannot start {name} ({argv[0]}): {exc}") from exc
-    return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
+    return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log, log_start=start)
 
 
 def _wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
