@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import shutil
 import signal
 import struct
@@ -198,3 +199,32 @@ def find_canaries(
         for (_, _, sport, dport), payload in streams.flows.items():
             scan(f"tcp:{sport}->{dport}", payload)
     return found
+
+
+def byte_windows(
+    data: bytes, start: int = 0, count: int = 256, size: int = 64, seed: int = 7
+) -> list[bytes]:
+    """Random ``size``-byte windows of ``data[start:]`` with varied bytes (runs of zeros
+    or repeated values, which any file may hold, are skipped)."""
+    rng = random.Random(seed)
+    windows: list[bytes] = []
+    for _ in range(count * 50):
+        if len(windows) == count:
+            break
+        offset = rng.randrange(start, len(data) - size)
+        window = data[offset : offset + size]
+        if len(set(window)) >= 24:
+            windows.append(window)
+    return windows
+
+
+def weight_windows(model_dir: Path, count: int = 256) -> list[bytes]:
+    """Windows of a model's tensor data (not its safetensors header)."""
+    data = (model_dir / "model.safetensors").read_bytes()
+    return byte_windows(data, start=8 + int.from_bytes(data[:8], "little"), count=count)
+
+
+def files_holding(windows: Iterable[bytes], roots: Iterable[Path]) -> list[str]:
+    """The files under ``roots`` that hold any of ``windows``."""
+    wanted = list(windows)
+    return [str(p) for p in files_under(roots) if any(w in p.read_bytes() for w in wanted)]

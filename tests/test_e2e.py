@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from sandbox.ops.federation import (
 from sandbox.ops.processes import still_running
 from sandbox.ops.provision import node_auth_key, provision_loopback
 from sandbox.translog.store import LogStore
+from tests.canary import files_holding, weight_windows
 from tests.conftest import APP_DIR, app_digest, checked_federation, make_spec
 from tests.scenarios import ProtectedRun
 
@@ -205,37 +205,12 @@ def _audit_the_run(run: ProtectedRun, served: list[dict[str, Any]]) -> None:
     assert "<svg" in run.audit.report.read_text(encoding="utf-8")
 
 
-def _weight_windows(model_dir: Path, count: int = 256, size: int = 64) -> list[bytes]:
-    """Random 64-byte windows of tensor data (not the header) with varied bytes."""
-    data = (model_dir / "model.safetensors").read_bytes()
-    start = 8 + int.from_bytes(data[:8], "little")
-    rng = random.Random(7)
-    windows: list[bytes] = []
-    while len(windows) < count:
-        offset = rng.randrange(start, len(data) - size)
-        window = data[offset : offset + size]
-        if len(set(window)) >= 24:  # skip runs of zeros or repeated values
-            windows.append(window)
-    return windows
-
-
-def _files_holding(windows: list[bytes], roots: list[Path]) -> list[str]:
-    hits = []
-    for root in roots:
-        for path in root.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                data = path.read_bytes()
-                if any(w in data for w in windows):
-                    hits.append(str(path))
-    return hits
-
-
 def _assert_no_plaintext_weights(model_dir: Path, roots: list[Path]) -> None:
     """The property: no node file (temp files included) holds plaintext weight bytes."""
-    windows = _weight_windows(model_dir)
+    windows = weight_windows(model_dir)
     # The detector finds what it looks for: the plaintext directory itself is a hit.
-    assert _files_holding(windows, [model_dir]) == [str(model_dir / "model.safetensors")]
-    assert _files_holding(windows, roots) == []
+    assert files_holding(windows, [model_dir]) == [str(model_dir / "model.safetensors")]
+    assert files_holding(windows, roots) == []
 
 
 def _clientapp_running(proc_pid: int) -> bool:

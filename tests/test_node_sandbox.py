@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Callable, Iterator
@@ -24,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import save_file
 
 import clients.sandbox as node_sandbox
+from clients.adapters import stored_runs
+from clients.sandbox import NodeSandbox
 from clients.service import MAX_RUN_CONFIG_BYTES, serve
 from clients.shuttle import (
     CHANNEL_OPTIONS,
@@ -48,11 +53,13 @@ from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.lora import Adapter, adapter_state
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
+from sandbox.ops.inference_client import InferenceClient
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, save_policy
 from sandbox.protocol import CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
 from sandbox.reasons import NodeReason
 from server.app import _provider_model
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
+from tests.canary import byte_windows, files_holding, weight_windows
 from tests.clientapp_audit import decode_records, encode_records
 from tests.conftest import ServedBroker, make_spec, served_deployment
 
@@ -72,15 +79,16 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextlib.contextmanager
-def serving(node: NodeConfig) -> Iterator[Path]:
-    """``serve(node)`` in a thread until the block ends; the socket path once it serves.
-    A failure to start is raised here, as ``ark node sandbox`` would exit with it."""
+def serving(node: NodeConfig, sandbox: NodeSandbox | None = None) -> Iterator[Path]:
+    """``serve(node)`` (with ``sandbox``, if given) in a thread until the block ends; the
+    socket path once it serves. A failure to start is raised here, as ``ark node sandbox``
+    would exit with it."""
     stop, ready = threading.Event(), threading.Event()
     failed: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve(node, stop, on_ready=lambda path: ready.set())
+            serve(node, stop, sandbox=sandbox, on_ready=lambda path: ready.set())
         except BaseException as exc:  # handed to the test thread
             failed.append(exc)
             ready.set()
@@ -598,3 +606,61 @@ def shuttle_may_open(path: str, config: Path) -> bool:
         return True
     code = (Path(sys.prefix), Path(sys.base_prefix))
     return any(Path(path).is_relative_to(root) for root in code)
+
+
+# -- 7. nothing of the model, the adapter or the channel key is left on disk -------------
+
+
+def _adapter_windows(*adapters: Adapter) -> list[bytes]:
+    """Windows of every adapter tensor's raw bytes (LoRA B starts as zeros: skipped)."""
+    return [
+        window
+        for adapter in adapters
+        for name, tensor in sorted(adapter.items())
+        if tensor.nbytes >= 2 * 64
+        for window in byte_windows(np.ascontiguousarray(tensor).tobytes(), count=4, seed=len(name))
+    ]
+
+
+def test_after_a_run_and_inference_no_node_file_holds_weights_adapter_or_channel_key(
+    own_world: World, tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handshake, a training round, the final evaluation (the adapters are stored) and an
+    inference session on the real sandbox; then every file of the node's workspace, its
+    temporary files included, is searched for 64-byte windows of the plaintext base
+    weights, of every adapter tensor that went in or out, and for the run's channel
+    private key."""
+    node = own_world.node
+    assert node.source is not None
+    workspace = node.source.parent
+    scratch = workspace / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    sandbox = NodeSandbox(node)
+    with serving(node, sandbox) as path:
+        client = SandboxClient(path)
+        provider = own_world.provider()
+        peer = provider.admit(client, NODE)
+        reply = client.train(provider.instruction(NODE, 1))
+        update, _ = provider.aggregator.open_update(peer, reply.sealed_update, 1)
+        client.evaluate(provider.instruction(NODE, 1, STAGE_EVALUATE))
+        client.close()
+        with InferenceClient.for_node(node) as api:
+            predictions = api.classify(["pole down near the river", "billing question"])
+        assert len(predictions["predictions"]) == 2
+        channel_key = sandbox.channels[RUN].key.private_bytes()
+    assert stored_runs(node.socket_path().parent / "adapters") == [RUN]
+    adapter = _adapter_windows(own_world.adapter, update)
+    weights = weight_windows(tiny_bert_dir)
+    # The detector finds each kind where it is in the clear.
+    clear = tmp_path / "clear"
+    clear.mkdir()
+    save_file(dict(update), str(clear / "update.safetensors"))
+    (clear / "channel.key").write_bytes(channel_key)
+    assert files_holding(adapter, [clear]) == [str(clear / "update.safetensors")]
+    assert files_holding([channel_key], [clear]) == [str(clear / "channel.key")]
+    assert files_holding(weights, [tiny_bert_dir]) == [str(tiny_bert_dir / "model.safetensors")]
+    assert len(adapter) >= 8
+    assert len(weights) >= 100
+    leftovers = files_holding([*weights, *adapter, channel_key], [workspace])
+    assert leftovers == [], leftovers
