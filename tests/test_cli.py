@@ -166,3 +166,13 @@ def test_provider_results_names_a_missing_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["provider", "results", str(tmp_path)])
     assert result.exit_code == 2
     assert str(tmp_path / "results.json") in result.output
+
+
+def test_node_install_launcher_writes_the_shim_first_on_path(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["node", "install-launcher", "--bin", str(tmp_path / "bin")])
+    assert result.exit_code == 0, result.output
+    launcher = tmp_path / "bin" / "flwr-clientapp"
+    assert launcher.stat().st_mode & 0o111
+    first = launcher.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#!")
+    assert first.endswith(" -IS")

@@ -251,3 +251,14 @@ def node_launch_pool(
         pool.serve(stop, on_ready=lambda path: console.print(f"{POOL_READY} {path}"))
     except ArkError as exc:
         raise fail(exc) from exc
+
+
+@node_app.command("install-launcher")
+def node_install_launcher(
+    bin_dir: Annotated[Path, typer.Option("--bin", help="Folder to put first on PATH.")],
+) -> None:
+    """Write the node's `flwr-clientapp` (the approval-gate launcher's shim) into a folder
+    that goes first on the SuperNode's PATH."""
+    from sandbox.launcher import install_launcher
+
+    console.print(f"launcher: {install_launcher(bin_dir)}")
