@@ -58,11 +58,13 @@ def drive_sealed_run(
     aggregator = AggregatorSandbox.load(
         deployment.provider.aggregator, run_id=run_id, model_digest=manifest_digest(manifest)
     )
+    # The run's initial adapter, as the ServerApp makes it from the plaintext model, before
+    # the hello: the hello has the sandbox build its model in a thread of this process,
+    # and transformers' lazy imports are not safe from two threads at once.
+    initial = adapter_state(load_node_model(spec, plaintext_files(spec).build(spec)).model)
     ids = RunIds(run_id=run_id, node_id=3)
     hello = sandbox.hello(ids, 1, spec)
     peer = aggregator.admit(ids.node_id, hello.record)
-    # The run's initial adapter, as the ServerApp makes it from the plaintext model.
-    initial = adapter_state(load_node_model(spec, plaintext_files(spec).build(spec)).model)
     train = Request(
         ids, 1, STAGE_TRAIN, spec, aggregator.instruction(peer, 1, initial, STAGE_TRAIN)
     )
