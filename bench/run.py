@@ -630,6 +630,7 @@ def _print_inference(figures: dict[str, Any]) -> None:
         f"{over['bare_over_sandbox_median']:.3f}",
         ">= 0.9",
     )
+    table.add_row("fastest bare ÷ fastest sandbox", f"{over['bare_over_sandbox_fastest']:.3f}", "")
     table.add_row(
         "bare merged ÷ sandbox forward", f"{over['bare_merged_over_sandbox_median']:.3f}", ""
     )
