@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
 from bench.sealing import key_release, unseal_throughput
 from bench.security import security_overhead
@@ -259,21 +260,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only-translog", action="store_true", help="same as --only translog")
     parser.add_argument("--skip-sandbox", action="store_true")
     parser.add_argument("--sandbox-rounds", type=int, default=2)
+    parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument(
         "--only",
-        choices=("translog", "sandbox"),
-        help="run one part; sandbox updates only the sandbox figures in latest.json",
+        choices=("translog", "sandbox", "inference"),
+        help="run one part; sandbox and inference update only their own figures in latest.json",
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only == "sandbox":
+    if args.only in ("sandbox", "inference"):
         latest = RESULTS_DIR / "latest.json"
         kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
-        sandbox = {"machine": report["machine"], "time": report["time"]}
-        kept["sandbox"] = {**sandbox, **sandbox_bench(args.sandbox_rounds)}
+        stamp = {"machine": report["machine"], "time": report["time"]}
+        if args.only == "sandbox":
+            kept["sandbox"] = {**stamp, **sandbox_bench(args.sandbox_rounds)}
+            _print_sandbox(kept["sandbox"])
+        else:
+            kept["inference"] = {**stamp, **inference_bench()}
+            _print_inference(kept["inference"])
         latest.write_text(json.dumps(kept, indent=2), encoding="utf-8")
-        _print_sandbox(kept["sandbox"])
         return
     if args.only_translog or args.only == "translog":
         report["translog"] = translog_bench()
@@ -293,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
     if not args.skip_sandbox:
         report["sandbox"] = sandbox_bench(args.sandbox_rounds)
+    if not args.skip_inference:
+        report["inference"] = inference_bench()
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -363,6 +371,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_security(report["security"])
     if "sandbox" in report:
         _print_sandbox(report["sandbox"])
+    if "inference" in report:
+        _print_inference(report["inference"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -578,6 +588,59 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
         "fixed sleeps on a round's path: "
         + "; ".join(f"{name.replace('_', ' ')} {v['seconds']:g} s" for name, v in sleeps.items())
     )
+
+
+def _print_inference(figures: dict[str, Any]) -> None:
+    http, lat, put = figures["http"], figures["http"]["latency"], figures["http"]["throughput"]
+    over = figures["overhead"]
+    table = Table(
+        title=f"On-prem inference: {figures['model']} + a stored final adapter, "
+        f"{over['threads']} torch threads (load average {figures['load_average'][0]:.1f}"
+        f"-{figures['load_average'][1]:.1f})"
+    )
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("goal", justify="right")
+    table.add_row(
+        f"one ticket through the local HTTP API (ark node sandbox), p50 of {lat['requests']}",
+        f"{lat['p50_ms']:.1f} ms",
+        "",
+    )
+    table.add_row("same, p90", f"{lat['p90_ms']:.1f} ms", "")
+    one = over["one_ticket"]
+    table.add_row(
+        "one ticket through NodeSandbox.infer in-process (no HTTP), p50 / p90",
+        f"{one['p50_ms']:.1f} / {one['p90_ms']:.1f} ms",
+        "",
+    )
+    table.add_row(
+        f"batches of {put['batch']} through the API, median of {put['batches']}",
+        f"{put['texts_per_second_median']:.0f} texts/s",
+        "",
+    )
+    seconds = over["seconds_median"]
+    table.add_row(
+        f"batch of {over['batch']}: NodeSandbox.infer in-process / bare transformers+peft "
+        "/ bare merged (medians)",
+        f"{seconds['sandbox']:.3f} / {seconds['bare']:.3f} / {seconds['bare_merged']:.3f} s",
+        "",
+    )
+    table.add_row(
+        f"bare ÷ sandbox forward, median of {over['pairs']} interleaved pairs",
+        f"{over['bare_over_sandbox_median']:.3f}",
+        ">= 0.9",
+    )
+    table.add_row("fastest bare ÷ fastest sandbox", f"{over['bare_over_sandbox_fastest']:.3f}", "")
+    table.add_row(
+        "bare merged ÷ sandbox forward", f"{over['bare_merged_over_sandbox_median']:.3f}", ""
+    )
+    table.add_row(
+        "sandbox process ready (attest, unseal)", f"{http['sandbox_ready_seconds']:.1f} s", ""
+    )
+    table.add_row(
+        "its first request (builds the run's model)", f"{http['first_request_seconds']:.2f} s", ""
+    )
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -20,30 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from clients.adapters import AdapterKey, AdapterStore
-from clients.channels import RunIds
-from clients.model import load_node_model, plaintext_files
-from clients.sandbox import NodeSandbox, Request
+from clients.sandbox import NodeSandbox
 from clients.service import serve
 from clients.shuttle import sandbox_client
 from protos.ark.v1 import nodesandbox_pb2 as pb
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import AdapterStoreError, InferenceUnavailable
-from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
-from sandbox.keyfiles import load_ed25519_public
-from sandbox.lora import adapter_state
 from sandbox.ops.federation import free_port
 from sandbox.ops.inference_client import InferenceClient
-from sandbox.ops.keybroker.service import serve as serve_broker
-from sandbox.ops.provision import LoopbackDeployment, build_broker, provision_loopback
-from sandbox.seal.package import read_manifest
-from server.sandbox import AggregatorSandbox
+from sandbox.ops.provision import LoopbackDeployment, provision_loopback
 from tests.conftest import make_spec
+from tests.sealed_run import drive_sealed_run, key_broker
 
 RUN_ID = 7
 # A text that must never appear in a journal, a log line or an error.
@@ -66,30 +57,6 @@ def _rows(n: int) -> str:
     )
 
 
-def _drive_run(sandbox: NodeSandbox, deployment: LoopbackDeployment, spec: RunSpec) -> None:
-    """One sealed run as the ServerApp drives it: hello, round 1 train, final evaluation,
-    with the real aggregator sandbox sealing each instruction to the node's channel."""
-    node = sandbox.node
-    sandbox_cfg = node.require_sandbox()
-    manifest = read_manifest(sandbox_cfg.package, load_ed25519_public(sandbox_cfg.manifest_key))
-    aggregator = AggregatorSandbox.load(
-        deployment.provider.aggregator, run_id=RUN_ID, model_digest=manifest_digest(manifest)
-    )
-    ids = RunIds(run_id=RUN_ID, node_id=3)
-    hello = sandbox.hello(ids, 1, spec)
-    peer = aggregator.admit(ids.node_id, hello.record)
-    # The run's initial adapter, as the ServerApp makes it from the plaintext model.
-    initial = adapter_state(load_node_model(spec, plaintext_files(spec).build(spec)).model)
-    train = Request(
-        ids, 1, STAGE_TRAIN, spec, aggregator.instruction(peer, 1, initial, STAGE_TRAIN)
-    )
-    sandbox.train(train)
-    # A final adapter visibly unlike the initial one (B is zero at the start).
-    final = {name: a + np.float32(0.5) for name, a in initial.items()}
-    evaluate = aggregator.instruction(peer, 1, final, STAGE_EVALUATE)
-    sandbox.evaluate(Request(ids, 1, STAGE_EVALUATE, spec, evaluate))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Iterator[Trained]:
     """A provisioned provider, its key broker on loopback, and node alpine that took part
@@ -99,26 +66,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> It
     for name in ("alpine", "coastal"):
         data[name] = root / f"{name}.jsonl"
         data[name].write_text(_rows(20), encoding="utf-8")
-    port = free_port()
     deployment = provision_loopback(
-        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=port, model_id="tiny"
-    )
-    ws = deployment.provider
-    broker, _ = serve_broker(
-        build_broker(ws, JsonlEventSink(ws.events)),
-        address=f"127.0.0.1:{port}",
-        cert=ws.tls / "server.crt",
-        key=ws.tls / "server.key",
+        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=free_port(), model_id="tiny"
     )
     spec = make_spec(tiny_bert_dir, labels=LABELS, model_id="tiny", local_steps=1)
     alpine = NodeConfig.load(deployment.node_configs["alpine"])
-    sandbox = NodeSandbox(alpine)
-    sandbox.start()
-    _drive_run(sandbox, deployment, spec)
-    try:
+    with key_broker(deployment):
+        sandbox = NodeSandbox(alpine)
+        sandbox.start()
+        drive_sealed_run(sandbox, deployment, spec, RUN_ID)
         yield Trained(deployment, spec, alpine, NodeConfig.load(deployment.node_configs["coastal"]))
-    finally:
-        broker.stop(grace=None)
 
 
 @dataclasses.dataclass
