@@ -25,6 +25,8 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +98,56 @@ class _Held:
     models: dict[tuple[Any, ...], NodeModel] = field(default_factory=dict)
     # The stored adapters, sealed under a key derived from this model's content key.
     store: AdapterStore | None = None
+
+
+@dataclass
+class _Exchange:
+    """An instruction being worked on: accepted, its model and data, and when the
+    sandbox received it and how long it trained and evaluated."""
+
+    request: Request
+    accepted: Accepted
+    loaded: NodeModel
+    split: Split
+    received: float
+    work: float = 0.0
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """Time the training and evaluation (what is not the per-message fixed cost)."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.work = time.time() - started
+
+    def journal(
+        self,
+        node: NodeConfig,
+        kind: type[events.Evaluate],
+        metrics: dict[str, float],
+        **fields: Any,
+    ) -> None:
+        """Journal the exchange: its round, attestation, envelopes, metrics and timings
+        (when the forwarding ClientApp process started, when the sandbox received and
+        answered it, and the seconds of training and evaluation in between)."""
+        request = self.request
+        journal(
+            node,
+            request.ids,
+            kind,
+            round=request.round,
+            **self.accepted.attested(self.loaded),
+            received_sha256=sealed_digest(request.content),
+            metrics=metrics,
+            timings={
+                "process_start": request.clientapp_started,
+                "handler_start": self.received,
+                "work_seconds": self.work,
+                "handler_end": time.time(),
+            },
+            **fields,
+        )
 
 
 def load_split(spec: RunSpec, node: NodeConfig) -> Split:
@@ -267,32 +319,37 @@ class NodeSandbox:
             return []
         return stored_runs(AdapterStore.directory_of(self.node.workspace()), FINAL)
 
+    @contextmanager
+    def _exchange(self, request: Request, stage: str) -> Iterator[_Exchange]:
+        """One instruction of ``stage`` worked on, with the work lock held: accepted, the
+        model carrying its global adapter, the node's split read."""
+        if request.stage != stage:
+            raise ValueError(f"a {stage} request for stage {request.stage!r}")
+        with self._work:
+            received = time.time()
+            accepted, loaded = self._accept(request)
+            yield _Exchange(request, accepted, loaded, self._split(request.spec), received)
+
     def train(self, request: Request) -> TrainResult:
         """Evaluate the incoming global adapter, train locally, evaluate again, seal."""
         from clients.training import evaluate, train_local
         from sandbox.lora import adapter_state, is_trained
 
-        if request.stage != STAGE_TRAIN:
-            raise ValueError(f"a train request for stage {request.stage!r}")
-        with self._work:
-            received = time.time()
-            spec = request.spec
-            accepted, loaded = self._accept(request)
-            split = self._split(spec)
-            work_started = time.time()
-            before = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
-            loss = train_local(
-                loaded.model,
-                loaded.tokenizer,
-                split.train,
-                spec,
-                seed=spec.seed * 1000 + request.round,
+        spec = request.spec
+        with self._exchange(request, STAGE_TRAIN) as exchange:
+            model, tokenizer, split = (
+                exchange.loaded.model,
+                exchange.loaded.tokenizer,
+                exchange.split,
             )
-            after = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
-            work = time.time() - work_started
+            with exchange.working():
+                before = evaluate(model, tokenizer, split.heldout, spec)
+                seed = spec.seed * 1000 + request.round
+                loss = train_local(model, tokenizer, split.train, spec, seed=seed)
+                after = evaluate(model, tokenizer, split.heldout, spec)
             update = {
                 name: value
-                for name, value in adapter_state(loaded.model).items()
+                for name, value in adapter_state(model).items()
                 if is_trained(name, spec.mode)
             }
             metrics: dict[str, float] = {
@@ -302,20 +359,15 @@ class NodeSandbox:
                 **_prefixed("before", before),
                 **_prefixed("after", after),
             }
-            records = accepted.reply(update, metrics[NUM_EXAMPLES])
+            records = exchange.accepted.reply(update, metrics[NUM_EXAMPLES])
             content = RecordDict({**records, METRICS_KEY: metric_record(metrics)})
             self._egress(content, MessageType.TRAIN)
-            journal(
+            exchange.journal(
                 self.node,
-                request.ids,
                 events.Train,
-                round=request.round,
-                **accepted.attested(loaded),
-                received_sha256=sealed_digest(request.content),
+                metrics,
                 sent_sha256=sealed_digest(content, SEALED_UPDATE_KEY),
-                metrics=metrics,
                 tensors=sorted(update),
-                timings=self._timings(request, received, work),
             )
             return TrainResult(records, metrics)
 
@@ -323,28 +375,18 @@ class NodeSandbox:
         """Evaluate the instruction's global adapter on the local held-out split."""
         from clients.training import evaluate
 
-        if request.stage != STAGE_EVALUATE:
-            raise ValueError(f"an evaluate request for stage {request.stage!r}")
-        with self._work:
-            received = time.time()
-            spec = request.spec
-            accepted, loaded = self._accept(request)
-            split = self._split(spec)
-            work_started = time.time()
-            result = evaluate(loaded.model, loaded.tokenizer, split.heldout, spec)
-            work = time.time() - work_started
-            metrics = {NUM_EXAMPLES: float(len(split.heldout)), **_prefixed("before", result)}
+        with self._exchange(request, STAGE_EVALUATE) as exchange:
+            loaded = exchange.loaded
+            with exchange.working():
+                result = evaluate(
+                    loaded.model, loaded.tokenizer, exchange.split.heldout, request.spec
+                )
+            metrics = {
+                NUM_EXAMPLES: float(len(exchange.split.heldout)),
+                **_prefixed("before", result),
+            }
             self._egress(RecordDict({METRICS_KEY: metric_record(metrics)}), MessageType.EVALUATE)
-            journal(
-                self.node,
-                request.ids,
-                events.Evaluate,
-                round=request.round,
-                **accepted.attested(loaded),
-                received_sha256=sealed_digest(request.content),
-                metrics=metrics,
-                timings=self._timings(request, received, work),
-            )
+            exchange.journal(self.node, events.Evaluate, metrics)
             return metrics
 
     def infer(self, body: bytes, endpoint: str) -> dict[str, Any]:
@@ -429,18 +471,6 @@ class NodeSandbox:
         ClientApp's guard allows (an unprotected node has neither)."""
         if not self.node.unprotected:
             check_reply(content, self.node.egress, kind)
-
-    @staticmethod
-    def _timings(request: Request, received: float, work: float) -> dict[str, float]:
-        """When the forwarding ClientApp process started, when the sandbox received and
-        answered the instruction, and the seconds of training and evaluation in between
-        (the rest is the per-message fixed cost)."""
-        return {
-            "process_start": request.clientapp_started,
-            "handler_start": received,
-            "work_seconds": work,
-            "handler_end": time.time(),
-        }
 
 
 def _now() -> dt.datetime:
