@@ -306,10 +306,16 @@ class Federation:
         return env
 
     def start_sandbox(
-        self, name: str, node_config: Path, *, home: Path | None = None, timeout: float = 180.0
+        self,
+        name: str,
+        node_config: Path,
+        *,
+        home: Path | None = None,
+        timeout: float = 180.0,
+        wait: bool = True,
     ) -> ManagedProcess:
-        """Start the node's sandbox (``ark node sandbox``) and wait until it serves: it
-        attests and unseals the model before it opens its socket."""
+        """Start the node's sandbox (``ark node sandbox``) and (``wait``) wait until it
+        serves: it attests and unseals the model before it opens its socket."""
         if name in self.sandboxes and self.sandboxes[name].alive():
             raise RuntimeError(f"the sandbox of node {name!r} is already running")
         home = home or self.workdir / "nodes" / name
@@ -320,12 +326,14 @@ class Federation:
             log_path=self.logs / f"sandbox-{name}.log",
         )
         self.sandboxes[name] = proc
-        _wait_ready(proc, SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
+        if wait:
+            _wait_ready(proc, SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
         return proc
 
     def _start_pool(self, name: str, node_config: Path, env: dict[str, str]) -> None:
         """Start the node's launcher pool with its SuperNode's environment and point the
-        SuperNode's ``flwr-clientapp`` shim at it (``env`` gains ``ARK_LAUNCH_POOL``)."""
+        SuperNode's ``flwr-clientapp`` shim at it (``env`` gains ``ARK_LAUNCH_POOL``).
+        Until the pool serves, the shim runs the cold launcher: nothing waits for it."""
         env[POOL_ENV] = str(pool_socket(node_config))
         running = self.pools.get(name)
         if running is not None and running.alive():
@@ -337,7 +345,12 @@ class Federation:
             log_path=self.logs / f"launch-pool-{name}.log",
         )
         self.pools[name] = proc
-        _wait_ready(proc, POOL_READY, f"the launch pool of node {name!r}", 120.0)
+
+    def wait_for_pools(self, timeout: float = 120.0) -> None:
+        """Block until every node's launch pool serves (a run's first messages then find
+        them warm)."""
+        for name, proc in self.pools.items():
+            _wait_ready(proc, POOL_READY, f"the launch pool of node {name!r}", timeout)
 
     def kill_sandbox(self, name: str) -> None:
         """Crash one node's sandbox with SIGKILL (for restart tests)."""
@@ -407,12 +420,19 @@ class Federation:
         registered first."""
         from sandbox.ops.provision import node_auth_key
 
+        # The sandboxes attest and unseal side by side; each SuperNode starts once its
+        # node's sandbox serves.
         for name, config in configs.items():
+            self.start_sandbox(name, config, wait=False)
+        for name, config in configs.items():
+            _wait_ready(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", 180.0)
             if self.node_auth:
-                self.add_node(name, config, node_auth_key(config.parent))
+                auth_key = node_auth_key(config.parent)
+                self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
+                self.start_supernode(name, config, auth_key=auth_key)
             else:
-                self.start_sandbox(name, config)
                 self.start_supernode(name, config)
+        self.wait_for_pools()
 
     def wait_until_online(self, names: Iterable[str], timeout: float = 120.0) -> None:
         """Block until each named SuperNode has been activated by the SuperLink (its log
@@ -446,11 +466,8 @@ class Federation:
 
         Idempotent: processes are forgotten once stopped.
         """
-        groups = [
-            list(self.supernodes.values()),
-            list(self.pools.values()),
-            list(self.sandboxes.values()),
-        ]
+        # Everything of the nodes at once, then the provider's services in order.
+        groups = [[*self.supernodes.values(), *self.pools.values(), *self.sandboxes.values()]]
         for service in (self.gateway, self.superlink, self.key_broker):
             if service is not None:
                 groups.append([service])

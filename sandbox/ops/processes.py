@@ -7,6 +7,7 @@ by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,6 +120,12 @@ def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float =
                     os.kill(proc.pid, signal.SIGTERM)
                 except (ProcessLookupError, psutil.NoSuchProcess):
                     pass
+        # The children are asked too, at once, instead of each waiting for its parent to go
+        # (a SuperNode's SuperExec otherwise retries its gone parent for seconds).
+        for child in targets.values():
+            if still_running(child):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.terminate()
         everything.update(targets)
         alive = _wait_gone(targets.values(), grace)
         for survivor in alive:
