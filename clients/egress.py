@@ -37,7 +37,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import MESSAGE_TTL_TOLERANCE
 
-from clients.channel import NONCE_BYTES
+from clients.shuttle import sandbox_client
 from sandbox.attestation.result import PURPOSE_CHANNEL, verify_result
 from sandbox.config import EgressPolicy, NodeConfig
 from sandbox.errors import (
@@ -150,11 +150,11 @@ def _check_hello(record: ConfigRecord) -> None:
             raise EgressViolation(f"hello field {key!r} must be at most {limit} bytes")
 
 
-def hello_is_certified(node: NodeConfig) -> HelloCheck:
-    """A hello may carry only a channel key and a result that certifies exactly that key
-    for the channel (verified with the provider's result key), and a nonce of exactly
-    the size the sandbox draws: nothing else fits. The key and nonce themselves live only
-    in the sandbox's memory."""
+def hello_matches_sandbox(node: NodeConfig, run_id: int) -> HelloCheck:
+    """A hello may carry only the nonce and channel key the node's sandbox holds for this
+    run (asked over its socket: both are public), and a result that certifies exactly
+    that key for the channel (verified with the provider's result key): nothing else
+    fits, so no byte of a hello is the ClientApp's choice."""
 
     def check(record: ConfigRecord) -> None:
         try:
@@ -163,16 +163,19 @@ def hello_is_certified(node: NodeConfig) -> HelloCheck:
                 load_ec_public(node.require_sandbox().result_key),
                 now=dt.datetime.now(dt.UTC),
             )
+            with sandbox_client(node) as sandbox:
+                held = {c.run_id: c for c in sandbox.status().channels}
         except (ArkError, AttestationError, UnicodeDecodeError) as exc:
-            raise EgressViolation(f"hello carries no valid channel result: {exc}") from exc
-        nonce = record[HELLO_NONCE]
+            raise EgressViolation(f"hello cannot be checked against its channel: {exc}") from exc
+        channel = held.get(run_id)
         if (
-            not isinstance(nonce, bytes)
-            or len(nonce) != NONCE_BYTES
-            or result.tee_pubkey != record[HELLO_NODE_KEY]
+            channel is None
+            or record[HELLO_NONCE] != channel.nonce
+            or record[HELLO_NODE_KEY] != channel.node_key
+            or result.tee_pubkey != channel.node_key
             or result.purpose != PURPOSE_CHANNEL
         ):
-            raise EgressViolation("hello does not carry a nonce and the key its result certifies")
+            raise EgressViolation("hello does not carry this run's nonce, key and result")
 
     return check
 
@@ -275,7 +278,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             reply.metadata, msg.metadata, called_at=called_at, returned_at=time.time()
         )
         kind = msg.metadata.message_type
-        check_reply(reply.content, node.egress, kind, hello_is_certified(node))
+        check_reply(reply.content, node.egress, kind, hello_matches_sandbox(node, context.run_id))
     except EgressViolation as exc:
         reason = (
             NodeReason.REPLY_METADATA_ALTERED

@@ -66,6 +66,8 @@ from sandbox.protocol import (
 )
 
 log = logging.getLogger("ark.sandbox")
+# The most runs a sandbox holds a channel for at once (the oldest go first).
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class NodeSandbox:
         self._splits: dict[tuple[Any, ...], Split] = {}
         self._work = threading.Lock()
         self._channels = threading.Lock()
+        self._pending = False  # a preparation thread is waiting for the work lock
         if node.threads:
             import torch
 
@@ -246,6 +249,13 @@ class NodeSandbox:
         with self._channels:
             answer = channel.hello(ids)
         journal(self.node, ids, events.Hello, round=rnd, suite=answer.suite)
+        with self._channels:
+            # Keep the newest channels only: a flood of hellos cannot grow it without end.
+            for run in list(self.channels)[:-MAX_CHANNELS]:
+                del self.channels[run]
+            if self._pending:
+                return answer  # one preparation waits at a time; the instruction builds
+            self._pending = True
         threading.Thread(
             target=self._prepare, args=(spec, channel), name="ark-prepare", daemon=True
         ).start()
@@ -256,6 +266,8 @@ class NodeSandbox:
         failure is only logged: the instruction meets it again and reports its code."""
         try:
             with self._work:
+                with self._channels:
+                    self._pending = False
                 self._model(spec, channel.model_source(spec))
                 self._split(spec)
         except Exception as exc:

@@ -186,8 +186,13 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         result = self.sandbox.attestation
+        channels = dict(self.sandbox.channels)
         reply = pb.StatusReply(
-            runs=sorted(self.sandbox.channels),
+            runs=sorted(channels),
+            channels=[
+                pb.ChannelInfo(run_id=run, node_key=c.key.public_bytes, nonce=c.nonce)
+                for run, c in sorted(channels.items())
+            ],
             adapters=self.sandbox.stored_runs(),
             inference_url=self._inference_url(),
             pid=os.getpid(),
@@ -247,12 +252,12 @@ def serve(
     if node.source is not None:  # the API's token and address live in the workspace
         api.start()
     try:
-        _serve_grpc(node, path, sandbox, stop, on_ready, lambda: api.url)
+        serve_grpc(node, path, sandbox, stop, on_ready, lambda: api.url)
     finally:
         api.stop()
 
 
-def _serve_grpc(
+def serve_grpc(
     node: NodeConfig,
     path: Path,
     sandbox: NodeSandbox,

@@ -338,14 +338,18 @@ def _names(cls: Any) -> tuple[str, ...]:
 
 
 # -- the provider's run config --------------------------------------------------------------
+# A node sandbox builds and trains whatever a run config asks for, so every size in it
+# has a ceiling: a hostile run config cannot make a sandbox allocate or train unboundedly.
 
 
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA hyper-parameters shared by every node of a run."""
 
-    r: int = field(default=8, metadata=_key("lora-r", _Integer(minimum=1)))
-    alpha: int = field(default=16, metadata=_key("lora-alpha", _Integer(minimum=1)))
+    r: int = field(default=8, metadata=_key("lora-r", _Integer(minimum=1, maximum=1024)))
+    alpha: int = field(
+        default=16, metadata=_key("lora-alpha", _Integer(minimum=1, maximum=1 << 20))
+    )
     dropout: float = field(default=0.0, metadata=_key("lora-dropout", _Number(0.0, 0.99)))
     target_modules: tuple[str, ...] = field(
         default=(), metadata=_key("lora-target-modules", _Names())
@@ -374,7 +378,9 @@ class RunSpec:
         )
     )
     labels: tuple[str, ...] = field(metadata=_key("labels", _Labels(), default="[]"))
-    num_rounds: int = field(default=2, metadata=_key("num-rounds", _Integer(minimum=1)))
+    num_rounds: int = field(
+        default=2, metadata=_key("num-rounds", _Integer(minimum=1, maximum=100_000))
+    )
     mode: str = field(default=MODE_FEDAVG, metadata=_key("mode", _Choice(MODES)))
     min_nodes: int = field(
         default=MIN_FEDERATED_NODES, metadata=_key("min-nodes", _Integer(minimum=1))
@@ -394,10 +400,16 @@ class RunSpec:
             _Integer(minimum=1, maximum=EXAMPLES_LIMIT, maximum_text=f"2**53 ({EXAMPLES_LIMIT})"),
         ),
     )
-    local_steps: int = field(default=12, metadata=_key("local-steps", _Integer(minimum=1)))
-    batch_size: int = field(default=16, metadata=_key("batch-size", _Integer(minimum=1)))
+    local_steps: int = field(
+        default=12, metadata=_key("local-steps", _Integer(minimum=1, maximum=1_000_000))
+    )
+    batch_size: int = field(
+        default=16, metadata=_key("batch-size", _Integer(minimum=1, maximum=4096))
+    )
     learning_rate: float = field(default=1e-2, metadata=_key("learning-rate", _Number(1e-8, 1.0)))
-    max_length: int = field(default=64, metadata=_key("max-length", _Integer(minimum=8)))
+    max_length: int = field(
+        default=64, metadata=_key("max-length", _Integer(minimum=8, maximum=32_768))
+    )
     # Its keys (``lora-*``) are LoraSpec's fields'.
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = field(default=42, metadata=_key("seed", _Integer(minimum=0)))

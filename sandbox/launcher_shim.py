@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 from types import FrameType
 
@@ -28,8 +29,9 @@ STOP = b"T"
 
 
 def _cold() -> None:
-    """Run the cold launcher in place of this process (a full Python, site included)."""
-    argv = [sys.executable, "-c", COLD_LAUNCHER, *sys.argv[1:]]
+    """Run the cold launcher in place of this process (a full Python, site included;
+    ``-P``: the working directory is not put on the module path)."""
+    argv = [sys.executable, "-P", "-c", COLD_LAUNCHER, *sys.argv[1:]]
     os.execv(sys.executable, argv)  # noqa: S606  (argv is ours; no shell involved)
 
 
@@ -38,6 +40,10 @@ def main() -> None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
+        # Only a pool of this same user gets the task's token and this process's streams.
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            raise PermissionError("the launch pool socket is served by another user")
     except OSError:
         conn.close()
         _cold()

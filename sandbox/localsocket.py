@@ -24,7 +24,9 @@ def prepare_socket(path: Path, key: str) -> None:
     ConfigError naming ``key`` when the folder is another user's, ``path`` is not a
     socket, or a server still listens on it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = path.parent.stat()
+    folder = path.parent.lstat()
+    if stat.S_ISLNK(folder.st_mode):
+        raise ConfigError(f"socket folder {path.parent} is a symbolic link", key=key)
     if folder.st_uid != os.getuid():
         raise ConfigError(
             f"socket folder {path.parent} belongs to uid {folder.st_uid}, not this user", key=key

@@ -62,6 +62,8 @@ FLOWER_ARGS = {
     "--allow-runtime-dependency-installation": False,
 }
 MAX_REQUEST_BYTES = 16 * 1024
+# How long a connected client has to send its start request.
+REQUEST_SECONDS = 1.0
 POLL_SECONDS = 0.2
 SOCKET_KEY = "launch-pool socket"
 # What `ark node launch-pool` prints once it accepts start requests.
@@ -175,8 +177,10 @@ class LaunchPool:
 
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         conn, _ = listener.accept()
+        conn.settimeout(REQUEST_SECONDS)  # a client that sends nothing holds no one up
         try:
             argv, fds = _read_request(conn)
+            conn.settimeout(None)
         except (ProtocolError, OSError) as exc:
             log.warning("start request refused: %s", exc)
             conn.close()

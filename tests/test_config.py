@@ -114,6 +114,11 @@ INVALID: dict[str, tuple[Any, str]] = {
     "lr-type": (lambda: _spec(learning_rate="fast"), r"key 'learning-rate': expected a number"),
     "model-type": (lambda: _spec(model_path="/m"), r"key 'model-path': expected a path"),
     "lora-r": (lambda: LoraSpec(r=0), r"key 'lora-r': must be at least 1"),
+    # A hostile run config cannot make a node sandbox allocate or train without bound.
+    "lora-r-huge": (lambda: LoraSpec(r=10**9), r"key 'lora-r': must be at most 1024"),
+    "steps-huge": (lambda: _spec(local_steps=10**12), r"key 'local-steps': must be at most"),
+    "length-huge": (lambda: _spec(max_length=10**8), r"key 'max-length': must be at most"),
+    "batch-huge": (lambda: _spec(batch_size=10**6), r"key 'batch-size': must be at most 4096"),
     "lora-dropout": (lambda: LoraSpec(dropout=0.995), r"key 'lora-dropout': must be in"),
     "lora-targets": (lambda: LoraSpec(target_modules=("q,v",)), r"key 'lora-target-modules'"),
     "node-name": (lambda: _node(name=""), r"key 'node\.name': must not be empty"),
@@ -164,7 +169,7 @@ def run_specs(draw: st.DrawFn) -> RunSpec:
         labels=tuple(
             draw(labels.filter(lambda ls: len(ls) >= 2) if task == TASK_CLASSIFICATION else labels)
         ),
-        num_rounds=draw(st.integers(1, 10**6)),
+        num_rounds=draw(st.integers(1, 100_000)),
         mode=draw(st.sampled_from(MODES)),
         min_nodes=draw(st.integers(1, 100)),
         expected_nodes=draw(st.integers(0, 100)),

@@ -7,9 +7,11 @@ and replaced by an error reply that is a fixed code, never text from the app or 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +29,8 @@ from clients.app import app as node_app
 from clients.app import node_config
 from clients.channel import NodeChannel, hello_record
 from clients.egress import check_reply, egress_guard
-from clients.sandbox import load_split
+from clients.sandbox import NodeSandbox, load_split
+from clients.service import serve_grpc
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSigner
 from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig
@@ -41,6 +44,7 @@ from sandbox.errors import (
 from sandbox.journal import read_journal
 from sandbox.keyfiles import public_pem, write_private
 from sandbox.launcher import ApprovalGate, fab_digest
+from sandbox.localsocket import prepare_socket
 from sandbox.protocol import (
     HELLO_KEY,
     HELLO_NODE_KEY,
@@ -174,8 +178,10 @@ def test_check_reply_raises_a_typed_error() -> None:
         )
 
 
-def _channel_node(tmp_path: Path) -> tuple[Context, ConfigRecord]:
-    """A node with this run's saved channel, and the hello that matches it exactly."""
+@contextlib.contextmanager
+def _channel_node(tmp_path: Path) -> Iterator[tuple[Context, ConfigRecord]]:
+    """A node whose sandbox (serving on its real socket) holds this run's channel, and
+    the hello that matches it exactly."""
     result_key = ec.generate_private_key(ec.SECP256R1())
     write_private(tmp_path / "result.pub", public_pem(result_key.public_key()), overwrite=True)
     sandbox = "\n".join(
@@ -208,7 +214,24 @@ def _channel_node(tmp_path: Path) -> tuple[Context, ConfigRecord]:
         ),
         now=now,
     )
-    return context, hello_record(channel, result.token)
+    node = NodeConfig.load(tmp_path / "node.toml")
+    held = NodeSandbox(node)
+    held.channels[11] = channel
+    stop, ready = threading.Event(), threading.Event()
+    path = node.socket_path()
+    prepare_socket(path, "node.sandbox-socket")
+    serving = threading.Thread(
+        target=serve_grpc,
+        args=(node, path, held, stop, lambda _: ready.set(), str),
+        daemon=True,
+    )
+    serving.start()
+    assert ready.wait(30)
+    try:
+        yield context, hello_record(channel, result.token)
+    finally:
+        stop.set()
+        serving.join(30)
 
 
 def _query() -> Message:
@@ -216,21 +239,25 @@ def _query() -> Message:
 
 
 def test_the_handshake_passes_only_in_its_exact_shape_and_content(tmp_path: Path) -> None:
-    context, hello = _channel_node(tmp_path)
+    with _channel_node(tmp_path) as (context, hello):
+        reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: hello})))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        # 32 bytes of the app's choosing in place of the sandbox's nonce.
+        other_nonce = ConfigRecord({**hello, HELLO_NONCE: b"ticket 4417: Alpe Rossa, 079 55"})
+        other_key = NodeChannel.create(11, "x25519-hkdf-sha256-aes256gcm").key.public_bytes
+        uncertified_key = ConfigRecord({**hello, HELLO_NODE_KEY: other_key})
+        forged_result = ConfigRecord({**hello, HELLO_RESULT: b"e" * 900})
+        smuggling = ConfigRecord({**hello, "row": b"ticket: tree on line 4"})
+        oversize = ConfigRecord({**hello, HELLO_RESULT: b"e" * (64 * 1024)})
+        for bad in (other_nonce, uncertified_key, forged_result, smuggling, oversize):
+            reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: bad})))
+            assert_fixed(reply, NodeReason.EGRESS_BLOCKED)
+        # The hello, even the right one, may not ride along on a training reply.
+        content = RecordDict({SEALED_KEY: SEALED, HELLO_KEY: hello})
+        assert egress_guard(_incoming(), context, _reply_with(content)).has_error()
+    # Nor leave for a run whose channel the sandbox does not hold (it has stopped).
     reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: hello})))
-    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    short_nonce = ConfigRecord({**hello, HELLO_NONCE: b"ticket 4417"})
-    other_key = NodeChannel.create(11, "x25519-hkdf-sha256-aes256gcm").key.public_bytes
-    uncertified_key = ConfigRecord({**hello, HELLO_NODE_KEY: other_key})
-    forged_result = ConfigRecord({**hello, HELLO_RESULT: b"e" * 900})
-    smuggling = ConfigRecord({**hello, "row": b"ticket: tree on line 4"})
-    oversize = ConfigRecord({**hello, HELLO_RESULT: b"e" * (64 * 1024)})
-    for bad in (short_nonce, uncertified_key, forged_result, smuggling, oversize):
-        reply = egress_guard(_query(), context, _reply_with(RecordDict({HELLO_KEY: bad})))
-        assert_fixed(reply, NodeReason.EGRESS_BLOCKED)
-    # The hello, even the right one, may not ride along on a training reply.
-    content = RecordDict({SEALED_KEY: SEALED, HELLO_KEY: hello})
-    assert egress_guard(_incoming(), context, _reply_with(content)).has_error()
+    assert_fixed(reply, NodeReason.EGRESS_BLOCKED)
 
 
 def test_failures_leave_as_their_causes_code_not_their_details(tmp_path: Path) -> None:

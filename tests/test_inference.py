@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from clients.service import serve
 from clients.shuttle import sandbox_client
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import AdapterStoreError, InferenceUnavailable
+from sandbox.errors import AdapterStoreError, InferenceUnavailable, SandboxUnavailable
 from sandbox.journal import read_journal
 from sandbox.ops.federation import free_port
 from sandbox.ops.inference_client import InferenceClient
@@ -319,3 +320,29 @@ def test_ark_node_infer_prints_labels_and_names_a_missing_sandbox(
     result = CliRunner().invoke(app, ["node", "infer", "--config", coastal, str(texts)])
     assert result.exit_code == 2
     assert "is `ark node sandbox" in " ".join(result.output.split())
+
+
+def test_an_address_left_by_a_killed_sandbox_is_not_used(tmp_path: Path) -> None:
+    """After a crash the published address and token stay behind; whoever binds that port
+    since must not get the operator's texts. Negative control: a live listener of this
+    user at the published port is accepted."""
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nname = "n"\ndata-path = "d.jsonl"\n', encoding="utf-8")
+    node = NodeConfig.load(config)
+    node.inference_address_path().parent.mkdir(parents=True)
+    node.inference_token_path().write_text("t" * 64, encoding="ascii")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        for pid in (2**22 + 7, os.getpid()):  # no such process; this one, not listening there
+            address = {"url": "http://127.0.0.1:9/", "pid": pid}
+            node.inference_address_path().write_text(json.dumps(address), encoding="utf-8")
+            with pytest.raises(SandboxUnavailable, match="not serving it"):
+                InferenceClient.for_node(node)
+        address = {"url": f"http://127.0.0.1:{port}/", "pid": os.getpid()}
+        node.inference_address_path().write_text(json.dumps(address), encoding="utf-8")
+        InferenceClient.for_node(node).close()
+    finally:
+        listener.close()

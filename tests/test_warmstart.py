@@ -23,9 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.errors import ProtocolError
+from sandbox.errors import ConfigError, ProtocolError
 from sandbox.launcher import NODE_CONFIG_ENV, install_launcher
 from sandbox.launcher_shim import POOL_ENV
+from sandbox.localsocket import prepare_socket
 from sandbox.warmstart import POOL_READY, check_argv, pool_socket
 
 ARK = str(Path(sys.executable).parent / "ark")
@@ -204,3 +205,23 @@ def test_with_no_pool_the_shim_runs_the_cold_launcher(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"{NODE_CONFIG_ENV} is not set" in result.stderr
+
+
+def test_a_client_that_sends_nothing_holds_no_start_up(pool: Pool) -> None:
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(pool.socket))
+    try:
+        started = time.monotonic()
+        assert pool.run_shim(*FLOWER_ARGV, timeout=30).returncode == 1
+        assert time.monotonic() - started < 20
+        assert len(pool.forked()) == 1
+    finally:
+        silent.close()
+
+
+def test_a_socket_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        prepare_socket(tmp_path / "link" / "api.sock", "node.sandbox-socket")

@@ -5,11 +5,13 @@ API's fixed error codes back into typed errors."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from sandbox.config import NodeConfig
 from sandbox.errors import (
@@ -35,6 +37,27 @@ _ERRORS: dict[str, type[InferenceError]] = {
 }
 
 
+def _check_listener(address: Path, url: str, pid: int) -> None:
+    """SandboxUnavailable unless the published sandbox process is alive, this user's,
+    and the one listening at ``url``: a file left by a sandbox that was killed must not
+    send the operator's texts (and the token) to whoever took its port since."""
+    port = httpx.URL(url).port
+    try:
+        proc = psutil.Process(pid)
+        ours = proc.uids().real == os.getuid()
+        listening = any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for c in proc.net_connections(kind="tcp4")
+        )
+    except (psutil.Error, OSError):
+        ours = listening = False
+    if not (ours and listening):
+        raise SandboxUnavailable(
+            f"{address}: the sandbox that published {url} (pid {pid}) is not serving it "
+            "any more; restart `ark node sandbox`"
+        )
+
+
 class InferenceClient:
     """Requests to one node's inference API at ``url`` with ``token``."""
 
@@ -49,14 +72,16 @@ class InferenceClient:
         """The API of ``node``'s running sandbox; SandboxUnavailable if it publishes none."""
         address, token = node.inference_address_path(), node.inference_token_path()
         try:
-            url = json.loads(address.read_text(encoding="utf-8"))["url"]
+            published = json.loads(address.read_text(encoding="utf-8"))
+            url, pid = str(published["url"]), int(published["pid"])
             secret = token.read_text(encoding="ascii").strip()
         except (OSError, ValueError, KeyError, TypeError):
             raise SandboxUnavailable(
                 f"{address}: no inference API published; is `ark node sandbox --config "
                 f"{node.source}` running?"
             ) from None
-        return cls(str(url), secret)
+        _check_listener(address, url, pid)
+        return cls(url, secret)
 
     def close(self) -> None:
         self._client.close()

@@ -122,8 +122,9 @@ def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float =
                     pass
         # The children are asked too, at once, instead of each waiting for its parent to go
         # (a SuperNode's SuperExec otherwise retries its gone parent for seconds).
-        for child in targets.values():
-            if still_running(child):
+        own = {proc.pid for proc in group}
+        for pid, child in targets.items():
+            if pid not in own and still_running(child):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     child.terminate()
         everything.update(targets)

@@ -279,6 +279,33 @@ class StatusRequest(_message.Message):
 Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
 
 @_typing.final
+class ChannelInfo(_message.Message):
+    """A run's open channel as its hello presented it: public, nothing secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    NODE_KEY_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.int
+    node_key: _builtins.bytes
+    nonce: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.int = ...,
+        node_key: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_key", b"node_key", "nonce", b"nonce", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelInfo: _TypeAlias = ChannelInfo  # noqa: Y015
+
+@_typing.final
 class StatusReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -290,6 +317,7 @@ class StatusReply(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     INFERENCE_URL_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     attested: _builtins.bool
     """Whether this sandbox holds an unexpired affirming attestation result."""
     result_sha256: _builtins.str
@@ -307,6 +335,12 @@ class StatusReply(_message.Message):
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The runs whose final adapter is stored (encrypted) for inference."""
 
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelInfo]:
+        """Each open channel's public key and nonce, so the ClientApp's egress guard lets out
+        exactly the hello the sandbox made for its run and nothing in its place.
+        """
+
     def __init__(
         self,
         *,
@@ -318,10 +352,11 @@ class StatusReply(_message.Message):
         adapters: _abc.Iterable[_builtins.int] | None = ...,
         inference_url: _builtins.str = ...,
         pid: _builtins.int = ...,
+        channels: _abc.Iterable[Global___ChannelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "attested", b"attested", "expires_at", b"expires_at", "inference_url", b"inference_url", "pid", b"pid", "result_sha256", b"result_sha256", "runs", b"runs", "stub", b"stub"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "attested", b"attested", "channels", b"channels", "expires_at", b"expires_at", "inference_url", b"inference_url", "pid", b"pid", "result_sha256", b"result_sha256", "runs", b"runs", "stub", b"stub"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
