@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.table import Table
 
 from sandbox.config import (
     MIN_FEDERATED_NODES,
@@ -309,7 +310,7 @@ def _run_demo(
                 f"run {run_id} ended {outcome.status}; ServerApp log:\n{fed.run_log(run_id)}"
             )
         _audit_demo(fed.workdir, deployment, f"127.0.0.1:{broker_port}")
-        _show_inference(spec, deployment)
+        inference = _inference_table(spec, deployment)
         leftovers = fed.stop()
     if leftovers:
         err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
@@ -319,6 +320,8 @@ def _run_demo(
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     plot_metrics(results, out_dir / "metrics.png", names)
     console.print(render_table(results, names))
+    if inference is not None:
+        console.print(inference)
     return results
 
 
@@ -354,19 +357,17 @@ def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
             raise ArkError(f"the audit failed (exit code {exc.exit_code}); see above") from None
 
 
-def _show_inference(spec: RunSpec, deployment: LoopbackDeployment) -> None:
+def _inference_table(spec: RunSpec, deployment: LoopbackDeployment) -> Table | None:
     """What each node's operator can do next: classify a few of its own held-out tickets
     with the run's adapters, inside its own sandbox (its loopback inference API), before
-    (baseline) and after (final) the run. The demo plays every operator, so it may read
-    each node's data."""
-    from rich.table import Table
-
+    (baseline) and after (final) the run; shown once the sandboxes have stopped. The demo
+    plays every operator, so it may read each node's data."""
     from clients.sandbox import load_split
     from sandbox.config import NodeConfig
     from sandbox.ops.inference_client import InferenceClient
 
     if spec.task != TASK_CLASSIFICATION:
-        return
+        return None
     table = Table(title="on-prem inference in each node's sandbox: held-out tickets")
     for column in ("node", "ticket", "true", "before (baseline)", "after (final)"):
         table.add_column(column)
@@ -385,7 +386,7 @@ def _show_inference(spec: RunSpec, deployment: LoopbackDeployment) -> None:
                 _guess(old, ticket.target),
                 _guess(new, ticket.target),
             )
-    console.print(table)
+    return table
 
 
 def _guess(prediction: dict[str, Any], truth: str) -> str:
