@@ -100,6 +100,9 @@ REPLY_FIELDS = {
 TIME_TOLERANCE = MESSAGE_TTL_TOLERANCE
 
 HelloCheck = Callable[[ConfigRecord], None]
+# How long the guard waits for the sandbox to say which channel it holds for a hello (it
+# answered that hello a moment ago, so it is up).
+HELLO_CHECK_SECONDS = 3.0
 
 
 def check_reply(
@@ -164,7 +167,7 @@ def hello_matches_sandbox(node: NodeConfig, run_id: int) -> HelloCheck:
                 now=dt.datetime.now(dt.UTC),
             )
             with sandbox_client(node) as sandbox:
-                held = {c.run_id: c for c in sandbox.status().channels}
+                held = {c.run_id: c for c in sandbox.status(HELLO_CHECK_SECONDS).channels}
         except (ArkError, AttestationError, UnicodeDecodeError) as exc:
             raise EgressViolation(f"hello cannot be checked against its channel: {exc}") from exc
         channel = held.get(run_id)
