@@ -307,6 +307,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     _print(report)
 
 
+def _figures(title: str) -> Table:
+    """A report table of figures: measure, value and goal columns."""
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("goal", justify="right")
+    return table
+
+
 def _print(report: dict[str, Any]) -> None:
     agg = Table(
         title=f"Aggregation of N updates ({report['aggregation']['adapter_parameters']:,} "
@@ -332,10 +341,7 @@ def _print(report: dict[str, Any]) -> None:
         )
     console.print(agg)
     unseal, release = report["unseal"], report["key_release"]
-    sealing = Table(title="Sealed model: unseal, attest + key release, time to model (medians)")
-    sealing.add_column("measure")
-    sealing.add_column("value", justify="right")
-    sealing.add_column("goal", justify="right")
+    sealing = _figures(title="Sealed model: unseal, attest + key release, time to model (medians)")
     sealing.add_row(
         f"unseal (STREAM AES-256-GCM, {unseal['bytes'] / 1e6:.0f} MB)",
         f"{unseal['unseal_gb_per_s']:.2f} GB/s",
@@ -391,13 +397,10 @@ def _print(report: dict[str, Any]) -> None:
 
 def _print_translog(log: dict[str, Any]) -> None:
     append, audit = log["append"], log["audit"]
-    table = Table(
+    table = _figures(
         title=f"Transparency log: append, proofs, full audit (medians; entries are events of "
         f"~{append['entry_bytes_mean']:.0f} B)"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("goal", justify="right")
     table.add_row(
         "append from one thread, fsync before returning (as the services do)",
         f"{append['durable_per_s']:,.0f} /s",
@@ -593,14 +596,11 @@ def _print_sandbox(sec: dict[str, Any]) -> None:
 def _print_inference(figures: dict[str, Any]) -> None:
     http, lat, put = figures["http"], figures["http"]["latency"], figures["http"]["throughput"]
     over = figures["overhead"]
-    table = Table(
+    table = _figures(
         title=f"On-prem inference: {figures['model']} + a stored final adapter, "
         f"{over['threads']} torch threads (load average {figures['load_average'][0]:.1f}"
         f"-{figures['load_average'][1]:.1f})"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("goal", justify="right")
     table.add_row(
         f"one ticket through the local HTTP API (ark node sandbox), p50 of {lat['requests']}",
         f"{lat['p50_ms']:.1f} ms",
