@@ -248,17 +248,15 @@ class NodeSandbox:
         channel = update_channel(spec, self.node, self.channels)
         with self._channels:
             answer = channel.hello(ids)
-        journal(self.node, ids, events.Hello, round=rnd, suite=answer.suite)
-        with self._channels:
             # Keep the newest channels only: a flood of hellos cannot grow it without end.
             for run in list(self.channels)[:-MAX_CHANNELS]:
                 del self.channels[run]
-            if self._pending:
-                return answer  # one preparation waits at a time; the instruction builds
-            self._pending = True
-        threading.Thread(
-            target=self._prepare, args=(spec, channel), name="ark-prepare", daemon=True
-        ).start()
+            prepare, self._pending = not self._pending, True
+        journal(self.node, ids, events.Hello, round=rnd, suite=answer.suite)
+        if prepare:  # one preparation waits at a time; otherwise the instruction builds
+            threading.Thread(
+                target=self._prepare, args=(spec, channel), name="ark-prepare", daemon=True
+            ).start()
         return answer
 
     def _prepare(self, spec: RunSpec, channel: UpdateChannel) -> None:

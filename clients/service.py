@@ -32,7 +32,13 @@ from clients.channels import RunIds
 from clients.egress import failure_reason
 from clients.inference_api import InferenceServer
 from clients.sandbox import NodeSandbox, Request
-from clients.shuttle import CHANNEL_OPTIONS, tensors_bytes, tensors_record, unix_target
+from clients.shuttle import (
+    CHANNEL_OPTIONS,
+    hello_reply,
+    tensors_bytes,
+    tensors_record,
+    unix_target,
+)
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
@@ -53,6 +59,7 @@ from sandbox.protocol import (
     SEALED_KEY,
     SEALED_UPDATE_KEY,
     UPDATE_KEY,
+    from_record,
     round_config,
 )
 
@@ -152,13 +159,7 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         def call() -> pb.HelloReply:
             spec = parse_run_config(request.run.run_config_json)
-            answer = self.sandbox.hello(_ids(request.run), request.round, spec)
-            record = answer.record
-            return pb.HelloReply(
-                nonce=bytes(record["nonce"]),  # type: ignore[arg-type]
-                node_key=bytes(record["node-key"]),  # type: ignore[arg-type]
-                result=bytes(record["ear"]),  # type: ignore[arg-type]
-            )
+            return hello_reply(self.sandbox.hello(_ids(request.run), request.round, spec).record)
 
         return self._serve(context, request.run, call)
 
@@ -171,7 +172,7 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
                 reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
             update = result.records.get(UPDATE_KEY)
             if update is not None and not isinstance(update, ConfigRecord):
-                reply.plain_update = tensors_bytes({n: update[n].numpy() for n in update})
+                reply.plain_update = tensors_bytes(from_record(update))
             return reply
 
         return self._serve(context, request.run, call)

@@ -134,6 +134,15 @@ def hello_content(reply: pb.HelloReply) -> RecordDict:
     )
 
 
+def hello_reply(record: ConfigRecord) -> pb.HelloReply:
+    """The sandbox's hello record as its reply (what :func:`hello_content` turns back)."""
+    return pb.HelloReply(
+        nonce=bytes(record[HELLO_NONCE]),  # type: ignore[arg-type]
+        node_key=bytes(record[HELLO_NODE_KEY]),  # type: ignore[arg-type]
+        result=bytes(record[HELLO_RESULT]),  # type: ignore[arg-type]
+    )
+
+
 def train_content(reply: pb.TrainReply) -> RecordDict:
     """The train reply's records: the sealed update (or, unprotected, the arrays) and
     the metrics."""

@@ -47,6 +47,8 @@ HOST = "127.0.0.1"
 FEDERATION_NAME = "ark"
 # What flower-supernode logs once the SuperLink has activated it (and given it a node id).
 SUPERNODE_ONLINE = "SuperNode ID:"
+# How long a node's sandbox may take to attest and unseal before it serves.
+SANDBOX_TIMEOUT = 180.0
 
 
 def free_port() -> int:
@@ -311,7 +313,7 @@ class Federation:
         node_config: Path,
         *,
         home: Path | None = None,
-        timeout: float = 180.0,
+        timeout: float = SANDBOX_TIMEOUT,
         wait: bool = True,
     ) -> ManagedProcess:
         """Start the node's sandbox (``ark node sandbox``) and (``wait``) wait until it
@@ -327,8 +329,12 @@ class Federation:
         )
         self.sandboxes[name] = proc
         if wait:
-            _wait_ready(proc, SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
+            self.wait_for_sandbox(name, timeout)
         return proc
+
+    def wait_for_sandbox(self, name: str, timeout: float = SANDBOX_TIMEOUT) -> None:
+        """Block until the node's sandbox serves (it attested and unsealed)."""
+        _wait_ready(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
 
     def _start_pool(self, name: str, node_config: Path, env: dict[str, str]) -> None:
         """Start the node's launcher pool with its SuperNode's environment and point the
@@ -407,12 +413,11 @@ class Federation:
         self.supernodes[name] = proc
         return proc
 
-    def add_node(self, name: str, node_config: Path, auth_key: Path) -> ManagedProcess:
-        """Register the node's key (when authentication is on), start its sandbox, then
-        its SuperNode."""
-        if self.node_auth:
+    def add_node(self, name: str, node_config: Path, auth_key: Path | None) -> ManagedProcess:
+        """Register the node's key (when authentication is on), then start its SuperNode;
+        its sandbox serves already."""
+        if self.node_auth and auth_key is not None:
             self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
-        self.start_sandbox(name, node_config)
         return self.start_supernode(name, node_config, auth_key=auth_key)
 
     def start_nodes(self, configs: Mapping[str, Path]) -> None:
@@ -425,13 +430,8 @@ class Federation:
         for name, config in configs.items():
             self.start_sandbox(name, config, wait=False)
         for name, config in configs.items():
-            _wait_ready(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", 180.0)
-            if self.node_auth:
-                auth_key = node_auth_key(config.parent)
-                self.register_supernode(name, auth_key.with_name(auth_key.name + ".pub"))
-                self.start_supernode(name, config, auth_key=auth_key)
-            else:
-                self.start_supernode(name, config)
+            self.wait_for_sandbox(name)
+            self.add_node(name, config, node_auth_key(config.parent) if self.node_auth else None)
         self.wait_for_pools()
 
     def wait_until_online(self, names: Iterable[str], timeout: float = 120.0) -> None:
