@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,9 +55,15 @@ from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.digests import sha256_hex
-from sandbox.errors import InferenceTaskMismatch, InferenceUnavailable, NoAdapterStored
+from sandbox.errors import (
+    InferenceTaskMismatch,
+    InferenceUnavailable,
+    KeyBrokerUnavailable,
+    NoAdapterStored,
+)
 from sandbox.journal import append_journal
 from sandbox.protocol import (
+    BROKER_RETRY,
     METRICS_KEY,
     NUM_EXAMPLES,
     SEALED_UPDATE_KEY,
@@ -66,6 +72,8 @@ from sandbox.protocol import (
 )
 
 log = logging.getLogger("ark.sandbox")
+# Seconds between attempts to reach an unreachable key broker at start.
+BROKER_RETRY_SECONDS = 3.0
 # The most runs a sandbox holds a channel for at once (the oldest go first).
 MAX_CHANNELS = 64
 
@@ -197,12 +205,44 @@ class NodeSandbox:
             torch.set_num_threads(node.threads)
 
     # -- the model in memory -----------------------------------------------------------
-    def start(self) -> None:
+    def start(
+        self,
+        *,
+        broker_wait: float = 0.0,
+        sleep: Callable[[float], Any] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """Attest and unseal now (a sealed node), so the first instruction finds the model
-        in memory; an unprotected node reads its run's plaintext model on first use."""
-        if not self.node.unprotected:
-            with self._work:
-                self._unsealed(sealed_source(self.node))
+        in memory; an unprotected node reads its run's plaintext model on first use.
+
+        While the key broker cannot be reached (it is down, or the link to the provider
+        is), try again every few seconds for up to ``broker_wait`` seconds, saying so in
+        the log each time; then raise KeyBrokerUnavailable. A denial is never retried."""
+        if self.node.unprotected:
+            return
+        give_up = clock() + broker_wait
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._work:
+                    self._unsealed(sealed_source(self.node))
+                return
+            except KeyBrokerUnavailable as exc:
+                left = give_up - clock()
+                if left <= 0:
+                    raise
+                pause = min(BROKER_RETRY_SECONDS, left)
+                log.warning(
+                    "%s (attempt %d: %s); trying again in %.0fs, for %.0fs more",
+                    BROKER_RETRY,
+                    attempt,
+                    exc,
+                    pause,
+                    left,
+                )
+                if sleep(pause):  # the sandbox was told to stop meanwhile
+                    raise
 
     @property
     def attestation(self) -> Any:

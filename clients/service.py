@@ -242,13 +242,15 @@ def serve(
     *,
     sandbox: NodeSandbox | None = None,
     on_ready: Callable[[Path], Any] | None = None,
+    broker_wait: float = 0.0,
 ) -> None:
-    """Attest, unseal, then serve ``node``'s sandbox API (and its local inference API,
+    """Attest, unseal (waiting up to ``broker_wait`` seconds for an unreachable key
+    broker), then serve ``node``'s sandbox API (and its local inference API,
     ``clients/inference_api.py``) until ``stop`` is set."""
     path = node.socket_path()
     prepare_socket(path, SOCKET_KEY)
     sandbox = sandbox or NodeSandbox(node)
-    sandbox.start()
+    sandbox.start(broker_wait=broker_wait, sleep=stop.wait)
     api = InferenceServer(sandbox)
     if node.source is not None:  # the API's token and address live in the workspace
         api.start()

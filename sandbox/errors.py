@@ -6,6 +6,7 @@ calling things in the wrong order raises :class:`RuntimeError`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,19 @@ class GatewayError(FederationError):
     Raised for a missing nginx, a config nginx refuses, a SuperLink address off
     loopback, or a gateway that does not come up; the message names the value or file.
     """
+
+
+class TopologyError(FederationError):
+    """A test-host network (network namespaces, bridge, veth links) could not be made,
+    changed or removed, or a change was asked of a loopback one (whose link cannot be cut).
+
+    ``command`` is the command that failed (None when none ran); the message names it
+    and what it wrote to stderr.
+    """
+
+    def __init__(self, message: str, *, command: Sequence[str] | None = None):
+        super().__init__(message)
+        self.command = None if command is None else tuple(command)
 
 
 class AdapterMismatch(ArkError):

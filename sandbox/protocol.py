@@ -51,6 +51,9 @@ INFERENCE_MAX_TEXTS = 64
 INFERENCE_MAX_NEW_TOKENS = 128
 # What `ark node sandbox` prints once its socket accepts requests.
 SANDBOX_READY = "sandbox ready on"
+# What a starting sandbox logs each time the key broker cannot be reached (the node's
+# start command relays these lines to its operator).
+BROKER_RETRY = "key broker unreachable"
 
 
 def stage_of(message_type: str) -> str:

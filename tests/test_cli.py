@@ -83,10 +83,18 @@ def test_port_already_taken(tmp_path: Path, tiny_bert_dir: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, output = _demo(tmp_path, "--model", str(tiny_bert_dir), "--port", str(port))
+        code, output = _demo(
+            tmp_path, "--model", str(tiny_bert_dir), "--port", str(port), "--hosts", "loopback"
+        )
     assert code == 2
     assert f"port {port}" in output
     assert "already in use" in output
+
+
+def test_unknown_hosts_mode_is_refused(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    code, output = _demo(tmp_path, "--model", str(tiny_bert_dir), "--hosts", "cloud")
+    assert code == 2
+    assert "--hosts must be one of auto, netns, loopback, got 'cloud'" in output
 
 
 def test_node_count_below_minimum(tmp_path: Path) -> None:

@@ -24,6 +24,18 @@ from sandbox.launcher import fab_digest
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
+def project_root() -> Path:
+    """The Flower app directory (holding pyproject.toml) that ``flwr run`` builds: this
+    checkout (the folder holding the ``sandbox``, ``server`` and ``clients`` packages)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(
+            f"cannot find the app's pyproject.toml next to {root}; install ark-sandbox "
+            "from a source checkout (pip install -e .)"
+        )
+    return root
+
+
 def build_fab(app_dir: Path, out_dir: Path) -> Path:
     """``flwr build`` the app in ``app_dir`` into ``out_dir``; return the .fab's path."""
     out_dir.mkdir(parents=True, exist_ok=True)

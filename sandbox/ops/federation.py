@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
 import tomli_w
 
 from sandbox.config import RunSpec
@@ -58,14 +59,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def check_port_free(port: int) -> None:
-    """Raise FederationError naming the port if something already listens on it."""
+def check_port_free(port: int, host: str = HOST) -> None:
+    """Raise FederationError naming the port if something already listens on it (or
+    ``host`` is not an address of this machine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         except OSError as exc:
             raise FederationError(
-                f"port {port} on {HOST} is already in use ({exc.strerror})"
+                f"port {port} on {host} is already in use, or {host} is not an address "
+                f"of this host ({exc.strerror})"
             ) from exc
 
 
@@ -109,6 +112,132 @@ def _wait_ready(proc: ManagedProcess, line: str, what: str, timeout: float) -> N
 
 def _exe(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+# -- what each process of each party runs: one definition, used by the loopback harness
+# below and by the parties' own commands (``ark provider start``, ``ark node start``) -----
+
+
+def superlink_argv(
+    database: Path, port: int, tls: TlsFiles | None, *, node_auth: bool
+) -> list[str]:
+    """``flower-superlink`` on loopback ``port`` (TLS with ``tls``; plaintext when None,
+    which rules out node authentication), its state in ``database``."""
+    if tls is not None:
+        transport = [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
+    else:
+        if node_auth:
+            raise FederationError("SuperNode authentication needs TLS")
+        transport = ["--insecure"]
+    argv = [
+        _exe("flower-superlink"),
+        *transport,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(database),
+    ]
+    if node_auth:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def gateway_argv(provider_home: Path, listen: str, superlink: str, *, tls_on: bool) -> list[str]:
+    """``ark provider gateway``: nginx on ``listen`` forwarding the Fleet API to ``superlink``."""
+    argv = [
+        _exe("ark"),
+        "provider",
+        "gateway",
+        "--workdir",
+        str(provider_home),
+        "--listen",
+        listen,
+        "--superlink",
+        superlink,
+    ]
+    return argv if tls_on else [*argv, "--insecure"]
+
+
+def key_broker_argv(provider_home: Path, address: str) -> list[str]:
+    """``ark provider serve``: the key broker and the transparency log on ``address``."""
+    return [_exe("ark"), "provider", "serve", "--workdir", str(provider_home), "--address", address]
+
+
+def sandbox_argv(node_config: Path, *, broker_wait: float | None = None) -> list[str]:
+    """``ark node sandbox`` for ``node_config`` (waiting up to ``broker_wait`` seconds for
+    an unreachable key broker)."""
+    argv = [_exe("ark"), "node", "sandbox", "--config", str(node_config)]
+    return argv if broker_wait is None else [*argv, "--broker-wait", str(broker_wait)]
+
+
+def pool_argv(node_config: Path) -> list[str]:
+    """``ark node launch-pool`` for ``node_config``."""
+    return [_exe("ark"), "node", "launch-pool", "--config", str(node_config)]
+
+
+def node_home(node_config: Path) -> Path:
+    """A node's processes' HOME: its workspace, the folder of its ``node.toml``."""
+    return node_config.parent
+
+
+def node_env(home: Path) -> dict[str, str]:
+    """A node process's environment: its own HOME, and temporary files in its own
+    workspace, where it (and the tests that look for leaked plaintext) can see them."""
+    env = _flower_env(home)
+    env["TMPDIR"] = str(home / "tmp")
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def supernode_env(home: Path, node_config: Path) -> dict[str, str]:
+    """The SuperNode's (and its launch pool's) environment: the node's launcher answers
+    to ``flwr-clientapp`` ahead of Flower's own, so no app runs on this node unless its
+    config approved the app's digest; the launcher hands over to the node's pool."""
+    env = node_env(home)
+    launcher = install_launcher(home / "bin")
+    env["PATH"] = str(launcher.parent) + os.pathsep + env["PATH"]
+    env[NODE_CONFIG_ENV] = str(node_config)
+    env[POOL_ENV] = str(pool_socket(node_config))
+    return env
+
+
+def supernode_argv(
+    home: Path,
+    node_config: Path,
+    *,
+    superlink: str,
+    ca_cert: Path | None,
+    auth_key: Path | None,
+) -> list[str]:
+    """``flower-supernode`` reaching the provider at ``superlink`` (its gateway) over TLS
+    trusting ``ca_cert`` (plaintext when None), authenticating with ``auth_key``."""
+    argv = [
+        _exe("flower-supernode"),
+        *(["--root-certificates", str(ca_cert)] if ca_cert is not None else ["--insecure"]),
+        "--superlink",
+        superlink,
+        "--host",
+        HOST,
+        "--port",
+        str(free_port()),
+        "--node-config",
+        str(_node_config_arg(home, node_config)),
+        "--max-retries",
+        "10",
+    ]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    return argv
 
 
 @dataclass(frozen=True)
@@ -178,31 +307,9 @@ class Federation:
         self.port = port
         self.provider_home.mkdir(parents=True, exist_ok=True)
         self.tls = self._provider_tls()
-        if self.tls_on:
-            transport = [
-                "--ssl-ca-certfile",
-                str(self.tls.ca_cert),
-                "--ssl-certfile",
-                str(self.tls.server_cert),
-                "--ssl-keyfile",
-                str(self.tls.server_key),
-            ]
-        else:
-            if self.node_auth:
-                raise FederationError("SuperNode authentication needs TLS")
-            transport = ["--insecure"]
-        argv = [
-            _exe("flower-superlink"),
-            *transport,
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-        ]
-        argv += ["--database", str(self.database)]
-        if self.node_auth:
-            argv.append("--enable-supernode-auth")
+        argv = superlink_argv(
+            self.database, port, self.tls if self.tls_on else None, node_auth=self.node_auth
+        )
         self.superlink = self._start_service("SuperLink", argv, HOST, port, timeout)
         self._write_cli_config()
         self.start_gateway(timeout)
@@ -223,19 +330,7 @@ class Federation:
         address = self.gateway_address or f"{HOST}:{free_port()}"
         host, port = split_address(address)
         check_port_free(port)
-        argv = [
-            _exe("ark"),
-            "provider",
-            "gateway",
-            "--workdir",
-            str(self.provider_home),
-            "--listen",
-            address,
-            "--superlink",
-            f"{HOST}:{self.port}",
-        ]
-        if not self.tls_on:
-            argv.append("--insecure")
+        argv = gateway_argv(self.provider_home, address, f"{HOST}:{self.port}", tls_on=self.tls_on)
         self.gateway = self._start_service("gateway", argv, host, port, timeout)
         self.gateway.remember_descendants()
         self.gateway_address = address
@@ -255,15 +350,7 @@ class Federation:
         if self.key_broker is not None:
             raise RuntimeError("the key broker is already running")
         check_port_free(port)
-        argv = [
-            _exe("ark"),
-            "provider",
-            "serve",
-            "--workdir",
-            str(self.provider_home),
-            "--address",
-            f"{HOST}:{port}",
-        ]
+        argv = key_broker_argv(self.provider_home, f"{HOST}:{port}")
         self.key_broker = self._start_service("key broker", argv, HOST, port, timeout)
         return self.key_broker
 
@@ -299,14 +386,6 @@ class Federation:
                 f"{result.stdout}{result.stderr}"
             )
 
-    def _node_env(self, home: Path) -> dict[str, str]:
-        """A node process's environment: its own HOME, and temporary files in its own
-        workspace, where it (and the tests that look for leaked plaintext) can see them."""
-        env = _flower_env(home)
-        env["TMPDIR"] = str(home / "tmp")
-        (home / "tmp").mkdir(parents=True, exist_ok=True)
-        return env
-
     def start_sandbox(
         self,
         name: str,
@@ -323,8 +402,8 @@ class Federation:
         home = home or self.workdir / "nodes" / name
         proc = start_process(
             f"ark-sandbox[{name}]",
-            [_exe("ark"), "node", "sandbox", "--config", str(node_config)],
-            env=self._node_env(home),
+            sandbox_argv(node_config),
+            env=node_env(home),
             log_path=self.logs / f"sandbox-{name}.log",
         )
         self.sandboxes[name] = proc
@@ -337,16 +416,15 @@ class Federation:
         _wait_ready(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
 
     def _start_pool(self, name: str, node_config: Path, env: dict[str, str]) -> None:
-        """Start the node's launcher pool with its SuperNode's environment and point the
-        SuperNode's ``flwr-clientapp`` shim at it (``env`` gains ``ARK_LAUNCH_POOL``).
-        Until the pool serves, the shim runs the cold launcher: nothing waits for it."""
-        env[POOL_ENV] = str(pool_socket(node_config))
+        """Start the node's launcher pool with its SuperNode's environment (which points
+        the SuperNode's ``flwr-clientapp`` shim at it). Until the pool serves, the shim
+        runs the cold launcher: nothing waits for it."""
         running = self.pools.get(name)
         if running is not None and running.alive():
             return
         proc = start_process(
             f"launch-pool[{name}]",
-            [_exe("ark"), "node", "launch-pool", "--config", str(node_config)],
+            pool_argv(node_config),
             env=env,
             log_path=self.logs / f"launch-pool-{name}.log",
         )
@@ -381,28 +459,14 @@ class Federation:
             raise RuntimeError(f"SuperNode {name!r} is already running")
         home = home or self.workdir / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
-        argv = [
-            _exe("flower-supernode"),
-            *(["--root-certificates", str(self.tls.ca_cert)] if self.tls_on else ["--insecure"]),
-            "--superlink",
-            self.node_address,
-            "--host",
-            HOST,
-            "--port",
-            str(free_port()),
-            "--node-config",
-            str(_node_config_arg(home, node_config)),
-            "--max-retries",
-            "10",
-        ]
-        if auth_key is not None:
-            argv += ["--auth-supernode-private-key", str(auth_key)]
-        env = self._node_env(home)
-        # The node's launcher answers to `flwr-clientapp` ahead of Flower's own, so no app
-        # runs on this node unless its config approved the app's digest.
-        launcher = install_launcher(home / "bin")
-        env["PATH"] = str(launcher.parent) + os.pathsep + env["PATH"]
-        env[NODE_CONFIG_ENV] = str(node_config)
+        argv = supernode_argv(
+            home,
+            node_config,
+            superlink=self.node_address,
+            ca_cert=self.tls.ca_cert if self.tls_on else None,
+            auth_key=auth_key,
+        )
+        env = supernode_env(home, node_config)
         self._start_pool(name, node_config, env)
         proc = start_process(
             f"flower-supernode[{name}]",
@@ -516,17 +580,7 @@ class Federation:
 
     def outcome(self, run_id: int) -> RunOutcome | None:
         """The run's status, or None while it is still pending or running."""
-        result = self._flwr("list", "--run-id", str(run_id), "--format", "json")
-        try:
-            runs = json.loads(result.stdout)["runs"]
-            run = next(r for r in runs if int(r["run-id"]) == run_id)
-        except (json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError) as exc:
-            raise FederationError(f"flwr list failed: {result.stdout}{result.stderr}") from exc
-        status = str(run.get("status", ""))
-        if not status.startswith("finished"):
-            return None
-        sub = status.split(":", 1)[1] if ":" in status else ""
-        return RunOutcome(run_id, status, sub, json.dumps(run))
+        return run_outcome(self.provider_home, run_id)
 
     def stop_run(self, run_id: int) -> None:
         """Have the SuperLink stop a run (``flwr stop``): its pending messages are no longer
@@ -550,48 +604,20 @@ class Federation:
         poll: float = 0.2,
         on_tick: Callable[[], None] | None = None,
     ) -> RunOutcome:
-        """Wait for a run to finish, reading its ServerApp's events, not polling a CLI.
-
-        The run completed once its ServerApp wrote the event that ends it
-        (``run_finished``) to the job's events file and exited, so every sink
-        it writes to (the transparency log included) has the event. A ServerApp that
-        exits without it failed: ``flwr list`` then says how. Every ``poll`` seconds
-        costs one ``stat`` of the events file; once a second, our processes are checked
-        (and their children remembered) and ``on_tick`` is called.
-        """
+        """Wait for a run submitted here to finish (see :class:`RunFollower`); our
+        processes are checked (and their children remembered) once a second."""
         events = self.run_events.get(run_id)
         if events is None:
             raise FederationError(
                 f"run {run_id} has no events file to watch: it was not submitted here, "
                 "with a run config naming an output-dir"
             )
-        tail = EventsTail(events)
-        deadline = time.monotonic() + timeout
-        next_check = 0.0
-        app_seen = False
-        while time.monotonic() < deadline:
-            finished = _run_finished(tail.read(), run_id)
-            if finished is not None:
-                self._wait_server_app_gone(run_id, deadline)
-                return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 1.0
-                self._check_services()
-                assert self.superlink is not None  # _check_services raised otherwise
-                if server_app_pids(self.superlink):
-                    app_seen = True
-                elif app_seen:
-                    return self._ended_unfinished(run_id, tail, deadline)
-                if on_tick is not None:
-                    on_tick()
-            time.sleep(poll)
-        raise FederationError(
-            f"run {run_id} did not finish within {timeout:.0f}s "
-            f"(no {RunFinished.kind} in {events}); {self._status_line(run_id)}"
-        )
+        follower = RunFollower(self.provider_home, run_id, events, self._check_services)
+        return follower.wait(timeout=timeout, poll=poll, on_tick=on_tick)
 
-    def _check_services(self) -> None:
-        """Remember every child of ours; raise if a provider service has exited."""
+    def _check_services(self) -> psutil.Process:
+        """Remember every child of ours; raise if a provider service has exited; the
+        SuperLink."""
         for proc in self.all_processes():
             proc.remember_descendants()
         if self.superlink is None or not self.superlink.alive():
@@ -600,51 +626,124 @@ class Federation:
         for name, service in (("key broker", self.key_broker), ("gateway", self.gateway)):
             if service is not None and not service.alive():
                 raise FederationError(f"the {name} exited:\n{service.log_tail()}")
+        return psutil.Process(self.superlink.pid)
 
-    def _wait_server_app_gone(self, run_id: int, deadline: float) -> None:
+
+@dataclass
+class RunFollower:
+    """Follows one submitted run to its end by reading its ServerApp's events, not by
+    polling a CLI.
+
+    The run completed once its ServerApp wrote the event that ends it (``run_finished``)
+    to the job's events file and exited, so every sink it writes to (the transparency
+    log included) has the event. A ServerApp that exits without it failed: ``flwr list``
+    then says how. ``services`` is called once a second: it raises FederationError when
+    a provider service is gone and returns the SuperLink's process (whose children
+    include the run's ServerApp). ``on_events`` sees every event as it lands.
+    """
+
+    home: Path  # the provider's HOME, whose flwr config names the SuperLink
+    run_id: int
+    events: Path
+    services: Callable[[], psutil.Process]
+    on_events: Callable[[list[dict[str, Any]]], None] | None = None
+
+    def wait(
+        self, *, timeout: float, poll: float = 0.2, on_tick: Callable[[], None] | None = None
+    ) -> RunOutcome:
+        """Block until the run ends (each ``poll`` seconds costs one ``stat``); FederationError
+        when it does not within ``timeout`` seconds or a provider service exits."""
+        tail = EventsTail(self.events)
+        deadline = time.monotonic() + timeout
+        next_check = 0.0
+        app_seen = False
+        while time.monotonic() < deadline:
+            finished = self._finished(tail)
+            if finished is not None:
+                self._wait_server_app_gone(deadline)
+                return RunOutcome(
+                    self.run_id, "finished:completed", "completed", json.dumps(finished)
+                )
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                superlink = self.services()
+                if server_app_pids(superlink):
+                    app_seen = True
+                elif app_seen:
+                    return self._ended_unfinished(tail, deadline)
+                if on_tick is not None:
+                    on_tick()
+            time.sleep(poll)
+        raise FederationError(
+            f"run {self.run_id} did not finish within {timeout:.0f}s "
+            f"(no {RunFinished.kind} in {self.events}); {self._status_line()}"
+        )
+
+    def _finished(self, tail: EventsTail) -> dict[str, Any] | None:
+        # The job's events file holds every run of the job (a resumed job appends).
+        events = [e for e in tail.read() if str(e.get("run")) == str(self.run_id)]
+        if events and self.on_events is not None:
+            self.on_events(events)
+        return _run_finished(events, self.run_id)
+
+    def _wait_server_app_gone(self, deadline: float) -> None:
         """After the run's last event: wait for the ServerApp to exit, so that its sinks are
         written and Flower has the run's final status."""
-        assert self.superlink is not None
-        while server_app_pids(self.superlink):
+        while server_app_pids(self.services()):
             if time.monotonic() >= deadline:
                 raise FederationError(
-                    f"run {run_id} wrote its last event but its ServerApp did not exit"
+                    f"run {self.run_id} wrote its last event but its ServerApp did not exit"
                 )
-            self.superlink.remember_descendants()
             time.sleep(0.1)
 
-    def _ended_unfinished(self, run_id: int, tail: EventsTail, deadline: float) -> RunOutcome:
+    def _ended_unfinished(self, tail: EventsTail, deadline: float) -> RunOutcome:
         """The ServerApp exited: completed if the run's last event landed just before, else
         ask Flower how the run ended (again each second, for at most 30 s, while Flower
         has not yet recorded that)."""
-        finished = _run_finished(tail.read(), run_id)
+        finished = self._finished(tail)
         if finished is not None:
-            return RunOutcome(run_id, "finished:completed", "completed", json.dumps(finished))
+            return RunOutcome(self.run_id, "finished:completed", "completed", json.dumps(finished))
         give_up = min(deadline, time.monotonic() + 30.0)
         while True:
-            outcome = self.outcome(run_id)
+            outcome = run_outcome(self.home, self.run_id)
             if outcome is not None:
                 break
             if time.monotonic() >= give_up:
                 raise FederationError(
-                    f"run {run_id}: its ServerApp exited without {RunFinished.kind} and Flower "
-                    "never reported the run finished"
+                    f"run {self.run_id}: its ServerApp exited without {RunFinished.kind} and "
+                    "Flower never reported the run finished"
                 )
             time.sleep(1.0)
         if outcome.ok:
             raise FederationError(
-                f"run {run_id}: Flower reports it completed, but its ServerApp wrote no "
+                f"run {self.run_id}: Flower reports it completed, but its ServerApp wrote no "
                 f"{RunFinished.kind} to {tail.path}: {outcome.details}"
             )
         return outcome
 
-    def _status_line(self, run_id: int) -> str:
-        """Flower's own word on a run, for an error message."""
+    def _status_line(self) -> str:
+        """Flower's own word on the run, for an error message."""
         try:
-            outcome = self.outcome(run_id)
+            outcome = run_outcome(self.home, self.run_id)
         except FederationError as exc:
             return str(exc)
         return "Flower reports it still running" if outcome is None else outcome.details
+
+
+def run_outcome(home: Path, run_id: int) -> RunOutcome | None:
+    """Run ``run_id``'s status as ``flwr list`` reports it, or None while it is still
+    pending or running."""
+    result = run_flwr(home, "list", "--run-id", str(run_id), "--format", "json")
+    try:
+        runs = json.loads(result.stdout)["runs"]
+        run = next(r for r in runs if int(r["run-id"]) == run_id)
+    except (json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError) as exc:
+        raise FederationError(f"flwr list failed: {result.stdout}{result.stderr}") from exc
+    status = str(run.get("status", ""))
+    if not status.startswith("finished"):
+        return None
+    sub = status.split(":", 1)[1] if ":" in status else ""
+    return RunOutcome(run_id, status, sub, json.dumps(run))
 
 
 class EventsTail:
@@ -696,10 +795,8 @@ def job_output_dir(run_config: Path) -> Path | None:
     return spec.output_dir
 
 
-def server_app_pids(superlink: ManagedProcess) -> list[int]:
+def server_app_pids(superlink: ManagedProcess | psutil.Process) -> list[int]:
     """PIDs of ``flwr-serverapp`` processes below our SuperLink."""
-    import psutil
-
     pids = []
     try:
         for child in psutil.Process(superlink.pid).children(recursive=True):

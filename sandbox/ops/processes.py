@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,13 +58,18 @@ class ManagedProcess:
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines this process wrote (not those of an earlier process
         with the same log, so a restart is not taken as ready by its predecessor's word)."""
-        try:
-            with self.log_path.open("rb") as handle:
-                handle.seek(self.log_start)
-                text = handle.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, self.log_start, lines)
+
+
+def log_tail(path: Path, start: int, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log at ``path`` from byte ``start`` on."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def start_process(
@@ -110,31 +114,15 @@ def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float =
     leftovers: list[int] = []
     everything: dict[int, psutil.Process] = {}
     for group in groups:
-        targets: dict[int, psutil.Process] = {}
+        parents: list[psutil.Process] = []
+        children: dict[int, psutil.Process] = {}
         for proc in group:
             proc.remember_descendants()
-            targets.update(proc.seen)
+            children.update(proc.seen)
             if proc.alive():
-                try:
-                    targets[proc.pid] = psutil.Process(proc.pid)
-                    os.kill(proc.pid, signal.SIGTERM)
-                except (ProcessLookupError, psutil.NoSuchProcess):
-                    pass
-        # The children are asked too, at once, instead of each waiting for its parent to go
-        # (a SuperNode's SuperExec otherwise retries its gone parent for seconds).
-        own = {proc.pid for proc in group}
-        for pid, child in targets.items():
-            if pid not in own and still_running(child):
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    child.terminate()
-        everything.update(targets)
-        alive = _wait_gone(targets.values(), grace)
-        for survivor in alive:
-            try:
-                survivor.kill()
-            except psutil.NoSuchProcess:
-                continue
-        _wait_gone(alive, 5.0)
+                    parents.append(psutil.Process(proc.pid))
+        everything.update(terminate_group(parents, children, grace=grace))
         for proc in group:
             try:
                 proc.popen.wait(timeout=5.0)
@@ -143,6 +131,32 @@ def stop_processes(groups: Sequence[Sequence[ManagedProcess]], *, grace: float =
             proc._log.close()
     leftovers += [p.pid for p in everything.values() if still_running(p)]
     return sorted(set(leftovers))
+
+
+def terminate_group(
+    parents: Sequence[psutil.Process],
+    children: Mapping[int, psutil.Process],
+    *,
+    grace: float = 10.0,
+) -> dict[int, psutil.Process]:
+    """SIGTERM ``parents`` and ``children`` together, SIGKILL what is left after ``grace``
+    seconds; return every process targeted. psutil refuses to signal a PID that now
+    belongs to another process, so a stale record never hits a stranger."""
+    targets: dict[int, psutil.Process] = dict(children)
+    for parent in parents:
+        targets[parent.pid] = parent
+    # The children are asked too, at once, instead of each waiting for its parent to go
+    # (a SuperNode's SuperExec otherwise retries its gone parent for seconds).
+    for proc in targets.values():
+        if still_running(proc):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+    alive = _wait_gone(targets.values(), grace)
+    for survivor in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            survivor.kill()
+    _wait_gone(alive, 5.0)
+    return targets
 
 
 def still_running(proc: psutil.Process) -> bool:

@@ -220,9 +220,16 @@ def write_policy(
 
 
 def init_provider(
-    root: Path, *, trust_roots: Sequence[Path] = (), allow_stub: bool = True
+    root: Path,
+    *,
+    trust_roots: Sequence[Path] = (),
+    allow_stub: bool = True,
+    hosts: Sequence[str] = (),
 ) -> ProviderWorkspace:
-    """Create provider identities, TLS material, trusted roots and a policy under ``root``."""
+    """Create provider identities, TLS material, trusted roots and a policy under ``root``.
+
+    ``hosts`` are the names or addresses nodes reach the provider's gateway and key broker
+    at (its server certificate names them; loopback is always named)."""
     ws = ProviderWorkspace(root)
     if ws.signing_key.exists():
         raise ConfigError("already a provider workspace; refusing to replace its keys", path=root)
@@ -230,7 +237,10 @@ def init_provider(
     result = ec.generate_private_key(ec.SECP256R1())
     write_private(ws.signing_key, private_pem(signing))
     write_private(ws.result_key, private_pem(result))
-    tls = issue_loopback_tls(ws.tls, common_name="ark-provider", valid_days=365)
+    try:
+        tls = issue_loopback_tls(ws.tls, common_name="ark-provider", valid_days=365, hosts=hosts)
+    except ValueError as exc:
+        raise ConfigError(f"--host: {exc}", path=root) from exc
     ws.public.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tls.ca_cert, ws.public / "ca.crt")
     (ws.public / "signing.pub").write_bytes(public_pem(signing.public_key()))
@@ -500,19 +510,23 @@ def provision_loopback(
     key_broker_port: int,
     model_id: str = "base-model",
     threads: int = 0,
+    provider_host: str = "localhost",
 ) -> LoopbackDeployment:
     """Everything ``ark provider init|seal|allow-node`` and ``ark node init`` do, for a demo.
 
     The provider seals ``model_dir`` into ``root/distribution``, the folder standing in
-    for however the sealed package reaches the nodes; each node then attests for its key.
+    for however the sealed package reaches the nodes; each node then attests for its key,
+    at ``provider_host`` (loopback, or the provider's test host).
     """
     manufacturer = root / "dev-manufacturer"
     load_or_create_manufacturer(manufacturer)
-    ws = init_provider(root / "provider", trust_roots=[manufacturer / "root.crt"])
+    ws = init_provider(
+        root / "provider", trust_roots=[manufacturer / "root.crt"], hosts=[provider_host]
+    )
     init_aggregator(ws, manufacturer)
     package = root / "distribution" / model_id
     seal_model(ws, model_dir, package, model_id=model_id)
-    address = f"localhost:{key_broker_port}"
+    address = f"{provider_host}:{key_broker_port}"
     configs: dict[str, Path] = {}
     for name, data in node_data.items():
         configs[name] = init_node(

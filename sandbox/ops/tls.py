@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from sandbox.keyfiles import private_pem, write_private
 
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1", "::1")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,13 @@ def issue_loopback_tls(
     common_name: str = "ark-sandbox",
     valid_days: int = 30,
     now: dt.datetime | None = None,
+    hosts: Sequence[str] = (),
 ) -> TlsFiles:
     """Create a CA and a server certificate for loopback services under ``out_dir``.
 
-    Keys are fresh P-256 keys; private keys are written with mode 0600.
+    ``hosts`` are further names or IP addresses the server is reached at (the address
+    nodes on other machines use); the loopback names are always in. Keys are fresh P-256
+    keys; private keys are written with mode 0600.
     """
     now = now or dt.datetime.now(dt.UTC)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +98,7 @@ def issue_loopback_tls(
     server_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in LOOPBACK_NAMES]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOOPBACK_IPS]
+    sans += [_san(host) for host in hosts if host not in (*LOOPBACK_NAMES, *LOOPBACK_IPS)]
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
@@ -115,6 +121,16 @@ def issue_loopback_tls(
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     write_private(files.server_key, private_pem(server_key), overwrite=True)
     return files
+
+
+def _san(host: str) -> x509.GeneralName:
+    """A subjectAltName for ``host``: an IP address entry if it parses as one, else DNS."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        if not all(_LABEL.fullmatch(label) for label in host.split(".")):
+            raise ValueError(f"not a host name or IP address: {host!r}") from None
+        return x509.DNSName(host)
 
 
 def start_tls_server(

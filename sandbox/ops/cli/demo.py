@@ -1,4 +1,4 @@
-"""``ark demo``: the whole job on real Flower processes on loopback."""
+"""``ark demo``: the whole job, each party running its own commands on its own test host."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,7 +31,8 @@ from sandbox.journal import journal_public_path, read_journal
 from sandbox.ops.cli.base import app, console, err_console, fail, shorten
 
 if TYPE_CHECKING:
-    from sandbox.ops.federation import Federation
+    from sandbox.ops.deployment import PartyCommands
+    from sandbox.ops.netns import Topology
     from sandbox.ops.provision import LoopbackDeployment
 
 DEMO_START_SECONDS = 300.0
@@ -50,19 +52,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _project_root() -> Path:
-    """The Flower app directory (holding pyproject.toml) that ``flwr run`` builds."""
-    import server
-
-    root = Path(server.__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise FederationError(
-            f"cannot find the app's pyproject.toml next to {root}; install ark-sandbox "
-            "from a source checkout (pip install -e .)"
-        )
-    return root
 
 
 def _collect_data(data_dir: Path | None, nodes: int, scratch: Path, task: str) -> dict[str, Path]:
@@ -91,6 +80,26 @@ def _node_names(journals: list[Path]) -> dict[str, str]:
     return names
 
 
+HOSTS = ("auto", "netns", "loopback")
+
+
+@dataclass
+class _Stage:
+    """What the demo has set up so far, for cleanup on any exit."""
+
+    topology: Topology | None = None
+    commands: PartyCommands | None = None
+    leftovers: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.commands is not None:
+            self.leftovers = self.commands.stop_all()
+            self.commands = None
+        if self.topology is not None:
+            self.topology.close()
+            self.topology = None
+
+
 @app.command()
 def demo(
     workdir: Annotated[
@@ -109,20 +118,44 @@ def demo(
     round_timeout: Annotated[
         float, typer.Option(min=1.0, help="Seconds a round waits for nodes.")
     ] = 300.0,
+    hosts: Annotated[
+        str,
+        typer.Option(
+            help="Where the parties run: netns (a network namespace each, joined on "
+            "198.51.100.0/24; needs root and iproute2), loopback, or auto (netns where "
+            "this machine allows it, else loopback)."
+        ),
+    ] = "auto",
 ) -> None:
-    """Run the whole federated LoRA job on real Flower processes on loopback."""
-    from sandbox.ops.federation import Federation
-
+    """Run the whole federated LoRA job: each party's own commands (ark provider start,
+    ark node start, ark provider submit, the auditor's, the nodes' inference), each on
+    its own test host."""
     started = time.monotonic()
     temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="ark-demo-"))
     root = (workdir or temp or Path()).resolve()
-    fed = Federation(root, port=port)
+    stage = _Stage()
     try:
         with _sigterm_as_interrupt():
-            spec, deployment = _prepare_demo(
-                root, data_dir, nodes, model, task, mode, rounds, local_steps, port, round_timeout
-            )
-            results = _run_demo(fed, spec, deployment, started)
+            try:
+                spec, deployment = _prepare_demo(
+                    root,
+                    data_dir,
+                    nodes,
+                    model,
+                    task,
+                    mode,
+                    rounds,
+                    local_steps,
+                    port,
+                    round_timeout,
+                    hosts,
+                    stage,
+                )
+                results = _run_demo(stage, spec, deployment)
+            finally:
+                stage.close()
+        if stage.leftovers:
+            err_console.print(f"[yellow]warning:[/] processes still alive: {stage.leftovers}")
         _print_verdict(results, time.monotonic() - started)
         if temp is None:
             assert spec.output_dir is not None  # set by _prepare_demo
@@ -135,8 +168,8 @@ def demo(
         else:
             console.print("temporary workspace removed; pass --workdir DIR to keep the outputs")
     except KeyboardInterrupt:
-        if fed.leftovers:
-            err_console.print(f"[red]interrupted:[/] processes still alive: {fed.leftovers}")
+        if stage.leftovers:
+            err_console.print(f"[red]interrupted:[/] processes still alive: {stage.leftovers}")
         else:
             err_console.print("[yellow]interrupted:[/] every process the demo started was stopped")
         raise typer.Exit(130) from None
@@ -145,6 +178,34 @@ def demo(
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _relay(line: str) -> None:
+    """Print a party's line as it is (its ``[host]`` prefix is not markup)."""
+    console.print(line, markup=False)
+
+
+def _topology(hosts: str, names: list[str]) -> Topology:
+    """The demo's test hosts: a network namespace per party where this machine allows
+    it (``auto``, ``netns``), else every party on loopback, saying why."""
+    from sandbox.ops.netns import Topology, netns_unavailable
+
+    if hosts not in HOSTS:
+        raise ArkError(f"--hosts must be one of {', '.join(HOSTS)}, got {hosts!r}")
+    reason = None if hosts == "loopback" else netns_unavailable()
+    if hosts == "netns" and reason is not None:
+        raise ArkError(f"--hosts netns: network namespaces cannot be made here: {reason}")
+    if hosts == "loopback" or reason is not None:
+        console.print(
+            f"running every party on loopback: {reason or 'asked for with --hosts loopback'}"
+        )
+        return Topology.create(names, loopback=True)
+    topology = Topology.create(names)
+    console.print(
+        "running each party on its own test host (a network namespace, 198.51.100.0/24): "
+        + ", ".join(f"{h.name} {h.address}" for h in topology.hosts)
+    )
+    return topology
 
 
 def _prepare_demo(
@@ -158,20 +219,25 @@ def _prepare_demo(
     local_steps: int,
     port: int | None,
     round_timeout: float,
+    hosts: str,
+    stage: _Stage,
 ) -> tuple[RunSpec, LoopbackDeployment]:
-    """Validate every input, then lay out node workspaces and the run config."""
+    """Validate every input, make the test hosts (``stage.topology``), then lay out the
+    provider's and the nodes' workspaces and the run config."""
     from clients.data import derive_labels, load_examples
     from sandbox.lora import target_modules
     from sandbox.models import default_model_dir, inspect_model_dir
+    from sandbox.ops.deployment import PartyCommands
     from sandbox.ops.federation import check_port_free, free_port
+    from sandbox.ops.parties import ProviderAddresses
     from sandbox.ops.provision import provision_loopback
 
     if nodes < MIN_FEDERATED_NODES:
         raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
     if task not in TASKS or mode not in MODES:
         raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
-    if port is not None:
-        check_port_free(port)
+    if port is not None and not 0 < port < 65536:
+        raise ArkError(f"--port {port} is not a TCP port")
     info = inspect_model_dir((model or default_model_dir()).resolve(), task)
     root.mkdir(parents=True, exist_ok=True)
     sources = _collect_data(data_dir, nodes, root / "generated-data", task)
@@ -206,13 +272,25 @@ def _prepare_demo(
         node_dir.mkdir(parents=True, exist_ok=True)
         private[name] = node_dir / f"private{source.suffix}"
         shutil.copyfile(source, private[name])
+    topology = stage.topology = _topology(hosts, list(sources))
+    if topology.loopback:  # one host for all: free ports, checked (the SuperLink's too)
+        if port is not None:
+            check_port_free(port)
+        ports = (free_port(), free_port(), port or free_port())
+    else:  # a fresh host each: the well-known ports are free there
+        ports = (ProviderAddresses.fleet_port, ProviderAddresses.broker_port, port or 9093)
+    addresses = ProviderAddresses(topology.provider.address, *ports)
     deployment = provision_loopback(
         root,
         model_dir=info.path,
         node_data=private,
-        key_broker_port=free_port(),
+        key_broker_port=addresses.broker_port,
         model_id=info.path.name if model else "all-MiniLM-L6-v2",
         threads=1,
+        provider_host=addresses.host,
+    )
+    stage.commands = PartyCommands(
+        topology, deployment.provider.root, deployment.node_configs, addresses, say=_relay
     )
     spec = dataclasses.replace(
         spec,
@@ -264,56 +342,39 @@ def _reset_provisioning(root: Path) -> None:
             path.unlink()
 
 
-def _run_demo(
-    fed: Federation, spec: RunSpec, deployment: LoopbackDeployment, started: float
-) -> dict[str, Any]:
-    """Start the federation, run the job, stop everything; return the named results."""
-    from sandbox.ops.apps import approve_app_dir
+def _run_demo(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> dict[str, Any]:
+    """Each party's commands on its host: the provider starts its services and registers
+    the nodes' keys, the nodes start, the provider submits the job and follows it, the
+    auditor checks the log, each node classifies a few of its own tickets; then every
+    party stops its side. Returns the job's named results."""
+    from sandbox.ops.apps import approve_app_dir, project_root
     from sandbox.ops.federation import write_run_config
     from server.results import RESULTS_FILE, plot_metrics, render_table
 
-    assert spec.output_dir is not None  # set by _prepare_demo
+    assert spec.output_dir is not None
+    assert stage.commands is not None
+    cmds = stage.commands
     node_files = deployment.node_configs
     out_dir = spec.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
     # A demo starts from a clean SuperLink state: no runs left pending by an earlier one.
-    for stale in fed.database.parent.glob(f"{fed.database.name}*"):
+    database = deployment.provider.root / "superlink.db"
+    for stale in database.parent.glob(f"{database.name}*"):
         stale.unlink()
     # Each node's operator approves the app it reviewed (here: this checkout's FAB).
-    digest = approve_app_dir(_project_root(), list(node_files.values()), fed.workdir / "fab")
+    digest = approve_app_dir(
+        project_root(), list(node_files.values()), cmds.provider_dir.parent / "fab"
+    )
     console.print(f"nodes approved app {digest[:16]}… (flwr build of this checkout)")
-    with fed:
-        broker_port = int(deployment.key_broker.rsplit(":", 1)[1])
-        fed.start_key_broker(broker_port)
-        console.print(f"key broker up on 127.0.0.1:{broker_port} (TLS, attestation-gated)")
-        fed.start_superlink()
-        console.print(
-            f"SuperLink up on 127.0.0.1:{fed.port} (loopback only, TLS, database {fed.database})"
-        )
-        console.print(
-            f"gateway up on {fed.node_address} (nginx, TLS): nodes reach the Fleet API only"
-        )
-        fed.start_nodes(node_files)
-        console.print(
-            f"SuperNodes up: {', '.join(node_files)} (each key registered with the SuperLink)"
-        )
-        run_id = fed.submit(_project_root(), run_config)
-        console.print(f"run {run_id} submitted")
-        progress = _Progress(out_dir, spec.num_rounds, started)
-        with console.status("ServerApp starting") as status:
-            progress.status = status
-            budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
-            outcome = fed.wait(run_id, timeout=budget, on_tick=progress.tick)
-        if not outcome.ok:
-            raise FederationError(
-                f"run {run_id} ended {outcome.status}; ServerApp log:\n{fed.run_log(run_id)}"
-            )
-        _audit_demo(fed.workdir, deployment, f"127.0.0.1:{broker_port}")
-        inference = _inference_table(spec, deployment)
-        leftovers = fed.stop()
-    if leftovers:
-        err_console.print(f"[yellow]warning:[/] processes still alive: {leftovers}")
+    cmds.start_provider()
+    cmds.register_nodes()
+    cmds.start_nodes()
+    budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
+    cmds.submit(run_config, timeout=budget)
+    _audit_demo(cmds, deployment)
+    inference = _inference_table(cmds, spec, deployment)
+    stage.close()
     results: dict[str, Any] = json.loads((out_dir / RESULTS_FILE).read_text(encoding="utf-8"))
     names = _node_names([f.parent / "journal.jsonl" for f in node_files.values()])
     results["node_names"] = names
@@ -325,46 +386,49 @@ def _run_demo(
     return results
 
 
-def _audit_demo(root: Path, deployment: LoopbackDeployment, log: str) -> None:
-    """What an auditor would do next: verify the log over TLS, hold each node's journal
-    against it, and write the HTML report. Any failure fails the demo."""
-    from sandbox.ops.cli.audit import audit_crosscheck, audit_report, audit_verify
-
-    key = deployment.provider.log_vkey
-    journals = [path.parent / "journal.jsonl" for path in deployment.node_configs.values()]
-    console.print(f"[bold]audit[/] of the transparency log at {log} (key {key})")
+def _audit_demo(cmds: PartyCommands, deployment: LoopbackDeployment) -> None:
+    """What an auditor would do next, from a node's host (the log's port is published):
+    verify the log over TLS, hold each node's journal against it, and write the HTML
+    report. Any failure fails the demo."""
+    root = cmds.provider_dir.parent
+    host = next(iter(cmds.topology.nodes.values()))
+    log, key = cmds.addresses.broker, str(deployment.provider.log_vkey)
+    state = ["--state", str(root / "auditor")]
+    console.print(
+        f"[bold]audit[/] of the transparency log at {log} (key {key}), from {host.name}'s host"
+    )
+    journals: list[str] = []
+    for config in deployment.node_configs.values():
+        journal = config.parent / "journal.jsonl"
+        journals += ["--journal", str(journal), "--journal-key", str(journal_public_path(journal))]
     try:
-        audit_verify(log=log, key=key, state=root / "auditor", ca=None, origin=None)
-        audit_crosscheck(
-            log=log,
-            key=key,
-            journal=journals,
-            journal_key=[journal_public_path(path) for path in journals],
-            state=root / "auditor",
-            ca=None,
-            origin=None,
+        cmds.ark(host, "audit", "verify", "--log", log, "--key", key, *state)
+        cmds.ark(host, "audit", "crosscheck", "--log", log, "--key", key, *journals, *state)
+        cmds.ark(
+            host,
+            "audit",
+            "report",
+            "--log",
+            log,
+            "--key",
+            key,
+            "--html",
+            str(root / "audit-report.html"),
+            *state,
         )
-        audit_report(
-            log=log,
-            key=key,
-            html=root / "audit-report.html",
-            state=root / "auditor",
-            ca=None,
-            origin=None,
-        )
-    except typer.Exit as exc:
-        if exc.exit_code:
-            raise ArkError(f"the audit failed (exit code {exc.exit_code}); see above") from None
+    except FederationError as exc:
+        raise ArkError(f"the audit failed: {exc}") from None
 
 
-def _inference_table(spec: RunSpec, deployment: LoopbackDeployment) -> Table | None:
+def _inference_table(
+    cmds: PartyCommands, spec: RunSpec, deployment: LoopbackDeployment
+) -> Table | None:
     """What each node's operator can do next: classify a few of its own held-out tickets
-    with the run's adapters, inside its own sandbox (its loopback inference API), before
-    (baseline) and after (final) the run; shown once the sandboxes have stopped. The demo
+    with the run's adapters, inside its own sandbox (`ark node infer` on its host, through
+    its loopback inference API), before (baseline) and after (final) the run. The demo
     plays every operator, so it may read each node's data."""
     from clients.sandbox import load_split
     from sandbox.config import NodeConfig
-    from sandbox.ops.inference_client import InferenceClient
 
     if spec.task != TASK_CLASSIFICATION:
         return None
@@ -374,11 +438,26 @@ def _inference_table(spec: RunSpec, deployment: LoopbackDeployment) -> Table | N
     for name, config in deployment.node_configs.items():
         node = NodeConfig.load(config)
         tickets = load_split(spec, node).heldout[:DEMO_TICKETS]
-        texts = [ticket.text for ticket in tickets]
-        with InferenceClient.for_node(node) as client:
-            before = client.classify(texts, "baseline")["predictions"]
-            after = client.classify(texts, "final")["predictions"]
-        for ticket, old, new in zip(tickets, before, after, strict=True):
+        inputs = config.parent / "demo-tickets.jsonl"
+        inputs.write_text(
+            "".join(json.dumps({"text": t.text}) + "\n" for t in tickets), encoding="utf-8"
+        )
+        answers = {}
+        for adapter in ("baseline", "final"):
+            out = cmds.ark(
+                cmds.topology.nodes[name],
+                "node",
+                "infer",
+                str(inputs),
+                "--config",
+                str(config),
+                "--adapter",
+                adapter,
+                "--json",
+                relay=False,
+            )
+            answers[adapter] = json.loads(out.strip().splitlines()[-1])["predictions"]
+        for ticket, old, new in zip(tickets, answers["baseline"], answers["final"], strict=True):
             table.add_row(
                 name,
                 shorten(ticket.text, 48),
@@ -393,30 +472,6 @@ def _guess(prediction: dict[str, Any], truth: str) -> str:
     label = prediction["label"]
     mark = "[green]✓[/]" if label == truth else "[red]✗[/]"
     return f"{mark} {label} {prediction['scores'][label]:.2f}"
-
-
-class _Progress:
-    """Prints a line per finished round (for logs) and updates a spinner (for terminals)."""
-
-    def __init__(self, out_dir: Path, rounds: int, started: float):
-        self.state = out_dir / "checkpoints" / "state.json"
-        self.rounds = rounds
-        self.started = started
-        self.reported = -1
-        self.status: Any = None
-
-    def tick(self) -> None:
-        if not self.state.exists():
-            return
-        done = int(json.loads(self.state.read_text(encoding="utf-8"))["round"])
-        elapsed = time.monotonic() - self.started
-        if done != self.reported:
-            self.reported = done
-            what = "initial adapter ready" if done == 0 else "aggregated"
-            console.print(f"round {done}/{self.rounds} {what} · {elapsed:.0f}s")
-        phase = "final evaluation" if done >= self.rounds else f"round {done + 1}"
-        if self.status is not None:
-            self.status.update(f"{phase} running on the nodes · {elapsed:.0f}s")
 
 
 def _print_verdict(results: dict[str, Any], elapsed: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -139,6 +140,10 @@ def node_approve(
 @node_app.command("sandbox")
 def node_sandbox(
     config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+    broker_wait: Annotated[
+        float,
+        typer.Option(min=0.0, help="Seconds to keep trying an unreachable key broker."),
+    ] = 0.0,
 ) -> None:
     """Run the node's sandbox in the foreground until SIGTERM or Ctrl-C: attest, unseal the
     model into memory, and serve the node's ClientApps on its private Unix socket."""
@@ -152,7 +157,12 @@ def node_sandbox(
     stop = stop_on_signals()
     try:
         node = NodeConfig.load(config)
-        serve(node, stop, on_ready=lambda path: console.print(f"{SANDBOX_READY} {path}"))
+        serve(
+            node,
+            stop,
+            on_ready=lambda path: console.print(f"{SANDBOX_READY} {path}"),
+            broker_wait=broker_wait,
+        )
     except ArkError as exc:
         raise fail(exc) from exc
 
@@ -161,16 +171,29 @@ def node_sandbox(
 def node_status(
     config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
 ) -> None:
-    """Whether the node's sandbox is up and attested, and which runs it holds."""
+    """The node's processes, whether its sandbox is attested, whether its SuperNode is
+    connected, and which runs it serves. Exit 1 when the sandbox does not answer."""
     from clients.shuttle import sandbox_client
     from sandbox.config import NodeConfig
+    from sandbox.ops.federation import node_home
+    from sandbox.ops.parties import connected
+    from sandbox.ops.registry import ProcessRecord
 
     try:
         node = NodeConfig.load(config)
+        live = ProcessRecord(node_home(config.resolve())).live()
+    except ArkError as exc:
+        raise fail(exc) from exc
+    for role, (record, _) in sorted(live.items()):
+        console.print(f"{role:<11} running  pid {record.pid:<8} log {record.log}")
+    online = connected(config)
+    if live:
+        console.print(f"SuperNode: {'connected: ' + online if online else 'not connected'}")
+    try:
         with sandbox_client(node) as client:
             status = client.status()
     except ArkError as exc:
-        raise fail(exc) from exc
+        raise fail(exc, code=1) from exc
     stub = " (STUB TEE)" if status.stub else ""
     attested = (
         f"attested{stub}, result {status.result_sha256[:16]}…"
@@ -178,10 +201,73 @@ def node_status(
         else "not attested"
     )
     console.print(f"sandbox pid {status.pid}: {attested}")
-    console.print(f"runs with a channel: {list(status.runs) or 'none'}")
+    console.print(f"runs served (with a channel): {list(status.runs) or 'none'}")
     console.print(f"stored adapters: {list(status.adapters) or 'none'}")
     if status.inference_url:
         console.print(f"inference: {status.inference_url}")
+
+
+@node_app.command("supernode")
+def node_supernode(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+    superlink: Annotated[
+        str, typer.Option(help="The provider's node-facing gateway, host:port.")
+    ] = "127.0.0.1:9092",
+) -> None:
+    """Run the node's SuperNode in the foreground (it replaces this process), with the
+    node's launcher first on PATH, its SuperNode key and the provider's CA."""
+    import os
+
+    from sandbox.ops.parties import supernode_exec
+
+    try:
+        argv, env = supernode_exec(config, superlink)
+        # The service manager (or `ark node start`) holds this PID: exec, no child.
+        os.execve(argv[0], argv, env)  # noqa: S606 (argv is ours, no shell)
+    except (ArkError, OSError) as exc:
+        raise fail(exc) from exc
+
+
+@node_app.command("start")
+def node_start(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+    superlink: Annotated[
+        str, typer.Option(help="The provider's node-facing gateway, host:port.")
+    ] = "127.0.0.1:9092",
+    broker_wait: Annotated[
+        float,
+        typer.Option(min=0.0, help="Seconds the sandbox keeps trying an unreachable key broker."),
+    ] = 300.0,
+) -> None:
+    """Start the node's sandbox, launch pool and SuperNode on this host, detached; return
+    once the sandbox attested and the SuperNode is connected. Each is recorded by PID in
+    the node's run/ folder; `ark node stop` stops them."""
+    from sandbox.ops.parties import start_node
+
+    try:
+        start_node(config, superlink, broker_wait=broker_wait, say=console.print)
+    except KeyboardInterrupt:
+        raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"node up: attested, connected to {superlink}")
+
+
+@node_app.command("stop")
+def node_stop(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Stop the node's SuperNode, launch pool and sandbox (by their recorded PIDs)."""
+    from sandbox.ops.federation import node_home
+    from sandbox.ops.parties import NODE_STOP, stop_party
+
+    try:
+        leftovers = stop_party(node_home(config.resolve()), NODE_STOP)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    if leftovers:
+        raise fail(ArkError(f"processes that would not stop: {leftovers}"), code=1)
+    console.print("node stopped: no process of it is left")
 
 
 @node_app.command("infer")
@@ -200,6 +286,9 @@ def node_infer(
     run_id: Annotated[
         int | None, typer.Option(help="The run (default: the last with a final adapter).")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the sandbox's answer as one JSON line.")
+    ] = False,
 ) -> None:
     """Run the node's fine-tuned adapter on local texts, inside the node's own sandbox
     (its loopback inference API); nothing leaves this machine."""
@@ -223,6 +312,9 @@ def node_infer(
                 ]
     except ArkError as exc:
         raise fail(exc) from exc
+    if as_json:
+        console.print(json.dumps(answer), markup=False)
+        return
     table = Table(title=f"run {answer['run_id']}, {answer['adapter']} adapter ({node.name})")
     table.add_column("text")
     table.add_column("expected")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,12 +55,18 @@ def provider_init(
         Path | None,
         typer.Option(help="Development manufacturer folder that certifies the aggregator."),
     ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A name or IP address nodes reach this host at (repeatable)."),
+    ] = None,
 ) -> None:
     """Create the provider's identities, TLS material, trusted roots and appraisal policy."""
     from sandbox.ops.provision import init_aggregator, init_provider
 
     try:
-        ws = init_provider(workdir, trust_roots=trust_root or [], allow_stub=allow_stub)
+        ws = init_provider(
+            workdir, trust_roots=trust_root or [], allow_stub=allow_stub, hosts=host or []
+        )
         if manufacturer is not None:
             console.print(f"aggregator identity: {init_aggregator(ws, manufacturer)}")
     except ArkError as exc:
@@ -271,3 +277,224 @@ def provider_gateway(
         raise fail(ArkError(f"gateway processes still running: {leftovers}"), code=1)
     if exited:
         raise fail(ArkError(f"nginx exited on its own; see {spec.error_log}"), code=1)
+
+
+# -- the provider's own side on its host: start, stop, status, nodes, jobs -------------------
+
+
+@provider_app.command("superlink")
+def provider_superlink(
+    workdir: Workdir = Path("provider"),
+    port: Annotated[int, typer.Option(help="Loopback port of the SuperLink.")] = 9093,
+) -> None:
+    """Run the SuperLink in the foreground (it replaces this process): loopback only, TLS
+    with the workspace's certificate, SuperNode authentication on, state in superlink.db.
+    Also writes the `flwr` CLI's connection under the workspace (its HOME)."""
+    import os
+
+    from sandbox.ops.federation import HOST, _flower_env, superlink_argv, write_cli_config
+    from sandbox.ops.provision import ProviderWorkspace
+    from sandbox.ops.tls import TlsFiles
+
+    try:
+        ws = ProviderWorkspace(workdir.resolve()).require()
+        tls = TlsFiles.in_dir(ws.tls)
+        if missing := tls.missing():
+            raise ArkError(f"TLS material missing: {', '.join(map(str, missing))}")
+        write_cli_config(ws.root, f"{HOST}:{port}", tls.ca_cert)
+        argv = superlink_argv(ws.root / "superlink.db", port, tls, node_auth=True)
+        # The service manager (or `ark provider start`) holds this PID: exec, no child.
+        os.execve(argv[0], argv, _flower_env(ws.root))  # noqa: S606 (argv is ours, no shell)
+    except (ArkError, OSError) as exc:
+        raise fail(exc) from exc
+
+
+@provider_app.command("start")
+def provider_start(
+    workdir: Workdir = Path("provider"),
+    host: Annotated[
+        str, typer.Option(help="The address nodes reach this host at (in its certificate).")
+    ] = "127.0.0.1",
+    fleet_port: Annotated[int, typer.Option(help="Node-facing gateway port.")] = 9092,
+    broker_port: Annotated[int, typer.Option(help="Key broker and log port.")] = 9100,
+    superlink_port: Annotated[int, typer.Option(help="SuperLink port (loopback).")] = 9093,
+    timeout: Annotated[float, typer.Option(help="Seconds each service may take.")] = 60.0,
+) -> None:
+    """Start the provider's services on this host, detached: the SuperLink (loopback), the
+    node-facing gateway and the key broker with the transparency log. Each is recorded
+    by PID in WORKDIR/run; `ark provider stop` stops them."""
+    from sandbox.ops.parties import ProviderAddresses, start_provider
+
+    addresses = ProviderAddresses(host, fleet_port, broker_port, superlink_port)
+    try:
+        start_provider(workdir, addresses, timeout=timeout, say=console.print)
+    except KeyboardInterrupt:
+        raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(
+        f"provider up: nodes connect to {addresses.fleet} (Fleet API) and attest at "
+        f"{addresses.broker} (key broker and log)"
+    )
+
+
+@provider_app.command("stop")
+def provider_stop(workdir: Workdir = Path("provider")) -> None:
+    """Stop every service `ark provider start` recorded, by PID, with its children."""
+    from sandbox.ops.parties import PROVIDER_STOP, stop_party
+
+    try:
+        leftovers = stop_party(workdir.resolve(), PROVIDER_STOP)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    if leftovers:
+        raise fail(ArkError(f"processes that would not stop: {leftovers}"), code=1)
+    console.print("provider stopped: no process of it is left")
+
+
+@provider_app.command("status")
+def provider_status(workdir: Workdir = Path("provider")) -> None:
+    """The provider's services (running or not, where), its registered nodes as the
+    SuperLink sees them, and its jobs. Exit 1 when a service is not running."""
+    from sandbox.ops.parties import PROVIDER_STOP, node_states, registered_nodes
+    from sandbox.ops.registry import ProcessRecord
+
+    root = workdir.resolve()
+    try:
+        recorded = ProcessRecord(root).load()
+        live = ProcessRecord(root).live()
+        names = {v["node_id"]: k for k, v in registered_nodes(root).items()}
+    except ArkError as exc:
+        raise fail(exc) from exc
+    down = []
+    for (role,) in reversed(PROVIDER_STOP):
+        if role in live:
+            rec = live[role][0]
+            console.print(f"{role:<11} running  pid {rec.pid:<8} {rec.address}  log {rec.log}")
+        else:
+            down.append(role)
+            was = f" (recorded pid {recorded[role].pid} is gone)" if role in recorded else ""
+            console.print(f"{role:<11} stopped{was}")
+    if "superlink" in live:
+        try:
+            for node in node_states(root):
+                name = names.get(str(node["node-id"]), "?")
+                console.print(f"node {name} (id {node['node-id']}): {node['status']}")
+        except ArkError as exc:
+            console.print(f"nodes: unknown ({exc})")
+    jobs = sorted((root / "jobs").glob("*/checkpoints/state.json"))
+    for state in jobs:
+        progress = read_json(state)
+        done = "finished" if progress.get("finished") else "in progress"
+        console.print(f"job {state.parent.parent.name}: round {progress.get('round')} ({done})")
+    if down:
+        raise typer.Exit(1)
+
+
+@provider_app.command("register-node")
+def provider_register_node(
+    name: str, public_key: Path, workdir: Workdir = Path("provider")
+) -> None:
+    """Register a node's SuperNode public key (its flower/node-auth.pub) under NAME."""
+    from sandbox.ops.parties import register_node
+
+    try:
+        node_id = register_node(workdir.resolve(), name, public_key)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"node {name} registered: SuperNode id {node_id}")
+
+
+@provider_app.command("remove-node")
+def provider_remove_node(name: str, workdir: Workdir = Path("provider")) -> None:
+    """Unregister the SuperNode key registered under NAME: that node can no longer connect."""
+    from sandbox.ops.parties import remove_node
+
+    try:
+        node_id = remove_node(workdir.resolve(), name)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"node {name} (SuperNode id {node_id}) removed")
+
+
+@provider_app.command("submit")
+def provider_submit(
+    run_config: Path,
+    workdir: Workdir = Path("provider"),
+    app_dir: Annotated[
+        Path | None, typer.Option(help="The Flower app to run (default: this checkout).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Follow the job to its end.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow it at most.")] = 3600.0,
+) -> None:
+    """Submit a job from a run-config TOML and follow it: rounds, nodes admitted, accepted
+    updates; then say where the results are. The workspace fills in what the file leaves
+    out: the aggregator's identity, the log and the job folder (jobs/<job-id>)."""
+    from sandbox.ops.apps import project_root
+    from sandbox.ops.parties import follow_job, registered_nodes, submit_job
+    from server.results import RESULTS_FILE
+
+    root = workdir.resolve()
+    try:
+        job = submit_job(root, run_config, app_dir or project_root(), say=console.print)
+        console.print(f"run {job.run_id} submitted: job {job.spec.job_id} in {job.output_dir}")
+        if not follow:
+            return
+        names = {v["node_id"]: k for k, v in registered_nodes(root).items()}
+        progress = JobProgress(job.spec.num_rounds, names)
+        outcome = follow_job(root, job, timeout=timeout, on_events=progress.show)
+    except KeyboardInterrupt:
+        raise fail(
+            ArkError("stopped following; the job goes on (ark provider status shows it)"), 130
+        ) from None
+    except ArkError as exc:
+        raise fail(exc) from exc
+    if not outcome.ok:
+        raise fail(ArkError(f"run {job.run_id} ended {outcome.status}: {outcome.details}"), 1)
+    console.print(
+        f"run {job.run_id} finished\n"
+        f"results: {job.output_dir / RESULTS_FILE}\n"
+        f"adapter: {job.output_dir / 'adapter'} (stock PEFT format)\n"
+        f"events:  {job.events}"
+    )
+
+
+class JobProgress:
+    """Prints a job's progress from its ServerApp's events, one line each."""
+
+    def __init__(self, rounds: int, names: dict[str, str]):
+        self.rounds = rounds
+        self.names = names  # node name by Flower node id, as registered here
+        self.accepted: dict[Any, int] = {}
+
+    def node(self, event: dict[str, Any]) -> str:
+        node = str(event.get("node"))
+        return self.names.get(node, f"id {node}")
+
+    def show(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind, rnd = event.get("kind"), event.get("round")
+            if kind == "run_started":
+                resumed = event.get("resumed_after_round")
+                after = f", resuming after round {resumed}" if resumed else ""
+                console.print(f"run started: {self.rounds} rounds{after}")
+            elif kind == "node_admitted":
+                console.print(f"node {self.node(event)} admitted (attested channel)")
+            elif kind == "node_refused" or kind == "node_declined":
+                console.print(f"node {self.node(event)} {kind[5:]}: {event.get('reason')}")
+            elif kind == "round_started":
+                count = len(event.get("participants") or [])
+                console.print(f"round {rnd} {event.get('stage')}: {count} nodes")
+            elif kind == "update_accepted":
+                self.accepted[rnd] = self.accepted.get(rnd, 0) + 1
+                console.print(f"round {rnd}: update from node {self.node(event)} accepted")
+            elif kind == "update_rejected":
+                console.print(
+                    f"round {rnd}: update from node {self.node(event)} rejected "
+                    f"({event.get('reason')})"
+                )
+            elif kind == "aggregate_committed":
+                console.print(
+                    f"round {rnd}/{self.rounds} aggregated from {self.accepted.get(rnd, 0)} "
+                    f"updates: {event.get('metrics')}"
+                )
