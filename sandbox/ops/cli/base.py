@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,28 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise fail(ArkError(f"{path}: expected a JSON object"))
     return document
+
+
+@contextlib.contextmanager
+def party_command() -> Iterator[None]:
+    """A party's start command: an interrupt (what it started is stopped on the way
+    out) exits 130, an ArkError exits 2, each with its message."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
+    except ArkError as exc:
+        raise fail(exc) from exc
+
+
+def stop_side(workspace: Path, order: tuple[tuple[str, ...], ...], side: str) -> None:
+    """A party's stop command: stop what its record names; exit 1 if a process survives."""
+    from sandbox.ops.parties import stop_party
+
+    try:
+        leftovers = stop_party(workspace, order)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    if leftovers:
+        raise fail(ArkError(f"processes that would not stop: {leftovers}"), code=1)
+    console.print(f"{side} stopped: no process of it is left")

@@ -10,7 +10,17 @@ import typer
 
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
-from sandbox.ops.cli.base import console, fail, node_app, shorten, stop_on_signals
+from sandbox.ops.cli.base import (
+    console,
+    fail,
+    node_app,
+    party_command,
+    shorten,
+    stop_on_signals,
+    stop_side,
+)
+
+Superlink = Annotated[str, typer.Option(help="The provider's node-facing gateway, host:port.")]
 
 
 @node_app.command("check-data")
@@ -210,9 +220,7 @@ def node_status(
 @node_app.command("supernode")
 def node_supernode(
     config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
-    superlink: Annotated[
-        str, typer.Option(help="The provider's node-facing gateway, host:port.")
-    ] = "127.0.0.1:9092",
+    superlink: Superlink = "127.0.0.1:9092",
 ) -> None:
     """Run the node's SuperNode in the foreground (it replaces this process), with the
     node's launcher first on PATH, its SuperNode key and the provider's CA."""
@@ -231,9 +239,7 @@ def node_supernode(
 @node_app.command("start")
 def node_start(
     config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
-    superlink: Annotated[
-        str, typer.Option(help="The provider's node-facing gateway, host:port.")
-    ] = "127.0.0.1:9092",
+    superlink: Superlink = "127.0.0.1:9092",
     broker_wait: Annotated[
         float,
         typer.Option(min=0.0, help="Seconds the sandbox keeps trying an unreachable key broker."),
@@ -244,12 +250,8 @@ def node_start(
     the node's run/ folder; `ark node stop` stops them."""
     from sandbox.ops.parties import start_node
 
-    try:
+    with party_command():
         start_node(config, superlink, broker_wait=broker_wait, say=console.print)
-    except KeyboardInterrupt:
-        raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
-    except ArkError as exc:
-        raise fail(exc) from exc
     console.print(f"node up: attested, connected to {superlink}")
 
 
@@ -259,15 +261,9 @@ def node_stop(
 ) -> None:
     """Stop the node's SuperNode, launch pool and sandbox (by their recorded PIDs)."""
     from sandbox.ops.federation import node_home
-    from sandbox.ops.parties import NODE_STOP, stop_party
+    from sandbox.ops.parties import NODE_STOP
 
-    try:
-        leftovers = stop_party(node_home(config.resolve()), NODE_STOP)
-    except ArkError as exc:
-        raise fail(exc) from exc
-    if leftovers:
-        raise fail(ArkError(f"processes that would not stop: {leftovers}"), code=1)
-    console.print("node stopped: no process of it is left")
+    stop_side(node_home(config.resolve()), NODE_STOP, "node")
 
 
 @node_app.command("infer")

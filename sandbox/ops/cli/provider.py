@@ -9,7 +9,15 @@ import typer
 
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
-from sandbox.ops.cli.base import console, fail, provider_app, read_json, stop_on_signals
+from sandbox.ops.cli.base import (
+    console,
+    fail,
+    party_command,
+    provider_app,
+    read_json,
+    stop_on_signals,
+    stop_side,
+)
 
 
 @provider_app.command("check-model")
@@ -326,12 +334,8 @@ def provider_start(
     from sandbox.ops.parties import ProviderAddresses, start_provider
 
     addresses = ProviderAddresses(host, fleet_port, broker_port, superlink_port)
-    try:
+    with party_command():
         start_provider(workdir, addresses, timeout=timeout, say=console.print)
-    except KeyboardInterrupt:
-        raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
-    except ArkError as exc:
-        raise fail(exc) from exc
     console.print(
         f"provider up: nodes connect to {addresses.fleet} (Fleet API) and attest at "
         f"{addresses.broker} (key broker and log)"
@@ -341,15 +345,9 @@ def provider_start(
 @provider_app.command("stop")
 def provider_stop(workdir: Workdir = Path("provider")) -> None:
     """Stop every service `ark provider start` recorded, by PID, with its children."""
-    from sandbox.ops.parties import PROVIDER_STOP, stop_party
+    from sandbox.ops.parties import PROVIDER_STOP
 
-    try:
-        leftovers = stop_party(workdir.resolve(), PROVIDER_STOP)
-    except ArkError as exc:
-        raise fail(exc) from exc
-    if leftovers:
-        raise fail(ArkError(f"processes that would not stop: {leftovers}"), code=1)
-    console.print("provider stopped: no process of it is left")
+    stop_side(workdir.resolve(), PROVIDER_STOP, "provider")
 
 
 @provider_app.command("status")
