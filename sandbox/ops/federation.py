@@ -63,6 +63,9 @@ def check_port_free(port: int, host: str = HOST) -> None:
     """Raise FederationError naming the port if something already listens on it (or
     ``host`` is not an address of this machine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: connections of a stopped server lingering in TIME_WAIT do
+        # not make the port busy, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
