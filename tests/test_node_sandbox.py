@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from safetensors.numpy import save_file
 
 import clients.sandbox as node_sandbox
 from clients.adapters import stored_runs
-from clients.sandbox import NodeSandbox
+from clients.sandbox import BROKER_RETRY_SECONDS, NodeSandbox
 from clients.service import MAX_RUN_CONFIG_BYTES, serve
 from clients.shuttle import (
     CHANNEL_OPTIONS,
@@ -48,14 +49,14 @@ from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import KeyReleaseDenied
+from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied
 from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.lora import Adapter, adapter_state
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.inference_client import InferenceClient
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, save_policy
-from sandbox.protocol import CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
+from sandbox.protocol import BROKER_RETRY, CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
 from sandbox.reasons import NodeReason
 from server.app import _provider_model
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
@@ -664,3 +665,59 @@ def test_after_a_run_and_inference_no_node_file_holds_weights_adapter_or_channel
     assert len(weights) >= 100
     leftovers = files_holding([*weights, *adapter, channel_key], [workspace])
     assert leftovers == [], leftovers
+
+
+class _WaitClock:
+    """Frozen time for a sandbox waiting on its key broker: each pause advances it, and
+    ``on_pause`` runs after the pause it is given (e.g. the broker comes back)."""
+
+    def __init__(self, on_pause: Callable[[int], None] = lambda count: None):
+        self.now = 0.0
+        self.pauses: list[float] = []
+        self.on_pause = on_pause
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+        self.on_pause(len(self.pauses))
+
+
+def test_a_sandbox_waits_for_a_key_broker_that_is_down_then_serves(
+    own_world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = own_world
+    world.broker.stop()
+    time = _WaitClock(lambda count: world.broker.start() if count == 2 else None)
+    sandbox = NodeSandbox(world.node)
+    with caplog.at_level(logging.WARNING, logger="ark.sandbox"):
+        sandbox.start(broker_wait=60, sleep=time.sleep, clock=time.clock)
+    assert sandbox.attestation is not None
+    assert time.pauses == [BROKER_RETRY_SECONDS, BROKER_RETRY_SECONDS]
+    said = [r.getMessage() for r in caplog.records if BROKER_RETRY in r.getMessage()]
+    assert len(said) == 2
+    assert "attempt 1" in said[0]
+    assert str(world.node.require_sandbox().key_broker) in said[0]
+
+
+def test_a_sandbox_gives_up_on_the_key_broker_after_its_wait(own_world: World) -> None:
+    world = own_world
+    world.broker.stop()
+    time = _WaitClock()
+    with pytest.raises(KeyBrokerUnavailable):
+        NodeSandbox(world.node).start(broker_wait=7, sleep=time.sleep, clock=time.clock)
+    assert time.pauses == [3.0, 3.0, 1.0]
+    with pytest.raises(KeyBrokerUnavailable):  # no wait asked: one attempt only
+        NodeSandbox(world.node).start(sleep=time.sleep, clock=time.clock)
+    assert len(time.pauses) == 3
+
+
+def test_a_key_release_denial_is_not_waited_out(own_world: World) -> None:
+    world = own_world
+    world.deny_all_nodes()
+    time = _WaitClock()
+    with pytest.raises(KeyReleaseDenied):
+        NodeSandbox(world.node).start(broker_wait=60, sleep=time.sleep, clock=time.clock)
+    assert time.pauses == []

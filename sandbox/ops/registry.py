@@ -102,6 +102,7 @@ class ProcessRecord:
 
     def _save(self, records: dict[str, Recorded]) -> None:
         document = {"processes": {role: asdict(rec) for role, rec in sorted(records.items())}}
+        self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(document, indent=2).encode(), mode=0o600)
 
     def add(self, role: str, proc: ManagedProcess, *, address: str = "") -> Recorded:
