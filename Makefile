@@ -15,15 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The provider's node-facing gateway is Debian's nginx: installed here when it is missing
-# (as root, or with passwordless sudo), so demo, tests and bench find it.
+# The provider's node-facing gateway is Debian's nginx, and the demo's test hosts are
+# network namespaces (iproute2's `ip netns`, which need root): installed here when missing
+# (nginx as root or with passwordless sudo, iproute2 as root), so demo, tests and bench
+# find them. Without namespaces, the demo runs every party on loopback and says so.
 gateway-tools:
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="nginx"; \
+	[ "$$(id -u)" != 0 ] || command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || \
+		test -x /sbin/ip || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-		echo "installing nginx (Debian) for the provider's gateway"; \
+		echo "installing$$missing (Debian) for the provider's gateway and the test hosts"; \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-			nginx >/dev/null; }
+			$$missing >/dev/null; fi
 
 demo: $(STAMP) gateway-tools
 	$(BIN)/ark demo --workdir $(WORKDIR)

@@ -67,7 +67,7 @@ class ProcessRecord:
     @contextlib.contextmanager
     def locked(self) -> Iterator[ProcessRecord]:
         """Hold the party's lock: one start or stop at a time."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -102,7 +102,7 @@ class ProcessRecord:
 
     def _save(self, records: dict[str, Recorded]) -> None:
         document = {"processes": {role: asdict(rec) for role, rec in sorted(records.items())}}
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(document, indent=2).encode(), mode=0o600)
 
     def add(self, role: str, proc: ManagedProcess, *, address: str = "") -> Recorded:

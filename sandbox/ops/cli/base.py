@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import typer
@@ -97,11 +98,26 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def party_command() -> Iterator[None]:
-    """A party's start command: an interrupt (what it started is stopped on the way
-    out) exits 130, an ArkError exits 2, each with its message."""
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs the same way as for Ctrl-C."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def party_command() -> Iterator[None]:
+    """A party's start command: an interrupt or SIGTERM (what it started is stopped on the
+    way out) exits 130, an ArkError exits 2, each with its message."""
+    try:
+        with sigterm_as_interrupt():
+            yield
     except KeyboardInterrupt:
         raise fail(ArkError("interrupted: what this command started was stopped"), 130) from None
     except ArkError as exc:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import signal
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -28,7 +24,14 @@ from sandbox.config import (
 from sandbox.errors import ArkError, FederationError
 from sandbox.events import Key
 from sandbox.journal import journal_public_path, read_journal
-from sandbox.ops.cli.base import app, console, err_console, fail, shorten
+from sandbox.ops.cli.base import (
+    app,
+    console,
+    err_console,
+    fail,
+    shorten,
+    sigterm_as_interrupt,
+)
 
 if TYPE_CHECKING:
     from sandbox.ops.deployment import PartyCommands
@@ -38,20 +41,6 @@ if TYPE_CHECKING:
 DEMO_START_SECONDS = 300.0
 # Held-out tickets per node the demo classifies through the node's inference API.
 DEMO_TICKETS = 4
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs the same way as for Ctrl-C."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _collect_data(data_dir: Path | None, nodes: int, scratch: Path, task: str) -> dict[str, Path]:
@@ -135,7 +124,7 @@ def demo(
     root = (workdir or temp or Path()).resolve()
     stage = _Stage()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             try:
                 spec, deployment = _prepare_demo(
                     root,
