@@ -426,6 +426,14 @@ def _recorded(workdir: Path) -> dict[int, psutil.Process]:
     return found
 
 
+def _runs(program: str, proc: psutil.Process) -> bool:
+    """Whether ``proc`` runs ``program`` (False once it has exited, zombies included)."""
+    try:
+        return any(program in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _our_namespaces(output: str) -> list[str]:
     """The demo's network namespaces still present (named in its output)."""
     import re
@@ -454,9 +462,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
             assert time.monotonic() < deadline, "the demo never started its federation"
             found = _recorded(workdir)
             seen.update(found)
-            supernodes = sum(
-                any("flower-supernode" in part for part in p.cmdline()) for p in found.values()
-            )
+            supernodes = sum(_runs("flower-supernode", p) for p in found.values())
             time.sleep(0.2)
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=180)
