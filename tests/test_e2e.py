@@ -14,7 +14,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,17 +438,32 @@ def _runs(program: str, proc: psutil.Process) -> bool:
 
 def _our_namespaces(output: str) -> list[str]:
     """The demo's network namespaces still present (named in its output)."""
-    import re
-    import subprocess
-
     tags = set(re.findall(r"ark-([0-9a-f]{6})-", output))
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [n for n in names.split() if any(f"ark-{tag}-" in n for tag in tags)]
 
 
-def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    import subprocess
+def _tidy_after(demo: subprocess.Popen[str], workdir: Path, output: str) -> None:
+    """Hygiene when a demo test failed halfway: the demo gets its own Ctrl-C first, then
+    whatever its parties recorded is stopped and its namespaces are removed."""
+    from sandbox.ops.parties import NODE_STOP, PROVIDER_STOP, stop_party
 
+    if demo.poll() is None:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
+    for node in (workdir / "nodes").glob("*"):
+        stop_party(node, NODE_STOP)
+    if (workdir / "provider").is_dir():
+        stop_party(workdir / "provider", PROVIDER_STOP)
+    for name in _our_namespaces(output):
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_dir: Path) -> None:
     workdir = tmp_path / "ws"
     argv = _demo_argv(workdir, tiny_bert_dir, "--nodes", "2", "--rounds", "1")
     demo = subprocess.Popen(
@@ -455,6 +472,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
     seen: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 300
     supernodes = 0
+    output = ""
     try:
         # Until both nodes' SuperNodes run: the provider's services and every node process.
         while supernodes < 2:
@@ -466,29 +484,34 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, tiny_bert_d
             time.sleep(0.2)
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=180)
+        alive = [p.pid for p in seen.values() if still_running(p)]
+        namespaces = _our_namespaces(output)
     finally:
-        if demo.poll() is None:
-            demo.kill()
+        _tidy_after(demo, workdir, output)
     assert demo.returncode == 130, output
     assert "interrupted" in output
     assert len(seen) >= 6
-    alive = [p.pid for p in seen.values() if still_running(p)]
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
-    assert _our_namespaces(output) == []
+    assert "network namespace" in output
+    assert namespaces == []
 
 
 def test_the_demo_runs_each_party_on_its_own_host(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """The whole demo, as each party's commands on its own network-namespace host."""
-    import subprocess
-
     from sandbox.ops.netns import netns_unavailable
 
     if (reason := netns_unavailable()) is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
     workdir = tmp_path / "ws"
     argv = _demo_argv(workdir, tiny_bert_dir, "--nodes", "2", "--rounds", "2", "--hosts", "netns")
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-    output = result.stdout + result.stderr
+    demo = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    try:
+        output, _ = demo.communicate(timeout=900)
+        namespaces = _our_namespaces(output)
+    finally:
+        _tidy_after(demo, workdir, output)
+    result = demo
     # Exit 1 is the demo's verdict that not every node improved (a tiny random model need
     # not); anything else is a failure.
     assert result.returncode in (0, 1), output
@@ -499,7 +522,8 @@ def test_the_demo_runs_each_party_on_its_own_host(tmp_path: Path, tiny_bert_dir:
     assert "on-prem inference" in output
     assert "provider stopped: no process of it is left" in output
     assert output.count("node stopped: no process of it is left") == 2
-    assert _our_namespaces(output) == []
+    assert len(re.findall(r"\(ark-[0-9a-f]{6}-", output)) == 3  # the provider's, two nodes'
+    assert namespaces == []
 
 
 def test_causal_lm_round_on_a_tiny_llama(resumed_run: ResumedRun) -> None:

@@ -9,11 +9,9 @@ loopback still works. The federated runs in test_e2e.py go through the same gate
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import ssl
 import subprocess
 from pathlib import Path
 
@@ -42,27 +40,7 @@ from sandbox.ops.gateway import (
 from sandbox.ops.processes import still_running
 from sandbox.ops.tls import issue_loopback_tls
 from tests.conftest import APP_DIR
-
-# Paths that must never reach the SuperLink from a node: the Control and Runtime APIs,
-# health, and dot-segment or encoding tricks that normalise onto a Fleet path or away
-# from one.
-FORBIDDEN_PATHS = [
-    "/v1/control/list-runs",
-    "/v1/control/start-run",
-    "/v1/control/register-node",
-    "/v1/control/unregister-node",
-    "/v1/runtime/get-run",
-    "/v1/fleet/register-node",
-    "/v1/fleet/unregister-node",
-    "/health",
-    "/",
-    "/v1/fleet/../control/list-runs",
-    "/v1/fleet/%2e%2e/control/list-runs",
-    "/v1/fleet/pull-messages/../../control/list-runs",
-    "/v1/fleet/pull-messages%2f..%2f..%2fcontrol%2flist-runs",
-    "/v1/fleet/PULL-MESSAGES",
-    "/v1/fleet/pull-messages/",
-]
+from tests.gateway_probe import PROBES, request_status
 
 
 def _spec(tmp_path: Path, **overrides: object) -> GatewaySpec:
@@ -137,24 +115,6 @@ def _node_home(tmp_path: Path, federation: Federation) -> Path:
     return home
 
 
-def _raw(address: str, ca_cert: Path, method: str, path: str, length: int = 0) -> int:
-    """Send one request with the path exactly as given (no client-side normalising),
-    announcing a body of ``length`` bytes without sending it."""
-    host, port = split_address(address)
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    conn = http.client.HTTPSConnection(host, port, context=context, timeout=15)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        conn.putheader("Content-Type", "application/protobuf")
-        conn.putheader("Content-Length", str(length))
-        conn.endheaders()
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_node_reaches_only_the_fleet_api(tmp_path: Path, federation: Federation) -> None:
@@ -184,16 +144,11 @@ def test_a_node_reaches_only_the_fleet_api(tmp_path: Path, federation: Federatio
         assert result.returncode != 0, f"flwr {name} through the gateway succeeded"
         assert "404" in result.stdout + result.stderr, (name, result.stdout, result.stderr)
 
-    for path in FORBIDDEN_PATHS:
-        assert _raw(federation.node_address, federation.tls.ca_cert, "POST", path) == 404, path
-    # A Fleet path with another method is forbidden; with POST it reaches Flower, which
-    # answers an unauthenticated caller itself (401), proving the route is forwarded.
-    address, ca = federation.node_address, federation.tls.ca_cert
-    assert _raw(address, ca, "GET", "/v1/fleet/pull-messages") == 403
-    assert _raw(address, ca, "PUT", "/v1/fleet/push-messages") == 403
-    assert _raw(address, ca, "POST", "/v1/fleet/pull-messages") == 401
-    # A body over the gateway's cap is refused before a byte of it is read or forwarded.
-    assert _raw(address, ca, "POST", "/v1/fleet/push-object", length=65 * 2**20) == 413
+    for probe in PROBES:
+        status = request_status(
+            federation.node_address, federation.tls.ca_cert, probe.method, probe.path, probe.length
+        )
+        assert status == probe.status, probe
 
     # Nothing the intruder tried changed the provider's state: its own CLI, on loopback,
     # sees no registered node and no run.

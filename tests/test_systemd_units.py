@@ -21,9 +21,8 @@ from pathlib import Path
 
 import click
 import pytest
-import typer
 
-from sandbox.ops.cli import app
+from tests.ark_cli import parse_with_cli
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 # Where the units expect the installed checkout's venv (docs/deploy.md: make in /opt/ark).
@@ -212,25 +211,6 @@ def expand(service: UnitFile, command: str, env: dict[str, str]) -> list[str]:
     missing = sorted(set(re.findall(r"\$\{(\w+)\}", command)) - set(values))
     assert not missing, f"{service.name}: ExecStart uses {missing}, defined nowhere"
     return shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: values[m[1]], command))
-
-
-def parse_with_cli(argv: list[str]) -> tuple[str, click.Context]:
-    """Walk ``ark``'s command groups along ``argv`` (after the program) and parse the
-    rest with the command it names, as ``ark`` itself would: click raises a UsageError
-    for an unknown command or option, a bad value or a missing required option."""
-    command: click.Command = typer.main.get_command(app)
-    path = ["ark"]
-    rest = list(argv)
-    while isinstance(command, click.Group):
-        if not rest:
-            raise click.UsageError(f"{' '.join(path)} needs a subcommand")
-        name = rest.pop(0)
-        sub = command.get_command(click.Context(command), name)
-        if sub is None:
-            raise click.UsageError(f"{' '.join(path)} has no command {name!r}")
-        command = sub
-        path.append(name)
-    return " ".join(path), command.make_context(" ".join(path), rest)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def _topology(hosts: str, names: list[str]) -> Topology:
     topology = Topology.create(names)
     console.print(
         "running each party on its own test host (a network namespace, 198.51.100.0/24): "
-        + ", ".join(f"{h.name} {h.address}" for h in topology.hosts)
+        + ", ".join(f"{h.name} {h.address} ({h.netns})" for h in topology.hosts)
     )
     return topology
 
