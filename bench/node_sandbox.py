@@ -23,7 +23,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.timed import run_timed
 from sandbox.events import (
     AggregateCommitted,
     ChannelCertified,
@@ -49,6 +49,14 @@ ROUNDS = 2
 BEFORE_FILE = Path(__file__).resolve().parent / "results" / "before-sandbox.json"
 # The demo's own closing line: "... (3/3) · 71s wall time".
 _WALL = re.compile(r"(\d+)s wall time")
+# The provider's ``ark provider submit`` lines, relayed by the demo as "[provider] …".
+_SUBMITTED = r"\] run \d+ submitted"
+_FINISHED = r"\] run \d+ finished"
+# The demo's line saying where the parties run (sandbox/ops/cli/demo.py).
+_RAN_ON = {
+    "netns": r"running each party on its own test host",
+    "loopback": r"running every party on loopback",
+}
 
 
 def flower_sleeps() -> dict[str, dict[str, Any]]:
@@ -240,9 +248,13 @@ def figures(root: Path, work: dict[str, float] | None = None) -> dict[str, Any]:
     }
 
 
-def run_demo(root: Path, rounds: int = ROUNDS, nodes: int = NODES) -> dict[str, Any]:
-    """Run ``ark demo`` (sealed, real processes) into ``root``; its wall time, as the
-    caller waits for it and as the demo prints it."""
+def run_demo(
+    root: Path, rounds: int = ROUNDS, nodes: int = NODES, hosts: str | None = None
+) -> dict[str, Any]:
+    """Run ``ark demo`` (sealed, real processes) into ``root``, on ``hosts`` (its
+    ``--hosts``; the demo's default when None). Its wall time as the caller waits for it
+    and as the demo prints it; the job's, from the provider's "run N submitted" line to
+    its "run N finished" line, as they reached the caller; and where the parties ran."""
     argv = [
         str(Path(sys.executable).parent / "ark"),
         "demo",
@@ -252,18 +264,17 @@ def run_demo(root: Path, rounds: int = ROUNDS, nodes: int = NODES) -> dict[str, 
         str(rounds),
         "--nodes",
         str(nodes),
+        *(["--hosts", hosts] if hosts else []),
     ]
     load = os.getloadavg()[0]
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"ark demo failed ({done.returncode}):\n{done.stdout[-4000:]}")
-    printed = _WALL.findall(done.stdout)
+    done = run_timed(argv).require_success()
+    printed = _WALL.findall(done.text)
     return {
-        "command": " ".join(["ark", *argv[1:2], "--rounds", str(rounds), "--nodes", str(nodes)]),
-        "wall_seconds": wall,
+        "command": " ".join(["ark", *argv[1:2], *argv[4:]]),
+        "wall_seconds": done.wall_seconds,
         "printed_wall_seconds": float(printed[-1]) if printed else None,
+        "job_seconds": done.between(_SUBMITTED, _FINISHED),
+        "ran_on": next((k for k, line in _RAN_ON.items() if done.first(line) is not None), None),
         # This machine is shared: the 1-minute load average before and after the run.
         "load_average": [load, os.getloadavg()[0]],
     }

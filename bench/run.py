@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.deploy import DEMO_PAIRS, NODE_STARTS, deploy_bench
 from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
 from bench.sealing import key_release, unseal_throughput
@@ -261,21 +262,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-sandbox", action="store_true")
     parser.add_argument("--sandbox-rounds", type=int, default=2)
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--skip-deploy", action="store_true")
+    parser.add_argument(
+        "--deploy-pairs",
+        type=int,
+        default=DEMO_PAIRS,
+        help="ark demo runs on each kind of host (netns, loopback), interleaved",
+    )
+    parser.add_argument(
+        "--deploy-starts", type=int, default=NODE_STARTS, help="ark node start runs per host kind"
+    )
     parser.add_argument(
         "--only",
-        choices=("translog", "sandbox", "inference"),
-        help="run one part; sandbox and inference update only their own figures in latest.json",
+        choices=("translog", "sandbox", "inference", "deploy"),
+        help="run one part; sandbox, inference and deploy update only their own figures "
+        "in latest.json",
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only in ("sandbox", "inference"):
+    if args.only in ("sandbox", "inference", "deploy"):
         latest = RESULTS_DIR / "latest.json"
         kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
         stamp = {"machine": report["machine"], "time": report["time"]}
         if args.only == "sandbox":
             kept["sandbox"] = {**stamp, **sandbox_bench(args.sandbox_rounds)}
             _print_sandbox(kept["sandbox"])
+        elif args.only == "deploy":
+            kept["deploy"] = {**stamp, **deploy_bench(args.deploy_pairs, args.deploy_starts)}
+            _print_deploy(kept["deploy"])
         else:
             kept["inference"] = {**stamp, **inference_bench()}
             _print_inference(kept["inference"])
@@ -301,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["sandbox"] = sandbox_bench(args.sandbox_rounds)
     if not args.skip_inference:
         report["inference"] = inference_bench()
+    if not args.skip_deploy:
+        report["deploy"] = deploy_bench(args.deploy_pairs, args.deploy_starts)
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -379,6 +396,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_sandbox(report["sandbox"])
     if "inference" in report:
         _print_inference(report["inference"])
+    if "deploy" in report:
+        _print_deploy(report["deploy"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -639,6 +658,76 @@ def _print_inference(figures: dict[str, Any]) -> None:
     )
     table.add_row(
         "its first request (builds the run's model)", f"{http['first_request_seconds']:.2f} s", ""
+    )
+    console.print(table)
+
+
+def _print_deploy(figures: dict[str, Any]) -> None:
+    _print_demo_hosts(figures["demo"])
+    _print_node_starts(figures["node_start"])
+
+
+def _print_demo_hosts(demo: dict[str, Any]) -> None:
+    if "skipped" in demo:
+        console.print(
+            f"Deployment across hosts: the netns / loopback demo skipped: {demo['skipped']}"
+        )
+        return
+    medians, ratio = demo["medians"], demo["netns_over_loopback"]
+    table = Table(
+        title=f"Deployment across hosts: ark demo --rounds {demo['rounds']} --nodes "
+        f"{demo['nodes']} on network namespaces vs loopback, {demo['pairs']} interleaved "
+        "pair(s), medians"
+    )
+    for col in ("measure", "netns", "loopback", "netns / loopback", "goal"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    rows = (
+        ("job_seconds", "job: provider's 'run submitted' to 'run finished'", "<= 1.1"),
+        ("wall_seconds", "whole ark demo, as the caller waits", ""),
+        ("printed_wall_seconds", "whole ark demo, as it prints it", ""),
+    )
+    for key, name, goal in rows:
+        netns, loopback = medians["netns"][key], medians["loopback"][key]
+        table.add_row(
+            f"{name} (min-max {netns['min']:.0f}-{netns['max']:.0f} / "
+            f"{loopback['min']:.0f}-{loopback['max']:.0f} s)",
+            f"{netns['median']:.1f} s",
+            f"{loopback['median']:.1f} s",
+            f"{ratio[key]:.3f}",
+            goal,
+        )
+    console.print(table)
+
+
+def _print_node_starts(starts: dict[str, Any]) -> None:
+    table = Table(
+        title="ark node start until attested and connected, median (min-max) of "
+        + ", ".join(f"{s['starts']} on {kind}" for kind, s in starts.items())
+    )
+    table.add_column("measure")
+    for kind in starts:
+        table.add_column(kind, justify="right")
+    table.add_column("goal", justify="right")
+    rows = (
+        ("seconds", "ark node start, as the caller waits", "report the median"),
+        ("command_to_sandbox_starting", "  command start to 'sandbox starting' (the CLI)", ""),
+        ("to_attested", "  command start to 'sandbox attested' (key released, unsealed)", ""),
+        ("attested_to_connected", "  'sandbox attested' to 'SuperNode connected'", ""),
+        ("connected_to_exit", "  'SuperNode connected' to the command's exit", ""),
+        ("stop_seconds", "ark node stop, as the caller waits", ""),
+    )
+
+    def cell(spread: dict[str, Any]) -> str:
+        if spread["median"] is None:
+            return "not printed"
+        return f"{spread['median']:.2f} s ({spread['min']:.2f}-{spread['max']:.2f})"
+
+    for key, name, goal in rows:
+        table.add_row(name, *(cell(s[key]) for s in starts.values()), goal)
+    table.add_row(
+        "SuperNode refused and retried (code 2004)",
+        *(str(s["refused_retries"]) for s in starts.values()),
+        "",
     )
     console.print(table)
 

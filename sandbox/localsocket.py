@@ -19,19 +19,28 @@ from pathlib import Path
 from sandbox.errors import ConfigError
 
 
+def private_folder(
+    folder: Path, what: str, *, key: str | None = None, path: Path | None = None
+) -> None:
+    """Make ``folder`` (and its parents) exist, this user's and mode 0700; ConfigError
+    (naming the config ``key`` or the file ``path``) when it is a symbolic link or
+    another user's."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{what} {folder} is a symbolic link", key=key, path=path)
+    if info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{what} {folder} belongs to uid {info.st_uid}, not this user", key=key, path=path
+        )
+    folder.chmod(0o700)
+
+
 def prepare_socket(path: Path, key: str) -> None:
     """Make ``path``'s folder private (0700, this user's) and remove a stale socket;
     ConfigError naming ``key`` when the folder is another user's, ``path`` is not a
     socket, or a server still listens on it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = path.parent.lstat()
-    if stat.S_ISLNK(folder.st_mode):
-        raise ConfigError(f"socket folder {path.parent} is a symbolic link", key=key)
-    if folder.st_uid != os.getuid():
-        raise ConfigError(
-            f"socket folder {path.parent} belongs to uid {folder.st_uid}, not this user", key=key
-        )
-    path.parent.chmod(0o700)
+    private_folder(path.parent, "socket folder", key=key)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

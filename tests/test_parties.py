@@ -20,6 +20,7 @@ import pytest
 from cryptography import x509
 
 from sandbox.errors import ArkError, ConfigError
+from sandbox.keyfiles import write_openssh_keypair
 from sandbox.ops.federation import write_run_config
 from sandbox.ops.parties import (
     NODE_STOP,
@@ -73,10 +74,11 @@ def test_stop_by_record_stops_each_process_and_its_children(tmp_path: Path) -> N
 def test_a_record_whose_pid_now_names_another_process_is_left_alone(tmp_path: Path) -> None:
     record = ProcessRecord(tmp_path)
     parent = _started(record, "sandbox", tmp_path)
-    # The same PID, recorded with another start time: after a reboot or a crash, the PID
-    # may belong to a stranger. It is not live, and stopping never signals it.
+    # The same PID, recorded with another start time (clock ticks since boot): after a
+    # crash or a reboot, the PID may belong to a stranger. It is not live, and stopping
+    # never signals it.
     document = json.loads(record.path.read_text())
-    document["processes"]["sandbox"]["started"] -= 100.0
+    document["processes"]["sandbox"]["ticks"] -= 100
     record.path.write_text(json.dumps(document))
     assert record.live() == {}
     try:
@@ -108,7 +110,7 @@ def test_the_provider_certificate_names_the_hosts_nodes_use(tmp_path: Path) -> N
     assert ipaddress.ip_address("198.51.100.1") in names.get_values_for_type(x509.IPAddress)
     assert "provider.example" in names.get_values_for_type(x509.DNSName)
     assert "localhost" in names.get_values_for_type(x509.DNSName)  # always: Flower needs it
-    for bad in ("bad host", "-dash.example", "a..b", ""):
+    for bad in ("bad host", "-dash.example", "a..b", "", "198.51.100.300", "x" * 254):
         with pytest.raises(ValueError, match="not a host name or IP address"):
             issue_loopback_tls(tmp_path / "bad", hosts=[bad])
 
@@ -130,12 +132,58 @@ def test_a_bad_node_name_is_refused_before_flower_sees_it(tmp_path: Path, name: 
 
 
 def test_a_name_registered_already_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "nodes.json").write_text(
-        json.dumps({"alpine": {"node_id": "7", "public_key_sha256": "00"}})
-    )
+    (tmp_path / "run").mkdir(mode=0o700)
+    (tmp_path / "run" / "nodes.json").write_text(json.dumps({"alpine": "7"}))
+    key = tmp_path / "node-auth.pub"
+    write_openssh_keypair(tmp_path / "node-auth")
     with pytest.raises(ConfigError, match=r"'alpine' is registered already.*node id 7"):
-        register_node(tmp_path, "alpine", tmp_path / "node-auth.pub")
+        register_node(tmp_path, "alpine", key)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA== me\n",  # Flower refuses Ed25519
+        b"ecdsa-sha2-nistp256 AAAA\n",  # too short to be a key
+        b"ecdsa-sha2-nistp256 " + b"A" * 140 + b"\n--name evil\n",  # a second line
+        b"x" * 5000,
+    ],
+)
+def test_a_file_that_is_not_a_supernode_public_key_is_refused(
+    tmp_path: Path, content: bytes
+) -> None:
+    key = tmp_path / "node-auth.pub"
+    key.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"node-auth\.pub"):
+        register_node(tmp_path, "alpine", key)
+    assert not (tmp_path / "run" / "nodes.json").exists()
+
+
+def test_a_public_key_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    write_openssh_keypair(tmp_path / "node-auth")
+    (tmp_path / "link.pub").symlink_to(tmp_path / "node-auth.pub")
+    with pytest.raises(ConfigError, match=r"link\.pub"):
+        register_node(tmp_path, "alpine", tmp_path / "link.pub")
+
+
+def test_a_record_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "run").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        ProcessRecord(tmp_path / "ws").load()
+    with pytest.raises(ConfigError, match="symbolic link"):
+        stop_party(tmp_path / "ws", NODE_STOP)
+
+
+def test_start_refuses_a_host_its_certificate_does_not_name(tmp_path: Path) -> None:
+    init_provider(tmp_path / "provider", hosts=["198.51.100.1"])
+    with pytest.raises(ConfigError, match=r"does not name '198\.51\.100\.7'.*--host 198"):
+        start_provider(
+            tmp_path / "provider", ProviderAddresses("198.51.100.7"), say=lambda line: None
+        )
+    assert ProcessRecord(tmp_path / "provider").load() == {}
 
 
 def test_submit_fills_in_what_only_the_provider_workspace_knows(

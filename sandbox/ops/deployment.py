@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,18 @@ _UNSIZED = ("COLUMNS", "LINES")
 
 def _quiet(line: str) -> None:
     """A ``say`` that says nothing."""
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    """End a party command of ours that we stop waiting for: it gets SIGTERM (which it
+    takes as Ctrl-C: it stops what it started) and the time to act on it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
@@ -60,8 +73,9 @@ class PartyCommands:
     def ark(self, host: Host, *args: str, timeout: float = 600.0, relay: bool = True) -> str:
         """Run ``ark ARGS`` on ``host`` to its end, relaying each line it prints (when
         ``relay``); its output, or FederationError with it when it fails."""
+        argv = self.argv(host, *args)
         proc = subprocess.Popen(
-            self.argv(host, *args),
+            argv,
             env=self._env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -72,16 +86,20 @@ class PartyCommands:
         deadline = time.monotonic() + timeout
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                if relay:
-                    self.say(f"[{host.name}] {lines[-1]}")
-                if time.monotonic() > deadline:
-                    break
+            with selectors.DefaultSelector() as waiting:
+                waiting.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    if not waiting.select(timeout=max(0.0, deadline - time.monotonic())):
+                        raise subprocess.TimeoutExpired(argv, timeout)
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    lines.append(line.rstrip("\n"))
+                    if relay:
+                        self.say(f"[{host.name}] {lines[-1]}")
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.terminate()  # our own child: the command stops what it started
-            proc.wait(timeout=30)
+            _end(proc)
             raise
         finally:
             self._remember()
@@ -154,18 +172,17 @@ class PartyCommands:
             for name in names
         }
         failed = []
+        deadline = time.monotonic() + timeout  # one for all: they start side by side
         try:
             for name, proc in procs.items():
-                out, _ = proc.communicate(timeout=timeout)
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
                 for line in out.splitlines():
                     self.say(f"[{name}] {line}")
                 if proc.returncode != 0:
                     failed.append(f"{name} (exit {proc.returncode}):\n{out[-2000:]}")
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             for proc in procs.values():
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(timeout=30)
+                _end(proc)
             raise
         finally:
             self._remember()
@@ -213,16 +230,18 @@ class PartyCommands:
         for name in self.node_configs:
             try:
                 self.stop_node(name)
-            except FederationError:
+            except ArkError:
                 # The command could not run on its host (e.g. the namespace is gone): the
                 # record is on the shared disk, so stop by it from here.
-                stop_party(node_home(self.node_configs[name]), NODE_STOP)
+                with contextlib.suppress(ArkError):
+                    stop_party(node_home(self.node_configs[name]), NODE_STOP)
         try:
             self.ark(
                 self.topology.provider, "provider", "stop", "--workdir", str(self.provider_dir)
             )
-        except FederationError:
-            stop_party(self.provider_dir, PROVIDER_STOP)
+        except ArkError:
+            with contextlib.suppress(ArkError):
+                stop_party(self.provider_dir, PROVIDER_STOP)
         return self.survivors()
 
     def survivors(self) -> list[int]:

@@ -101,11 +101,29 @@ def _node_config_arg(home: Path, node_config: Path) -> Path:
     return path
 
 
-def _wait_ready(proc: ManagedProcess, line: str, what: str, timeout: float) -> None:
-    """Block until ``proc`` logs ``line`` (it serves); FederationError if it exits or
-    takes longer than ``timeout`` seconds."""
+def wait_logged(
+    proc: ManagedProcess,
+    line: str,
+    what: str,
+    timeout: float,
+    *,
+    relay: Callable[[str], None] | None = None,
+    marker: str = "",
+) -> None:
+    """Block until ``proc`` logs ``line`` (it serves); FederationError if it exits or takes
+    longer than ``timeout`` seconds. Lines holding ``marker`` go to ``relay`` as they
+    appear (the message part of a logging line)."""
     deadline = time.monotonic() + timeout
-    while line not in proc.log_tail(200):
+    relayed = 0
+    while True:
+        tail = proc.log_tail(400).splitlines()
+        if relay is not None and marker:
+            said = [entry for entry in tail if marker in entry]
+            for entry in said[relayed:]:
+                relay(entry[entry.index(marker) :])
+            relayed = max(relayed, len(said))
+        if any(line in entry for entry in tail):
+            return
         if not proc.alive():
             raise FederationError(f"{what} exited:\n{proc.log_tail()}")
         if time.monotonic() >= deadline:
@@ -416,7 +434,7 @@ class Federation:
 
     def wait_for_sandbox(self, name: str, timeout: float = SANDBOX_TIMEOUT) -> None:
         """Block until the node's sandbox serves (it attested and unsealed)."""
-        _wait_ready(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
+        wait_logged(self.sandboxes[name], SANDBOX_READY, f"the sandbox of node {name!r}", timeout)
 
     def _start_pool(self, name: str, node_config: Path, env: dict[str, str]) -> None:
         """Start the node's launcher pool with its SuperNode's environment (which points
@@ -437,7 +455,7 @@ class Federation:
         """Block until every node's launch pool serves (a run's first messages then find
         them warm)."""
         for name, proc in self.pools.items():
-            _wait_ready(proc, POOL_READY, f"the launch pool of node {name!r}", timeout)
+            wait_logged(proc, POOL_READY, f"the launch pool of node {name!r}", timeout)
 
     def kill_sandbox(self, name: str) -> None:
         """Crash one node's sandbox with SIGKILL (for restart tests)."""
@@ -691,13 +709,19 @@ class RunFollower:
 
     def _wait_server_app_gone(self, deadline: float) -> None:
         """After the run's last event: wait for the ServerApp to exit, so that its sinks are
-        written and Flower has the run's final status."""
-        while server_app_pids(self.services()):
+        written and Flower has the run's final status. The run has completed: a service
+        that stops meanwhile does not change that."""
+        while True:
+            try:
+                if not server_app_pids(self.services()):
+                    return
+            except FederationError:
+                return
             if time.monotonic() >= deadline:
                 raise FederationError(
                     f"run {self.run_id} wrote its last event but its ServerApp did not exit"
                 )
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def _ended_unfinished(self, tail: EventsTail, deadline: float) -> RunOutcome:
         """The ServerApp exited: completed if the run's last event landed just before, else

@@ -50,11 +50,20 @@ from sandbox.ops.federation import (
     run_flwr,
     sandbox_argv,
     supernode_env,
+    wait_logged,
     write_run_config,
 )
-from sandbox.ops.processes import ManagedProcess, start_process, wait_for_port
+from sandbox.ops.gateway import split_address
+from sandbox.ops.processes import (
+    ManagedProcess,
+    signals_held,
+    start_process,
+    stop_processes,
+    wait_for_port,
+)
 from sandbox.ops.provision import ProviderWorkspace, node_auth_key
 from sandbox.ops.registry import ProcessRecord, Recorded
+from sandbox.ops.tls import require_name
 from sandbox.protocol import BROKER_RETRY, SANDBOX_READY
 from sandbox.warmstart import POOL_READY
 
@@ -81,14 +90,16 @@ NODE_STOP = ((SUPERNODE, LAUNCH_POOL, SANDBOX),)
 
 @dataclass(frozen=True)
 class ProviderAddresses:
-    """Where the provider's services listen: ``host`` is the address nodes use (its
-    certificate must name it: ``ark provider init --host``); the SuperLink stays on
-    loopback."""
+    """Where the provider's services are reached and listen: ``host`` is the name or
+    address nodes use (its certificate must name it: ``ark provider init --host``),
+    ``listen`` the local address the gateway and the key broker bind (default: ``host``;
+    another one behind NAT, say); the SuperLink stays on loopback."""
 
     host: str
     fleet_port: int = FLEET_PORT
     broker_port: int = BROKER_PORT
     superlink_port: int = SUPERLINK_PORT
+    listen: str = ""
 
     @property
     def fleet(self) -> str:
@@ -97,6 +108,10 @@ class ProviderAddresses:
     @property
     def broker(self) -> str:
         return f"{self.host}:{self.broker_port}"
+
+    def bound(self, port: int) -> str:
+        """The local address a published service binds for ``port``."""
+        return f"{self.listen or self.host}:{port}"
 
     @property
     def superlink(self) -> str:
@@ -121,10 +136,10 @@ def _starting(record: ProcessRecord) -> Iterator[list[tuple[str, ManagedProcess]
     try:
         yield started
     except BaseException:
-        from sandbox.ops.processes import stop_processes
-
-        stop_processes([[proc for _, proc in reversed(started)]])
-        record.forget([role for role, _ in started])
+        # A second Ctrl-C or SIGTERM must not cut the cleanup short.
+        with signals_held():
+            stop_processes([[proc for _, proc in reversed(started)]])
+            record.forget([role for role, _ in started])
         raise
 
 
@@ -152,28 +167,26 @@ def start_provider(
     """Start whichever of the provider's three services is not running; return them all
     once each accepts connections."""
     ws = ProviderWorkspace(workdir.resolve()).require()
+    require_name(ws.tls / "server.crt", addresses.host)
     record = ProcessRecord(ws.root)
     env = _flower_env(ws.root)
+    broker, fleet = addresses.bound(addresses.broker_port), addresses.bound(addresses.fleet_port)
     plan = [
-        (KEY_BROKER, key_broker_argv(ws.root, addresses.broker), addresses.broker),
+        (KEY_BROKER, key_broker_argv(ws.root, broker), broker),
         (SUPERLINK, superlink_command(ws.root, addresses.superlink_port), addresses.superlink),
-        (
-            GATEWAY,
-            gateway_argv(ws.root, addresses.fleet, addresses.superlink, tls_on=True),
-            addresses.fleet,
-        ),
+        (GATEWAY, gateway_argv(ws.root, fleet, addresses.superlink, tls_on=True), fleet),
     ]
-    with record.locked(), _starting(record) as started:
+    with record.locked(say=say), _starting(record) as started:
         live = record.live()
         for role, argv, address in plan:
             if role in live:
                 say(f"{role} already running (pid {live[role][0].pid}, {live[role][0].address})")
                 continue
-            host, port = address.rsplit(":", 1)
-            check_port_free(int(port), host)
+            host, port = split_address(address)
+            check_port_free(port, host)
             proc = _start(record, started, role, argv, env, ws.root, address)
             try:
-                wait_for_port(host, int(port), proc, timeout)
+                wait_for_port(host, port, proc, timeout)
             except (RuntimeError, TimeoutError) as exc:
                 raise FederationError(
                     f"the provider's {role} failed to start: {exc}\n{proc.log_tail()}"
@@ -182,21 +195,25 @@ def start_provider(
         return {role: rec for role, (rec, _) in record.live().items()}
 
 
-def stop_party(workspace: Path, order: tuple[tuple[str, ...], ...]) -> list[int]:
+def stop_party(
+    workspace: Path, order: tuple[tuple[str, ...], ...], *, say: Say | None = None
+) -> list[int]:
     """Stop every process the party's record names, in ``order``; return PIDs that
-    survived (none, unless the kernel would not let them go)."""
+    survived (they stay recorded: a second stop, or ``status``, still finds them)."""
     record = ProcessRecord(workspace)
-    with record.locked():
+    with record.locked(say=say), signals_held():
         return record.stop(order)
 
 
-def superlink_process(workdir: Path) -> psutil.Process:
-    """The provider's running SuperLink; FederationError when it is not running."""
+def superlink_process(workdir: Path, *, all_services: bool = False) -> psutil.Process:
+    """The provider's running SuperLink; FederationError when it (or, with
+    ``all_services``, the gateway or the key broker) is not running."""
     live = ProcessRecord(workdir).live()
-    if SUPERLINK not in live:
-        raise FederationError(
-            f"the SuperLink of {workdir} is not running (ark provider start --workdir {workdir})"
-        )
+    for role in (SUPERLINK, GATEWAY, KEY_BROKER) if all_services else (SUPERLINK,):
+        if role not in live:
+            raise FederationError(
+                f"the provider's {role} is not running (ark provider start --workdir {workdir})"
+            )
     return live[SUPERLINK][1]
 
 
@@ -215,13 +232,20 @@ def _flwr_json(workdir: Path, *args: str) -> dict[str, Any]:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+# A SuperNode public key as another party hands it over: one OpenSSH line of a NIST
+# curve Flower accepts (P-256 or P-384), an optional comment.
+_PUBLIC_KEY = re.compile(
+    rb"(ecdsa-sha2-nistp256|ecdsa-sha2-nistp384) [A-Za-z0-9+/]{100,400}={0,2}( [ -~]{0,200})?\n?"
+)
+_MAX_KEY_BYTES = 1024
+
+
 def _nodes_file(workdir: Path) -> Path:
     return workdir / "run" / "nodes.json"
 
 
-def registered_nodes(workdir: Path) -> dict[str, dict[str, str]]:
-    """The SuperNode keys this provider registered, by node name: Flower's node id and
-    the SHA-256 of the public key file."""
+def registered_nodes(workdir: Path) -> dict[str, str]:
+    """Flower's node id of each SuperNode key this provider registered, by node name."""
     path = _nodes_file(workdir)
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -229,50 +253,76 @@ def registered_nodes(workdir: Path) -> dict[str, dict[str, str]]:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"unreadable node registry ({exc})", path=path) from exc
-    if not isinstance(document, dict):
-        raise ConfigError("the node registry is not a JSON object", path=path)
+    if not isinstance(document, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.isdigit() for k, v in document.items()
+    ):
+        raise ConfigError("the node registry must map node names to node ids", path=path)
     return document
 
 
-def register_node(workdir: Path, name: str, public_key: Path) -> str:
-    """Register a node's SuperNode public key (OpenSSH ECDSA) under ``name``; return the
-    node id Flower gave it. The name is remembered for ``remove_node``."""
-    from sandbox.digests import sha256_file
+def node_names(workdir: Path) -> dict[str, str]:
+    """Each registered node's name, by the node id Flower gave it."""
+    return {node_id: name for name, node_id in registered_nodes(workdir).items()}
+
+
+def _save_nodes(workdir: Path, nodes: dict[str, str]) -> None:
     from sandbox.files import write_atomic
+
+    write_atomic(_nodes_file(workdir), json.dumps(nodes, indent=2).encode(), mode=0o600)
+
+
+def register_node(workdir: Path, name: str, public_key: Path) -> str:
+    """Register a node's SuperNode public key under ``name``; return the node id Flower
+    gave it. The key is another party's file: it must be one OpenSSH ECDSA line (P-256 or
+    P-384); the copy kept in the workspace (``run/keys/NAME.pub``) is the one registered,
+    and the name is remembered for ``remove_node``."""
+    from sandbox.files import read_regular, write_atomic
 
     if not _NAME.fullmatch(name):
         raise ConfigError(f"node name {name[:80]!r} must be 1-64 letters, digits, . _ -")
-    nodes = registered_nodes(workdir)
-    if name in nodes:
-        raise ConfigError(
-            f"a node named {name!r} is registered already (node id {nodes[name]['node_id']}); "
-            "remove it first",
-            path=_nodes_file(workdir),
-        )
-    public_key = public_key.resolve()  # flwr runs in the workspace, not in our folder
-    if not public_key.is_file():
-        raise ConfigError("no such public key file", path=public_key)
-    answer = _flwr_json(
-        workdir, "supernode", "register", str(public_key), FEDERATION_NAME, "--name", name
+    key = read_regular(
+        public_key,
+        _MAX_KEY_BYTES,
+        lambda why: ConfigError(f"the node's public key: {why}", path=public_key),
     )
-    node_id = str(answer["node-id"])
-    nodes[name] = {"node_id": node_id, "public_key_sha256": sha256_file(public_key)[0]}
-    write_atomic(_nodes_file(workdir), json.dumps(nodes, indent=2).encode(), mode=0o600)
+    if len(key) > _MAX_KEY_BYTES or not _PUBLIC_KEY.fullmatch(key):
+        raise ConfigError(
+            "not a SuperNode public key: one OpenSSH line, ecdsa-sha2-nistp256 or -nistp384",
+            path=public_key,
+        )
+    with ProcessRecord(workdir).locked():
+        nodes = registered_nodes(workdir)
+        if name in nodes:
+            raise ConfigError(
+                f"a node named {name!r} is registered already (node id {nodes[name]}); "
+                "remove it first",
+                path=_nodes_file(workdir),
+            )
+        kept = workdir / "run" / "keys" / f"{name}.pub"
+        kept.parent.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(kept, key, mode=0o600)
+        answer = _flwr_json(
+            workdir, "supernode", "register", str(kept), FEDERATION_NAME, "--name", name
+        )
+        node_id = str(answer.get("node-id", ""))
+        if not node_id.isdigit():
+            raise FederationError(f"flwr supernode register gave no node id: {answer}")
+        nodes[name] = node_id
+        _save_nodes(workdir, nodes)
     return node_id
 
 
 def remove_node(workdir: Path, name: str) -> str:
     """Unregister the SuperNode key registered under ``name``; return its node id."""
-    from sandbox.files import write_atomic
-
-    nodes = registered_nodes(workdir)
-    if name not in nodes:
-        known = ", ".join(sorted(nodes)) or "none"
-        raise ConfigError(f"no node named {name!r} is registered (registered: {known})")
-    node_id = nodes[name]["node_id"]
-    _flwr_json(workdir, "supernode", "unregister", node_id, FEDERATION_NAME)
-    del nodes[name]
-    write_atomic(_nodes_file(workdir), json.dumps(nodes, indent=2).encode(), mode=0o600)
+    with ProcessRecord(workdir).locked():
+        nodes = registered_nodes(workdir)
+        if name not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            raise ConfigError(f"no node named {name!r} is registered (registered: {known})")
+        node_id = nodes.pop(name)
+        _flwr_json(workdir, "supernode", "unregister", node_id, FEDERATION_NAME)
+        _save_nodes(workdir, nodes)
+        (workdir / "run" / "keys" / f"{name}.pub").unlink(missing_ok=True)
     return node_id
 
 
@@ -343,7 +393,11 @@ def submit_job(workdir: Path, run_config: Path, app_dir: Path, *, say: Say = pri
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"unreadable list of the job's runs ({exc})", path=runs_file) from exc
     for run_id in earlier:
-        if run_outcome(workdir, run_id) is None:
+        try:
+            unfinished = run_outcome(workdir, run_id) is None
+        except FederationError:
+            unfinished = False  # the SuperLink's database no longer knows it
+        if unfinished:
             _flwr_json(workdir, "stop", str(run_id), FEDERATION_NAME)
             say(f"earlier run {run_id} of job {spec.job_id} stopped (it did not finish)")
     completed = write_run_config(spec.output_dir / "run-config.toml", spec.to_run_config())
@@ -366,7 +420,11 @@ def follow_job(
     """Follow a submitted job to its end (see :class:`RunFollower`); FederationError when
     the SuperLink stops meanwhile."""
     follower = RunFollower(
-        workdir, job.run_id, job.events, lambda: superlink_process(workdir), on_events
+        workdir,
+        job.run_id,
+        job.events,
+        lambda: superlink_process(workdir, all_services=True),
+        on_events,
     )
     return follower.wait(timeout=timeout, on_tick=on_tick)
 
@@ -374,42 +432,26 @@ def follow_job(
 # -- a node ------------------------------------------------------------------------------
 
 
-def _wait_logged(
-    proc: ManagedProcess, line: str, what: str, deadline: float, relay: Say | None = None
-) -> None:
-    """Block until ``proc`` logs ``line``; lines holding ``BROKER_RETRY`` go to ``relay``
-    as they appear. FederationError if it exits or the deadline passes."""
-    relayed = 0
-    while True:
-        tail = proc.log_tail(400).splitlines()
-        if relay is not None:
-            waits = [entry for entry in tail if BROKER_RETRY in entry]
-            for entry in waits[relayed:]:
-                relay(entry.split(" ", 3)[-1] if entry[:4].isdigit() else entry)
-            relayed = max(relayed, len(waits))
-        if any(line in entry for entry in tail):
-            return
-        if not proc.alive():
-            raise FederationError(f"{what} exited:\n{proc.log_tail()}")
-        if time.monotonic() >= deadline:
-            raise FederationError(f"{what} did not get ready in time:\n{proc.log_tail()}")
-        time.sleep(0.2)
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def start_node(
     config: Path,
     superlink: str,
     *,
-    timeout: float = SANDBOX_TIMEOUT + BROKER_WAIT,
+    timeout: float | None = None,
     broker_wait: float = BROKER_WAIT,
     say: Say = print,
 ) -> dict[str, Recorded]:
     """Start whichever of the node's sandbox, launch pool and SuperNode is not running,
     against the provider's gateway at ``superlink``; return once the sandbox has attested
-    and unsealed and the SuperNode is connected (the SuperLink activated it)."""
+    and unsealed and the SuperNode is connected (the SuperLink activated it), within
+    ``timeout`` seconds (default: the sandbox's own start time plus ``broker_wait``)."""
     config = config.resolve()
     node = NodeConfig.load(config)
     sandbox = node.require_sandbox()
+    split_address(superlink)  # a bad address is refused before anything starts
     home = node_home(config)
     if not node_auth_key(home).is_file():
         raise ConfigError(
@@ -417,8 +459,8 @@ def start_node(
             path=node_auth_key(home),
         )
     record = ProcessRecord(home)
-    deadline = time.monotonic() + timeout
-    with record.locked(), _starting(record) as started:
+    deadline = time.monotonic() + (SANDBOX_TIMEOUT + broker_wait if timeout is None else timeout)
+    with record.locked(say=say), _starting(record) as started:
         live = record.live()
         for role in (SANDBOX, LAUNCH_POOL, SUPERNODE):
             if role in live:
@@ -433,20 +475,27 @@ def start_node(
                 home,
             )
             say(f"sandbox starting (pid {proc.pid}): attesting to {sandbox.key_broker}")
-            _wait_logged(proc, SANDBOX_READY, "the node's sandbox", deadline, relay=say)
+            wait_logged(
+                proc,
+                SANDBOX_READY,
+                "the node's sandbox",
+                _left(deadline),
+                relay=say,
+                marker=BROKER_RETRY,
+            )
             say("sandbox attested; the model is unsealed in its memory")
         if LAUNCH_POOL not in live:
             pool = _start(
                 record, started, LAUNCH_POOL, pool_argv(config), supernode_env(home, config), home
             )
-            _wait_logged(pool, POOL_READY, "the node's launch pool", deadline)
+            wait_logged(pool, POOL_READY, "the node's launch pool", _left(deadline))
         if SUPERNODE not in live:
             argv = supernode_command(config, superlink)
             while True:
                 proc = _start(record, started, SUPERNODE, argv, node_env(home), home, superlink)
                 try:
-                    _wait_logged(
-                        proc, SUPERNODE_ONLINE, f"the SuperNode (to {superlink})", deadline
+                    wait_logged(
+                        proc, SUPERNODE_ONLINE, f"the SuperNode (to {superlink})", _left(deadline)
                     )
                     break
                 except FederationError:
@@ -476,8 +525,7 @@ def supernode_exec(config: Path, superlink: str) -> tuple[list[str], dict[str, s
     node = NodeConfig.load(config)
     sandbox = node.require_sandbox()
     home = node_home(config)
-    if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", superlink):
-        raise ConfigError(f"--superlink must be host:port, got {superlink[:80]!r}")
+    split_address(superlink)
     argv = supernode_argv(
         home, config, superlink=superlink, ca_cert=sandbox.provider_ca, auth_key=node_auth_key(home)
     )

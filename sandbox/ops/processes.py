@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -195,3 +196,15 @@ def wait_for_port(host: str, port: int, proc: ManagedProcess, timeout: float) ->
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{proc.name} did not open {host}:{port} within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while the block runs (a stop in progress finishes; the
+    caller was already told to stop), then restore the handlers."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

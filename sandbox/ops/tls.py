@@ -128,9 +128,36 @@ def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
-        if not all(_LABEL.fullmatch(label) for label in host.split(".")):
+        labels = host.split(".")
+        # An all-digit last label is a mistyped IP address, not a name (RFC 3696 §2).
+        if len(host) > 253 or labels[-1].isdigit() or not all(map(_LABEL.fullmatch, labels)):
             raise ValueError(f"not a host name or IP address: {host!r}") from None
         return x509.DNSName(host)
+
+
+def require_name(cert_path: Path, host: str) -> None:
+    """ConfigError unless the server certificate at ``cert_path`` names ``host`` (an IP
+    address or DNS entry of its subjectAltName): clients reaching it as ``host`` would
+    refuse it otherwise."""
+    from sandbox.errors import ConfigError
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(f"not a server certificate with names ({exc})", path=cert_path) from exc
+    known = [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    known += names.get_values_for_type(x509.DNSName)
+    try:
+        wanted = str(ipaddress.ip_address(host))
+    except ValueError:
+        wanted = host.lower()
+    if wanted not in [name.lower() for name in known]:
+        raise ConfigError(
+            f"the certificate does not name {host!r} (it names {', '.join(known)}), so nodes "
+            f"would refuse it; make the workspace with `ark provider init --host {host}`",
+            path=cert_path,
+        )
 
 
 def start_tls_server(

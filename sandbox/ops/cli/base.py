@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sandbox.errors import ArkError
 
@@ -82,8 +83,14 @@ def shorten(text: str, width: int = 60) -> str:
 
 
 def fail(exc: BaseException, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
+    # The message may quote another party's text or a log line: never read as markup.
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
     return typer.Exit(code)
+
+
+def plain(line: str) -> None:
+    """Print ``line`` as it is: text from another process or party is not markup."""
+    console.print(line, markup=False)
 
 
 def read_json(path: Path) -> dict[str, Any]:

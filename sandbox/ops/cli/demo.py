@@ -29,6 +29,7 @@ from sandbox.ops.cli.base import (
     console,
     err_console,
     fail,
+    plain,
     shorten,
     sigterm_as_interrupt,
 )
@@ -169,11 +170,6 @@ def demo(
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _relay(line: str) -> None:
-    """Print a party's line as it is (its ``[host]`` prefix is not markup)."""
-    console.print(line, markup=False)
-
-
 def _topology(hosts: str, names: list[str]) -> Topology:
     """The demo's test hosts: a network namespace per party where this machine allows
     it (``auto``, ``netns``), else every party on loopback, saying why."""
@@ -279,7 +275,7 @@ def _prepare_demo(
         provider_host=addresses.host,
     )
     stage.commands = PartyCommands(
-        topology, deployment.provider.root, deployment.node_configs, addresses, say=_relay
+        topology, deployment.provider.root, deployment.node_configs, addresses, say=plain
     )
     spec = dataclasses.replace(
         spec,
@@ -308,6 +304,7 @@ _PROVISIONED = (
     "provider/roots",
     "provider/keys",
     "provider/policy.toml",
+    "provider/run",
     "provider/events.jsonl",
     "provider/translog.db",
     "provider/translog.db-wal",
@@ -322,7 +319,17 @@ _PROVISIONED = (
 
 
 def _reset_provisioning(root: Path) -> None:
-    """Remove identities and keys of an earlier demo run: each run provisions its own."""
+    """Remove identities and keys of an earlier demo run: each run provisions its own.
+    Whatever that run's parties left running (it was killed, say) is stopped first, by
+    their records, which go with the workspaces."""
+    from sandbox.ops.parties import NODE_STOP, PROVIDER_STOP, stop_party
+
+    for workspace, order in [
+        *((node, NODE_STOP) for node in sorted((root / "nodes").glob("*"))),
+        (root / "provider", PROVIDER_STOP),
+    ]:
+        if (workspace / "run").is_dir() and stop_party(workspace, order):
+            raise ArkError(f"processes of an earlier demo in {workspace} would not stop")
     for name in _PROVISIONED:
         path = root / name
         if path.is_dir():

@@ -15,6 +15,7 @@ from sandbox.ops.cli.base import (
     fail,
     node_app,
     party_command,
+    plain,
     shorten,
     stop_on_signals,
     stop_side,
@@ -174,6 +175,9 @@ def node_sandbox(
             broker_wait=broker_wait,
         )
     except ArkError as exc:
+        if stop.is_set():  # told to stop before it could serve (waiting for the key broker)
+            console.print("sandbox stopped before it served")
+            return
         raise fail(exc) from exc
 
 
@@ -251,7 +255,7 @@ def node_start(
     from sandbox.ops.parties import start_node
 
     with party_command():
-        start_node(config, superlink, broker_wait=broker_wait, say=console.print)
+        start_node(config, superlink, broker_wait=broker_wait, say=plain)
     console.print(f"node up: attested, connected to {superlink}")
 
 

@@ -13,6 +13,7 @@ from sandbox.ops.cli.base import (
     console,
     fail,
     party_command,
+    plain,
     provider_app,
     read_json,
     stop_on_signals,
@@ -327,15 +328,19 @@ def provider_start(
     broker_port: Annotated[int, typer.Option(help="Key broker and log port.")] = 9100,
     superlink_port: Annotated[int, typer.Option(help="SuperLink port (loopback).")] = 9093,
     timeout: Annotated[float, typer.Option(help="Seconds each service may take.")] = 60.0,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="Local address to bind the published ports (default: --host)."),
+    ] = None,
 ) -> None:
     """Start the provider's services on this host, detached: the SuperLink (loopback), the
     node-facing gateway and the key broker with the transparency log. Each is recorded
     by PID in WORKDIR/run; `ark provider stop` stops them."""
     from sandbox.ops.parties import ProviderAddresses, start_provider
 
-    addresses = ProviderAddresses(host, fleet_port, broker_port, superlink_port)
+    addresses = ProviderAddresses(host, fleet_port, broker_port, superlink_port, listen or "")
     with party_command():
-        start_provider(workdir, addresses, timeout=timeout, say=console.print)
+        start_provider(workdir, addresses, timeout=timeout, say=plain)
     console.print(
         f"provider up: nodes connect to {addresses.fleet} (Fleet API) and attest at "
         f"{addresses.broker} (key broker and log)"
@@ -354,14 +359,14 @@ def provider_stop(workdir: Workdir = Path("provider")) -> None:
 def provider_status(workdir: Workdir = Path("provider")) -> None:
     """The provider's services (running or not, where), its registered nodes as the
     SuperLink sees them, and its jobs. Exit 1 when a service is not running."""
-    from sandbox.ops.parties import PROVIDER_STOP, node_states, registered_nodes
+    from sandbox.ops.parties import PROVIDER_STOP, node_names, node_states
     from sandbox.ops.registry import ProcessRecord
 
     root = workdir.resolve()
     try:
         recorded = ProcessRecord(root).load()
         live = ProcessRecord(root).live()
-        names = {v["node_id"]: k for k, v in registered_nodes(root).items()}
+        names = node_names(root)
     except ArkError as exc:
         raise fail(exc) from exc
     down = []
@@ -429,17 +434,16 @@ def provider_submit(
     updates; then say where the results are. The workspace fills in what the file leaves
     out: the aggregator's identity, the log and the job folder (jobs/<job-id>)."""
     from sandbox.ops.apps import project_root
-    from sandbox.ops.parties import follow_job, registered_nodes, submit_job
+    from sandbox.ops.parties import follow_job, node_names, submit_job
     from server.results import RESULTS_FILE
 
     root = workdir.resolve()
     try:
-        job = submit_job(root, run_config, app_dir or project_root(), say=console.print)
+        job = submit_job(root, run_config, app_dir or project_root(), say=plain)
         console.print(f"run {job.run_id} submitted: job {job.spec.job_id} in {job.output_dir}")
         if not follow:
             return
-        names = {v["node_id"]: k for k, v in registered_nodes(root).items()}
-        progress = JobProgress(job.spec.num_rounds, names)
+        progress = JobProgress(job.spec.num_rounds, node_names(root))
         outcome = follow_job(root, job, timeout=timeout, on_events=progress.show)
     except KeyboardInterrupt:
         raise fail(
@@ -475,24 +479,24 @@ class JobProgress:
             if kind == "run_started":
                 resumed = event.get("resumed_after_round")
                 after = f", resuming after round {resumed}" if resumed else ""
-                console.print(f"run started: {self.rounds} rounds{after}")
+                plain(f"run started: {self.rounds} rounds{after}")
             elif kind == "node_admitted":
-                console.print(f"node {self.node(event)} admitted (attested channel)")
+                plain(f"node {self.node(event)} admitted (attested channel)")
             elif kind == "node_refused" or kind == "node_declined":
-                console.print(f"node {self.node(event)} {kind[5:]}: {event.get('reason')}")
+                plain(f"node {self.node(event)} {kind[5:]}: {event.get('reason')}")
             elif kind == "round_started":
                 count = len(event.get("participants") or [])
-                console.print(f"round {rnd} {event.get('stage')}: {count} nodes")
+                plain(f"round {rnd} {event.get('stage')}: {count} nodes")
             elif kind == "update_accepted":
                 self.accepted[rnd] = self.accepted.get(rnd, 0) + 1
-                console.print(f"round {rnd}: update from node {self.node(event)} accepted")
+                plain(f"round {rnd}: update from node {self.node(event)} accepted")
             elif kind == "update_rejected":
-                console.print(
+                plain(
                     f"round {rnd}: update from node {self.node(event)} rejected "
                     f"({event.get('reason')})"
                 )
             elif kind == "aggregate_committed":
-                console.print(
+                plain(
                     f"round {rnd}/{self.rounds} aggregated from {self.accepted.get(rnd, 0)} "
                     f"updates: {event.get('metrics')}"
                 )
