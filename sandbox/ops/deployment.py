@@ -160,19 +160,24 @@ class PartyCommands:
     def start_nodes(self, names: list[str] | None = None, *, timeout: float = 600.0) -> None:
         """``ark node start`` on every named node's host at once; each must come up."""
         names = list(self.node_configs) if names is None else names
+        self._at_once({name: self.node_start_argv(name) for name in names}, "start", timeout)
+
+    def _at_once(self, argvs: dict[str, list[str]], what: str, timeout: float) -> None:
+        """Run one party command per node side by side (each on its node's host), then
+        relay what each printed; FederationError naming the nodes whose command failed."""
         procs = {
             name: subprocess.Popen(
-                self.node_start_argv(name),
+                argv,
                 env=self._env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 text=True,
             )
-            for name in names
+            for name, argv in argvs.items()
         }
         failed = []
-        deadline = time.monotonic() + timeout  # one for all: they start side by side
+        deadline = time.monotonic() + timeout  # one for all: they run side by side
         try:
             for name, proc in procs.items():
                 out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -187,7 +192,7 @@ class PartyCommands:
         finally:
             self._remember()
         if failed:
-            raise FederationError("`ark node start` failed on " + "\n".join(failed))
+            raise FederationError(f"`ark node {what}` failed on " + "\n".join(failed))
 
     def node_start_argv(self, name: str) -> list[str]:
         return self.argv(
@@ -221,20 +226,24 @@ class PartyCommands:
         )
 
     def stop_all(self) -> list[int]:
-        """Every node's and then the provider's stop command (also after a failure, a
-        Ctrl-C or a command killed halfway: what the records name is stopped); return any
-        recorded PID still running afterwards."""
+        """Every node's stop command (all at once) and then the provider's, also after a
+        failure, a Ctrl-C or a command killed halfway: what the records name is stopped;
+        return any recorded PID still running afterwards."""
         from sandbox.ops.parties import stop_party
 
         self._remember()
-        for name in self.node_configs:
-            try:
-                self.stop_node(name)
-            except ArkError:
-                # The command could not run on its host (e.g. the namespace is gone): the
-                # record is on the shared disk, so stop by it from here.
+        argvs = {
+            name: self.argv(self.topology.nodes[name], "node", "stop", "--config", str(config))
+            for name, config in self.node_configs.items()
+        }
+        try:
+            self._at_once(argvs, "stop", 120.0)
+        except ArkError:
+            # A command could not run on its host (e.g. the namespace is gone): the
+            # records are on the shared disk, so stop by them from here.
+            for config in self.node_configs.values():
                 with contextlib.suppress(ArkError):
-                    stop_party(node_home(self.node_configs[name]), NODE_STOP)
+                    stop_party(node_home(config), NODE_STOP)
         try:
             self.ark(
                 self.topology.provider, "provider", "stop", "--workdir", str(self.provider_dir)

@@ -82,6 +82,7 @@ SUPERNODE_RETRY = 5.0
 
 SUPERLINK, GATEWAY, KEY_BROKER = "superlink", "gateway", "key-broker"
 SANDBOX, LAUNCH_POOL, SUPERNODE = "sandbox", "launch-pool", "supernode"
+SERVICE_NAMES = {SUPERLINK: "SuperLink", GATEWAY: "gateway", KEY_BROKER: "key broker"}
 # Stop order: the gateway before the SuperLink (no node reaches a stopping SuperLink),
 # the key broker last (it signs the log's final checkpoint); a node's three together.
 PROVIDER_STOP = ((GATEWAY,), (SUPERLINK,), (KEY_BROKER,))
@@ -212,7 +213,8 @@ def superlink_process(workdir: Path, *, all_services: bool = False) -> psutil.Pr
     for role in (SUPERLINK, GATEWAY, KEY_BROKER) if all_services else (SUPERLINK,):
         if role not in live:
             raise FederationError(
-                f"the provider's {role} is not running (ark provider start --workdir {workdir})"
+                f"the provider's {SERVICE_NAMES[role]} is not running "
+                f"(ark provider start --workdir {workdir})"
             )
     return live[SUPERLINK][1]
 

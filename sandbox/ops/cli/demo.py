@@ -82,12 +82,17 @@ class _Stage:
     leftovers: list[int] = field(default_factory=list)
 
     def close(self) -> None:
-        if self.commands is not None:
-            self.leftovers = self.commands.stop_all()
-            self.commands = None
-        if self.topology is not None:
-            self.topology.close()
-            self.topology = None
+        """Every party stops its side, then the test hosts go; a second Ctrl-C or SIGTERM
+        meanwhile does not cut that short."""
+        from sandbox.ops.processes import signals_held
+
+        with signals_held():
+            if self.commands is not None:
+                self.leftovers = self.commands.stop_all()
+                self.commands = None
+            if self.topology is not None:
+                self.topology.close()
+                self.topology = None
 
 
 @app.command()
