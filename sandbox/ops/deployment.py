@@ -63,8 +63,17 @@ class PartyCommands:
     # Their descendants, as seen while they ran (Flower's SuperExec, nginx workers, …).
     seen: dict[int, psutil.Process] = field(default_factory=dict)
 
-    def _env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if k not in _UNSIZED}
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[str]:
+        """Start one party command, its output (both streams) to read as text."""
+        env = {k: v for k, v in os.environ.items() if k not in _UNSIZED}
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
 
     def argv(self, host: Host, *args: str) -> list[str]:
         """``ark ARGS`` as run on ``host``."""
@@ -74,14 +83,7 @@ class PartyCommands:
         """Run ``ark ARGS`` on ``host`` to its end, relaying each line it prints (when
         ``relay``); its output, or FederationError with it when it fails."""
         argv = self.argv(host, *args)
-        proc = subprocess.Popen(
-            argv,
-            env=self._env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+        proc = self._spawn(argv)
         lines: list[str] = []
         deadline = time.monotonic() + timeout
         try:
@@ -165,17 +167,7 @@ class PartyCommands:
     def _at_once(self, argvs: dict[str, list[str]], what: str, timeout: float) -> None:
         """Run one party command per node side by side (each on its node's host), then
         relay what each printed; FederationError naming the nodes whose command failed."""
-        procs = {
-            name: subprocess.Popen(
-                argv,
-                env=self._env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-            for name, argv in argvs.items()
-        }
+        procs = {name: self._spawn(argv) for name, argv in argvs.items()}
         failed = []
         deadline = time.monotonic() + timeout  # one for all: they run side by side
         try:
