@@ -81,14 +81,28 @@ def test_a_record_whose_pid_now_names_another_process_is_left_alone(tmp_path: Pa
     document["processes"]["sandbox"]["ticks"] -= 100
     record.path.write_text(json.dumps(document))
     assert record.live() == {}
+    children = parent.children(recursive=True)
     try:
         assert stop_party(tmp_path, NODE_STOP) == []
         assert parent.is_running()
+        assert all(child.is_running() for child in children)  # nor its session
     finally:
-        children = parent.children(recursive=True)
         for proc in (parent, *children):
             proc.kill()
         psutil.wait_procs([parent, *children], timeout=10)
+
+
+def test_what_a_crashed_process_left_in_its_session_is_stopped(tmp_path: Path) -> None:
+    record = ProcessRecord(tmp_path)
+    parent = _started(record, "supernode", tmp_path)
+    children = parent.children(recursive=True)
+    parent.kill()  # a crash: its child is orphaned, still in the session it led
+    psutil.wait_procs([parent], timeout=10)
+    assert record.live() == {}
+    assert all(child.is_running() for child in children)
+    assert stop_party(tmp_path, NODE_STOP) == []
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
 
 
 @pytest.mark.parametrize(

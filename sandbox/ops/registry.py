@@ -82,7 +82,18 @@ class Recorded:
 
     def orphans(self) -> list[psutil.Process]:
         """Processes still in this process's session (it was started as a session
-        leader) that started after it, this user's: what a crashed parent left behind."""
+        leader) that started after it, this user's: what a crashed parent left behind.
+
+        Only while the PID is ours or free: the kernel does not hand out a PID that is
+        still some session's id, so with the PID free, that session is still ours. A PID
+        that now names another process heads that process's session, not ours: none."""
+        if self.boot != _boot_id():
+            return []
+        try:
+            if process_identity(self.pid) != (self.boot, self.ticks):
+                return []
+        except ProcessLookupError:
+            pass  # free: the session, if any member is left, is the one we started
         found = []
         for proc in psutil.process_iter():
             try:
