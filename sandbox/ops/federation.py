@@ -811,15 +811,23 @@ def _run_finished(events: list[dict[str, Any]], run_id: int) -> dict[str, Any] |
     return None
 
 
+def read_run_config(run_config: Path) -> RunSpec:
+    """The job a run-config TOML describes, validated; ConfigError naming the file."""
+    try:
+        with run_config.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the run config ({exc})", path=run_config) from exc
+    return RunSpec.from_run_config(raw, source=run_config)
+
+
 def job_output_dir(run_config: Path) -> Path | None:
     """The output-dir a ServerApp started with ``run_config`` writes its job to (None
     when the run config names none: that ServerApp fails before writing anything)."""
     try:
-        with run_config.open("rb") as handle:
-            spec = RunSpec.from_run_config(tomllib.load(handle), source=run_config)
-    except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
+        return read_run_config(run_config).output_dir
+    except ConfigError as exc:
         raise FederationError(f"{run_config}: cannot read the run config ({exc})") from exc
-    return spec.output_dir
 
 
 def server_app_pids(superlink: ManagedProcess | psutil.Process) -> list[int]:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import re
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import psutil
 
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import ArkError, ConfigError, FederationError
+from sandbox.errors import ConfigError, FederationError
 from sandbox.events import JOB_EVENTS_FILE
 from sandbox.ops.federation import (
     FEDERATION_NAME,
@@ -47,6 +46,7 @@ from sandbox.ops.federation import (
     node_env,
     node_home,
     pool_argv,
+    read_run_config,
     run_flwr,
     sandbox_argv,
     supernode_env,
@@ -359,12 +359,7 @@ def complete_run_config(workdir: Path, run_config: Path) -> RunSpec:
     identity (``aggregator-dir``), the transparency log (``log-db``) and the job's folder
     (``output-dir``: ``jobs/<job-id>``)."""
     ws = ProviderWorkspace(workdir.resolve()).require()
-    try:
-        with run_config.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read the run config ({exc})", path=run_config) from exc
-    spec = RunSpec.from_run_config(raw, source=run_config)
+    spec = read_run_config(run_config)
     return dataclasses.replace(
         spec,
         aggregator_dir=spec.aggregator_dir or ws.aggregator,
@@ -545,11 +540,3 @@ def connected(config: Path) -> str | None:
 
 
 _ONLINE = re.compile(re.escape(SUPERNODE_ONLINE) + r"\s*(\d+)")
-
-
-def require_running(workspace: Path, roles: tuple[str, ...]) -> None:
-    """ArkError naming the roles of this party that are not running."""
-    live = ProcessRecord(workspace).live()
-    missing = [role for role in roles if role not in live]
-    if missing:
-        raise ArkError(f"not running in {workspace}: {', '.join(missing)}")
