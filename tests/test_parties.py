@@ -242,3 +242,36 @@ def test_the_stop_command_with_nothing_recorded_says_so(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "no process of it is left" in result.stdout
+
+
+@pytest.mark.parametrize("address", ["host", "host:0", "host:99999", "host:92a", ":9092"])
+def test_a_bad_superlink_address_is_refused_before_anything_starts(
+    tmp_path: Path, tiny_bert_dir: Path, address: str
+) -> None:
+    from sandbox.errors import GatewayError
+    from sandbox.ops.demo_data import write_demo_data
+    from sandbox.ops.parties import start_node
+    from sandbox.ops.provision import provision_loopback
+
+    data = write_demo_data(tmp_path / "data", 1, rows_per_node=12, seed=2)
+    config = next(
+        iter(
+            provision_loopback(
+                tmp_path, model_dir=tiny_bert_dir, node_data=data, key_broker_port=1
+            ).node_configs.values()
+        )
+    )
+    with pytest.raises(GatewayError, match="is not host:port"):
+        start_node(config, address, say=lambda line: None)
+    assert ProcessRecord(config.parent).load() == {}
+
+
+def test_a_nodes_refusal_text_is_printed_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """A node's refusal reason quotes evidence it chose; rich markup in it must neither
+    crash the provider's follow command nor be swallowed."""
+    from sandbox.ops.cli.provider import JobProgress
+
+    JobProgress(2, {"7": "alpine"}).show(
+        [{"kind": "node_refused", "node": 7, "reason": "node '[/x][bold]evil' not allowed"}]
+    )
+    assert "node alpine refused: node '[/x][bold]evil' not allowed" in capsys.readouterr().out
