@@ -447,3 +447,10 @@ class EventInvalid(ArkError):
         super().__init__(f"{where}: {message}")
         self.kind = kind
         self.key = key
+
+
+class ComparisonInvalid(ConfigError):
+    """A comparison's results file (``comparison.json``, written from other parties'
+    scorecards) cannot be read, or is malformed: a missing, unknown or mistyped key, a
+    non-finite number, a scorecard for an unknown model or node, a duplicate or missing
+    scorecard. The message names the file and the key (``scorecards[2].after.accuracy``)."""

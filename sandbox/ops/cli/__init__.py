@@ -7,7 +7,7 @@ place allowed to reach across trust boundaries.
 from __future__ import annotations
 
 # Importing the command modules registers their commands on the groups.
-from sandbox.ops.cli import audit, demo, node, provider  # noqa: F401
+from sandbox.ops.cli import audit, compare, demo, node, provider  # noqa: F401
 from sandbox.ops.cli.base import app
 
 __all__ = ["app", "main"]

@@ -63,9 +63,15 @@ audit_app = typer.Typer(
     ),
     no_args_is_help=True,
 )
+compare_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold key material
+    help="Model comparison (1+N): the scored models side by side and a recommendation.",
+    no_args_is_help=True,
+)
 app.add_typer(provider_app, name="provider")
 app.add_typer(node_app, name="node")
 app.add_typer(audit_app, name="audit")
+app.add_typer(compare_app, name="compare")
 
 
 def stop_on_signals() -> threading.Event:
