@@ -457,6 +457,19 @@ def _print_translog(log: dict[str, Any]) -> None:
         f"{audit['grpc_tls_s']:.1f} s",
         "< 30 s",
     )
+    if "scorecards" in log:
+        cards = log["scorecards"]
+        table.add_row(
+            f"scorecard verification, {cards['scorecards']:,} scorecards ({cards['nodes']} "
+            f"nodes, 1 comparison of {cards['models']} models): policy check",
+            f"{cards['policy_s']:.2f} s",
+            f"< {cards['goal_s']:.0f} s",
+        )
+        table.add_row(
+            f"the same log of {cards['entries']:,} entries, whole audit from the SQLite file",
+            f"{cards['verify_log_s']:.2f} s",
+            "",
+        )
     console.print(table)
 
 

@@ -1,5 +1,6 @@
 """Transparency-log figures: append throughput, proof generation time as the log grows to
-1M entries, and the time of a full audit of a 100k-entry log (locally and over TLS).
+1M entries, the time of a full audit of a 100k-entry log (locally and over TLS), and the
+time of the comparison rules over a log of 1,000 signed scorecards.
 
 Entries are realistic events (``tests.loghistory``: whole honest runs), about 500 bytes
 of canonical JSON each. Every log lives in a temp dir that is removed afterwards.
@@ -16,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.canonical import canonical_entry
+from sandbox.events import ScorecardLogged
 from sandbox.ops.tls import issue_loopback_tls
-from sandbox.ops.translog.audit import Audit, verify_log
+from sandbox.ops.translog.audit import Audit, check_policy, decode, verify_log
 from sandbox.ops.translog.client import LogClient
 from sandbox.ops.translog.service import serve_log
 from sandbox.translog import merkle
 from sandbox.translog.store import LogStore
-from tests.loghistory import history_of_size, new_signer
+from tests.loghistory import comparison_history, history_of_size, new_signer
 
 PROOF_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 BATCH = 10_000
+# 333 catalog models scored by each of 3 nodes, and one node's local model: 1,000 scorecards.
+SCORECARD_NODES, SCORECARD_MODELS = 3, 333
+SCORECARD_GOAL_S = 2.0
 
 
 def _events(count: int) -> list[bytes]:
@@ -169,9 +174,48 @@ def _check(audit: Audit, size: int) -> None:
         raise RuntimeError(f"the bench log did not audit clean: {audit.violations[:3]}")
 
 
+def scorecard_audit(repeats: int) -> dict[str, Any]:
+    """Seconds for the policy check (``check_policy``, every rule, the comparison rules
+    verifying each signature) over the decoded events of one comparison: 3 nodes certified
+    for signing, each committing its held-out set once and scoring 333 catalog models,
+    plus one local model: 1,000 signed scorecards. Also the whole ``verify_log`` of the
+    same log from its SQLite file. Medians of ``repeats``."""
+    log = comparison_history(SCORECARD_MODELS, SCORECARD_NODES, local_model=True)
+    entries = [canonical_entry(event) for event in log.events]
+    records = decode(entries)  # as the auditor holds them
+    signer = new_signer()
+    policy, whole = [], []
+    with tempfile.TemporaryDirectory(prefix="ark-bench-log-") as tmp:
+        store = LogStore(Path(tmp) / "log.db", durable=False)
+        store.append_many(entries)
+        store.sign_checkpoint(signer)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            violations = check_policy(records)
+            policy.append(time.perf_counter() - started)
+            if violations:
+                raise RuntimeError(f"the bench comparison did not audit clean: {violations[:3]}")
+            started = time.perf_counter()
+            audit = verify_log(store, signer.verifier)
+            whole.append(time.perf_counter() - started)
+            _check(audit, len(entries))
+        store.close()
+    return {
+        "scorecards": sum(r.get("kind") == ScorecardLogged.kind for r in records),
+        "entries": len(entries),
+        "nodes": SCORECARD_NODES,
+        "models": SCORECARD_MODELS + 1,
+        "repeats": repeats,
+        "policy_s": statistics.median(policy),
+        "verify_log_s": statistics.median(whole),
+        "goal_s": SCORECARD_GOAL_S,
+    }
+
+
 def translog_bench(*, append_entries: int = 5_000, repeats: int = 3) -> dict[str, Any]:
     return {
         "append": append_throughput(append_entries, repeats),
         "proofs": proof_times(samples=200),
         "audit": full_audit(100_000, repeats),
+        "scorecards": scorecard_audit(repeats=5),
     }

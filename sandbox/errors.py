@@ -413,6 +413,29 @@ class NodeAdmittedTwice(PolicyViolation):
     exit_code = 36
 
 
+class ScorecardRootMismatch(PolicyViolation):
+    """A node scored a model on another held-out set than the one it committed to: a
+    scorecard's held-out root (or count) is not its node's committed one, or comes before
+    any commitment; or one node committed two different sets in one comparison."""
+
+    exit_code = 37
+
+
+class ScorecardMissing(PolicyViolation):
+    """A comparison finished without a valid scorecard for some model of it from some node
+    that committed a held-out set: a result was left out (say, the losing model's)."""
+
+    exit_code = 38
+
+
+class ScorecardUnattested(PolicyViolation):
+    """A held-out commitment or scorecard does not verify (malformed, bad signature), or its
+    signer is not a sandbox key the key broker certified for signing, for the same ueid,
+    earlier in the log."""
+
+    exit_code = 39
+
+
 class JournalMismatch(LogVerificationError):
     """A node journal records something the provider's log does not."""
 
@@ -454,3 +477,13 @@ class ComparisonInvalid(ConfigError):
     scorecards) cannot be read, or is malformed: a missing, unknown or mistyped key, a
     non-finite number, a scorecard for an unknown model or node, a duplicate or missing
     scorecard. The message names the file and the key (``scorecards[2].after.accuracy``)."""
+
+
+class ScorecardError(ArkError):
+    """A held-out commitment or a scorecard (:mod:`sandbox.scorecard`) failed a check."""
+
+
+class ScorecardInvalid(ScorecardError):
+    """A commitment or scorecard, or the signed record carrying one, is malformed (a field
+    missing, extra, of the wrong type or out of bounds; named with its value), over the size
+    limit, or its signature does not verify under the key it names."""

@@ -7,12 +7,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_CHANNEL,
+    PURPOSE_KEY_RELEASE,
+    PURPOSE_SIGNING,
+)
 from sandbox.attestation.stub import STUB_TEE
 from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_TRAIN
@@ -22,8 +28,12 @@ from sandbox.events import (
     AggregatorSeen,
     AttestationAppraised,
     ChannelCertified,
+    ComparedModel,
+    ComparisonFinished,
+    ComparisonStarted,
     DenialsRateLimited,
     FileDigest,
+    HeldoutCommitted,
     Key,
     KeyAttestation,
     KeyDenied,
@@ -35,10 +45,21 @@ from sandbox.events import (
     RoundStarted,
     RunFinished,
     RunStarted,
+    ScorecardLogged,
     SentDigest,
     Train,
     UpdateAccepted,
     UpdateRejected,
+)
+from sandbox.scorecard import (
+    Commitment,
+    Cost,
+    Scorecard,
+    heldout_leaf,
+    heldout_root,
+    sign_commitment,
+    sign_scorecard,
+    signer_sha256,
 )
 from sandbox.translog.note import NoteSigner, log_origin
 from sandbox.translog.store import LogStore
@@ -325,3 +346,185 @@ def build_log(path: Path, events: Iterable[dict[str, Any]], signer: NoteSigner) 
     store.append_many(canonical_entry(event) for event in events)
     store.sign_checkpoint(signer)
     return store
+
+
+# -- comparisons (1+N): held-out commitments and signed scorecards ---------------------------
+
+COMPARISON = "cmp-1"
+TASK = "sequence-classification"
+# Flower run ids are random unsigned 64-bit: beyond 2**53, the log spells them as text.
+COMPARISON_RUN = 16401725734191279427
+HELDOUT = 40
+
+
+def ueid_of(node: str) -> str:
+    """The ueid of node name ``node``'s TEE, as the other histories here name it."""
+    return _ueid(node)
+
+
+def signing_key(node: str) -> Ed25519PrivateKey:
+    """Node ``node``'s sandbox signing key: fixed per name, so logs are reproducible."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"sign/{node}".encode()).digest())
+
+
+def signing_certification(
+    node: str, key: Ed25519PrivateKey, *, ueid: str | None = None, purpose: str = PURPOSE_SIGNING
+) -> list[dict[str, Any]]:
+    """The key broker appraising node ``node``'s sandbox and certifying ``key`` as its
+    signing key (``ueid``: the ueid the certification names, the node's own by default)."""
+    session = f"sign-{node}-{signer_sha256(key.public_key())[:8]}"
+    tee_key = signer_sha256(key.public_key())
+    appraisal = {**attestation(session, purpose, node), Key.TEE_PUBKEY_SHA256: tee_key}
+    certified = ChannelCertified(
+        time=TIME,
+        session=session,
+        key_id=KEY_ID,
+        tee=STUB_TEE,
+        purpose=purpose,
+        ueid=ueid or _ueid(node),
+        ear_sha256=digest("ear", session),
+        tee_pubkey_sha256=tee_key,
+    ).to_json()
+    if ueid is not None:
+        appraisal[Key.UEID] = ueid
+    return [appraisal, certified]
+
+
+def heldout_set(node: str, count: int = HELDOUT) -> tuple[str, int]:
+    """The root and size of node ``node``'s held-out set (``count`` salted examples)."""
+    salt = hashlib.sha256(f"salt/{node}".encode()).digest()
+    leaves = [heldout_leaf(salt, f"{node} example {n}", f"label-{n % 3}") for n in range(count)]
+    return heldout_root(leaves), count
+
+
+def committed(
+    node: str,
+    number: int,
+    *,
+    run: int = COMPARISON_RUN,
+    comparison: str = COMPARISON,
+    key: Ed25519PrivateKey | None = None,
+    heldout: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """The ServerApp logging node ``node``'s (Flower node ``number``) signed commitment to
+    its held-out set (``heldout``: another set than its own)."""
+    root, count = heldout or heldout_set(node)
+    commitment = Commitment(comparison=comparison, ueid=_ueid(node), root=root, count=count)
+    return HeldoutCommitted(
+        time=TIME,
+        run=run,
+        job=JOB,
+        node=number,
+        comparison=comparison,
+        commitment=sign_commitment(key or signing_key(node), commitment),
+    ).to_json()
+
+
+def scorecard(
+    node: str,
+    model_id: str,
+    *,
+    run: int = COMPARISON_RUN,
+    comparison: str = COMPARISON,
+    heldout: tuple[str, int] | None = None,
+    accuracy: float = 0.8,
+    ueid: str | None = None,
+) -> Scorecard:
+    """Node ``node``'s scorecard of ``model_id`` on its held-out set (or ``heldout``)."""
+    root, count = heldout or heldout_set(node)
+    return Scorecard(
+        comparison=comparison,
+        run=run,
+        job=JOB,
+        ueid=ueid or _ueid(node),
+        model_id=model_id,
+        manifest_sha256=digest("manifest", model_id),
+        adapter_sha256=digest("adapter", model_id, node),
+        heldout_root=root,
+        heldout_count=count,
+        before={"accuracy": 0.4, "macro_f1": 0.3},
+        after={"accuracy": accuracy, "macro_f1": accuracy - 0.1},
+        cost=Cost(
+            train_seconds_per_step=0.25,
+            inference_ms_per_example=3.5,
+            update_bytes_per_round=306244,
+            adapter_bytes=306244,
+        ),
+    )
+
+
+def scored(
+    number: int, card: Scorecard, key: Ed25519PrivateKey, *, comparison: str | None = None
+) -> dict[str, Any]:
+    """The ServerApp logging ``card``, signed by ``key``, as Flower node ``number`` sent it."""
+    return ScorecardLogged(
+        time=TIME,
+        run=card.run,
+        job=JOB,
+        node=number,
+        comparison=comparison or card.comparison,
+        scorecard=sign_scorecard(key, card),
+    ).to_json()
+
+
+@dataclass
+class ComparisonLog:
+    """An honest comparison's events, and what attacks on it need: its models (the
+    first scores lowest: the losing one) and nodes (name -> Flower node number)."""
+
+    events: list[dict[str, Any]]
+    models: list[str]
+    nodes: dict[str, int] = field(default_factory=dict)
+
+    def find(self, kind: str, **where: Any) -> int:
+        """The index of the first event of ``kind`` whose fields (or, for a signed
+        record, its body's) equal ``where``."""
+        for index, event in enumerate(self.events):
+            if event[Key.KIND] != kind:
+                continue
+            body: dict[str, Any] = {}
+            for signed in (Key.COMMITMENT, Key.SCORECARD):
+                if signed in event:
+                    body = event[signed]["body"]
+            if all(event.get(k, body.get(k)) == v for k, v in where.items()):
+                return index
+        raise LookupError(f"no {kind} event with {where}")
+
+
+def comparison_history(
+    models: int = 2, nodes: int = 3, *, local_model: bool = False
+) -> ComparisonLog:
+    """One honest 1+N comparison: each node's signing key certified, the comparison
+    started, every node committing its held-out set in the first model's run and scoring
+    every model (one Flower run per model), then finished. With ``local_model`` node-1
+    also scores its own local model (in no catalog, so only by its node)."""
+    names = {f"node-{n}": n for n in range(1, nodes + 1)}
+    model_ids = [f"model-{m}" for m in range(models)]
+    runs = {model: COMPARISON_RUN + m for m, model in enumerate(model_ids)}
+    events: list[dict[str, Any]] = []
+    for node in names:
+        events += signing_certification(node, signing_key(node))
+    events.append(
+        ComparisonStarted(
+            time=TIME,
+            comparison=COMPARISON,
+            task=TASK,
+            models=[
+                ComparedModel(model_id=model, manifest_sha256=digest("manifest", model))
+                for model in model_ids
+            ],
+        ).to_json()
+    )
+    for m, model in enumerate(model_ids):
+        for node, number in names.items():
+            if m == 0:
+                events.append(committed(node, number, run=runs[model]))
+            card = scorecard(node, model, run=runs[model], accuracy=0.5 + 0.4 * m / models)
+            events.append(scored(number, card, signing_key(node)))
+    if local_model:
+        local = "local-node-1"
+        runs[local] = COMPARISON_RUN + models
+        card = scorecard("node-1", local, run=runs[local])
+        events.append(scored(1, card, signing_key("node-1")))
+    events.append(ComparisonFinished(time=TIME, comparison=COMPARISON, runs=runs).to_json())
+    return ComparisonLog(events, model_ids, names)

@@ -98,6 +98,8 @@ def test_the_families_are_the_provider_events_and_the_journal() -> None:
         "update_rejected",
         "aggregate_committed",
         "run_finished",
+        "heldout_committed",
+        "scorecard_logged",
     }
     assert not set(Event.registry) & set(NodeEvent.registry)
     assert JournalOpened.kind in NodeEvent.registry

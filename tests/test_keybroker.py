@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from sandbox import strictjson
@@ -31,6 +32,8 @@ from sandbox.attestation.result import (
     CONTRAINDICATED,
     PURPOSE_CHANNEL,
     PURPOSE_KEY_RELEASE,
+    PURPOSE_SIGNING,
+    SIGNING_SUITE,
     WARNING,
     ResultSigner,
     verify_result,
@@ -45,9 +48,22 @@ from sandbox.errors import (
     ResultExpired,
     ResultInvalid,
 )
-from sandbox.events import Event, FanOutSink, MemoryEventSink
+from sandbox.events import (
+    ComparedModel,
+    ComparisonFinished,
+    ComparisonStarted,
+    Event,
+    FanOutSink,
+    HeldoutCommitted,
+    MemoryEventSink,
+)
 from sandbox.keybroker import RATE_LIMITED
-from sandbox.keybroker.client import KeyBrokerClient, certify_channel_key, obtain_content_key
+from sandbox.keybroker.client import (
+    KeyBrokerClient,
+    certify_channel_key,
+    certify_signing_key,
+    obtain_content_key,
+)
 from sandbox.keybroker.transport import Certification, KeyBrokerTransport, KeyRelease
 from sandbox.ops.cli import app
 from sandbox.ops.keybroker.broker import ContentKey, KeyBroker, KeyStore
@@ -56,9 +72,19 @@ from sandbox.ops.keybroker.limits import DEFAULT_LIMITS, Limits
 from sandbox.ops.keybroker.service import client_of, serve
 from sandbox.ops.tls import TlsFiles, issue_loopback_tls
 from sandbox.ops.translog.audit import check_policy, verify_log
+from sandbox.scorecard import Commitment, sign_commitment, signer_sha256
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from sandbox.translog.store import MAX_ENTRY_BYTES, LogSink, LogStore
-from tests.loghistory import build_log, denial, denials_rate_limited, new_signer
+from tests.loghistory import (
+    build_log,
+    denial,
+    denials_rate_limited,
+    digest,
+    heldout_set,
+    new_signer,
+    scorecard,
+    scored,
+)
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 CODE = "ab" * 32
@@ -801,6 +827,126 @@ def test_a_small_order_key_is_neither_certified_nor_sent_a_key(
         "BAD_REQUEST",
         "BadRequest",
         lambda: _attest(kb, token, challenge.session_id, key, suite=suite, purpose=purpose),
+    )
+    assert kb.events.kinds() == ["key_denied"], "refused as a request, before any appraisal"
+
+
+# --- signing keys (held-out commitments and scorecards) ---------------------------------
+
+
+def _certify_signing(kb: Deployment, transport: KeyBrokerTransport, key: Ed25519PrivateKey) -> Any:
+    return certify_signing_key(
+        transport,
+        kb.attester,
+        key.public_key(),
+        key_id=KEY_ID,
+        measurements=MEASUREMENTS,
+        result_key=kb.result_key,
+        clock=kb.clock,
+    )
+
+
+def test_a_signing_key_is_certified_logged_by_its_digest_and_releases_nothing(
+    kb: Deployment,
+) -> None:
+    """A sandbox's Ed25519 key is certified for signing: the log names it by its digest,
+    so the auditor accepts what it signs, and its result is never traded for a key."""
+    key = Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes_raw()
+    result = _certify_signing(kb, kb.client, key)
+    assert (result.purpose, result.hpke_suite, result.tee_pubkey) == (
+        PURPOSE_SIGNING,
+        SIGNING_SUITE,
+        raw,
+    )
+    assert kb.events.kinds() == ["attestation_appraised", "channel_certified"]
+    certified = kb.events.events[-1].fields
+    assert certified["purpose"] == PURPOSE_SIGNING
+    assert certified["tee_pubkey_sha256"] == sha256_hex(raw) == signer_sha256(key.public_key())
+    assert (certified["ueid"], certified["ear_sha256"]) == ("node-1", result.digest)
+    # What the certified key signs in node-1's name passes the audit after this log.
+    root, count = heldout_set("node-1")
+    commitment = Commitment(comparison="cmp-1", ueid="node-1", root=root, count=count)
+    card = dataclasses.replace(scorecard("node-1", MODEL_ID, run=7), ueid="node-1")
+    comparison = [
+        ComparisonStarted(
+            time=NOW,
+            comparison="cmp-1",
+            task="sequence-classification",
+            models=[ComparedModel(model_id=MODEL_ID, manifest_sha256=digest("manifest", MODEL_ID))],
+        ).to_json(),
+        HeldoutCommitted(
+            time=NOW,
+            run=7,
+            job="demo",
+            node=1,
+            comparison="cmp-1",
+            commitment=sign_commitment(key, commitment),
+        ).to_json(),
+        scored(1, card, key),
+        ComparisonFinished(time=NOW, comparison="cmp-1", runs={MODEL_ID: 7}).to_json(),
+    ]
+    assert check_policy([e.to_json() for e in kb.events.events] + comparison) == []
+    assert [type(v).__name__ for v in check_policy(comparison)] == ["ScorecardUnattested"] * 2
+    _denied(
+        kb,
+        "RESULT_INVALID",
+        "ResultInvalid",
+        lambda: kb.client.release(attestation_result=result.token, key_id=KEY_ID),
+    )
+
+
+def test_the_in_process_transport_certifies_a_signing_key_as_the_grpc_service(
+    kb: Deployment,
+) -> None:
+    answers = []
+    for transport in (kb.client, InProcessTransport(kb.broker)):
+        result = _certify_signing(kb, transport, Ed25519PrivateKey.generate())
+        with pytest.raises(KeyReleaseDenied) as caught:
+            transport.release(attestation_result=result.token, key_id=KEY_ID)
+        answers.append((result.purpose, result.hpke_suite, caught.value.code))
+    assert answers == [(PURPOSE_SIGNING, SIGNING_SUITE, "RESULT_INVALID")] * 2
+    assert kb.events.kinds().count("channel_certified") == 2
+
+
+_ED25519 = Ed25519PrivateKey.from_private_bytes(bytes(32)).public_key().public_bytes_raw()
+
+
+@pytest.mark.parametrize(
+    ("tee_pubkey", "suite", "purpose"),
+    [
+        (_ED25519[:31], SIGNING_SUITE, PURPOSE_SIGNING),
+        (_ED25519 + b"\0", SIGNING_SUITE, PURPOSE_SIGNING),
+        (bytes([1]) + bytes(31), SIGNING_SUITE, PURPOSE_SIGNING),
+        (bytes([0xEE]) + b"\xff" * 30 + bytes([0x7F]), SIGNING_SUITE, PURPOSE_SIGNING),
+        (RecipientKey.generate().public_bytes, SUITE_X25519, PURPOSE_SIGNING),
+        (RecipientKey.generate(SUITE_MLKEM768_X25519).public_bytes, SIGNING_SUITE, PURPOSE_SIGNING),
+        (_ED25519, SIGNING_SUITE, PURPOSE_CHANNEL),
+        (_ED25519, SIGNING_SUITE, PURPOSE_KEY_RELEASE),
+    ],
+    ids=[
+        "31 bytes",
+        "33 bytes",
+        "identity (small order)",
+        "y = p + 1 (not canonical)",
+        "an X25519 key under its HPKE suite",
+        "an ML-KEM hybrid key",
+        "an Ed25519 key for a channel",
+        "an Ed25519 key for a key release",
+    ],
+)
+def test_a_key_that_is_not_ed25519_is_never_certified_for_signing(
+    kb: Deployment, tee_pubkey: bytes, suite: str, purpose: str
+) -> None:
+    """Honest evidence binding the key, but the key is not a usable Ed25519 key (or an
+    Ed25519 key is presented for an HPKE purpose): refused before appraisal."""
+    challenge = kb.client.challenge(KEY_ID)
+    token = _evidence(kb.attester, challenge.nonce, tee_pubkey)
+    _denied(
+        kb,
+        "BAD_REQUEST",
+        "BadRequest",
+        lambda: _attest(kb, token, challenge.session_id, tee_pubkey, suite=suite, purpose=purpose),
     )
     assert kb.events.kinds() == ["key_denied"], "refused as a request, before any appraisal"
 

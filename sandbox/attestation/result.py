@@ -42,10 +42,18 @@ from sandbox.errors import (
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
 EAR_TYP = "JWT"
 SUBMOD = "ark-sandbox"
-# What an affirming result's bound key may be used for.
+# What an affirming result's bound key may be used for: receiving a content key, a node's
+# update channel (an HPKE key), or signing what the sandbox reports (an Ed25519 key:
+# held-out commitments and scorecards, sandbox.scorecard).
 PURPOSE_KEY_RELEASE = "key-release"
 PURPOSE_CHANNEL = "channel"
-PURPOSES = (PURPOSE_KEY_RELEASE, PURPOSE_CHANNEL)
+PURPOSE_SIGNING = "signing"
+PURPOSES = (PURPOSE_KEY_RELEASE, PURPOSE_CHANNEL, PURPOSE_SIGNING)
+# The purposes whose result only certifies the bound key: nothing is released for them.
+CERTIFYING_PURPOSES = frozenset({PURPOSE_CHANNEL, PURPOSE_SIGNING})
+# The suite a signing key is bound under (in the result's ``ark.hpke-suite`` claim): a raw
+# 32-byte Ed25519 public key (RFC 8032).
+SIGNING_SUITE = "ed25519"
 AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
 TIER_VALUE = {NONE: 0, AFFIRMING: 2, WARNING: 32, CONTRAINDICATED: 96}
 # The AR4SI claims this verifier appraises; the others stay "none" (0).
@@ -121,7 +129,8 @@ class AttestationResult:
 
     @property
     def purpose(self) -> str:
-        """``key-release`` or ``channel`` (results from before purposes existed: release)."""
+        """``key-release``, ``channel`` or ``signing`` (results from before purposes
+        existed: release)."""
         return str(self.submod.get("ark.purpose", PURPOSE_KEY_RELEASE))
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sandbox.events.schema import JsonObject, Record, omitted
 
@@ -252,3 +252,57 @@ class RunFinished(RunEvent):
     rounds: int
     adapter_sha256: str
     metrics: dict[str, dict[str, dict[str, float]]]
+
+
+# -- comparisons (1+N) ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComparedModel(JsonObject):
+    """A model in a comparison: its id and the SHA-256 of its sealed package's manifest."""
+
+    model_id: str
+    manifest_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComparisonStarted(Event):
+    """A 1+N comparison began: every model of it must be scored by every node that commits
+    a held-out set (:mod:`sandbox.scorecard`)."""
+
+    kind: ClassVar[str] = "comparison_started"
+    comparison: str
+    task: str
+    models: list[ComparedModel]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeldoutCommitted(RunEvent):
+    """A node's sandbox committed to its held-out set: ``commitment`` is the signed record
+    as the node sent it, which the auditor verifies (``open_commitment``)."""
+
+    kind: ClassVar[str] = "heldout_committed"
+    node: int
+    comparison: str
+    commitment: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScorecardLogged(RunEvent):
+    """A node's sandbox scored the run's model: ``scorecard`` is the signed record as the
+    node sent it, which the auditor verifies (``open_scorecard``)."""
+
+    kind: ClassVar[str] = "scorecard_logged"
+    node: int
+    comparison: str
+    scorecard: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComparisonFinished(Event):
+    """A comparison ended: ``runs`` maps each model id to the Flower run that fine-tuned it.
+    From here on every model must have a scorecard from every committed node."""
+
+    kind: ClassVar[str] = "comparison_finished"
+    comparison: str
+    runs: dict[str, int]

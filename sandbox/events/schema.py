@@ -18,7 +18,8 @@ must tolerate incomplete records (the auditor's policy, the report) look fields 
 Values follow the log's spelling: an ``int`` field also accepts the decimal text the
 log writes for an integer beyond 2**53 - 1, and a ``float`` field the text of a
 non-finite number (:func:`sandbox.canonical.as_text_beyond_jcs`); a time is the exact
-``isoformat()`` text of a timezone-aware datetime.
+``isoformat()`` text of a timezone-aware datetime. A field typed ``Any`` holds any JSON
+value (a record another party signed, carried as it came; its own reader parses it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any, ClassVar, Self
 
 from sandbox.canonical import MAX_SAFE_INTEGER, canonical_entry
 from sandbox.errors import EventInvalid
-from sandbox.strictjson import INT_LIMIT
+from sandbox.strictjson import INT_LIMIT, StrictJSONError, check_text
 
 _OMIT = "omit-when-none"
 _BIG_INT = re.compile(r"-?[1-9][0-9]*")
@@ -121,6 +122,14 @@ class Key(StrEnum):
     COUNT = "count"
     REQUEST_SHA256 = "request_sha256"
     RESPONSE_SHA256 = "response_sha256"
+    # comparisons (1+N) and their signed records
+    COMPARISON = "comparison"
+    TASK = "task"
+    MODELS = "models"
+    MANIFEST_SHA256 = "manifest_sha256"
+    COMMITMENT = "commitment"
+    SCORECARD = "scorecard"
+    RUNS = "runs"
 
 
 _KEYS = frozenset(Key)
@@ -263,6 +272,8 @@ def _encode(value: Any) -> Any:
 
 def decode_value(value: Any, hint: Any, kind: str | None, key: str) -> Any:
     """``value`` checked against the type ``hint``; raises :class:`EventInvalid`."""
+    if hint is Any:
+        return _free_json(value, kind, key)
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
@@ -285,6 +296,29 @@ def decode_value(value: Any, hint: Any, kind: str | None, key: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, JsonObject):
         return hint._parse(value, kind, f"{key}.", frozenset())
     return _scalar(value, hint, kind, key)
+
+
+def _free_json(value: Any, kind: str | None, key: str) -> Any:
+    """``value`` checked as any JSON value the log can write (an ``Any`` field: a record
+    another party signed, carried as it came and parsed strictly by whoever reads it)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                check_text(item)
+            except StrictJSONError as exc:
+                raise EventInvalid(str(exc), kind=kind, key=key) from None
+        elif isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise EventInvalid("must have text keys", kind=kind, key=key)
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif item is not None and not isinstance(item, (bool, int, float)):
+            raise EventInvalid(f"holds a {type(item).__name__}, not JSON", kind=kind, key=key)
+    return value
 
 
 def _scalar(value: Any, hint: Any, kind: str | None, key: str) -> Any:

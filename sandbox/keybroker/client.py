@@ -17,14 +17,18 @@ from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protos.ark.v1 import keybroker_pb2 as pb
 from protos.ark.v1 import keybroker_pb2_grpc as pb_grpc
 from sandbox.attestation.backends import Attester
 from sandbox.attestation.result import (
     AFFIRMING,
+    CERTIFYING_PURPOSES,
     PURPOSE_CHANNEL,
     PURPOSE_KEY_RELEASE,
+    PURPOSE_SIGNING,
+    SIGNING_SUITE,
     AttestationResult,
     verify_result,
 )
@@ -104,8 +108,8 @@ class KeyBrokerClient(TlsChannel):
             purpose=purpose,
         )
         released = _released(self._call(self._stub.Attest, request))
-        if purpose == PURPOSE_CHANNEL:
-            # The wire's KeyRelease with no key: the proto has one reply for both purposes.
+        if purpose in CERTIFYING_PURPOSES:
+            # The wire's KeyRelease with no key: the proto has one reply for every purpose.
             return Certification(released.attestation_result, released.key_id, released.session_id)
         return _key_release(released)
 
@@ -138,17 +142,19 @@ def _attested(
     attester: Attester,
     *,
     key_id: str,
-    sandbox_key: RecipientKey,
+    tee_pubkey: bytes,
+    suite: str,
     measurements: Mapping[str, str],
     result_key: ec.EllipticCurvePublicKey,
     purpose: str,
     clock: Callable[[], dt.datetime],
 ) -> tuple[KeyRelease | Certification, AttestationResult]:
-    """Challenge, evidence binding ``sandbox_key``, attest; the broker's checked result."""
+    """Challenge, evidence binding ``tee_pubkey`` (of ``suite``), attest; the broker's
+    checked result."""
     challenge = broker.challenge(key_id)
     evidence = attester.evidence(
         nonce=challenge.nonce,
-        tee_pubkey=sandbox_key.public_bytes,
+        tee_pubkey=tee_pubkey,
         measurements=dict(measurements),
         now=clock(),
     )
@@ -156,8 +162,8 @@ def _attested(
         session_id=challenge.session_id,
         tee=attester.tee,
         evidence=evidence,
-        tee_pubkey=sandbox_key.public_bytes,
-        hpke_suite=sandbox_key.suite,
+        tee_pubkey=tee_pubkey,
+        hpke_suite=suite,
         key_id=key_id,
         purpose=purpose,
     )
@@ -165,7 +171,8 @@ def _attested(
     if (
         result.status != AFFIRMING
         or result.session_id != challenge.session_id
-        or result.tee_pubkey != sandbox_key.public_bytes
+        or result.tee_pubkey != tee_pubkey
+        or result.hpke_suite != suite
         or result.purpose != purpose
         or granted.key_id != key_id
     ):
@@ -189,7 +196,8 @@ def obtain_content_key(
         broker,
         attester,
         key_id=key_id,
-        sandbox_key=sandbox_key,
+        tee_pubkey=sandbox_key.public_bytes,
+        suite=sandbox_key.suite,
         measurements=measurements,
         result_key=result_key,
         purpose=PURPOSE_KEY_RELEASE,
@@ -226,10 +234,41 @@ def certify_channel_key(
         broker,
         attester,
         key_id=key_id,
-        sandbox_key=channel_key,
+        tee_pubkey=channel_key.public_bytes,
+        suite=channel_key.suite,
         measurements=measurements,
         result_key=result_key,
         purpose=PURPOSE_CHANNEL,
+        clock=clock,
+    )
+    return result
+
+
+def certify_signing_key(
+    broker: KeyBrokerTransport,
+    attester: Attester,
+    public_key: Ed25519PublicKey,
+    *,
+    key_id: str,
+    measurements: Mapping[str, str],
+    result_key: ec.EllipticCurvePublicKey,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> AttestationResult:
+    """Attest this sandbox with its Ed25519 signing key bound (raw 32 bytes, suite
+    "ed25519"); the result certifies that key for signing only (the held-out commitments
+    and scorecards of :mod:`sandbox.scorecard`), and the broker logs it as
+    ``channel_certified`` with purpose "signing". Nothing is released for it, and the
+    broker refuses the result on ``Release``.
+    """
+    _, result = _attested(
+        broker,
+        attester,
+        key_id=key_id,
+        tee_pubkey=public_key.public_bytes_raw(),
+        suite=SIGNING_SUITE,
+        measurements=measurements,
+        result_key=result_key,
+        purpose=PURPOSE_SIGNING,
         clock=clock,
     )
     return result

@@ -39,8 +39,9 @@ class KeyRelease:
 
 @dataclass(frozen=True)
 class Certification:
-    """A channel attestation as the broker sent it: the signed attestation result, not
-    yet verified, certifying the presented key as a node's update-channel key. No key."""
+    """A channel or signing attestation as the broker sent it: the signed attestation
+    result, not yet verified, certifying the presented key as a node's update-channel key
+    or a sandbox's signing key. No key."""
 
     attestation_result: str
     key_id: str
@@ -67,8 +68,8 @@ class KeyBrokerTransport(Protocol):
         key_id: str,
         purpose: str = PURPOSE_KEY_RELEASE,
     ) -> KeyRelease | Certification:
-        """Present evidence for a session: a key release, or for the "channel" purpose a
-        certification of ``tee_pubkey``."""
+        """Present evidence for a session: a key release, or for the "channel" and
+        "signing" purposes a certification of ``tee_pubkey``."""
         ...
 
     def release(self, *, attestation_result: str, key_id: str) -> KeyRelease:

@@ -395,6 +395,117 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
         ],
     ),
     (
+        "provider",
+        "comparison_started",
+        [
+            (
+                "two catalog models",
+                {
+                    "kind": "comparison_started",
+                    "time": T,
+                    "comparison": "cmp-1",
+                    "task": "sequence-classification",
+                    "models": [
+                        {"model_id": "minilm", "manifest_sha256": H},
+                        {"model_id": "bert-tiny", "manifest_sha256": H},
+                    ],
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "heldout_committed",
+        [
+            (
+                "a signed record as the node sent it",
+                {
+                    **JOB,
+                    "kind": "heldout_committed",
+                    "node": 3,
+                    "comparison": "cmp-1",
+                    "commitment": {
+                        "body": {
+                            "format": "ark-heldout-commitment/1",
+                            "comparison": "cmp-1",
+                            "ueid": UEID,
+                            "root": H,
+                            "count": 40,
+                        },
+                        "signer": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+                        "sig": "not verified by the schema",
+                    },
+                },
+            ),
+            (
+                "any JSON the node sent, carried as it came",
+                {
+                    **JOB,
+                    "kind": "heldout_committed",
+                    "node": 3,
+                    "comparison": "cmp-1",
+                    "commitment": {"body": [1, 2.5, None, True, {"x": "y"}], "extra": "z"},
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "scorecard_logged",
+        [
+            (
+                "a signed record, its run beyond 2**53 as text",
+                {
+                    "time": T,
+                    "run": FLOWER_RUN,
+                    "job": "demo",
+                    "kind": "scorecard_logged",
+                    "node": 3,
+                    "comparison": "cmp-1",
+                    "scorecard": {
+                        "body": {
+                            "format": "ark-scorecard/1",
+                            "comparison": "cmp-1",
+                            "run": FLOWER_RUN,
+                            "job": "demo",
+                            "ueid": UEID,
+                            "model_id": "minilm",
+                            "manifest_sha256": H,
+                            "adapter_sha256": H,
+                            "heldout_root": H,
+                            "heldout_count": 40,
+                            "before": {"accuracy": 0.5},
+                            "after": {"accuracy": 0.75},
+                            "cost": {
+                                "train_seconds_per_step": 0.25,
+                                "inference_ms_per_example": 3.5,
+                                "update_bytes_per_round": 306244,
+                                "adapter_bytes": 306244,
+                            },
+                        },
+                        "signer": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+                        "sig": "not verified by the schema",
+                    },
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "comparison_finished",
+        [
+            (
+                "finished",
+                {
+                    "kind": "comparison_finished",
+                    "time": T,
+                    "comparison": "cmp-1",
+                    "runs": {"minilm": 7, "bert-tiny": FLOWER_RUN},
+                },
+            ),
+        ],
+    ),
+    (
         "journal",
         "journal_opened",
         [

@@ -129,13 +129,17 @@ class AttestRequest(_message.Message):
     evidence: _builtins.str
     """Evidence as the backend defines it (the stub: a compact JWS EAT)."""
     tee_pubkey: _builtins.bytes
-    """The sandbox's ephemeral HPKE public key, bound into the evidence's report_data."""
+    """The sandbox's ephemeral HPKE public key, bound into the evidence's report_data (for
+    the "signing" purpose: its raw 32-byte Ed25519 public key).
+    """
     hpke_suite: _builtins.str
+    """An HPKE suite name; "ed25519" for the "signing" purpose."""
     key_id: _builtins.str
     purpose: _builtins.str
     """"" or "key-release": release the content key on an affirming result. "channel":
-    only certify tee_pubkey as a node's update-channel key; no key is released, and
-    Release refuses the resulting EAR.
+    only certify tee_pubkey as a node's update-channel key; "signing": only certify it
+    as the sandbox's signing key (held-out commitments, scorecards). For both no key is
+    released, and Release refuses the resulting EAR.
     """
     def __init__(
         self,
@@ -191,7 +195,7 @@ class KeyRelease(_message.Message):
     attestation_result: _builtins.str
     """The signed EAR (compact JWS)."""
     wrapped_key: _builtins.bytes
-    """Empty for a "channel" attestation."""
+    """Empty for a "channel" or "signing" attestation."""
     key_id: _builtins.str
     model_id: _builtins.str
     session_id: _builtins.str

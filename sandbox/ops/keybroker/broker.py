@@ -2,7 +2,9 @@
 
 The gRPC service (:mod:`sandbox.ops.keybroker.service`) only translates messages to and from
 this state machine, so tests drive every attack here and over the wire alike.
-A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to.
+A key leaves only as an HPKE envelope to the TEE key an affirming result is bound to. A
+result for a node's channel key (an HPKE key) or a sandbox's signing key (Ed25519) only
+certifies that key: nothing is released for it.
 What one client may hold or make the broker log is bounded by :mod:`.limits`.
 """
 
@@ -23,9 +25,11 @@ from typing import Any
 from sandbox.attestation.backends import VerifierRegistry
 from sandbox.attestation.result import (
     AFFIRMING,
-    PURPOSE_CHANNEL,
+    CERTIFYING_PURPOSES,
     PURPOSE_KEY_RELEASE,
+    PURPOSE_SIGNING,
     PURPOSES,
+    SIGNING_SUITE,
     AttestationResult,
     ResultContext,
     ResultSigner,
@@ -47,6 +51,7 @@ from sandbox.errors import (
     ReportDataMismatch,
     ResultExpired,
     ResultInvalid,
+    ScorecardInvalid,
     SessionExpired,
     SessionUnknown,
     SessionUsed,
@@ -75,6 +80,7 @@ from sandbox.ops.keybroker.limits import (
     Session,
     SessionTable,
 )
+from sandbox.scorecard import signing_public_key
 from sandbox.seal.envelope import load_public_key, wrap_content_key
 from sandbox.seal.stream import KEY_SIZE
 
@@ -143,6 +149,21 @@ def sent_digest(value: str | bytes) -> SentDigest:
     denial fits a log entry whatever the request was."""
     raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
     return SentDigest(bytes=len(raw), sha256=sha256_hex(raw))
+
+
+def _presented_key(purpose: str, suite: str, tee_pubkey: bytes) -> Any:
+    """The key a request presents, checked for its purpose before appraisal: a signing
+    key is a raw Ed25519 key under the suite "ed25519"; any other is an HPKE key of a known
+    suite. A malformed or small-order key is refused (BadRequest): a certified channel key
+    is one the aggregator must seal to, a certified signing key one the auditor trusts."""
+    try:
+        if purpose == PURPOSE_SIGNING:
+            if suite != SIGNING_SUITE:
+                raise BadRequest(f"a signing key's suite is {SIGNING_SUITE!r}, not {suite[:32]!r}")
+            return signing_public_key(tee_pubkey)
+        return load_public_key(suite, tee_pubkey)
+    except (EnvelopeError, ScorecardInvalid) as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def _excerpt(text: str) -> str:
@@ -221,8 +242,9 @@ class Released:
 
 @dataclass(frozen=True)
 class Certified:
-    """A channel attestation: the affirming result certifies its TEE key as a node's
-    update-channel key. No key is released with it, nor later against it."""
+    """A channel or signing attestation: the affirming result certifies its TEE key as a
+    node's update-channel key, or as a sandbox's signing key. No key is released with it,
+    nor later against it."""
 
     result: AttestationResult
     key_id: str
@@ -331,7 +353,9 @@ class KeyBroker:
         """Appraise evidence for a session; release the key only if the result affirms.
 
         With ``purpose`` "channel" an affirming result only certifies ``tee_pubkey`` as a
-        node's update-channel key: nothing is released, now or later through ``release``.
+        node's update-channel key, and with "signing" (``hpke_suite`` "ed25519") as a
+        sandbox's Ed25519 signing key: nothing is released, now or later through
+        ``release``.
         """
         now = self.clock()
         self._summarise(now)
@@ -386,12 +410,7 @@ class KeyBroker:
             # Refused before appraisal: an unregistered kind would go into a signed result
             # and the appraisal event as the client spelled it, at any length.
             raise TeeNotAccepted("no verifier backend for the TEE kind presented")
-        try:
-            # A malformed or small-order key is refused before appraisal, for either
-            # purpose: a certified channel key is one the aggregator must seal to.
-            public_key = load_public_key(hpke_suite, tee_pubkey)
-        except EnvelopeError as exc:
-            raise BadRequest(str(exc)) from exc
+        public_key = _presented_key(purpose, hpke_suite, tee_pubkey)
         content_key = self.keystore.get(key_id)
         # Every value here is now one the broker issued or knows, so events may name it.
         request = {Key.SESSION: session_id, Key.KEY_ID: key_id, Key.TEE: tee, Key.PURPOSE: purpose}
@@ -419,7 +438,7 @@ class KeyBroker:
             error = NotAffirming(f"result is {result.status}: {appraisal.warnings}")
             return self._deny(error, sent, now, client, result=result, appraised=appraised)
         self.events.emit(appraised)
-        if purpose == PURPOSE_CHANNEL:
+        if purpose in CERTIFYING_PURPOSES:
             return self._certified(result, content_key, request, now)
         return self._release(result, content_key, public_key, request, now)
 
@@ -430,7 +449,7 @@ class KeyBroker:
         request: dict[Key, Any],
         now: dt.datetime,
     ) -> Certified:
-        """A channel attestation: the signed result and no key."""
+        """A channel or signing attestation: the signed result and no key."""
         self.events.emit(
             ChannelCertified(
                 time=now,
@@ -461,7 +480,9 @@ class KeyBroker:
             if result.status != AFFIRMING:
                 raise NotAffirming(f"presented result is {result.status}")
             if result.purpose != PURPOSE_KEY_RELEASE:
-                raise ResultInvalid("presented result certifies a channel key; it releases nothing")
+                raise ResultInvalid(
+                    f"presented result certifies a {result.purpose} key; it releases nothing"
+                )
             if result.policy_digest != policy.digest:
                 raise ResultInvalid("presented result was appraised under another policy")
             policy.admit(tee=result.tee, ueid=result.ueid or "", measurements=result.measurements)

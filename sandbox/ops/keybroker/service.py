@@ -76,7 +76,8 @@ def _reply(outcome: Outcome, context: grpc.ServicerContext) -> pb.AttestReply:
                 attestation_result="" if outcome.result is None else outcome.result.token,
             )
         )
-    # The proto has one reply for both purposes: a channel's certification has no key.
+    # The proto has one reply for every purpose: a channel's or signing key's certification
+    # has no key.
     wrapped_key = b"" if isinstance(outcome, Certified) else outcome.wrapped_key
     return pb.AttestReply(
         released=pb.KeyRelease(

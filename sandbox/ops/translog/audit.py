@@ -15,16 +15,21 @@ audit nor match another such record (a rule compares present, non-empty values o
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from sandbox import strictjson
-from sandbox.attestation.result import AFFIRMING, PURPOSE_CHANNEL, PURPOSE_KEY_RELEASE
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_CHANNEL,
+    PURPOSE_KEY_RELEASE,
+    PURPOSE_SIGNING,
+)
 from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_TRAIN
 from sandbox.errors import (
@@ -43,27 +48,39 @@ from sandbox.errors import (
     OriginMismatch,
     PolicyViolation,
     ReleaseWithoutAppraisal,
+    ScorecardInvalid,
+    ScorecardMissing,
+    ScorecardRootMismatch,
+    ScorecardUnattested,
     UpdateFromUnattested,
 )
 from sandbox.events import (
     PLAINTEXT,
     AggregateCommitted,
     AttestationAppraised,
+    ChannelCertified,
+    ComparisonFinished,
+    ComparisonStarted,
+    HeldoutCommitted,
     Key,
     KeyReleased,
     NodeAdmitted,
     NodeDeclined,
     NodeRefused,
     RoundStarted,
+    ScorecardLogged,
     UpdateAccepted,
     UpdateRejected,
 )
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
+from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
 from sandbox.translog.store import LogReader
+
+Signed = TypeVar("Signed", Commitment, Scorecard)
 
 # Entries fetched per request while auditing; the gRPC service pages at most this many.
 PAGE = 1000
@@ -369,6 +386,159 @@ class _Policy:
                 )
 
 
+class _Comparisons:
+    """The state the comparison rules keep while :func:`check_policy` walks the log: the
+    keys certified for signing, each node's committed held-out set, and the valid
+    scorecards. Each signed record is opened once, so the rules stay linear in the log."""
+
+    def __init__(self, violations: list[PolicyViolation]) -> None:
+        self.violations = violations
+        self.signers: set[tuple[str, ...]] = set()  # (ueid, key digest) certified for signing
+        self.models: dict[str, dict[str, str]] = {}  # comparison -> model id -> manifest
+        # comparison -> ueid -> (root, count) of its first commitment
+        self.roots: dict[str, dict[str, tuple[str, int]]] = {}
+        self.scored: set[tuple[str, str, str]] = set()  # (comparison, model id, ueid)
+
+    def certified(self, record: Mapping[str, Any]) -> None:
+        if record.get(Key.PURPOSE) == PURPOSE_SIGNING:
+            key = _fields(record, Key.UEID, Key.TEE_PUBKEY_SHA256)
+            if key is not None:
+                self.signers.add(key)
+
+    def started(self, index: int, record: Mapping[str, Any]) -> None:
+        comparison = _text(record.get(Key.COMPARISON))
+        if not comparison or comparison in self.models:
+            self.violations.append(
+                PolicyViolation(
+                    f"entry {index}: comparison {comparison!r} is unnamed or started twice"
+                )
+            )
+            return
+        models = record.get(Key.MODELS)
+        self.models[comparison] = {
+            _text(m.get(Key.MODEL_ID)): _text(m.get(Key.MANIFEST_SHA256))
+            for m in (models if isinstance(models, list) else [])
+            if isinstance(m, Mapping)
+        }
+
+    def _opened(
+        self,
+        index: int,
+        record: Mapping[str, Any],
+        field: Key,
+        what: str,
+        opener: Callable[[Any], tuple[Signed, str]],
+    ) -> Signed | None:
+        """The record's signed ``field``, verified and by a certified signer, or None (and
+        a violation)."""
+        node = _text(record.get(Key.NODE))
+        try:
+            opened, signer = opener(record.get(field))
+        except ScorecardInvalid as exc:
+            self.violations.append(
+                ScorecardUnattested(f"entry {index}: node {node}'s {what} does not verify: {exc}")
+            )
+            return None
+        if (opened.ueid, signer) not in self.signers:
+            self.violations.append(
+                ScorecardUnattested(
+                    f"entry {index}: node {node}'s {what} is signed by key {signer[:16]}…, which "
+                    f"the key broker did not certify for signing by ueid {opened.ueid!r} before it"
+                )
+            )
+            return None
+        if _text(record.get(Key.COMPARISON)) != opened.comparison:
+            self.violations.append(
+                PolicyViolation(
+                    f"entry {index}: node {node}'s {what} is for comparison "
+                    f"{opened.comparison!r}, logged as one of {record.get(Key.COMPARISON)!r}"
+                )
+            )
+            return None
+        return opened
+
+    def committed(self, index: int, record: Mapping[str, Any]) -> None:
+        commitment = self._opened(
+            index, record, Key.COMMITMENT, "held-out commitment", open_commitment
+        )
+        if commitment is None:
+            return
+        committed = (commitment.root, commitment.count)
+        roots = self.roots.setdefault(commitment.comparison, {})
+        first = roots.setdefault(commitment.ueid, committed)
+        if first != committed:
+            self.violations.append(
+                ScorecardRootMismatch(
+                    f"entry {index}: ueid {commitment.ueid!r} committed held-out set "
+                    f"{_set(committed)} in comparison {commitment.comparison!r}, having "
+                    f"committed {_set(first)} before"
+                )
+            )
+
+    def scored_model(self, index: int, record: Mapping[str, Any]) -> None:
+        scorecard = self._opened(index, record, Key.SCORECARD, "scorecard", open_scorecard)
+        if scorecard is None:
+            return
+        where = (
+            f"entry {index}: the scorecard of model {scorecard.model_id!r} by ueid "
+            f"{scorecard.ueid!r} in comparison {scorecard.comparison!r}"
+        )
+        if _text(record.get(Key.RUN)) != str(scorecard.run):
+            self.violations.append(
+                PolicyViolation(f"{where} is of run {scorecard.run}, logged in another")
+            )
+            return
+        committed = self.roots.get(scorecard.comparison, {}).get(scorecard.ueid)
+        scored = (scorecard.heldout_root, scorecard.heldout_count)
+        if committed is None:
+            self.violations.append(
+                ScorecardRootMismatch(f"{where} comes before that ueid committed a held-out set")
+            )
+            return
+        if scored != committed:
+            self.violations.append(
+                ScorecardRootMismatch(
+                    f"{where} is on held-out set {_set(scored)}, not the committed "
+                    f"{_set(committed)}"
+                )
+            )
+            return
+        manifest = self.models.get(scorecard.comparison, {}).get(scorecard.model_id)
+        if manifest is not None and manifest != scorecard.manifest_sha256:
+            self.violations.append(
+                PolicyViolation(
+                    f"{where} scores manifest {scorecard.manifest_sha256[:16]}…, not the "
+                    f"{manifest[:16]}… the comparison started with"
+                )
+            )
+            return
+        self.scored.add((scorecard.comparison, scorecard.model_id, scorecard.ueid))
+
+    def finished(self, index: int, record: Mapping[str, Any]) -> None:
+        comparison = _text(record.get(Key.COMPARISON))
+        models = self.models.get(comparison)
+        if models is None:
+            self.violations.append(
+                PolicyViolation(f"entry {index}: comparison {comparison!r} finished, never started")
+            )
+            return
+        for ueid in self.roots.get(comparison, {}):
+            for model in models:
+                if (comparison, model, ueid) not in self.scored:
+                    self.violations.append(
+                        ScorecardMissing(
+                            f"entry {index}: comparison {comparison!r} finished with no valid "
+                            f"scorecard of model {model!r} from ueid {ueid!r}, which committed "
+                            "a held-out set"
+                        )
+                    )
+
+
+def _set(committed: tuple[str, int]) -> str:
+    """A held-out set as messages name it: its root, cut short, and its size."""
+    return f"{committed[0][:16]}… ({committed[1]} examples)"
+
+
 def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     """The rules that must hold across events, in log order:
 
@@ -380,11 +550,18 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
       ends the admission), and that was sent that round's instruction;
     - one ueid (one attested TEE) is admitted as one node per run, declines included;
     - every update is accepted or rejected once; every committed aggregate lists only
-      updates accepted in that run and round, each once.
+      updates accepted in that run and round, each once;
+    - every held-out commitment and scorecard verifies (:mod:`sandbox.scorecard`) and is
+      signed by a key the key broker certified for signing for the ueid it names, earlier
+      in the log (else ScorecardUnattested); one ueid commits one held-out set per
+      comparison, and every scorecard comes after its ueid's commitment and names that set
+      (else ScorecardRootMismatch); once a comparison finishes, every model it started
+      with has a valid scorecard from every ueid that committed (else ScorecardMissing).
 
     Fields a rule compares must be present: missing values never match each other.
     """
     policy = _Policy()
+    comparisons = _Comparisons(policy.violations)
     for index, record in enumerate(records):
         kind = record.get(Key.KIND)
         if kind is None:
@@ -403,6 +580,16 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
             policy.decided_update(index, record)
         elif kind == AggregateCommitted.kind:
             policy.committed(index, record)
+        elif kind == ChannelCertified.kind:
+            comparisons.certified(record)
+        elif kind == ComparisonStarted.kind:
+            comparisons.started(index, record)
+        elif kind == HeldoutCommitted.kind:
+            comparisons.committed(index, record)
+        elif kind == ScorecardLogged.kind:
+            comparisons.scored_model(index, record)
+        elif kind == ComparisonFinished.kind:
+            comparisons.finished(index, record)
     return policy.violations
 
 

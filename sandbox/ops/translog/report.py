@@ -30,8 +30,11 @@ from sandbox.events import (
     AggregateCommitted,
     AttestationAppraised,
     ChannelCertified,
+    ComparisonFinished,
+    ComparisonStarted,
     DenialsRateLimited,
     Event,
+    HeldoutCommitted,
     Key,
     KeyDenied,
     KeyReleased,
@@ -43,6 +46,7 @@ from sandbox.events import (
     RunEvent,
     RunFinished,
     RunStarted,
+    ScorecardLogged,
     UpdateAccepted,
     UpdateRejected,
 )
@@ -83,6 +87,10 @@ KIND_LABELS = {
     UpdateRejected.kind: "Update rejected",
     AggregateCommitted.kind: "Round completed",
     RunFinished.kind: "Training run finished",
+    ComparisonStarted.kind: "Model comparison started",
+    HeldoutCommitted.kind: "Held-out set committed",
+    ScorecardLogged.kind: "Scorecard logged",
+    ComparisonFinished.kind: "Model comparison finished",
 }
 
 # (label, CSS class) per attestation status; the names are EAR's (RFC 9334 appraisal).
