@@ -112,6 +112,11 @@ def _check_which(which: str) -> None:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
 
 
+def _file(directory: Path, run_id: int, which: str) -> Path:
+    _check_which(which)
+    return directory / f"run-{int(run_id)}-{which}{SUFFIX}"
+
+
 class AdapterStore:
     """The node's stored adapters, sealed under ``key`` (see the module docstring).
 
@@ -137,8 +142,12 @@ class AdapterStore:
         return workspace.joinpath(*ADAPTERS_DIR)
 
     def path(self, run_id: int, which: str) -> Path:
-        _check_which(which)
-        return self.directory / f"run-{int(run_id)}-{which}{SUFFIX}"
+        return _file(self.directory, run_id, which)
+
+    @staticmethod
+    def path_in(workspace: Path, run_id: int, which: str) -> Path:
+        """Where the node workspace ``workspace`` keeps run ``run_id``'s ``which`` adapter."""
+        return _file(AdapterStore.directory_of(workspace), run_id, which)
 
     def store(
         self, run_id: int, which: str, rnd: int, spec: RunSpec, tensors: Mapping[str, np.ndarray]
@@ -174,12 +183,7 @@ class AdapterStore:
         def fail(reason: str) -> AdapterStoreError:
             return AdapterStoreError(path, reason)
 
-        blob = read_regular(path, MAX_FILE_BYTES, fail)
-        size = int.from_bytes(blob[:HEADER_LENGTH_BYTES], "big")
-        if len(blob) < HEADER_LENGTH_BYTES or not 0 < size <= MAX_HEADER_BYTES:
-            raise fail("not a stored adapter (bad header length)")
-        header_bytes = blob[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + size]
-        header = _header(header_bytes, fail)
+        blob, header_bytes, header = _read(path)
         if header["run_id"] != str(int(run_id)) or header["which"] != which:
             raise fail(
                 f"holds run {header['run_id']}'s {header['which']} adapter, "
@@ -188,7 +192,9 @@ class AdapterStore:
         try:
             key = self._key.derive(bytes.fromhex(header["salt"]))
             plain = AESGCM(key).decrypt(
-                bytes.fromhex(header["nonce"]), blob[HEADER_LENGTH_BYTES + size :], header_bytes
+                bytes.fromhex(header["nonce"]),
+                blob[HEADER_LENGTH_BYTES + len(header_bytes) :],
+                header_bytes,
             )
         except (InvalidTag, ValueError):
             raise fail(
@@ -197,14 +203,45 @@ class AdapterStore:
             ) from None
         try:
             tensors = dict(load_tensors(plain))
-            spec = RunSpec.from_run_config(
-                {**header["run_config"], "model-path": str(self._model_path)}, source=path
-            )
-        except ArkError as exc:
-            raise fail(f"its run config is not valid: {exc}") from exc
         except Exception as exc:  # safetensors raises its own error types
             raise fail(f"its adapter is not safetensors: {type(exc).__name__}") from None
+        spec = _spec(path, header, self._model_path)
         return StoredAdapter(int(run_id), which, header["round"], spec, tensors)
+
+
+def _read(path: Path) -> tuple[bytes, bytes, dict[str, Any]]:
+    """A stored adapter file's bytes, its header's bytes and its header, checked for shape
+    only (nothing decrypted, so nothing in the header is authenticated yet)."""
+
+    def fail(reason: str) -> AdapterStoreError:
+        return AdapterStoreError(path, reason)
+
+    blob = read_regular(path, MAX_FILE_BYTES, fail)
+    size = int.from_bytes(blob[:HEADER_LENGTH_BYTES], "big")
+    if len(blob) < HEADER_LENGTH_BYTES or not 0 < size <= MAX_HEADER_BYTES:
+        raise fail("not a stored adapter (bad header length)")
+    header_bytes = blob[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + size]
+    return blob, header_bytes, _header(header_bytes, fail)
+
+
+def _spec(path: Path, header: dict[str, Any], model_path: Path) -> RunSpec:
+    """The run config a header keeps, as a RunSpec naming ``model_path`` as its model."""
+    try:
+        return RunSpec.from_run_config(
+            {**header["run_config"], "model-path": str(model_path)}, source=path
+        )
+    except ArkError as exc:
+        raise AdapterStoreError(path, f"its run config is not valid: {exc}") from exc
+
+
+def stored_spec(path: Path) -> RunSpec:
+    """The run config the stored adapter at ``path`` says it was trained with, read from
+    its header without decrypting: it names the model to unseal before
+    :meth:`AdapterStore.load` can decrypt the adapter (under that model's key). Not yet
+    authenticated: a header edited to name another model fails to decrypt under that
+    model's key. Its ``model_path`` is ``path`` itself, as no model folder is known yet."""
+    _, _, header = _read(path)
+    return _spec(path, header, path)
 
 
 def stored_runs(directory: Path, which: str = FINAL) -> list[int]:

@@ -34,8 +34,9 @@ from clients.model import (
     NodeModel,
     Unsealed,
     certify_channel,
+    model_package,
     plaintext_files,
-    unseal_package,
+    unseal,
 )
 from sandbox import events
 from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
@@ -43,10 +44,8 @@ from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED, NodeConfig, RunSpe
 from sandbox.errors import AggregatorRefused, ConfigError
 from sandbox.events import Key
 from sandbox.journal import append_journal
-from sandbox.keyfiles import load_ed25519_public
 from sandbox.protocol import GLOBAL_KEY, SEALED_KEY, UPDATE_KEY, from_record, to_record
 from sandbox.seal.envelope import RecipientKey
-from sandbox.seal.package import read_manifest
 
 if TYPE_CHECKING:  # sandbox.lora imports torch, which the hello's process does not need
     from sandbox.lora import Adapter
@@ -105,13 +104,17 @@ class Hello:
     suite: str
 
 
-def sealed_source(node: NodeConfig) -> ModelSource:
-    """The node's sealed package: attest, have the content key released, unseal in
-    memory. A changed package file (its size or modification time) is read again."""
-    package = node.require_sandbox().package
-    stat = package.stat()
-    key = ("sealed", str(package), stat.st_mtime_ns, stat.st_size)
-    return ModelSource(key, lambda: unseal_package(node))
+def sealed_source(node: NodeConfig, spec: RunSpec | None = None) -> ModelSource:
+    """The sealed package of the run's model (``spec.model_id``: a model of the node's
+    catalog, else the node's own package; see :func:`~clients.model.model_package`):
+    attest, have the content key released, unseal in memory. A catalog package is
+    checked against its entry here, before anything is attested for, and its pinned
+    manifest again as it is unsealed. A changed package (its folder's size or
+    modification time, or the manifest the catalog pins) is read again."""
+    package = model_package(node, spec.model_id if spec is not None else "")
+    stat = package.path.stat()
+    key = ("sealed", str(package.path), stat.st_mtime_ns, stat.st_size, package.manifest_sha256)
+    return ModelSource(key, lambda: unseal(node, package))
 
 
 class UpdateChannel(ABC):
@@ -187,15 +190,19 @@ class SealedChannel(UpdateChannel):
     """The attested channel: a certified key per run, an appraised aggregator, envelopes.
 
     ``channels`` is the sandbox's in-memory table of open channels by run; a key of it is
-    never written anywhere.
+    never written anywhere. ``spec`` is the run's config: its model (a catalog model, or
+    the node's own package) is the one whose key id the channel key is certified for and
+    whose manifest digest binds every envelope.
     """
 
     node: NodeConfig
     channels: Channels
+    spec: RunSpec | None = None
 
     def _manifest(self) -> dict[str, Any]:
-        sandbox = self.node.require_sandbox()
-        return read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+        """The verified manifest of the run's model's package."""
+        model_id = self.spec.model_id if self.spec is not None else ""
+        return model_package(self.node, model_id).manifest()
 
     def hello(self, ids: RunIds) -> Hello:
         """Start this run's channel: a nonce and a channel key the key broker certifies."""
@@ -208,7 +215,7 @@ class SealedChannel(UpdateChannel):
         return Hello(record, channel.key.suite)
 
     def model_source(self, spec: RunSpec) -> ModelSource:
-        return sealed_source(self.node)
+        return sealed_source(self.node, spec)
 
     def accept(self, content: RecordDict, ids: RunIds, stage: str, rnd: int) -> Accepted:
         """Verify the aggregator and open the global adapter."""
@@ -261,9 +268,9 @@ class PlaintextChannel(UpdateChannel):
 
 
 # Protection (the run config's ``protection``) -> this node's end of its channel.
-CHANNELS: dict[str, Callable[[NodeConfig, Channels], UpdateChannel]] = {
+CHANNELS: dict[str, Callable[[NodeConfig, Channels, RunSpec], UpdateChannel]] = {
     PROTECTION_SEALED: SealedChannel,
-    PROTECTION_OFF: lambda node, channels: PlaintextChannel(),
+    PROTECTION_OFF: lambda node, channels, spec: PlaintextChannel(),
 }
 
 
@@ -277,4 +284,4 @@ def update_channel(spec: RunSpec, node: NodeConfig, channels: Channels) -> Updat
             path=node.source,
             key="node.unprotected",
         )
-    return CHANNELS[spec.protection](node, channels)
+    return CHANNELS[spec.protection](node, channels, spec)

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from sandbox.attestation.backends import Attester, load_attester
 from sandbox.attestation.measure import CODE, CONFIG, code_measurement, config_measurement
 from sandbox.attestation.result import AttestationResult
+from sandbox.catalog import load_catalog, package_for
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import SealedModelError
+from sandbox.errors import CatalogEntryUnknown, SealedModelError
 from sandbox.keybroker.client import (
     KeyBrokerClient,
     ReleasedKey,
@@ -156,31 +159,103 @@ class Unsealed:
         return model, tokenizer, info, self.attestation
 
 
-def unseal_package(node: NodeConfig, *, transport: KeyBrokerTransport | None = None) -> Unsealed:
-    """Attest, receive the content key, and verify and decrypt the package in memory."""
+@dataclass(frozen=True)
+class ModelPackage:
+    """The sealed package a run's model is read from on this node, the key its manifest
+    verifies with, and (for a catalog model) the manifest SHA-256 the catalog pins."""
+
+    path: Path
+    manifest_key: Ed25519PublicKey = field(repr=False)
+    manifest_sha256: str | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        """The package's verified manifest (pinned to the catalog's digest, if any)."""
+        return read_manifest(self.path, self.manifest_key, sha256=self.manifest_sha256)
+
+
+def model_package(node: NodeConfig, model_id: str = "") -> ModelPackage:
+    """Where this node reads the model ``model_id`` from.
+
+    A run that names a model listed in the node's catalog (``[node.sandbox] catalog``)
+    gets that model's package, and only after the catalog verified with a key the
+    operator trusts (:class:`~sandbox.errors.CatalogUntrusted`) and the package's
+    manifest matched the entry (:class:`~sandbox.errors.CatalogDigestMismatch`): all
+    before anything is attested for or unsealed. Its manifest must verify with the key
+    that signed the catalog. Any other run gets the node's own ``package``, as a node
+    without a catalog always does; a model in neither is
+    :class:`~sandbox.errors.CatalogEntryUnknown`.
+    """
     sandbox = node.require_sandbox()
-    manifest_key = load_ed25519_public(sandbox.manifest_key)
-    manifest = read_manifest(sandbox.package, manifest_key)
+    own = ModelPackage(sandbox.package, load_ed25519_public(sandbox.manifest_key))
+    if not model_id or sandbox.catalog is None:
+        return own
+    catalog = load_catalog(
+        sandbox.catalog, [load_ed25519_public(path) for path in sandbox.catalog_keys]
+    )
+    try:
+        entry = catalog.entry(model_id)
+    except CatalogEntryUnknown:
+        if _holds(own, model_id):
+            return own
+        raise
+    assert catalog.signer is not None  # load_catalog sets the key that verified it
+    path = package_for(sandbox.catalog, entry, catalog.signer)
+    return ModelPackage(path, catalog.signer, entry.manifest_sha256)
+
+
+def _holds(package: ModelPackage, model_id: str) -> bool:
+    """Whether ``package`` is sealed as ``model_id`` (False if it cannot be read)."""
+    try:
+        return bool(package.manifest()["model_id"] == model_id)
+    except SealedModelError:
+        return False
+
+
+def unseal_package(
+    node: NodeConfig,
+    package: Path,
+    *,
+    manifest_key: Ed25519PublicKey | None = None,
+    manifest_sha256: str | None = None,
+    transport: KeyBrokerTransport | None = None,
+) -> Unsealed:
+    """Attest, receive the content key, and verify and decrypt ``package`` in memory.
+
+    ``manifest_key`` verifies its manifest (default: the node's ``manifest-key``);
+    ``manifest_sha256``, when a catalog pins it, is checked on every read of the
+    manifest, so the package unsealed is the one the catalog entry was checked against.
+    """
+    if manifest_key is None:
+        manifest_key = load_ed25519_public(node.require_sandbox().manifest_key)
+    manifest = read_manifest(package, manifest_key, sha256=manifest_sha256)
     released = attest_for_key(node, manifest["key_id"], transport=transport)
     opened = open_sealed_package(
-        sandbox.package,
+        package,
         content_key=released.content_key,
         verify_key=manifest_key,
         model_id=released.model_id,
         key_id=released.key_id,
+        manifest_sha256=manifest_sha256,
     )
-    return Unsealed(
-        opened.plain_files, opened.weights, released.model_id, sandbox.package, released
+    return Unsealed(opened.plain_files, opened.weights, released.model_id, package, released)
+
+
+def unseal(node: NodeConfig, package: ModelPackage) -> Unsealed:
+    """:func:`unseal_package` for a package :func:`model_package` found."""
+    return unseal_package(
+        node,
+        package.path,
+        manifest_key=package.manifest_key,
+        manifest_sha256=package.manifest_sha256,
     )
 
 
 def load_base_model(spec: RunSpec, node: NodeConfig) -> BaseModel:
     """Attest, receive the content key, unseal in memory, and build the base model; a run
     for another model is refused before attesting."""
-    sandbox = node.require_sandbox()
-    manifest = read_manifest(sandbox.package, load_ed25519_public(sandbox.manifest_key))
-    check_model(spec, manifest["model_id"], sandbox.package)
-    return unseal_package(node).build(spec)
+    package = model_package(node, spec.model_id)
+    check_model(spec, package.manifest()["model_id"], package.path)
+    return unseal(node, package).build(spec)
 
 
 def plaintext_files(spec: RunSpec) -> Unsealed:

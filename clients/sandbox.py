@@ -33,7 +33,14 @@ from typing import Any
 from flwr.app import MessageType, RecordDict
 
 from clients import inference
-from clients.adapters import BASELINE, FINAL, AdapterKey, AdapterStore, stored_runs
+from clients.adapters import (
+    BASELINE,
+    FINAL,
+    AdapterKey,
+    AdapterStore,
+    stored_runs,
+    stored_spec,
+)
 from clients.channel import Channels
 from clients.channels import (
     Accepted,
@@ -480,9 +487,6 @@ class NodeSandbox:
                 f"node {self.node.name} is unprotected: it keeps no adapter and serves no inference"
             )
         with self._work:  # the model in memory is the one training uses
-            source = sealed_source(self.node)
-            held = self._unsealed(source)  # attests again if the result expired
-            store = self._store(held)
             run_id = request.run_id
             if run_id is None:
                 finished = self.stored_runs()
@@ -492,11 +496,15 @@ class NodeSandbox:
                         "run has reached its final evaluation here"
                     )
                 run_id = finished[-1]
-            if not store.path(run_id, request.which).exists():
+            path = AdapterStore.path_in(self.node.workspace(), run_id, request.which)
+            if not path.exists():
                 raise NoAdapterStored(
                     f"node {self.node.name} has no stored {request.which} adapter of run {run_id}"
                 )
-            stored = store.load(run_id, request.which)
+            # The model the adapter was trained on (a catalog model, or the node's own).
+            source = sealed_source(self.node, stored_spec(path))
+            held = self._unsealed(source)  # attests again if the result expired
+            stored = self._store(held).load(run_id, request.which)
             spec = stored.spec
             wanted = endpoint == inference.CLASSIFY
             if inference.is_classification(spec) != wanted:

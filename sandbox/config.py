@@ -168,6 +168,27 @@ class _Path(_Rule):
 
 
 @dataclass(frozen=True)
+class _Paths(_Rule):
+    """Paths, a TOML list of non-empty strings; held as a tuple without repeats."""
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(p, Path) for p in value):
+            raise _Invalid(f"expected paths, got {value!r}")
+        if len(set(value)) != len(value):
+            raise _Invalid(f"has duplicates: {value!r}")
+
+    def parse(self, raw: Any) -> tuple[Path, ...]:
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+            raise _Invalid(f"must be a list of non-empty paths, got {raw!r}")
+        paths = tuple(Path(p) for p in raw)
+        self.check(paths)
+        return paths
+
+    def dump(self, value: Any) -> list[str]:
+        return [str(p) for p in value]
+
+
+@dataclass(frozen=True)
 class _Labels(_Rule):
     """Class labels, written as a JSON list of strings (Flower's run config holds scalars)."""
 
@@ -521,6 +542,14 @@ class SandboxConfig:
     trusted_roots: Path | None = field(
         default=None, metadata=_key("trusted-roots", _OPTIONAL_FILE, quiet=True)
     )
+    # A provider's signed model catalog (a folder of catalog.json, catalog.sig and its
+    # sealed packages), and the Ed25519 keys (PEM) this operator trusts to sign one
+    # (`ark node trust-catalog`). A run naming a catalog model unseals that model's
+    # package; any other run, this node's own ``package``.
+    catalog: Path | None = field(default=None, metadata=_key("catalog", _OPTIONAL_FILE, quiet=True))
+    catalog_keys: tuple[Path, ...] = field(
+        default=(), metadata=_key("catalog-keys", _Paths(), quiet=True)
+    )
 
     def __post_init__(self) -> None:
         _check(self, None, "node.sandbox.")
@@ -539,9 +568,11 @@ class SandboxConfig:
         for name, value in read.items():
             if isinstance(value, Path):
                 read[name] = _beside(path, value)
+            elif isinstance(value, tuple) and all(isinstance(p, Path) for p in value):
+                read[name] = tuple(_beside(path, p) for p in value)
         return cls(**read)
 
-    def as_table(self) -> dict[str, str]:
+    def as_table(self) -> dict[str, Any]:
         """The ``[node.sandbox]`` table that :meth:`from_section` reads."""
         return _written(self)
 

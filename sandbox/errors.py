@@ -116,6 +116,55 @@ class SealedModelError(ArkError):
     """
 
 
+class CatalogError(ArkError):
+    """A provider's signed model catalog (``ark-model-catalog/1``) failed a check.
+    Subclasses name the cause."""
+
+
+class CatalogInvalid(CatalogError):
+    """A catalog (or an entry meant for one) is malformed: not strict JSON, a key missing,
+    unknown or of the wrong type, a model id twice, a package name that is not one plain
+    path component. Names the file (when there is one), the key and the problem."""
+
+    def __init__(self, problem: str, *, path: Path | str | None = None, key: str | None = None):
+        where = [str(path)] if path is not None else []
+        where += [f"key {key!r}"] if key is not None else []
+        super().__init__(f"{': '.join(where)}: {problem}" if where else problem)
+        self.problem = problem
+        self.path = None if path is None else Path(path)
+        self.key = key
+
+
+class CatalogUntrusted(CatalogError):
+    """No key this node's operator trusts verifies the catalog's signature: it was signed
+    by another provider, altered after signing, or the node trusts no catalog key yet."""
+
+
+class CatalogDigestMismatch(CatalogError):
+    """The sealed package a catalog entry names is not the one the provider signed into
+    the catalog: the SHA-256 of its ``manifest.json`` differs from the entry's."""
+
+    def __init__(self, model_id: str, expected: str, found: str, package: Path | str):
+        super().__init__(
+            f"{package}: model {model_id!r}: the catalog pins manifest SHA-256 {expected}, "
+            f"the package's manifest has {found}"
+        )
+        self.model_id = model_id
+        self.expected = expected
+        self.found = found
+        self.package = Path(package)
+
+
+class CatalogEntryUnknown(CatalogError):
+    """A run or command names a model id that the catalog does not list."""
+
+    def __init__(self, model_id: str, known: Sequence[str], *, source: Path | str | None = None):
+        where = f"{source}: " if source is not None else ""
+        listed = ", ".join(repr(m) for m in known) or "none"
+        super().__init__(f"{where}no model {model_id!r} in the catalog (it lists {listed})")
+        self.model_id = model_id
+
+
 class AttestationError(ArkError):
     """Evidence failed appraisal. Subclasses name the cause.
 

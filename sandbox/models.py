@@ -7,13 +7,14 @@ Nothing is downloaded: every load is ``local_files_only``.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION
+from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ModelError
 
 # Nothing may be fetched at run time; every process that loads a model runs with these.
@@ -55,6 +56,33 @@ def _task_mapping(task: str) -> Mapping[str, str]:
     if task == TASK_CLASSIFICATION:
         return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def supported_tasks(model_type: str) -> tuple[str, ...]:
+    """The tasks of :data:`~sandbox.config.TASKS` that transformers has a model class of
+    ``model_type`` for (what a node can build from such a model)."""
+    return tuple(task for task in TASKS if model_type in _task_mapping(task))
+
+
+def count_parameters(weight_files: Sequence[Path]) -> int:
+    """How many weights the ``*.safetensors`` files hold, read from their headers alone.
+
+    Floating-point tensors only: integer tensors in a checkpoint are buffers (BERT's
+    ``position_ids``), not parameters. Nothing is loaded into memory beyond the headers.
+    """
+    from safetensors import safe_open
+
+    total = 0
+    for path in weight_files:
+        try:
+            with safe_open(str(path), "numpy") as weights:
+                for name in weights.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    piece = weights.get_slice(name)
+                    if piece.get_dtype().startswith(("F", "BF")):
+                        total += math.prod(piece.get_shape())
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(path, f"not a readable safetensors file: {exc}") from exc
+    return total
 
 
 def inspect_model_config(path: Path, task: str, *, source: Path | None = None) -> ModelInfo:

@@ -133,12 +133,17 @@ class FileDigest(JsonObject):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelPublished(Event):
-    """The provider sealed a model under a new content key."""
+    """The provider sealed a model under a new content key (``ark provider seal``), or
+    listed a sealed model in a signed catalog (``ark provider catalog``, one event per
+    entry, ``catalog`` the SHA-256 of that ``catalog.json``). ``manifest_sha256`` is the
+    SHA-256 of the package's ``manifest.json``; both are absent in older logs."""
 
     kind: ClassVar[str] = "model_published"
     model_id: str
     key_id: str
     files: list[FileDigest]
+    manifest_sha256: str | None = omitted()
+    catalog: str | None = omitted()
 
 
 # -- the ServerApp -------------------------------------------------------------------------

@@ -90,6 +90,8 @@ class Key(StrEnum):
     SHA256 = "sha256"
     NAME = "name"
     FILES = "files"
+    MANIFEST_SHA256 = "manifest_sha256"
+    CATALOG = "catalog"
     # runs and rounds
     ROUNDS = "rounds"
     RESUMED_AFTER_ROUND = "resumed_after_round"
@@ -126,7 +128,6 @@ class Key(StrEnum):
     COMPARISON = "comparison"
     TASK = "task"
     MODELS = "models"
-    MANIFEST_SHA256 = "manifest_sha256"
     COMMITMENT = "commitment"
     SCORECARD = "scorecard"
     RUNS = "runs"

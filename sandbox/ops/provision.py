@@ -9,22 +9,27 @@ Layout of a provider workspace (``ark provider init``)::
     roots/<tee>/*.pem      manufacturer roots the verifier trusts, one folder per TEE kind
     policy.toml            the appraisal policy (reference values, TEE kinds, allowlist)
     keys/                  content keys of sealed models (0600), read only by the broker
+    catalog/sources.json   model id -> the plaintext model folder it was sealed from
+                           (provider-only: the ServerApp's model path; never published)
     events.jsonl           appraisal, release and denial events
     translog.db            the transparency log (SQLite): the same events, Merkle-proven
     public/log.vkey        the log's checkpoint key, as auditors pin it (C2SP vkey)
 
 A node workspace (``ark node init``) holds the node's stub attestation key and chain and
-a ``node.toml`` whose ``[node.sandbox]`` says how to attest and where the package is.
+a ``node.toml`` whose ``[node.sandbox]`` says how to attest and where the package is;
+``catalog-keys/`` holds the provider catalog keys its operator trusts
+(``ark node trust-catalog``).
 Private keys are written 0600 and never overwritten.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 import shutil
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,33 +38,49 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sandbox import canonical, strictjson
 from sandbox.attestation.backends import load_trusted_roots, verifiers_for
 from sandbox.attestation.measure import AGGREGATOR_PACKAGES, code_measurement
 from sandbox.attestation.result import ResultSigner
 from sandbox.attestation.stub import STUB, DevManufacturer
 from sandbox.attestation.verifier import AppraisalPolicy
-from sandbox.config import NodeConfig, SandboxConfig
+from sandbox.catalog import (
+    Catalog,
+    CatalogEntry,
+    Price,
+    check_package_name,
+    manifest_sha256,
+    package_for,
+    write_catalog,
+)
+from sandbox.config import TASK_CLASSIFICATION, NodeConfig, SandboxConfig
+from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import ConfigError
 from sandbox.events import EventSink, FanOutSink, FileDigest, JsonlEventSink, ModelPublished
-from sandbox.files import write_atomic
+from sandbox.files import read_regular, write_atomic
 from sandbox.keyfiles import (
+    load_ed25519_public,
     load_private,
     private_pem,
     public_pem,
     write_openssh_keypair,
     write_private,
 )
+from sandbox.models import count_parameters, supported_tasks
 from sandbox.ops.keybroker.broker import ContentKey, KeyBroker, KeyStore
 from sandbox.ops.tls import issue_loopback_tls
 from sandbox.seal.package import (
+    MANIFEST,
     OpenedModel,
+    loads_as_weights,
     new_content_key,
     open_sealed_package,
     read_manifest,
     seal_model_dir,
 )
+from sandbox.strictjson import StrictJSONError
 from sandbox.translog.note import NoteSigner, log_origin
 from sandbox.translog.store import LogSink, LogStore
 
@@ -130,6 +151,11 @@ class ProviderWorkspace:
     @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
+
+    @property
+    def catalog_sources(self) -> Path:
+        """The provider-only map of model id -> plaintext model folder (JSON)."""
+        return self.root / "catalog" / "sources.json"
 
     def require(self) -> ProviderWorkspace:
         """Raise ConfigError naming the folder unless ``ark provider init`` ran here."""
@@ -343,15 +369,186 @@ def seal_model(
         key_id=key_id,
     )
     KeyStore(ws.keys).put(ContentKey(key_id, model_id, content_key))
+    record_source(ws, model_id, model_dir)
     (events or ws.event_sink()).emit(
         ModelPublished(
             time=_utcnow(),
             model_id=model_id,
             key_id=key_id,
-            files=[FileDigest(name=f["name"], sha256=f["sha256"]) for f in manifest["files"]],
+            files=_file_digests(manifest),
+            manifest_sha256=manifest_sha256(out_dir),
         )
     )
     return manifest
+
+
+def _file_digests(manifest: dict[str, Any]) -> list[FileDigest]:
+    return [FileDigest(name=f["name"], sha256=f["sha256"]) for f in manifest["files"]]
+
+
+# -- the provider's catalog -------------------------------------------------------------
+# Bounds the provider-only sources map (model ids and folder paths, nothing else).
+MAX_SOURCES_BYTES = 1 << 20
+
+
+def catalog_sources(ws: ProviderWorkspace) -> dict[str, Path]:
+    """Model id -> the plaintext model folder it was sealed from (``ark provider seal``
+    records it). Provider-only: the ServerApp builds a run's adapter shapes from it, and
+    it never goes into a published catalog. Empty before anything was sealed."""
+    path = ws.catalog_sources
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(reason, path=path)
+
+    if not path.exists():
+        return {}
+    try:
+        raw = strictjson.loads(read_regular(path, MAX_SOURCES_BYTES, fail))
+    except StrictJSONError as exc:
+        raise fail(f"not strict JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise fail("must be an object of model id -> model folder")
+    for model_id, folder in raw.items():
+        if not isinstance(folder, str) or not Path(folder).is_absolute():
+            raise ConfigError(
+                f"must be an absolute folder path, got {folder!r:.120}", path=path, key=model_id
+            )
+    return {model_id: Path(folder) for model_id, folder in raw.items()}
+
+
+def record_source(ws: ProviderWorkspace, model_id: str, model_dir: Path) -> None:
+    """Remember that ``model_id`` was sealed from ``model_dir`` (made absolute)."""
+    sources = {k: str(v) for k, v in catalog_sources(ws).items()}
+    sources[model_id] = str(model_dir.resolve())
+    ws.catalog_sources.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(ws.catalog_sources, canonical.dumps(sources))
+
+
+def describe_package(
+    ws: ProviderWorkspace,
+    folder: Path,
+    package: str,
+    *,
+    licence: str,
+    price: Price,
+    tasks: Sequence[str] = (TASK_CLASSIFICATION,),
+    model_dir: Path | None = None,
+) -> CatalogEntry:
+    """The catalog entry for the package ``folder/package``, sealed by this workspace.
+
+    Model id, manifest digest and architecture (``model_type``, layers, hidden size)
+    come from the package's signed manifest; the parameter count from the safetensors
+    headers of the plaintext model it was sealed from (``model_dir``, by default the one
+    :func:`record_source` recorded), whose weight files must hash to the manifest's
+    plaintext digests. Nothing sealed is decrypted. ``tasks`` must be ones transformers
+    can build this architecture for.
+    """
+    ws.require()
+    check_package_name(package)
+    where = folder / package
+    manifest = read_manifest(where, ws.signer().public_key())
+    model_id = manifest["model_id"]
+    config = manifest["architecture"]
+    shape = _architecture(where / MANIFEST, config)
+    if model_dir is None:
+        model_dir = catalog_sources(ws).get(model_id)
+        if model_dir is None:
+            raise ConfigError(
+                f"no plaintext source recorded for model {model_id!r}: seal it with "
+                "`ark provider seal` in this workspace, or name its folder",
+                path=ws.catalog_sources,
+                key=model_id,
+            )
+    weights = [f for f in manifest["files"] if loads_as_weights(f["name"])]
+    for entry in weights:
+        path = model_dir / entry["name"]
+        if not path.is_file() or sha256_file(path) != (entry["sha256"], entry["size"]):
+            raise ConfigError(
+                f"is not the {entry['name']} sealed into {where} (missing or different bytes)",
+                path=path,
+            )
+    unsupported = [t for t in tasks if t not in supported_tasks(shape[0])]
+    if unsupported:
+        raise ConfigError(
+            f"{shape[0]} models cannot serve {', '.join(unsupported)}", path=where, key="tasks"
+        )
+    return CatalogEntry(
+        model_id=model_id,
+        package=package,
+        manifest_sha256=manifest_sha256(where),
+        architecture=shape[0],
+        layers=shape[1],
+        hidden_size=shape[2],
+        parameters=count_parameters([model_dir / f["name"] for f in weights]),
+        tasks=tuple(tasks),
+        licence=licence,
+        price=price,
+    )
+
+
+def _architecture(manifest: Path, config: dict[str, Any]) -> tuple[str, int, int]:
+    """``(model_type, layers, hidden size)`` of a manifest's model config, read through
+    transformers' config class, which knows each architecture's spelling of them."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"names no architecture transformers knows, got {model_type!r:.80}",
+            path=manifest,
+            key="architecture.model_type",
+        )
+    try:
+        parsed = CONFIG_MAPPING[model_type].from_dict(config)
+        layers, hidden = parsed.num_hidden_layers, parsed.hidden_size
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{model_type} config without layers or hidden size: {exc}",
+            path=manifest,
+            key="architecture",
+        ) from exc
+    return model_type, layers, hidden
+
+
+def publish_catalog(
+    ws: ProviderWorkspace,
+    folder: Path,
+    entries: Sequence[CatalogEntry],
+    *,
+    provider: str,
+    events: EventSink | None = None,
+    now: Callable[[], dt.datetime] = _utcnow,
+) -> Path:
+    """Sign ``entries`` into ``folder``'s catalog with this workspace's manifest key and
+    log one ``model_published`` per entry (with the catalog's SHA-256); return the
+    ``catalog.json`` path.
+
+    Every entry's package must already be sealed into ``folder`` by this workspace: its
+    manifest is checked against the entry (:func:`~sandbox.catalog.package_for`) before
+    anything is signed, so the provider never publishes an entry a node would refuse.
+    """
+    ws.require()
+    signer = ws.signer()
+    manifests = []
+    for entry in entries:
+        package = package_for(folder, entry, signer.public_key())
+        manifests.append(read_manifest(package, signer.public_key(), sha256=entry.manifest_sha256))
+    catalog = Catalog(provider=provider, issued=now(), models=tuple(entries))
+    path = write_catalog(folder, catalog, signer)
+    digest, _ = sha256_file(path)
+    sink = events or ws.event_sink()
+    for entry, manifest in zip(catalog.models, manifests, strict=True):
+        sink.emit(
+            ModelPublished(
+                time=now(),
+                model_id=entry.model_id,
+                key_id=manifest["key_id"],
+                files=_file_digests(manifest),
+                manifest_sha256=entry.manifest_sha256,
+                catalog=digest,
+            )
+        )
+    return path
 
 
 def check_package(ws: ProviderWorkspace, package: Path) -> OpenedModel:
@@ -402,8 +599,14 @@ def init_node(
     package: Path,
     journal: bool = True,
     threads: int = 0,
+    catalog: Path | None = None,
+    catalog_keys: Sequence[Path] = (),
 ) -> Path:
-    """Create a node's stub attestation identity and its ``node.toml``; return that path."""
+    """Create a node's stub attestation identity and its ``node.toml``; return that path.
+
+    ``catalog`` is a provider's catalog folder the node may take models from, once its
+    operator trusts the catalog's key: ``catalog_keys`` here, or ``ark node
+    trust-catalog`` later (:func:`trust_catalog_key`)."""
     root = root.resolve()
     config_path = root / "node.toml"
     if config_path.exists():
@@ -454,10 +657,61 @@ def init_node(
             package=package.resolve(),
             aggregator_policy=root / "aggregator-policy.toml",
             trusted_roots=roots,
+            catalog=None if catalog is None else catalog.resolve(),
         ),
     )
     config_path.write_text(node.to_toml(), encoding="utf-8")
+    for key_file in catalog_keys:
+        trust_catalog_key(config_path, key_file)
     return config_path
+
+
+# The folder of a node workspace that holds the catalog keys its operator trusts.
+CATALOG_KEYS_DIR = "catalog-keys"
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def trust_catalog_key(config_path: Path, key_file: Path) -> Path:
+    """Trust the Ed25519 public key (PEM) in ``key_file`` to sign model catalogs for the
+    node whose config is ``config_path``; return the copy made in the node workspace.
+
+    The key is copied (named by its SHA-256 fingerprint under ``catalog-keys/``), so a later
+    change to the file handed over does not change what the node trusts. Refused, with
+    a ConfigError naming the file: a symlink, anything but an Ed25519 public key, and a
+    key already trusted.
+    """
+    node = NodeConfig.load(config_path)
+    sandbox = node.require_sandbox()
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(reason, path=key_file)
+
+    if key_file.is_symlink():
+        raise fail("is a symlink; give the key file itself")
+    data = read_regular(key_file, MAX_KEY_FILE_BYTES, fail)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise fail(f"not a PEM public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise fail(
+            f"expected an Ed25519 public key (a provider's signing.pub), got {type(key).__name__}"
+        )
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for trusted in sandbox.catalog_keys:
+        known = load_ed25519_public(trusted)
+        if known.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == raw:
+            raise fail(f"this key is already trusted, as {trusted}")
+    # Named by the whole fingerprint: one name, one key.
+    target = node.workspace() / CATALOG_KEYS_DIR / f"{sha256_hex(raw)}.pub"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, public_pem(key))
+    trusted_node = dataclasses.replace(
+        node,
+        sandbox=dataclasses.replace(sandbox, catalog_keys=(*sandbox.catalog_keys, target)),
+    )
+    write_atomic(config_path, trusted_node.to_toml().encode("utf-8"), check=NodeConfig.load)
+    return target
 
 
 @dataclass(frozen=True)

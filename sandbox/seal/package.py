@@ -186,8 +186,14 @@ def _read_regular(path: Path, limit: int) -> bytes:
     return read_regular(path, limit, lambda reason: SealedModelError(f"{path}: {reason}"))
 
 
-def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
+def read_manifest(
+    package_dir: Path, verify_key: Ed25519PublicKey, *, sha256: str | None = None
+) -> dict[str, Any]:
     """The package's manifest, only if its signature verifies and it is well-formed.
+
+    ``sha256``, when given, pins the manifest's bytes (a signed catalog entry names it):
+    a manifest whose SHA-256 differs is refused before its signature is even checked,
+    so what is verified here is exactly what whoever pinned it checked.
 
     Well-formed is strict, because the node acts on every field: the JSON itself
     (:mod:`sandbox.strictjson`), the keys present, and each file entry (see
@@ -197,6 +203,8 @@ def read_manifest(package_dir: Path, verify_key: Ed25519PublicKey) -> dict[str, 
     """
     path = package_dir / MANIFEST
     body = _read_regular(path, MAX_MANIFEST_BYTES)
+    if sha256 is not None and (found := hashlib.sha256(body).hexdigest()) != sha256:
+        raise SealedModelError(f"{path}: SHA-256 {found} is not the pinned {sha256}")
     signature = _read_regular(package_dir / SIGNATURE, 64)
     try:
         verify_key.verify(signature, body)
@@ -356,14 +364,16 @@ def open_sealed_package(
     verify_key: Ed25519PublicKey,
     model_id: str,
     key_id: str,
+    manifest_sha256: str | None = None,
 ) -> OpenedModel:
     """Verify and decrypt a package in memory; raise SealedModelError on any mismatch.
 
     ``model_id`` and ``key_id`` are the ones the content key was released for, so an
     older or different package sealed under the same key is refused. A manifest listing
     a plain file outside :data:`PLAIN_FILES` is refused before any file is read.
+    ``manifest_sha256`` pins the manifest's bytes (see :func:`read_manifest`).
     """
-    manifest = read_manifest(package_dir, verify_key)
+    manifest = read_manifest(package_dir, verify_key, sha256=manifest_sha256)
     if (manifest["model_id"], manifest["key_id"]) != (model_id, key_id):
         raise SealedModelError(
             f"{package_dir}: package is {manifest['model_id']!r}/{manifest['key_id']!r}, "

@@ -209,6 +209,18 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "files": [{"name": "model.safetensors", "sha256": H}],
                 },
             ),
+            (
+                "listed in a signed catalog",
+                {
+                    "kind": "model_published",
+                    "time": T,
+                    "model_id": "minilm-l3",
+                    "key_id": "minilm-l3-1",
+                    "files": [{"name": "model.safetensors", "sha256": H}],
+                    "manifest_sha256": H,
+                    "catalog": H,
+                },
+            ),
         ],
     ),
     (

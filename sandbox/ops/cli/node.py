@@ -57,6 +57,12 @@ def node_init(
     manufacturer: Annotated[
         Path, typer.Option(help="Development manufacturer folder (created if missing).")
     ],
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            help="A provider's signed model catalog folder; trust its key with trust-catalog."
+        ),
+    ] = None,
 ) -> None:
     """Create the node's stub attestation identity and node.toml."""
     from sandbox.config import NodeConfig
@@ -71,6 +77,7 @@ def node_init(
             provider_public=provider_public,
             key_broker=key_broker,
             package=package,
+            catalog=catalog,
         )
         node = NodeConfig.load(path)
     except ArkError as exc:
@@ -82,6 +89,23 @@ def node_init(
         f"the provider allows it with: ark provider allow-node {node.sandbox.ueid}; "
         f"and trusts the root: {manufacturer / 'root.crt'}"
     )
+
+
+@node_app.command("trust-catalog")
+def node_trust_catalog(
+    key: Annotated[Path, typer.Argument(help="A provider's Ed25519 public key (PEM).")],
+    workdir: Annotated[Path, typer.Option(help="The node workspace (holds node.toml).")],
+) -> None:
+    """Trust a provider's key to sign model catalogs: the key is copied into the node
+    workspace and listed in node.toml. Refuses a symlink, a key that is not Ed25519, and
+    a key already trusted."""
+    from sandbox.ops.provision import trust_catalog_key
+
+    try:
+        target = trust_catalog_key(workdir / "node.toml", key)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    console.print(f"catalog key trusted: {target} (fingerprint {target.stem})")
 
 
 @node_app.command("attest")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from sandbox.ops.cli.base import (
     stop_on_signals,
     stop_side,
 )
+
+if TYPE_CHECKING:
+    from sandbox.catalog import Price
 
 
 @provider_app.command("check-model")
@@ -136,6 +139,140 @@ def provider_seal(
         f"sealed {manifest['model_id']} as key {manifest['key_id']} into {out}: "
         f"{len(manifest['files'])} files, encrypted: {', '.join(sealed)}"
     )
+
+
+def _pairs(flag: str, values: list[str] | None, models: dict[str, str] | None) -> dict[str, str]:
+    """``ID=VALUE`` flag values by id; a ConfigError names the flag and the value that is
+    malformed, repeats an id, or (``models`` given) names a model no --model lists."""
+    from sandbox.errors import ConfigError
+
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        model_id, sep, rest = value.partition("=")
+        if not sep or not model_id or not rest:
+            raise ConfigError(f"{flag} {value!r}: expected ID=VALUE")
+        if model_id in pairs:
+            raise ConfigError(f"{flag} {value!r}: model {model_id!r} is given twice")
+        if models is not None and model_id not in models:
+            raise ConfigError(f"{flag} {value!r}: no --model names {model_id!r}")
+        pairs[model_id] = rest
+    return pairs
+
+
+def _price(model_id: str, value: str, currency: str) -> Price:
+    """``--price ID=TRAIN,INFER`` (per 1k training examples, per 1k inferences) in
+    ``currency`` as a Price; a ConfigError names the flag and the value."""
+    from sandbox.catalog import Price
+    from sandbox.errors import CatalogInvalid, ConfigError
+
+    parts = value.split(",")
+    flag = f"--price {model_id}={value}"
+    try:
+        if len(parts) != 2:
+            raise ValueError("not two numbers")
+        return Price(currency, float(parts[0]), float(parts[1]))
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: expected TRAIN,INFER (two prices): {exc}") from exc
+    except CatalogInvalid as exc:
+        if exc.key == "currency":
+            raise ConfigError(f"--currency {currency!r}: {exc.problem}") from exc
+        raise ConfigError(f"{flag}: {exc.key} {exc.problem}") from exc
+
+
+def _package_name(folder: Path, value: str) -> str:
+    """The package folder's name in ``folder``: ``value`` is that name, or a path to it."""
+    from sandbox.errors import ConfigError
+
+    path = Path(value)
+    if len(path.parts) == 1:
+        return value
+    if path.resolve().parent != folder.resolve():
+        raise ConfigError(f"{value!r} is not a package folder directly inside {folder}")
+    return path.name
+
+
+@provider_app.command("catalog")
+def provider_catalog(
+    folder: Path,
+    model: Annotated[
+        list[str],
+        typer.Option(help="ID=PACKAGE: a model sealed into FOLDER/PACKAGE (repeatable)."),
+    ],
+    licence: Annotated[
+        list[str], typer.Option(help="ID=TEXT: the model's licence (one per model).")
+    ],
+    price: Annotated[
+        list[str],
+        typer.Option(help="ID=TRAIN,INFER: price per 1k training examples, per 1k inferences."),
+    ],
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"ID=TASK[,TASK]: among {', '.join(TASKS)} (default: {TASK_CLASSIFICATION})."
+        ),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(help="ID=DIR: the plaintext model it was sealed from (default: recorded)."),
+    ] = None,
+    currency: Annotated[str, typer.Option(help="ISO 4217 currency of every price.")] = "EUR",
+    provider: Annotated[
+        str | None, typer.Option(help="Provider name in the catalog (default: workdir name).")
+    ] = None,
+    workdir: Workdir = Path("provider"),
+) -> None:
+    """Sign a catalog of models already sealed into FOLDER (catalog.json + catalog.sig),
+    and log one model_published per model.
+
+    Each entry's architecture, layers and hidden size come from the package's signed
+    manifest, its parameter count from the plaintext model's safetensors headers.
+    """
+    from sandbox.errors import ConfigError
+    from sandbox.ops.provision import ProviderWorkspace, describe_package, publish_catalog
+
+    ws = ProviderWorkspace(workdir)
+    try:
+        ws.require()
+        models = _pairs("--model", model, None)
+        licences = _pairs("--licence", licence, models)
+        prices = _pairs("--price", price, models)
+        tasks = _pairs("--task", task, models)
+        sources = _pairs("--source", source, models)
+        entries = []
+        for model_id, package in models.items():
+            for flag, given in (("--licence", licences), ("--price", prices)):
+                if model_id not in given:
+                    raise ConfigError(f"{flag}: missing for model {model_id!r}")
+            cost = _price(model_id, prices[model_id], currency)
+            try:
+                entry = describe_package(
+                    ws,
+                    folder,
+                    _package_name(folder, package),
+                    licence=licences[model_id],
+                    price=cost,
+                    tasks=tasks.get(model_id, TASK_CLASSIFICATION).split(","),
+                    model_dir=Path(sources[model_id]) if model_id in sources else None,
+                )
+            except ArkError as exc:
+                raise ConfigError(f"--model {model_id}={package}: {exc}") from exc
+            if entry.model_id != model_id:
+                raise ConfigError(
+                    f"--model {model_id}={package}: the package is sealed as model "
+                    f"{entry.model_id!r}"
+                )
+            entries.append(entry)
+        path = publish_catalog(ws, folder, entries, provider=provider or ws.root.resolve().name)
+    except ArkError as exc:
+        raise fail(exc) from exc
+    for entry in entries:
+        console.print(
+            f"{entry.model_id}: {entry.architecture}, {entry.layers} layers, "
+            f"{entry.parameters:,} parameters; {entry.licence}; {entry.price.currency} "
+            f"{entry.price.per_1k_training_examples:g} per 1k training examples, "
+            f"{entry.price.per_1k_inferences:g} per 1k inferences"
+        )
+    console.print(f"catalog signed: {path} ({len(entries)} models)")
 
 
 @provider_app.command("check-package")
