@@ -39,32 +39,38 @@ from flwr.common.constant import MESSAGE_TTL_TOLERANCE
 
 from clients.shuttle import sandbox_client
 from sandbox.attestation.result import PURPOSE_CHANNEL, verify_result
-from sandbox.config import EgressPolicy, NodeConfig
+from sandbox.config import EgressPolicy, NodeConfig, RunSpec
 from sandbox.errors import (
     AggregatorRefused,
     ArkError,
     AttestationError,
+    ConfigError,
     EgressViolation,
     KeyBrokerUnavailable,
     KeyReleaseDenied,
     ReplyMetadataAltered,
     SandboxRefused,
     SandboxUnavailable,
+    ScorecardError,
 )
 from sandbox.events import ClientappFailed, EgressBlocked, ErrorWithheld, Key, Withheld
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
+    COMMITMENT_KEY,
     HELLO_KEY,
     HELLO_NODE_KEY,
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
     NODE_CONFIG_KEY,
+    SCORECARD_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SIGNED_KEY,
 )
 from sandbox.reasons import NodeReason
+from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
 
 log = logging.getLogger("ark.egress")
 # Upper bounds of the handshake's fields: nonce, public key (hybrid suite), result token.
@@ -72,8 +78,8 @@ HELLO_LIMITS = {HELLO_NONCE: 64, HELLO_NODE_KEY: 1216, HELLO_RESULT: 16 * 1024}
 # Which records may leave in a reply to which instruction.
 ALLOWED_RECORDS = {
     MessageType.QUERY: frozenset({HELLO_KEY}),
-    MessageType.TRAIN: frozenset({SEALED_KEY, METRICS_KEY}),
-    MessageType.EVALUATE: frozenset({METRICS_KEY}),
+    MessageType.TRAIN: frozenset({SEALED_KEY, METRICS_KEY, COMMITMENT_KEY}),
+    MessageType.EVALUATE: frozenset({METRICS_KEY, SCORECARD_KEY}),
 }
 # The code a ClientApp failure leaves the node as, by cause; the first match wins and
 # any other exception is CLIENTAPP_FAILED. Neither its type nor its message leaves.
@@ -110,8 +116,16 @@ def check_reply(
     policy: EgressPolicy,
     kind: str,
     check_hello: HelloCheck | None = None,
+    *,
+    run: RunSpec | None = None,
+    node: NodeConfig | None = None,
 ) -> None:
-    """Raise EgressViolation naming the first thing outside the allowlist for ``kind``."""
+    """Raise EgressViolation naming the first thing outside the allowlist for ``kind``.
+
+    A comparison's signed commitment or scorecard may leave only for the run (``run``)
+    and node (``node``) it names, with allowlisted metric names: every string in it is
+    then the provider's own (comparison, job, model) or the node's public ueid, and the
+    rest are digests and numbers."""
     allowed = ALLOWED_RECORDS.get(kind, frozenset())
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
@@ -128,6 +142,8 @@ def check_reply(
             _check_hello(record)
             if check_hello is not None:
                 check_hello(record)
+        elif name in (COMMITMENT_KEY, SCORECARD_KEY) and isinstance(record, ConfigRecord):
+            _check_signed(name, record, policy, run, node)
         else:
             raise EgressViolation(f"record {name!r} ({type(record).__name__}) is not allowed")
 
@@ -142,6 +158,40 @@ def _check_sealed(record: ConfigRecord, policy: EgressPolicy) -> None:
         raise EgressViolation(
             f"sealed update of {len(blob)} bytes exceeds {policy.max_update_bytes}"
         )
+
+
+def _check_signed(
+    name: str,
+    record: ConfigRecord,
+    policy: EgressPolicy,
+    run: RunSpec | None,
+    node: NodeConfig | None,
+) -> None:
+    """A signed comparison record: one bytes value that opens as its kind, for this run
+    and node, naming only allowlisted metrics."""
+    if set(record) != {SIGNED_KEY}:
+        raise EgressViolation(f"{name} record may hold only {SIGNED_KEY!r}")
+    blob = record[SIGNED_KEY]
+    if not isinstance(blob, bytes):
+        raise EgressViolation(f"{name} must be bytes, not {type(blob).__name__}")
+    if run is None or node is None or not run.comparison:
+        raise EgressViolation(f"a {name} may leave only in a comparison run")
+    try:
+        if name == COMMITMENT_KEY:
+            body: Commitment | Scorecard = open_commitment(blob)[0]
+        else:
+            body = open_scorecard(blob)[0]
+    except ScorecardError as exc:
+        raise EgressViolation(f"{name} does not open: {exc}") from exc
+    if body.comparison != run.comparison or body.ueid != node.require_sandbox().ueid:
+        raise EgressViolation(f"{name} is not for this comparison and node")
+    if isinstance(body, Scorecard):
+        if body.job != run.job_id or (run.model_id and body.model_id != run.model_id):
+            raise EgressViolation(f"{name} is not for this run's job and model")
+        for when, metrics in (("before", body.before), ("after", body.after)):
+            for metric in metrics:
+                if f"{when}-{metric}" not in policy.metrics:
+                    raise EgressViolation(f"{name} metric {when}-{metric!r} is not allowlisted")
 
 
 def _check_hello(record: ConfigRecord) -> None:
@@ -219,6 +269,15 @@ def _is_time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _run_spec(context: Context) -> RunSpec | None:
+    """The run's config as the node reads it; None when it does not validate (a signed
+    comparison record then cannot leave: nothing to check it against)."""
+    try:
+        return RunSpec.from_run_config(context.run_config)
+    except ConfigError:
+        return None
+
+
 def failure_reason(exc: Exception) -> NodeReason:
     """The fixed code a ClientApp failure leaves the node as (see FAILURES); a code the
     node's sandbox already reported is passed on as it is."""
@@ -281,7 +340,14 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             reply.metadata, msg.metadata, called_at=called_at, returned_at=time.time()
         )
         kind = msg.metadata.message_type
-        check_reply(reply.content, node.egress, kind, hello_matches_sandbox(node, context.run_id))
+        check_reply(
+            reply.content,
+            node.egress,
+            kind,
+            hello_matches_sandbox(node, context.run_id),
+            run=_run_spec(context),
+            node=node,
+        )
     except EgressViolation as exc:
         reason = (
             NodeReason.REPLY_METADATA_ALTERED

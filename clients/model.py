@@ -27,6 +27,7 @@ from sandbox.keybroker.client import (
     KeyBrokerClient,
     ReleasedKey,
     certify_channel_key,
+    certify_signing_key,
     obtain_content_key,
 )
 from sandbox.keybroker.transport import KeyBrokerTransport
@@ -114,6 +115,27 @@ def certify_channel(
             result_key=load_ec_public(sandbox.result_key),
         )
     return result.token
+
+
+def certify_signing(
+    node: NodeConfig,
+    key_id: str,
+    public_key: Ed25519PublicKey,
+    *,
+    transport: KeyBrokerTransport | None = None,
+) -> AttestationResult:
+    """Attest this node's sandbox with its scorecard signing key bound (purpose
+    ``signing``): the log then says which attested sandbox holds that key."""
+    sandbox = node.require_sandbox()
+    with _broker(node, transport) as broker:
+        return certify_signing_key(
+            broker,
+            _attester(node),
+            public_key,
+            key_id=key_id,
+            measurements=node_measurements(node),
+            result_key=load_ec_public(sandbox.result_key),
+        )
 
 
 def check_model(spec: RunSpec, model_id: str, source: Path) -> None:

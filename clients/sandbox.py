@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import MessageType, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from clients import inference
 from clients.adapters import (
@@ -55,28 +56,36 @@ from clients.channels import (
 )
 from clients.data import Split, load_examples, split_examples
 from clients.egress import check_reply
-from clients.model import NodeModel, Unsealed, load_node_model
+from clients.model import NodeModel, Unsealed, certify_signing, load_node_model
+from clients.scoring import Scoring, sign_commitment_bytes, sign_scorecard_bytes
 from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.digests import sha256_hex
+from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import (
+    ConfigError,
     InferenceTaskMismatch,
     InferenceUnavailable,
     KeyBrokerUnavailable,
     NoAdapterStored,
 )
+from sandbox.events import node as node_events
 from sandbox.journal import append_journal
 from sandbox.protocol import (
     BROKER_RETRY,
+    COMMITMENT_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
+    SCORECARD_KEY,
+    SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SIGNED_KEY,
     metric_record,
     sealed_digest,
 )
+from sandbox.seal.package import MANIFEST
 
 log = logging.getLogger("ark.sandbox")
 # Seconds between attempts to reach an unreachable key broker at start.
@@ -100,10 +109,21 @@ class Request:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What leaves after training: the update's records and the scalar metrics."""
+    """What leaves after training: the update's records, the scalar metrics and, in a
+    comparison, the node's signed held-out commitment."""
 
     records: UpdateRecords
     metrics: dict[str, float]
+    commitment: bytes = b""
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What leaves after the final evaluation: the scalar metrics and, in a comparison,
+    the node's signed scorecard of the run."""
+
+    metrics: dict[str, float]
+    scorecard: bytes = b""
 
 
 @dataclass
@@ -115,6 +135,9 @@ class _Held:
     models: dict[tuple[Any, ...], NodeModel] = field(default_factory=dict)
     # The stored adapters, sealed under a key derived from this model's content key.
     store: AdapterStore | None = None
+    # The key this sandbox signs comparison records with while it holds this model,
+    # made in memory and certified against the attestation of this model's release.
+    signer: Ed25519PrivateKey | None = None
 
 
 @dataclass
@@ -206,6 +229,7 @@ class NodeSandbox:
         self._work = threading.Lock()
         self._channels = threading.Lock()
         self._pending = False  # a preparation thread is waiting for the work lock
+        self._scoring = Scoring(node)
         if node.threads:
             import torch
 
@@ -370,6 +394,28 @@ class NodeSandbox:
             )
         return held.store
 
+    def _signer(self, held: _Held) -> Ed25519PrivateKey:
+        """The comparison signing key while ``held`` is in memory, certified by the key
+        broker on first use (a comparison needs an attested sandbox)."""
+        released = held.unsealed.released
+        if released is None:
+            raise ConfigError(
+                f"node {self.node.name} is unprotected: it cannot sign a comparison's scorecards",
+                path=self.node.source,
+                key="node.unprotected",
+            )
+        if held.signer is None:
+            key = Ed25519PrivateKey.generate()
+            certify_signing(self.node, released.key_id, key.public_key())
+            held.signer = key
+            log.info("scorecard signing key certified for model %s", released.model_id)
+        return held.signer
+
+    def _held_now(self) -> _Held:
+        if self._held is None:
+            raise RuntimeError("no model is held: an instruction is worked on without one")
+        return self._held
+
     def stored_runs(self) -> list[int]:
         """The runs whose final adapter is stored (file names only: nothing decrypted)."""
         if self.node.source is None:
@@ -402,7 +448,9 @@ class NodeSandbox:
             with exchange.working():
                 before = evaluate(model, tokenizer, split.heldout, spec)
                 seed = spec.seed * 1000 + request.round
+                started = time.perf_counter()
                 loss = train_local(model, tokenizer, split.train, spec, seed=seed)
+                train_seconds = time.perf_counter() - started
                 after = evaluate(model, tokenizer, split.heldout, spec)
             update = {
                 name: value
@@ -418,7 +466,10 @@ class NodeSandbox:
             }
             records = exchange.accepted.reply(update, metrics[NUM_EXAMPLES])
             content = RecordDict({**records, METRICS_KEY: metric_record(metrics)})
-            self._egress(content, MessageType.TRAIN)
+            commitment = b""
+            if spec.comparison:
+                commitment = self._commit(exchange, before, train_seconds, content)
+            self._egress(content, MessageType.TRAIN, spec)
             exchange.journal(
                 self.node,
                 events.Train,
@@ -426,25 +477,101 @@ class NodeSandbox:
                 sent_sha256=sealed_digest(content, SEALED_UPDATE_KEY),
                 tensors=sorted(update),
             )
-            return TrainResult(records, metrics)
+            return TrainResult(records, metrics, commitment)
 
-    def evaluate(self, request: Request) -> dict[str, float]:
-        """Evaluate the instruction's global adapter on the local held-out split."""
+    def _commit(
+        self,
+        exchange: _Exchange,
+        before: dict[str, float],
+        train_seconds: float,
+        content: RecordDict,
+    ) -> bytes:
+        """Count a comparison run's training round, and sign the node's commitment to
+        its held-out set for the reply (every train reply of the run carries it, so a
+        lost reply loses nothing). It goes into ``content`` for the egress check."""
+        request = exchange.request
+        sealed = content.config_records.get(SEALED_KEY)
+        blob = sealed.get(SEALED_UPDATE_KEY) if sealed is not None else b""
+        self._scoring.trained(
+            request.ids.run_id,
+            request.round,
+            before=before,
+            seconds=train_seconds,
+            steps=request.spec.local_steps,
+            update_bytes=len(blob) if isinstance(blob, bytes) else 0,
+        )
+        commitment = self._scoring.commitment(request.spec, exchange.split)
+        signed = sign_commitment_bytes(self._signer(self._held_now()), commitment)
+        content[COMMITMENT_KEY] = ConfigRecord({SIGNED_KEY: signed})
+        journal(
+            self.node,
+            request.ids,
+            node_events.HeldoutCommitment,
+            round=request.round,
+            comparison=commitment.comparison,
+            root=commitment.root,
+            count=commitment.count,
+            record_sha256=sha256_hex(signed),
+        )
+        return signed
+
+    def evaluate(self, request: Request) -> EvaluateResult:
+        """Evaluate the instruction's global adapter on the local held-out split (and, in
+        a comparison, sign the run's scorecard)."""
         from clients.training import evaluate
 
+        spec = request.spec
         with self._exchange(request, STAGE_EVALUATE) as exchange:
             loaded = exchange.loaded
             with exchange.working():
-                result = evaluate(
-                    loaded.model, loaded.tokenizer, exchange.split.heldout, request.spec
-                )
+                started = time.perf_counter()
+                result = evaluate(loaded.model, loaded.tokenizer, exchange.split.heldout, spec)
+                eval_seconds = time.perf_counter() - started
             metrics = {
                 NUM_EXAMPLES: float(len(exchange.split.heldout)),
                 **_prefixed("before", result),
             }
-            self._egress(RecordDict({METRICS_KEY: metric_record(metrics)}), MessageType.EVALUATE)
+            content = RecordDict({METRICS_KEY: metric_record(metrics)})
+            scorecard = b""
+            if spec.comparison:
+                scorecard = self._score(exchange, result, eval_seconds, content)
+            self._egress(content, MessageType.EVALUATE, spec)
             exchange.journal(self.node, events.Evaluate, metrics)
-            return metrics
+            return EvaluateResult(metrics, scorecard)
+
+    def _score(
+        self,
+        exchange: _Exchange,
+        after: dict[str, float],
+        eval_seconds: float,
+        content: RecordDict,
+    ) -> bytes:
+        """Sign the run's scorecard of the model held now, for the final evaluation's
+        reply (it goes into ``content`` for the egress check)."""
+        request = exchange.request
+        held = self._held_now()
+        scorecard = self._scoring.scorecard(
+            request.spec,
+            request.ids.run_id,
+            model_id=held.unsealed.model_id,
+            manifest_sha256=sha256_file(held.unsealed.source / MANIFEST)[0],
+            adapter=exchange.accepted.adapter,
+            commitment=self._scoring.commitment(request.spec, exchange.split),
+            after=after,
+            eval_seconds=eval_seconds,
+        )
+        signed = sign_scorecard_bytes(self._signer(held), scorecard)
+        content[SCORECARD_KEY] = ConfigRecord({SIGNED_KEY: signed})
+        journal(
+            self.node,
+            request.ids,
+            node_events.ScorecardSigned,
+            comparison=scorecard.comparison,
+            model_id=scorecard.model_id,
+            heldout_root=scorecard.heldout_root,
+            record_sha256=sha256_hex(signed),
+        )
+        return signed
 
     def infer(self, body: bytes, endpoint: str) -> dict[str, Any]:
         """Answer a local inference request (``body``, hostile JSON; ``endpoint``
@@ -524,11 +651,11 @@ class NodeSandbox:
                 key = "completions"
         return run_id, {"run_id": run_id, "adapter": request.which, key: answers}
 
-    def _egress(self, content: RecordDict, kind: str) -> None:
+    def _egress(self, content: RecordDict, kind: str, spec: RunSpec) -> None:
         """The sandbox's own egress decision: what it lets out is exactly what the
         ClientApp's guard allows (an unprotected node has neither)."""
         if not self.node.unprotected:
-            check_reply(content, self.node.egress, kind)
+            check_reply(content, self.node.egress, kind, run=spec, node=self.node)
 
 
 def _now() -> dt.datetime:

@@ -166,7 +166,7 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
     def Train(self, request: pb.Instruction, context: grpc.ServicerContext) -> pb.TrainReply:
         def call() -> pb.TrainReply:
             result = self.sandbox.train(to_request(request, STAGE_TRAIN))
-            reply = pb.TrainReply(metrics=result.metrics)
+            reply = pb.TrainReply(metrics=result.metrics, commitment=result.commitment)
             sealed = result.records.get(SEALED_KEY)
             if isinstance(sealed, ConfigRecord):
                 reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
@@ -179,9 +179,8 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
 
     def Evaluate(self, request: pb.Instruction, context: grpc.ServicerContext) -> pb.EvaluateReply:
         def call() -> pb.EvaluateReply:
-            return pb.EvaluateReply(
-                metrics=self.sandbox.evaluate(to_request(request, STAGE_EVALUATE))
-            )
+            result = self.sandbox.evaluate(to_request(request, STAGE_EVALUATE))
+            return pb.EvaluateReply(metrics=result.metrics, scorecard=result.scorecard)
 
         return self._serve(context, request.run, call)
 

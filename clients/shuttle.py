@@ -31,15 +31,18 @@ from sandbox.protocol import (
     AGGREGATOR_PUBLIC_KEY,
     AGGREGATOR_SUITE,
     AGGREGATOR_TEE,
+    COMMITMENT_KEY,
     GLOBAL_KEY,
     HELLO_KEY,
     HELLO_NODE_KEY,
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
+    SCORECARD_KEY,
     SEALED_GLOBAL_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SIGNED_KEY,
     UPDATE_KEY,
     from_record,
     metric_record,
@@ -152,11 +155,17 @@ def train_content(reply: pb.TrainReply) -> RecordDict:
     if reply.plain_update:
         content[UPDATE_KEY] = tensors_record(reply.plain_update)
     content[METRICS_KEY] = metric_record(dict(reply.metrics))
+    if reply.commitment:
+        content[COMMITMENT_KEY] = ConfigRecord({SIGNED_KEY: reply.commitment})
     return content
 
 
 def evaluate_content(reply: pb.EvaluateReply) -> RecordDict:
-    return RecordDict({METRICS_KEY: metric_record(dict(reply.metrics))})
+    """The final evaluation's records: the metrics and, in a comparison, the scorecard."""
+    content = RecordDict({METRICS_KEY: metric_record(dict(reply.metrics))})
+    if reply.scorecard:
+        content[SCORECARD_KEY] = ConfigRecord({SIGNED_KEY: reply.scorecard})
+    return content
 
 
 class SandboxClient:

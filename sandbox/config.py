@@ -437,6 +437,9 @@ class RunSpec:
     output_dir: Path | None = field(default=None, metadata=_key("output-dir", _Path(optional=True)))
     # The sealed model nodes must unseal (its manifest model id); empty: whatever they hold.
     model_id: str = field(default="", metadata=_key("model-id", _Text()))
+    # The comparison this run scores a model for (``ark compare run``); empty: none. In a
+    # comparison each node commits to its held-out set and signs a scorecard of the run.
+    comparison: str = field(default="", metadata=_key("comparison", _Text()))
     # "sealed": attested aggregator, HPKE envelopes both ways, egress guard (the default).
     # "off": plaintext arrays, for the canary test's negative control and the overhead
     # bench only; a node runs it only when its own config says ``unprotected = true``.

@@ -42,6 +42,12 @@ AGGREGATOR_TEE = "tee"
 AGGREGATOR_EVIDENCE = "evidence"
 AGGREGATOR_PUBLIC_KEY = "key"
 AGGREGATOR_SUITE = "suite"
+# In a comparison: the node's signed held-out commitment (train replies) and its signed
+# scorecard (the final evaluation's reply), each one ConfigRecord holding the signed
+# record's canonical JSON as bytes under SIGNED_KEY.
+COMMITMENT_KEY = "commitment"
+SCORECARD_KEY = "scorecard"
+SIGNED_KEY = "signed"
 CONFIG_KEY = "config"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"

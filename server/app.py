@@ -32,6 +32,7 @@ from sandbox.errors import (
     ConfigError,
     EnvelopeError,
     FederationError,
+    ScorecardError,
     UpdateRejected,
 )
 from sandbox.events import JOB_EVENTS_FILE, EventSink, FanOutSink, JsonlEventSink, Key
@@ -43,7 +44,13 @@ from sandbox.lora import (
     is_trained,
 )
 from sandbox.models import inspect_model_dir, load_pretrained
-from sandbox.protocol import METRICS_KEY, NUM_EXAMPLES, sealed_digest
+from sandbox.protocol import (
+    COMMITMENT_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SCORECARD_KEY,
+    sealed_digest,
+)
 from sandbox.reasons import NodeReason
 from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import StreamingAggregator, Weight, spec_of
@@ -53,6 +60,7 @@ from server.history import Metrics, Training
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
+from server.scoring import ComparisonRecords, signed_record
 
 # Every metric name a node's reply may carry (what the egress guard lets out by default).
 PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
@@ -156,6 +164,10 @@ class FederatedJob:
         job_events = JsonlEventSink(self.out / JOB_EVENTS_FILE)
         self.events = job_events if events is None else FanOutSink([job_events, events])
         self.run_id = self.channel.run_id
+        # A comparison run logs each node's held-out commitment and scorecard.
+        self.comparison = (
+            ComparisonRecords(spec, self.run_id, self._event) if spec.comparison else None
+        )
 
     # The stages of a training round and of the final evaluation.
     def training_stages(self) -> list[Stage]:
@@ -317,15 +329,17 @@ class FederatedJob:
                 training.rejected[key] = f"node error: {reason}"
                 log(WARNING, "[ark] round %d: node %s failed: %s", rnd, node_id, reason)
                 continue
-            envelope = events.NO_ENVELOPE
+            envelope, commitment = events.NO_ENVELOPE, None
             try:
                 envelope, size = self.channel.envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
+                if self.comparison is not None:
+                    commitment = signed_record(reply.content, COMMITMENT_KEY)
                 update = self.channel.open(node_id, reply, rnd, reported)
                 weight = aggregator.add(
                     update.tensors, update.declared, held=state.job.weights.get(update.identity)
                 )
-            except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
+            except (UpdateRejected, ScorecardError, KeyError, TypeError, ValueError) as exc:
                 training.rejected[key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
                 self._event(
@@ -348,6 +362,8 @@ class FederatedJob:
                 examples=weight.used,
                 **_clipping(weight),
             )
+            if self.comparison is not None:
+                self.comparison.commitment(node_id, self.channel.ueid(node_id), commitment)
             state.accepted.append(envelope)
             state.held_out[key] = before
             training.local[key] = after
@@ -431,10 +447,13 @@ class FederatedJob:
                 continue
             try:
                 _, before, _, _ = _split_metrics(reply)
-            except (KeyError, TypeError, ValueError) as exc:
+                scorecard = signed_record(reply.content, SCORECARD_KEY)
+            except (ScorecardError, KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "[ark] evaluation reply from node %s is malformed: %r", node_id, exc)
                 continue
             state.held_out[str(node_id)] = before
+            if self.comparison is not None:
+                self.comparison.scorecard(node_id, self.channel.ueid(node_id), scorecard)
         state.job.history.round(rnd).held_out.update(state.held_out)
         state.job.finished = True
         self._save(state.job, state.adapter)

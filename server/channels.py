@@ -89,6 +89,10 @@ class UpdateChannel(ABC):
         the function raises EnvelopeError for a node that cannot be sent to."""
 
     @abstractmethod
+    def ueid(self, node_id: int) -> str | None:
+        """The attested TEE (ueid) admitted as ``node_id`` in this run, if any."""
+
+    @abstractmethod
     def envelope(self, reply: Message) -> tuple[str, int]:
         """What names a reply's update in events: its digest (or kind) and size."""
 
@@ -166,6 +170,10 @@ class SealedChannel(UpdateChannel):
     def admissions(self) -> dict[str, int]:
         return dict(self.sandbox.admitted)
 
+    def ueid(self, node_id: int) -> str | None:
+        peer = self.peers.get(node_id)
+        return None if peer is None else peer.result.ueid
+
     def restore(self, admissions: Mapping[str, int]) -> None:
         self.sandbox.admitted.update(admissions)
 
@@ -207,6 +215,9 @@ class PlaintextChannel(UpdateChannel):
 
     def admissions(self) -> dict[str, int]:
         return {}
+
+    def ueid(self, node_id: int) -> str | None:
+        return None
 
     def restore(self, admissions: Mapping[str, int]) -> None:
         pass

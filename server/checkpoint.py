@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
 
 from sandbox.digests import sha256_file
 from sandbox.errors import CheckpointError
 from sandbox.files import write_atomic
+from sandbox.lora import adapter_bytes
 from server.history import History
 
 STATE_FORMAT = "ark-checkpoint/1"
@@ -59,7 +60,7 @@ class CheckpointStore:
         adapter file's SHA-256."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.adapter_path(state.round)
-        write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in adapter.items()}))
+        write_atomic(path, adapter_bytes(adapter))
         document = {
             "format": STATE_FORMAT,
             "fingerprint": state.fingerprint,

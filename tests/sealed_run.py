@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from clients.channels import RunIds
 from clients.model import load_node_model, plaintext_files
-from clients.sandbox import NodeSandbox, Request
+from clients.sandbox import EvaluateResult, NodeSandbox, Request, TrainResult
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
 from sandbox.config import RunSpec
 from sandbox.events import JsonlEventSink
@@ -46,12 +47,21 @@ def key_broker(deployment: LoopbackDeployment) -> Iterator[None]:
         broker.stop(grace=None)
 
 
-def drive_sealed_run(
+@dataclass(frozen=True)
+class SealedExchange:
+    """What a node's sandbox answered in a driven run: round 1's training, the final
+    evaluation, and the final global adapter it was sent."""
+
+    train: TrainResult
+    evaluate: EvaluateResult
+    final: Adapter
+
+
+def drive_sealed_exchange(
     sandbox: NodeSandbox, deployment: LoopbackDeployment, spec: RunSpec, run_id: int
-) -> Adapter:
+) -> SealedExchange:
     """One sealed run as the ServerApp drives it: hello, round 1 train, final evaluation,
-    with the real aggregator sandbox sealing each instruction to the node's channel.
-    The node keeps the run's baseline and final adapters; the final one is returned."""
+    with the real aggregator sandbox sealing each instruction to the node's channel."""
     node = sandbox.node
     sandbox_cfg = node.require_sandbox()
     manifest = read_manifest(sandbox_cfg.package, load_ed25519_public(sandbox_cfg.manifest_key))
@@ -68,9 +78,17 @@ def drive_sealed_run(
     train = Request(
         ids, 1, STAGE_TRAIN, spec, aggregator.instruction(peer, 1, initial, STAGE_TRAIN)
     )
-    sandbox.train(train)
+    trained = sandbox.train(train)
     # A final adapter visibly unlike the initial one (B is zero at the start).
     final = {name: a + np.float32(0.5) for name, a in initial.items()}
     evaluate = aggregator.instruction(peer, 1, final, STAGE_EVALUATE)
-    sandbox.evaluate(Request(ids, 1, STAGE_EVALUATE, spec, evaluate))
-    return final
+    evaluated = sandbox.evaluate(Request(ids, 1, STAGE_EVALUATE, spec, evaluate))
+    return SealedExchange(trained, evaluated, final)
+
+
+def drive_sealed_run(
+    sandbox: NodeSandbox, deployment: LoopbackDeployment, spec: RunSpec, run_id: int
+) -> Adapter:
+    """:func:`drive_sealed_exchange`; the node keeps the run's baseline and final
+    adapters, and the final one is returned."""
+    return drive_sealed_exchange(sandbox, deployment, spec, run_id).final

@@ -116,6 +116,32 @@ class Train(Evaluate):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HeldoutCommitment(InRun):
+    """In a comparison, the node sent its signed commitment to its held-out set with
+    this round's update: the comparison, the Merkle root, how many examples it covers
+    and the SHA-256 of the signed record as it left."""
+
+    kind: ClassVar[str] = "heldout_commitment"
+    round: int
+    comparison: str
+    root: str
+    count: int
+    record_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScorecardSigned(InRun):
+    """In a comparison, the node signed and sent its scorecard of the run's model: which
+    model, the root it names, and the SHA-256 of the signed record as it left."""
+
+    kind: ClassVar[str] = "scorecard_signed"
+    comparison: str
+    model_id: str
+    heldout_root: str
+    record_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Withheld(InRun):
     """The egress guard kept a reply (or an error's text) on the node: ``code`` left,
     ``reason`` stayed."""

@@ -131,6 +131,9 @@ class Key(StrEnum):
     COMMITMENT = "commitment"
     SCORECARD = "scorecard"
     RUNS = "runs"
+    ROOT = "root"
+    HELDOUT_ROOT = "heldout_root"
+    RECORD_SHA256 = "record_sha256"
 
 
 _KEYS = frozenset(Key)

@@ -598,6 +598,41 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ),
     (
         "journal",
+        "heldout_commitment",
+        [
+            (
+                "committed with round 1's update",
+                {
+                    **CLIENT,
+                    "kind": "heldout_commitment",
+                    "round": 1,
+                    "comparison": "cmp-1",
+                    "root": H,
+                    "count": 40,
+                    "record_sha256": H,
+                },
+            ),
+        ],
+    ),
+    (
+        "journal",
+        "scorecard_signed",
+        [
+            (
+                "signed at the final evaluation",
+                {
+                    **CLIENT,
+                    "kind": "scorecard_signed",
+                    "comparison": "cmp-1",
+                    "model_id": "minilm-l3",
+                    "heldout_root": H,
+                    "record_sha256": H,
+                },
+            ),
+        ],
+    ),
+    (
+        "journal",
         "train",
         [
             (

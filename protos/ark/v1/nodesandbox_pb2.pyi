@@ -200,10 +200,13 @@ class TrainReply(_message.Message):
     SEALED_UPDATE_FIELD_NUMBER: _builtins.int
     PLAIN_UPDATE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
     sealed_update: _builtins.bytes
     """The update sealed to the attested aggregator (protection "sealed")."""
     plain_update: _builtins.bytes
     """The update as safetensors (protection "off" only)."""
+    commitment: _builtins.bytes
+    """In a comparison: the node's signed commitment to its held-out set (JCS bytes)."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Allowlisted scalar metrics (the node's [node.egress] metrics)."""
@@ -214,10 +217,11 @@ class TrainReply(_message.Message):
         sealed_update: _builtins.bytes = ...,
         plain_update: _builtins.bytes = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        commitment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "plain_update", b"plain_update", "sealed_update", b"sealed_update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "metrics", b"metrics", "plain_update", b"plain_update", "sealed_update", b"sealed_update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,16 +252,20 @@ class EvaluateReply(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     METRICS_FIELD_NUMBER: _builtins.int
+    SCORECARD_FIELD_NUMBER: _builtins.int
+    scorecard: _builtins.bytes
+    """In a comparison: the node's signed scorecard of the run (JCS bytes)."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
         self,
         *,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        scorecard: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "scorecard", b"scorecard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

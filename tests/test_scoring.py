@@ -1,0 +1,364 @@
+"""A node's part in a comparison, on real components: the held-out commitment and the
+scorecard its sandbox signs, the key the key broker certified for them, what the egress
+guard lets out, and what the ServerApp logs.
+
+The run is driven in-process as the ServerApp drives one (``tests/sealed_run.py``): the
+key broker over TLS on loopback, the node sandbox's attestation and key release, and the
+aggregator sandbox sealing each instruction to the node's channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+
+from clients.data import Example
+from clients.egress import check_reply
+from clients.sandbox import NodeSandbox, load_split
+from clients.scoring import (
+    RunTally,
+    Scoring,
+    commit_heldout,
+    heldout_salt,
+    salt_path,
+    sign_commitment_bytes,
+    sign_scorecard_bytes,
+)
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.digests import sha256_file, sha256_hex
+from sandbox.errors import ConfigError, EgressViolation, ScorecardError
+from sandbox.journal import read_journal
+from sandbox.lora import adapter_bytes
+from sandbox.ops.federation import free_port
+from sandbox.ops.provision import LoopbackDeployment, provision_loopback
+from sandbox.protocol import COMMITMENT_KEY, METRICS_KEY, SCORECARD_KEY, SIGNED_KEY
+from sandbox.scorecard import Commitment, open_commitment, open_scorecard
+from sandbox.seal.package import MANIFEST
+from server.scoring import ComparisonRecords, signed_record
+from tests.conftest import make_spec
+from tests.sealed_run import SealedExchange, drive_sealed_exchange, key_broker
+
+LABELS = ("a", "b")
+COMPARISON = "cmp-test"
+RUN_ID = 11
+
+
+def _rows(n: int) -> str:
+    return "".join(
+        json.dumps({"text": f"row {i} {'good' if i % 2 else 'bad'}", "label": LABELS[i % 2]}) + "\n"
+        for i in range(n)
+    )
+
+
+@dataclass
+class Compared:
+    """One node's sealed comparison run, and what it left."""
+
+    deployment: LoopbackDeployment
+    node: NodeConfig
+    spec: RunSpec
+    exchange: SealedExchange
+
+    def provider_events(self) -> list[dict[str, Any]]:
+        lines = self.deployment.provider.events.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Compared:
+    root = tmp_path_factory.mktemp("scoring")
+    data = {"alpine": root / "alpine.jsonl"}
+    data["alpine"].write_text(_rows(24), encoding="utf-8")
+    deployment = provision_loopback(
+        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=free_port(), model_id="tiny"
+    )
+    spec = make_spec(
+        tiny_bert_dir,
+        labels=LABELS,
+        model_id="tiny",
+        local_steps=2,
+        comparison=COMPARISON,
+        job_id=f"{COMPARISON}-tiny",
+    )
+    node = NodeConfig.load(deployment.node_configs["alpine"])
+    with key_broker(deployment):
+        sandbox = NodeSandbox(node)
+        sandbox.start()
+        exchange = drive_sealed_exchange(sandbox, deployment, spec, RUN_ID)
+    return Compared(deployment, node, spec, exchange)
+
+
+def test_the_commitment_is_the_root_of_the_nodes_own_heldout_rows(compared: Compared) -> None:
+    commitment, _ = open_commitment(compared.exchange.train.commitment)
+    heldout = load_split(compared.spec, compared.node).heldout
+    expected = commit_heldout(
+        COMPARISON, compared.node.require_sandbox().ueid, heldout_salt(compared.node), heldout
+    )
+    assert commitment == expected
+    assert commitment.count == len(heldout) > 0
+
+
+def test_the_scorecard_names_the_model_adapter_root_and_figures(compared: Compared) -> None:
+    exchange = compared.exchange
+    commitment, committer = open_commitment(exchange.train.commitment)
+    card, signer = open_scorecard(exchange.evaluate.scorecard)
+    package = compared.node.require_sandbox().package
+    assert signer == committer
+    assert (card.comparison, card.run, card.job, card.model_id) == (
+        COMPARISON,
+        RUN_ID,
+        compared.spec.job_id,
+        "tiny",
+    )
+    assert card.ueid == compared.node.require_sandbox().ueid
+    assert card.manifest_sha256 == sha256_file(package / MANIFEST)[0]
+    assert card.adapter_sha256 == sha256_hex(adapter_bytes(exchange.final))
+    assert (card.heldout_root, card.heldout_count) == (commitment.root, commitment.count)
+    metrics = exchange.train.metrics
+    assert card.before == {
+        k.removeprefix("before-"): v for k, v in metrics.items() if k.startswith("before-")
+    }
+    assert card.after == {
+        k.removeprefix("before-"): v
+        for k, v in exchange.evaluate.metrics.items()
+        if k.startswith("before-")
+    }
+    assert card.cost.train_seconds_per_step > 0
+    assert card.cost.inference_ms_per_example > 0
+    assert card.cost.update_bytes_per_round > 0
+    assert card.cost.adapter_bytes == sum(a.nbytes for a in exchange.final.values())
+
+
+def test_the_signing_key_was_certified_by_the_key_broker_for_this_tee(
+    compared: Compared,
+) -> None:
+    _, signer = open_scorecard(compared.exchange.evaluate.scorecard)
+    certified = [
+        e
+        for e in compared.provider_events()
+        if e["kind"] == "channel_certified" and e["purpose"] == "signing"
+    ]
+    assert [(e["tee_pubkey_sha256"], e["ueid"]) for e in certified] == [
+        (signer, compared.node.require_sandbox().ueid)
+    ]
+
+
+def test_the_journal_keeps_the_digests_of_both_records(compared: Compared) -> None:
+    assert compared.node.journal_path is not None
+    entries = read_journal(compared.node.journal_path)
+    committed = [e for e in entries if e["kind"] == "heldout_commitment"]
+    signed = [e for e in entries if e["kind"] == "scorecard_signed"]
+    assert [e["record_sha256"] for e in committed] == [
+        sha256_hex(compared.exchange.train.commitment)
+    ]
+    assert [e["record_sha256"] for e in signed] == [
+        sha256_hex(compared.exchange.evaluate.scorecard)
+    ]
+    assert signed[0]["model_id"] == "tiny"
+
+
+def test_a_run_outside_a_comparison_signs_nothing(tmp_path: Path, compared: Compared) -> None:
+    plain = dataclasses.replace(compared.spec, comparison="", job_id="tiny-plain")
+    with key_broker(compared.deployment):
+        sandbox = NodeSandbox(compared.node)
+        sandbox.start()
+        exchange = drive_sealed_exchange(sandbox, compared.deployment, plain, RUN_ID + 1)
+    assert exchange.train.commitment == b""
+    assert exchange.evaluate.scorecard == b""
+
+
+# -- the held-out salt and root ----------------------------------------------------------
+
+
+def test_the_salt_is_made_once_private_and_kept(compared: Compared) -> None:
+    path = salt_path(compared.node)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert heldout_salt(compared.node) == heldout_salt(compared.node) == path.read_bytes()
+
+
+def test_a_symlinked_salt_is_refused(tmp_path: Path, compared: Compared) -> None:
+    workspace = tmp_path / "node"
+    workspace.mkdir()
+    config = workspace / "node.toml"
+    config.write_text(compared.node.to_toml(), encoding="utf-8")
+    node = NodeConfig.load(config)
+    (workspace / "scoring").mkdir(mode=0o700)
+    decoy = tmp_path / "decoy"
+    decoy.write_bytes(os.urandom(32))
+    os.symlink(decoy, salt_path(node))
+    with pytest.raises(ConfigError, match=r"heldout\.salt"):
+        heldout_salt(node)
+
+
+def test_another_heldout_set_commits_another_root() -> None:
+    rows = tuple(Example(f"ticket {i}", LABELS[i % 2]) for i in range(10))
+    salt = bytes(32)
+    first = commit_heldout(COMPARISON, "u", salt, rows)
+    assert commit_heldout(COMPARISON, "u", salt, rows) == first
+    swapped = (Example("ticket 0", "b"), *rows[1:])
+    assert commit_heldout(COMPARISON, "u", salt, swapped).root != first.root
+    assert commit_heldout(COMPARISON, "u", bytes([1]) * 32, rows).root != first.root
+    assert commit_heldout(COMPARISON, "u", salt, rows[:-1]).count == 9
+
+
+def test_before_figures_come_from_round_one_only(tmp_path: Path, compared: Compared) -> None:
+    scoring = Scoring(compared.node)
+    scoring.trained(5, 2, before={"accuracy": 0.9}, seconds=2.0, steps=4, update_bytes=100)
+    assert scoring.tally(5) == RunTally(None, 2.0, 4, 100, 1)
+    scoring.trained(5, 1, before={"accuracy": 0.5}, seconds=1.0, steps=4, update_bytes=300)
+    assert scoring.tally(5).before == {"accuracy": 0.5}
+    assert scoring.tally(5).update_bytes / scoring.tally(5).updates == 200
+
+
+# -- what the egress guard lets out ------------------------------------------------------
+
+
+def _signed(compared: Compared, **changes: Any) -> tuple[bytes, bytes]:
+    """A commitment and a scorecard of the fixture's run, changed as asked, signed by a
+    fresh key (the egress guard checks what they say, the audit who signed them)."""
+    key = Ed25519PrivateKey.generate()
+    commitment, _ = open_commitment(compared.exchange.train.commitment)
+    card, _ = open_scorecard(compared.exchange.evaluate.scorecard)
+    commitment = dataclasses.replace(
+        commitment, **{k: v for k, v in changes.items() if k in ("comparison", "ueid")}
+    )
+    card = dataclasses.replace(card, **changes)
+    return sign_commitment_bytes(key, commitment), sign_scorecard_bytes(key, card)
+
+
+def _content(key: str, blob: bytes) -> RecordDict:
+    return RecordDict(
+        {METRICS_KEY: MetricRecord({"num-examples": 4.0}), key: ConfigRecord({SIGNED_KEY: blob})}
+    )
+
+
+def test_the_guard_lets_the_runs_own_records_out(compared: Compared) -> None:
+    node, spec = compared.node, compared.spec
+    commitment, card = _signed(compared)
+    check_reply(
+        _content(COMMITMENT_KEY, commitment), node.egress, MessageType.TRAIN, run=spec, node=node
+    )
+    check_reply(
+        _content(SCORECARD_KEY, card), node.egress, MessageType.EVALUATE, run=spec, node=node
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "record", "why"),
+    [
+        ({"comparison": "cmp-other"}, COMMITMENT_KEY, "not for this comparison"),
+        ({"ueid": "someone-else"}, SCORECARD_KEY, "not for this comparison and node"),
+        ({"job": "another-job"}, SCORECARD_KEY, "job and model"),
+        ({"model_id": "another-model"}, SCORECARD_KEY, "job and model"),
+        ({"after": {"private_row": 1.0}}, SCORECARD_KEY, "not allowlisted"),
+    ],
+)
+def test_the_guard_keeps_a_record_for_another_run_or_with_free_text(
+    compared: Compared, changes: dict[str, Any], record: str, why: str
+) -> None:
+    commitment, card = _signed(compared, **changes)
+    blob, kind = (
+        (commitment, MessageType.TRAIN)
+        if record == COMMITMENT_KEY
+        else (card, MessageType.EVALUATE)
+    )
+    node = compared.node
+    with pytest.raises(EgressViolation, match=why):
+        check_reply(_content(record, blob), node.egress, kind, run=compared.spec, node=node)
+
+
+def test_the_guard_keeps_signed_records_outside_a_comparison_and_garbage(
+    compared: Compared,
+) -> None:
+    node = compared.node
+    commitment, card = _signed(compared)
+    plain = dataclasses.replace(compared.spec, comparison="")
+    with pytest.raises(EgressViolation, match="only in a comparison"):
+        check_reply(
+            _content(COMMITMENT_KEY, commitment),
+            node.egress,
+            MessageType.TRAIN,
+            run=plain,
+            node=node,
+        )
+    with pytest.raises(EgressViolation, match="does not open"):
+        check_reply(
+            _content(SCORECARD_KEY, b'{"body": "a private row"}'),
+            node.egress,
+            MessageType.EVALUATE,
+            run=compared.spec,
+            node=node,
+        )
+    with pytest.raises(EgressViolation, match="may not leave"):
+        check_reply(
+            _content(SCORECARD_KEY, card),
+            node.egress,
+            MessageType.TRAIN,
+            run=compared.spec,
+            node=node,
+        )
+
+
+# -- what the ServerApp logs -------------------------------------------------------------
+
+
+def _reply(key: str, blob: bytes) -> RecordDict:
+    return RecordDict({key: ConfigRecord({SIGNED_KEY: blob})})
+
+
+def test_the_serverapp_logs_each_nodes_commitment_once_and_its_scorecard(
+    compared: Compared,
+) -> None:
+    logged: list[tuple[str, dict[str, Any]]] = []
+    records = ComparisonRecords(
+        compared.spec, RUN_ID, lambda kind, **f: logged.append((kind.kind, f))
+    )
+    ueid = compared.node.require_sandbox().ueid
+    commitment = signed_record(
+        _reply(COMMITMENT_KEY, compared.exchange.train.commitment), COMMITMENT_KEY
+    )
+    for _ in range(2):
+        records.commitment(3, ueid, commitment)
+    records.scorecard(3, ueid, compared.exchange.evaluate.scorecard)
+    assert [kind for kind, _ in logged] == ["heldout_committed", "scorecard_logged"]
+    assert logged[0][1]["commitment"] == json.loads(compared.exchange.train.commitment)
+    assert logged[1][1]["scorecard"] == json.loads(compared.exchange.evaluate.scorecard)
+
+
+@pytest.mark.parametrize("case", ["other tee", "other run", "garbage"])
+def test_the_serverapp_does_not_log_a_record_that_is_not_this_nodes(
+    compared: Compared, case: str
+) -> None:
+    logged: list[str] = []
+    run = RUN_ID + 1 if case == "other run" else RUN_ID
+    records = ComparisonRecords(compared.spec, run, lambda kind, **f: logged.append(kind.kind))
+    ueid = "someone-else" if case == "other tee" else compared.node.require_sandbox().ueid
+    card = b"{}" if case == "garbage" else compared.exchange.evaluate.scorecard
+    records.scorecard(3, ueid, card)
+    if case != "other run":
+        records.commitment(
+            3, ueid, b"{}" if case == "garbage" else compared.exchange.train.commitment
+        )
+    assert logged == []
+
+
+def test_a_reply_record_of_the_wrong_shape_is_refused() -> None:
+    reply = RecordDict({SCORECARD_KEY: ConfigRecord({SIGNED_KEY: "text", "extra": 1})})
+    with pytest.raises(ScorecardError, match="must hold only"):
+        signed_record(reply, SCORECARD_KEY)
+    assert signed_record(_reply(METRICS_KEY, b""), SCORECARD_KEY) is None
+
+
+def test_a_commitment_needs_a_heldout_example() -> None:
+    with pytest.raises(ScorecardError):
+        Commitment(comparison=COMPARISON, ueid="u", root="0" * 64, count=0)
