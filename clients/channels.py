@@ -35,12 +35,19 @@ from clients.model import (
     Unsealed,
     certify_channel,
     model_package,
+    plaintext_dir,
     plaintext_files,
     unseal,
 )
 from sandbox import events
-from sandbox.channel import DOWNLINK, UPLINK, ChannelContext, manifest_digest
-from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED, NodeConfig, RunSpec
+from sandbox.channel import (
+    DOWNLINK,
+    LOCAL_MODEL_DIGEST,
+    UPLINK,
+    ChannelContext,
+    manifest_digest,
+)
+from sandbox.config import LOCAL_MODEL, PROTECTION_OFF, PROTECTION_SEALED, NodeConfig, RunSpec
 from sandbox.errors import AggregatorRefused, ConfigError
 from sandbox.events import Key
 from sandbox.journal import append_journal
@@ -115,6 +122,21 @@ def sealed_source(node: NodeConfig, spec: RunSpec | None = None) -> ModelSource:
     stat = package.path.stat()
     key = ("sealed", str(package.path), stat.st_mtime_ns, stat.st_size, package.manifest_sha256)
     return ModelSource(key, lambda: unseal(node, package))
+
+
+def local_source(node: NodeConfig) -> ModelSource:
+    """The operator's own model (``[node.sandbox] local-model``), for a comparison's
+    local-model run: a plain folder read into the sandbox's memory, never sent anywhere.
+    A changed folder (its modification time) is read again."""
+    folder = node.require_sandbox().local_model
+    if folder is None or not folder.is_dir():
+        raise ConfigError(
+            "a local-model run needs the operator's own model folder",
+            path=node.source,
+            key="node.sandbox.local-model",
+        )
+    key = ("local", str(folder), folder.stat().st_mtime_ns)
+    return ModelSource(key, lambda: plaintext_dir(folder, LOCAL_MODEL))
 
 
 class UpdateChannel(ABC):
@@ -199,9 +221,15 @@ class SealedChannel(UpdateChannel):
     channels: Channels
     spec: RunSpec | None = None
 
+    @property
+    def _local(self) -> bool:
+        """Whether this is a comparison's local-model run (the operator's own model)."""
+        return self.spec is not None and self.spec.model_id == LOCAL_MODEL
+
     def _manifest(self) -> dict[str, Any]:
-        """The verified manifest of the run's model's package."""
-        model_id = self.spec.model_id if self.spec is not None else ""
+        """The verified manifest of the run's model's package (of the node's own package
+        in a local-model run, whose model has none)."""
+        model_id = self.spec.model_id if self.spec is not None and not self._local else ""
         return model_package(self.node, model_id).manifest()
 
     def hello(self, ids: RunIds) -> Hello:
@@ -215,6 +243,8 @@ class SealedChannel(UpdateChannel):
         return Hello(record, channel.key.suite)
 
     def model_source(self, spec: RunSpec) -> ModelSource:
+        if spec.model_id == LOCAL_MODEL:
+            return local_source(self.node)
         return sealed_source(self.node, spec)
 
     def accept(self, content: RecordDict, ids: RunIds, stage: str, rnd: int) -> Accepted:
@@ -233,7 +263,7 @@ class SealedChannel(UpdateChannel):
             aggregator,
             ids.run_id,
             ids.node_id,
-            manifest_digest(self._manifest()),
+            LOCAL_MODEL_DIGEST if self._local else manifest_digest(self._manifest()),
         )
         accepted.adapter, accepted.ticket = open_global(
             channel, content, accepted.context(DOWNLINK)

@@ -283,15 +283,17 @@ def load_base_model(spec: RunSpec, node: NodeConfig) -> BaseModel:
 def plaintext_files(spec: RunSpec) -> Unsealed:
     """An unprotected node's model: the run's plaintext directory, read into memory and
     built by the same in-memory builder as a sealed package (so the overhead bench
-    compares like with like).
+    compares like with like)."""
+    return plaintext_dir(spec.model_path, spec.model_id)
 
-    It takes what a node takes from a package: the allowlisted plain files and the
-    ``*.safetensors`` weights; weights in other formats are not read.
-    """
-    files = [p for p in sorted(spec.model_path.iterdir()) if p.is_file() and p.name[0] != "."]
+
+def plaintext_dir(folder: Path, model_id: str) -> Unsealed:
+    """A plaintext model folder read into memory as a package is: the allowlisted plain
+    files and the ``*.safetensors`` weights; weights in other formats are not read."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name[0] != "."]
     weights = {p.name: p.read_bytes() for p in files if loads_as_weights(p.name)}
     plain = {p.name: p.read_bytes() for p in files if ships_plain(p.name)}
-    return Unsealed(plain, weights, spec.model_id, spec.model_path)
+    return Unsealed(plain, weights, model_id, folder)
 
 
 def load_node_model(spec: RunSpec, base: BaseModel) -> NodeModel:

@@ -21,6 +21,7 @@ HTTP API of ``clients/inference_api.py``); nothing of it leaves the node.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, MessageType, RecordDict
@@ -56,13 +57,13 @@ from clients.channels import (
 )
 from clients.data import Split, load_examples, split_examples
 from clients.egress import check_reply
-from clients.model import NodeModel, Unsealed, certify_signing, load_node_model
+from clients.model import NodeModel, Unsealed, certify_signing, load_node_model, model_package
 from clients.scoring import Scoring, sign_commitment_bytes, sign_scorecard_bytes
 from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
-from sandbox.config import NodeConfig, RunSpec
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
+from sandbox.config import LOCAL_MODEL, NodeConfig, RunSpec
 from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import (
     ConfigError,
@@ -70,6 +71,7 @@ from sandbox.errors import (
     InferenceUnavailable,
     KeyBrokerUnavailable,
     NoAdapterStored,
+    ProtocolError,
 )
 from sandbox.events import node as node_events
 from sandbox.journal import append_journal
@@ -86,6 +88,9 @@ from sandbox.protocol import (
     sealed_digest,
 )
 from sandbox.seal.package import MANIFEST
+
+if TYPE_CHECKING:
+    from sandbox.lora import Adapter
 
 log = logging.getLogger("ark.sandbox")
 # Seconds between attempts to reach an unreachable key broker at start.
@@ -135,9 +140,6 @@ class _Held:
     models: dict[tuple[Any, ...], NodeModel] = field(default_factory=dict)
     # The stored adapters, sealed under a key derived from this model's content key.
     store: AdapterStore | None = None
-    # The key this sandbox signs comparison records with while it holds this model,
-    # made in memory and certified against the attestation of this model's release.
-    signer: Ed25519PrivateKey | None = None
 
 
 @dataclass
@@ -230,6 +232,9 @@ class NodeSandbox:
         self._channels = threading.Lock()
         self._pending = False  # a preparation thread is waiting for the work lock
         self._scoring = Scoring(node)
+        # The key this sandbox signs comparison records with: made in memory on first use
+        # and certified by the key broker against this sandbox's attestation.
+        self._signing_key: Ed25519PrivateKey | None = None
         if node.threads:
             import torch
 
@@ -296,7 +301,10 @@ class NodeSandbox:
         shape = (spec.task, spec.labels, spec.lora, spec.mode, spec.model_id)
         model = held.models.get(shape)
         if model is None:
+            import torch
+
             held.models.clear()  # one built model at a time: memory stays one model's worth
+            torch.manual_seed(spec.seed)  # the fresh adapter (and head) as the run seeds them
             model = held.models[shape] = load_node_model(spec, held.unsealed.build(spec))
         return model
 
@@ -351,7 +359,12 @@ class NodeSandbox:
         channel = update_channel(spec, self.node, self.channels)
         accepted = channel.accept(request.content, request.ids, request.stage, request.round)
         loaded = self._model(spec, channel.model_source(spec))
-        load_adapter_state(loaded.model, accepted.adapter)
+        if spec.model_id == LOCAL_MODEL:
+            # The operator's own model starts from its fresh adapter: nothing comes in.
+            if accepted.adapter:
+                raise ProtocolError("a local-model run's instruction carries an adapter")
+        else:
+            load_adapter_state(loaded.model, accepted.adapter)
         self._keep(request, accepted)
         return accepted, loaded
 
@@ -394,22 +407,22 @@ class NodeSandbox:
             )
         return held.store
 
-    def _signer(self, held: _Held) -> Ed25519PrivateKey:
-        """The comparison signing key while ``held`` is in memory, certified by the key
-        broker on first use (a comparison needs an attested sandbox)."""
-        released = held.unsealed.released
-        if released is None:
+    def _signer(self) -> Ed25519PrivateKey:
+        """The comparison signing key, certified by the key broker on first use for the
+        node's own package's key id (a comparison needs an attested sandbox)."""
+        if self.node.unprotected:
             raise ConfigError(
                 f"node {self.node.name} is unprotected: it cannot sign a comparison's scorecards",
                 path=self.node.source,
                 key="node.unprotected",
             )
-        if held.signer is None:
+        if self._signing_key is None:
             key = Ed25519PrivateKey.generate()
-            certify_signing(self.node, released.key_id, key.public_key())
-            held.signer = key
-            log.info("scorecard signing key certified for model %s", released.model_id)
-        return held.signer
+            key_id = model_package(self.node).manifest()["key_id"]
+            certify_signing(self.node, key_id, key.public_key())
+            self._signing_key = key
+            log.info("scorecard signing key certified (key id %s)", key_id)
+        return self._signing_key
 
     def _held_now(self) -> _Held:
         if self._held is None:
@@ -439,6 +452,12 @@ class NodeSandbox:
         from sandbox.lora import adapter_state, is_trained
 
         spec = request.spec
+        if spec.model_id == LOCAL_MODEL:
+            # The operator's own model never yields an update: only its scorecard leaves.
+            raise ConfigError(
+                "a local-model run sends no update; only its final evaluation is answered",
+                key="model-id",
+            )
         with self._exchange(request, STAGE_TRAIN) as exchange:
             model, tokenizer, split = (
                 exchange.loaded.model,
@@ -501,7 +520,7 @@ class NodeSandbox:
             update_bytes=len(blob) if isinstance(blob, bytes) else 0,
         )
         commitment = self._scoring.commitment(request.spec, exchange.split)
-        signed = sign_commitment_bytes(self._signer(self._held_now()), commitment)
+        signed = sign_commitment_bytes(self._signer(), commitment)
         content[COMMITMENT_KEY] = ConfigRecord({SIGNED_KEY: signed})
         journal(
             self.node,
@@ -521,7 +540,11 @@ class NodeSandbox:
         from clients.training import evaluate
 
         spec = request.spec
+        if spec.model_id == LOCAL_MODEL and not spec.comparison:
+            raise ConfigError("a local-model run exists only in a comparison", key="model-id")
         with self._exchange(request, STAGE_EVALUATE) as exchange:
+            if spec.model_id == LOCAL_MODEL:
+                return self._score_local(exchange)
             loaded = exchange.loaded
             with exchange.working():
                 started = time.perf_counter()
@@ -539,28 +562,81 @@ class NodeSandbox:
             exchange.journal(self.node, events.Evaluate, metrics)
             return EvaluateResult(metrics, scorecard)
 
+    def _score_local(self, exchange: _Exchange) -> EvaluateResult:
+        """A comparison's local-model run: fine-tune the operator's own model here with
+        the run's whole budget (rounds x local steps), score it before and after on the
+        committed held-out set, and answer with the metrics and the signed scorecard
+        only. Its adapter stays in memory until the next run and goes nowhere."""
+        from clients.training import evaluate, train_local
+        from sandbox.lora import adapter_state, is_trained
+
+        request, loaded, split = exchange.request, exchange.loaded, exchange.split
+        spec = request.spec
+        budget = dataclasses.replace(spec, local_steps=spec.local_steps * spec.num_rounds)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        try:
+            with exchange.working():
+                before = evaluate(model, tokenizer, split.heldout, spec)
+                started = time.perf_counter()
+                train_local(model, tokenizer, split.train, budget, seed=spec.seed * 1000 + 1)
+                train_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                after = evaluate(model, tokenizer, split.heldout, spec)
+                eval_seconds = time.perf_counter() - started
+            adapter = {k: v for k, v in adapter_state(model).items() if is_trained(k, spec.mode)}
+        finally:
+            # The next local-model run starts again from the untrained model.
+            self._held_now().models.clear()
+        self._scoring.trained(
+            request.ids.run_id,
+            1,
+            before=before,
+            seconds=train_seconds,
+            steps=budget.local_steps,
+            update_bytes=0,
+        )
+        metrics = {NUM_EXAMPLES: float(len(split.heldout)), **_prefixed("before", after)}
+        content = RecordDict({METRICS_KEY: metric_record(metrics)})
+        folder = self._held_now().unsealed.source
+        scorecard = self._score(
+            exchange,
+            after,
+            eval_seconds,
+            content,
+            manifest_sha256=model_dir_digest(folder),
+            adapter=adapter,
+        )
+        self._egress(content, MessageType.EVALUATE, spec)
+        exchange.journal(self.node, events.Evaluate, metrics)
+        return EvaluateResult(metrics, scorecard)
+
     def _score(
         self,
         exchange: _Exchange,
         after: dict[str, float],
         eval_seconds: float,
         content: RecordDict,
+        *,
+        manifest_sha256: str | None = None,
+        adapter: Adapter | None = None,
     ) -> bytes:
         """Sign the run's scorecard of the model held now, for the final evaluation's
-        reply (it goes into ``content`` for the egress check)."""
+        reply (it goes into ``content`` for the egress check). A catalog model is named
+        by its package's manifest digest and the final global adapter; the local model
+        by its folder's weights digest and the adapter trained here."""
         request = exchange.request
         held = self._held_now()
         scorecard = self._scoring.scorecard(
             request.spec,
             request.ids.run_id,
             model_id=held.unsealed.model_id,
-            manifest_sha256=sha256_file(held.unsealed.source / MANIFEST)[0],
-            adapter=exchange.accepted.adapter,
+            manifest_sha256=manifest_sha256 or sha256_file(held.unsealed.source / MANIFEST)[0],
+            adapter=exchange.accepted.adapter if adapter is None else adapter,
             commitment=self._scoring.commitment(request.spec, exchange.split),
             after=after,
             eval_seconds=eval_seconds,
         )
-        signed = sign_scorecard_bytes(self._signer(held), scorecard)
+        signed = sign_scorecard_bytes(self._signer(), scorecard)
         content[SCORECARD_KEY] = ConfigRecord({SIGNED_KEY: signed})
         journal(
             self.node,

@@ -20,19 +20,19 @@ import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clients.data import Example, Split
 from sandbox.canonical import canonical_entry
+from sandbox.channel import adapter_bytes
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import ConfigError
 from sandbox.files import PRIVATE, create_new, read_regular
 from sandbox.localsocket import private_folder
-from sandbox.lora import Adapter, adapter_bytes
 from sandbox.scorecard import (
     SALT_BYTES,
     Commitment,
@@ -44,6 +44,9 @@ from sandbox.scorecard import (
     sign_commitment,
     sign_scorecard,
 )
+
+if TYPE_CHECKING:
+    from sandbox.lora import Adapter
 
 # The most runs whose tallies a sandbox keeps at once (the oldest go first).
 MAX_TALLIES = 64

@@ -35,13 +35,12 @@ from clients.sandbox import NodeSandbox, Request
 from clients.shuttle import (
     CHANNEL_OPTIONS,
     hello_reply,
-    tensors_bytes,
     tensors_record,
     unix_target,
 )
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, adapter_bytes
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import ConfigError, ProtocolError
 from sandbox.events import ClientappFailed
@@ -172,7 +171,7 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
                 reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
             update = result.records.get(UPDATE_KEY)
             if update is not None and not isinstance(update, ConfigRecord):
-                reply.plain_update = tensors_bytes(from_record(update))
+                reply.plain_update = adapter_bytes(from_record(update))
             return reply
 
         return self._serve(context, request.run, call)

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
+from sandbox.channel import adapter_bytes
 from sandbox.config import NodeConfig
 from sandbox.errors import SandboxRefused, SandboxUnavailable
 from sandbox.protocol import (
@@ -109,13 +109,8 @@ def instruction(msg: Message, context: Context, started: float) -> pb.Instructio
         request.sealed_global = _typed(sealed, SEALED_GLOBAL_KEY, bytes)
     arrays = content.array_records.get(GLOBAL_KEY)
     if arrays is not None:
-        request.plain_global = tensors_bytes(from_record(arrays))
+        request.plain_global = adapter_bytes(from_record(arrays))
     return request
-
-
-def tensors_bytes(tensors: Mapping[str, Any]) -> bytes:
-    """Named arrays as safetensors bytes (the unprotected path's only tensor format)."""
-    return save_tensors(dict(tensors))
 
 
 def tensors_record(blob: bytes) -> ArrayRecord:

@@ -61,6 +61,17 @@ def model_dir_digest(model_dir: Path) -> str:
     )
 
 
+def adapter_bytes(adapter: Mapping[str, np.ndarray]) -> bytes:
+    """Named arrays as safetensors bytes (no metadata): what a round's checkpoint holds,
+    so the SHA-256 of these bytes is the one the run's events name."""
+    return save_tensors({name: np.ascontiguousarray(value) for name, value in adapter.items()})
+
+
+# What envelopes of a comparison's local-model run bind as their base model: the node's
+# own model is one the provider never sees, so both ends bind this fixed value instead.
+LOCAL_MODEL_DIGEST = sha256_hex(b"ark/v1/local-model")
+
+
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
     """:func:`weights_digest` of a verified sealed-package manifest."""
     return weights_digest({entry["name"]: entry["sha256"] for entry in manifest["files"]})

@@ -34,6 +34,9 @@ MODES = (MODE_FEDAVG, MODE_FFA)
 PROTECTION_SEALED = "sealed"
 PROTECTION_OFF = "off"
 PROTECTIONS = (PROTECTION_SEALED, PROTECTION_OFF)
+# The model id a comparison's local-model run names (``ark compare run --with-local``):
+# each node fine-tunes its operator's own model there, and nothing of it leaves.
+LOCAL_MODEL = "local"
 MIN_FEDERATED_NODES = 2
 # The largest ``max-examples-per-update``: every count up to it is exact as a float64,
 # and no weighted sum of bounded float32 updates comes near float64's range.
@@ -552,6 +555,12 @@ class SandboxConfig:
     catalog: Path | None = field(default=None, metadata=_key("catalog", _OPTIONAL_FILE, quiet=True))
     catalog_keys: tuple[Path, ...] = field(
         default=(), metadata=_key("catalog-keys", _Paths(), quiet=True)
+    )
+    # The operator's own model: a plain Hugging Face folder that never leaves the node,
+    # the "1" of a comparison. A local-model run fine-tunes it here with the run's budget
+    # and sends only the signed scorecard.
+    local_model: Path | None = field(
+        default=None, metadata=_key("local-model", _OPTIONAL_FILE, quiet=True)
     )
 
     def __post_init__(self) -> None:

@@ -82,14 +82,6 @@ def adapter_state(model: Any) -> Adapter:
     return {name: t.detach().cpu().float().numpy().copy() for name, t in state.items()}
 
 
-def adapter_bytes(adapter: Mapping[str, np.ndarray]) -> bytes:
-    """``adapter`` as safetensors bytes (no metadata): what a round's checkpoint holds, so
-    the SHA-256 of these bytes is the one the run's events name."""
-    from safetensors.numpy import save
-
-    return save({name: np.ascontiguousarray(value) for name, value in adapter.items()})
-
-
 def load_adapter_state(model: Any, adapter: Mapping[str, np.ndarray]) -> None:
     """Load a full adapter into ``model``; every adapter tensor must be present."""
     from peft import set_peft_model_state_dict

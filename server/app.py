@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from sandbox import events
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN
-from sandbox.config import DEFAULT_EGRESS_METRICS, RunSpec
+from sandbox.config import DEFAULT_EGRESS_METRICS, LOCAL_MODEL, RunSpec
 from sandbox.errors import (
     AggregateInvalid,
     AttestationError,
@@ -181,8 +181,10 @@ class FederatedJob:
         now = dt.datetime.now(dt.UTC)
         self.events.emit(kind(time=now, run=self.run_id, job=self.spec.job_id, **fields))
 
-    def _call(self) -> RoundCall:
-        return RoundCall(self.grid, self.spec.round_timeout, clock=self.clock, sleep=self.sleep)
+    def _call(self, timeout: float | None = None) -> RoundCall:
+        return RoundCall(
+            self.grid, timeout or self.spec.round_timeout, clock=self.clock, sleep=self.sleep
+        )
 
     def _save(self, state: JobState, adapter: Adapter) -> str:
         """Checkpoint ``adapter`` and ``state`` with this run's ueid admissions, so that a
@@ -440,7 +442,10 @@ class FederatedJob:
     def evaluate(self, state: RoundState) -> None:
         """Stage: each node's held-out metrics of the final adapter; the job is finished."""
         rnd = state.round
-        for node_id, reply in self._call().replies(state.messages):
+        # A local-model run's one message trains for the run's whole budget on each node.
+        local = self.spec.model_id == LOCAL_MODEL
+        timeout = self.spec.round_timeout * ((self.spec.num_rounds + 1) if local else 1)
+        for node_id, reply in self._call(timeout).replies(state.messages):
             if reply.has_error():
                 reason = self._declined(node_id, reply, rnd)
                 log(WARNING, "[ark] evaluation on node %s failed: %s", node_id, reason)
@@ -473,7 +478,36 @@ class FederatedJob:
         for stage in self.evaluation_stages():
             stage(state)
 
+    def run_local(self) -> None:
+        """A comparison's local-model run (``model-id = "local"``): each admitted node
+        fine-tunes its operator's own model in its sandbox with the run's whole budget and
+        answers one evaluation instruction (carrying no adapter) with its held-out metrics
+        and signed scorecard. No adapter travels either way; nothing is aggregated."""
+        if not self.spec.comparison:
+            raise ConfigError("a local-model run exists only in a comparison", key="model-id")
+        job = JobState(fingerprint=self.spec.fingerprint(), round=0)
+        self._event(
+            events.RunStarted,
+            rounds=self.spec.num_rounds,
+            resumed_after_round=0,
+            protection=self.spec.protection,
+            model_id=self.spec.model_id,
+            min_nodes=self.spec.min_nodes,
+        )
+        log(INFO, "[ark] job %s: each node fine-tunes its own model", self.spec.job_id)
+        self.final_evaluation(job, {})
+        write_outputs(build_results(self.spec, job.history), self.out)
+        self._event(
+            events.RunFinished,
+            rounds=0,
+            adapter_sha256=self.store.adapter_digest(0),
+            metrics={Key.FINAL: job.history.held_out(0)},
+        )
+
     def run(self) -> None:
+        if self.spec.model_id == LOCAL_MODEL:
+            self.run_local()
+            return
         state, adapter = self.start()
         self._event(
             events.RunStarted,

@@ -21,8 +21,8 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 
 from sandbox import events
-from sandbox.channel import model_dir_digest
-from sandbox.config import PROTECTION_OFF, PROTECTION_SEALED, RunSpec
+from sandbox.channel import LOCAL_MODEL_DIGEST, model_dir_digest
+from sandbox.config import LOCAL_MODEL, PROTECTION_OFF, PROTECTION_SEALED, RunSpec
 from sandbox.digests import sha256_hex
 from sandbox.errors import ConfigError, UpdateRejected
 from sandbox.lora import Adapter
@@ -230,9 +230,12 @@ def _sealed(spec: RunSpec, run_id: int, sandbox: AggregatorSandbox | None) -> Up
                 "is empty; a sealed run needs the aggregator's identity directory",
                 key="aggregator-dir",
             )
-        sandbox = AggregatorSandbox.load(
-            spec.aggregator_dir, run_id=run_id, model_digest=model_dir_digest(spec.model_path)
+        digest = (
+            LOCAL_MODEL_DIGEST
+            if spec.model_id == LOCAL_MODEL
+            else model_dir_digest(spec.model_path)
         )
+        sandbox = AggregatorSandbox.load(spec.aggregator_dir, run_id=run_id, model_digest=digest)
     return SealedChannel(sandbox)
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from sandbox.channel import adapter_bytes
 from sandbox.digests import sha256_file
 from sandbox.errors import CheckpointError
 from sandbox.files import write_atomic
-from sandbox.lora import adapter_bytes
 from server.history import History
 
 STATE_FORMAT = "ark-checkpoint/1"

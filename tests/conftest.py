@@ -89,11 +89,16 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Saved as a plain ``BertModel`` so any label count loads; the classifier head is
     freshly initialised on every load, as with a real pretrained encoder.
     """
-    path = tmp_path_factory.mktemp("tiny-bert")
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
+
+
+def save_tiny_bert(path: Path, *, layers: int) -> Path:
+    """A 32-wide BERT encoder of ``layers`` layers (seeded, so the same each time) with the
+    embedded model's tokenizer, saved at ``path``."""
     config = transformers.BertConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,

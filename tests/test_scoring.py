@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
+from clients.channels import RunIds
 from clients.data import Example
 from clients.egress import check_reply
-from clients.sandbox import NodeSandbox, load_split
+from clients.sandbox import NodeSandbox, Request, load_split
 from clients.scoring import (
     RunTally,
     Scoring,
@@ -33,16 +35,23 @@ from clients.scoring import (
     sign_commitment_bytes,
     sign_scorecard_bytes,
 )
-from sandbox.config import NodeConfig, RunSpec
+from sandbox.channel import (
+    LOCAL_MODEL_DIGEST,
+    STAGE_EVALUATE,
+    STAGE_TRAIN,
+    adapter_bytes,
+    model_dir_digest,
+)
+from sandbox.config import LOCAL_MODEL, NodeConfig, RunSpec
 from sandbox.digests import sha256_file, sha256_hex
-from sandbox.errors import ConfigError, EgressViolation, ScorecardError
+from sandbox.errors import ConfigError, EgressViolation, ProtocolError, ScorecardError
 from sandbox.journal import read_journal
-from sandbox.lora import adapter_bytes
 from sandbox.ops.federation import free_port
 from sandbox.ops.provision import LoopbackDeployment, provision_loopback
 from sandbox.protocol import COMMITMENT_KEY, METRICS_KEY, SCORECARD_KEY, SIGNED_KEY
 from sandbox.scorecard import Commitment, open_commitment, open_scorecard
 from sandbox.seal.package import MANIFEST
+from server.sandbox import AggregatorSandbox
 from server.scoring import ComparisonRecords, signed_record
 from tests.conftest import make_spec
 from tests.sealed_run import SealedExchange, drive_sealed_exchange, key_broker
@@ -362,3 +371,92 @@ def test_a_reply_record_of_the_wrong_shape_is_refused() -> None:
 def test_a_commitment_needs_a_heldout_example() -> None:
     with pytest.raises(ScorecardError):
         Commitment(comparison=COMPARISON, ueid="u", root="0" * 64, count=0)
+
+
+# -- the node's own model (the "1") -----------------------------------------------------
+
+
+@dataclass
+class LocalRun:
+    """A node with a model of its own, driven through a comparison's local-model run."""
+
+    node: NodeConfig
+    own: Path
+    aggregator: AggregatorSandbox
+    sandbox: NodeSandbox
+    ids: RunIds
+    peer: Any
+
+
+@pytest.fixture
+def local_run(compared: Compared, tiny_bert_dir: Path) -> Iterator[LocalRun]:
+    node = dataclasses.replace(
+        compared.node,
+        sandbox=dataclasses.replace(compared.node.require_sandbox(), local_model=tiny_bert_dir),
+    )
+    spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
+    with key_broker(compared.deployment):
+        sandbox = NodeSandbox(node)
+        sandbox.start()
+        aggregator = AggregatorSandbox.load(
+            compared.deployment.provider.aggregator,
+            run_id=RUN_ID + 5,
+            model_digest=LOCAL_MODEL_DIGEST,
+        )
+        ids = RunIds(run_id=RUN_ID + 5, node_id=3)
+        peer = aggregator.admit(ids.node_id, sandbox.hello(ids, 0, spec).record)
+        yield LocalRun(node, tiny_bert_dir, aggregator, sandbox, ids, peer)
+
+
+def _local_request(run: LocalRun, compared: Compared, stage: str, adapter: Any) -> Request:
+    spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
+    content = run.aggregator.instruction(run.peer, 0, adapter, stage)
+    return Request(run.ids, 0, stage, spec, content)
+
+
+def test_a_node_scores_its_own_model_and_sends_nothing_of_it(
+    compared: Compared, local_run: LocalRun
+) -> None:
+    result = local_run.sandbox.evaluate(_local_request(local_run, compared, STAGE_EVALUATE, {}))
+    card, _ = open_scorecard(result.scorecard)
+    commitment, _ = open_commitment(compared.exchange.train.commitment)
+    assert card.model_id == LOCAL_MODEL
+    assert card.manifest_sha256 == model_dir_digest(local_run.own)
+    assert (card.heldout_root, card.heldout_count) == (commitment.root, commitment.count)
+    assert card.cost.update_bytes_per_round == 0
+    assert card.cost.adapter_bytes > 0
+    assert set(card.before) == set(card.after) == {"accuracy", "macro_f1"}
+    # Only the metrics and the scorecard leave: the metrics are the local model's after.
+    assert result.metrics == {
+        "num-examples": float(card.heldout_count),
+        **{f"before-{name}": value for name, value in card.after.items()},
+    }
+
+
+def test_a_local_model_run_never_yields_an_update(compared: Compared, local_run: LocalRun) -> None:
+    """A provider that asks a node to train its own model, or sends it an adapter to
+    evaluate, is refused before anything is trained."""
+    with pytest.raises(ConfigError, match="sends no update"):
+        local_run.sandbox.train(_local_request(local_run, compared, STAGE_TRAIN, {}))
+    initial = compared.exchange.final
+    with pytest.raises(ProtocolError, match="carries an adapter"):
+        local_run.sandbox.evaluate(_local_request(local_run, compared, STAGE_EVALUATE, initial))
+
+
+def test_a_node_without_a_model_of_its_own_declines(compared: Compared) -> None:
+    spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
+    with key_broker(compared.deployment):
+        sandbox = NodeSandbox(compared.node)
+        sandbox.start()
+        aggregator = AggregatorSandbox.load(
+            compared.deployment.provider.aggregator,
+            run_id=RUN_ID + 6,
+            model_digest=LOCAL_MODEL_DIGEST,
+        )
+        ids = RunIds(run_id=RUN_ID + 6, node_id=3)
+        peer = aggregator.admit(ids.node_id, sandbox.hello(ids, 0, spec).record)
+        request = Request(
+            ids, 0, STAGE_EVALUATE, spec, aggregator.instruction(peer, 0, {}, STAGE_EVALUATE)
+        )
+        with pytest.raises(ConfigError, match="local-model"):
+            sandbox.evaluate(request)

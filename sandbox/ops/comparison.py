@@ -128,11 +128,13 @@ class CandidateModel:
 
     model_id: str
     manifest_sha256: str
-    architecture: str
-    layers: int
-    hidden_size: int
-    parameters: int
-    licence: str
+    # What the catalog says of the model; null for a local model (the node's own, which
+    # the provider's comparison does not describe).
+    architecture: str | None
+    layers: int | None
+    hidden_size: int | None
+    parameters: int | None
+    licence: str | None
     price: Price | None
     job: str
     run: int
@@ -220,6 +222,15 @@ class Comparison:
     models: tuple[CandidateModel, ...]
     nodes: tuple[NodeInfo, ...]
     scorecards: tuple[ScoreEntry, ...]
+    # (model id, node name) pairs with no valid scorecard: the node declined or failed,
+    # or its scorecard did not verify. Such a model is not recommended.
+    missing: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def incomplete(self) -> tuple[str, ...]:
+        """The models some node has no scorecard of (in the file's order)."""
+        lacking = {model_id for model_id, _ in self.missing}
+        return tuple(m.model_id for m in self.models if m.model_id in lacking)
 
     @property
     def higher_is_better(self) -> bool:
@@ -324,12 +335,14 @@ class _Reader:
             raise self.invalid(key, str(exc)) from exc
         return value
 
-    def integer(self, value: Any, key: str, minimum: int = 0) -> int:
+    def integer(
+        self, value: Any, key: str, minimum: int = 0, maximum: int | float = MAX_NUMBER
+    ) -> int:
         # bool is an int subclass, but ``true`` is no count.
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.invalid(key, f"expected an integer, not {_json_type(value)}")
-        if not minimum <= value <= MAX_NUMBER:
-            raise self.invalid(key, f"{value} is outside [{minimum}, {MAX_NUMBER:.0e}]")
+        if not minimum <= value <= maximum:
+            raise self.invalid(key, f"{value} is outside [{minimum}, {maximum:.0e}]")
         return value
 
     def number(self, value: Any, key: str, *, signed: bool = False) -> float:
@@ -366,7 +379,7 @@ class _Reader:
             document,
             "",
             ("format", "comparison", "task", "metric", "rule", "models", "nodes", "scorecards"),
-            ("budget",),
+            ("budget", "missing"),
         )
         if top["format"] != COMPARISON_FORMAT:
             raise self.invalid("format", f"expected {COMPARISON_FORMAT!r}")
@@ -394,6 +407,14 @@ class _Reader:
             models=models,
             nodes=nodes,
             scorecards=scorecards,
+            missing=tuple(
+                self.missing_pair(item, _at("missing", i))
+                for i, item in enumerate(
+                    self.items(top["missing"], "missing", MAX_MODELS * MAX_NODES)
+                    if top.get("missing")
+                    else []
+                )
+            ),
         )
         self.check_together(comparison)
         return comparison
@@ -450,17 +471,24 @@ class _Reader:
         digest = self.text(model["manifest_sha256"], _at(key, "manifest_sha256"))
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise self.invalid(_at(key, "manifest_sha256"), "expected 64 lowercase hex digits")
+
+        def described(name: str, read: Any) -> Any:
+            if local and model[name] is None:
+                return None
+            return read(model[name], _at(key, name))
+
         return CandidateModel(
             model_id=self.text(model["model_id"], _at(key, "model_id")),
             manifest_sha256=digest,
-            architecture=self.text(model["architecture"], _at(key, "architecture")),
-            layers=self.integer(model["layers"], _at(key, "layers"), 1),
-            hidden_size=self.integer(model["hidden_size"], _at(key, "hidden_size"), 1),
-            parameters=self.integer(model["parameters"], _at(key, "parameters"), 1),
-            licence=self.text(model["licence"], _at(key, "licence")),
+            architecture=described("architecture", self.text),
+            layers=described("layers", lambda v, k: self.integer(v, k, 1)),
+            hidden_size=described("hidden_size", lambda v, k: self.integer(v, k, 1)),
+            parameters=described("parameters", lambda v, k: self.integer(v, k, 1)),
+            licence=described("licence", self.text),
             price=None if local else self.price(model["price"], price_key),
             job=self.text(model["job"], _at(key, "job")),
-            run=self.integer(model["run"], _at(key, "run")),
+            # A Flower run id: an unsigned 64-bit integer.
+            run=self.integer(model["run"], _at(key, "run"), maximum=2**64 - 1),
             local=local,
         )
 
@@ -504,6 +532,13 @@ class _Reader:
             ),
         )
 
+    def missing_pair(self, value: Any, key: str) -> tuple[str, str]:
+        pair = self.fields(value, key, ("model_id", "node"))
+        return (
+            self.text(pair["model_id"], _at(key, "model_id")),
+            self.text(pair["node"], _at(key, "node")),
+        )
+
     def check_together(self, c: Comparison) -> None:
         """What no single value shows: unique ids, one currency, and complete scorecards."""
         seen: set[str] = set()
@@ -540,6 +575,13 @@ class _Reader:
                     key, f"a second scorecard of model {card.model_id!r} from node {card.node!r}"
                 )
             scored[card.model_id].append(card.node)
+        missing = set(c.missing)
+        for i, (model_id, name) in enumerate(c.missing):
+            key = f"missing[{i}]"
+            if model_id not in scored or name not in node_names:
+                raise self.invalid(key, f"names an unknown model or node: {model_id!r}, {name!r}")
+            if name in scored[model_id]:
+                raise self.invalid(key, f"model {model_id!r} from node {name!r} has a scorecard")
         for model in c.models:
             nodes = scored[model.model_id]
             if model.local and len(nodes) != 1:
@@ -550,7 +592,7 @@ class _Reader:
                 )
             if not model.local:
                 for node in c.nodes:
-                    if node.name not in nodes:
+                    if node.name not in nodes and (model.model_id, node.name) not in missing:
                         raise self.invalid(
                             "scorecards",
                             f"no scorecard of model {model.model_id!r} from node {node.name!r}",
@@ -688,16 +730,22 @@ class Recommendation:
     rule: str
     reason: str
     excluded: tuple[str, ...]
+    # Models left out because some node has no scorecard of them.
+    incomplete: tuple[str, ...] = ()
 
 
 def recommend(c: Comparison) -> Recommendation:
     """The model :attr:`Comparison.rule` picks; see :meth:`Rule.describe` for the rule."""
     summary = summarize(c)
     rule = c.rule.describe(c.metric, c.currency)
-    qualifying = [m for m in c.models if c.rule.admits(m)]
+    incomplete = c.incomplete
+    qualifying = [m for m in c.models if c.rule.admits(m) and m.model_id not in incomplete]
     excluded = tuple(m.model_id for m in c.models if not c.rule.admits(m))
     if not qualifying:
-        return Recommendation(None, rule, "no model is within the price limit", excluded)
+        why = "no model is within the price limit"
+        if incomplete:
+            why += " among those every node scored"
+        return Recommendation(None, rule, why, excluded, incomplete)
     sign = 1.0 if c.higher_is_better else -1.0
     best = max(sign * summary.row(m.model_id).after for m in qualifying)
     tied = [m for m in qualifying if sign * summary.row(m.model_id).after >= best - TIE_TOLERANCE]
@@ -718,7 +766,7 @@ def recommend(c: Comparison) -> Recommendation:
     if len(tied) > 1:
         others = ", ".join(repr(m.model_id) for m in tied if m is not chosen)
         reason += f"; tied on {c.metric} with {others}"
-    return Recommendation(chosen.model_id, rule, reason, excluded)
+    return Recommendation(chosen.model_id, rule, reason, excluded, incomplete)
 
 
 # --- Formatting ---------------------------------------------------------------------------
@@ -790,11 +838,18 @@ def notes(c: Comparison) -> list[str]:
             "(rounds × local steps × batch size of this comparison's budget, counted with "
             "repetition) / 1000; overall, summed over the nodes that trained the model."
         )
+    lacking = [
+        f"No scorecard of {model_id} from node {node}: it is not recommended (scored on "
+        "fewer nodes than the others), and `ark audit verify` fails the comparison "
+        "(exit 38) if the log shows the node committed to its held-out set."
+        for model_id, node in c.missing
+    ]
     return [
         cost,
         "A local model has no price and is scored on its own node only, so its overall "
         "figures are that node's.",
         "Gain is the change in the metric in its better direction: positive is better.",
+        *lacking,
     ]
 
 

@@ -211,6 +211,35 @@ class PartyCommands:
             timeout=timeout + 60,
         )
 
+    def compare(
+        self,
+        catalog: Path,
+        run_config: Path,
+        *,
+        comparison: str,
+        timeout: float,
+        models: int,
+        with_local: bool = False,
+    ) -> str:
+        """``ark compare run`` on the provider's host: one job per catalog model (and,
+        ``with_local``, one for each node's own model), each followed to its end, then the
+        comparison's report."""
+        return self.ark(
+            self.topology.provider,
+            "compare",
+            "run",
+            str(catalog),
+            str(run_config),
+            "--workdir",
+            str(self.provider_dir),
+            "--comparison",
+            comparison,
+            "--timeout",
+            str(timeout),
+            *(["--with-local"] if with_local else []),
+            timeout=(models + with_local) * (timeout + 60),
+        )
+
     # -- stopping ----------------------------------------------------------------------
     def stop_node(self, name: str) -> None:
         self.ark(

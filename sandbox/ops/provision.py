@@ -601,12 +601,14 @@ def init_node(
     threads: int = 0,
     catalog: Path | None = None,
     catalog_keys: Sequence[Path] = (),
+    local_model: Path | None = None,
 ) -> Path:
     """Create a node's stub attestation identity and its ``node.toml``; return that path.
 
     ``catalog`` is a provider's catalog folder the node may take models from, once its
     operator trusts the catalog's key: ``catalog_keys`` here, or ``ark node
-    trust-catalog`` later (:func:`trust_catalog_key`)."""
+    trust-catalog`` later (:func:`trust_catalog_key`). ``local_model`` is the
+    operator's own model folder, which a comparison may score beside the catalog's."""
     root = root.resolve()
     config_path = root / "node.toml"
     if config_path.exists():
@@ -658,6 +660,7 @@ def init_node(
             aggregator_policy=root / "aggregator-policy.toml",
             trusted_roots=roots,
             catalog=None if catalog is None else catalog.resolve(),
+            local_model=None if local_model is None else local_model.resolve(),
         ),
     )
     config_path.write_text(node.to_toml(), encoding="utf-8")
@@ -723,6 +726,8 @@ class LoopbackDeployment:
     model_id: str
     node_configs: dict[str, Path]
     key_broker: str
+    # The provider's signed catalog folder, when it published one.
+    catalog: Path | None = None
 
     def auth_key(self, name: str) -> Path:
         """The private key a node's SuperNode authenticates to the SuperLink with."""
@@ -765,12 +770,19 @@ def provision_loopback(
     model_id: str = "base-model",
     threads: int = 0,
     provider_host: str = "localhost",
+    catalog: Callable[[ProviderWorkspace, Path], Path] | None = None,
+    local_models: dict[str, Path] | None = None,
 ) -> LoopbackDeployment:
-    """Everything ``ark provider init|seal|allow-node`` and ``ark node init`` do, for a demo.
+    """Everything ``ark provider init|seal|allow-node|catalog`` and ``ark node init`` do,
+    for a demo.
 
     The provider seals ``model_dir`` into ``root/distribution``, the folder standing in
     for however the sealed package reaches the nodes; each node then attests for its key,
-    at ``provider_host`` (loopback, or the provider's test host).
+    at ``provider_host`` (loopback, or the provider's test host). With ``catalog`` (which
+    seals models into a folder and signs their catalog there), the provider also
+    publishes a catalog into ``root/distribution/catalog``, and each node's operator
+    trusts the provider's signing key for catalogs. ``local_models`` names the own
+    model folder of the nodes that keep one.
     """
     manufacturer = root / "dev-manufacturer"
     load_or_create_manufacturer(manufacturer)
@@ -780,6 +792,10 @@ def provision_loopback(
     init_aggregator(ws, manufacturer)
     package = root / "distribution" / model_id
     seal_model(ws, model_dir, package, model_id=model_id)
+    folder = None
+    if catalog is not None:
+        folder = root / "distribution" / "catalog"
+        catalog(ws, folder)
     address = f"{provider_host}:{key_broker_port}"
     configs: dict[str, Path] = {}
     for name, data in node_data.items():
@@ -792,8 +808,11 @@ def provision_loopback(
             key_broker=address,
             package=package,
             threads=threads,
+            catalog=folder,
+            catalog_keys=() if folder is None else (ws.public / "signing.pub",),
+            local_model=(local_models or {}).get(name),
         )
         sandbox = NodeConfig.load(configs[name]).sandbox
         assert sandbox is not None  # init_node always writes one
         allow_node(ws, sandbox.ueid)
-    return LoopbackDeployment(ws, package, model_id, configs, address)
+    return LoopbackDeployment(ws, package, model_id, configs, address, folder)

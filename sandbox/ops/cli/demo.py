@@ -35,9 +35,11 @@ from sandbox.ops.cli.base import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sandbox.ops.deployment import PartyCommands
     from sandbox.ops.netns import Topology
-    from sandbox.ops.provision import LoopbackDeployment
+    from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace
 
 DEMO_START_SECONDS = 300.0
 # Held-out tickets per node the demo classifies through the node's inference API.
@@ -121,10 +123,19 @@ def demo(
             "this machine allows it, else loopback)."
         ),
     ] = "auto",
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Compare the default catalog's three models (MiniLM-L6, -L3, -L1) on the "
+            "same federation instead of fine-tuning one: scorecards, report, recommendation.",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole federated LoRA job: each party's own commands (ark provider start,
     ark node start, ark provider submit, the auditor's, the nodes' inference), each on
-    its own test host."""
+    its own test host. With --compare, the provider's catalog models one after another
+    (ark compare run), and the nodes use the recommended one."""
     started = time.monotonic()
     temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="ark-demo-"))
     root = (workdir or temp or Path()).resolve()
@@ -145,23 +156,30 @@ def demo(
                     round_timeout,
                     hosts,
                     stage,
+                    compare=compare,
                 )
-                results = _run_demo(stage, spec, deployment)
+                if compare:
+                    folder = _run_comparison(stage, spec, deployment)
+                else:
+                    results = _run_demo(stage, spec, deployment)
             finally:
                 stage.close()
         if stage.leftovers:
             err_console.print(f"[yellow]warning:[/] processes still alive: {stage.leftovers}")
-        _print_verdict(results, time.monotonic() - started)
-        if temp is None:
-            assert spec.output_dir is not None  # set by _prepare_demo
-            console.print(
-                f"results: {spec.output_dir / 'results.json'}\n"
-                f"plot:    {spec.output_dir / 'metrics.png'}\n"
-                f"adapter: {spec.output_dir / 'adapter'} (stock PEFT format)\n"
-                f"audit:   {root / 'audit-report.html'} (ark audit report)"
-            )
+        if compare:
+            _print_comparison_verdict(folder, time.monotonic() - started, kept=temp is None)
         else:
-            console.print("temporary workspace removed; pass --workdir DIR to keep the outputs")
+            _print_verdict(results, time.monotonic() - started)
+            if temp is None:
+                assert spec.output_dir is not None  # set by _prepare_demo
+                console.print(
+                    f"results: {spec.output_dir / 'results.json'}\n"
+                    f"plot:    {spec.output_dir / 'metrics.png'}\n"
+                    f"adapter: {spec.output_dir / 'adapter'} (stock PEFT format)\n"
+                    f"audit:   {root / 'audit-report.html'} (ark audit report)"
+                )
+            else:
+                console.print("temporary workspace removed; pass --workdir DIR to keep the outputs")
     except KeyboardInterrupt:
         if stage.leftovers:
             err_console.print(f"[red]interrupted:[/] processes still alive: {stage.leftovers}")
@@ -211,6 +229,8 @@ def _prepare_demo(
     round_timeout: float,
     hosts: str,
     stage: _Stage,
+    *,
+    compare: bool = False,
 ) -> tuple[RunSpec, LoopbackDeployment]:
     """Validate every input, make the test hosts (``stage.topology``), then lay out the
     provider's and the nodes' workspaces and the run config."""
@@ -228,6 +248,8 @@ def _prepare_demo(
         raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
     if port is not None and not 0 < port < 65536:
         raise ArkError(f"--port {port} is not a TCP port")
+    if compare and (model is not None or task != TASK_CLASSIFICATION):
+        raise ArkError("--compare compares the default catalog's models: no --model, no --task")
     info = inspect_model_dir((model or default_model_dir()).resolve(), task)
     root.mkdir(parents=True, exist_ok=True)
     sources = _collect_data(data_dir, nodes, root / "generated-data", task)
@@ -278,6 +300,7 @@ def _prepare_demo(
         model_id=info.path.name if model else "all-MiniLM-L6-v2",
         threads=1,
         provider_host=addresses.host,
+        catalog=None if not compare else _default_catalog(root),
     )
     stage.commands = PartyCommands(
         topology, deployment.provider.root, deployment.node_configs, addresses, say=plain
@@ -299,6 +322,18 @@ def _prepare_demo(
     )
     console.print(f"workspace: {root}")
     return spec, deployment
+
+
+def _default_catalog(root: Path) -> Callable[[ProviderWorkspace, Path], Path]:
+    """How the demo's provider publishes its catalog: the default models, built once
+    under ``root/catalog-models`` from the installed MiniLM, sealed and signed."""
+    from sandbox.ops.catalog_models import publish_default_catalog
+
+    def publish(ws: ProviderWorkspace, folder: Path) -> Path:
+        console.print(f"provider builds and seals its catalog (MiniLM-L6, -L3, -L1) into {folder}")
+        return publish_default_catalog(ws, folder, root / "catalog-models")
+
+    return publish
 
 
 # What a demo run provisions afresh; earlier jobs under provider/jobs are kept.
@@ -343,22 +378,14 @@ def _reset_provisioning(root: Path) -> None:
             path.unlink()
 
 
-def _run_demo(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> dict[str, Any]:
-    """Each party's commands on its host: the provider starts its services and registers
-    the nodes' keys, the nodes start, the provider submits the job and follows it, the
-    auditor checks the log, each node classifies a few of its own tickets; then every
-    party stops its side. Returns the job's named results."""
+def _start_parties(stage: _Stage, deployment: LoopbackDeployment) -> PartyCommands:
+    """The nodes approve the app, the provider starts its services and registers the
+    nodes' keys, and every node starts, each with its own commands on its own host."""
     from sandbox.ops.apps import approve_app_dir, project_root
-    from sandbox.ops.federation import write_run_config
-    from server.results import RESULTS_FILE, plot_metrics, render_table
 
-    assert spec.output_dir is not None
     assert stage.commands is not None
     cmds = stage.commands
     node_files = deployment.node_configs
-    out_dir = spec.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
     # A demo starts from a clean SuperLink state: no runs left pending by an earlier one.
     database = deployment.provider.root / "superlink.db"
     for stale in database.parent.glob(f"{database.name}*"):
@@ -371,6 +398,23 @@ def _run_demo(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> d
     cmds.start_provider()
     cmds.register_nodes()
     cmds.start_nodes()
+    return cmds
+
+
+def _run_demo(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> dict[str, Any]:
+    """Each party's commands on its host: the provider starts its services and registers
+    the nodes' keys, the nodes start, the provider submits the job and follows it, the
+    auditor checks the log, each node classifies a few of its own tickets; then every
+    party stops its side. Returns the job's named results."""
+    from sandbox.ops.federation import write_run_config
+    from server.results import RESULTS_FILE, plot_metrics, render_table
+
+    assert spec.output_dir is not None
+    node_files = deployment.node_configs
+    out_dir = spec.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = write_run_config(out_dir / "run-config.toml", spec.to_run_config())
+    cmds = _start_parties(stage, deployment)
     budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
     cmds.submit(run_config, timeout=budget)
     _audit_demo(cmds, deployment)
@@ -385,6 +429,70 @@ def _run_demo(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> d
     if inference is not None:
         console.print(inference)
     return results
+
+
+def _run_comparison(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment) -> Path:
+    """As :func:`_run_demo`, but the provider runs ``ark compare run`` over its catalog:
+    one job per model on the same federation. Then the auditor checks the log (every
+    scorecard), and each node classifies a few of its tickets with the model the
+    comparison recommends. Returns the comparison's folder."""
+    from sandbox.ops.comparison import load_comparison, recommend
+    from sandbox.ops.comparison_job import comparison_dir
+    from sandbox.ops.federation import write_run_config
+
+    assert deployment.catalog is not None
+    comparison = "cmp-" + spec.job_id.removeprefix("demo-")
+    folder = comparison_dir(deployment.provider.root, comparison)
+    folder.mkdir(parents=True, exist_ok=True)
+    run_config = write_run_config(folder / "base-run-config.toml", spec.to_run_config())
+    cmds = _start_parties(stage, deployment)
+    models = len(json.loads((deployment.catalog / "catalog.json").read_bytes())["models"])
+    budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
+    cmds.compare(
+        deployment.catalog, run_config, comparison=comparison, timeout=budget, models=models
+    )
+    _audit_demo(cmds, deployment)
+    result = load_comparison(folder)
+    chosen = recommend(result).model_id
+    runs = {m.model_id: m.run for m in result.models}
+    inference = None
+    if chosen is not None:
+        console.print(f"each node now uses the recommended model, {chosen} (run {runs[chosen]})")
+        inference = _inference_table(cmds, spec, deployment, run_id=runs[chosen])
+    stage.close()
+    if inference is not None:
+        console.print(inference)
+    return folder
+
+
+def _print_comparison_verdict(folder: Path, elapsed: float, *, kept: bool) -> None:
+    """The comparison's tables, notes and recommendation, and where its report is."""
+    from sandbox.ops.comparison import load_comparison, notes, recommend, render_tables
+
+    result = load_comparison(folder)
+    for table in render_tables(result):
+        console.print(table)
+    for note in notes(result):
+        plain(note)
+    advice = recommend(result)
+    pairs = [(c.model_id, c.node) for c in result.scorecards]
+    plain(
+        f"compared {len(result.models)} models on {len(result.nodes)} nodes: "
+        f"{len(pairs)} signed scorecards, audit passed · {elapsed:.0f}s wall time"
+    )
+    if advice.model_id is None:
+        plain(f"No model recommended: {advice.reason}.")
+    else:
+        plain(f"Recommended: {advice.model_id} ({advice.reason}).")
+    plain(advice.rule)
+    if kept:
+        console.print(
+            f"report: {folder / 'comparison.html'}\n"
+            f"plot:   {folder / 'comparison.png'}\n"
+            f"data:   {folder / 'comparison.json'} (ark compare results {folder})"
+        )
+    else:
+        console.print("temporary workspace removed; pass --workdir DIR to keep the report")
 
 
 def _audit_demo(cmds: PartyCommands, deployment: LoopbackDeployment) -> None:
@@ -422,7 +530,7 @@ def _audit_demo(cmds: PartyCommands, deployment: LoopbackDeployment) -> None:
 
 
 def _inference_table(
-    cmds: PartyCommands, spec: RunSpec, deployment: LoopbackDeployment
+    cmds: PartyCommands, spec: RunSpec, deployment: LoopbackDeployment, *, run_id: int | None = None
 ) -> Table | None:
     """What each node's operator can do next: classify a few of its own held-out tickets
     with the run's adapters, inside its own sandbox (`ark node infer` on its host, through
@@ -454,6 +562,7 @@ def _inference_table(
                 str(config),
                 "--adapter",
                 adapter,
+                *(() if run_id is None else ("--run-id", str(run_id))),
                 "--json",
                 relay=False,
             )

@@ -63,6 +63,13 @@ def node_init(
             help="A provider's signed model catalog folder; trust its key with trust-catalog."
         ),
     ] = None,
+    local_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own model (a plain Hugging Face folder) that a comparison may "
+            "fine-tune and score here beside the catalog's; it never leaves this node."
+        ),
+    ] = None,
 ) -> None:
     """Create the node's stub attestation identity and node.toml."""
     from sandbox.config import NodeConfig
@@ -78,6 +85,7 @@ def node_init(
             key_broker=key_broker,
             package=package,
             catalog=catalog,
+            local_model=local_model,
         )
         node = NodeConfig.load(path)
     except ArkError as exc:

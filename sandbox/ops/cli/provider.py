@@ -632,8 +632,20 @@ class JobProgress:
                     f"round {rnd}: update from node {self.node(event)} rejected "
                     f"({event.get('reason')})"
                 )
+            elif kind == "heldout_committed":
+                root = _body(event.get("commitment")).get("root", "?")
+                plain(f"node {self.node(event)} committed to its held-out set ({str(root)[:16]}…)")
+            elif kind == "scorecard_logged":
+                model = _body(event.get("scorecard")).get("model_id", "?")
+                plain(f"node {self.node(event)} signed its scorecard of {model}")
             elif kind == "aggregate_committed":
                 plain(
                     f"round {rnd}/{self.rounds} aggregated from {self.accepted.get(rnd, 0)} "
                     f"updates: {event.get('metrics')}"
                 )
+
+
+def _body(record: Any) -> dict[str, Any]:
+    """The body of a signed record as an event carries it (another party's: any shape)."""
+    body = record.get("body") if isinstance(record, dict) else None
+    return body if isinstance(body, dict) else {}
