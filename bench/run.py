@@ -25,6 +25,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.compare import REPEATS as COMPARE_REPEATS
+from bench.compare import compare_bench
 from bench.deploy import DEMO_PAIRS, NODE_STARTS, deploy_bench
 from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
@@ -263,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sandbox-rounds", type=int, default=2)
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-deploy", action="store_true")
+    parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument(
+        "--compare-repeats",
+        type=int,
+        default=COMPARE_REPEATS,
+        help="comparisons of the default catalog and sets of 3 single runs, interleaved",
+    )
     parser.add_argument(
         "--deploy-pairs",
         type=int,
@@ -274,14 +283,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("translog", "sandbox", "inference", "deploy"),
+        choices=("translog", "sandbox", "inference", "deploy", "compare"),
         help="run one part; sandbox, inference and deploy update only their own figures "
         "in latest.json",
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only in ("sandbox", "inference", "deploy"):
+    if args.only in ("sandbox", "inference", "deploy", "compare"):
         latest = RESULTS_DIR / "latest.json"
         kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
         stamp = {"machine": report["machine"], "time": report["time"]}
@@ -291,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.only == "deploy":
             kept["deploy"] = {**stamp, **deploy_bench(args.deploy_pairs, args.deploy_starts)}
             _print_deploy(kept["deploy"])
+        elif args.only == "compare":
+            kept["compare"] = {**stamp, **compare_bench(args.compare_repeats)}
+            _print_compare(kept["compare"])
         else:
             kept["inference"] = {**stamp, **inference_bench()}
             _print_inference(kept["inference"])
@@ -318,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["inference"] = inference_bench()
     if not args.skip_deploy:
         report["deploy"] = deploy_bench(args.deploy_pairs, args.deploy_starts)
+    if not args.skip_compare:
+        report["compare"] = compare_bench(args.compare_repeats)
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -398,6 +412,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_inference(report["inference"])
     if "deploy" in report:
         _print_deploy(report["deploy"])
+    if "compare" in report:
+        _print_compare(report["compare"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -671,6 +687,23 @@ def _print_inference(figures: dict[str, Any]) -> None:
     )
     table.add_row(
         "its first request (builds the run's model)", f"{http['first_request_seconds']:.2f} s", ""
+    )
+    console.print(table)
+
+
+def _print_compare(figures: dict[str, Any]) -> None:
+    table = _figures(
+        f"Model catalog: a comparison of {len(figures['models'])} models x {figures['nodes']} "
+        f"nodes ({figures['rounds']} rounds of {figures['local_steps']} local steps, on "
+        f"{figures['hosts']}) against {len(figures['models'])} single runs, median of "
+        f"{figures['repeats']}; {figures['measure']}"
+    )
+    for model, seconds in figures["median_single_seconds"].items():
+        table.add_row(f"single run of {model}", f"{seconds:.1f} s", "")
+    table.add_row("sum of the single runs", f"{figures['median_single_sum_seconds']:.1f} s", "")
+    table.add_row("the comparison", f"{figures['median_comparison_seconds']:.1f} s", "")
+    table.add_row(
+        "comparison / sum of single runs", f"{figures['comparison_over_singles']:.3f}", "<= 1.0"
     )
     console.print(table)
 

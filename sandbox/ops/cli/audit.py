@@ -23,6 +23,9 @@ Exit codes (also in ``ark audit --help`` and docs/audit.md):
 34    a node journal records something the provider's log does not
 35    a node journal's chain or signatures do not verify
 36    one attested TEE (ueid) admitted as two nodes in one run
+37    a comparison's scorecard on another held-out set than its node committed to
+38    a comparison finished without a scorecard of one of its models from a node
+39    a scorecard or commitment not signed by a key certified for an attested sandbox
 40    the log cannot be reached or read
 ====  ==========================================================================
 """

@@ -301,6 +301,7 @@ def _prepare_demo(
         threads=1,
         provider_host=addresses.host,
         catalog=None if not compare else _default_catalog(root),
+        local_models=None if not compare else {min(sources): _own_model(root)},
     )
     stage.commands = PartyCommands(
         topology, deployment.provider.root, deployment.node_configs, addresses, say=plain
@@ -334,6 +335,12 @@ def _default_catalog(root: Path) -> Callable[[ProviderWorkspace, Path], Path]:
         return publish_default_catalog(ws, folder, root / "catalog-models")
 
     return publish
+
+
+def _own_model(root: Path) -> Path:
+    """The demo's first node's own model (the "1" of 1+N): a plain folder on that node
+    only, here MiniLM's first three layers as the catalog builds them."""
+    return root / "catalog-models" / "minilm-l3"
 
 
 # What a demo run provisions afresh; earlier jobs under provider/jobs are kept.
@@ -448,15 +455,27 @@ def _run_comparison(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment
     cmds = _start_parties(stage, deployment)
     models = len(json.loads((deployment.catalog / "catalog.json").read_bytes())["models"])
     budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
+    own = min(deployment.node_configs)
+    console.print(
+        f"{own}'s operator also keeps a model of its own ({_own_model(cmds.provider_dir.parent)}"
+        "); the comparison fine-tunes and scores it on that node only, and nothing of it leaves"
+    )
     cmds.compare(
-        deployment.catalog, run_config, comparison=comparison, timeout=budget, models=models
+        deployment.catalog,
+        run_config,
+        comparison=comparison,
+        timeout=budget,
+        models=models,
+        with_local=True,
     )
     _audit_demo(cmds, deployment)
     result = load_comparison(folder)
     chosen = recommend(result).model_id
-    runs = {m.model_id: m.run for m in result.models}
+    runs = {m.model_id: m.run for m in result.models if not m.local}
     inference = None
-    if chosen is not None:
+    if chosen is not None and chosen not in runs:
+        console.print(f"the recommended model is {chosen}, a node's own: it stays on that node")
+    elif chosen is not None:
         console.print(f"each node now uses the recommended model, {chosen} (run {runs[chosen]})")
         inference = _inference_table(cmds, spec, deployment, run_id=runs[chosen])
     stage.close()
