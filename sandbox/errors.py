@@ -118,13 +118,18 @@ class SealedModelError(ArkError):
 
 class CatalogError(ArkError):
     """A provider's signed model catalog (``ark-model-catalog/1``) failed a check.
-    Subclasses name the cause."""
+    Subclasses name the cause; ``ark node catalog`` and ``ark compare run`` exit with
+    each one's ``exit_code``."""
+
+    exit_code = 50
 
 
 class CatalogInvalid(CatalogError):
     """A catalog (or an entry meant for one) is malformed: not strict JSON, a key missing,
     unknown or of the wrong type, a model id twice, a package name that is not one plain
     path component. Names the file (when there is one), the key and the problem."""
+
+    exit_code = 53
 
     def __init__(self, problem: str, *, path: Path | str | None = None, key: str | None = None):
         where = [str(path)] if path is not None else []
@@ -139,10 +144,14 @@ class CatalogUntrusted(CatalogError):
     """No key this node's operator trusts verifies the catalog's signature: it was signed
     by another provider, altered after signing, or the node trusts no catalog key yet."""
 
+    exit_code = 51
+
 
 class CatalogDigestMismatch(CatalogError):
     """The sealed package a catalog entry names is not the one the provider signed into
     the catalog: the SHA-256 of its ``manifest.json`` differs from the entry's."""
+
+    exit_code = 52
 
     def __init__(self, model_id: str, expected: str, found: str, package: Path | str):
         super().__init__(
@@ -157,6 +166,8 @@ class CatalogDigestMismatch(CatalogError):
 
 class CatalogEntryUnknown(CatalogError):
     """A run or command names a model id that the catalog does not list."""
+
+    exit_code = 54
 
     def __init__(self, model_id: str, known: Sequence[str], *, source: Path | str | None = None):
         where = f"{source}: " if source is not None else ""

@@ -720,6 +720,15 @@ def test_a_node_unseals_a_catalog_model_and_binds_its_channel_to_it(
     assert model_package(node).path == node.require_sandbox().package
     with pytest.raises(CatalogEntryUnknown, match="'gpt-9'"):
         sealed_source(node, make_spec(tiny_bert_dir, model_id="gpt-9"))
+    checked = _check_catalog(catalog_world.node_config)
+    assert checked.exit_code == 0, checked.output
+    assert "tiny-cat" in checked.output
+    assert "every package verified (1 models)" in checked.output
+
+
+def _check_catalog(config: Path) -> Any:
+    """``ark node catalog`` as the node's operator runs it."""
+    return runner.invoke(app, ["node", "catalog", "--config", str(config)])
 
 
 def test_attack_a_catalog_entry_not_matching_its_package_is_refused_before_any_key(
@@ -749,6 +758,10 @@ def test_attack_a_catalog_entry_not_matching_its_package_is_refused_before_any_k
         sandbox.hello(RunIds(run_id=6, node_id=3), 1, spec)
     assert sandbox.attestation is None
     assert catalog_world.broker_kinds() == before
+    checked = _check_catalog(catalog_world.node_config)
+    assert checked.exit_code == CatalogDigestMismatch.exit_code == 52, checked.output
+    assert "tiny-cat" in checked.output
+    assert catalog_world.broker_kinds() == before
     # Negative control: the node's own model still loads through attestation.
     sealed_source(node, make_spec(tiny_bert_dir, model_id="tiny")).load()
     assert catalog_world.broker_kinds()[len(before) :] == ["attestation_appraised", "key_released"]
@@ -773,6 +786,8 @@ def test_attack_a_catalog_signed_by_a_key_the_node_did_not_add_is_refused(
         sealed_source(node, spec)
     with pytest.raises(CatalogUntrusted):
         SealedChannel(node, {}, spec).hello(RunIds(run_id=5, node_id=3))
+    checked = _check_catalog(catalog_world.node_config)
+    assert checked.exit_code == CatalogUntrusted.exit_code == 51, checked.output
     # The stranger's signature beside the trusted provider's catalog verifies with no key.
     shutil.copyfile(folder / CATALOG_SIGNATURE, catalog_world.folder / CATALOG_SIGNATURE)
     _use_catalog(catalog_world.node_config, catalog_world.folder)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.errors import ArkError, ConfigError, FederationError
+from sandbox.errors import ArkError, CatalogError, ConfigError, FederationError
 from sandbox.ops.cli.base import compare_app, console, fail, plain
 
 
@@ -101,6 +101,8 @@ def compare_run(
         finish_comparison(plan, folder, jobs, names, max_price=max_price, say=plain)
     except KeyboardInterrupt:
         raise fail(ArkError("stopped; the current model's job goes on"), 130) from None
+    except CatalogError as exc:
+        raise fail(exc, exc.exit_code) from exc
     except ArkError as exc:
         raise fail(exc) from exc
     _show(folder, None)

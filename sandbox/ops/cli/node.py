@@ -99,6 +99,53 @@ def node_init(
     )
 
 
+@node_app.command("catalog")
+def node_catalog(
+    config: Annotated[Path, typer.Option(help="The node's node.toml.")] = Path("node.toml"),
+) -> None:
+    """Check the node's catalog as its sandbox will: the signature against the keys this
+    operator trusts, and every entry's sealed package against its manifest digest (no
+    key is asked for, nothing is unsealed). Lists the models; exits with the failure's
+    code (51 untrusted signer, 52 a package not matching its entry, 53 malformed)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from sandbox.catalog import load_catalog, package_for
+    from sandbox.config import NodeConfig
+    from sandbox.errors import CatalogError, ConfigError
+    from sandbox.keyfiles import load_ed25519_public
+
+    try:
+        node = NodeConfig.load(config)
+        sandbox = node.require_sandbox()
+        if sandbox.catalog is None:
+            raise ConfigError("this node has no catalog", path=config, key="node.sandbox.catalog")
+        keys = [load_ed25519_public(path) for path in sandbox.catalog_keys]
+        catalog = load_catalog(sandbox.catalog, keys)
+        assert catalog.signer is not None  # load_catalog sets the key that verified it
+        for entry in catalog.models:
+            package_for(sandbox.catalog, entry, catalog.signer)
+    except CatalogError as exc:
+        raise fail(exc, exc.exit_code) from exc
+    except ArkError as exc:
+        raise fail(exc) from exc
+    # The provider's strings (ids, licences) are printed as text, never read as markup.
+    table = Table(title=Text(f"catalog of {catalog.provider}, issued {catalog.issued}"))
+    for column in ("model", "architecture", "layers", "parameters", "licence", "per 1k train"):
+        table.add_column(column)
+    for entry in catalog.models:
+        table.add_row(
+            Text(entry.model_id),
+            Text(entry.architecture),
+            str(entry.layers),
+            f"{entry.parameters:,}",
+            Text(entry.licence),
+            Text(f"{entry.price.per_1k_training_examples:g} {entry.price.currency}"),
+        )
+    console.print(table)
+    plain(f"signature and every package verified ({len(catalog.models)} models)")
+
+
 @node_app.command("trust-catalog")
 def node_trust_catalog(
     key: Annotated[Path, typer.Argument(help="A provider's Ed25519 public key (PEM).")],
