@@ -18,7 +18,7 @@ from pathlib import Path
 from sandbox import strictjson
 from sandbox.config import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ConfigError, DataError
-from sandbox.strictjson import StrictJSONError
+from sandbox.strictjson import StrictJSONError, json_type
 
 DEFAULT_MAX_ROW_BYTES = 16 * 1024
 
@@ -194,7 +194,7 @@ def _jsonl_records(
         except StrictJSONError as err:
             raise DataError(path, str(err), row=row) from err
         if not isinstance(value, dict):
-            raise DataError(path, f"expected a JSON object, found {_json_type(value)}", row=row)
+            raise DataError(path, f"expected a JSON object, found {json_type(value)}", row=row)
         _check_columns(path, row, list(value), columns)
         yield row, value
 
@@ -316,7 +316,7 @@ def _required_string(path: Path, row: int, record: dict[str, object], column: st
     value = record[column]
     if not isinstance(value, str):
         raise DataError(
-            path, f"column {column!r} must be a string, found {_json_type(value)}", row=row
+            path, f"column {column!r} must be a string, found {json_type(value)}", row=row
         )
     stripped = value.strip()
     if not stripped:
@@ -336,20 +336,6 @@ def _stratified(examples: Sequence[Example], order: list[int]) -> list[int]:
             rank[index] = position / len(members) if len(members) > 1 else 1.0
     # sorted() is stable, so ties keep the seeded shuffle order.
     return sorted(order, key=rank.__getitem__)
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _names(names: Sequence[str]) -> str:

@@ -58,7 +58,13 @@ from clients.channels import (
 from clients.data import Split, load_examples, split_examples
 from clients.egress import check_reply
 from clients.model import NodeModel, Unsealed, certify_signing, load_node_model, model_package
-from clients.scoring import Scoring, sign_commitment_bytes, sign_scorecard_bytes
+from clients.scoring import (
+    Scoring,
+    heldout_salt,
+    own_model_digest,
+    sign_commitment_bytes,
+    sign_scorecard_bytes,
+)
 from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
@@ -520,18 +526,31 @@ class NodeSandbox:
             update_bytes=len(blob) if isinstance(blob, bytes) else 0,
         )
         commitment = self._scoring.commitment(request.spec, exchange.split)
-        signed = sign_commitment_bytes(self._signer(), commitment)
-        content[COMMITMENT_KEY] = ConfigRecord({SIGNED_KEY: signed})
-        journal(
-            self.node,
+        return self._attach(
+            content,
+            COMMITMENT_KEY,
+            sign_commitment_bytes(self._signer(), commitment),
             request.ids,
             node_events.HeldoutCommitment,
             round=request.round,
             comparison=commitment.comparison,
             root=commitment.root,
             count=commitment.count,
-            record_sha256=sha256_hex(signed),
         )
+
+    def _attach(
+        self,
+        content: RecordDict,
+        key: str,
+        signed: bytes,
+        ids: RunIds,
+        kind: type[events.InRun],
+        **fields: Any,
+    ) -> bytes:
+        """Put a signed comparison record into the reply's ``content`` (for the egress
+        check), and journal its digest; returns it."""
+        content[key] = ConfigRecord({SIGNED_KEY: signed})
+        journal(self.node, ids, kind, record_sha256=sha256_hex(signed), **fields)
         return signed
 
     def evaluate(self, request: Request) -> EvaluateResult:
@@ -603,7 +622,7 @@ class NodeSandbox:
             after,
             eval_seconds,
             content,
-            manifest_sha256=model_dir_digest(folder),
+            manifest_sha256=own_model_digest(heldout_salt(self.node), model_dir_digest(folder)),
             adapter=adapter,
         )
         self._egress(content, MessageType.EVALUATE, spec)
@@ -636,18 +655,16 @@ class NodeSandbox:
             after=after,
             eval_seconds=eval_seconds,
         )
-        signed = sign_scorecard_bytes(self._signer(), scorecard)
-        content[SCORECARD_KEY] = ConfigRecord({SIGNED_KEY: signed})
-        journal(
-            self.node,
+        return self._attach(
+            content,
+            SCORECARD_KEY,
+            sign_scorecard_bytes(self._signer(), scorecard),
             request.ids,
             node_events.ScorecardSigned,
             comparison=scorecard.comparison,
             model_id=scorecard.model_id,
             heldout_root=scorecard.heldout_root,
-            record_sha256=sha256_hex(signed),
         )
-        return signed
 
     def infer(self, body: bytes, endpoint: str) -> dict[str, Any]:
         """Answer a local inference request (``body``, hostile JSON; ``endpoint``

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clients.data import Example, Split
@@ -71,11 +72,32 @@ def heldout_salt(node: NodeConfig) -> bytes:
     return salt
 
 
+def _keyed(salt: bytes, purpose: bytes, value: str) -> bytes:
+    """HMAC-SHA256 under the node's salt of ``value``, for ``purpose``."""
+    mac = hmac.HMAC(salt, hashes.SHA256())
+    mac.update(purpose + value.encode("utf-8"))
+    return mac.finalize()
+
+
+def comparison_salt(salt: bytes, comparison: str) -> bytes:
+    """The leaves' salt in one comparison: the node's salt keyed with the comparison, so
+    the same held-out set has another root in each comparison (its roots cannot be
+    linked across comparisons to tell whether the node's data changed)."""
+    return _keyed(salt, b"ark/v1/heldout-salt\x00", comparison)
+
+
+def own_model_digest(salt: bytes, weights_digest: str) -> str:
+    """What a scorecard names the operator's own model by: its weights digest keyed with
+    the node's salt, so the provider cannot match it against public checkpoints."""
+    return _keyed(salt, b"ark/v1/local-model\x00", weights_digest).hex()
+
+
 def commit_heldout(
     comparison: str, ueid: str, salt: bytes, heldout: tuple[Example, ...]
 ) -> Commitment:
     """The commitment to ``heldout`` (in file order) for ``comparison``."""
-    leaves = [heldout_leaf(salt, example.text, example.target) for example in heldout]
+    keyed = comparison_salt(salt, comparison)
+    leaves = [heldout_leaf(keyed, example.text, example.target) for example in heldout]
     return Commitment(
         comparison=comparison, ueid=ueid, root=heldout_root(leaves), count=len(leaves)
     )

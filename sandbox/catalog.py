@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sandbox import canonical, strictjson
 from sandbox.canonical import MAX_SAFE_INTEGER
-from sandbox.config import TASKS
+from sandbox.config import LOCAL_MODEL, TASKS
 from sandbox.errors import (
     CatalogDigestMismatch,
     CatalogEntryUnknown,
@@ -183,6 +183,12 @@ class CatalogEntry:
                 "must be 1 to 128 letters, digits or ._+- starting with a letter or digit, "
                 f"got {self.model_id!r:.80}",
                 key="model_id",
+            )
+        if self.model_id == LOCAL_MODEL:
+            # A comparison's runs of each node's own model are named so: no catalog model
+            # may take the name (its run would fine-tune the operator's model instead).
+            raise CatalogInvalid(
+                f"{LOCAL_MODEL!r} is reserved for each node's own model", key="model_id"
             )
         check_package_name(self.package)
         if not is_sha256(self.manifest_sha256):

@@ -54,6 +54,23 @@ def check_text(value: str, what: str = "a string") -> None:
     raise StrictJSONError(f"{what} holds {kind} at character {found.start() + 1}")
 
 
+def json_type(value: object) -> str:
+    """What kind of JSON value ``value`` is, as an error message names it ("a string")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse one JSON document strictly; raise :class:`StrictJSONError` on anything else.
 

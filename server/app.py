@@ -342,6 +342,8 @@ class FederatedJob:
                     update.tensors, update.declared, held=state.job.weights.get(update.identity)
                 )
             except (UpdateRejected, ScorecardError, KeyError, TypeError, ValueError) as exc:
+                if self.comparison is not None:  # the node's claim stands either way
+                    self.comparison.commitment(node_id, self.channel.ueid(node_id), commitment)
                 training.rejected[key] = f"update rejected: {exc}"
                 log(WARNING, "[ark] round %d: update from node %s rejected: %s", rnd, node_id, exc)
                 self._event(

@@ -27,7 +27,7 @@ from sandbox.errors import (
     ScorecardRootMismatch,
     ScorecardUnattested,
 )
-from sandbox.events import Event, HeldoutCommitted, Key, ScorecardLogged
+from sandbox.events import Event, HeldoutCommitted, Key, NodeAdmitted, ScorecardLogged
 from sandbox.ops.cli import app
 from sandbox.ops.translog.audit import check_policy, verify_log
 from sandbox.ops.translog.report import render_report
@@ -460,6 +460,7 @@ def test_malformed_records_in_the_log_do_not_crash_the_audit(tmp_path: Path) -> 
         *[ScorecardUnattested] * 7,
         PolicyViolation,  # a comparison with no name
         PolicyViolation,  # one that finished, never started
+        ScorecardMissing,  # one that finished naming no run of the model it started with
     ]
     assert "AAAA" not in str(violations[4])  # the signature is refused, never quoted
     # On its own (no certification, no comparison started) the same holds.
@@ -510,3 +511,79 @@ def test_the_report_labels_comparison_events() -> None:
         "Model comparison finished",
     ):
         assert label in page
+
+
+# -- a provider cherry-picking around the comparison's bounds -----------------------------
+
+
+def _kinds(violations: list[PolicyViolation]) -> list[str]:
+    return [f"{type(v).__name__}: {v}" for v in violations]
+
+
+def test_a_comparison_never_finished_cannot_be_checked_complete() -> None:
+    """A provider that never logs comparison_finished would never have its scorecards
+    counted: the audit says the comparison is open at the log's end."""
+    log = comparison_history(nodes=2)
+    del log.events[log.find("comparison_finished")]
+    found = check_policy(log.events)
+    assert [type(v) for v in found] == [ScorecardMissing], _kinds(found)
+    assert "not finished" in str(found[0])
+
+
+def test_a_record_outside_a_started_comparison_is_a_violation() -> None:
+    """A trial run scored before the comparison started (or after it finished) is one the
+    completeness check would never weigh."""
+    log = comparison_history(nodes=2)
+    trial = scored(1, scorecard("node-1", "model-1", run=COMPARISON_RUN + 7), signing_key("node-1"))
+    log.events.insert(log.find("comparison_started"), dict(trial))
+    log.events.append(dict(trial))
+    found = check_policy(log.events)
+    messages = _kinds(found)
+    assert len(found) == 2, messages
+    assert "never started" in messages[0]
+    assert "finished" in messages[1]
+
+
+def test_a_best_of_several_runs_pick_is_a_violation() -> None:
+    """The provider ran one model twice and names only the better run as the comparison's:
+    the other run's valid scorecard gives it away."""
+    log = comparison_history(nodes=2)
+    rerun = scored(1, scorecard("node-1", "model-0", run=COMPARISON_RUN + 9), signing_key("node-1"))
+    log.events.insert(log.find("comparison_finished"), rerun)
+    found = check_policy(log.events)
+    assert [type(v) for v in found] == [PolicyViolation], _kinds(found)
+    assert "best-of-several" in str(found[0])
+
+
+def test_a_node_admitted_to_a_models_run_without_a_scorecard_is_missing() -> None:
+    """Dropping a whole node (its commitment and every scorecard) still shows: the node
+    was admitted to the model's run, so its scorecard is due."""
+    log = comparison_history(nodes=2)
+    admitted = NodeAdmitted(
+        time=TIME,
+        run=COMPARISON_RUN,
+        job="cmp-1-model-0",
+        node=3,
+        ear_sha256="e" * 64,
+        ueid=ueid_of("node-3"),
+        tee_pubkey_sha256="f" * 64,
+    ).to_json()
+    log.events.insert(log.find("comparison_started") + 1, admitted)
+    found = check_policy(log.events)
+    assert [type(v) for v in found] == [ScorecardMissing], _kinds(found)
+    assert ueid_of("node-3") in str(found[0])
+
+
+def test_a_signing_certification_with_no_affirming_appraisal_does_not_count() -> None:
+    """The provider logs a certification of a key of its own for a node's ueid, with no
+    appraisal of the node's sandbox before it: records signed with it are unattested."""
+    log = comparison_history(nodes=2)
+    log.events = [
+        e
+        for e in log.events
+        if not (e[Key.KIND] == "attestation_appraised" and e.get(Key.PURPOSE) == "signing")
+    ]
+    found = check_policy(log.events)
+    assert found
+    assert {type(v) for v in found} <= {ScorecardUnattested, ScorecardMissing}, _kinds(found)
+    assert isinstance(found[0], ScorecardUnattested)

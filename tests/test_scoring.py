@@ -9,6 +9,7 @@ aggregator sandbox sealing each instruction to the node's channel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ from clients.scoring import (
     Scoring,
     commit_heldout,
     heldout_salt,
+    own_model_digest,
     salt_path,
     sign_commitment_bytes,
     sign_scorecard_bytes,
@@ -48,6 +50,7 @@ from sandbox.errors import ConfigError, EgressViolation, ProtocolError, Scorecar
 from sandbox.journal import read_journal
 from sandbox.ops.federation import free_port
 from sandbox.ops.provision import LoopbackDeployment, provision_loopback
+from sandbox.ops.translog.audit import crosscheck
 from sandbox.protocol import COMMITMENT_KEY, METRICS_KEY, SCORECARD_KEY, SIGNED_KEY
 from sandbox.scorecard import Commitment, open_commitment, open_scorecard
 from sandbox.seal.package import MANIFEST
@@ -218,6 +221,8 @@ def test_another_heldout_set_commits_another_root() -> None:
     assert commit_heldout(COMPARISON, "u", salt, swapped).root != first.root
     assert commit_heldout(COMPARISON, "u", bytes([1]) * 32, rows).root != first.root
     assert commit_heldout(COMPARISON, "u", salt, rows[:-1]).count == 9
+    # The same set has another root in another comparison: roots do not link.
+    assert commit_heldout("cmp-other", "u", salt, rows).root != first.root
 
 
 def test_before_figures_come_from_round_one_only(tmp_path: Path, compared: Compared) -> None:
@@ -378,50 +383,57 @@ def test_a_commitment_needs_a_heldout_example() -> None:
 
 @dataclass
 class LocalRun:
-    """A node with a model of its own, driven through a comparison's local-model run."""
+    """A node's sandbox admitted to a comparison's local-model run."""
 
-    node: NodeConfig
-    own: Path
     aggregator: AggregatorSandbox
     sandbox: NodeSandbox
     ids: RunIds
     peer: Any
+    spec: RunSpec
+
+    def request(self, stage: str, adapter: Any) -> Request:
+        """The aggregator's instruction of ``stage`` carrying ``adapter``."""
+        content = self.aggregator.instruction(self.peer, 0, adapter, stage)
+        return Request(self.ids, 0, stage, self.spec, content)
 
 
-@pytest.fixture
-def local_run(compared: Compared, tiny_bert_dir: Path) -> Iterator[LocalRun]:
-    node = dataclasses.replace(
-        compared.node,
-        sandbox=dataclasses.replace(compared.node.require_sandbox(), local_model=tiny_bert_dir),
-    )
+@contextlib.contextmanager
+def _local_run(compared: Compared, node: NodeConfig, run_id: int) -> Iterator[LocalRun]:
+    """``node``'s sandbox started and admitted to local-model run ``run_id``, with the key
+    broker serving for the block's duration."""
     spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
     with key_broker(compared.deployment):
         sandbox = NodeSandbox(node)
         sandbox.start()
         aggregator = AggregatorSandbox.load(
-            compared.deployment.provider.aggregator,
-            run_id=RUN_ID + 5,
-            model_digest=LOCAL_MODEL_DIGEST,
+            compared.deployment.provider.aggregator, run_id=run_id, model_digest=LOCAL_MODEL_DIGEST
         )
-        ids = RunIds(run_id=RUN_ID + 5, node_id=3)
+        ids = RunIds(run_id=run_id, node_id=3)
         peer = aggregator.admit(ids.node_id, sandbox.hello(ids, 0, spec).record)
-        yield LocalRun(node, tiny_bert_dir, aggregator, sandbox, ids, peer)
+        yield LocalRun(aggregator, sandbox, ids, peer, spec)
 
 
-def _local_request(run: LocalRun, compared: Compared, stage: str, adapter: Any) -> Request:
-    spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
-    content = run.aggregator.instruction(run.peer, 0, adapter, stage)
-    return Request(run.ids, 0, stage, spec, content)
+@pytest.fixture
+def local_run(compared: Compared, tiny_bert_dir: Path) -> Iterator[LocalRun]:
+    """The fixture's node, keeping the tiny BERT as a model of its own."""
+    sandbox = dataclasses.replace(compared.node.require_sandbox(), local_model=tiny_bert_dir)
+    with _local_run(
+        compared, dataclasses.replace(compared.node, sandbox=sandbox), RUN_ID + 5
+    ) as run:
+        yield run
 
 
 def test_a_node_scores_its_own_model_and_sends_nothing_of_it(
-    compared: Compared, local_run: LocalRun
+    compared: Compared, local_run: LocalRun, tiny_bert_dir: Path
 ) -> None:
-    result = local_run.sandbox.evaluate(_local_request(local_run, compared, STAGE_EVALUATE, {}))
+    result = local_run.sandbox.evaluate(local_run.request(STAGE_EVALUATE, {}))
     card, _ = open_scorecard(result.scorecard)
     commitment, _ = open_commitment(compared.exchange.train.commitment)
     assert card.model_id == LOCAL_MODEL
-    assert card.manifest_sha256 == model_dir_digest(local_run.own)
+    assert card.manifest_sha256 == own_model_digest(
+        heldout_salt(compared.node), model_dir_digest(tiny_bert_dir)
+    )
+    assert card.manifest_sha256 != model_dir_digest(tiny_bert_dir)
     assert (card.heldout_root, card.heldout_count) == (commitment.root, commitment.count)
     assert card.cost.update_bytes_per_round == 0
     assert card.cost.adapter_bytes > 0
@@ -437,26 +449,74 @@ def test_a_local_model_run_never_yields_an_update(compared: Compared, local_run:
     """A provider that asks a node to train its own model, or sends it an adapter to
     evaluate, is refused before anything is trained."""
     with pytest.raises(ConfigError, match="sends no update"):
-        local_run.sandbox.train(_local_request(local_run, compared, STAGE_TRAIN, {}))
+        local_run.sandbox.train(local_run.request(STAGE_TRAIN, {}))
     initial = compared.exchange.final
     with pytest.raises(ProtocolError, match="carries an adapter"):
-        local_run.sandbox.evaluate(_local_request(local_run, compared, STAGE_EVALUATE, initial))
+        local_run.sandbox.evaluate(local_run.request(STAGE_EVALUATE, initial))
 
 
 def test_a_node_without_a_model_of_its_own_declines(compared: Compared) -> None:
-    spec = dataclasses.replace(compared.spec, model_id=LOCAL_MODEL, job_id=f"{COMPARISON}-local")
-    with key_broker(compared.deployment):
-        sandbox = NodeSandbox(compared.node)
-        sandbox.start()
-        aggregator = AggregatorSandbox.load(
-            compared.deployment.provider.aggregator,
-            run_id=RUN_ID + 6,
-            model_digest=LOCAL_MODEL_DIGEST,
+    with (
+        _local_run(compared, compared.node, RUN_ID + 6) as run,
+        pytest.raises(ConfigError, match="local-model"),
+    ):
+        run.sandbox.evaluate(run.request(STAGE_EVALUATE, {}))
+
+
+# -- the node's journal against the provider's log ----------------------------------------
+
+
+def _logged(compared: Compared, *, scorecard: bytes | None) -> list[dict[str, Any]]:
+    """The provider's log of the fixture's run as the ServerApp writes it: the node's
+    commitment and (unless withheld) a scorecard attributed to it."""
+    fields = {"time": "2026-12-01T00:00:00+00:00", "run": str(RUN_ID), "job": "j", "node": "3"}
+    records = [
+        {
+            **fields,
+            "kind": "heldout_committed",
+            "comparison": COMPARISON,
+            "commitment": json.loads(compared.exchange.train.commitment),
+        }
+    ]
+    if scorecard is not None:
+        records.append(
+            {
+                **fields,
+                "kind": "scorecard_logged",
+                "comparison": COMPARISON,
+                "scorecard": json.loads(scorecard),
+            }
         )
-        ids = RunIds(run_id=RUN_ID + 6, node_id=3)
-        peer = aggregator.admit(ids.node_id, sandbox.hello(ids, 0, spec).record)
-        request = Request(
-            ids, 0, STAGE_EVALUATE, spec, aggregator.instruction(peer, 0, {}, STAGE_EVALUATE)
-        )
-        with pytest.raises(ConfigError, match="local-model"):
-            sandbox.evaluate(request)
+    return records
+
+
+def _signed_mismatches(compared: Compared, records: list[dict[str, Any]]) -> list[str]:
+    assert compared.node.journal_path is not None
+    journal = read_journal(compared.node.journal_path)
+    found = [str(m) for m in crosscheck(records, journal, "alpine")]
+    # Only this run's: other tests here add runs of their own to the node's journal.
+    return [m for m in found if ("commitment" in m or "scorecard" in m) and f"run {RUN_ID} " in m]
+
+
+def test_the_journal_and_the_log_agree_on_the_signed_records(compared: Compared) -> None:
+    records = _logged(compared, scorecard=compared.exchange.evaluate.scorecard)
+    assert _signed_mismatches(compared, records) == []
+
+
+def test_a_scorecard_the_provider_withheld_shows_in_the_crosscheck(compared: Compared) -> None:
+    """The provider drops the scorecard of the model that lost: the node's journal still
+    holds its digest."""
+    found = _signed_mismatches(compared, _logged(compared, scorecard=None))
+    assert len(found) == 1
+    assert "scorecard" in found[0]
+    assert "is not in the provider's log" in found[0]
+
+
+def test_a_scorecard_the_provider_made_up_shows_in_the_crosscheck(compared: Compared) -> None:
+    """The provider logs a better scorecard under the node's name, signed with a key it
+    had certified for that ueid: the node's journal never sent it."""
+    _, forged = _signed(compared, after={"accuracy": 0.99, "macro_f1": 0.99})
+    found = _signed_mismatches(compared, _logged(compared, scorecard=forged))
+    assert len(found) == 2
+    assert any("never sent" in m for m in found)
+    assert any("is not in the provider's log" in m for m in found)

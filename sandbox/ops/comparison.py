@@ -47,9 +47,11 @@ from rich.table import Table
 from rich.text import Text
 
 from sandbox import strictjson
-from sandbox.errors import ComparisonInvalid
+from sandbox.catalog import Price
+from sandbox.errors import CatalogInvalid, ComparisonInvalid
 from sandbox.files import read_regular, write_atomic
-from sandbox.strictjson import StrictJSONError
+from sandbox.scorecard import Cost
+from sandbox.strictjson import StrictJSONError, json_type
 
 __all__ = [
     "COMPARISON_FILE",
@@ -101,25 +103,6 @@ LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
 
 
 # --- The file's contents, typed -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Price:
-    """A catalog model's price, as its provider states it (the catalog only carries it)."""
-
-    currency: str
-    per_1k_training_examples: float
-    per_1k_inferences: float
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What fine-tuning and serving a model cost on one node, as its scorecard measured."""
-
-    train_seconds_per_step: float
-    inference_ms_per_example: float
-    update_bytes_per_round: float
-    adapter_bytes: int
 
 
 @dataclass(frozen=True)
@@ -306,7 +289,7 @@ class _Reader:
         self, value: Any, key: str, required: Sequence[str], optional: Sequence[str] = ()
     ) -> Mapping[str, Any]:
         if not isinstance(value, dict):
-            raise self.invalid(key, f"expected a JSON object, not {_json_type(value)}")
+            raise self.invalid(key, f"expected a JSON object, not {json_type(value)}")
         for name in required:
             if name not in value:
                 raise self.invalid(_at(key, name), "missing")
@@ -317,14 +300,14 @@ class _Reader:
 
     def items(self, value: Any, key: str, limit: int) -> list[Any]:
         if not isinstance(value, list):
-            raise self.invalid(key, f"expected a JSON array, not {_json_type(value)}")
+            raise self.invalid(key, f"expected a JSON array, not {json_type(value)}")
         if not 1 <= len(value) <= limit:
             raise self.invalid(key, f"expected 1 to {limit} entries, found {len(value)}")
         return value
 
     def text(self, value: Any, key: str) -> str:
         if not isinstance(value, str):
-            raise self.invalid(key, f"expected a string, not {_json_type(value)}")
+            raise self.invalid(key, f"expected a string, not {json_type(value)}")
         if not value.strip():
             raise self.invalid(key, "empty")
         if len(value) > MAX_TEXT_CHARS:
@@ -340,14 +323,14 @@ class _Reader:
     ) -> int:
         # bool is an int subclass, but ``true`` is no count.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.invalid(key, f"expected an integer, not {_json_type(value)}")
+            raise self.invalid(key, f"expected an integer, not {json_type(value)}")
         if not minimum <= value <= maximum:
             raise self.invalid(key, f"{value} is outside [{minimum}, {maximum:.0e}]")
         return value
 
     def number(self, value: Any, key: str, *, signed: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.invalid(key, f"expected a number, not {_json_type(value)}")
+            raise self.invalid(key, f"expected a number, not {json_type(value)}")
         number = float(value)
         if not math.isfinite(number):
             raise self.invalid(key, f"{number} is not a finite number")
@@ -358,12 +341,12 @@ class _Reader:
 
     def flag(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):
-            raise self.invalid(key, f"expected true or false, not {_json_type(value)}")
+            raise self.invalid(key, f"expected true or false, not {json_type(value)}")
         return value
 
     def metrics(self, value: Any, key: str, metric: str) -> dict[str, float]:
         if not isinstance(value, dict):
-            raise self.invalid(key, f"expected a JSON object, not {_json_type(value)}")
+            raise self.invalid(key, f"expected a JSON object, not {json_type(value)}")
         if metric not in value:
             raise self.invalid(_at(key, metric), "missing: the comparison's metric")
         out = {}
@@ -437,15 +420,15 @@ class _Reader:
         price = self.fields(
             value, key, ("currency", "per_1k_training_examples", "per_1k_inferences")
         )
-        return Price(
-            currency=self.text(price["currency"], _at(key, "currency")),
-            per_1k_training_examples=self.number(
-                price["per_1k_training_examples"], _at(key, "per_1k_training_examples")
-            ),
-            per_1k_inferences=self.number(
-                price["per_1k_inferences"], _at(key, "per_1k_inferences")
-            ),
+        currency = self.text(price["currency"], _at(key, "currency"))
+        per_train = self.number(
+            price["per_1k_training_examples"], _at(key, "per_1k_training_examples")
         )
+        per_inference = self.number(price["per_1k_inferences"], _at(key, "per_1k_inferences"))
+        try:
+            return Price(currency, per_train, per_inference)
+        except CatalogInvalid as exc:  # the catalog's own rule (an ISO 4217 code)
+            raise self.invalid(_at(key, "currency"), str(exc)) from None
 
     def model(self, value: Any, key: str) -> CandidateModel:
         names = (
@@ -597,22 +580,6 @@ class _Reader:
                             "scorecards",
                             f"no scorecard of model {model.model_id!r} from node {node.name!r}",
                         )
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 # --- Summary and recommendation -----------------------------------------------------------

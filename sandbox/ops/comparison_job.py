@@ -45,10 +45,12 @@ from sandbox.ops.comparison import (
 )
 from sandbox.ops.federation import read_run_config, write_run_config
 from sandbox.ops.provision import ProviderWorkspace, catalog_sources
+from sandbox.ops.translog.audit import certified_signers, decode
 from sandbox.scorecard import Scorecard, open_scorecard
+from sandbox.translog.store import LogStore
 
 Say = Callable[[str], Any]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def new_comparison_id(now: dt.datetime) -> str:
@@ -92,7 +94,7 @@ def plan_comparison(
     ws = ProviderWorkspace(workdir.resolve()).require()
     base = read_run_config(run_config)
     name = comparison or new_comparison_id(now or dt.datetime.now(dt.UTC))
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(f"comparison id {name!r} must be a plain name (letters, digits, . _ -)")
     catalog = load_catalog(catalog_folder, [ws.signer().public_key()])
     chosen = list(models) or [m.model_id for m in catalog.models if base.task in m.tasks]
@@ -210,13 +212,16 @@ def collect_scorecards(
     plan: ComparisonPlan,
     jobs: dict[str, ModelJob],
     names: dict[str, str],
+    signers: set[tuple[str, ...]],
     *,
     max_price: float | None = None,
     say: Say = print,
 ) -> dict[str, Any]:
     """The comparison as ``comparison.json`` holds it: the catalog's figures of each
-    model, each node, and every scorecard the jobs logged whose signature verifies (one
-    that does not is left out and said; the audit reports it too)."""
+    model, each node, and every scorecard the jobs logged that verifies, is signed by a
+    key in ``signers`` (ueid, key SHA-256: certified for that node's attested sandbox)
+    and names this comparison and its job's run. One that does not is left out and said
+    (a node can sign with a key of its own; the audit reports it too)."""
     scorecards: list[dict[str, Any]] = []
     nodes: dict[str, dict[str, Any]] = {}
     locals_: list[dict[str, Any]] = []
@@ -226,9 +231,13 @@ def collect_scorecards(
                 continue
             node = str(event.get("node"))
             try:
-                card, _ = open_scorecard(event.get("scorecard"))
+                card, signer = open_scorecard(event.get("scorecard"))
                 if card.model_id != model_id:
                     raise ScorecardError(f"it scores {card.model_id!r}")
+                if (card.comparison, card.run) != (plan.comparison, job.run_id):
+                    raise ScorecardError("it names another comparison or run")
+                if (card.ueid, signer) not in signers:
+                    raise ScorecardError("its key is not certified for that node's sandbox")
             except (ScorecardError, TypeError, ValueError) as exc:
                 say(f"scorecard of {model_id} from node {node} left out: {exc}")
                 continue
@@ -319,13 +328,19 @@ def finish_comparison(
     folder: Path,
     jobs: dict[str, ModelJob],
     names: dict[str, str],
+    log_db: Path,
     *,
     max_price: float | None = None,
     say: Say = print,
 ) -> Path:
     """Write ``comparison.json`` from the jobs' scorecards, checked as any reader checks
     it, and the HTML and PNG report beside it; the path of ``comparison.json``."""
-    document = collect_scorecards(plan, jobs, names, max_price=max_price, say=say)
+    log = LogStore(log_db, readonly=True)
+    try:
+        signers = certified_signers(decode(log.entries(0, log.size())))
+    finally:
+        log.close()
+    document = collect_scorecards(plan, jobs, names, signers, max_price=max_price, say=say)
     path = folder / COMPARISON_FILE
     comparison = comparison_from_json(document, source=path)
     write_atomic(path, json.dumps(document, indent=2).encode())

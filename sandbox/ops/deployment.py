@@ -220,6 +220,7 @@ class PartyCommands:
         timeout: float,
         models: int,
         with_local: bool = False,
+        show: bool = True,
     ) -> str:
         """``ark compare run`` on the provider's host: one job per catalog model (and,
         ``with_local``, one for each node's own model), each followed to its end, then the
@@ -237,6 +238,7 @@ class PartyCommands:
             "--timeout",
             str(timeout),
             *(["--with-local"] if with_local else []),
+            *([] if show else ["--no-show"]),
             timeout=(models + with_local) * (timeout + 60),
         )
 

@@ -118,7 +118,7 @@ def _checks(
         (
             "Policy across events",
             not violations,
-            "key releases, accepted updates and aggregates all check out"
+            "key releases, accepted updates, aggregates and comparisons all check out"
             if not violations
             else f"{violations} violation(s)",
         ),

@@ -49,6 +49,9 @@ def compare_run(
         float | None,
         typer.Option(help="The recommendation's price limit per 1k training examples."),
     ] = None,
+    show: Annotated[
+        bool, typer.Option(help="Print the tables and the recommendation at the end.")
+    ] = True,
 ) -> None:
     """Compare catalog models on the running federation: one job per model, one after
     another, with the same data, budget and seed; the nodes commit to their held-out sets
@@ -98,14 +101,15 @@ def compare_run(
         )
         ws = ProviderWorkspace(root)
         jobs = run_comparison(plan, folder, ws.event_sink(), submit, say=plain)
-        finish_comparison(plan, folder, jobs, names, max_price=max_price, say=plain)
+        finish_comparison(plan, folder, jobs, names, ws.log_db, max_price=max_price, say=plain)
     except KeyboardInterrupt:
         raise fail(ArkError("stopped; the current model's job goes on"), 130) from None
     except CatalogError as exc:
         raise fail(exc, exc.exit_code) from exc
     except ArkError as exc:
         raise fail(exc) from exc
-    _show(folder, None)
+    if show:
+        _show(folder, None)
 
 
 @compare_app.command("results")

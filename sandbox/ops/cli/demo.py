@@ -467,6 +467,7 @@ def _run_comparison(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment
         timeout=budget,
         models=models,
         with_local=True,
+        show=False,  # the demo prints the tables at its end
     )
     _audit_demo(cmds, deployment)
     result = load_comparison(folder)

@@ -72,6 +72,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.events.node import HeldoutCommitment, ScorecardSigned
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
@@ -393,17 +394,50 @@ class _Comparisons:
 
     def __init__(self, violations: list[PolicyViolation]) -> None:
         self.violations = violations
+        # (EAR digest, ueid, key digest) of affirming appraisals for signing
+        self.appraisals: set[tuple[str, ...]] = set()
         self.signers: set[tuple[str, ...]] = set()  # (ueid, key digest) certified for signing
         self.models: dict[str, dict[str, str]] = {}  # comparison -> model id -> manifest
+        self.done: set[str] = set()  # comparisons finished
         # comparison -> ueid -> (root, count) of its first commitment
         self.roots: dict[str, dict[str, tuple[str, int]]] = {}
-        self.scored: set[tuple[str, str, str]] = set()  # (comparison, model id, ueid)
+        # (comparison, model id, ueid) -> the runs it has a valid scorecard from
+        self.scored: dict[tuple[str, str, str], set[str]] = {}
+        self.admitted: dict[str, dict[str, str]] = {}  # run -> node -> ueid
+        self.declined: set[tuple[str, str]] = set()  # (run, node) that declined or left
+
+    def appraised(self, record: Mapping[str, Any]) -> None:
+        if record.get(Key.PURPOSE) == PURPOSE_SIGNING and record.get(Key.STATUS) == AFFIRMING:
+            key = _fields(record, Key.EAR_SHA256, Key.UEID, Key.TEE_PUBKEY_SHA256)
+            if key is not None:
+                self.appraisals.add(key)
 
     def certified(self, record: Mapping[str, Any]) -> None:
+        """A key certified for signing counts only after an affirming appraisal of the
+        same result, ueid and key."""
         if record.get(Key.PURPOSE) == PURPOSE_SIGNING:
-            key = _fields(record, Key.UEID, Key.TEE_PUBKEY_SHA256)
-            if key is not None:
-                self.signers.add(key)
+            key = _fields(record, Key.EAR_SHA256, Key.UEID, Key.TEE_PUBKEY_SHA256)
+            if key is not None and key in self.appraisals:
+                self.signers.add(key[1:])
+
+    def admitted_node(self, record: Mapping[str, Any]) -> None:
+        key = _fields(record, Key.RUN, Key.NODE, Key.UEID)
+        if key is not None:
+            self.admitted.setdefault(key[0], {})[key[1]] = key[2]
+
+    def left(self, record: Mapping[str, Any]) -> None:
+        self.declined.add((_text(record.get(Key.RUN)), _text(record.get(Key.NODE))))
+
+    def _in_progress(self, index: int, comparison: str, what: str) -> bool:
+        """Whether ``comparison`` has started and not finished (else a violation): a record
+        outside one is one the comparison's completeness check would never weigh."""
+        if comparison in self.models and comparison not in self.done:
+            return True
+        state = "finished" if comparison in self.done else "never started"
+        self.violations.append(
+            PolicyViolation(f"entry {index}: a {what} in comparison {comparison!r}, {state}")
+        )
+        return False
 
     def started(self, index: int, record: Mapping[str, Any]) -> None:
         comparison = _text(record.get(Key.COMPARISON))
@@ -461,7 +495,9 @@ class _Comparisons:
         commitment = self._opened(
             index, record, Key.COMMITMENT, "held-out commitment", open_commitment
         )
-        if commitment is None:
+        if commitment is None or not self._in_progress(
+            index, commitment.comparison, "held-out commitment"
+        ):
             return
         committed = (commitment.root, commitment.count)
         roots = self.roots.setdefault(commitment.comparison, {})
@@ -477,7 +513,7 @@ class _Comparisons:
 
     def scored_model(self, index: int, record: Mapping[str, Any]) -> None:
         scorecard = self._opened(index, record, Key.SCORECARD, "scorecard", open_scorecard)
-        if scorecard is None:
+        if scorecard is None or not self._in_progress(index, scorecard.comparison, "scorecard"):
             return
         where = (
             f"entry {index}: the scorecard of model {scorecard.model_id!r} by ueid "
@@ -512,7 +548,9 @@ class _Comparisons:
                 )
             )
             return
-        self.scored.add((scorecard.comparison, scorecard.model_id, scorecard.ueid))
+        self.scored.setdefault(
+            (scorecard.comparison, scorecard.model_id, scorecard.ueid), set()
+        ).add(str(scorecard.run))
 
     def finished(self, index: int, record: Mapping[str, Any]) -> None:
         comparison = _text(record.get(Key.COMPARISON))
@@ -522,16 +560,77 @@ class _Comparisons:
                 PolicyViolation(f"entry {index}: comparison {comparison!r} finished, never started")
             )
             return
+        if comparison in self.done:
+            self.violations.append(
+                PolicyViolation(f"entry {index}: comparison {comparison!r} finished twice")
+            )
+            return
+        self.done.add(comparison)
+        logged = record.get(Key.RUNS)
+        runs = {
+            _text(model): _text(run)
+            for model, run in (logged.items() if isinstance(logged, Mapping) else [])
+        }
+        expected: set[tuple[str, str]] = set()  # (model, ueid) that must have a scorecard
         for ueid in self.roots.get(comparison, {}):
-            for model in models:
-                if (comparison, model, ueid) not in self.scored:
-                    self.violations.append(
-                        ScorecardMissing(
-                            f"entry {index}: comparison {comparison!r} finished with no valid "
-                            f"scorecard of model {model!r} from ueid {ueid!r}, which committed "
-                            "a held-out set"
-                        )
+            expected.update((model, ueid) for model in models)
+        for model, run in runs.items():
+            # Every TEE admitted to a model's run and still in it at the end scored it.
+            expected.update(
+                (model, ueid)
+                for node, ueid in self.admitted.get(run, {}).items()
+                if (run, node) not in self.declined
+            )
+        for model in models:
+            if model not in runs:
+                self.violations.append(
+                    ScorecardMissing(
+                        f"entry {index}: comparison {comparison!r} finished naming no run of "
+                        f"model {model!r}"
                     )
+                )
+        for model, ueid in sorted(expected):
+            found = self.scored.get((comparison, model, ueid), set())
+            if not found:
+                self.violations.append(
+                    ScorecardMissing(
+                        f"entry {index}: comparison {comparison!r} finished with no valid "
+                        f"scorecard of model {model!r} from ueid {ueid!r}, which committed a "
+                        "held-out set or took part in that model's run"
+                    )
+                )
+            elif model in runs and found != {runs[model]}:
+                others = sorted(found - {runs[model]})
+                self.violations.append(
+                    PolicyViolation(
+                        f"entry {index}: comparison {comparison!r} scored model {model!r} "
+                        f"from ueid {ueid!r} in runs {others} besides run {runs[model]}, the "
+                        "one it names: a best-of-several pick"
+                    )
+                )
+
+    def end(self, size: int) -> None:
+        """At the end of the log: a comparison started and never finished cannot be
+        checked complete (a scorecard left out would go unnoticed)."""
+        for comparison in sorted(set(self.models) - self.done):
+            self.violations.append(
+                ScorecardMissing(
+                    f"comparison {comparison!r} started and is not finished in the log's "
+                    f"{size} entries: its scorecards cannot be checked complete"
+                )
+            )
+
+
+def certified_signers(records: Sequence[Mapping[str, Any]]) -> set[tuple[str, ...]]:
+    """The (ueid, key SHA-256) pairs the log shows the key broker certified for signing
+    after an affirming appraisal: the keys a comparison's records may be signed with."""
+    comparisons = _Comparisons([])
+    for record in records:
+        if record.get(Key.KIND) == AttestationAppraised.kind:
+            comparisons.appraised(record)
+        elif record.get(Key.KIND) == ChannelCertified.kind:
+            comparisons.certified(record)
+    return comparisons.signers
 
 
 def _set(committed: tuple[str, int]) -> str:
@@ -568,12 +667,15 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
             policy.violations.append(PolicyViolation(f"entry {index}: {record.get('malformed')}"))
         elif kind == AttestationAppraised.kind:
             policy.appraised(record)
+            comparisons.appraised(record)
         elif kind == KeyReleased.kind:
             policy.released(index, record)
         elif kind == NodeAdmitted.kind:
             policy.admitted_node(index, record)
+            comparisons.admitted_node(record)
         elif kind in (NodeRefused.kind, NodeDeclined.kind):
             policy.left(record)
+            comparisons.left(record)
         elif kind == RoundStarted.kind:
             policy.round_started(record)
         elif kind in (UpdateAccepted.kind, UpdateRejected.kind):
@@ -590,6 +692,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
             comparisons.scored_model(index, record)
         elif kind == ComparisonFinished.kind:
             comparisons.finished(index, record)
+    comparisons.end(len(records))
     return policy.violations
 
 
@@ -667,6 +770,62 @@ def crosscheck(
                     "journal never sent"
                 )
             )
+    return mismatches + _crosscheck_signed(records, journal, name, covered)
+
+
+# A comparison's signed records: the log's event kind and field, the journal's kind.
+_SIGNED_RECORDS = (
+    (HeldoutCommitted.kind, Key.COMMITMENT, HeldoutCommitment.kind, "held-out commitment"),
+    (ScorecardLogged.kind, Key.SCORECARD, ScorecardSigned.kind, "scorecard"),
+)
+
+
+def _crosscheck_signed(
+    records: Sequence[Mapping[str, Any]],
+    journal: Sequence[Mapping[str, Any]],
+    name: str,
+    covered: set[tuple[str, str]],
+) -> list[JournalMismatch]:
+    """A comparison's commitments and scorecards, both ways: each one the node's journal
+    says it sent is in the log for that run and node (a provider that withholds the
+    scorecard of the model that lost is caught here), and each one the log attributes to
+    the node, in a run the journal covers, is one the node sent (a record the provider
+    made up is caught here, whoever certified its key)."""
+    mismatches: list[JournalMismatch] = []
+    for log_kind, signed, journal_kind, what in _SIGNED_RECORDS:
+        logged: set[tuple[str, str, str]] = set()
+        for record in records:
+            if record.get(Key.KIND) == log_kind and isinstance(record.get(signed), Mapping):
+                try:
+                    body = canonical_entry(record[signed])
+                except (TypeError, ValueError):
+                    continue  # check_policy reports a record that does not verify
+                where = (_text(record.get(Key.RUN)), _text(record.get(Key.NODE)))
+                logged.add((*where, hashlib.sha256(body).hexdigest()))
+        sent = {
+            (
+                _text(entry.get(Key.RUN_ID)),
+                _text(entry.get(Key.NODE_ID)),
+                _text(entry.get(Key.RECORD_SHA256)),
+            )
+            for entry in journal
+            if entry.get(Key.KIND) == journal_kind
+        }
+        for run, node, digest in sorted(sent - logged):
+            mismatches.append(
+                JournalMismatch(
+                    f"{name}: the {what} {digest[:16]}… it sent as node {node} in run {run} "
+                    "is not in the provider's log"
+                )
+            )
+        for run, node, digest in sorted(logged - sent):
+            if (run, node) in covered:
+                mismatches.append(
+                    JournalMismatch(
+                        f"{name}: the provider's log has a {what} {digest[:16]}… from node "
+                        f"{node} in run {run} that the node's journal never sent"
+                    )
+                )
     return mismatches
 
 
