@@ -37,7 +37,7 @@ from sandbox.ops.apps import approve_app_dir, project_root
 from sandbox.ops.catalog_models import DEFAULT_MODELS, build_default_models, publish_default_catalog
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.deployment import PartyCommands
-from sandbox.ops.federation import free_port, write_run_config
+from sandbox.ops.federation import free_port, write_job_config
 from sandbox.ops.netns import Topology, netns_unavailable
 from sandbox.ops.parties import ProviderAddresses
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, provision_loopback
@@ -62,8 +62,7 @@ def _run_config(path: Path, model_dir: Path, job_id: str, rounds: int, nodes: in
         expected_nodes=nodes,
         round_timeout=600.0,
     )
-    skip = ("output-dir", "aggregator-dir", "log-db")
-    return write_run_config(path, {k: v for k, v in spec.to_run_config().items() if k not in skip})
+    return write_job_config(path, spec)
 
 
 def _session(

@@ -269,6 +269,12 @@ def _is_time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _carries_signed(content: RecordDict) -> bool:
+    """Whether a reply carries a comparison's signed record (only then is the run config
+    read, to check the record against it)."""
+    return any(key in content for key in (COMMITMENT_KEY, SCORECARD_KEY))
+
+
 def _run_spec(context: Context) -> RunSpec | None:
     """The run's config as the node reads it; None when it does not validate (a signed
     comparison record then cannot leave: nothing to check it against)."""
@@ -345,7 +351,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             node.egress,
             kind,
             hello_matches_sandbox(node, context.run_id),
-            run=_run_spec(context),
+            run=_run_spec(context) if _carries_signed(reply.content) else None,
             node=node,
         )
     except EgressViolation as exc:

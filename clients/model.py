@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,17 +105,7 @@ def certify_channel(
     transport: KeyBrokerTransport | None = None,
 ) -> str:
     """Attest this node's sandbox with its channel key bound; the signed result (EAR)."""
-    sandbox = node.require_sandbox()
-    with _broker(node, transport) as broker:
-        result = certify_channel_key(
-            broker,
-            _attester(node),
-            channel_key,
-            key_id=key_id,
-            measurements=node_measurements(node),
-            result_key=load_ec_public(sandbox.result_key),
-        )
-    return result.token
+    return _certify(node, certify_channel_key, channel_key, key_id, transport).token
 
 
 def certify_signing(
@@ -126,12 +117,24 @@ def certify_signing(
 ) -> AttestationResult:
     """Attest this node's sandbox with its scorecard signing key bound (purpose
     ``signing``): the log then says which attested sandbox holds that key."""
+    return _certify(node, certify_signing_key, public_key, key_id, transport)
+
+
+def _certify(
+    node: NodeConfig,
+    certify: Callable[..., AttestationResult],
+    key: Any,
+    key_id: str,
+    transport: KeyBrokerTransport | None,
+) -> AttestationResult:
+    """Attest this node's sandbox with ``key`` bound, through ``certify`` (one of the
+    key broker client's certifying calls); the broker's verified result."""
     sandbox = node.require_sandbox()
     with _broker(node, transport) as broker:
-        return certify_signing_key(
+        return certify(
             broker,
             _attester(node),
-            public_key,
+            key,
             key_id=key_id,
             measurements=node_measurements(node),
             result_key=load_ec_public(sandbox.result_key),

@@ -60,7 +60,6 @@ from clients.egress import check_reply
 from clients.model import NodeModel, Unsealed, certify_signing, load_node_model, model_package
 from clients.scoring import (
     Scoring,
-    heldout_salt,
     own_model_digest,
     sign_commitment_bytes,
     sign_scorecard_bytes,
@@ -622,7 +621,7 @@ class NodeSandbox:
             after,
             eval_seconds,
             content,
-            manifest_sha256=own_model_digest(heldout_salt(self.node), model_dir_digest(folder)),
+            manifest_sha256=own_model_digest(self._scoring.salt(), model_dir_digest(folder)),
             adapter=adapter,
         )
         self._egress(content, MessageType.EVALUATE, spec)

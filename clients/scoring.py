@@ -122,15 +122,19 @@ class Scoring:
     def __init__(self, node: NodeConfig):
         self.node = node
         self._tallies: OrderedDict[int, RunTally] = OrderedDict()
+        self._salt: bytes | None = None
+
+    def salt(self) -> bytes:
+        """The node's held-out salt, read from its file once per sandbox."""
+        if self._salt is None:
+            self._salt = heldout_salt(self.node)
+        return self._salt
 
     def commitment(self, spec: RunSpec, split: Split) -> Commitment:
         """This node's commitment to the held-out set of ``split`` in the run's
         comparison (a few hundred hashes: computed each time, never stale)."""
         return commit_heldout(
-            spec.comparison,
-            self.node.require_sandbox().ueid,
-            heldout_salt(self.node),
-            split.heldout,
+            spec.comparison, self.node.require_sandbox().ueid, self.salt(), split.heldout
         )
 
     def tally(self, run_id: int) -> RunTally:

@@ -27,7 +27,7 @@ from sandbox.ops.comparison import load_comparison, recommend
 from sandbox.ops.comparison_job import comparison_dir
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.deployment import PartyCommands
-from sandbox.ops.federation import free_port, write_run_config
+from sandbox.ops.federation import free_port, write_job_config
 from sandbox.ops.netns import Topology
 from sandbox.ops.parties import SANDBOX, ProviderAddresses
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, provision_loopback
@@ -133,14 +133,7 @@ def comparisons(tmp_path_factory: pytest.TempPathFactory) -> Comparisons:
         expected_nodes=2,
         min_nodes=2,
     )
-    run_config = write_run_config(
-        root / "base.toml",
-        {
-            key: value
-            for key, value in spec.to_run_config().items()
-            if key not in ("output-dir", "aggregator-dir", "log-db")
-        },
-    )
+    run_config = write_job_config(root / "base.toml", spec)
     log: list[str] = []
     cmds = PartyCommands(topology, deployment.provider.root, configs, addresses, say=log.append)
     run = Comparisons(deployment)

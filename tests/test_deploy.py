@@ -32,7 +32,7 @@ from sandbox.journal import read_journal
 from sandbox.ops.apps import approve
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.deployment import PartyCommands
-from sandbox.ops.federation import node_home, write_run_config
+from sandbox.ops.federation import node_home, write_job_config
 from sandbox.ops.netns import Topology, netns_unavailable
 from sandbox.ops.parties import KEY_BROKER, SUPERLINK, ProviderAddresses
 from sandbox.ops.provision import provision_loopback
@@ -118,13 +118,7 @@ def _run_config(root: Path, model_dir: Path, name: str, **overrides: Any) -> Pat
         "min_nodes": 1,
         **overrides,
     }
-    spec = make_spec(model_dir, **values)
-    written = {
-        key: value
-        for key, value in spec.to_run_config().items()
-        if key not in ("output-dir", "aggregator-dir", "log-db")
-    }
-    return write_run_config(root / f"{name}.toml", written)
+    return write_job_config(root / f"{name}.toml", make_spec(model_dir, **values))
 
 
 def _submit(cmds: PartyCommands, run_config: Path, name: str) -> Job:

@@ -34,6 +34,7 @@ from sandbox.events import (
     ComparisonFinished,
     ComparisonStarted,
     EventSink,
+    JsonlEventSink,
     ScorecardLogged,
 )
 from sandbox.files import write_atomic
@@ -200,12 +201,10 @@ def run_comparison(
 
 
 def _job_events(job_dir: Path) -> list[dict[str, Any]]:
-    path = job_dir / JOB_EVENTS_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise FederationError(f"{path}: cannot read the job's events ({exc.strerror})") from exc
-    return [json.loads(line) for line in lines if line.strip()]
+    sink = JsonlEventSink(job_dir / JOB_EVENTS_FILE)
+    if not sink.path.is_file():
+        raise FederationError(f"{sink.path}: the job's events are missing")
+    return sink.read()
 
 
 def collect_scorecards(

@@ -867,6 +867,17 @@ def write_run_config(path: Path, values: Mapping[str, str | int | float]) -> Pat
     return path
 
 
+# The run-config keys a provider's workspace fills in (``ark provider submit``).
+WORKSPACE_KEYS = ("output-dir", "aggregator-dir", "log-db")
+
+
+def write_job_config(path: Path, spec: RunSpec) -> Path:
+    """``spec`` as a provider writes a job's run config: what to train, not where its
+    workspace's files are (``ark provider submit`` fills those in)."""
+    values = spec.to_run_config()
+    return write_run_config(path, {k: v for k, v in values.items() if k not in WORKSPACE_KEYS})
+
+
 def write_cli_config(home: Path, address: str, ca_cert: Path | None) -> Path:
     """The ``flwr`` CLI's ``config.toml`` under ``home``: one SuperLink connection named
     after the federation, over TLS with ``ca_cert`` (plaintext when None)."""

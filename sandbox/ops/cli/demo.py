@@ -443,6 +443,7 @@ def _run_comparison(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment
     one job per model on the same federation. Then the auditor checks the log (every
     scorecard), and each node classifies a few of its tickets with the model the
     comparison recommends. Returns the comparison's folder."""
+    from sandbox.ops.catalog_models import DEFAULT_MODELS
     from sandbox.ops.comparison import load_comparison, recommend
     from sandbox.ops.comparison_job import comparison_dir
     from sandbox.ops.federation import write_run_config
@@ -453,7 +454,7 @@ def _run_comparison(stage: _Stage, spec: RunSpec, deployment: LoopbackDeployment
     folder.mkdir(parents=True, exist_ok=True)
     run_config = write_run_config(folder / "base-run-config.toml", spec.to_run_config())
     cmds = _start_parties(stage, deployment)
-    models = len(json.loads((deployment.catalog / "catalog.json").read_bytes())["models"])
+    models = len(DEFAULT_MODELS)  # the demo's provider publishes the default catalog
     budget = DEMO_START_SECONDS + (spec.num_rounds + 1) * spec.round_timeout
     own = min(deployment.node_configs)
     console.print(
