@@ -57,7 +57,7 @@ def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> _Model
     info = inspect_model_dir(spec.model_path, spec.task)
     base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
     model = build_peft_model(
-        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.lora_mode
     )
     if initial is not None:
         load_adapter_state(model, initial)
@@ -71,14 +71,14 @@ def _federated(
     initial: dict[str, np.ndarray],
 ) -> dict[str, float]:
     adapter = dict(initial)
-    trained = {k: v for k, v in adapter.items() if is_trained(k, spec.mode)}
+    trained = {k: v for k, v in adapter.items() if is_trained(k, spec.lora_mode)}
     for rnd in range(1, spec.num_rounds + 1):
         aggregator = StreamingAggregator(spec_of(trained))
         for split in splits.values():
             node = _fresh_model(spec, adapter)
             train_local(node.model, node.tokenizer, split.train, spec, seed=spec.seed * 1000 + rnd)
             update = {
-                k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.mode)
+                k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.lora_mode)
             }
             aggregator.add(update, float(len(split.train)))
         adapter = {**adapter, **aggregator.result()}

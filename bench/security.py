@@ -104,7 +104,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     per_round = [r["seconds"] for r in results["rounds"][1:]]
     initial = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
-    fp32 = sum(4 * v.size for k, v in initial.items() if is_trained(k, spec.mode))
+    fp32 = sum(4 * v.size for k, v in initial.items() if is_trained(k, spec.lora_mode))
     events = JsonlEventSink(out / "events.jsonl").read()
     accepted = [e for e in events if e[Key.KIND] == UpdateAccepted.kind]
     link_bytes: float | None = None

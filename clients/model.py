@@ -307,6 +307,6 @@ def load_node_model(spec: RunSpec, base: BaseModel) -> NodeModel:
 
     model, tokenizer, info, result = base
     peft_model = build_peft_model(
-        model, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+        model, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.lora_mode
     )
     return NodeModel(model=peft_model, tokenizer=tokenizer, info=info, attestation=result)

@@ -303,7 +303,7 @@ class NodeSandbox:
     def _model(self, spec: RunSpec, source: ModelSource) -> NodeModel:
         """The run's base model with a LoRA adapter of its shape, built once per shape."""
         held = self._unsealed(source)
-        shape = (spec.task, spec.labels, spec.lora, spec.mode, spec.model_id)
+        shape = (spec.task, spec.labels, spec.lora, spec.lora_mode, spec.model_id)
         model = held.models.get(shape)
         if model is None:
             import torch
@@ -479,7 +479,7 @@ class NodeSandbox:
             update = {
                 name: value
                 for name, value in adapter_state(model).items()
-                if is_trained(name, spec.mode)
+                if is_trained(name, spec.lora_mode)
             }
             metrics: dict[str, float] = {
                 NUM_EXAMPLES: float(len(split.train)),
@@ -601,7 +601,7 @@ class NodeSandbox:
                 started = time.perf_counter()
                 after = evaluate(model, tokenizer, split.heldout, spec)
                 eval_seconds = time.perf_counter() - started
-            adapter = {k: v for k, v in adapter_state(model).items() if is_trained(k, spec.mode)}
+            adapter = {k: v for k, v in adapter_state(model).items() if is_trained(k, spec.lora_mode)}
         finally:
             # The next local-model run starts again from the untrained model.
             self._held_now().models.clear()

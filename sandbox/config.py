@@ -31,6 +31,12 @@ TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
 MODE_FEDAVG = "fedavg"
 MODE_FFA = "ffa"
 MODES = (MODE_FEDAVG, MODE_FFA)
+# A run's mode: how LoRA trains (fedavg: A and B; ffa: B only, A frozen from the seed), and
+# whether the aggregator sees only the sum (secure aggregation, ``sandbox/secagg.py``):
+# "secagg" is fedavg with it, "ffa+secagg" ffa with it.
+MODE_SECAGG = "secagg"
+MODE_FFA_SECAGG = "ffa+secagg"
+RUN_MODES = (*MODES, MODE_SECAGG, MODE_FFA_SECAGG)
 PROTECTION_SEALED = "sealed"
 PROTECTION_OFF = "off"
 PROTECTIONS = (PROTECTION_SEALED, PROTECTION_OFF)
@@ -405,7 +411,7 @@ class RunSpec:
     num_rounds: int = field(
         default=2, metadata=_key("num-rounds", _Integer(minimum=1, maximum=100_000))
     )
-    mode: str = field(default=MODE_FEDAVG, metadata=_key("mode", _Choice(MODES)))
+    mode: str = field(default=MODE_FEDAVG, metadata=_key("mode", _Choice(RUN_MODES)))
     min_nodes: int = field(
         default=MIN_FEDERATED_NODES, metadata=_key("min-nodes", _Integer(minimum=1))
     )
@@ -424,6 +430,13 @@ class RunSpec:
             _Integer(minimum=1, maximum=EXAMPLES_LIMIT, maximum_text=f"2**53 ({EXAMPLES_LIMIT})"),
         ),
     )
+    # Secure aggregation (``mode`` secagg or ffa+secagg): the share of the advertised nodes
+    # needed to unmask (always a strict majority), and the clip range of each weighted
+    # update value, which sets the 32-bit fixed-point scale (``sandbox.secagg``).
+    secagg_threshold: float = field(
+        default=0.6, metadata=_key("secagg-threshold", _Number(0.5, 1.0))
+    )
+    secagg_clip: float = field(default=4.0, metadata=_key("secagg-clip", _Number(1e-6, 1e6)))
     local_steps: int = field(
         default=12, metadata=_key("local-steps", _Integer(minimum=1, maximum=1_000_000))
     )
@@ -475,6 +488,16 @@ class RunSpec:
         """Validate a Flower run config (``[tool.flwr.app.config]`` plus overrides)."""
         lora = LoraSpec(**_read(LoraSpec, values, source))
         return cls(**_read(cls, values, source), lora=lora, source=source)
+
+    @property
+    def lora_mode(self) -> str:
+        """How LoRA trains in this run: fedavg or ffa (secure aggregation aside)."""
+        return MODE_FFA if self.mode in (MODE_FFA, MODE_FFA_SECAGG) else MODE_FEDAVG
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the aggregator sees only the sum of the nodes' updates."""
+        return self.mode in (MODE_SECAGG, MODE_FFA_SECAGG)
 
     def to_run_config(self) -> dict[str, str | int | float]:
         """The inverse of :meth:`from_run_config`, for writing a run-config TOML."""

@@ -547,3 +547,36 @@ class ScorecardInvalid(ScorecardError):
     """A commitment or scorecard, or the signed record carrying one, is malformed (a field
     missing, extra, of the wrong type or out of bounds; named with its value), over the size
     limit, or its signature does not verify under the key it names."""
+
+
+class SecAggError(ArkError):
+    """Secure aggregation (:mod:`sandbox.secagg`) failed a check or cannot go on."""
+
+
+class SecAggMessageInvalid(SecAggError):
+    """A secure-aggregation message from another party is malformed (a key missing, extra
+    or mistyped, a blob of the wrong size) or a sealed share does not open."""
+
+
+class AdvertisementInvalid(SecAggError):
+    """A node's key advertisement is not signed by an attested identity: its
+    certification does not verify, is not an affirming ``signing`` result for the key that
+    signed, or the signature does not verify. The node is left out of the round."""
+
+
+class QuantizationOverflow(SecAggError):
+    """An update cannot be quantized without risking an overflow of the 32-bit sum: a
+    value outside the clip range, a weight outside (0, 1], or no scale for the node count.
+    Refused in the node's sandbox before anything is masked."""
+
+
+class SecAggRefused(SecAggError):
+    """A node's sandbox refuses an aggregator's secure-aggregation request that breaks the
+    protocol's rules (a roster it did not advertise to, a second unmask, shares of a node
+    both ways, fewer survivors than the threshold); nothing is revealed."""
+
+
+class SecAggFailed(FederationError):
+    """A secure-aggregation round cannot finish: fewer than the threshold of nodes reached
+    a stage, or the shares do not rebuild a node's secret. It fails closed: nothing is
+    unmasked, committed or sent."""

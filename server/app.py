@@ -76,7 +76,7 @@ def _provider_model(spec: RunSpec) -> Any:
     torch.manual_seed(spec.seed)
     base, _ = load_pretrained(info, num_labels=len(spec.labels))
     return build_peft_model(
-        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.lora_mode
     )
 
 
@@ -316,7 +316,7 @@ class FederatedJob:
         """Stage: fold each reply's update into the running sum as it arrives, until every
         node answered or the deadline passed; record each acceptance and rejection."""
         rnd, training = state.round, state.training
-        trained = {k: v for k, v in state.adapter.items() if is_trained(k, self.spec.mode)}
+        trained = {k: v for k, v in state.adapter.items() if is_trained(k, self.spec.lora_mode)}
         aggregator = state.aggregator = StreamingAggregator(
             spec_of(trained),
             reference=trained,

@@ -45,7 +45,7 @@ def _node_model(spec: RunSpec) -> tuple[Any, Any]:
     info = inspect_model_dir(spec.model_path, spec.task)
     base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
     model = build_peft_model(
-        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.mode
+        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.lora_mode
     )
     return model.eval(), tokenizer
 

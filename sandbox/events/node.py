@@ -130,6 +130,17 @@ class HeldoutCommitment(InRun):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SecaggRevealed(InRun):
+    """Secure aggregation: the node revealed, once for the round, its shares of the
+    survivors' seeds (``seeds_of``) and of the dropped nodes' masking keys (``keys_of``)."""
+
+    kind: ClassVar[str] = "secagg_revealed"
+    round: int
+    seeds_of: list[int]
+    keys_of: list[int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScorecardSigned(InRun):
     """In a comparison, the node signed and sent its scorecard of the run's model: which
     model, the root it names, and the SHA-256 of the signed record as it left."""

@@ -249,6 +249,49 @@ class AggregateCommitted(RunEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SecaggNode(JsonObject):
+    """A node whose key advertisement the aggregator accepted: the ueid its signing key is
+    certified for, and the SHA-256 of that key."""
+
+    node: int
+    ueid: str
+    signer_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecaggAdvertised(RunEvent):
+    """Secure aggregation, stage 1: the nodes whose signed keys the round uses."""
+
+    kind: ClassVar[str] = "secagg_advertised"
+    round: int
+    nodes: list[SecaggNode]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecaggStage(RunEvent):
+    """Secure aggregation: the nodes that completed stage ``stage`` (share: sent their
+    sealed shares; mask: sent a masked input the aggregator folded into the sum)."""
+
+    kind: ClassVar[str] = "secagg_stage"
+    round: int
+    stage: str
+    nodes: list[int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecaggUnmasked(RunEvent):
+    """Secure aggregation, stage 4: whose seeds were rebuilt (the survivors), whose
+    masking keys were rebuilt (the dropped: shared but sent no masked input), and the
+    nodes whose revealed shares did it."""
+
+    kind: ClassVar[str] = "secagg_unmasked"
+    round: int
+    survivors: list[int]
+    dropped: list[int]
+    revealed_by: list[int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunFinished(RunEvent):
     """The run's last adapter, and each node's final held-out metrics
     (``metrics["final"][node][metric]``)."""

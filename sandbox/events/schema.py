@@ -134,6 +134,14 @@ class Key(StrEnum):
     ROOT = "root"
     HELDOUT_ROOT = "heldout_root"
     RECORD_SHA256 = "record_sha256"
+    # secure aggregation
+    NODES = "nodes"
+    SIGNER_SHA256 = "signer_sha256"
+    SURVIVORS = "survivors"
+    DROPPED = "dropped"
+    REVEALED_BY = "revealed_by"
+    SEEDS_OF = "seeds_of"
+    KEYS_OF = "keys_of"
 
 
 _KEYS = frozenset(Key)

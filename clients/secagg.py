@@ -1,0 +1,251 @@
+"""A node's side of secure aggregation: one round's state machine, no I/O.
+
+The node sandbox keeps one :class:`NodeRound` per run and round, and drives it with the
+aggregator's requests (``sandbox/secagg.py`` has the protocol and wire formats). Every
+request is hostile: the node checks each advertisement against the key broker's result
+key, masks only with nodes that advertised and shared, and reveals at most once per
+round, never both kinds of share of one node. Those rules keep every honest node's
+update hidden from an aggregator that asks for more than the protocol gives it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from sandbox.errors import SecAggRefused
+from sandbox.secagg import (
+    SEED_BYTES,
+    Advertisement,
+    MaskRequest,
+    Quantization,
+    Reveal,
+    ShareBundle,
+    ShareRequest,
+    UnmaskRequest,
+    agree,
+    open_share,
+    pair_mask,
+    seal_share,
+    self_mask,
+    share_index,
+    split_secret,
+    threshold,
+)
+
+
+def _raw_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+@dataclass
+class NodeRound:
+    """One node's secure-aggregation state for one round of one run."""
+
+    run: int
+    round: int
+    node: int
+    # The run's threshold fraction and clip range (``secagg-threshold``, ``secagg-clip``).
+    fraction: float
+    clip: float
+    signer: Ed25519PrivateKey
+    certificate: str
+    result_key: Any
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    rng: Callable[[int], bytes] = os.urandom
+    # advertise
+    advert: Advertisement | None = None
+    _c: X25519PrivateKey | None = None
+    _s: X25519PrivateKey | None = None
+    _seed: bytes = b""
+    # share: the advertised nodes (sorted), their advertisements, the threshold, and the
+    # ueid each certification names.
+    roster: tuple[int, ...] = ()
+    peers: dict[int, Advertisement] = field(default_factory=dict)
+    ueids: dict[int, str] = field(default_factory=dict)
+    threshold: int = 0
+    # mask: whom this node masked with, and the shares it holds of each (seed, key).
+    masked_with: tuple[int, ...] = ()
+    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # unmask: whose seed shares and whose key shares this node revealed.
+    revealed_seeds: tuple[int, ...] | None = None
+    revealed_keys: tuple[int, ...] = ()
+
+    def _refuse(self, reason: str) -> SecAggRefused:
+        return SecAggRefused(f"run {self.run} round {self.round}: {reason}")
+
+    def _check_ids(self, run: int, rnd: int) -> None:
+        if (run, rnd) != (self.run, self.round):
+            raise self._refuse(f"a request for run {run} round {rnd}")
+
+    def advertise(self) -> Advertisement:
+        """Stage 1: fresh keys and seed for this round, advertised (once)."""
+        if self.advert is not None:
+            raise self._refuse("keys were already advertised for this round")
+        self._c = X25519PrivateKey.from_private_bytes(self.rng(32))
+        self._s = X25519PrivateKey.from_private_bytes(self.rng(32))
+        self._seed = self.rng(SEED_BYTES)
+        self.advert = Advertisement.sign(
+            self.signer,
+            self.certificate,
+            run=self.run,
+            rnd=self.round,
+            node=self.node,
+            c_pk=_raw_public(self._c),
+            s_pk=_raw_public(self._s),
+        )
+        return self.advert
+
+    def share(self, request: ShareRequest) -> ShareBundle:
+        """Stage 2: check every advertisement, then seal each peer's shares of this
+        node's seed and ``s`` key to that peer's ``c`` key."""
+        self._check_ids(request.run, request.round)
+        if self.advert is None or self._c is None or self._s is None:
+            raise self._refuse("a share request before this node advertised")
+        if self.roster:
+            raise self._refuse("a second share request for this round")
+        adverts = {a.node: a for a in request.adverts}
+        if adverts.get(self.node) != self.advert:
+            raise self._refuse("the share request does not carry this node's own keys")
+        now = self.clock()
+        ueids: dict[int, str] = {}
+        for node, advert in adverts.items():
+            result = advert.verify(self.result_key, now=now, run=self.run, rnd=self.round)
+            ueids[node] = str(result.ueid)
+        if len(set(ueids.values())) != len(ueids) or len(
+            {a.signer for a in adverts.values()}
+        ) != len(adverts):
+            raise self._refuse("two advertised nodes share one attested identity")
+        if len({a.s_pk for a in adverts.values()}) != len(adverts):
+            raise self._refuse("two advertised nodes share one masking key")
+        roster = tuple(sorted(adverts))
+        if len(roster) < 2:
+            raise self._refuse("fewer than 2 nodes advertised: a sum of one is no secret")
+        t = threshold(len(roster), self.fraction)
+        seed_shares = split_secret(self._seed, t, len(roster))
+        key_shares = split_secret(self._s.private_bytes_raw(), t, len(roster))
+        sealed: dict[int, bytes] = {}
+        for position, node in enumerate(roster):
+            if node == self.node:
+                self.held[node] = (seed_shares[position], key_shares[position])
+                continue
+            sealed[node] = seal_share(
+                self._c,
+                adverts[node].c_pk,
+                run=self.run,
+                rnd=self.round,
+                sender=self.node,
+                recipient=node,
+                index=position + 1,
+                seed_share=seed_shares[position],
+                key_share=key_shares[position],
+                rng=self.rng,
+            )
+        self.roster, self.peers, self.ueids, self.threshold = roster, adverts, ueids, t
+        return ShareBundle(self.run, self.round, self.node, sealed)
+
+    @property
+    def quantization(self) -> Quantization:
+        """The fixed point every node of this round uses (clip and advertised count)."""
+        return Quantization(self.clip, len(self.roster))
+
+    def mask(self, request: MaskRequest, values: np.ndarray, weight: float) -> np.ndarray:
+        """Stage 3: keep the shares the others sent this node, then quantize ``weight *
+        values`` and ``weight`` and mask them with this node's seed and with every node
+        that shared. Refused before anything is masked if the roster or a share is wrong,
+        or (QuantizationOverflow) if the input could overflow the sum."""
+        self._check_ids(request.run, request.round)
+        if not self.roster or self._s is None:
+            raise self._refuse("a mask request before shares were exchanged")
+        if self.masked_with:
+            raise self._refuse("a second mask request for this round")
+        roster = request.roster
+        if self.node not in roster or not set(roster) <= set(self.roster):
+            raise self._refuse(
+                "the mask roster names nodes that did not advertise, or not this node"
+            )
+        if len(roster) < self.threshold:
+            raise self._refuse(
+                f"{len(roster)} nodes shared, fewer than the threshold {self.threshold}"
+            )
+        if set(request.shares) != set(roster) - {self.node}:
+            raise self._refuse("the shares do not come from exactly the roster's other nodes")
+        mine = share_index(self.roster, self.node)
+        held = {self.node: self.held[self.node]}
+        for sender, blob in request.shares.items():
+            index, seed_share, key_share = open_share(
+                self._c_key(),
+                self.peers[sender].c_pk,
+                blob,
+                run=self.run,
+                rnd=self.round,
+                sender=sender,
+                recipient=self.node,
+            )
+            if index != mine:
+                raise self._refuse(f"the share from node {sender} is for another index")
+            held[sender] = (seed_share, key_share)
+        quantized = self.quantization.encode(values, weight)
+        total = quantized + self_mask(self._seed, self.run, self.round, self.node, quantized.size)
+        for peer in roster:
+            if peer == self.node:
+                continue
+            shared = agree(self._s, self.peers[peer].s_pk)
+            mask = pair_mask(shared, self.run, self.round, self.node, peer, total.size)
+            if self.node < peer:
+                total += mask
+            else:
+                total -= mask
+        self.held, self.masked_with = held, roster
+        masked: np.ndarray = total
+        return masked
+
+    def _c_key(self) -> X25519PrivateKey:
+        if self._c is None:
+            raise RuntimeError("no keys advertised")
+        return self._c
+
+    def unmask(self, request: UnmaskRequest) -> Reveal:
+        """Stage 4: once per round, this node's shares of each survivor's seed and of each
+        dropped node's ``s`` key; refused (nothing revealed) unless the survivors and the
+        dropped split exactly the nodes this node masked with, this node among the
+        survivors, and the survivors reach the threshold."""
+        self._check_ids(request.run, request.round)
+        if not self.masked_with:
+            raise self._refuse("an unmask request before this node sent its masked input")
+        if self.revealed_seeds is not None:
+            raise self._refuse("a second unmask request for this round: shares are revealed once")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise self._refuse(
+                "the request names a node both surviving and dropped: both its shares would "
+                "unmask it"
+            )
+        if survivors | dropped != set(self.masked_with):
+            raise self._refuse(
+                "survivors and dropped are not exactly the nodes this node masked with: "
+                "a node that did not drop could be unmasked"
+            )
+        if self.node not in survivors:
+            raise self._refuse("this node is named as dropped")
+        if len(survivors) < self.threshold:
+            raise self._refuse(
+                f"{len(survivors)} survivors, fewer than the threshold {self.threshold}"
+            )
+        self.revealed_seeds = tuple(sorted(survivors))
+        self.revealed_keys = tuple(sorted(dropped))
+        return Reveal(
+            self.run,
+            self.round,
+            self.node,
+            share_index(self.roster, self.node),
+            {u: self.held[u][0] for u in self.revealed_seeds},
+            {d: self.held[d][1] for d in self.revealed_keys},
+        )

@@ -1,0 +1,689 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017): what the aggregator and the nodes share.
+
+The protocol runs as four stages of a training round over Flower's Message API:
+
+1. *advertise*: each node makes two fresh X25519 key pairs for the round (``c`` seals the
+   shares it sends, ``s`` agrees its pairwise masks) and a 32-byte self-mask seed ``b``,
+   and signs both public keys with its attested identity: the Ed25519 key whose
+   certification (an EAR of purpose ``signing``) the key broker signed against the
+   node sandbox's attestation. Nodes and aggregator check every advertisement against
+   the verifier's result key, so the aggregator cannot put a key of its own in a node's
+   place.
+2. *share*: each node splits ``b`` and its ``s`` private key into Shamir shares
+   (threshold ``t`` of the ``n`` advertised nodes; pycryptodome's GF(2^128) scheme, over
+   two 16-byte halves) and seals each peer's shares with AES-GCM under a key derived
+   from their ``c`` agreement; the aggregator only routes them.
+3. *mask*: each node validates its update, quantizes it into 32-bit fixed point and adds
+   a self mask expanded from ``b`` and, for every peer that shared, a pairwise mask
+   expanded from the full ``s`` agreement (added by the lower node id, subtracted by the
+   higher), all mod 2^32. Masks are ChaCha20 keystreams keyed by HKDF-SHA256 whose
+   ``info`` names the purpose and binds run, round and the pair.
+4. *unmask*: the aggregator names the survivors (whose masked input it holds) and the
+   dropped (who shared but sent none). Each survivor reveals, once per round, its shares
+   of the survivors' seeds and of the dropped nodes' ``s`` keys, never both for one
+   node; with ``t`` of each the aggregator removes every mask and holds only the sum.
+
+This module holds the wire formats (strictly parsed: every party's bytes are hostile),
+the quantization, the mask expansion and the share sealing. The node's state machine is
+``clients/secagg.py``, the aggregator's ``server/secagg.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sandbox.attestation.result import (
+    AFFIRMING,
+    PURPOSE_SIGNING,
+    SIGNING_SUITE,
+    AttestationResult,
+    verify_result,
+)
+from sandbox.errors import (
+    AdvertisementInvalid,
+    AttestationError,
+    QuantizationOverflow,
+    SecAggMessageInvalid,
+)
+from sandbox.strictjson import StrictJSONError, loads
+
+FORMAT = "ark-secagg/1"
+STAGE_ADVERTISE = "advertise"
+STAGE_SHARE = "share"
+STAGE_MASK = "mask"
+STAGE_UNMASK = "unmask"
+STAGES = (STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASK, STAGE_UNMASK)
+# The one tensor a masked input travels as inside the sealed uplink envelope.
+MASKED_TENSOR = "secagg.masked"
+# The masked sum is taken mod 2^32; quantized values are read back as signed 32-bit.
+MODULUS = 2**32
+INT32_MAX = 2**31 - 1
+KEY_BYTES = 32
+SEED_BYTES = 32
+SIGNATURE_BYTES = 64
+# One Shamir share of a 32-byte secret: two 16-byte shares of its halves.
+SHARE_BYTES = 32
+_HALF = 16
+_NONCE_BYTES = 12
+# A sealed share: nonce, the share index, the seed's share and the key's share, the tag.
+SEALED_SHARE_BYTES = _NONCE_BYTES + 4 + 2 * SHARE_BYTES + 16
+# The longest EAR token an advertisement may carry (as the hello's result limit).
+MAX_CERTIFICATE = 16 * 1024
+# The most nodes one round may have (message sizes grow with it).
+MAX_NODES = 10_000
+_HKDF_SALT = b"ark/v1/secagg"
+_ADVERTISE_DOMAIN = b"ark/v1/secagg/advertise\0"
+
+
+# -- thresholds and quantization -------------------------------------------------------------
+
+
+def threshold(nodes: int, fraction: float) -> int:
+    """The shares needed to reconstruct a secret among ``nodes`` advertised nodes: at least
+    ``fraction`` of them and always a strict majority, so that no two disjoint sets of
+    honest survivors can each reveal one kind of share of the same node."""
+    if nodes < 1:
+        raise ValueError(f"threshold of {nodes} nodes")
+    return min(nodes, max(nodes // 2 + 1, math.ceil(fraction * nodes - 1e-9), 2))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Fixed point into 32-bit integers for ``nodes`` nodes, each value in [-clip, clip].
+
+    Values are scaled by ``scale = floor((2^31 - 1) / (nodes * clip))`` and rounded, so the
+    sum of ``nodes`` of them never leaves the signed 32-bit range: the sum mod 2^32, read as
+    a signed integer, is the exact sum of the rounded values. The weight (in (0, 1]) is one
+    more element, scaled by ``floor((2^31 - 1) / nodes)``. A value outside the range is
+    refused (:class:`QuantizationOverflow`), never wrapped or silently clipped.
+    """
+
+    clip: float
+    nodes: int
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and math.isfinite(self.clip)) or not 1 <= self.nodes <= MAX_NODES:
+            raise QuantizationOverflow(
+                f"no quantization for clip {self.clip!r} and {self.nodes!r} nodes"
+            )
+        if self.scale < 1:
+            raise QuantizationOverflow(
+                f"clip {self.clip:g} times {self.nodes} nodes leaves no 32-bit precision"
+            )
+
+    @property
+    def scale(self) -> int:
+        return int(INT32_MAX // (self.nodes * self.clip))
+
+    @property
+    def weight_scale(self) -> int:
+        return INT32_MAX // self.nodes
+
+    def encode(self, values: np.ndarray, weight: float) -> np.ndarray:
+        """``weight * values`` and ``weight`` as uint32 (the weight last).
+
+        QuantizationOverflow unless every weighted value is finite and within the clip
+        range and the weight is in (0, 1]: such an input could overflow the sum."""
+        if not (0 < weight <= 1 and math.isfinite(weight)):
+            raise QuantizationOverflow(f"weight {weight!r} is outside (0, 1]")
+        weighted = np.asarray(values, np.float64) * weight
+        if not np.isfinite(weighted).all():
+            raise QuantizationOverflow("the update contains NaN or Inf")
+        peak = float(np.abs(weighted).max()) if weighted.size else 0.0
+        if peak > self.clip:
+            raise QuantizationOverflow(
+                f"a weighted update value of magnitude {peak:.4g} is outside the clip "
+                f"range [-{self.clip:g}, {self.clip:g}] (secagg-clip): {self.nodes} such "
+                "values could overflow the 32-bit sum"
+            )
+        quantized = np.empty(weighted.size + 1, np.int64)
+        np.rint(weighted * self.scale, out=quantized[:-1], casting="unsafe")
+        quantized[-1] = round(weight * self.weight_scale)
+        return quantized.astype(np.uint32)  # two's complement: the value mod 2^32
+
+    def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
+        """The summed weighted values and the summed weight from a uint32 sum."""
+        signed = np.asarray(total, np.uint32).view(np.int32).astype(np.float64)
+        weight = float(np.asarray(total, np.uint32)[-1]) / self.weight_scale
+        return signed[:-1] / self.scale, weight
+
+    def bound(self, count: int, weight: float, magnitude: float) -> float:
+        """The most one element of the decoded weighted mean can differ from the plaintext
+        weighted mean of ``count`` updates whose summed weight is ``weight`` and whose
+        mean's largest element is ``magnitude``: half a step per value and per weight."""
+        value_error = count * 0.5 / self.scale
+        weight_error = count * 0.5 / self.weight_scale
+        return (value_error + magnitude * weight_error) / max(weight - weight_error, 1e-300)
+
+
+# -- masks -------------------------------------------------------------------------------------
+
+
+def round_context(run: int, rnd: int) -> bytes:
+    return struct.pack(">QQ", run, rnd)
+
+
+def _expand(ikm: bytes, purpose: bytes, context: bytes, length: int) -> np.ndarray:
+    """``length`` uint32 words of ChaCha20 keystream under a key derived from ``ikm`` (the
+    full secret) for ``purpose`` and ``context``: the key is unique to them, so the
+    all-zero nonce is never reused."""
+    key = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=_HKDF_SALT,
+        info=b"ark/v1/secagg/" + purpose + b"\0" + context,
+    ).derive(ikm)
+    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4")
+
+
+def self_mask(seed: bytes, run: int, rnd: int, node: int, length: int) -> np.ndarray:
+    """The mask node ``node`` adds from its own seed ``b``."""
+    return _expand(seed, b"self-mask", round_context(run, rnd) + struct.pack(">Q", node), length)
+
+
+def pair_mask(shared: bytes, run: int, rnd: int, u: int, v: int, length: int) -> np.ndarray:
+    """The mask nodes ``u`` and ``v`` both expand from their ``s`` agreement (``shared``)."""
+    low, high = sorted((u, v))
+    context = round_context(run, rnd) + struct.pack(">QQ", low, high)
+    return _expand(shared, b"pair-mask", context, length)
+
+
+def apply_pair_mask(
+    total: np.ndarray, shared: bytes, run: int, rnd: int, owner: int, peer: int, *, sign: int
+) -> None:
+    """Add (``sign=1``) or remove (``-1``) in place, mod 2^32, the pair mask ``owner``
+    applied for ``peer``: the lower node id adds it, the higher subtracts it."""
+    mask = pair_mask(shared, run, rnd, owner, peer, total.size)
+    if (owner < peer) == (sign > 0):
+        total += mask
+    else:
+        total -= mask
+
+
+def agree(private: X25519PrivateKey, public: bytes) -> bytes:
+    """The X25519 agreement with a peer's raw public key (AdvertisementInvalid for a key
+    of small order, with which every agreement is zero)."""
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise AdvertisementInvalid(f"unusable X25519 public key: {exc}") from None
+
+
+# -- Shamir shares -------------------------------------------------------------------------
+
+
+def split_secret(secret: bytes, t: int, n: int) -> list[bytes]:
+    """``n`` shares of a 32-byte ``secret`` (share ``i`` for index ``i + 1``), any ``t``
+    of which rebuild it."""
+    if len(secret) != 2 * _HALF:
+        raise ValueError("secrets are 32 bytes")
+    halves = [Shamir.split(t, n, secret[i : i + _HALF], ssss=False) for i in (0, _HALF)]
+    return [low[1] + high[1] for low, high in zip(*halves, strict=True)]
+
+
+def combine_secret(shares: Mapping[int, bytes]) -> bytes:
+    """The 32-byte secret from ``{index: share}`` (at least the threshold of them)."""
+    halves = [
+        Shamir.combine(
+            [(index, share[i : i + _HALF]) for index, share in sorted(shares.items())], ssss=False
+        )
+        for i in (0, _HALF)
+    ]
+    return halves[0] + halves[1]
+
+
+def _share_key(private: X25519PrivateKey, public: bytes, aad: bytes) -> AESGCM:
+    key = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=_HKDF_SALT,
+        info=b"ark/v1/secagg/share\0" + aad,
+    ).derive(agree(private, public))
+    return AESGCM(key)
+
+
+def _share_aad(run: int, rnd: int, sender: int, recipient: int) -> bytes:
+    return round_context(run, rnd) + struct.pack(">QQ", sender, recipient)
+
+
+def seal_share(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    *,
+    run: int,
+    rnd: int,
+    sender: int,
+    recipient: int,
+    index: int,
+    seed_share: bytes,
+    key_share: bytes,
+    rng: Callable[[int], bytes] = os.urandom,
+) -> bytes:
+    """``recipient``'s shares of ``sender``'s seed and ``s`` key, sealed from ``sender``'s
+    ``c`` key to ``recipient``'s; the direction, run and round are bound as AAD."""
+    aad = _share_aad(run, rnd, sender, recipient)
+    nonce = rng(_NONCE_BYTES)
+    plain = struct.pack(">I", index) + seed_share + key_share
+    return nonce + _share_key(private, peer_public, aad).encrypt(nonce, plain, aad)
+
+
+def open_share(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    sealed: bytes,
+    *,
+    run: int,
+    rnd: int,
+    sender: int,
+    recipient: int,
+) -> tuple[int, bytes, bytes]:
+    """The share index, seed share and key share ``sender`` sealed for ``recipient``;
+    SecAggMessageInvalid if it does not open under this exact context."""
+    aad = _share_aad(run, rnd, sender, recipient)
+    try:
+        plain = _share_key(private, peer_public, aad).decrypt(
+            sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], aad
+        )
+    except (InvalidTag, ValueError):
+        raise SecAggMessageInvalid(f"the share from node {sender} does not open") from None
+    if len(plain) != 4 + 2 * SHARE_BYTES:
+        raise SecAggMessageInvalid(f"the share from node {sender} has the wrong length")
+    (index,) = struct.unpack(">I", plain[:4])
+    return index, plain[4 : 4 + SHARE_BYTES], plain[4 + SHARE_BYTES :]
+
+
+# -- wire formats --------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: Any, where: str, size: int | None = None, limit: int | None = None) -> bytes:
+    if not isinstance(value, str):
+        raise SecAggMessageInvalid(f"{where} must be base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SecAggMessageInvalid(f"{where} is not base64") from None
+    if size is not None and len(data) != size:
+        raise SecAggMessageInvalid(f"{where} must be {size} bytes, not {len(data)}")
+    if limit is not None and len(data) > limit:
+        raise SecAggMessageInvalid(f"{where} is longer than {limit} bytes")
+    return data
+
+
+def _uint(value: Any, where: str, limit: int = 2**64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise SecAggMessageInvalid(f"{where} must be an integer in [0, {limit}), got {value!r}")
+    return value
+
+
+def _object(raw: bytes | Any, kind: str, keys: Iterable[str]) -> dict[str, Any]:
+    """The JSON object of a ``kind`` message with exactly ``keys`` (and its format)."""
+    if isinstance(raw, bytes):
+        try:
+            value = loads(raw)
+        except (StrictJSONError, UnicodeDecodeError) as exc:
+            raise SecAggMessageInvalid(f"a {kind} message is not JSON: {exc}") from None
+    else:
+        value = raw
+    expected = {"format", *keys}
+    if not isinstance(value, dict) or set(value) != expected:
+        found = sorted(value)[:8] if isinstance(value, dict) else type(value).__name__
+        raise SecAggMessageInvalid(f"a {kind} message must have keys {sorted(expected)}: {found}")
+    if value["format"] != FORMAT:
+        raise SecAggMessageInvalid(f"a {kind} message is not {FORMAT}")
+    return value
+
+
+def _dump(kind_fields: Mapping[str, Any]) -> bytes:
+    return json.dumps({"format": FORMAT, **kind_fields}, separators=(",", ":")).encode()
+
+
+def _node_list(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_NODES:
+        raise SecAggMessageInvalid(f"{where} must be a list of at most {MAX_NODES} node ids")
+    nodes = tuple(_uint(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if list(nodes) != sorted(set(nodes)):
+        raise SecAggMessageInvalid(f"{where} must be sorted node ids without repeats")
+    return nodes
+
+
+def _blob_map(value: Any, where: str, size: int) -> dict[int, bytes]:
+    """``[[node, base64], ...]`` sorted by node, each blob exactly ``size`` bytes."""
+    if not isinstance(value, list) or len(value) > MAX_NODES:
+        raise SecAggMessageInvalid(f"{where} must be a list of at most {MAX_NODES} pairs")
+    pairs: dict[int, bytes] = {}
+    last = -1
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise SecAggMessageInvalid(f"{where}[{i}] must be a [node, data] pair")
+        node = _uint(pair[0], f"{where}[{i}][0]")
+        if node <= last:
+            raise SecAggMessageInvalid(f"{where} must be sorted by node without repeats")
+        last = node
+        pairs[node] = _unb64(pair[1], f"{where}[{i}][1]", size)
+    return pairs
+
+
+def _pairs(blobs: Mapping[int, bytes]) -> list[list[Any]]:
+    return [[node, _b64(blob)] for node, blob in sorted(blobs.items())]
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """A node's two public keys for one round, signed by its attested signing key, with
+    the key broker's certification (EAR token) of that signing key."""
+
+    run: int
+    round: int
+    node: int
+    c_pk: bytes
+    s_pk: bytes
+    signer: bytes
+    signature: bytes
+    certificate: str
+
+    @staticmethod
+    def signed_bytes(run: int, rnd: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
+        return _ADVERTISE_DOMAIN + struct.pack(">QQQ", run, rnd, node) + c_pk + s_pk
+
+    @classmethod
+    def sign(
+        cls,
+        key: Ed25519PrivateKey,
+        certificate: str,
+        *,
+        run: int,
+        rnd: int,
+        node: int,
+        c_pk: bytes,
+        s_pk: bytes,
+    ) -> Advertisement:
+        signature = key.sign(cls.signed_bytes(run, rnd, node, c_pk, s_pk))
+        signer = key.public_key().public_bytes_raw()
+        return cls(run, rnd, node, c_pk, s_pk, signer, signature, certificate)
+
+    def verify(self, result_key: Any, *, now: dt.datetime, run: int, rnd: int) -> AttestationResult:
+        """The certification of the signing key; AdvertisementInvalid unless this
+        advertisement is for ``run`` and ``rnd``, its signature verifies under the signing
+        key, and an affirming result of purpose ``signing`` signed by ``result_key``
+        certifies exactly that key for a named TEE (ueid)."""
+        where = f"node {self.node}'s key advertisement"
+        if (self.run, self.round) != (run, rnd):
+            raise AdvertisementInvalid(f"{where} is for run {self.run} round {self.round}")
+        try:
+            result = verify_result(self.certificate, result_key, now=now)
+        except AttestationError as exc:
+            raise AdvertisementInvalid(f"{where}: its certification fails: {exc}") from None
+        if (
+            result.status != AFFIRMING
+            or result.purpose != PURPOSE_SIGNING
+            or result.hpke_suite != SIGNING_SUITE
+            or result.tee_pubkey != self.signer
+            or not result.ueid
+        ):
+            raise AdvertisementInvalid(
+                f"{where} is not signed by an attested identity: its certification is not "
+                "an affirming signing result for the key that signed it"
+            )
+        try:
+            Ed25519PublicKey.from_public_bytes(self.signer).verify(
+                self.signature,
+                self.signed_bytes(self.run, self.round, self.node, self.c_pk, self.s_pk),
+            )
+        except (InvalidSignature, ValueError):
+            raise AdvertisementInvalid(f"{where}: the signature does not verify") from None
+        return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "run": self.run,
+            "round": self.round,
+            "node": self.node,
+            "c_pk": _b64(self.c_pk),
+            "s_pk": _b64(self.s_pk),
+            "signer": _b64(self.signer),
+            "sig": _b64(self.signature),
+            "cert": self.certificate,
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | Any) -> Advertisement:
+        keys = ("run", "round", "node", "c_pk", "s_pk", "signer", "sig", "cert")
+        value = _object(raw, "key advertisement", keys)
+        cert = value["cert"]
+        if not isinstance(cert, str) or not 0 < len(cert) <= MAX_CERTIFICATE:
+            raise SecAggMessageInvalid(
+                f"a key advertisement's cert must be text of at most {MAX_CERTIFICATE} bytes"
+            )
+        return cls(
+            run=_uint(value["run"], "run"),
+            round=_uint(value["round"], "round"),
+            node=_uint(value["node"], "node"),
+            c_pk=_unb64(value["c_pk"], "c_pk", KEY_BYTES),
+            s_pk=_unb64(value["s_pk"], "s_pk", KEY_BYTES),
+            signer=_unb64(value["signer"], "signer", KEY_BYTES),
+            signature=_unb64(value["sig"], "sig", SIGNATURE_BYTES),
+            certificate=cert,
+        )
+
+
+@dataclass(frozen=True)
+class ShareRequest:
+    """Stage 2's instruction: every advertisement the aggregator accepted (sorted by node)."""
+
+    run: int
+    round: int
+    adverts: tuple[Advertisement, ...]
+
+    def to_bytes(self) -> bytes:
+        adverts = [a.to_json() for a in self.adverts]
+        return _dump(
+            {"stage": STAGE_SHARE, "run": self.run, "round": self.round, "adverts": adverts}
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ShareRequest:
+        value = _object(raw, "share request", ("stage", "run", "round", "adverts"))
+        adverts = value["adverts"]
+        if value["stage"] != STAGE_SHARE or not isinstance(adverts, list):
+            raise SecAggMessageInvalid("a share request must list advertisements")
+        if len(adverts) > MAX_NODES:
+            raise SecAggMessageInvalid(f"a share request lists more than {MAX_NODES} nodes")
+        parsed = tuple(Advertisement.from_json(a) for a in adverts)
+        _node_list([a.node for a in parsed], "adverts' nodes")
+        return cls(_uint(value["run"], "run"), _uint(value["round"], "round"), parsed)
+
+
+@dataclass(frozen=True)
+class ShareBundle:
+    """Stage 2's reply: one sealed share per other advertised node (keyed by recipient)."""
+
+    run: int
+    round: int
+    node: int
+    shares: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_SHARE,
+                "run": self.run,
+                "round": self.round,
+                "node": self.node,
+                "shares": _pairs(self.shares),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ShareBundle:
+        value = _object(raw, "share bundle", ("stage", "run", "round", "node", "shares"))
+        if value["stage"] != STAGE_SHARE:
+            raise SecAggMessageInvalid("a share bundle must be of stage share")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _uint(value["node"], "node"),
+            _blob_map(value["shares"], "shares", SEALED_SHARE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Stage 3's instruction: the nodes that shared (whom to mask with), and the sealed
+    shares the others sent this node (keyed by sender)."""
+
+    run: int
+    round: int
+    roster: tuple[int, ...]
+    shares: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_MASK,
+                "run": self.run,
+                "round": self.round,
+                "roster": list(self.roster),
+                "shares": _pairs(self.shares),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> MaskRequest:
+        value = _object(raw, "mask request", ("stage", "run", "round", "roster", "shares"))
+        if value["stage"] != STAGE_MASK:
+            raise SecAggMessageInvalid("a mask request must be of stage mask")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _node_list(value["roster"], "roster"),
+            _blob_map(value["shares"], "shares", SEALED_SHARE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 4's instruction: whose masked input the aggregator holds (survivors) and who
+    shared but sent none (dropped)."""
+
+    run: int
+    round: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_UNMASK,
+                "run": self.run,
+                "round": self.round,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UnmaskRequest:
+        keys = ("stage", "run", "round", "survivors", "dropped")
+        value = _object(raw, "unmask request", keys)
+        if value["stage"] != STAGE_UNMASK:
+            raise SecAggMessageInvalid("an unmask request must be of stage unmask")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _node_list(value["survivors"], "survivors"),
+            _node_list(value["dropped"], "dropped"),
+        )
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """Stage 4's reply: this node's shares of each survivor's seed and of each dropped
+    node's ``s`` key, and the share index they are at."""
+
+    run: int
+    round: int
+    node: int
+    index: int
+    seeds: Mapping[int, bytes]
+    keys: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_UNMASK,
+                "run": self.run,
+                "round": self.round,
+                "node": self.node,
+                "index": self.index,
+                "seeds": _pairs(self.seeds),
+                "keys": _pairs(self.keys),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Reveal:
+        keys = ("stage", "run", "round", "node", "index", "seeds", "keys")
+        value = _object(raw, "reveal", keys)
+        if value["stage"] != STAGE_UNMASK:
+            raise SecAggMessageInvalid("a reveal must be of stage unmask")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _uint(value["node"], "node"),
+            _uint(value["index"], "index", MAX_NODES + 1),
+            _blob_map(value["seeds"], "seeds", SHARE_BYTES),
+            _blob_map(value["keys"], "keys", SHARE_BYTES),
+        )
+
+
+def share_index(roster: Sequence[int], node: int) -> int:
+    """The Shamir index of ``node``'s shares: its place among the advertised nodes, from 1."""
+    return list(roster).index(node) + 1
+
+
+def flatten(tensors: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """The tensors named ``names``, in that order, as one float64 vector."""
+    if not names:
+        return np.zeros(0, np.float64)
+    return np.concatenate([np.asarray(tensors[n], np.float64).ravel() for n in names])
+
+
+def unflatten(
+    vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]
+) -> dict[str, np.ndarray]:
+    """The inverse of :func:`flatten` over ``shapes`` (in their order), cast to ``dtypes``."""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = vector[offset : offset + size].reshape(shape).astype(dtypes[name])
+        offset += size
+    return out
