@@ -25,11 +25,13 @@ from clients.shuttle import (
     instruction,
     run_context,
     sandbox_client,
+    secagg_content,
+    secagg_request,
     train_content,
 )
 from sandbox.config import NodeConfig
 from sandbox.errors import ConfigError
-from sandbox.protocol import NODE_CONFIG_KEY, round_of
+from sandbox.protocol import NODE_CONFIG_KEY, SECAGG_ACTION, round_of
 
 app = ClientApp(mods=[egress_guard])
 
@@ -73,3 +75,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     with sandbox_client(node_config(context)) as sandbox:
         reply = sandbox.evaluate(instruction(msg, context, _started()))
     return Message(evaluate_content(reply), reply_to=msg)
+
+
+@app.query(SECAGG_ACTION)
+def secure_aggregation(msg: Message, context: Context) -> Message:
+    """Forward a secure-aggregation stage (share, mask, unmask); reply with the sandbox's
+    sealed shares, sealed masked input or revealed shares."""
+    with sandbox_client(node_config(context)) as sandbox:
+        reply = sandbox.secagg(secagg_request(msg, context, _started()))
+    return Message(secagg_content(reply), reply_to=msg)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.channel import (
@@ -53,6 +54,7 @@ from sandbox.events import Key
 from sandbox.journal import append_journal
 from sandbox.protocol import GLOBAL_KEY, SEALED_KEY, UPDATE_KEY, from_record, to_record
 from sandbox.seal.envelope import RecipientKey
+from sandbox.secagg import MASKED_TENSOR
 
 if TYPE_CHECKING:  # sandbox.lora imports torch, which the hello's process does not need
     from sandbox.lora import Adapter
@@ -91,6 +93,10 @@ class Accepted(ABC):
     @abstractmethod
     def attested(self, loaded: NodeModel) -> dict[Key, Any]:
         """What the journal keeps of this message's key release and aggregator check."""
+
+    def reply_masked(self, masked: np.ndarray, examples: float) -> UpdateRecords:
+        """The records a secure-aggregation masked input leaves in (sealed runs only)."""
+        raise ConfigError("secure aggregation needs the sealed channel", key="protection")
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,19 @@ class SealedAccepted(Accepted):
             self.aggregator,
             self.context(UPLINK),
             allowed=frozenset(self.adapter),
+            ticket=self.ticket,
+            examples=examples,
+        )
+        return {SEALED_KEY: record}
+
+    def reply_masked(self, masked: np.ndarray, examples: float) -> UpdateRecords:
+        """The masked input (one uint32 tensor), sealed to the verified aggregator with
+        this instruction's ticket like an update."""
+        record = seal_update(
+            {MASKED_TENSOR: masked},
+            self.aggregator,
+            self.context(UPLINK),
+            allowed=frozenset({MASKED_TENSOR}),
             ticket=self.ticket,
             examples=examples,
         )

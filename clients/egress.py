@@ -52,6 +52,7 @@ from sandbox.errors import (
     SandboxRefused,
     SandboxUnavailable,
     ScorecardError,
+    SecAggError,
 )
 from sandbox.events import ClientappFailed, EgressBlocked, ErrorWithheld, Key, Withheld
 from sandbox.journal import append_journal
@@ -67,18 +68,28 @@ from sandbox.protocol import (
     SCORECARD_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SECAGG_KEY,
+    SECAGG_MESSAGE_TYPE,
+    SECAGG_PAYLOAD,
     SIGNED_KEY,
 )
 from sandbox.reasons import NodeReason
 from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
+from sandbox.secagg import Advertisement, node_reply
 
 log = logging.getLogger("ark.egress")
 # Upper bounds of the handshake's fields: nonce, public key (hybrid suite), result token.
 HELLO_LIMITS = {HELLO_NONCE: 64, HELLO_NODE_KEY: 1216, HELLO_RESULT: 16 * 1024}
+# The largest secure-aggregation message a reply may carry (a share bundle for thousands
+# of peers fits; nothing near an adapter's size does).
+MAX_SECAGG_BYTES = 4 * 1024 * 1024
 # Which records may leave in a reply to which instruction.
 ALLOWED_RECORDS = {
     MessageType.QUERY: frozenset({HELLO_KEY}),
-    MessageType.TRAIN: frozenset({SEALED_KEY, METRICS_KEY, COMMITMENT_KEY}),
+    # Secure aggregation's later stages: sealed or revealed shares, or the masked input
+    # (sealed like an update) with its metrics.
+    SECAGG_MESSAGE_TYPE: frozenset({SECAGG_KEY, SEALED_KEY, METRICS_KEY}),
+    MessageType.TRAIN: frozenset({SEALED_KEY, METRICS_KEY, COMMITMENT_KEY, SECAGG_KEY}),
     MessageType.EVALUATE: frozenset({METRICS_KEY, SCORECARD_KEY}),
 }
 # The code a ClientApp failure leaves the node as, by cause; the first match wins and
@@ -144,6 +155,8 @@ def check_reply(
                 check_hello(record)
         elif name in (COMMITMENT_KEY, SCORECARD_KEY) and isinstance(record, ConfigRecord):
             _check_signed(name, record, policy, run, node)
+        elif name == SECAGG_KEY and isinstance(record, ConfigRecord):
+            _check_secagg(record, kind, node)
         else:
             raise EgressViolation(f"record {name!r} ({type(record).__name__}) is not allowed")
 
@@ -158,6 +171,29 @@ def _check_sealed(record: ConfigRecord, policy: EgressPolicy) -> None:
         raise EgressViolation(
             f"sealed update of {len(blob)} bytes exceeds {policy.max_update_bytes}"
         )
+
+
+def _check_secagg(record: ConfigRecord, kind: str, node: NodeConfig | None) -> None:
+    """A secure-aggregation message: one bytes value that parses strictly as what this
+    reply may carry. A key advertisement (the train reply) must carry a certification the
+    key broker signed for its signing key, so its one text field is no channel either;
+    sealed and revealed shares are node ids and fixed-size blobs only."""
+    if set(record) != {SECAGG_PAYLOAD}:
+        raise EgressViolation(f"{SECAGG_KEY} record may hold only {SECAGG_PAYLOAD!r}")
+    blob = record[SECAGG_PAYLOAD]
+    if not isinstance(blob, bytes) or len(blob) > MAX_SECAGG_BYTES:
+        raise EgressViolation(f"{SECAGG_KEY} must be bytes of at most {MAX_SECAGG_BYTES}")
+    try:
+        if kind == MessageType.TRAIN:
+            if node is None:
+                raise EgressViolation("a key advertisement leaves only from a known node")
+            advert = Advertisement.from_json(blob)
+            result_key = load_ec_public(node.require_sandbox().result_key)
+            advert.verify(result_key, now=dt.datetime.now(dt.UTC), run=advert.run, rnd=advert.round)
+        else:
+            node_reply(blob)
+    except SecAggError as exc:
+        raise EgressViolation(f"{SECAGG_KEY} message does not parse as one: {exc}") from exc
 
 
 def _check_signed(

@@ -27,10 +27,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
@@ -64,6 +66,7 @@ from clients.scoring import (
     sign_commitment_bytes,
     sign_scorecard_bytes,
 )
+from clients.secagg import NodeRound
 from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
@@ -77,9 +80,12 @@ from sandbox.errors import (
     KeyBrokerUnavailable,
     NoAdapterStored,
     ProtocolError,
+    SecAggRefused,
+    UpdateRejected,
 )
 from sandbox.events import node as node_events
 from sandbox.journal import append_journal
+from sandbox.keyfiles import load_ec_public
 from sandbox.protocol import (
     BROKER_RETRY,
     COMMITMENT_KEY,
@@ -88,11 +94,24 @@ from sandbox.protocol import (
     SCORECARD_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SECAGG_KEY,
+    SECAGG_MESSAGE_TYPE,
     SIGNED_KEY,
     metric_record,
     sealed_digest,
+    secagg_record,
 )
 from sandbox.seal.package import MANIFEST
+from sandbox.secagg import (
+    MASKED_TENSOR,
+    STAGE_MASK,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    MaskRequest,
+    ShareRequest,
+    UnmaskRequest,
+    flatten,
+)
 
 if TYPE_CHECKING:
     from sandbox.lora import Adapter
@@ -102,6 +121,10 @@ log = logging.getLogger("ark.sandbox")
 BROKER_RETRY_SECONDS = 3.0
 # The most runs a sandbox holds a channel for at once (the oldest go first).
 MAX_CHANNELS = 64
+# The most secure-aggregation rounds a sandbox keeps state for at once (the oldest go).
+MAX_SECURE_ROUNDS = 8
+# Renew the signing key's certification when it has less than this left to live.
+CERTIFICATION_MARGIN = dt.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,8 @@ class TrainResult:
     records: UpdateRecords
     metrics: dict[str, float]
     commitment: bytes = b""
+    # With secure aggregation: the round's signed key advertisement (nothing else leaves).
+    secagg: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,36 @@ class EvaluateResult:
 
     metrics: dict[str, float]
     scorecard: bytes = b""
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """What leaves after a secure-aggregation stage: this node's message (shares or
+    revealed shares), or in the mask stage the sealed masked input and the metrics."""
+
+    payload: bytes = b""
+    records: UpdateRecords = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A secure round's local training, done: the exchange, the trained tensors and the
+    metrics that leave with the masked input."""
+
+    exchange: _Exchange
+    update: Adapter
+    metrics: dict[str, float]
+
+
+@dataclass
+class _Secure:
+    """A secure-aggregation round in progress on this node: its protocol state and its
+    local training (run in the background while the keys and shares are exchanged)."""
+
+    request: Request
+    state: NodeRound
+    training: Future[_Trained]
 
 
 @dataclass
@@ -240,6 +295,11 @@ class NodeSandbox:
         # The key this sandbox signs comparison records with: made in memory on first use
         # and certified by the key broker against this sandbox's attestation.
         self._signing_key: Ed25519PrivateKey | None = None
+        self._signing_result: Any = None
+        # Secure-aggregation rounds in progress, by (run, round), and the one worker that
+        # trains them while their keys and shares are exchanged.
+        self._secure: dict[tuple[int, int], _Secure] = {}
+        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ark-secure")
         if node.threads:
             import torch
 
@@ -421,12 +481,13 @@ class NodeSandbox:
                 path=self.node.source,
                 key="node.unprotected",
             )
-        if self._signing_key is None:
-            key = Ed25519PrivateKey.generate()
+        result = self._signing_result
+        if self._signing_key is None or result.expires_at - CERTIFICATION_MARGIN <= _now():
+            key = self._signing_key or Ed25519PrivateKey.generate()
             key_id = model_package(self.node).manifest()["key_id"]
-            certify_signing(self.node, key_id, key.public_key())
+            self._signing_result = certify_signing(self.node, key_id, key.public_key())
             self._signing_key = key
-            log.info("scorecard signing key certified (key id %s)", key_id)
+            log.info("signing key certified (key id %s)", key_id)
         return self._signing_key
 
     def _held_now(self) -> _Held:
@@ -451,11 +512,42 @@ class NodeSandbox:
             accepted, loaded = self._accept(request)
             yield _Exchange(request, accepted, loaded, self._split(request.spec), received)
 
-    def train(self, request: Request) -> TrainResult:
-        """Evaluate the incoming global adapter, train locally, evaluate again, seal."""
+    def _local_training(
+        self, exchange: _Exchange
+    ) -> tuple[Adapter, dict[str, float], dict[str, float], float]:
+        """Evaluate the incoming global adapter, train locally, evaluate again: the trained
+        tensors, the metrics that leave, the held-out metrics before, the training time."""
         from clients.training import evaluate, train_local
         from sandbox.lora import adapter_state, is_trained
 
+        request = exchange.request
+        spec = request.spec
+        model, tokenizer, split = exchange.loaded.model, exchange.loaded.tokenizer, exchange.split
+        with exchange.working():
+            before = evaluate(model, tokenizer, split.heldout, spec)
+            seed = spec.seed * 1000 + request.round
+            started = time.perf_counter()
+            loss = train_local(model, tokenizer, split.train, spec, seed=seed)
+            train_seconds = time.perf_counter() - started
+            after = evaluate(model, tokenizer, split.heldout, spec)
+        update = {
+            name: value
+            for name, value in adapter_state(model).items()
+            if is_trained(name, spec.lora_mode)
+        }
+        metrics: dict[str, float] = {
+            NUM_EXAMPLES: float(len(split.train)),
+            "heldout-examples": float(len(split.heldout)),
+            "train-loss": loss,
+            **_prefixed("before", before),
+            **_prefixed("after", after),
+        }
+        return update, metrics, before, train_seconds
+
+    def train(self, request: Request) -> TrainResult:
+        """Evaluate the incoming global adapter, train locally, evaluate again, seal. With
+        secure aggregation the reply is the round's key advertisement instead, and the
+        training goes on in the background (see :meth:`secagg`)."""
         spec = request.spec
         if spec.model_id == LOCAL_MODEL:
             # The operator's own model never yields an update: only its scorecard leaves.
@@ -463,31 +555,10 @@ class NodeSandbox:
                 "a local-model run sends no update; only its final evaluation is answered",
                 key="model-id",
             )
+        if spec.secure_aggregation:
+            return self._train_secure(request)
         with self._exchange(request, STAGE_TRAIN) as exchange:
-            model, tokenizer, split = (
-                exchange.loaded.model,
-                exchange.loaded.tokenizer,
-                exchange.split,
-            )
-            with exchange.working():
-                before = evaluate(model, tokenizer, split.heldout, spec)
-                seed = spec.seed * 1000 + request.round
-                started = time.perf_counter()
-                loss = train_local(model, tokenizer, split.train, spec, seed=seed)
-                train_seconds = time.perf_counter() - started
-                after = evaluate(model, tokenizer, split.heldout, spec)
-            update = {
-                name: value
-                for name, value in adapter_state(model).items()
-                if is_trained(name, spec.lora_mode)
-            }
-            metrics: dict[str, float] = {
-                NUM_EXAMPLES: float(len(split.train)),
-                "heldout-examples": float(len(split.heldout)),
-                "train-loss": loss,
-                **_prefixed("before", before),
-                **_prefixed("after", after),
-            }
+            update, metrics, before, train_seconds = self._local_training(exchange)
             records = exchange.accepted.reply(update, metrics[NUM_EXAMPLES])
             content = RecordDict({**records, METRICS_KEY: metric_record(metrics)})
             commitment = b""
@@ -502,6 +573,111 @@ class NodeSandbox:
                 tensors=sorted(update),
             )
             return TrainResult(records, metrics, commitment)
+
+    # -- secure aggregation ------------------------------------------------------------
+    def _train_secure(self, request: Request) -> TrainResult:
+        """Stage 1 of a secure round: accept the instruction (the aggregator checked, the
+        global adapter opened), start training in the background, and answer with this
+        round's signed key advertisement."""
+        ids = request.ids
+        key = (ids.run_id, request.round)
+        if key in self._secure:
+            raise SecAggRefused(f"run {ids.run_id} round {request.round} was already instructed")
+        spec = request.spec
+        signer = self._signer()
+        state = NodeRound(
+            run=ids.run_id,
+            round=request.round,
+            node=ids.node_id,
+            fraction=spec.secagg_threshold,
+            clip=spec.secagg_clip,
+            signer=signer,
+            certificate=self._signing_result.token,
+            result_key=load_ec_public(self.node.require_sandbox().result_key),
+        )
+        accepted = threading.Event()
+        training = self._trainer.submit(self._secure_training, request, accepted)
+        while not accepted.wait(0.05):
+            if training.done():
+                training.result()  # the instruction was refused: its error leaves
+        advert = state.advertise()
+        self._secure[key] = _Secure(request, state, training)
+        for old in list(self._secure)[:-MAX_SECURE_ROUNDS]:
+            del self._secure[old]
+        content = RecordDict({SECAGG_KEY: secagg_record(advert.to_bytes())})
+        self._egress(content, MessageType.TRAIN, spec)
+        return TrainResult({}, {}, secagg=advert.to_bytes())
+
+    def _secure_training(self, request: Request, accepted: threading.Event) -> _Trained:
+        with self._exchange(request, STAGE_TRAIN) as exchange:
+            accepted.set()
+            update, metrics, _, _ = self._local_training(exchange)
+            return _Trained(exchange, update, metrics)
+
+    def secagg(self, ids: RunIds, rnd: int, stage: str, payload: bytes) -> SecAggResult:
+        """Stages 2 to 4 of a secure round (``sandbox/secagg.py``): seal shares to the
+        peers, mask and seal the update, reveal shares. Each request is the aggregator's
+        (hostile); the round's state refuses what the protocol does not allow."""
+        secure = self._secure.get((ids.run_id, rnd))
+        if secure is None:
+            raise SecAggRefused(f"run {ids.run_id} round {rnd}: no secure round in progress")
+        spec = secure.request.spec
+        if stage == STAGE_SHARE:
+            bundle = secure.state.share(ShareRequest.from_bytes(payload))
+            result = SecAggResult(payload=bundle.to_bytes())
+        elif stage == STAGE_MASK:
+            result = self._masked(secure, MaskRequest.from_bytes(payload))
+        elif stage == STAGE_UNMASK:
+            reveal = secure.state.unmask(UnmaskRequest.from_bytes(payload))
+            journal(
+                self.node,
+                ids,
+                node_events.SecaggRevealed,
+                round=rnd,
+                seeds_of=sorted(reveal.seeds),
+                keys_of=sorted(reveal.keys),
+            )
+            del self._secure[(ids.run_id, rnd)]
+            result = SecAggResult(payload=reveal.to_bytes())
+        else:
+            raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
+        content = RecordDict({**result.records})
+        if result.payload:
+            content[SECAGG_KEY] = secagg_record(result.payload)
+        if result.metrics:
+            content[METRICS_KEY] = metric_record(result.metrics)
+        self._egress(content, SECAGG_MESSAGE_TYPE, spec)
+        return result
+
+    def _masked(self, secure: _Secure, request: MaskRequest) -> SecAggResult:
+        """Stage 3: wait for the round's training, validate the update here (what the
+        aggregator can no longer do), quantize and mask it, seal it to the aggregator."""
+        spec = secure.request.spec
+        trained = secure.training.result(timeout=spec.round_timeout)
+        exchange = trained.exchange
+        names = sorted(trained.update)
+        delta = flatten(trained.update, names) - flatten(exchange.accepted.adapter, names)
+        distance = float(np.linalg.norm(delta))
+        if not distance <= spec.update_norm_bound:  # NaN included
+            raise UpdateRejected(
+                f"the update moves {distance:.4g} from the global adapter (L2), more than "
+                f"update-norm-bound {spec.update_norm_bound:g}; it is not masked or sent"
+            )
+        examples = trained.metrics[NUM_EXAMPLES]
+        cap = float(spec.max_examples_per_update)
+        weight = min(examples, cap) / cap
+        masked = secure.state.mask(request, delta, weight)
+        records = exchange.accepted.reply_masked(masked, examples)
+        content = RecordDict({**records, METRICS_KEY: metric_record(trained.metrics)})
+        self._egress(content, SECAGG_MESSAGE_TYPE, spec)
+        exchange.journal(
+            self.node,
+            events.Train,
+            trained.metrics,
+            sent_sha256=sealed_digest(content, SEALED_UPDATE_KEY),
+            tensors=[MASKED_TENSOR],
+        )
+        return SecAggResult(records=records, metrics=trained.metrics)
 
     def _commit(
         self,
@@ -601,7 +777,9 @@ class NodeSandbox:
                 started = time.perf_counter()
                 after = evaluate(model, tokenizer, split.heldout, spec)
                 eval_seconds = time.perf_counter() - started
-            adapter = {k: v for k, v in adapter_state(model).items() if is_trained(k, spec.lora_mode)}
+            adapter = {
+                k: v for k, v in adapter_state(model).items() if is_trained(k, spec.lora_mode)
+            }
         finally:
             # The next local-model run starts again from the untrained model.
             self._held_now().models.clear()

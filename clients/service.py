@@ -165,7 +165,9 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
     def Train(self, request: pb.Instruction, context: grpc.ServicerContext) -> pb.TrainReply:
         def call() -> pb.TrainReply:
             result = self.sandbox.train(to_request(request, STAGE_TRAIN))
-            reply = pb.TrainReply(metrics=result.metrics, commitment=result.commitment)
+            reply = pb.TrainReply(
+                metrics=result.metrics, commitment=result.commitment, secagg=result.secagg
+            )
             sealed = result.records.get(SEALED_KEY)
             if isinstance(sealed, ConfigRecord):
                 reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
@@ -180,6 +182,19 @@ class NodeSandboxService(pb_grpc.NodeSandboxServicer):
         def call() -> pb.EvaluateReply:
             result = self.sandbox.evaluate(to_request(request, STAGE_EVALUATE))
             return pb.EvaluateReply(metrics=result.metrics, scorecard=result.scorecard)
+
+        return self._serve(context, request.run, call)
+
+    def SecAgg(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
+        def call() -> pb.SecAggReply:
+            result = self.sandbox.secagg(
+                _ids(request.run), request.round, request.stage, request.payload
+            )
+            reply = pb.SecAggReply(payload=result.payload, metrics=result.metrics)
+            sealed = result.records.get(SEALED_KEY)
+            if isinstance(sealed, ConfigRecord):
+                reply.sealed_update = bytes(sealed[SEALED_UPDATE_KEY])  # type: ignore[arg-type]
+            return reply
 
         return self._serve(context, request.run, call)
 

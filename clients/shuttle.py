@@ -42,11 +42,15 @@ from sandbox.protocol import (
     SEALED_GLOBAL_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
+    SECAGG_KEY,
+    SECAGG_PAYLOAD,
+    SECAGG_STAGE,
     SIGNED_KEY,
     UPDATE_KEY,
     from_record,
     metric_record,
     round_of,
+    secagg_record,
     to_record,
 )
 from sandbox.reasons import NodeReason
@@ -152,6 +156,33 @@ def train_content(reply: pb.TrainReply) -> RecordDict:
     content[METRICS_KEY] = metric_record(dict(reply.metrics))
     if reply.commitment:
         content[COMMITMENT_KEY] = ConfigRecord({SIGNED_KEY: reply.commitment})
+    if reply.secagg:
+        return RecordDict({SECAGG_KEY: secagg_record(reply.secagg)})
+    return content
+
+
+def secagg_request(msg: Message, context: Context, started: float) -> pb.SecAggRequest:
+    """The sandbox's request for a secure-aggregation stage's query."""
+    record = msg.content.config_records.get(SECAGG_KEY)
+    return pb.SecAggRequest(
+        run=run_context(context),
+        round=round_of(msg.content),
+        stage=_typed(record or {}, SECAGG_STAGE, str),
+        payload=_typed(record or {}, SECAGG_PAYLOAD, bytes),
+        clientapp_started=started,
+    )
+
+
+def secagg_content(reply: pb.SecAggReply) -> RecordDict:
+    """A secure-aggregation stage's reply: the node's message, or the sealed masked input
+    and its metrics."""
+    content = RecordDict({})
+    if reply.payload:
+        content[SECAGG_KEY] = secagg_record(reply.payload)
+    if reply.sealed_update:
+        content[SEALED_KEY] = ConfigRecord({SEALED_UPDATE_KEY: reply.sealed_update})
+    if reply.metrics:
+        content[METRICS_KEY] = metric_record(dict(reply.metrics))
     return content
 
 
@@ -209,6 +240,9 @@ class SandboxClient:
 
     def evaluate(self, request: pb.Instruction) -> pb.EvaluateReply:
         return self._call(self._stub.Evaluate, request, REQUEST_TIMEOUT)
+
+    def secagg(self, request: pb.SecAggRequest) -> pb.SecAggReply:
+        return self._call(self._stub.SecAgg, request, REQUEST_TIMEOUT)
 
     def status(self, timeout: float = STATUS_TIMEOUT) -> pb.StatusReply:
         return self._call(self._stub.Status, pb.StatusRequest(), timeout)

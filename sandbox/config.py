@@ -480,6 +480,20 @@ class RunSpec:
                 path=source,
                 key="labels",
             )
+        if self.secure_aggregation and self.protection != PROTECTION_SEALED:
+            raise ConfigError(
+                f"mode {self.mode!r} needs protection {PROTECTION_SEALED!r}: secure "
+                "aggregation's keys are signed by attested sandboxes",
+                path=source,
+                key="mode",
+            )
+        if self.secure_aggregation and (self.comparison or self.model_id == LOCAL_MODEL):
+            raise ConfigError(
+                f"mode {self.mode!r} does not run in a comparison: scorecards name each "
+                "node's own adapter, which secure aggregation hides",
+                path=source,
+                key="mode",
+            )
 
     @classmethod
     def from_run_config(

@@ -49,6 +49,14 @@ COMMITMENT_KEY = "commitment"
 SCORECARD_KEY = "scorecard"
 SIGNED_KEY = "signed"
 CONFIG_KEY = "config"
+# Secure aggregation: one ConfigRecord holding the stage's message (ark-secagg/1 JSON) as
+# bytes; instructions also name the stage. Stages after the training instruction travel
+# as queries of this action.
+SECAGG_KEY = "secagg"
+SECAGG_PAYLOAD = "payload"
+SECAGG_STAGE = "stage"
+SECAGG_ACTION = "secagg"
+SECAGG_MESSAGE_TYPE = f"{MessageType.QUERY}.{SECAGG_ACTION}"
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
 NODE_CONFIG_KEY = "node-config"
@@ -80,6 +88,11 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def round_config(rnd: int) -> ConfigRecord:
     """The config record every instruction carries: the server round it is for."""
     return ConfigRecord({ROUND_KEY: rnd})
+
+
+def secagg_record(payload: bytes) -> ConfigRecord:
+    """A secure-aggregation message as the record it travels in."""
+    return ConfigRecord({SECAGG_PAYLOAD: payload})
 
 
 def round_of(content: RecordDict) -> int:

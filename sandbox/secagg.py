@@ -664,6 +664,20 @@ class Reveal:
         )
 
 
+def node_reply(raw: bytes) -> ShareBundle | Reveal:
+    """A node's reply to a share or unmask request, by the stage it names."""
+    try:
+        value = loads(raw)
+    except (StrictJSONError, UnicodeDecodeError) as exc:
+        raise SecAggMessageInvalid(f"a secure-aggregation reply is not JSON: {exc}") from None
+    stage = value.get("stage") if isinstance(value, dict) else None
+    if stage == STAGE_SHARE:
+        return ShareBundle.from_bytes(raw)
+    if stage == STAGE_UNMASK:
+        return Reveal.from_bytes(raw)
+    raise SecAggMessageInvalid("a secure-aggregation reply must be of stage share or unmask")
+
+
 def share_index(roster: Sequence[int], node: int) -> int:
     """The Shamir index of ``node``'s shares: its place among the advertised nodes, from 1."""
     return list(roster).index(node) + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -113,6 +114,15 @@ def validate_update(
                 f"update moves {distance:.4g} from the global adapter (L2), "
                 f"more than the bound {max_norm:g}"
             )
+
+
+class Aggregate(Protocol):
+    """What a round's commit reads: how many updates, their total weight, the mean."""
+
+    count: int
+    total_weight: float
+
+    def result(self) -> dict[str, np.ndarray]: ...
 
 
 class StreamingAggregator:

@@ -53,7 +53,7 @@ from sandbox.protocol import (
 )
 from sandbox.reasons import NodeReason
 from sandbox.translog.store import LogSink, LogStore
-from server.aggregation import StreamingAggregator, Weight, spec_of
+from server.aggregation import Aggregate, StreamingAggregator, Weight, spec_of
 from server.channels import update_channel
 from server.checkpoint import CheckpointStore, JobState
 from server.history import Metrics, Training
@@ -121,7 +121,7 @@ class RoundState:
     held_out: dict[str, Metrics] = field(default_factory=dict)
     # collect: what the replies left, the running sum, the accepted updates' envelopes.
     training: Training = field(default_factory=Training)
-    aggregator: StreamingAggregator | None = None
+    aggregator: Aggregate | None = None
     accepted: list[str] = field(default_factory=list)
     # commit: the new global adapter.
     merged: Adapter | None = None
@@ -546,4 +546,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated job described by the run config."""
     spec = RunSpec.from_run_config(context.run_config)
     log_sink = None if spec.log_db is None else LogSink(LogStore(spec.log_db))
-    FederatedJob(grid, spec, events=log_sink, run_id=context.run_id).run()
+    job = FederatedJob
+    if spec.secure_aggregation:
+        from server.secure_job import SecureJob  # it builds on this module
+
+        job = SecureJob
+    job(grid, spec, events=log_sink, run_id=context.run_id).run()

@@ -111,12 +111,17 @@ class ServerRound:
         self.bundles[node] = bundle
 
     # -- stage 3 -------------------------------------------------------------------------
-    def mask_request(self, node: int) -> MaskRequest:
-        """``node``'s instruction to mask: the nodes that shared (U2, fixed at the first
-        call) and the shares they sealed for it."""
+    def close_shares(self) -> tuple[int, ...]:
+        """Fix the nodes that shared (U2); SecAggFailed if fewer than the threshold."""
         if not self.shared:
             self._need(len(self.bundles), "share")
             self.shared = tuple(sorted(self.bundles))
+        return self.shared
+
+    def mask_request(self, node: int) -> MaskRequest:
+        """``node``'s instruction to mask: the nodes that shared (U2, fixed at the first
+        call) and the shares they sealed for it."""
+        self.close_shares()
         shares = {
             sender: self.bundles[sender].shares[node] for sender in self.shared if sender != node
         }

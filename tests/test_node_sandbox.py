@@ -371,9 +371,10 @@ def test_an_instruction_replayed_elsewhere_is_refused_and_trains_nothing(
 # -- 3. four calls, and nothing but fixed codes for anything malformed -------------------
 
 
-def test_the_api_has_exactly_four_calls() -> None:
+def test_the_api_has_exactly_five_calls() -> None:
     service = pb.DESCRIPTOR.services_by_name["NodeSandbox"]
-    assert {method.name for method in service.methods} == {"Hello", "Train", "Evaluate", "Status"}
+    names = {method.name for method in service.methods}
+    assert names == {"Hello", "Train", "Evaluate", "SecAgg", "Status"}
 
 
 @pytest.mark.parametrize("name", ["GetChannelKey", "ExportModel", "Train2", ""])

@@ -270,12 +270,16 @@ class SecaggAdvertised(RunEvent):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SecaggStage(RunEvent):
     """Secure aggregation: the nodes that completed stage ``stage`` (share: sent their
-    sealed shares; mask: sent a masked input the aggregator folded into the sum)."""
+    sealed shares; mask: sent a masked input the aggregator folded into the sum, whose
+    envelopes are listed)."""
 
     kind: ClassVar[str] = "secagg_stage"
     round: int
     stage: str
     nodes: list[int]
+    # The mask stage: the SHA-256 of each node's sealed masked input, in ``nodes``' order
+    # (what the round's aggregate_committed lists as its updates).
+    envelopes: list[str] | None = omitted()  # noqa: RUF009 (a field(), not a shared default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

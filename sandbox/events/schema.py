@@ -136,6 +136,7 @@ class Key(StrEnum):
     RECORD_SHA256 = "record_sha256"
     # secure aggregation
     NODES = "nodes"
+    ENVELOPES = "envelopes"
     SIGNER_SHA256 = "signer_sha256"
     SURVIVORS = "survivors"
     DROPPED = "dropped"

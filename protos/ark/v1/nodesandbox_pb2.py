@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/ark/v1/nodesandbox.proto\x12\x06\x61rk.v1\"F\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x03 \x01(\t\">\n\x0cHelloRequest\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.ark.v1.RunContext\x12\r\n\x05round\x18\x02 \x01(\x03\"=\n\nHelloReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x10\n\x08node_key\x18\x02 \x01(\x0c\x12\x0e\n\x06result\x18\x03 \x01(\x0c\"O\n\x12\x41ggregatorEvidence\x12\x0b\n\x03tee\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\r\n\x05suite\x18\x04 \x01(\t\"\xb5\x01\n\x0bInstruction\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.ark.v1.RunContext\x12\r\n\x05round\x18\x02 \x01(\x03\x12.\n\naggregator\x18\x03 \x01(\x0b\x32\x1a.ark.v1.AggregatorEvidence\x12\x15\n\rsealed_global\x18\x04 \x01(\x0c\x12\x14\n\x0cplain_global\x18\x05 \x01(\x0c\x12\x19\n\x11\x63lientapp_started\x18\x06 \x01(\x01\"\xaf\x01\n\nTrainReply\x12\x15\n\rsealed_update\x18\x01 \x01(\x0c\x12\x14\n\x0cplain_update\x18\x02 \x01(\x0c\x12\x30\n\x07metrics\x18\x03 \x03(\x0b\x32\x1f.ark.v1.TrainReply.MetricsEntry\x12\x12\n\ncommitment\x18\x04 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\rEvaluateReply\x12\x33\n\x07metrics\x18\x01 \x03(\x0b\x32\".ark.v1.EvaluateReply.MetricsEntry\x12\x11\n\tscorecard\x18\x02 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rStatusRequest\">\n\x0b\x43hannelInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\x12\x10\n\x08node_key\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"\xc3\x01\n\x0bStatusReply\x12\x10\n\x08\x61ttested\x18\x01 \x01(\x08\x12\x15\n\rresult_sha256\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0c\n\x04stub\x18\x04 \x01(\x08\x12\x0c\n\x04runs\x18\x05 \x03(\x04\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\x04\x12\x15\n\rinference_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12%\n\x08\x63hannels\x18\t \x03(\x0b\x32\x13.ark.v1.ChannelInfo2\xe0\x01\n\x0bNodeSandbox\x12\x31\n\x05Hello\x12\x14.ark.v1.HelloRequest\x1a\x12.ark.v1.HelloReply\x12\x30\n\x05Train\x12\x13.ark.v1.Instruction\x1a\x12.ark.v1.TrainReply\x12\x36\n\x08\x45valuate\x12\x13.ark.v1.Instruction\x1a\x15.ark.v1.EvaluateReply\x12\x34\n\x06Status\x12\x15.ark.v1.StatusRequest\x1a\x13.ark.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/ark/v1/nodesandbox.proto\x12\x06\x61rk.v1\"F\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x03 \x01(\t\">\n\x0cHelloRequest\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.ark.v1.RunContext\x12\r\n\x05round\x18\x02 \x01(\x03\"=\n\nHelloReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x10\n\x08node_key\x18\x02 \x01(\x0c\x12\x0e\n\x06result\x18\x03 \x01(\x0c\"O\n\x12\x41ggregatorEvidence\x12\x0b\n\x03tee\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\r\n\x05suite\x18\x04 \x01(\t\"\xb5\x01\n\x0bInstruction\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.ark.v1.RunContext\x12\r\n\x05round\x18\x02 \x01(\x03\x12.\n\naggregator\x18\x03 \x01(\x0b\x32\x1a.ark.v1.AggregatorEvidence\x12\x15\n\rsealed_global\x18\x04 \x01(\x0c\x12\x14\n\x0cplain_global\x18\x05 \x01(\x0c\x12\x19\n\x11\x63lientapp_started\x18\x06 \x01(\x01\"\xbf\x01\n\nTrainReply\x12\x15\n\rsealed_update\x18\x01 \x01(\x0c\x12\x14\n\x0cplain_update\x18\x02 \x01(\x0c\x12\x30\n\x07metrics\x18\x03 \x03(\x0b\x32\x1f.ark.v1.TrainReply.MetricsEntry\x12\x12\n\ncommitment\x18\x04 \x01(\x0c\x12\x0e\n\x06secagg\x18\x05 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"z\n\rSecAggRequest\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.ark.v1.RunContext\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x19\n\x11\x63lientapp_started\x18\x05 \x01(\x01\"\x98\x01\n\x0bSecAggReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x15\n\rsealed_update\x18\x02 \x01(\x0c\x12\x31\n\x07metrics\x18\x03 \x03(\x0b\x32 .ark.v1.SecAggReply.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\rEvaluateReply\x12\x33\n\x07metrics\x18\x01 \x03(\x0b\x32\".ark.v1.EvaluateReply.MetricsEntry\x12\x11\n\tscorecard\x18\x02 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0f\n\rStatusRequest\">\n\x0b\x43hannelInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\x12\x10\n\x08node_key\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"\xc3\x01\n\x0bStatusReply\x12\x10\n\x08\x61ttested\x18\x01 \x01(\x08\x12\x15\n\rresult_sha256\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0c\n\x04stub\x18\x04 \x01(\x08\x12\x0c\n\x04runs\x18\x05 \x03(\x04\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\x04\x12\x15\n\rinference_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12%\n\x08\x63hannels\x18\t \x03(\x0b\x32\x13.ark.v1.ChannelInfo2\x96\x02\n\x0bNodeSandbox\x12\x31\n\x05Hello\x12\x14.ark.v1.HelloRequest\x1a\x12.ark.v1.HelloReply\x12\x30\n\x05Train\x12\x13.ark.v1.Instruction\x1a\x12.ark.v1.TrainReply\x12\x36\n\x08\x45valuate\x12\x13.ark.v1.Instruction\x1a\x15.ark.v1.EvaluateReply\x12\x34\n\x06SecAgg\x12\x15.ark.v1.SecAggRequest\x1a\x13.ark.v1.SecAggReply\x12\x34\n\x06Status\x12\x15.ark.v1.StatusRequest\x1a\x13.ark.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINREPLY_METRICSENTRY']._loaded_options = None
   _globals['_TRAINREPLY_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGREPLY_METRICSENTRY']._loaded_options = None
+  _globals['_SECAGGREPLY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATEREPLY_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_RUNCONTEXT']._serialized_start=43
@@ -46,19 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTRUCTION']._serialized_start=324
   _globals['_INSTRUCTION']._serialized_end=505
   _globals['_TRAINREPLY']._serialized_start=508
-  _globals['_TRAINREPLY']._serialized_end=683
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_start=637
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_end=683
-  _globals['_EVALUATEREPLY']._serialized_start=686
-  _globals['_EVALUATEREPLY']._serialized_end=821
-  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_start=637
-  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_end=683
-  _globals['_STATUSREQUEST']._serialized_start=823
-  _globals['_STATUSREQUEST']._serialized_end=838
-  _globals['_CHANNELINFO']._serialized_start=840
-  _globals['_CHANNELINFO']._serialized_end=902
-  _globals['_STATUSREPLY']._serialized_start=905
-  _globals['_STATUSREPLY']._serialized_end=1100
-  _globals['_NODESANDBOX']._serialized_start=1103
-  _globals['_NODESANDBOX']._serialized_end=1327
+  _globals['_TRAINREPLY']._serialized_end=699
+  _globals['_TRAINREPLY_METRICSENTRY']._serialized_start=653
+  _globals['_TRAINREPLY_METRICSENTRY']._serialized_end=699
+  _globals['_SECAGGREQUEST']._serialized_start=701
+  _globals['_SECAGGREQUEST']._serialized_end=823
+  _globals['_SECAGGREPLY']._serialized_start=826
+  _globals['_SECAGGREPLY']._serialized_end=978
+  _globals['_SECAGGREPLY_METRICSENTRY']._serialized_start=653
+  _globals['_SECAGGREPLY_METRICSENTRY']._serialized_end=699
+  _globals['_EVALUATEREPLY']._serialized_start=981
+  _globals['_EVALUATEREPLY']._serialized_end=1116
+  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_start=653
+  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_end=699
+  _globals['_STATUSREQUEST']._serialized_start=1118
+  _globals['_STATUSREQUEST']._serialized_end=1133
+  _globals['_CHANNELINFO']._serialized_start=1135
+  _globals['_CHANNELINFO']._serialized_end=1197
+  _globals['_STATUSREPLY']._serialized_start=1200
+  _globals['_STATUSREPLY']._serialized_end=1395
+  _globals['_NODESANDBOX']._serialized_start=1398
+  _globals['_NODESANDBOX']._serialized_end=1676
 # @@protoc_insertion_point(module_scope)

@@ -201,12 +201,17 @@ class TrainReply(_message.Message):
     PLAIN_UPDATE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     sealed_update: _builtins.bytes
     """The update sealed to the attested aggregator (protection "sealed")."""
     plain_update: _builtins.bytes
     """The update as safetensors (protection "off" only)."""
     commitment: _builtins.bytes
     """In a comparison: the node's signed commitment to its held-out set (JCS bytes)."""
+    secagg: _builtins.bytes
+    """With secure aggregation: this node's signed key advertisement for the round (the
+    update itself leaves masked, in the mask stage's reply).
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Allowlisted scalar metrics (the node's [node.egress] metrics)."""
@@ -218,14 +223,100 @@ class TrainReply(_message.Message):
         plain_update: _builtins.bytes = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         commitment: _builtins.bytes = ...,
+        secagg: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "metrics", b"metrics", "plain_update", b"plain_update", "sealed_update", b"sealed_update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "metrics", b"metrics", "plain_update", b"plain_update", "sealed_update", b"sealed_update", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainReply: _TypeAlias = TrainReply  # noqa: Y015
+
+@_typing.final
+class SecAggRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    CLIENTAPP_STARTED_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    stage: _builtins.str
+    """"share", "mask" or "unmask"."""
+    payload: _builtins.bytes
+    """The aggregator's request (ark-secagg/1 JSON; hostile input)."""
+    clientapp_started: _builtins.float
+    """When the forwarding ClientApp process started (Unix seconds)."""
+    @_builtins.property
+    def run(self) -> Global___RunContext: ...
+    def __init__(
+        self,
+        *,
+        run: Global___RunContext | None = ...,
+        round: _builtins.int = ...,
+        stage: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        clientapp_started: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clientapp_started", b"clientapp_started", "payload", b"payload", "round", b"round", "run", b"run", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRequest: _TypeAlias = SecAggRequest  # noqa: Y015
+
+@_typing.final
+class SecAggReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SEALED_UPDATE_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """This node's answer (ark-secagg/1 JSON): its sealed shares or revealed shares."""
+    sealed_update: _builtins.bytes
+    """The mask stage: the masked input sealed to the attested aggregator."""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The mask stage: allowlisted scalar metrics."""
+
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        sealed_update: _builtins.bytes = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "payload", b"payload", "sealed_update", b"sealed_update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggReply: _TypeAlias = SecAggReply  # noqa: Y015
 
 @_typing.final
 class EvaluateReply(_message.Message):

@@ -49,6 +49,11 @@ class NodeSandboxStub(object):
                 request_serializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.Instruction.SerializeToString,
                 response_deserializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.EvaluateReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/ark.v1.NodeSandbox/SecAgg',
+                request_serializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/ark.v1.NodeSandbox/Status',
                 request_serializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.StatusRequest.SerializeToString,
@@ -82,6 +87,14 @@ class NodeSandboxServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """A secure-aggregation stage after the training instruction (share, mask, unmask):
+        the aggregator's request in, this node's shares, masked input or revealed shares out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Whether the sandbox is attested, which runs it holds a channel for, and whether a
         fine-tuned adapter is stored for inference. Nothing secret.
@@ -107,6 +120,11 @@ def add_NodeSandboxServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.Instruction.FromString,
                     response_serializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.EvaluateReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggRequest.FromString,
+                    response_serializer=protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -195,6 +213,33 @@ class NodeSandbox(object):
             '/ark.v1.NodeSandbox/Evaluate',
             protos_dot_ark_dot_v1_dot_nodesandbox__pb2.Instruction.SerializeToString,
             protos_dot_ark_dot_v1_dot_nodesandbox__pb2.EvaluateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ark.v1.NodeSandbox/SecAgg',
+            protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggRequest.SerializeToString,
+            protos_dot_ark_dot_v1_dot_nodesandbox__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

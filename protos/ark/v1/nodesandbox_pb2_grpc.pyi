@@ -29,6 +29,10 @@ class NodeSandboxStub:
     """
     Evaluate: _grpc.UnaryUnaryMultiCallable[_nodesandbox_pb2.Instruction, _nodesandbox_pb2.EvaluateReply]
     """Checks the aggregator, opens the global adapter and evaluates it on held-out data."""
+    SecAgg: _grpc.UnaryUnaryMultiCallable[_nodesandbox_pb2.SecAggRequest, _nodesandbox_pb2.SecAggReply]
+    """A secure-aggregation stage after the training instruction (share, mask, unmask):
+    the aggregator's request in, this node's shares, masked input or revealed shares out.
+    """
     Status: _grpc.UnaryUnaryMultiCallable[_nodesandbox_pb2.StatusRequest, _nodesandbox_pb2.StatusReply]
     """Whether the sandbox is attested, which runs it holds a channel for, and whether a
     fine-tuned adapter is stored for inference. Nothing secret.
@@ -62,6 +66,16 @@ class NodeSandboxServicer(metaclass=_abc_1.ABCMeta):
         context: _grpc.ServicerContext,
     ) -> _nodesandbox_pb2.EvaluateReply:
         """Checks the aggregator, opens the global adapter and evaluates it on held-out data."""
+
+    @_abc_1.abstractmethod
+    def SecAgg(
+        self,
+        request: _nodesandbox_pb2.SecAggRequest,
+        context: _grpc.ServicerContext,
+    ) -> _nodesandbox_pb2.SecAggReply:
+        """A secure-aggregation stage after the training instruction (share, mask, unmask):
+        the aggregator's request in, this node's shares, masked input or revealed shares out.
+        """
 
     @_abc_1.abstractmethod
     def Status(

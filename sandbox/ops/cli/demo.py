@@ -16,7 +16,7 @@ from rich.table import Table
 
 from sandbox.config import (
     MIN_FEDERATED_NODES,
-    MODES,
+    RUN_MODES,
     TASK_CLASSIFICATION,
     TASKS,
     RunSpec,
@@ -107,7 +107,13 @@ def demo(
     nodes: Annotated[int, typer.Option(help="Number of enterprise nodes.")] = 3,
     model: Annotated[Path | None, typer.Option(help="Base model dir (default: MiniLM).")] = None,
     task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")] = TASK_CLASSIFICATION,
-    mode: Annotated[str, typer.Option(help=f"Aggregation: {', '.join(MODES)}.")] = "fedavg",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help=f"Aggregation: {', '.join(RUN_MODES)} (secagg: the aggregator sees only "
+            "the sum of the nodes' updates)."
+        ),
+    ] = "fedavg",
     local_steps: Annotated[
         int, typer.Option(min=1, help="Local steps per round.")
     ] = RunSpec.local_steps,
@@ -244,8 +250,8 @@ def _prepare_demo(
 
     if nodes < MIN_FEDERATED_NODES:
         raise ArkError(f"--nodes {nodes} is below the minimum of {MIN_FEDERATED_NODES}")
-    if task not in TASKS or mode not in MODES:
-        raise ArkError(f"--task must be one of {TASKS} and --mode one of {MODES}")
+    if task not in TASKS or mode not in RUN_MODES:
+        raise ArkError(f"--task must be one of {TASKS} and --mode one of {RUN_MODES}")
     if port is not None and not 0 < port < 65536:
         raise ArkError(f"--port {port} is not a TCP port")
     if compare and (model is not None or task != TASK_CLASSIFICATION):

@@ -638,6 +638,22 @@ class JobProgress:
             elif kind == "scorecard_logged":
                 model = _body(event.get("scorecard")).get("model_id", "?")
                 plain(f"node {self.node(event)} signed its scorecard of {model}")
+            elif kind == "secagg_advertised":
+                count = len(event.get("nodes") or [])
+                plain(f"round {rnd}: {count} nodes advertised signed masking keys")
+            elif kind == "secagg_stage":
+                count = len(event.get("nodes") or [])
+                what = (
+                    "sealed their shares" if event.get("stage") == "share" else "sent masked inputs"
+                )
+                plain(f"round {rnd}: {count} nodes {what}")
+            elif kind == "secagg_unmasked":
+                dropped = event.get("dropped") or []
+                plain(
+                    f"round {rnd}: sum unmasked from {len(event.get('survivors') or [])} inputs "
+                    f"({len(dropped)} dropped); no input was seen alone"
+                )
+                self.accepted[rnd] = len(event.get("survivors") or [])
             elif kind == "aggregate_committed":
                 plain(
                     f"round {rnd}/{self.rounds} aggregated from {self.accepted.get(rnd, 0)} "

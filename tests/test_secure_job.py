@@ -1,0 +1,396 @@
+"""Secure aggregation end to end in one process: the real SecureJob (the ServerApp's
+stages) and the real aggregator sandbox against three real, attested node sandboxes,
+with the real key broker over TLS on loopback. Only Flower's transport is replaced: a
+Grid that hands each message to its node's sandbox and records every reply the ServerApp
+receives, so a test can search all of it for any node's true update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from clients.channels import RunIds
+from clients.egress import failure_reason
+from clients.sandbox import NodeSandbox, Request, SecAggResult
+from sandbox import events
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
+from sandbox.config import NodeConfig, RunSpec
+from sandbox.events import MemoryEventSink
+from sandbox.events import node as node_events
+from sandbox.journal import read_journal
+from sandbox.keyfiles import load_ed25519_public
+from sandbox.lora import is_trained
+from sandbox.ops.federation import free_port
+from sandbox.ops.provision import LoopbackDeployment, provision_loopback
+from sandbox.protocol import (
+    HELLO_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SEALED_KEY,
+    SECAGG_KEY,
+    SECAGG_PAYLOAD,
+    SECAGG_STAGE,
+    metric_record,
+    round_of,
+    secagg_record,
+)
+from sandbox.seal.package import read_manifest
+from sandbox.secagg import (
+    MASKED_TENSOR,
+    STAGE_MASK,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    Quantization,
+    flatten,
+)
+from server.checkpoint import CheckpointStore
+from server.sandbox import AggregatorSandbox, sealed_blob
+from server.secure_job import SecureJob
+from tests.conftest import make_spec
+from tests.sealed_run import key_broker
+
+LABELS = ("a", "b")
+NODES = ("alpine", "coastal", "desert")
+RUN_ID = 91
+# Flower node ids are random unsigned 64-bit.
+NODE_IDS = {"alpine": 2**63 + 11, "coastal": 7_000_000_000_000_003, "desert": 41}
+
+
+def _rows(name: str, n: int) -> str:
+    words = {"a": "refund billing invoice", "b": "login password reset"}
+    return "".join(
+        json.dumps({"text": f"{name} {i} {words[LABELS[i % 2]]}", "label": LABELS[i % 2]}) + "\n"
+        for i in range(n)
+    )
+
+
+class RecordingSandbox(NodeSandbox):
+    """A real node sandbox that also keeps, for the test only, the true update of each
+    round it masks (what must never reach the aggregator)."""
+
+    def __init__(self, node: NodeConfig):
+        super().__init__(node)
+        self.true_updates: dict[int, dict[str, np.ndarray]] = {}
+        self.true_weights: dict[int, float] = {}
+
+    def _masked(self, secure: Any, request: Any) -> SecAggResult:
+        trained = secure.training.result()
+        names = sorted(trained.update)
+        rnd, spec = secure.request.round, secure.request.spec
+        self.true_updates[rnd] = {
+            n: trained.update[n] - trained.exchange.accepted.adapter[n] for n in names
+        }
+        cap = float(spec.max_examples_per_update)
+        self.true_weights[rnd] = min(trained.metrics[NUM_EXAMPLES], cap) / cap
+        return super()._masked(secure, request)
+
+
+Hook = Callable[[str, int, Message, Message | None], Message | None]
+
+
+class SandboxGrid(Grid):
+    """Flower's Grid over in-process node sandboxes: each pushed message is answered by
+    its node's sandbox at once, and every reply is kept (``received``). ``hook`` may
+    drop or replace a reply (a node that stops, a hostile one)."""
+
+    def __init__(self, sandboxes: dict[int, NodeSandbox], spec: RunSpec):
+        self.sandboxes = sandboxes
+        self.spec = spec
+        self.received: list[Message] = []
+        self.sent: list[Message] = []
+        self.hook: Hook | None = None
+        self._outbox: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id=RUN_ID)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # fmt: skip
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sandboxes)
+
+    def _answer(self, msg: Message) -> Message:
+        node_id = msg.metadata.dst_node_id
+        sandbox = self.sandboxes[node_id]
+        ids = RunIds(RUN_ID, node_id)
+        kind = msg.metadata.message_type
+        rnd = round_of(msg.content)
+        try:
+            if kind == MessageType.QUERY:
+                content = RecordDict({HELLO_KEY: sandbox.hello(ids, rnd, self.spec).record})
+            elif kind == MessageType.TRAIN:
+                result = sandbox.train(Request(ids, rnd, STAGE_TRAIN, self.spec, msg.content))
+                content = RecordDict({SECAGG_KEY: secagg_record(result.secagg)})
+            elif kind == MessageType.EVALUATE:
+                evaluated = sandbox.evaluate(
+                    Request(ids, rnd, STAGE_EVALUATE, self.spec, msg.content)
+                )
+                content = RecordDict({METRICS_KEY: metric_record(evaluated.metrics)})
+            else:
+                record = msg.content.config_records[SECAGG_KEY]
+                stage, payload = str(record[SECAGG_STAGE]), bytes(record[SECAGG_PAYLOAD])  # type: ignore[arg-type]
+                answer = sandbox.secagg(ids, rnd, stage, payload)
+                content = RecordDict({**answer.records})
+                if answer.payload:
+                    content[SECAGG_KEY] = secagg_record(answer.payload)
+                if answer.metrics:
+                    content[METRICS_KEY] = metric_record(answer.metrics)
+        except Exception as exc:
+            return Message(failure_reason(exc).error(), reply_to=msg)
+        return Message(content, reply_to=msg)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.sent.append(msg)
+            reply: Message | None = self._answer(msg)
+            if self.hook is not None:
+                stage = _stage_of(msg)
+                reply = self.hook(stage, msg.metadata.dst_node_id, msg, reply)
+            if reply is not None:
+                reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                self._outbox[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
+        self.received.extend(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:  # fmt: skip
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _stage_of(msg: Message) -> str:
+    record = msg.content.config_records.get(SECAGG_KEY)
+    if record is not None:
+        return str(record[SECAGG_STAGE])
+    return str(msg.metadata.message_type)
+
+
+@dataclasses.dataclass
+class World:
+    deployment: LoopbackDeployment
+    model_dir: Path
+    root: Path
+    sandboxes: dict[int, RecordingSandbox]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Iterator[World]:
+    """A provisioned provider with its key broker on loopback and three attested nodes."""
+    root = tmp_path_factory.mktemp("secure")
+    data = {}
+    for name in NODES:
+        data[name] = root / f"{name}.jsonl"
+        data[name].write_text(_rows(name, 24), encoding="utf-8")
+    deployment = provision_loopback(
+        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=free_port(), model_id="tiny"
+    )
+    with key_broker(deployment):
+        sandboxes = {}
+        for name in NODES:
+            sandbox = RecordingSandbox(NodeConfig.load(deployment.node_configs[name]))
+            sandbox.start()
+            sandboxes[NODE_IDS[name]] = sandbox
+        yield World(deployment, tiny_bert_dir, root, sandboxes)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process identity Flower's ServerApp runtime sets before ``main`` runs; each
+    test is its own run (the sandboxes keep per-run channels and rounds)."""
+    global RUN_ID
+    RUN_ID += 1
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+def _job(
+    world: World, tmp_path: Path, **overrides: Any
+) -> tuple[SecureJob, SandboxGrid, MemoryEventSink]:
+    values: dict[str, Any] = {
+        "labels": LABELS,
+        "model_id": "tiny",
+        "local_steps": 2,
+        "num_rounds": 1,
+        "mode": "ffa+secagg",
+        "min_nodes": 2,
+        "expected_nodes": 3,
+        "round_timeout": 60.0,
+        "output_dir": tmp_path / "job",
+    }
+    values.update(overrides)
+    spec = make_spec(world.model_dir, **values)
+    sandbox_cfg = next(iter(world.sandboxes.values())).node.require_sandbox()
+    manifest = read_manifest(sandbox_cfg.package, load_ed25519_public(sandbox_cfg.manifest_key))
+    aggregator = AggregatorSandbox.load(
+        world.deployment.provider.aggregator, run_id=RUN_ID, model_digest=manifest_digest(manifest)
+    )
+    grid = SandboxGrid(dict(world.sandboxes), spec)
+    sink = MemoryEventSink()
+    job = SecureJob(
+        grid, spec, sandbox=aggregator, events=sink, run_id=RUN_ID, sleep=lambda _: None
+    )
+    return job, grid, sink
+
+
+def _of(sink: MemoryEventSink, kind: type[events.Event]) -> list[Any]:
+    return [e for e in sink.events if isinstance(e, kind)]
+
+
+def _committed_delta(spec: RunSpec) -> dict[str, np.ndarray]:
+    """What the committed round-1 adapter moved from the initial one (trained tensors)."""
+    store = CheckpointStore(spec.output_dir / "checkpoints")  # type: ignore[operator]
+    before, after = (load_file(store.adapter_path(r)) for r in (0, 1))
+    return {n: after[n] - before[n] for n in after if is_trained(n, spec.lora_mode)}
+
+
+def _plain_mean(
+    world: World, nodes: Iterable[int], rnd: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """The plaintext weighted mean of ``nodes``' true updates, and their summed weight."""
+    total: dict[str, np.ndarray] = {}
+    weight = 0.0
+    for node_id in nodes:
+        sandbox = world.sandboxes[node_id]
+        w = sandbox.true_weights[rnd]
+        for n, v in sandbox.true_updates[rnd].items():
+            total[n] = total.get(n, np.zeros(v.shape)) + w * v.astype(np.float64)
+        weight += w
+    return {n: v / weight for n, v in total.items()}, weight
+
+
+def _journal(world: World, node_id: int) -> list[dict[str, Any]]:
+    return read_journal(world.sandboxes[node_id].node.journal_path)  # type: ignore[arg-type]
+
+
+def _revealed(world: World, node_id: int, run: int) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in _journal(world, node_id)
+        if e.get("kind") == node_events.SecaggRevealed.kind and e.get("run_id") == run
+    ]
+
+
+def _masked_inputs(job: SecureJob, grid: SandboxGrid) -> dict[int, np.ndarray]:
+    """Every masked input the ServerApp received, opened as the aggregator opens it."""
+    opened: dict[int, np.ndarray] = {}
+    peers = job.sealed.peers
+    for reply in grid.received:
+        if SEALED_KEY not in reply.content.config_records:
+            continue
+        node_id = reply.metadata.src_node_id
+        tensors, _ = job.sealed.sandbox.open_update(peers[node_id], sealed_blob(reply.content), 1)
+        opened[node_id] = tensors[MASKED_TENSOR]
+    return opened
+
+
+def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
+    world: World, tmp_path: Path
+) -> None:
+    """FFA with secure aggregation: nothing the ServerApp receives holds any node's update
+    (not its float bytes, not its quantized values), and the committed adapter moved by
+    the plaintext weighted mean of the true updates, within the quantization's bound."""
+    job, grid, sink = _job(world, tmp_path)
+    job.run()
+    deltas = _committed_delta(job.spec)
+    expected, weight = _plain_mean(world, world.sandboxes, 1)
+    protocol_bound = _of(sink, events.SecaggUnmasked)[0]
+    assert protocol_bound.dropped == []
+    assert sorted(protocol_bound.survivors) == sorted(NODE_IDS.values())
+    quantization = Quantization(job.spec.secagg_clip, 3)
+    magnitude = max(float(np.abs(v).max()) for v in expected.values())
+    bound = quantization.bound(3, weight, magnitude) + 1e-7  # the float32 checkpoint's rounding
+    for name, value in expected.items():
+        assert np.abs(deltas[name] - value).max() <= bound, name
+    assert max(float(np.abs(v).max()) for v in expected.values()) > 100 * bound  # it trained
+    # Every byte the ServerApp received: no float32 run of any node's update is in it.
+    received = b"".join(
+        bytes(v)
+        for reply in grid.received
+        for record in reply.content.config_records.values()
+        for v in record.values()
+        if isinstance(v, bytes)
+    )
+    assert not any(reply.content.array_records for reply in grid.received)
+    for sandbox in world.sandboxes.values():
+        for value in sandbox.true_updates[1].values():
+            flat = value.astype(np.float32).ravel()
+            nonzero = flat[flat != 0]
+            if nonzero.size >= 4:  # a run of four values: 16 bytes no mask would repeat
+                assert nonzero[:4].tobytes() not in received
+    # Opened as the aggregator opens them, the masked inputs look nothing like the true
+    # quantized updates: a random uint32 matches a value with chance 2^-32.
+    masked = _masked_inputs(job, grid)
+    assert set(masked) == set(world.sandboxes)
+    for node_id, vector in masked.items():
+        sandbox = world.sandboxes[node_id]
+        names = sorted(sandbox.true_updates[1])
+        true = quantization.encode(flatten(sandbox.true_updates[1], names), sandbox.true_weights[1])
+        assert vector.shape == true.shape
+        assert np.mean(vector == true) < 0.01
+    # The log names each stage's nodes; every node revealed seeds only, no key shares.
+    stages = {e.stage: e.nodes for e in _of(sink, events.SecaggStage)}
+    assert sorted(stages[STAGE_SHARE]) == sorted(stages[STAGE_MASK]) == sorted(NODE_IDS.values())
+    assert not _of(sink, events.UpdateAccepted)
+    for node_id in world.sandboxes:
+        (revealed,) = _revealed(world, node_id, job.run_id)
+        assert revealed["keys_of"] == []
+
+
+def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
+    world: World, tmp_path: Path
+) -> None:
+    """Dropout: one node stops answering after the share stage; the round completes with
+    the other two, the committed adapter equals their plaintext weighted mean, and the
+    survivors revealed the lost node's masking key share only."""
+    job, grid, sink = _job(world, tmp_path)
+    lost = NODE_IDS["coastal"]
+
+    def stop_after_sharing(
+        stage: str, node: int, msg: Message, reply: Message | None
+    ) -> Message | None:
+        return None if node == lost and stage in (STAGE_MASK, STAGE_UNMASK) else reply
+
+    grid.hook = stop_after_sharing
+    job.run()
+    survivors = [n for n in world.sandboxes if n != lost]
+    (unmasked,) = _of(sink, events.SecaggUnmasked)
+    assert unmasked.dropped == [lost]
+    assert sorted(unmasked.survivors) == sorted(survivors)
+    expected, weight = _plain_mean(world, survivors, 1)
+    deltas = _committed_delta(job.spec)
+    magnitude = max(float(np.abs(v).max()) for v in expected.values())
+    bound = Quantization(job.spec.secagg_clip, 3).bound(2, weight, magnitude) + 1e-7
+    for name, value in expected.items():
+        assert np.abs(deltas[name] - value).max() <= bound, name
+    for node_id in survivors:
+        (revealed,) = _revealed(world, node_id, job.run_id)
+        assert revealed["keys_of"] == [lost]
+        assert lost not in revealed["seeds_of"]
