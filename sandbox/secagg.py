@@ -436,7 +436,9 @@ class Advertisement:
         try:
             result = verify_result(self.certificate, result_key, now=now)
         except AttestationError as exc:
-            raise AdvertisementInvalid(f"{where}: its certification fails: {exc}") from None
+            raise AdvertisementInvalid(
+                f"{where} is not signed by an attested identity: its certification fails: {exc}"
+            ) from None
         if (
             result.status != AFFIRMING
             or result.purpose != PURPOSE_SIGNING

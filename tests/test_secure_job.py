@@ -8,14 +8,17 @@ receives, so a test can search all of it for any node's true update.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
@@ -27,8 +30,16 @@ from clients.channels import RunIds
 from clients.egress import failure_reason
 from clients.sandbox import NodeSandbox, Request, SecAggResult
 from sandbox import events
+from sandbox.attestation.result import (
+    PURPOSE_SIGNING,
+    SIGNING_SUITE,
+    ResultContext,
+    ResultSigner,
+)
+from sandbox.attestation.verifier import Appraisal
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
 from sandbox.config import NodeConfig, RunSpec
+from sandbox.errors import SecAggFailed
 from sandbox.events import MemoryEventSink
 from sandbox.events import node as node_events
 from sandbox.journal import read_journal
@@ -54,6 +65,7 @@ from sandbox.secagg import (
     STAGE_MASK,
     STAGE_SHARE,
     STAGE_UNMASK,
+    Advertisement,
     Quantization,
     flatten,
 )
@@ -303,7 +315,7 @@ def _masked_inputs(job: SecureJob, grid: SandboxGrid) -> dict[int, np.ndarray]:
     opened: dict[int, np.ndarray] = {}
     peers = job.sealed.peers
     for reply in grid.received:
-        if SEALED_KEY not in reply.content.config_records:
+        if not reply.has_content() or SEALED_KEY not in reply.content.config_records:
             continue
         node_id = reply.metadata.src_node_id
         tensors, _ = job.sealed.sandbox.open_update(peers[node_id], sealed_blob(reply.content), 1)
@@ -394,3 +406,192 @@ def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
         (revealed,) = _revealed(world, node_id, job.run_id)
         assert revealed["keys_of"] == [lost]
         assert lost not in revealed["seeds_of"]
+
+
+def test_a_masked_input_replayed_into_the_next_round_is_refused(
+    world: World, tmp_path: Path
+) -> None:
+    """A node's round-1 masked input, replayed as its round-2 answer, does not open for
+    round 2 (the envelope binds the round): it is refused and logged, the node counts as
+    dropped, and round 2 completes with the other two."""
+    job, grid, sink = _job(world, tmp_path, num_rounds=2)
+    victim = NODE_IDS["desert"]
+    first: dict[str, Message] = {}
+
+    def replay(stage: str, node: int, msg: Message, reply: Message | None) -> Message | None:
+        if stage != STAGE_MASK or node != victim or reply is None:
+            return reply
+        rnd = round_of(msg.content)
+        if rnd == 1:
+            first["reply"] = reply
+            return reply
+        return Message(first["reply"].content, reply_to=msg)
+
+    grid.hook = replay
+    job.run()
+    rejected = [e for e in _of(sink, events.UpdateRejected) if e.round == 2]
+    assert [e.node for e in rejected] == [victim]
+    unmasked = {e.round: e for e in _of(sink, events.SecaggUnmasked)}
+    assert unmasked[1].dropped == []
+    assert unmasked[2].dropped == [victim]
+    assert [e.round for e in _of(sink, events.AggregateCommitted)] == [1, 2]
+
+
+def _forged_advert(world: World, node_id: int, rnd: int, run: int) -> bytes:
+    """Keys for ``node_id`` signed by a key the verifier never certified: its
+    certification is signed by another result key (a verifier the nodes do not trust)."""
+    key = Ed25519PrivateKey.generate()
+    other = ResultSigner(ec.generate_private_key(ec.SECP256R1()), {"developer": "forger"})
+    now = dt.datetime.now(dt.UTC)
+    sandbox = world.sandboxes[node_id]
+    claims = {"ueid": sandbox.node.require_sandbox().ueid, "measurements": {}}
+    result = other.affirm(
+        Appraisal(claims, "stub", "p", now),
+        ResultContext(
+            "s", "stub", key.public_key().public_bytes_raw(), SIGNING_SUITE, "e", "p", "d",
+            PURPOSE_SIGNING,
+        ),
+        now=now,
+    )  # fmt: skip
+    advert = Advertisement.sign(
+        key, result.token, run=run, rnd=rnd, node=node_id, c_pk=bytes(range(32)),
+        s_pk=bytes(range(1, 33)),
+    )  # fmt: skip
+    return advert.to_bytes()
+
+
+def test_keys_not_signed_by_an_attested_identity_are_left_out(world: World, tmp_path: Path) -> None:
+    """An advertisement whose signing key the key broker never certified (the aggregator
+    or a man in the middle substituting keys) is refused and logged; the round goes on
+    with the two attested nodes, and they never mask with the forged keys."""
+    job, grid, sink = _job(world, tmp_path)
+    victim = NODE_IDS["alpine"]
+
+    def forge(stage: str, node: int, msg: Message, reply: Message | None) -> Message | None:
+        if stage == MessageType.TRAIN and node == victim:
+            payload = _forged_advert(world, node, 1, job.run_id)
+            return Message(RecordDict({SECAGG_KEY: secagg_record(payload)}), reply_to=msg)
+        return reply
+
+    grid.hook = forge
+    job.run()
+    refused = [e for e in _of(sink, events.NodeRefused) if e.node == victim]
+    assert refused
+    assert "not signed by an attested identity" in refused[0].reason
+    (advertised,) = _of(sink, events.SecaggAdvertised)
+    assert victim not in [n.node for n in advertised.nodes]
+    (unmasked,) = _of(sink, events.SecaggUnmasked)
+    assert victim not in unmasked.survivors
+    assert len(unmasked.survivors) == 2
+
+
+def test_a_node_refuses_a_share_request_carrying_forged_keys(world: World, tmp_path: Path) -> None:
+    """A hostile aggregator that puts forged keys into the share request: every honest
+    node refuses to seal shares (nothing of its seed or key leaves)."""
+    job, _, _ = _job(world, tmp_path)
+    victim = NODE_IDS["coastal"]
+
+    class Substituting(SandboxGrid):
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            out = []
+            for msg in messages:
+                record = msg.content.config_records.get(SECAGG_KEY)
+                if record is not None and record[SECAGG_STAGE] == STAGE_SHARE:
+                    request = json.loads(bytes(record[SECAGG_PAYLOAD]))  # type: ignore[arg-type]
+                    forged = json.loads(_forged_advert(world, victim, 1, job.run_id))
+                    request["adverts"] = [
+                        forged if a["node"] == victim else a for a in request["adverts"]
+                    ]
+                    record[SECAGG_PAYLOAD] = json.dumps(request, separators=(",", ":")).encode()
+                out.append(msg)
+            return super().push_messages(out)
+
+    hostile = Substituting(dict(world.sandboxes), job.spec)
+    job.grid = hostile
+    with pytest.raises(SecAggFailed):
+        job.run()
+    payloads = [
+        r.content.config_records[SECAGG_KEY][SECAGG_PAYLOAD]
+        for r in hostile.received
+        if r.has_content() and SECAGG_KEY in r.content.config_records
+    ]
+    assert not [p for p in payloads if isinstance(p, bytes) and b'"stage":"share"' in p]
+    errors = [r for r in hostile.received if r.has_error()]
+    assert len(errors) >= 2
+
+
+def test_fewer_survivors_than_the_threshold_fail_closed(world: World, tmp_path: Path) -> None:
+    """Two of three nodes lost after sharing: the round fails closed. No unmask request
+    is sent, no node reveals anything, nothing is committed."""
+    job, grid, sink = _job(world, tmp_path)
+    lost = {NODE_IDS["coastal"], NODE_IDS["desert"]}
+
+    def stop(stage: str, node: int, msg: Message, reply: Message | None) -> Message | None:
+        return None if node in lost and stage == STAGE_MASK else reply
+
+    grid.hook = stop
+    with pytest.raises(SecAggFailed, match="fewer than the threshold"):
+        job.run()
+    assert not [m for m in grid.sent if _stage_of(m) == STAGE_UNMASK]
+    assert not _of(sink, events.SecaggUnmasked)
+    assert not _of(sink, events.AggregateCommitted)
+    for node_id in world.sandboxes:
+        assert not _revealed(world, node_id, job.run_id)
+
+
+class AskingTwice(SecureJob):
+    """A hostile aggregator: after the honest unmask stage it asks one survivor again, now
+    naming another survivor as dropped (its masking key's share would unmask it)."""
+
+    target: int = 0
+    victim: int = 0
+    answers: ClassVar[list[Message]] = []
+
+    def unmask(self, state: Any) -> None:
+        protocol = self._secure[state.round].protocol
+        super().unmask(state)
+        request = protocol.unmask_request()
+        survivors = tuple(n for n in request.survivors if n != self.victim)
+        forged = dataclasses.replace(request, survivors=survivors, dropped=(self.victim,))
+        both = dataclasses.replace(request, dropped=(self.victim,))
+        for payload in (forged.to_bytes(), both.to_bytes()):
+            message = self._query(state.round, self.target, STAGE_UNMASK, payload)
+            for _, reply in self._call().replies([message]):
+                self.answers.append(reply)
+
+
+def test_a_survivor_refuses_to_reveal_the_key_share_of_a_node_that_did_not_drop(
+    world: World, tmp_path: Path
+) -> None:
+    """The aggregator, holding every masked input, asks a survivor for the masking-key
+    share of another survivor (once as a second unmask request, once naming it both
+    surviving and dropped): refused both times, and the node's journal shows it revealed
+    once, seed shares only."""
+    job, grid, sink = _job(world, tmp_path)
+    hostile = AskingTwice(
+        grid, job.spec, sandbox=job.sealed.sandbox, events=sink, run_id=job.run_id,
+        sleep=lambda _: None,
+    )  # fmt: skip
+    hostile.target, hostile.victim = NODE_IDS["alpine"], NODE_IDS["desert"]
+    hostile.answers = []
+    hostile.run()
+    assert len(hostile.answers) == 2
+    assert all(answer.has_error() for answer in hostile.answers)
+    (revealed,) = _revealed(world, hostile.target, job.run_id)
+    assert revealed["keys_of"] == []
+    assert NODE_IDS["desert"] in revealed["seeds_of"]
+
+
+def test_an_update_that_could_overflow_the_sum_is_refused_in_the_sandbox(
+    world: World, tmp_path: Path
+) -> None:
+    """A clip range too small for the updates: every node's sandbox refuses to quantize
+    (the sum could overflow), nothing masked leaves, and the round fails closed."""
+    job, grid, sink = _job(world, tmp_path, secagg_clip=1e-6)
+    with pytest.raises(SecAggFailed):
+        job.run()
+    mask_replies = [
+        r for r in grid.received if r.has_content() and SEALED_KEY in r.content.config_records
+    ]
+    assert mask_replies == []
+    assert not _of(sink, events.AggregateCommitted)
