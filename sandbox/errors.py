@@ -496,6 +496,15 @@ class ScorecardUnattested(PolicyViolation):
     exit_code = 39
 
 
+class SecAggInconsistent(PolicyViolation):
+    """A secure-aggregation round whose logged stages break the protocol: out of order or
+    twice; a stage naming nodes the one before it did not; survivors or dropped nodes that
+    are not the mask stage's nodes and the rest (a node that sent a masked input listed as
+    dropped, whose masking key was then rebuilt); or an individual update accepted in it."""
+
+    exit_code = 41
+
+
 class JournalMismatch(LogVerificationError):
     """A node journal records something the provider's log does not."""
 

@@ -110,11 +110,14 @@ def threshold(nodes: int, fraction: float) -> int:
 class Quantization:
     """Fixed point into 32-bit integers for ``nodes`` nodes, each value in [-clip, clip].
 
-    Values are scaled by ``scale = floor((2^31 - 1) / (nodes * clip))`` and rounded, so the
-    sum of ``nodes`` of them never leaves the signed 32-bit range: the sum mod 2^32, read as
-    a signed integer, is the exact sum of the rounded values. The weight (in (0, 1]) is one
-    more element, scaled by ``floor((2^31 - 1) / nodes)``. A value outside the range is
-    refused (:class:`QuantizationOverflow`), never wrapped or silently clipped.
+    Values are scaled by ``scale = floor(floor((2^31 - 1) / nodes) / clip)`` and rounded, so
+    a rounded value is at most ``floor((2^31 - 1) / nodes)`` in magnitude and the sum of
+    ``nodes`` of them never leaves the signed 32-bit range: the sum mod 2^32, read as a
+    signed integer, is the exact sum of the rounded values. (``floor((2^31 - 1) / (nodes *
+    clip))`` is not enough: for a clip that is not a whole number ``clip * scale`` can end
+    in .5 or more and round up, and ``nodes`` values at the clip then wrap.) The weight (in
+    (0, 1]) is one more element, scaled by ``floor((2^31 - 1) / nodes)``. A value outside
+    the range is refused (:class:`QuantizationOverflow`), never wrapped or silently clipped.
     """
 
     clip: float
@@ -132,7 +135,7 @@ class Quantization:
 
     @property
     def scale(self) -> int:
-        return int(INT32_MAX // (self.nodes * self.clip))
+        return int((INT32_MAX // self.nodes) / self.clip)
 
     @property
     def weight_scale(self) -> int:

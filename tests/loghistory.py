@@ -22,7 +22,7 @@ from sandbox.attestation.result import (
 from sandbox.attestation.stub import STUB_TEE
 from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_TRAIN
-from sandbox.config import PROTECTION_SEALED
+from sandbox.config import PROTECTION_SEALED, NodeConfig
 from sandbox.events import (
     AggregateCommitted,
     AggregatorSeen,
@@ -46,11 +46,17 @@ from sandbox.events import (
     RunFinished,
     RunStarted,
     ScorecardLogged,
+    SecaggAdvertised,
+    SecaggNode,
+    SecaggStage,
+    SecaggUnmasked,
     SentDigest,
     Train,
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.events.node import SecaggRevealed
+from sandbox.journal import append_journal
 from sandbox.scorecard import (
     Commitment,
     Cost,
@@ -61,6 +67,7 @@ from sandbox.scorecard import (
     sign_scorecard,
     signer_sha256,
 )
+from sandbox.secagg import STAGE_MASK, STAGE_SHARE
 from sandbox.translog.note import NoteSigner, log_origin
 from sandbox.translog.store import LogStore
 
@@ -193,6 +200,26 @@ def rejected(accepted: dict[str, Any], reason: str = "update rejected") -> dict[
     ).to_json()
 
 
+def channel_admission(run: int, node: int, name: str) -> list[dict[str, Any]]:
+    """Node name ``name``'s channel attestation, appraised and certified by the key broker,
+    and the ServerApp admitting it to ``run`` as Flower node ``node``."""
+    session = f"r{run}-n{node}-channel"
+    return [
+        attestation(session, PURPOSE_CHANNEL, name),
+        ChannelCertified(
+            time=TIME,
+            session=session,
+            key_id=KEY_ID,
+            tee=STUB_TEE,
+            purpose=PURPOSE_CHANNEL,
+            ueid=_ueid(name),
+            ear_sha256=digest("ear", session),
+            tee_pubkey_sha256=digest("tee", session),
+        ).to_json(),
+        admission(run, node, session, name),
+    ]
+
+
 def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, Any]]:
     """One honest sealed run: channel attestations, admissions, rounds, aggregates."""
     job: dict[Key, Any] = {Key.TIME: TIME, Key.RUN: run, Key.JOB: JOB}
@@ -207,21 +234,7 @@ def run_events(run: int, *, rounds: int = 2, nodes: int = 3) -> list[dict[str, A
         ).to_json(),
     ]
     for node in range(1, nodes + 1):
-        session = f"r{run}-n{node}-channel"
-        events.append(attestation(session, PURPOSE_CHANNEL, f"node-{node}"))
-        events.append(
-            ChannelCertified(
-                time=TIME,
-                session=session,
-                key_id=KEY_ID,
-                tee=STUB_TEE,
-                purpose=PURPOSE_CHANNEL,
-                ueid=_ueid(f"node-{node}"),
-                ear_sha256=digest("ear", session),
-                tee_pubkey_sha256=digest("tee", session),
-            ).to_json()
-        )
-        events.append(admission(run, node, session, f"node-{node}"))
+        events += channel_admission(run, node, f"node-{node}")
     for rnd in range(1, rounds + 1):
         participants = [
             Participant(node=node, instruction_sha256=digest("in", run, rnd, node))
@@ -335,6 +348,17 @@ def node_journal(run: int, node: int, rounds: int = 2) -> list[dict[str, Any]]:
     return [train_entry(run, node, rnd) for rnd in range(1, rounds + 1)]
 
 
+def write_journal(folder: Path, entries: Iterable[dict[str, Any]]) -> Path:
+    """A signed node journal (``alpine.jsonl`` in ``folder``) holding ``entries``."""
+    node = NodeConfig(
+        name="alpine", data_path=folder / "d.jsonl", journal_path=folder / "alpine.jsonl"
+    )
+    for entry in entries:
+        append_journal(node, entry)
+    assert node.journal_path is not None
+    return node.journal_path
+
+
 def new_signer() -> NoteSigner:
     key = Ed25519PrivateKey.generate()
     return NoteSigner(log_origin(key.public_key()), key)
@@ -346,6 +370,112 @@ def build_log(path: Path, events: Iterable[dict[str, Any]], signer: NoteSigner) 
     store.append_many(canonical_entry(event) for event in events)
     store.sign_checkpoint(signer)
     return store
+
+
+# -- secure aggregation ----------------------------------------------------------------------
+
+# A secure run's Flower ids: random unsigned 64-bit, beyond 2**53 (the log spells them as text).
+SECURE_RUN = 16401725734191279431
+
+
+def secure_node(number: int) -> int:
+    """The Flower node id of node name ``node-<number>`` in a secure run."""
+    return 2**63 + number
+
+
+def masked_input(run: int, rnd: int, node: int) -> str:
+    """The SHA-256 of the envelope of ``node``'s masked input in round ``rnd``."""
+    return digest("masked", run, rnd, node)
+
+
+def secure_run_events(
+    run: int = SECURE_RUN, *, rounds: int = 2, nodes: int = 4, dropped: dict[int, int] | None = None
+) -> list[dict[str, Any]]:
+    """One honest run with secure aggregation, as the ServerApp logs it: its nodes
+    (``node-1`` … as :func:`secure_node` ids) admitted; each round started, then the
+    protocol's stages (every node advertises and shares; ``dropped[round]``, a node number,
+    sends no masked input; the survivors reveal), then the aggregate of the masked inputs.
+    No ``update_accepted``: the aggregator never sees an update on its own."""
+    job: dict[Key, Any] = {Key.TIME: TIME, Key.RUN: run, Key.JOB: JOB}
+    ids = [secure_node(n) for n in range(1, nodes + 1)]
+    events: list[dict[str, Any]] = [
+        RunStarted(
+            **job,
+            rounds=rounds,
+            protection=PROTECTION_SEALED,
+            resumed_after_round=0,
+            model_id=MODEL_ID,
+            min_nodes=2,
+        ).to_json(),
+    ]
+    for number, node in enumerate(ids, 1):
+        events += channel_admission(run, node, f"node-{number}")
+    for rnd in range(1, rounds + 1):
+        gone = [secure_node(n) for n in [(dropped or {}).get(rnd)] if n is not None]
+        survivors = [node for node in ids if node not in gone]
+        participants = [
+            Participant(node=node, instruction_sha256=digest("in", run, rnd, node)) for node in ids
+        ]
+        updates = [masked_input(run, rnd, node) for node in survivors]
+        events += [
+            RoundStarted(**job, round=rnd, stage=STAGE_TRAIN, participants=participants).to_json(),
+            SecaggAdvertised(
+                **job,
+                round=rnd,
+                nodes=[
+                    SecaggNode(node=node, ueid=_ueid(f"node-{n}"), signer_sha256=digest("sig", n))
+                    for n, node in enumerate(ids, 1)
+                ],
+            ).to_json(),
+            SecaggStage(**job, round=rnd, stage=STAGE_SHARE, nodes=ids).to_json(),
+            SecaggStage(**job, round=rnd, stage=STAGE_MASK, nodes=survivors).to_json(),
+            SecaggUnmasked(
+                **job, round=rnd, survivors=survivors, dropped=gone, revealed_by=survivors
+            ).to_json(),
+            AggregateCommitted(
+                **job,
+                round=rnd,
+                adapter_sha256=digest("adapter", run, rnd),
+                updates=updates,
+                examples=40.0 * len(survivors),
+                metrics={"updates": float(len(survivors)), "local_accuracy": 0.5},
+            ).to_json(),
+        ]
+    events.append(
+        RunFinished(
+            **job,
+            rounds=rounds,
+            adapter_sha256=digest("adapter", run, rounds),
+            metrics={Key.FINAL: {str(node): {"accuracy": 0.8} for node in ids}},
+        ).to_json()
+    )
+    return events
+
+
+def secure_node_journal(
+    number: int,
+    run: int = SECURE_RUN,
+    *,
+    rounds: int = 2,
+    nodes: int = 4,
+    dropped: dict[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """What node ``node-<number>``'s journal holds for :func:`secure_run_events`: in each
+    round it did not drop out of, its training with the masked input it sent, then its key
+    shares revealed (the survivors' seeds, the dropped node's masking key)."""
+    node = secure_node(number)
+    entries = []
+    for rnd in range(1, rounds + 1):
+        gone = [secure_node(n) for n in [(dropped or {}).get(rnd)] if n is not None]
+        if node in gone:
+            continue
+        survivors = [secure_node(n) for n in range(1, nodes + 1) if secure_node(n) not in gone]
+        entries.append(train_entry(run, node, rnd, sent_sha256=masked_input(run, rnd, node)))
+        revealed = SecaggRevealed(
+            run_id=run, node_id=node, round=rnd, seeds_of=survivors, keys_of=gone
+        )
+        entries.append(revealed.to_json())
+    return entries
 
 
 # -- comparisons (1+N): held-out commitments and signed scorecards ---------------------------

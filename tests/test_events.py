@@ -27,8 +27,10 @@ from sandbox.events import (
     NodeRefused,
     Record,
     RunEvent,
+    SecaggUnmasked,
     parse_journal_entry,
 )
+from sandbox.events.node import SecaggRevealed
 from sandbox.journal import append_journal, read_journal
 from tests.vectorload import load_vectors, vector_cases
 
@@ -100,6 +102,9 @@ def test_the_families_are_the_provider_events_and_the_journal() -> None:
         "run_finished",
         "heldout_committed",
         "scorecard_logged",
+        "secagg_advertised",
+        "secagg_stage",
+        "secagg_unmasked",
     }
     assert not set(Event.registry) & set(NodeEvent.registry)
     assert JournalOpened.kind in NodeEvent.registry
@@ -136,6 +141,21 @@ def test_the_log_spells_what_jcs_cannot_hold_as_text() -> None:
     )
 
 
+def test_lists_of_flower_ids_are_logged_as_text_and_read_back_as_ints() -> None:
+    """Secure aggregation's node lists hold random unsigned 64-bit ids: each one beyond
+    2**53 is written as its decimal text and parsed back to the same int."""
+    top, big = 2**64 - 1, 2**63 - 5
+    now = dt.datetime(2026, 11, 23, 3, tzinfo=dt.UTC)
+    event = SecaggUnmasked(
+        time=now, run=top, job="demo", round=1, survivors=[3, top], dropped=[big], revealed_by=[]
+    )
+    written = event.canonical()
+    assert b'"dropped":["9223372036854775803"]' in written
+    assert b'"survivors":[3,"18446744073709551615"]' in written
+    assert Event.from_json(strictjson.loads(written)) == event
+    assert Event.from_json(json.loads(json.dumps(event.to_json()))) == event
+
+
 def test_journal_entries_read_back_as_the_events_the_node_wrote(tmp_path: Path) -> None:
     journal = tmp_path / "alpine.jsonl"
     node = NodeConfig(name="alpine", data_path=tmp_path / "d.jsonl", journal_path=journal)
@@ -144,6 +164,9 @@ def test_journal_entries_read_back_as_the_events_the_node_wrote(tmp_path: Path) 
         AppApproved(app_sha256="ab" * 32, run_id=flower_run),
         Hello(run_id=flower_run, node_id=2**63 - 5, round=1, suite="x25519-hkdf-sha256"),
         EgressBlocked(run_id=flower_run, node_id=3, code="egress-blocked", reason="a metric"),
+        SecaggRevealed(
+            run_id=flower_run, node_id=2**64 - 1, round=1, seeds_of=[3, 2**64 - 1], keys_of=[2**60]
+        ),
     ]
     for event in written:
         append_journal(node, event)

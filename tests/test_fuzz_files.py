@@ -34,7 +34,13 @@ from sandbox.ops.translog.audit import check_policy, crosscheck, decode
 from sandbox.seal.package import open_sealed_package, read_manifest
 from sandbox.translog.note import Checkpoint, NoteVerifier, open_note, verify_checkpoint
 from tests.fuzzing import fuzz_settings, typed_errors_only
-from tests.loghistory import honest_history, new_signer, node_journal
+from tests.loghistory import (
+    honest_history,
+    new_signer,
+    node_journal,
+    secure_node_journal,
+    secure_run_events,
+)
 from tests.test_seal import valid_manifest, write_signed_manifest
 
 # -- strategies: hostile JSON values, mutated documents, spliced bytes ---------------------
@@ -356,7 +362,7 @@ def test_fuzz_verifier_keys(vkey: str) -> None:
 
 # -- log entries, as the auditor decodes and judges them -------------------------------------
 
-HISTORY = honest_history()
+HISTORY = honest_history() + secure_run_events(rounds=1, dropped={1: 2})
 
 
 @fuzz_settings
@@ -373,6 +379,8 @@ def test_fuzz_log_entries(data: st.DataObject) -> None:
         event(f"{sum(r.get('kind') is None for r in records)} entries without a kind")
         typed_errors_only(check_policy, records)
         typed_errors_only(crosscheck, records, node_journal(1, 2), "honest")
+        secure = secure_node_journal(1, rounds=1, dropped={1: 2})
+        typed_errors_only(crosscheck, records, secure, "honest, secure")
 
 
 def test_the_strategies_reach_past_the_signatures(workdir: Path) -> None:

@@ -70,6 +70,7 @@ from tests.loghistory import (
     rejected,
     release,
     run_events,
+    write_journal,
 )
 
 runner = CliRunner()
@@ -525,18 +526,8 @@ def test_aggregate_listing_an_update_that_was_not_accepted(tmp_path: Path) -> No
     assert AggregateUnaccepted.exit_code == 33
 
 
-def _journal(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
-    node = NodeConfig(
-        name="alpine", data_path=tmp_path / "d.jsonl", journal_path=tmp_path / "alpine.jsonl"
-    )
-    for entry in entries:
-        append_journal(node, entry)
-    assert node.journal_path is not None
-    return node.journal_path
-
-
 def test_crosscheck_of_honest_journals(world: World, tmp_path: Path) -> None:
-    journal = _journal(
+    journal = write_journal(
         tmp_path, [*node_journal(1, 2), {"kind": "egress_blocked", "reason": "no digests"}]
     )
     pinned = journal_public_path(journal)
@@ -551,7 +542,7 @@ def test_crosscheck_of_honest_journals(world: World, tmp_path: Path) -> None:
 
 def test_journal_entry_missing_from_the_providers_log(world: World, tmp_path: Path) -> None:
     hidden = digest("up", 1, 2, 3) + "0"
-    journal = _journal(
+    journal = write_journal(
         tmp_path, [{"kind": "train", "run_id": 1, "round": 2, "sent_sha256": hidden}]
     )
     result = world.crosscheck(journal)
@@ -563,7 +554,7 @@ def test_journal_entry_missing_from_the_providers_log(world: World, tmp_path: Pa
 
 
 def test_tampered_journal(world: World, tmp_path: Path) -> None:
-    journal = _journal(tmp_path, [{"kind": "train", "run_id": 1, "sent_sha256": "aa"}] * 3)
+    journal = write_journal(tmp_path, [{"kind": "train", "run_id": 1, "sent_sha256": "aa"}] * 3)
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join([lines[0], lines[1], lines[3]]) + "\n")
     result = world.crosscheck(journal)
@@ -615,7 +606,7 @@ def test_flower_sized_ids_and_non_finite_metrics_are_logged_as_text(tmp_path: Pa
     assert canonical_entry({"run": run, "node": node, "loss": float("nan"), "n": 3}) == (
         b'{"loss":"nan","n":3,"node":"9223372036854775803","run":"16401725734191279427"}'
     )
-    journal = _journal(tmp_path, [{"kind": "train", "run_id": run, "node_id": node}])
+    journal = write_journal(tmp_path, [{"kind": "train", "run_id": run, "node_id": node}])
     (entry,) = read_journal(journal)
     assert entry["run_id"] == str(run)
 
@@ -666,7 +657,7 @@ def test_inclusion_and_crosscheck_also_catch_a_rollback(world: World, tmp_path: 
         "inclusion", "--log", world.db, "--key", world.vkey, "--index", 0, "--state", world.state
     )
     assert inclusion.exit_code == LogRollback.exit_code, inclusion.output
-    journal = _journal(tmp_path, node_journal(1, 1))
+    journal = write_journal(tmp_path, node_journal(1, 1))
     crosschecked = world.crosscheck(
         journal,
         "--state",
@@ -774,8 +765,8 @@ def test_crosscheck_binds_round_and_node_and_checks_both_ways(world: World, tmp_
 def test_a_journal_signed_by_another_key_fails_when_the_key_is_pinned(
     world: World, tmp_path: Path
 ) -> None:
-    journal = _journal(tmp_path, node_journal(1, 2))
-    other = _journal(tmp_path / "other", node_journal(1, 2))
+    journal = write_journal(tmp_path, node_journal(1, 2))
+    other = write_journal(tmp_path / "other", node_journal(1, 2))
     result = world.crosscheck(
         journal,
         "--journal-key",
@@ -836,7 +827,7 @@ HOSTILE_JSON = {
 
 @pytest.mark.parametrize("line", HOSTILE_JSON.values(), ids=HOSTILE_JSON)
 def test_a_hostile_journal_line_is_invalid_naming_the_line(tmp_path: Path, line: bytes) -> None:
-    journal = _journal(tmp_path, node_journal(1, 2))
+    journal = write_journal(tmp_path, node_journal(1, 2))
     lines = journal.read_bytes().splitlines()
     journal.write_bytes(b"\n".join([lines[0], line, *lines[2:]]) + b"\n")
     with pytest.raises(JournalInvalid, match=f"{journal}, line 2: not a signed journal line"):
@@ -851,7 +842,7 @@ def test_a_hostile_journal_line_is_invalid_naming_the_line(tmp_path: Path, line:
 def test_a_journal_line_is_only_its_canonical_bytes(tmp_path: Path) -> None:
     """The signature covers the body only, so a re-encoded or extended last line was
     accepted: neither the chain nor the signature saw the change."""
-    journal = _journal(tmp_path, node_journal(1, 2))
+    journal = write_journal(tmp_path, node_journal(1, 2))
     lines = journal.read_bytes().splitlines()
     spaced = lines[-1].replace(b'"seq":', b'"seq": ')
     extended = lines[-1][:-1] + b',"z":"unsigned"}'

@@ -20,6 +20,9 @@ T = "2026-11-23T03:00:00+00:00"
 H = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 UEID = "0c1ec5a0c1ec5a0c1ec5a0c1ec5a0c1e"
 FLOWER_RUN = "16401725734191279427"  # beyond 2**53: the log spells it as text
+# Flower node ids are random unsigned 64-bit too: one past 2**63, and the largest.
+BIG_NODE = "9223372036854775803"
+TOP_NODE = "18446744073709551615"
 JOB = {"time": T, "run": 7, "job": "demo"}
 CLIENT = {"time": 1764558000.25, "node": "alpine", "run_id": 7, "node_id": 3}
 
@@ -392,6 +395,90 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ),
     (
         "provider",
+        "secagg_advertised",
+        [
+            (
+                "three nodes, two with Flower-sized ids",
+                {
+                    **JOB,
+                    "kind": "secagg_advertised",
+                    "round": 1,
+                    "nodes": [
+                        {"node": 3, "ueid": UEID, "signer_sha256": H},
+                        {"node": BIG_NODE, "ueid": UEID, "signer_sha256": H},
+                        {"node": TOP_NODE, "ueid": UEID, "signer_sha256": H},
+                    ],
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "secagg_stage",
+        [
+            (
+                "share",
+                {
+                    **JOB,
+                    "kind": "secagg_stage",
+                    "round": 1,
+                    "stage": "share",
+                    "nodes": [3, BIG_NODE, TOP_NODE],
+                },
+            ),
+            (
+                "mask, one node dropped",
+                {
+                    **JOB,
+                    "kind": "secagg_stage",
+                    "round": 1,
+                    "stage": "mask",
+                    "nodes": [3, TOP_NODE],
+                },
+            ),
+            (
+                "no node completed, in a Flower-sized run",
+                {
+                    **JOB,
+                    "run": FLOWER_RUN,
+                    "kind": "secagg_stage",
+                    "round": 2,
+                    "stage": "mask",
+                    "nodes": [],
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "secagg_unmasked",
+        [
+            (
+                "one node dropped",
+                {
+                    **JOB,
+                    "kind": "secagg_unmasked",
+                    "round": 1,
+                    "survivors": [3, TOP_NODE],
+                    "dropped": [BIG_NODE],
+                    "revealed_by": [3, TOP_NODE],
+                },
+            ),
+            (
+                "none dropped",
+                {
+                    **JOB,
+                    "kind": "secagg_unmasked",
+                    "round": 2,
+                    "survivors": [3, BIG_NODE, TOP_NODE],
+                    "dropped": [],
+                    "revealed_by": [BIG_NODE, TOP_NODE],
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
         "run_finished",
         [
             (
@@ -616,6 +703,34 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ),
     (
         "journal",
+        "secagg_revealed",
+        [
+            (
+                "seeds of the survivors, keys of a dropped node",
+                {
+                    **CLIENT,
+                    "kind": "secagg_revealed",
+                    "round": 1,
+                    "seeds_of": [3, TOP_NODE],
+                    "keys_of": [BIG_NODE],
+                },
+            ),
+            (
+                "a Flower-sized node in a Flower-sized run, none dropped",
+                {
+                    **CLIENT,
+                    "run_id": FLOWER_RUN,
+                    "node_id": TOP_NODE,
+                    "kind": "secagg_revealed",
+                    "round": 2,
+                    "seeds_of": [3, BIG_NODE, TOP_NODE],
+                    "keys_of": [],
+                },
+            ),
+        ],
+    ),
+    (
+        "journal",
         "scorecard_signed",
         [
             (
@@ -753,6 +868,13 @@ def _wrong_type(value: Any) -> Any:
     return [value]
 
 
+def _is_id(value: Any) -> bool:
+    """Whether ``value`` is a Flower id as the log spells it: a number, or its decimal text."""
+    if isinstance(value, str):
+        return value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _negatives(kind: str, record: dict[str, Any]) -> list[dict[str, Any]]:
     last = list(record)[-1]
     typed = [k for k, v in record.items() if k not in ("kind", "time") and v is not None][-1]
@@ -770,6 +892,12 @@ def _negatives(kind: str, record: dict[str, Any]) -> list[dict[str, Any]]:
         cases.append(("a run id as text below 2**53", {**record, "run": "7"}, "run"))
         cases.append(("a run id as text from 2**64", {**record, "run": str(2**64)}, "run"))
     for key, value in record.items():
+        if isinstance(value, list) and value and all(map(_is_id, value)):
+            for spelled, why in (("7", "below 2**53"), (str(2**64), "from 2**64"), (True, "")):
+                what = f"as text {why}" if why else "as a boolean"
+                broken = [*value[:-1], spelled]
+                where = f"{key}[{len(value) - 1}]"
+                cases.append((f"a node id in {key} {what}", {**record, key: broken}, where))
         if isinstance(value, list) and value and isinstance(value[0], dict):
             inner = next(iter(value[0]))
             broken = [{k: v for k, v in value[0].items() if k != inner}, *value[1:]]

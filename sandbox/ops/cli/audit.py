@@ -27,6 +27,7 @@ Exit codes (also in ``ark audit --help`` and docs/audit.md):
 38    a comparison finished without a scorecard of one of its models from a node
 39    a scorecard or commitment not signed by a key certified for an attested sandbox
 40    the log cannot be reached or read
+41    a secure-aggregation round whose logged stages break the protocol
 ====  ==========================================================================
 """
 

@@ -59,7 +59,8 @@ audit_app = typer.Typer(
         "30 malformed event, 31 key release without an affirming appraisal, 32 update from "
         "an unattested node, 33 aggregate with an unaccepted update; 34 journal entry "
         "missing from the log, 35 journal chain or signature broken; 36 one TEE (ueid) admitted "
-        "as two nodes in one run; 40 log unreachable."
+        "as two nodes in one run; 40 log unreachable; 41 a secure-aggregation round whose "
+        "logged stages break the protocol."
     ),
     no_args_is_help=True,
 )

@@ -15,7 +15,7 @@ audit nor match another such record (a rule compares present, non-empty values o
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,7 @@ from sandbox.errors import (
     ScorecardMissing,
     ScorecardRootMismatch,
     ScorecardUnattested,
+    SecAggInconsistent,
     UpdateFromUnattested,
 )
 from sandbox.events import (
@@ -68,14 +69,19 @@ from sandbox.events import (
     NodeDeclined,
     NodeRefused,
     RoundStarted,
+    RunStarted,
     ScorecardLogged,
+    SecaggAdvertised,
+    SecaggStage,
+    SecaggUnmasked,
     UpdateAccepted,
     UpdateRejected,
 )
-from sandbox.events.node import HeldoutCommitment, ScorecardSigned
+from sandbox.events.node import HeldoutCommitment, ScorecardSigned, SecaggRevealed
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
+from sandbox.secagg import STAGE_MASK, STAGE_SHARE
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
@@ -258,6 +264,19 @@ def _fields(record: Mapping[str, Any], *names: str) -> tuple[str, ...] | None:
     return None if any(not value for value in values) else values
 
 
+def _ids(value: Any) -> list[str] | None:
+    """A logged list of node ids as text (a Flower id beyond 2**53 is logged as its
+    decimal text, a smaller one as a number: both read the same), or None if it is not a
+    list."""
+    return [_text(item) for item in value] if isinstance(value, list) else None
+
+
+def _named(nodes: Iterable[str]) -> str:
+    """Nodes as a message names them: "node 7" or "nodes 3, 7"."""
+    listed = sorted(nodes, key=lambda node: (len(node), node))
+    return f"node{'s' if len(listed) != 1 else ''} {', '.join(listed)}"
+
+
 class _Policy:
     """The state :func:`check_policy` keeps while it walks the log in order."""
 
@@ -345,21 +364,35 @@ class _Policy:
         self.decided.add((run, envelope))
         if record.get(Key.KIND) != UpdateAccepted.kind:
             return
+        self._contributor(index, run, rnd, node, "accepted an update")
+        self.accepted.setdefault((run, rnd), set()).add(envelope)
+
+    def masked(self, index: int, record: Mapping[str, Any]) -> None:
+        """A secure round's mask stage: every node whose masked input the aggregate sums
+        must be one an update would be accepted from."""
+        if record.get(Key.STAGE) != STAGE_MASK:
+            return
+        run, rnd = _text(record.get(Key.RUN)), _text(record.get(Key.ROUND))
+        for node in dict.fromkeys(_ids(record.get(Key.NODES)) or []):
+            self._contributor(index, run, rnd, node, "took a masked input")
+
+    def _contributor(self, index: int, run: str, rnd: str, node: str, what: str) -> None:
+        """``node`` contributed to round ``rnd``: it must be admitted to the run and have
+        been sent the round's instruction."""
         if (run, node) not in self.admitted:
             self.violations.append(
                 UpdateFromUnattested(
-                    f"entry {index}: run {run} round {rnd} accepted an update from node "
-                    f"{node}, which was not attested and admitted in that run"
+                    f"entry {index}: run {run} round {rnd} {what} from node {node}, which "
+                    "was not attested and admitted in that run"
                 )
             )
         elif node not in self.participants.get((run, rnd), set()):
             self.violations.append(
                 UpdateFromUnattested(
-                    f"entry {index}: run {run} round {rnd} accepted an update from node "
-                    f"{node}, which was not sent that round's instruction"
+                    f"entry {index}: run {run} round {rnd} {what} from node {node}, which "
+                    "was not sent that round's instruction"
                 )
             )
-        self.accepted.setdefault((run, rnd), set()).add(envelope)
 
     def committed(self, index: int, record: Mapping[str, Any]) -> None:
         run, rnd = _text(record.get(Key.RUN)), _text(record.get(Key.ROUND))
@@ -384,6 +417,224 @@ class _Policy:
                         f"entry {index}: run {run} round {rnd} aggregate includes update "
                         f"{update[:16]}…, which was not accepted in that round"
                     )
+                )
+
+
+# The steps of a secure-aggregation round, in the order the ServerApp logs them, each once.
+_SECURE_STEPS = (
+    SecaggAdvertised.kind,
+    f"{SecaggStage.kind} {STAGE_SHARE}",
+    f"{SecaggStage.kind} {STAGE_MASK}",
+    SecaggUnmasked.kind,
+    AggregateCommitted.kind,
+)
+_ADVERTISED, _SHARED, _MASKED, _UNMASKED, _COMMITTED = range(len(_SECURE_STEPS))
+
+
+@dataclass
+class _SecureRound:
+    """What the log said so far about one secure-aggregation round of one run."""
+
+    reached: int = -1  # the last step logged (an index into _SECURE_STEPS)
+    nodes: dict[int, set[str]] = field(default_factory=dict)  # step -> the nodes it names
+    survivors: set[str] | None = None
+
+
+class _SecureRounds:
+    """The secure-aggregation rules :func:`check_policy` keeps while it walks the log.
+
+    A round with any ``secagg_*`` event is secure. Its steps come in order, once each:
+    advertised ⊇ share ⊇ mask; at the unmasking the survivors are exactly the mask stage's
+    nodes and the dropped exactly the share stage's others, so no node whose masked input
+    the sum holds ever has its masking key rebuilt (which would unmask that input alone);
+    the aggregate comes after it and counts one input per survivor; and no individual update
+    is accepted in the round. A ServerApp restarted in the same run (``run_started``) may
+    run a round again from its advertisement only if that round was not unmasked yet: two
+    unmaskings of one round would give two sums of (possibly) the same inputs, whose
+    difference is one node's update.
+    """
+
+    def __init__(self, violations: list[PolicyViolation]) -> None:
+        self.violations = violations
+        self.rounds: dict[tuple[str, str], _SecureRound] = {}
+        self.secure: set[tuple[str, str]] = set()  # (run, round) with any secagg event
+        self.committed: set[tuple[str, str]] = set()  # (run, round) with an aggregate
+        self.accepted: list[tuple[int, str, str, str]] = []  # (index, run, round, node)
+
+    def _fail(self, index: int, key: tuple[str, str], what: str) -> None:
+        self.violations.append(
+            SecAggInconsistent(f"entry {index}: run {key[0]} round {key[1]}: {what}")
+        )
+
+    def restarted(self, record: Mapping[str, Any]) -> None:
+        run = _text(record.get(Key.RUN))
+        for key in [k for k, state in self.rounds.items() if k[0] == run]:
+            if self.rounds[key].reached < _UNMASKED:
+                del self.rounds[key]
+
+    def _step(self, index: int, record: Mapping[str, Any], step: int) -> tuple[str, str]:
+        """Record ``step`` of the record's round; a violation unless it is the next one."""
+        key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
+        self.secure.add(key)
+        state = self.rounds.setdefault(key, _SecureRound())
+        if key in self.committed and state.reached < _COMMITTED:
+            state.reached = _COMMITTED  # a secure round's steps all come before its aggregate
+        if step != state.reached + 1:
+            after = _SECURE_STEPS[state.reached] if state.reached >= 0 else "no earlier step"
+            order = " → ".join(_SECURE_STEPS)
+            self._fail(
+                index,
+                key,
+                f"{_SECURE_STEPS[step]} after {after}: a secure round's steps are "
+                f"{order}, in that order, once each",
+            )
+        state.reached = max(state.reached, step)
+        return key
+
+    def _listed(
+        self, index: int, key: tuple[str, str], record: Mapping[str, Any], name: Key
+    ) -> set[str] | None:
+        """The record's node list ``name``, each node once (else a violation)."""
+        kind = _text(record.get(Key.KIND))
+        value = record.get(name)
+        if name == Key.NODES and kind == SecaggAdvertised.kind and isinstance(value, list):
+            value = [node.get(Key.NODE) if isinstance(node, Mapping) else node for node in value]
+        nodes = _ids(value)
+        if nodes is None:
+            self._fail(index, key, f"{kind} has no list of {name}")
+            return None
+        twice = {node for node in nodes if nodes.count(node) > 1}
+        if twice:
+            self._fail(index, key, f"{kind} lists {_named(twice)} more than once in {name}")
+        return set(nodes)
+
+    def advertised(self, index: int, record: Mapping[str, Any]) -> None:
+        key = self._step(index, record, _ADVERTISED)
+        nodes = self._listed(index, key, record, Key.NODES)
+        if nodes is not None:
+            self.rounds[key].nodes[_ADVERTISED] = nodes
+
+    def staged(self, index: int, record: Mapping[str, Any]) -> None:
+        stage = _text(record.get(Key.STAGE))
+        step = {STAGE_SHARE: _SHARED, STAGE_MASK: _MASKED}.get(stage)
+        if step is None:
+            key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
+            self.secure.add(key)
+            self._fail(index, key, f"{SecaggStage.kind} of unknown stage {stage!r}")
+            return
+        key = self._step(index, record, step)
+        nodes = self._listed(index, key, record, Key.NODES)
+        if nodes is None:
+            return
+        state = self.rounds[key]
+        state.nodes[step] = nodes
+        before = state.nodes.get(step - 1)
+        if before is not None and nodes - before:
+            self._fail(
+                index,
+                key,
+                f"the {stage} stage names {_named(nodes - before)}, not in the "
+                f"{_SECURE_STEPS[step - 1]} before it",
+            )
+
+    def unmasked(self, index: int, record: Mapping[str, Any]) -> None:
+        key = self._step(index, record, _UNMASKED)
+        state = self.rounds[key]
+        survivors, dropped, revealed_by = (
+            self._listed(index, key, record, name)
+            for name in (Key.SURVIVORS, Key.DROPPED, Key.REVEALED_BY)
+        )
+        state.survivors = survivors
+        masked, shared = state.nodes.get(_MASKED), state.nodes.get(_SHARED)
+        if dropped is not None and masked is not None and dropped & masked:
+            self._fail(
+                index,
+                key,
+                f"the masking keys of {_named(dropped & masked)} were rebuilt (listed as "
+                "dropped), yet the mask stage took a masked input from them: each such "
+                "input could be unmasked alone",
+            )
+        if survivors is not None and masked is not None and survivors != masked:
+            if masked - survivors:
+                self._fail(
+                    index,
+                    key,
+                    f"the survivors leave out {_named(masked - survivors)}, which sent a "
+                    "masked input",
+                )
+            if survivors - masked:
+                self._fail(
+                    index,
+                    key,
+                    f"the survivors include {_named(survivors - masked)}, which sent no "
+                    "masked input",
+                )
+        if dropped is not None and shared is not None and masked is not None:
+            gone = shared - masked
+            if dropped - gone - masked:
+                self._fail(
+                    index,
+                    key,
+                    f"the dropped include {_named(dropped - gone - masked)}, which never "
+                    "shared keys in the share stage",
+                )
+            if gone - dropped:
+                self._fail(
+                    index,
+                    key,
+                    f"the dropped leave out {_named(gone - dropped)}, which shared keys but "
+                    "sent no masked input",
+                )
+        if revealed_by is not None and survivors is not None and revealed_by - survivors:
+            self._fail(
+                index,
+                key,
+                f"revealed_by includes {_named(revealed_by - survivors)}, which did not survive",
+            )
+
+    def aggregated(self, index: int, record: Mapping[str, Any]) -> bool:
+        """Check a secure round's aggregate (after its unmasking, one masked input per
+        survivor) and say True; for any other round's, only note it and say False."""
+        key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
+        if key not in self.secure:
+            self.committed.add(key)
+            return False
+        self._step(index, record, _COMMITTED)
+        self.committed.add(key)
+        survivors = self.rounds[key].survivors
+        updates = record.get(Key.UPDATES)
+        listed = [_text(u) for u in updates] if isinstance(updates, list) else None
+        if listed is None or len(set(listed)) != len(listed):
+            self._fail(index, key, "the aggregate does not list its masked inputs, each once")
+        elif survivors is not None and len(listed) != len(survivors):
+            self._fail(
+                index,
+                key,
+                f"the aggregate counts {len(listed)} masked inputs, but "
+                f"{len(survivors)} nodes survived",
+            )
+        return True
+
+    def update_accepted(self, index: int, record: Mapping[str, Any]) -> None:
+        self.accepted.append(
+            (
+                index,
+                _text(record.get(Key.RUN)),
+                _text(record.get(Key.ROUND)),
+                _text(record.get(Key.NODE)),
+            )
+        )
+
+    def end(self) -> None:
+        """At the end of the log (a round's secagg events may follow an update): no update
+        was accepted on its own in a secure round."""
+        for index, run, rnd, node in self.accepted:
+            if (run, rnd) in self.secure:
+                self._fail(
+                    index,
+                    (run, rnd),
+                    f"an individual update from node {node} accepted in a secure-aggregation "
+                    "round: the aggregator may only see the sum of masked inputs",
                 )
 
 
@@ -650,6 +901,11 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     - one ueid (one attested TEE) is admitted as one node per run, declines included;
     - every update is accepted or rejected once; every committed aggregate lists only
       updates accepted in that run and round, each once;
+    - in a secure-aggregation round (one with ``secagg_*`` events) no update is accepted
+      on its own, the protocol's steps come in order and agree with each other, and the
+      aggregate counts one masked input per survivor (:class:`_SecureRounds`, else
+      SecAggInconsistent); every node whose masked input it sums is admitted and was sent
+      the round's instruction, as for an accepted update (else UpdateFromUnattested);
     - every held-out commitment and scorecard verifies (:mod:`sandbox.scorecard`) and is
       signed by a key the key broker certified for signing for the ueid it names, earlier
       in the log (else ScorecardUnattested); one ueid commits one held-out set per
@@ -661,6 +917,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     """
     policy = _Policy()
     comparisons = _Comparisons(policy.violations)
+    secure = _SecureRounds(policy.violations)
     for index, record in enumerate(records):
         kind = record.get(Key.KIND)
         if kind is None:
@@ -680,8 +937,20 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
             policy.round_started(record)
         elif kind in (UpdateAccepted.kind, UpdateRejected.kind):
             policy.decided_update(index, record)
+            if kind == UpdateAccepted.kind:
+                secure.update_accepted(index, record)
         elif kind == AggregateCommitted.kind:
-            policy.committed(index, record)
+            if not secure.aggregated(index, record):
+                policy.committed(index, record)
+        elif kind == RunStarted.kind:
+            secure.restarted(record)
+        elif kind == SecaggAdvertised.kind:
+            secure.advertised(index, record)
+        elif kind == SecaggStage.kind:
+            secure.staged(index, record)
+            policy.masked(index, record)
+        elif kind == SecaggUnmasked.kind:
+            secure.unmasked(index, record)
         elif kind == ChannelCertified.kind:
             comparisons.certified(record)
         elif kind == ComparisonStarted.kind:
@@ -693,6 +962,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
         elif kind == ComparisonFinished.kind:
             comparisons.finished(index, record)
     comparisons.end(len(records))
+    secure.end()
     return policy.violations
 
 
@@ -705,8 +975,11 @@ def crosscheck(
       run, round and node in the log, with the same digest;
     - every update it says it sent is accepted or rejected in that run, round and node;
     - every update the log accepts or rejects from this node, in a run the journal
-      covers, is one the journal says it sent.
+      covers, is one the journal says it sent;
+    - in a secure-aggregation round, the same for masked inputs, and for the key shares
+      the node revealed (:func:`_crosscheck_secure`).
     """
+    secure = _SecureLog(records)
     sent: set[tuple[str, ...]] = set()
     instructed: set[tuple[str, ...]] = set()
     for record in records:
@@ -749,7 +1022,12 @@ def crosscheck(
             )
         if update:
             journal_sent.add((*where, _text(update)))
-            if (*where, _text(update)) not in sent:
+            if (where[0], where[1]) in secure.rounds:
+                logged = (*where, _text(update)) in sent
+                problem = secure.sent(where, _text(update), decided=logged)
+                if problem:
+                    mismatches.append(JournalMismatch(f"{label}: {problem}"))
+            elif (*where, _text(update)) not in sent:
                 mismatches.append(
                     JournalMismatch(
                         f"{label}: sent update {_text(update)[:16]}… is not in the provider's "
@@ -770,7 +1048,127 @@ def crosscheck(
                     "journal never sent"
                 )
             )
-    return mismatches + _crosscheck_signed(records, journal, name, covered)
+    return (
+        mismatches
+        + _crosscheck_secure(secure, journal, journal_sent, name, covered)
+        + _crosscheck_signed(records, journal, name, covered)
+    )
+
+
+class _SecureLog:
+    """What the log says of each secure-aggregation round, for the cross-check: the nodes
+    of its mask stage, its (first) unmasking and the masked inputs its aggregate counts."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self.rounds: set[tuple[str, str]] = set()
+        self.masked: dict[tuple[str, str], set[str]] = {}
+        self.unmasked: dict[tuple[str, str], dict[Key, set[str]]] = {}
+        self.aggregated: dict[tuple[str, str], set[str]] = {}
+        for record in records:
+            kind = record.get(Key.KIND)
+            key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
+            if kind in (SecaggAdvertised.kind, SecaggStage.kind, SecaggUnmasked.kind):
+                self.rounds.add(key)
+            if kind == SecaggStage.kind and record.get(Key.STAGE) == STAGE_MASK:
+                self.masked.setdefault(key, set()).update(_ids(record.get(Key.NODES)) or [])
+            elif kind == SecaggUnmasked.kind and key not in self.unmasked:
+                self.unmasked[key] = {
+                    name: set(_ids(record.get(name)) or [])
+                    for name in (Key.SURVIVORS, Key.DROPPED, Key.REVEALED_BY)
+                }
+            elif kind == AggregateCommitted.kind and key in self.rounds:
+                self.aggregated[key] = set(_ids(record.get(Key.UPDATES)) or [])
+
+    def sent(self, where: tuple[str, ...], update: str, *, decided: bool) -> str | None:
+        """Why the log does not count the masked input ``update`` a node's journal says
+        it sent in a secure round (``where``: run, round, node), or None if it does, or
+        (``decided``) logs it as rejected (or accepted, which :func:`check_policy`
+        refuses) while the node's masking key stayed secret."""
+        run, rnd, node = where
+        unmasked = self.unmasked.get((run, rnd), {})
+        if node in unmasked.get(Key.DROPPED, set()):
+            return (
+                f"sent masked input {update[:16]}…, yet the provider's log lists node {node} "
+                "as dropped: its masking key was rebuilt, so that input could be unmasked alone"
+            )
+        if decided:
+            return None
+        if node not in self.masked.get((run, rnd), set()):
+            return (
+                f"sent masked input {update[:16]}…, which the provider's log does not take "
+                f"from node {node} in that round's mask stage"
+            )
+        aggregated = self.aggregated.get((run, rnd))
+        if aggregated is not None and update not in aggregated:
+            return f"sent masked input {update[:16]}…, which the round's aggregate does not count"
+        return None
+
+
+def _crosscheck_secure(
+    secure: _SecureLog,
+    journal: Sequence[Mapping[str, Any]],
+    journal_sent: set[tuple[str, ...]],
+    name: str,
+    covered: set[tuple[str, str]],
+) -> list[JournalMismatch]:
+    """A secure round's key shares and masked inputs, both ways. A node reveals its shares
+    of the masking keys of the nodes the aggregator says dropped, and of the seeds of the
+    ones it says survived: each node its journal names must be one the log lists so (a
+    survivor the aggregator told a node had dropped could have its input unmasked alone,
+    so the log must say what the aggregator told the nodes). Each node the log says
+    revealed did, and each masked input the log takes from the node, in a run its journal
+    covers, is one the journal sent."""
+    mismatches: list[JournalMismatch] = []
+    revealed: set[tuple[str, str, str]] = set()
+    for number, entry in enumerate(journal, 1):
+        if entry.get(Key.KIND) != SecaggRevealed.kind:
+            continue
+        run, rnd = _text(entry.get(Key.RUN_ID)), _text(entry.get(Key.ROUND))
+        node = _text(entry.get(Key.NODE_ID))
+        revealed.add((run, rnd, node))
+        label = f"{name} entry {number} ({SecaggRevealed.kind}, run {run}, round {rnd})"
+        unmasked = secure.unmasked.get((run, rnd))
+        if unmasked is None:
+            mismatches.append(
+                JournalMismatch(
+                    f"{label}: node {node} revealed its key shares for a round whose "
+                    "unmasking the provider's log does not record"
+                )
+            )
+            continue
+        for shares_of, listed, what in (
+            (Key.KEYS_OF, Key.DROPPED, "masking keys"),
+            (Key.SEEDS_OF, Key.SURVIVORS, "seeds"),
+        ):
+            extra = set(_ids(entry.get(shares_of)) or []) - unmasked[listed]
+            if extra:
+                mismatches.append(
+                    JournalMismatch(
+                        f"{label}: node {node} revealed its shares of the {what} of "
+                        f"{_named(extra)}, which the provider's log does not list as {listed}"
+                    )
+                )
+    covered = covered | {(run, node) for run, _, node in revealed}
+    for (run, rnd), unmasked in sorted(secure.unmasked.items()):
+        for node in sorted(unmasked[Key.REVEALED_BY]):
+            if (run, node) in covered and (run, rnd, node) not in revealed:
+                mismatches.append(
+                    JournalMismatch(
+                        f"{name}: the provider's log says node {node} revealed its key shares "
+                        f"in run {run} round {rnd}; the node's journal never did"
+                    )
+                )
+    sent = {update[:3] for update in journal_sent}
+    for (run, rnd), nodes in sorted(secure.masked.items()):
+        for node in sorted(nodes):
+            if (run, node) in covered and (run, rnd, node) not in sent:
+                mismatches.append(
+                    JournalMismatch(
+                        f"{name}: the provider's log takes a masked input from node {node} in "
+                        f"run {run} round {rnd} that the node's journal never sent"
+                    )
+                )
+    return mismatches
 
 
 # A comparison's signed records: the log's event kind and field, the journal's kind.

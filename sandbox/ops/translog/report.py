@@ -47,6 +47,9 @@ from sandbox.events import (
     RunFinished,
     RunStarted,
     ScorecardLogged,
+    SecaggAdvertised,
+    SecaggStage,
+    SecaggUnmasked,
     UpdateAccepted,
     UpdateRejected,
 )
@@ -62,7 +65,15 @@ MAX_TEXT_CHARS = 80
 
 # Events the ServerApp logs; each belongs to one federated run.
 RUN_KINDS = frozenset(kind for kind, cls in Event.registry.items() if issubclass(cls, RunEvent))
-ROUND_KINDS = (RoundStarted.kind, UpdateAccepted.kind, UpdateRejected.kind, AggregateCommitted.kind)
+ROUND_KINDS = (
+    RoundStarted.kind,
+    UpdateAccepted.kind,
+    UpdateRejected.kind,
+    AggregateCommitted.kind,
+    SecaggAdvertised.kind,
+    SecaggStage.kind,
+    SecaggUnmasked.kind,
+)
 KEY_KINDS = (
     AttestationAppraised.kind,
     ChannelCertified.kind,
@@ -86,6 +97,9 @@ KIND_LABELS = {
     UpdateAccepted.kind: "Update accepted",
     UpdateRejected.kind: "Update rejected",
     AggregateCommitted.kind: "Round completed",
+    SecaggAdvertised.kind: "Secure aggregation: keys advertised",
+    SecaggStage.kind: "Secure aggregation: stage completed",
+    SecaggUnmasked.kind: "Secure aggregation: sum unmasked",
     RunFinished.kind: "Training run finished",
     ComparisonStarted.kind: "Model comparison started",
     HeldoutCommitted.kind: "Held-out set committed",
@@ -486,11 +500,19 @@ def _round_row(number: int | None, events: Sequence[Record]) -> list[str]:
                 nodes.append(node)
     committed = _first(events, AggregateCommitted.kind)
     rejected = len(_of_kind(events, UpdateRejected.kind))
+    accepted = str(len(_of_kind(events, UpdateAccepted.kind)))
+    if (unmasked := _first(events, SecaggUnmasked.kind)) is not None:
+        # A secure round accepts no update on its own: the aggregate is a sum of masked
+        # inputs, one per surviving node; a dropped node's masking key was rebuilt.
+        survivors = len(_as_list(unmasked.get(Key.SURVIVORS)))
+        dropped = len(_as_list(unmasked.get(Key.DROPPED)))
+        accepted = f"{_plural(survivors, 'masked input')}, {dropped} dropped"
+        accepted += '<span class="sub">secure aggregation</span>'
     return [
         _text(number),
         _join(stages),
         _join(nodes),
-        str(len(_of_kind(events, UpdateAccepted.kind))),
+        accepted,
         _tag(str(rejected), "bad") if rejected else "0",
         _digest(committed.get(Key.ADAPTER_SHA256)) if committed else DASH,
         _round_metrics(committed),
