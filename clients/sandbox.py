@@ -104,9 +104,11 @@ from sandbox.protocol import (
 from sandbox.seal.package import MANIFEST
 from sandbox.secagg import (
     MASKED_TENSOR,
+    STAGE_CHECK,
     STAGE_MASK,
     STAGE_SHARE,
     STAGE_UNMASK,
+    CheckRequest,
     MaskRequest,
     ShareRequest,
     UnmaskRequest,
@@ -615,9 +617,10 @@ class NodeSandbox:
             return _Trained(exchange, update, metrics)
 
     def secagg(self, ids: RunIds, rnd: int, stage: str, payload: bytes) -> SecAggResult:
-        """Stages 2 to 4 of a secure round (``sandbox/secagg.py``): seal shares to the
-        peers, mask and seal the update, reveal shares. Each request is the aggregator's
-        (hostile); the round's state refuses what the protocol does not allow."""
+        """Stages 2 to 5 of a secure round (``sandbox/secagg.py``): seal shares to the
+        peers, mask and seal the update, sign the round's split, reveal shares. Each
+        request is the aggregator's (hostile); the round's state refuses what the protocol
+        does not allow."""
         secure = self._secure.get((ids.run_id, rnd))
         if secure is None:
             raise SecAggRefused(f"run {ids.run_id} round {rnd}: no secure round in progress")
@@ -627,6 +630,9 @@ class NodeSandbox:
             result = SecAggResult(payload=bundle.to_bytes())
         elif stage == STAGE_MASK:
             result = self._masked(secure, MaskRequest.from_bytes(payload))
+        elif stage == STAGE_CHECK:
+            signed = secure.state.check(CheckRequest.from_bytes(payload))
+            result = SecAggResult(payload=signed.to_bytes())
         elif stage == STAGE_UNMASK:
             reveal = secure.state.unmask(UnmaskRequest.from_bytes(payload))
             journal(

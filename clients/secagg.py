@@ -3,8 +3,10 @@
 The node sandbox keeps one :class:`NodeRound` per run and round, and drives it with the
 aggregator's requests (``sandbox/secagg.py`` has the protocol and wire formats). Every
 request is hostile: the node checks each advertisement against the key broker's result
-key, masks only with nodes that advertised and shared, and reveals at most once per
-round, never both kinds of share of one node. Those rules keep every honest node's
+key, masks only with nodes that advertised and shared, signs one split of the round
+into survivors and dropped, and reveals at most once per round, for that split only and
+once the threshold of survivors signed it, never both kinds of share of one node
+(Bonawitz et al.'s consistency check). Those rules keep every honest node's
 update hidden from an aggregator that asks for more than the protocol gives it.
 """
 
@@ -17,13 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sandbox.errors import SecAggRefused
 from sandbox.secagg import (
     SEED_BYTES,
     Advertisement,
+    CheckRequest,
+    Consistency,
     MaskRequest,
     Quantization,
     Reveal,
@@ -31,9 +36,11 @@ from sandbox.secagg import (
     ShareRequest,
     UnmaskRequest,
     agree,
+    consistency_bytes,
     open_share,
     pair_mask,
     seal_share,
+    seed_commitment,
     self_mask,
     share_index,
     split_secret,
@@ -74,6 +81,8 @@ class NodeRound:
     # mask: whom this node masked with, and the shares it holds of each (seed, key).
     masked_with: tuple[int, ...] = ()
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # check: the one split of this round this node signed.
+    confirmed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     # unmask: whose seed shares and whose key shares this node revealed.
     revealed_seeds: tuple[int, ...] | None = None
     revealed_keys: tuple[int, ...] = ()
@@ -100,6 +109,7 @@ class NodeRound:
             node=self.node,
             c_pk=_raw_public(self._c),
             s_pk=_raw_public(self._s),
+            seed_commitment=seed_commitment(self._seed, self.run, self.round, self.node),
         )
         return self.advert
 
@@ -212,23 +222,17 @@ class NodeRound:
             raise RuntimeError("no keys advertised")
         return self._c
 
-    def unmask(self, request: UnmaskRequest) -> Reveal:
-        """Stage 4: once per round, this node's shares of each survivor's seed and of each
-        dropped node's ``s`` key; refused (nothing revealed) unless the survivors and the
-        dropped split exactly the nodes this node masked with, this node among the
-        survivors, and the survivors reach the threshold."""
-        self._check_ids(request.run, request.round)
+    def _check_split(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> None:
+        """SecAggRefused unless ``survivors`` and ``dropped`` split exactly the nodes this
+        node masked with, this node among the survivors, the survivors at the threshold."""
         if not self.masked_with:
-            raise self._refuse("an unmask request before this node sent its masked input")
-        if self.revealed_seeds is not None:
-            raise self._refuse("a second unmask request for this round: shares are revealed once")
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
+            raise self._refuse("a split of the round before this node sent its masked input")
+        if set(survivors) & set(dropped):
             raise self._refuse(
                 "the request names a node both surviving and dropped: both its shares would "
                 "unmask it"
             )
-        if survivors | dropped != set(self.masked_with):
+        if set(survivors) | set(dropped) != set(self.masked_with):
             raise self._refuse(
                 "survivors and dropped are not exactly the nodes this node masked with: "
                 "a node that did not drop could be unmasked"
@@ -239,6 +243,53 @@ class NodeRound:
             raise self._refuse(
                 f"{len(survivors)} survivors, fewer than the threshold {self.threshold}"
             )
+
+    def _consistency(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
+        return consistency_bytes(self.run, self.round, self.roster, survivors, dropped)
+
+    def check(self, request: CheckRequest) -> Consistency:
+        """Stage 4: sign the aggregator's split of this round, if it is exactly the nodes
+        this node masked with; one split per round (the same one may be asked again)."""
+        self._check_ids(request.run, request.round)
+        split = (request.survivors, request.dropped)
+        if self.confirmed is not None and self.confirmed != split:
+            raise self._refuse("a second, different split of this round: one is signed")
+        self._check_split(*split)
+        self.confirmed = split
+        signature = self.signer.sign(self._consistency(*split))
+        return Consistency(self.run, self.round, self.node, signature)
+
+    def unmask(self, request: UnmaskRequest) -> Reveal:
+        """Stage 5: once per round, this node's shares of each survivor's seed and of each
+        dropped node's ``s`` key; refused (nothing revealed) unless the split is the one
+        this node signed and at least the threshold of survivors signed it too (so every
+        honest survivor reveals for the same split)."""
+        self._check_ids(request.run, request.round)
+        if self.revealed_seeds is not None:
+            raise self._refuse("a second unmask request for this round: shares are revealed once")
+        split = (request.survivors, request.dropped)
+        self._check_split(*split)
+        if self.confirmed != split:
+            raise self._refuse("the unmask split is not the one this node signed")
+        signed = self._consistency(*split)
+        signers = set(request.signatures)
+        if not signers <= set(request.survivors):
+            raise self._refuse("a split signature from a node that is not a survivor")
+        for node, signature in request.signatures.items():
+            try:
+                Ed25519PublicKey.from_public_bytes(self.peers[node].signer).verify(
+                    signature, signed
+                )
+            except (InvalidSignature, ValueError):
+                raise self._refuse(
+                    f"node {node}'s signature of the split does not verify"
+                ) from None
+        if len(signers) < self.threshold:
+            raise self._refuse(
+                f"{len(signers)} survivors signed the split, fewer than the threshold "
+                f"{self.threshold}"
+            )
+        survivors, dropped = set(request.survivors), set(request.dropped)
         self.revealed_seeds = tuple(sorted(survivors))
         self.revealed_keys = tuple(sorted(dropped))
         return Reveal(

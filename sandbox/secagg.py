@@ -1,6 +1,6 @@
 """Secure aggregation (Bonawitz et al., CCS 2017): what the aggregator and the nodes share.
 
-The protocol runs as four stages of a training round over Flower's Message API:
+The protocol runs as five stages of a training round over Flower's Message API:
 
 1. *advertise*: each node makes two fresh X25519 key pairs for the round (``c`` seals the
    shares it sends, ``s`` agrees its pairwise masks) and a 32-byte self-mask seed ``b``,
@@ -18,10 +18,15 @@ The protocol runs as four stages of a training round over Flower's Message API:
    expanded from the full ``s`` agreement (added by the lower node id, subtracted by the
    higher), all mod 2^32. Masks are ChaCha20 keystreams keyed by HKDF-SHA256 whose
    ``info`` names the purpose and binds run, round and the pair.
-4. *unmask*: the aggregator names the survivors (whose masked input it holds) and the
-   dropped (who shared but sent none). Each survivor reveals, once per round, its shares
-   of the survivors' seeds and of the dropped nodes' ``s`` keys, never both for one
-   node; with ``t`` of each the aggregator removes every mask and holds only the sum.
+4. *check* (Bonawitz et al.'s consistency check): the aggregator names one split of the
+   nodes that shared into survivors (whose masked input it holds) and dropped; each
+   survivor signs it, with the same attested key, only if it is exactly the set it
+   masked with, and signs one split per round.
+5. *unmask*: with at least ``t`` survivors' signatures over that one split, each
+   survivor reveals, once per round, its shares of the survivors' seeds and of the
+   dropped nodes' ``s`` keys, never both for one node; the aggregator removes every mask
+   and holds only the sum. Without the check, an aggregator could tell each node another
+   split and unmask one node's update, or the sum of fewer than ``t`` of them.
 
 This module holds the wire formats (strictly parsed: every party's bytes are hostile),
 the quantization, the mask expansion and the share sealing. The node's state machine is
@@ -38,7 +43,8 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from hashlib import sha256
 from typing import Any
 
 import numpy as np
@@ -70,8 +76,9 @@ FORMAT = "ark-secagg/1"
 STAGE_ADVERTISE = "advertise"
 STAGE_SHARE = "share"
 STAGE_MASK = "mask"
+STAGE_CHECK = "check"
 STAGE_UNMASK = "unmask"
-STAGES = (STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASK, STAGE_UNMASK)
+STAGES = (STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASK, STAGE_CHECK, STAGE_UNMASK)
 # The one tensor a masked input travels as inside the sealed uplink envelope.
 MASKED_TENSOR = "secagg.masked"
 # The masked sum is taken mod 2^32; quantized values are read back as signed 32-bit.
@@ -92,6 +99,8 @@ MAX_CERTIFICATE = 16 * 1024
 MAX_NODES = 10_000
 _HKDF_SALT = b"ark/v1/secagg"
 _ADVERTISE_DOMAIN = b"ark/v1/secagg/advertise\0"
+_CONSISTENCY_DOMAIN = b"ark/v1/secagg/consistency\0"
+_SEED_DOMAIN = b"ark/v1/secagg/seed\0"
 
 
 # -- thresholds and quantization -------------------------------------------------------------
@@ -404,13 +413,20 @@ class Advertisement:
     node: int
     c_pk: bytes
     s_pk: bytes
+    # SHA-256 commitment to the node's self-mask seed (:func:`seed_commitment`): a seed
+    # rebuilt from wrong shares is caught instead of silently spoiling the sum.
+    seed_commitment: bytes
     signer: bytes
     signature: bytes
     certificate: str
 
     @staticmethod
-    def signed_bytes(run: int, rnd: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
-        return _ADVERTISE_DOMAIN + struct.pack(">QQQ", run, rnd, node) + c_pk + s_pk
+    def signed_bytes(
+        run: int, rnd: int, node: int, c_pk: bytes, s_pk: bytes, seed_commitment: bytes
+    ) -> bytes:
+        return (
+            _ADVERTISE_DOMAIN + struct.pack(">QQQ", run, rnd, node) + c_pk + s_pk + seed_commitment
+        )
 
     @classmethod
     def sign(
@@ -423,10 +439,11 @@ class Advertisement:
         node: int,
         c_pk: bytes,
         s_pk: bytes,
+        seed_commitment: bytes,
     ) -> Advertisement:
-        signature = key.sign(cls.signed_bytes(run, rnd, node, c_pk, s_pk))
+        signature = key.sign(cls.signed_bytes(run, rnd, node, c_pk, s_pk, seed_commitment))
         signer = key.public_key().public_bytes_raw()
-        return cls(run, rnd, node, c_pk, s_pk, signer, signature, certificate)
+        return cls(run, rnd, node, c_pk, s_pk, seed_commitment, signer, signature, certificate)
 
     def verify(self, result_key: Any, *, now: dt.datetime, run: int, rnd: int) -> AttestationResult:
         """The certification of the signing key; AdvertisementInvalid unless this
@@ -456,7 +473,9 @@ class Advertisement:
         try:
             Ed25519PublicKey.from_public_bytes(self.signer).verify(
                 self.signature,
-                self.signed_bytes(self.run, self.round, self.node, self.c_pk, self.s_pk),
+                self.signed_bytes(
+                    self.run, self.round, self.node, self.c_pk, self.s_pk, self.seed_commitment
+                ),
             )
         except (InvalidSignature, ValueError):
             raise AdvertisementInvalid(f"{where}: the signature does not verify") from None
@@ -470,6 +489,7 @@ class Advertisement:
             "node": self.node,
             "c_pk": _b64(self.c_pk),
             "s_pk": _b64(self.s_pk),
+            "b_commit": _b64(self.seed_commitment),
             "signer": _b64(self.signer),
             "sig": _b64(self.signature),
             "cert": self.certificate,
@@ -480,7 +500,7 @@ class Advertisement:
 
     @classmethod
     def from_json(cls, raw: bytes | Any) -> Advertisement:
-        keys = ("run", "round", "node", "c_pk", "s_pk", "signer", "sig", "cert")
+        keys = ("run", "round", "node", "c_pk", "s_pk", "b_commit", "signer", "sig", "cert")
         value = _object(raw, "key advertisement", keys)
         cert = value["cert"]
         if not isinstance(cert, str) or not 0 < len(cert) <= MAX_CERTIFICATE:
@@ -493,6 +513,7 @@ class Advertisement:
             node=_uint(value["node"], "node"),
             c_pk=_unb64(value["c_pk"], "c_pk", KEY_BYTES),
             s_pk=_unb64(value["s_pk"], "s_pk", KEY_BYTES),
+            seed_commitment=_unb64(value["b_commit"], "b_commit", KEY_BYTES),
             signer=_unb64(value["signer"], "signer", KEY_BYTES),
             signature=_unb64(value["sig"], "sig", SIGNATURE_BYTES),
             certificate=cert,
@@ -593,10 +614,34 @@ class MaskRequest:
         )
 
 
+def seed_commitment(seed: bytes, run: int, rnd: int, node: int) -> bytes:
+    """What a node's advertisement commits its self-mask seed as."""
+    return sha256(_SEED_DOMAIN + struct.pack(">QQQ", run, rnd, node) + seed).digest()
+
+
+def consistency_bytes(
+    run: int, rnd: int, roster: Sequence[int], survivors: Sequence[int], dropped: Sequence[int]
+) -> bytes:
+    """What each survivor signs in the check stage: the round, the advertised nodes (as a
+    digest) and the split of the nodes that shared into survivors and dropped."""
+
+    def ids(nodes: Sequence[int]) -> bytes:
+        return struct.pack(f">I{len(nodes)}Q", len(nodes), *nodes)
+
+    return (
+        _CONSISTENCY_DOMAIN
+        + struct.pack(">QQ", run, rnd)
+        + sha256(ids(roster)).digest()
+        + ids(survivors)
+        + ids(dropped)
+    )
+
+
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Stage 4's instruction: whose masked input the aggregator holds (survivors) and who
-    shared but sent none (dropped)."""
+class CheckRequest:
+    """The check stage's instruction (Bonawitz et al.'s consistency check): the one split
+    of the nodes that shared into survivors (whose masked input the aggregator holds) and
+    dropped, which every survivor must sign before any of them reveals a share."""
 
     run: int
     round: int
@@ -606,7 +651,7 @@ class UnmaskRequest:
     def to_bytes(self) -> bytes:
         return _dump(
             {
-                "stage": STAGE_UNMASK,
+                "stage": STAGE_CHECK,
                 "run": self.run,
                 "round": self.round,
                 "survivors": list(self.survivors),
@@ -615,8 +660,79 @@ class UnmaskRequest:
         )
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> UnmaskRequest:
+    def from_bytes(cls, raw: bytes) -> CheckRequest:
         keys = ("stage", "run", "round", "survivors", "dropped")
+        value = _object(raw, "check request", keys)
+        if value["stage"] != STAGE_CHECK:
+            raise SecAggMessageInvalid("a check request must be of stage check")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _node_list(value["survivors"], "survivors"),
+            _node_list(value["dropped"], "dropped"),
+        )
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """The check stage's reply: the survivor's signature over the split it was sent."""
+
+    run: int
+    round: int
+    node: int
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_CHECK,
+                "run": self.run,
+                "round": self.round,
+                "node": self.node,
+                "sig": _b64(self.signature),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Consistency:
+        value = _object(raw, "consistency signature", ("stage", "run", "round", "node", "sig"))
+        if value["stage"] != STAGE_CHECK:
+            raise SecAggMessageInvalid("a consistency signature must be of stage check")
+        return cls(
+            _uint(value["run"], "run"),
+            _uint(value["round"], "round"),
+            _uint(value["node"], "node"),
+            _unb64(value["sig"], "sig", SIGNATURE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 4's instruction: whose masked input the aggregator holds (survivors) and who
+    shared but sent none (dropped)."""
+
+    run: int
+    round: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    # The survivors' check-stage signatures over this very split (at least the threshold).
+    signatures: Mapping[int, bytes] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "stage": STAGE_UNMASK,
+                "run": self.run,
+                "round": self.round,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+                "signatures": _pairs(self.signatures),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UnmaskRequest:
+        keys = ("stage", "run", "round", "survivors", "dropped", "signatures")
         value = _object(raw, "unmask request", keys)
         if value["stage"] != STAGE_UNMASK:
             raise SecAggMessageInvalid("an unmask request must be of stage unmask")
@@ -625,6 +741,7 @@ class UnmaskRequest:
             _uint(value["round"], "round"),
             _node_list(value["survivors"], "survivors"),
             _node_list(value["dropped"], "dropped"),
+            _blob_map(value["signatures"], "signatures", SIGNATURE_BYTES),
         )
 
 
@@ -669,8 +786,8 @@ class Reveal:
         )
 
 
-def node_reply(raw: bytes) -> ShareBundle | Reveal:
-    """A node's reply to a share or unmask request, by the stage it names."""
+def node_reply(raw: bytes) -> ShareBundle | Consistency | Reveal:
+    """A node's reply to a share, check or unmask request, by the stage it names."""
     try:
         value = loads(raw)
     except (StrictJSONError, UnicodeDecodeError) as exc:
@@ -678,9 +795,11 @@ def node_reply(raw: bytes) -> ShareBundle | Reveal:
     stage = value.get("stage") if isinstance(value, dict) else None
     if stage == STAGE_SHARE:
         return ShareBundle.from_bytes(raw)
+    if stage == STAGE_CHECK:
+        return Consistency.from_bytes(raw)
     if stage == STAGE_UNMASK:
         return Reveal.from_bytes(raw)
-    raise SecAggMessageInvalid("a secure-aggregation reply must be of stage share or unmask")
+    raise SecAggMessageInvalid("a secure-aggregation reply must be of stage share, check or unmask")
 
 
 def share_index(roster: Sequence[int], node: int) -> int:

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sandbox.errors import SecAggFailed, SecAggMessageInvalid
 from sandbox.secagg import (
     Advertisement,
+    CheckRequest,
+    Consistency,
     MaskRequest,
     Quantization,
     Reveal,
@@ -29,6 +33,8 @@ from sandbox.secagg import (
     UnmaskRequest,
     apply_pair_mask,
     combine_secret,
+    consistency_bytes,
+    seed_commitment,
     self_mask,
     share_index,
     threshold,
@@ -53,8 +59,10 @@ class ServerRound:
     bundles: dict[int, ShareBundle] = field(default_factory=dict)
     shared: tuple[int, ...] = ()  # U2: shared, fixed by the first mask request
     survivors: list[int] = field(default_factory=list)  # U3: sent a masked input
+    signatures: dict[int, bytes] = field(default_factory=dict)  # the check stage's
     reveals: dict[int, Reveal] = field(default_factory=dict)
     _total: np.ndarray | None = None
+    _check: CheckRequest | None = None
     _unmask: UnmaskRequest | None = None
 
     @property
@@ -80,11 +88,15 @@ class ServerRound:
             raise SecAggMessageInvalid(f"node {node} advertised keys for node {advert.node}")
         result = advert.verify(self.result_key, now=self.clock(), run=self.run, rnd=self.round)
         ueid = str(result.ueid)
-        others = [n for n, u in self.ueids.items() if u == ueid and n != node]
-        if others or any(a.signer == advert.signer for n, a in self.adverts.items() if n != node):
-            raise SecAggMessageInvalid(
-                f"node {node}: its attested identity already advertised as node {others[:1]}"
-            )
+        for other, known in self.adverts.items():
+            if other != node and (
+                self.ueids[other] == ueid
+                or known.signer == advert.signer
+                or {known.s_pk, known.c_pk} & {advert.s_pk, advert.c_pk}
+            ):
+                raise SecAggMessageInvalid(
+                    f"node {node}: its attested identity or keys already advertised as node {other}"
+                )
         self.adverts[node], self.ueids[node] = advert, ueid
         return ueid
 
@@ -133,7 +145,7 @@ class ServerRound:
 
     def add_masked(self, node: int, masked: np.ndarray) -> None:
         """Fold one masked input into the running sum (mod 2^32); the input is dropped."""
-        if node not in self.shared or node in self.survivors or self._unmask is not None:
+        if node not in self.shared or node in self.survivors or self._check is not None:
             raise SecAggMessageInvalid(f"node {node}: a masked input it may not send now")
         vector = np.asarray(masked)
         if vector.dtype != np.uint32 or vector.shape != (self.length + 1,):
@@ -145,20 +157,51 @@ class ServerRound:
         self._total += vector
         self.survivors.append(node)
 
-    # -- stage 4 -------------------------------------------------------------------------
-    def unmask_request(self) -> UnmaskRequest:
-        """Survivors (U3) and dropped (U2 minus U3). SecAggFailed, and no request at all,
-        with fewer survivors than the threshold."""
-        if self._unmask is None:
+    # -- stage 4: the consistency check ---------------------------------------------------
+    def check_request(self) -> CheckRequest:
+        """Survivors (U3) and dropped (U2 minus U3), fixed at the first call. SecAggFailed,
+        and no request at all, with fewer survivors than the threshold."""
+        if self._check is None:
             self._need(len(self.survivors), "masked input")
             survivors = tuple(sorted(self.survivors))
             dropped = tuple(n for n in self.shared if n not in self.survivors)
-            self._unmask = UnmaskRequest(self.run, self.round, survivors, dropped)
+            self._check = CheckRequest(self.run, self.round, survivors, dropped)
+        return self._check
+
+    def add_consistency(self, node: int, raw: bytes) -> None:
+        """A survivor's signature over the split, checked with its advertised key."""
+        check = self._check
+        if check is None or node not in check.survivors or self._unmask is not None:
+            raise SecAggMessageInvalid(f"node {node}: a split signature it may not send now")
+        signed = Consistency.from_bytes(raw)
+        if (signed.run, signed.round, signed.node) != (self.run, self.round, node):
+            raise SecAggMessageInvalid(f"node {node}: a signature for another run, round or node")
+        data = consistency_bytes(self.run, self.round, self.roster, check.survivors, check.dropped)
+        try:
+            Ed25519PublicKey.from_public_bytes(self.adverts[node].signer).verify(
+                signed.signature, data
+            )
+        except (InvalidSignature, ValueError):
+            raise SecAggMessageInvalid(
+                f"node {node}: its split signature does not verify"
+            ) from None
+        self.signatures[node] = signed.signature
+
+    # -- stage 5 -------------------------------------------------------------------------
+    def unmask_request(self) -> UnmaskRequest:
+        """The checked split with the survivors' signatures. SecAggFailed, and no request
+        at all, with fewer signatures than the threshold."""
+        if self._unmask is None:
+            check = self.check_request()
+            self._need(len(self.signatures), "check")
+            self._unmask = UnmaskRequest(
+                self.run, self.round, check.survivors, check.dropped, dict(self.signatures)
+            )
         return self._unmask
 
     @property
     def dropped(self) -> tuple[int, ...]:
-        return () if self._unmask is None else self._unmask.dropped
+        return () if self._check is None else self._check.dropped
 
     def add_reveal(self, node: int, raw: bytes) -> None:
         request = self._unmask
@@ -188,6 +231,11 @@ class ServerRound:
         reveals = [self.reveals[n] for n in sorted(self.reveals)][: self.threshold]
         for u in request.survivors:
             seed = combine_secret({r.index: r.seeds[u] for r in reveals})
+            if seed_commitment(seed, self.run, self.round, u) != self.adverts[u].seed_commitment:
+                raise SecAggFailed(
+                    f"round {self.round}: the revealed shares do not rebuild survivor {u}'s "
+                    "committed seed; nothing is unmasked"
+                )
             total -= self_mask(seed, self.run, self.round, u, size)
         for d in request.dropped:
             raw = combine_secret({r.index: r.keys[d] for r in reveals})

@@ -1,11 +1,12 @@
 """A federated job whose aggregator sees only the sum: secure aggregation's stages.
 
 A secure training round (``mode`` secagg or ffa+secagg) runs *admit* and *instruct* as
-any round does, then the four stages of ``sandbox/secagg.py`` over Flower's Message API:
+any round does, then the stages of ``sandbox/secagg.py`` over Flower's Message API:
 *advertise* (the training instruction's replies are the nodes' signed keys; they train
 meanwhile), *share* (route the sealed shares), *mask* (collect masked inputs, each sealed
-to this attested aggregator like an update, into one sum) and *unmask* (survivors reveal
-shares; the masks come off the sum). *commit* is the plain job's. Each stage logs who
+to this attested aggregator like an update, into one sum), *check* (the survivors sign one
+split of the round into survivors and dropped) and *unmask* (survivors reveal shares;
+the masks come off the sum). *commit* is the plain job's. Each stage logs who
 took part; the unmask stage logs the dropped set whose masking keys were rebuilt.
 """
 
@@ -39,6 +40,7 @@ from sandbox.protocol import (
 )
 from sandbox.secagg import (
     MASKED_TENSOR,
+    STAGE_CHECK,
     STAGE_MASK,
     STAGE_SHARE,
     STAGE_UNMASK,
@@ -128,6 +130,7 @@ class SecureJob(FederatedJob):
             self.advertise,
             self.share,
             self.mask,
+            self.check,
             self.unmask,
             self.commit,
         ]
@@ -276,17 +279,33 @@ class SecureJob(FederatedJob):
         )
         log(INFO, "[ark] round %d: %d masked inputs summed", rnd, len(masked))
 
+    def check(self, state: RoundState) -> None:
+        """Stage 4: the survivors sign one split of the round into survivors and dropped
+        (the consistency check). With fewer survivors than the threshold the round fails
+        closed here, before anything is asked."""
+        rnd = state.round
+        protocol = self._secure[rnd].protocol
+        payload = protocol.check_request().to_bytes()  # SecAggFailed below the threshold
+        requests = dict.fromkeys(protocol.check_request().survivors, payload)
+        for node_id, reply in self._stage(state, STAGE_CHECK, requests):
+            try:
+                protocol.add_consistency(node_id, _payload(reply))
+            except (SecAggError, KeyError, TypeError) as exc:
+                log(WARNING, "[ark] round %d: node %s's signature refused: %s", rnd, node_id, exc)
+        self._event(
+            events.SecaggStage, round=rnd, stage=STAGE_CHECK, nodes=sorted(protocol.signatures)
+        )
+
     def unmask(self, state: RoundState) -> None:
-        """Stage 4: survivors reveal shares; the masks come off the sum. With fewer
-        survivors than the threshold the round fails closed before anything is asked."""
+        """Stage 5: with the threshold of signatures, survivors reveal shares and the masks
+        come off the sum; with fewer, the round fails closed before anything is asked."""
         rnd, training = state.round, state.training
         secure = self._secure.pop(rnd)
         protocol = secure.protocol
         request = protocol.unmask_request()  # SecAggFailed below the threshold
         payload = request.to_bytes()
-        for node_id, reply in self._stage(
-            state, STAGE_UNMASK, dict.fromkeys(request.survivors, payload)
-        ):
+        requests = dict.fromkeys(request.survivors, payload)
+        for node_id, reply in self._stage(state, STAGE_UNMASK, requests):
             try:
                 protocol.add_reveal(node_id, _payload(reply))
             except (SecAggError, KeyError, TypeError) as exc:

@@ -67,7 +67,7 @@ from sandbox.scorecard import (
     sign_scorecard,
     signer_sha256,
 )
-from sandbox.secagg import STAGE_MASK, STAGE_SHARE
+from sandbox.secagg import STAGE_CHECK, STAGE_MASK, STAGE_SHARE
 from sandbox.translog.note import NoteSigner, log_origin
 from sandbox.translog.store import LogStore
 
@@ -428,7 +428,10 @@ def secure_run_events(
                 ],
             ).to_json(),
             SecaggStage(**job, round=rnd, stage=STAGE_SHARE, nodes=ids).to_json(),
-            SecaggStage(**job, round=rnd, stage=STAGE_MASK, nodes=survivors).to_json(),
+            SecaggStage(
+                **job, round=rnd, stage=STAGE_MASK, nodes=survivors, envelopes=updates
+            ).to_json(),
+            SecaggStage(**job, round=rnd, stage=STAGE_CHECK, nodes=survivors).to_json(),
             SecaggUnmasked(
                 **job, round=rnd, survivors=survivors, dropped=gone, revealed_by=survivors
             ).to_json(),

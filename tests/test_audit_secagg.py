@@ -33,7 +33,7 @@ from sandbox.journal import read_journal
 from sandbox.ops.cli import app
 from sandbox.ops.translog.audit import check_policy, crosscheck, verify_log
 from sandbox.ops.translog.report import render_report
-from sandbox.secagg import STAGE_MASK, STAGE_SHARE
+from sandbox.secagg import STAGE_CHECK, STAGE_MASK, STAGE_SHARE
 from sandbox.translog.store import LogStore
 from tests.loghistory import (
     JOB,
@@ -215,7 +215,7 @@ ATTACKS: dict[str, tuple[Callable[[Events], None], type[PolicyViolation], str]] 
     "committed before unmasking": (
         _commit_before_unmasking,
         SecAggInconsistent,
-        "aggregate_committed after secagg_stage mask",
+        "aggregate_committed after secagg_stage check",
     ),
     "a survivor left out": (
         _a_survivor_left_out,
@@ -291,9 +291,12 @@ def test_a_masked_input_from_a_node_never_admitted_is_an_unattested_update(
 ) -> None:
     events = _history()
     stray = secure_node(99)
-    for kind, stage in [(SecaggStage.kind, STAGE_SHARE), (SecaggStage.kind, STAGE_MASK)]:
-        at = _at(events, kind, stage=stage)
+    for stage in (STAGE_SHARE, STAGE_MASK, STAGE_CHECK):
+        at = _at(events, SecaggStage.kind, stage=stage)
         events[at] = {**events[at], Key.NODES: [*events[at][Key.NODES], stray]}
+    at = _at(events, SecaggStage.kind, stage=STAGE_MASK)
+    envelopes = [*events[at][Key.ENVELOPES], masked_input(SECURE_RUN, 1, stray)]
+    events[at] = {**events[at], Key.ENVELOPES: envelopes}
     at = _at(events, SecaggAdvertised.kind)
     advert = {Key.NODE: stray, Key.UEID: "x" * 32, Key.SIGNER_SHA256: "0" * 64}
     events[at] = {**events[at], Key.NODES: [*events[at][Key.NODES], advert]}
@@ -313,8 +316,31 @@ def test_the_aggregate_counts_one_masked_input_per_survivor(tmp_path: Path) -> N
     at = _at(events, AggregateCommitted.kind)
     events[at] = {**events[at], Key.UPDATES: events[at][Key.UPDATES][:-1]}
     violations = _violations(tmp_path, events)
-    assert [type(v) for v in violations] == [SecAggInconsistent]
+    assert {type(v) for v in violations} == {SecAggInconsistent}
     assert "counts 2 masked inputs, but 3 nodes survived" in str(violations[0])
+    assert "not the masked inputs its mask stage took" in str(violations[-1])
+
+
+def test_the_aggregate_lists_the_masked_inputs_its_mask_stage_took(tmp_path: Path) -> None:
+    events = _history()
+    at = _at(events, AggregateCommitted.kind)
+    updates = [*events[at][Key.UPDATES][:-1], "f" * 64]
+    events[at] = {**events[at], Key.UPDATES: updates}
+    violations = _violations(tmp_path, events)
+    assert [type(v) for v in violations] == [SecAggInconsistent], violations
+    assert "not the masked inputs its mask stage took" in str(violations[0])
+
+
+def test_a_reveal_from_a_node_that_did_not_sign_the_split_fails_the_audit(
+    tmp_path: Path,
+) -> None:
+    events = _history()
+    at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
+    signers = events[at][Key.NODES][1:]
+    events[at] = {**events[at], Key.NODES: signers}
+    violations = _violations(tmp_path, events)
+    assert [type(v) for v in violations] == [SecAggInconsistent], violations
+    assert "which did not sign the round's split" in str(violations[0])
 
 
 # -- ark audit crosscheck --------------------------------------------------------------------
@@ -362,6 +388,9 @@ def test_a_node_whose_masked_input_the_log_calls_dropped_finds_it_in_the_crossch
     events = _history()
     at = _at(events, SecaggStage.kind, stage=STAGE_MASK)
     masked = [n for n in events[at][Key.NODES] if n != secure_node(3)]
+    keep = [masked_input(SECURE_RUN, 1, node) for node in masked]
+    events[at] = {**events[at], Key.NODES: masked, Key.ENVELOPES: keep}
+    at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
     events[at] = {**events[at], Key.NODES: masked}
     at = _at(events, SecaggUnmasked.kind)
     dropped = [*events[at][Key.DROPPED], secure_node(3)]
@@ -372,7 +401,6 @@ def test_a_node_whose_masked_input_the_log_calls_dropped_finds_it_in_the_crossch
         Key.DROPPED: dropped,
     }
     at = _at(events, AggregateCommitted.kind)
-    keep = [masked_input(SECURE_RUN, 1, node) for node in masked]
     events[at] = {**events[at], Key.UPDATES: keep}
     assert _violations(tmp_path, events) == []
     found = crosscheck(events, secure_node_journal(3, dropped=DROPPED), "j")

@@ -454,9 +454,15 @@ def _forged_advert(world: World, node_id: int, rnd: int, run: int) -> bytes:
         now=now,
     )  # fmt: skip
     advert = Advertisement.sign(
-        key, result.token, run=run, rnd=rnd, node=node_id, c_pk=bytes(range(32)),
+        key,
+        result.token,
+        run=run,
+        rnd=rnd,
+        node=node_id,
+        c_pk=bytes(range(32)),
         s_pk=bytes(range(1, 33)),
-    )  # fmt: skip
+        seed_commitment=bytes(32),
+    )
     return advert.to_bytes()
 
 
@@ -573,7 +579,7 @@ def test_a_survivor_refuses_to_reveal_the_key_share_of_a_node_that_did_not_drop(
         sleep=lambda _: None,
     )  # fmt: skip
     hostile.target, hostile.victim = NODE_IDS["alpine"], NODE_IDS["desert"]
-    hostile.answers = []
+    hostile.answers.clear()
     hostile.run()
     assert len(hostile.answers) == 2
     assert all(answer.has_error() for answer in hostile.answers)

@@ -81,7 +81,7 @@ from sandbox.events.node import HeldoutCommitment, ScorecardSigned, SecaggReveal
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
 from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
-from sandbox.secagg import STAGE_MASK, STAGE_SHARE
+from sandbox.secagg import STAGE_CHECK, STAGE_MASK, STAGE_SHARE
 from sandbox.strictjson import StrictJSONError
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteVerifier, log_origin, verify_checkpoint
@@ -425,10 +425,11 @@ _SECURE_STEPS = (
     SecaggAdvertised.kind,
     f"{SecaggStage.kind} {STAGE_SHARE}",
     f"{SecaggStage.kind} {STAGE_MASK}",
+    f"{SecaggStage.kind} {STAGE_CHECK}",
     SecaggUnmasked.kind,
     AggregateCommitted.kind,
 )
-_ADVERTISED, _SHARED, _MASKED, _UNMASKED, _COMMITTED = range(len(_SECURE_STEPS))
+_ADVERTISED, _SHARED, _MASKED, _CHECKED, _UNMASKED, _COMMITTED = range(len(_SECURE_STEPS))
 
 
 @dataclass
@@ -438,13 +439,16 @@ class _SecureRound:
     reached: int = -1  # the last step logged (an index into _SECURE_STEPS)
     nodes: dict[int, set[str]] = field(default_factory=dict)  # step -> the nodes it names
     survivors: set[str] | None = None
+    # The SHA-256 of each masked input the mask stage took (when it lists them).
+    envelopes: set[str] | None = None
 
 
 class _SecureRounds:
     """The secure-aggregation rules :func:`check_policy` keeps while it walks the log.
 
     A round with any ``secagg_*`` event is secure. Its steps come in order, once each:
-    advertised ⊇ share ⊇ mask; at the unmasking the survivors are exactly the mask stage's
+    advertised ⊇ share ⊇ mask ⊇ check (the survivors that signed the round's one split);
+    only those signers revealed shares; at the unmasking the survivors are exactly the mask stage's
     nodes and the dropped exactly the share stage's others, so no node whose masked input
     the sum holds ever has its masking key rebuilt (which would unmask that input alone);
     the aggregate comes after it and counts one input per survivor; and no individual update
@@ -516,7 +520,7 @@ class _SecureRounds:
 
     def staged(self, index: int, record: Mapping[str, Any]) -> None:
         stage = _text(record.get(Key.STAGE))
-        step = {STAGE_SHARE: _SHARED, STAGE_MASK: _MASKED}.get(stage)
+        step = {STAGE_SHARE: _SHARED, STAGE_MASK: _MASKED, STAGE_CHECK: _CHECKED}.get(stage)
         if step is None:
             key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
             self.secure.add(key)
@@ -528,6 +532,9 @@ class _SecureRounds:
             return
         state = self.rounds[key]
         state.nodes[step] = nodes
+        envelopes = record.get(Key.ENVELOPES)
+        if step == _MASKED and isinstance(envelopes, list):
+            state.envelopes = {_text(e) for e in envelopes}
         before = state.nodes.get(step - 1)
         if before is not None and nodes - before:
             self._fail(
@@ -591,6 +598,14 @@ class _SecureRounds:
                 key,
                 f"revealed_by includes {_named(revealed_by - survivors)}, which did not survive",
             )
+        signers = state.nodes.get(_CHECKED)
+        if revealed_by is not None and signers is not None and revealed_by - signers:
+            self._fail(
+                index,
+                key,
+                f"revealed_by includes {_named(revealed_by - signers)}, which did not sign the "
+                "round's split in the check stage",
+            )
 
     def aggregated(self, index: int, record: Mapping[str, Any]) -> bool:
         """Check a secure round's aggregate (after its unmasking, one masked input per
@@ -612,6 +627,13 @@ class _SecureRounds:
                 key,
                 f"the aggregate counts {len(listed)} masked inputs, but "
                 f"{len(survivors)} nodes survived",
+            )
+        envelopes = self.rounds[key].envelopes
+        if listed is not None and envelopes is not None and set(listed) != envelopes:
+            self._fail(
+                index,
+                key,
+                "the aggregate's updates are not the masked inputs its mask stage took",
             )
         return True
 
