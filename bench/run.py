@@ -3,7 +3,8 @@
 Quality runs in one process with the same training, evaluation and aggregation code the
 Flower apps use (``clients.training``, ``server.aggregation``), on the synthetic demo
 data, so every variant sees the same data, step budget and seed. Aggregation scale is
-measured side by side against a collect-then-average baseline. Medians are reported.
+measured side by side against a collect-then-average baseline. Secure aggregation's stage
+times and bytes per node run in one process too (``bench/secagg.py``). Medians are reported.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from bench.deploy import DEMO_PAIRS, NODE_STARTS, deploy_bench
 from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
 from bench.sealing import key_release, unseal_throughput
-from bench.security import security_overhead
+from bench.secagg import REPEATS as SECAGG_REPEATS
+from bench.secagg import secagg_bench
+from bench.security import secagg_overhead, security_overhead
 from bench.translog import translog_bench
 from clients.data import Example, Split, derive_labels, load_examples, split_examples
 from clients.training import evaluate, train_local
@@ -261,6 +264,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--security-rounds", type=int, default=3)
     parser.add_argument("--skip-translog", action="store_true")
     parser.add_argument("--only-translog", action="store_true", help="same as --only translog")
+    parser.add_argument("--skip-secagg", action="store_true")
+    parser.add_argument("--skip-secagg-rounds", action="store_true")
+    parser.add_argument("--secagg-pairs", type=int, default=1)
+    parser.add_argument(
+        "--secagg-repeats",
+        type=int,
+        default=SECAGG_REPEATS,
+        help="secure aggregation: masks per sampled node and aggregator runs per case",
+    )
     parser.add_argument("--skip-sandbox", action="store_true")
     parser.add_argument("--sandbox-rounds", type=int, default=2)
     parser.add_argument("--skip-inference", action="store_true")
@@ -283,18 +295,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("translog", "sandbox", "inference", "deploy", "compare"),
-        help="run one part; sandbox, inference and deploy update only their own figures "
-        "in latest.json",
+        choices=(
+            "translog",
+            "secagg",
+            "secagg-rounds",
+            "sandbox",
+            "inference",
+            "deploy",
+            "compare",
+        ),
+        help="run one part; all but translog update only their own figures in latest.json",
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only in ("sandbox", "inference", "deploy", "compare"):
+    if args.only in ("secagg", "secagg-rounds", "sandbox", "inference", "deploy", "compare"):
         latest = RESULTS_DIR / "latest.json"
         kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
         stamp = {"machine": report["machine"], "time": report["time"]}
-        if args.only == "sandbox":
+        if args.only == "secagg":
+            kept["secagg"] = {**stamp, **secagg_bench(args.secagg_repeats, log=console.log)}
+            _print_secagg(kept["secagg"])
+        elif args.only == "secagg-rounds":
+            figures = secagg_overhead(args.security_rounds, args.secagg_pairs)
+            kept["secagg_rounds"] = {**stamp, **figures}
+            _print_secagg_rounds(kept["secagg_rounds"])
+        elif args.only == "sandbox":
             kept["sandbox"] = {**stamp, **sandbox_bench(args.sandbox_rounds)}
             _print_sandbox(kept["sandbox"])
         elif args.only == "deploy":
@@ -321,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_translog:
         report["translog"] = translog_bench()
         console.log(report["translog"])
+    if not args.skip_secagg:
+        report["secagg"] = secagg_bench(args.secagg_repeats, log=console.log)
+    if not args.skip_secagg_rounds:
+        report["secagg_rounds"] = secagg_overhead(args.security_rounds, args.secagg_pairs)
     if not args.skip_security:
         report["security"] = security_overhead(args.security_rounds, args.security_pairs)
         console.log({k: v for k, v in report["security"].items() if k != "runs"})
@@ -404,6 +434,10 @@ def _print(report: dict[str, Any]) -> None:
     console.print(sealing)
     if "translog" in report:
         _print_translog(report["translog"])
+    if "secagg" in report:
+        _print_secagg(report["secagg"])
+    if "secagg_rounds" in report:
+        _print_secagg_rounds(report["secagg_rounds"])
     if "security" in report:
         _print_security(report["security"])
     if "sandbox" in report:
@@ -486,6 +520,147 @@ def _print_translog(log: dict[str, Any]) -> None:
             f"{cards['verify_log_s']:.2f} s",
             "",
         )
+    console.print(table)
+
+
+def _print_secagg(figures: dict[str, Any]) -> None:
+    setup = (
+        f"threshold {figures['threshold_fraction']:.0%}, clip {figures['clip']:g}; "
+        f"median of {figures['repeats']} repeat(s); load average "
+        f"{figures['load_average'][0]:.1f}-{figures['load_average'][1]:.1f}"
+    )
+    nodes = Table(
+        title=f"Secure aggregation, one node's stages (real NodeRound, EAR-certified "
+        f"adverts; mask: {figures['sampled_nodes']} sampled nodes; {setup})"
+    )
+    for col in ("nodes", "adapter values", "share", "mask", "check (sign)", "unmask (reveal)"):
+        nodes.add_column(col, justify="right")
+    for row in figures["timings"]:
+        nodes.add_row(
+            str(row["nodes"]),
+            f"{row['values']:,}",
+            f"{row['share_seconds']:.3f} s",
+            f"{row['mask_seconds']:.3f} s",
+            f"{row['no_dropout']['node_check_seconds'] * 1e3:.2f} ms",
+            f"{row['no_dropout']['node_unmask_seconds'] * 1e3:.2f} ms",
+        )
+    console.print(nodes)
+    server = Table(
+        title=f"Secure aggregation, the aggregator (real ServerRound): every masked input "
+        f"signature and reveal, then the unmasked sum (stages 3-5: add_masked, "
+        f"add_consistency, add_reveal and result); "
+        f"none dropped, or {figures['dropped_fraction']:.0%} of the nodes (at least 1) after "
+        f"sharing ({setup})"
+    )
+    for col in (
+        "nodes",
+        "adapter values",
+        "stages 1-2: adverts, shares",
+        "add_masked all",
+        "result, none dropped",
+        "stages 3-5, none dropped",
+        "dropped",
+        "result, with dropped",
+        "stages 3-5, with dropped",
+    ):
+        server.add_column(col, justify="right")
+    for row in figures["timings"]:
+        whole, lost = row["no_dropout"], row["dropout"]
+        server.add_row(
+            str(row["nodes"]),
+            f"{row['values']:,}",
+            f"{row['route_seconds']:.2f} s",
+            f"{whole['add_masked_seconds']:.3f} s",
+            f"{whole['result_seconds']:.2f} s",
+            f"{whole['aggregator_seconds']:.2f} s",
+            str(lost["dropped"]),
+            f"{lost['result_seconds']:.2f} s",
+            f"{lost['aggregator_seconds']:.2f} s",
+        )
+    console.print(server)
+    rows = figures["bytes"]
+    sizes = Table(
+        title=f"Secure aggregation, bytes per node per round, default adapter "
+        f"({figures['default_values']:,} values, {4 * figures['default_values']:,} B fp32)"
+    )
+    sizes.add_column("measure")
+    for row in rows:
+        sizes.add_column(f"{row['nodes']} nodes", justify="right")
+    sizes.add_column("goal", justify="right")
+    names = {
+        "advertisement": "sends: key advertisement (with its EAR)",
+        "share_bundle": "sends: share bundle",
+        "masked_envelope": "sends: masked input, sealed (HPKE envelope)",
+        "consistency": "sends: its signature of the round's split",
+        "reveal": "sends: reveal",
+        "share_request": "receives: share request (every advertisement)",
+        "mask_request": "receives: mask request (its shares)",
+        "check_request": "receives: check request (the split)",
+        "unmask_request": "receives: unmask request (with the signatures)",
+    }
+    for key, name in names.items():
+        part = "sent" if name.startswith("sends") else "received"
+        sizes.add_row(name, *(f"{r[part][key]:,} B" for r in rows), "")
+    sizes.add_row(
+        "  envelope overhead over the raw uint32 vector",
+        *(f"{r['envelope_overhead_bytes']:,} B" for r in rows),
+        "",
+    )
+    sizes.add_row(
+        "sent / fp32 adapter",
+        *(f"{r['sent_over_fp32']:.4f}x" for r in rows),
+        f"<= {figures['sent_goal']}x (Flower SecAgg+ int64: "
+        f"{figures['flower_int64_over_fp32']:.1f}x)",
+    )
+    sizes.add_row(
+        "received beyond the global adapter / fp32 adapter",
+        *(f"{r['received_over_fp32']:.4f}x" for r in rows),
+        "",
+    )
+    console.print(sizes)
+
+
+def _print_secagg_rounds(figures: dict[str, Any]) -> None:
+    """Secure aggregation against fedavg on real processes, side by side."""
+    table = Table(
+        title=f"Secure aggregation vs fedavg, {figures['nodes']} nodes on real processes, "
+        f"every protection on, {figures['rounds']} rounds, {figures['pairs']} pair(s), medians"
+    )
+    for col in ("measure", "fedavg", "secagg", "secagg / fedavg", "goal"):
+        table.add_column(col, justify="right")
+    rows = (
+        ("round_seconds", "round wall time (s)", "{:.1f}", "<= 1.15"),
+        ("later_round_seconds", "rounds after the first (s)", "{:.1f}", ""),
+        ("run_seconds", "whole run (s)", "{:.1f}", ""),
+        ("node_link_bytes_per_node_round", "node link bytes per node per round", "{:,.0f}", ""),
+        ("node_uplink_bytes_per_node_round", "of which uplink (node to provider)", "{:,.0f}", ""),
+    )
+    for key, name, fmt, goal in rows:
+        value = figures[key]
+        table.add_row(
+            name,
+            fmt.format(value["fedavg"]),
+            fmt.format(value["secagg"]),
+            f"{value['ratio']:.3f}",
+            goal,
+        )
+    fp32 = figures["fp32_adapter_bytes"]
+    uplink = figures["uplink_over_fp32"]
+    table.add_row(
+        f"uplink / fp32 adapter ({fp32:,} B)",
+        f"{uplink['fedavg']:.3f}",
+        f"{uplink['secagg']:.3f}",
+        f"{uplink['secagg'] / uplink['fedavg']:.3f}",
+        "secagg <= 1.1 per message; see the in-process bytes table",
+    )
+    accuracy = figures["accuracy"]
+    table.add_row(
+        "held-out accuracy after the last round",
+        f"{accuracy['fedavg']:.3f}",
+        f"{accuracy['secagg']:.3f}",
+        "",
+        "",
+    )
     console.print(table)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from sandbox.config import PROTECTION_OFF, RunSpec
+from sandbox.config import MODE_FEDAVG, MODE_SECAGG, PROTECTION_OFF, RunSpec
 from sandbox.events import JsonlEventSink, Key, UpdateAccepted
 from sandbox.lora import is_trained
 from sandbox.models import default_model_dir
@@ -55,8 +55,11 @@ def _spec(root: Path, rounds: int, labels: tuple[str, ...], **changes: Any) -> R
     )
 
 
-def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) -> dict[str, Any]:
-    """One federation from a clean workdir; timings and sizes from its own records."""
+def _one_run(
+    root: Path, protected: bool, rounds: int, data: dict[str, Path], mode: str = MODE_FEDAVG
+) -> dict[str, Any]:
+    """One federation from a clean workdir (``mode``: fedavg, or secagg for secure
+    aggregation); timings and sizes from its own records."""
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -83,6 +86,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
             model_id=deployment.model_id,
             aggregator_dir=deployment.provider.aggregator,
             log_db=deployment.provider.log_db,
+            mode=mode,
         )
     else:
         configs = init_unprotected_nodes(root, data)
@@ -108,6 +112,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
     events = JsonlEventSink(out / "events.jsonl").read()
     accepted = [e for e in events if e[Key.KIND] == UpdateAccepted.kind]
     link_bytes: float | None = None
+    uplink_bytes: float | None = None
     if capture.process is not None:
         streams = read_pcap(capture.path)
         # What crosses the node-facing link: nodes talk only to the gateway's port.
@@ -117,6 +122,11 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
             for (_, _, sport, dport), payload in streams.flows.items()
             if node_port in (sport, dport)
         ) / (NODES * rounds)
+        uplink_bytes = sum(
+            len(payload)
+            for (_, _, _, dport), payload in streams.flows.items()
+            if dport == node_port
+        ) / (NODES * rounds)
     return {
         "round_seconds": per_round,
         "later_round_seconds": per_round[1:],
@@ -124,6 +134,7 @@ def _one_run(root: Path, protected: bool, rounds: int, data: dict[str, Path]) ->
         "fp32_adapter_bytes": fp32,
         "update_bytes": [e["envelope_bytes"] for e in accepted],
         "node_link_bytes_per_node_round": link_bytes,
+        "node_uplink_bytes_per_node_round": uplink_bytes,
         "dropped_packets": capture.dropped if capture.process is not None else None,
         "accuracy": results["rounds"][-1]["mean"].get("accuracy"),
     }
@@ -185,3 +196,37 @@ def security_overhead(rounds: int = 3, pairs: int = 1) -> dict[str, Any]:
         "wire_on_over_off": median("on", "node_link_bytes_per_node_round")
         / median("off", "node_link_bytes_per_node_round"),
     }
+
+
+def secagg_overhead(rounds: int = 3, pairs: int = 1) -> dict[str, Any]:
+    """Secure aggregation against plain fedavg, both with every protection on: alternate
+    fedavg/secagg runs ``pairs`` times on the same data; medians and their ratios (round
+    time; bytes per node per round on the node-facing link, both ways and uplink only)."""
+    runs: dict[str, list[dict[str, Any]]] = {MODE_FEDAVG: [], MODE_SECAGG: []}
+    with tempfile.TemporaryDirectory(prefix="ark-bench-secagg-") as tmp:
+        data = write_demo_data(Path(tmp) / "data", NODES)
+        for _ in range(pairs):
+            for mode in (MODE_FEDAVG, MODE_SECAGG):
+                runs[mode].append(_one_run(Path(tmp) / mode, True, rounds, data, mode))
+
+    def median(name: str, key: str) -> float:
+        values = [v for run in runs[name] for v in np.atleast_1d(run[key]) if v is not None]
+        return float(statistics.median(values)) if values else float("nan")
+
+    fp32 = runs[MODE_FEDAVG][0]["fp32_adapter_bytes"]
+    out: dict[str, Any] = {"rounds": rounds, "pairs": pairs, "nodes": NODES, "runs": runs}
+    for key in (
+        "round_seconds",
+        "later_round_seconds",
+        "run_seconds",
+        "node_link_bytes_per_node_round",
+        "node_uplink_bytes_per_node_round",
+    ):
+        plain, secure = median(MODE_FEDAVG, key), median(MODE_SECAGG, key)
+        out[key] = {MODE_FEDAVG: plain, MODE_SECAGG: secure, "ratio": secure / plain}
+    out["fp32_adapter_bytes"] = fp32
+    out["uplink_over_fp32"] = {
+        mode: median(mode, "node_uplink_bytes_per_node_round") / fp32 for mode in runs
+    }
+    out["accuracy"] = {mode: median(mode, "accuracy") for mode in runs}
+    return out

@@ -125,6 +125,8 @@ BROKER_RETRY_SECONDS = 3.0
 MAX_CHANNELS = 64
 # The most secure-aggregation rounds a sandbox keeps state for at once (the oldest go).
 MAX_SECURE_ROUNDS = 8
+# The most revealed rounds a sandbox remembers, to refuse taking part in one again.
+MAX_UNMASKED_ROUNDS = 4096
 # Renew the signing key's certification when it has less than this left to live.
 CERTIFICATION_MARGIN = dt.timedelta(minutes=5)
 
@@ -301,6 +303,8 @@ class NodeSandbox:
         # Secure-aggregation rounds in progress, by (run, round), and the one worker that
         # trains them while their keys and shares are exchanged.
         self._secure: dict[tuple[int, int], _Secure] = {}
+        # The rounds this sandbox revealed shares for (newest last): never joined again.
+        self._unmasked: dict[tuple[int, int], None] = {}
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ark-secure")
         if node.threads:
             import torch
@@ -583,8 +587,15 @@ class NodeSandbox:
         round's signed key advertisement."""
         ids = request.ids
         key = (ids.run_id, request.round)
+        if key in self._unmasked:
+            # A second sum of the same round (another subset of nodes, the same updates)
+            # would give the aggregator one node's update as the difference of the two.
+            raise SecAggRefused(
+                f"run {ids.run_id} round {request.round}: this node already revealed its "
+                "shares for this round; it takes no part in it again"
+            )
         if key in self._secure:
-            raise SecAggRefused(f"run {ids.run_id} round {request.round} was already instructed")
+            log.warning("run %d round %d instructed again: fresh keys", *key)
         spec = request.spec
         signer = self._signer()
         state = NodeRound(
@@ -644,6 +655,9 @@ class NodeSandbox:
                 keys_of=sorted(reveal.keys),
             )
             del self._secure[(ids.run_id, rnd)]
+            self._unmasked[(ids.run_id, rnd)] = None
+            for old in list(self._unmasked)[:-MAX_UNMASKED_ROUNDS]:
+                del self._unmasked[old]
             result = SecAggResult(payload=reveal.to_bytes())
         else:
             raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")

@@ -13,6 +13,7 @@ took part; the unmask stage logs the dropped set whose masking keys were rebuilt
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -333,6 +334,7 @@ class SecureJob(FederatedJob):
         )
         state.accepted = [secure.envelopes[n] for n in request.survivors]
         training.missing = sorted(set(protocol.shared) - set(request.survivors))
+        training.seconds = time.monotonic() - state.started
         log(
             INFO,
             "[ark] round %d: unmasked the sum of %d inputs (%d dropped)",
