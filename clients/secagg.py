@@ -133,8 +133,9 @@ class NodeRound:
             {a.signer for a in adverts.values()}
         ) != len(adverts):
             raise self._refuse("two advertised nodes share one attested identity")
-        if len({a.s_pk for a in adverts.values()}) != len(adverts):
-            raise self._refuse("two advertised nodes share one masking key")
+        keys = [k for a in adverts.values() for k in (a.s_pk, a.c_pk)]
+        if len(set(keys)) != len(keys):
+            raise self._refuse("two advertised keys are the same")
         roster = tuple(sorted(adverts))
         if len(roster) < 2:
             raise self._refuse("fewer than 2 nodes advertised: a sum of one is no secret")
@@ -247,31 +248,9 @@ class NodeRound:
     def _consistency(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
         return consistency_bytes(self.run, self.round, self.roster, survivors, dropped)
 
-    def check(self, request: CheckRequest) -> Consistency:
-        """Stage 4: sign the aggregator's split of this round, if it is exactly the nodes
-        this node masked with; one split per round (the same one may be asked again)."""
-        self._check_ids(request.run, request.round)
-        split = (request.survivors, request.dropped)
-        if self.confirmed is not None and self.confirmed != split:
-            raise self._refuse("a second, different split of this round: one is signed")
-        self._check_split(*split)
-        self.confirmed = split
-        signature = self.signer.sign(self._consistency(*split))
-        return Consistency(self.run, self.round, self.node, signature)
-
-    def unmask(self, request: UnmaskRequest) -> Reveal:
-        """Stage 5: once per round, this node's shares of each survivor's seed and of each
-        dropped node's ``s`` key; refused (nothing revealed) unless the split is the one
-        this node signed and at least the threshold of survivors signed it too (so every
-        honest survivor reveals for the same split)."""
-        self._check_ids(request.run, request.round)
-        if self.revealed_seeds is not None:
-            raise self._refuse("a second unmask request for this round: shares are revealed once")
-        split = (request.survivors, request.dropped)
-        self._check_split(*split)
-        if self.confirmed != split:
-            raise self._refuse("the unmask split is not the one this node signed")
-        signed = self._consistency(*split)
+    def _check_signatures(self, request: UnmaskRequest) -> None:
+        """SecAggRefused unless at least the threshold of survivors signed the split."""
+        signed = self._consistency(request.survivors, request.dropped)
         signers = set(request.signatures)
         if not signers <= set(request.survivors):
             raise self._refuse("a split signature from a node that is not a survivor")
@@ -289,6 +268,42 @@ class NodeRound:
                 f"{len(signers)} survivors signed the split, fewer than the threshold "
                 f"{self.threshold}"
             )
+
+    def check(self, request: CheckRequest) -> Consistency:
+        """Stage 4: sign the aggregator's split of this round, if it is exactly the nodes
+        this node masked with; one split per round (the same one may be asked again)."""
+        self._check_ids(request.run, request.round)
+        split = (request.survivors, request.dropped)
+        if self.confirmed is not None and self.confirmed != split:
+            raise self._refuse("a second, different split of this round: one is signed")
+        self._check_split(*split)
+        self.confirmed = split
+        signature = self.signer.sign(self._consistency(*split))
+        return Consistency(self.run, self.round, self.node, signature)
+
+    def unmask(self, request: UnmaskRequest) -> Reveal:
+        """Stage 5: once per round, this node's shares of each survivor's seed and of each
+        dropped node's ``s`` key; refused (nothing revealed) unless the split is the one
+        this node signed and at least the threshold of survivors signed it too (so every
+        honest survivor reveals for the same split).
+
+        When nobody dropped and this node signed no split, the split needs no signatures:
+        it reveals only seed shares, of exactly the nodes it masked with. Masking-key
+        shares come only from the one split the threshold of survivors signed, and a node
+        reveals for one split only; so, with a strict-majority threshold, no node's seed
+        and key both reach the threshold, and every sum the aggregator can unmask covers
+        at least a whole mask roster."""
+        self._check_ids(request.run, request.round)
+        if self.revealed_seeds is not None:
+            raise self._refuse("a second unmask request for this round: shares are revealed once")
+        split = (request.survivors, request.dropped)
+        self._check_split(*split)
+        if not request.dropped and self.confirmed is None and not request.signatures:
+            self.confirmed = split  # nobody dropped: seed shares only, no signature needed
+        elif self.confirmed != split:
+            raise self._refuse("the unmask split is not the one this node signed")
+        else:
+            self._check_signatures(request)
         survivors, dropped = set(request.survivors), set(request.dropped)
         self.revealed_seeds = tuple(sorted(survivors))
         self.revealed_keys = tuple(sorted(dropped))

@@ -708,7 +708,7 @@ class Consistency:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 4's instruction: whose masked input the aggregator holds (survivors) and who
+    """Stage 5's instruction: whose masked input the aggregator holds (survivors) and who
     shared but sent none (dropped)."""
 
     run: int
@@ -747,7 +747,7 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class Reveal:
-    """Stage 4's reply: this node's shares of each survivor's seed and of each dropped
+    """Stage 5's reply: this node's shares of each survivor's seed and of each dropped
     node's ``s`` key, and the share index they are at."""
 
     run: int

@@ -188,11 +188,22 @@ class ServerRound:
         self.signatures[node] = signed.signature
 
     # -- stage 5 -------------------------------------------------------------------------
+    @property
+    def needs_check(self) -> bool:
+        """Whether the split must be signed before anyone reveals: only when a node
+        dropped (then masking-key shares are asked for); with nobody dropped the nodes
+        reveal seed shares of exactly the nodes they masked with, unsigned."""
+        return bool(self.check_request().dropped)
+
     def unmask_request(self) -> UnmaskRequest:
-        """The checked split with the survivors' signatures. SecAggFailed, and no request
-        at all, with fewer signatures than the threshold."""
+        """The split, with the survivors' signatures when anyone dropped. SecAggFailed,
+        and no request at all, with fewer survivors, or then signatures, than the
+        threshold."""
         if self._unmask is None:
             check = self.check_request()
+            if not check.dropped and not self.signatures:
+                self._unmask = UnmaskRequest(self.run, self.round, check.survivors, ())
+                return self._unmask
             self._need(len(self.signatures), "check")
             self._unmask = UnmaskRequest(
                 self.run, self.round, check.survivors, check.dropped, dict(self.signatures)

@@ -282,11 +282,13 @@ class SecureJob(FederatedJob):
 
     def check(self, state: RoundState) -> None:
         """Stage 4: the survivors sign one split of the round into survivors and dropped
-        (the consistency check). With fewer survivors than the threshold the round fails
-        closed here, before anything is asked."""
+        (the consistency check), when anyone dropped. With fewer survivors than the
+        threshold the round fails closed here, before anything is asked."""
         rnd = state.round
         protocol = self._secure[rnd].protocol
-        payload = protocol.check_request().to_bytes()  # SecAggFailed below the threshold
+        if not protocol.needs_check:  # SecAggFailed below the threshold
+            return  # nobody dropped: the survivors reveal seed shares only, unsigned
+        payload = protocol.check_request().to_bytes()
         requests = dict.fromkeys(protocol.check_request().survivors, payload)
         for node_id, reply in self._stage(state, STAGE_CHECK, requests):
             try:

@@ -431,7 +431,11 @@ def secure_run_events(
             SecaggStage(
                 **job, round=rnd, stage=STAGE_MASK, nodes=survivors, envelopes=updates
             ).to_json(),
-            SecaggStage(**job, round=rnd, stage=STAGE_CHECK, nodes=survivors).to_json(),
+            *(
+                [SecaggStage(**job, round=rnd, stage=STAGE_CHECK, nodes=survivors).to_json()]
+                if gone
+                else []  # nobody dropped: the survivors reveal seeds without signing
+            ),
             SecaggUnmasked(
                 **job, round=rnd, survivors=survivors, dropped=gone, revealed_by=survivors
             ).to_json(),

@@ -464,3 +464,21 @@ def test_odd_secure_records_are_violations_not_crashes(kind: str, odd: dict[str,
     events[at] = {**events[at], **odd}
     assert {type(v) for v in check_policy(events)} == {SecAggInconsistent}
     crosscheck(events, secure_node_journal(1, dropped=DROPPED), "j")
+
+
+def test_a_round_with_a_node_dropped_must_have_its_split_signed(tmp_path: Path) -> None:
+    """Masking-key shares are revealed only for a split the survivors signed: a round
+    that names a dropped node without a check stage fails (exit 41); a round where
+    nobody dropped needs none (the honest history's round 2)."""
+    events = _history()
+    assert not [
+        e
+        for e in events
+        if e[Key.KIND] == SecaggStage.kind and e[Key.STAGE] == STAGE_CHECK and e[Key.ROUND] == 2
+    ]
+    at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
+    assert events[at][Key.ROUND] == 1
+    del events[at]
+    violations = _violations(tmp_path, events)
+    assert [type(v) for v in violations] == [SecAggInconsistent], violations
+    assert "secagg_unmasked after secagg_stage mask" in str(violations[0])

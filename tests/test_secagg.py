@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,6 +53,8 @@ from sandbox.secagg import (
     MAX_NODES,
     SEALED_SHARE_BYTES,
     Advertisement,
+    CheckRequest,
+    Consistency,
     MaskRequest,
     Quantization,
     Reveal,
@@ -61,9 +63,12 @@ from sandbox.secagg import (
     UnmaskRequest,
     apply_pair_mask,
     combine_secret,
+    consistency_bytes,
     flatten,
+    node_reply,
     open_share,
     seal_share,
+    seed_commitment,
     self_mask,
     share_index,
     split_secret,
@@ -203,7 +208,16 @@ class Federation:
             if node not in lose:
                 self.server.add_masked(node, masked)
 
+    def check(self) -> CheckRequest:
+        """The consistency check: every survivor signs the aggregator's one split."""
+        request = CheckRequest.from_bytes(self.server.check_request().to_bytes())
+        for node in request.survivors:
+            signed = Consistency.from_bytes(self.nodes[node].check(request).to_bytes())
+            self.server.add_consistency(node, signed.to_bytes())
+        return request
+
     def unmask(self) -> UnmaskRequest:
+        self.check()
         request = UnmaskRequest.from_bytes(self.server.unmask_request().to_bytes())
         for node in request.survivors:
             reveal = Reveal.from_bytes(self.nodes[node].unmask(request).to_bytes())
@@ -297,6 +311,7 @@ def test_the_aggregator_gets_the_weighted_sum_of_every_node(broker: KeyBroker, c
     assert fed.server.dropped == ()
     assert fed.server.threshold == threshold(count, FRACTION)
     for node, state in fed.nodes.items():
+        assert state.confirmed == (fed.ids, ())
         assert state.revealed_seeds == fed.ids
         assert state.revealed_keys == ()
         assert state.threshold == fed.server.threshold
@@ -396,10 +411,15 @@ def test_a_dropped_node_s_key_is_rebuilt_and_its_seed_never_asked_for(
     rebuilt = X25519PrivateKey.from_private_bytes(combine_secret(shares))
     assert rebuilt.public_key().public_bytes_raw() == fed.server.adverts[gone].s_pk
 
-    # The dropped node would refuse to reveal anything for this split, and its input is
-    # refused when it arrives late.
+    # The dropped node would refuse to sign or reveal anything for this split, and its
+    # input is refused when it arrives late.
+    reason = "named as dropped" if stage == "mask" else "before this node sent"
+    with pytest.raises(SecAggRefused, match=reason):
+        fed.nodes[gone].check(fed.server.check_request())
+    assert fed.nodes[gone].confirmed is None
     request = fed.server.unmask_request()
-    with pytest.raises(SecAggRefused):
+    assert sorted(request.signatures) == survivors
+    with pytest.raises(SecAggRefused, match=reason):
         fed.nodes[gone].unmask(request)
     assert fed.nodes[gone].revealed_seeds is None
     if stage == "mask":
@@ -490,6 +510,7 @@ def _bad_advert(broker: KeyBroker, case: str, victim: NodeRound) -> Advertisemen
         "node": victim.node,
         "c_pk": genuine.c_pk,
         "s_pk": genuine.s_pk,
+        "seed_commitment": genuine.seed_commitment,
     }
     if case == "certified for another key":
         cert = broker.certify(Ed25519PrivateKey.generate(), "ueid-x")
@@ -519,6 +540,8 @@ def _bad_advert(broker: KeyBroker, case: str, victim: NodeRound) -> Advertisemen
         return dataclasses.replace(
             genuine, c_pk=X25519PrivateKey.generate().public_key().public_bytes_raw()
         )
+    elif case == "substituted seed commitment":
+        return dataclasses.replace(genuine, seed_commitment=bytes(32))
     elif case == "another node's signature":
         return dataclasses.replace(genuine, node=genuine.node + 1)
     else:
@@ -538,6 +561,7 @@ ADVERT_ATTACKS = [
     "another round",
     "substituted s_pk",
     "substituted c_pk",
+    "substituted seed commitment",
     "another node's signature",
 ]
 
@@ -593,6 +617,7 @@ def test_a_node_refuses_a_share_request_that_swaps_its_own_keys_or_names_it_twic
         node=FIVE[3],
         c_pk=b.advert.c_pk,
         s_pk=b.advert.s_pk,
+        seed_commitment=b.advert.seed_commitment,
     )
     with pytest.raises(SecAggMessageInvalid, match="attested identity"):
         fed.server.add_advert(FIVE[3], twin.to_bytes())
@@ -619,8 +644,9 @@ def test_a_node_refuses_a_share_request_that_swaps_its_own_keys_or_names_it_twic
         node=FIVE[4],
         c_pk=mallory.advert.c_pk,
         s_pk=c.advert.s_pk,
+        seed_commitment=mallory.advert.seed_commitment,
     )
-    with pytest.raises(SecAggRefused, match="one masking key"):
+    with pytest.raises(SecAggRefused, match="two advertised keys are the same"):
         a.share(ShareRequest(RUN, ROUND, (*honest.adverts, copy)))
     # A roster of one: no sum to hide in.
     with pytest.raises(SecAggRefused, match="fewer than 2"):
@@ -629,6 +655,46 @@ def test_a_node_refuses_a_share_request_that_swaps_its_own_keys_or_names_it_twic
     a.share(honest)
     with pytest.raises(SecAggRefused, match="second share request"):
         a.share(honest)
+
+
+def test_the_aggregator_refuses_an_advertisement_that_reuses_another_node_s_keys(
+    broker: KeyBroker,
+) -> None:
+    """A node with its own attested identity advertises another node's ``s`` or ``c``
+    public key (in either place): refused, so no two advertised nodes share a masking or
+    sealing key. Its own keys, under the same identity, are accepted."""
+    fed = federation(broker, FIVE[:3])
+    fed.advertise()
+    victim = fed.nodes[FIVE[2]].advert
+    assert victim is not None
+    mallory = node_round(broker, FIVE[3])
+    own = mallory.advertise()
+
+    def advert(**keys: bytes) -> Advertisement:
+        fields = {"c_pk": own.c_pk, "s_pk": own.s_pk, "seed_commitment": own.seed_commitment}
+        return Advertisement.sign(
+            mallory.signer,
+            mallory.certificate,
+            run=RUN,
+            rnd=ROUND,
+            node=FIVE[3],
+            **{**fields, **keys},
+        )
+
+    for keys in (
+        {"s_pk": victim.s_pk},
+        {"c_pk": victim.c_pk},
+        {"c_pk": victim.s_pk},
+        {"s_pk": victim.c_pk},
+    ):
+        copy = advert(**keys)
+        copy.verify(broker.result_key, now=NOW, run=RUN, rnd=ROUND)  # genuinely signed
+        reused = f"keys already advertised as node {FIVE[2]}"
+        with pytest.raises(SecAggMessageInvalid, match=reused):
+            fed.server.add_advert(FIVE[3], copy.to_bytes())
+        assert sorted(fed.server.adverts) == list(FIVE[:3])
+    assert fed.server.add_advert(FIVE[3], advert().to_bytes()) == f"ueid-{FIVE[3]}"
+    assert fed.server.adverts[FIVE[3]] == own
 
 
 # -- attacks on the mask stage --------------------------------------------------------------------
@@ -661,8 +727,8 @@ def test_a_node_masks_only_with_an_advertised_roster_and_its_own_shares(shared: 
     values, weight = fed.values[node], fed.weights[node]
     others = dict(honest.shares)
     cases: list[tuple[MaskRequest, type[Exception], str]] = [
-        (dataclasses.replace(honest, round=ROUND + 1), SecAggRefused, "round"),
-        (dataclasses.replace(honest, run=RUN - 1), SecAggRefused, "run"),
+        (dataclasses.replace(honest, round=ROUND + 1), SecAggRefused, "a request for run"),
+        (dataclasses.replace(honest, run=RUN - 1), SecAggRefused, "a request for run"),
         (_mask_request(fed, node, FIVE[1:]), SecAggRefused, "not this node"),
         (
             MaskRequest(RUN, ROUND, tuple(sorted((12345, *FIVE))), others),
@@ -803,7 +869,7 @@ def test_a_value_at_the_clip_once_weighted_is_accepted(shared: Federation) -> No
     check_aggregate(fed, total, weight, FIVE)
 
 
-# -- attacks on the unmask stage ------------------------------------------------------------------
+# -- attacks on the check and unmask stages -------------------------------------------------------
 
 
 @pytest.fixture
@@ -813,7 +879,44 @@ def masked(shared: Federation) -> Federation:
     return shared
 
 
-def test_a_node_reveals_nothing_for_a_split_that_could_unmask_a_node(masked: Federation) -> None:
+Nodes = tuple[int, ...]
+Split = tuple[Nodes, Nodes]
+
+
+def _split(survivors: Iterable[int], dropped: Iterable[int]) -> Split:
+    return tuple(sorted(survivors)), tuple(sorted(dropped))
+
+
+def _sign_split(
+    fed: Federation,
+    signers: Iterable[int],
+    survivors: Nodes,
+    dropped: Nodes,
+    *,
+    rnd: int = ROUND,
+    roster: Nodes | None = None,
+) -> dict[int, bytes]:
+    """``signers``' signatures over a split, made with their attested keys directly (not
+    through check()): what nodes colluding with the aggregator would sign for any split."""
+    data = consistency_bytes(RUN, rnd, fed.ids if roster is None else roster, survivors, dropped)
+    return {n: fed.nodes[n].signer.sign(data) for n in signers}
+
+
+def _checked(fed: Federation, split: Split, signers: Iterable[int]) -> UnmaskRequest:
+    """The unmask request for ``split`` with the signatures ``signers`` gave for it in
+    check() (each node's own decision), as it arrives."""
+    request = CheckRequest.from_bytes(CheckRequest(RUN, ROUND, *split).to_bytes())
+    signatures = {n: fed.nodes[n].check(request).signature for n in signers}
+    unmask = UnmaskRequest(RUN, ROUND, *split, signatures)
+    return UnmaskRequest.from_bytes(unmask.to_bytes())
+
+
+def test_a_node_signs_and_reveals_nothing_for_a_split_that_could_unmask_a_node(
+    masked: Federation,
+) -> None:
+    """Each hostile split is refused at the check stage (nothing signed) and at the unmask
+    stage, even with every other named survivor's signature over it (nodes colluding with
+    the aggregator sign anything). No refusal spends the node's one signature."""
     fed, node = masked, FIVE[0]
     state = fed.nodes[node]
     hostile = [
@@ -829,36 +932,136 @@ def test_a_node_reveals_nothing_for_a_split_that_could_unmask_a_node(masked: Fed
         # fewer survivors than the threshold
         (FIVE[:2], FIVE[2:], "fewer than the threshold"),
         # another round
-        (FIVE, (), "round"),
+        (FIVE, (), "a request for run"),
     ]
     for i, (survivors, dropped, reason) in enumerate(hostile):
-        rnd = ROUND + 1 if reason == "round" else ROUND
-        request = UnmaskRequest(RUN, rnd, tuple(sorted(survivors)), tuple(sorted(dropped)))
+        rnd = ROUND + 1 if reason == "a request for run" else ROUND
+        split = _split(survivors, dropped)
+        check = CheckRequest(RUN, rnd, *split)
+        with pytest.raises(SecAggRefused, match=reason):
+            state.check(CheckRequest.from_bytes(check.to_bytes()))
+        assert state.confirmed is None, i
+        colluders = [n for n in split[0] if n != node and n in fed.nodes]
+        signatures = _sign_split(fed, colluders, *split, rnd=rnd)
+        request = UnmaskRequest(RUN, rnd, *split, signatures)
         with pytest.raises(SecAggRefused, match=reason):
             state.unmask(UnmaskRequest.from_bytes(request.to_bytes()))
         assert state.revealed_seeds is None, i
         assert state.revealed_keys == ()
+    # The honest split is still signed.
+    assert state.check(CheckRequest(RUN, ROUND, FIVE, ())).node == node
+    assert state.confirmed == (FIVE, ())
+
+
+def test_a_node_signs_one_split_per_round(masked: Federation) -> None:
+    """The signature is over the split with the node's attested key; the same split may
+    be asked again (the same signature), a different one is refused although the node's
+    rules alone would allow it (a fresh node signs each of them)."""
+    fed, node = masked, FIVE[0]
+    state = fed.nodes[node]
+    first = CheckRequest(RUN, ROUND, FIVE[:4], FIVE[4:])
+    signed = state.check(CheckRequest.from_bytes(first.to_bytes()))
+    assert (signed.run, signed.round, signed.node) == (RUN, ROUND, node)
+    public = Ed25519PublicKey.from_public_bytes(fed.server.adverts[node].signer)
+    public.verify(signed.signature, consistency_bytes(RUN, ROUND, FIVE, FIVE[:4], FIVE[4:]))
+    assert state.confirmed == (FIVE[:4], FIVE[4:])
+    assert state.check(first) == signed
+    others = [
+        ((FIVE, ()), FIVE[1]),
+        ((FIVE[:3], FIVE[3:]), FIVE[2]),
+        (_split((FIVE[0], FIVE[2], FIVE[3]), (FIVE[1], FIVE[4])), FIVE[3]),
+    ]
+    for split, fresh in others:
+        request = CheckRequest(RUN, ROUND, *split)
+        with pytest.raises(SecAggRefused, match="second, different split"):
+            state.check(request)
+        assert state.confirmed == (FIVE[:4], FIVE[4:])
+        assert fed.nodes[fresh].check(request).node == fresh
+        assert fed.nodes[fresh].confirmed == split
+    assert state.check(first) == signed
+
+
+def test_a_node_reveals_only_for_the_split_it_signed_once_the_threshold_signed_it(
+    masked: Federation,
+) -> None:
+    """Four survivors signed one split through check(). The node reveals nothing for a
+    split it did not sign (although colluders signed it), with fewer than the threshold
+    of signatures, with a signature from a node that is not a survivor, or with one that
+    does not verify under that survivor's advertised key over these very bytes; with
+    exactly the threshold of good signatures it reveals, once."""
+    fed, node = masked, FIVE[0]
+    state = fed.nodes[node]
+    t = state.threshold
+    assert t == 3
+    split = _split(FIVE[:4], FIVE[4:])
+    other = _split(FIVE, ())
+    request = _checked(fed, split, FIVE[:4])
+    signed = dict(request.signatures)
+    enough = {n: signed[n] for n in FIVE[:t]}
+    data = consistency_bytes(RUN, ROUND, FIVE, *split)
+    victim, stranger = FIVE[2], Ed25519PrivateKey.generate()
+    forged = f"node {victim}'s signature of the split does not verify"
+    cases: list[tuple[Split, dict[int, bytes], str]] = [
+        # a split this node did not sign, with every other node's signature over it
+        (other, _sign_split(fed, FIVE[1:], *other), "not the one this node signed"),
+        # too few signatures
+        (split, {n: signed[n] for n in FIVE[: t - 1]}, "fewer than the threshold"),
+        (split, {}, "fewer than the threshold"),
+        # the dropped node's genuine signature over this split, a stranger's
+        (split, {**enough, FIVE[4]: fed.nodes[FIVE[4]].signer.sign(data)}, "not a survivor"),
+        (split, {**enough, 12345: stranger.sign(data)}, "not a survivor"),
+        # forged: signed by another survivor's key, or by a key nobody advertised
+        (split, {**enough, victim: fed.nodes[FIVE[1]].signer.sign(data)}, forged),
+        (split, {**enough, victim: stranger.sign(data)}, forged),
+        # the victim's own key, over another split, round or roster, or its advertisement
+        (split, {**enough, **_sign_split(fed, [victim], *other)}, forged),
+        (split, {**enough, **_sign_split(fed, [victim], *split, rnd=ROUND + 1)}, forged),
+        (split, {**enough, **_sign_split(fed, [victim], *split, roster=FIVE[:4])}, forged),
+        (split, {**enough, victim: fed.server.adverts[victim].signature}, forged),
+    ]
+    for i, (asked, signatures, reason) in enumerate(cases):
+        hostile = UnmaskRequest(RUN, ROUND, *asked, signatures)
+        with pytest.raises(SecAggRefused, match=reason):
+            state.unmask(UnmaskRequest.from_bytes(hostile.to_bytes()))
+        assert state.revealed_seeds is None, i
+        assert state.revealed_keys == ()
+    # A node that signed nothing reveals nothing, whoever else signed.
+    late = fed.nodes[FIVE[4]]
+    with pytest.raises(SecAggRefused, match="not the one this node signed"):
+        late.unmask(UnmaskRequest(RUN, ROUND, *other, _sign_split(fed, FIVE[:4], *other)))
+    assert late.revealed_seeds is None
+    # Exactly the threshold of good signatures.
+    reveal = state.unmask(UnmaskRequest(RUN, ROUND, *split, enough))
+    assert sorted(reveal.seeds) == list(FIVE[:4])
+    assert sorted(reveal.keys) == [FIVE[4]]
+    with pytest.raises(SecAggRefused, match="second unmask request"):
+        state.unmask(request)
 
 
 def test_a_second_unmask_request_with_another_split_is_refused(masked: Federation) -> None:
     """The first split is honoured; a second one (which would give the aggregator the
-    other kind of share of the same nodes) is refused and reveals nothing more."""
+    other kind of share of the same nodes) is refused and reveals nothing more, even with
+    the other survivors' signatures over it."""
     fed, node = masked, FIVE[0]
     state = fed.nodes[node]
-    first = UnmaskRequest(RUN, ROUND, FIVE[:4], FIVE[4:])
+    first = _checked(fed, _split(FIVE[:4], FIVE[4:]), FIVE[:3])
     reveal = state.unmask(first)
     assert sorted(reveal.seeds) == list(FIVE[:4])
     assert sorted(reveal.keys) == [FIVE[4]]
-    for survivors, dropped in ((FIVE, ()), (FIVE[:3], FIVE[3:]), (FIVE[:4], FIVE[4:])):
+    for survivors, dropped in ((FIVE, ()), (FIVE[:3], FIVE[3:])):
+        colluders = [n for n in survivors if n != node]
+        signatures = _sign_split(fed, colluders, survivors, dropped)
         with pytest.raises(SecAggRefused, match="second unmask request"):
-            state.unmask(UnmaskRequest(RUN, ROUND, survivors, dropped))
+            state.unmask(UnmaskRequest(RUN, ROUND, survivors, dropped, signatures))
+    with pytest.raises(SecAggRefused, match="second unmask request"):
+        state.unmask(first)
     assert state.revealed_seeds == FIVE[:4]
     assert state.revealed_keys == FIVE[4:]
 
 
 def test_the_aggregator_fails_closed_with_fewer_than_the_threshold(broker: KeyBroker) -> None:
-    """Too few masked inputs: SecAggFailed and no unmask request at all; a node refuses
-    an unmask request naming fewer survivors than its threshold."""
+    """Too few masked inputs: SecAggFailed and no check or unmask request at all; a node
+    refuses to sign or to reveal for a split naming fewer survivors than its threshold."""
     fed = federation(broker, FIVE, length=16)
     fed.advertise()
     fed.share()
@@ -867,17 +1070,23 @@ def test_the_aggregator_fails_closed_with_fewer_than_the_threshold(broker: KeyBr
     fed.mask(stop=FIVE[t - 1 :])
     assert len(fed.server.survivors) == t - 1
     for _ in range(2):
-        with pytest.raises(SecAggFailed, match="fewer than the threshold"):
-            fed.server.unmask_request()
+        for ask in (fed.server.check_request, fed.server.unmask_request):
+            with pytest.raises(SecAggFailed, match="fewer than the threshold"):
+                ask()
+        assert fed.server._check is None
         assert fed.server._unmask is None
         assert fed.server.dropped == ()
     with pytest.raises(RuntimeError):
         fed.server.result()
     # A node asked anyway (by a hostile aggregator) refuses.
-    request = UnmaskRequest(RUN, ROUND, FIVE[: t - 1], FIVE[t - 1 :])
-    for node in FIVE[: t - 1]:
+    split = (FIVE[: t - 1], FIVE[t - 1 :])
+    signatures = _sign_split(fed, split[0], *split)
+    for node in split[0]:
         with pytest.raises(SecAggRefused, match="fewer than the threshold"):
-            fed.nodes[node].unmask(request)
+            fed.nodes[node].check(CheckRequest(RUN, ROUND, *split))
+        assert fed.nodes[node].confirmed is None
+        with pytest.raises(SecAggRefused, match="fewer than the threshold"):
+            fed.nodes[node].unmask(UnmaskRequest(RUN, ROUND, *split, signatures))
         assert fed.nodes[node].revealed_seeds is None
 
 
@@ -898,11 +1107,74 @@ def test_the_aggregator_fails_closed_at_every_stage(broker: KeyBroker) -> None:
     fed.advertise()
     fed.share()
     fed.mask()
+    fed.check()
     request = fed.server.unmask_request()
     for node in request.survivors[:2]:
         fed.server.add_reveal(node, fed.nodes[node].unmask(request).to_bytes())
     with pytest.raises(SecAggFailed, match="unmask stage"):
         fed.server.result()
+
+
+def test_the_aggregator_keeps_only_split_signatures_that_verify_and_needs_the_threshold(
+    shared: Federation,
+) -> None:
+    """A split signature before the check request, from a non-survivor, for another
+    node or round, or that does not verify under the survivor's advertised key over the
+    checked split is refused and not kept; with fewer good signatures than the threshold
+    there is no unmask request; with exactly the threshold the round completes."""
+    fed = shared
+    server = fed.server
+    gone = FIVE[4]
+    fed.mask(lose=[gone])
+    u, a = FIVE[0], FIVE[1]
+    with pytest.raises(SecAggMessageInvalid, match="may not send"):
+        server.add_consistency(u, Consistency(RUN, ROUND, u, bytes(64)).to_bytes())
+    checked = server.check_request()
+    split = (checked.survivors, checked.dropped)
+    assert split == (FIVE[:4], (gone,))
+    assert server.check_request() == checked
+    # The split is fixed: the lost input arriving now is refused.
+    with pytest.raises(SecAggMessageInvalid, match="may not send"):
+        server.add_masked(gone, fed.masked[gone])
+    replies = {n: fed.nodes[n].check(checked) for n in checked.survivors}
+
+    def signed_by_u(signature: bytes) -> Consistency:
+        return dataclasses.replace(replies[u], signature=signature)
+
+    data = consistency_bytes(RUN, ROUND, FIVE, *split)
+    bad: list[tuple[int, Consistency, str]] = [
+        (u, signed_by_u(fed.nodes[a].signer.sign(data)), "does not verify"),
+        (u, signed_by_u(Ed25519PrivateKey.generate().sign(data)), "does not verify"),
+        (u, signed_by_u(_sign_split(fed, [u], FIVE, ())[u]), "does not verify"),
+        (u, signed_by_u(_sign_split(fed, [u], *split, rnd=ROUND + 1)[u]), "does not verify"),
+        (u, signed_by_u(server.adverts[u].signature), "does not verify"),
+        (u, replies[a], "another run, round or node"),
+        (u, dataclasses.replace(replies[u], round=ROUND + 1), "another run, round or node"),
+        (gone, Consistency(RUN, ROUND, gone, fed.nodes[gone].signer.sign(data)), "may not send"),
+        (12345, Consistency(RUN, ROUND, 12345, bytes(64)), "may not send"),
+    ]
+    for node, message, reason in bad:
+        with pytest.raises(SecAggMessageInvalid, match=reason):
+            server.add_consistency(node, message.to_bytes())
+    assert server.signatures == {}
+    t = server.threshold
+    for node in FIVE[: t - 1]:
+        server.add_consistency(node, replies[node].to_bytes())
+    for _ in range(2):
+        with pytest.raises(SecAggFailed, match="check stage, fewer than the threshold"):
+            server.unmask_request()
+        assert server._unmask is None
+    server.add_consistency(FIVE[t - 1], replies[FIVE[t - 1]].to_bytes())
+    request = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
+    assert (request.survivors, request.dropped) == split
+    assert request.signatures == {n: replies[n].signature for n in FIVE[:t]}
+    # The unmask request is fixed: a late signature is refused.
+    with pytest.raises(SecAggMessageInvalid, match="may not send"):
+        server.add_consistency(FIVE[3], replies[FIVE[3]].to_bytes())
+    for node in request.survivors:
+        server.add_reveal(node, fed.nodes[node].unmask(request).to_bytes())
+    total, weight = server.result()
+    check_aggregate(fed, total, weight, FIVE[:4])
 
 
 def test_key_shares_that_do_not_rebuild_the_advertised_key_fail_the_round(
@@ -913,6 +1185,7 @@ def test_key_shares_that_do_not_rebuild_the_advertised_key_fail_the_round(
     fed.advertise()
     fed.share()
     fed.mask(stop=[gone])
+    fed.check()
     request = fed.server.unmask_request()
     for node in request.survivors:
         reveal = fed.nodes[node].unmask(request)
@@ -925,23 +1198,24 @@ def test_key_shares_that_do_not_rebuild_the_advertised_key_fail_the_round(
         fed.server.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="weakness: seeds carry no commitment, so a wrong seed share goes unnoticed and "
-    "silently corrupts the sum (a key share is checked against the advertised s_pk)",
-)
 def test_a_wrong_seed_share_is_detected(masked: Federation) -> None:
+    """Every advertisement commits its node's self-mask seed; a seed rebuilt from a wrong
+    share does not match it, and the round fails instead of silently spoiling the sum."""
     fed = masked
+    for node, state in fed.nodes.items():
+        assert state.advert is not None
+        assert state.advert.seed_commitment == seed_commitment(state._seed, RUN, ROUND, node)
+        assert fed.server.adverts[node].seed_commitment == state.advert.seed_commitment
+    fed.check()
     request = fed.server.unmask_request()
     for node in request.survivors:
         reveal = fed.nodes[node].unmask(request)
-        if node == FIVE[0]:
+        if node == FIVE[0]:  # the lowest id: its shares are among those used
             reveal = dataclasses.replace(
                 reveal, seeds={**reveal.seeds, FIVE[3]: _flip(reveal.seeds[FIVE[3]], 0)}
             )
         fed.server.add_reveal(node, reveal.to_bytes())
-    with pytest.raises(SecAggFailed):
+    with pytest.raises(SecAggFailed, match=f"survivor {FIVE[3]}'s committed seed"):
         fed.server.result()
 
 
@@ -951,8 +1225,7 @@ U, A, B, C, D = FIVE
 # Every node's own checks pass: its split is exactly its mask roster, it survives, and
 # so do at least three (the threshold). Each node it wants unmasked is told surviving by
 # three nodes (its seed), and each of their mask partners dropped by three (its s key).
-Nodes = tuple[int, ...]
-VIEW_ATTACKS: dict[str, tuple[dict[int, Nodes], dict[int, tuple[Nodes, Nodes]], Nodes]] = {
+VIEW_ATTACKS: dict[str, tuple[dict[int, Nodes], dict[int, Split], Nodes]] = {
     # U masks only with A and B; A's and B's keys are asked of three nodes each.
     "one node isolated": (
         {U: (U, A, B)},
@@ -980,43 +1253,92 @@ VIEW_ATTACKS: dict[str, tuple[dict[int, Nodes], dict[int, tuple[Nodes, Nodes]], 
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="weakness: no consistency check between nodes (Bonawitz et al.'s round 3): an "
-    "aggregator that tells each node a different survivor/dropped split (and mask roster) "
-    "unmasks one node's update, or the sum of fewer nodes than the threshold",
-)
-@pytest.mark.parametrize("attack", list(VIEW_ATTACKS))
-def test_inconsistent_views_unmask_no_node_and_no_small_sum(broker: KeyBroker, attack: str) -> None:
-    rosters, splits, targets = VIEW_ATTACKS[attack]
-    fed = federation(broker, FIVE, length=32, spread=1.0)
-    fed.advertise()
-    fed.share()
-    try:
-        for node in FIVE:
-            request = _mask_request(fed, node, rosters.get(node, FIVE))
-            fed.masked[node] = fed.nodes[node].mask(request, fed.values[node], fed.weights[node])
-        for node, (survivors, dropped) in splits.items():
-            split = UnmaskRequest(RUN, ROUND, tuple(sorted(survivors)), tuple(sorted(dropped)))
-            fed.reveals[node] = fed.nodes[node].unmask(split)
-    except SecAggRefused:
-        return  # a node saw through it
+def _recover(
+    fed: Federation, rosters: Mapping[int, Nodes], targets: Nodes, reveals: Iterable[Reveal]
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the aggregator rebuilds from ``reveals`` for the sum of ``targets``' inputs,
+    and that sum's true quantized value."""
+    reveals = list(reveals)
     size = fed.length + 1
     recovered = np.zeros(size, np.uint32)
     secret = np.zeros(size, np.uint32)
     for x in targets:
         recovered += fed.masked[x]
         secret += fed.quantized(x)
-        seeds = {r.index: r.seeds[x] for r in fed.reveals.values() if x in r.seeds}
+        seeds = {r.index: r.seeds[x] for r in reveals if x in r.seeds}
         recovered -= self_mask(combine_secret(seeds), RUN, ROUND, x, size)
         public = X25519PublicKey.from_public_bytes(fed.server.adverts[x].s_pk)
         for y in rosters.get(x, FIVE):
             if y not in targets:
-                keys = {r.index: r.keys[y] for r in fed.reveals.values() if y in r.keys}
+                keys = {r.index: r.keys[y] for r in reveals if y in r.keys}
                 key = X25519PrivateKey.from_private_bytes(combine_secret(keys))
                 apply_pair_mask(recovered, key.exchange(public), RUN, ROUND, x, y, sign=-1)
-    assert not np.array_equal(recovered, secret)
+    return recovered, secret
+
+
+@pytest.mark.parametrize("attack", list(VIEW_ATTACKS))
+def test_inconsistent_views_unmask_no_node_and_no_small_sum(broker: KeyBroker, attack: str) -> None:
+    """The hostile aggregator shows each node its own mask roster and split (the plan
+    would work: the shares each node would reveal for its split rebuild the targets'
+    sum). Each node signs the split it is told, as its rules allow, but it signs only one
+    split, so no split gathers the threshold of signatures; every node then refuses to
+    reveal, whether it gets the signatures over its own split (too few) or every
+    survivor's signature over whatever that survivor signed (they do not verify)."""
+    rosters, plan, targets = VIEW_ATTACKS[attack]
+    told = {node: _split(*split) for node, split in plan.items()}
+    fed = federation(broker, FIVE, length=32, spread=1.0)
+    fed.advertise()
+    fed.share()
+    t = fed.server.threshold
+    for node in FIVE:
+        mask = _mask_request(fed, node, rosters.get(node, FIVE))
+        fed.masked[node] = fed.nodes[node].mask(mask, fed.values[node], fed.weights[node])
+    # The control: had each node revealed for its own split, the aggregator would hold
+    # the targets' sum (one update, or fewer than the threshold of them).
+    would = [
+        Reveal(
+            RUN,
+            ROUND,
+            node,
+            share_index(FIVE, node),
+            {u: fed.nodes[node].held[u][0] for u in survivors},
+            {d: fed.nodes[node].held[d][1] for d in dropped},
+        )
+        for node, (survivors, dropped) in told.items()
+    ]
+    recovered, secret = _recover(fed, rosters, targets, would)
+    assert np.array_equal(recovered, secret)
+    assert len(targets) < t
+
+    # The check stage: each node signs the split it is told (its own rules pass).
+    signed: dict[int, bytes] = {}
+    for node, split in told.items():
+        request = CheckRequest.from_bytes(CheckRequest(RUN, ROUND, *split).to_bytes())
+        signed[node] = fed.nodes[node].check(request).signature
+    signers = {split: [n for n in FIVE if told[n] == split] for split in told.values()}
+    assert len(signers) > 1
+    assert all(len(nodes) < t for nodes in signers.values())
+    # Nobody signs a second split, so no split gets more signatures.
+    for split, nodes in signers.items():
+        for node in FIVE:
+            if node not in nodes:
+                with pytest.raises(SecAggRefused, match="second, different split"):
+                    fed.nodes[node].check(CheckRequest(RUN, ROUND, *split))
+                assert fed.nodes[node].confirmed == told[node]
+
+    # The unmask stage: nobody reveals.
+    for node, split in told.items():
+        state = fed.nodes[node]
+        own = {n: signed[n] for n in signers[split]}
+        with pytest.raises(SecAggRefused, match="fewer than the threshold"):
+            state.unmask(UnmaskRequest(RUN, ROUND, *split, own))
+        mixed = {n: signed[n] for n in split[0]}
+        assert len(mixed) >= t
+        with pytest.raises(SecAggRefused, match="signature of the split does not verify"):
+            state.unmask(UnmaskRequest(RUN, ROUND, *split, mixed))
+    for state in fed.nodes.values():
+        assert state.revealed_seeds is None
+        assert state.revealed_keys == ()
 
 
 # -- the aggregator's own checks of what nodes send --------------------------------------------
@@ -1055,6 +1377,7 @@ def test_the_aggregator_refuses_messages_out_of_place(
     with pytest.raises(SecAggMessageInvalid, match="may not send"):
         server.add_masked(u, good)
     # reveals: at another index, for other nodes, for another node, from a non-survivor
+    fed.check()
     request = server.unmask_request()
     reveal = fed.nodes[u].unmask(request)
     for wrong, reason in (
@@ -1096,14 +1419,17 @@ def test_a_node_keeps_to_the_order_of_stages(broker: KeyBroker) -> None:
         state.share(ShareRequest(RUN, ROUND, ()))
     with pytest.raises(SecAggRefused, match="before shares"):
         state.mask(MaskRequest(RUN, ROUND, FIVE[:3], {}), np.zeros(4), 1.0)
-    with pytest.raises(SecAggRefused, match="before this node sent"):
-        state.unmask(UnmaskRequest(RUN, ROUND, FIVE[:3], ()))
-    fed.advertise()
-    with pytest.raises(SecAggRefused, match="already advertised"):
-        state.advertise()
-    fed.share()
-    with pytest.raises(SecAggRefused, match="before this node sent"):
-        state.unmask(UnmaskRequest(RUN, ROUND, FIVE[:3], ()))
+    for _ in range(2):
+        with pytest.raises(SecAggRefused, match="before this node sent"):
+            state.check(CheckRequest(RUN, ROUND, FIVE[:3], ()))
+        with pytest.raises(SecAggRefused, match="before this node sent"):
+            state.unmask(UnmaskRequest(RUN, ROUND, FIVE[:3], ()))
+        if state.advert is None:
+            fed.advertise()
+            with pytest.raises(SecAggRefused, match="already advertised"):
+                state.advertise()
+            fed.share()
+    assert state.confirmed is None
     assert state.revealed_seeds is None
 
 
@@ -1121,6 +1447,8 @@ def _samples() -> dict[str, tuple[Callable[[bytes], Any], bytes]]:
     mask_request = fed.server.mask_request(FIVE[0])
     fed.mask(stop=FIVE[3:])
     unmask_request = fed.unmask()
+    check_request = fed.server.check_request()
+    consistency = fed.nodes[FIVE[0]].check(check_request)  # the same split again
     advert = fed.nodes[FIVE[0]].advert
     assert advert is not None
     return {
@@ -1128,15 +1456,17 @@ def _samples() -> dict[str, tuple[Callable[[bytes], Any], bytes]]:
         "share request": (ShareRequest.from_bytes, share_request.to_bytes()),
         "share bundle": (ShareBundle.from_bytes, fed.server.bundles[FIVE[0]].to_bytes()),
         "mask request": (MaskRequest.from_bytes, mask_request.to_bytes()),
+        "check request": (CheckRequest.from_bytes, check_request.to_bytes()),
+        "consistency": (Consistency.from_bytes, consistency.to_bytes()),
         "unmask request": (UnmaskRequest.from_bytes, unmask_request.to_bytes()),
         "reveal": (Reveal.from_bytes, fed.reveals[FIVE[0]].to_bytes()),
     }
 
 
 INT_FIELDS = {"run", "round", "node", "index"}
-BLOB_FIELDS = {"c_pk": 32, "s_pk": 32, "signer": 32, "sig": 64}
+BLOB_FIELDS = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signer": 32, "sig": 64}
 NODE_LISTS = {"roster", "survivors", "dropped"}
-PAIR_LISTS = {"shares": SEALED_SHARE_BYTES, "seeds": 32, "keys": 32}
+PAIR_LISTS = {"shares": SEALED_SHARE_BYTES, "seeds": 32, "keys": 32, "signatures": 64}
 
 
 def _b64(data: bytes) -> str:
@@ -1256,6 +1586,8 @@ KINDS = [
     "share request",
     "share bundle",
     "mask request",
+    "check request",
+    "consistency",
     "unmask request",
     "reveal",
 ]
@@ -1319,6 +1651,21 @@ def test_a_parser_returns_or_refuses_with_its_own_error(
     except SecAggMessageInvalid:
         return
     assert parse(message.to_bytes()) == message
+
+
+def test_a_node_reply_is_parsed_by_the_stage_it_names() -> None:
+    """Share bundles, split signatures and reveals come back as what they are; the
+    aggregator's requests of the same stages (other keys) are no reply."""
+    samples = _samples()
+    replies = {"share bundle": ShareBundle, "consistency": Consistency, "reveal": Reveal}
+    for kind, cls in replies.items():
+        parse, raw = samples[kind]
+        reply = node_reply(raw)
+        assert type(reply) is cls
+        assert reply == parse(raw)
+    for kind in ("share request", "check request", "unmask request", "advertisement"):
+        with pytest.raises(SecAggMessageInvalid):
+            node_reply(samples[kind][1])
 
 
 @settings(max_examples=40, deadline=None, database=None)
@@ -1441,3 +1788,84 @@ def test_shamir_shares_rebuild_with_any_threshold_and_not_with_fewer() -> None:
     assert combine_secret({1: shares[0], 2: shares[1]}) != secret
     with pytest.raises(ValueError, match="32 bytes"):
         split_secret(secret[:31], 3, 5)
+
+
+# -- nobody dropped: the unsigned split ----------------------------------------------------------
+
+
+def test_with_nobody_dropped_the_round_unmasks_without_the_check_stage(broker: KeyBroker) -> None:
+    """No node dropped: the aggregator skips the check, every node reveals seed shares
+    only (of exactly the nodes it masked with), and the sum is exact."""
+    fed = federation(broker, FIVE)
+    fed.advertise()
+    fed.share()
+    fed.mask()
+    assert not fed.server.needs_check
+    request = UnmaskRequest.from_bytes(fed.server.unmask_request().to_bytes())
+    assert request.dropped == ()
+    assert dict(request.signatures) == {}
+    for node in request.survivors:
+        reveal = fed.nodes[node].unmask(request)
+        assert dict(reveal.keys) == {}
+        assert set(reveal.seeds) == set(FIVE)
+        fed.server.add_reveal(node, reveal.to_bytes())
+    total, weight = fed.server.result()
+    plain, plain_weight = fed.plain(FIVE)
+    assert np.abs(total - plain).max() <= len(FIVE) * 0.5 / fed.server.quantization.scale + 1e-12
+    assert weight == pytest.approx(plain_weight, abs=1e-6)
+
+
+def test_an_unsigned_split_is_refused_when_it_drops_a_node_or_the_node_signed_another(
+    broker: KeyBroker,
+) -> None:
+    """Masking-key shares never leave without the threshold of signatures; a node that
+    signed a split (naming a node dropped) refuses the unsigned one, and a node that
+    revealed for the unsigned split signs no other."""
+    fed = federation(broker, FIVE)
+    fed.advertise()
+    fed.share()
+    fed.mask()
+    u, a, b = FIVE[0], FIVE[1], FIVE[2]
+    dropping = UnmaskRequest(RUN, ROUND, FIVE[:4], FIVE[4:])
+    with pytest.raises(SecAggRefused, match="not the one this node signed"):
+        fed.nodes[u].unmask(dropping)
+    assert fed.nodes[u].revealed_seeds is None
+    fed.nodes[a].check(CheckRequest(RUN, ROUND, FIVE[:4], FIVE[4:]))
+    with pytest.raises(SecAggRefused, match="not the one this node signed"):
+        fed.nodes[a].unmask(UnmaskRequest(RUN, ROUND, FIVE, ()))
+    assert fed.nodes[a].revealed_seeds is None
+    fed.nodes[b].unmask(UnmaskRequest(RUN, ROUND, FIVE, ()))
+    with pytest.raises(SecAggRefused, match="second, different split"):
+        fed.nodes[b].check(CheckRequest(RUN, ROUND, FIVE[:4], FIVE[4:]))
+
+
+def test_unsigned_and_signed_splits_together_never_unmask_a_node(broker: KeyBroker) -> None:
+    """A hostile aggregator asks some nodes for the unsigned split (seed shares of
+    everyone) and has the others sign a split that drops the target (its masking-key
+    share): with a strict-majority threshold the two groups cannot both reach it."""
+    fed = federation(broker, FIVE)
+    fed.advertise()
+    fed.share()
+    fed.mask()
+    target = FIVE[0]
+    seeds: dict[int, bytes] = {}
+    keys: dict[int, bytes] = {}
+    unsigned = UnmaskRequest(RUN, ROUND, FIVE, ())
+    signed_split = (FIVE[1:], (target,))
+    signers = FIVE[2:]  # three nodes: the threshold of five
+    for node in FIVE[:2]:  # the target itself and one more reveal for the unsigned split
+        reveal = fed.nodes[node].unmask(unsigned)
+        seeds[reveal.index] = reveal.seeds[target]
+    for node in signers:
+        fed.nodes[node].check(CheckRequest(RUN, ROUND, *signed_split))
+    request = _checked(fed, signed_split, signers)
+    for node in signers:
+        reveal = fed.nodes[node].unmask(request)
+        assert target not in reveal.seeds
+        keys[reveal.index] = reveal.keys[target]
+    threshold = fed.nodes[target].threshold
+    assert len(keys) >= threshold  # its masking key is out
+    assert len(seeds) < threshold  # but its seed never reaches the threshold
+    for node in FIVE[:2]:  # and no node that revealed reveals again
+        with pytest.raises(SecAggRefused, match="revealed once"):
+            fed.nodes[node].unmask(request)

@@ -447,8 +447,9 @@ class _SecureRounds:
     """The secure-aggregation rules :func:`check_policy` keeps while it walks the log.
 
     A round with any ``secagg_*`` event is secure. Its steps come in order, once each:
-    advertised ⊇ share ⊇ mask ⊇ check (the survivors that signed the round's one split);
-    only those signers revealed shares; at the unmasking the survivors are exactly the mask stage's
+    advertised ⊇ share ⊇ mask ⊇ check (the survivors that signed the round's one split;
+    skipped only when nobody dropped, as then no masking key is rebuilt); only those
+    signers revealed shares; at the unmasking the survivors are exactly the mask stage's
     nodes and the dropped exactly the share stage's others, so no node whose masked input
     the sum holds ever has its masking key rebuilt (which would unmask that input alone);
     the aggregate comes after it and counts one input per survivor; and no individual update
@@ -545,6 +546,10 @@ class _SecureRounds:
             )
 
     def unmasked(self, index: int, record: Mapping[str, Any]) -> None:
+        key = (_text(record.get(Key.RUN)), _text(record.get(Key.ROUND)))
+        state = self.rounds.get(key)
+        if state is not None and state.reached == _MASKED and record.get(Key.DROPPED) == []:
+            state.reached = _CHECKED  # nobody dropped: the survivors reveal seeds unsigned
         key = self._step(index, record, _UNMASKED)
         state = self.rounds[key]
         survivors, dropped, revealed_by = (
