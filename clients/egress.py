@@ -71,18 +71,34 @@ from sandbox.protocol import (
     SECAGG_KEY,
     SECAGG_MESSAGE_TYPE,
     SECAGG_PAYLOAD,
+    SECAGG_STAGE,
     SIGNED_KEY,
 )
 from sandbox.reasons import NodeReason
 from sandbox.scorecard import Commitment, Scorecard, open_commitment, open_scorecard
-from sandbox.secagg import Advertisement, node_reply
+from sandbox.secagg import (
+    MAX_REPLY_BYTES,
+    STAGE_CHECK,
+    STAGE_MASK,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    Advertisement,
+    Consistency,
+    Reveal,
+    ShareBundle,
+    node_reply,
+)
 
 log = logging.getLogger("ark.egress")
 # Upper bounds of the handshake's fields: nonce, public key (hybrid suite), result token.
 HELLO_LIMITS = {HELLO_NONCE: 64, HELLO_NODE_KEY: 1216, HELLO_RESULT: 16 * 1024}
-# The largest secure-aggregation message a reply may carry (a share bundle for thousands
-# of peers fits; nothing near an adapter's size does).
-MAX_SECAGG_BYTES = 4 * 1024 * 1024
+# Which answer a secure-aggregation query of each stage may carry (the mask stage's is
+# the sealed masked input, no secure-aggregation message).
+STAGE_ANSWERS: dict[str, type] = {
+    STAGE_SHARE: ShareBundle,
+    STAGE_CHECK: Consistency,
+    STAGE_UNMASK: Reveal,
+}
 # Which records may leave in a reply to which instruction.
 ALLOWED_RECORDS = {
     MessageType.QUERY: frozenset({HELLO_KEY}),
@@ -130,8 +146,13 @@ def check_reply(
     *,
     run: RunSpec | None = None,
     node: NodeConfig | None = None,
+    stage: str | None = None,
 ) -> None:
     """Raise EgressViolation naming the first thing outside the allowlist for ``kind``.
+
+    A secure-aggregation query's reply (``stage``: the query's stage) carries exactly that
+    stage's answer: sealed shares, a signature or revealed shares, or (the mask stage
+    only) the sealed masked input and its metrics.
 
     A comparison's signed commitment or scorecard may leave only for the run (``run``)
     and node (``node``) it names, with allowlisted metric names: every string in it is
@@ -145,6 +166,8 @@ def check_reply(
             raise EgressViolation(
                 f"record {name!r} ({type(record).__name__}) may not leave in a {kind} reply"
             )
+        if kind == SECAGG_MESSAGE_TYPE and (name == SECAGG_KEY) == (stage == STAGE_MASK):
+            raise EgressViolation(f"record {name!r} may not leave in a {stage!r} stage reply")
         if name == SEALED_KEY and isinstance(record, ConfigRecord):
             _check_sealed(record, policy)
         elif name == METRICS_KEY and isinstance(record, MetricRecord):
@@ -156,7 +179,7 @@ def check_reply(
         elif name in (COMMITMENT_KEY, SCORECARD_KEY) and isinstance(record, ConfigRecord):
             _check_signed(name, record, policy, run, node)
         elif name == SECAGG_KEY and isinstance(record, ConfigRecord):
-            _check_secagg(record, kind, node)
+            _check_secagg(record, kind, node, stage)
         else:
             raise EgressViolation(f"record {name!r} ({type(record).__name__}) is not allowed")
 
@@ -173,7 +196,9 @@ def _check_sealed(record: ConfigRecord, policy: EgressPolicy) -> None:
         )
 
 
-def _check_secagg(record: ConfigRecord, kind: str, node: NodeConfig | None) -> None:
+def _check_secagg(
+    record: ConfigRecord, kind: str, node: NodeConfig | None, stage: str | None
+) -> None:
     """A secure-aggregation message: one bytes value that parses strictly as what this
     reply may carry. A key advertisement (the train reply) must carry a certification the
     key broker signed for its signing key, so its one text field is no channel either;
@@ -181,8 +206,8 @@ def _check_secagg(record: ConfigRecord, kind: str, node: NodeConfig | None) -> N
     if set(record) != {SECAGG_PAYLOAD}:
         raise EgressViolation(f"{SECAGG_KEY} record may hold only {SECAGG_PAYLOAD!r}")
     blob = record[SECAGG_PAYLOAD]
-    if not isinstance(blob, bytes) or len(blob) > MAX_SECAGG_BYTES:
-        raise EgressViolation(f"{SECAGG_KEY} must be bytes of at most {MAX_SECAGG_BYTES}")
+    if not isinstance(blob, bytes) or len(blob) > MAX_REPLY_BYTES:
+        raise EgressViolation(f"{SECAGG_KEY} must be bytes of at most {MAX_REPLY_BYTES}")
     try:
         if kind == MessageType.TRAIN:
             if node is None:
@@ -191,7 +216,9 @@ def _check_secagg(record: ConfigRecord, kind: str, node: NodeConfig | None) -> N
             result_key = load_ec_public(node.require_sandbox().result_key)
             advert.verify(result_key, now=dt.datetime.now(dt.UTC), run=advert.run, rnd=advert.round)
         else:
-            node_reply(blob)
+            answer = node_reply(blob)
+            if stage not in STAGE_ANSWERS or not isinstance(answer, STAGE_ANSWERS[stage]):
+                raise EgressViolation(f"{SECAGG_KEY} message is not the {stage!r} stage's answer")
     except SecAggError as exc:
         raise EgressViolation(f"{SECAGG_KEY} message does not parse as one: {exc}") from exc
 
@@ -320,6 +347,13 @@ def _run_spec(context: Context) -> RunSpec | None:
         return None
 
 
+def secagg_stage(content: RecordDict) -> str | None:
+    """The stage a secure-aggregation query names (None if it names none as text)."""
+    record = content.config_records.get(SECAGG_KEY)
+    stage = None if record is None else record.get(SECAGG_STAGE)
+    return stage if isinstance(stage, str) else None
+
+
 def failure_reason(exc: Exception) -> NodeReason:
     """The fixed code a ClientApp failure leaves the node as (see FAILURES); a code the
     node's sandbox already reported is passed on as it is."""
@@ -389,6 +423,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             hello_matches_sandbox(node, context.run_id),
             run=_run_spec(context) if _carries_signed(reply.content) else None,
             node=node,
+            stage=secagg_stage(msg.content) if kind == SECAGG_MESSAGE_TYPE else None,
         )
     except EgressViolation as exc:
         reason = (

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +72,7 @@ from clients.secagg import NodeRound
 from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
+from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, adapter_bytes, model_dir_digest
 from sandbox.config import LOCAL_MODEL, NodeConfig, RunSpec
 from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import (
@@ -127,6 +129,10 @@ MAX_CHANNELS = 64
 MAX_SECURE_ROUNDS = 8
 # The most revealed rounds a sandbox remembers, to refuse taking part in one again.
 MAX_UNMASKED_ROUNDS = 4096
+# The largest secure-aggregation request the sandbox parses: a share request carries
+# every node's advertisement (about 2 KB each); the others are far smaller.
+MAX_SHARE_REQUEST_BYTES = 32 * 1024 * 1024
+MAX_SECAGG_REQUEST_BYTES = 4 * 1024 * 1024
 # Renew the signing key's certification when it has less than this left to live.
 CERTIFICATION_MARGIN = dt.timedelta(minutes=5)
 
@@ -193,6 +199,10 @@ class _Secure:
     request: Request
     state: NodeRound
     training: Future[_Trained]
+    # What the round's update is computed from: the global adapter, the run's training
+    # config (its fingerprint) and the round. A node adds its update to one sum per input.
+    inputs: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -300,11 +310,13 @@ class NodeSandbox:
         # and certified by the key broker against this sandbox's attestation.
         self._signing_key: Ed25519PrivateKey | None = None
         self._signing_result: Any = None
+        self._signing = threading.Lock()
         # Secure-aggregation rounds in progress, by (run, round), and the one worker that
         # trains them while their keys and shares are exchanged.
         self._secure: dict[tuple[int, int], _Secure] = {}
-        # The rounds this sandbox revealed shares for (newest last): never joined again.
-        self._unmasked: dict[tuple[int, int], None] = {}
+        # The inputs (global adapter, config, round) this sandbox revealed shares for,
+        # newest last: it never adds an update on the same input to another sum.
+        self._unmasked: dict[str, None] = {}
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ark-secure")
         if node.threads:
             import torch
@@ -413,6 +425,8 @@ class NodeSandbox:
         """Build the run's model and read its split ahead of its first instruction. A
         failure is only logged: the instruction meets it again and reports its code."""
         try:
+            if spec.secure_aggregation:
+                self._signer()  # certified now, not in the first round's key exchange
             with self._work:
                 with self._channels:
                     self._pending = False
@@ -487,14 +501,15 @@ class NodeSandbox:
                 path=self.node.source,
                 key="node.unprotected",
             )
-        result = self._signing_result
-        if self._signing_key is None or result.expires_at - CERTIFICATION_MARGIN <= _now():
-            key = self._signing_key or Ed25519PrivateKey.generate()
-            key_id = model_package(self.node).manifest()["key_id"]
-            self._signing_result = certify_signing(self.node, key_id, key.public_key())
-            self._signing_key = key
-            log.info("signing key certified (key id %s)", key_id)
-        return self._signing_key
+        with self._signing:
+            result = self._signing_result
+            if self._signing_key is None or result.expires_at - CERTIFICATION_MARGIN <= _now():
+                key = self._signing_key or Ed25519PrivateKey.generate()
+                key_id = model_package(self.node).manifest()["key_id"]
+                self._signing_result = certify_signing(self.node, key_id, key.public_key())
+                self._signing_key = key
+                log.info("signing key certified (key id %s)", key_id)
+            return self._signing_key
 
     def _held_now(self) -> _Held:
         if self._held is None:
@@ -532,6 +547,12 @@ class NodeSandbox:
         with exchange.working():
             before = evaluate(model, tokenizer, split.heldout, spec)
             seed = spec.seed * 1000 + request.round
+            if spec.secure_aggregation:
+                # The provider sets the seed: with it alone, training the same adapter on
+                # the same rows again gives the same update, and two sums that differ by
+                # one node would give that node's update. A secret part the provider does
+                # not know makes each training this node's own.
+                seed = int.from_bytes(secrets.token_bytes(8), "big")
             started = time.perf_counter()
             loss = train_local(model, tokenizer, split.train, spec, seed=seed)
             train_seconds = time.perf_counter() - started
@@ -587,13 +608,6 @@ class NodeSandbox:
         round's signed key advertisement."""
         ids = request.ids
         key = (ids.run_id, request.round)
-        if key in self._unmasked:
-            # A second sum of the same round (another subset of nodes, the same updates)
-            # would give the aggregator one node's update as the difference of the two.
-            raise SecAggRefused(
-                f"run {ids.run_id} round {request.round}: this node already revealed its "
-                "shares for this round; it takes no part in it again"
-            )
         if key in self._secure:
             log.warning("run %d round %d instructed again: fresh keys", *key)
         spec = request.spec
@@ -635,16 +649,31 @@ class NodeSandbox:
         secure = self._secure.get((ids.run_id, rnd))
         if secure is None:
             raise SecAggRefused(f"run {ids.run_id} round {rnd}: no secure round in progress")
-        spec = secure.request.spec
+        limit = MAX_SHARE_REQUEST_BYTES if stage == STAGE_SHARE else MAX_SECAGG_REQUEST_BYTES
+        if len(payload) > limit:
+            raise ProtocolError(f"a {stage!r} request of {len(payload)} bytes (at most {limit})")
+        with secure.lock:  # one stage of a round at a time: "once" means once
+            result = self._secagg_stage(secure, ids, rnd, stage, payload)
+        content = RecordDict({**result.records})
+        if result.payload:
+            content[SECAGG_KEY] = secagg_record(result.payload)
+        if result.metrics:
+            content[METRICS_KEY] = metric_record(result.metrics)
+        self._egress(content, SECAGG_MESSAGE_TYPE, secure.request.spec, stage)
+        return result
+
+    def _secagg_stage(
+        self, secure: _Secure, ids: RunIds, rnd: int, stage: str, payload: bytes
+    ) -> SecAggResult:
         if stage == STAGE_SHARE:
             bundle = secure.state.share(ShareRequest.from_bytes(payload))
-            result = SecAggResult(payload=bundle.to_bytes())
-        elif stage == STAGE_MASK:
-            result = self._masked(secure, MaskRequest.from_bytes(payload))
-        elif stage == STAGE_CHECK:
+            return SecAggResult(payload=bundle.to_bytes())
+        if stage == STAGE_MASK:
+            return self._masked(secure, MaskRequest.from_bytes(payload))
+        if stage == STAGE_CHECK:
             signed = secure.state.check(CheckRequest.from_bytes(payload))
-            result = SecAggResult(payload=signed.to_bytes())
-        elif stage == STAGE_UNMASK:
+            return SecAggResult(payload=signed.to_bytes())
+        if stage == STAGE_UNMASK:
             reveal = secure.state.unmask(UnmaskRequest.from_bytes(payload))
             journal(
                 self.node,
@@ -654,26 +683,27 @@ class NodeSandbox:
                 seeds_of=sorted(reveal.seeds),
                 keys_of=sorted(reveal.keys),
             )
-            del self._secure[(ids.run_id, rnd)]
-            self._unmasked[(ids.run_id, rnd)] = None
+            self._secure.pop((ids.run_id, rnd), None)
+            self._unmasked[secure.inputs] = None
             for old in list(self._unmasked)[:-MAX_UNMASKED_ROUNDS]:
                 del self._unmasked[old]
-            result = SecAggResult(payload=reveal.to_bytes())
-        else:
-            raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
-        content = RecordDict({**result.records})
-        if result.payload:
-            content[SECAGG_KEY] = secagg_record(result.payload)
-        if result.metrics:
-            content[METRICS_KEY] = metric_record(result.metrics)
-        self._egress(content, SECAGG_MESSAGE_TYPE, spec)
-        return result
+            return SecAggResult(payload=reveal.to_bytes())
+        raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
 
     def _masked(self, secure: _Secure, request: MaskRequest) -> SecAggResult:
         """Stage 3: wait for the round's training, validate the update here (what the
         aggregator can no longer do), quantize and mask it, seal it to the aggregator."""
         spec = secure.request.spec
         trained = secure.training.result(timeout=spec.round_timeout)
+        secure.inputs = _inputs_digest(spec, secure.state.round, trained.exchange.accepted.adapter)
+        if secure.inputs in self._unmasked:
+            # A second sum with this node's update on the same input (a round run again,
+            # in this run or another) would give the aggregator one node's update as the
+            # difference of two sums.
+            raise SecAggRefused(
+                f"run {secure.state.run} round {secure.state.round}: this node's update on "
+                "this global adapter and config is already in a sum; it is not masked again"
+            )
         exchange = trained.exchange
         names = sorted(trained.update)
         delta = flatten(trained.update, names) - flatten(exchange.accepted.adapter, names)
@@ -689,7 +719,7 @@ class NodeSandbox:
         masked = secure.state.mask(request, delta, weight)
         records = exchange.accepted.reply_masked(masked, examples)
         content = RecordDict({**records, METRICS_KEY: metric_record(trained.metrics)})
-        self._egress(content, SECAGG_MESSAGE_TYPE, spec)
+        self._egress(content, SECAGG_MESSAGE_TYPE, spec, STAGE_MASK)
         exchange.journal(
             self.node,
             events.Train,
@@ -941,11 +971,22 @@ class NodeSandbox:
                 key = "completions"
         return run_id, {"run_id": run_id, "adapter": request.which, key: answers}
 
-    def _egress(self, content: RecordDict, kind: str, spec: RunSpec) -> None:
+    def _egress(
+        self, content: RecordDict, kind: str, spec: RunSpec, stage: str | None = None
+    ) -> None:
         """The sandbox's own egress decision: what it lets out is exactly what the
         ClientApp's guard allows (an unprotected node has neither)."""
         if not self.node.unprotected:
-            check_reply(content, self.node.egress, kind, run=spec, node=self.node)
+            check_reply(content, self.node.egress, kind, run=spec, node=self.node, stage=stage)
+
+
+def _inputs_digest(spec: RunSpec, rnd: int, adapter: Adapter) -> str:
+    """What a secure round's update is computed from: the run's training config (its
+    fingerprint), the round and the global adapter it started from; the run id is left
+    out, so a round run again, in this run or a resumed one, is the same input."""
+    adapter_sha256 = hashlib.sha256(adapter_bytes(adapter)).hexdigest()
+    identity = f"{spec.fingerprint()}|{rnd}|{adapter_sha256}"
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def _now() -> dt.datetime:

@@ -97,6 +97,10 @@ SEALED_SHARE_BYTES = _NONCE_BYTES + 4 + 2 * SHARE_BYTES + 16
 MAX_CERTIFICATE = 16 * 1024
 # The most nodes one round may have (message sizes grow with it).
 MAX_NODES = 10_000
+# The largest secure-aggregation message a node's reply may carry (a share bundle for
+# thousands of peers fits; nothing near an adapter's size does): checked by the node's
+# egress guard and by the aggregator before it parses one.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
 _HKDF_SALT = b"ark/v1/secagg"
 _ADVERTISE_DOMAIN = b"ark/v1/secagg/advertise\0"
 _CONSISTENCY_DOMAIN = b"ark/v1/secagg/consistency\0"

@@ -28,6 +28,7 @@ from sandbox.errors import (
     AggregateInvalid,
     ConfigError,
     SecAggError,
+    SecAggMessageInvalid,
     UpdateRejected,
 )
 from sandbox.lora import Adapter, is_trained
@@ -41,6 +42,7 @@ from sandbox.protocol import (
 )
 from sandbox.secagg import (
     MASKED_TENSOR,
+    MAX_REPLY_BYTES,
     STAGE_CHECK,
     STAGE_MASK,
     STAGE_SHARE,
@@ -60,6 +62,10 @@ def _payload(reply: Message) -> bytes:
     blob = reply.content.config_records[SECAGG_KEY][SECAGG_PAYLOAD]
     if not isinstance(blob, bytes):
         raise TypeError("the secure-aggregation payload is not bytes")
+    if len(blob) > MAX_REPLY_BYTES:
+        raise SecAggMessageInvalid(
+            f"a secure-aggregation reply of {len(blob)} bytes (at most {MAX_REPLY_BYTES})"
+        )
     return blob
 
 

@@ -54,8 +54,8 @@ Events = list[dict[str, Any]]
 DROPPED = {1: 2}  # node-2 sends no masked input in round 1
 
 
-def _history() -> Events:
-    return honest_history() + secure_run_events(dropped=DROPPED)
+def _history(nodes: int = 4) -> Events:
+    return honest_history() + secure_run_events(nodes=nodes, dropped=DROPPED)
 
 
 def _at(events: Events, kind: str, rnd: int = 1, **match: Any) -> int:
@@ -334,7 +334,7 @@ def test_the_aggregate_lists_the_masked_inputs_its_mask_stage_took(tmp_path: Pat
 def test_a_reveal_from_a_node_that_did_not_sign_the_split_fails_the_audit(
     tmp_path: Path,
 ) -> None:
-    events = _history()
+    events = _history(nodes=5)  # four survivors: one signer fewer is still a majority
     at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
     signers = events[at][Key.NODES][1:]
     events[at] = {**events[at], Key.NODES: signers}
@@ -385,7 +385,7 @@ def test_a_node_whose_masked_input_the_log_calls_dropped_finds_it_in_the_crossch
 ) -> None:
     """Node-3's journal says it sent its masked input; the log lists it as dropped (and,
     to pass ``verify``, leaves it out of the mask stage)."""
-    events = _history()
+    events = _history(nodes=5)  # two dropped of five: three survivors, a majority
     at = _at(events, SecaggStage.kind, stage=STAGE_MASK)
     masked = [n for n in events[at][Key.NODES] if n != secure_node(3)]
     keep = [masked_input(SECURE_RUN, 1, node) for node in masked]
@@ -403,7 +403,7 @@ def test_a_node_whose_masked_input_the_log_calls_dropped_finds_it_in_the_crossch
     at = _at(events, AggregateCommitted.kind)
     events[at] = {**events[at], Key.UPDATES: keep}
     assert _violations(tmp_path, events) == []
-    found = crosscheck(events, secure_node_journal(3, dropped=DROPPED), "j")
+    found = crosscheck(events, secure_node_journal(3, nodes=5, dropped=DROPPED), "j")
     assert found
     assert all(isinstance(m, JournalMismatch) for m in found), found
     assert any(f"lists node {secure_node(3)} as dropped" in str(m) for m in found), found
@@ -482,3 +482,27 @@ def test_a_round_with_a_node_dropped_must_have_its_split_signed(tmp_path: Path) 
     violations = _violations(tmp_path, events)
     assert [type(v) for v in violations] == [SecAggInconsistent], violations
     assert "secagg_unmasked after secagg_stage mask" in str(violations[0])
+
+
+def test_a_secure_round_summing_fewer_than_a_strict_majority_fails_the_audit(
+    tmp_path: Path,
+) -> None:
+    """A logged round whose sum covers one node (the others all listed as dropped) is
+    one node's update, however consistent its sets: exit 41."""
+    events = _history()
+    at = _at(events, SecaggStage.kind, stage=STAGE_MASK)
+    alone = events[at][Key.NODES][:1]
+    envelope = events[at][Key.ENVELOPES][:1]
+    events[at] = {**events[at], Key.NODES: alone, Key.ENVELOPES: envelope}
+    at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
+    events[at] = {**events[at], Key.NODES: alone}
+    at = _at(events, SecaggUnmasked.kind)
+    shared = _at(events, SecaggStage.kind, stage=STAGE_SHARE)
+    dropped = [n for n in events[shared][Key.NODES] if n not in alone]
+    events[at] = {**events[at], Key.SURVIVORS: alone, Key.REVEALED_BY: alone, Key.DROPPED: dropped}
+    at = _at(events, AggregateCommitted.kind)
+    events[at] = {**events[at], Key.UPDATES: envelope}
+    violations = _violations(tmp_path, events)
+    assert violations
+    assert {type(v) for v in violations} == {SecAggInconsistent}, violations
+    assert any("fewer than a strict majority" in str(v) for v in violations), violations

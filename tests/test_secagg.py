@@ -52,6 +52,10 @@ from sandbox.secagg import (
     MAX_CERTIFICATE,
     MAX_NODES,
     SEALED_SHARE_BYTES,
+    STAGE_CHECK,
+    STAGE_MASK,
+    STAGE_SHARE,
+    STAGE_UNMASK,
     Advertisement,
     CheckRequest,
     Consistency,
@@ -1869,3 +1873,41 @@ def test_unsigned_and_signed_splits_together_never_unmask_a_node(broker: KeyBrok
     for node in FIVE[:2]:  # and no node that revealed reveals again
         with pytest.raises(SecAggRefused, match="revealed once"):
             fed.nodes[node].unmask(request)
+
+
+# -- the egress guard: each stage's reply carries that stage's answer only -------------------
+
+
+def test_the_egress_guard_lets_each_stage_answer_only_its_own_kind(broker: KeyBroker) -> None:
+    """A share bundle may leave only as the share stage's answer, a signature only as the
+    check stage's, a reveal only as the unmask stage's; the sealed input and metrics only
+    in the mask stage's reply; a query that names no stage lets nothing out."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from clients.egress import check_reply
+    from sandbox.config import EgressPolicy
+    from sandbox.errors import EgressViolation
+    from sandbox.protocol import (
+        SEALED_KEY,
+        SEALED_UPDATE_KEY,
+        SECAGG_KEY,
+        SECAGG_MESSAGE_TYPE,
+        secagg_record,
+    )
+
+    fed = federation(broker, FIVE)
+    fed.advertise()
+    request = fed.server.share_request()
+    bundle = fed.nodes[FIVE[0]].share(ShareRequest.from_bytes(request.to_bytes()))
+    fed.server.add_shares(FIVE[0], bundle.to_bytes())
+    policy = EgressPolicy()
+    content = RecordDict({SECAGG_KEY: secagg_record(bundle.to_bytes())})
+    check_reply(content, policy, SECAGG_MESSAGE_TYPE, stage=STAGE_SHARE)  # its own stage
+    for stage in (STAGE_CHECK, STAGE_UNMASK, STAGE_MASK, None):
+        with pytest.raises(EgressViolation):
+            check_reply(content, policy, SECAGG_MESSAGE_TYPE, stage=stage)
+    sealed = RecordDict({SEALED_KEY: ConfigRecord({SEALED_UPDATE_KEY: b"\0" * 64})})
+    check_reply(sealed, policy, SECAGG_MESSAGE_TYPE, stage=STAGE_MASK)
+    for stage in (STAGE_SHARE, STAGE_CHECK, STAGE_UNMASK):
+        with pytest.raises(EgressViolation, match="may not leave"):
+            check_reply(sealed, policy, SECAGG_MESSAGE_TYPE, stage=stage)

@@ -247,6 +247,7 @@ def _job(
     world: World, tmp_path: Path, **overrides: Any
 ) -> tuple[SecureJob, SandboxGrid, MemoryEventSink]:
     values: dict[str, Any] = {
+        "job_id": f"secure-{RUN_ID}",  # each test its own job: a node sums one input once
         "labels": LABELS,
         "model_id": "tiny",
         "local_steps": 2,
@@ -601,3 +602,27 @@ def test_an_update_that_could_overflow_the_sum_is_refused_in_the_sandbox(
     ]
     assert mask_replies == []
     assert not _of(sink, events.AggregateCommitted)
+
+
+def test_a_node_adds_its_update_on_one_input_to_one_sum_only(world: World, tmp_path: Path) -> None:
+    """The same job run again in a new run (the same config, round and global adapter):
+    every node trained again, with randomness of its own (another update than the first
+    run's), and refuses to mask it, so two sums of one input, whose difference could be
+    one node's update, never exist. Nothing is committed."""
+    job, _, sink = _job(world, tmp_path / "first")
+    job.run()
+    first = {n: s.true_updates[1] for n, s in world.sandboxes.items()}
+    global RUN_ID
+    RUN_ID += 1
+    TaskIdentity._run_id = RUN_ID  # the second run's
+    again, grid, sink = _job(world, tmp_path / "again", job_id=job.spec.job_id)
+    with pytest.raises(SecAggFailed):
+        again.run()
+    assert not _of(sink, events.AggregateCommitted)
+    refused = [r for r in grid.received if r.has_error()]
+    assert len(refused) == len(world.sandboxes)
+    assert not [m for m in grid.sent if _stage_of(m) == STAGE_UNMASK]
+    for node_id, sandbox in world.sandboxes.items():
+        name = sorted(first[node_id])[-1]
+        assert not np.array_equal(sandbox.true_updates[1][name], first[node_id][name])
+        assert len(_revealed(world, node_id, again.run_id)) == 0

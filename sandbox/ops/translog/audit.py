@@ -603,6 +603,23 @@ class _SecureRounds:
                 key,
                 f"revealed_by includes {_named(revealed_by - survivors)}, which did not survive",
             )
+        advertised = state.nodes.get(_ADVERTISED)
+        if advertised:
+            # Every threshold is a strict majority of the advertised nodes (at least 2):
+            # a sum of fewer could be one node's update.
+            least = max(2, len(advertised) // 2 + 1)
+            for name, nodes in (
+                ("survivors", survivors),
+                ("revealed_by", revealed_by),
+                ("check stage's signers", state.nodes.get(_CHECKED)),
+            ):
+                if nodes is not None and len(nodes) < least:
+                    self._fail(
+                        index,
+                        key,
+                        f"{len(nodes)} {name} of {len(advertised)} advertised nodes, fewer "
+                        f"than a strict majority ({least}): the sum could be one node's",
+                    )
         signers = state.nodes.get(_CHECKED)
         if revealed_by is not None and signers is not None and revealed_by - signers:
             self._fail(
