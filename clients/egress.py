@@ -4,7 +4,11 @@ Allowed out: one ConfigRecord ``sealed`` holding exactly one bytes value ``updat
 HPKE envelope, at most ``max-update-bytes``), one MetricRecord ``metrics`` whose keys
 are in the node's allowlist and whose values are single numbers, and the handshake's
 ConfigRecord ``hello`` (a nonce, a public key and an attestation result, all bytes of
-bounded size). Nothing else: no ArrayRecord (raw tensors), no strings, no lists, no
+bounded size). With secure aggregation, also one ConfigRecord ``secagg`` holding one
+bounded bytes value that parses strictly as the stage's message (a key advertisement
+whose certification verifies, sealed shares, a split signature or revealed shares), each
+only in its own stage's reply, the sealed masked input only in the mask stage's. Nothing
+else: no ArrayRecord (raw tensors), no strings, no lists, no
 unknown record or key. A violation is blocked, written to the node's log and journal,
 and replaced by an error reply. A reply's metadata must be what its instruction sets.
 Every error reply that leaves is a fixed code from ``sandbox/reasons.py`` with its fixed

@@ -18,10 +18,12 @@ The protocol runs as five stages of a training round over Flower's Message API:
    expanded from the full ``s`` agreement (added by the lower node id, subtracted by the
    higher), all mod 2^32. Masks are ChaCha20 keystreams keyed by HKDF-SHA256 whose
    ``info`` names the purpose and binds run, round and the pair.
-4. *check* (Bonawitz et al.'s consistency check): the aggregator names one split of the
-   nodes that shared into survivors (whose masked input it holds) and dropped; each
-   survivor signs it, with the same attested key, only if it is exactly the set it
-   masked with, and signs one split per round.
+4. *check* (Bonawitz et al.'s consistency check), when a node dropped: the aggregator
+   names one split of the nodes that shared into survivors (whose masked input it holds)
+   and dropped; each survivor signs it, with the same attested key, only if it is
+   exactly the set it masked with, and signs one split per round. With nobody dropped
+   the split is "every node it masked with" and needs no signatures (only seed shares
+   are revealed then).
 5. *unmask*: with at least ``t`` survivors' signatures over that one split, each
    survivor reveals, once per round, its shares of the survivors' seeds and of the
    dropped nodes' ``s`` keys, never both for one node; the aggregator removes every mask

@@ -3,9 +3,10 @@
 The ServerApp's secure job (``server/secure_job.py``) feeds it the nodes' replies stage by
 stage (``sandbox/secagg.py`` has the protocol). It routes shares it cannot open, folds
 masked inputs into one running sum mod 2^32 as they arrive (no node's input is kept),
-and at the end rebuilds the survivors' seeds and the dropped nodes' ``s`` keys from the
-revealed shares to remove every mask. With fewer than the threshold of nodes at any
-stage it fails closed (:class:`SecAggFailed`): it never asks for shares then.
+has the survivors sign the round's one split when a node dropped, and at the end
+rebuilds the survivors' seeds and the dropped nodes' ``s`` keys from the revealed shares
+to remove every mask. With fewer than the threshold of nodes at any stage it fails
+closed (:class:`SecAggFailed`): it never asks for shares then.
 """
 
 from __future__ import annotations
