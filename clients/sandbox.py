@@ -674,6 +674,12 @@ class NodeSandbox:
             signed = secure.state.check(CheckRequest.from_bytes(payload))
             return SecAggResult(payload=signed.to_bytes())
         if stage == STAGE_UNMASK:
+            if secure.inputs in self._unmasked:
+                # Masked twice on one input (two runs at once): only one sum is revealed.
+                raise SecAggRefused(
+                    f"run {ids.run_id} round {rnd}: this node already revealed a sum holding "
+                    "its update on this global adapter and config"
+                )
             reveal = secure.state.unmask(UnmaskRequest.from_bytes(payload))
             journal(
                 self.node,
