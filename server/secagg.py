@@ -32,6 +32,7 @@ from sandbox.secagg import (
     ShareBundle,
     ShareRequest,
     UnmaskRequest,
+    agree,
     apply_pair_mask,
     combine_secret,
     consistency_bytes,
@@ -258,12 +259,6 @@ class ServerRound:
                     f"{d}'s advertised key; nothing is unmasked"
                 )
             for v in request.survivors:
-                shared = key.exchange(_public(self.adverts[v].s_pk))
+                shared = agree(key, self.adverts[v].s_pk)
                 apply_pair_mask(total, shared, self.run, self.round, v, d, sign=-1)
         return self.quantization.decode(total)
-
-
-def _public(raw: bytes) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
-    return X25519PublicKey.from_public_bytes(raw)
