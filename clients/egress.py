@@ -52,6 +52,8 @@ from sandbox.errors import (
     EgressViolation,
     KeyBrokerUnavailable,
     KeyReleaseDenied,
+    PrivacyBudgetExhausted,
+    PrivacyBudgetRefused,
     ReplyMetadataAltered,
     SandboxRefused,
     SandboxUnavailable,
@@ -120,6 +122,8 @@ FAILURES: list[tuple[type[Exception], NodeReason]] = [
     (KeyReleaseDenied, NodeReason.KEY_RELEASE_DENIED),
     (KeyBrokerUnavailable, NodeReason.KEY_BROKER_UNAVAILABLE),
     (SandboxUnavailable, NodeReason.SANDBOX_UNAVAILABLE),
+    (PrivacyBudgetRefused, NodeReason.PRIVACY_BUDGET_REFUSED),
+    (PrivacyBudgetExhausted, NodeReason.PRIVACY_BUDGET_EXHAUSTED),
 ]
 # Each metadata field of a reply and the instruction's field Flower's
 # ``Message(..., reply_to=instruction)`` copies into it.

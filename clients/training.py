@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from clients.data import Example
@@ -74,6 +75,84 @@ def encode(examples: Sequence[Example], tokenizer: Any, spec: RunSpec) -> Batch:
     return Batch(inputs={"input_ids": input_ids, "attention_mask": attention}, labels=labels)
 
 
+@dataclass(frozen=True)
+class Private:
+    """Record-level DP-SGD settings of a training: each example's gradient clipped to
+    ``clip`` (L2), Gaussian noise of ``noise_multiplier`` x clip on each step's sum, and
+    batches drawn by Poisson sampling at ``sample_rate``."""
+
+    clip: float
+    noise_multiplier: float
+    sample_rate: float
+
+
+def _private_optimizer() -> type:
+    """Opacus's DP optimizer, drawing its noise from a generator no one else can seed."""
+    from opacus.optimizers import DPOptimizer
+
+    class SecretNoise(DPOptimizer):  # type: ignore[misc]
+        """Its noise comes from numpy's PCG64 seeded with fresh OS entropy (128 bits and
+        more), never from torch's global generator, which the run's seed sets: whoever
+        knows the seed must not know the noise."""
+
+        rng: np.random.Generator
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                summed = p.summed_grad
+                noise = self.rng.standard_normal(tuple(summed.shape), dtype=np.float32)
+                p.grad = (summed + std * torch.from_numpy(noise)).view_as(p)
+
+    return SecretNoise
+
+
+def _train_private(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    spec: RunSpec,
+    steps: int,
+    private: Private,
+) -> list[float]:
+    """``steps`` steps of DP-SGD (Opacus's per-example gradients, clipping and noise) on
+    AdamW; the losses of the non-empty batches. Which rows each step draws is as secret
+    as the noise (the privacy amplification by sampling counts on it)."""
+    from opacus import GradSampleModule
+
+    rng = np.random.default_rng()  # fresh OS entropy
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _private_optimizer()(
+        torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0),
+        noise_multiplier=private.noise_multiplier,
+        max_grad_norm=private.clip,
+        expected_batch_size=max(1, round(private.sample_rate * len(examples))),
+    )
+    optimizer.rng = rng
+    sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    losses: list[float] = []
+    try:
+        sampled.train()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            picked = np.flatnonzero(rng.random(len(examples)) < private.sample_rate)
+            batch = encode([examples[i] for i in picked], tokenizer, spec) if len(picked) else None
+            if batch is None or not (batch.labels != IGNORE_INDEX).any():
+                # An empty batch still takes its noisy step: skipping it would tell.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            else:
+                out = sampled(**batch.inputs, labels=batch.labels)
+                out.loss.backward()
+                losses.append(float(out.loss.detach()))
+            optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        sampled.cleanup()  # the hooks go: the model in memory trains on as it was
+        model.eval()
+    return losses
+
+
 def train_local(
     model: Any,
     tokenizer: Any,
@@ -82,9 +161,16 @@ def train_local(
     *,
     seed: int,
     steps: int | None = None,
+    private: Private | None = None,
 ) -> float:
-    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; return mean loss."""
+    """Run ``steps`` optimizer steps of AdamW on the trainable parameters (with
+    ``private``, of DP-SGD); return the mean loss."""
     steps = spec.local_steps if steps is None else steps
+    if private is not None:
+        losses = _train_private(model, tokenizer, examples, spec, steps, private)
+        if not losses:
+            raise _truncated(spec)
+        return sum(losses) / len(losses)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)

@@ -437,6 +437,27 @@ class RunSpec:
         default=0.6, metadata=_key("secagg-threshold", _Number(0.5, 1.0))
     )
     secagg_clip: float = field(default=4.0, metadata=_key("secagg-clip", _Number(1e-6, 1e6)))
+    # Record-level differential privacy (``sandbox/privacy.py``): what the provider asks
+    # each node to spend on this run at most. A node whose own budget (``[node.privacy]``)
+    # is stricter refuses a looser ask; a node with a budget applies it even when the run
+    # asks nothing (``dp-epsilon`` 0). ``dp-noise-multiplier`` 0: each node fits the noise
+    # so that the run's planned steps spend the run's epsilon.
+    dp_epsilon: float = field(default=0.0, metadata=_key("dp-epsilon", _Number(0.0, 1e4)))
+    dp_delta: float = field(default=1e-5, metadata=_key("dp-delta", _Number(1e-12, 0.1)))
+    dp_clip: float = field(default=1.0, metadata=_key("dp-clip", _Number(1e-6, 1e6)))
+    dp_noise_multiplier: float = field(
+        default=0.0, metadata=_key("dp-noise-multiplier", _Number(0.0, 1e4))
+    )
+    # Client-level differential privacy at the aggregate, the provider's option: each
+    # node's update clipped to ``dp-client-clip`` (L2), every node weighing the same, and
+    # Gaussian noise of ``dp-client-noise`` x clip added to the sum (with secure
+    # aggregation, each node adds its share before masking). 0: off.
+    dp_client_noise: float = field(
+        default=0.0, metadata=_key("dp-client-noise", _Number(0.0, 1e4))
+    )
+    dp_client_clip: float = field(
+        default=1.0, metadata=_key("dp-client-clip", _Number(1e-6, 1e6))
+    )
     local_steps: int = field(
         default=12, metadata=_key("local-steps", _Integer(minimum=1, maximum=1_000_000))
     )
@@ -494,6 +515,11 @@ class RunSpec:
                 path=source,
                 key="mode",
             )
+
+    @property
+    def client_dp(self) -> bool:
+        """Whether the aggregate gets client-level noise (``dp-client-noise``)."""
+        return self.dp_client_noise > 0
 
     @classmethod
     def from_run_config(
@@ -628,6 +654,42 @@ class SandboxConfig:
 
 SANDBOX_KEYS = _names(SandboxConfig)
 
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """``[node.privacy]``: the most this node's records may be spent, in total, on
+    everything it trains (every run, every provider), as record-level differential
+    privacy (epsilon, delta), and the per-example gradient clip it trains with.
+
+    A run may ask for less (a smaller epsilon, delta or clip), never more; its rounds are
+    tracked by the sandbox's accountant in the node's journal (the ledger), and a round
+    that would pass the budget is declined."""
+
+    epsilon: float = field(metadata=_key("epsilon", _Number(1e-3, 1e4)))
+    delta: float = field(default=1e-5, metadata=_key("delta", _Number(1e-12, 0.1)))
+    clip: float = field(default=1.0, metadata=_key("clip", _Number(1e-6, 1e6)))
+
+    def __post_init__(self) -> None:
+        _check(self, None, "node.privacy.")
+
+    @classmethod
+    def from_section(cls, section: Any, path: Path) -> PrivacyBudget:
+        """Read and validate ``[node.privacy]`` of the node config at ``path``."""
+        if not isinstance(section, dict):
+            raise ConfigError("must be a table", path=path, key="node.privacy")
+        unknown = sorted(set(section) - set(_names(cls)))
+        if unknown:
+            raise ConfigError(
+                f"unknown key; allowed: {list(_names(cls))}",
+                path=path,
+                key=f"node.privacy.{unknown[0]}",
+            )
+        return cls(**_read(cls, section, path, "node.privacy."))
+
+    def as_table(self) -> dict[str, Any]:
+        """The ``[node.privacy]`` table that :meth:`from_section` reads."""
+        return _written(self)
+
 # Scalar metrics the ClientApp reports; a node operator may narrow (or extend) the list.
 DEFAULT_EGRESS_METRICS = tuple(
     [
@@ -706,6 +768,9 @@ class NodeConfig:
     )
     sandbox: SandboxConfig | None = None
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    # The node's differential-privacy budget; None: the node asks none of its own (a run
+    # may still ask for record-level DP, which the node then applies and tracks).
+    privacy: PrivacyBudget | None = None
     # FAB digests (hex SHA-256) this node's operator approved (``ark node approve``); the
     # node's launcher runs no other app.
     approved_apps: tuple[str, ...] = field(
@@ -725,6 +790,14 @@ class NodeConfig:
             raise ConfigError("must be a table", path=self.source, key="node.sandbox")
         if not isinstance(self.egress, EgressPolicy):
             raise ConfigError("must be a table", path=self.source, key="node.egress")
+        if self.privacy is not None and not isinstance(self.privacy, PrivacyBudget):
+            raise ConfigError("must be a table", path=self.source, key="node.privacy")
+        if self.privacy is not None and self.journal_path is None:
+            raise ConfigError(
+                "a privacy budget needs the node's journal: it is the ledger of what was spent",
+                path=self.source,
+                key="node.journal",
+            )
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -738,7 +811,7 @@ class NodeConfig:
         section = raw.get("node")
         if not isinstance(section, dict):
             raise ConfigError("missing [node] table", path=path, key="node")
-        known = sorted({*_names(cls), "sandbox", "egress"})
+        known = sorted({*_names(cls), "sandbox", "egress", "privacy"})
         unknown = sorted(set(section) - set(known))
         if unknown:
             raise ConfigError(f"unknown key; allowed: {known}", path=path, key=f"node.{unknown[0]}")
@@ -758,6 +831,11 @@ class NodeConfig:
                 if "egress" in section
                 else EgressPolicy()
             ),
+            privacy=(
+                PrivacyBudget.from_section(section["privacy"], path)
+                if "privacy" in section
+                else None
+            ),
             source=path,
         )
 
@@ -768,6 +846,8 @@ class NodeConfig:
             node["sandbox"] = self.sandbox.as_table()
         if self.egress != EgressPolicy():
             node["egress"] = self.egress.as_table()
+        if self.privacy is not None:
+            node["privacy"] = self.privacy.as_table()
         return tomli_w.dumps({"node": node})
 
     def socket_path(self) -> Path:
@@ -817,9 +897,13 @@ class NodeConfig:
         effective = {
             key: str(value)
             for key, value in asdict(self).items()
-            if key not in ("source", "sandbox", "egress", "approved_apps") and value is not None
+            if key not in ("source", "sandbox", "egress", "approved_apps", "privacy")
+            and value is not None
         }
         effective["approved-apps"] = ",".join(self.approved_apps)
         effective["egress-metrics"] = ",".join(sorted(self.egress.metrics))
         effective["egress-max-update-bytes"] = str(self.egress.max_update_bytes)
+        if self.privacy is not None:
+            for name, value in self.privacy.as_table().items():
+                effective[f"privacy-{name}"] = str(value)
         return effective

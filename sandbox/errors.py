@@ -505,6 +505,16 @@ class SecAggInconsistent(PolicyViolation):
     exit_code = 41
 
 
+class PrivacyLedgerMismatch(PolicyViolation):
+    """A node's logged differential-privacy spending does not hold up: the epsilon it
+    logged for a run is not what an independent accountant computes from its logged
+    rounds (noise multiplier, sampling rate, steps, delta), it passes the node's declared
+    budget or the run's ask, a round it sent an update in is missing from its ledger, or
+    the aggregate's client-level epsilon is not what its logged noise gives."""
+
+    exit_code = 42
+
+
 class JournalMismatch(LogVerificationError):
     """A node journal records something the provider's log does not."""
 
@@ -589,3 +599,17 @@ class SecAggFailed(FederationError):
     """A secure-aggregation round cannot finish: fewer than the threshold of nodes reached
     a stage, or the shares do not rebuild a node's secret. It fails closed: nothing is
     unmasked, committed or sent."""
+
+
+class PrivacyError(ArkError):
+    """Differential privacy (:mod:`sandbox.privacy`) cannot be applied as asked."""
+
+
+class PrivacyBudgetRefused(PrivacyError):
+    """A run asks for a looser privacy setting than the node's own budget allows (a larger
+    epsilon, delta or clip): the node takes no part in it."""
+
+
+class PrivacyBudgetExhausted(PrivacyError):
+    """Training this round would spend more than the node's privacy budget (or the run's
+    ask): the node declines the round, and its ledger is unchanged."""

@@ -49,6 +49,10 @@ class NodeReason(enum.IntEnum):
     APP_NOT_APPROVED = ARK_CODES + 10
     # The ClientApp could not reach the node's sandbox process (not running, restarting).
     SANDBOX_UNAVAILABLE = ARK_CODES + 11
+    # The node's differential-privacy budget: the run asked for a looser one, or this round
+    # would pass it (sandbox/privacy.py).
+    PRIVACY_BUDGET_REFUSED = ARK_CODES + 12
+    PRIVACY_BUDGET_EXHAUSTED = ARK_CODES + 13
     # The ServerApp's name for anything outside the vocabulary; no node sends it.
     UNRECOGNIZED = -1
 

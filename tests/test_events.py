@@ -105,6 +105,8 @@ def test_the_families_are_the_provider_events_and_the_journal() -> None:
         "secagg_advertised",
         "secagg_stage",
         "secagg_unmasked",
+        "dp_spent",
+        "dp_aggregate",
     }
     assert not set(Event.registry) & set(NodeEvent.registry)
     assert JournalOpened.kind in NodeEvent.registry

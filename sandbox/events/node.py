@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, ClassVar, Self
 
 from sandbox.errors import EventInvalid
-from sandbox.events.schema import JsonObject, Key, Record, decode_value
+from sandbox.events.schema import JsonObject, Key, Record, decode_value, omitted
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,6 +138,28 @@ class SecaggRevealed(InRun):
     round: int
     seeds_of: list[int]
     keys_of: list[int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpRound(InRun):
+    """The node's privacy ledger: one round of record-level DP-SGD trained here (steps,
+    Poisson sampling rate, per-example clip, noise multiplier), and what its accountant
+    says it cost: ``epsilon`` for the run so far, ``epsilon_total`` for everything this
+    node has trained (the ledger), against the node's ``budget`` (all at ``delta``).
+    ``client_noise_std``: with client-level DP under secure aggregation, the standard
+    deviation of the noise share this node added to its update before masking."""
+
+    kind: ClassVar[str] = "dp_round"
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip: float
+    delta: float
+    epsilon: float
+    epsilon_total: float
+    budget: float
+    client_noise_std: float | None = omitted()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

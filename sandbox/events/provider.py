@@ -165,6 +165,10 @@ class RunStarted(RunEvent):
     protection: str
     model_id: str
     min_nodes: int
+    # What differential privacy the run asks (written only when it asks any): record-level
+    # epsilon per node, and the client-level noise multiplier at the aggregate.
+    dp_epsilon: float | None = omitted()
+    dp_client_noise: float | None = omitted()  # noqa: RUF009 (a field(), not a shared default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -293,6 +297,47 @@ class SecaggUnmasked(RunEvent):
     survivors: list[int]
     dropped: list[int]
     revealed_by: list[int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpSpent(RunEvent):
+    """Record-level differential privacy: what one node's update of this round cost its
+    records, as the node reported it with the update (its accountant's, Opacus RDP).
+
+    The round's mechanism: ``steps`` steps of DP-SGD with Poisson sampling at
+    ``sample_rate``, per-example clip ``clip`` and Gaussian noise ``noise_multiplier`` x
+    clip. ``epsilon`` is what the run has spent of the node's records so far (at
+    ``delta``), ``epsilon_total`` what everything the node trained has, this run
+    included, and ``budget`` the node's declared budget. The auditor recomputes
+    ``epsilon`` from the run's logged rounds with an accountant of its own."""
+
+    kind: ClassVar[str] = "dp_spent"
+    round: int
+    node: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip: float
+    delta: float
+    epsilon: float
+    epsilon_total: float
+    budget: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpAggregate(RunEvent):
+    """Client-level differential privacy: the round's aggregate had each of ``nodes``
+    updates clipped to ``clip`` (L2) and Gaussian noise of ``noise_multiplier`` x clip
+    added to their sum; ``epsilon`` (at ``delta``) is what the run's aggregates have
+    spent so far of any one node's participation, by the provider's accountant."""
+
+    kind: ClassVar[str] = "dp_aggregate"
+    round: int
+    nodes: int
+    noise_multiplier: float
+    clip: float
+    delta: float
+    epsilon: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

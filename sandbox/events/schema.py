@@ -143,6 +143,18 @@ class Key(StrEnum):
     REVEALED_BY = "revealed_by"
     SEEDS_OF = "seeds_of"
     KEYS_OF = "keys_of"
+    # differential privacy
+    DP_EPSILON = "dp_epsilon"
+    DP_CLIENT_NOISE = "dp_client_noise"
+    NOISE_MULTIPLIER = "noise_multiplier"
+    SAMPLE_RATE = "sample_rate"
+    STEPS = "steps"
+    CLIP = "clip"
+    DELTA = "delta"
+    EPSILON = "epsilon"
+    EPSILON_TOTAL = "epsilon_total"
+    BUDGET = "budget"
+    CLIENT_NOISE_STD = "client_noise_std"
 
 
 _KEYS = frozenset(Key)
