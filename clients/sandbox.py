@@ -73,7 +73,19 @@ from sandbox import events
 from sandbox.attestation.measure import CODE, code_measurement
 from sandbox.canonical import canonical_entry
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, adapter_bytes, model_dir_digest
-from sandbox.config import LOCAL_MODEL, NodeConfig, RunSpec
+from sandbox.config import (
+    DP_BUDGET,
+    DP_CLIP,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_EPSILON_TOTAL,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
+    LOCAL_MODEL,
+    NodeConfig,
+    RunSpec,
+)
 from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import (
     ConfigError,
@@ -88,6 +100,16 @@ from sandbox.errors import (
 from sandbox.events import node as node_events
 from sandbox.journal import append_journal
 from sandbox.keyfiles import load_ec_public
+from sandbox.privacy import (
+    Ledger,
+    Settings,
+    Spent,
+    check_ask,
+    client_noise_share,
+    ledger_of,
+    noise_share_std,
+    resolve,
+)
 from sandbox.protocol import (
     BROKER_RETRY,
     COMMITMENT_KEY,
@@ -318,6 +340,10 @@ class NodeSandbox:
         # newest last: it never adds an update on the same input to another sum.
         self._unmasked: dict[str, None] = {}
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ark-secure")
+        # Differential privacy: the run's settings (one run at a time) and the ledger of
+        # every DP round this node trained (its journal's), read on first use.
+        self._settings: dict[tuple[Any, ...], Settings | None] = {}
+        self._ledger: Ledger | None = None
         if node.threads:
             import torch
 
@@ -406,7 +432,9 @@ class NodeSandbox:
     def hello(self, ids: RunIds, rnd: int, spec: RunSpec) -> Hello:
         """Open the run's channel: its key certified against this sandbox's attestation.
         Then, while the aggregator admits the other nodes, build the run's model and
-        read its data in the background, so its first instruction finds both ready."""
+        read its data in the background, so its first instruction finds both ready.
+        A run asking a looser privacy budget than this node's is refused here."""
+        check_ask(spec, self.node.privacy)
         channel = update_channel(spec, self.node, self.channels)
         with self._channels:
             answer = channel.hello(ids)
@@ -538,12 +566,19 @@ class NodeSandbox:
     ) -> tuple[Adapter, dict[str, float], dict[str, float], float]:
         """Evaluate the incoming global adapter, train locally, evaluate again: the trained
         tensors, the metrics that leave, the held-out metrics before, the training time."""
-        from clients.training import evaluate, train_local
+        from clients.training import Private, evaluate, train_local
         from sandbox.lora import adapter_state, is_trained
 
         request = exchange.request
         spec = request.spec
         model, tokenizer, split = exchange.loaded.model, exchange.loaded.tokenizer, exchange.split
+        privacy = self._privacy(spec, len(split.train))
+        spent: tuple[float, float] | None = None
+        if privacy is not None:
+            # Declined before any training when this round would pass a budget.
+            spent = self._ledger_now().cost(
+                request.ids.run_id, request.round, privacy, spec.local_steps
+            )
         with exchange.working():
             before = evaluate(model, tokenizer, split.heldout, spec)
             seed = spec.seed * 1000 + request.round
@@ -554,7 +589,10 @@ class NodeSandbox:
                 # not know makes each training this node's own.
                 seed = int.from_bytes(secrets.token_bytes(8), "big")
             started = time.perf_counter()
-            loss = train_local(model, tokenizer, split.train, spec, seed=seed)
+            private = None
+            if privacy is not None:
+                private = Private(privacy.clip, privacy.noise_multiplier, privacy.sample_rate)
+            loss = train_local(model, tokenizer, split.train, spec, seed=seed, private=private)
             train_seconds = time.perf_counter() - started
             after = evaluate(model, tokenizer, split.heldout, spec)
         update = {
@@ -569,7 +607,65 @@ class NodeSandbox:
             **_prefixed("before", before),
             **_prefixed("after", after),
         }
+        if privacy is not None and spent is not None:
+            metrics.update(self._spend(request, privacy, *spent))
         return update, metrics, before, train_seconds
+
+    # -- differential privacy ------------------------------------------------------------
+    def _privacy(self, spec: RunSpec, examples: int) -> Settings | None:
+        """The run's record-level DP settings on this node (its noise fitted once per run
+        and training-set size); PrivacyBudgetRefused for an ask looser than the budget."""
+        key = (spec.fingerprint(), spec.num_rounds, examples)
+        if key not in self._settings:
+            self._settings = {key: resolve(spec, self.node.privacy, examples)}
+        return self._settings[key]
+
+    def _ledger_now(self) -> Ledger:
+        """Every DP round this node trained, read from its journal once."""
+        if self._ledger is None:
+            self._ledger = ledger_of(self.node)
+        return self._ledger
+
+    def _spend(
+        self, request: Request, privacy: Settings, run_epsilon: float, total: float
+    ) -> dict[str, float]:
+        """Record a trained DP round in the ledger and the journal; its metrics."""
+        ids, steps = request.ids, request.spec.local_steps
+        mechanism = privacy.mechanism(steps)
+        self._ledger_now().add(Spent(ids.run_id, request.round, mechanism, privacy.delta))
+        journal(
+            self.node,
+            ids,
+            node_events.DpRound,
+            round=request.round,
+            noise_multiplier=mechanism.noise_multiplier,
+            sample_rate=mechanism.sample_rate,
+            steps=steps,
+            clip=privacy.clip,
+            delta=privacy.delta,
+            epsilon=run_epsilon,
+            epsilon_total=total,
+            budget=privacy.budget,
+        )
+        log.info(
+            "run %d round %d: DP-SGD spent epsilon %.3g of the run's %g (node total %.3g of %g)",
+            ids.run_id,
+            request.round,
+            run_epsilon,
+            privacy.run_epsilon,
+            total,
+            privacy.budget,
+        )
+        return {
+            DP_NOISE_MULTIPLIER: mechanism.noise_multiplier,
+            DP_SAMPLE_RATE: mechanism.sample_rate,
+            DP_STEPS: float(steps),
+            DP_CLIP: privacy.clip,
+            DP_DELTA: privacy.delta,
+            DP_EPSILON: run_epsilon,
+            DP_EPSILON_TOTAL: total,
+            DP_BUDGET: privacy.budget,
+        }
 
     def train(self, request: Request) -> TrainResult:
         """Evaluate the incoming global adapter, train locally, evaluate again, seal. With
@@ -722,6 +818,8 @@ class NodeSandbox:
         examples = trained.metrics[NUM_EXAMPLES]
         cap = float(spec.max_examples_per_update)
         weight = min(examples, cap) / cap
+        if spec.client_dp:
+            delta, weight = self._noise_share(secure, delta), 1.0
         masked = secure.state.mask(request, delta, weight)
         records = exchange.accepted.reply_masked(masked, examples)
         content = RecordDict({**records, METRICS_KEY: metric_record(trained.metrics)})
@@ -734,6 +832,25 @@ class NodeSandbox:
             tensors=[MASKED_TENSOR],
         )
         return SecAggResult(records=records, metrics=trained.metrics)
+
+    def _noise_share(self, secure: _Secure, delta: np.ndarray) -> np.ndarray:
+        """Client-level DP under secure aggregation: this node's update clipped to
+        ``dp-client-clip`` and its share of the aggregate's noise added before masking,
+        so that the sum of any ``t`` (the threshold) survivors' shares carries at least
+        the whole noise; the aggregator never sees a noiseless sum."""
+        spec, state = secure.request.spec, secure.state
+        std = noise_share_std(spec.dp_client_noise, spec.dp_client_clip, state.threshold)
+        shared = client_noise_share(delta, spec.dp_client_clip, std, spec.secagg_clip)
+        journal(
+            self.node,
+            secure.request.ids,
+            node_events.ClientNoiseAdded,
+            round=state.round,
+            noise_multiplier=spec.dp_client_noise,
+            clip=spec.dp_client_clip,
+            client_noise_std=std,
+        )
+        return shared
 
     def _commit(
         self,

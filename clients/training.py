@@ -136,7 +136,8 @@ def _train_private(
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             picked = np.flatnonzero(rng.random(len(examples)) < private.sample_rate)
-            batch = encode([examples[i] for i in picked], tokenizer, spec) if len(picked) else None
+            rows = [examples[int(i)] for i in picked]
+            batch = encode(rows, tokenizer, spec) if rows else None
             if batch is None or not (batch.labels != IGNORE_INDEX).any():
                 # An empty batch still takes its noisy step: skipping it would tell.
                 for p in params:
@@ -167,10 +168,10 @@ def train_local(
     ``private``, of DP-SGD); return the mean loss."""
     steps = spec.local_steps if steps is None else steps
     if private is not None:
-        losses = _train_private(model, tokenizer, examples, spec, steps, private)
-        if not losses:
+        noisy = _train_private(model, tokenizer, examples, spec, steps, private)
+        if not noisy:
             raise _truncated(spec)
-        return sum(losses) / len(losses)
+        return sum(noisy) / len(noisy)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)

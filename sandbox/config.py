@@ -452,12 +452,8 @@ class RunSpec:
     # node's update clipped to ``dp-client-clip`` (L2), every node weighing the same, and
     # Gaussian noise of ``dp-client-noise`` x clip added to the sum (with secure
     # aggregation, each node adds its share before masking). 0: off.
-    dp_client_noise: float = field(
-        default=0.0, metadata=_key("dp-client-noise", _Number(0.0, 1e4))
-    )
-    dp_client_clip: float = field(
-        default=1.0, metadata=_key("dp-client-clip", _Number(1e-6, 1e6))
-    )
+    dp_client_noise: float = field(default=0.0, metadata=_key("dp-client-noise", _Number(0.0, 1e4)))
+    dp_client_clip: float = field(default=1.0, metadata=_key("dp-client-clip", _Number(1e-6, 1e6)))
     local_steps: int = field(
         default=12, metadata=_key("local-steps", _Integer(minimum=1, maximum=1_000_000))
     )
@@ -690,9 +686,32 @@ class PrivacyBudget:
         """The ``[node.privacy]`` table that :meth:`from_section` reads."""
         return _written(self)
 
+
+# What a round trained with differential privacy reports with its update: its mechanism
+# and what it cost (``sandbox/privacy.py``); the provider logs them for the auditor.
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_STEPS = "dp-steps"
+DP_CLIP = "dp-clip"
+DP_DELTA = "dp-delta"
+DP_EPSILON = "dp-epsilon"
+DP_EPSILON_TOTAL = "dp-epsilon-total"
+DP_BUDGET = "dp-budget"
+DP_METRICS = (
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
+    DP_CLIP,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_EPSILON_TOTAL,
+    DP_BUDGET,
+)
+
 # Scalar metrics the ClientApp reports; a node operator may narrow (or extend) the list.
 DEFAULT_EGRESS_METRICS = tuple(
     [
+        *DP_METRICS,
         "num-examples",
         "heldout-examples",
         "train-loss",

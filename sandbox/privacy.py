@@ -22,28 +22,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sandbox.config import NodeConfig, PrivacyBudget, RunSpec
+import numpy as np
+
+from sandbox.config import (
+    NodeConfig,
+    PrivacyBudget,
+    RunSpec,
+)
 from sandbox.errors import PrivacyBudgetExhausted, PrivacyBudgetRefused
 
-# Every metric a DP round's reply carries (the egress guard allows them by default).
-DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
-DP_SAMPLE_RATE = "dp-sample-rate"
-DP_STEPS = "dp-steps"
-DP_CLIP = "dp-clip"
-DP_DELTA = "dp-delta"
-DP_EPSILON = "dp-epsilon"
-DP_EPSILON_TOTAL = "dp-epsilon-total"
-DP_BUDGET = "dp-budget"
-DP_METRICS = (
-    DP_NOISE_MULTIPLIER,
-    DP_SAMPLE_RATE,
-    DP_STEPS,
-    DP_CLIP,
-    DP_DELTA,
-    DP_EPSILON,
-    DP_EPSILON_TOTAL,
-    DP_BUDGET,
-)
 # Relative slack for float rounding when comparing an epsilon with a budget.
 SLACK = 1e-9
 # The largest noise multiplier fitted: beyond it training is noise alone.
@@ -137,22 +124,27 @@ def _looser(what: str, asked: float, allowed: float, key: str) -> PrivacyBudgetR
     )
 
 
+def check_ask(spec: RunSpec, budget: PrivacyBudget | None) -> None:
+    """A run may be stricter than the node's budget, never looser: a larger
+    ``dp-epsilon``, ``dp-delta`` or ``dp-clip`` is refused (PrivacyBudgetRefused)."""
+    if budget is None or spec.dp_epsilon <= 0:
+        return
+    if spec.dp_epsilon > budget.epsilon:
+        raise _looser("epsilon", spec.dp_epsilon, budget.epsilon, "dp-epsilon")
+    if spec.dp_delta > budget.delta:
+        raise _looser("delta", spec.dp_delta, budget.delta, "dp-delta")
+    if spec.dp_clip > budget.clip:
+        raise _looser("clip", spec.dp_clip, budget.clip, "dp-clip")
+
+
 def resolve(spec: RunSpec, budget: PrivacyBudget | None, examples: int) -> Settings | None:
     """The record-level DP settings of ``spec`` on a node with ``budget`` and ``examples``
-    training rows; None when neither the run nor the node asks for DP.
-
-    A run may be stricter than the node's budget, never looser: a larger ``dp-epsilon``,
-    ``dp-delta`` or ``dp-clip`` is refused (PrivacyBudgetRefused)."""
+    training rows; None when neither the run nor the node asks for DP. A looser ask than
+    the budget is refused (:func:`check_ask`)."""
     asked = spec.dp_epsilon > 0
     if budget is None and not asked:
         return None
-    if budget is not None and asked:
-        if spec.dp_epsilon > budget.epsilon:
-            raise _looser("epsilon", spec.dp_epsilon, budget.epsilon, "dp-epsilon")
-        if spec.dp_delta > budget.delta:
-            raise _looser("delta", spec.dp_delta, budget.delta, "dp-delta")
-        if spec.dp_clip > budget.clip:
-            raise _looser("clip", spec.dp_clip, budget.clip, "dp-clip")
+    check_ask(spec, budget)
     if budget is None:
         run_epsilon = total = spec.dp_epsilon
         delta, clip = spec.dp_delta, spec.dp_clip
@@ -215,8 +207,8 @@ class Ledger:
 
 def ledger_of(node: NodeConfig) -> Ledger:
     """The node's ledger, read from its journal (its signatures checked)."""
-    from sandbox.journal import read_journal
     from sandbox.events import Key
+    from sandbox.journal import read_journal
 
     ledger = Ledger()
     path = node.journal_path
@@ -245,3 +237,23 @@ def client_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     every node plus Gaussian noise of ``noise_multiplier`` x the clip (no sampling of
     nodes is counted on: every admitted node takes part in every round)."""
     return epsilon_of([Mechanism(noise_multiplier, 1.0, rounds)], delta)
+
+
+def noise_share_std(noise_multiplier: float, clip: float, threshold: int) -> float:
+    """The standard deviation of one node's share of the aggregate's client-level noise
+    under secure aggregation: ``threshold`` shares sum to the whole noise (variance
+    (noise_multiplier x clip)^2), so any round the aggregator can unmask carries at
+    least all of it."""
+    return noise_multiplier * clip / math.sqrt(threshold)
+
+
+def client_noise_share(delta: np.ndarray, clip: float, std: float, value_clip: float) -> np.ndarray:
+    """``delta`` clipped to ``clip`` (L2) plus Gaussian noise of ``std`` per element
+    (fresh OS entropy), each element then kept within ``value_clip`` (the fixed-point
+    range of secure aggregation: a rare noise value beyond it is cut, not refused)."""
+    values = np.asarray(delta, np.float64)
+    norm = float(np.linalg.norm(values))
+    if norm > clip:
+        values = values * (clip / norm)
+    noisy = values + np.random.default_rng().normal(0.0, std, values.shape)
+    return np.clip(noisy, -value_clip, value_clip)

@@ -44,6 +44,7 @@ from sandbox.lora import (
     is_trained,
 )
 from sandbox.models import inspect_model_dir, load_pretrained
+from sandbox.privacy import client_epsilon
 from sandbox.protocol import (
     COMMITMENT_KEY,
     METRICS_KEY,
@@ -57,6 +58,7 @@ from server.aggregation import Aggregate, StreamingAggregator, Weight, spec_of
 from server.channels import update_channel
 from server.checkpoint import CheckpointStore, JobState
 from server.history import Metrics, Training
+from server.privacy import ClientNoise, reported_spending
 from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
@@ -202,6 +204,20 @@ class FederatedJob:
         self._event(events.NodeDeclined, round=rnd, node=node_id, reason=reason)
         return reason
 
+    def _spent(self, rnd: int, node_id: int, spent: dict[Key, Any] | None) -> None:
+        """Log what a node reported its accepted update cost its records (DP)."""
+        if spent is not None:
+            self._event(events.DpSpent, round=rnd, node=node_id, **spent)
+
+    def _privacy_asked(self) -> dict[Key, Any]:
+        """run_started's fields for the differential privacy the run asks (if any)."""
+        asked: dict[Key, Any] = {}
+        if self.spec.dp_epsilon > 0:
+            asked[Key.DP_EPSILON] = self.spec.dp_epsilon
+        if self.spec.client_dp:
+            asked[Key.DP_CLIENT_NOISE] = self.spec.dp_client_noise
+        return asked
+
     def model(self) -> Any:
         if self._model is None:
             self._model = _provider_model(self.spec)
@@ -317,12 +333,23 @@ class FederatedJob:
         node answered or the deadline passed; record each acceptance and rejection."""
         rnd, training = state.round, state.training
         trained = {k: v for k, v in state.adapter.items() if is_trained(k, self.spec.lora_mode)}
-        aggregator = state.aggregator = StreamingAggregator(
-            spec_of(trained),
-            reference=trained,
-            max_norm=self.spec.update_norm_bound,
-            max_weight=self.spec.max_examples_per_update,
-        )
+        aggregator: StreamingAggregator | ClientNoise
+        if self.spec.client_dp:
+            aggregator = ClientNoise(
+                spec_of(trained),
+                reference=trained,
+                max_norm=self.spec.update_norm_bound,
+                noise_multiplier=self.spec.dp_client_noise,
+                clip=self.spec.dp_client_clip,
+            )
+        else:
+            aggregator = StreamingAggregator(
+                spec_of(trained),
+                reference=trained,
+                max_norm=self.spec.update_norm_bound,
+                max_weight=self.spec.max_examples_per_update,
+            )
+        state.aggregator = aggregator
         call = self._call()
         for node_id, reply in call.replies(state.messages):
             key = str(node_id)
@@ -335,6 +362,7 @@ class FederatedJob:
             try:
                 envelope, size = self.channel.envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
+                spent = reported_spending(reply, self.spec)
                 if self.comparison is not None:
                     commitment = signed_record(reply.content, COMMITMENT_KEY)
                 update = self.channel.open(node_id, reply, rnd, reported)
@@ -366,6 +394,7 @@ class FederatedJob:
                 examples=weight.used,
                 **_clipping(weight),
             )
+            self._spent(rnd, node_id, spent)
             if self.comparison is not None:
                 self.comparison.commitment(node_id, self.channel.ueid(node_id), commitment)
             state.accepted.append(envelope)
@@ -433,6 +462,24 @@ class FederatedJob:
             examples=aggregator.total_weight,
             metrics=state.training.summary(),
         )
+        if self.spec.client_dp:
+            epsilon = client_epsilon(self.spec.dp_client_noise, rnd, self.spec.dp_delta)
+            self._event(
+                events.DpAggregate,
+                round=rnd,
+                nodes=aggregator.count,
+                noise_multiplier=self.spec.dp_client_noise,
+                clip=self.spec.dp_client_clip,
+                delta=self.spec.dp_delta,
+                epsilon=epsilon,
+            )
+            log(
+                INFO,
+                "[ark] round %d: client-level DP, epsilon %.3g after %d noisy aggregates",
+                rnd,
+                epsilon,
+                rnd,
+            )
         log(
             INFO,
             "[ark] round %d: aggregated %d updates (%g examples), checkpointed",
@@ -518,6 +565,7 @@ class FederatedJob:
             protection=self.spec.protection,
             model_id=self.spec.model_id,
             min_nodes=self.spec.min_nodes,
+            **self._privacy_asked(),
         )
         if state.round > self.spec.num_rounds:
             raise CheckpointError(

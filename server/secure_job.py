@@ -52,6 +52,7 @@ from sandbox.secagg import (
 )
 from server.app import FederatedJob, RoundState, Stage, _split_metrics
 from server.channels import SealedChannel
+from server.privacy import reported_spending
 from server.secagg import ServerRound
 
 SECAGG_QUERY = f"{MessageType.QUERY}.{SECAGG_ACTION}"
@@ -81,6 +82,8 @@ class SecureSum:
     max_norm: float
     examples_cap: int
     slack: float  # the quantization's bound on one element of the mean
+    # Client-level DP: the nodes added noise shares, so the mean is not held to the bound.
+    noisy: bool = False
     total_weight: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +102,7 @@ class SecureSum:
         if not np.isfinite(mean).all():
             raise AggregateInvalid(f"the unmasked mean of {self.count} inputs is not finite")
         distance = float(np.linalg.norm(mean))
-        if not distance <= self.max_norm + self.slack * math.sqrt(mean.size):
+        if not self.noisy and not distance <= self.max_norm + self.slack * math.sqrt(mean.size):
             raise AggregateInvalid(
                 f"the unmasked mean of {self.count} inputs moves {distance:.4g} from the "
                 f"global adapter (L2), more than the bound {self.max_norm:g}"
@@ -247,6 +250,7 @@ class SecureJob(FederatedJob):
             try:
                 envelope, _ = self.channel.envelope(reply)
                 reported, before, after, loss = _split_metrics(reply)
+                spent = reported_spending(reply, self.spec)
                 opened = self.channel.open(node_id, reply, rnd, reported)
                 if set(opened.tensors) != {MASKED_TENSOR}:
                     raise UpdateRejected("a masked input must be one tensor")
@@ -271,6 +275,7 @@ class SecureJob(FederatedJob):
             finally:
                 del reply
             secure.envelopes[node_id] = envelope
+            self._spent(rnd, node_id, spent)
             # The count the node reports beside its masked input; its weight is in the sum.
             training.examples[key] = reported
             state.held_out[key] = before
@@ -339,6 +344,7 @@ class SecureJob(FederatedJob):
             self.spec.update_norm_bound,
             self.spec.max_examples_per_update,
             slack,
+            noisy=self.spec.client_dp,
         )
         state.accepted = [secure.envelopes[n] for n in request.survivors]
         training.missing = sorted(set(protocol.shared) - set(request.survivors))

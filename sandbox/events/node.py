@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, ClassVar, Self
 
 from sandbox.errors import EventInvalid
-from sandbox.events.schema import JsonObject, Key, Record, decode_value, omitted
+from sandbox.events.schema import JsonObject, Key, Record, decode_value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,7 +159,20 @@ class DpRound(InRun):
     epsilon: float
     epsilon_total: float
     budget: float
-    client_noise_std: float | None = omitted()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientNoiseAdded(InRun):
+    """Client-level DP under secure aggregation: before masking its update, the node
+    clipped it to ``clip`` (L2) and added its share of the aggregate's noise, Gaussian of
+    standard deviation ``client_noise_std`` per element (the run's ``noise_multiplier`` x
+    clip over the square root of the round's threshold)."""
+
+    kind: ClassVar[str] = "client_noise_added"
+    round: int
+    noise_multiplier: float
+    clip: float
+    client_noise_std: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -168,7 +168,7 @@ class RunStarted(RunEvent):
     # What differential privacy the run asks (written only when it asks any): record-level
     # epsilon per node, and the client-level noise multiplier at the aggregate.
     dp_epsilon: float | None = omitted()
-    dp_client_noise: float | None = omitted()  # noqa: RUF009 (a field(), not a shared default)
+    dp_client_noise: float | None = omitted()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

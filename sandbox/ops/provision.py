@@ -55,7 +55,7 @@ from sandbox.catalog import (
     package_for,
     write_catalog,
 )
-from sandbox.config import TASK_CLASSIFICATION, NodeConfig, SandboxConfig
+from sandbox.config import TASK_CLASSIFICATION, NodeConfig, PrivacyBudget, SandboxConfig
 from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import ConfigError
 from sandbox.events import EventSink, FanOutSink, FileDigest, JsonlEventSink, ModelPublished
@@ -602,13 +602,15 @@ def init_node(
     catalog: Path | None = None,
     catalog_keys: Sequence[Path] = (),
     local_model: Path | None = None,
+    privacy: PrivacyBudget | None = None,
 ) -> Path:
     """Create a node's stub attestation identity and its ``node.toml``; return that path.
 
     ``catalog`` is a provider's catalog folder the node may take models from, once its
     operator trusts the catalog's key: ``catalog_keys`` here, or ``ark node
     trust-catalog`` later (:func:`trust_catalog_key`). ``local_model`` is the
-    operator's own model folder, which a comparison may score beside the catalog's."""
+    operator's own model folder, which a comparison may score beside the catalog's;
+    ``privacy`` its differential-privacy budget (``[node.privacy]``)."""
     root = root.resolve()
     config_path = root / "node.toml"
     if config_path.exists():
@@ -662,6 +664,7 @@ def init_node(
             catalog=None if catalog is None else catalog.resolve(),
             local_model=None if local_model is None else local_model.resolve(),
         ),
+        privacy=privacy,
     )
     config_path.write_text(node.to_toml(), encoding="utf-8")
     for key_file in catalog_keys:
@@ -772,6 +775,7 @@ def provision_loopback(
     provider_host: str = "localhost",
     catalog: Callable[[ProviderWorkspace, Path], Path] | None = None,
     local_models: dict[str, Path] | None = None,
+    privacy: PrivacyBudget | None = None,
 ) -> LoopbackDeployment:
     """Everything ``ark provider init|seal|allow-node|catalog`` and ``ark node init`` do,
     for a demo.
@@ -782,7 +786,7 @@ def provision_loopback(
     seals models into a folder and signs their catalog there), the provider also
     publishes a catalog into ``root/distribution/catalog``, and each node's operator
     trusts the provider's signing key for catalogs. ``local_models`` names the own
-    model folder of the nodes that keep one.
+    model folder of the nodes that keep one; ``privacy`` is every node's privacy budget.
     """
     manufacturer = root / "dev-manufacturer"
     load_or_create_manufacturer(manufacturer)
@@ -811,6 +815,7 @@ def provision_loopback(
             catalog=folder,
             catalog_keys=() if folder is None else (ws.public / "signing.pub",),
             local_model=(local_models or {}).get(name),
+            privacy=privacy,
         )
         sandbox = NodeConfig.load(configs[name]).sandbox
         assert sandbox is not None  # init_node always writes one

@@ -806,7 +806,7 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                 },
             ),
             (
-                "with a client-level noise share under secure aggregation",
+                "a Flower-sized node, every example in every step",
                 {
                     **CLIENT,
                     "run_id": FLOWER_RUN,
@@ -821,7 +821,23 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "epsilon": 1.0,
                     "epsilon_total": 1.0,
                     "budget": 1.0,
-                    "client_noise_std": 0.25,
+                },
+            ),
+        ],
+    ),
+    (
+        "journal",
+        "client_noise_added",
+        [
+            (
+                "a noise share before masking",
+                {
+                    **CLIENT,
+                    "kind": "client_noise_added",
+                    "round": 1,
+                    "noise_multiplier": 1.0,
+                    "clip": 0.5,
+                    "client_noise_std": 0.3535533905932738,
                 },
             ),
         ],

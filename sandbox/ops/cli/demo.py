@@ -19,6 +19,7 @@ from sandbox.config import (
     RUN_MODES,
     TASK_CLASSIFICATION,
     TASKS,
+    PrivacyBudget,
     RunSpec,
 )
 from sandbox.errors import ArkError, FederationError
@@ -129,6 +130,15 @@ def demo(
             "this machine allows it, else loopback)."
         ),
     ] = "auto",
+    dp_epsilon: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Record-level differential privacy: each node's privacy budget epsilon "
+            "(delta 1e-5) in its node.toml, and what the run asks each node to spend at "
+            "most. 0: off.",
+        ),
+    ] = 0.0,
     compare: Annotated[
         bool,
         typer.Option(
@@ -163,6 +173,7 @@ def demo(
                     hosts,
                     stage,
                     compare=compare,
+                    dp_epsilon=dp_epsilon,
                 )
                 if compare:
                     folder = _run_comparison(stage, spec, deployment)
@@ -237,6 +248,7 @@ def _prepare_demo(
     stage: _Stage,
     *,
     compare: bool = False,
+    dp_epsilon: float = 0.0,
 ) -> tuple[RunSpec, LoopbackDeployment]:
     """Validate every input, make the test hosts (``stage.topology``), then lay out the
     provider's and the nodes' workspaces and the run config."""
@@ -279,6 +291,7 @@ def _prepare_demo(
         # so a node that lies about its count weighs no more than the largest honest one.
         max_examples_per_update=max(rows),
         output_dir=root / "provider" / "jobs" / job_id,
+        dp_epsilon=dp_epsilon,
     )
     # The apps read the run config back through the same validation; fail here, not there.
     RunSpec.from_run_config(spec.to_run_config())
@@ -308,6 +321,7 @@ def _prepare_demo(
         provider_host=addresses.host,
         catalog=None if not compare else _default_catalog(root),
         local_models=None if not compare else {min(sources): _own_model(root)},
+        privacy=PrivacyBudget(epsilon=dp_epsilon) if dp_epsilon > 0 else None,
     )
     stage.commands = PartyCommands(
         topology, deployment.provider.root, deployment.node_configs, addresses, say=plain
@@ -323,9 +337,10 @@ def _prepare_demo(
         f"provider sealed {deployment.model_id} into {deployment.package} "
         f"(key {deployment.provider.keys}); {len(node_files)} nodes attest for it"
     )
+    privacy = f" · DP epsilon {dp_epsilon:g} per node" if dp_epsilon > 0 else ""
     console.print(
         f"[bold]Ark Sandbox demo[/] · {len(node_files)} nodes · {rounds} rounds · "
-        f"{mode} · model {info.model_type} at {info.path}"
+        f"{mode}{privacy} · model {info.model_type} at {info.path}"
     )
     console.print(f"workspace: {root}")
     return spec, deployment

@@ -654,11 +654,28 @@ class JobProgress:
                     f"({len(dropped)} dropped); no input was seen alone"
                 )
                 self.accepted[rnd] = len(event.get("survivors") or [])
+            elif kind == "dp_spent":
+                plain(
+                    f"round {rnd}: node {self.node(event)} spent epsilon "
+                    f"{_number(event.get('epsilon'))} of its records on this run (total "
+                    f"{_number(event.get('epsilon_total'))} of budget "
+                    f"{_number(event.get('budget'))}, delta {_number(event.get('delta'))})"
+                )
+            elif kind == "dp_aggregate":
+                plain(
+                    f"round {rnd}: client-level noise on the sum of {event.get('nodes')} "
+                    f"updates; epsilon {_number(event.get('epsilon'))} so far"
+                )
             elif kind == "aggregate_committed":
                 plain(
                     f"round {rnd}/{self.rounds} aggregated from {self.accepted.get(rnd, 0)} "
                     f"updates: {event.get('metrics')}"
                 )
+
+
+def _number(value: Any) -> str:
+    """A number from an event (another party's: any type) for a progress line."""
+    return f"{value:.3g}" if isinstance(value, int | float) else "?"
 
 
 def _body(record: Any) -> dict[str, Any]:
