@@ -572,13 +572,7 @@ class NodeSandbox:
         request = exchange.request
         spec = request.spec
         model, tokenizer, split = exchange.loaded.model, exchange.loaded.tokenizer, exchange.split
-        privacy = self._privacy(spec, len(split.train))
-        spent: tuple[float, float] | None = None
-        if privacy is not None:
-            # Declined before any training when this round would pass a budget.
-            spent = self._ledger_now().cost(
-                request.ids.run_id, request.round, privacy, spec.local_steps
-            )
+        privacy, spent = self._affordable(exchange)
         with exchange.working():
             before = evaluate(model, tokenizer, split.heldout, spec)
             seed = spec.seed * 1000 + request.round
@@ -610,6 +604,21 @@ class NodeSandbox:
         if privacy is not None and spent is not None:
             metrics.update(self._spend(request, privacy, *spent))
         return update, metrics, before, train_seconds
+
+    def _affordable(
+        self, exchange: _Exchange
+    ) -> tuple[Settings | None, tuple[float, float] | None]:
+        """The run's DP settings on this node and what this round would bring its epsilon
+        to (the run's, the node's total); PrivacyBudgetExhausted, before any training,
+        when that passes a budget."""
+        request = exchange.request
+        privacy = self._privacy(request.spec, len(exchange.split.train))
+        if privacy is None:
+            return None, None
+        spent = self._ledger_now().cost(
+            request.ids.run_id, request.round, privacy, request.spec.local_steps
+        )
+        return privacy, spent
 
     # -- differential privacy ------------------------------------------------------------
     def _privacy(self, spec: RunSpec, examples: int) -> Settings | None:
@@ -645,16 +654,16 @@ class NodeSandbox:
             delta=privacy.delta,
             epsilon=run_epsilon,
             epsilon_total=total,
-            budget=privacy.budget,
+            budget=privacy.declared,
         )
         log.info(
-            "run %d round %d: DP-SGD spent epsilon %.3g of the run's %g (node total %.3g of %g)",
+            "run %d round %d: DP-SGD spent epsilon %.3g of the run's %g (node total %.3g of %s)",
             ids.run_id,
             request.round,
             run_epsilon,
             privacy.run_epsilon,
             total,
-            privacy.budget,
+            privacy.declared or "no declared budget",
         )
         return {
             DP_NOISE_MULTIPLIER: mechanism.noise_multiplier,
@@ -664,7 +673,7 @@ class NodeSandbox:
             DP_DELTA: privacy.delta,
             DP_EPSILON: run_epsilon,
             DP_EPSILON_TOTAL: total,
-            DP_BUDGET: privacy.budget,
+            DP_BUDGET: privacy.declared or 0.0,  # 0: the node declares no budget
         }
 
     def train(self, request: Request) -> TrainResult:
@@ -733,6 +742,7 @@ class NodeSandbox:
 
     def _secure_training(self, request: Request, accepted: threading.Event) -> _Trained:
         with self._exchange(request, STAGE_TRAIN) as exchange:
+            self._affordable(exchange)  # a round past the budget is declined, not advertised
             accepted.set()
             update, metrics, _, _ = self._local_training(exchange)
             return _Trained(exchange, update, metrics)

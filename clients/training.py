@@ -114,10 +114,11 @@ def _train_private(
     spec: RunSpec,
     steps: int,
     private: Private,
-) -> list[float]:
+) -> tuple[list[float], bool]:
     """``steps`` steps of DP-SGD (Opacus's per-example gradients, clipping and noise) on
-    AdamW; the losses of the non-empty batches. Which rows each step draws is as secret
-    as the noise (the privacy amplification by sampling counts on it)."""
+    AdamW; the losses of the batches that had a completion to learn, and whether any step
+    drew a row. Which rows each step draws is as secret as the noise (the privacy
+    amplification by sampling counts on it)."""
     from opacus import GradSampleModule
 
     rng = np.random.default_rng()  # fresh OS entropy
@@ -131,12 +132,14 @@ def _train_private(
     optimizer.rng = rng
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     losses: list[float] = []
+    drawn = False
     try:
         sampled.train()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             picked = np.flatnonzero(rng.random(len(examples)) < private.sample_rate)
             rows = [examples[int(i)] for i in picked]
+            drawn = drawn or bool(rows)
             batch = encode(rows, tokenizer, spec) if rows else None
             if batch is None or not (batch.labels != IGNORE_INDEX).any():
                 # An empty batch still takes its noisy step: skipping it would tell.
@@ -151,7 +154,7 @@ def _train_private(
         optimizer.zero_grad(set_to_none=True)
         sampled.cleanup()  # the hooks go: the model in memory trains on as it was
         model.eval()
-    return losses
+    return losses, drawn
 
 
 def train_local(
@@ -168,10 +171,11 @@ def train_local(
     ``private``, of DP-SGD); return the mean loss."""
     steps = spec.local_steps if steps is None else steps
     if private is not None:
-        noisy = _train_private(model, tokenizer, examples, spec, steps, private)
-        if not noisy:
+        noisy, drawn = _train_private(model, tokenizer, examples, spec, steps, private)
+        if drawn and not noisy:
             raise _truncated(spec)
-        return sum(noisy) / len(noisy)
+        # No row drawn in any step (Poisson sampling at a small rate): noise steps only.
+        return sum(noisy) / len(noisy) if noisy else math.nan
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)

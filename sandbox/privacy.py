@@ -55,13 +55,17 @@ def epsilon_of(mechanisms: Sequence[Mechanism], delta: float) -> float:
     """Epsilon (at ``delta``) of the mechanisms composed, by Opacus's RDP accountant."""
     from opacus.accountants import RDPAccountant
 
-    spent = [m for m in mechanisms if m.steps > 0]
-    if not spent:
+    steps: dict[tuple[float, float], int] = {}
+    for m in mechanisms:
+        if m.steps > 0:  # rounds of one mechanism compose as their steps added up
+            key = (m.noise_multiplier, m.sample_rate)
+            steps[key] = steps.get(key, 0) + m.steps
+    if not steps:
         return 0.0
-    if any(m.noise_multiplier <= 0 for m in spent):
+    if any(sigma <= 0 for sigma, _ in steps):
         return math.inf
     accountant = RDPAccountant()
-    accountant.history = [m.history() for m in spent]
+    accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
     return float(accountant.get_epsilon(delta))
 
 
@@ -102,12 +106,13 @@ def sample_rate(batch_size: int, examples: int) -> float:
 @dataclass(frozen=True)
 class Settings:
     """What a run trains with on this node: its epsilon (``run_epsilon``, the run's ask or
-    the node's budget), the node's total ``budget``, delta and the per-example clip, and
+    the node's budget), the node's total ``budget`` (infinite when it declares none: its
+    total is still counted and reported), delta and the per-example clip, and
     the noise multiplier (fixed by the run, or fitted to spend ``run_epsilon`` over the
     run's planned steps)."""
 
     run_epsilon: float
-    budget: float
+    budget: float  # inf: the node declares none (only the run's ask bounds the run)
     delta: float
     clip: float
     noise_multiplier: float
@@ -115,6 +120,11 @@ class Settings:
 
     def mechanism(self, steps: int) -> Mechanism:
         return Mechanism(self.noise_multiplier, self.sample_rate, steps)
+
+    @property
+    def declared(self) -> float | None:
+        """The node's declared budget; None when it declares none."""
+        return self.budget if math.isfinite(self.budget) else None
 
 
 def _looser(what: str, asked: float, allowed: float, key: str) -> PrivacyBudgetRefused:
@@ -146,7 +156,7 @@ def resolve(spec: RunSpec, budget: PrivacyBudget | None, examples: int) -> Setti
         return None
     check_ask(spec, budget)
     if budget is None:
-        run_epsilon = total = spec.dp_epsilon
+        run_epsilon, total = spec.dp_epsilon, math.inf
         delta, clip = spec.dp_delta, spec.dp_clip
     elif asked:
         run_epsilon, total = spec.dp_epsilon, budget.epsilon
@@ -180,10 +190,12 @@ class Ledger:
 
     def cost(self, run: int, rnd: int, settings: Settings, steps: int) -> tuple[float, float]:
         """Epsilon of run ``run`` and of everything, with round ``rnd`` (``steps`` steps)
-        added; PrivacyBudgetExhausted when either passes its bound."""
+        added; PrivacyBudgetExhausted when either passes its bound. A round trained again
+        (its instruction sent twice) counts again: both updates left the node, and the
+        mean of two noisy updates of one round has less noise than either."""
         added = settings.mechanism(steps)
-        mine = [s.mechanism for s in self.rounds if s.run == run and s.round != rnd]
-        every = [s.mechanism for s in self.rounds if not (s.run == run and s.round == rnd)]
+        mine = [s.mechanism for s in self.rounds if s.run == run]
+        every = [s.mechanism for s in self.rounds]
         run_epsilon = epsilon_of([*mine, added], settings.delta)
         total = epsilon_of([*every, added], settings.delta)
         if run_epsilon > settings.run_epsilon * (1 + SLACK):
@@ -199,9 +211,7 @@ class Ledger:
         return run_epsilon, total
 
     def add(self, spent: Spent) -> None:
-        """Record a trained round (a round trained again replaces its first record: the
-        update of only one of them leaves, so one is spent)."""
-        self.rounds = [s for s in self.rounds if (s.run, s.round) != (spent.run, spent.round)]
+        """Record a trained round."""
         self.rounds.append(spent)
 
 

@@ -70,7 +70,8 @@ def reported_spending(reply: Message, spec: RunSpec) -> dict[Key, Any] | None:
         and value[DP_CLIP] > 0
         and 0 < value[DP_DELTA] < 1
         and 0 <= value[DP_EPSILON] <= value[DP_EPSILON_TOTAL] * (1 + SLACK)
-        and value[DP_EPSILON_TOTAL] <= value[DP_BUDGET] * (1 + SLACK)
+        and value[DP_BUDGET] >= 0
+        and (value[DP_BUDGET] == 0 or value[DP_EPSILON_TOTAL] <= value[DP_BUDGET] * (1 + SLACK))
     ):
         raise UpdateRejected("a DP report whose numbers are not a mechanism within its budget")
     if spec.dp_epsilon > 0 and (
@@ -90,7 +91,7 @@ def reported_spending(reply: Message, spec: RunSpec) -> dict[Key, Any] | None:
         Key.DELTA: value[DP_DELTA],
         Key.EPSILON: value[DP_EPSILON],
         Key.EPSILON_TOTAL: value[DP_EPSILON_TOTAL],
-        Key.BUDGET: value[DP_BUDGET],
+        Key.BUDGET: value[DP_BUDGET] or None,  # 0: the node declares no budget
     }
 
 

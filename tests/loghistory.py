@@ -5,8 +5,9 @@ and helpers that build a signed log from them."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from sandbox.events import (
     ComparisonFinished,
     ComparisonStarted,
     DenialsRateLimited,
+    DpAggregate,
+    DpRound,
+    DpSpent,
     FileDigest,
     HeldoutCommitted,
     Key,
@@ -57,6 +61,7 @@ from sandbox.events import (
 )
 from sandbox.events.node import SecaggRevealed
 from sandbox.journal import append_journal
+from sandbox.privacy import Mechanism, epsilon_of
 from sandbox.scorecard import (
     Commitment,
     Cost,
@@ -665,3 +670,137 @@ def comparison_history(
         events.append(scored(1, card, signing_key("node-1")))
     events.append(ComparisonFinished(time=TIME, comparison=COMPARISON, runs=runs).to_json())
     return ComparisonLog(events, model_ids, names)
+
+
+# -- differential privacy ----------------------------------------------------------------------
+
+DP_DELTA = 1e-5
+DP_CLIP = 1.0
+DP_BUDGET = 8.0  # each node's [node.privacy] epsilon
+DP_ASKED = 4.0  # the dp-epsilon a DP run asks
+DP_CLIENT_NOISE = 1.5
+# One round of DP-SGD on a node: 10 Poisson-sampled steps at rate 0.05, noise 1.1 x clip.
+DP_ROUND = Mechanism(noise_multiplier=1.1, sample_rate=0.05, steps=10)
+
+
+@functools.cache
+def node_epsilon(mechanisms: tuple[Mechanism, ...], delta: float = DP_DELTA) -> float:
+    """Epsilon of ``mechanisms`` composed by the node's own accountant (Opacus RDP,
+    :func:`sandbox.privacy.epsilon_of`), cached: it takes a fraction of a second."""
+    return epsilon_of(mechanisms, delta)
+
+
+def dp_spent(
+    run: int,
+    rnd: int,
+    node: int,
+    spent: Sequence[Mechanism],
+    *,
+    before: Sequence[Mechanism] = (),
+    budget: float = DP_BUDGET,
+) -> dict[str, Any]:
+    """The ServerApp logging what node ``node`` reported round ``rnd`` of ``run`` cost:
+    ``spent`` its DP rounds of this run so far (this one last), ``before`` those it trained
+    in earlier runs; both epsilons by the node's own accountant."""
+    mechanism = spent[-1]
+    return DpSpent(
+        time=TIME,
+        run=run,
+        job=JOB,
+        round=rnd,
+        node=node,
+        noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=mechanism.sample_rate,
+        steps=mechanism.steps,
+        clip=DP_CLIP,
+        delta=DP_DELTA,
+        epsilon=node_epsilon(tuple(spent)),
+        epsilon_total=node_epsilon((*before, *spent)),
+        budget=budget,
+    ).to_json()
+
+
+def dp_aggregate(run: int, rnd: int, nodes: int, noise: float = DP_CLIENT_NOISE) -> dict[str, Any]:
+    """The ServerApp's client-level DP for round ``rnd`` (every round so far noised with
+    ``noise``): epsilon by its accountant (:func:`sandbox.privacy.client_epsilon`)."""
+    return DpAggregate(
+        time=TIME,
+        run=run,
+        job=JOB,
+        round=rnd,
+        nodes=nodes,
+        noise_multiplier=noise,
+        clip=DP_CLIP,
+        delta=DP_DELTA,
+        epsilon=node_epsilon((Mechanism(noise, 1.0, rnd),)),
+    ).to_json()
+
+
+def with_dp(
+    events: Iterable[dict[str, Any]],
+    *,
+    asked: float | None = DP_ASKED,
+    client_noise: float | None = None,
+    mechanism: Mechanism = DP_ROUND,
+    before: Mapping[int, Sequence[Mechanism]] | None = None,
+    budget: float = DP_BUDGET,
+) -> list[dict[str, Any]]:
+    """An honest history's runs with differential privacy: each run_started asks
+    ``asked`` (record-level) and ``client_noise`` (client-level, when given); every
+    accepted update and every masked input taken is followed by its node's ``dp_spent``
+    (each round ``mechanism``; ``before[node]``: what the node trained in earlier runs),
+    and, with client-level DP, every aggregate by its ``dp_aggregate``."""
+    out: list[dict[str, Any]] = []
+    spent: dict[tuple[int, int], list[Mechanism]] = {}
+
+    def trained(run: int, rnd: int, node: int) -> dict[str, Any]:
+        rounds = spent.setdefault((run, node), [])
+        rounds.append(mechanism)
+        earlier = (before or {}).get(node, ())
+        return dp_spent(run, rnd, node, rounds, before=earlier, budget=budget)
+
+    for event in events:
+        kind, run, rnd = event[Key.KIND], event.get(Key.RUN, 0), event.get(Key.ROUND, 0)
+        if kind == RunStarted.kind:
+            asks = {Key.DP_EPSILON: asked, Key.DP_CLIENT_NOISE: client_noise}
+            event = {**event, **{k: v for k, v in asks.items() if v is not None}}
+        out.append(event)
+        if kind == UpdateAccepted.kind:
+            out.append(trained(run, rnd, event[Key.NODE]))
+        elif kind == SecaggStage.kind and event[Key.STAGE] == STAGE_MASK:
+            out += [trained(run, rnd, node) for node in event[Key.NODES]]
+        elif kind == AggregateCommitted.kind and client_noise is not None:
+            out.append(dp_aggregate(run, rnd, len(event[Key.UPDATES]), client_noise))
+    return out
+
+
+def dp_run_events(run: int, *, rounds: int = 3, nodes: int = 3, **dp: Any) -> list[dict[str, Any]]:
+    """One honest sealed run (:func:`run_events`) with differential privacy (:func:`with_dp`)."""
+    return with_dp(run_events(run, rounds=rounds, nodes=nodes), **dp)
+
+
+_DP_NUMBERS = (
+    Key.NOISE_MULTIPLIER,
+    Key.SAMPLE_RATE,
+    Key.STEPS,
+    Key.CLIP,
+    Key.DELTA,
+    Key.EPSILON,
+    Key.EPSILON_TOTAL,
+    Key.BUDGET,
+)
+
+
+def dp_journal(events: Iterable[Mapping[str, Any]], node: int) -> list[dict[str, Any]]:
+    """What node ``node``'s journal holds for a history of :func:`with_dp`: its training
+    entries and, for every ``dp_spent`` logged of it, the ``dp_round`` it recorded (what
+    it reported)."""
+    entries: list[dict[str, Any]] = []
+    for event in events:
+        if event[Key.KIND] != DpSpent.kind or event[Key.NODE] != node:
+            continue
+        run, rnd = event[Key.RUN], event[Key.ROUND]
+        numbers = {key: event[key] for key in _DP_NUMBERS}
+        entries.append(train_entry(run, node, rnd))
+        entries.append(DpRound(run_id=run, node_id=node, round=rnd, **numbers).to_json())
+    return entries

@@ -2,7 +2,8 @@
 stages) and the real aggregator sandbox against three real, attested node sandboxes,
 with the real key broker over TLS on loopback. Only Flower's transport is replaced: a
 Grid that hands each message to its node's sandbox and records every reply the ServerApp
-receives, so a test can search all of it for any node's true update.
+receives (``tests/sandboxgrid.py``), so a test can search all of it for any node's true
+update.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,15 +20,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from clients.channels import RunIds
-from clients.egress import failure_reason
-from clients.sandbox import NodeSandbox, Request, SecAggResult
+from clients.sandbox import NodeSandbox, SecAggResult
 from sandbox import events
 from sandbox.attestation.result import (
     PURPOSE_SIGNING,
@@ -37,29 +32,21 @@ from sandbox.attestation.result import (
     ResultSigner,
 )
 from sandbox.attestation.verifier import Appraisal
-from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
 from sandbox.config import NodeConfig, RunSpec
 from sandbox.errors import SecAggFailed
 from sandbox.events import MemoryEventSink
 from sandbox.events import node as node_events
 from sandbox.journal import read_journal
-from sandbox.keyfiles import load_ed25519_public
 from sandbox.lora import is_trained
-from sandbox.ops.federation import free_port
-from sandbox.ops.provision import LoopbackDeployment, provision_loopback
 from sandbox.protocol import (
-    HELLO_KEY,
-    METRICS_KEY,
     NUM_EXAMPLES,
     SEALED_KEY,
     SECAGG_KEY,
     SECAGG_PAYLOAD,
     SECAGG_STAGE,
-    metric_record,
     round_of,
     secagg_record,
 )
-from sandbox.seal.package import read_manifest
 from sandbox.secagg import (
     MASKED_TENSOR,
     STAGE_MASK,
@@ -70,24 +57,24 @@ from sandbox.secagg import (
     flatten,
 )
 from server.checkpoint import CheckpointStore
-from server.sandbox import AggregatorSandbox, sealed_blob
+from server.sandbox import sealed_blob
 from server.secure_job import SecureJob
 from tests.conftest import make_spec
-from tests.sealed_run import key_broker
+from tests.sandboxgrid import (
+    LABELS,
+    SandboxGrid,
+    World,
+    events_of,
+    provisioned,
+    serverapp_identity,
+    stage_of,
+    start_job,
+)
 
-LABELS = ("a", "b")
 NODES = ("alpine", "coastal", "desert")
 RUN_ID = 91
 # Flower node ids are random unsigned 64-bit.
 NODE_IDS = {"alpine": 2**63 + 11, "coastal": 7_000_000_000_000_003, "desert": 41}
-
-
-def _rows(name: str, n: int) -> str:
-    words = {"a": "refund billing invoice", "b": "login password reset"}
-    return "".join(
-        json.dumps({"text": f"{name} {i} {words[LABELS[i % 2]]}", "label": LABELS[i % 2]}) + "\n"
-        for i in range(n)
-    )
 
 
 class RecordingSandbox(NodeSandbox):
@@ -111,119 +98,13 @@ class RecordingSandbox(NodeSandbox):
         return super()._masked(secure, request)
 
 
-Hook = Callable[[str, int, Message, Message | None], Message | None]
-
-
-class SandboxGrid(Grid):
-    """Flower's Grid over in-process node sandboxes: each pushed message is answered by
-    its node's sandbox at once, and every reply is kept (``received``). ``hook`` may
-    drop or replace a reply (a node that stops, a hostile one)."""
-
-    def __init__(self, sandboxes: dict[int, NodeSandbox], spec: RunSpec):
-        self.sandboxes = sandboxes
-        self.spec = spec
-        self.received: list[Message] = []
-        self.sent: list[Message] = []
-        self.hook: Hook | None = None
-        self._outbox: dict[str, Message] = {}
-        self._run = Run.create_empty(run_id=RUN_ID)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:  # fmt: skip
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.sandboxes)
-
-    def _answer(self, msg: Message) -> Message:
-        node_id = msg.metadata.dst_node_id
-        sandbox = self.sandboxes[node_id]
-        ids = RunIds(RUN_ID, node_id)
-        kind = msg.metadata.message_type
-        rnd = round_of(msg.content)
-        try:
-            if kind == MessageType.QUERY:
-                content = RecordDict({HELLO_KEY: sandbox.hello(ids, rnd, self.spec).record})
-            elif kind == MessageType.TRAIN:
-                result = sandbox.train(Request(ids, rnd, STAGE_TRAIN, self.spec, msg.content))
-                content = RecordDict({SECAGG_KEY: secagg_record(result.secagg)})
-            elif kind == MessageType.EVALUATE:
-                evaluated = sandbox.evaluate(
-                    Request(ids, rnd, STAGE_EVALUATE, self.spec, msg.content)
-                )
-                content = RecordDict({METRICS_KEY: metric_record(evaluated.metrics)})
-            else:
-                record = msg.content.config_records[SECAGG_KEY]
-                stage, payload = str(record[SECAGG_STAGE]), bytes(record[SECAGG_PAYLOAD])  # type: ignore[arg-type]
-                answer = sandbox.secagg(ids, rnd, stage, payload)
-                content = RecordDict({**answer.records})
-                if answer.payload:
-                    content[SECAGG_KEY] = secagg_record(answer.payload)
-                if answer.metrics:
-                    content[METRICS_KEY] = metric_record(answer.metrics)
-        except Exception as exc:
-            return Message(failure_reason(exc).error(), reply_to=msg)
-        return Message(content, reply_to=msg)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            self.sent.append(msg)
-            reply: Message | None = self._answer(msg)
-            if self.hook is not None:
-                stage = _stage_of(msg)
-                reply = self.hook(stage, msg.metadata.dst_node_id, msg, reply)
-            if reply is not None:
-                reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-                self._outbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
-        self.received.extend(replies)
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:  # fmt: skip
-        return self.pull_messages(self.push_messages(messages))
-
-
-def _stage_of(msg: Message) -> str:
-    record = msg.content.config_records.get(SECAGG_KEY)
-    if record is not None:
-        return str(record[SECAGG_STAGE])
-    return str(msg.metadata.message_type)
-
-
-@dataclasses.dataclass
-class World:
-    deployment: LoopbackDeployment
-    model_dir: Path
-    root: Path
-    sandboxes: dict[int, RecordingSandbox]
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Iterator[World]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
+) -> Iterator[World[RecordingSandbox]]:
     """A provisioned provider with its key broker on loopback and three attested nodes."""
     root = tmp_path_factory.mktemp("secure")
-    data = {}
-    for name in NODES:
-        data[name] = root / f"{name}.jsonl"
-        data[name].write_text(_rows(name, 24), encoding="utf-8")
-    deployment = provision_loopback(
-        root, model_dir=tiny_bert_dir, node_data=data, key_broker_port=free_port(), model_id="tiny"
-    )
-    with key_broker(deployment):
+    with provisioned(root, tiny_bert_dir, NODES) as deployment:
         sandboxes = {}
         for name in NODES:
             sandbox = RecordingSandbox(NodeConfig.load(deployment.node_configs[name]))
@@ -233,18 +114,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Iter
 
 
 @pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The process identity Flower's ServerApp runtime sets before ``main`` runs; each
-    test is its own run (the sandboxes keep per-run channels and rounds)."""
+def identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test is its own run (the sandboxes keep per-run channels and rounds)."""
     global RUN_ID
     RUN_ID += 1
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    serverapp_identity(monkeypatch, RUN_ID)
 
 
 def _job(
-    world: World, tmp_path: Path, **overrides: Any
+    world: World[RecordingSandbox], tmp_path: Path, **overrides: Any
 ) -> tuple[SecureJob, SandboxGrid, MemoryEventSink]:
     values: dict[str, Any] = {
         "job_id": f"secure-{RUN_ID}",  # each test its own job: a node sums one input once
@@ -259,22 +137,7 @@ def _job(
         "output_dir": tmp_path / "job",
     }
     values.update(overrides)
-    spec = make_spec(world.model_dir, **values)
-    sandbox_cfg = next(iter(world.sandboxes.values())).node.require_sandbox()
-    manifest = read_manifest(sandbox_cfg.package, load_ed25519_public(sandbox_cfg.manifest_key))
-    aggregator = AggregatorSandbox.load(
-        world.deployment.provider.aggregator, run_id=RUN_ID, model_digest=manifest_digest(manifest)
-    )
-    grid = SandboxGrid(dict(world.sandboxes), spec)
-    sink = MemoryEventSink()
-    job = SecureJob(
-        grid, spec, sandbox=aggregator, events=sink, run_id=RUN_ID, sleep=lambda _: None
-    )
-    return job, grid, sink
-
-
-def _of(sink: MemoryEventSink, kind: type[events.Event]) -> list[Any]:
-    return [e for e in sink.events if isinstance(e, kind)]
+    return start_job(world, make_spec(world.model_dir, **values), RUN_ID, SecureJob)
 
 
 def _committed_delta(spec: RunSpec) -> dict[str, np.ndarray]:
@@ -285,7 +148,7 @@ def _committed_delta(spec: RunSpec) -> dict[str, np.ndarray]:
 
 
 def _plain_mean(
-    world: World, nodes: Iterable[int], rnd: int
+    world: World[RecordingSandbox], nodes: Iterable[int], rnd: int
 ) -> tuple[dict[str, np.ndarray], float]:
     """The plaintext weighted mean of ``nodes``' true updates, and their summed weight."""
     total: dict[str, np.ndarray] = {}
@@ -299,11 +162,11 @@ def _plain_mean(
     return {n: v / weight for n, v in total.items()}, weight
 
 
-def _journal(world: World, node_id: int) -> list[dict[str, Any]]:
+def _journal(world: World[RecordingSandbox], node_id: int) -> list[dict[str, Any]]:
     return read_journal(world.sandboxes[node_id].node.journal_path)  # type: ignore[arg-type]
 
 
-def _revealed(world: World, node_id: int, run: int) -> list[dict[str, Any]]:
+def _revealed(world: World[RecordingSandbox], node_id: int, run: int) -> list[dict[str, Any]]:
     return [
         e
         for e in _journal(world, node_id)
@@ -325,7 +188,7 @@ def _masked_inputs(job: SecureJob, grid: SandboxGrid) -> dict[int, np.ndarray]:
 
 
 def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
-    world: World, tmp_path: Path
+    world: World[RecordingSandbox], tmp_path: Path
 ) -> None:
     """FFA with secure aggregation: nothing the ServerApp receives holds any node's update
     (not its float bytes, not its quantized values), and the committed adapter moved by
@@ -334,7 +197,7 @@ def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
     job.run()
     deltas = _committed_delta(job.spec)
     expected, weight = _plain_mean(world, world.sandboxes, 1)
-    protocol_bound = _of(sink, events.SecaggUnmasked)[0]
+    protocol_bound = events_of(sink, events.SecaggUnmasked)[0]
     assert protocol_bound.dropped == []
     assert sorted(protocol_bound.survivors) == sorted(NODE_IDS.values())
     quantization = Quantization(job.spec.secagg_clip, 3)
@@ -369,16 +232,16 @@ def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
         assert vector.shape == true.shape
         assert np.mean(vector == true) < 0.01
     # The log names each stage's nodes; every node revealed seeds only, no key shares.
-    stages = {e.stage: e.nodes for e in _of(sink, events.SecaggStage)}
+    stages = {e.stage: e.nodes for e in events_of(sink, events.SecaggStage)}
     assert sorted(stages[STAGE_SHARE]) == sorted(stages[STAGE_MASK]) == sorted(NODE_IDS.values())
-    assert not _of(sink, events.UpdateAccepted)
+    assert not events_of(sink, events.UpdateAccepted)
     for node_id in world.sandboxes:
         (revealed,) = _revealed(world, node_id, job.run_id)
         assert revealed["keys_of"] == []
 
 
 def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
-    world: World, tmp_path: Path
+    world: World[RecordingSandbox], tmp_path: Path
 ) -> None:
     """Dropout: one node stops answering after the share stage; the round completes with
     the other two, the committed adapter equals their plaintext weighted mean, and the
@@ -394,7 +257,7 @@ def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
     grid.hook = stop_after_sharing
     job.run()
     survivors = [n for n in world.sandboxes if n != lost]
-    (unmasked,) = _of(sink, events.SecaggUnmasked)
+    (unmasked,) = events_of(sink, events.SecaggUnmasked)
     assert unmasked.dropped == [lost]
     assert sorted(unmasked.survivors) == sorted(survivors)
     expected, weight = _plain_mean(world, survivors, 1)
@@ -410,7 +273,7 @@ def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
 
 
 def test_a_masked_input_replayed_into_the_next_round_is_refused(
-    world: World, tmp_path: Path
+    world: World[RecordingSandbox], tmp_path: Path
 ) -> None:
     """A node's round-1 masked input, replayed as its round-2 answer, does not open for
     round 2 (the envelope binds the round): it is refused and logged, the node counts as
@@ -430,15 +293,15 @@ def test_a_masked_input_replayed_into_the_next_round_is_refused(
 
     grid.hook = replay
     job.run()
-    rejected = [e for e in _of(sink, events.UpdateRejected) if e.round == 2]
+    rejected = [e for e in events_of(sink, events.UpdateRejected) if e.round == 2]
     assert [e.node for e in rejected] == [victim]
-    unmasked = {e.round: e for e in _of(sink, events.SecaggUnmasked)}
+    unmasked = {e.round: e for e in events_of(sink, events.SecaggUnmasked)}
     assert unmasked[1].dropped == []
     assert unmasked[2].dropped == [victim]
-    assert [e.round for e in _of(sink, events.AggregateCommitted)] == [1, 2]
+    assert [e.round for e in events_of(sink, events.AggregateCommitted)] == [1, 2]
 
 
-def _forged_advert(world: World, node_id: int, rnd: int, run: int) -> bytes:
+def _forged_advert(world: World[RecordingSandbox], node_id: int, rnd: int, run: int) -> bytes:
     """Keys for ``node_id`` signed by a key the verifier never certified: its
     certification is signed by another result key (a verifier the nodes do not trust)."""
     key = Ed25519PrivateKey.generate()
@@ -467,7 +330,9 @@ def _forged_advert(world: World, node_id: int, rnd: int, run: int) -> bytes:
     return advert.to_bytes()
 
 
-def test_keys_not_signed_by_an_attested_identity_are_left_out(world: World, tmp_path: Path) -> None:
+def test_keys_not_signed_by_an_attested_identity_are_left_out(
+    world: World[RecordingSandbox], tmp_path: Path
+) -> None:
     """An advertisement whose signing key the key broker never certified (the aggregator
     or a man in the middle substituting keys) is refused and logged; the round goes on
     with the two attested nodes, and they never mask with the forged keys."""
@@ -482,17 +347,19 @@ def test_keys_not_signed_by_an_attested_identity_are_left_out(world: World, tmp_
 
     grid.hook = forge
     job.run()
-    refused = [e for e in _of(sink, events.NodeRefused) if e.node == victim]
+    refused = [e for e in events_of(sink, events.NodeRefused) if e.node == victim]
     assert refused
     assert "not signed by an attested identity" in refused[0].reason
-    (advertised,) = _of(sink, events.SecaggAdvertised)
+    (advertised,) = events_of(sink, events.SecaggAdvertised)
     assert victim not in [n.node for n in advertised.nodes]
-    (unmasked,) = _of(sink, events.SecaggUnmasked)
+    (unmasked,) = events_of(sink, events.SecaggUnmasked)
     assert victim not in unmasked.survivors
     assert len(unmasked.survivors) == 2
 
 
-def test_a_node_refuses_a_share_request_carrying_forged_keys(world: World, tmp_path: Path) -> None:
+def test_a_node_refuses_a_share_request_carrying_forged_keys(
+    world: World[RecordingSandbox], tmp_path: Path
+) -> None:
     """A hostile aggregator that puts forged keys into the share request: every honest
     node refuses to seal shares (nothing of its seed or key leaves)."""
     job, _, _ = _job(world, tmp_path)
@@ -513,7 +380,7 @@ def test_a_node_refuses_a_share_request_carrying_forged_keys(world: World, tmp_p
                 out.append(msg)
             return super().push_messages(out)
 
-    hostile = Substituting(dict(world.sandboxes), job.spec)
+    hostile = Substituting(dict(world.sandboxes), job.spec, job.run_id)
     job.grid = hostile
     with pytest.raises(SecAggFailed):
         job.run()
@@ -527,7 +394,9 @@ def test_a_node_refuses_a_share_request_carrying_forged_keys(world: World, tmp_p
     assert len(errors) >= 2
 
 
-def test_fewer_survivors_than_the_threshold_fail_closed(world: World, tmp_path: Path) -> None:
+def test_fewer_survivors_than_the_threshold_fail_closed(
+    world: World[RecordingSandbox], tmp_path: Path
+) -> None:
     """Two of three nodes lost after sharing: the round fails closed. No unmask request
     is sent, no node reveals anything, nothing is committed."""
     job, grid, sink = _job(world, tmp_path)
@@ -539,9 +408,9 @@ def test_fewer_survivors_than_the_threshold_fail_closed(world: World, tmp_path: 
     grid.hook = stop
     with pytest.raises(SecAggFailed, match="fewer than the threshold"):
         job.run()
-    assert not [m for m in grid.sent if _stage_of(m) == STAGE_UNMASK]
-    assert not _of(sink, events.SecaggUnmasked)
-    assert not _of(sink, events.AggregateCommitted)
+    assert not [m for m in grid.sent if stage_of(m) == STAGE_UNMASK]
+    assert not events_of(sink, events.SecaggUnmasked)
+    assert not events_of(sink, events.AggregateCommitted)
     for node_id in world.sandboxes:
         assert not _revealed(world, node_id, job.run_id)
 
@@ -568,7 +437,7 @@ class AskingTwice(SecureJob):
 
 
 def test_a_survivor_refuses_to_reveal_the_key_share_of_a_node_that_did_not_drop(
-    world: World, tmp_path: Path
+    world: World[RecordingSandbox], tmp_path: Path
 ) -> None:
     """The aggregator, holding every masked input, asks a survivor for the masking-key
     share of another survivor (once as a second unmask request, once naming it both
@@ -590,7 +459,7 @@ def test_a_survivor_refuses_to_reveal_the_key_share_of_a_node_that_did_not_drop(
 
 
 def test_an_update_that_could_overflow_the_sum_is_refused_in_the_sandbox(
-    world: World, tmp_path: Path
+    world: World[RecordingSandbox], tmp_path: Path
 ) -> None:
     """A clip range too small for the updates: every node's sandbox refuses to quantize
     (the sum could overflow), nothing masked leaves, and the round fails closed."""
@@ -601,10 +470,12 @@ def test_an_update_that_could_overflow_the_sum_is_refused_in_the_sandbox(
         r for r in grid.received if r.has_content() and SEALED_KEY in r.content.config_records
     ]
     assert mask_replies == []
-    assert not _of(sink, events.AggregateCommitted)
+    assert not events_of(sink, events.AggregateCommitted)
 
 
-def test_a_node_adds_its_update_on_one_input_to_one_sum_only(world: World, tmp_path: Path) -> None:
+def test_a_node_adds_its_update_on_one_input_to_one_sum_only(
+    world: World[RecordingSandbox], tmp_path: Path
+) -> None:
     """The same job run again in a new run (the same config, round and global adapter):
     every node trained again, with randomness of its own (another update than the first
     run's), and refuses to mask it, so two sums of one input, whose difference could be
@@ -618,10 +489,10 @@ def test_a_node_adds_its_update_on_one_input_to_one_sum_only(world: World, tmp_p
     again, grid, sink = _job(world, tmp_path / "again", job_id=job.spec.job_id)
     with pytest.raises(SecAggFailed):
         again.run()
-    assert not _of(sink, events.AggregateCommitted)
+    assert not events_of(sink, events.AggregateCommitted)
     refused = [r for r in grid.received if r.has_error()]
     assert len(refused) == len(world.sandboxes)
-    assert not [m for m in grid.sent if _stage_of(m) == STAGE_UNMASK]
+    assert not [m for m in grid.sent if stage_of(m) == STAGE_UNMASK]
     for node_id, sandbox in world.sandboxes.items():
         name = sorted(first[node_id])[-1]
         assert not np.array_equal(sandbox.true_updates[1][name], first[node_id][name])

@@ -158,7 +158,7 @@ class DpRound(InRun):
     delta: float
     epsilon: float
     epsilon_total: float
-    budget: float
+    budget: float | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -308,7 +308,8 @@ class DpSpent(RunEvent):
     ``sample_rate``, per-example clip ``clip`` and Gaussian noise ``noise_multiplier`` x
     clip. ``epsilon`` is what the run has spent of the node's records so far (at
     ``delta``), ``epsilon_total`` what everything the node trained has, this run
-    included, and ``budget`` the node's declared budget. The auditor recomputes
+    included, and ``budget`` the node's declared budget (null: it declares none, and only
+    the run's ask bounds the run). The auditor recomputes
     ``epsilon`` from the run's logged rounds with an accountant of its own."""
 
     kind: ClassVar[str] = "dp_spent"
@@ -321,7 +322,7 @@ class DpSpent(RunEvent):
     delta: float
     epsilon: float
     epsilon_total: float
-    budget: float
+    budget: float | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

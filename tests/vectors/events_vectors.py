@@ -512,6 +512,23 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "budget": 8.0,
                 },
             ),
+            (
+                "a node that declares no budget of its own: the run's ask bounds it",
+                {
+                    **JOB,
+                    "kind": "dp_spent",
+                    "round": 1,
+                    "node": 3,
+                    "noise_multiplier": 1.2,
+                    "sample_rate": 0.0625,
+                    "steps": 12,
+                    "clip": 0.5,
+                    "delta": 1e-06,
+                    "epsilon": 1.5,
+                    "epsilon_total": 4.0,
+                    "budget": None,
+                },
+            ),
         ],
     ),
     (

@@ -14,12 +14,17 @@ audit nor match another such record (a rule compares present, non-empty values o
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -47,6 +52,7 @@ from sandbox.errors import (
     NoteMalformed,
     OriginMismatch,
     PolicyViolation,
+    PrivacyLedgerMismatch,
     ReleaseWithoutAppraisal,
     ScorecardInvalid,
     ScorecardMissing,
@@ -62,6 +68,9 @@ from sandbox.events import (
     ChannelCertified,
     ComparisonFinished,
     ComparisonStarted,
+    DpAggregate,
+    DpRound,
+    DpSpent,
     HeldoutCommitted,
     Key,
     KeyReleased,
@@ -682,6 +691,545 @@ class _SecureRounds:
                 )
 
 
+# -- differential privacy -------------------------------------------------------------------
+
+# The RDP orders the node's accountant (Opacus's RDPAccountant.DEFAULT_ALPHAS) minimises
+# over, written out: the audit recomputes with another implementation and imports no Opacus.
+RDP_ORDERS = (*(1 + x / 10 for x in range(1, 100)), *range(12, 64))
+# The orders the audit's accountant evaluates: those, and every integer order up to 64
+# (exact in both implementations), which bound the orders it cannot evaluate (below).
+_ORDERS = np.array(sorted({*RDP_ORDERS, *range(2, 65)}), dtype=np.float64)
+_USED = np.isin(_ORDERS, RDP_ORDERS)
+_FRACTIONAL = np.flatnonzero(np.floor(_ORDERS) != _ORDERS)
+_FLOOR = np.floor(_ORDERS[_FRACTIONAL])
+# Where the integer orders k-1 … k+2 around each fractional order sit in (0, 1, *_ORDERS).
+_AROUND = [
+    np.searchsorted(np.concatenate(([0.0, 1.0], _ORDERS)), _FLOOR + shift)
+    for shift in (-1, 0, 1, 2)
+]
+
+# How far a logged epsilon may sit from the audit's: 5% of it, plus 1e-3.
+#
+# Opacus (the node's accountant) and dp-accounting (the audit's) agree exactly at integer
+# RDP orders and differ at fractional ones: dp-accounting sums the absolute values of a
+# fractional order's series (an upper bound; Opacus keeps the signs), and below order
+# about 2 it often stops after 1000 terms and drops the order. Its epsilon is never below
+# Opacus's, and within about 1% of it where epsilon is below 10 (sigma 3, q 0.5, 100
+# steps: 9.06 and 9.15). Higher, where the best order is a low fractional one, the gap
+# grows (sigma 0.7, q 0.16, 100 steps: 25.24 and 25.51; sigma 0.5, q 0.5, 100 steps: 147
+# and 209): at an order dp-accounting drops, the audit puts the least RDP the integer
+# orders allow (:func:`_least_rdp`) and accepts a logged epsilon down to that bound, which
+# is sound but wide there (where DP protects little anyway). What the tolerance covers is
+# dp-accounting's excess at the fractional orders it does evaluate: at most 3.0% over 352
+# mechanisms (sigma 0.3-35, q 0.001-1, 1-1000 steps; sigma 3, q 0.3, 1000 steps: 19.81
+# and 20.40), so 2% would fail honest nodes. ``tests/test_audit_privacy.py`` measures it.
+EPSILON_RTOL = 0.05
+EPSILON_ATOL = 1e-3
+
+
+def _slack(bound: float) -> float:
+    return bound * EPSILON_RTOL + EPSILON_ATOL
+
+
+class _QuietSeries(logging.Filter):
+    """Drop dp-accounting's warning for each order it cannot evaluate: the audit bounds
+    those orders itself (:func:`_least_rdp`), so the warning would only alarm a reader."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+@functools.lru_cache(maxsize=256)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.float64]:
+    """RDP at each of ``_ORDERS`` of one DP-SGD step (a Poisson-subsampled Gaussian; the
+    Gaussian itself at ``sample_rate`` 1), by Google's dp-accounting. A dropped order is
+    infinite. Read-only: the cache hands the same array to every caller."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sample_rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, event)
+    accountant = RdpAccountant(list(_ORDERS))
+    quiet, series = _QuietSeries(), logging.getLogger("absl")
+    series.addFilter(quiet)
+    try:
+        accountant.compose(event)
+    finally:
+        series.removeFilter(quiet)
+    rdp = np.asarray(accountant.rdp, dtype=np.float64)
+    rdp.setflags(write=False)
+    return rdp
+
+
+def _least_rdp(rdp: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``rdp`` with each fractional order it lacks (infinite: dp-accounting dropped it)
+    replaced by the least value the integer orders allow.
+
+    ``f(a) = (a - 1) * rdp(a)`` is the log of a moment generating function, so convex in
+    ``a``, with ``f(0) = f(1) = 0``; a convex function lies above every secant extended
+    past its ends. For ``a`` in ``(k, k + 1)``: ``f(a)`` is at least the secant of ``k - 1``
+    and ``k`` extended to ``a``, the secant of ``k + 1`` and ``k + 2`` extended back to it,
+    and 0. Sums of such (compositions) are convex too."""
+    missing = ~np.isfinite(rdp[_FRACTIONAL])
+    if not missing.any():
+        return rdp
+    f = np.concatenate(([0.0, 0.0], (_ORDERS - 1) * rdp))
+    before, at, after, beyond = (f[index] for index in _AROUND)
+    alpha = _ORDERS[_FRACTIONAL]
+    with np.errstate(invalid="ignore"):  # infinite integer orders: nan, so no bound but 0
+        from_below = at + (alpha - _FLOOR) * (at - before)
+        from_above = after - (_FLOOR + 1 - alpha) * (beyond - after)
+    least = np.fmax(np.fmax(from_below, from_above), 0.0) / (alpha - 1)
+    bounded = rdp.copy()
+    bounded[_FRACTIONAL[missing]] = least[missing]
+    return bounded
+
+
+def _epsilon(rdp: npt.NDArray[np.float64], delta: float) -> float:
+    """The least epsilon at ``delta`` over Opacus's orders: the conversion of Balle et al.
+    2020 both implementations use (``rdp + log(1 - 1/a) - log(delta * a) / (a - 1)``),
+    without dp-accounting's shortcut to 0 for an RDP below delta squared, which Opacus
+    lacks (it would read a lower bound of 0 at one order as epsilon 0)."""
+    alpha, values = _ORDERS[_USED], rdp[_USED]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        epsilons = values + np.log1p(-1 / alpha) - np.log(delta * alpha) / (alpha - 1)
+    finite = epsilons[np.isfinite(epsilons)]
+    return max(0.0, float(finite.min())) if finite.size else math.inf
+
+
+class Composition:
+    """DP-SGD rounds composed by the audit's accountant (dp-accounting RDP, each round
+    ``steps`` Poisson-subsampled Gaussian steps; the caller checks each is a mechanism:
+    noise multiplier above 0, sampling rate in (0, 1]), and the epsilon they spend."""
+
+    def __init__(self, mechanisms: Iterable[tuple[float, float, int]] = ()) -> None:
+        self.rdp: npt.NDArray[np.float64] = np.zeros(len(_ORDERS))
+        for mechanism in mechanisms:
+            self.add(*mechanism)
+
+    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        if steps:
+            self.rdp = self.rdp + steps * _step_rdp(noise_multiplier, sample_rate)
+
+    def epsilon(self, delta: float) -> tuple[float, float]:
+        """Bounds on these rounds' epsilon at ``delta``: dp-accounting's own (the upper),
+        and the least an accountant over the same orders could give where dp-accounting
+        dropped an order (:func:`_least_rdp`; the same number when none that matters)."""
+        upper = _epsilon(self.rdp, delta)
+        return min(_epsilon(_least_rdp(self.rdp), delta), upper), upper
+
+
+def _real(value: Any) -> float | None:
+    """A logged number (not a bool), finite, as a float; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _whole(value: Any) -> int | None:
+    """A logged count or round number (an int, not a bool, at least 0); None otherwise."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _count(items: Sized, what: str) -> str:
+    return f"{len(items)} {what}{'' if len(items) == 1 else 's'}"
+
+
+def _shown(bounds: tuple[float, float]) -> str:
+    lower, upper = bounds
+    if upper - lower <= _slack(upper) / 10:
+        return f"{upper:.4g}"
+    return f"between {lower:.4g} and {upper:.4g}"
+
+
+@dataclass
+class _Spent:
+    """One node's record-level DP in one run, as logged so far."""
+
+    ueid: str | None
+    rounds: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    composition: Composition = field(default_factory=Composition)
+    last: dict[Key, float] = field(default_factory=dict)  # the last dp_spent's numbers
+    budget: float | None = None  # the last dp_spent's budget (None: the node declares none)
+    recomputed: tuple[float, float] = (0.0, 0.0)
+    disagreed: int = 0  # entries whose epsilon the audit does not reproduce
+    # (epsilon_total, delta, entry index, round) of the largest total logged
+    most: tuple[float, float, int, int] | None = None
+
+    def forget_after(self, rnd: int) -> None:
+        """A ServerApp restarted after round ``rnd`` runs the later rounds again. Their
+        first trainings stay in the composition (their updates left the node, and the
+        node's ledger counts them); only the rounds' order starts again after ``rnd``."""
+        self.rounds = {r: m for r, m in self.rounds.items() if r <= rnd}
+
+
+@dataclass
+class _Aggregated:
+    """A run's client-level DP (noisy aggregates), as logged so far."""
+
+    rounds: dict[int, float] = field(default_factory=dict)  # round -> noise multiplier
+    composition: Composition = field(default_factory=Composition)
+    last: dict[Key, float] = field(default_factory=dict)
+    recomputed: tuple[float, float] = (0.0, 0.0)
+    disagreed: int = 0
+
+    def forget_after(self, rnd: int) -> None:
+        self.rounds = {r: m for r, m in self.rounds.items() if r <= rnd}
+        self.composition = Composition((m, 1.0, 1) for m in self.rounds.values())
+
+
+@dataclass(frozen=True)
+class Spending:
+    """What the log says a run spent of privacy, and what the audit recomputes: one node's
+    records (record-level DP, ``node`` set) or any node's participation in the run's
+    aggregates (client-level, ``node`` None). Mechanism values are the distinct ones logged;
+    the epsilons are the last logged and the audit's for the same rounds; ``disagreed``
+    counts the entries whose epsilon the audit does not reproduce."""
+
+    run: str
+    node: str | None
+    ueid: str | None
+    rounds: int
+    noise_multiplier: tuple[float, ...]
+    sample_rate: tuple[float, ...]
+    steps: tuple[int, ...]
+    clip: tuple[float, ...]
+    delta: float
+    epsilon: float
+    recomputed: tuple[float, float]
+    epsilon_total: float | None
+    budget: float | None
+    disagreed: int
+
+
+_SPENT_NUMBERS = (
+    Key.NOISE_MULTIPLIER,
+    Key.SAMPLE_RATE,
+    Key.CLIP,
+    Key.DELTA,
+    Key.EPSILON,
+    Key.EPSILON_TOTAL,
+)
+_AGGREGATE_NUMBERS = (Key.NOISE_MULTIPLIER, Key.CLIP, Key.DELTA, Key.EPSILON)
+
+
+class _PrivacyLedger:
+    """The differential-privacy rules :func:`check_policy` keeps while it walks the log.
+
+    Record-level (``dp_spent``, per run and node): rounds strictly increase; after each
+    entry the audit composes the node's logged rounds of the run with its own accountant
+    (:class:`Composition`) and the logged epsilon must agree (:data:`EPSILON_RTOL`); the
+    epsilon stays within the node's budget and the run's ``dp_epsilon``, and the node's
+    total covers the run's epsilon and stays within its budget. Across runs, per node
+    identity (its ueid, as ``node_admitted`` names it; a Flower node id is per run), every
+    round the log records composes to at most the largest total the node logged. In a run
+    that asks record-level DP, and for any node that logged one in a run, every update
+    accepted and every masked input taken has its round's ``dp_spent`` (checked at the
+    end: a ``dp_spent`` may come before or after its update). Client-level
+    (``dp_aggregate``, per run): rounds strictly increase and the logged epsilon agrees
+    with the noisy aggregates composed so far; a run that asks ``dp_client_noise`` has one
+    for every committed aggregate. A ServerApp restarted in a run logs again the rounds
+    after the one it resumes from: for a node both trainings count, as in its ledger (both
+    updates left it); a re-run aggregate replaces the first (never published).
+    """
+
+    def __init__(self, violations: list[PolicyViolation]) -> None:
+        self.violations = violations
+        self.asked: dict[str, float | None] = {}  # run -> dp_epsilon (latest run_started)
+        self.record_level: set[str] = set()  # runs that ask record-level DP
+        self.client_level: set[str] = set()  # runs that ask client-level DP
+        self.ueids: dict[tuple[str, str], str] = {}  # (run, node) -> ueid
+        self.spent: dict[tuple[str, str], _Spent] = {}  # (run, node) -> its ledger
+        self.aggregated: dict[str, _Aggregated] = {}
+        self.logged: set[tuple[str, str, str]] = set()  # (run, round, node) with dp_spent
+        self.noised: set[tuple[str, str]] = set()  # (run, round) with dp_aggregate
+        # (index, run, round, node, what) of every update accepted or masked input taken
+        self.contributed: list[tuple[int, str, str, str, str]] = []
+        self.committed: list[tuple[int, str, str]] = []  # (index, run, round) aggregates
+
+    def _fail(self, index: int, what: str) -> None:
+        self.violations.append(PrivacyLedgerMismatch(f"entry {index}: {what}"))
+
+    def see(self, index: int, record: Mapping[str, Any]) -> None:
+        """Take one log entry (of any kind) in order."""
+        kind = record.get(Key.KIND)
+        run = _text(record.get(Key.RUN))
+        if kind == RunStarted.kind:
+            self.started(run, record)
+        elif kind == NodeAdmitted.kind:
+            key = _fields(record, Key.RUN, Key.NODE, Key.UEID)
+            if key is not None:
+                self.ueids.setdefault((key[0], key[1]), key[2])
+        elif kind == UpdateAccepted.kind:
+            where = (_text(record.get(Key.ROUND)), _text(record.get(Key.NODE)))
+            self.contributed.append((index, run, *where, "an update accepted"))
+        elif kind == SecaggStage.kind and record.get(Key.STAGE) == STAGE_MASK:
+            rnd = _text(record.get(Key.ROUND))
+            for node in dict.fromkeys(_ids(record.get(Key.NODES)) or []):
+                self.contributed.append((index, run, rnd, node, "a masked input taken"))
+        elif kind == AggregateCommitted.kind:
+            self.committed.append((index, run, _text(record.get(Key.ROUND))))
+        elif kind == DpSpent.kind:
+            self.spent_round(index, run, record)
+        elif kind == DpAggregate.kind:
+            self.aggregate(index, run, record)
+
+    def started(self, run: str, record: Mapping[str, Any]) -> None:
+        asked = _real(record.get(Key.DP_EPSILON))
+        self.asked[run] = asked
+        if asked is not None and asked > 0:
+            self.record_level.add(run)
+        noise = _real(record.get(Key.DP_CLIENT_NOISE))
+        if noise is not None and noise > 0:
+            self.client_level.add(run)
+        resumed = _whole(record.get(Key.RESUMED_AFTER_ROUND)) or 0
+        for (logged_run, _), spent in self.spent.items():
+            if logged_run == run:
+                spent.forget_after(resumed)
+        if run in self.aggregated:
+            self.aggregated[run].forget_after(resumed)
+
+    def _numbers(
+        self, index: int, record: Mapping[str, Any], names: Sequence[Key], what: str
+    ) -> tuple[int, dict[Key, float]] | None:
+        """The record's round and ``names`` as numbers, or None (and a violation)."""
+        rnd = _whole(record.get(Key.ROUND))
+        numbers = {name: _real(record.get(name)) for name in names}
+        bad = [*([Key.ROUND] if rnd is None else []), *(k for k, v in numbers.items() if v is None)]
+        if rnd is None or bad:
+            self._fail(
+                index,
+                f"{what} with no valid {', '.join(bad)}: its privacy cost cannot be checked",
+            )
+            return None
+        return rnd, {name: value for name, value in numbers.items() if value is not None}
+
+    def _ordered(self, index: int, rounds: Iterable[int], rnd: int, what: str) -> bool:
+        """Whether ``rnd`` comes after every round in ``rounds`` (else a violation)."""
+        last = max(rounds, default=None)
+        if last is None or rnd > last:
+            return True
+        again = "twice" if rnd in set(rounds) else f"after round {last}"
+        self._fail(index, f"{what} logged {again}: a ledger's rounds strictly increase")
+        return False
+
+    def spent_round(self, index: int, run: str, record: Mapping[str, Any]) -> None:
+        node = _text(record.get(Key.NODE))
+        where = f"run {run} node {node}'s dp_spent"
+        parsed = self._numbers(index, record, _SPENT_NUMBERS, where)
+        steps = _whole(record.get(Key.STEPS))
+        if parsed is None:
+            return
+        rnd, n = parsed
+        where = f"run {run} round {rnd} node {node}'s dp_spent"
+        self.logged.add((run, str(rnd), node))
+        sigma, rate, delta = n[Key.NOISE_MULTIPLIER], n[Key.SAMPLE_RATE], n[Key.DELTA]
+        if steps is None or not (sigma > 0 and 0 < rate <= 1 and n[Key.CLIP] > 0 and 0 < delta < 1):
+            self._fail(
+                index,
+                f"{where} is no DP-SGD mechanism (noise multiplier {sigma:g}, sampling rate "
+                f"{rate:g}, steps {record.get(Key.STEPS)!r}, clip {n[Key.CLIP]:g}, delta "
+                f"{delta:g})",
+            )
+            return
+        spent = self.spent.setdefault((run, node), _Spent(self.ueids.get((run, node))))
+        if not self._ordered(index, spent.rounds, rnd, where):
+            return
+        spent.rounds[rnd] = (sigma, rate, steps)
+        spent.composition.add(sigma, rate, steps)
+        spent.last = n
+        spent.budget = _real(record.get(Key.BUDGET))
+        spent.recomputed = spent.composition.epsilon(delta)
+        lower, upper = spent.recomputed
+        epsilon, total = n[Key.EPSILON], n[Key.EPSILON_TOTAL]
+        # null: the node declares no budget of its own (only the run's ask bounds it)
+        budget = math.inf if record.get(Key.BUDGET) is None else _real(record.get(Key.BUDGET))
+        if budget is None or budget <= 0:
+            self._fail(index, f"{where} logs no valid budget: {record.get(Key.BUDGET)!r}")
+            budget = math.inf
+        if not lower - _slack(lower) <= epsilon <= upper + _slack(upper):
+            spent.disagreed += 1
+            self._fail(
+                index,
+                f"{where} logs epsilon {epsilon:.4g}; its {_count(spent.rounds, 'logged round')} "
+                f"(this one {steps} steps at noise multiplier {sigma:g}, sampling rate "
+                f"{rate:g}) compose to epsilon {_shown(spent.recomputed)} at delta {delta:g} "
+                "by the audit's own accountant (dp-accounting)",
+            )
+        if epsilon > budget + _slack(budget):
+            self._fail(
+                index, f"{where} logs epsilon {epsilon:.4g}, over the node's budget {budget:g}"
+            )
+        if total < epsilon - _slack(epsilon):
+            self._fail(
+                index,
+                f"{where} logs a total epsilon {total:.4g} below the run's {epsilon:.4g}",
+            )
+        if total > budget + _slack(budget):
+            self._fail(
+                index,
+                f"{where} logs a total epsilon {total:.4g}, over the node's budget {budget:g}",
+            )
+        asked = self.asked.get(run)
+        if asked is not None and asked > 0 and epsilon > asked + _slack(asked):
+            self._fail(
+                index,
+                f"{where} logs epsilon {epsilon:.4g}, over the {asked:g} the run asks (dp_epsilon)",
+            )
+        if spent.most is None or total >= spent.most[0]:
+            spent.most = (total, delta, index, rnd)
+
+    def aggregate(self, index: int, run: str, record: Mapping[str, Any]) -> None:
+        where = f"run {run}'s dp_aggregate"
+        parsed = self._numbers(index, record, _AGGREGATE_NUMBERS, where)
+        if parsed is None:
+            return
+        rnd, n = parsed
+        where = f"run {run} round {rnd}'s dp_aggregate"
+        self.noised.add((run, str(rnd)))
+        sigma, delta = n[Key.NOISE_MULTIPLIER], n[Key.DELTA]
+        if not (sigma > 0 and n[Key.CLIP] > 0 and 0 < delta < 1):
+            self._fail(
+                index,
+                f"{where} is no Gaussian mechanism (noise multiplier {sigma:g}, clip "
+                f"{n[Key.CLIP]:g}, delta {delta:g})",
+            )
+            return
+        aggregated = self.aggregated.setdefault(run, _Aggregated())
+        if not self._ordered(index, aggregated.rounds, rnd, where):
+            return
+        aggregated.rounds[rnd] = sigma
+        aggregated.composition.add(sigma, 1.0, 1)  # every node in every aggregate
+        aggregated.last = n
+        aggregated.recomputed = aggregated.composition.epsilon(delta)
+        lower, upper = aggregated.recomputed
+        epsilon = n[Key.EPSILON]
+        if not lower - _slack(lower) <= epsilon <= upper + _slack(upper):
+            aggregated.disagreed += 1
+            self._fail(
+                index,
+                f"{where} logs client-level epsilon {epsilon:.4g}; its "
+                f"{_count(aggregated.rounds, 'noisy aggregate')} (this one at noise multiplier "
+                f"{sigma:g}) compose to epsilon {_shown(aggregated.recomputed)} at delta "
+                f"{delta:g} by the audit's own accountant (dp-accounting)",
+            )
+
+    def end(self) -> None:
+        """At the end of the log: every contribution in the ledger, every noisy aggregate
+        logged, and each node's largest total covering all the log records of it."""
+        dp_nodes = {key for key in self.spent} | {(run, node) for run, _, node in self.logged}
+        missing: set[tuple[str, str, str]] = set()
+        for index, run, rnd, node, what in self.contributed:
+            asked = run in self.record_level or (run, node) in dp_nodes
+            if asked and (run, rnd, node) not in self.logged | missing:
+                missing.add((run, rnd, node))
+                self._fail(
+                    index,
+                    f"run {run} round {rnd}: {what} from node {node}, with no dp_spent for "
+                    "that round and node: its privacy cost is missing from the ledger",
+                )
+        for index, run, rnd in self.committed:
+            if run in self.client_level and (run, rnd) not in self.noised:
+                self._fail(
+                    index,
+                    f"run {run} round {rnd}: the run asks client-level DP (dp_client_noise), "
+                    "and the aggregate has no dp_aggregate",
+                )
+        self._identities()
+
+    def _identities(self) -> None:
+        """Per node identity, all its logged rounds (every run) against its largest total."""
+        identities: dict[tuple[str, ...], list[tuple[str, str, _Spent]]] = {}
+        for (run, node), spent in self.spent.items():
+            ueid = spent.ueid or self.ueids.get((run, node))
+            key = ("ueid", ueid) if ueid else ("node", run, node)
+            identities.setdefault(key, []).append((run, node, spent))
+        for ledgers in identities.values():
+            everything = Composition()
+            everything.rdp = sum((s.composition.rdp for _, _, s in ledgers), everything.rdp)
+            most = max(
+                ((s.most, run, node) for run, node, s in ledgers if s.most is not None),
+                key=lambda item: (item[0][0], item[0][2]),
+                default=None,
+            )
+            if most is None:
+                continue
+            (total, delta, index, rnd), run, node = most
+            lower, _ = everything.epsilon(delta)
+            if lower > total + _slack(total):
+                rounds = sum(len(s.rounds) for _, _, s in ledgers)
+                self._fail(
+                    index,
+                    f"run {run} round {rnd} node {node} logs a total epsilon {total:.4g}, the "
+                    f"largest it logs, yet the {rounds} rounds the log records of that node "
+                    f"(ueid {ledgers[0][2].ueid or 'unknown'}, {len(ledgers)} run(s)) compose "
+                    f"to at least {lower:.4g} at delta {delta:g}: its total leaves out "
+                    "spending the log itself shows",
+                )
+
+    def spending(self) -> list[Spending]:
+        """Every run's and node's spending, in the order the log first shows it."""
+        rows = []
+        for (run, node), spent in self.spent.items():
+            if not spent.last:
+                continue
+            mechanisms = list(spent.rounds.values())
+            rows.append(
+                Spending(
+                    run=run,
+                    node=node,
+                    ueid=spent.ueid or self.ueids.get((run, node)),
+                    rounds=len(mechanisms),
+                    noise_multiplier=tuple(dict.fromkeys(m[0] for m in mechanisms)),
+                    sample_rate=tuple(dict.fromkeys(m[1] for m in mechanisms)),
+                    steps=tuple(dict.fromkeys(m[2] for m in mechanisms)),
+                    clip=(spent.last[Key.CLIP],),
+                    delta=spent.last[Key.DELTA],
+                    epsilon=spent.last[Key.EPSILON],
+                    recomputed=spent.recomputed,
+                    epsilon_total=spent.last[Key.EPSILON_TOTAL],
+                    budget=spent.budget,
+                    disagreed=spent.disagreed,
+                )
+            )
+        for run, aggregated in self.aggregated.items():
+            if not aggregated.last:
+                continue
+            rows.append(
+                Spending(
+                    run=run,
+                    node=None,
+                    ueid=None,
+                    rounds=len(aggregated.rounds),
+                    noise_multiplier=tuple(dict.fromkeys(aggregated.rounds.values())),
+                    sample_rate=(1.0,),
+                    steps=(1,),
+                    clip=(aggregated.last[Key.CLIP],),
+                    delta=aggregated.last[Key.DELTA],
+                    epsilon=aggregated.last[Key.EPSILON],
+                    recomputed=aggregated.recomputed,
+                    epsilon_total=None,
+                    budget=None,
+                    disagreed=aggregated.disagreed,
+                )
+            )
+        return rows
+
+
+def privacy_spending(records: Sequence[Mapping[str, Any]]) -> list[Spending]:
+    """What the log says each run spent of differential privacy, per node (record-level)
+    and per run (client-level), beside the audit's own recomputation: for the report."""
+    ledger = _PrivacyLedger([])
+    for index, record in enumerate(records):
+        ledger.see(index, record)
+    return ledger.spending()
+
+
 class _Comparisons:
     """The state the comparison rules keep while :func:`check_policy` walks the log: the
     keys certified for signing, each node's committed held-out set, and the valid
@@ -955,15 +1503,21 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
       in the log (else ScorecardUnattested); one ueid commits one held-out set per
       comparison, and every scorecard comes after its ueid's commitment and names that set
       (else ScorecardRootMismatch); once a comparison finishes, every model it started
-      with has a valid scorecard from every ueid that committed (else ScorecardMissing).
+      with has a valid scorecard from every ueid that committed (else ScorecardMissing);
+    - every differential-privacy epsilon a node or the provider logs is the one the audit's
+      own accountant computes from the logged rounds, within the node's budget and the
+      run's ask, and no round that trained with DP is missing from the ledger
+      (:class:`_PrivacyLedger`, else PrivacyLedgerMismatch).
 
     Fields a rule compares must be present: missing values never match each other.
     """
     policy = _Policy()
     comparisons = _Comparisons(policy.violations)
     secure = _SecureRounds(policy.violations)
+    privacy = _PrivacyLedger(policy.violations)
     for index, record in enumerate(records):
         kind = record.get(Key.KIND)
+        privacy.see(index, record)
         if kind is None:
             policy.violations.append(PolicyViolation(f"entry {index}: {record.get('malformed')}"))
         elif kind == AttestationAppraised.kind:
@@ -1007,6 +1561,7 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
             comparisons.finished(index, record)
     comparisons.end(len(records))
     secure.end()
+    privacy.end()
     return policy.violations
 
 
@@ -1021,7 +1576,9 @@ def crosscheck(
     - every update the log accepts or rejects from this node, in a run the journal
       covers, is one the journal says it sent;
     - in a secure-aggregation round, the same for masked inputs, and for the key shares
-      the node revealed (:func:`_crosscheck_secure`).
+      the node revealed (:func:`_crosscheck_secure`);
+    - every round the node's privacy ledger records is logged with the same numbers, and
+      the other way round (:func:`_crosscheck_privacy`).
     """
     secure = _SecureLog(records)
     sent: set[tuple[str, ...]] = set()
@@ -1096,6 +1653,7 @@ def crosscheck(
         mismatches
         + _crosscheck_secure(secure, journal, journal_sent, name, covered)
         + _crosscheck_signed(records, journal, name, covered)
+        + _crosscheck_privacy(records, journal, name, covered)
     )
 
 
@@ -1268,6 +1826,84 @@ def _crosscheck_signed(
                         f"{node} in run {run} that the node's journal never sent"
                     )
                 )
+    return mismatches
+
+
+# What a node's journal (dp_round) and the log (dp_spent) both say of a DP round.
+_LEDGER_NUMBERS = (
+    Key.NOISE_MULTIPLIER,
+    Key.SAMPLE_RATE,
+    Key.STEPS,
+    Key.CLIP,
+    Key.DELTA,
+    Key.EPSILON,
+    Key.EPSILON_TOTAL,
+    Key.BUDGET,
+)
+
+
+def _crosscheck_privacy(
+    records: Sequence[Mapping[str, Any]],
+    journal: Sequence[Mapping[str, Any]],
+    name: str,
+    covered: set[tuple[str, str]],
+) -> list[JournalMismatch]:
+    """The node's privacy ledger, both ways: each DP round its journal records
+    (``dp_round``) is logged as ``dp_spent`` for that run, round and node with the same
+    numbers (a provider that logs less than the node reported is caught here, whatever
+    the accountants say), and each ``dp_spent`` the log has from the node, in a run its
+    journal covers, is one the journal records. The numbers travel as float64 from the
+    node's reply into the log, so they are compared exactly."""
+    logged: dict[tuple[str, str, str], list[tuple[float | None, ...]]] = {}
+    for record in records:
+        if record.get(Key.KIND) == DpSpent.kind:
+            where = (
+                _text(record.get(Key.RUN)),
+                _text(record.get(Key.ROUND)),
+                _text(record.get(Key.NODE)),
+            )
+            numbers = tuple(_real(record.get(key)) for key in _LEDGER_NUMBERS)
+            logged.setdefault(where, []).append(numbers)
+    mismatches: list[JournalMismatch] = []
+    kept: set[tuple[str, str, str]] = set()
+    for number, entry in enumerate(journal, 1):
+        if entry.get(Key.KIND) != DpRound.kind:
+            continue
+        run, rnd = _text(entry.get(Key.RUN_ID)), _text(entry.get(Key.ROUND))
+        node = _text(entry.get(Key.NODE_ID))
+        kept.add((run, rnd, node))
+        label = f"{name} entry {number} ({DpRound.kind}, run {run}, round {rnd})"
+        numbers = tuple(_real(entry.get(key)) for key in _LEDGER_NUMBERS)
+        found = logged.get((run, rnd, node))
+        if not found:
+            mismatches.append(
+                JournalMismatch(
+                    f"{label}: node {node} trained this round with DP (epsilon "
+                    f"{_text(entry.get(Key.EPSILON))}), and the provider's log has no "
+                    "dp_spent for it"
+                )
+            )
+        elif None in numbers or numbers not in found:
+            differ = [
+                f"{key} {_text(ours)} in the journal, {_text(theirs)} in the log"
+                for key, ours, theirs in zip(_LEDGER_NUMBERS, numbers, found[-1], strict=True)
+                if ours is None or ours != theirs
+            ]
+            mismatches.append(
+                JournalMismatch(
+                    f"{label}: the provider's log records node {node}'s DP round with other "
+                    f"numbers: {'; '.join(differ)}"
+                )
+            )
+    covered = covered | {(run, node) for run, _, node in kept}
+    for run, rnd, node in sorted(logged):
+        if (run, node) in covered and (run, rnd, node) not in kept:
+            mismatches.append(
+                JournalMismatch(
+                    f"{name}: the provider's log has a dp_spent from node {node} in run {run} "
+                    f"round {rnd} that the node's journal never recorded"
+                )
+            )
     return mismatches
 
 

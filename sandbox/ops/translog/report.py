@@ -33,6 +33,8 @@ from sandbox.events import (
     ComparisonFinished,
     ComparisonStarted,
     DenialsRateLimited,
+    DpAggregate,
+    DpSpent,
     Event,
     HeldoutCommitted,
     Key,
@@ -53,6 +55,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.ops.translog.audit import Spending, privacy_spending
 
 __all__ = ["render_report"]
 
@@ -100,6 +103,8 @@ KIND_LABELS = {
     SecaggAdvertised.kind: "Secure aggregation: keys advertised",
     SecaggStage.kind: "Secure aggregation: stage completed",
     SecaggUnmasked.kind: "Secure aggregation: sum unmasked",
+    DpSpent.kind: "Privacy spent by a participant",
+    DpAggregate.kind: "Privacy spent by an aggregate",
     RunFinished.kind: "Training run finished",
     ComparisonStarted.kind: "Model comparison started",
     HeldoutCommitted.kind: "Held-out set committed",
@@ -864,6 +869,82 @@ def _participants(runs: Sequence[tuple[RunKey, list[Record]]]) -> str:
     return f'<section id="participants"><h2>Participants</h2>{intro}{"".join(blocks)}</section>'
 
 
+def _numbers(values: Iterable[float], digits: int = 3) -> str:
+    return _join(_number(value, digits) for value in values)
+
+
+def _recomputed(row: Spending) -> str:
+    """The audit's epsilon (a range where its accountant can only bound it), marked when
+    some logged epsilon of the row is not what the mechanism costs."""
+    lower, upper = (_number(bound) for bound in row.recomputed)
+    shown = upper if lower == upper else f"{lower}–{upper}"
+    if row.disagreed:
+        why = f"{_plural(row.disagreed, 'logged epsilon')} not reproduced by the audit"
+        shown += " " + _tag("differs", "bad", why)
+    return shown
+
+
+def _privacy(records: Sequence[Record]) -> str:
+    intro = (
+        "<p>Differential privacy bounds what anyone could learn from the trained model about "
+        "one training example (<em>record-level</em>: each participant trains with clipped, "
+        "noisy steps) or about one participant (<em>client-level</em>: noise on each round’s "
+        "combined update). <strong>ε</strong> (epsilon) is how much of that protection was "
+        "spent: lower is more private; δ is the small chance the bound does not hold. Each "
+        "participant reports what its rounds cost; the auditor recomputes ε from the logged "
+        "noise (σ), sampling rate and steps with an accountant of its own, and marks in red "
+        "a logged ε it does not reproduce. <strong>ε total</strong> counts every run the "
+        "participant’s data trained in, against its declared <strong>budget</strong>.</p>"
+    )
+    rows = privacy_spending(records)
+    nodes = [
+        [
+            _esc(row.run),
+            _esc(row.node),
+            _digest(row.ueid),
+            str(row.rounds),
+            _numbers(row.noise_multiplier),
+            _numbers(row.sample_rate, 4),
+            _join(str(steps) for steps in row.steps),
+            _numbers(row.clip),
+            _esc(f"{row.delta:g}"),
+            _number(row.epsilon),
+            _recomputed(row),
+            _number(row.epsilon_total),
+            _number(row.budget),
+        ]
+        for row in rows
+        if row.node is not None
+    ]
+    clients = [
+        [
+            _esc(row.run),
+            str(row.rounds),
+            _numbers(row.noise_multiplier),
+            _numbers(row.clip),
+            _esc(f"{row.delta:g}"),
+            _number(row.epsilon),
+            _recomputed(row),
+        ]
+        for row in rows
+        if row.node is None
+    ]
+    parts = ['<section id="privacy"><h2>Differential privacy</h2>', intro]
+    if nodes:
+        headers = ["Run", "Node", "Sandbox", "Rounds", "Noise σ", "Sampling rate q"]
+        headers += ["Steps per round", "Clip", "δ", "Logged ε (run)", "Recomputed ε"]
+        parts.append("<h3>Per participant (record-level)</h3>")
+        parts.append(_table([*headers, "ε total", "Budget"], nodes))
+    if clients:
+        headers = ["Run", "Noisy aggregates", "Noise σ", "Clip", "δ", "Logged ε"]
+        parts.append("<h3>Per run (client-level)</h3>")
+        parts.append(_table([*headers, "Recomputed ε"], clients))
+    if not rows:
+        parts.append("<p>The log records no differential-privacy spending.</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _summary_value(value: object, nested: bool = False) -> str:
     """One field's value, compact: long digests shortened, big structures counted."""
     if isinstance(value, str):
@@ -934,6 +1015,7 @@ def render_report(
         _metrics(runs),
         _attestations(events),
         _participants(runs),
+        _privacy(events),
         _event_log(events),
     ]
     return (
