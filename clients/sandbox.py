@@ -597,10 +597,11 @@ class NodeSandbox:
         metrics: dict[str, float] = {
             NUM_EXAMPLES: float(len(split.train)),
             "heldout-examples": float(len(split.heldout)),
-            "train-loss": loss,
             **_prefixed("before", before),
             **_prefixed("after", after),
         }
+        if privacy is None:  # under DP no training loss leaves: it is not noised
+            metrics["train-loss"] = loss
         if privacy is not None and spent is not None:
             metrics.update(self._spend(request, privacy, *spent))
         return update, metrics, before, train_seconds

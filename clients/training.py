@@ -114,11 +114,10 @@ def _train_private(
     spec: RunSpec,
     steps: int,
     private: Private,
-) -> tuple[list[float], bool]:
+) -> None:
     """``steps`` steps of DP-SGD (Opacus's per-example gradients, clipping and noise) on
-    AdamW; the losses of the batches that had a completion to learn, and whether any step
-    drew a row. Which rows each step draws is as secret as the noise (the privacy
-    amplification by sampling counts on it)."""
+    AdamW. Which rows each step draws is as secret as the noise (the privacy amplification
+    by sampling counts on it)."""
     from opacus import GradSampleModule
 
     rng = np.random.default_rng()  # fresh OS entropy
@@ -131,30 +130,46 @@ def _train_private(
     )
     optimizer.rng = rng
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    losses: list[float] = []
-    drawn = False
     try:
         sampled.train()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             picked = np.flatnonzero(rng.random(len(examples)) < private.sample_rate)
             rows = [examples[int(i)] for i in picked]
-            drawn = drawn or bool(rows)
-            batch = encode(rows, tokenizer, spec) if rows else None
-            if batch is None or not (batch.labels != IGNORE_INDEX).any():
+            if rows:
+                batch = encode(rows, tokenizer, spec)
+                loss = _example_mean_loss(sampled, batch, spec)
+                loss.backward()  # type: ignore[no-untyped-call]
+            else:
                 # An empty batch still takes its noisy step: skipping it would tell.
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-            else:
-                out = sampled(**batch.inputs, labels=batch.labels)
-                out.loss.backward()
-                losses.append(float(out.loss.detach()))
             optimizer.step()
     finally:
         optimizer.zero_grad(set_to_none=True)
         sampled.cleanup()  # the hooks go: the model in memory trains on as it was
         model.eval()
-    return losses, drawn
+
+
+def _example_mean_loss(model: Any, batch: Batch, spec: RunSpec) -> torch.Tensor:
+    """The mean over the batch's rows of each row's own loss, so that one row's gradient
+    does not depend on the other rows (DP-SGD's sensitivity counts on it). Classification's
+    loss is that already; a causal LM's is the mean over every token of the batch, so each
+    row's mean over its own completion tokens is taken first (a row whose completion was
+    truncated away counts 0, and nothing is raised: that would depend on the data)."""
+    if spec.task == TASK_CLASSIFICATION:
+        loss: torch.Tensor = model(**batch.inputs, labels=batch.labels).loss
+        return loss
+    logits = model(**batch.inputs).logits[:, :-1, :]
+    targets = batch.labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return (per_token.sum(dim=1) / counted).mean()
 
 
 def train_local(
@@ -167,15 +182,14 @@ def train_local(
     steps: int | None = None,
     private: Private | None = None,
 ) -> float:
-    """Run ``steps`` optimizer steps of AdamW on the trainable parameters (with
-    ``private``, of DP-SGD); return the mean loss."""
+    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; return the mean
+    loss. With ``private``, DP-SGD, and the loss is NaN (none leaves)."""
     steps = spec.local_steps if steps is None else steps
     if private is not None:
-        noisy, drawn = _train_private(model, tokenizer, examples, spec, steps, private)
-        if drawn and not noisy:
-            raise _truncated(spec)
-        # No row drawn in any step (Poisson sampling at a small rate): noise steps only.
-        return sum(noisy) / len(noisy) if noisy else math.nan
+        # No loss: one over the sampled rows carries no noise, and whether it exists would
+        # say whether any row was drawn.
+        _train_private(model, tokenizer, examples, spec, steps, private)
+        return math.nan
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tomllib
 from abc import ABC, abstractmethod
@@ -49,6 +50,9 @@ MIN_FEDERATED_NODES = 2
 EXAMPLES_LIMIT = 2**53
 # The longest path a Unix domain socket may have on Linux (sun_path less its NUL).
 MAX_SOCKET_PATH = 107
+# The smallest noise multiplier a run may set (0 turns the noise off): below it the noise
+# protects nothing and the accountants' arithmetic overflows.
+MIN_NOISE_MULTIPLIER = 0.1
 
 
 # -- rules: how one key's value is read, checked and written --------------------------------
@@ -504,6 +508,31 @@ class RunSpec:
                 path=source,
                 key="mode",
             )
+        for key, noise in (
+            ("dp-noise-multiplier", self.dp_noise_multiplier),
+            ("dp-client-noise", self.dp_client_noise),
+        ):
+            if 0 < noise < MIN_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"{noise!r} is below {MIN_NOISE_MULTIPLIER}: that little noise protects "
+                    "nothing; 0 turns it off",
+                    path=source,
+                    key=key,
+                )
+        if self.secure_aggregation and self.client_dp:
+            # The largest value a node masks: its clipped change plus 6 standard deviations
+            # of its noise share at the smallest threshold (2); beyond secagg-clip it would
+            # be cut, and the noise would not be the noise the accountant counts.
+            share = self.dp_client_noise * self.dp_client_clip / math.sqrt(2)
+            needed = self.dp_client_clip + 6 * share
+            if needed > self.secagg_clip:
+                raise ConfigError(
+                    f"{self.secagg_clip:g} is too small for client-level noise "
+                    f"{self.dp_client_noise:g} x clip {self.dp_client_clip:g}: each node's "
+                    f"noisy share needs a range of at least {needed:.3g}",
+                    path=source,
+                    key="secagg-clip",
+                )
         if self.secure_aggregation and (self.comparison or self.model_id == LOCAL_MODEL):
             raise ConfigError(
                 f"mode {self.mode!r} does not run in a comparison: scorecards name each "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -149,6 +150,7 @@ def append_journal(node: NodeConfig, entry: NodeEvent | Mapping[str, Any]) -> No
         seq = _seq_of(last, path) + 1
         handle.write(_signed_line(key, seq, hashlib.sha256(last).hexdigest(), record) + b"\n")
         handle.flush()
+        os.fsync(handle.fileno())  # the journal is the privacy ledger: it survives a crash
 
 
 def read_journal(path: Path, *, public_key: Ed25519PublicKey | None = None) -> list[dict[str, Any]]:

@@ -31,6 +31,10 @@ from sandbox.config import (
 )
 from sandbox.errors import PrivacyBudgetExhausted, PrivacyBudgetRefused
 
+# The RDP orders every accountant here minimises over: integers only, where Opacus's RDP
+# and the auditor's (Google's dp-accounting) are computed exactly, so the two agree; at
+# fractional orders each approximates its own way (dp-accounting's series may give up).
+RDP_ORDERS = (*range(2, 65), 80, 96, 128, 160, 192, 256)
 # Relative slack for float rounding when comparing an epsilon with a budget.
 SLACK = 1e-9
 # The largest noise multiplier fitted: beyond it training is noise alone.
@@ -52,7 +56,8 @@ class Mechanism:
 
 
 def epsilon_of(mechanisms: Sequence[Mechanism], delta: float) -> float:
-    """Epsilon (at ``delta``) of the mechanisms composed, by Opacus's RDP accountant."""
+    """Epsilon (at ``delta``) of the mechanisms composed, by Opacus's RDP accountant over
+    :data:`RDP_ORDERS`."""
     from opacus.accountants import RDPAccountant
 
     steps: dict[tuple[float, float], int] = {}
@@ -66,7 +71,7 @@ def epsilon_of(mechanisms: Sequence[Mechanism], delta: float) -> float:
         return math.inf
     accountant = RDPAccountant()
     accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 
 def fit_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -82,6 +87,7 @@ def fit_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> f
             steps=steps,
             accountant="rdp",
             epsilon_tolerance=min(0.01, epsilon / 100),
+            alphas=list(RDP_ORDERS),
         )
     except ValueError as exc:  # Opacus: the target cannot be reached below its ceiling
         raise PrivacyBudgetRefused(

@@ -44,6 +44,7 @@ from sandbox.attestation.result import (
 from sandbox.canonical import canonical_entry
 from sandbox.config import NodeConfig, PrivacyBudget, RunSpec
 from sandbox.errors import (
+    ConfigError,
     JournalInvalid,
     KeyReleaseDenied,
     MeasurementRejected,
@@ -729,3 +730,51 @@ def test_client_level_dp_under_secure_aggregation(
     )
     expected = sigma * clip * math.sqrt(3 / t) / 3
     assert 0.8 * expected < float(moved.std()) < 1.2 * expected
+
+
+def test_a_causal_lm_rows_loss_does_not_depend_on_the_other_rows(tiny_llama_dir: Path) -> None:
+    """DP-SGD's sensitivity counts on each row's gradient being its own: the batch loss it
+    differentiates is the mean of each row's own mean token loss, so a batch's loss is the
+    mean of its rows' losses alone. Hugging Face's loss (the mean over every token of the
+    batch) is not: a long row would weigh the others down (the negative control)."""
+    from clients.training import _example_mean_loss, encode
+
+    spec = make_spec(tiny_llama_dir, task="causal-lm", labels=(), max_length=48)
+    torch.manual_seed(0)
+    model, tokenizer = _model(spec)
+    short = Example("Summarise:", "ok")
+    long = Example("Write out:", "a much longer completion with many more tokens in it")
+    with torch.no_grad():
+        alone = [
+            float(_example_mean_loss(model, encode([e], tokenizer, spec), spec))
+            for e in (short, long)
+        ]
+        batch = encode([short, long], tokenizer, spec)
+        together = float(_example_mean_loss(model, batch, spec))
+        pooled = float(model(**batch.inputs, labels=batch.labels).loss)
+    counts = (batch.labels[:, 1:] != -100).sum(dim=1).tolist()
+    assert together == pytest.approx(sum(alone) / 2, rel=1e-4)
+    # Hugging Face's: each row weighed by its token count, so by the other rows' lengths.
+    assert counts[1] >= 3 * counts[0]
+    weighted = (counts[0] * alone[0] + counts[1] * alone[1]) / sum(counts)
+    assert pooled == pytest.approx(weighted, rel=1e-4)
+    assert abs(pooled - together) > 10 * abs(together - sum(alone) / 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"dp_noise_multiplier": 1e-300}, "dp-noise-multiplier"),
+        ({"dp_client_noise": 0.05}, "dp-client-noise"),
+        ({"mode": "secagg", "dp_client_noise": 1.0, "secagg_clip": 4.0}, "secagg-clip"),
+    ],
+)
+def test_noise_too_small_to_protect_or_cut_by_secagg_is_refused(
+    tiny_bert_dir: Path, overrides: dict[str, Any], key: str
+) -> None:
+    """A noise multiplier of almost nothing protects nothing (and overflows the
+    accountants); a client-level noise share wider than secure aggregation's value range
+    would be cut, so the noise would not be what the accountant counts."""
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        make_spec(tiny_bert_dir, labels=LABELS, **overrides)
+    make_spec(tiny_bert_dir, labels=LABELS, mode="secagg", dp_client_noise=1.0, secagg_clip=8.0)
