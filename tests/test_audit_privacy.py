@@ -365,6 +365,10 @@ def test_a_restarted_serverapp_may_log_a_round_again(tmp_path: Path) -> None:
         {Key.STEPS: True},
         {Key.ROUND: None},
         {Key.DELTA: [1e-5]},
+        {Key.NOISE_MULTIPLIER: 1e-300},
+        {Key.NOISE_MULTIPLIER: 1e300},
+        {Key.STEPS: 10**400},
+        {Key.STEPS: 0},
     ],
 )
 def test_an_odd_dp_spent_is_a_violation_not_a_crash(odd: dict[str, Any]) -> None:
