@@ -16,7 +16,6 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,43 +27,28 @@ from rich.table import Table
 
 from bench.compare import REPEATS as COMPARE_REPEATS
 from bench.compare import compare_bench
+from bench.demo_federation import demo_federation, fresh_model
 from bench.deploy import DEMO_PAIRS, NODE_STARTS, deploy_bench
 from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
+from bench.privacy import REPEATS as PRIVACY_REPEATS
+from bench.privacy import privacy_bench
 from bench.sealing import key_release, unseal_throughput
 from bench.secagg import REPEATS as SECAGG_REPEATS
 from bench.secagg import secagg_bench
 from bench.security import secagg_overhead, security_overhead
 from bench.translog import translog_bench
-from clients.data import Example, Split, derive_labels, load_examples, split_examples
+from clients.data import Example, Split
 from clients.training import evaluate, train_local
 from sandbox.config import MODE_FEDAVG, MODE_FFA, RunSpec
-from sandbox.lora import adapter_state, build_peft_model, is_trained, load_adapter_state
-from sandbox.models import default_model_dir, inspect_model_dir, load_pretrained
-from sandbox.ops.demo_data import write_demo_data
+from sandbox.lora import adapter_state, is_trained
+from sandbox.models import default_model_dir
 from server.aggregation import StreamingAggregator, spec_of
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 console = Console(width=120)
-
-
-@dataclass
-class _Model:
-    model: Any
-    tokenizer: Any
-
-
-def _fresh_model(spec: RunSpec, initial: dict[str, np.ndarray] | None) -> _Model:
-    """The base model from its plaintext directory (provider-side experiment) plus LoRA."""
-    torch.manual_seed(spec.seed)
-    info = inspect_model_dir(spec.model_path, spec.task)
-    base, tokenizer = load_pretrained(info, num_labels=len(spec.labels))
-    model = build_peft_model(
-        base, spec.lora, task=spec.task, model_type=info.model_type, mode=spec.lora_mode
-    )
-    if initial is not None:
-        load_adapter_state(model, initial)
-    return _Model(model, tokenizer)
+# The parts ``--only`` runs alone, each updating only its own figures in latest.json.
+KEPT_PARTS = ("secagg", "secagg-rounds", "sandbox", "inference", "deploy", "compare", "privacy")
 
 
 def _federated(
@@ -78,14 +62,14 @@ def _federated(
     for rnd in range(1, spec.num_rounds + 1):
         aggregator = StreamingAggregator(spec_of(trained))
         for split in splits.values():
-            node = _fresh_model(spec, adapter)
+            node = fresh_model(spec, adapter)
             train_local(node.model, node.tokenizer, split.train, spec, seed=spec.seed * 1000 + rnd)
             update = {
                 k: v for k, v in adapter_state(node.model).items() if is_trained(k, spec.lora_mode)
             }
             aggregator.add(update, float(len(split.train)))
         adapter = {**adapter, **aggregator.result()}
-    final = _fresh_model(spec, adapter)
+    final = fresh_model(spec, adapter)
     return evaluate(final.model, final.tokenizer, union, spec)
 
 
@@ -95,7 +79,7 @@ def _single(
     union: Sequence[Example],
     initial: dict[str, np.ndarray],
 ) -> dict[str, float]:
-    node = _fresh_model(spec, initial)
+    node = fresh_model(spec, initial)
     train_local(
         node.model,
         node.tokenizer,
@@ -109,33 +93,19 @@ def _single(
 
 def quality(rounds: int, local_steps: int) -> dict[str, Any]:
     """Held-out accuracy on the union of node held-out sets for each training regime."""
-    torch.set_num_threads(2)
-    data = write_demo_data(RESULTS_DIR / ".data", 3)
-    labels = tuple(derive_labels(list(data.values())))
-    base = RunSpec(
-        job_id="bench",
-        task="sequence-classification",
-        model_path=default_model_dir(),
-        labels=labels,
-        num_rounds=rounds,
-        local_steps=local_steps,
-    )
-    splits = {
-        name: split_examples(load_examples(path, base.task, labels=labels), source=path)
-        for name, path in data.items()
-    }
+    base, splits = demo_federation(RESULTS_DIR / ".data", 3, rounds=rounds, local_steps=local_steps)
     union = [e for s in splits.values() for e in s.heldout]
     pooled = [e for s in splits.values() for e in s.train]
     rows: dict[str, dict[str, float]] = {}
     for mode in (MODE_FEDAVG, MODE_FFA):
         spec = RunSpec(**{**base.__dict__, "mode": mode})
-        initial = adapter_state(_fresh_model(spec, None).model)
+        initial = adapter_state(fresh_model(spec, None).model)
         started = time.perf_counter()
         rows[f"federated {mode}"] = _federated(spec, splits, union, initial)
         console.log(
             f"federated {mode}: {rows[f'federated {mode}']} ({time.perf_counter() - started:.0f}s)"
         )
-    initial = adapter_state(_fresh_model(base, None).model)
+    initial = adapter_state(fresh_model(base, None).model)
     rows["centralized (pooled)"] = _single(base, pooled, union, initial)
     console.log(f"centralized: {rows['centralized (pooled)']}")
     for name, split in splits.items():
@@ -205,7 +175,7 @@ def aggregation_scale(counts: Sequence[int], repeats: int) -> dict[str, Any]:
         model_path=default_model_dir(),
         labels=("a", "b", "c", "d", "e"),
     )
-    shapes = {k: tuple(v.shape) for k, v in adapter_state(_fresh_model(spec, None).model).items()}
+    shapes = {k: tuple(v.shape) for k, v in adapter_state(fresh_model(spec, None).model).items()}
     params = sum(int(np.prod(s)) for s in shapes.values())
     rows = []
     for count in counts:
@@ -284,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=COMPARE_REPEATS,
         help="comparisons of the default catalog and sets of 3 single runs, interleaved",
     )
+    parser.add_argument("--skip-privacy", action="store_true")
+    parser.add_argument(
+        "--privacy-repeats",
+        type=int,
+        default=PRIVACY_REPEATS,
+        help="differential privacy: trainings of every setting (epsilons, client-level)",
+    )
     parser.add_argument(
         "--deploy-pairs",
         type=int,
@@ -295,21 +272,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        choices=(
-            "translog",
-            "secagg",
-            "secagg-rounds",
-            "sandbox",
-            "inference",
-            "deploy",
-            "compare",
-        ),
+        choices=("translog", *KEPT_PARTS),
         help="run one part; all but translog update only their own figures in latest.json",
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if args.only in ("secagg", "secagg-rounds", "sandbox", "inference", "deploy", "compare"):
+    if args.only in KEPT_PARTS:
         latest = RESULTS_DIR / "latest.json"
         kept = json.loads(latest.read_text(encoding="utf-8")) if latest.exists() else report
         stamp = {"machine": report["machine"], "time": report["time"]}
@@ -329,6 +298,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.only == "compare":
             kept["compare"] = {**stamp, **compare_bench(args.compare_repeats)}
             _print_compare(kept["compare"])
+        elif args.only == "privacy":
+            figures = privacy_bench(
+                RESULTS_DIR, args.rounds, args.local_steps, args.privacy_repeats, log=console.log
+            )
+            kept["privacy"] = {**stamp, **figures}
+            _print_privacy(kept["privacy"])
         else:
             kept["inference"] = {**stamp, **inference_bench()}
             _print_inference(kept["inference"])
@@ -362,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["deploy"] = deploy_bench(args.deploy_pairs, args.deploy_starts)
     if not args.skip_compare:
         report["compare"] = compare_bench(args.compare_repeats)
+    if not args.skip_privacy:
+        report["privacy"] = privacy_bench(
+            RESULTS_DIR, args.rounds, args.local_steps, args.privacy_repeats, log=console.log
+        )
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -448,6 +427,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_deploy(report["deploy"])
     if "compare" in report:
         _print_compare(report["compare"])
+    if "privacy" in report:
+        _print_privacy(report["privacy"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -881,6 +862,44 @@ def _print_compare(figures: dict[str, Any]) -> None:
         "comparison / sum of single runs", f"{figures['comparison_over_singles']:.3f}", "<= 1.0"
     )
     console.print(table)
+
+
+def _print_privacy(figures: dict[str, Any]) -> None:
+    setup = figures["setup"]
+    table = Table(
+        title=f"Differential privacy: {len(setup['nodes'])} nodes, {setup['mode']}, "
+        f"{setup['rounds']} rounds x {setup['local_steps']} local steps, batch "
+        f"{setup['batch_size']}, delta {setup['delta']:g}, median of {figures['repeats']} "
+        f"repeat(s); MIA: loss threshold, balanced advantage, mean over nodes (chance "
+        f"{figures['mia_chance']:.3f}, 95th percentile {figures['mia_chance_p95']:.3f})"
+    )
+    for col in ("setting", "epsilon", "sigma", "accuracy", "macro-F1", "MIA advantage"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for row in figures["rows"]:
+        epsilon = "inf" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+        sigma = "" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
+        if row["level"] == "client":
+            epsilon += " (client)"
+            sigma += f" (C {row['clip']:g})"
+        table.add_row(
+            row["setting"],
+            epsilon,
+            sigma,
+            f"{row['accuracy']:.3f}",
+            f"{row['macro_f1']:.3f}",
+            f"{row['mia_advantage']:.3f}",
+        )
+    step = figures["step"]
+    table.add_row(
+        f"time per training step (median of {step['steps_timed']['dp']})",
+        "",
+        "",
+        f"plain {step['plain_seconds']:.3f} s",
+        f"DP {step['dp_seconds']:.3f} s",
+        f"DP / plain {step['dp_over_plain']:.2f}",
+    )
+    console.print(table)
+    console.print(f"figure: {RESULTS_DIR / figures['figure']}")
 
 
 def _print_deploy(figures: dict[str, Any]) -> None:

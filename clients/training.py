@@ -151,6 +151,20 @@ def _train_private(
         model.eval()
 
 
+def _token_losses(model: Any, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's next-token cross-entropy over the batch's completion tokens (the
+    prompt and padding are ignored), reduced by ``reduction``, and the shifted targets."""
+    logits = model(**batch.inputs).logits[:, :-1, :]
+    targets = batch.labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+    return loss, targets
+
+
 def _example_mean_loss(model: Any, batch: Batch, spec: RunSpec) -> torch.Tensor:
     """The mean over the batch's rows of each row's own loss, so that one row's gradient
     does not depend on the other rows (DP-SGD's sensitivity counts on it). Classification's
@@ -160,14 +174,8 @@ def _example_mean_loss(model: Any, batch: Batch, spec: RunSpec) -> torch.Tensor:
     if spec.task == TASK_CLASSIFICATION:
         loss: torch.Tensor = model(**batch.inputs, labels=batch.labels).loss
         return loss
-    logits = model(**batch.inputs).logits[:, :-1, :]
-    targets = batch.labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
+    per_token, targets = _token_losses(model, batch, "none")
+    per_token = per_token.view(targets.shape)
     counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return (per_token.sum(dim=1) / counted).mean()
 
@@ -250,14 +258,7 @@ def evaluate(
     total_tokens = 0
     for start in range(0, len(examples), EVAL_BATCH):
         batch = encode(examples[start : start + EVAL_BATCH], tokenizer, spec)
-        logits = model(**batch.inputs).logits[:, :-1, :]
-        targets = batch.labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        loss, targets = _token_losses(model, batch, "sum")
         total_loss += float(loss)
         total_tokens += int((targets != IGNORE_INDEX).sum())
     if total_tokens == 0:

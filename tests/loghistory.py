@@ -61,6 +61,7 @@ from sandbox.events import (
 )
 from sandbox.events.node import SecaggRevealed
 from sandbox.journal import append_journal
+from sandbox.ops.translog.audit import LEDGER_NUMBERS
 from sandbox.privacy import Mechanism, epsilon_of
 from sandbox.scorecard import (
     Commitment,
@@ -779,18 +780,6 @@ def dp_run_events(run: int, *, rounds: int = 3, nodes: int = 3, **dp: Any) -> li
     return with_dp(run_events(run, rounds=rounds, nodes=nodes), **dp)
 
 
-_DP_NUMBERS = (
-    Key.NOISE_MULTIPLIER,
-    Key.SAMPLE_RATE,
-    Key.STEPS,
-    Key.CLIP,
-    Key.DELTA,
-    Key.EPSILON,
-    Key.EPSILON_TOTAL,
-    Key.BUDGET,
-)
-
-
 def dp_journal(events: Iterable[Mapping[str, Any]], node: int) -> list[dict[str, Any]]:
     """What node ``node``'s journal holds for a history of :func:`with_dp`: its training
     entries and, for every ``dp_spent`` logged of it, the ``dp_round`` it recorded (what
@@ -800,7 +789,36 @@ def dp_journal(events: Iterable[Mapping[str, Any]], node: int) -> list[dict[str,
         if event[Key.KIND] != DpSpent.kind or event[Key.NODE] != node:
             continue
         run, rnd = event[Key.RUN], event[Key.ROUND]
-        numbers = {key: event[key] for key in _DP_NUMBERS}
+        numbers = {key: event[key] for key in LEDGER_NUMBERS}
         entries.append(train_entry(run, node, rnd))
         entries.append(DpRound(run_id=run, node_id=node, round=rnd, **numbers).to_json())
     return entries
+
+
+def log_violations(tmp_path: Path, events: Iterable[dict[str, Any]]) -> list[Any]:
+    """What ``verify_log`` finds in a real signed log of ``events``."""
+    from sandbox.ops.translog.audit import verify_log
+
+    signer = new_signer()
+    store = build_log(tmp_path / "log.db", events, signer)
+    try:
+        return list(verify_log(store, signer.verifier).violations)
+    finally:
+        store.close()
+
+
+def audit_cli(
+    tmp_path: Path, events: Iterable[dict[str, Any]], command: str, *extra: object
+) -> Any:
+    """``ark audit COMMAND`` over a signed SQLite log of ``events`` (its result)."""
+    from typer.testing import CliRunner
+
+    from sandbox.ops.cli import app
+
+    signer = new_signer()
+    db = tmp_path / "provider" / "translog.db"
+    build_log(db, events, signer).close()
+    vkey = tmp_path / "log.vkey"
+    vkey.write_text(signer.verifier.vkey() + "\n", encoding="utf-8")
+    args = [command, "--log", db, "--key", vkey, *extra]
+    return CliRunner().invoke(app, ["audit", *map(str, args)])

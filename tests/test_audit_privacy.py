@@ -22,7 +22,6 @@ from sandbox.canonical import canonical_entry
 from sandbox.errors import (
     EntryTampered,
     JournalMismatch,
-    PolicyViolation,
     PrivacyLedgerMismatch,
 )
 from sandbox.events import (
@@ -42,7 +41,6 @@ from sandbox.ops.translog.audit import (
     check_policy,
     crosscheck,
     privacy_spending,
-    verify_log,
 )
 from sandbox.ops.translog.report import render_report
 from sandbox.privacy import Mechanism, epsilon_of
@@ -52,11 +50,13 @@ from tests.loghistory import (
     DP_ROUND,
     SECURE_RUN,
     TIME,
+    audit_cli,
     build_log,
     digest,
     dp_journal,
     dp_run_events,
     honest_history,
+    log_violations,
     new_signer,
     run_events,
     secure_node,
@@ -95,27 +95,6 @@ def _at(events: Events, kind: str, run: int = RUN, **match: Any) -> int:
     )
 
 
-def _violations(tmp_path: Path, events: Events) -> list[PolicyViolation]:
-    """What ``verify_log`` finds in a real signed log of ``events``."""
-    signer = new_signer()
-    store = build_log(tmp_path / "log.db", events, signer)
-    try:
-        return verify_log(store, signer.verifier).violations
-    finally:
-        store.close()
-
-
-def _audit(tmp_path: Path, events: Events, command: str, *extra: object) -> Any:
-    """``ark audit COMMAND`` over a signed SQLite log of ``events``."""
-    signer = new_signer()
-    db = tmp_path / "provider" / "translog.db"
-    build_log(db, events, signer).close()
-    vkey = tmp_path / "log.vkey"
-    vkey.write_text(signer.verifier.vkey() + "\n", encoding="utf-8")
-    args = [command, "--log", db, "--key", vkey, *extra]
-    return runner.invoke(app, ["audit", *map(str, args)])
-
-
 # -- the accountants -------------------------------------------------------------------------
 
 
@@ -151,7 +130,7 @@ def test_a_composition_adds_rounds_of_different_mechanisms() -> None:
 
 def test_an_honest_dp_history_verifies(tmp_path: Path) -> None:
     events = _history()
-    result = _audit(tmp_path, events, "verify")
+    result = audit_cli(tmp_path, events, "verify")
     assert result.exit_code == 0, result.output
     assert "ok: Policy across events" in result.output
     assert sum(e[Key.KIND] == DpSpent.kind for e in events) == 18
@@ -159,7 +138,7 @@ def test_an_honest_dp_history_verifies(tmp_path: Path) -> None:
 
 
 def test_an_honest_secure_dp_run_verifies(tmp_path: Path) -> None:
-    assert _violations(tmp_path, _secure_history()) == []
+    assert log_violations(tmp_path, _secure_history()) == []
 
 
 def _lower_epsilon(events: Events) -> None:
@@ -288,11 +267,11 @@ def test_a_ledger_that_does_not_hold_up_fails_the_audit_with_exit_42(
     history, change, message = ATTACKS[attack]
     events = history()
     change(events)
-    violations = _violations(tmp_path / "log", events)
+    violations = log_violations(tmp_path / "log", events)
     assert violations
     assert {type(v) for v in violations} == {PrivacyLedgerMismatch}, violations
     assert any(message in str(v) for v in violations), violations
-    result = _audit(tmp_path, events, "verify")
+    result = audit_cli(tmp_path, events, "verify")
     assert result.exit_code == PrivacyLedgerMismatch.exit_code == 42, result.output
     assert message in " ".join(result.output.split())
 
@@ -437,7 +416,7 @@ def test_the_report_without_dp_says_so() -> None:
 
 def _crosscheck(tmp_path: Path, entries: Events, events: Events) -> Any:
     journal = write_journal(tmp_path / "node", entries)
-    return _audit(tmp_path, events, "crosscheck", "--journal", journal)
+    return audit_cli(tmp_path, events, "crosscheck", "--journal", journal)
 
 
 @pytest.mark.parametrize("node", [1, 2, 3])

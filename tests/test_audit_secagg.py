@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from sandbox.errors import (
     JournalMismatch,
@@ -30,8 +29,7 @@ from sandbox.events import (
 )
 from sandbox.events.node import SecaggRevealed
 from sandbox.journal import read_journal
-from sandbox.ops.cli import app
-from sandbox.ops.translog.audit import check_policy, crosscheck, verify_log
+from sandbox.ops.translog.audit import check_policy, crosscheck
 from sandbox.ops.translog.report import render_report
 from sandbox.secagg import STAGE_CHECK, STAGE_MASK, STAGE_SHARE
 from sandbox.translog.store import LogStore
@@ -39,17 +37,16 @@ from tests.loghistory import (
     JOB,
     SECURE_RUN,
     TIME,
-    build_log,
+    audit_cli,
     honest_history,
+    log_violations,
     masked_input,
-    new_signer,
     secure_node,
     secure_node_journal,
     secure_run_events,
     write_journal,
 )
 
-runner = CliRunner()
 Events = list[dict[str, Any]]
 DROPPED = {1: 2}  # node-2 sends no masked input in round 1
 
@@ -70,33 +67,12 @@ def _at(events: Events, kind: str, rnd: int = 1, **match: Any) -> int:
     )
 
 
-def _violations(tmp_path: Path, events: Events) -> list[PolicyViolation]:
-    """What ``verify_log`` finds in a real signed log of ``events``."""
-    signer = new_signer()
-    store = build_log(tmp_path / "log.db", events, signer)
-    try:
-        return verify_log(store, signer.verifier).violations
-    finally:
-        store.close()
-
-
-def _audit(tmp_path: Path, events: Events, command: str, *extra: object) -> Any:
-    """``ark audit COMMAND`` over a signed SQLite log of ``events``."""
-    signer = new_signer()
-    db = tmp_path / "provider" / "translog.db"
-    build_log(db, events, signer).close()
-    vkey = tmp_path / "log.vkey"
-    vkey.write_text(signer.verifier.vkey() + "\n", encoding="utf-8")
-    args = [command, "--log", db, "--key", vkey, *extra]
-    return runner.invoke(app, ["audit", *map(str, args)])
-
-
 # -- ark audit verify ------------------------------------------------------------------------
 
 
 def test_an_honest_secure_run_with_a_dropout_verifies(tmp_path: Path) -> None:
     events = _history()
-    result = _audit(tmp_path, events, "verify")
+    result = audit_cli(tmp_path, events, "verify")
     assert result.exit_code == 0, result.output
     assert "ok: Policy across events" in result.output
     # The node ids are beyond 2**53: the log holds them as text, the audit reads them so.
@@ -252,7 +228,7 @@ def test_a_secure_round_that_breaks_the_protocol_fails_the_audit(
     change, expected, message = ATTACKS[attack]
     events = _history()
     change(events)
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert {type(v) for v in violations} == {expected}, violations
     assert any(message in str(v) for v in violations), violations
     assert all(f"run {SECURE_RUN} round 1" in str(v) for v in violations), violations
@@ -266,7 +242,7 @@ def test_ark_audit_verify_exits_41_naming_run_round_and_node(tmp_path: Path, att
     change, _, message = ATTACKS[attack]
     events = _history()
     change(events)
-    result = _audit(tmp_path, events, "verify")
+    result = audit_cli(tmp_path, events, "verify")
     assert result.exit_code == SecAggInconsistent.exit_code == 41, result.output
     flat = " ".join(result.output.split())
     assert f"run {SECURE_RUN} round 1" in flat
@@ -280,10 +256,10 @@ def test_a_restarted_serverapp_may_run_a_round_again_before_its_unmasking(tmp_pa
     restart = events[_first_run_started(events)]
     # A first attempt got as far as the mask stage; the restarted ServerApp runs it anew.
     events[start:start] = [*first, restart]
-    assert _violations(tmp_path / "restarted", events) == []
+    assert log_violations(tmp_path / "restarted", events) == []
     # Without the restart the same events are a round whose stages repeat.
     del events[start + len(first)]
-    assert {type(v) for v in _violations(tmp_path, events)} == {SecAggInconsistent}
+    assert {type(v) for v in log_violations(tmp_path, events)} == {SecAggInconsistent}
 
 
 def test_a_masked_input_from_a_node_never_admitted_is_an_unattested_update(
@@ -306,7 +282,7 @@ def test_a_masked_input_from_a_node_never_admitted_is_an_unattested_update(
     at = _at(events, AggregateCommitted.kind)
     updates = [*events[at][Key.UPDATES], masked_input(SECURE_RUN, 1, stray)]
     events[at] = {**events[at], Key.UPDATES: updates}
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert [type(v) for v in violations] == [UpdateFromUnattested], violations
     assert f"took a masked input from node {stray}" in str(violations[0])
 
@@ -315,7 +291,7 @@ def test_the_aggregate_counts_one_masked_input_per_survivor(tmp_path: Path) -> N
     events = _history()
     at = _at(events, AggregateCommitted.kind)
     events[at] = {**events[at], Key.UPDATES: events[at][Key.UPDATES][:-1]}
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert {type(v) for v in violations} == {SecAggInconsistent}
     assert "counts 2 masked inputs, but 3 nodes survived" in str(violations[0])
     assert "not the masked inputs its mask stage took" in str(violations[-1])
@@ -326,7 +302,7 @@ def test_the_aggregate_lists_the_masked_inputs_its_mask_stage_took(tmp_path: Pat
     at = _at(events, AggregateCommitted.kind)
     updates = [*events[at][Key.UPDATES][:-1], "f" * 64]
     events[at] = {**events[at], Key.UPDATES: updates}
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert [type(v) for v in violations] == [SecAggInconsistent], violations
     assert "not the masked inputs its mask stage took" in str(violations[0])
 
@@ -338,7 +314,7 @@ def test_a_reveal_from_a_node_that_did_not_sign_the_split_fails_the_audit(
     at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
     signers = events[at][Key.NODES][1:]
     events[at] = {**events[at], Key.NODES: signers}
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert [type(v) for v in violations] == [SecAggInconsistent], violations
     assert "which did not sign the round's split" in str(violations[0])
 
@@ -348,7 +324,7 @@ def test_a_reveal_from_a_node_that_did_not_sign_the_split_fails_the_audit(
 
 def _crosscheck(tmp_path: Path, entries: Events, events: Events | None = None) -> Any:
     journal = write_journal(tmp_path / "node", entries)
-    return _audit(
+    return audit_cli(
         tmp_path, _history() if events is None else events, "crosscheck", "--journal", journal
     )
 
@@ -402,7 +378,7 @@ def test_a_node_whose_masked_input_the_log_calls_dropped_finds_it_in_the_crossch
     }
     at = _at(events, AggregateCommitted.kind)
     events[at] = {**events[at], Key.UPDATES: keep}
-    assert _violations(tmp_path, events) == []
+    assert log_violations(tmp_path, events) == []
     found = crosscheck(events, secure_node_journal(3, nodes=5, dropped=DROPPED), "j")
     assert found
     assert all(isinstance(m, JournalMismatch) for m in found), found
@@ -479,7 +455,7 @@ def test_a_round_with_a_node_dropped_must_have_its_split_signed(tmp_path: Path) 
     at = _at(events, SecaggStage.kind, stage=STAGE_CHECK)
     assert events[at][Key.ROUND] == 1
     del events[at]
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert [type(v) for v in violations] == [SecAggInconsistent], violations
     assert "secagg_unmasked after secagg_stage mask" in str(violations[0])
 
@@ -502,7 +478,7 @@ def test_a_secure_round_summing_fewer_than_a_strict_majority_fails_the_audit(
     events[at] = {**events[at], Key.SURVIVORS: alone, Key.REVEALED_BY: alone, Key.DROPPED: dropped}
     at = _at(events, AggregateCommitted.kind)
     events[at] = {**events[at], Key.UPDATES: envelope}
-    violations = _violations(tmp_path, events)
+    violations = log_violations(tmp_path, events)
     assert violations
     assert {type(v) for v in violations} == {SecAggInconsistent}, violations
     assert any("fewer than a strict majority" in str(v) for v in violations), violations

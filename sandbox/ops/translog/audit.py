@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -763,7 +763,7 @@ class Composition:
         return epsilon, epsilon
 
 
-def _real(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A logged number (not a bool), finite, as a float; None otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -923,11 +923,11 @@ class _PrivacyLedger:
             self.aggregate(index, run, record)
 
     def started(self, run: str, record: Mapping[str, Any]) -> None:
-        asked = _real(record.get(Key.DP_EPSILON))
+        asked = finite_number(record.get(Key.DP_EPSILON))
         self.asked[run] = asked
         if asked is not None and asked > 0:
             self.record_level.add(run)
-        noise = _real(record.get(Key.DP_CLIENT_NOISE))
+        noise = finite_number(record.get(Key.DP_CLIENT_NOISE))
         if noise is not None and noise > 0:
             self.client_level.add(run)
         resumed = _whole(record.get(Key.RESUMED_AFTER_ROUND)) or 0
@@ -942,7 +942,7 @@ class _PrivacyLedger:
     ) -> tuple[int, dict[Key, float]] | None:
         """The record's round and ``names`` as numbers, or None (and a violation)."""
         rnd = _whole(record.get(Key.ROUND))
-        numbers = {name: _real(record.get(name)) for name in names}
+        numbers = {name: finite_number(record.get(name)) for name in names}
         bad = [*([Key.ROUND] if rnd is None else []), *(k for k, v in numbers.items() if v is None)]
         if rnd is None or bad:
             self._fail(
@@ -992,12 +992,14 @@ class _PrivacyLedger:
         spent.rounds[rnd] = (sigma, rate, steps)
         spent.composition.add(sigma, rate, steps)
         spent.last = n
-        spent.budget = _real(record.get(Key.BUDGET))
+        spent.budget = finite_number(record.get(Key.BUDGET))
         spent.recomputed = spent.composition.epsilon(delta)
         lower, upper = spent.recomputed
         epsilon, total = n[Key.EPSILON], n[Key.EPSILON_TOTAL]
         # null: the node declares no budget of its own (only the run's ask bounds it)
-        budget = math.inf if record.get(Key.BUDGET) is None else _real(record.get(Key.BUDGET))
+        budget = (
+            math.inf if record.get(Key.BUDGET) is None else finite_number(record.get(Key.BUDGET))
+        )
         if budget is None or budget <= 0:
             self._fail(index, f"{where} logs no valid budget: {record.get(Key.BUDGET)!r}")
             budget = math.inf
@@ -1660,6 +1662,19 @@ class _SecureLog:
         return None
 
 
+def _entries_of(
+    journal: Sequence[Mapping[str, Any]], kind: str, name: str
+) -> Iterator[tuple[str, Mapping[str, Any], tuple[str, str, str]]]:
+    """The journal's entries of ``kind``: a label naming each (file, entry number, run,
+    round), the entry, and its (run, round, node)."""
+    for number, entry in enumerate(journal, 1):
+        if entry.get(Key.KIND) != kind:
+            continue
+        run, rnd = _text(entry.get(Key.RUN_ID)), _text(entry.get(Key.ROUND))
+        label = f"{name} entry {number} ({kind}, run {run}, round {rnd})"
+        yield label, entry, (run, rnd, _text(entry.get(Key.NODE_ID)))
+
+
 def _crosscheck_secure(
     secure: _SecureLog,
     journal: Sequence[Mapping[str, Any]],
@@ -1676,13 +1691,8 @@ def _crosscheck_secure(
     covers, is one the journal sent."""
     mismatches: list[JournalMismatch] = []
     revealed: set[tuple[str, str, str]] = set()
-    for number, entry in enumerate(journal, 1):
-        if entry.get(Key.KIND) != SecaggRevealed.kind:
-            continue
-        run, rnd = _text(entry.get(Key.RUN_ID)), _text(entry.get(Key.ROUND))
-        node = _text(entry.get(Key.NODE_ID))
+    for label, entry, (run, rnd, node) in _entries_of(journal, SecaggRevealed.kind, name):
         revealed.add((run, rnd, node))
-        label = f"{name} entry {number} ({SecaggRevealed.kind}, run {run}, round {rnd})"
         unmasked = secure.unmasked.get((run, rnd))
         if unmasked is None:
             mismatches.append(
@@ -1784,7 +1794,7 @@ def _crosscheck_signed(
 
 
 # What a node's journal (dp_round) and the log (dp_spent) both say of a DP round.
-_LEDGER_NUMBERS = (
+LEDGER_NUMBERS = (
     Key.NOISE_MULTIPLIER,
     Key.SAMPLE_RATE,
     Key.STEPS,
@@ -1816,18 +1826,13 @@ def _crosscheck_privacy(
                 _text(record.get(Key.ROUND)),
                 _text(record.get(Key.NODE)),
             )
-            numbers = tuple(_real(record.get(key)) for key in _LEDGER_NUMBERS)
+            numbers = tuple(finite_number(record.get(key)) for key in LEDGER_NUMBERS)
             logged.setdefault(where, []).append(numbers)
     mismatches: list[JournalMismatch] = []
     kept: set[tuple[str, str, str]] = set()
-    for number, entry in enumerate(journal, 1):
-        if entry.get(Key.KIND) != DpRound.kind:
-            continue
-        run, rnd = _text(entry.get(Key.RUN_ID)), _text(entry.get(Key.ROUND))
-        node = _text(entry.get(Key.NODE_ID))
+    for label, entry, (run, rnd, node) in _entries_of(journal, DpRound.kind, name):
         kept.add((run, rnd, node))
-        label = f"{name} entry {number} ({DpRound.kind}, run {run}, round {rnd})"
-        numbers = tuple(_real(entry.get(key)) for key in _LEDGER_NUMBERS)
+        numbers = tuple(finite_number(entry.get(key)) for key in LEDGER_NUMBERS)
         found = logged.get((run, rnd, node))
         if not found:
             mismatches.append(
@@ -1840,7 +1845,7 @@ def _crosscheck_privacy(
         elif None in numbers or numbers not in found:
             differ = [
                 f"{key} {_text(ours)} in the journal, {_text(theirs)} in the log"
-                for key, ours, theirs in zip(_LEDGER_NUMBERS, numbers, found[-1], strict=True)
+                for key, ours, theirs in zip(LEDGER_NUMBERS, numbers, found[-1], strict=True)
                 if ours is None or ours != theirs
             ]
             mismatches.append(

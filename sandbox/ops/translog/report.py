@@ -55,7 +55,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
-from sandbox.ops.translog.audit import Spending, privacy_spending
+from sandbox.ops.translog.audit import Spending, finite_number, privacy_spending
 
 __all__ = ["render_report"]
 
@@ -210,16 +210,6 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-def _as_float(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _as_str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -257,7 +247,7 @@ def _text(value: object) -> str:
 
 
 def _number(value: object, digits: int = 3) -> str:
-    number = _as_float(value)
+    number = finite_number(value)
     if number is None:
         return DASH
     if number.is_integer() and abs(number) < 1e15:
@@ -482,9 +472,9 @@ def _round_metrics(committed: Record | None) -> str:
         return DASH
     metrics = _as_map(committed.get(Key.METRICS))
     parts = []
-    if (accuracy := _as_float(metrics.get("local_accuracy"))) is not None:
+    if (accuracy := finite_number(metrics.get("local_accuracy"))) is not None:
         parts.append(f"accuracy {_number(accuracy)}")
-    if (loss := _as_float(metrics.get("train_loss"))) is not None:
+    if (loss := finite_number(metrics.get("train_loss"))) is not None:
         parts.append(f"loss {_number(loss)}")
     if (examples := _as_int(committed.get(Key.EXAMPLES))) is not None:
         parts.append(f"{examples} examples")
@@ -611,7 +601,7 @@ def _series(events: Sequence[Record], metric: str) -> list[tuple[int, float]]:
     points = []
     for committed in _of_kind(events, AggregateCommitted.kind):
         number = _as_int(committed.get(Key.ROUND))
-        value = _as_float(_as_map(committed.get(Key.METRICS)).get(metric))
+        value = finite_number(_as_map(committed.get(Key.METRICS)).get(metric))
         if number is not None and value is not None:
             points.append((number, value))
     return sorted(points)
