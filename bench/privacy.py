@@ -37,7 +37,8 @@ nodes spreads less).
 over the steps after the first (the warm-up).
 
 DP-SGD's noise and its sampling come from fresh OS entropy (``clients/training.py``), and
-so does the client-level noise here: the DP settings differ between repeats, and medians
+so does the client-level noise (the ServerApp's own ``server.privacy.ClientNoise``): the
+DP settings differ between repeats, and medians
 over repeats are reported. Plain training is seeded.
 """
 
@@ -62,6 +63,7 @@ from sandbox.config import RunSpec
 from sandbox.lora import adapter_state, is_trained
 from sandbox.privacy import client_epsilon, fit_noise, sample_rate
 from server.aggregation import StreamingAggregator, spec_of
+from server.privacy import ClientNoise
 
 Adapter = dict[str, np.ndarray]
 Log = Callable[[str], Any]
@@ -150,7 +152,6 @@ def _federate(
     spec: RunSpec,
     splits: Mapping[str, Split],
     initial: Adapter,
-    rng: np.random.Generator,
 ) -> tuple[Adapter, list[float]]:
     """The final global adapter of FedAvg under ``setting``, and every unclipped update
     norm (trained minus global) the nodes sent."""
@@ -159,7 +160,16 @@ def _federate(
     names = [k for k in adapter if is_trained(k, spec.lora_mode)]
     norms: list[float] = []
     for rnd in range(1, spec.num_rounds + 1):
-        aggregator = StreamingAggregator(spec_of({k: adapter[k] for k in names}))
+        reference = {k: adapter[k] for k in names}
+        aggregator: StreamingAggregator | ClientNoise = StreamingAggregator(spec_of(reference))
+        if setting.level == "client":  # the ServerApp's own client-level DP aggregator
+            aggregator = ClientNoise(
+                spec_of(reference),
+                reference=reference,
+                max_norm=spec.update_norm_bound,
+                noise_multiplier=setting.client_noise,
+                clip=CLIENT_CLIP,
+            )
         for split in splits.values():
             node = fresh_model(spec, adapter)
             private = _private(setting, spec, len(split.train))
@@ -174,19 +184,8 @@ def _federate(
             state = adapter_state(node.model)
             delta = {k: state[k] - adapter[k] for k in names}
             norms.append(_l2(delta))
-            if setting.level == "client":
-                scale = min(1.0, CLIENT_CLIP / norms[-1]) if norms[-1] > 0 else 1.0
-                aggregator.add({k: v * scale for k, v in delta.items()}, 1.0)
-            else:
-                aggregator.add({k: state[k] for k in names}, float(len(split.train)))
-        mean = aggregator.result()
-        if setting.level == "client":
-            std = setting.client_noise * CLIENT_CLIP / aggregator.count
-            mean = {
-                k: adapter[k] + v + std * rng.standard_normal(v.shape, dtype=np.float32)
-                for k, v in mean.items()
-            }
-        adapter = {**adapter, **mean}
+            aggregator.add({k: state[k] for k in names}, float(len(split.train)))
+        adapter = {**adapter, **aggregator.result()}
     return adapter, norms
 
 
@@ -200,7 +199,7 @@ def _assess(
     """Train under ``setting``; quality and attack advantage of its final adapter per node."""
 
     started = time.perf_counter()
-    adapter, norms = _federate(setting, spec, splits, initial, rng)
+    adapter, norms = _federate(setting, spec, splits, initial)
     final = fresh_model(spec, adapter)
     nodes: dict[str, dict[str, float]] = {}
     for name, split in splits.items():
