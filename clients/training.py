@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,9 @@ def _train_private(
     optimizer.rng = rng
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     try:
+        # Opacus's hooks sit on frozen base layers too; torch warns of each such hook on
+        # every step, which would fill the node's log with nothing it can act on.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         sampled.train()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
