@@ -119,7 +119,8 @@ def _checks(
         (
             "Policy across events",
             not violations,
-            "key releases, accepted updates, aggregates and comparisons all check out"
+            "key releases, accepted updates, aggregates, secure rounds, privacy ledgers and "
+            "comparisons all check out"
             if not violations
             else f"{violations} violation(s)",
         ),
