@@ -50,10 +50,6 @@ class Mechanism:
     sample_rate: float
     steps: int
 
-    def history(self) -> tuple[float, float, int]:
-        """As an entry of Opacus's RDP accountant history."""
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
 
 def epsilon_of(mechanisms: Sequence[Mechanism], delta: float) -> float:
     """Epsilon (at ``delta``) of the mechanisms composed, by Opacus's RDP accountant over
