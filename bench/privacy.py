@@ -62,7 +62,7 @@ from clients.training import EVAL_BATCH, Private, encode, evaluate, train_local
 from sandbox.config import RunSpec
 from sandbox.lora import adapter_state, is_trained
 from sandbox.privacy import client_epsilon, fit_noise, sample_rate
-from server.aggregation import StreamingAggregator, spec_of
+from server.aggregation import StreamingAggregator, l2_norm, spec_of
 from server.privacy import ClientNoise
 
 Adapter = dict[str, np.ndarray]
@@ -135,10 +135,6 @@ def example_losses(
     return np.concatenate(losses)
 
 
-def _l2(tensors: Mapping[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in tensors.values()))
-
-
 def _private(setting: Setting, spec: RunSpec, examples: int) -> Private | None:
     if setting.level != "record":
         return None
@@ -183,7 +179,7 @@ def _federate(
             )
             state = adapter_state(node.model)
             delta = {k: state[k] - adapter[k] for k in names}
-            norms.append(_l2(delta))
+            norms.append(l2_norm(delta.values()))
             aggregator.add({k: state[k] for k in names}, float(len(split.train)))
         adapter = {**adapter, **aggregator.result()}
     return adapter, norms

@@ -159,6 +159,11 @@ MAX_SECAGG_REQUEST_BYTES = 4 * 1024 * 1024
 CERTIFICATION_MARGIN = dt.timedelta(minutes=5)
 
 
+# A round's DP settings on this node and what it would bring the run's and the node's
+# epsilon to (None, None: no DP).
+_Afforded = tuple[Settings | None, tuple[float, float] | None]
+
+
 @dataclass(frozen=True)
 class Request:
     """One instruction as the sandbox acts on it: whose, which round and stage, the run's
@@ -562,7 +567,7 @@ class NodeSandbox:
             yield _Exchange(request, accepted, loaded, self._split(request.spec), received)
 
     def _local_training(
-        self, exchange: _Exchange
+        self, exchange: _Exchange, afforded: _Afforded | None = None
     ) -> tuple[Adapter, dict[str, float], dict[str, float], float]:
         """Evaluate the incoming global adapter, train locally, evaluate again: the trained
         tensors, the metrics that leave, the held-out metrics before, the training time."""
@@ -572,7 +577,7 @@ class NodeSandbox:
         request = exchange.request
         spec = request.spec
         model, tokenizer, split = exchange.loaded.model, exchange.loaded.tokenizer, exchange.split
-        privacy, spent = self._affordable(exchange)
+        privacy, spent = afforded or self._affordable(exchange)
         with exchange.working():
             before = evaluate(model, tokenizer, split.heldout, spec)
             seed = spec.seed * 1000 + request.round
@@ -606,9 +611,7 @@ class NodeSandbox:
             metrics.update(self._spend(request, privacy, *spent))
         return update, metrics, before, train_seconds
 
-    def _affordable(
-        self, exchange: _Exchange
-    ) -> tuple[Settings | None, tuple[float, float] | None]:
+    def _affordable(self, exchange: _Exchange) -> _Afforded:
         """The run's DP settings on this node and what this round would bring its epsilon
         to (the run's, the node's total); PrivacyBudgetExhausted, before any training,
         when that passes a budget."""
@@ -743,9 +746,9 @@ class NodeSandbox:
 
     def _secure_training(self, request: Request, accepted: threading.Event) -> _Trained:
         with self._exchange(request, STAGE_TRAIN) as exchange:
-            self._affordable(exchange)  # a round past the budget is declined, not advertised
+            afforded = self._affordable(exchange)  # past the budget: declined, not advertised
             accepted.set()
-            update, metrics, _, _ = self._local_training(exchange)
+            update, metrics, _, _ = self._local_training(exchange, afforded)
             return _Trained(exchange, update, metrics)
 
     def secagg(self, ids: RunIds, rnd: int, stage: str, payload: bytes) -> SecAggResult:

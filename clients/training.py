@@ -16,6 +16,9 @@ from sandbox.config import TASK_CLASSIFICATION, RunSpec
 from sandbox.errors import ConfigError
 
 IGNORE_INDEX = -100
+# Opacus's hooks sit on frozen base layers too; torch warns of each such hook on every
+# DP-SGD step, which would fill the node's log with nothing it can act on.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 EVAL_BATCH = 64
 
 
@@ -132,9 +135,6 @@ def _train_private(
     optimizer.rng = rng
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     try:
-        # Opacus's hooks sit on frozen base layers too; torch warns of each such hook on
-        # every step, which would fill the node's log with nothing it can act on.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         sampled.train()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)

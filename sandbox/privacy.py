@@ -199,7 +199,10 @@ class Ledger:
         mine = [s.mechanism for s in self.rounds if s.run == run]
         every = [s.mechanism for s in self.rounds]
         run_epsilon = epsilon_of([*mine, added], settings.delta)
-        total = epsilon_of([*every, added], settings.delta)
+        # Only this run's rounds in the ledger: the total is the run's epsilon.
+        total = (
+            run_epsilon if len(mine) == len(every) else epsilon_of([*every, added], settings.delta)
+        )
         if run_epsilon > settings.run_epsilon * (1 + SLACK):
             raise PrivacyBudgetExhausted(
                 f"run {run} round {rnd} would bring the run's epsilon to {run_epsilon:.4g}, "
@@ -219,7 +222,7 @@ class Ledger:
 
 def ledger_of(node: NodeConfig) -> Ledger:
     """The node's ledger, read from its journal (its signatures checked)."""
-    from sandbox.events import Key
+    from sandbox.events import DpRound, Key
     from sandbox.journal import read_journal
 
     ledger = Ledger()
@@ -227,7 +230,7 @@ def ledger_of(node: NodeConfig) -> Ledger:
     if path is None or not path.exists():
         return ledger
     for entry in read_journal(path):
-        if entry.get(Key.KIND) != "dp_round":
+        if entry.get(Key.KIND) != DpRound.kind:
             continue
         ledger.add(
             Spent(

@@ -67,7 +67,7 @@ def bound_weight(declared: float, *, cap: float | None = None, held: float | Non
     return Weight(float(declared), used, bound)
 
 
-def _l2(arrays: Iterable[np.ndarray]) -> float:
+def l2_norm(arrays: Iterable[np.ndarray]) -> float:
     """The L2 norm of ``arrays`` taken together, in float64."""
     return math.sqrt(sum(float(np.square(np.asarray(a, np.float64)).sum()) for a in arrays))
 
@@ -76,7 +76,7 @@ def _distance(
     tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], names: Iterable[str]
 ) -> float:
     """L2 distance between ``tensors`` and ``reference`` over ``names``, in float64."""
-    return _l2(np.asarray(tensors[n], np.float64) - reference[n] for n in names)
+    return l2_norm(np.asarray(tensors[n], np.float64) - reference[n] for n in names)
 
 
 def validate_update(
@@ -185,7 +185,7 @@ class StreamingAggregator:
             # On the float64 mean, with slack for its rounding only (casting to the tensors'
             # dtype then moves each element by at most half an ulp).
             distance = _distance(mean, self.reference, self.expected)
-            magnitude = self.max_norm + _l2(self.reference[n] for n in self.expected)
+            magnitude = self.max_norm + l2_norm(self.reference[n] for n in self.expected)
             if not distance <= self.max_norm + ROUNDING_SLACK * magnitude:
                 raise AggregateInvalid(
                     f"the aggregate of {self.count} updates moves {distance:.4g} from the "

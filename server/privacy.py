@@ -34,7 +34,7 @@ from sandbox.errors import UpdateRejected
 from sandbox.events import Key
 from sandbox.privacy import SLACK
 from sandbox.protocol import METRICS_KEY
-from server.aggregation import TensorSpec, Weight, validate_update
+from server.aggregation import TensorSpec, Weight, l2_norm, validate_update
 
 # The weight bound an update gets under client-level DP: every node weighs the same.
 CLIENT_DP_BOUND = "dp-client-clip"
@@ -132,7 +132,7 @@ class ClientNoise:
             n: np.asarray(update[n], np.float64) - np.asarray(self.reference[n], np.float64)
             for n in self.expected
         }
-        norm = math.sqrt(sum(float(np.square(c).sum()) for c in change.values()))
+        norm = l2_norm(change.values())
         factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
         for name, total in self._sum.items():
             total += change[name] * factor
