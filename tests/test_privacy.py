@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message, MessageType, RecordDict
 from safetensors.numpy import load_file
 
 from clients.channels import RunIds
@@ -42,7 +44,19 @@ from sandbox.attestation.result import (
     TIER_VALUE,
 )
 from sandbox.canonical import canonical_entry
-from sandbox.config import NodeConfig, PrivacyBudget, RunSpec
+from sandbox.config import (
+    DP_BUDGET,
+    DP_CLIP,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_EPSILON_TOTAL,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
+    NodeConfig,
+    PrivacyBudget,
+    RunSpec,
+)
 from sandbox.errors import (
     ConfigError,
     JournalInvalid,
@@ -51,6 +65,7 @@ from sandbox.errors import (
     PrivacyBudgetExhausted,
     PrivacyBudgetRefused,
     PrivacyLedgerMismatch,
+    UpdateRejected,
 )
 from sandbox.events import (
     AttestationAppraised,
@@ -78,12 +93,13 @@ from sandbox.privacy import (
     ledger_of,
     resolve,
 )
+from sandbox.protocol import METRICS_KEY, metric_record
 from sandbox.reasons import NodeReason
 from sandbox.secagg import STAGE_MASK, threshold
 from server.aggregation import spec_of
 from server.app import FederatedJob
 from server.checkpoint import CheckpointStore
-from server.privacy import CLIENT_DP_BOUND, ClientNoise
+from server.privacy import CLIENT_DP_BOUND, ClientNoise, reported_spending
 from server.secure_job import SecureJob
 from tests.conftest import make_spec
 from tests.sandboxgrid import (
@@ -778,3 +794,104 @@ def test_noise_too_small_to_protect_or_cut_by_secagg_is_refused(
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         make_spec(tiny_bert_dir, labels=LABELS, **overrides)
     make_spec(tiny_bert_dir, labels=LABELS, mode="secagg", dp_client_noise=1.0, secagg_clip=8.0)
+
+
+# -- hostile DP reports (a node to the provider) and budgets (the operator's file) ------
+
+
+@pytest.fixture(name="as_serverapp")
+def as_serverapp_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower builds messages only inside a ServerApp's process identity."""
+    serverapp_identity(monkeypatch, 1)
+
+
+def _reply(metrics: dict[str, float]) -> Message:
+    """A reply as a hostile node may shape it: only its metrics matter here."""
+    return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), 7, MessageType.TRAIN)
+
+
+def _honest_report(spec: RunSpec) -> dict[str, float]:
+    return {
+        DP_NOISE_MULTIPLIER: 1.0,
+        DP_SAMPLE_RATE: 0.1,
+        DP_STEPS: float(spec.local_steps),
+        DP_CLIP: spec.dp_clip,
+        DP_DELTA: spec.dp_delta,
+        DP_EPSILON: 2.0,
+        DP_EPSILON_TOTAL: 3.0,
+        DP_BUDGET: 8.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {DP_EPSILON: math.nan},
+        {DP_EPSILON: math.inf},
+        {DP_NOISE_MULTIPLIER: 0.0},
+        {DP_NOISE_MULTIPLIER: -1.0},
+        {DP_SAMPLE_RATE: 1.5},
+        {DP_STEPS: 1.0},  # not the run's local steps
+        {DP_EPSILON: 4.0},  # above its own total
+        {DP_EPSILON_TOTAL: 9.0},  # above its own budget
+        {DP_EPSILON: 6.0, DP_EPSILON_TOTAL: 6.0},  # above the run's ask (5)
+        {DP_DELTA: 1e-3},  # looser than the run's delta
+        {DP_CLIP: 10.0},  # looser than the run's clip
+        {DP_BUDGET: -1.0},
+    ],
+)
+@pytest.mark.usefixtures("as_serverapp")
+def test_a_hostile_dp_report_is_rejected_never_logged(
+    tiny_bert_dir: Path, hostile: dict[str, float]
+) -> None:
+    """What a node reports of its DP round is another party's numbers: anything that is
+    not a mechanism within its own budget and the run's ask rejects the update."""
+    spec = make_spec(tiny_bert_dir, labels=LABELS, dp_epsilon=5.0)
+    assert reported_spending(_reply(_honest_report(spec)), spec) is not None
+    with pytest.raises(UpdateRejected):
+        reported_spending(_reply({**_honest_report(spec), **hostile}), spec)
+
+
+@pytest.mark.usefixtures("as_serverapp")
+def test_a_dp_run_rejects_an_update_without_its_report_or_with_half_of_it(
+    tiny_bert_dir: Path,
+) -> None:
+    spec = make_spec(tiny_bert_dir, labels=LABELS, dp_epsilon=5.0)
+    with pytest.raises(UpdateRejected, match="reports no DP round"):
+        reported_spending(_reply({"num-examples": 10.0}), spec)
+    partial = {k: v for k, v in _honest_report(spec).items() if k != DP_BUDGET}
+    with pytest.raises(UpdateRejected, match="without"):
+        reported_spending(_reply(partial), spec)
+    plain = make_spec(tiny_bert_dir, labels=LABELS)
+    assert reported_spending(_reply({"num-examples": 10.0}), plain) is None
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("privacy = 3", "node.privacy"),
+        ("[node.privacy]\ndelta = 1e-5", "node.privacy.epsilon"),
+        ("[node.privacy]\nepsilon = -1.0", "node.privacy.epsilon"),
+        ("[node.privacy]\nepsilon = nan", "node.privacy.epsilon"),
+        ("[node.privacy]\nepsilon = 8.0\nbudget = 9", "node.privacy.budget"),
+    ],
+)
+def test_a_bad_privacy_table_names_its_key(tmp_path: Path, table: str, key: str) -> None:
+    path = tmp_path / "node.toml"
+    head = '[node]\nname = "n"\ndata-path = "d.jsonl"\njournal = "j.jsonl"\n'
+    if not table.startswith("["):
+        head += table + "\n"
+        table = ""
+    path.write_text(head + table + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"key '{key}'")):
+        NodeConfig.load(path)
+
+
+def test_a_budget_without_a_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nname = "n"\ndata-path = "d.jsonl"\n\n[node.privacy]\nepsilon = 8.0\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"key 'node\.journal'"):
+        NodeConfig.load(path)
