@@ -364,6 +364,11 @@ class LogUnavailable(ArkError):
     exit_code = 40
 
 
+class LogEntryTooLarge(ArkError, ValueError):
+    """An entry larger than the log's per-entry limit: an emitter that should have logged
+    a growing list one entry per member (:mod:`sandbox.events.members`)."""
+
+
 class AuditTooLarge(ArkError):
     """The log is larger than an audit may hold in memory (``ark audit --max-entries``)."""
 
@@ -513,6 +518,14 @@ class PrivacyLedgerMismatch(PolicyViolation):
     the aggregate's client-level epsilon is not what its logged noise gives."""
 
     exit_code = 42
+
+
+class ListCommitmentMismatch(PolicyViolation):
+    """A list logged one entry per member (``list_member``) does not match the count and
+    Merkle root its event commits to: a member missing, added, changed, out of order or
+    logged twice, members no event commits, or an event with both forms of one list."""
+
+    exit_code = 43
 
 
 class JournalMismatch(LogVerificationError):

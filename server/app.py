@@ -36,6 +36,7 @@ from sandbox.errors import (
     UpdateRejected,
 )
 from sandbox.events import JOB_EVENTS_FILE, EventSink, FanOutSink, JsonlEventSink, Key
+from sandbox.events.members import per_member
 from sandbox.lora import (
     Adapter,
     adapter_state,
@@ -179,9 +180,11 @@ class FederatedJob:
         return [self.admit, self.instruct, self.evaluate]
 
     def _event(self, kind: type[events.RunEvent], **fields: Any) -> None:
-        """Record ``kind`` for this run (and job) in the job's events and the log."""
+        """Record ``kind`` for this run (and job) in the job's events and the log; a list
+        that grows with the nodes is logged one entry per member (``per_member``)."""
         now = dt.datetime.now(dt.UTC)
-        self.events.emit(kind(time=now, run=self.run_id, job=self.spec.job_id, **fields))
+        event = kind(time=now, run=self.run_id, job=self.spec.job_id, **fields)
+        self.events.emit_many(per_member(event))
 
     def _call(self, timeout: float | None = None) -> RoundCall:
         return RoundCall(

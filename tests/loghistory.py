@@ -36,6 +36,7 @@ from sandbox.events import (
     DpAggregate,
     DpRound,
     DpSpent,
+    Event,
     FileDigest,
     HeldoutCommitted,
     Key,
@@ -59,6 +60,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.events.members import per_member
 from sandbox.events.node import SecaggRevealed
 from sandbox.journal import append_journal
 from sandbox.ops.translog.audit import LEDGER_NUMBERS
@@ -363,6 +365,12 @@ def write_journal(folder: Path, entries: Iterable[dict[str, Any]]) -> Path:
         append_journal(node, entry)
     assert node.journal_path is not None
     return node.journal_path
+
+
+def per_member_form(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` as the ServerApp logs them: each growing list one ``list_member``
+    entry per member, then its event with the list committed (``per_member``)."""
+    return [logged.to_json() for event in events for logged in per_member(Event.from_json(event))]
 
 
 def new_signer() -> NoteSigner:

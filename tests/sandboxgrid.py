@@ -30,6 +30,7 @@ from sandbox import events
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, manifest_digest
 from sandbox.config import RunSpec
 from sandbox.events import MemoryEventSink
+from sandbox.events.members import inline
 from sandbox.keyfiles import load_ed25519_public
 from sandbox.ops.federation import free_port
 from sandbox.ops.provision import LoopbackDeployment, provision_loopback
@@ -237,6 +238,15 @@ def start_job(
 E = TypeVar("E", bound=events.Event)
 
 
+T = TypeVar("T")
+
+
+def listed(value: list[T] | None) -> list[T]:
+    """An event's list that the job logged (inline again: :func:`events_of`)."""
+    assert value is not None, "the event has no such list"
+    return value
+
+
 def events_of(sink: MemoryEventSink, kind: type[E]) -> list[E]:
-    """The events of ``kind`` in ``sink``, in order."""
-    return [e for e in sink.events if isinstance(e, kind)]
+    """The events of ``kind`` in ``sink``, in order, lists inline (as the job built them)."""
+    return [e for e in inline(sink.events) if isinstance(e, kind)]

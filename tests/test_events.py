@@ -107,6 +107,7 @@ def test_the_families_are_the_provider_events_and_the_journal() -> None:
         "secagg_unmasked",
         "dp_spent",
         "dp_aggregate",
+        "list_member",
     }
     assert not set(Event.registry) & set(NodeEvent.registry)
     assert JournalOpened.kind in NodeEvent.registry

@@ -106,6 +106,7 @@ from tests.sandboxgrid import (
     LABELS,
     World,
     events_of,
+    listed,
     provisioned,
     serverapp_identity,
     start_job,
@@ -698,9 +699,9 @@ def test_secure_aggregation_logs_each_masked_inputs_dp_round(
     job, _, sink = start_job(world, spec, run_id, SecureJob)
     job.run()
     (mask,) = [e for e in events_of(sink, events.SecaggStage) if e.stage == STAGE_MASK]
-    assert sorted(mask.nodes) == sorted(NODE_IDS.values())
+    assert sorted(listed(mask.nodes)) == sorted(NODE_IDS.values())
     dp_spent = {e.node: e for e in events_of(sink, events.DpSpent)}
-    assert sorted(dp_spent) == sorted(mask.nodes)
+    assert sorted(dp_spent) == sorted(listed(mask.nodes))
     for node_id, event in dp_spent.items():
         assert event.round == 1
         assert event.epsilon == _dp_rounds(world, node_id, run_id)[1]["epsilon"]
@@ -723,7 +724,7 @@ def test_client_level_dp_under_secure_aggregation(
     job, _, sink = start_job(world, spec, run_id, SecureJob)
     job.run()
     (advertised,) = events_of(sink, events.SecaggAdvertised)
-    t = threshold(len(advertised.nodes), spec.secagg_threshold)
+    t = threshold(len(listed(advertised.nodes)), spec.secagg_threshold)
     for node_id in world.sandboxes:
         (added,) = [
             e

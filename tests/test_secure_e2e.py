@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from sandbox import events
 from sandbox.config import MODE_FFA_SECAGG, NodeConfig
 from sandbox.events import Hello, JournalEntry, NodeEvent
+from sandbox.events.members import inline
 from sandbox.events.node import SecaggRevealed
 from sandbox.journal import read_journal
 from sandbox.ops.cli import app as cli
@@ -37,6 +38,7 @@ from sandbox.ops.processes import still_running
 from sandbox.ops.provision import LoopbackDeployment, provision_loopback
 from sandbox.secagg import STAGE_CHECK, STAGE_MASK, STAGE_SHARE
 from tests.conftest import checked_federation
+from tests.sandboxgrid import listed
 from tests.test_e2e import _launch, _spec, _submit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -184,14 +186,14 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -
         verified, crosschecked = _audit(deployment, tmp_path / "auditor", journals)
         _remember(federation, seen, names)
     left_running = [p.pid for p in seen.values() if still_running(p)]
-    served = [events.Event.from_json(record) for record in EventsTail(served_path).read()]
+    served = inline(events.Event.from_json(record) for record in EventsTail(served_path).read())
     return DropoutRun(
         run_id=run_id,
         outcome=outcome,
         victim=victim,
         node_ids=node_ids,
         served=served,
-        logged_at_kill=logged,
+        logged_at_kill=inline(logged),
         journals={n: _entries(configs[n]) for n in sorted(configs) if n != victim},
         verified=verified,
         crosschecked=crosschecked,
@@ -218,7 +220,7 @@ def test_the_run_finishes_without_the_node_killed_after_sharing(dropout_run: Dro
     assert (share.round, share.stage) == (1, STAGE_SHARE)
     assert share.nodes == sorted(run.node_ids.values())
     (advertised,) = run.of(events.SecaggAdvertised, 1)
-    assert sorted(n.node for n in advertised.nodes) == sorted(run.node_ids.values())
+    assert sorted(n.node for n in listed(advertised.nodes)) == sorted(run.node_ids.values())
     stages = {e.stage: e.nodes for e in run.of(events.SecaggStage, 1)}
     assert stages[STAGE_SHARE] == sorted(run.node_ids.values())
     assert stages[STAGE_MASK] == run.survivor_ids()
@@ -231,13 +233,13 @@ def test_round_1_unmasks_the_survivors_and_rebuilds_the_victims_mask(
     run = dropout_run
     (unmasked,) = run.of(events.SecaggUnmasked, 1)
     assert unmasked.dropped == [run.victim_id]
-    assert sorted(unmasked.survivors) == run.survivor_ids()
+    assert sorted(listed(unmasked.survivors)) == run.survivor_ids()
     assert unmasked.revealed_by == run.survivor_ids()
     # Round 2 runs on the two left: the victim never advertised keys for it.
     (advertised,) = run.of(events.SecaggAdvertised, 2)
-    assert sorted(n.node for n in advertised.nodes) == run.survivor_ids()
+    assert sorted(n.node for n in listed(advertised.nodes)) == run.survivor_ids()
     (unmasked2,) = run.of(events.SecaggUnmasked, 2)
-    assert sorted(unmasked2.survivors) == run.survivor_ids()
+    assert sorted(listed(unmasked2.survivors)) == run.survivor_ids()
     assert unmasked2.dropped == []
 
 
@@ -250,8 +252,8 @@ def test_both_rounds_commit_the_masked_inputs_and_no_update_in_the_clear(
     for commit in committed:
         (masked,) = [e for e in run.of(events.SecaggStage, commit.round) if e.stage == STAGE_MASK]
         assert masked.envelopes is not None
-        assert sorted(commit.updates) == sorted(masked.envelopes)
-        assert len(commit.updates) == 2
+        assert sorted(listed(commit.updates)) == sorted(masked.envelopes)
+        assert len(listed(commit.updates)) == 2
     assert run.of(events.UpdateAccepted) == []
     assert run.of(events.RunFinished)
 

@@ -65,6 +65,7 @@ from tests.sandboxgrid import (
     SandboxGrid,
     World,
     events_of,
+    listed,
     provisioned,
     serverapp_identity,
     stage_of,
@@ -199,7 +200,7 @@ def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
     expected, weight = _plain_mean(world, world.sandboxes, 1)
     protocol_bound = events_of(sink, events.SecaggUnmasked)[0]
     assert protocol_bound.dropped == []
-    assert sorted(protocol_bound.survivors) == sorted(NODE_IDS.values())
+    assert sorted(listed(protocol_bound.survivors)) == sorted(NODE_IDS.values())
     quantization = Quantization(job.spec.secagg_clip, 3)
     magnitude = max(float(np.abs(v).max()) for v in expected.values())
     bound = quantization.bound(3, weight, magnitude) + 1e-7  # the float32 checkpoint's rounding
@@ -232,7 +233,7 @@ def test_the_aggregator_receives_no_update_and_commits_their_weighted_mean(
         assert vector.shape == true.shape
         assert np.mean(vector == true) < 0.01
     # The log names each stage's nodes; every node revealed seeds only, no key shares.
-    stages = {e.stage: e.nodes for e in events_of(sink, events.SecaggStage)}
+    stages = {e.stage: listed(e.nodes) for e in events_of(sink, events.SecaggStage)}
     assert sorted(stages[STAGE_SHARE]) == sorted(stages[STAGE_MASK]) == sorted(NODE_IDS.values())
     assert not events_of(sink, events.UpdateAccepted)
     for node_id in world.sandboxes:
@@ -259,7 +260,7 @@ def test_a_node_lost_after_sharing_keys_leaves_the_survivors_aggregate(
     survivors = [n for n in world.sandboxes if n != lost]
     (unmasked,) = events_of(sink, events.SecaggUnmasked)
     assert unmasked.dropped == [lost]
-    assert sorted(unmasked.survivors) == sorted(survivors)
+    assert sorted(listed(unmasked.survivors)) == sorted(survivors)
     expected, weight = _plain_mean(world, survivors, 1)
     deltas = _committed_delta(job.spec)
     magnitude = max(float(np.abs(v).max()) for v in expected.values())
@@ -351,10 +352,10 @@ def test_keys_not_signed_by_an_attested_identity_are_left_out(
     assert refused
     assert "not signed by an attested identity" in refused[0].reason
     (advertised,) = events_of(sink, events.SecaggAdvertised)
-    assert victim not in [n.node for n in advertised.nodes]
+    assert victim not in [n.node for n in listed(advertised.nodes)]
     (unmasked,) = events_of(sink, events.SecaggUnmasked)
-    assert victim not in unmasked.survivors
-    assert len(unmasked.survivors) == 2
+    assert victim not in listed(unmasked.survivors)
+    assert len(listed(unmasked.survivors)) == 2
 
 
 def test_a_node_refuses_a_share_request_carrying_forged_keys(

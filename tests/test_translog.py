@@ -28,6 +28,7 @@ from sandbox.errors import (
     InclusionProofError,
     JournalInvalid,
     JournalMismatch,
+    LogEntryTooLarge,
     LogFork,
     LogRollback,
     LogUnavailable,
@@ -240,7 +241,7 @@ def test_threads_appending_at_once_share_commits_and_lose_nothing(tmp_path: Path
     assert [stored[i] for i in indexes] == entries
     assert store.root() == merkle.root_hash(stored)
     assert sum(transactions) == len(entries)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(LogEntryTooLarge, match="65537 bytes is over the limit of 65536"):
         store.append(b"x" * (64 * 1024 + 1))
     assert store.size() == len(entries)
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 from typing import Any, ClassVar
 
+from sandbox.errors import EventInvalid
 from sandbox.events.schema import JsonObject, Record, omitted
 
 # The ``envelope_sha256`` of an update sent with protection off (raw arrays, there is no
@@ -158,6 +159,60 @@ class RunEvent(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ListCommitment(JsonObject):
+    """A list an event logs one entry per member: how many members it has, and the RFC
+    9162 Merkle tree hash (hex) over each member's canonical JSON, in order."""
+
+    count: int
+    root: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ListMember(RunEvent):
+    """One member (``item``, at ``index``) of a list that grows with the number of nodes,
+    logged on its own so that no entry grows with them. ``list`` names the event kind and
+    its field (``round_started.participants``; a map's members are ``[key, value]``
+    pairs); ``round`` and ``stage`` are that event's. The event itself follows its
+    members and commits to them (``committed``): see :mod:`sandbox.events.members`."""
+
+    kind: ClassVar[str] = "list_member"
+    list: str
+    index: int
+    item: Any
+    round: int | None = omitted()
+    stage: str | None = omitted()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerMember(RunEvent):
+    """An event with lists that grow with the number of nodes (``PER_MEMBER``: their
+    field paths). Emitters build it with the lists inline; it is logged with each list as
+    ``list_member`` entries and ``committed`` in their place
+    (:func:`sandbox.events.members.per_member`); logs written before that hold the lists
+    inline, and the auditor reads both."""
+
+    PER_MEMBER: ClassVar[tuple[str, ...]]
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # lists written only when they apply
+    committed: dict[str, ListCommitment] | None = omitted()  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        """Each list once: inline or committed (a required one in one of the two)."""
+        super().__post_init__()
+        committed = self.committed or {}
+        for path in committed:
+            if path not in self.PER_MEMBER:
+                raise EventInvalid("is not a list of this event", kind=self.kind, key=path)
+        for path in self.PER_MEMBER:
+            head, _, rest = path.partition(".")
+            value = getattr(self, head)
+            inline = value is not None if not rest else isinstance(value, dict) and rest in value
+            if inline and path in committed:
+                raise EventInvalid("is both inline and committed", kind=self.kind, key=path)
+            if not inline and path not in committed and path not in self.OPTIONAL:
+                raise EventInvalid("is missing", kind=self.kind, key=path)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunStarted(RunEvent):
     kind: ClassVar[str] = "run_started"
     rounds: int
@@ -209,11 +264,12 @@ class Participant(JsonObject):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RoundStarted(RunEvent):
+class RoundStarted(PerMember):
     kind: ClassVar[str] = "round_started"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("participants",)
     round: int
     stage: str
-    participants: list[Participant]
+    participants: list[Participant] | None = omitted()  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -241,13 +297,14 @@ class UpdateRejected(RunEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AggregateCommitted(RunEvent):
+class AggregateCommitted(PerMember):
     """A round's aggregate checkpointed: the envelopes it counts and headline metrics."""
 
     kind: ClassVar[str] = "aggregate_committed"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("updates",)
     round: int
     adapter_sha256: str
-    updates: list[str]
+    updates: list[str] | None = omitted()  # noqa: RUF009
     examples: float
     metrics: dict[str, float]
 
@@ -263,40 +320,44 @@ class SecaggNode(JsonObject):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SecaggAdvertised(RunEvent):
+class SecaggAdvertised(PerMember):
     """Secure aggregation, stage 1: the nodes whose signed keys the round uses."""
 
     kind: ClassVar[str] = "secagg_advertised"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("nodes",)
     round: int
-    nodes: list[SecaggNode]
+    nodes: list[SecaggNode] | None = omitted()  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SecaggStage(RunEvent):
+class SecaggStage(PerMember):
     """Secure aggregation: the nodes that completed stage ``stage`` (share: sent their
     sealed shares; mask: sent a masked input the aggregator folded into the sum, whose
     envelopes are listed)."""
 
     kind: ClassVar[str] = "secagg_stage"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("nodes", "envelopes")
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"envelopes"})
     round: int
     stage: str
-    nodes: list[int]
+    nodes: list[int] | None = omitted()  # noqa: RUF009
     # The mask stage: the SHA-256 of each node's sealed masked input, in ``nodes``' order
     # (what the round's aggregate_committed lists as its updates).
     envelopes: list[str] | None = omitted()  # noqa: RUF009 (a field(), not a shared default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SecaggUnmasked(RunEvent):
+class SecaggUnmasked(PerMember):
     """Secure aggregation, stage 4: whose seeds were rebuilt (the survivors), whose
     masking keys were rebuilt (the dropped: shared but sent no masked input), and the
     nodes whose revealed shares did it."""
 
     kind: ClassVar[str] = "secagg_unmasked"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("survivors", "dropped", "revealed_by")
     round: int
-    survivors: list[int]
-    dropped: list[int]
-    revealed_by: list[int]
+    survivors: list[int] | None = omitted()  # noqa: RUF009
+    dropped: list[int] | None = omitted()  # noqa: RUF009
+    revealed_by: list[int] | None = omitted()  # noqa: RUF009
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -342,11 +403,12 @@ class DpAggregate(RunEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RunFinished(RunEvent):
+class RunFinished(PerMember):
     """The run's last adapter, and each node's final held-out metrics
     (``metrics["final"][node][metric]``)."""
 
     kind: ClassVar[str] = "run_finished"
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ("metrics.final",)
     rounds: int
     adapter_sha256: str
     metrics: dict[str, dict[str, dict[str, float]]]

@@ -132,6 +132,11 @@ class Key(StrEnum):
     SCORECARD = "scorecard"
     RUNS = "runs"
     ROOT = "root"
+    # a list logged one entry per member
+    COMMITTED = "committed"
+    LIST = "list"
+    INDEX = "index"
+    ITEM = "item"
     HELDOUT_ROOT = "heldout_root"
     RECORD_SHA256 = "record_sha256"
     # secure aggregation

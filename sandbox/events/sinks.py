@@ -21,6 +21,11 @@ class EventSink(Protocol):
 
     def emit(self, event: Event) -> None: ...
 
+    def emit_many(self, events: Sequence[Event]) -> None:
+        """Persist ``events`` together, in order (one transaction where the sink has
+        them: an event and the members it commits are never kept apart)."""
+        ...
+
 
 # The file, under a job's output directory, where the ServerApp writes the job's events.
 JOB_EVENTS_FILE = "events.jsonl"
@@ -35,9 +40,12 @@ class JsonlEventSink:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, event: Event) -> None:
-        line = json.dumps(event.to_json(), sort_keys=True) + "\n"
+        self.emit_many([event])
+
+    def emit_many(self, events: Sequence[Event]) -> None:
+        lines = "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in events)
         with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
+            handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -58,6 +66,9 @@ class MemoryEventSink:
     def emit(self, event: Event) -> None:
         self.events.append(event)
 
+    def emit_many(self, events: Sequence[Event]) -> None:
+        self.events.extend(events)
+
     def kinds(self) -> list[str]:
         return [event.kind for event in self.events]
 
@@ -71,3 +82,7 @@ class FanOutSink:
     def emit(self, event: Event) -> None:
         for sink in self.sinks:
             sink.emit(event)
+
+    def emit_many(self, events: Sequence[Event]) -> None:
+        for sink in self.sinks:
+            sink.emit_many(events)

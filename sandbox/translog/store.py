@@ -15,11 +15,11 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from sandbox.errors import EntryTampered, InclusionProofError, LogUnavailable
+from sandbox.errors import EntryTampered, InclusionProofError, LogEntryTooLarge, LogUnavailable
 from sandbox.events import Event
 from sandbox.translog import merkle
 from sandbox.translog.note import Checkpoint, NoteSigner
@@ -68,8 +68,13 @@ class LogReader(Protocol):
 
 
 def _check_entry(entry: object) -> None:
-    if not isinstance(entry, bytes) or len(entry) > MAX_ENTRY_BYTES:
-        raise ValueError(f"a log entry is bytes of at most {MAX_ENTRY_BYTES}")
+    if not isinstance(entry, bytes):
+        raise TypeError(f"a log entry is bytes, not {type(entry).__name__}")
+    if len(entry) > MAX_ENTRY_BYTES:
+        raise LogEntryTooLarge(
+            f"a log entry of {len(entry)} bytes is over the limit of {MAX_ENTRY_BYTES} "
+            f"(it begins {entry[:80]!r})"
+        )
 
 
 class LogStore:
@@ -328,4 +333,19 @@ class LogSink:
         self.store = store
 
     def emit(self, event: Event) -> None:
-        self.store.append(event.canonical())
+        self.emit_many([event])
+
+    def emit_many(self, events: Sequence[Event]) -> None:
+        """Append ``events`` in one transaction; one over the entry limit appends none and
+        raises :class:`LogEntryTooLarge` naming its kind."""
+        entries = [event.canonical() for event in events]
+        for event, entry in zip(events, entries, strict=True):
+            if len(entry) > MAX_ENTRY_BYTES:
+                raise LogEntryTooLarge(
+                    f"a {event.kind} event of {len(entry)} bytes is over the log's entry "
+                    f"limit of {MAX_ENTRY_BYTES}; nothing of this batch was appended"
+                )
+        if len(entries) == 1:
+            self.store.append(entries[0])  # shares a group commit with other threads
+        else:
+            self.store.append_many(entries)

@@ -338,6 +338,57 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "participants": [{"node": 3, "instruction_sha256": None}],
                 },
             ),
+            (
+                "700 participants, logged one entry each and committed",
+                {
+                    **JOB,
+                    "kind": "round_started",
+                    "round": 3,
+                    "stage": "train",
+                    "committed": {"participants": {"count": 700, "root": H}},
+                },
+            ),
+        ],
+    ),
+    (
+        "provider",
+        "list_member",
+        [
+            (
+                "a round's participant",
+                {
+                    **JOB,
+                    "kind": "list_member",
+                    "list": "round_started.participants",
+                    "item": {"node": 3, "instruction_sha256": H},
+                    "round": 3,
+                    "stage": "train",
+                    "index": 0,
+                },
+            ),
+            (
+                "a Flower-sized node of a secure-aggregation stage, in a Flower-sized run",
+                {
+                    **JOB,
+                    "run": FLOWER_RUN,
+                    "kind": "list_member",
+                    "list": "secagg_stage.nodes",
+                    "item": BIG_NODE,
+                    "round": 1,
+                    "stage": "mask",
+                    "index": 699,
+                },
+            ),
+            (
+                "a node's final metrics (a map's member: a key and its value)",
+                {
+                    **JOB,
+                    "kind": "list_member",
+                    "list": "run_finished.metrics.final",
+                    "item": [TOP_NODE, {"accuracy": 0.8}],
+                    "index": 2,
+                },
+            ),
         ],
     ),
     (

@@ -28,6 +28,8 @@ Exit codes (also in ``ark audit --help`` and docs/audit.md):
 39    a scorecard or commitment not signed by a key certified for an attested sandbox
 40    the log cannot be reached or read
 41    a secure-aggregation round whose logged stages break the protocol
+42    a node's or the aggregate's logged privacy spending does not recompute
+43    a list logged per member does not match what its event commits to
 ====  ==========================================================================
 """
 

@@ -9,6 +9,7 @@ import typer
 
 from sandbox.config import TASK_CLASSIFICATION, TASKS
 from sandbox.errors import ArkError
+from sandbox.events.members import listed_count
 from sandbox.ops.cli.base import (
     console,
     fail,
@@ -622,7 +623,7 @@ class JobProgress:
             elif kind == "node_refused" or kind == "node_declined":
                 plain(f"node {self.node(event)} {kind[5:]}: {event.get('reason')}")
             elif kind == "round_started":
-                count = len(event.get("participants") or [])
+                count = listed_count(event, "participants")
                 plain(f"round {rnd} {event.get('stage')}: {count} nodes")
             elif kind == "update_accepted":
                 self.accepted[rnd] = self.accepted.get(rnd, 0) + 1
@@ -639,21 +640,21 @@ class JobProgress:
                 model = _body(event.get("scorecard")).get("model_id", "?")
                 plain(f"node {self.node(event)} signed its scorecard of {model}")
             elif kind == "secagg_advertised":
-                count = len(event.get("nodes") or [])
+                count = listed_count(event, "nodes")
                 plain(f"round {rnd}: {count} nodes advertised signed masking keys")
             elif kind == "secagg_stage":
-                count = len(event.get("nodes") or [])
+                count = listed_count(event, "nodes")
                 what = (
                     "sealed their shares" if event.get("stage") == "share" else "sent masked inputs"
                 )
                 plain(f"round {rnd}: {count} nodes {what}")
             elif kind == "secagg_unmasked":
-                dropped = event.get("dropped") or []
+                survivors = listed_count(event, "survivors")
                 plain(
-                    f"round {rnd}: sum unmasked from {len(event.get('survivors') or [])} inputs "
-                    f"({len(dropped)} dropped); no input was seen alone"
+                    f"round {rnd}: sum unmasked from {survivors} inputs "
+                    f"({listed_count(event, 'dropped')} dropped); no input was seen alone"
                 )
-                self.accepted[rnd] = len(event.get("survivors") or [])
+                self.accepted[rnd] = survivors
             elif kind == "dp_spent":
                 plain(
                     f"round {rnd}: node {self.node(event)} spent epsilon "

@@ -44,6 +44,7 @@ from sandbox.errors import (
     EntryMissing,
     EntryTampered,
     JournalMismatch,
+    ListCommitmentMismatch,
     LogFork,
     LogRollback,
     LogVerificationError,
@@ -85,6 +86,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
+from sandbox.events.members import expand
 from sandbox.events.node import HeldoutCommitment, ScorecardSigned, SecaggRevealed
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
@@ -259,7 +261,7 @@ def verify_log(
     entries = fetch_entries(reader, checkpoint.size)
     check_entries(reader, entries, checkpoint)
     records = decode(entries)
-    return Audit(checkpoint, note, previous, records, check_policy(records))
+    return Audit(checkpoint, note, previous, expand(records).records, check_policy(records))
 
 
 def _text(value: Any) -> str:
@@ -1463,11 +1465,19 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
     - every differential-privacy epsilon a node or the provider logs is the one the audit's
       own accountant computes from the logged rounds, within the node's budget and the
       run's ask, and no round that trained with DP is missing from the ledger
-      (:class:`_PrivacyLedger`, else PrivacyLedgerMismatch).
+      (:class:`_PrivacyLedger`, else PrivacyLedgerMismatch);
+    - every list logged one entry per member adds up to the count and Merkle root its
+      event commits to (:func:`sandbox.events.members.expand`, else
+      ListCommitmentMismatch); the rules above read such lists as if inline.
 
     Fields a rule compares must be present: missing values never match each other.
     """
+    expanded = expand(records)
+    records = expanded.records
     policy = _Policy()
+    policy.violations.extend(
+        ListCommitmentMismatch(f"entry {index}: {what}") for index, what in expanded.problems
+    )
     comparisons = _Comparisons(policy.violations)
     secure = _SecureRounds(policy.violations)
     privacy = _PrivacyLedger(policy.violations)
@@ -1535,7 +1545,10 @@ def crosscheck(
       the node revealed (:func:`_crosscheck_secure`);
     - every round the node's privacy ledger records is logged with the same numbers, and
       the other way round (:func:`_crosscheck_privacy`).
+
+    Lists the log holds one entry per member are read inline (:func:`expand`).
     """
+    records = expand(records).records
     secure = _SecureLog(records)
     sent: set[tuple[str, ...]] = set()
     instructed: set[tuple[str, ...]] = set()

@@ -40,6 +40,7 @@ from sandbox.events import (
     Key,
     KeyDenied,
     KeyReleased,
+    ListMember,
     ModelPublished,
     NodeAdmitted,
     NodeDeclined,
@@ -65,6 +66,8 @@ RunKey = int | str | None
 DASH = "—"
 DIGEST_CHARS = 12
 MAX_TEXT_CHARS = 80
+# A round's participants are named up to this many; beyond, counted.
+MAX_NODES_LISTED = 12
 
 # Events the ServerApp logs; each belongs to one federated run.
 RUN_KINDS = frozenset(kind for kind, cls in Event.registry.items() if issubclass(cls, RunEvent))
@@ -483,16 +486,14 @@ def _round_metrics(committed: Record | None) -> str:
 
 def _round_row(number: int | None, events: Sequence[Record]) -> list[str]:
     stages: list[str] = []
-    nodes: list[str] = []
+    nodes: dict[str, None] = {}  # in order, once each
     for started in _of_kind(events, RoundStarted.kind):
         stage = _as_str(started.get(Key.STAGE))
         label = STAGE_LABELS.get(stage, stage) if stage else None
         if label and _esc(label) not in stages:
             stages.append(_esc(label))
         for participant in _as_list(started.get(Key.PARTICIPANTS)):
-            node = _text(_as_map(participant).get(Key.NODE))
-            if node not in nodes:
-                nodes.append(node)
+            nodes[_text(_as_map(participant).get(Key.NODE))] = None
     committed = _first(events, AggregateCommitted.kind)
     rejected = len(_of_kind(events, UpdateRejected.kind))
     accepted = str(len(_of_kind(events, UpdateAccepted.kind)))
@@ -503,10 +504,11 @@ def _round_row(number: int | None, events: Sequence[Record]) -> list[str]:
         dropped = len(_as_list(unmasked.get(Key.DROPPED)))
         accepted = f"{_plural(survivors, 'masked input')}, {dropped} dropped"
         accepted += '<span class="sub">secure aggregation</span>'
+    shown = _join(nodes) if len(nodes) <= MAX_NODES_LISTED else _plural(len(nodes), "node")
     return [
         _text(number),
         _join(stages),
-        _join(nodes),
+        shown,
         accepted,
         _tag(str(rejected), "bad") if rejected else "0",
         _digest(committed.get(Key.ADAPTER_SHA256)) if committed else DASH,
@@ -959,9 +961,34 @@ def _summary_value(value: object, nested: bool = False) -> str:
     return _text(value)
 
 
+def _members_row(first: int, last: int, record: Record) -> list[str]:
+    """One row for the consecutive ``list_member`` entries ``first`` to ``last`` of one
+    list (thousands in a large round): which list, and how many."""
+    name = _esc(_text(record.get(Key.LIST)))
+    where = f"round {_esc(_text(record.get(Key.ROUND)))}" if Key.ROUND in record else ""
+    count = _plural(last - first + 1, "member")
+    label = f"List members<span class='kind'>{_esc(ListMember.kind)}</span>"
+    details = f"{count} of <strong>{name}</strong>{', ' + where if where else ''}"
+    numbers = str(first) if first == last else f"{first}–{last}"
+    return [numbers, _time(record.get(Key.TIME)), label, details]
+
+
 def _event_log(records: Sequence[Record]) -> str:
     rows = []
-    for index, record in enumerate(records):
+    index = 0
+    while index < len(records):
+        record = records[index]
+        if _kind(record) == ListMember.kind:
+            last = index
+            while (
+                last + 1 < len(records)
+                and _kind(records[last + 1]) == ListMember.kind
+                and records[last + 1].get(Key.LIST) == record.get(Key.LIST)
+            ):
+                last += 1
+            rows.append(_members_row(index, last, record))
+            index = last + 1
+            continue
         kind = _kind(record)
         label = KIND_LABELS.get(kind)
         shown = f"{label}<span class='kind'>{_esc(kind)}</span>" if label else _text(kind)
@@ -971,11 +998,14 @@ def _event_log(records: Sequence[Record]) -> str:
             if k not in (Key.KIND, Key.TIME)
         )
         rows.append([str(index), _time(record.get(Key.TIME)), shown, "; ".join(fields) or DASH])
+        index += 1
     return (
         '<section id="log"><h2>Full event log</h2>'
         "<p>Every entry in the log, in order. The entry number is its position in the log, "
         "which the signed root hash covers: changing or removing any entry would break the "
-        "checks above.</p>"
+        "checks above. A list that grows with the number of nodes is logged one entry per "
+        "member, before the event that commits to it; consecutive members of one list share "
+        "a row.</p>"
         f"{_table(['#', 'Time', 'Event', 'Details'], rows, 'log')}</section>"
     )
 
