@@ -25,6 +25,11 @@ The advertise and share stages do not depend on the adapter, so both adapter siz
 from one round's state after stage 2 (each a fresh copy of it); every decoded sum is
 checked against the plaintext weighted sum within the quantization's bound.
 
+**Mask and unmask costs over the full or the sparse mask graph** (:func:`mask_unmask_costs`,
+for benches that compare the two at a given node count): one node's masking and the
+aggregator's unmasking, with the real mask expansion and secret rebuilding, measured on
+representative nodes and multiplied out.
+
 **Bytes** a node sends per round (its advertisement, its share bundle, its masked input
 as the HPKE envelope it travels in, sealed as a plain update is, and its reveal) and
 receives beyond the global adapter (the share request with every advertisement, its
@@ -38,6 +43,7 @@ import copy
 import dataclasses
 import datetime as dt
 import os
+import random
 import secrets
 import statistics
 import time
@@ -49,6 +55,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from clients.secagg import NodeRound
 from sandbox.attestation.measure import CODE, CONFIG
@@ -63,11 +70,19 @@ from sandbox.models import default_model_dir, inspect_model_dir, load_pretrained
 from sandbox.ops.demo_data import DEMO_LABELS
 from sandbox.seal.envelope import RecipientKey
 from sandbox.secagg import (
+    DROPOUT_RATE,
     MASKED_TENSOR,
     CheckRequest,
     MaskRequest,
     ShareRequest,
     UnmaskRequest,
+    agree,
+    apply_pair_mask,
+    combine_secret,
+    graph_parameters,
+    seed_commitment,
+    self_mask,
+    threshold,
 )
 from server.secagg import ServerRound
 
@@ -83,6 +98,12 @@ SENT_GOAL = 1.1
 # Flower run ids are random unsigned 64-bit; the round is any training round.
 RUN = 0x9E3779B97F4A7C15
 ROUND = 1
+# mask_unmask_costs: values per masked input, the share of the nodes that shared whose
+# masked input is lost (the graph's design dropout rate), and timed repeats per median.
+COST_VALUES = 10_000
+COST_DROPOUT = DROPOUT_RATE
+COST_REPEATS = 5
+GRAPHS = ("full", "sparse")
 
 
 def default_adapter_values() -> int:
@@ -431,4 +452,100 @@ def secagg_bench(
         "sent_goal": SENT_GOAL,
         "seconds": time.perf_counter() - started,
         "load_average": [load, os.getloadavg()[0]],
+    }
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int = COST_REPEATS) -> float:
+    return statistics.median(_timed(fn)[1] for _ in range(repeats))
+
+
+def _median_of_fresh(fn: Callable[[Any], Any], make: Callable[[], Any]) -> float:
+    """The median time of ``fn`` on fresh inputs from ``make``, over COST_REPEATS runs; a
+    single run when the first takes over a second (a full graph's rebuild at ``t = 600``
+    takes tens of seconds, and its spread is small next to it)."""
+    first = _timed(partial(fn, make()))[1]
+    if first > 1.0:
+        return first
+    return statistics.median(
+        [first, *(_timed(partial(fn, make()))[1] for _ in range(COST_REPEATS - 1))]
+    )
+
+
+def _random_shares(indices: Sequence[int]) -> dict[int, bytes]:
+    """Shares at ``indices`` of a random secret: any ``t`` values at ``t`` distinct
+    indices are the shares of exactly one polynomial of degree ``t - 1``."""
+    return {i: os.urandom(32) for i in indices}
+
+
+def mask_unmask_costs(n: int, graph: str) -> dict[str, float]:
+    """Median seconds of one node's masking and of the aggregator's unmasking in a round
+    of ``n`` nodes over the ``"full"`` mask graph (every pair) or the ``"sparse"`` one
+    (what :func:`sandbox.secagg.graph_parameters` gives at the run's default threshold:
+    the full graph below ``SPARSE_MIN_NODES``), and ``peers``, the degree ``k``.
+
+    ``mask_seconds``: one node's self mask and a pair mask for each of its ``k`` peers
+    (X25519 agreement, HKDF, ChaCha20 over COST_VALUES + 1 words, the mod 2^32 add) on a
+    quantized input, as ``NodeRound.mask`` does after opening its shares.
+
+    ``unmask_seconds``: the aggregator's ``result()`` with ``max(1, COST_DROPOUT n)`` nodes
+    dropped: each survivor's seed rebuilt from ``t`` shares, checked against its
+    commitment and its self mask removed; each dropped node's key rebuilt, checked and its
+    pair masks with its surviving neighbours (``k`` times the surviving share) removed.
+    It is one representative survivor's and one dropped node's median time, multiplied
+    by their counts. Each rebuild is pycryptodome's ``Shamir.combine`` over ``t`` shares
+    (pure Python, ``t^2`` field products), from a random index set of the node's holders.
+
+    Only these three keys (``bench/scale.py`` makes a row of each); ``t`` is
+    ``graph_parameters``'s, or ``threshold(n, fraction)`` in the full graph."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    fraction = RunSpec.secagg_threshold
+    k, t = (
+        (n - 1, threshold(n, fraction))
+        if graph == "full"
+        else graph_parameters(n, fraction=fraction)
+    )
+    full = k == n - 1
+    dropped = max(1, round(COST_DROPOUT * n))
+    survivors = n - dropped
+    alive_peers = round(k * survivors / (n - 1))
+    pick = random.Random(n)
+    node, length = 0, COST_VALUES + 1
+    own = X25519PrivateKey.generate()
+    peers = [X25519PrivateKey.generate().public_key().public_bytes_raw() for _ in range(k)]
+    seed = os.urandom(32)
+    quantized = np.zeros(length, np.uint32)
+
+    def mask() -> None:
+        total = quantized + self_mask(seed, RUN, ROUND, node, length)
+        for peer, public in enumerate(peers, start=1):
+            apply_pair_mask(total, agree(own, public), RUN, ROUND, node, peer, sign=1)
+
+    holders = n if full else k + 1
+    round_set = sorted(pick.sample(range(1, holders + 1), t))  # the full graph's one set
+
+    def shares() -> dict[int, bytes]:
+        indices = round_set if full else sorted(pick.sample(range(1, holders + 1), t))
+        return _random_shares(indices)
+
+    def survivor(given: dict[int, bytes]) -> None:
+        rebuilt = combine_secret(given)
+        if seed_commitment(rebuilt, RUN, ROUND, node) == seed:  # as result() checks it
+            raise RuntimeError("a random seed matched a commitment")
+        self_mask(rebuilt, RUN, ROUND, node, length)
+
+    def gone(given: dict[int, bytes]) -> None:
+        key = X25519PrivateKey.from_private_bytes(combine_secret(given))
+        if key.public_key().public_bytes_raw() == seed:  # as result() checks it
+            raise RuntimeError("a random key matched a public key")
+        total = np.zeros(length, np.uint32)
+        for peer, public in enumerate(peers[:alive_peers], start=1):
+            apply_pair_mask(total, agree(key, public), RUN, ROUND, peer, node, sign=-1)
+
+    per_survivor = _median_of_fresh(survivor, shares)
+    per_dropped = _median_of_fresh(gone, shares)
+    return {
+        "peers": float(k),
+        "mask_seconds": _median_seconds(mask),
+        "unmask_seconds": survivors * per_survivor + dropped * per_dropped,
     }

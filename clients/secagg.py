@@ -3,11 +3,14 @@
 The node sandbox keeps one :class:`NodeRound` per run and round, and drives it with the
 aggregator's requests (``sandbox/secagg.py`` has the protocol and wire formats). Every
 request is hostile: the node checks each advertisement against the key broker's result
-key, masks only with nodes that advertised and shared, signs one split of the round
-into survivors and dropped, and reveals at most once per round, for that split only and
-once the threshold of survivors signed it, never both kinds of share of one node
-(Bonawitz et al.'s consistency check). Those rules keep every honest node's
-update hidden from an aggregator that asks for more than the protocol gives it.
+key, derives the round's mask graph itself from the advertisements it verified (the
+aggregator sends none), shares to and masks only with its neighbours that advertised
+and shared, signs one split of the round into survivors and dropped, and reveals at most
+once per round, for that split only and once the threshold of its holders signed it,
+only its neighbours' shares and never both kinds of share of one node (Bonawitz et al.'s
+consistency check, per neighbourhood in a sparse graph as in Bell et al.). Those rules
+keep every honest node's update hidden from an aggregator that asks for more than the
+protocol gives it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from sandbox.secagg import (
     Advertisement,
     CheckRequest,
     Consistency,
+    GraphParameters,
+    MaskGraph,
     MaskRequest,
     Quantization,
     Reveal,
@@ -36,9 +41,10 @@ from sandbox.secagg import (
     ShareRequest,
     UnmaskRequest,
     agree,
+    apply_pair_mask,
     consistency_bytes,
+    graph_parameters,
     open_share,
-    pair_mask,
     seal_share,
     seed_commitment,
     self_mask,
@@ -67,18 +73,27 @@ class NodeRound:
     result_key: Any
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     rng: Callable[[int], bytes] = os.urandom
+    # What the mask graph's degree and threshold come from (the same for every party).
+    parameters: GraphParameters = graph_parameters
     # advertise
     advert: Advertisement | None = None
     _c: X25519PrivateKey | None = None
     _s: X25519PrivateKey | None = None
     _seed: bytes = b""
-    # share: the advertised nodes (sorted), their advertisements, the threshold, and the
-    # ueid each certification names.
+    # share: the advertised nodes (sorted), their advertisements, the ueid each
+    # certification names, the mask graph this node derived from them, the share
+    # threshold among a node's holders (the graph's t) and the fewest survivors of the
+    # round (a strict majority, the run's ``secagg-threshold``; both the same number in
+    # the full graph).
     roster: tuple[int, ...] = ()
     peers: dict[int, Advertisement] = field(default_factory=dict)
     ueids: dict[int, str] = field(default_factory=dict)
+    graph: MaskGraph | None = None
     threshold: int = 0
-    # mask: whom this node masked with, and the shares it holds of each (seed, key).
+    minimum: int = 0
+    # mask: the nodes that shared as the mask request named them, whom of them this node
+    # masked with (its holders among them), and the shares it holds of each (seed, key).
+    shared: tuple[int, ...] = ()
     masked_with: tuple[int, ...] = ()
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     # check: the one split of this round this node signed.
@@ -139,11 +154,19 @@ class NodeRound:
         roster = tuple(sorted(adverts))
         if len(roster) < 2:
             raise self._refuse("fewer than 2 nodes advertised: a sum of one is no secret")
-        t = threshold(len(roster), self.fraction)
-        seed_shares = split_secret(self._seed, t, len(roster))
-        key_shares = split_secret(self._s.private_bytes_raw(), t, len(roster))
+        # This node's own graph, from what it verified: nothing the aggregator says.
+        graph = MaskGraph.derive(
+            self.run,
+            self.round,
+            [adverts[n] for n in roster],
+            fraction=self.fraction,
+            parameters=self.parameters,
+        )
+        holders = graph.holders(self.node)
+        seed_shares = split_secret(self._seed, graph.t, len(holders))
+        key_shares = split_secret(self._s.private_bytes_raw(), graph.t, len(holders))
         sealed: dict[int, bytes] = {}
-        for position, node in enumerate(roster):
+        for position, node in enumerate(holders):
             if node == self.node:
                 self.held[node] = (seed_shares[position], key_shares[position])
                 continue
@@ -159,7 +182,8 @@ class NodeRound:
                 key_share=key_shares[position],
                 rng=self.rng,
             )
-        self.roster, self.peers, self.ueids, self.threshold = roster, adverts, ueids, t
+        self.roster, self.peers, self.ueids, self.graph = roster, adverts, ueids, graph
+        self.threshold, self.minimum = graph.t, threshold(len(roster), self.fraction)
         return ShareBundle(self.run, self.round, self.node, sealed)
 
     @property
@@ -168,12 +192,16 @@ class NodeRound:
         return Quantization(self.clip, len(self.roster))
 
     def mask(self, request: MaskRequest, values: np.ndarray, weight: float) -> np.ndarray:
-        """Stage 3: keep the shares the others sent this node, then quantize ``weight *
-        values`` and ``weight`` and mask them with this node's seed and with every node
-        that shared. Refused before anything is masked if the roster or a share is wrong,
-        or (QuantizationOverflow) if the input could overflow the sum."""
+        """Stage 3: keep the shares this node's neighbours sent it, then quantize ``weight
+        * values`` and ``weight`` and mask them with this node's seed and with every
+        neighbour that shared. Refused before anything is masked if the roster or a share
+        is wrong (a share from a node that is not its neighbour in the graph it derived,
+        or one missing), if fewer than the threshold shared, overall or among its holders
+        (its secrets could not be rebuilt), or (QuantizationOverflow) if the input could
+        overflow the sum."""
         self._check_ids(request.run, request.round)
-        if not self.roster or self._s is None:
+        graph = self.graph
+        if not self.roster or self._s is None or graph is None:
             raise self._refuse("a mask request before shares were exchanged")
         if self.masked_with:
             raise self._refuse("a second mask request for this round")
@@ -182,13 +210,21 @@ class NodeRound:
             raise self._refuse(
                 "the mask roster names nodes that did not advertise, or not this node"
             )
-        if len(roster) < self.threshold:
+        if len(roster) < self.minimum:
             raise self._refuse(
-                f"{len(roster)} nodes shared, fewer than the threshold {self.threshold}"
+                f"{len(roster)} nodes shared, fewer than the threshold {self.minimum}"
             )
-        if set(request.shares) != set(roster) - {self.node}:
-            raise self._refuse("the shares do not come from exactly the roster's other nodes")
-        mine = share_index(self.roster, self.node)
+        mine = tuple(sorted(set(roster) & set(graph.holders(self.node))))
+        if len(mine) < self.threshold:
+            raise self._refuse(
+                f"{len(mine)} of this node's holders shared, fewer than the threshold "
+                f"{self.threshold}: its secrets could not be rebuilt"
+            )
+        if set(request.shares) != set(mine) - {self.node}:
+            raise self._refuse(
+                "the shares do not come from exactly the roster's other nodes among this "
+                "node's neighbours in the round's mask graph"
+            )
         held = {self.node: self.held[self.node]}
         for sender, blob in request.shares.items():
             index, seed_share, key_share = open_share(
@@ -200,21 +236,16 @@ class NodeRound:
                 sender=sender,
                 recipient=self.node,
             )
-            if index != mine:
+            if index != share_index(graph.holders(sender), self.node):
                 raise self._refuse(f"the share from node {sender} is for another index")
             held[sender] = (seed_share, key_share)
         quantized = self.quantization.encode(values, weight)
         total = quantized + self_mask(self._seed, self.run, self.round, self.node, quantized.size)
-        for peer in roster:
-            if peer == self.node:
-                continue
-            shared = agree(self._s, self.peers[peer].s_pk)
-            mask = pair_mask(shared, self.run, self.round, self.node, peer, total.size)
-            if self.node < peer:
-                total += mask
-            else:
-                total -= mask
-        self.held, self.masked_with = held, roster
+        for peer in mine:
+            if peer != self.node:
+                shared = agree(self._s, self.peers[peer].s_pk)
+                apply_pair_mask(total, shared, self.run, self.round, self.node, peer, sign=1)
+        self.held, self.shared, self.masked_with = held, roster, mine
         masked: np.ndarray = total
         return masked
 
@@ -223,9 +254,16 @@ class NodeRound:
             raise RuntimeError("no keys advertised")
         return self._c
 
+    def _holders(self) -> tuple[int, ...]:
+        """Whose shares this node holds: its neighbours and itself (everyone, full graph)."""
+        if self.graph is None:
+            raise RuntimeError("no mask graph before the share stage")
+        return self.graph.holders(self.node)
+
     def _check_split(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> None:
-        """SecAggRefused unless ``survivors`` and ``dropped`` split exactly the nodes this
-        node masked with, this node among the survivors, the survivors at the threshold."""
+        """SecAggRefused unless ``survivors`` and ``dropped`` split exactly the nodes of
+        this node's mask roster, this node among the survivors, the survivors at the
+        round's threshold and, among this node's holders, at the graph's."""
         if not self.masked_with:
             raise self._refuse("a split of the round before this node sent its masked input")
         if set(survivors) & set(dropped):
@@ -233,27 +271,37 @@ class NodeRound:
                 "the request names a node both surviving and dropped: both its shares would "
                 "unmask it"
             )
-        if set(survivors) | set(dropped) != set(self.masked_with):
+        if set(survivors) | set(dropped) != set(self.shared):
             raise self._refuse(
-                "survivors and dropped are not exactly the nodes this node masked with: "
-                "a node that did not drop could be unmasked"
+                "survivors and dropped are not exactly the nodes this node's mask roster "
+                "named (those it masked with among them): a node that did not drop could "
+                "be unmasked"
             )
         if self.node not in survivors:
             raise self._refuse("this node is named as dropped")
-        if len(survivors) < self.threshold:
+        if len(survivors) < self.minimum:
             raise self._refuse(
-                f"{len(survivors)} survivors, fewer than the threshold {self.threshold}"
+                f"{len(survivors)} survivors, fewer than the threshold {self.minimum}"
+            )
+        near = set(survivors) & set(self.masked_with)
+        if len(near) < self.threshold:
+            raise self._refuse(
+                f"{len(near)} survivors among this node's holders, fewer than the threshold "
+                f"{self.threshold}: too many of its neighbours are named dropped"
             )
 
     def _consistency(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
-        return consistency_bytes(self.run, self.round, self.roster, survivors, dropped)
+        return consistency_bytes(self.run, self.round, self.roster, survivors, dropped, self.graph)
 
     def _check_signatures(self, request: UnmaskRequest) -> None:
-        """SecAggRefused unless at least the threshold of survivors signed the split."""
+        """SecAggRefused unless at least the threshold of survivors among this node's
+        holders (every survivor, in the full graph) signed the split, and nobody else."""
         signed = self._consistency(request.survivors, request.dropped)
         signers = set(request.signatures)
         if not signers <= set(request.survivors):
             raise self._refuse("a split signature from a node that is not a survivor")
+        if not signers <= set(self._holders()):
+            raise self._refuse("a split signature from a node that is not this node's neighbour")
         for node, signature in request.signatures.items():
             try:
                 Ed25519PublicKey.from_public_bytes(self.peers[node].signer).verify(
@@ -270,8 +318,9 @@ class NodeRound:
             )
 
     def check(self, request: CheckRequest) -> Consistency:
-        """Stage 4: sign the aggregator's split of this round, if it is exactly the nodes
-        this node masked with; one split per round (the same one may be asked again)."""
+        """Stage 4: sign the aggregator's split of this round, if it splits exactly this
+        node's mask roster and leaves the threshold of its holders surviving; one split
+        per round (the same one may be asked again)."""
         self._check_ids(request.run, request.round)
         split = (request.survivors, request.dropped)
         if self.confirmed is not None and self.confirmed != split:
@@ -283,30 +332,36 @@ class NodeRound:
 
     def unmask(self, request: UnmaskRequest) -> Reveal:
         """Stage 5: once per round, this node's shares of each survivor's seed and of each
-        dropped node's ``s`` key; refused (nothing revealed) unless the split is the one
-        this node signed and at least the threshold of survivors signed it too (so every
-        honest survivor reveals for the same split).
+        dropped node's ``s`` key, of its holders only; refused (nothing revealed) unless
+        the split is the one this node signed and at least the threshold of survivors
+        among its holders signed it too.
 
-        When nobody dropped and this node signed no split, the split needs no signatures:
-        it reveals only seed shares, of exactly the nodes it masked with. Masking-key
-        shares come only from the one split the threshold of survivors signed, and a node
-        reveals for one split only; so, with a strict-majority threshold, no node's seed
-        and key both reach the threshold, and every sum the aggregator can unmask covers
-        at least a whole mask roster."""
+        In the full graph, when nobody dropped and this node signed no split, the split
+        needs no signatures: it reveals only seed shares, of exactly the nodes it masked
+        with. Masking-key shares come only from the one split the threshold of survivors
+        signed, and a node reveals for one split only; so, with a strict-majority
+        threshold, no node's seed and key both reach the threshold, and every sum the
+        aggregator can unmask covers at least a whole mask roster. In a sparse graph the
+        split is always signed: a revealer's own key then cannot be rebuilt, as that would
+        take the threshold of its holders signing another split (``sandbox/secagg.py``
+        has the argument)."""
         self._check_ids(request.run, request.round)
         if self.revealed_seeds is not None:
             raise self._refuse("a second unmask request for this round: shares are revealed once")
         split = (request.survivors, request.dropped)
         self._check_split(*split)
-        if not request.dropped and self.confirmed is None and not request.signatures:
+        unsigned = not request.dropped and self.confirmed is None and not request.signatures
+        if unsigned and self.graph is not None and self.graph.full:
             self.confirmed = split  # nobody dropped: seed shares only, no signature needed
+        elif unsigned:
+            raise self._refuse("a sparse round reveals only for a split its holders signed")
         elif self.confirmed != split:
             raise self._refuse("the unmask split is not the one this node signed")
         else:
             self._check_signatures(request)
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        self.revealed_seeds = tuple(sorted(survivors))
-        self.revealed_keys = tuple(sorted(dropped))
+        near = set(self.masked_with)
+        self.revealed_seeds = tuple(sorted(near & set(request.survivors)))
+        self.revealed_keys = tuple(sorted(near & set(request.dropped)))
         return Reveal(
             self.run,
             self.round,

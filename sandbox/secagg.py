@@ -30,9 +30,34 @@ The protocol runs as five stages of a training round over Flower's Message API:
    and holds only the sum. Without the check, an aggregator could tell each node another
    split and unmask one node's update, or the sum of fewer than ``t`` of them.
 
+**Sparse rounds** (Bell et al., CCS 2020, as in SecAgg+): with many nodes, stages 2 to 5
+run over a :class:`MaskGraph` instead of between every pair. Each node shares ``b`` and
+``s`` among its *holders* (its ``k`` neighbours and itself, threshold ``t``), masks only
+with its neighbours that shared, and reveals only its neighbours' shares; a survivor's
+seed is rebuilt from ``t`` of its holders, a dropped node's key from ``t`` of its
+neighbours. Nobody sends the graph: every party derives it from the advertisements it
+verified (:func:`graph_seed`) and ``k, t`` from their count (:func:`graph_parameters`).
+The full graph (``k = n - 1``, the holders are every advertised node) is the protocol
+above, byte for byte. What a sparse round changes in the rules:
+
+* a node signs and reveals only for a split with at least ``t`` survivors among its own
+  holders (besides the strict majority of survivors overall), and reveals only with at
+  least ``t`` of its holders' signatures over it: the unmask request carries those;
+* the check stage always runs (no unsigned reveal when nobody dropped).
+
+Why it holds, for an honest node ``u`` with ``c`` colluding neighbours, while
+``2t > k + 1 + c`` (what the parameters make true for every node with probability
+``1 - 2^-SECURITY_BITS``): its honest holders each reveal one kind of share of it, so
+``b`` and ``s`` cannot both reach ``t``; and a holder ``r`` that revealed (for a split
+``t`` of *its* holders signed) never has its own ``s`` rebuilt, as that needs ``t`` of
+its holders to have signed another split. So every pair mask between ``u`` and an honest
+holder that revealed ``u``'s seed stays until that holder is in the sum too: every sum
+the aggregator can unmask holds at least ``t - c`` honest inputs (``t`` without
+colluders, which is what the client-level DP noise shares are sized for).
+
 This module holds the wire formats (strictly parsed: every party's bytes are hostile),
-the quantization, the mask expansion and the share sealing. The node's state machine is
-``clients/secagg.py``, the aggregator's ``server/secagg.py``.
+the quantization, the mask expansion, the share sealing and the mask graph. The node's
+state machine is ``clients/secagg.py``, the aggregator's ``server/secagg.py``.
 """
 
 from __future__ import annotations
@@ -40,14 +65,16 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from hashlib import sha256
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -55,7 +82,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -200,18 +227,22 @@ def round_context(run: int, rnd: int) -> bytes:
     return struct.pack(">QQ", run, rnd)
 
 
-def _expand(ikm: bytes, purpose: bytes, context: bytes, length: int) -> np.ndarray:
-    """``length`` uint32 words of ChaCha20 keystream under a key derived from ``ikm`` (the
-    full secret) for ``purpose`` and ``context``: the key is unique to them, so the
-    all-zero nonce is never reused."""
+def _keystream(ikm: bytes, purpose: bytes, context: bytes) -> CipherContext:
+    """ChaCha20 under a key derived from ``ikm`` (the full secret) for ``purpose`` and
+    ``context``: the key is unique to them, so the all-zero nonce is never reused."""
     key = HKDF(
         algorithm=hashes.SHA256(),
         length=32,
         salt=_HKDF_SALT,
         info=b"ark/v1/secagg/" + purpose + b"\0" + context,
     ).derive(ikm)
-    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4")
+    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+
+def _expand(ikm: bytes, purpose: bytes, context: bytes, length: int) -> np.ndarray:
+    """``length`` uint32 words of :func:`_keystream`."""
+    stream = _keystream(ikm, purpose, context)
+    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4")
 
 
 def self_mask(seed: bytes, run: int, rnd: int, node: int, length: int) -> np.ndarray:
@@ -260,7 +291,8 @@ def split_secret(secret: bytes, t: int, n: int) -> list[bytes]:
 
 
 def combine_secret(shares: Mapping[int, bytes]) -> bytes:
-    """The 32-byte secret from ``{index: share}`` (at least the threshold of them)."""
+    """The 32-byte secret from ``{index: share}`` (at least the threshold of them), by
+    pycryptodome's ``Shamir.combine`` (pure Python: ``t^2`` field products a secret)."""
     halves = [
         Shamir.combine(
             [(index, share[i : i + _HALF]) for index, share in sorted(shares.items())], ssss=False
@@ -555,7 +587,8 @@ class ShareRequest:
 
 @dataclass(frozen=True)
 class ShareBundle:
-    """Stage 2's reply: one sealed share per other advertised node (keyed by recipient)."""
+    """Stage 2's reply: one sealed share per neighbour in the round's mask graph (every
+    other advertised node in the full graph), keyed by recipient."""
 
     run: int
     round: int
@@ -588,8 +621,8 @@ class ShareBundle:
 
 @dataclass(frozen=True)
 class MaskRequest:
-    """Stage 3's instruction: the nodes that shared (whom to mask with), and the sealed
-    shares the others sent this node (keyed by sender)."""
+    """Stage 3's instruction: the nodes that shared (the node masks with those among its
+    neighbours), and the sealed shares its neighbours among them sent it (by sender)."""
 
     run: int
     round: int
@@ -626,20 +659,32 @@ def seed_commitment(seed: bytes, run: int, rnd: int, node: int) -> bytes:
 
 
 def consistency_bytes(
-    run: int, rnd: int, roster: Sequence[int], survivors: Sequence[int], dropped: Sequence[int]
+    run: int,
+    rnd: int,
+    roster: Sequence[int],
+    survivors: Sequence[int],
+    dropped: Sequence[int],
+    graph: MaskGraph | None = None,
 ) -> bytes:
     """What each survivor signs in the check stage: the round, the advertised nodes (as a
-    digest) and the split of the nodes that shared into survivors and dropped."""
+    digest) and the split of the nodes that shared into survivors and dropped; with a
+    sparse ``graph``, its seed, degree and threshold too, so that nodes shown different
+    advertisement sets (hence graphs) cannot count each other's signatures. The full
+    graph adds nothing: its bytes are as they were before sparse rounds."""
 
     def ids(nodes: Sequence[int]) -> bytes:
         return struct.pack(f">I{len(nodes)}Q", len(nodes), *nodes)
 
+    sparse = (
+        b"" if graph is None or graph.full else graph.seed + struct.pack(">II", graph.k, graph.t)
+    )
     return (
         _CONSISTENCY_DOMAIN
         + struct.pack(">QQ", run, rnd)
         + sha256(ids(roster)).digest()
         + ids(survivors)
         + ids(dropped)
+        + sparse
     )
 
 
@@ -721,7 +766,8 @@ class UnmaskRequest:
     round: int
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
-    # The survivors' check-stage signatures over this very split (at least the threshold).
+    # The survivors' check-stage signatures over this very split (at least the threshold):
+    # every one in the full graph, those of the recipient's holders in a sparse one.
     signatures: Mapping[int, bytes] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
@@ -754,7 +800,10 @@ class UnmaskRequest:
 @dataclass(frozen=True)
 class Reveal:
     """Stage 5's reply: this node's shares of each survivor's seed and of each dropped
-    node's ``s`` key, and the share index they are at."""
+    node's ``s`` key, among the nodes it holds shares of (its neighbours and itself), and
+    its place among the advertised nodes (from 1: in the full graph the index of every
+    share; in a sparse graph each share's index is its place among the owner's
+    holders, :meth:`MaskGraph.holders`)."""
 
     run: int
     round: int
@@ -809,8 +858,298 @@ def node_reply(raw: bytes) -> ShareBundle | Consistency | Reveal:
 
 
 def share_index(roster: Sequence[int], node: int) -> int:
-    """The Shamir index of ``node``'s shares: its place among the advertised nodes, from 1."""
+    """``node``'s place in ``roster``, from 1: among the advertised nodes, the index of its
+    shares in the full graph; among a node's holders, its index for that node's secrets."""
     return list(roster).index(node) + 1
+
+
+# -- the mask graph (sparse rounds) ----------------------------------------------------------
+
+# What the sparse graph's degree and threshold are derived for (graph_parameters). The
+# dropout rate is the chance that a node which shared is gone before it reveals (lost
+# mid-round, timed out): 5% is what a round should be built to survive routinely, and a
+# round with more dropouts in one neighbourhood fails closed. The corrupt rate is the
+# share of attested nodes that may collude with the aggregator: a fifth, what the full
+# graph's default ``secagg-threshold`` (0.6: ``t > (n + c) / 2`` for ``c < 0.2 n``)
+# tolerates, so that going sparse keeps the promise (as a bound in probability).
+DROPOUT_RATE = 0.05
+CORRUPT_RATE = 0.2
+# The targets (Bell et al.'s style, union-bounded over the n nodes of a round): with
+# independent dropouts at DROPOUT_RATE a round fails for want of ``t`` surviving holders
+# with probability at most 2^-CORRECTNESS_BITS; with colluders placed independently at
+# CORRUPT_RATE some honest node has too many colluding neighbours (``2t <= k + 1 + c``)
+# with probability at most 2^-SECURITY_BITS, even for an aggregator that tries
+# 2^GRINDING_BITS advertised sets for a graph it likes (see graph_seed), so one graph is
+# held to 2^-(SECURITY_BITS + GRINDING_BITS).
+CORRECTNESS_BITS = 20
+SECURITY_BITS = 40
+GRINDING_BITS = 30
+# Below this many advertised nodes every round uses the full graph: there the sparse
+# degree (at least 120 at the rates above) saves little, and the full graph's promise
+# holds for any colluding set below the threshold, not just with high probability.
+SPARSE_MIN_NODES = 300
+# The largest sparse degree searched for; rates that need more get the full graph.
+MAX_SPARSE_DEGREE = 512
+_GRAPH_DOMAIN = b"ark/v1/secagg/graph\0"
+_WORDS_PER_DRAW = 1024
+
+
+class GraphParameters(Protocol):
+    """What derives a round's ``(k, t)`` from its advertised count: :func:`graph_parameters`
+    (or the same with other rates, for tests and benches)."""
+
+    def __call__(self, n: int, *, fraction: float) -> tuple[int, int]: ...
+
+
+def _rational(value: float, where: str) -> Fraction:
+    if not (0 <= value < 1 and math.isfinite(value)):
+        raise ValueError(f"{where} must be in [0, 1), got {value!r}")
+    return Fraction(repr(value))
+
+
+class _Binomial:
+    """Binomial(k, p) for ``p = a / D``, exactly, for every ``k`` up to a bound: the weights
+    ``C(k, i) a^i (D - a)^(k - i)`` over the one denominator ``D^k``, from powers made
+    once (every party must get the same numbers, whatever its floating point)."""
+
+    def __init__(self, p: Fraction, most: int):
+        a, d = p.numerator, p.denominator
+        self.hits, self.misses, self.whole = [1], [1], [1]
+        for _ in range(most):
+            self.hits.append(self.hits[-1] * a)
+            self.misses.append(self.misses[-1] * (d - a))
+            self.whole.append(self.whole[-1] * d)
+
+    def weights(self, k: int) -> list[int]:
+        return [math.comb(k, i) * self.hits[i] * self.misses[k - i] for i in range(k + 1)]
+
+
+def _threshold_range(
+    k: int,
+    n: int,
+    alive: _Binomial,
+    colluding: _Binomial,
+    correctness_bits: int,
+    security_bits: int,
+) -> tuple[int, int]:
+    """The least ``t`` that meets the security target at degree ``k`` and the largest that
+    meets the correctness target (none meets both when the first is larger)."""
+    # Correctness: a dropped node's ``s`` needs ``t`` of its ``k`` neighbours alive (a
+    # survivor's seed has itself too, so this is the harder of the two). The largest ``t``
+    # with n * 2^bits * P[Binomial(k, 1 - dropout) < t] <= 1.
+    weights, whole = alive.weights(k), alive.whole[k]
+    below, t_max = 0, 0
+    for t in range(1, k + 1):
+        below += weights[t - 1]
+        if n * 2**correctness_bits * below > whole:
+            break
+        t_max = t
+    # Security: the fewest colluding neighbours ``c`` with n * 2^bits * P[Binomial(k,
+    # corrupt) >= c] <= 1; then ``2t > k + 1 + (c - 1)`` keeps every node safe.
+    weights, whole = colluding.weights(k), colluding.whole[k]
+    above, c = 0, k + 1
+    while c > 0 and n * 2**security_bits * (above + weights[c - 1]) <= whole:
+        c -= 1
+        above += weights[c]
+    return (k + c + 2) // 2, t_max  # the least t with 2t >= k + 1 + c
+
+
+@functools.lru_cache(maxsize=256)
+def _sparse_parameters(
+    n: int, dropout: Fraction, corrupt: Fraction, correctness_bits: int, security_bits: int
+) -> tuple[int, int] | None:
+    """The smallest even ``k`` (and its ``t``) that meets both targets, or None below
+    MAX_SPARSE_DEGREE and ``n - 1``; None at once when the largest degree searched does
+    not meet them (the search would be long and, the tails only thinning with ``k``,
+    find nothing; and the full graph is the safe answer anyway)."""
+    most = min(n - 2, MAX_SPARSE_DEGREE) // 2 * 2
+    if most < 2:
+        return None
+    alive, colluding = _Binomial(1 - dropout, most), _Binomial(corrupt, most)
+    bits = (correctness_bits, security_bits)
+    least, most_t = _threshold_range(most, n, alive, colluding, *bits)
+    if least > most_t:
+        return None
+    for k in range(2, most, 2):
+        low, high = _threshold_range(k, n, alive, colluding, *bits)
+        if low <= high:
+            return k, high
+    return most, most_t
+
+
+def graph_parameters(
+    n: int,
+    dropout: float = DROPOUT_RATE,
+    corrupt: float = CORRUPT_RATE,
+    *,
+    fraction: float,
+    correctness_bits: int = CORRECTNESS_BITS,
+    security_bits: int = SECURITY_BITS + GRINDING_BITS,
+    min_nodes: int = SPARSE_MIN_NODES,
+) -> tuple[int, int]:
+    """The mask graph's degree ``k`` and share threshold ``t`` for ``n`` advertised nodes.
+
+    Sparse: the smallest even ``k`` for which some ``t`` meets both targets when each
+    neighbour independently drops with probability ``dropout`` and colludes with the
+    aggregator with probability ``corrupt``: ``n * P[Binomial(k, 1 - dropout) < t] <=
+    2^-correctness_bits`` (every node's secrets can be rebuilt) and ``n *
+    P[Binomial(k, corrupt) >= 2t - k - 1] <= 2^-security_bits`` (no honest node has
+    enough colluding holders to have both its seed and its key rebuilt); of the ``t``
+    that meet both, the largest (the spare margin goes to security). The full graph,
+    ``(n - 1, threshold(n, fraction))`` as before sparse rounds existed, below
+    ``min_nodes`` nodes or when the sparse ``k`` would not be below ``n - 1``."""
+    if not 1 <= n <= MAX_NODES:
+        raise ValueError(f"graph parameters for {n} nodes")
+    if correctness_bits < 1 or security_bits < 1:
+        raise ValueError(f"targets of {correctness_bits} and {security_bits} bits")
+    rates = (_rational(dropout, "dropout"), _rational(corrupt, "corrupt"))
+    if n >= min_nodes:
+        sparse = _sparse_parameters(n, *rates, correctness_bits, security_bits)
+        if sparse is not None:
+            return sparse
+    return n - 1, threshold(n, fraction)
+
+
+def graph_seed(run: int, rnd: int, adverts: Sequence[Advertisement]) -> bytes:
+    """The seed of a round's mask graph: SHA-256 over a domain string, run, round and
+    every advertised node's id, public keys, seed commitment and signing key, in node
+    order. Each node recomputes it from the advertisements it verified; the aggregator
+    sends no graph.
+
+    It is fixed only when every advertisement is: honest nodes' keys are fresh random
+    values, so nobody knows the graph before the share request. What the aggregator can
+    still do is grind: pick which advertisements to include (leave some out, or have
+    colluding nodes advertise fresh keys again and again) and keep the graph it likes
+    best, since every candidate set is a new pseudo-random graph it can compute. It
+    cannot pick a graph, only sample them, one SHA-256 and one ``n``-element shuffle per
+    try, within the round's timeout; graph_parameters holds one graph to
+    2^-(SECURITY_BITS + GRINDING_BITS), so 2^GRINDING_BITS tries leave it a chance of at
+    most 2^-SECURITY_BITS. Leaving honest nodes out also shows: every refused
+    advertisement is logged, and the sum holds fewer nodes."""
+    nodes = [a.node for a in adverts]
+    if nodes != sorted(set(nodes)):
+        raise ValueError("a graph seed is over advertisements sorted by node, without repeats")
+    digest = sha256(_GRAPH_DOMAIN + struct.pack(">QQI", run, rnd, len(adverts)))
+    for a in adverts:
+        digest.update(struct.pack(">Q", a.node) + a.c_pk + a.s_pk + a.seed_commitment + a.signer)
+    return digest.digest()
+
+
+def _words(seed: bytes) -> Iterator[int]:
+    """uint32 words of the graph's ChaCha20 stream, keyed by HKDF over the full seed."""
+    stream = _keystream(seed, b"graph-order", b"")
+    while True:
+        yield from struct.unpack(f"<{_WORDS_PER_DRAW}I", stream.update(bytes(4 * _WORDS_PER_DRAW)))
+
+
+def _below(words: Iterator[int], bound: int) -> int:
+    """A uniform integer in [0, bound): rejection sampling, so no index is favoured."""
+    limit = 2**32 - 2**32 % bound
+    word = next(words)
+    while word >= limit:
+        word = next(words)
+    return word % bound
+
+
+def ring_order(seed: bytes, nodes: Sequence[int]) -> tuple[int, ...]:
+    """``nodes`` (sorted, distinct) in the ring order the seed draws: a Fisher-Yates
+    shuffle with every index drawn from the seed's ChaCha20 stream."""
+    if list(nodes) != sorted(set(nodes)):
+        raise ValueError("a ring is over node ids sorted without repeats")
+    order = list(nodes)
+    words = _words(seed)
+    for i in range(len(order) - 1, 0, -1):
+        j = _below(words, i + 1)
+        order[i], order[j] = order[j], order[i]
+    return tuple(order)
+
+
+def _check_graph(nodes: Sequence[int], k: int) -> None:
+    """ValueError unless ``nodes`` are 2 or more sorted distinct ids and ``k`` is ``n - 1``
+    or an even degree in [2, n - 1)."""
+    n = len(nodes)
+    if n < 2 or list(nodes) != sorted(set(nodes)):
+        raise ValueError("a mask graph is over 2 or more node ids, sorted without repeats")
+    if not (k == n - 1 or (k % 2 == 0 and 2 <= k < n - 1)):
+        raise ValueError(f"no mask graph of degree {k} over {n} nodes")
+
+
+def _ring_neighbours(order: Sequence[int], place: int, k: int) -> tuple[int, ...]:
+    """The ``k / 2`` nodes on either side of ``order[place]`` on the ring, sorted."""
+    n, half = len(order), k // 2
+    return tuple(sorted(order[(place + step) % n] for step in range(-half, half + 1) if step))
+
+
+def neighbours(seed: bytes, nodes: Sequence[int], k: int) -> dict[int, tuple[int, ...]]:
+    """Each node's ``k`` neighbours (sorted): the Harary graph H(k, n) over the ring the
+    seed draws (each node linked to the ``k / 2`` nearest on either side), or every other
+    node when ``k = n - 1``."""
+    _check_graph(nodes, k)
+    if k == len(nodes) - 1:
+        return {node: tuple(v for v in nodes if v != node) for node in nodes}
+    order = ring_order(seed, nodes)
+    return {node: _ring_neighbours(order, place, k) for place, node in enumerate(order)}
+
+
+@dataclass(frozen=True)
+class MaskGraph:
+    """A round's mask graph: whom each node masks with and shares to.
+
+    ``nodes`` are the advertised nodes (sorted). ``k = n - 1`` is the full graph, every
+    pair; otherwise ``k`` is even and the graph is H(k, n) over :func:`ring_order`. ``t``
+    of a node's *holders* (its neighbours and itself) rebuild its secrets; ``2t > k + 1``
+    always, so no two disjoint halves of one node's holders both reach it."""
+
+    seed: bytes
+    nodes: tuple[int, ...]
+    k: int
+    t: int
+    order: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _place: Mapping[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.seed) != 32:
+            raise ValueError("a mask graph's seed is 32 bytes")
+        _check_graph(self.nodes, self.k)
+        full = self.full
+        if not self.k + 1 < 2 * self.t <= 2 * (self.k + 1 if full else self.k):
+            raise ValueError(f"threshold {self.t} is no strict majority of {self.k + 1} holders")
+        order = self.nodes if full else ring_order(self.seed, self.nodes)
+        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "_place", {node: i for i, node in enumerate(order)})
+
+    @classmethod
+    def derive(
+        cls,
+        run: int,
+        rnd: int,
+        adverts: Sequence[Advertisement],
+        *,
+        fraction: float,
+        parameters: GraphParameters = graph_parameters,
+    ) -> MaskGraph:
+        """The graph of a round with these advertisements (sorted by node)."""
+        k, t = parameters(len(adverts), fraction=fraction)
+        return cls(graph_seed(run, rnd, adverts), tuple(a.node for a in adverts), k, t)
+
+    @property
+    def full(self) -> bool:
+        return self.k == len(self.nodes) - 1
+
+    def neighbours(self, node: int) -> tuple[int, ...]:
+        """``node``'s ``k`` neighbours, sorted (KeyError for a node not in the graph)."""
+        place = self._place[node]
+        if self.full:
+            return self.nodes[:place] + self.nodes[place + 1 :]
+        return _ring_neighbours(self.order, place, self.k)
+
+    def holders(self, node: int) -> tuple[int, ...]:
+        """Who holds a share of ``node``'s secrets, sorted: its neighbours and itself (every
+        node, in the full graph). A holder's share index is its place here, from 1."""
+        if self.full:
+            self._place[node]  # KeyError for a stranger, as neighbours()
+            return self.nodes
+        return tuple(sorted((*self.neighbours(node), node)))
 
 
 def flatten(tensors: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:

@@ -1,18 +1,20 @@
 """The aggregator's side of secure aggregation: one round's state machine, no I/O.
 
 The ServerApp's secure job (``server/secure_job.py``) feeds it the nodes' replies stage by
-stage (``sandbox/secagg.py`` has the protocol). It routes shares it cannot open, folds
-masked inputs into one running sum mod 2^32 as they arrive (no node's input is kept),
-has the survivors sign the round's one split when a node dropped, and at the end
-rebuilds the survivors' seeds and the dropped nodes' ``s`` keys from the revealed shares
-to remove every mask. With fewer than the threshold of nodes at any stage it fails
-closed (:class:`SecAggFailed`): it never asks for shares then.
+stage (``sandbox/secagg.py`` has the protocol). It derives the round's mask graph from
+the advertisements as every node does, routes shares it cannot open between neighbours,
+folds masked inputs into one running sum mod 2^32 as they arrive (no node's input is
+kept), has the survivors sign the round's one split when a node dropped (always, in a
+sparse graph), and at the end rebuilds the survivors' seeds and the dropped nodes' ``s``
+keys from their holders' revealed shares to remove every mask. With fewer than the
+threshold of nodes at any stage, overall or among one node's holders, it fails closed
+(:class:`SecAggFailed`): it never asks for shares then.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ from sandbox.secagg import (
     Advertisement,
     CheckRequest,
     Consistency,
+    GraphParameters,
+    MaskGraph,
     MaskRequest,
     Quantization,
     Reveal,
@@ -36,6 +40,7 @@ from sandbox.secagg import (
     apply_pair_mask,
     combine_secret,
     consistency_bytes,
+    graph_parameters,
     seed_commitment,
     self_mask,
     share_index,
@@ -55,9 +60,12 @@ class ServerRound:
     length: int
     result_key: Any
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    # What the mask graph's degree and threshold come from (the nodes use the same).
+    parameters: GraphParameters = graph_parameters
     adverts: dict[int, Advertisement] = field(default_factory=dict)
     ueids: dict[int, str] = field(default_factory=dict)
     roster: tuple[int, ...] = ()  # U1: advertised, fixed by the share request
+    graph: MaskGraph | None = None  # derived from U1's advertisements with it
     bundles: dict[int, ShareBundle] = field(default_factory=dict)
     shared: tuple[int, ...] = ()  # U2: shared, fixed by the first mask request
     survivors: list[int] = field(default_factory=list)  # U3: sent a masked input
@@ -68,16 +76,44 @@ class ServerRound:
     _unmask: UnmaskRequest | None = None
 
     @property
+    def minimum(self) -> int:
+        """The fewest nodes every stage needs: a strict majority of the advertised nodes,
+        at least the run's ``secagg-threshold`` of them."""
+        return threshold(len(self.roster), self.fraction) if self.roster else 2
+
+    @property
     def threshold(self) -> int:
-        return threshold(len(self.roster), self.fraction)
+        """The shares that rebuild a secret: the graph's ``t`` (the minimum, in the full
+        graph)."""
+        return self.graph.t if self.graph is not None else self.minimum
 
     def _need(self, count: int, stage: str) -> None:
-        if not self.roster or count < self.threshold:
+        if not self.roster or count < self.minimum:
             raise SecAggFailed(
                 f"round {self.round}: {count} nodes reached the {stage} stage, fewer than "
-                f"the threshold {self.threshold if self.roster else 2}; it fails closed, "
-                "nothing is unmasked"
+                f"the threshold {self.minimum}; it fails closed, nothing is unmasked"
             )
+
+    def _mask_graph(self) -> MaskGraph:
+        if self.graph is None:
+            raise RuntimeError("no mask graph before the share request")
+        return self.graph
+
+    def _need_holders(self, having: set[int], owners: Iterable[int], stage: str) -> None:
+        """SecAggFailed unless each of ``owners`` has the threshold of its holders in
+        ``having``: else its secret could not be rebuilt. Nothing to count in the full
+        graph, where the holders are everyone and ``_need`` counted them."""
+        graph = self._mask_graph()
+        if graph.full:
+            return
+        for node in owners:
+            count = len(having.intersection(graph.holders(node)))
+            if count < graph.t:
+                raise SecAggFailed(
+                    f"round {self.round}: {count} of node {node}'s holders reached the "
+                    f"{stage} stage, fewer than the threshold {graph.t} of the mask graph; "
+                    "it fails closed, nothing is unmasked"
+                )
 
     # -- stage 1 -------------------------------------------------------------------------
     def add_advert(self, node: int, raw: bytes) -> str:
@@ -104,14 +140,23 @@ class ServerRound:
 
     # -- stage 2 -------------------------------------------------------------------------
     def share_request(self) -> ShareRequest:
-        """The advertised nodes (U1) are fixed here; every node gets all advertisements."""
+        """The advertised nodes (U1) are fixed here, and with them the mask graph; every
+        node gets all advertisements (and derives the same graph from them)."""
         if not self.roster:
-            self.roster = tuple(sorted(self.adverts))
-            if len(self.roster) < 2:
+            roster = tuple(sorted(self.adverts))
+            if len(roster) < 2:
                 raise SecAggFailed(
-                    f"round {self.round}: {len(self.roster)} nodes advertised keys; a sum of "
+                    f"round {self.round}: {len(roster)} nodes advertised keys; a sum of "
                     "fewer than 2 hides nothing"
                 )
+            self.graph = MaskGraph.derive(
+                self.run,
+                self.round,
+                [self.adverts[n] for n in roster],
+                fraction=self.fraction,
+                parameters=self.parameters,
+            )
+            self.roster = roster
         return ShareRequest(self.run, self.round, tuple(self.adverts[n] for n in self.roster))
 
     def add_shares(self, node: int, raw: bytes) -> None:
@@ -120,24 +165,30 @@ class ServerRound:
             raise SecAggMessageInvalid(f"node {node}: shares outside the share stage")
         if (bundle.run, bundle.round, bundle.node) != (self.run, self.round, node):
             raise SecAggMessageInvalid(f"node {node}: shares for another run, round or node")
-        if set(bundle.shares) != set(self.roster) - {node}:
-            raise SecAggMessageInvalid(f"node {node}: shares not for exactly the other nodes")
+        if set(bundle.shares) != set(self._mask_graph().neighbours(node)):
+            raise SecAggMessageInvalid(
+                f"node {node}: shares not for exactly the other nodes among its neighbours"
+            )
         self.bundles[node] = bundle
 
     # -- stage 3 -------------------------------------------------------------------------
     def close_shares(self) -> tuple[int, ...]:
-        """Fix the nodes that shared (U2); SecAggFailed if fewer than the threshold."""
+        """Fix the nodes that shared (U2); SecAggFailed if fewer than the threshold, or
+        than the graph's threshold among one of their holders."""
         if not self.shared:
             self._need(len(self.bundles), "share")
+            self._need_holders(set(self.bundles), sorted(self.bundles), "share")
             self.shared = tuple(sorted(self.bundles))
         return self.shared
 
     def mask_request(self, node: int) -> MaskRequest:
         """``node``'s instruction to mask: the nodes that shared (U2, fixed at the first
-        call) and the shares they sealed for it."""
+        call) and the shares its neighbours among them sealed for it."""
         self.close_shares()
         shares = {
-            sender: self.bundles[sender].shares[node] for sender in self.shared if sender != node
+            sender: self.bundles[sender].shares[node]
+            for sender in self._mask_graph().neighbours(node)
+            if sender in self.bundles
         }
         return MaskRequest(self.run, self.round, self.shared, shares)
 
@@ -162,11 +213,14 @@ class ServerRound:
     # -- stage 4: the consistency check ---------------------------------------------------
     def check_request(self) -> CheckRequest:
         """Survivors (U3) and dropped (U2 minus U3), fixed at the first call. SecAggFailed,
-        and no request at all, with fewer survivors than the threshold."""
+        and no request at all, with fewer survivors than the threshold, or than the
+        graph's threshold among a node's holders (too many dropped in one neighbourhood:
+        its secret could not be rebuilt, and its survivors would refuse the split)."""
         if self._check is None:
             self._need(len(self.survivors), "masked input")
             survivors = tuple(sorted(self.survivors))
             dropped = tuple(n for n in self.shared if n not in self.survivors)
+            self._need_holders(set(survivors), (*survivors, *dropped), "masked input")
             self._check = CheckRequest(self.run, self.round, survivors, dropped)
         return self._check
 
@@ -178,7 +232,9 @@ class ServerRound:
         signed = Consistency.from_bytes(raw)
         if (signed.run, signed.round, signed.node) != (self.run, self.round, node):
             raise SecAggMessageInvalid(f"node {node}: a signature for another run, round or node")
-        data = consistency_bytes(self.run, self.round, self.roster, check.survivors, check.dropped)
+        data = consistency_bytes(
+            self.run, self.round, self.roster, check.survivors, check.dropped, self.graph
+        )
         try:
             Ed25519PublicKey.from_public_bytes(self.adverts[node].signer).verify(
                 signed.signature, data
@@ -192,25 +248,43 @@ class ServerRound:
     # -- stage 5 -------------------------------------------------------------------------
     @property
     def needs_check(self) -> bool:
-        """Whether the split must be signed before anyone reveals: only when a node
-        dropped (then masking-key shares are asked for); with nobody dropped the nodes
-        reveal seed shares of exactly the nodes they masked with, unsigned."""
-        return bool(self.check_request().dropped)
+        """Whether the split must be signed before anyone reveals: in the full graph only
+        when a node dropped (then masking-key shares are asked for); with nobody dropped
+        the nodes reveal seed shares of exactly the nodes they masked with, unsigned. In
+        a sparse graph always (a node reveals only for a split its holders signed)."""
+        return bool(self.check_request().dropped) or not self._mask_graph().full
 
     def unmask_request(self) -> UnmaskRequest:
-        """The split, with the survivors' signatures when anyone dropped. SecAggFailed,
-        and no request at all, with fewer survivors, or then signatures, than the
-        threshold."""
+        """The split, with the survivors' signatures when it needs them (every one; each
+        node gets its holders' from :meth:`unmask_request_for`). SecAggFailed, and no
+        request at all, with fewer survivors, or then signatures, than the threshold, or
+        (in a sparse graph) when some secret would have fewer than the graph's threshold
+        of holders willing to reveal it: those with the threshold of their own holders'
+        signatures."""
         if self._unmask is None:
             check = self.check_request()
-            if not check.dropped and not self.signatures:
+            if not self.needs_check and not self.signatures:
                 self._unmask = UnmaskRequest(self.run, self.round, check.survivors, ())
                 return self._unmask
             self._need(len(self.signatures), "check")
+            graph = self._mask_graph()
+            signers = set(self.signatures)
+            willing = {v for v in signers if len(signers.intersection(graph.holders(v))) >= graph.t}
+            self._need_holders(willing, (*check.survivors, *check.dropped), "check")
             self._unmask = UnmaskRequest(
                 self.run, self.round, check.survivors, check.dropped, dict(self.signatures)
             )
         return self._unmask
+
+    def unmask_request_for(self, node: int) -> UnmaskRequest:
+        """``node``'s unmask request: :meth:`unmask_request` itself in the full graph (one
+        message for all), else with only the signatures of ``node``'s holders."""
+        request = self.unmask_request()
+        graph = self._mask_graph()
+        if graph.full:
+            return request
+        mine = {v: request.signatures[v] for v in graph.holders(node) if v in request.signatures}
+        return UnmaskRequest(self.run, self.round, request.survivors, request.dropped, mine)
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -225,40 +299,63 @@ class ServerRound:
             raise SecAggMessageInvalid(f"node {node}: a reveal for another run, round or node")
         if reveal.index != share_index(self.roster, node):
             raise SecAggMessageInvalid(f"node {node}: a reveal at another node's share index")
-        if set(reveal.seeds) != set(request.survivors) or set(reveal.keys) != set(request.dropped):
-            raise SecAggMessageInvalid(f"node {node}: a reveal for other nodes than asked")
+        near = set(self._mask_graph().holders(node))
+        seeds, keys = near.intersection(request.survivors), near.intersection(request.dropped)
+        if set(reveal.seeds) != seeds or set(reveal.keys) != keys:
+            raise SecAggMessageInvalid(
+                f"node {node}: a reveal for other nodes than asked (its holders' of the split)"
+            )
         self.reveals[node] = reveal
+
+    def _rebuild(self, owner: int, *, seed: bool) -> bytes:
+        """``owner``'s seed (or ``s`` key) from the first threshold of its holders
+        that revealed (sorted by node; more only cost interpolation time), each share at
+        the holder's place among them. SecAggFailed with fewer."""
+        graph = self._mask_graph()
+        holders = graph.holders(owner)
+        shares: dict[int, bytes] = {}
+        for index, holder in enumerate(holders, start=1):
+            reveal = self.reveals.get(holder)
+            if reveal is not None:
+                shares[index] = (reveal.seeds if seed else reveal.keys)[owner]
+                if len(shares) == self.threshold:
+                    return combine_secret(shares)
+        raise SecAggFailed(
+            f"round {self.round}: {len(shares)} of node {owner}'s holders revealed, fewer than "
+            f"the threshold {self.threshold}; nothing is unmasked"
+        )
 
     def result(self) -> tuple[np.ndarray, float]:
         """The unmasked sum of the survivors' weighted values and of their weights.
 
-        SecAggFailed with fewer reveals than the threshold, or when a dropped node's
-        rebuilt key is not the one it advertised (a wrong share)."""
+        SecAggFailed with fewer reveals than the threshold (overall, or among a node's
+        holders), or when a rebuilt seed or key is not the one its node committed to or
+        advertised (a wrong share)."""
         request = self._unmask
         if request is None or self._total is None:
             raise RuntimeError("result() before the unmask stage")
         self._need(len(self.reveals), "unmask")
+        graph = self._mask_graph()
         total = self._total.copy()
         size = total.size
-        # Any threshold of them rebuild each secret; more only cost interpolation time.
-        reveals = [self.reveals[n] for n in sorted(self.reveals)][: self.threshold]
         for u in request.survivors:
-            seed = combine_secret({r.index: r.seeds[u] for r in reveals})
+            seed = self._rebuild(u, seed=True)
             if seed_commitment(seed, self.run, self.round, u) != self.adverts[u].seed_commitment:
                 raise SecAggFailed(
                     f"round {self.round}: the revealed shares do not rebuild survivor {u}'s "
                     "committed seed; nothing is unmasked"
                 )
             total -= self_mask(seed, self.run, self.round, u, size)
+        survivors = set(request.survivors)
         for d in request.dropped:
-            raw = combine_secret({r.index: r.keys[d] for r in reveals})
-            key = X25519PrivateKey.from_private_bytes(raw)
+            key = X25519PrivateKey.from_private_bytes(self._rebuild(d, seed=False))
             if key.public_key().public_bytes_raw() != self.adverts[d].s_pk:
                 raise SecAggFailed(
                     f"round {self.round}: the revealed shares do not rebuild dropped node "
                     f"{d}'s advertised key; nothing is unmasked"
                 )
-            for v in request.survivors:
-                shared = agree(key, self.adverts[v].s_pk)
-                apply_pair_mask(total, shared, self.run, self.round, v, d, sign=-1)
+            for v in graph.neighbours(d):
+                if v in survivors:
+                    shared = agree(key, self.adverts[v].s_pk)
+                    apply_pair_mask(total, shared, self.run, self.round, v, d, sign=-1)
         return self.quantization.decode(total)

@@ -293,12 +293,13 @@ class SecureJob(FederatedJob):
 
     def check(self, state: RoundState) -> None:
         """Stage 4: the survivors sign one split of the round into survivors and dropped
-        (the consistency check), when anyone dropped. With fewer survivors than the
-        threshold the round fails closed here, before anything is asked."""
+        (the consistency check), when anyone dropped or the mask graph is sparse. With
+        fewer survivors than the threshold (overall, or among one node's holders) the
+        round fails closed here, before anything is asked."""
         rnd = state.round
         protocol = self._secure[rnd].protocol
         if not protocol.needs_check:  # SecAggFailed below the threshold
-            return  # nobody dropped: the survivors reveal seed shares only, unsigned
+            return  # full graph, nobody dropped: survivors reveal seed shares only, unsigned
         payload = protocol.check_request().to_bytes()
         requests = dict.fromkeys(protocol.check_request().survivors, payload)
         for node_id, reply in self._stage(state, STAGE_CHECK, requests):
@@ -317,8 +318,11 @@ class SecureJob(FederatedJob):
         secure = self._secure.pop(rnd)
         protocol = secure.protocol
         request = protocol.unmask_request()  # SecAggFailed below the threshold
-        payload = request.to_bytes()
-        requests = dict.fromkeys(request.survivors, payload)
+        # Each survivor's request carries its holders' signatures; in the full graph it is
+        # one request for all, encoded once.
+        mine = {n: protocol.unmask_request_for(n) for n in request.survivors}
+        encoded = {id(r): r.to_bytes() for r in mine.values()}
+        requests = {n: encoded[id(r)] for n, r in mine.items()}
         for node_id, reply in self._stage(state, STAGE_UNMASK, requests):
             try:
                 protocol.add_reveal(node_id, _payload(reply))

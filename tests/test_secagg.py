@@ -59,6 +59,7 @@ from sandbox.secagg import (
     Advertisement,
     CheckRequest,
     Consistency,
+    GraphParameters,
     MaskRequest,
     Quantization,
     Reveal,
@@ -69,6 +70,7 @@ from sandbox.secagg import (
     combine_secret,
     consistency_bytes,
     flatten,
+    graph_parameters,
     node_reply,
     open_share,
     seal_share,
@@ -147,11 +149,23 @@ def node_round(
     clip: float = CLIP,
     run: int = RUN,
     rnd: int = ROUND,
+    parameters: GraphParameters = graph_parameters,
 ) -> NodeRound:
     """A node sandbox's state for one round, with a freshly certified signing key."""
     key = Ed25519PrivateKey.generate()
     cert = broker.certify(key, f"ueid-{node}")
-    return NodeRound(run, rnd, node, fraction, clip, key, cert, broker.result_key, clock=_frozen)
+    return NodeRound(
+        run,
+        rnd,
+        node,
+        fraction,
+        clip,
+        key,
+        cert,
+        broker.result_key,
+        clock=_frozen,
+        parameters=parameters,
+    )
 
 
 # -- an in-process round -----------------------------------------------------------------------
@@ -224,7 +238,8 @@ class Federation:
         self.check()
         request = UnmaskRequest.from_bytes(self.server.unmask_request().to_bytes())
         for node in request.survivors:
-            reveal = Reveal.from_bytes(self.nodes[node].unmask(request).to_bytes())
+            mine = UnmaskRequest.from_bytes(self.server.unmask_request_for(node).to_bytes())
+            reveal = Reveal.from_bytes(self.nodes[node].unmask(mine).to_bytes())
             self.reveals[node] = reveal
             self.server.add_reveal(node, reveal.to_bytes())
         return request
@@ -264,13 +279,25 @@ def federation(
     spread: float = 0.1,
     values: Mapping[int, np.ndarray] | None = None,
     weights: Mapping[int, float] | None = None,
+    parameters: GraphParameters = graph_parameters,
 ) -> Federation:
     """Nodes ``ids`` with random updates (normal, ``spread``, clipped) and weights, unless
-    given, and the honest aggregator."""
+    given, and the honest aggregator; the mask graph's ``parameters`` are every party's."""
     ids = sorted(ids)
     rng = np.random.default_rng(seed)
-    nodes = {n: node_round(broker, n, fraction=fraction, clip=clip) for n in ids}
-    server = ServerRound(RUN, ROUND, fraction, clip, length, broker.result_key, clock=_frozen)
+    nodes = {
+        n: node_round(broker, n, fraction=fraction, clip=clip, parameters=parameters) for n in ids
+    }
+    server = ServerRound(
+        RUN,
+        ROUND,
+        fraction,
+        clip,
+        length,
+        broker.result_key,
+        clock=_frozen,
+        parameters=parameters,
+    )
     if values is None:
         values = {n: np.clip(rng.normal(0, spread, length), -clip, clip) for n in ids}
     if weights is None:
