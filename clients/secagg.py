@@ -360,6 +360,18 @@ class NodeRound:
         else:
             self._check_signatures(request)
         near = set(self.masked_with)
+        if self.graph is not None and not self.graph.full:
+            # A survivor's seed share goes only to a split that survivor signed: its
+            # signature says it masked with exactly the split's nodes, so with this node.
+            # Else the aggregator could leave some of its holders out of its mask roster,
+            # show them another with it, and have them reveal its seed while their pair
+            # masks with it were never added: fewer honest inputs would stay in the sum.
+            unsigned = (near & set(request.survivors)) - set(request.signatures) - {self.node}
+            if unsigned:
+                raise self._refuse(
+                    f"{len(unsigned)} survivors among this node's holders did not sign the "
+                    "split: their seed shares are revealed only for a split they signed"
+                )
         self.revealed_seeds = tuple(sorted(near & set(request.survivors)))
         self.revealed_keys = tuple(sorted(near & set(request.dropped)))
         return Reveal(

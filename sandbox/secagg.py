@@ -986,6 +986,7 @@ def graph_parameters(
     correctness_bits: int = CORRECTNESS_BITS,
     security_bits: int = SECURITY_BITS + GRINDING_BITS,
     min_nodes: int = SPARSE_MIN_NODES,
+    collusion_floor: bool = True,
 ) -> tuple[int, int]:
     """The mask graph's degree ``k`` and share threshold ``t`` for ``n`` advertised nodes.
 
@@ -995,13 +996,20 @@ def graph_parameters(
     2^-correctness_bits`` (every node's secrets can be rebuilt) and ``n *
     P[Binomial(k, corrupt) >= 2t - k - 1] <= 2^-security_bits`` (no honest node has
     enough colluding holders to have both its seed and its key rebuilt); of the ``t``
-    that meet both, the largest (the spare margin goes to security). The full graph,
+    that meet both, the largest (the spare margin goes to security). ``corrupt`` is at
+    least ``2 fraction - 1``, what the run's ``secagg-threshold`` tolerates on the full
+    graph, so asking a higher threshold never buys a weaker sparse graph (unless
+    ``collusion_floor`` is off: tests and benches of other rates). The full graph,
     ``(n - 1, threshold(n, fraction))`` as before sparse rounds existed, below
     ``min_nodes`` nodes or when the sparse ``k`` would not be below ``n - 1``."""
     if not 1 <= n <= MAX_NODES:
         raise ValueError(f"graph parameters for {n} nodes")
     if correctness_bits < 1 or security_bits < 1:
         raise ValueError(f"targets of {correctness_bits} and {security_bits} bits")
+    # A run that asks a higher threshold than the default tolerates more colluders on the
+    # full graph (``c < (2 fraction - 1) n``): its sparse graph is sized for as many.
+    if collusion_floor:
+        corrupt = max(corrupt, 2 * fraction - 1)
     rates = (_rational(dropout, "dropout"), _rational(corrupt, "corrupt"))
     if n >= min_nodes:
         sparse = _sparse_parameters(n, *rates, correctness_bits, security_bits)

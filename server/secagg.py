@@ -269,6 +269,14 @@ class ServerRound:
             self._need(len(self.signatures), "check")
             graph = self._mask_graph()
             signers = set(self.signatures)
+            unsigned = set(check.survivors) - signers
+            if not graph.full and unsigned:
+                # A holder reveals a survivor's seed share only for a split it signed.
+                raise SecAggFailed(
+                    f"round {self.round}: {len(unsigned)} survivors sent a masked input but "
+                    "did not sign the split; in a sparse round their seeds are not revealed, "
+                    "so nothing is unmasked"
+                )
             willing = {v for v in signers if len(signers.intersection(graph.holders(v))) >= graph.t}
             self._need_holders(willing, (*check.survivors, *check.dropped), "check")
             self._unmask = UnmaskRequest(

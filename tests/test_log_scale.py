@@ -339,3 +339,24 @@ def test_a_huge_claimed_count_costs_the_auditor_only_the_members_logged() -> Non
     events[started] = {**events[started], "committed": claim}
     violations = check_policy(events)
     assert "commits 1000000000000000 members but 4 are logged" in str(violations[0])
+
+
+def test_a_list_in_neither_form_is_caught_even_where_no_other_rule_needs_it() -> None:
+    """The mask stage's envelopes and the final metrics: dropped from both forms, the
+    audit says so (no other rule would)."""
+    for kind, path in ((SecaggStage.kind, "envelopes"), (RunFinished.kind, "metrics.final")):
+        events = per_member_form(secure_run_events(rounds=1, nodes=4))
+        at = next(
+            n
+            for n, e in enumerate(events)
+            if e["kind"] == kind and path in e.get("committed", {}) and e.get("stage") != "share"
+        )
+        events[at] = {
+            **events[at],
+            "committed": {k: v for k, v in events[at]["committed"].items() if k != path},
+        }
+        members = kind + "." + path
+        events = [e for e in events if e.get("list") != members]
+        violations = check_policy(events)
+        assert f"{kind} has no {path}, inline or committed" in str(violations), violations
+        assert ListCommitmentMismatch in _kinds(violations)

@@ -72,6 +72,7 @@ SPARSE = functools.partial(
     correctness_bits=5,
     security_bits=5,
     min_nodes=20,
+    collusion_floor=False,
 )
 COUNT = 60
 
@@ -269,12 +270,21 @@ def test_the_parameters_table_is_sane_and_monotone() -> None:
         assert k >= previous[0]
         assert t >= previous[1]
         previous = (k, t)
-    # More dropout or more colluders need more neighbours; the run's fraction only sets
-    # the full graph's threshold.
+    # More dropout or more colluders need more neighbours; a higher threshold fraction
+    # tolerates more colluders (below).
     assert graph_parameters(1000, 0.1, fraction=FRACTION)[0] > table[1000][0]
     assert graph_parameters(1000, corrupt=0.3, fraction=FRACTION)[0] > table[1000][0]
-    assert graph_parameters(1000, fraction=0.9) == table[1000]
     assert graph_parameters(100, fraction=0.9) == (99, 90)
+
+
+def test_a_higher_threshold_asks_a_sparse_graph_sized_for_as_many_colluders() -> None:
+    """secagg-threshold 0.9 tolerates fewer than 0.8 n colluders on the full graph: no
+    sparse graph meets that, so the round keeps the full graph; 0.6 is the default."""
+    assert graph_parameters(1000, fraction=0.9) == (999, threshold(1000, 0.9))
+    assert graph_parameters(1000, fraction=0.6) == graph_parameters(1000, fraction=0.5)
+    k, t = graph_parameters(1000, fraction=0.65)
+    assert (k, t) != graph_parameters(1000, fraction=0.6)
+    assert k > graph_parameters(1000, fraction=0.6)[0] or k == 999
 
 
 def test_small_rounds_and_unreachable_targets_use_the_full_graph() -> None:
@@ -363,6 +373,19 @@ def test_with_nobody_dropped_a_sparse_round_still_signs_its_split(broker: KeyBro
     fed.unmask()
     total, weight = fed.server.result()
     check_aggregate(fed, total, weight, fed.ids)
+
+
+def test_a_survivor_that_did_not_sign_fails_a_sparse_round_closed(shared: Federation) -> None:
+    """A node that sent its masked input and then dropped before signing: its holders
+    reveal its seed only for a split it signed, so the aggregator asks for nothing."""
+    fed = shared
+    fed.mask()
+    check = fed.check()
+    late = check.survivors[3]
+    fed.server.signatures.pop(late)
+    with pytest.raises(SecAggFailed, match="did not sign the split"):
+        fed.server.unmask_request()
+    assert all(state.revealed_seeds is None for state in fed.nodes.values())
 
 
 # -- a hostile aggregator --------------------------------------------------------------------------
@@ -488,7 +511,13 @@ def test_a_node_reveals_only_with_the_threshold_of_its_holders_signatures(
         with pytest.raises(SecAggRefused, match=reason):
             state.unmask(UnmaskRequest(RUN, ROUND, *split, given))
         assert state.revealed_seeds is None
+    # The threshold of signatures, but not every surviving holder's: that holder's seed
+    # share would go to a split it never agreed it masked with.
     enough = dict(list(ours.items())[: graph.t])
+    with pytest.raises(SecAggRefused, match="did not sign the split"):
+        state.unmask(UnmaskRequest(RUN, ROUND, *split, enough))
+    assert state.revealed_seeds is None
+    enough = {v: sig for v, sig in ours.items() if v in check.survivors}
     reveal = state.unmask(UnmaskRequest(RUN, ROUND, *split, enough))
     assert sorted(reveal.seeds) == list(holders)
     assert reveal.keys == {}

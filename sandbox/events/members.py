@@ -29,9 +29,9 @@ from sandbox.events.provider import Event, ListCommitment, ListMember, PerMember
 from sandbox.events.schema import Key
 from sandbox.translog.merkle import root_hash
 
-# Which event kinds log which lists per member, by kind.
-PER_MEMBER_LISTS: dict[str, tuple[str, ...]] = {
-    kind: cls.PER_MEMBER
+# The event kinds that log lists per member, by kind.
+PER_MEMBER_KINDS: dict[str, type[PerMember]] = {
+    kind: cls
     for kind, cls in Event.registry.items()
     if isinstance(cls, type) and issubclass(cls, PerMember) and "PER_MEMBER" in cls.__dict__
 }
@@ -148,8 +148,20 @@ class _Lists:
             return
         members[position] = (index, record[Key.ITEM])
 
-    def expand(self, index: int, record: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
-        """``record`` with its committed lists inline again (a copy)."""
+    def expand(self, index: int, record: dict[str, Any], kind: type[PerMember]) -> dict[str, Any]:
+        """``record`` with its committed lists inline again (a copy); a list it must have
+        and has in neither form is noted."""
+        out = self._expanded(index, record, kind.PER_MEMBER)
+        committed = record.get(Key.COMMITTED)
+        for path in sorted(kind.required_lists(record.get(Key.STAGE))):
+            parent, name = _parent(out, path)
+            if isinstance(committed, dict) and path in committed:
+                continue  # a commitment that did not add up is noted already
+            if parent is None or name not in parent:
+                self.problems.append((index, f"{kind.kind} has no {path}, inline or committed"))
+        return out
+
+    def _expanded(self, index: int, record: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
         committed = record.get(Key.COMMITTED)
         if committed is None:
             return record
@@ -233,8 +245,8 @@ def expand(records: Sequence[Mapping[str, Any]]) -> Expanded:
         current = dict(record)
         if kind == ListMember.kind:
             lists.member(index, record)
-        elif isinstance(kind, str) and kind in PER_MEMBER_LISTS:
-            current = lists.expand(index, current, PER_MEMBER_LISTS[kind])
+        elif isinstance(kind, str) and kind in PER_MEMBER_KINDS:
+            current = lists.expand(index, current, PER_MEMBER_KINDS[kind])
         out.append(current)
     for key, members in lists.pending.items():
         first = min(at for at, _ in members.values())

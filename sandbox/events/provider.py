@@ -195,9 +195,16 @@ class PerMember(RunEvent):
     OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # lists written only when they apply
     committed: dict[str, ListCommitment] | None = omitted()  # noqa: RUF009
 
+    @classmethod
+    def required_lists(cls, stage: object) -> frozenset[str]:
+        """The lists an event of this kind (at ``stage``, for kinds that have one) must
+        hold, inline or committed."""
+        return frozenset(cls.PER_MEMBER) - cls.OPTIONAL
+
     def __post_init__(self) -> None:
         """Each list once: inline or committed (a required one in one of the two)."""
         super().__post_init__()
+        required = self.required_lists(getattr(self, "stage", None))
         committed = self.committed or {}
         for path in committed:
             if path not in self.PER_MEMBER:
@@ -208,7 +215,7 @@ class PerMember(RunEvent):
             inline = value is not None if not rest else isinstance(value, dict) and rest in value
             if inline and path in committed:
                 raise EventInvalid("is both inline and committed", kind=self.kind, key=path)
-            if not inline and path not in committed and path not in self.OPTIONAL:
+            if not inline and path not in committed and path in required:
                 raise EventInvalid("is missing", kind=self.kind, key=path)
 
 
@@ -338,6 +345,18 @@ class SecaggStage(PerMember):
     kind: ClassVar[str] = "secagg_stage"
     PER_MEMBER: ClassVar[tuple[str, ...]] = ("nodes", "envelopes")
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"envelopes"})
+    # The stage whose envelopes are logged (sandbox.secagg.STAGE_MASK; the events do not
+    # import the protocol).
+    ENVELOPES_STAGE: ClassVar[str] = "mask"
+
+    @classmethod
+    def required_lists(cls, stage: object) -> frozenset[str]:
+        return (
+            frozenset(cls.PER_MEMBER)
+            if stage == cls.ENVELOPES_STAGE
+            else super().required_lists(stage)
+        )
+
     round: int
     stage: str
     nodes: list[int] | None = omitted()  # noqa: RUF009

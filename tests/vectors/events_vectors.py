@@ -499,6 +499,7 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "round": 1,
                     "stage": "mask",
                     "nodes": [3, TOP_NODE],
+                    "envelopes": [H, H],
                 },
             ),
             (
@@ -510,6 +511,7 @@ POSITIVE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
                     "round": 2,
                     "stage": "mask",
                     "nodes": [],
+                    "envelopes": [],
                 },
             ),
         ],

@@ -961,14 +961,23 @@ def _summary_value(value: object, nested: bool = False) -> str:
     return _text(value)
 
 
+def _member_list(record: Record) -> tuple[str, ...]:
+    """Which list of which event a member belongs to (what its row groups by)."""
+    return tuple(str(record.get(k)) for k in (Key.RUN, Key.ROUND, Key.STAGE, Key.LIST))
+
+
 def _members_row(first: int, last: int, record: Record) -> list[str]:
     """One row for the consecutive ``list_member`` entries ``first`` to ``last`` of one
     list (thousands in a large round): which list, and how many."""
-    name = _esc(_text(record.get(Key.LIST)))
-    where = f"round {_esc(_text(record.get(Key.ROUND)))}" if Key.ROUND in record else ""
+    name = _text(record.get(Key.LIST))
+    where = f"run {_text(record.get(Key.RUN))}"
+    if Key.ROUND in record:
+        where += f", round {_text(record.get(Key.ROUND))}"
+    if Key.STAGE in record:
+        where += f", {_text(record.get(Key.STAGE))}"
     count = _plural(last - first + 1, "member")
     label = f"List members<span class='kind'>{_esc(ListMember.kind)}</span>"
-    details = f"{count} of <strong>{name}</strong>{', ' + where if where else ''}"
+    details = f"{count} of <strong>{name}</strong>, {where}"
     numbers = str(first) if first == last else f"{first}–{last}"
     return [numbers, _time(record.get(Key.TIME)), label, details]
 
@@ -983,7 +992,7 @@ def _event_log(records: Sequence[Record]) -> str:
             while (
                 last + 1 < len(records)
                 and _kind(records[last + 1]) == ListMember.kind
-                and records[last + 1].get(Key.LIST) == record.get(Key.LIST)
+                and _member_list(records[last + 1]) == _member_list(record)
             ):
                 last += 1
             rows.append(_members_row(index, last, record))
