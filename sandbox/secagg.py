@@ -43,7 +43,11 @@ above, byte for byte. What a sparse round changes in the rules:
 * a node signs and reveals only for a split with at least ``t`` survivors among its own
   holders (besides the strict majority of survivors overall), and reveals only with at
   least ``t`` of its holders' signatures over it: the unmask request carries those;
-* the check stage always runs (no unsigned reveal when nobody dropped).
+* the check stage always runs (no unsigned reveal when nobody dropped);
+* a node reveals a survivor's seed share only with that survivor's own signature over
+  the split (the request carries it), which says the survivor masked with exactly the
+  split's nodes: without it, the aggregator could leave some of a node's holders out of
+  its mask roster and still have them reveal its seed.
 
 Why it holds, for an honest node ``u`` with ``c`` colluding neighbours, while
 ``2t > k + 1 + c`` (what the parameters make true for every node with probability
