@@ -366,10 +366,10 @@ class NodeRound:
             # Else the aggregator could leave some of its holders out of its mask roster,
             # show them another with it, and have them reveal its seed while their pair
             # masks with it were never added: fewer honest inputs would stay in the sum.
-            unsigned = (near & set(request.survivors)) - set(request.signatures) - {self.node}
-            if unsigned:
+            silent = (near & set(request.survivors)) - set(request.signatures) - {self.node}
+            if silent:
                 raise self._refuse(
-                    f"{len(unsigned)} survivors among this node's holders did not sign the "
+                    f"{len(silent)} survivors among this node's holders did not sign the "
                     "split: their seed shares are revealed only for a split they signed"
                 )
         self.revealed_seeds = tuple(sorted(near & set(request.survivors)))
