@@ -3,6 +3,7 @@ VENV    := .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ark-installed
+SIM_STAMP := $(VENV)/.ark-simulation-installed
 WORKDIR ?= .ark-demo
 
 .PHONY: demo test lint typecheck unit bench protos protos-check clean gateway-tools
@@ -14,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The scale bench's simulation engine (Ray): only make bench needs it.
+$(SIM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,simulation]'
+	touch $(SIM_STAMP)
 
 # The provider's node-facing gateway is Debian's nginx, and the demo's test hosts are
 # network namespaces (iproute2's `ip netns`, which need root): installed here when missing
@@ -58,7 +64,7 @@ protos-check: $(STAMP)
 		diff -u "$$f" "$$tmp/$$f" || { echo "$$f is stale: run make protos" >&2; exit 1; }; \
 	done && echo "generated protos are up to date"
 
-bench: $(STAMP) gateway-tools
+bench: $(SIM_STAMP) gateway-tools
 	$(BIN)/python -m bench.run
 
 clean:

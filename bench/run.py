@@ -33,6 +33,9 @@ from bench.inference import inference_bench
 from bench.node_sandbox import sandbox_bench
 from bench.privacy import REPEATS as PRIVACY_REPEATS
 from bench.privacy import privacy_bench
+from bench.scale import NODES as SCALE_NODES
+from bench.scale import RAY_MISSING, format_value, ray_available, scale_bench
+from bench.scale import ROUNDS as SCALE_ROUNDS
 from bench.sealing import key_release, unseal_throughput
 from bench.secagg import REPEATS as SECAGG_REPEATS
 from bench.secagg import secagg_bench
@@ -48,7 +51,16 @@ from server.aggregation import StreamingAggregator, spec_of
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 console = Console(width=120)
 # The parts ``--only`` runs alone, each updating only its own figures in latest.json.
-KEPT_PARTS = ("secagg", "secagg-rounds", "sandbox", "inference", "deploy", "compare", "privacy")
+KEPT_PARTS = (
+    "secagg",
+    "secagg-rounds",
+    "sandbox",
+    "inference",
+    "deploy",
+    "compare",
+    "privacy",
+    "scale",
+)
 
 
 def _federated(
@@ -261,6 +273,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=PRIVACY_REPEATS,
         help="differential privacy: trainings of every setting (epsilons, client-level)",
     )
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument(
+        "--scale-nodes",
+        type=_node_counts,
+        default=SCALE_NODES,
+        help="scale: virtual node counts on Flower's simulation engine, comma-separated",
+    )
+    parser.add_argument("--scale-rounds", type=int, default=SCALE_ROUNDS)
     parser.add_argument(
         "--deploy-pairs",
         type=int,
@@ -276,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run one part; all but translog update only their own figures in latest.json",
     )
     args = parser.parse_args(argv)
+    scale = args.only == "scale" or not (args.only or args.only_translog or args.skip_scale)
+    if scale and not ray_available():
+        parser.error(f"{RAY_MISSING}; or leave the part out with --skip-scale")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
     if args.only in KEPT_PARTS:
@@ -298,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.only == "compare":
             kept["compare"] = {**stamp, **compare_bench(args.compare_repeats)}
             _print_compare(kept["compare"])
+        elif args.only == "scale":
+            figures = scale_bench(args.scale_nodes, args.scale_rounds, RESULTS_DIR, console.log)
+            kept["scale"] = {**stamp, **figures}
+            _print_scale(kept["scale"])
         elif args.only == "privacy":
             figures = privacy_bench(
                 RESULTS_DIR, args.rounds, args.local_steps, args.privacy_repeats, log=console.log
@@ -341,10 +368,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["privacy"] = privacy_bench(
             RESULTS_DIR, args.rounds, args.local_steps, args.privacy_repeats, log=console.log
         )
+    if not args.skip_scale:
+        report["scale"] = scale_bench(args.scale_nodes, args.scale_rounds, RESULTS_DIR, console.log)
     if not args.skip_quality:
         report["quality"] = quality(args.rounds, args.local_steps)
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     _print(report)
+
+
+def _node_counts(text: str) -> tuple[int, ...]:
+    """``10,100,1000`` as node counts (argparse reports a ValueError as a usage error)."""
+    counts = tuple(int(part) for part in text.split(","))
+    if not counts or min(counts) < 2:
+        raise ValueError(f"node counts must be at least 2: {text!r}")
+    return counts
 
 
 def _figures(title: str) -> Table:
@@ -429,6 +466,8 @@ def _print(report: dict[str, Any]) -> None:
         _print_compare(report["compare"])
     if "privacy" in report:
         _print_privacy(report["privacy"])
+    if "scale" in report:
+        _print_scale(report["scale"])
     if "quality" in report:
         q = Table(title="Held-out quality on the union of node held-out sets")
         q.add_column("regime")
@@ -900,6 +939,29 @@ def _print_privacy(figures: dict[str, Any]) -> None:
     )
     console.print(table)
     console.print(f"figure: {RESULTS_DIR / figures['figure']}")
+
+
+def _print_scale(figures: dict[str, Any]) -> None:
+    nodes = [str(n) for n in figures["nodes"]]
+    table = Table(
+        title=f"Scale on Flower's simulation engine: the ServerApp and ClientApp at "
+        f"{', '.join(f'{int(n):,}' for n in nodes)} virtual nodes, {figures['rounds']} rounds; "
+        "growth is the fitted log-log slope (0 flat, 1 linear)"
+    )
+    for col in ("quantity", *(f"n={int(n):,}" for n in nodes), "expected", "slope"):
+        table.add_column(col, justify="left" if col == "quantity" else "right")
+    for row in figures["rows"]:
+        name = f"{row['quantity']} ({row['unit']})" if row["unit"] else row["quantity"]
+        slope = "-" if row["slope"] is None else f"{row['slope']:.2f}"
+        cells = [format_value(row["values"].get(n)) for n in nodes]
+        table.add_row(name, *cells, row["expected"], slope)
+    console.print(table)
+    for n, point in figures["points"].items():
+        if not point["ok"]:
+            console.print(f"n={int(n):,}: the run failed: {point['error']}")
+    if figures.get("secagg_note"):
+        console.print(f"secure aggregation: {figures['secagg_note']}")
+    console.print(f"table: {RESULTS_DIR / figures['table']}; figures: scale-*.png")
 
 
 def _print_deploy(figures: dict[str, Any]) -> None:

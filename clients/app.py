@@ -8,11 +8,13 @@ sandbox's reply (the update sealed to the attested aggregator, allowlisted scala
 metrics) back. The sandbox (``clients/sandbox.py``) does the work and decides what
 leaves; the egress guard (``clients/egress.py``) checks every reply again on its way
 out.
+
+Under Flower's simulation engine a virtual node has no sandbox process of its own: the
+same handlers reach its sandbox in this process instead (``clients/simulated.py``), as
+:func:`~clients.shuttle.node_sandbox` chooses.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import psutil
 from flwr.app import Context, Message
@@ -23,28 +25,16 @@ from clients.shuttle import (
     evaluate_content,
     hello_content,
     instruction,
+    node_config,
+    node_sandbox,
     run_context,
-    sandbox_client,
     secagg_content,
     secagg_request,
     train_content,
 )
-from sandbox.config import NodeConfig
-from sandbox.errors import ConfigError
-from sandbox.protocol import NODE_CONFIG_KEY, SECAGG_ACTION, round_of
+from sandbox.protocol import SECAGG_ACTION, round_of
 
 app = ClientApp(mods=[egress_guard])
-
-
-def node_config(context: Context) -> NodeConfig:
-    """The operator's node config, named by the SuperNode's ``--node-config``."""
-    path = context.node_config.get(NODE_CONFIG_KEY)
-    if not isinstance(path, str) or not path:
-        raise ConfigError(
-            "the SuperNode was started without --node-config 'node-config=\"PATH\"'",
-            key=NODE_CONFIG_KEY,
-        )
-    return NodeConfig.load(Path(path))
 
 
 def _started() -> float:
@@ -56,7 +46,7 @@ def _started() -> float:
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Forward the aggregator's handshake; the sandbox opens the run's channel."""
-    with sandbox_client(node_config(context)) as sandbox:
+    with node_sandbox(context, node_config(context)) as sandbox:
         reply = sandbox.hello(run_context(context), round_of(msg.content))
     return Message(hello_content(reply), reply_to=msg)
 
@@ -64,7 +54,7 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Forward a training instruction; reply with the sandbox's sealed update."""
-    with sandbox_client(node_config(context)) as sandbox:
+    with node_sandbox(context, node_config(context)) as sandbox:
         reply = sandbox.train(instruction(msg, context, _started()))
     return Message(train_content(reply), reply_to=msg)
 
@@ -72,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Forward the final evaluation; reply with the sandbox's held-out metrics."""
-    with sandbox_client(node_config(context)) as sandbox:
+    with node_sandbox(context, node_config(context)) as sandbox:
         reply = sandbox.evaluate(instruction(msg, context, _started()))
     return Message(evaluate_content(reply), reply_to=msg)
 
@@ -81,6 +71,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 def secure_aggregation(msg: Message, context: Context) -> Message:
     """Forward a secure-aggregation stage (share, mask, unmask); reply with the sandbox's
     sealed shares, sealed masked input or revealed shares."""
-    with sandbox_client(node_config(context)) as sandbox:
+    with node_sandbox(context, node_config(context)) as sandbox:
         reply = sandbox.secagg(secagg_request(msg, context, _started()))
     return Message(secagg_content(reply), reply_to=msg)

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import AbstractContextManager
 
 from flwr.app import (
     ArrayRecord,
@@ -41,7 +41,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import MESSAGE_TTL_TOLERANCE
 
-from clients.shuttle import sandbox_client
+from clients.shuttle import SandboxApi, node_config, node_sandbox
 from sandbox.attestation.result import PURPOSE_CHANNEL, verify_result
 from sandbox.config import EgressPolicy, NodeConfig, RunSpec
 from sandbox.errors import (
@@ -70,7 +70,6 @@ from sandbox.protocol import (
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
-    NODE_CONFIG_KEY,
     SCORECARD_KEY,
     SEALED_KEY,
     SEALED_UPDATE_KEY,
@@ -274,11 +273,13 @@ def _check_hello(record: ConfigRecord) -> None:
             raise EgressViolation(f"hello field {key!r} must be at most {limit} bytes")
 
 
-def hello_matches_sandbox(node: NodeConfig, run_id: int) -> HelloCheck:
+def hello_matches_sandbox(
+    node: NodeConfig, run_id: int, connect: Callable[[], AbstractContextManager[SandboxApi]]
+) -> HelloCheck:
     """A hello may carry only the nonce and channel key the node's sandbox holds for this
-    run (asked over its socket: both are public), and a result that certifies exactly
-    that key for the channel (verified with the provider's result key): nothing else
-    fits, so no byte of a hello is the ClientApp's choice."""
+    run (asked over its socket, which ``connect`` opens: both are public), and a result
+    that certifies exactly that key for the channel (verified with the provider's result
+    key): nothing else fits, so no byte of a hello is the ClientApp's choice."""
 
     def check(record: ConfigRecord) -> None:
         try:
@@ -287,7 +288,7 @@ def hello_matches_sandbox(node: NodeConfig, run_id: int) -> HelloCheck:
                 load_ec_public(node.require_sandbox().result_key),
                 now=dt.datetime.now(dt.UTC),
             )
-            with sandbox_client(node) as sandbox:
+            with connect() as sandbox:
                 held = {c.run_id: c for c in sandbox.status(HELLO_CHECK_SECONDS).channels}
         except (ArkError, AttestationError, UnicodeDecodeError) as exc:
             raise EgressViolation(f"hello cannot be checked against its channel: {exc}") from exc
@@ -398,8 +399,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     A reply that passes leaves with metadata the guard derives from ``msg`` itself.
     """
     try:
-        path = context.node_config.get(NODE_CONFIG_KEY)
-        node = NodeConfig.load(Path(str(path)))
+        node = node_config(context)
     except (ArkError, TypeError) as exc:
         detail = f"no usable node config for the egress allowlist: {exc}"
         return _refuse(msg, context, None, NodeReason.NODE_CONFIG_UNUSABLE, detail)
@@ -428,7 +428,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             reply.content,
             node.egress,
             kind,
-            hello_matches_sandbox(node, context.run_id),
+            hello_matches_sandbox(node, context.run_id, lambda: node_sandbox(context, node)),
             run=_run_spec(context) if _carries_signed(reply.content) else None,
             node=node,
             stage=secagg_stage(msg.content) if kind == SECAGG_MESSAGE_TYPE else None,

@@ -241,11 +241,16 @@ def _parsing(
     )
 
 
+def method_handlers(service: NodeSandboxService) -> dict[str, grpc.RpcMethodHandler[bytes, Any]]:
+    """The API's calls (exactly those the proto declares) by name, each parsing its own
+    request: what the socket serves, and what a simulated node calls in-process."""
+    return {method.name: _parsing(service, method) for method in SERVICE.methods}
+
+
 def add_service(service: NodeSandboxService, server: grpc.Server) -> None:
-    """Serve the API's calls (exactly those the proto declares) on ``server``."""
-    methods = {method.name: _parsing(service, method) for method in SERVICE.methods}
+    """Serve the API's calls on ``server``."""
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, methods),)
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, method_handlers(service)),)
     )
 
 

@@ -6,25 +6,31 @@ aggregator's evidence, the sealed global adapter, the run config as JSON) and th
 sandbox's reply back into Flower records. A failure the sandbox reports arrives as its
 fixed code only (:class:`~sandbox.errors.SandboxRefused`); a sandbox that cannot be
 reached is :class:`~sandbox.errors.SandboxUnavailable`.
+
+Which sandbox a message goes to is chosen once, from the ClientApp's context
+(:func:`node_config`, :func:`node_sandbox`): the one whose socket the SuperNode's node
+config names or, for a virtual node of Flower's simulation engine (a partition-id and no
+node config), its sandbox in this process (``clients/simulated.py``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import PARTITION_ID_KEY
 from safetensors.numpy import load as load_tensors
 
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
 from sandbox.channel import adapter_bytes
 from sandbox.config import NodeConfig
-from sandbox.errors import SandboxRefused, SandboxUnavailable
+from sandbox.errors import ConfigError, SandboxRefused, SandboxUnavailable
 from sandbox.protocol import (
     AGGREGATOR_EVIDENCE,
     AGGREGATOR_KEY,
@@ -38,6 +44,7 @@ from sandbox.protocol import (
     HELLO_NONCE,
     HELLO_RESULT,
     METRICS_KEY,
+    NODE_CONFIG_KEY,
     SCORECARD_KEY,
     SEALED_GLOBAL_KEY,
     SEALED_KEY,
@@ -194,6 +201,31 @@ def evaluate_content(reply: pb.EvaluateReply) -> RecordDict:
     return content
 
 
+def refused(details: str) -> SandboxRefused:
+    """The error for a call the sandbox refused: its fixed code only (a status text that
+    is no code counts as ``clientapp-failed``)."""
+    reason = NodeReason.from_label(details)
+    if reason is NodeReason.UNRECOGNIZED:
+        reason = NodeReason.CLIENTAPP_FAILED
+    return SandboxRefused(f"the node sandbox refused: {reason.label}", reason=reason)
+
+
+class SandboxApi(Protocol):
+    """What the ClientApp asks of its node's sandbox, whichever way the calls travel: over
+    the socket (:class:`SandboxClient`) or, in a simulation, within this process
+    (``clients/simulated.py``). A refusal raises :class:`~sandbox.errors.SandboxRefused`."""
+
+    def hello(self, run: pb.RunContext, rnd: int) -> pb.HelloReply: ...
+
+    def train(self, request: pb.Instruction) -> pb.TrainReply: ...
+
+    def evaluate(self, request: pb.Instruction) -> pb.EvaluateReply: ...
+
+    def secagg(self, request: pb.SecAggRequest) -> pb.SecAggReply: ...
+
+    def status(self, timeout: float = ...) -> pb.StatusReply: ...
+
+
 class SandboxClient:
     """A connection to the node sandbox's socket (gRPC with local UDS credentials)."""
 
@@ -225,12 +257,7 @@ class SandboxClient:
                     f"the node sandbox at {self.path} did not answer ({code.name}); "
                     "is `ark node sandbox` running?"
                 ) from None
-            reason = NodeReason.from_label(str(exc.details()))
-            if reason is NodeReason.UNRECOGNIZED:
-                reason = NodeReason.CLIENTAPP_FAILED
-            raise SandboxRefused(
-                f"the node sandbox refused: {reason.label}", reason=reason
-            ) from None
+            raise refused(str(exc.details())) from None
 
     def hello(self, run: pb.RunContext, rnd: int) -> pb.HelloReply:
         return self._call(self._stub.Hello, pb.HelloRequest(run=run, round=rnd), REQUEST_TIMEOUT)
@@ -256,3 +283,35 @@ def sandbox_client(node: NodeConfig) -> Iterator[SandboxClient]:
         yield client
     finally:
         client.close()
+
+
+def is_simulated(context: Context) -> bool:
+    """A virtual node of Flower's simulation engine: a partition-id and no node config."""
+    config = context.node_config
+    return PARTITION_ID_KEY in config and NODE_CONFIG_KEY not in config
+
+
+def node_config(context: Context) -> NodeConfig:
+    """The operator's node config: the one the SuperNode's ``--node-config`` names, or a
+    virtual node's from its simulated federation."""
+    if is_simulated(context):
+        # Imported here: on a SuperNode the ClientApp process loads no sandbox code.
+        from clients.simulated import simulated_node
+
+        return simulated_node(context)
+    path = context.node_config.get(NODE_CONFIG_KEY)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            "the SuperNode was started without --node-config 'node-config=\"PATH\"'",
+            key=NODE_CONFIG_KEY,
+        )
+    return NodeConfig.load(Path(path))
+
+
+def node_sandbox(context: Context, node: NodeConfig) -> AbstractContextManager[SandboxApi]:
+    """``node``'s sandbox: over its socket, or a virtual node's in this process."""
+    if is_simulated(context):
+        from clients.simulated import simulated_sandbox
+
+        return simulated_sandbox(node)
+    return sandbox_client(node)

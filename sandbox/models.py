@@ -58,6 +58,13 @@ def _task_mapping(task: str) -> Mapping[str, str]:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def model_class(model_type: str, task: str) -> Any:
+    """transformers' class of ``model_type`` for ``task``, its module imported now."""
+    import transformers
+
+    return getattr(transformers, _task_mapping(task)[model_type])
+
+
 def supported_tasks(model_type: str) -> tuple[str, ...]:
     """The tasks of :data:`~sandbox.config.TASKS` that transformers has a model class of
     ``model_type`` for (what a node can build from such a model)."""
@@ -179,7 +186,6 @@ def load_from_memory(
     import tempfile
 
     import safetensors.torch
-    import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     _quiet_transformers()
@@ -196,8 +202,8 @@ def load_from_memory(
         kwargs = {"num_labels": num_labels} if task == TASK_CLASSIFICATION else {}
         config = AutoConfig.from_pretrained(tmp, local_files_only=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-    mapping = _task_mapping(task)
-    model_class = getattr(transformers, mapping[info.model_type])
-    model = model_class.from_pretrained(None, config=config, state_dict=state_dict)
+    model = model_class(info.model_type, task).from_pretrained(
+        None, config=config, state_dict=state_dict
+    )
     model, tokenizer = _finish(model, tokenizer)
     return model, tokenizer, info

@@ -12,8 +12,9 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors import safe_open
 
-from clients.app import evaluate_global, node_config
+from clients.app import evaluate_global
 from clients.app import train as honest_train
+from clients.shuttle import node_config
 from sandbox.config import RunSpec
 
 LEAK_KEY = "leak"

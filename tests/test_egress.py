@@ -26,11 +26,11 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as node_app
-from clients.app import node_config
 from clients.channel import NodeChannel, hello_record
 from clients.egress import check_reply, egress_guard
 from clients.sandbox import NodeSandbox, load_split
 from clients.service import serve_grpc
+from clients.shuttle import node_config
 from sandbox.attestation.result import PURPOSE_CHANNEL, ResultContext, ResultSigner
 from sandbox.attestation.verifier import Appraisal
 from sandbox.config import EgressPolicy, NodeConfig

@@ -1,0 +1,136 @@
+"""The scale bench's pure parts: growth fitting, the table, and the simulated federation's
+file. The simulation itself runs only in the bench (``python -m bench.run --only scale``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.scale import (
+    Quantity,
+    format_value,
+    loglog_slope,
+    markdown_table,
+    secagg_quantities,
+    table_rows,
+)
+from clients.simulated import SimulatedFederation
+from sandbox.errors import ConfigError
+
+NODES = (10, 100, 1000)
+
+
+@pytest.mark.parametrize(
+    ("power", "scale"), [(0.0, 3.0), (1.0, 0.5), (2.0, 1e-4), (0.5, 7.0), (-1.0, 2.0)]
+)
+def test_the_slope_of_a_power_law_is_its_exponent(power: float, scale: float) -> None:
+    points = [(n, scale * n**power) for n in NODES]
+    slope = loglog_slope(points)
+    assert slope is not None
+    assert slope == pytest.approx(power, abs=1e-9)
+
+
+def test_n_log_n_fits_between_linear_and_quadratic() -> None:
+    slope = loglog_slope((n, n * math.log(n)) for n in NODES)
+    assert slope is not None
+    assert 1.0 < slope < 1.5
+
+
+def test_a_slope_needs_two_positive_points_at_distinct_n() -> None:
+    assert loglog_slope([]) is None
+    assert loglog_slope([(10, 5.0)]) is None
+    assert loglog_slope([(10, 5.0), (10, 7.0)]) is None
+    assert loglog_slope([(10, 5.0), (100, 0.0), (1000, -1.0)]) is None
+    # Points that cannot be on a log scale are left out, not fitted as zeros.
+    assert loglog_slope([(10, 1.0), (100, 0.0), (1000, 100.0)]) == pytest.approx(1.0)
+
+
+def test_the_table_reads_each_quantity_by_its_dotted_path() -> None:
+    points: dict[int, dict[str, Any]] = {
+        10: {"round_seconds": 1.0, "log": {"round_entries": 30}, "ok": True},
+        100: {"round_seconds": 10.0, "log": {"round_entries": 300}},
+        1000: {"round_seconds": None, "log": {}},
+    }
+    quantities = [
+        Quantity("round_seconds", "round", "O(n)", "s"),
+        Quantity("log.round_entries", "entries", "O(n)"),
+        Quantity("ok", "a flag is not a figure", "O(1)"),
+    ]
+    rows = table_rows(points, quantities)
+    assert rows[0]["values"] == {10: 1.0, 100: 10.0, 1000: None}
+    assert rows[0]["slope"] == pytest.approx(1.0)
+    assert rows[1]["values"] == {10: 30.0, 100: 300.0, 1000: None}
+    assert rows[2]["values"] == {10: None, 100: None, 1000: None}
+    assert rows[2]["slope"] is None
+
+
+def test_the_markdown_table_has_a_column_per_n_and_marks_what_is_missing() -> None:
+    rows = table_rows(
+        {10: {"a": 1.5}, 100: {"a": 150.0}, 1000: {}}, [Quantity("a", "cost", "O(n)", "B")]
+    )
+    lines = markdown_table(rows, list(NODES)).splitlines()
+    assert lines[0] == "| quantity | n=10 | n=100 | n=1,000 | expected | log-log slope |"
+    assert lines[2] == "| cost (B) | 1.5 | 150 | - | O(n) | 2.00 |"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(None, "-"), (0.0, "0"), (0.004, "4.00e-03"), (1.23456, "1.23"), (123456.7, "123,457")],
+)
+def test_a_cell_keeps_three_significant_figures(value: float | None, shown: str) -> None:
+    assert format_value(value) == shown
+
+
+def test_secure_aggregation_rows_follow_what_the_cost_function_returned() -> None:
+    costs: dict[str, dict[str, Any]] = {
+        "10": {
+            "full": {"mask_seconds": 0.1, "unmask_seconds": 0.2, "peers": 9},
+            "sparse": {"mask_seconds": 0.1},
+        },
+        "100": {"full": {"error": "MemoryError"}},
+    }
+    rows = {q.key: q for q in secagg_quantities(costs)}
+    # A failed call's error text is no figure: it gets no row.
+    assert set(rows) == {
+        "secagg.full.mask_seconds",
+        "secagg.full.unmask_seconds",
+        "secagg.full.peers",
+        "secagg.sparse.mask_seconds",
+    }
+    assert rows["secagg.full.unmask_seconds"].expected == "O(n³)"
+    assert rows["secagg.sparse.mask_seconds"].expected == "O(log n)"
+    assert rows["secagg.full.peers"].unit == ""
+    assert rows["secagg.full.mask_seconds"].value({"secagg": {"full": {"error": "x"}}}) is None
+
+
+def test_the_simulated_federation_file_round_trips(tmp_path: Path) -> None:
+    nodes = tuple(tmp_path / f"node-{i}" / "node.toml" for i in range(3))
+    path = tmp_path / "simulation.toml"
+    SimulatedFederation(nodes).write(path)
+    loaded = SimulatedFederation.load(path)
+    assert loaded.nodes == nodes
+    assert loaded.node(2) == nodes[2]
+    with pytest.raises(ConfigError, match=r"simulation\.toml: key 'simulation\.nodes'.*id 3"):
+        loaded.node(3)
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("[simulation]\nnodes = 'one.toml'\n", "must be a list"),
+        ("[simulation]\nnodes = ['a.toml', 3]\n", "must be a list"),
+        ("[other]\nnodes = []\n", "must be a list"),
+        ("[simulation\n", "cannot read"),
+    ],
+)
+def test_a_bad_simulated_federation_file_names_the_file_and_key(
+    tmp_path: Path, text: str, found: str
+) -> None:
+    path = tmp_path / "simulation.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=found) as caught:
+        SimulatedFederation.load(path)
+    assert str(path) in str(caught.value)
