@@ -28,7 +28,10 @@ class RoundCall:
     missing: set[int] = field(default_factory=set)
 
     def replies(self, messages: list[Message]) -> Iterator[tuple[int, Message]]:
-        """Push ``messages`` and yield ``(node_id, reply)`` as replies come in."""
+        """Push ``messages`` and yield ``(node_id, reply)`` as replies come in.
+
+        ``messages`` is emptied once they are pushed: the SuperLink holds them then, and
+        the round keeps only their ids, not n sealed copies of the global adapter."""
         # Grids set each message's id in place while pushing and may return fewer ids than
         # messages (a failed push, or none at all for an oversized request): match by id.
         accepted = {message_id for message_id in self.grid.push_messages(messages) if message_id}
@@ -39,6 +42,7 @@ class RoundCall:
                 node_of[message_id] = message.metadata.dst_node_id
             else:
                 self.missing.add(message.metadata.dst_node_id)
+        messages.clear()
         pending = set(node_of)
         deadline = self.clock() + self.timeout
         while pending and self.clock() < deadline:
