@@ -24,7 +24,6 @@ import importlib
 import json
 import os
 import threading
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from clients.sandbox import NodeSandbox
 from clients.service import NodeSandboxService, method_handlers
 from clients.shuttle import STATUS_TIMEOUT, SandboxApi, refused
 from protos.ark.v1 import nodesandbox_pb2 as pb
-from sandbox.config import NodeConfig
+from sandbox.config import NodeConfig, read_toml
 from sandbox.errors import ConfigError
 from sandbox.models import model_class, supported_tasks
 
@@ -75,10 +74,7 @@ class SimulatedFederation:
     @classmethod
     def load(cls, path: Path) -> SimulatedFederation:
         """Read and validate ``[simulation] nodes`` from a TOML file."""
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read the simulated federation: {exc}", path=path) from exc
+        raw = read_toml(path, "the simulated federation")
         section = raw.get(SECTION)
         nodes = section.get("nodes") if isinstance(section, dict) else None
         if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):

@@ -58,6 +58,17 @@ MIN_NOISE_MULTIPLIER = 0.1
 # -- rules: how one key's value is read, checked and written --------------------------------
 
 
+def read_toml(path: Path, what: str, *, missing: str | None = None) -> dict[str, Any]:
+    """``path`` (an operator's file) parsed as TOML; ConfigError naming the file: ``cannot
+    read WHAT: ...``, or ``missing`` when given and the file does not exist."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(missing or f"cannot read {what}: {exc}", path=path) from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {what}: {exc}", path=path) from exc
+
+
 class _Invalid(Exception):
     """A value breaks its key's rule; :func:`_naming` turns it into a ConfigError that names
     the source and the key."""
@@ -850,12 +861,7 @@ class NodeConfig:
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
         """Read and validate ``[node]`` from a node TOML file."""
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError("node config file does not exist", path=path) from exc
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read node config: {exc}", path=path) from exc
+        raw = read_toml(path, "node config", missing="node config file does not exist")
         section = raw.get("node")
         if not isinstance(section, dict):
             raise ConfigError("missing [node] table", path=path, key="node")

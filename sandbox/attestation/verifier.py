@@ -11,7 +11,6 @@ import binascii
 import datetime as dt
 import hmac
 import itertools
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from sandbox.attestation.evidence import (
     report_data,
 )
 from sandbox.attestation.kinds import is_development, tee_kind
+from sandbox.config import read_toml
 from sandbox.digests import sha256_hex
 from sandbox.errors import (
     AttestationError,
@@ -100,10 +100,7 @@ class AppraisalPolicy:
     @classmethod
     def load(cls, path: Path) -> AppraisalPolicy:
         """Read ``[policy]`` and ``[policy.reference-values]`` from a TOML file."""
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read appraisal policy: {exc}", path=path) from exc
+        raw = read_toml(path, "appraisal policy")
         section = raw.get("policy")
         if not isinstance(section, dict):
             raise ConfigError("missing [policy] table", path=path, key="policy")

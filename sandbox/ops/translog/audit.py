@@ -86,7 +86,7 @@ from sandbox.events import (
     UpdateAccepted,
     UpdateRejected,
 )
-from sandbox.events.members import expand
+from sandbox.events.members import Expanded, expand
 from sandbox.events.node import HeldoutCommitment, ScorecardSigned, SecaggRevealed
 from sandbox.files import write_atomic
 from sandbox.ops.translog import MAX_AUDIT_ENTRIES
@@ -260,8 +260,8 @@ def verify_log(
         )
     entries = fetch_entries(reader, checkpoint.size)
     check_entries(reader, entries, checkpoint)
-    records = decode(entries)
-    return Audit(checkpoint, note, previous, expand(records).records, check_policy(records))
+    expanded = expand(decode(entries))
+    return Audit(checkpoint, note, previous, expanded.records, _check_expanded(expanded))
 
 
 def _text(value: Any) -> str:
@@ -1472,7 +1472,11 @@ def check_policy(records: Sequence[Mapping[str, Any]]) -> list[PolicyViolation]:
 
     Fields a rule compares must be present: missing values never match each other.
     """
-    expanded = expand(records)
+    return _check_expanded(expand(records))
+
+
+def _check_expanded(expanded: Expanded) -> list[PolicyViolation]:
+    """:func:`check_policy` over a log whose lists :func:`expand` has read already."""
     records = expanded.records
     policy = _Policy()
     policy.violations.extend(
