@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import Context, RecordDict
+from flwr.common.constant import PARTITION_ID_KEY
 
 from bench.scale import (
     Quantity,
@@ -17,8 +19,10 @@ from bench.scale import (
     secagg_quantities,
     table_rows,
 )
-from clients.simulated import SimulatedFederation
+from clients.shuttle import is_simulated, node_config
+from clients.simulated import SIMULATION_ENV, SimulatedFederation
 from sandbox.errors import ConfigError
+from sandbox.protocol import NODE_CONFIG_KEY
 
 NODES = (10, 100, 1000)
 
@@ -134,3 +138,25 @@ def test_a_bad_simulated_federation_file_names_the_file_and_key(
     with pytest.raises(ConfigError, match=found) as caught:
         SimulatedFederation.load(path)
     assert str(path) in str(caught.value)
+
+
+def _context(node_config: dict[str, bool | float | int | str]) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_only_a_node_without_a_node_config_is_simulated(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A SuperNode whose operator names a node config always reaches its sandbox over the
+    socket, whatever partition-id it also has; a virtual node needs ARK_SIMULATION, which
+    only whoever starts the engine sets."""
+    real = _context({PARTITION_ID_KEY: 0, NODE_CONFIG_KEY: str(tmp_path / "node.toml")})
+    assert not is_simulated(real)
+    virtual = _context({PARTITION_ID_KEY: 0, "num-partitions": 2})
+    assert is_simulated(virtual)
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    with pytest.raises(ConfigError, match=SIMULATION_ENV):
+        node_config(virtual)
+    monkeypatch.setenv(SIMULATION_ENV, str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="cannot read the simulated federation"):
+        node_config(virtual)
