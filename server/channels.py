@@ -134,9 +134,9 @@ class SealedChannel(UpdateChannel):
         peer = self.sandbox.admit(node_id, hello, self.peers.values())
         self.peers[node_id] = peer
         return Admission(
-            ear_sha256=peer.result.digest,
-            ueid=peer.result.ueid,
-            tee_pubkey_sha256=sha256_hex(peer.result.tee_pubkey),
+            ear_sha256=peer.ear_sha256,
+            ueid=peer.ueid,
+            tee_pubkey_sha256=sha256_hex(peer.key_bytes),
         )
 
     def participants(self, nodes: Sequence[int]) -> list[int]:
@@ -165,14 +165,14 @@ class SealedChannel(UpdateChannel):
             raise UpdateRejected(
                 f"reported {reported:g} examples, the sealed update says {weight:g}"
             )
-        return OpenedUpdate(update, weight, str(peer.result.ueid))
+        return OpenedUpdate(update, weight, peer.ueid)
 
     def admissions(self) -> dict[str, int]:
         return dict(self.sandbox.admitted)
 
     def ueid(self, node_id: int) -> str | None:
         peer = self.peers.get(node_id)
-        return None if peer is None else peer.result.ueid
+        return None if peer is None else peer.ueid
 
     def restore(self, admissions: Mapping[str, int]) -> None:
         self.sandbox.admitted.update(admissions)

@@ -27,7 +27,6 @@ from sandbox.attestation.measure import AGGREGATOR_PACKAGES, CODE, code_measurem
 from sandbox.attestation.result import (
     AFFIRMING,
     PURPOSE_CHANNEL,
-    AttestationResult,
     verify_result,
 )
 from sandbox.channel import (
@@ -92,17 +91,23 @@ def _identity_line(path: Path) -> str:
         raise missing(str(exc)) from exc
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodePeer:
-    """A node admitted to this run: its attested channel key and its nonce."""
+    """A node admitted to this run: its attested channel key and its nonce.
+
+    Only what later instructions and updates need is kept, a few hundred bytes a node:
+    not the node's attestation result nor the aggregator's evidence for it (fresh for
+    every instruction), so that a thousand-node run holds no kilobytes per node.
+    """
 
     node_id: int
     nonce: bytes
     public_key: Any
     key_bytes: bytes
     suite: str
-    result: AttestationResult
-    evidence: str = field(repr=False)
+    # The node's attested TEE instance and the digest of the result that admitted it.
+    ueid: str
+    ear_sha256: str
 
 
 @dataclass
@@ -121,6 +126,8 @@ class AggregatorSandbox:
     # The ticket sealed into each node's instruction, by (node, round, stage); the node
     # proves it opened the downlink by returning it inside its sealed update.
     tickets: dict[tuple[int, int, str], str] = field(default_factory=dict)
+    # The latest round tickets were issued for.
+    ticket_round: int = 0
     # The node each attested TEE instance (ueid) was admitted as in this run: one node per
     # ueid for the whole run, declines and a restarted ServerApp (from the checkpoint) included.
     admitted: dict[str, int] = field(default_factory=dict)
@@ -201,14 +208,20 @@ class AggregatorSandbox:
             public_key = load_public_key(result.hpke_suite, node_key)
         except EnvelopeError as exc:
             raise ResultInvalid(f"node {node_id}: {exc}") from exc
-        evidence = self.attester.evidence(
-            nonce=nonce,
-            tee_pubkey=self.key_for(result.hpke_suite).public_bytes,
+        self.admitted[ueid] = node_id
+        return NodePeer(
+            node_id, nonce, public_key, node_key, result.hpke_suite, ueid, result.digest
+        )
+
+    def evidence(self, peer: NodePeer) -> str:
+        """This aggregator's evidence for ``peer``: over the node's hello nonce, binding
+        the run key of the node's suite and the ServerApp code's measurement."""
+        return self.attester.evidence(
+            nonce=peer.nonce,
+            tee_pubkey=self.key_for(peer.suite).public_bytes,
             measurements=dict(self.measurements),
             now=self.clock(),
         )
-        self.admitted[ueid] = node_id
-        return NodePeer(node_id, nonce, public_key, node_key, result.hpke_suite, result, evidence)
 
     def context(self, peer: NodePeer, rnd: int, direction: str, stage: str) -> ChannelContext:
         return ChannelContext(
@@ -220,6 +233,11 @@ class AggregatorSandbox:
     ) -> RecordDict:
         """Round config, the aggregator's evidence for this node, the sealed global adapter."""
         ticket = secrets.token_hex(16)
+        if rnd > self.ticket_round:
+            # No reply of an earlier round is opened once a later round is instructed:
+            # their tickets go, so that the run holds one round's tickets, not every round's.
+            self.tickets = {key: value for key, value in self.tickets.items() if key[1] >= rnd}
+            self.ticket_round = rnd
         self.tickets[(peer.node_id, rnd, stage)] = ticket
         sealed = seal_tensors(
             adapter,
@@ -234,7 +252,7 @@ class AggregatorSandbox:
                 AGGREGATOR_KEY: ConfigRecord(
                     {
                         AGGREGATOR_TEE: self.attester.tee,
-                        AGGREGATOR_EVIDENCE: peer.evidence,
+                        AGGREGATOR_EVIDENCE: self.evidence(peer),
                         AGGREGATOR_PUBLIC_KEY: self.key_for(peer.suite).public_bytes,
                         AGGREGATOR_SUITE: peer.suite,
                     }

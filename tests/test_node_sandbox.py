@@ -49,14 +49,22 @@ from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied
+from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, UpdateRejected
 from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.lora import Adapter, adapter_state
 from sandbox.ops.demo_data import DEMO_LABELS, write_demo_data
 from sandbox.ops.inference_client import InferenceClient
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, save_policy
-from sandbox.protocol import BROKER_RETRY, CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
+from sandbox.protocol import (
+    AGGREGATOR_EVIDENCE,
+    AGGREGATOR_KEY,
+    BROKER_RETRY,
+    CONFIG_KEY,
+    HELLO_KEY,
+    METRICS_KEY,
+    round_config,
+)
 from sandbox.reasons import NodeReason
 from server.app import _provider_model
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
@@ -369,6 +377,36 @@ def test_an_instruction_replayed_elsewhere_is_refused_and_trains_nothing(
 
 
 # -- 3. four calls, and nothing but fixed codes for anything malformed -------------------
+
+
+def test_the_aggregator_keeps_a_node_key_not_its_evidence_and_one_rounds_tickets(
+    world: World, client: SandboxClient
+) -> None:
+    """At a thousand nodes, what the aggregator keeps per node is what memory grows by: a
+    peer is its key, nonce and TEE, and the evidence each instruction carries is made for
+    that instruction (the node verifies it every time). Tickets of a round are dropped once
+    a later round is instructed: an update of the earlier round then no longer opens."""
+    provider = world.provider()
+    peer = provider.admit(client, NODE)
+    assert not hasattr(peer, "__dict__"), "a peer has a fixed set of slots"
+    assert {"evidence", "result"}.isdisjoint(peer.__slots__)
+    assert peer.ueid
+    assert len(peer.ear_sha256) == 64
+
+    first = client.train(provider.instruction(NODE, 1))
+    provider.aggregator.open_update(peer, first.sealed_update, 1)  # opens in its round
+    again = provider.aggregator.instruction(peer, 1, provider.adapter, STAGE_EVALUATE)
+    second = provider.aggregator.instruction(peer, 1, provider.adapter, STAGE_EVALUATE)
+    evidence = [c.config_records[AGGREGATOR_KEY][AGGREGATOR_EVIDENCE] for c in (again, second)]
+    assert evidence[0] != evidence[1], "each instruction's evidence is its own"
+    assert {rnd for _, rnd, _ in provider.aggregator.tickets} == {1}
+
+    later = client.train(provider.instruction(NODE, 2))  # accepted on its fresh evidence
+    assert {rnd for _, rnd, _ in provider.aggregator.tickets} == {2}
+    with pytest.raises(UpdateRejected, match="ticket"):
+        provider.aggregator.open_update(peer, first.sealed_update, 1)
+    tensors, _ = provider.aggregator.open_update(peer, later.sealed_update, 2)
+    assert tensors
 
 
 def test_the_api_has_exactly_five_calls() -> None:
