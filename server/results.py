@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -16,6 +17,10 @@ from server.history import History, RoundRecord, Training
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "metrics.png"
+# Past this many nodes the table shows the first ones and a summary row, and the plot a
+# band per metric instead of a line per node: a table or a legend of a thousand nodes
+# reads as nothing, and drawing it took tens of MiB at the end of a 1,000-node run.
+MAX_NODES_SHOWN = 12
 
 
 def metric_names(task: str) -> tuple[str, str]:
@@ -74,8 +79,19 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _metric(entry: Mapping[str, Any], node: str, metric: str) -> float | None:
+    value = entry["nodes"].get(node, {}).get(metric)
+    return None if value is None else float(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Table:
-    """Before (round 0) and after (last round) held-out metrics per node."""
+    """Before (round 0) and after (last round) held-out metrics per node; past
+    :data:`MAX_NODES_SHOWN` nodes, the first of them, a row counting the rest (all in
+    ``results.json``) and the mean over every node."""
     names = names or {}
     first, last = results["rounds"][0], results["rounds"][-1]
     table = Table(
@@ -87,21 +103,41 @@ def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = N
         table.add_column(f"{metric} r0", justify="right")
         table.add_column(f"{metric} r{last['round']}", justify="right")
         table.add_column("Δ", justify="right")
-    for node in node_ids(results):
+    nodes = node_ids(results)
+
+    def cells(before: float | None, after: float | None, delta: float | None) -> list[str]:
+        return [_fmt(before), _fmt(after), "-" if delta is None else f"{delta:+.3f}"]
+
+    for node in nodes[:MAX_NODES_SHOWN]:
         row = [names.get(node, f"node {node}")]
         for metric in results["metrics"]:
-            before = first["nodes"].get(node, {}).get(metric)
-            after = last["nodes"].get(node, {}).get(metric)
+            before, after = _metric(first, node, metric), _metric(last, node, metric)
             delta = None if before is None or after is None else after - before
-            row += [_fmt(before), _fmt(after), "-" if delta is None else f"{delta:+.3f}"]
+            row += cells(before, after, delta)
         table.add_row(*row)
+    if len(nodes) > MAX_NODES_SHOWN:
+        table.add_row(
+            f"… {len(nodes) - MAX_NODES_SHOWN:,} more nodes ({RESULTS_FILE})",
+            *["" for _ in range(3 * len(results["metrics"]))],
+        )
+        row = [f"mean of {len(nodes):,} nodes"]
+        for metric in results["metrics"]:
+            pairs = [(_metric(first, n, metric), _metric(last, n, metric)) for n in nodes]
+            row += cells(
+                _mean([b for b, _ in pairs if b is not None]),
+                _mean([a for _, a in pairs if a is not None]),
+                _mean([a - b for b, a in pairs if a is not None and b is not None]),
+            )
+        table.add_row(*row, style="bold")
     return table
 
 
 def plot_metrics(
     results: Mapping[str, Any], path: Path, names: Mapping[str, str] | None = None
 ) -> Path:
-    """A PNG with one panel per metric: held-out value per node per round."""
+    """A PNG with one panel per metric: held-out value per node per round; past
+    :data:`MAX_NODES_SHOWN` nodes, each round's mean over the nodes and the band from
+    the lowest node to the highest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,16 +146,33 @@ def plot_metrics(
 
     names = names or {}
     metrics = results["metrics"]
+    nodes = node_ids(results)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
     for ax, metric in zip(axes, metrics, strict=True):
-        for node in node_ids(results):
-            xs = [e["round"] for e in results["rounds"] if metric in e["nodes"].get(node, {})]
-            ys = [
-                e["nodes"][node][metric]
+        if len(nodes) <= MAX_NODES_SHOWN:
+            for node in nodes:
+                kept = [e for e in results["rounds"] if _metric(e, node, metric) is not None]
+                xs = [e["round"] for e in kept]
+                ys = [_metric(e, node, metric) for e in kept]
+                ax.plot(xs, ys, marker="o", label=names.get(node, f"node {node}"))
+        else:
+            spread = [
+                (e["round"], values)
                 for e in results["rounds"]
-                if metric in e["nodes"].get(node, {})
+                if (values := [v for n in nodes if (v := _metric(e, n, metric)) is not None])
             ]
-            ax.plot(xs, ys, marker="o", label=names.get(node, f"node {node}"))
+            xs = [rnd for rnd, _ in spread]
+            ax.fill_between(
+                xs, [min(v) for _, v in spread], [max(v) for _, v in spread],
+                alpha=0.15, color="C0", label="lowest to highest node",
+            )  # fmt: skip
+            quartiles = [np.percentile(v, [25, 75]) for _, v in spread]
+            ax.fill_between(
+                xs, [q[0] for q in quartiles], [q[1] for q in quartiles],
+                alpha=0.3, color="C0", label="middle half of the nodes",
+            )  # fmt: skip
+            ax.plot(xs, [sum(v) / len(v) for _, v in spread], marker="o",
+                    label=f"mean of {len(nodes):,} nodes")  # fmt: skip
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
