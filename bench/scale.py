@@ -67,6 +67,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,11 +138,34 @@ class Quantity:
 QUANTITIES = (
     Quantity("round_seconds", "round wall time, last training round", "O(n) here", "s"),
     Quantity("first_round_seconds", "first round, with the handshake", "O(n) here", "s"),
-    Quantity("memory.round_peak_mib", "aggregator: traced memory peak in a round", "O(1)", "MiB"),
+    Quantity(
+        "memory.arrays_held_mib",
+        "aggregator: its arrays (adapter, sums, update), in a round",
+        "O(1)",
+        "MiB",
+    ),
+    Quantity(
+        "memory.aggregator_held_mib",
+        "aggregator: all its code holds, in a round (sampled)",
+        "O(1) + per-node records",
+        "MiB",
+    ),
+    Quantity(
+        "memory.superlink_held_mib",
+        "Flower's in-memory SuperLink: instructions queued, nodes (sampled)",
+        "O(n)",
+        "MiB",
+    ),
+    Quantity(
+        "memory.round_peak_mib",
+        "ServerApp process: traced peak in a round (both of the above)",
+        "O(n): the queue",
+        "MiB",
+    ),
     Quantity(
         "memory.round_start_mib",
-        "aggregator: traced memory held between rounds",
-        "O(n): per-node state",
+        "ServerApp process: traced memory between rounds",
+        "O(n): the registry",
         "MiB",
     ),
     Quantity("memory.rss_high_water_mib", "ServerApp process RSS high-water", "O(1)", "MiB"),
@@ -309,6 +333,11 @@ class Meter:
     # A tracemalloc snapshot's largest allocation sites, taken once, halfway through
     # the first training round's replies.
     top_sites: list[dict[str, Any]] = field(default_factory=list)
+    # What the ServerApp's own code and Flower's in-memory SuperLink hold, sampled in the
+    # ServerApp's thread (:func:`held_bytes`): after each push and at each tenth of the
+    # replies of a message type, the last reply included.
+    held: list[dict[str, Any]] = field(default_factory=list)
+    just_pushed: tuple[int, str] | None = None
 
     def say(self, text: str) -> None:
         _say(self.n, self.started, text)
@@ -344,6 +373,66 @@ def _top_sites(limit: int = 8) -> list[dict[str, Any]]:
     return sites
 
 
+# The aggregator's code: a frame of a file under these folders is the ServerApp's own.
+AGGREGATOR_CODE = tuple(f"{REPO / folder}{os.sep}" for folder in ("server", "sandbox"))
+
+
+@dataclass(frozen=True)
+class Held:
+    """Bytes held at one moment, by owner (see :func:`held_bytes`)."""
+
+    # Everything the aggregator's code reaches, and of it the numpy arrays: the global
+    # adapter, the running sums, the update being added (the model-sized part).
+    aggregator: int
+    arrays: int
+    superlink: int
+
+
+def held_bytes(
+    flower: Sequence[Any], linkstate: Any, code: tuple[str, ...] = AGGREGATOR_CODE
+) -> Held:
+    """Bytes held now, by owner (pympler's ``asizeof``, deep): the aggregator (and of it
+    its numpy arrays), and Flower's in-memory SuperLink. Call it from the ServerApp's
+    thread.
+
+    The aggregator's are the objects its code reaches: the locals of every frame of
+    ``server/`` and ``sandbox/`` (``code``, the files whose frames count) on this thread's
+    stack (the job, the round's state, the channel with its per-node peers, the history,
+    the running sums), the objects in
+    ``flower`` (the Grid that reaches the SuperLink) and every module, class and function
+    left out. The SuperLink's are what ``linkstate`` reaches: the instructions not yet
+    answered, the replies not yet pulled, its node registry. In a deployment the two live
+    in different processes (``flower-superlink`` is its own); in the simulation engine
+    they share this one, so ``tracemalloc`` alone cannot tell them apart.
+    """
+    import numpy as np
+    from pympler import asizeof
+
+    # pympler ships no annotations: its sizer is taken as what it returns, Any.
+    make_sizer: Callable[[], Any] = asizeof.Asizer
+
+    frames: list[dict[str, Any]] = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(code):
+            frames.append(dict(frame.f_locals))
+        frame = frame.f_back
+
+    def sizer(*excluded: type) -> Any:
+        made = make_sizer()
+        made.exclude_objs(*flower, linkstate)
+        made.exclude_types(*excluded)
+        return made
+
+    aggregator = sizer().asizeof(*frames)
+    records = sizer(np.ndarray).asizeof(*frames)
+    superlink = 0
+    if linkstate is not None:
+        with linkstate.lock:
+            superlink = make_sizer().asizeof(linkstate)
+    return Held(aggregator, aggregator - records, superlink)
+
+
 def metered_grid(grid: Grid, meter: Meter) -> Grid:
     """``grid`` with every call passed through, each message's size counted by round and
     type, and the replies' progress printed (:class:`MeteredGrid`)."""
@@ -375,13 +464,35 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
                     meter.sent[key] += 1
                     meter.pushed_at.setdefault(key, time.monotonic())
                     meter.pending[message.metadata.message_id] = key
-            for key in sorted({meter.pending[m] for m in ids if m in meter.pending}):
+            pushed = sorted({meter.pending[m] for m in ids if m in meter.pending})
+            for key in pushed:
                 meter.say(f"round {key[0]} {key[1]}: {meter.sent[key]:,} messages out")
+            if pushed:
+                # Measured at the next pull: until the push returns, the instructions are
+                # in the caller's hands as well as in the SuperLink's.
+                meter.just_pushed = pushed[-1]
             return ids
 
+        def sample(self, key: tuple[int, str], point: str) -> None:
+            held = held_bytes((self, grid), getattr(grid, "state", None))
+            meter.held.append(
+                {
+                    "round": key[0],
+                    "type": key[1],
+                    "point": point,
+                    "aggregator_bytes": held.aggregator,
+                    "arrays_bytes": held.arrays,
+                    "superlink_bytes": held.superlink,
+                }
+            )
+
         def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+            if meter.just_pushed is not None:
+                self.sample(meter.just_pushed, "pushed")
+                meter.just_pushed = None
             replies = list(grid.pull_messages(message_ids))
             snapshot = False
+            tenths: list[tuple[tuple[int, str], int]] = []
             with meter.lock:
                 for reply in replies:
                     key = meter.pending.pop(reply.metadata.reply_to_message_id, (0, "?"))
@@ -394,10 +505,16 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
                         meter.say(
                             f"round {key[0]} {key[1]}: {done:,}/{sent:,} replies ({seconds:.1f}s)"
                         )
+                        tenths.append((key, done))
                     half = key == (1, "train") and before < sent // 2 <= done
                     snapshot = snapshot or (half and not meter.top_sites)
             if snapshot:
                 meter.top_sites = _top_sites()
+            if tenths:
+                # The replies just pulled are still this frame's: what the job keeps of
+                # them is measured once the job has taken them (the next pull's sample).
+                key, done = tenths[-1]
+                self.sample(key, f"{done} replies")
             return replies
 
         def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None
@@ -828,6 +945,7 @@ def _preload() -> None:
         "transformers",
         "peft",
         "matplotlib.pyplot",
+        "pympler.asizeof",
         "flwr.simulation.run_simulation",
         "flwr.server.superlink.fleet.vce.backend.raybackend",
         "ray",
@@ -863,6 +981,15 @@ def _run_figures(
         None if last is None else last.peak_mib - last.start_mib
     )
     out["memory"]["run_peak_mib"] = max((w.peak_mib for w in windows), default=None)
+    out["memory"]["held_samples"] = meter.held
+    last_round = [h for h in meter.held if (h["round"], h["type"]) == (rounds, "train")]
+    for owner in ("aggregator", "arrays", "superlink"):
+        out["memory"][f"{owner}_held_mib"] = (
+            max(h[f"{owner}_bytes"] for h in last_round) / MIB if last_round else None
+        )
+        out["memory"][f"{owner}_held_run_mib"] = (
+            max(h[f"{owner}_bytes"] for h in meter.held) / MIB if meter.held else None
+        )
     last_train = (rounds, "train")
     out["bytes"] = {
         "per_node_round": (meter.down[last_train] + meter.up[last_train]) / n

@@ -4,9 +4,13 @@ file. The simulation itself runs only in the bench (``python -m bench.run --only
 from __future__ import annotations
 
 import math
+import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 from flwr.common.constant import PARTITION_ID_KEY
@@ -14,6 +18,7 @@ from flwr.common.constant import PARTITION_ID_KEY
 from bench.scale import (
     Quantity,
     format_value,
+    held_bytes,
     loglog_slope,
     markdown_table,
     secagg_quantities,
@@ -160,3 +165,32 @@ def test_only_a_node_without_a_node_config_is_simulated(
     monkeypatch.setenv(SIMULATION_ENV, str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="cannot read the simulated federation"):
         node_config(virtual)
+
+
+class LinkState:
+    """What Flower's in-memory SuperLink state has that the sizer uses: a lock, and what
+    it holds (a queued message of 100 kB)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.queue = {"message": b"q" * 100_000}
+
+
+def test_what_the_aggregator_holds_is_told_apart_from_the_superlink_and_the_grid() -> None:
+    link = LinkState()
+    grid = SimpleNamespace(state=link, blob=b"g" * 300_000)  # Flower's: left out
+    here = (f"{Path(__file__).resolve().parent}{os.sep}",)  # this file's frames count
+
+    def aggregator_frame() -> Any:
+        running_sum = np.zeros(50_000)  # 400 kB of arrays
+        records = {str(node): {"accuracy": 0.5, "loss": 1.0} for node in range(1_000)}
+        job = SimpleNamespace(grid=grid, records=records, sums=running_sum)
+        return held_bytes((grid,), link, here), job
+
+    held, _ = aggregator_frame()
+    assert 400_000 <= held.arrays < 410_000
+    records = held.aggregator - held.arrays
+    assert 100_000 < records < 300_000, "a thousand small records, without the grid's blob"
+    assert 100_000 <= held.superlink < 110_000
+    # Frames of other code count for nothing.
+    assert held_bytes((grid,), link, ("/nowhere/",)).aggregator == 0
