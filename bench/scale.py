@@ -26,12 +26,20 @@ How each figure is measured:
   the job's events; the last training round is the steady state. The first round, from
   ``run_started``, also holds the handshake: every node's sandbox attests, has the model
   key released, unseals, certifies its channel key and builds its model.
-* aggregator peak memory: ``tracemalloc`` in the process running the ServerApp, started
-  just before the run; its peak between two commits. It counts the Python objects and
-  numpy arrays allocated by the ServerApp's thread and, in the same process, by Flower's
-  in-memory SuperLink and the simulation engine's driver threads; torch's tensor storage
-  and the C libraries' own heaps are not traced. Beside it: the process's RSS high-water,
-  and the Ray actor's peak RSS (every virtual node's sandbox lives there).
+* aggregator memory, by owner: in the simulation engine the ServerApp shares its process
+  with Flower's in-memory SuperLink (in a deployment ``flower-superlink`` is a process of
+  its own), so what each holds is sized apart (:func:`held_bytes`, pympler's deep
+  ``asizeof``), in the ServerApp's thread at the first pull after each push and at each
+  tenth of a message type's replies: what the aggregator's code reaches, and of it its
+  numpy arrays (the global adapter, the running sums, the update being folded in: the
+  model-sized part); and what the SuperLink reaches (the instructions not yet answered,
+  the replies not yet pulled, its node registry). The row is the largest sample of the
+  last training round.
+* process memory: ``tracemalloc`` in the process running the ServerApp, started just
+  before the run; its peak between two commits (the aggregator, the SuperLink and the
+  engine's driver threads together, peaks between samples included); torch's tensor
+  storage and the C libraries' own heaps are not traced. Beside it: the process's RSS
+  high-water, and the Ray actor's peak RSS (every virtual node's sandbox lives there).
 * bytes per node per round: every message's size as Flower's protobuf
   (``message_to_proto``), instructions out and replies in, counted by a Grid that passes
   the ServerApp's calls through (:class:`MeteredGrid`), for the last training round,

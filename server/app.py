@@ -315,12 +315,17 @@ class FederatedJob:
         for node_id in state.nodes:
             try:
                 content = instruction(node_id)
-            except EnvelopeError as exc:
-                log(WARNING, "[ark] node %s left out: cannot seal to its key: %s", node_id, exc)
-                self.channel.forget(node_id)
-                self._event(
-                    events.NodeRefused, node=node_id, reason=f"cannot seal to its key: {exc}"
+            except (EnvelopeError, AttestationError) as exc:
+                # A key the library refuses, or evidence the attester could not make for
+                # this node's nonce: this node is left out, not the round.
+                reason = (
+                    f"cannot seal to its key: {exc}"
+                    if isinstance(exc, EnvelopeError)
+                    else f"cannot make the aggregator's evidence for it: {exc}"
                 )
+                log(WARNING, "[ark] node %s left out: %s", node_id, reason)
+                self.channel.forget(node_id)
+                self._event(events.NodeRefused, node=node_id, reason=reason)
                 continue
             state.messages.append(Message(content, node_id, kind, group_id=str(rnd)))
         participants = [

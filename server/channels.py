@@ -43,7 +43,7 @@ class Admission:
     """What the log records of a node admitted after its hello."""
 
     ear_sha256: str
-    ueid: str | None
+    ueid: str
     tee_pubkey_sha256: str
 
 

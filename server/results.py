@@ -84,14 +84,22 @@ def _metric(entry: Mapping[str, Any], node: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _finite(entry: Mapping[str, Any], node: str, metric: str) -> float | None:
+    """A node's metric if it is a finite number (a diverged run reports inf or NaN)."""
+    value = _metric(entry, node, metric)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _delta(before: float | None, after: float | None) -> str:
+    if before is None or after is None or not math.isfinite(after - before):
+        return "-"
+    return f"{after - before:+.3f}"
 
 
 def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Table:
     """Before (round 0) and after (last round) held-out metrics per node; past
     :data:`MAX_NODES_SHOWN` nodes, the first of them, a row counting the rest (all in
-    ``results.json``) and the mean over every node."""
+    ``results.json``) and the means over every node with a finite value in both rounds."""
     names = names or {}
     first, last = results["rounds"][0], results["rounds"][-1]
     table = Table(
@@ -104,40 +112,38 @@ def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = N
         table.add_column(f"{metric} r{last['round']}", justify="right")
         table.add_column("Δ", justify="right")
     nodes = node_ids(results)
-
-    def cells(before: float | None, after: float | None, delta: float | None) -> list[str]:
-        return [_fmt(before), _fmt(after), "-" if delta is None else f"{delta:+.3f}"]
-
     for node in nodes[:MAX_NODES_SHOWN]:
         row = [names.get(node, f"node {node}")]
         for metric in results["metrics"]:
             before, after = _metric(first, node, metric), _metric(last, node, metric)
-            delta = None if before is None or after is None else after - before
-            row += cells(before, after, delta)
+            row += [_fmt(before), _fmt(after), _delta(before, after)]
         table.add_row(*row)
-    if len(nodes) > MAX_NODES_SHOWN:
-        table.add_row(
-            f"… {len(nodes) - MAX_NODES_SHOWN:,} more nodes ({RESULTS_FILE})",
-            *["" for _ in range(3 * len(results["metrics"]))],
-        )
-        row = [f"mean of {len(nodes):,} nodes"]
-        for metric in results["metrics"]:
-            pairs = [(_metric(first, n, metric), _metric(last, n, metric)) for n in nodes]
-            row += cells(
-                _mean([b for b, _ in pairs if b is not None]),
-                _mean([a for _, a in pairs if a is not None]),
-                _mean([a - b for b, a in pairs if a is not None and b is not None]),
-            )
-        table.add_row(*row, style="bold")
+    if len(nodes) <= MAX_NODES_SHOWN:
+        return table
+    table.add_row(
+        f"… {len(nodes) - MAX_NODES_SHOWN:,} more nodes ({RESULTS_FILE})",
+        *["" for _ in range(3 * len(results["metrics"]))],
+    )
+    row, counted = [], set()
+    for metric in results["metrics"]:
+        pairs = [
+            (before, after)
+            for node in nodes
+            if (before := _finite(first, node, metric)) is not None
+            and (after := _finite(last, node, metric)) is not None
+        ]
+        counted.add(len(pairs))
+        means = [sum(p[i] for p in pairs) / len(pairs) if pairs else None for i in (0, 1)]
+        row += [_fmt(means[0]), _fmt(means[1]), _delta(*means)]
+    shown = f"{min(counted):,}" if len(counted) == 1 else f"{min(counted):,}–{max(counted):,}"
+    table.add_row(f"mean of {shown} nodes", *row, style="bold")
     return table
 
 
-def plot_metrics(
-    results: Mapping[str, Any], path: Path, names: Mapping[str, str] | None = None
-) -> Path:
-    """A PNG with one panel per metric: held-out value per node per round; past
-    :data:`MAX_NODES_SHOWN` nodes, each round's mean over the nodes and the band from
-    the lowest node to the highest."""
+def metrics_figure(results: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Any:
+    """A matplotlib figure with one panel per metric: held-out value per node per round;
+    past :data:`MAX_NODES_SHOWN` nodes, each round's mean over the nodes, the band of
+    the middle half of them and the band from the lowest to the highest (finite values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +165,7 @@ def plot_metrics(
             spread = [
                 (e["round"], values)
                 for e in results["rounds"]
-                if (values := [v for n in nodes if (v := _metric(e, n, metric)) is not None])
+                if (values := [v for n in nodes if (v := _finite(e, n, metric)) is not None])
             ]
             xs = [rnd for rnd, _ in spread]
             ax.fill_between(
@@ -181,6 +187,16 @@ def plot_metrics(
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{results['job_id']} ({results['mode']})")
     fig.tight_layout()
+    return fig
+
+
+def plot_metrics(
+    results: Mapping[str, Any], path: Path, names: Mapping[str, str] | None = None
+) -> Path:
+    """Write :func:`metrics_figure` as a PNG at ``path``."""
+    fig = metrics_figure(results, names)  # selects the Agg backend before pyplot loads
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

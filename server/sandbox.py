@@ -96,8 +96,9 @@ class NodePeer:
     """A node admitted to this run: its attested channel key and its nonce.
 
     Only what later instructions and updates need is kept, a few hundred bytes a node:
-    not the node's attestation result nor the aggregator's evidence for it (fresh for
-    every instruction), so that a thousand-node run holds no kilobytes per node.
+    not the node's attestation result, nor the aggregator's evidence for it, which is
+    signed again for every instruction (bound, as before, to the node's hello nonce, the
+    run key and the code measurement, not to the instruction).
     """
 
     node_id: int
@@ -236,7 +237,7 @@ class AggregatorSandbox:
         if rnd > self.ticket_round:
             # No reply of an earlier round is opened once a later round is instructed:
             # their tickets go, so that the run holds one round's tickets, not every round's.
-            self.tickets = {key: value for key, value in self.tickets.items() if key[1] >= rnd}
+            self.tickets.clear()
             self.ticket_round = rnd
         self.tickets[(peer.node_id, rnd, stage)] = ticket
         sealed = seal_tensors(
@@ -267,7 +268,8 @@ class AggregatorSandbox:
         """The node's update tensors and example count, from its envelope for this round.
 
         UpdateRejected unless the envelope opens under this run's key for exactly this
-        round and node, and carries the ticket this round's instruction gave that node.
+        round and node, and carries the ticket this round's instruction gave that node
+        (kept only until an instruction of a later round is made).
         """
         key = self.key_for(peer.suite)
         context = self.context(peer, rnd, UPLINK, STAGE_TRAIN)

@@ -47,6 +47,7 @@ from sandbox.config import MODE_FEDAVG, MODE_FFA, PROTECTION_OFF, NodeConfig, Ru
 from sandbox.errors import (
     AggregateInvalid,
     AggregatorRefused,
+    AttestationError,
     EnvelopeError,
     FederationError,
 )
@@ -1124,27 +1125,44 @@ def test_a_node_with_a_small_order_channel_key_is_refused_and_the_round_complete
         np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("method", "error", "reason"),
+    [
+        ("instruction", EnvelopeError("the recipient key does not take an HPKE seal"),
+         "cannot seal to its key"),
+        ("evidence", AttestationError("the attester could not quote"),
+         "cannot make the aggregator's evidence for it"),
+    ],
+)  # fmt: skip
 def test_a_key_that_fails_to_seal_leaves_out_that_node_only(
-    tiny_bert_dir: Path, tmp_path: Path, world: SealedWorld, monkeypatch: pytest.MonkeyPatch
+    tiny_bert_dir: Path,
+    tmp_path: Path,
+    world: SealedWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    error: Exception,
+    reason: str,
 ):
     """Should sealing to one admitted node's key fail anyway (a suite or key the checks at
-    admission did not foresee), that node is left out and recorded; the round goes on."""
+    admission did not foresee), or the attester fail to make the aggregator's evidence for
+    that node's nonce (signed for every instruction), that node is left out and recorded;
+    the round goes on."""
     good = [SimNode(1, examples=10), SimNode(2, examples=30)]
     grid = SimulatedGrid([*good, SimNode(3, examples=20)], FakeClock(), world=world)
-    sealing = AggregatorSandbox.instruction
+    works = getattr(AggregatorSandbox, method)
 
-    def fails_for_node_3(self: AggregatorSandbox, peer: Any, *args: Any) -> RecordDict:
+    def fails_for_node_3(self: AggregatorSandbox, peer: Any, *args: Any) -> Any:
         if peer.node_id == 3:
-            raise EnvelopeError("the recipient key does not take an HPKE seal")
-        return sealing(self, peer, *args)
+            raise error
+        return works(self, peer, *args)
 
-    monkeypatch.setattr(AggregatorSandbox, "instruction", fails_for_node_3)
+    monkeypatch.setattr(AggregatorSandbox, method, fails_for_node_3)
     _job(grid, _spec(tiny_bert_dir, tmp_path)).run()
 
     events = _events(tmp_path)
     refused = [e for e in events if e["kind"] == "node_refused"]
     assert {e["node"] for e in refused} == {3}
-    assert all("cannot seal to its key" in e["reason"] for e in refused)
+    assert all(e["reason"].startswith(reason) for e in refused)
     assert grid.nodes[3].received == []
     for name, value in _weighted_mean(good).items():
         np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
