@@ -553,7 +553,7 @@ class FederatedJob:
         )
         log(INFO, "[ark] job %s: each node fine-tunes its own model", self.spec.job_id)
         self.final_evaluation(job, {})
-        write_outputs(build_results(self.spec, job.history), self.out)
+        write_outputs(build_results(self.spec, self.store.history(job)), self.out)
         self._event(
             events.RunFinished,
             rounds=0,
@@ -585,7 +585,7 @@ class FederatedJob:
             adapter = self.train_round(state, adapter)
         if not state.finished:
             self.final_evaluation(state, adapter)
-        results = build_results(self.spec, state.history)
+        results = build_results(self.spec, self.store.history(state))
         export_peft_adapter(self.model(), adapter, self.out / "adapter")
         write_outputs(results, self.out)
         self._event(

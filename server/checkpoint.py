@@ -4,6 +4,12 @@ After a restart the job resumes from the last finished round; a checkpoint writt
 another job (different model, labels, LoRA shape or mode) is refused, not reused. The
 state also keeps what bounds the nodes across a restart: each node's held update weight
 and, per run, which node each attested TEE (ueid) was admitted as.
+
+A round's records (every node's metrics) are final once the next round commits, which
+brings the held-out metrics of its adapter: from then on they are a file of their own,
+``history-NNNN.json``, named with its SHA-256 in the state, and leave the job's memory and
+``state.json``. So neither grows with nodes times rounds; :meth:`CheckpointStore.history`
+reads them back, checked, for the results.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sandbox.channel import adapter_bytes
-from sandbox.digests import sha256_file
+from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import CheckpointError
 from sandbox.files import write_atomic
-from server.history import History
+from server.history import History, RoundRecord
 
 STATE_FORMAT = "ark-checkpoint/1"
 STATE_FILE = "state.json"
@@ -40,6 +46,9 @@ class JobState:
     weights: dict[str, float] = field(default_factory=dict)
     # Run id -> ueid -> the node id that ueid was admitted as in that run.
     admissions: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Rounds whose records were moved out of ``history`` into their own file: round ->
+    # the file's SHA-256.
+    archived: dict[int, str] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -55,25 +64,61 @@ class CheckpointStore:
         """SHA-256 of a round's checkpointed adapter file."""
         return sha256_file(self.adapter_path(server_round))[0]
 
+    def history_path(self, server_round: int) -> Path:
+        return self.directory / f"history-{server_round:04d}.json"
+
     def save(self, state: JobState, adapter: dict[str, np.ndarray]) -> str:
-        """Write the round's adapter, then the state that points at it; return the
-        adapter file's SHA-256."""
+        """Write the round's adapter, the records of every round before it (final now) to
+        their own files, then the state that points at all of them; return the adapter
+        file's SHA-256. The archived rounds then leave ``state.history``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.adapter_path(state.round)
         write_atomic(path, adapter_bytes(adapter))
+        archived = dict(state.archived)
+        final = sorted(rnd for rnd in state.history.rounds if rnd < state.round)
+        for rnd in final:
+            data = json.dumps(state.history.rounds[rnd].to_json(), indent=2).encode()
+            write_atomic(self.history_path(rnd), data)
+            archived[rnd] = sha256_hex(data)
+        kept = {r: record for r, record in state.history.rounds.items() if r not in final}
         document = {
             "format": STATE_FORMAT,
             "fingerprint": state.fingerprint,
             "round": state.round,
             "adapter": path.name,
             "adapter_sha256": sha256_file(path)[0],
-            "history": state.history.to_json(),
+            "history": History(kept).to_json(),
+            "history_files": {str(rnd): archived[rnd] for rnd in sorted(archived)},
             "finished": state.finished,
             "weights": state.weights,
             "admissions": state.admissions,
         }
         write_atomic(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
+        state.history.rounds = kept
+        state.archived = archived
         return str(document["adapter_sha256"])
+
+    def history(self, state: JobState) -> History:
+        """Every round's records: those archived to their files (each checked against the
+        digest the state names; CheckpointError naming the file otherwise) and those
+        still in ``state.history``."""
+        rounds: dict[int, RoundRecord] = {}
+        for rnd, digest in sorted(state.archived.items()):
+            path = self.history_path(rnd)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{path}: round {rnd}'s records are unreadable: {exc}"
+                ) from exc
+            if sha256_hex(data) != digest:
+                raise CheckpointError(f"{path}: digest does not match {STATE_FILE}")
+            try:
+                rounds[rnd] = RoundRecord.from_json(json.loads(data), path.name)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: malformed round records: {exc!r}") from exc
+        rounds.update(state.history.rounds)
+        return History(dict(sorted(rounds.items())))
 
     def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
         """The last saved state and adapter, or None for a fresh job."""
@@ -104,6 +149,7 @@ class CheckpointStore:
                 finished=bool(document.get("finished", False)),
                 weights=_weights(document.get("weights", {})),
                 admissions=_admissions(document.get("admissions", {})),
+                archived=_archived(document.get("history_files", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{state_file}: malformed checkpoint state: {exc!r}") from exc
@@ -124,3 +170,12 @@ def _admissions(value: Any) -> dict[str, dict[str, int]]:
         str(run): {str(ueid): int(node) for ueid, node in dict(nodes).items()}
         for run, nodes in dict(value).items()
     }
+
+
+def _archived(value: Any) -> dict[int, str]:
+    """Round -> SHA-256 of its records' file: a round number and 64 hex digits each."""
+    archived = {int(rnd): str(digest) for rnd, digest in dict(value).items()}
+    bad = [d for d in archived.values() if len(d) != 64 or d.strip("0123456789abcdef")]
+    if bad:
+        raise ValueError(f"history file digest {bad[0]!r} is not a SHA-256")
+    return archived

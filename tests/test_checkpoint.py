@@ -139,6 +139,9 @@ MALFORMED_FIELDS = {
     "history-unknown-round-key": {"history": {"rounds": {"1": {"loss": 1.0}}}},
     "history-half-a-training": {"history": {"rounds": {"1": {"local": {}, "seconds": 1.0}}}},
     "history-round-not-a-number": {"history": {"rounds": {"one": {}}}},
+    "history-files-a-list": {"history_files": ["a" * 64]},
+    "history-file-round-not-a-number": {"history_files": {"one": "a" * 64}},
+    "history-file-digest-not-sha256": {"history_files": {"1": "../../etc/passwd"}},
 }
 
 
@@ -200,10 +203,84 @@ def test_the_typed_history_reads_and_writes_the_checkpoint_json_unchanged(
     )
     assert history.held_out(2) == {}
 
+    # Saved at round 2, rounds 0 and 1 are final: each goes to its own file in the same
+    # JSON, and state.json keeps round 2 only; read back, the history is whole again.
     store = CheckpointStore(tmp_path / "checkpoints")
-    store.save(_state(2, history=history), _adapter(2))
-    written = json.loads((store.directory / STATE_FILE).read_text())["history"]
-    assert json.dumps(written) == json.dumps(LEGACY_HISTORY)
+    state = _state(2, history=history)
+    store.save(state, _adapter(2))
+    written = json.loads((store.directory / STATE_FILE).read_text())
+    assert json.dumps(written["history"]) == json.dumps(
+        {"rounds": {"2": LEGACY_HISTORY["rounds"]["2"]}}
+    )
+    for rnd in ("0", "1"):
+        archived = json.loads(store.history_path(int(rnd)).read_text())
+        assert json.dumps(archived) == json.dumps(LEGACY_HISTORY["rounds"][rnd])
+    assert sorted(written["history_files"]) == ["0", "1"]
+    assert json.dumps(store.history(state).to_json()) == json.dumps(LEGACY_HISTORY)
+    loaded = store.load(FINGERPRINT)
+    assert loaded is not None
+    assert json.dumps(store.history(loaded[0]).to_json()) == json.dumps(LEGACY_HISTORY)
+
+
+def test_a_rounds_records_leave_memory_once_the_next_round_commits(tmp_path: Path) -> None:
+    """What the job holds of its history is the open rounds only, at any number of rounds:
+    each earlier round is in its own file, named with its digest in the state."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state = JobState(fingerprint=FINGERPRINT, round=0)
+    state.history.round(0).held_out["1"] = {"accuracy": 0.5}
+    store.save(state, _adapter(0))
+    for rnd in range(1, 6):
+        state.history.round(rnd - 1).held_out["2"] = {"accuracy": 0.5 + rnd / 100}
+        state.history.round(rnd).training = Training(train_loss={"1": 1.0 / rnd})
+        state.round = rnd
+        store.save(state, _adapter(rnd))
+        assert set(state.history.rounds) == {rnd}
+        assert set(state.archived) == set(range(rnd))
+    whole = store.history(state)
+    assert sorted(whole.rounds) == list(range(6))
+    assert whole.held_out(4) == {"2": {"accuracy": 0.55}}
+    assert whole.held_out(0) == {"1": {"accuracy": 0.5}, "2": {"accuracy": 0.51}}
+
+
+def test_a_state_from_before_archiving_resumes_and_archives_at_its_next_save(
+    tmp_path: Path,
+) -> None:
+    """A state.json that holds every round inline (no history_files) loads as it is."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(_state(1), _adapter(1))  # rounds 1 and 2 in memory, none before round 1
+    state_file = store.directory / STATE_FILE
+    document = json.loads(state_file.read_text())
+    document.pop("history_files")
+    document["history"] = LEGACY_HISTORY
+    state_file.write_text(json.dumps(document))
+    loaded = store.load(FINGERPRINT)
+    assert loaded is not None
+    state = loaded[0]
+    assert state.archived == {}
+    assert json.dumps(store.history(state).to_json()) == json.dumps(LEGACY_HISTORY)
+    state.round = 2
+    store.save(state, _adapter(2))
+    assert set(state.archived) == {0, 1}
+    assert json.dumps(store.history(state).to_json()) == json.dumps(LEGACY_HISTORY)
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing", "not-json"])
+def test_a_damaged_history_file_is_refused_naming_it(tmp_path: Path, damage: str) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state = _state(2)
+    store.save(state, _adapter(2))
+    path = store.history_path(1)
+    if damage == "changed":
+        path.write_text(path.read_text().replace("0.5", "0.9"))
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"{")
+    with pytest.raises(CheckpointError) as excinfo:
+        store.history(state)
+    assert path.name in str(excinfo.value)
+    # A digest recorded for a file that still parses but was swapped is refused too.
+    assert damage != "changed" or "digest does not match" in str(excinfo.value)
 
 
 def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) -> None:
@@ -221,6 +298,7 @@ def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) ->
         assert adapter[name].tobytes() == array.tobytes()
     # No temporary files are left behind by the atomic writes.
     assert sorted(p.name for p in saved.directory.iterdir()) == [
+        "history-0001.json",
         "round-0001.safetensors",
         "round-0002.safetensors",
         STATE_FILE,

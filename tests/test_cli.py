@@ -156,10 +156,20 @@ def test_audit_checkpoints_detects_a_tampered_adapter(tmp_path: Path) -> None:
     from server.checkpoint import CheckpointStore, JobState
 
     store = CheckpointStore(tmp_path / "job" / "checkpoints")
-    store.save(JobState(fingerprint="f" * 64, round=1), {"w": np.ones((2, 2), dtype=np.float32)})
+    state = JobState(fingerprint="f" * 64, round=1)
+    state.history.round(0).held_out["1"] = {"accuracy": 0.5}  # final at round 1: archived
+    store.save(state, {"w": np.ones((2, 2), dtype=np.float32)})
     result = runner.invoke(app, ["audit", "checkpoints", str(tmp_path / "job")])
     assert result.exit_code == 0, result.output
     assert "round 1 adapter (1 tensors) matches its digest" in result.output
+    assert "1 archived rounds' records match theirs" in result.output
+
+    records = store.history_path(0)
+    records.write_text(records.read_text().replace("0.5", "0.9"))
+    result = runner.invoke(app, ["audit", "checkpoints", str(tmp_path / "job")])
+    assert result.exit_code == 2
+    assert "history-0000.json: digest does not match" in " ".join(result.output.split())
+    records.unlink()
 
     adapter = store.adapter_path(1)
     data = bytearray(adapter.read_bytes())

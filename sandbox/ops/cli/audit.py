@@ -369,7 +369,12 @@ def audit_checkpoints(job_dir: Path) -> None:
     if loaded is None:
         raise fail(ArkError(f"{store.directory}: no checkpoint state"))
     state, adapter = loaded
+    try:
+        rounds = store.history(state).rounds
+    except ArkError as exc:
+        raise fail(exc) from exc
     console.print(
         f"ok: round {state.round} adapter ({len(adapter)} tensors) matches its digest; "
-        f"finished={state.finished}"
+        f"{len(state.archived)} archived rounds' records match theirs ({len(rounds)} rounds "
+        f"recorded); finished={state.finished}"
     )
