@@ -585,9 +585,9 @@ class FederatedJob:
             adapter = self.train_round(state, adapter)
         if not state.finished:
             self.final_evaluation(state, adapter)
-        results = build_results(self.spec, self.store.history(state))
+        # The trained adapter first: a damaged metrics file must not hold it back.
         export_peft_adapter(self.model(), adapter, self.out / "adapter")
-        write_outputs(results, self.out)
+        write_outputs(build_results(self.spec, self.store.history(state)), self.out)
         self._event(
             events.RunFinished,
             rounds=state.round,

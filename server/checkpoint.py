@@ -8,8 +8,11 @@ and, per run, which node each attested TEE (ueid) was admitted as.
 A round's records (every node's metrics) are final once the next round commits, which
 brings the held-out metrics of its adapter: from then on they are a file of their own,
 ``history-NNNN.json``, named with its SHA-256 in the state, and leave the job's memory and
-``state.json``. So neither grows with nodes times rounds; :meth:`CheckpointStore.history`
-reads them back, checked, for the results.
+``state.json``. So neither grows with nodes times rounds during the run;
+:meth:`CheckpointStore.history` reads them all back, checked, when the results are built
+at its end. The digests catch a lost, damaged or mixed-up file (checked when the job
+resumes, too); like the rest of ``state.json``, they are no defence against someone who
+can write to the directory.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class CheckpointStore:
         write_atomic(path, adapter_bytes(adapter))
         archived = dict(state.archived)
         final = sorted(rnd for rnd in state.history.rounds if rnd < state.round)
+        again = [rnd for rnd in final if rnd in archived]
+        if again:
+            # A record made again for a round already archived would replace it unseen.
+            raise CheckpointError(f"round {again[0]}'s records were archived already")
         for rnd in final:
             data = json.dumps(state.history.rounds[rnd].to_json(), indent=2).encode()
             write_atomic(self.history_path(rnd), data)
@@ -153,7 +160,37 @@ class CheckpointStore:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{state_file}: malformed checkpoint state: {exc!r}") from exc
+        self._check_archive(state, state_file)
         return state, load_file(str(adapter_file))
+
+    def _check_archive(self, state: JobState, state_file: Path) -> None:
+        """Refuse, naming the file, a state whose rounds do not add up (an archived round
+        also inline, or not below the state's round; a round of 0..round-1 in neither) or
+        whose archived files are missing or do not match their digests: found when the job
+        resumes, not after its last round when the results are built."""
+        inline = set(state.history.rounds)
+        both = sorted(inline & set(state.archived))
+        late = sorted(rnd for rnd in state.archived if rnd >= state.round)
+        lost = sorted(set(range(state.round)) - inline - set(state.archived))
+        if state.round > 0 and (both or late or lost):
+            what = (
+                f"round {both[0]} is both inline and archived"
+                if both
+                else f"archived round {late[0]} is not below round {state.round}"
+                if late
+                else f"round {lost[0]}'s records are neither inline nor archived"
+            )
+            raise CheckpointError(f"{state_file}: {what}")
+        for rnd, digest in sorted(state.archived.items()):
+            path = self.history_path(rnd)
+            try:
+                found = sha256_file(path)[0]
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{path}: round {rnd}'s records are unreadable: {exc}"
+                ) from exc
+            if found != digest:
+                raise CheckpointError(f"{path}: digest does not match {state_file}")
 
 
 def _weights(value: Any) -> dict[str, float]:
@@ -173,8 +210,12 @@ def _admissions(value: Any) -> dict[str, dict[str, int]]:
 
 
 def _archived(value: Any) -> dict[int, str]:
-    """Round -> SHA-256 of its records' file: a round number and 64 hex digits each."""
-    archived = {int(rnd): str(digest) for rnd, digest in dict(value).items()}
+    """Round -> SHA-256 of its records' file: ASCII digits and 64 hex digits each."""
+    items = dict(value).items()
+    odd = [r for r, _ in items if not (isinstance(r, str) and r.isascii() and r.isdigit())]
+    if odd:
+        raise ValueError(f"history file round {odd[0]!r} is not a round number")
+    archived = {int(rnd): str(digest) for rnd, digest in items}
     bad = [d for d in archived.values() if len(d) != 64 or d.strip("0123456789abcdef")]
     if bad:
         raise ValueError(f"history file digest {bad[0]!r} is not a SHA-256")

@@ -38,11 +38,14 @@ def _state(server_round: int, **changes: Any) -> JobState:
         round=server_round,
         history=History(
             {
-                r: RoundRecord(
-                    held_out={"1": {"accuracy": 1.0 / r}},
-                    training=Training(train_loss={"1": 1.0 / r}, missing=[1, 2], seconds=0.5),
-                )
-                for r in range(1, 3)
+                0: RoundRecord(held_out={"1": {"accuracy": 0.25}}),
+                **{
+                    r: RoundRecord(
+                        held_out={"1": {"accuracy": 1.0 / r}},
+                        training=Training(train_loss={"1": 1.0 / r}, missing=[1, 2], seconds=0.5),
+                    )
+                    for r in range(1, 3)
+                },
             }
         ),
         finished=False,
@@ -141,7 +144,8 @@ MALFORMED_FIELDS = {
     "history-round-not-a-number": {"history": {"rounds": {"one": {}}}},
     "history-files-a-list": {"history_files": ["a" * 64]},
     "history-file-round-not-a-number": {"history_files": {"one": "a" * 64}},
-    "history-file-digest-not-sha256": {"history_files": {"1": "../../etc/passwd"}},
+    "history-file-digest-not-sha256": {"history_files": {"1": "0" * 63}},
+    "history-file-round-not-ascii-digits": {"history_files": {"\uff11": "0" * 64}},
 }
 
 
@@ -266,21 +270,70 @@ def test_a_state_from_before_archiving_resumes_and_archives_at_its_next_save(
 
 @pytest.mark.parametrize("damage", ["changed", "missing", "not-json"])
 def test_a_damaged_history_file_is_refused_naming_it(tmp_path: Path, damage: str) -> None:
+    """When the job resumes (load), and when the results are built (history)."""
     store = CheckpointStore(tmp_path / "checkpoints")
     state = _state(2)
     store.save(state, _adapter(2))
     path = store.history_path(1)
-    if damage == "changed":
+    if damage == "changed":  # still well-formed JSON: only its digest tells
         path.write_text(path.read_text().replace("0.5", "0.9"))
     elif damage == "missing":
         path.unlink()
     else:
         path.write_bytes(b"{")
-    with pytest.raises(CheckpointError) as excinfo:
-        store.history(state)
-    assert path.name in str(excinfo.value)
-    # A digest recorded for a file that still parses but was swapped is refused too.
-    assert damage != "changed" or "digest does not match" in str(excinfo.value)
+    for read in (lambda: store.load(FINGERPRINT), lambda: store.history(state)):
+        with pytest.raises(CheckpointError) as excinfo:
+            read()
+        assert path.name in str(excinfo.value)
+        assert damage == "missing" or "digest does not match" in str(excinfo.value)
+
+
+INCONSISTENT_ARCHIVES: dict[str, tuple[dict[str, Any], str]] = {
+    # round 1 inline again (as empty records) beside its archived file
+    "inline-and-archived": (
+        {"history": {"rounds": {"1": {}, "2": {}}}},
+        "both inline and archived",
+    ),
+    # a file named for the state's own round, whose records are still open
+    "archived-not-below-the-round": (
+        {"history": {"rounds": {}}, "history_files": {"0": "0" * 64, "1": "0" * 64, "2": "0" * 64}},
+        "archived round 2 is not below round 2",
+    ),
+    # an entry deleted from history_files: its round would read back empty
+    "round-in-neither": ({"history_files": {"1": None}}, "round 1's records are neither"),
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"), INCONSISTENT_ARCHIVES.values(), ids=INCONSISTENT_ARCHIVES.keys()
+)
+def test_a_state_whose_rounds_do_not_add_up_is_refused(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(_state(2), _adapter(2))
+    state_file = store.directory / STATE_FILE
+    document = json.loads(state_file.read_text())
+    for key, value in changes.items():
+        if key == "history_files" and None in value.values():
+            document[key] = {k: v for k, v in document[key].items() if k not in value}
+        else:
+            document[key] = value
+    state_file.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        store.load(FINGERPRINT)
+    assert str(state_file) in str(excinfo.value)
+
+
+def test_records_made_again_for_an_archived_round_are_refused_not_saved(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state = _state(2)
+    store.save(state, _adapter(2))
+    archived = store.history_path(1).read_bytes()
+    state.history.round(1).held_out["9"] = {"accuracy": 0.0}  # would shadow the archived one
+    with pytest.raises(CheckpointError, match="round 1's records were archived already"):
+        store.save(state, _adapter(2))
+    assert store.history_path(1).read_bytes() == archived
 
 
 def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) -> None:
@@ -298,6 +351,7 @@ def test_later_round_leaves_earlier_adapter_untouched(saved: CheckpointStore) ->
         assert adapter[name].tobytes() == array.tobytes()
     # No temporary files are left behind by the atomic writes.
     assert sorted(p.name for p in saved.directory.iterdir()) == [
+        "history-0000.json",
         "history-0001.json",
         "round-0001.safetensors",
         "round-0002.safetensors",

@@ -162,7 +162,7 @@ def test_audit_checkpoints_detects_a_tampered_adapter(tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", "checkpoints", str(tmp_path / "job")])
     assert result.exit_code == 0, result.output
     assert "round 1 adapter (1 tensors) matches its digest" in result.output
-    assert "1 archived rounds' records match theirs" in result.output
+    assert "the records of 1 archived round(s) match theirs" in result.output
 
     records = store.history_path(0)
     records.write_text(records.read_text().replace("0.5", "0.9"))

@@ -48,6 +48,7 @@ from sandbox.errors import (
     AggregateInvalid,
     AggregatorRefused,
     AttestationError,
+    CheckpointError,
     EnvelopeError,
     FederationError,
 )
@@ -723,9 +724,22 @@ def test_resume_replays_nothing_before_the_failed_round(
     store = _store(tmp_path)
     saved = store.adapter_path(1).read_bytes()
     assert not store.adapter_path(2).exists()
+    # Round 0's records are final since round 1 committed: in a file of their own, which
+    # the resumed job checks before it sends anything.
+    records = store.history_path(0)
+    kept = records.read_bytes()
+    records.write_bytes(kept.replace(b"0.", b"1."))
+    untouched = SimulatedGrid([SimNode(1), SimNode(2)], FakeClock(), world=world)
+    with pytest.raises(CheckpointError, match=f"{records.name}: digest does not match"):
+        _job(untouched, spec).run()
+    assert all(node.received == [] for node in untouched.nodes.values())
+    records.write_bytes(kept)
 
     healthy = SimulatedGrid([SimNode(1), SimNode(2, examples=40)], FakeClock(), world=world)
     _job(healthy, spec).run()
+    loaded = store.load(spec.fingerprint())
+    assert loaded is not None
+    assert (set(loaded[0].history.rounds), set(loaded[0].archived)) == ({2}, {0, 1})
 
     assert store.adapter_path(1).read_bytes() == saved
     round1 = _checkpoint(tmp_path, 1)

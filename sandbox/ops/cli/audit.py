@@ -357,7 +357,8 @@ def audit_report(
 
 @audit_app.command("checkpoints")
 def audit_checkpoints(job_dir: Path) -> None:
-    """Verify a job's latest round checkpoint against the digest recorded in its state."""
+    """Verify a job's latest round checkpoint, and each earlier round's records, against the
+    digests recorded in its state."""
     from server.checkpoint import STATE_FILE, CheckpointStore
 
     store = CheckpointStore(job_dir / "checkpoints")
@@ -375,6 +376,6 @@ def audit_checkpoints(job_dir: Path) -> None:
         raise fail(exc) from exc
     console.print(
         f"ok: round {state.round} adapter ({len(adapter)} tensors) matches its digest; "
-        f"{len(state.archived)} archived rounds' records match theirs ({len(rounds)} rounds "
-        f"recorded); finished={state.finished}"
+        f"the records of {len(state.archived)} archived round(s) match theirs "
+        f"({len(rounds)} rounds recorded); finished={state.finished}"
     )
