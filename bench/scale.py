@@ -342,8 +342,8 @@ class Meter:
     # the first training round's replies.
     top_sites: list[dict[str, Any]] = field(default_factory=list)
     # What the ServerApp's own code and Flower's in-memory SuperLink hold, sampled in the
-    # ServerApp's thread (:func:`held_bytes`): after each push and at each tenth of the
-    # replies of a message type, the last reply included.
+    # ServerApp's thread (:func:`held_bytes`): at the first pull after each push and at
+    # each tenth of the replies of a message type, the last reply included.
     held: list[dict[str, Any]] = field(default_factory=list)
     just_pushed: tuple[int, str] | None = None
 
@@ -482,7 +482,12 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
             return ids
 
         def sample(self, key: tuple[int, str], point: str) -> None:
-            held = held_bytes((self, grid), getattr(grid, "state", None))
+            linkstate = getattr(grid, "state", None)
+            if linkstate is None:
+                raise RuntimeError(
+                    "Flower's in-memory Grid has no `state`: its SuperLink cannot be sized"
+                )
+            held = held_bytes((self, grid), linkstate)
             meter.held.append(
                 {
                     "round": key[0],
@@ -500,7 +505,7 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
                 meter.just_pushed = None
             replies = list(grid.pull_messages(message_ids))
             snapshot = False
-            tenths: list[tuple[tuple[int, str], int]] = []
+            tenth: tuple[tuple[int, str], int] | None = None
             with meter.lock:
                 for reply in replies:
                     key = meter.pending.pop(reply.metadata.reply_to_message_id, (0, "?"))
@@ -513,16 +518,15 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
                         meter.say(
                             f"round {key[0]} {key[1]}: {done:,}/{sent:,} replies ({seconds:.1f}s)"
                         )
-                        tenths.append((key, done))
+                        tenth = (key, done)
                     half = key == (1, "train") and before < sent // 2 <= done
                     snapshot = snapshot or (half and not meter.top_sites)
             if snapshot:
                 meter.top_sites = _top_sites()
-            if tenths:
+            if tenth is not None:
                 # The replies just pulled are still this frame's: what the job keeps of
                 # them is measured once the job has taken them (the next pull's sample).
-                key, done = tenths[-1]
-                self.sample(key, f"{done} replies")
+                self.sample(tenth[0], f"{tenth[1]} replies")
             return replies
 
         def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None

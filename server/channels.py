@@ -86,7 +86,8 @@ class UpdateChannel(ABC):
     @abstractmethod
     def instructions(self, rnd: int, adapter: Adapter, stage: str) -> Callable[[int], RecordDict]:
         """Each node's instruction for ``stage`` of round ``rnd``, carrying ``adapter``;
-        the function raises EnvelopeError for a node that cannot be sent to."""
+        the function raises EnvelopeError for a node that cannot be sealed to, or
+        AttestationError for one the aggregator's evidence cannot be made for."""
 
     @abstractmethod
     def ueid(self, node_id: int) -> str | None:

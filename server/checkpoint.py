@@ -111,15 +111,7 @@ class CheckpointStore:
         still in ``state.history``."""
         rounds: dict[int, RoundRecord] = {}
         for rnd, digest in sorted(state.archived.items()):
-            path = self.history_path(rnd)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise CheckpointError(
-                    f"{path}: round {rnd}'s records are unreadable: {exc}"
-                ) from exc
-            if sha256_hex(data) != digest:
-                raise CheckpointError(f"{path}: digest does not match {STATE_FILE}")
+            path, data = self._archived_bytes(rnd, digest)
             try:
                 rounds[rnd] = RoundRecord.from_json(json.loads(data), path.name)
             except (TypeError, ValueError) as exc:
@@ -172,7 +164,7 @@ class CheckpointStore:
         both = sorted(inline & set(state.archived))
         late = sorted(rnd for rnd in state.archived if rnd >= state.round)
         lost = sorted(set(range(state.round)) - inline - set(state.archived))
-        if state.round > 0 and (both or late or lost):
+        if both or late or lost:
             what = (
                 f"round {both[0]} is both inline and archived"
                 if both
@@ -182,15 +174,19 @@ class CheckpointStore:
             )
             raise CheckpointError(f"{state_file}: {what}")
         for rnd, digest in sorted(state.archived.items()):
-            path = self.history_path(rnd)
-            try:
-                found = sha256_file(path)[0]
-            except OSError as exc:
-                raise CheckpointError(
-                    f"{path}: round {rnd}'s records are unreadable: {exc}"
-                ) from exc
-            if found != digest:
-                raise CheckpointError(f"{path}: digest does not match {state_file}")
+            self._archived_bytes(rnd, digest)
+
+    def _archived_bytes(self, rnd: int, digest: str) -> tuple[Path, bytes]:
+        """Round ``rnd``'s records file and its bytes, if they match ``digest``;
+        CheckpointError naming the file otherwise."""
+        path = self.history_path(rnd)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: round {rnd}'s records are unreadable: {exc}") from exc
+        if sha256_hex(data) != digest:
+            raise CheckpointError(f"{path}: digest does not match {STATE_FILE}")
+        return path, data
 
 
 def _weights(value: Any) -> dict[str, float]:
@@ -210,9 +206,14 @@ def _admissions(value: Any) -> dict[str, dict[str, int]]:
 
 
 def _archived(value: Any) -> dict[int, str]:
-    """Round -> SHA-256 of its records' file: ASCII digits and 64 hex digits each."""
+    """Round -> SHA-256 of its records' file: a round in canonical ASCII digits ("1", not
+    "01": two spellings of one round would leave one unchecked) and 64 hex digits."""
     items = dict(value).items()
-    odd = [r for r, _ in items if not (isinstance(r, str) and r.isascii() and r.isdigit())]
+    odd = [
+        r
+        for r, _ in items
+        if not (isinstance(r, str) and r.isascii() and r.isdigit() and str(int(r)) == r)
+    ]
     if odd:
         raise ValueError(f"history file round {odd[0]!r} is not a round number")
     archived = {int(rnd): str(digest) for rnd, digest in items}

@@ -96,6 +96,13 @@ def _delta(before: float | None, after: float | None) -> str:
     return f"{after - before:+.3f}"
 
 
+def _nodes_counted(counts: set[int]) -> str:
+    """How many nodes a mean is over: one count, or the range when metrics or rounds
+    left out different nodes (a diverged node's inf or NaN)."""
+    low, high = min(counts, default=0), max(counts, default=0)
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
 def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Table:
     """Before (round 0) and after (last round) held-out metrics per node; past
     :data:`MAX_NODES_SHOWN` nodes, the first of them, a row counting the rest (all in
@@ -135,8 +142,7 @@ def render_table(results: Mapping[str, Any], names: Mapping[str, str] | None = N
         counted.add(len(pairs))
         means = [sum(p[i] for p in pairs) / len(pairs) if pairs else None for i in (0, 1)]
         row += [_fmt(means[0]), _fmt(means[1]), _delta(*means)]
-    shown = f"{min(counted):,}" if len(counted) == 1 else f"{min(counted):,}–{max(counted):,}"
-    table.add_row(f"mean of {shown} nodes", *row, style="bold")
+    table.add_row(f"mean of {_nodes_counted(counted)} nodes", *row, style="bold")
     return table
 
 
@@ -177,8 +183,9 @@ def metrics_figure(results: Mapping[str, Any], names: Mapping[str, str] | None =
                 xs, [q[0] for q in quartiles], [q[1] for q in quartiles],
                 alpha=0.3, color="C0", label="middle half of the nodes",
             )  # fmt: skip
+            counted = _nodes_counted({len(v) for _, v in spread})
             ax.plot(xs, [sum(v) / len(v) for _, v in spread], marker="o",
-                    label=f"mean of {len(nodes):,} nodes")  # fmt: skip
+                    label=f"mean of {counted} nodes")  # fmt: skip
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)

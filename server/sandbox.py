@@ -233,6 +233,8 @@ class AggregatorSandbox:
         self, peer: NodePeer, rnd: int, adapter: Mapping[str, np.ndarray], stage: str
     ) -> RecordDict:
         """Round config, the aggregator's evidence for this node, the sealed global adapter."""
+        # The evidence first: a node it cannot be made for is left out holding no ticket.
+        evidence = self.evidence(peer)
         ticket = secrets.token_hex(16)
         if rnd > self.ticket_round:
             # No reply of an earlier round is opened once a later round is instructed:
@@ -253,7 +255,7 @@ class AggregatorSandbox:
                 AGGREGATOR_KEY: ConfigRecord(
                     {
                         AGGREGATOR_TEE: self.attester.tee,
-                        AGGREGATOR_EVIDENCE: self.evidence(peer),
+                        AGGREGATOR_EVIDENCE: evidence,
                         AGGREGATOR_PUBLIC_KEY: self.key_for(peer.suite).public_bytes,
                         AGGREGATOR_SUITE: peer.suite,
                     }

@@ -146,6 +146,8 @@ MALFORMED_FIELDS = {
     "history-file-round-not-a-number": {"history_files": {"one": "a" * 64}},
     "history-file-digest-not-sha256": {"history_files": {"1": "0" * 63}},
     "history-file-round-not-ascii-digits": {"history_files": {"\uff11": "0" * 64}},
+    # "01" and "1" would both be round 1, and one of the two files would go unchecked
+    "history-file-round-not-canonical": {"history_files": {"01": "0" * 64}},
 }
 
 
@@ -298,6 +300,11 @@ INCONSISTENT_ARCHIVES: dict[str, tuple[dict[str, Any], str]] = {
     "archived-not-below-the-round": (
         {"history": {"rounds": {}}, "history_files": {"0": "0" * 64, "1": "0" * 64, "2": "0" * 64}},
         "archived round 2 is not below round 2",
+    ),
+    # a state at round 0 has nothing final yet
+    "archived-at-round-0": (
+        {"round": 0, "history": {"rounds": {}}, "history_files": {"0": "0" * 64}},
+        "archived round 0 is not below round 0",
     ),
     # an entry deleted from history_files: its round would read back empty
     "round-in-neither": ({"history_files": {"1": None}}, "round 1's records are neither"),
