@@ -406,10 +406,11 @@ def held_bytes(
     The aggregator's are the objects its code reaches: the locals of every frame of
     ``server/`` and ``sandbox/`` (``code``, the files whose frames count) on this thread's
     stack (the job, the round's state, the channel with its per-node peers, the history,
-    the running sums), the objects in
-    ``flower`` (the Grid that reaches the SuperLink) and every module, class and function
-    left out. The SuperLink's are what ``linkstate`` reaches: the instructions not yet
-    answered, the replies not yet pulled, its node registry. In a deployment the two live
+    the running sums), with the objects in ``flower`` (the Grid that reaches the
+    SuperLink) and every module, class and function left out. Two passes size them, the
+    second without numpy arrays; the samples' time counts in the round's wall time. The
+    SuperLink's are what ``linkstate`` reaches: the instructions not yet answered, the
+    replies not yet pulled, its node registry. In a deployment the two live
     in different processes (``flower-superlink`` is its own); in the simulation engine
     they share this one, so ``tracemalloc`` alone cannot tell them apart.
     """

@@ -74,15 +74,16 @@ class CheckpointStore:
         """Write the round's adapter, the records of every round before it (final now) to
         their own files, then the state that points at all of them; return the adapter
         file's SHA-256. The archived rounds then leave ``state.history``."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.adapter_path(state.round)
-        write_atomic(path, adapter_bytes(adapter))
         archived = dict(state.archived)
         final = sorted(rnd for rnd in state.history.rounds if rnd < state.round)
         again = [rnd for rnd in final if rnd in archived]
         if again:
-            # A record made again for a round already archived would replace it unseen.
+            # A record made again for a round already archived would replace it unseen;
+            # refused before anything, the adapter included, is written.
             raise CheckpointError(f"round {again[0]}'s records were archived already")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.adapter_path(state.round)
+        write_atomic(path, adapter_bytes(adapter))
         for rnd in final:
             data = json.dumps(state.history.rounds[rnd].to_json(), indent=2).encode()
             write_atomic(self.history_path(rnd), data)
@@ -160,19 +161,16 @@ class CheckpointStore:
         also inline, or not below the state's round; a round of 0..round-1 in neither) or
         whose archived files are missing or do not match their digests: found when the job
         resumes, not after its last round when the results are built."""
-        inline = set(state.history.rounds)
-        both = sorted(inline & set(state.archived))
-        late = sorted(rnd for rnd in state.archived if rnd >= state.round)
-        lost = sorted(set(range(state.round)) - inline - set(state.archived))
-        if both or late or lost:
-            what = (
-                f"round {both[0]} is both inline and archived"
-                if both
-                else f"archived round {late[0]} is not below round {state.round}"
-                if late
-                else f"round {lost[0]}'s records are neither inline nor archived"
-            )
-            raise CheckpointError(f"{state_file}: {what}")
+        inline, archived = set(state.history.rounds), set(state.archived)
+        faults = [
+            *(f"round {r} is both inline and archived" for r in sorted(inline & archived)),
+            *(f"archived round {r} is not below round {state.round}"
+              for r in sorted(archived) if r >= state.round),
+            *(f"round {r}'s records are neither inline nor archived"
+              for r in sorted(set(range(state.round)) - inline - archived)),
+        ]  # fmt: skip
+        if faults:
+            raise CheckpointError(f"{state_file}: {faults[0]}")
         for rnd, digest in sorted(state.archived.items()):
             self._archived_bytes(rnd, digest)
 
