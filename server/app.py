@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -64,6 +65,7 @@ from server.results import build_results, write_outputs
 from server.rounds import RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 from server.scoring import ComparisonRecords, signed_record
+from server.scratch import ScratchMap
 
 # Every metric name a node's reply may carry (what the egress guard lets out by default).
 PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
@@ -104,6 +106,12 @@ def _clipping(weight: Weight) -> dict[Key, Any]:
     return {Key.DECLARED_EXAMPLES: weight.declared, Key.WEIGHT_BOUND: weight.bound}
 
 
+def _training_on_disk() -> Training:
+    return Training(
+        local=ScratchMap(), train_loss=ScratchMap(), rejected=ScratchMap(), examples=ScratchMap()
+    )
+
+
 @dataclass
 class RoundState:
     """One round in flight, filled in by its stages in turn (as Flower's SecAgg+
@@ -115,17 +123,19 @@ class RoundState:
     stage: str  # STAGE_TRAIN or STAGE_EVALUATE
     adapter: Adapter  # the global adapter this round sends
     started: float = field(default_factory=time.monotonic)
-    # admit: the nodes that take part.
-    nodes: list[int] = field(default_factory=list)
+    # admit: the nodes that take part, as 8-byte ids (Flower's are unsigned 64-bit).
+    nodes: Sequence[int] = field(default_factory=lambda: array("Q"))
     # instruct: one instruction per node that could be sent one.
     messages: list[Message] = field(default_factory=list)
     # collect / evaluate: each node's held-out metrics of ``adapter`` (whose round is
     # ``round - 1`` when training, ``round`` when evaluating).
-    held_out: dict[str, Metrics] = field(default_factory=dict)
-    # collect: what the replies left, the running sum, the accepted updates' envelopes.
-    training: Training = field(default_factory=Training)
+    # What grows with the nodes is kept on disk (``server/scratch.py``), not in memory.
+    held_out: MutableMapping[str, Metrics] = field(default_factory=ScratchMap)
+    # collect: what the replies left, the running sum, the accepted updates' envelopes
+    # (by node, in the order they were accepted).
+    training: Training = field(default_factory=_training_on_disk)
     aggregator: Aggregate | None = None
-    accepted: list[str] = field(default_factory=list)
+    accepted: MutableMapping[str, str] = field(default_factory=ScratchMap)
     # commit: the new global adapter.
     merged: Adapter | None = None
 
@@ -289,7 +299,7 @@ class FederatedJob:
                     ueid=admission.ueid,
                     tee_pubkey_sha256=admission.tee_pubkey_sha256,
                 )
-        state.nodes = self.channel.participants(nodes)
+        state.nodes = array("Q", self.channel.participants(nodes))
         if state.stage == STAGE_TRAIN:
             log(
                 INFO,
@@ -405,7 +415,7 @@ class FederatedJob:
             self._spent(rnd, node_id, spent)
             if self.comparison is not None:
                 self.comparison.commitment(node_id, self.channel.ueid(node_id), commitment)
-            state.accepted.append(envelope)
+            state.accepted[key] = envelope
             state.held_out[key] = before
             training.local[key] = after
             training.train_loss[key] = loss
@@ -466,7 +476,7 @@ class FederatedJob:
             events.AggregateCommitted,
             round=rnd,
             adapter_sha256=digest,
-            updates=state.accepted,
+            updates=list(state.accepted.values()),
             examples=aggregator.total_weight,
             metrics=state.training.summary(),
         )
@@ -607,4 +617,8 @@ def main(grid: Grid, context: Context) -> None:
         from server.secure_job import SecureJob  # it builds on this module
 
         job = SecureJob
-    job(grid, spec, events=log_sink, run_id=context.run_id).run()
+    running = job(grid, spec, events=log_sink, run_id=context.run_id)
+    try:
+        running.run()
+    finally:
+        running.channel.close()

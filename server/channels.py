@@ -35,7 +35,7 @@ from sandbox.protocol import (
     round_config,
     to_record,
 )
-from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
+from server.sandbox import AggregatorSandbox, PeerTable, sealed_blob
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,16 @@ class UpdateChannel(ABC):
         reply's metrics."""
 
     @abstractmethod
-    def admissions(self) -> dict[str, int]:
-        """What a restarted ServerApp of this run must keep: ueid -> node id."""
+    def admissions(self) -> Mapping[str, int]:
+        """What a restarted ServerApp of this run must keep: ueid -> node id (the channel's
+        own record, not a copy)."""
 
     @abstractmethod
     def restore(self, admissions: Mapping[str, int]) -> None:
         """Take back the admissions a checkpoint kept for this run."""
+
+    def close(self) -> None:  # noqa: B027 - a channel that holds nothing has nothing to close
+        """Release what the channel keeps of its nodes (its scratch store, if any)."""
 
 
 @dataclass
@@ -117,8 +121,8 @@ class SealedChannel(UpdateChannel):
     """Attested handshake, sealed instructions and sealed updates (``protection = "sealed"``)."""
 
     sandbox: AggregatorSandbox
-    # Nodes that shook hands with this ServerApp process.
-    peers: dict[int, NodePeer] = field(default_factory=dict)
+    # Nodes that shook hands with this ServerApp process (on disk: one row a node).
+    peers: PeerTable = field(default_factory=PeerTable)
     run_id: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,8 +136,8 @@ class SealedChannel(UpdateChannel):
 
     def admit(self, node_id: int, reply: Message) -> Admission:
         hello = reply.content.config_records[HELLO_KEY]
-        peer = self.sandbox.admit(node_id, hello, self.peers.values())
-        self.peers[node_id] = peer
+        peer = self.sandbox.admit(node_id, hello, self.peers.holder)
+        self.peers.add(peer)
         return Admission(
             ear_sha256=peer.ear_sha256,
             ueid=peer.ueid,
@@ -144,7 +148,7 @@ class SealedChannel(UpdateChannel):
         return [node_id for node_id in nodes if node_id in self.peers]
 
     def forget(self, node_id: int) -> None:
-        self.peers.pop(node_id, None)
+        self.peers.discard(node_id)
 
     def instructions(self, rnd: int, adapter: Adapter, stage: str) -> Callable[[int], RecordDict]:
         def sealed_to(node_id: int) -> RecordDict:
@@ -168,8 +172,8 @@ class SealedChannel(UpdateChannel):
             )
         return OpenedUpdate(update, weight, peer.ueid)
 
-    def admissions(self) -> dict[str, int]:
-        return dict(self.sandbox.admitted)
+    def admissions(self) -> Mapping[str, int]:
+        return self.sandbox.admitted
 
     def ueid(self, node_id: int) -> str | None:
         peer = self.peers.get(node_id)
@@ -177,6 +181,9 @@ class SealedChannel(UpdateChannel):
 
     def restore(self, admissions: Mapping[str, int]) -> None:
         self.sandbox.admitted.update(admissions)
+
+    def close(self) -> None:
+        self.peers.close()
 
 
 @dataclass
@@ -214,7 +221,7 @@ class PlaintextChannel(UpdateChannel):
         update = from_record(reply.content.array_records[UPDATE_KEY])
         return OpenedUpdate(update, reported, f"node-{node_id}")
 
-    def admissions(self) -> dict[str, int]:
+    def admissions(self) -> Mapping[str, int]:
         return {}
 
     def ueid(self, node_id: int) -> str | None:

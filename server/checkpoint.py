@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import CheckpointError
 from sandbox.files import write_atomic
 from server.history import History, RoundRecord
+from server.scratch import ScratchMap
 
 STATE_FORMAT = "ark-checkpoint/1"
 STATE_FILE = "state.json"
@@ -45,10 +47,11 @@ class JobState:
     history: History = field(default_factory=History)
     finished: bool = False
     # Node identity (its ueid; "node-<id>" with protection off) -> the weight its first
-    # accepted update got; later updates of that node weigh no more.
-    weights: dict[str, float] = field(default_factory=dict)
+    # accepted update got; later updates of that node weigh no more. Kept on disk while
+    # the job runs (``server/scratch.py``), as a run's admissions are.
+    weights: MutableMapping[str, float] = field(default_factory=ScratchMap)
     # Run id -> ueid -> the node id that ueid was admitted as in that run.
-    admissions: dict[str, dict[str, int]] = field(default_factory=dict)
+    admissions: dict[str, Mapping[str, int]] = field(default_factory=dict)
     # Rounds whose records were moved out of ``history`` into their own file: round ->
     # the file's SHA-256.
     archived: dict[int, str] = field(default_factory=dict)
@@ -98,8 +101,8 @@ class CheckpointStore:
             "history": History(kept).to_json(),
             "history_files": {str(rnd): archived[rnd] for rnd in sorted(archived)},
             "finished": state.finished,
-            "weights": state.weights,
-            "admissions": state.admissions,
+            "weights": dict(state.weights),
+            "admissions": {run: dict(nodes) for run, nodes in state.admissions.items()},
         }
         write_atomic(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
         state.history.rounds = kept
@@ -107,9 +110,9 @@ class CheckpointStore:
         return str(document["adapter_sha256"])
 
     def history(self, state: JobState) -> History:
-        """Every round's records: those archived to their files (each checked against the
-        digest the state names; CheckpointError naming the file otherwise) and those
-        still in ``state.history``."""
+        """Every round's records, as plain values: those archived to their files (each
+        checked against the digest the state names; CheckpointError naming the file
+        otherwise) and those still in ``state.history``."""
         rounds: dict[int, RoundRecord] = {}
         for rnd, digest in sorted(state.archived.items()):
             path, data = self._archived_bytes(rnd, digest)
@@ -117,7 +120,9 @@ class CheckpointStore:
                 rounds[rnd] = RoundRecord.from_json(json.loads(data), path.name)
             except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: malformed round records: {exc!r}") from exc
-        rounds.update(state.history.rounds)
+        for rnd, record in state.history.rounds.items():
+            # Plain values, read off the disk-backed records of a round in flight.
+            rounds[rnd] = RoundRecord.from_json(record.to_json(), f"round {rnd}")
         return History(dict(sorted(rounds.items())))
 
     def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
@@ -147,8 +152,11 @@ class CheckpointStore:
                 round=int(document["round"]),
                 history=History.from_json(document.get("history", {})),
                 finished=bool(document.get("finished", False)),
-                weights=_weights(document.get("weights", {})),
-                admissions=_admissions(document.get("admissions", {})),
+                weights=ScratchMap(_weights(document.get("weights", {}))),
+                admissions={
+                    run: ScratchMap(nodes)
+                    for run, nodes in _admissions(document.get("admissions", {})).items()
+                },
                 archived=_archived(document.get("history_files", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -9,7 +9,7 @@ id as text, as in ``results.json``. The JSON form is the one checkpoints always 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,12 +25,13 @@ class Training:
     """What the nodes' replies to one round's training instruction left."""
 
     # Held-out metrics of each node's locally trained adapter.
-    local: dict[str, Metrics] = field(default_factory=dict)
-    train_loss: dict[str, float] = field(default_factory=dict)
+    # Any mutable mapping: a round in flight keeps them on disk (``server/scratch.py``).
+    local: MutableMapping[str, Metrics] = field(default_factory=dict)
+    train_loss: MutableMapping[str, float] = field(default_factory=dict)
     # Why a node's reply counted for nothing (a node error's code, or the rejection).
-    rejected: dict[str, str] = field(default_factory=dict)
+    rejected: MutableMapping[str, str] = field(default_factory=dict)
     # The weight each accepted update got.
-    examples: dict[str, float] = field(default_factory=dict)
+    examples: MutableMapping[str, float] = field(default_factory=dict)
     # Nodes sent an instruction that did not answer before the deadline.
     missing: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -49,10 +50,10 @@ class Training:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "local": self.local,
-            "train_loss": self.train_loss,
-            "rejected": self.rejected,
-            "examples": self.examples,
+            "local": dict(self.local),
+            "train_loss": dict(self.train_loss),
+            "rejected": dict(self.rejected),
+            "examples": dict(self.examples),
             "missing": self.missing,
             "seconds": self.seconds,
         }
@@ -75,13 +76,13 @@ class RoundRecord:
 
     # Each node's held-out metrics of the global adapter this round produced, as the
     # node reported them when the next round (or the final evaluation) sent it.
-    held_out: dict[str, Metrics] = field(default_factory=dict)
+    held_out: MutableMapping[str, Metrics] = field(default_factory=dict)
     training: Training | None = None
 
     def to_json(self) -> dict[str, Any]:
         entry = {} if self.training is None else self.training.to_json()
         if self.held_out:
-            entry[HELD_OUT_KEY] = self.held_out
+            entry[HELD_OUT_KEY] = dict(self.held_out)
         return entry
 
     @classmethod
@@ -110,7 +111,7 @@ class History:
         """Round ``rnd``'s record, started empty if there is none yet."""
         return self.rounds.setdefault(rnd, RoundRecord())
 
-    def held_out(self, rnd: int) -> dict[str, Metrics]:
+    def held_out(self, rnd: int) -> MutableMapping[str, Metrics]:
         """How round ``rnd``'s global adapter did on each node (empty if unknown)."""
         record = self.rounds.get(rnd)
         return {} if record is None else record.held_out

@@ -11,9 +11,10 @@ round, node and base model; the global adapter goes down sealed to each node's k
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,10 @@ from sandbox.protocol import (
     SEALED_UPDATE_KEY,
 )
 from sandbox.seal.envelope import RecipientKey, load_public_key
+from server.scratch import Scratch, ScratchMap
 
+# What a ticket's MAC is for, and its version (:meth:`AggregatorSandbox.ticket`).
+TICKET_PURPOSE = "ark/v1/ticket"
 MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
 MAX_RESULT_BYTES = 16 * 1024
@@ -111,6 +115,67 @@ class NodePeer:
     ear_sha256: str
 
 
+class PeerTable:
+    """The nodes this ServerApp process admitted, by Flower node id: each one's attested
+    channel key, its hello nonce, its TEE (ueid) and the digest of the result that
+    admitted it. A channel key is held by one node at most (an index, not a scan)."""
+
+    # Flower's node ids are unsigned 64-bit, past SQLite's INTEGER: they are kept as text.
+    def __init__(self) -> None:
+        self._store = Scratch(
+            [
+                "CREATE TABLE peers (node TEXT PRIMARY KEY, nonce BLOB NOT NULL, "
+                "key BLOB NOT NULL UNIQUE, suite TEXT NOT NULL, ueid TEXT NOT NULL, "
+                "ear_sha256 TEXT NOT NULL)"
+            ]
+        )
+        self._db = self._store.db
+
+    def add(self, peer: NodePeer) -> None:
+        """Keep ``peer``, in place of any earlier peer of its node id. The caller has
+        checked that no other node holds its key (:meth:`holder`); if one does, this
+        raises sqlite3.IntegrityError and keeps nothing."""
+        self._db.execute("DELETE FROM peers WHERE node = ?", (str(peer.node_id),))
+        self._db.execute(
+            "INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?)",
+            (str(peer.node_id), peer.nonce, peer.key_bytes, peer.suite, peer.ueid, peer.ear_sha256),
+        )
+
+    def get(self, node_id: int) -> NodePeer | None:
+        """``node_id``'s peer, its key loaded again (the row holds the key's bytes)."""
+        row = self._db.execute(
+            "SELECT nonce, key, suite, ueid, ear_sha256 FROM peers WHERE node = ?", (str(node_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        nonce, key, suite, ueid, ear_sha256 = row
+        return NodePeer(node_id, nonce, load_public_key(suite, key), key, suite, ueid, ear_sha256)
+
+    def __getitem__(self, node_id: int) -> NodePeer:
+        peer = self.get(node_id)
+        if peer is None:
+            raise KeyError(node_id)
+        return peer
+
+    def __contains__(self, node_id: object) -> bool:
+        row = self._db.execute("SELECT 1 FROM peers WHERE node = ?", (str(node_id),)).fetchone()
+        return row is not None
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM peers").fetchone()[0])
+
+    def holder(self, key_bytes: bytes) -> int | None:
+        """The node whose channel key ``key_bytes`` is, if any."""
+        row = self._db.execute("SELECT node FROM peers WHERE key = ?", (key_bytes,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def discard(self, node_id: int) -> None:
+        self._db.execute("DELETE FROM peers WHERE node = ?", (str(node_id),))
+
+    def close(self) -> None:
+        self._store.close()
+
+
 @dataclass
 class AggregatorSandbox:
     """One run's aggregator identity and channel keys (see the module docstring)."""
@@ -124,14 +189,16 @@ class AggregatorSandbox:
     )
     clock: Callable[[], dt.datetime] = _now
     keys: dict[str, RecipientKey] = field(default_factory=dict)
-    # The ticket sealed into each node's instruction, by (node, round, stage); the node
-    # proves it opened the downlink by returning it inside its sealed update.
-    tickets: dict[tuple[int, int, str], str] = field(default_factory=dict)
-    # The latest round tickets were issued for.
+    # A node proves it opened its instruction by returning the instruction's ticket inside
+    # its sealed update. Tickets are MACs under this process's random key over the run,
+    # node, round and stage (:meth:`ticket`), so none is stored whatever the number of nodes.
+    ticket_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    # The latest round instructions were made for: only its tickets are honoured.
     ticket_round: int = 0
     # The node each attested TEE instance (ueid) was admitted as in this run: one node per
     # ueid for the whole run, declines and a restarted ServerApp (from the checkpoint) included.
-    admitted: dict[str, int] = field(default_factory=dict)
+    # Kept on disk (``server/scratch.py``): one row a node.
+    admitted: MutableMapping[str, int] = field(default_factory=ScratchMap)
 
     @classmethod
     def load(cls, directory: Path, *, run_id: int, model_digest: str) -> AggregatorSandbox:
@@ -161,13 +228,17 @@ class AggregatorSandbox:
         return self.keys[suite]
 
     def admit(
-        self, node_id: int, hello: Mapping[str, Any], peers: Iterable[NodePeer] = ()
+        self,
+        node_id: int,
+        hello: Mapping[str, Any],
+        key_holder: Callable[[bytes], int | None] = lambda key: None,
     ) -> NodePeer:
         """Check a node's hello; ResultInvalid unless its key is certified by the broker
         and can be sealed to (load_public_key refuses a malformed or small-order key, so
         one node's key can never make the instructions of a round fail to seal).
 
-        ``peers`` are the nodes admitted so far: a channel key belongs to one node only.
+        ``key_holder`` names the node already admitted with a channel key, if any: a
+        channel key belongs to one node only.
         A ueid is admitted as one node per run (NodeAlreadyAdmitted for any other node id
         presenting it); the same node shaking hands again, after a decline, is admitted.
         """
@@ -194,7 +265,7 @@ class AggregatorSandbox:
             raise ResultInvalid(f"node {node_id}: attestation result does not certify a channel")
         if result.tee_pubkey != node_key:
             raise ResultInvalid(f"node {node_id}: attestation result does not bind its key")
-        if any(p.key_bytes == node_key for p in peers if p.node_id != node_id):
+        if key_holder(node_key) not in (None, node_id):
             raise ResultInvalid(f"node {node_id}: presents another node's certified channel key")
         ueid = result.ueid
         if not ueid:
@@ -224,6 +295,13 @@ class AggregatorSandbox:
             now=self.clock(),
         )
 
+    def ticket(self, node_id: int, rnd: int, stage: str) -> str:
+        """The ticket of ``node_id``'s instruction for ``stage`` of round ``rnd`` in this
+        run: HMAC-SHA256 under this process's ticket key, so that only the node the
+        instruction was sealed to learns it, and the process keeps nothing per node."""
+        context = f"{TICKET_PURPOSE}/{self.run_id}/{node_id}/{rnd}/{stage}".encode()
+        return hmac.new(self.ticket_key, context, hashlib.sha256).hexdigest()
+
     def context(self, peer: NodePeer, rnd: int, direction: str, stage: str) -> ChannelContext:
         return ChannelContext(
             str(self.run_id), rnd, str(peer.node_id), self.model_digest, direction, stage
@@ -235,13 +313,9 @@ class AggregatorSandbox:
         """Round config, the aggregator's evidence for this node, the sealed global adapter."""
         # The evidence first: a node it cannot be made for is left out holding no ticket.
         evidence = self.evidence(peer)
-        ticket = secrets.token_hex(16)
-        if rnd > self.ticket_round:
-            # No reply of an earlier round is opened once a later round is instructed:
-            # their tickets go, so that the run holds one round's tickets, not every round's.
-            self.tickets.clear()
-            self.ticket_round = rnd
-        self.tickets[(peer.node_id, rnd, stage)] = ticket
+        # No reply of an earlier round is opened once a later round is instructed.
+        self.ticket_round = max(self.ticket_round, rnd)
+        ticket = self.ticket(peer.node_id, rnd, stage)
         sealed = seal_tensors(
             adapter,
             peer.public_key,
@@ -271,14 +345,14 @@ class AggregatorSandbox:
 
         UpdateRejected unless the envelope opens under this run's key for exactly this
         round and node, and carries the ticket this round's instruction gave that node
-        (kept only until an instruction of a later round is made).
+        (honoured only until an instruction of a later round is made).
         """
         key = self.key_for(peer.suite)
         context = self.context(peer, rnd, UPLINK, STAGE_TRAIN)
         tensors, metadata = open_sealed(blob, key.private_key, context, suite=peer.suite)
-        issued = self.tickets.get((peer.node_id, rnd, STAGE_TRAIN))
         ticket = metadata.get(TICKET, "")
-        if issued is None or not hmac.compare_digest(ticket.encode(), issued.encode()):
+        issued = self.ticket(peer.node_id, rnd, STAGE_TRAIN)
+        if rnd != self.ticket_round or not hmac.compare_digest(ticket.encode(), issued.encode()):
             raise UpdateRejected("sealed update does not carry this round's ticket")
         try:
             weight = float(metadata[EXAMPLES])

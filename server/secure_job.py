@@ -350,7 +350,7 @@ class SecureJob(FederatedJob):
             slack,
             noisy=self.spec.client_dp,
         )
-        state.accepted = [secure.envelopes[n] for n in request.survivors]
+        state.accepted = {str(n): secure.envelopes[n] for n in request.survivors}
         training.missing = sorted(set(protocol.shared) - set(request.survivors))
         training.seconds = time.monotonic() - state.started
         log(

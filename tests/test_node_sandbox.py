@@ -11,10 +11,12 @@ instructions sent to the wrong place, and each has its accepted negative control
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -371,31 +373,35 @@ def test_an_instruction_replayed_elsewhere_is_refused_and_trains_nothing(
 # -- 3. four calls, and nothing but fixed codes for anything malformed -------------------
 
 
-def test_the_aggregator_keeps_a_node_key_not_its_evidence_and_one_rounds_tickets(
+def test_the_aggregator_keeps_a_node_key_not_its_evidence_and_honours_one_rounds_tickets(
     world: World, client: SandboxClient
 ) -> None:
     """At a thousand nodes, what the aggregator keeps per node is what memory grows by: a
     peer is its key, nonce and TEE. The evidence an instruction carries is signed for it
     (over the node's hello nonce, as before), and the node appraises it every time: the
-    round-2 instruction trains on evidence made after round 1's. Tickets of a round are
-    dropped once a later round is instructed: an update of the earlier round then no
-    longer opens."""
+    round-2 instruction trains on evidence made after round 1's. Tickets are MACs, not
+    records: none is kept, and those of a round are refused once a later round is
+    instructed, so an update of the earlier round then no longer opens."""
     provider = world.provider()
     peer = provider.admit(client, NODE)
     assert not hasattr(peer, "__dict__"), "a peer has a fixed set of slots"
     assert {"evidence", "result"}.isdisjoint(peer.__slots__)
     assert peer.ueid
     assert len(peer.ear_sha256) == 64
+    aggregator = provider.aggregator
 
     first = client.train(provider.instruction(NODE, 1))
-    provider.aggregator.open_update(peer, first.sealed_update, 1)  # opens in its round
-    assert {rnd for _, rnd, _ in provider.aggregator.tickets} == {1}
+    aggregator.open_update(peer, first.sealed_update, 1)  # opens in its round
+    # Another process of the same run (another ticket key) does not honour it.
+    restarted = dataclasses.replace(aggregator, ticket_key=secrets.token_bytes(32))
+    with pytest.raises(UpdateRejected, match="ticket"):
+        restarted.open_update(peer, first.sealed_update, 1)
 
     later = client.train(provider.instruction(NODE, 2))
-    assert {rnd for _, rnd, _ in provider.aggregator.tickets} == {2}
+    assert aggregator.ticket_round == 2
     with pytest.raises(UpdateRejected, match="ticket"):
-        provider.aggregator.open_update(peer, first.sealed_update, 1)
-    tensors, _ = provider.aggregator.open_update(peer, later.sealed_update, 2)
+        aggregator.open_update(peer, first.sealed_update, 1)
+    tensors, _ = aggregator.open_update(peer, later.sealed_update, 2)
     assert tensors
 
 

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,7 @@ from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weigh
 from server.app import FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
-from server.rounds import RoundCall, wait_for_nodes
+from server.rounds import BATCH, RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 from tests.conftest import make_spec
 
@@ -956,6 +957,62 @@ def test_round_call_streams_replies_across_pulls_and_reports_missing():
     assert call.missing == {3, 5}
     assert clock.now >= 10.0
     assert [len(n.received) for n in nodes] == [1, 1, 1, 1, 0]
+
+
+class BatchRecordingGrid(SimulatedGrid):
+    """A grid that records how many messages each push and ids each pull carry, and
+    hands out, with every pull, a forged reply to an id it never issued and the same
+    reply a second time (a replayed reply)."""
+
+    def __init__(self, nodes: Iterable[SimNode], clock: FakeClock):
+        super().__init__(nodes, clock)
+        self.pushed: list[int] = []
+        self.asked: list[int] = []
+        self.replayed: Message | None = None
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.pushed.append(len(messages))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        self.asked.append(len(message_ids))
+        ready = list(super().pull_messages(message_ids))
+        forged = Message(RecordDict(), reply_to=Message(RecordDict(), 1, MessageType.QUERY))
+        forged.metadata.__dict__["_reply_to_message_id"] = str(uuid4())
+        replayed = [] if self.replayed is None else [self.replayed]
+        if ready:
+            self.replayed = ready[0]
+        return [forged, *replayed, *ready]
+
+
+def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round of 250 nodes goes out and comes back in batches of at most BATCH messages
+    or ids per call; every node's reply is yielded once, replies to ids the round never
+    issued and replayed replies are dropped, and the call's scratch folder is gone after."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    clock = FakeClock()
+    nodes = [SimNode(i, delay=i % 3) for i in range(1, 251)]
+    nodes.append(SimNode(251, behaviour="silent"))
+    grid = BatchRecordingGrid(nodes, clock)
+    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
+
+    answered = [node_id for node_id, _ in call.replies(messages)]
+
+    assert sorted(answered) == list(range(1, 251)), "each node once, no forged or replayed reply"
+    assert call.missing == {251}
+    assert messages == [], "the instructions leave the caller's hands as they are pushed"
+    assert grid.pushed == [BATCH, BATCH, 51]
+    assert max(grid.asked) == BATCH
+    assert len(grid.asked) > 3
+    assert [len(n.received) for n in nodes] == [1] * 251
+    assert not any(tmp_path.iterdir()), "the call's scratch store is removed"
 
 
 class RefusingGrid(SimulatedGrid):

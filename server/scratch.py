@@ -1,0 +1,150 @@
+"""The ServerApp's scratch store: what this process keeps of each node, on disk.
+
+At a thousand nodes, the records a coordinator keeps per node (each node's channel key
+and nonce, the message ids a round waits on, each node's metrics, held weight and
+admission) are most of what it holds; kept as Python objects they grow with n. They
+live here instead: SQLite files in private temporary folders (mode 0700), removed when
+their owner closes them or is collected, or when the process exits. SQLite's page cache
+is capped (:data:`CACHE_KIB`), so what the process holds for them is the same whatever
+the number of nodes.
+
+Nothing here outlives the process, and nothing here is secret (public keys, nonces,
+Flower message ids, nodes' metrics): a restarted ServerApp shakes hands anew, and what a
+job must keep across restarts is the checkpoint's (``server/checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+# SQLite's page cache per scratch store (KiB): what a store may hold in memory at most.
+CACHE_KIB = 512
+
+
+def _remove(db: sqlite3.Connection, folder: Path, pid: int) -> None:
+    db.close()
+    if os.getpid() == pid:  # a forked child leaves its parent's store alone
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Scratch:
+    """One SQLite file of per-node records, in a private folder removed on :meth:`close`."""
+
+    def __init__(self, schema: Iterable[str]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ark-scratch-"))
+        # Autocommit: every statement stands alone. Nothing needs to survive a crash, so
+        # the file is neither synced nor journalled to disk.
+        self.db = sqlite3.connect(
+            self.folder / "records.sqlite", isolation_level=None, check_same_thread=False
+        )
+        self.pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _remove, self.db, self.folder, self.pid)
+        for pragma in (f"cache_size=-{CACHE_KIB}", "synchronous=OFF", "journal_mode=MEMORY"):
+            self.db.execute(f"PRAGMA {pragma}")
+        for statement in schema:
+            self.db.execute(statement)
+
+    def close(self) -> None:
+        """Close the database and remove its folder (once; later calls do nothing)."""
+        self._finalizer()
+
+
+# The store :class:`ScratchMap` tables live in: one per process, made on first use.
+_shared: Scratch | None = None
+_tables = itertools.count()
+# Rows a map reads per query while it is iterated.
+PAGE_ROWS = 256
+
+
+def _shared_store() -> Scratch:
+    global _shared
+    # A forked child makes its own: an SQLite connection must not cross a fork.
+    if _shared is None or _shared.pid != os.getpid():
+        _shared = Scratch([])
+    return _shared
+
+
+def _drop(db: sqlite3.Connection, table: str) -> None:
+    # A store closed first (at exit) took its folder, and the table, with it.
+    with contextlib.suppress(sqlite3.ProgrammingError):
+        db.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _statements(table: str) -> dict[str, str]:
+    """A map's SQL. Its table's name is made from a counter (:class:`ScratchMap`), never
+    from input, so building the statements with it injects nothing."""
+    return {
+        "get": f"SELECT value FROM {table} WHERE key = ?",  # noqa: S608
+        "put": f"INSERT INTO {table} (key, value) VALUES (?, ?) "  # noqa: S608
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        "delete": f"DELETE FROM {table} WHERE key = ?",  # noqa: S608
+        "page": f"SELECT seq, key FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+        "count": f"SELECT count(*) FROM {table}",  # noqa: S608
+    }
+
+
+class ScratchMap(MutableMapping[str, Any]):
+    """A dict of JSON values by text key, kept in a table of this process's scratch store:
+    a job's per-node records (each node's metrics in a round, its held weight, its
+    admission) cost the process no memory per node.
+
+    It iterates in insertion order, as a dict does; a value read is a fresh copy (change
+    it by assigning it again). Values are what the checkpoint's JSON holds: numbers (NaN
+    included), text, and lists and mappings of them. The table is dropped when the map
+    is collected.
+    """
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        self._db = _shared_store().db
+        self._table = f"map_{next(_tables)}"
+        self._db.execute(
+            f"CREATE TABLE {self._table} "
+            "(seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value TEXT NOT NULL)"
+        )
+        weakref.finalize(self, _drop, self._db, self._table)
+        self._sql = _statements(self._table)
+        self.update(items)
+
+    def __getitem__(self, key: str) -> Any:
+        row = self._db.execute(self._sql["get"], (_key(key),)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return json.loads(row[0])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._db.execute(self._sql["put"], (_key(key), json.dumps(value)))
+
+    def __delitem__(self, key: str) -> None:
+        if self._db.execute(self._sql["delete"], (_key(key),)).rowcount == 0:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        after = -1
+        while True:
+            page = self._db.execute(self._sql["page"], (after, PAGE_ROWS)).fetchall()
+            if not page:
+                return
+            after = page[-1][0]
+            yield from (key for _, key in page)
+
+    def __len__(self) -> int:
+        return int(self._db.execute(self._sql["count"]).fetchone()[0])
+
+    def __repr__(self) -> str:
+        return f"ScratchMap({len(self)} items)"
+
+
+def _key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"a scratch map's keys are text, not {type(key).__name__}")
+    return key

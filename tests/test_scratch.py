@@ -1,0 +1,148 @@
+"""The ServerApp's scratch store: per-node records on disk, in a private folder, removed."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sqlite3
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sandbox.channel import DOWNLINK, STAGE_TRAIN, ChannelContext, open_sealed, seal_tensors
+from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
+from server.sandbox import NodePeer, PeerTable
+from server.scratch import PAGE_ROWS, ScratchMap
+
+
+def _peer(node_id: int, suite: str = SUITE_X25519) -> tuple[NodePeer, RecipientKey]:
+    key = RecipientKey.generate(suite)
+    nonce = bytes([node_id % 256]) * 32
+    peer = NodePeer(node_id, nonce, None, key.public_bytes, suite, f"ueid:{node_id}", "ab" * 32)
+    return peer, key
+
+
+@pytest.fixture
+def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PeerTable:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return PeerTable()
+
+
+@pytest.mark.parametrize("suite", [SUITE_X25519, SUITE_MLKEM768_X25519])
+def test_a_peer_read_back_is_the_one_kept_and_its_key_seals_to_the_node(
+    table: PeerTable, suite: str
+) -> None:
+    big = 2**64 - 7  # Flower's node ids are unsigned 64-bit
+    peer, key = _peer(big, suite)
+    table.add(peer)
+    back = table[big]
+    assert (back.node_id, back.nonce, back.key_bytes, back.suite, back.ueid, back.ear_sha256) == (
+        big,
+        peer.nonce,
+        peer.key_bytes,
+        suite,
+        f"ueid:{big}",
+        "ab" * 32,
+    )
+    # The key loaded from the row is the node's: what is sealed to it opens with its secret.
+    context = ChannelContext("1", 1, str(big), "m" * 64, DOWNLINK, STAGE_TRAIN)
+    tensors = {"w": np.arange(4, dtype=np.float32)}
+    blob = seal_tensors(tensors, back.public_key, context, suite=suite)
+    opened, _ = open_sealed(blob, key.private_key, context, suite=suite)
+    assert np.array_equal(opened["w"], tensors["w"])
+    assert big in table
+    assert 8 not in table
+    assert len(table) == 1
+    assert table.get(8) is None
+    with pytest.raises(KeyError):
+        table[8]
+
+
+def test_a_channel_key_is_held_by_one_node_and_a_node_is_replaced_not_doubled(
+    table: PeerTable,
+) -> None:
+    first, _ = _peer(1)
+    table.add(first)
+    assert table.holder(first.key_bytes) == 1
+    assert table.holder(b"\x00" * 32) is None
+    # A second node with the first one's key: refused by the table itself, nothing kept.
+    thief = NodePeer(2, b"n" * 32, None, first.key_bytes, SUITE_X25519, "ueid:2", "cd" * 32)
+    with pytest.raises(sqlite3.IntegrityError):
+        table.add(thief)
+    assert 2 not in table
+    assert table.holder(first.key_bytes) == 1
+    # The same node shaking hands again with a new key: one row, the new key.
+    again, _ = _peer(1)
+    table.add(again)
+    assert len(table) == 1
+    assert table[1].key_bytes == again.key_bytes
+    assert table.holder(first.key_bytes) is None
+    table.discard(1)
+    assert len(table) == 0
+    table.discard(1)  # nothing to drop: no error
+
+
+def test_the_store_is_private_and_removed_when_closed(tmp_path: Path, table: PeerTable) -> None:
+    (folder,) = tmp_path.iterdir()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    table.add(_peer(3)[0])
+    table.close()
+    table.close()  # once is enough; again does nothing
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(sqlite3.ProgrammingError):
+        3 in table  # noqa: B015 - the closed table refuses to answer
+
+
+def test_a_scratch_map_reads_back_what_a_dict_would_in_the_same_order() -> None:
+    """Against a dict fed the same operations: items, order, overwrite in place, delete,
+    NaN, nested values, and iteration across more than one page of rows."""
+    ours, theirs = ScratchMap(), dict[str, Any]()
+    for i in range(PAGE_ROWS * 2 + 3):
+        for mapping in (ours, theirs):
+            mapping[f"node-{i}"] = {"accuracy": i / 7, "loss": [i, -i]}
+    for mapping in (ours, theirs):
+        mapping["node-5"] = "rejected: ticket"  # overwritten: keeps its place
+        del mapping["node-9"]
+        mapping["late"] = float("nan")
+    assert list(ours) == list(theirs)
+    assert len(ours) == len(theirs) == PAGE_ROWS * 2 + 3
+    assert ours["node-5"] == "rejected: ticket"
+    assert ours["node-300"] == theirs["node-300"]
+    assert math.isnan(ours["late"])
+    assert {k: v for k, v in ours.items() if k != "late"} == {
+        k: v for k, v in theirs.items() if k != "late"
+    }
+    with pytest.raises(KeyError):
+        ours["node-9"]
+    with pytest.raises(KeyError):
+        del ours["node-9"]
+    with pytest.raises(TypeError, match="text"):
+        ours[7] = 1.0  # type: ignore[index]
+    copy = ours["node-1"]
+    copy["accuracy"] = 99.0
+    assert ours["node-1"]["accuracy"] == 1 / 7, "a value read is a copy"
+    assert ScratchMap({"a": 1}) == {"a": 1}
+    assert ScratchMap([("b", 2.5)]) == {"b": 2.5}
+
+
+def test_a_scratch_map_holds_no_memory_per_item_and_drops_its_table_when_collected() -> None:
+    """What the process holds for a map of 5,000 nodes' metrics is what it holds for one."""
+    from pympler import asizeof
+
+    small, large = ScratchMap({"n": {"accuracy": 0.5}}), ScratchMap()
+    for i in range(5000):
+        large[f"node-{i}"] = {"accuracy": 0.5, "loss": 1.25}
+    sized: Callable[[Any], int] = asizeof.asizeof  # pympler ships no annotations
+    assert sized(large) == sized(small)
+    table = large._table
+    db = large._db
+    del large
+    gc.collect()
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert table not in tables
+    assert small._table in tables
