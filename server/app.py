@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from array import array
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -37,7 +37,7 @@ from sandbox.errors import (
     UpdateRejected,
 )
 from sandbox.events import JOB_EVENTS_FILE, EventSink, FanOutSink, JsonlEventSink, Key
-from sandbox.events.members import per_member
+from sandbox.events.members import Streamed, per_member, streamed
 from sandbox.lora import (
     Adapter,
     adapter_state,
@@ -62,7 +62,7 @@ from server.checkpoint import CheckpointStore, JobState
 from server.history import Metrics, Training
 from server.privacy import ClientNoise, reported_spending
 from server.results import build_results, write_outputs
-from server.rounds import RoundCall, wait_for_nodes
+from server.rounds import Outbox, RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 from server.scoring import ComparisonRecords, signed_record
 from server.scratch import ScratchMap
@@ -125,11 +125,11 @@ class RoundState:
     started: float = field(default_factory=time.monotonic)
     # admit: the nodes that take part, as 8-byte ids (Flower's are unsigned 64-bit).
     nodes: Sequence[int] = field(default_factory=lambda: array("Q"))
-    # instruct: one instruction per node that could be sent one.
-    messages: list[Message] = field(default_factory=list)
+    # What grows with the nodes below is kept on disk (``server/scratch.py``), not in memory.
+    # instruct: one instruction per node that could be sent one, until it is pushed.
+    messages: Outbox = field(default_factory=Outbox)
     # collect / evaluate: each node's held-out metrics of ``adapter`` (whose round is
     # ``round - 1`` when training, ``round`` when evaluating).
-    # What grows with the nodes is kept on disk (``server/scratch.py``), not in memory.
     held_out: MutableMapping[str, Metrics] = field(default_factory=ScratchMap)
     # collect: what the replies left, the running sum, the accepted updates' envelopes
     # (by node, in the order they were accepted).
@@ -195,6 +195,14 @@ class FederatedJob:
         now = dt.datetime.now(dt.UTC)
         event = kind(time=now, run=self.run_id, job=self.spec.job_id, **fields)
         self.events.emit_many(per_member(event))
+
+    def _event_streamed(
+        self, kind: type[events.PerMember], lists: Mapping[str, Streamed], **fields: Any
+    ) -> None:
+        """Record ``kind`` with ``lists`` too long to hold, read as they are logged."""
+        now = dt.datetime.now(dt.UTC)
+        entries = streamed(kind, lists, time=now, run=self.run_id, job=self.spec.job_id, **fields)
+        self.events.emit_many(entries)
 
     def _call(self, timeout: float | None = None) -> RoundCall:
         return RoundCall(
@@ -322,6 +330,8 @@ class FederatedJob:
         rnd = state.round
         kind = MessageType.TRAIN if state.stage == STAGE_TRAIN else MessageType.EVALUATE
         instruction = self.channel.instructions(rnd, state.adapter, state.stage)
+        # Node -> the digest of its instruction, on disk, logged as it is read back.
+        participants = ScratchMap()
         for node_id in state.nodes:
             try:
                 content = instruction(node_id)
@@ -337,14 +347,18 @@ class FederatedJob:
                 self.channel.forget(node_id)
                 self._event(events.NodeRefused, node=node_id, reason=reason)
                 continue
-            state.messages.append(Message(content, node_id, kind, group_id=str(rnd)))
-        participants = [
-            events.Participant(
-                node=m.metadata.dst_node_id, instruction_sha256=sealed_digest(m.content)
-            )
-            for m in state.messages
-        ]
-        self._event(events.RoundStarted, round=rnd, stage=state.stage, participants=participants)
+            state.messages.add(Message(content, node_id, kind, group_id=str(rnd)))
+            participants[str(node_id)] = sealed_digest(content)
+        listed = Streamed(
+            len(participants),
+            lambda: (
+                events.Participant(node=int(node), instruction_sha256=digest).to_json()
+                for node, digest in participants.items()
+            ),
+        )
+        self._event_streamed(
+            events.RoundStarted, {"participants": listed}, round=rnd, stage=state.stage
+        )
 
     def collect(self, state: RoundState) -> None:
         """Stage: fold each reply's update into the running sum as it arrives, until every
@@ -472,11 +486,12 @@ class FederatedJob:
         job.history.round(rnd).training = state.training
         job.round = rnd
         digest = self._save(job, merged)
-        self._event(
+        accepted = state.accepted
+        self._event_streamed(
             events.AggregateCommitted,
+            {"updates": Streamed(len(accepted), accepted.values)},
             round=rnd,
             adapter_sha256=digest,
-            updates=list(state.accepted.values()),
             examples=aggregator.total_weight,
             metrics=state.training.summary(),
         )

@@ -1,8 +1,10 @@
 """One round of messages over the Flower Grid: push, then stream replies until a deadline.
 
-Replies are handed out as they arrive, so the caller can fold each update into the
-running sum and drop it. Nodes that have not answered by the deadline are reported
-as missing; they do not fail the round.
+A round's instructions wait in an :class:`Outbox` on disk from the moment each is made
+until the log has named them all, and go out a batch at a time. Replies are handed out
+as they arrive, so the caller can fold each update into the running sum and drop it.
+Nodes that have not answered by the deadline are reported as missing; they do not fail
+the round.
 """
 
 from __future__ import annotations
@@ -12,14 +14,77 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 
 from server.scratch import Scratch
 
 POLL_SECONDS = 0.5
-# Messages pushed, and message ids pulled, per call to the Grid.
-BATCH = 100
+# Messages pushed per call to the Grid (each a sealed copy of the global adapter), and
+# message ids pulled per call.
+PUSH_BATCH = 16
+PULL_BATCH = 100
+
+
+class Outbox:
+    """A round's instructions, spooled to a scratch store (``server/scratch.py``) as each
+    is made, so that the round never holds n sealed copies of the global adapter. Each
+    keeps its destination, type and group id; its content is kept as Flower's protobuf
+    form (no pickle), once for consecutive messages that share one content object (a
+    plaintext round's). :meth:`batches` hands them back in order and drops them."""
+
+    def __init__(self) -> None:
+        self._store = Scratch(
+            [
+                "CREATE TABLE contents (id INTEGER PRIMARY KEY, content BLOB NOT NULL)",
+                "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, node TEXT NOT NULL, "
+                "type TEXT NOT NULL, grp TEXT NOT NULL, content INTEGER NOT NULL)",
+            ]
+        )
+        self._db = self._store.db
+        self._last: tuple[RecordDict, int] | None = None
+
+    def add(self, message: Message) -> None:
+        content = message.content
+        if self._last is None or self._last[0] is not content:
+            blob = recorddict_to_proto(content).SerializeToString()
+            row = self._db.execute("INSERT INTO contents (content) VALUES (?)", (blob,))
+            self._last = (content, int(row.lastrowid or 0))
+        metadata = message.metadata
+        self._db.execute(
+            "INSERT INTO outbox (node, type, grp, content) VALUES (?, ?, ?, ?)",
+            (str(metadata.dst_node_id), metadata.message_type, metadata.group_id, self._last[1]),
+        )
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def batches(self, size: int) -> Iterator[list[Message]]:
+        """The messages in the order they were added, ``size`` at a time, each batch
+        dropped from the store as it is handed out."""
+        self._last = None
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, node, type, grp, content FROM outbox ORDER BY seq LIMIT ?", (size,)
+            ).fetchall()
+            if not rows:
+                return
+            self._db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
+            yield [
+                Message(self._content(content), int(node), kind, group_id=group)
+                for _, node, kind, group, content in rows
+            ]
+
+    def _content(self, content_id: int) -> RecordDict:
+        (blob,) = self._db.execute(
+            "SELECT content FROM contents WHERE id = ?", (content_id,)
+        ).fetchone()
+        return recorddict_from_proto(ProtoRecordDict.FromString(blob))
+
+    def close(self) -> None:
+        self._store.close()
 
 
 @dataclass
@@ -37,12 +102,12 @@ class RoundCall:
     sleep: Callable[[float], None] = time.sleep
     missing: set[int] = field(default_factory=set)
 
-    def replies(self, messages: list[Message]) -> Iterator[tuple[int, Message]]:
+    def replies(self, messages: Outbox | list[Message]) -> Iterator[tuple[int, Message]]:
         """Push ``messages`` and yield ``(node_id, reply)`` as replies come in.
 
-        ``messages`` is emptied as they are pushed, a batch at a time: the SuperLink holds
-        them then, and the round keeps only their ids, not n sealed copies of the global
-        adapter."""
+        ``messages`` is emptied as they are pushed, a batch at a time (an Outbox is closed
+        then): the SuperLink holds them then, and the round keeps only their ids, not n
+        sealed copies of the global adapter."""
         store = Scratch(["CREATE TABLE pending (id TEXT PRIMARY KEY, node TEXT NOT NULL)"])
         try:
             self._push(messages, store.db)
@@ -56,11 +121,8 @@ class RoundCall:
         finally:
             store.close()
 
-    def _push(self, messages: list[Message], db: sqlite3.Connection) -> None:
-        messages.reverse()  # pushed in their order, taken off the list's end
-        while messages:
-            batch = messages[-BATCH:][::-1]
-            del messages[-BATCH:]
+    def _push(self, messages: Outbox | list[Message], db: sqlite3.Connection) -> None:
+        for batch in _batches(messages):
             # Grids set each message's id in place while pushing and may return fewer ids
             # than messages (a failed push, or none at all for an oversized request).
             accepted = {message_id for message_id in self.grid.push_messages(batch) if message_id}
@@ -79,7 +141,7 @@ class RoundCall:
         after = ""
         while True:
             batch = db.execute(
-                "SELECT id FROM pending WHERE id > ? ORDER BY id LIMIT ?", (after, BATCH)
+                "SELECT id FROM pending WHERE id > ? ORDER BY id LIMIT ?", (after, PULL_BATCH)
             ).fetchall()
             if not batch:
                 return
@@ -97,6 +159,19 @@ class RoundCall:
     @staticmethod
     def _count(db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
+
+
+def _batches(messages: Outbox | list[Message]) -> Iterator[list[Message]]:
+    """``messages`` in order, :data:`PUSH_BATCH` at a time, each taken out as it goes."""
+    if isinstance(messages, Outbox):
+        yield from messages.batches(PUSH_BATCH)
+        messages.close()
+        return
+    messages.reverse()  # taken off the list's end
+    while messages:
+        batch = messages[-PUSH_BATCH:][::-1]
+        del messages[-PUSH_BATCH:]
+        yield batch
 
 
 def wait_for_nodes(

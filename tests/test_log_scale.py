@@ -9,7 +9,9 @@ to the members and their commitments.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,23 @@ from sandbox.errors import (
 from sandbox.events import (
     AggregateCommitted,
     Event,
+    FanOutSink,
     ListMember,
+    MemoryEventSink,
     Participant,
     RoundStarted,
     RunFinished,
     SecaggStage,
     SecaggUnmasked,
 )
-from sandbox.events.members import expand, listed_count, members_root, per_member
+from sandbox.events.members import (
+    Streamed,
+    expand,
+    listed_count,
+    members_root,
+    per_member,
+    streamed,
+)
 from sandbox.ops.cli.provider import JobProgress
 from sandbox.ops.translog.audit import check_policy, crosscheck, verify_log
 from sandbox.ops.translog.report import render_report
@@ -360,3 +371,73 @@ def test_a_list_in_neither_form_is_caught_even_where_no_other_rule_needs_it() ->
         violations = check_policy(events)
         assert f"{kind} has no {path}, inline or committed" in str(violations), violations
         assert ListCommitmentMismatch in _kinds(violations)
+
+
+def _held(count: int, now: dt.datetime) -> RoundStarted:
+    listed = [Participant(node=n, instruction_sha256=digest(n)) for n in range(count)]
+    return RoundStarted(time=now, run=7, job="demo", round=1, stage="train", participants=listed)
+
+
+def _participants(count: int) -> Streamed:
+    return Streamed(
+        count,
+        lambda: (Participant(node=n, instruction_sha256=digest(n)).to_json() for n in range(count)),
+    )
+
+
+def test_a_streamed_list_logs_the_same_entries_as_the_list_held(tmp_path: Path) -> None:
+    """What the ServerApp streams from disk (participants, updates) is byte for byte what
+    it would log holding the list: the same members, the same commitment; and each sink
+    (the job's file, the log) reads the stream anew."""
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    fields: dict[str, Any] = {"time": now, "run": 7, "job": "demo", "round": 3, "stage": "train"}
+    held = dataclasses.replace(_held(700, now), round=3)
+    entries = streamed(RoundStarted, {"participants": _participants(700)}, **fields)
+    assert len(entries) == 701
+    expected = [e.canonical() for e in per_member(held)]
+    assert [e.canonical() for e in entries] == expected
+    assert [e.canonical() for e in entries] == expected, "iterated again, the same"
+    store = LogStore(tmp_path / "log.sqlite", durable=False)
+    memory = MemoryEventSink()
+    FanOutSink([memory, LogSink(store)]).emit_many(entries)
+    assert [e.canonical() for e in memory.events] == expected
+    assert store.entries(0, store.size()) == expected
+    store.close()
+
+
+def test_a_streamed_list_that_changes_while_logged_appends_nothing(tmp_path: Path) -> None:
+    """A list whose count is not what it said (it changed under the stream) fails before
+    its event is made, and the log's transaction keeps none of its members."""
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    fields: dict[str, Any] = {"time": now, "run": 7, "job": "demo", "round": 1, "stage": "train"}
+    short = Streamed(5, _participants(4).items)
+    store = LogStore(tmp_path / "log.sqlite", durable=False)
+    with pytest.raises(RuntimeError, match=r"round_started\.participants changed"):
+        LogSink(store).emit_many(streamed(RoundStarted, {"participants": short}, **fields))
+    assert store.size() == 0
+    store.close()
+
+
+def test_logging_a_streamed_list_holds_one_member_at_a_time(tmp_path: Path) -> None:
+    """Logging 5,000 members streamed costs the process what 500 do: the members are made,
+    hashed into the commitment and appended one by one (tracemalloc, peak over the call)."""
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+
+    def peak(count: int) -> int:
+        store = LogStore(tmp_path / f"log-{count}.sqlite", durable=False)
+        sink = LogSink(store)
+        fields = {"time": now, "run": 7, "job": "demo", "round": 1, "stage": "train"}
+        entries = streamed(RoundStarted, {"participants": _participants(count)}, **fields)
+        tracemalloc.start()
+        try:
+            sink.emit_many(entries)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert store.size() == count + 1
+            store.close()
+
+    small, large = peak(500), peak(5_000)
+    # Holding the 4,500 more members' entries would take at least their canonical bytes.
+    more = sum(len(e.canonical()) for e in per_member(_held(5_000, now))[500:5_000])
+    assert large - small < more // 20, (small, large, more)

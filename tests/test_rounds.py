@@ -86,7 +86,7 @@ from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weigh
 from server.app import FederatedJob
 from server.checkpoint import CheckpointStore
 from server.results import RESULTS_FILE
-from server.rounds import BATCH, RoundCall, wait_for_nodes
+from server.rounds import PULL_BATCH, PUSH_BATCH, Outbox, RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 from tests.conftest import make_spec
 
@@ -987,32 +987,43 @@ class BatchRecordingGrid(SimulatedGrid):
         return [forged, *replayed, *ready]
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["list", "outbox"])
 def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spooled: bool
 ) -> None:
-    """A round of 250 nodes goes out and comes back in batches of at most BATCH messages
-    or ids per call; every node's reply is yielded once, replies to ids the round never
-    issued and replayed replies are dropped, and the call's scratch folder is gone after."""
+    """A round of 251 nodes goes out and comes back in batches (of PUSH_BATCH messages and
+    PULL_BATCH ids per call); every node's reply is yielded once, replies to ids the round
+    never issued and replayed replies are dropped, and the call's scratch stores (and the
+    outbox the instructions were spooled to) are gone after."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     clock = FakeClock()
     nodes = [SimNode(i, delay=i % 3) for i in range(1, 251)]
     nodes.append(SimNode(251, behaviour="silent"))
     grid = BatchRecordingGrid(nodes, clock)
-    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    adapter = {"layer.lora_B.weight": np.full((2, 2), 0.25, np.float32)}
     content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
-    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    messages: Outbox | list[Message] = Outbox() if spooled else []
+    for n in nodes:
+        message = Message(content, n.node_id, MessageType.EVALUATE, group_id="1")
+        messages.add(message) if isinstance(messages, Outbox) else messages.append(message)
+    assert len(messages) == 251
     call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
 
     answered = [node_id for node_id, _ in call.replies(messages)]
 
     assert sorted(answered) == list(range(1, 251)), "each node once, no forged or replayed reply"
     assert call.missing == {251}
-    assert messages == [], "the instructions leave the caller's hands as they are pushed"
-    assert grid.pushed == [BATCH, BATCH, 51]
-    assert max(grid.asked) == BATCH
+    assert grid.pushed == [PUSH_BATCH] * (251 // PUSH_BATCH) + [251 % PUSH_BATCH]
+    assert max(grid.asked) == PULL_BATCH
     assert len(grid.asked) > 3
-    assert [len(n.received) for n in nodes] == [1] * 251
-    assert not any(tmp_path.iterdir()), "the call's scratch store is removed"
+    # Each node got its own instruction, as made: type, round, adapter.
+    for node in nodes:
+        ((kind, rnd, received),) = node.received
+        assert (kind, rnd, set(received)) == (MessageType.EVALUATE, 1, set(adapter))
+        assert np.array_equal(received["layer.lora_B.weight"], adapter["layer.lora_B.weight"])
+    assert not any(tmp_path.iterdir()), "the call's scratch stores are removed"
+    if not spooled:
+        assert messages == [], "the instructions leave the caller's hands as they are pushed"
 
 
 class RefusingGrid(SimulatedGrid):

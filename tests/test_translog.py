@@ -213,7 +213,7 @@ def test_threads_appending_at_once_share_commits_and_lose_nothing(tmp_path: Path
     transactions: list[int] = []
     original = store.append_many
 
-    def counting(entries: Any) -> list[int]:
+    def counting(entries: Any) -> range:
         indexes = original(entries)
         transactions.append(len(indexes))
         return indexes
@@ -224,7 +224,7 @@ def test_threads_appending_at_once_share_commits_and_lose_nothing(tmp_path: Path
     first = threading.Event()
     original_batch = counting
 
-    def held(batch: Any) -> list[int]:
+    def held(batch: Any) -> range:
         if not first.is_set():
             first.set()
             deadline = time.monotonic() + 10

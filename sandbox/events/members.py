@@ -20,14 +20,15 @@ rules that need it then fail closed) and reported.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.canonical import as_text_beyond_jcs, dumps
 from sandbox.events.provider import Event, ListCommitment, ListMember, PerMember
 from sandbox.events.schema import Key
-from sandbox.translog.merkle import root_hash
+from sandbox.translog.merkle import EMPTY_ROOT, CompactRange, leaf_hash, root_hash
 
 # The event kinds that log lists per member, by kind.
 PER_MEMBER_KINDS: dict[str, type[PerMember]] = {
@@ -58,36 +59,76 @@ def _parent(record: dict[str, Any], path: str) -> tuple[dict[str, Any] | None, s
     return (parent if isinstance(parent, dict) else None), name
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A list logged per member without being held: how many members it has, and a way to
+    read them (in their JSON form, in order) each time its entries are written."""
+
+    count: int
+    items: Callable[[], Iterable[Any]]
+
+
+class MemberEntries(Collection[Event]):
+    """An event as it is logged, its lists (``lists``: path -> :class:`Streamed`) read as
+    their ``list_member`` entries are made, the event last with ``committed`` in their
+    place. The Merkle root is built as the members go by (:class:`CompactRange`), so
+    writing the entries holds one member at a time; every sink iterates them anew.
+    ``record`` is the event's JSON form without those lists; ``event`` gives its kind,
+    time, run and job."""
+
+    def __init__(self, event: PerMember, record: dict[str, Any], lists: Mapping[str, Streamed]):
+        self.event, self.record, self.lists = event, record, lists
+
+    def __len__(self) -> int:
+        return sum(listed.count for listed in self.lists.values()) + 1
+
+    def __contains__(self, entry: object) -> bool:
+        return any(entry == mine for mine in self)
+
+    def __iter__(self) -> Iterator[Event]:
+        event, record = self.event, copy.deepcopy(self.record)
+        where = {key.value: record[key] for key in _WHERE if key in record}
+        committed: dict[str, Any] = {}
+        for path, listed in self.lists.items():
+            tree, name = CompactRange(), list_name(event.kind, path)
+            for index, item in enumerate(listed.items()):
+                tree.append(leaf_hash(dumps(as_text_beyond_jcs(item))))
+                yield ListMember(
+                    time=event.time, run=event.run, job=event.job,
+                    list=name, index=index, item=item, **where,
+                )  # fmt: skip
+            if tree.size != listed.count:
+                raise RuntimeError(f"{name} changed while it was logged")
+            committed[path] = ListCommitment(count=tree.size, root=tree.root().hex()).to_json()
+        record[Key.COMMITTED] = committed
+        yield type(event).from_json(record)
+
+
 def per_member(event: Event) -> list[Event]:
     """``event`` as it is logged: its growing lists as ``list_member`` entries, then the
     event with ``committed`` in their place. Other events are logged as they are."""
     if not isinstance(event, PerMember):
         return [event]
     record = event.to_json()
-    where = {key.value: record[key] for key in _WHERE if key in record}
-    members: list[Event] = []
-    committed: dict[str, ListCommitment] = {}
+    lists: dict[str, Streamed] = {}
     for path in event.PER_MEMBER:
         parent, name = _parent(record, path)
         value = None if parent is None else parent.pop(name, None)
         if value is None:
             continue
         items = list(value) if isinstance(value, list) else [[k, v] for k, v in value.items()]
-        members.extend(
-            ListMember(
-                time=event.time,
-                run=event.run,
-                job=event.job,
-                list=list_name(event.kind, path),
-                index=index,
-                item=item,
-                **where,
-            )
-            for index, item in enumerate(items)
-        )
-        committed[path] = ListCommitment(count=len(items), root=members_root(items))
-    record[Key.COMMITTED] = {path: c.to_json() for path, c in committed.items()}
-    return [*members, type(event).from_json(record)]
+        lists[path] = Streamed(len(items), functools.partial(iter, items))
+    return list(MemberEntries(event, record, lists))
+
+
+def streamed(kind: type[PerMember], lists: Mapping[str, Streamed], **fields: Any) -> MemberEntries:
+    """An event of ``kind`` with ``fields``, its ``lists`` logged per member as they are
+    read (:class:`MemberEntries`): for lists too long to hold (a round's participants)."""
+    pending = {path: ListCommitment(count=0, root=EMPTY_ROOT.hex()) for path in lists}
+    event = kind(committed=pending, **fields)
+    record = event.to_json()
+    del record[Key.COMMITTED]
+    return MemberEntries(event, record, lists)
 
 
 def _text(value: Any) -> str:

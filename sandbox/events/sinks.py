@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,9 +21,11 @@ class EventSink(Protocol):
 
     def emit(self, event: Event) -> None: ...
 
-    def emit_many(self, events: Sequence[Event]) -> None:
+    def emit_many(self, events: Collection[Event]) -> None:
         """Persist ``events`` together, in order (one transaction where the sink has
-        them: an event and the members it commits are never kept apart)."""
+        them: an event and the members it commits are never kept apart). ``events`` may
+        make its entries as it is iterated (:class:`~sandbox.events.members.MemberEntries`):
+        a sink iterates it once, and holds no more of it than it must."""
         ...
 
 
@@ -42,10 +44,10 @@ class JsonlEventSink:
     def emit(self, event: Event) -> None:
         self.emit_many([event])
 
-    def emit_many(self, events: Sequence[Event]) -> None:
-        lines = "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in events)
+    def emit_many(self, events: Collection[Event]) -> None:
         with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(lines)
+            for event in events:
+                handle.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -66,7 +68,7 @@ class MemoryEventSink:
     def emit(self, event: Event) -> None:
         self.events.append(event)
 
-    def emit_many(self, events: Sequence[Event]) -> None:
+    def emit_many(self, events: Collection[Event]) -> None:
         self.events.extend(events)
 
     def kinds(self) -> list[str]:
@@ -83,6 +85,6 @@ class FanOutSink:
         for sink in self.sinks:
             sink.emit(event)
 
-    def emit_many(self, events: Sequence[Event]) -> None:
+    def emit_many(self, events: Collection[Event]) -> None:
         for sink in self.sinks:
             sink.emit_many(events)

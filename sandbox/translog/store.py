@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -269,8 +269,9 @@ class LogStore:
             ) from result
         return result
 
-    def append_many(self, entries: Iterable[bytes]) -> list[int]:
-        """Append entries in one transaction; return their indexes."""
+    def append_many(self, entries: Iterable[bytes]) -> range:
+        """Append entries in one transaction, taking them as they come; return their
+        indexes (a range: nothing here grows with the number of entries)."""
         if self.readonly:
             raise RuntimeError("this log store is open read-only")
         with self._lock:
@@ -279,7 +280,9 @@ class LogStore:
                 size = self.size()
                 if size != self._border.size:  # another process appended meanwhile
                     self._border = self._load_border(size)
-                indexes = [self._append_one(entry) for entry in entries]
+                for entry in entries:
+                    self._append_one(entry)
+                indexes = range(size, self._border.size)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -335,17 +338,21 @@ class LogSink:
     def emit(self, event: Event) -> None:
         self.emit_many([event])
 
-    def emit_many(self, events: Sequence[Event]) -> None:
-        """Append ``events`` in one transaction; one over the entry limit appends none and
-        raises :class:`LogEntryTooLarge` naming its kind."""
-        entries = [event.canonical() for event in events]
-        for event, entry in zip(events, entries, strict=True):
-            if len(entry) > MAX_ENTRY_BYTES:
-                raise LogEntryTooLarge(
-                    f"a {event.kind} event of {len(entry)} bytes is over the log's entry "
-                    f"limit of {MAX_ENTRY_BYTES}; nothing of this batch was appended"
-                )
-        if len(entries) == 1:
-            self.store.append(entries[0])  # shares a group commit with other threads
+    def emit_many(self, events: Collection[Event]) -> None:
+        """Append ``events`` in one transaction, made as it goes; one over the entry
+        limit appends none and raises :class:`LogEntryTooLarge` naming its kind."""
+        if len(events) == 1:
+            (entry,) = (_within_limit(event) for event in events)
+            self.store.append(entry)  # shares a group commit with other threads
         else:
-            self.store.append_many(entries)
+            self.store.append_many(_within_limit(event) for event in events)
+
+
+def _within_limit(event: Event) -> bytes:
+    entry = event.canonical()
+    if len(entry) > MAX_ENTRY_BYTES:
+        raise LogEntryTooLarge(
+            f"a {event.kind} event of {len(entry)} bytes is over the log's entry "
+            f"limit of {MAX_ENTRY_BYTES}; nothing of this batch was appended"
+        )
+    return entry
