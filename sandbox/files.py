@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -47,16 +47,18 @@ def read_regular(path: Path, limit: int, fail: Callable[[str], Exception]) -> by
         return handle.read(min(limit, size) + 1)
 
 
-def create_new(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Create ``path`` (never an existing file or symlink: FileExistsError) with ``data``,
-    fsynced; nothing half-written is left behind on failure. Its mode is exactly ``mode``
+def create_new(path: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> None:
+    """Create ``path`` (never an existing file or symlink: FileExistsError) with ``data``
+    (bytes, or pieces of them written as they come), fsynced; nothing half-written is left
+    behind on failure. Its mode is exactly ``mode``
     whatever the umask, or (None) what the umask leaves of 0666, as for any new file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode or 0o666)
     with os.fdopen(fd, "wb") as handle:
         try:
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            handle.write(data)
+            for piece in (data,) if isinstance(data, bytes) else data:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         except BaseException:
@@ -66,12 +68,13 @@ def create_new(path: Path, data: bytes, mode: int | None = None) -> None:
 
 def write_atomic(
     path: Path,
-    data: bytes,
+    data: bytes | Iterable[bytes],
     mode: int | None = None,
     check: Callable[[Path], object] | None = None,
 ) -> None:
-    """Replace ``path`` with ``data`` at once; ``check(staged_path)`` may refuse the new
-    content by raising, in which case ``path`` is left as it was."""
+    """Replace ``path`` with ``data`` (bytes, or pieces of them) at once;
+    ``check(staged_path)`` may refuse the new content by raising, in which case ``path`` is
+    left as it was."""
     staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     create_new(staging, data, mode)
     try:

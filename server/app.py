@@ -482,7 +482,8 @@ class FederatedJob:
                 f"round {rnd}: {exc}; nothing was committed, the job stops after round {job.round}"
             ) from exc
         merged = state.merged = {**state.adapter, **result}
-        job.history.round(rnd - 1).held_out.update(state.held_out)
+        # The round's maps themselves (on disk), not copies: archived from there.
+        job.history.round(rnd - 1).held_out = state.held_out
         job.history.round(rnd).training = state.training
         job.round = rnd
         digest = self._save(job, merged)
@@ -541,7 +542,7 @@ class FederatedJob:
             state.held_out[str(node_id)] = before
             if self.comparison is not None:
                 self.comparison.scorecard(node_id, self.channel.ueid(node_id), scorecard)
-        state.job.history.round(rnd).held_out.update(state.held_out)
+        state.job.history.round(rnd).held_out = state.held_out
         state.job.finished = True
         self._save(state.job, state.adapter)
 

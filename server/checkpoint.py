@@ -17,9 +17,10 @@ can write to the directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from sandbox.digests import sha256_file, sha256_hex
 from sandbox.errors import CheckpointError
 from sandbox.files import write_atomic
 from server.history import History, RoundRecord
-from server.scratch import ScratchMap
+from server.scratch import ScratchMap, json_text
 
 STATE_FORMAT = "ark-checkpoint/1"
 STATE_FILE = "state.json"
@@ -88,9 +89,7 @@ class CheckpointStore:
         path = self.adapter_path(state.round)
         write_atomic(path, adapter_bytes(adapter))
         for rnd in final:
-            data = json.dumps(state.history.rounds[rnd].to_json(), indent=2).encode()
-            write_atomic(self.history_path(rnd), data)
-            archived[rnd] = sha256_hex(data)
+            archived[rnd] = _write_json(self.history_path(rnd), state.history.rounds[rnd].to_json())
         kept = {r: record for r, record in state.history.rounds.items() if r not in final}
         document = {
             "format": STATE_FORMAT,
@@ -101,10 +100,10 @@ class CheckpointStore:
             "history": History(kept).to_json(),
             "history_files": {str(rnd): archived[rnd] for rnd in sorted(archived)},
             "finished": state.finished,
-            "weights": dict(state.weights),
-            "admissions": {run: dict(nodes) for run, nodes in state.admissions.items()},
+            "weights": state.weights,
+            "admissions": state.admissions,
         }
-        write_atomic(self.directory / STATE_FILE, json.dumps(document, indent=2).encode())
+        _write_json(self.directory / STATE_FILE, document)
         state.history.rounds = kept
         state.archived = archived
         return str(document["adapter_sha256"])
@@ -122,7 +121,8 @@ class CheckpointStore:
                 raise CheckpointError(f"{path}: malformed round records: {exc!r}") from exc
         for rnd, record in state.history.rounds.items():
             # Plain values, read off the disk-backed records of a round in flight.
-            rounds[rnd] = RoundRecord.from_json(record.to_json(), f"round {rnd}")
+            document = json.loads("".join(json_text(record.to_json())))
+            rounds[rnd] = RoundRecord.from_json(document, f"round {rnd}")
         return History(dict(sorted(rounds.items())))
 
     def load(self, fingerprint: str) -> tuple[JobState, dict[str, np.ndarray]] | None:
@@ -193,6 +193,22 @@ class CheckpointStore:
         if sha256_hex(data) != digest:
             raise CheckpointError(f"{path}: digest does not match {STATE_FILE}")
         return path, data
+
+
+def _write_json(path: Path, document: Any) -> str:
+    """Write ``document`` to ``path`` atomically as ``json.dumps(indent=2)`` would, a piece
+    at a time (its per-node maps are read from disk as they are written: nothing the size
+    of the federation is held); return the file's SHA-256."""
+    digest = hashlib.sha256()
+
+    def pieces() -> Iterator[bytes]:
+        for text in json_text(document):
+            data = text.encode()
+            digest.update(data)
+            yield data
+
+    write_atomic(path, pieces())
+    return digest.hexdigest()
 
 
 def _weights(value: Any) -> dict[str, float]:

@@ -38,22 +38,29 @@ class Training:
 
     def summary(self) -> dict[str, float]:
         """The round's headline numbers for the log: mean local accuracy and training loss."""
-        local = [m.get("accuracy") for m in self.local.values()]
-        accuracies = [float(a) for a in local if isinstance(a, (int, float))]
-        losses = [float(v) for v in self.train_loss.values() if v == v]
+        # Running sums: the per-node records are read one at a time (they may be on disk).
+        accuracy = _Mean()
+        for metrics in self.local.values():
+            value = metrics.get("accuracy")
+            if isinstance(value, (int, float)):
+                accuracy.add(float(value))
+        loss = _Mean()
+        for value in self.train_loss.values():
+            if value == value:
+                loss.add(float(value))
         out: dict[str, float] = {"updates": float(len(self.examples))}
-        if accuracies:
-            out["local_accuracy"] = sum(accuracies) / len(accuracies)
-        if losses:
-            out["train_loss"] = sum(losses) / len(losses)
+        if accuracy.count:
+            out["local_accuracy"] = accuracy.mean()
+        if loss.count:
+            out["train_loss"] = loss.mean()
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "local": dict(self.local),
-            "train_loss": dict(self.train_loss),
-            "rejected": dict(self.rejected),
-            "examples": dict(self.examples),
+            "local": self.local,
+            "train_loss": self.train_loss,
+            "rejected": self.rejected,
+            "examples": self.examples,
             "missing": self.missing,
             "seconds": self.seconds,
         }
@@ -82,7 +89,7 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         entry = {} if self.training is None else self.training.to_json()
         if self.held_out:
-            entry[HELD_OUT_KEY] = dict(self.held_out)
+            entry[HELD_OUT_KEY] = self.held_out
         return entry
 
     @classmethod
@@ -133,6 +140,19 @@ class History:
                 for rnd, entry in rounds.items()
             }
         )
+
+
+@dataclass
+class _Mean:
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+
+    def mean(self) -> float:
+        return self.total / self.count
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

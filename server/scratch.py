@@ -148,3 +148,25 @@ def _key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"a scratch map's keys are text, not {type(key).__name__}")
     return key
+
+
+def json_text(value: Any, level: int = 0) -> Iterator[str]:
+    """``value``'s JSON text, exactly as ``json.dumps(value, indent=2)`` writes it, in
+    pieces: a mapping's items are read one at a time, so a :class:`ScratchMap` is written
+    without being held. Keys are text; every other value is written by ``json.dumps``."""
+    if not isinstance(value, (Mapping, list, tuple)):
+        yield json.dumps(value)
+        return
+    mapping = isinstance(value, Mapping)
+    opening, closing = ("{", "}") if mapping else ("[", "]")
+    inner = "\n" + "  " * (level + 1)
+    empty = True
+    items: Iterable[Any] = value.items() if isinstance(value, Mapping) else value
+    for item in items:
+        yield (opening if empty else ",") + inner
+        empty = False
+        if mapping:
+            key, item = item
+            yield json.dumps(_key(key)) + ": "
+        yield from json_text(item, level + 1)
+    yield opening + closing if empty else "\n" + "  " * level + closing

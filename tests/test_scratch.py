@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import sqlite3
 import stat
@@ -17,7 +18,7 @@ import pytest
 from sandbox.channel import DOWNLINK, STAGE_TRAIN, ChannelContext, open_sealed, seal_tensors
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from server.sandbox import NodePeer, PeerTable
-from server.scratch import PAGE_ROWS, ScratchMap
+from server.scratch import PAGE_ROWS, ScratchMap, json_text
 
 
 def _peer(node_id: int, suite: str = SUITE_X25519) -> tuple[NodePeer, RecipientKey]:
@@ -146,3 +147,29 @@ def test_a_scratch_map_holds_no_memory_per_item_and_drops_its_table_when_collect
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
     assert table not in tables
     assert small._table in tables
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        [],
+        {"rounds": {"1": {"local": {}, "missing": [], "seconds": 0.5}}},
+        {"a": [1, [2, []], {"b": None}], "é": "ünïcode", "n": float("nan"), "t": True},
+        [{"x": -1e300}, "s", 3, None, (4, 5)],
+        "text",
+        7.25,
+    ],
+)
+def test_json_text_writes_what_json_dumps_writes(value: Any) -> None:
+    assert "".join(json_text(value)) == json.dumps(value, indent=2)
+
+
+def test_json_text_writes_a_scratch_map_as_the_dict_it_holds() -> None:
+    """A checkpoint written from disk-backed maps is the file the same dicts would make."""
+    nodes = {f"{i}": {"accuracy": i / 3, "loss": float("inf")} for i in range(PAGE_ROWS + 5)}
+    document = {"weights": ScratchMap({"u": 2.0}), "history": {"local": ScratchMap(nodes)}}
+    plain = {"weights": {"u": 2.0}, "history": {"local": nodes}}
+    assert "".join(json_text(document)) == json.dumps(plain, indent=2)
+    with pytest.raises(TypeError, match="text"):
+        "".join(json_text({1: "a"}))
