@@ -29,12 +29,14 @@ How each figure is measured:
 * aggregator memory, by owner: in the simulation engine the ServerApp shares its process
   with Flower's in-memory SuperLink (in a deployment ``flower-superlink`` is a process of
   its own), so what each holds is sized apart (:func:`held_bytes`, pympler's deep
-  ``asizeof``), in the ServerApp's thread at the first pull after each push and at each
-  tenth of a message type's replies: what the aggregator's code reaches, and of it its
-  numpy arrays (the global adapter, the running sums, the update being folded in: the
+  ``asizeof``), in the ServerApp's thread before each round's first push (its
+  instructions made and logged), at the first pull after each push and at each tenth of
+  a message type's replies: what the aggregator's code reaches, and of it its numpy
+  arrays (the global adapter, the running sums, the update being folded in: the
   model-sized part); and what the SuperLink reaches (the instructions not yet answered,
   the replies not yet pulled, its node registry). The row is the largest sample of the
-  last training round.
+  last training round. Beside them, at the same moments: the bytes of the aggregator's
+  scratch stores on disk (``server/scratch.py``), where its per-node records are kept.
 * process memory: ``tracemalloc`` in the process running the ServerApp, started just
   before the run; its peak between two commits (the aggregator, the SuperLink and the
   engine's driver threads together, peaks between samples included); torch's tensor
@@ -155,7 +157,13 @@ QUANTITIES = (
     Quantity(
         "memory.aggregator_held_mib",
         "aggregator: all its code holds, in a round (sampled)",
-        "O(1) + per-node records",
+        "O(1)",
+        "MiB",
+    ),
+    Quantity(
+        "memory.scratch_disk_mib",
+        "aggregator: its per-node records on disk (scratch SQLite), in a round",
+        "O(n)",
         "MiB",
     ),
     Quantity(
@@ -346,6 +354,9 @@ class Meter:
     # each tenth of the replies of a message type, the last reply included.
     held: list[dict[str, Any]] = field(default_factory=list)
     just_pushed: tuple[int, str] | None = None
+    # Where the ServerApp's scratch stores (server/scratch.py) are made during the run:
+    # their files are the per-node records kept on disk instead of in memory.
+    scratch: Path | None = None
 
     def say(self, text: str) -> None:
         _say(self.n, self.started, text)
@@ -405,14 +416,17 @@ def held_bytes(
 
     The aggregator's are the objects its code reaches: the locals of every frame of
     ``server/`` and ``sandbox/`` (``code``, the files whose frames count) on this thread's
-    stack (the job, the round's state, the channel with its per-node peers, the history,
-    the running sums), with the objects in ``flower`` (the Grid that reaches the
-    SuperLink) and every module, class and function left out. Two passes size them, the
-    second without numpy arrays; the samples' time counts in the round's wall time. The
-    SuperLink's are what ``linkstate`` reaches: the instructions not yet answered, the
-    replies not yet pulled, its node registry. In a deployment the two live
-    in different processes (``flower-superlink`` is its own); in the simulation engine
-    they share this one, so ``tracemalloc`` alone cannot tell them apart.
+    stack (the job, the round's state, the channel, the history, the running sums), with
+    the objects in ``flower`` (the Grid that reaches the SuperLink) and every module,
+    class and function left out. The per-node records those keep in their scratch stores
+    (``server/scratch.py``) are rows on disk, not objects: the bench counts their files
+    apart; SQLite's page caches (``CACHE_KIB`` a store, at most) are not counted here.
+    Two passes size them, the second without numpy arrays; the samples' time counts in
+    the round's wall time. The SuperLink's are what ``linkstate`` reaches: the
+    instructions not yet answered, the replies not yet pulled, its node registry. In a
+    deployment the two live in different processes (``flower-superlink`` is its own); in
+    the simulation engine they share this one, so ``tracemalloc`` alone cannot tell them
+    apart.
     """
     import numpy as np
     from pympler import asizeof
@@ -442,6 +456,17 @@ def held_bytes(
     return Held(aggregator, aggregator - records, superlink)
 
 
+def _folder_bytes(folder: Path | None) -> int:
+    """Bytes of the files under ``folder`` now (0 when there is none)."""
+    if folder is None:
+        return 0
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # a store closed meanwhile
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
 def metered_grid(grid: Grid, meter: Meter) -> Grid:
     """``grid`` with every call passed through, each message's size counted by round and
     type, and the replies' progress printed (:class:`MeteredGrid`)."""
@@ -465,6 +490,13 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
 
         def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
             messages = list(messages)
+            first = next(iter(messages), None)
+            if first is not None:
+                key = (_round_of(first), str(first.metadata.message_type))
+                if not meter.sent[key]:
+                    # The round's instructions are made and logged: measured before the
+                    # first of them is handed to the SuperLink.
+                    self.sample(key, "instructed")
             ids = list(grid.push_messages(messages))
             with meter.lock:
                 for message in messages:
@@ -497,6 +529,7 @@ def metered_grid(grid: Grid, meter: Meter) -> Grid:
                     "aggregator_bytes": held.aggregator,
                     "arrays_bytes": held.arrays,
                     "superlink_bytes": held.superlink,
+                    "scratch_bytes": _folder_bytes(meter.scratch),
                 }
             )
 
@@ -897,6 +930,10 @@ def run_point(n: int, rounds: int, folder: Path) -> dict[str, Any]:
     try:
         with key_broker_process(ws.root, deployment.key_broker, folder / "keybroker.log"):
             meter.say("key broker and log serving; starting the simulation (Ray)")
+            # The ServerApp's scratch stores go where their files can be counted.
+            meter.scratch = folder / "scratch"
+            meter.scratch.mkdir()
+            tempfile.tempdir = str(meter.scratch)
             tracemalloc.start()
             mark = time.monotonic()
             try:
@@ -917,6 +954,7 @@ def run_point(n: int, rounds: int, folder: Path) -> dict[str, Any]:
             finally:
                 figures["run_seconds"] = time.monotonic() - mark
                 tracemalloc.stop()
+                tempfile.tempdir = None
                 _shutdown_ray()
     except Exception as exc:  # the key broker would not start or stop
         figures["error"] = figures["error"] or f"{type(exc).__name__}: {exc}"
@@ -1003,6 +1041,9 @@ def _run_figures(
         out["memory"][f"{owner}_held_run_mib"] = (
             max(h[f"{owner}_bytes"] for h in meter.held) / MIB if meter.held else None
         )
+    out["memory"]["scratch_disk_mib"] = (
+        max(h["scratch_bytes"] for h in last_round) / MIB if last_round else None
+    )
     last_train = (rounds, "train")
     out["bytes"] = {
         "per_node_round": (meter.down[last_train] + meter.up[last_train]) / n

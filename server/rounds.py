@@ -24,7 +24,7 @@ from server.scratch import Scratch
 POLL_SECONDS = 0.5
 # Messages pushed per call to the Grid (each a sealed copy of the global adapter), and
 # message ids pulled per call.
-PUSH_BATCH = 16
+PUSH_BATCH = 8
 PULL_BATCH = 100
 
 
