@@ -873,6 +873,7 @@ def run_point(n: int, rounds: int, folder: Path) -> dict[str, Any]:
     from sandbox.ops.demo_data import write_demo_data
     from sandbox.ops.federation import free_port
     from sandbox.ops.provision import provision_loopback
+    from server.scratch import JOB_FOLDER
 
     started = time.monotonic()
     meter = Meter(n, started)
@@ -930,10 +931,8 @@ def run_point(n: int, rounds: int, folder: Path) -> dict[str, Any]:
     try:
         with key_broker_process(ws.root, deployment.key_broker, folder / "keybroker.log"):
             meter.say("key broker and log serving; starting the simulation (Ray)")
-            # The ServerApp's scratch stores go where their files can be counted.
-            meter.scratch = folder / "scratch"
-            meter.scratch.mkdir()
-            tempfile.tempdir = str(meter.scratch)
+            # The ServerApp's scratch stores (server/scratch.py), with the job's outputs.
+            meter.scratch = events.parent / JOB_FOLDER  # the job's output directory
             tracemalloc.start()
             mark = time.monotonic()
             try:
@@ -954,7 +953,6 @@ def run_point(n: int, rounds: int, folder: Path) -> dict[str, Any]:
             finally:
                 figures["run_seconds"] = time.monotonic() - mark
                 tracemalloc.stop()
-                tempfile.tempdir = None
                 _shutdown_ray()
     except Exception as exc:  # the key broker would not start or stop
         figures["error"] = figures["error"] or f"{type(exc).__name__}: {exc}"

@@ -57,7 +57,8 @@ def create_new(path: Path, data: bytes | Iterable[bytes], mode: int | None = Non
         try:
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            for piece in (data,) if isinstance(data, bytes) else data:
+            pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            for piece in pieces:
                 handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())

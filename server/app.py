@@ -59,13 +59,13 @@ from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import Aggregate, StreamingAggregator, Weight, spec_of
 from server.channels import update_channel
 from server.checkpoint import CheckpointStore, JobState
-from server.history import Metrics, Training
+from server.history import Metrics, RoundRecord, Training
 from server.privacy import ClientNoise, reported_spending
 from server.results import build_results, write_outputs
 from server.rounds import Outbox, RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
 from server.scoring import ComparisonRecords, signed_record
-from server.scratch import ScratchMap
+from server.scratch import JOB_FOLDER, ScratchMap, use_folder
 
 # Every metric name a node's reply may carry (what the egress guard lets out by default).
 PROTOCOL_METRICS = frozenset(DEFAULT_EGRESS_METRICS)
@@ -104,6 +104,17 @@ def _clipping(weight: Weight) -> dict[Key, Any]:
     if weight.bound is None:
         return {}
     return {Key.DECLARED_EXAMPLES: weight.declared, Key.WEIGHT_BOUND: weight.bound}
+
+
+def _add_held_out(record: RoundRecord, held_out: MutableMapping[str, Metrics]) -> None:
+    """Add a round's held-out metrics to ``record``: the round's own map (on disk), not a
+    copy, unless the record has some already (a finished job given more rounds evaluates
+    its last round again), which it keeps where no node reported anew."""
+    if record.held_out:
+        merged = ScratchMap(record.held_out)
+        merged.update(held_out)
+        held_out = merged
+    record.held_out = held_out
 
 
 def _training_on_disk() -> Training:
@@ -172,6 +183,8 @@ class FederatedJob:
         self.out = spec.output_dir
         self.store = CheckpointStore(self.out / "checkpoints")
         self._model: Any = None
+        # What is kept of each node from here on goes to disk beside the job's outputs.
+        use_folder(self.out / JOB_FOLDER)
         self.channel = update_channel(spec, run_id, sandbox)
         # Every event goes to the job's own file, and to ``events`` (the log) when given.
         job_events = JsonlEventSink(self.out / JOB_EVENTS_FILE)
@@ -287,10 +300,9 @@ class FederatedJob:
         nodes = self._nodes(rnd)
         strangers = self.channel.strangers(nodes)
         if strangers:
-            hellos = [
-                Message(self.channel.hello(rnd), node_id, MessageType.QUERY)
-                for node_id in strangers
-            ]
+            hellos, hello = Outbox(), self.channel.hello(rnd)  # one content for all
+            for node_id in strangers:
+                hellos.add(Message(hello, node_id, MessageType.QUERY))
             for node_id, reply in self._call().replies(hellos):
                 try:
                     if reply.has_error():  # recorded as its code, never the node's text
@@ -482,8 +494,7 @@ class FederatedJob:
                 f"round {rnd}: {exc}; nothing was committed, the job stops after round {job.round}"
             ) from exc
         merged = state.merged = {**state.adapter, **result}
-        # The round's maps themselves (on disk), not copies: archived from there.
-        job.history.round(rnd - 1).held_out = state.held_out
+        _add_held_out(job.history.round(rnd - 1), state.held_out)
         job.history.round(rnd).training = state.training
         job.round = rnd
         digest = self._save(job, merged)
@@ -542,7 +553,7 @@ class FederatedJob:
             state.held_out[str(node_id)] = before
             if self.comparison is not None:
                 self.comparison.scorecard(node_id, self.channel.ueid(node_id), scorecard)
-        state.job.history.round(rnd).held_out = state.held_out
+        _add_held_out(state.job.history.round(rnd), state.held_out)
         state.job.finished = True
         self._save(state.job, state.adapter)
 

@@ -23,9 +23,9 @@ from server.scratch import Scratch
 
 POLL_SECONDS = 0.5
 # Messages pushed per call to the Grid (each a sealed copy of the global adapter), and
-# message ids pulled per call.
+# message ids pulled per call (so at most that many replies, each an update, at once).
 PUSH_BATCH = 8
-PULL_BATCH = 100
+PULL_BATCH = 16
 
 
 class Outbox:
@@ -33,7 +33,10 @@ class Outbox:
     is made, so that the round never holds n sealed copies of the global adapter. Each
     keeps its destination, type and group id; its content is kept as Flower's protobuf
     form (no pickle), once for consecutive messages that share one content object (a
-    plaintext round's). :meth:`batches` hands them back in order and drops them."""
+    plaintext round's, which is handed back shared too). :meth:`batches` hands them back
+    in order and drops them, and each content once no message left refers to it: the
+    store holds the round's sealed instructions (one global adapter each) until they are
+    pushed, on disk, with the job's outputs (``server/scratch.py``)."""
 
     def __init__(self) -> None:
         self._store = Scratch(
@@ -41,6 +44,7 @@ class Outbox:
                 "CREATE TABLE contents (id INTEGER PRIMARY KEY, content BLOB NOT NULL)",
                 "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, node TEXT NOT NULL, "
                 "type TEXT NOT NULL, grp TEXT NOT NULL, content INTEGER NOT NULL)",
+                "CREATE INDEX outbox_content ON outbox (content)",
             ]
         )
         self._db = self._store.db
@@ -65,17 +69,21 @@ class Outbox:
         """The messages in the order they were added, ``size`` at a time, each batch
         dropped from the store as it is handed out."""
         self._last = None
+        read: tuple[int, RecordDict] | None = None
         while True:
             rows = self._db.execute(
                 "SELECT seq, node, type, grp, content FROM outbox ORDER BY seq LIMIT ?", (size,)
             ).fetchall()
             if not rows:
                 return
+            batch = []
+            for _, node, kind, group, content_id in rows:
+                if read is None or read[0] != content_id:
+                    read = (content_id, self._content(content_id))
+                batch.append(Message(read[1], int(node), kind, group_id=group))
             self._db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
-            yield [
-                Message(self._content(content), int(node), kind, group_id=group)
-                for _, node, kind, group, content in rows
-            ]
+            self._db.execute("DELETE FROM contents WHERE id NOT IN (SELECT content FROM outbox)")
+            yield batch
 
     def _content(self, content_id: int) -> RecordDict:
         (blob,) = self._db.execute(
@@ -126,14 +134,16 @@ class RoundCall:
             # Grids set each message's id in place while pushing and may return fewer ids
             # than messages (a failed push, or none at all for an oversized request).
             accepted = {message_id for message_id in self.grid.push_messages(batch) if message_id}
-            sent = []
             for message in batch:
-                message_id = message.metadata.message_id
-                if message_id in accepted:
-                    sent.append((message_id, str(message.metadata.dst_node_id)))
-                else:
-                    self.missing.add(message.metadata.dst_node_id)
-            db.executemany("INSERT OR IGNORE INTO pending VALUES (?, ?)", sent)
+                message_id, node_id = message.metadata.message_id, message.metadata.dst_node_id
+                try:
+                    if message_id not in accepted:
+                        raise KeyError(message_id)
+                    db.execute("INSERT INTO pending VALUES (?, ?)", (message_id, str(node_id)))
+                except (KeyError, sqlite3.IntegrityError):
+                    # Not stored, or an id the grid gave twice: that node cannot be told
+                    # apart from the other, so it answers nothing this round.
+                    self.missing.add(node_id)
 
     def _pull(self, db: sqlite3.Connection) -> Iterator[tuple[int, Message]]:
         """One pass over the pending ids, a batch per pull; each reply yielded as it is
@@ -151,7 +161,8 @@ class RoundCall:
                 reply = replies.pop(0)
                 message_id = reply.metadata.reply_to_message_id
                 row = db.execute("SELECT node FROM pending WHERE id = ?", (message_id,)).fetchone()
-                if row is not None:
+                # Only a reply to a message still pending, from the node it was sent to.
+                if row is not None and str(reply.metadata.src_node_id) == row[0]:
                     db.execute("DELETE FROM pending WHERE id = ?", (message_id,))
                     yield int(row[0]), reply
                 del reply
@@ -190,7 +201,7 @@ def wait_for_nodes(
     target = max(minimum, expected)
     deadline = clock() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(set(grid.get_node_ids()))  # each node once, whatever the grid says
         if len(nodes) >= target:
             return nodes
         if clock() >= deadline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class PeerTable:
     admitted it. A channel key is held by one node at most (an index, not a scan)."""
 
     # Flower's node ids are unsigned 64-bit, past SQLite's INTEGER: they are kept as text.
+    # The ueid (the broker's result names it, from the node's evidence) and the suite are
+    # kept as their JSON form: any text, a lone surrogate included, goes in and comes back.
     def __init__(self) -> None:
         self._store = Scratch(
             [
@@ -134,12 +137,23 @@ class PeerTable:
     def add(self, peer: NodePeer) -> None:
         """Keep ``peer``, in place of any earlier peer of its node id. The caller has
         checked that no other node holds its key (:meth:`holder`); if one does, this
-        raises sqlite3.IntegrityError and keeps nothing."""
-        self._db.execute("DELETE FROM peers WHERE node = ?", (str(peer.node_id),))
-        self._db.execute(
-            "INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?)",
-            (str(peer.node_id), peer.nonce, peer.key_bytes, peer.suite, peer.ueid, peer.ear_sha256),
+        raises sqlite3.IntegrityError and changes nothing (the node's earlier peer stays)."""
+        row = (
+            str(peer.node_id),
+            peer.nonce,
+            peer.key_bytes,
+            json.dumps(peer.suite),
+            json.dumps(peer.ueid),
+            peer.ear_sha256,
         )
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute("DELETE FROM peers WHERE node = ?", (str(peer.node_id),))
+            self._db.execute("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?)", row)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def get(self, node_id: int) -> NodePeer | None:
         """``node_id``'s peer, its key loaded again (the row holds the key's bytes)."""
@@ -149,6 +163,7 @@ class PeerTable:
         if row is None:
             return None
         nonce, key, suite, ueid, ear_sha256 = row
+        suite, ueid = json.loads(suite), json.loads(ueid)
         return NodePeer(node_id, nonce, load_public_key(suite, key), key, suite, ueid, ear_sha256)
 
     def __getitem__(self, node_id: int) -> NodePeer:

@@ -23,12 +23,44 @@ import shutil
 import sqlite3
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
 
 # SQLite's page cache per scratch store (KiB): what a store may hold in memory at most.
 CACHE_KIB = 512
+
+
+# Where new stores are made: the temporary directory, or the folder a job names
+# (:func:`use_folder`), so that a job's stores sit with its outputs, not in a RAM-backed /tmp.
+_root: Path | None = None
+PREFIX = "ark-scratch-"
+# The folder, under a job's output directory, its ServerApp's stores are made in.
+JOB_FOLDER = "scratch"
+
+
+def use_folder(folder: Path) -> None:
+    """Make this process's new scratch stores under ``folder`` (made 0700 if missing).
+    Stores left there by processes that no longer run (a ServerApp killed before its exit
+    handlers ran) are removed first; stores of running processes are left alone."""
+    global _root, _shared
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for left in folder.glob(f"{PREFIX}*"):
+        pid = left.name.removeprefix(PREFIX).partition("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    if _root != folder:
+        _root, _shared = folder, None  # the maps made from now on go there too
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _remove(db: sqlite3.Connection, folder: Path, pid: int) -> None:
@@ -41,7 +73,8 @@ class Scratch:
     """One SQLite file of per-node records, in a private folder removed on :meth:`close`."""
 
     def __init__(self, schema: Iterable[str]) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="ark-scratch-"))
+        # The pid in the name says whose it is (use_folder removes a dead process's).
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=_root))
         # Autocommit: every statement stands alone. Nothing needs to survive a crash, so
         # the file is neither synced nor journalled to disk.
         self.db = sqlite3.connect(
@@ -74,7 +107,9 @@ def _shared_store() -> Scratch:
     return _shared
 
 
-def _drop(db: sqlite3.Connection, table: str) -> None:
+def _drop(db: sqlite3.Connection, table: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child's copy of a map: the table is its parent's
     # A store closed first (at exit) took its folder, and the table, with it.
     with contextlib.suppress(sqlite3.ProgrammingError):
         db.execute(f"DROP TABLE IF EXISTS {table}")
@@ -88,7 +123,7 @@ def _statements(table: str) -> dict[str, str]:
         "put": f"INSERT INTO {table} (key, value) VALUES (?, ?) "  # noqa: S608
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         "delete": f"DELETE FROM {table} WHERE key = ?",  # noqa: S608
-        "page": f"SELECT seq, key FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+        "page": f"SELECT seq, key, value FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
         "count": f"SELECT count(*) FROM {table}",  # noqa: S608
     }
 
@@ -99,23 +134,29 @@ class ScratchMap(MutableMapping[str, Any]):
     admission) cost the process no memory per node.
 
     It iterates in insertion order, as a dict does; a value read is a fresh copy (change
-    it by assigning it again). Values are what the checkpoint's JSON holds: numbers (NaN
-    included), text, and lists and mappings of them. The table is dropped when the map
-    is collected.
+    it by assigning it again). Keys are any text (kept as their JSON form, so that one
+    with a lone surrogate, which SQLite's UTF-8 cannot hold, is kept as a dict keeps it);
+    values are what the checkpoint's JSON holds: numbers (NaN included), text, and lists
+    and mappings of them. The table is dropped when the map is collected (in the process
+    that made it). Unlike a dict's, its views read the table as they go: keys added while
+    it is iterated are seen, not refused.
     """
 
     def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
-        self._db = _shared_store().db
+        self._store = _shared_store()  # kept: the store lives as long as its maps
+        self._db = self._store.db
         self._table = f"map_{next(_tables)}"
         self._db.execute(
             f"CREATE TABLE {self._table} "
             "(seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value TEXT NOT NULL)"
         )
-        weakref.finalize(self, _drop, self._db, self._table)
+        weakref.finalize(self, _drop, self._db, self._table, os.getpid())
         self._sql = _statements(self._table)
         self.update(items)
 
     def __getitem__(self, key: str) -> Any:
+        if not isinstance(key, str):
+            raise KeyError(key)  # as a dict of text keys answers
         row = self._db.execute(self._sql["get"], (_key(key),)).fetchone()
         if row is None:
             raise KeyError(key)
@@ -125,17 +166,29 @@ class ScratchMap(MutableMapping[str, Any]):
         self._db.execute(self._sql["put"], (_key(key), json.dumps(value)))
 
     def __delitem__(self, key: str) -> None:
-        if self._db.execute(self._sql["delete"], (_key(key),)).rowcount == 0:
+        if not isinstance(key, str) or (
+            self._db.execute(self._sql["delete"], (_key(key),)).rowcount == 0
+        ):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._pairs())
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
+    def _pairs(self) -> Iterator[tuple[str, Any]]:
+        """Every key and value in insertion order, a page of rows per query."""
         after = -1
         while True:
             page = self._db.execute(self._sql["page"], (after, PAGE_ROWS)).fetchall()
             if not page:
                 return
             after = page[-1][0]
-            yield from (key for _, key in page)
+            yield from ((json.loads(key), json.loads(value)) for _, key, value in page)
 
     def __len__(self) -> int:
         return int(self._db.execute(self._sql["count"]).fetchone()[0])
@@ -144,7 +197,26 @@ class ScratchMap(MutableMapping[str, Any]):
         return f"ScratchMap({len(self)} items)"
 
 
+class _Items(ItemsView[str, Any]):
+    _mapping: ScratchMap
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self._mapping._pairs()
+
+
+class _Values(ValuesView[Any]):
+    _mapping: ScratchMap
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _, value in self._mapping._pairs())
+
+
 def _key(key: object) -> str:
+    """A map key as its table keeps it: its JSON form (ASCII, any text representable)."""
+    return json.dumps(_text_key(key))
+
+
+def _text_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"a scratch map's keys are text, not {type(key).__name__}")
     return key
@@ -167,6 +239,6 @@ def json_text(value: Any, level: int = 0) -> Iterator[str]:
         empty = False
         if mapping:
             key, item = item
-            yield json.dumps(_key(key)) + ": "
+            yield json.dumps(_text_key(key)) + ": "
         yield from json_text(item, level + 1)
     yield opening + closing if empty else "\n" + "  " * level + closing

@@ -29,6 +29,7 @@ from sandbox.events import (
     AggregateCommitted,
     Event,
     FanOutSink,
+    JsonlEventSink,
     ListMember,
     MemoryEventSink,
     Participant,
@@ -416,6 +417,13 @@ def test_a_streamed_list_that_changes_while_logged_appends_nothing(tmp_path: Pat
         LogSink(store).emit_many(streamed(RoundStarted, {"participants": short}, **fields))
     assert store.size() == 0
     store.close()
+    # Nor the job's own events file: its lines are made before any is appended.
+    jsonl = JsonlEventSink(tmp_path / "events.jsonl")
+    jsonl.emit(_held(1, now))
+    before = jsonl.path.read_bytes()
+    with pytest.raises(RuntimeError, match="changed while"):
+        jsonl.emit_many(streamed(RoundStarted, {"participants": short}, **fields))
+    assert jsonl.path.read_bytes() == before
 
 
 def test_logging_a_streamed_list_holds_one_member_at_a_time(tmp_path: Path) -> None:

@@ -83,11 +83,13 @@ from sandbox.seal.envelope import SUITE_X25519, RecipientKey
 from sandbox.seal.package import read_manifest
 from sandbox.translog.store import LogSink, LogStore
 from server.aggregation import CAP_BOUND, HELD_BOUND, StreamingAggregator, Weight
-from server.app import FederatedJob
+from server.app import FederatedJob, _add_held_out
 from server.checkpoint import CheckpointStore
+from server.history import RoundRecord
 from server.results import RESULTS_FILE
 from server.rounds import PULL_BATCH, PUSH_BATCH, Outbox, RoundCall, wait_for_nodes
 from server.sandbox import AggregatorSandbox
+from server.scratch import ScratchMap
 from tests.conftest import make_spec
 
 Adapter = dict[str, np.ndarray]
@@ -982,9 +984,16 @@ class BatchRecordingGrid(SimulatedGrid):
         forged = Message(RecordDict(), reply_to=Message(RecordDict(), 1, MessageType.QUERY))
         forged.metadata.__dict__["_reply_to_message_id"] = str(uuid4())
         replayed = [] if self.replayed is None else [self.replayed]
+        impostors = []
         if ready:
             self.replayed = ready[0]
-        return [forged, *replayed, *ready]
+            # A reply to a pending message, from a node it was not sent to.
+            impostor = Message(RecordDict(), reply_to=Message(RecordDict(), 999, MessageType.QUERY))
+            impostor.metadata.__dict__["_reply_to_message_id"] = ready[
+                0
+            ].metadata.reply_to_message_id
+            impostors.append(impostor)
+        return [forged, *replayed, *impostors, *ready]
 
 
 @pytest.mark.parametrize("spooled", [False, True], ids=["list", "outbox"])
@@ -993,7 +1002,8 @@ def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
 ) -> None:
     """A round of 251 nodes goes out and comes back in batches (of PUSH_BATCH messages and
     PULL_BATCH ids per call); every node's reply is yielded once, replies to ids the round
-    never issued and replayed replies are dropped, and the call's scratch stores (and the
+    never issued, replies from a node the message was not sent to and replayed replies are
+    dropped, and the call's scratch stores (and the
     outbox the instructions were spooled to) are gone after."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     clock = FakeClock()
@@ -1011,7 +1021,7 @@ def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
 
     answered = [node_id for node_id, _ in call.replies(messages)]
 
-    assert sorted(answered) == list(range(1, 251)), "each node once, no forged or replayed reply"
+    assert sorted(answered) == list(range(1, 251)), "each node once: nothing forged or replayed"
     assert call.missing == {251}
     assert grid.pushed == [PUSH_BATCH] * (251 // PUSH_BATCH) + [251 % PUSH_BATCH]
     assert max(grid.asked) == PULL_BATCH
@@ -1248,3 +1258,49 @@ def test_a_key_that_fails_to_seal_leaves_out_that_node_only(
     assert grid.nodes[3].received == []
     for name, value in _weighted_mean(good).items():
         np.testing.assert_allclose(_checkpoint(tmp_path, 1)[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_an_outbox_hands_back_a_shared_content_shared_and_drops_each_content_once_pushed(
+    tmp_path: Path,
+) -> None:
+    """A plaintext round's one content goes in once and comes back as one object (not a
+    copy per node); sealed contents leave the store with the last message that needs them."""
+    shared = RecordDict({CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    own = [RecordDict({CONFIG_KEY: ConfigRecord({ROUND_KEY: 2, "n": i})}) for i in range(3)]
+    outbox = Outbox()
+    for node in range(1, 6):
+        outbox.add(Message(shared, node, MessageType.TRAIN, group_id="1"))
+    for node, content in enumerate(own, start=6):
+        outbox.add(Message(content, node, MessageType.TRAIN, group_id="2"))
+    stored = outbox._db.execute
+    assert stored("SELECT count(*) FROM contents").fetchone()[0] == 4
+    batches = outbox.batches(4)
+    first = next(batches)
+    assert [m.metadata.dst_node_id for m in first] == [1, 2, 3, 4]
+    assert all(m.content is first[0].content for m in first)
+    assert first[0].content.config_records[CONFIG_KEY][ROUND_KEY] == 1
+    second = next(batches)
+    assert [m.metadata.dst_node_id for m in second] == [5, 6, 7, 8]
+    assert second[0].content is first[0].content, "one object for the shared content"
+    assert [m.content.config_records[CONFIG_KEY]["n"] for m in second[1:]] == [0, 1, 2]
+    assert [m.metadata.group_id for m in second] == ["1", "2", "2", "2"]
+    assert stored("SELECT count(*) FROM contents").fetchone()[0] == 0
+    assert list(batches) == []
+    outbox.close()
+
+
+def test_a_rounds_held_out_metrics_join_those_a_record_has() -> None:
+    """A finished job given more rounds evaluates its last round again: nodes that report
+    anew replace their metrics, the others keep theirs; otherwise the round's own map is
+    the record's (no copy)."""
+    record = RoundRecord(held_out={"1": {"accuracy": 0.5}, "2": {"accuracy": 0.6}})
+    fresh = ScratchMap({"2": {"accuracy": 0.7}, "3": {"accuracy": 0.8}})
+    _add_held_out(record, fresh)
+    assert dict(record.held_out) == {
+        "1": {"accuracy": 0.5},
+        "2": {"accuracy": 0.7},
+        "3": {"accuracy": 0.8},
+    }
+    empty = RoundRecord()
+    _add_held_out(empty, fresh)
+    assert empty.held_out is fresh

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
+import os
 import sqlite3
 import stat
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +20,9 @@ import pytest
 
 from sandbox.channel import DOWNLINK, STAGE_TRAIN, ChannelContext, open_sealed, seal_tensors
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
+from server import scratch
 from server.sandbox import NodePeer, PeerTable
-from server.scratch import PAGE_ROWS, ScratchMap, json_text
+from server.scratch import PAGE_ROWS, PREFIX, ScratchMap, json_text, use_folder
 
 
 def _peer(node_id: int, suite: str = SUITE_X25519) -> tuple[NodePeer, RecipientKey]:
@@ -173,3 +177,76 @@ def test_json_text_writes_a_scratch_map_as_the_dict_it_holds() -> None:
     assert "".join(json_text(document)) == json.dumps(plain, indent=2)
     with pytest.raises(TypeError, match="text"):
         "".join(json_text({1: "a"}))
+
+
+def test_a_scratch_map_keeps_any_text_key_and_answers_other_keys_as_a_dict_would() -> None:
+    """A key with a lone surrogate (a ueid from a node's evidence may hold one) goes in and
+    comes back; a key that is not text is simply absent, as from a dict of text keys."""
+    odd = "ueid:\ud800-tee"
+    mapping = ScratchMap({odd: 7})
+    assert list(mapping) == [odd]
+    assert mapping[odd] == 7
+    assert dict(mapping.items()) == {odd: 7}
+    number: Any = 7
+    assert number not in mapping
+    assert mapping.get(number) is None
+    with pytest.raises(KeyError):
+        del mapping[number]
+
+
+def test_a_peer_with_an_odd_ueid_is_kept_and_a_refused_add_keeps_the_earlier_peer(
+    table: PeerTable,
+) -> None:
+    first, _ = _peer(1)
+    table.add(dataclasses.replace(first, ueid="ueid:\udfff"))
+    assert table[1].ueid == "ueid:\udfff"
+    other, _ = _peer(2)
+    table.add(other)
+    # Node 1 shaking hands again with node 2's key: refused, and node 1 keeps its peer.
+    with pytest.raises(sqlite3.IntegrityError):
+        table.add(dataclasses.replace(first, key_bytes=other.key_bytes))
+    assert table[1].key_bytes == first.key_bytes
+
+
+def test_a_forked_child_leaves_its_parents_maps_alone() -> None:
+    """A child that collects its copy of a map drops nothing of the parent's, and makes
+    its own store for maps of its own."""
+    kept = ScratchMap({"n": 1})
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            del kept
+            gc.collect()
+            own = ScratchMap({"c": 2})
+            code = 0 if own["c"] == 2 and own._store.pid == os.getpid() else 1
+            own._store.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert kept == {"n": 1}
+
+
+def test_a_jobs_folder_loses_what_dead_processes_left_and_keeps_the_living(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ServerApp killed before its exit handlers ran leaves its stores in the job's
+    folder: the next one removes them, and leaves alone a running process's and the
+    folder's other files; its own new stores go there."""
+    monkeypatch.setattr(scratch, "_root", None)  # both restored after the test
+    monkeypatch.setattr(scratch, "_shared", None)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"{PREFIX}{dead.pid}-abc"
+    living = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    other = tmp_path / "results.json"
+    for folder in (left, living):
+        folder.mkdir()
+    other.write_text("{}")
+    use_folder(tmp_path)
+    assert not left.exists()
+    assert living.exists()
+    assert other.exists()
+    made = ScratchMap({"a": 1})
+    assert made._store.folder.parent == tmp_path

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -33,6 +35,10 @@ class EventSink(Protocol):
 JOB_EVENTS_FILE = "events.jsonl"
 
 
+# What a batch of events may take in memory before it is spooled to a temporary file.
+SPOOL_BYTES = 256 * 1024
+
+
 class JsonlEventSink:
     """Appends each event as one JSON line and fsyncs it; safe across threads."""
 
@@ -45,11 +51,16 @@ class JsonlEventSink:
         self.emit_many([event])
 
     def emit_many(self, events: Collection[Event]) -> None:
-        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+        # Made first (in memory up to SPOOL_BYTES, then in a temporary file), appended
+        # after: entries that fail to be made leave nothing in the file.
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES, "w+", encoding="utf-8") as spool:
             for event in events:
-                handle.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+                spool.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
+            spool.seek(0)
+            with self._lock, self.path.open("a", encoding="utf-8") as handle:
+                shutil.copyfileobj(spool, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def read(self) -> list[dict[str, Any]]:
         """Every event written so far, oldest first."""
