@@ -12,6 +12,7 @@ and updates are protected is the run's update channel (``server/channels.py``).
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import time
 from array import array
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -428,7 +429,14 @@ class FederatedJob:
                 continue
             finally:
                 del reply
+            # Recorded (on disk) before it is logged: a store that fails stops the round
+            # before the log says anything of this update.
             state.job.weights.setdefault(update.identity, weight.used)
+            state.accepted[key] = envelope
+            state.held_out[key] = before
+            training.local[key] = after
+            training.train_loss[key] = loss
+            training.examples[key] = weight.used
             self._event(
                 events.UpdateAccepted,
                 round=rnd,
@@ -441,11 +449,6 @@ class FederatedJob:
             self._spent(rnd, node_id, spent)
             if self.comparison is not None:
                 self.comparison.commitment(node_id, self.channel.ueid(node_id), commitment)
-            state.accepted[key] = envelope
-            state.held_out[key] = before
-            training.local[key] = after
-            training.train_loss[key] = loss
-            training.examples[key] = weight.used
             if weight.bound is not None:
                 log(
                     WARNING,
@@ -647,5 +650,10 @@ def main(grid: Grid, context: Context) -> None:
     running = job(grid, spec, events=log_sink, run_id=context.run_id)
     try:
         running.run()
+    except sqlite3.Error as exc:  # a full or unwritable disk under a store, typically
+        raise FederationError(
+            f"a SQLite store of the ServerApp failed ({type(exc).__name__}: {exc}); its "
+            f"per-node records are under {running.out / JOB_FOLDER}"
+        ) from exc
     finally:
         running.channel.close()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
@@ -34,9 +35,10 @@ class Outbox:
     keeps its destination, type and group id; its content is kept as Flower's protobuf
     form (no pickle), once for consecutive messages that share one content object (a
     plaintext round's, which is handed back shared too). :meth:`batches` hands them back
-    in order and drops them, and each content once no message left refers to it: the
-    store holds the round's sealed instructions (one global adapter each) until they are
-    pushed, on disk, with the job's outputs (``server/scratch.py``)."""
+    in order and drops them, and each content once no message left refers to it (the
+    file keeps its pages for reuse, so its size peaks at the round's sealed instructions,
+    one global adapter each, until the store is closed): on disk, with the job's outputs
+    (``server/scratch.py``)."""
 
     def __init__(self) -> None:
         self._store = Scratch(
@@ -141,8 +143,8 @@ class RoundCall:
                         raise KeyError(message_id)
                     db.execute("INSERT INTO pending VALUES (?, ?)", (message_id, str(node_id)))
                 except (KeyError, sqlite3.IntegrityError):
-                    # Not stored, or an id the grid gave twice: that node cannot be told
-                    # apart from the other, so it answers nothing this round.
+                    # Not stored, or an id the grid gave twice: the later message's node
+                    # cannot be told apart from the earlier one's, so it counts as missing.
                     self.missing.add(node_id)
 
     def _pull(self, db: sqlite3.Connection) -> Iterator[tuple[int, Message]]:
@@ -161,8 +163,11 @@ class RoundCall:
                 reply = replies.pop(0)
                 message_id = reply.metadata.reply_to_message_id
                 row = db.execute("SELECT node FROM pending WHERE id = ?", (message_id,)).fetchone()
-                # Only a reply to a message still pending, from the node it was sent to.
-                if row is not None and str(reply.metadata.src_node_id) == row[0]:
+                # Only a reply to a message still pending, from the node it was sent to
+                # (or the SuperLink's own error for it: node or reply unavailable).
+                sender = reply.metadata.src_node_id
+                superlink = sender == SUPERLINK_NODE_ID and reply.has_error()
+                if row is not None and (str(sender) == row[0] or superlink):
                     db.execute("DELETE FROM pending WHERE id = ?", (message_id,))
                     yield int(row[0]), reply
                 del reply

@@ -285,6 +285,10 @@ class AggregatorSandbox:
         ueid = result.ueid
         if not ueid:
             raise ResultInvalid(f"node {node_id}: attestation result names no TEE (ueid)")
+        try:
+            ueid.encode("utf-8")  # logged as canonical JSON: a lone surrogate cannot be
+        except UnicodeEncodeError:
+            raise ResultInvalid(f"node {node_id}: attestation result's ueid is not text") from None
         bound = self.admitted.get(ueid, node_id)
         if bound != node_id:
             raise NodeAlreadyAdmitted(

@@ -16,16 +16,20 @@ job must keep across restarts is the checkpoint's (``server/checkpoint.py``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import weakref
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
+
+from sandbox.errors import ConfigError
 
 # SQLite's page cache per scratch store (KiB): what a store may hold in memory at most.
 CACHE_KIB = 512
@@ -35,53 +39,77 @@ CACHE_KIB = 512
 # (:func:`use_folder`), so that a job's stores sit with its outputs, not in a RAM-backed /tmp.
 _root: Path | None = None
 PREFIX = "ark-scratch-"
+LOCK_FILE = "lock"
 # The folder, under a job's output directory, its ServerApp's stores are made in.
 JOB_FOLDER = "scratch"
 
 
 def use_folder(folder: Path) -> None:
-    """Make this process's new scratch stores under ``folder`` (made 0700 if missing).
-    Stores left there by processes that no longer run (a ServerApp killed before its exit
-    handlers ran) are removed first; stores of running processes are left alone."""
+    """Make this process's new scratch stores under ``folder`` (made 0700 if missing; one
+    that is a symlink, another user's, or open to others is refused with ConfigError).
+    Stores left there by a process that no longer holds them (a ServerApp killed before
+    its exit handlers ran) are removed first: each store holds a lock on its folder for
+    its whole life, so one that can be locked is no one's."""
     global _root, _shared
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    found = folder.lstat()
+    if (
+        not stat.S_ISDIR(found.st_mode)
+        or found.st_uid != os.geteuid()
+        or stat.S_IMODE(found.st_mode) & 0o077
+    ):
+        raise ConfigError(
+            f"{folder}: the ServerApp's scratch folder must be a directory of this user's "
+            "that no one else may open (mode 0700)",
+            key="output-dir",
+        )
     for left in folder.glob(f"{PREFIX}*"):
-        pid = left.name.removeprefix(PREFIX).partition("-")[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if _abandoned(left):
             shutil.rmtree(left, ignore_errors=True)
     if _root != folder:
         _root, _shared = folder, None  # the maps made from now on go there too
 
 
-def _running(pid: int) -> bool:
+def _abandoned(store: Path) -> bool:
+    """Whether ``store``'s lock can be taken now: no live process holds that store."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(store / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # not a store of ours (or not one yet): left alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         return False
-    except PermissionError:
-        return True  # another user's process
+    finally:
+        os.close(fd)
     return True
 
 
-def _remove(db: sqlite3.Connection, folder: Path, pid: int) -> None:
+def _remove(db: sqlite3.Connection, folder: Path, pid: int, lock: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child leaves its parent's store alone
     db.close()
-    if os.getpid() == pid:  # a forked child leaves its parent's store alone
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock)
 
 
 class Scratch:
     """One SQLite file of per-node records, in a private folder removed on :meth:`close`."""
 
     def __init__(self, schema: Iterable[str]) -> None:
-        # The pid in the name says whose it is (use_folder removes a dead process's).
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=_root))
+        # The job's folder if it is still there, else the temporary directory.
+        root = _root if _root is not None and _root.is_dir() else None
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
+        self.pid = os.getpid()
+        # Held for the store's life: use_folder removes only stores whose lock is free.
+        lock = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         # Autocommit: every statement stands alone. Nothing needs to survive a crash, so
         # the file is neither synced nor journalled to disk.
         self.db = sqlite3.connect(
             self.folder / "records.sqlite", isolation_level=None, check_same_thread=False
         )
-        self.pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _remove, self.db, self.folder, self.pid)
+        self._finalizer = weakref.finalize(self, _remove, self.db, self.folder, self.pid, lock)
         for pragma in (f"cache_size=-{CACHE_KIB}", "synchronous=OFF", "journal_mode=MEMORY"):
             self.db.execute(f"PRAGMA {pragma}")
         for statement in schema:

@@ -11,6 +11,7 @@ instructions sent to the wrong place, and each has its accepted negative control
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import json
@@ -49,9 +50,15 @@ from clients.shuttle import (
 )
 from protos.ark.v1 import nodesandbox_pb2 as pb
 from protos.ark.v1 import nodesandbox_pb2_grpc as pb_grpc
+from sandbox.attestation.result import SUBMOD, verify_result
 from sandbox.channel import STAGE_EVALUATE, STAGE_TRAIN, model_dir_digest
 from sandbox.config import NodeConfig, RunSpec
-from sandbox.errors import KeyBrokerUnavailable, KeyReleaseDenied, UpdateRejected
+from sandbox.errors import (
+    KeyBrokerUnavailable,
+    KeyReleaseDenied,
+    ResultInvalid,
+    UpdateRejected,
+)
 from sandbox.events import JsonlEventSink
 from sandbox.journal import read_journal
 from sandbox.lora import Adapter, adapter_state
@@ -60,6 +67,7 @@ from sandbox.ops.inference_client import InferenceClient
 from sandbox.ops.provision import LoopbackDeployment, ProviderWorkspace, save_policy
 from sandbox.protocol import BROKER_RETRY, CONFIG_KEY, HELLO_KEY, METRICS_KEY, round_config
 from sandbox.reasons import NodeReason
+from server import sandbox as server_sandbox
 from server.app import _provider_model
 from server.sandbox import AggregatorSandbox, NodePeer, sealed_blob
 from tests.canary import byte_windows, files_holding, weight_windows
@@ -371,6 +379,26 @@ def test_an_instruction_replayed_elsewhere_is_refused_and_trains_nothing(
 
 
 # -- 3. four calls, and nothing but fixed codes for anything malformed -------------------
+
+
+def test_a_result_whose_ueid_is_not_text_is_refused_before_anything_is_kept(
+    world: World, client: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ueid comes from the node's evidence, and is logged as canonical JSON: one with
+    a lone surrogate (which no log entry can hold) is refused as the result's fault."""
+    provider = world.provider()
+    verified = verify_result
+
+    def odd_ueid(*args: Any, **kwargs: Any) -> Any:
+        result = verified(*args, **kwargs)
+        claims = copy.deepcopy(result.claims)
+        claims["submods"][SUBMOD]["ark.ueid"] = "ueid:\ud800"
+        return dataclasses.replace(result, claims=claims)
+
+    monkeypatch.setattr(server_sandbox, "verify_result", odd_ueid)
+    with pytest.raises(ResultInvalid, match="ueid is not text"):
+        provider.admit(client, NODE)
+    assert len(provider.aggregator.admitted) == 0
 
 
 def test_the_aggregator_keeps_a_node_key_not_its_evidence_and_honours_one_rounds_tickets(

@@ -1304,3 +1304,50 @@ def test_a_rounds_held_out_metrics_join_those_a_record_has() -> None:
     empty = RoundRecord()
     _add_held_out(empty, fresh)
     assert empty.held_out is fresh
+
+
+class UnavailableGrid(SimulatedGrid):
+    """A grid whose SuperLink answers for node 2: its own error reply (node unavailable),
+    sent from the SuperLink's node id, as Flower 1.41's linkstate makes one."""
+
+    def __init__(self, nodes: Iterable[SimNode], clock: FakeClock):
+        super().__init__(nodes, clock)
+        self.sent: dict[str, Message] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        self.sent.update({m.metadata.message_id: m for m in messages})
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        replies = list(super().pull_messages(message_ids))
+        for message_id in message_ids:
+            message = self.sent[message_id]
+            if message.metadata.dst_node_id == 2:
+                error = Message(Error(code=0, reason="node unavailable"), reply_to=message)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(error)
+        return replies
+
+
+def test_the_superlinks_own_error_for_a_node_counts_as_that_nodes_reply() -> None:
+    """Flower's SuperLink answers for a node that went away with an error of its own
+    (from the SuperLink's node id, not the node's): the round hears it at once as that
+    node's failure, instead of waiting for the deadline."""
+    clock = FakeClock()
+    nodes = [SimNode(1), SimNode(2, behaviour="silent")]
+    grid = UnavailableGrid(nodes, clock)
+    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
+
+    replies = dict(call.replies(messages))
+
+    assert set(replies) == {1, 2}
+    assert replies[2].has_error()
+    assert not replies[1].has_error()
+    assert call.missing == set()
+    assert clock.now < 10.0, "no wait for the deadline"

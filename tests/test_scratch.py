@@ -9,7 +9,6 @@ import math
 import os
 import sqlite3
 import stat
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,11 @@ import numpy as np
 import pytest
 
 from sandbox.channel import DOWNLINK, STAGE_TRAIN, ChannelContext, open_sealed, seal_tensors
+from sandbox.errors import ConfigError
 from sandbox.seal.envelope import SUITE_MLKEM768_X25519, SUITE_X25519, RecipientKey
 from server import scratch
 from server.sandbox import NodePeer, PeerTable
-from server.scratch import PAGE_ROWS, PREFIX, ScratchMap, json_text, use_folder
+from server.scratch import LOCK_FILE, PAGE_ROWS, PREFIX, ScratchMap, json_text, use_folder
 
 
 def _peer(node_id: int, suite: str = SUITE_X25519) -> tuple[NodePeer, RecipientKey]:
@@ -232,21 +232,49 @@ def test_a_jobs_folder_loses_what_dead_processes_left_and_keeps_the_living(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ServerApp killed before its exit handlers ran leaves its stores in the job's
-    folder: the next one removes them, and leaves alone a running process's and the
-    folder's other files; its own new stores go there."""
+    folder: the next one removes those whose lock no one holds, and leaves alone a live
+    store (this process's own), a folder that is no store, and the folder's other files;
+    its own new stores go there."""
     monkeypatch.setattr(scratch, "_root", None)  # both restored after the test
     monkeypatch.setattr(scratch, "_shared", None)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    left = tmp_path / f"{PREFIX}{dead.pid}-abc"
-    living = tmp_path / f"{PREFIX}{os.getpid()}-def"
-    other = tmp_path / "results.json"
-    for folder in (left, living):
-        folder.mkdir()
+    folder = tmp_path / "scratch"
+    folder.mkdir(mode=0o700)
+    left = folder / f"{PREFIX}4000000-abc"  # a dead process's: its lock is free
+    left.mkdir()
+    (left / LOCK_FILE).write_text("")
+    (left / "records.sqlite").write_bytes(b"x" * 100)
+    not_ours = folder / f"{PREFIX}1-nolock"
+    not_ours.mkdir()
+    other = folder / "notes.txt"
     other.write_text("{}")
-    use_folder(tmp_path)
+    monkeypatch.setattr(scratch, "_root", folder)
+    live = scratch.Scratch([])  # holds its lock, as a running ServerApp's store does
+    use_folder(folder)
     assert not left.exists()
-    assert living.exists()
+    assert live.folder.exists()
+    assert not_ours.exists()
     assert other.exists()
     made = ScratchMap({"a": 1})
-    assert made._store.folder.parent == tmp_path
+    assert made._store.folder.parent == folder
+    live.close()
+    assert not live.folder.exists()
+
+
+@pytest.mark.parametrize("kind", ["open to others", "a symlink"])
+def test_a_scratch_folder_others_could_reach_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    monkeypatch.setattr(scratch, "_root", None)
+    monkeypatch.setattr(scratch, "_shared", None)
+    folder = tmp_path / "scratch"
+    if kind == "a symlink":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        folder.symlink_to(elsewhere)
+    else:
+        folder.mkdir()
+        folder.chmod(0o770)
+    with pytest.raises(ConfigError, match="mode 0700") as refused:
+        use_folder(folder)
+    assert refused.value.key == "output-dir"
+    assert scratch._root is None

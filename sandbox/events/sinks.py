@@ -53,7 +53,9 @@ class JsonlEventSink:
     def emit_many(self, events: Collection[Event]) -> None:
         # Made first (in memory up to SPOOL_BYTES, then in a temporary file), appended
         # after: entries that fail to be made leave nothing in the file.
-        with tempfile.SpooledTemporaryFile(SPOOL_BYTES, "w+", encoding="utf-8") as spool:
+        with tempfile.SpooledTemporaryFile(
+            SPOOL_BYTES, mode="w+", encoding="utf-8", dir=str(self.path.parent)
+        ) as spool:
             for event in events:
                 spool.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
             spool.seek(0)
