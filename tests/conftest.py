@@ -164,6 +164,17 @@ def make_spec_fixture() -> Callable[..., RunSpec]:
 
 
 @pytest.fixture
+def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The ServerApp's scratch stores (``server/scratch.py``) made under ``tmp_path`` for
+    this test, whatever folder an earlier job in this process named; restored after."""
+    from server import scratch
+
+    monkeypatch.setattr(scratch, "_root", tmp_path)
+    monkeypatch.setattr(scratch, "_shared", None)
+    return tmp_path
+
+
+@pytest.fixture
 def tiny_spec(tiny_bert_dir: Path) -> RunSpec:
     """A classification RunSpec on the tiny BERT with labels a, b, c."""
     return make_spec(tiny_bert_dir, TASK_CLASSIFICATION)

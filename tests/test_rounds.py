@@ -12,7 +12,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -998,14 +997,13 @@ class BatchRecordingGrid(SimulatedGrid):
 
 @pytest.mark.parametrize("spooled", [False, True], ids=["list", "outbox"])
 def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spooled: bool
+    scratch_root: Path, spooled: bool
 ) -> None:
     """A round of 251 nodes goes out and comes back in batches (of PUSH_BATCH messages and
     PULL_BATCH ids per call); every node's reply is yielded once, replies to ids the round
     never issued, replies from a node the message was not sent to and replayed replies are
     dropped, and the call's scratch stores (and the
     outbox the instructions were spooled to) are gone after."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     clock = FakeClock()
     nodes = [SimNode(i, delay=i % 3) for i in range(1, 251)]
     nodes.append(SimNode(251, behaviour="silent"))
@@ -1031,7 +1029,7 @@ def test_round_call_pushes_and_pulls_in_batches_and_keeps_its_ids_on_disk(
         ((kind, rnd, received),) = node.received
         assert (kind, rnd, set(received)) == (MessageType.EVALUATE, 1, set(adapter))
         assert np.array_equal(received["layer.lora_B.weight"], adapter["layer.lora_B.weight"])
-    assert not any(tmp_path.iterdir()), "the call's scratch stores are removed"
+    assert not any(scratch_root.iterdir()), "the call's scratch stores are removed"
     if not spooled:
         assert messages == [], "the instructions leave the caller's hands as they are pushed"
 

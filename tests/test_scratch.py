@@ -9,7 +9,6 @@ import math
 import os
 import sqlite3
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ def _peer(node_id: int, suite: str = SUITE_X25519) -> tuple[NodePeer, RecipientK
 
 
 @pytest.fixture
-def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PeerTable:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def table(scratch_root: Path) -> PeerTable:
     return PeerTable()
 
 
