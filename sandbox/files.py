@@ -50,8 +50,8 @@ def read_regular(path: Path, limit: int, fail: Callable[[str], Exception]) -> by
 def create_new(path: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> None:
     """Create ``path`` (never an existing file or symlink: FileExistsError) with ``data``
     (bytes, or pieces of them written as they come), fsynced; nothing half-written is left
-    behind on failure. Its mode is exactly ``mode``
-    whatever the umask, or (None) what the umask leaves of 0666, as for any new file."""
+    behind on failure. Its mode is exactly ``mode`` whatever the umask, or (None) what the
+    umask leaves of 0666, as for any new file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode or 0o666)
     with os.fdopen(fd, "wb") as handle:
         try:

@@ -206,17 +206,17 @@ class FederatedJob:
     def _event(self, kind: type[events.RunEvent], **fields: Any) -> None:
         """Record ``kind`` for this run (and job) in the job's events and the log; a list
         that grows with the nodes is logged one entry per member (``per_member``)."""
-        now = dt.datetime.now(dt.UTC)
-        event = kind(time=now, run=self.run_id, job=self.spec.job_id, **fields)
-        self.events.emit_many(per_member(event))
+        self.events.emit_many(per_member(kind(**self._stamp(), **fields)))
 
     def _event_streamed(
         self, kind: type[events.PerMember], lists: Mapping[str, Streamed], **fields: Any
     ) -> None:
         """Record ``kind`` with ``lists`` too long to hold, read as they are logged."""
-        now = dt.datetime.now(dt.UTC)
-        entries = streamed(kind, lists, time=now, run=self.run_id, job=self.spec.job_id, **fields)
-        self.events.emit_many(entries)
+        self.events.emit_many(streamed(kind, lists, **self._stamp(), **fields))
+
+    def _stamp(self) -> dict[str, Any]:
+        """The fields every event of this run has: when, and which run and job."""
+        return {"time": dt.datetime.now(dt.UTC), "run": self.run_id, "job": self.spec.job_id}
 
     def _call(self, timeout: float | None = None) -> RoundCall:
         return RoundCall(

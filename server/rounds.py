@@ -138,13 +138,9 @@ class RoundCall:
             accepted = {message_id for message_id in self.grid.push_messages(batch) if message_id}
             for message in batch:
                 message_id, node_id = message.metadata.message_id, message.metadata.dst_node_id
-                try:
-                    if message_id not in accepted:
-                        raise KeyError(message_id)
-                    db.execute("INSERT INTO pending VALUES (?, ?)", (message_id, str(node_id)))
-                except (KeyError, sqlite3.IntegrityError):
-                    # Not stored, or an id the grid gave twice: the later message's node
-                    # cannot be told apart from the earlier one's, so it counts as missing.
+                # Not stored, or an id the grid gave twice (the later message's node cannot
+                # be told apart from the earlier one's): that node counts as missing.
+                if message_id not in accepted or not _pending(db, message_id, node_id):
                     self.missing.add(node_id)
 
     def _pull(self, db: sqlite3.Connection) -> Iterator[tuple[int, Message]]:
@@ -175,6 +171,15 @@ class RoundCall:
     @staticmethod
     def _count(db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
+
+
+def _pending(db: sqlite3.Connection, message_id: str, node_id: int) -> bool:
+    """Wait on ``message_id`` from ``node_id``; False if the id is waited on already."""
+    try:
+        db.execute("INSERT INTO pending VALUES (?, ?)", (message_id, str(node_id)))
+    except sqlite3.IntegrityError:
+        return False
+    return True
 
 
 def _batches(messages: Outbox | list[Message]) -> Iterator[list[Message]]:

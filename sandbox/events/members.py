@@ -42,7 +42,12 @@ _WHERE = (Key.ROUND, Key.STAGE)  # an event's fields its members repeat, when it
 
 def members_root(items: Iterable[Any]) -> str:
     """The RFC 9162 Merkle tree hash (hex) over the canonical JSON of each item."""
-    return root_hash([dumps(as_text_beyond_jcs(item)) for item in items]).hex()
+    return root_hash([_leaf_entry(item) for item in items]).hex()
+
+
+def _leaf_entry(item: Any) -> bytes:
+    """A member as its list's Merkle tree hashes it: its canonical JSON."""
+    return dumps(as_text_beyond_jcs(item))
 
 
 def list_name(kind: str, path: str) -> str:
@@ -86,13 +91,13 @@ class MemberEntries(Collection[Event]):
         return any(entry == mine for mine in self)
 
     def __iter__(self) -> Iterator[Event]:
-        event, record = self.event, copy.deepcopy(self.record)
+        event, record = self.event, self.record
         where = {key.value: record[key] for key in _WHERE if key in record}
         committed: dict[str, Any] = {}
         for path, listed in self.lists.items():
             tree, name = CompactRange(), list_name(event.kind, path)
             for index, item in enumerate(listed.items()):
-                tree.append(leaf_hash(dumps(as_text_beyond_jcs(item))))
+                tree.append(leaf_hash(_leaf_entry(item)))
                 yield ListMember(
                     time=event.time, run=event.run, job=event.job,
                     list=name, index=index, item=item, **where,
@@ -100,8 +105,7 @@ class MemberEntries(Collection[Event]):
             if tree.size != listed.count:
                 raise RuntimeError(f"{name} changed while it was logged")
             committed[path] = ListCommitment(count=tree.size, root=tree.root().hex()).to_json()
-        record[Key.COMMITTED] = committed
-        yield type(event).from_json(record)
+        yield type(event).from_json({**record, Key.COMMITTED: committed})
 
 
 def per_member(event: Event) -> list[Event]:
