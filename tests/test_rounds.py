@@ -1349,3 +1349,30 @@ def test_the_superlinks_own_error_for_a_node_counts_as_that_nodes_reply() -> Non
     assert not replies[1].has_error()
     assert call.missing == set()
     assert clock.now < 10.0, "no wait for the deadline"
+
+
+class SameIdGrid(SimulatedGrid):
+    """A grid that gives node 2's message the id it gave node 1's."""
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        messages[1].metadata.__dict__["_message_id"] = ids[1] = ids[0]
+        return ids
+
+
+def test_a_message_id_the_grid_gives_twice_makes_the_later_node_missing() -> None:
+    """Two messages under one id cannot be told apart by their replies: the first node's
+    reply counts, and the second node is reported missing, not silently dropped."""
+    clock = FakeClock()
+    nodes = [SimNode(1), SimNode(2), SimNode(3)]
+    grid = SameIdGrid(nodes, clock)
+    adapter = {"layer.lora_B.weight": np.ones((2, 2), np.float32)}
+    content = RecordDict({GLOBAL_KEY: to_record(adapter), CONFIG_KEY: ConfigRecord({ROUND_KEY: 1})})
+    messages = [Message(content, n.node_id, MessageType.EVALUATE) for n in nodes]
+    call = RoundCall(grid, timeout=10.0, clock=clock.clock, sleep=clock.sleep)
+
+    answered = sorted(node_id for node_id, _ in call.replies(messages))
+
+    assert answered == [1, 3]
+    assert call.missing == {2}
